@@ -1,0 +1,1 @@
+"""FP8 quantization with NVIDIA ModelOpt (the `quantize` stage; see design.md)."""

@@ -1,0 +1,131 @@
+"""Read an NLD checkpoint directory (spec §2): config, safetensors (single or sharded),
+the optional `linear_spec_lora/` draft adapter, and the tokenizer."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from trimode.config import ModelSpec
+from trimode.errors import CheckpointError
+from trimode.model import NLDModel
+from trimode.rope import rope_frequencies
+from trimode.safetensors_mmap import MappedFiles, TensorInfo, read_header
+from trimode.tokenizer import Tokenizer
+
+WEIGHT_DTYPES = ("BF16", "F16", "F32")
+ADAPTER_DIR = "linear_spec_lora"
+_LORA_NAME = re.compile(r"layers\.(\d+)\.self_attn\.o_proj\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+
+
+@dataclass
+class Checkpoint:
+    checkpoint_dir: Path
+    spec: ModelSpec
+    model: NLDModel
+    tokenizer: Tokenizer
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    # CPU runs fp32 (bf16 GEMMs are slow there and the reference should be precise); GPUs run bf16.
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+def load_checkpoint(checkpoint_dir: Path, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> Checkpoint:
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise CheckpointError(f"{checkpoint_dir}: not a directory")
+    spec = ModelSpec.from_file(checkpoint_dir / "config.json")
+    tokenizer = Tokenizer(checkpoint_dir, spec)
+    device = torch.device(device)
+    model = load_model(checkpoint_dir, spec, device, dtype or default_dtype(device))
+    return Checkpoint(checkpoint_dir, spec, model, tokenizer)
+
+
+def load_model(checkpoint_dir: Path, spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> NLDModel:
+    with torch.device("meta"):
+        model = NLDModel(spec)
+    infos = _weight_index(checkpoint_dir)
+    files = MappedFiles()
+    state = {}
+    for name, param in model.state_dict().items():
+        info = infos.get(name)
+        if info is None:
+            raise CheckpointError(f"{checkpoint_dir}: weight {name!r} is missing from the safetensors files")
+        _check(info, name, tuple(param.shape))
+        state[name] = files.tensor(info).to(device=device, dtype=dtype)
+    model.load_state_dict(state, assign=True)
+    model.inv_freq = rope_frequencies(spec.rope, spec.head_dim)[0].to(device)  # was built on meta
+    if (checkpoint_dir / ADAPTER_DIR).is_dir():
+        attach_draft_adapter(model, checkpoint_dir / ADAPTER_DIR)
+    return model.eval().requires_grad_(False)
+
+
+def _weight_index(checkpoint_dir: Path) -> dict[str, TensorInfo]:
+    single, index = checkpoint_dir / "model.safetensors", checkpoint_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+        shards = sorted(set(weight_map.values()))
+    elif single.is_file():
+        shards = [single.name]
+    else:
+        raise CheckpointError(f"{checkpoint_dir}: no model.safetensors or model.safetensors.index.json")
+    infos: dict[str, TensorInfo] = {}
+    for shard in shards:
+        if not (checkpoint_dir / shard).is_file():
+            raise CheckpointError(f"{index}: shard {shard!r} is missing")
+        infos.update(read_header(checkpoint_dir / shard))
+    return infos
+
+
+def _check(info: TensorInfo, name: str, shape: tuple[int, ...]) -> None:
+    if info.shape != shape:
+        raise CheckpointError(f"{info.path}: tensor {name!r} has shape {list(info.shape)}, "
+                              f"config.json implies {list(shape)}")
+    if info.dtype not in WEIGHT_DTYPES:
+        raise CheckpointError(f"{info.path}: tensor {name!r} has dtype {info.dtype}; "
+                              f"expected one of {', '.join(WEIGHT_DTYPES)}")
+
+
+def attach_draft_adapter(model: NLDModel, adapter_dir: Path) -> None:
+    """Merge the PEFT LoRA on o_proj into a second o_proj per layer: W_draft = W + scale * B @ A."""
+    config_path = adapter_dir / "adapter_config.json"
+    try:
+        cfg = json.loads(config_path.read_text())
+        r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{config_path}: not a readable LoRA adapter config ({e})") from None
+    targets = cfg.get("target_modules") or []
+    if "o_proj" not in targets and not any(str(t).endswith("o_proj") for t in targets):
+        raise CheckpointError(f"{config_path}: key 'target_modules': the draft adapter must target o_proj, "
+                              f"got {targets!r}")
+    scale = alpha / r ** 0.5 if cfg.get("use_rslora") else alpha / r
+    infos = read_header(adapter_dir / "adapter_model.safetensors")
+    files = MappedFiles()
+    factors: dict[tuple[int, str], TensorInfo] = {}
+    for name, info in infos.items():
+        m = _LORA_NAME.search(name)
+        if m:
+            factors[(int(m.group(1)), m.group(2))] = info
+    for i, layer in enumerate(model.encoder.layers):
+        attn = layer.self_attn
+        w = attn.o_proj.weight
+        a_info, b_info = factors.get((i, "A")), factors.get((i, "B"))
+        if a_info is None or b_info is None:
+            raise CheckpointError(f"{adapter_dir}: no LoRA A/B for layer {i} o_proj")
+        _check(a_info, f"layer {i} lora_A", (r, w.shape[1]))
+        _check(b_info, f"layer {i} lora_B", (w.shape[0], r))
+        a, b = files.tensor(a_info).float(), files.tensor(b_info).float()
+        merged = (w.float() + scale * (b.to(w.device) @ a.to(w.device))).to(w.dtype)
+        draft = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        draft.weight = nn.Parameter(merged, requires_grad=False)
+        attn.o_proj_draft = draft

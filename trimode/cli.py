@@ -1,0 +1,172 @@
+"""The trimode command line. Each command reads options, builds settings, calls one function, prints."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from trimode.errors import InputError, TrimodeError
+
+EMBEDDED_CHECKPOINT = Path(__file__).parent / "assets" / "default"
+
+
+class TrimodeGroup(click.Group):
+    """The one exception boundary: TrimodeError becomes a one-line error and exit 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except TrimodeError as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=TrimodeGroup)
+@click.version_option(package_name="trimode")
+def main() -> None:
+    """Compile and deploy tri-mode diffusion language models (AR, block diffusion, self-speculation)."""
+
+
+class ThresholdType(click.ParamType):
+    name = "FLOAT|none"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float) or value is None:
+            return value
+        if str(value).lower() == "none":
+            return "none"
+        try:
+            return float(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a number nor 'none'", param, ctx)
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: no CUDA device is available")
+    return name
+
+
+def _checkpoint_dir(path: Path | None) -> Path:
+    if path is not None:
+        return path
+    if (EMBEDDED_CHECKPOINT / "config.json").is_file():
+        return EMBEDDED_CHECKPOINT
+    raise InputError("no embedded default checkpoint in this build: pass --checkpoint DIR "
+                     "(make one with: trimode make-checkpoint --random --out DIR)")
+
+
+@main.command()
+@click.argument("prompts", nargs=-1, required=True)
+@click.option("--checkpoint", "checkpoint_dir", type=click.Path(path_type=Path),
+              help="NLD checkpoint directory (default: the embedded checkpoint, where this build has one).")
+@click.option("--mode", type=click.Choice(["ar", "diffusion", "self-spec"]), default="ar", show_default=True,
+              help="Generation mode; all three use the same weights.")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True, help="Emit at most this many tokens.")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (temperature > 0).")
+@click.option("--block-length", type=int, default=None,
+              help="Diffusion / draft block length [default: the checkpoint's block_size].")
+@click.option("--threshold", type=ThresholdType(), default=None,
+              help="Commit threshold: diffusion default 0.9, self-spec draft default 0 (one pass). "
+                   "'none' commits an even top-k split per step (diffusion).")
+@click.option("--prefill-chunk", type=int, default=None, help="Prefill the prompt in chunks of this many tokens.")
+@click.option("--ignore-eos", is_flag=True, help="Keep generating past EOS (benchmarks).")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N [default: cuda if present].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, tokens, statistics).")
+def generate(prompts: tuple[str, ...], checkpoint_dir: Path | None, mode: str, max_new_tokens: int,
+             temperature: float, seed: int, block_length: int | None, threshold, prefill_chunk: int | None,
+             ignore_eos: bool, device: str | None, as_json: bool) -> None:
+    """Generate from one or more PROMPTS (a batch) in the chosen mode; print text and statistics.
+
+    At temperature 0, self-spec emits exactly the AR tokens with fewer forward passes.
+    """
+    from trimode.checkpoint import load_checkpoint
+    from trimode.decoding import GenerationSettings, make_decoder
+
+    settings = GenerationSettings(
+        mode=mode, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+        block_length=block_length, threshold=None if threshold == "none" else threshold,
+        use_top_k_schedule=threshold == "none", prefill_chunk=prefill_chunk, ignore_eos=ignore_eos)
+    ck = load_checkpoint(_checkpoint_dir(checkpoint_dir), device=_device(device))
+    encoded = [ck.tokenizer.encode(p) for p in prompts]
+    decoder = make_decoder(ck.model, encoded, settings)
+    stream = len(prompts) == 1 and not as_json
+    start = time.perf_counter()
+    decoder.prefill()
+    if stream:
+        click.echo(prompts[0], nl=False)
+    shown = ""
+    while True:
+        if stream:  # print the text as it is committed
+            text = ck.tokenizer.decode(decoder.results[0].tokens)
+            click.echo(text[len(shown):], nl=False)
+            shown = text
+        if decoder.done:
+            break
+        decoder.step()
+    elapsed = time.perf_counter() - start
+    results = decoder.results
+    total = sum(r.stats.num_generated for r in results)
+    summary = {
+        "mode": settings.mode.value, "checkpoint": str(ck.checkpoint_dir), "device": str(ck.model.device),
+        "batch_size": len(results), "block_length": decoder.block_length,
+        "num_generated": total, "elapsed_s": round(elapsed, 4), "tokens_per_s": round(total / elapsed, 2),
+        "results": [{"prompt": p, "text": ck.tokenizer.decode(r.tokens), "tokens": r.tokens,
+                     "finish_reason": r.finish_reason, "stats": r.stats.to_dict()}
+                    for p, r in zip(prompts, results)],
+    }
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    if stream:
+        click.echo()
+    else:
+        for p, r in zip(prompts, summary["results"]):
+            click.echo(f"{p}{r['text']}")
+    for i, r in enumerate(summary["results"]):
+        s = r["stats"]
+        accepted = f" mean_accepted={s['mean_accepted_length']:.2f}" if s["mean_accepted_length"] else ""
+        click.echo(f"[{i}] {settings.mode.value}: {s['num_generated']} tokens, {s['num_passes']} passes "
+                   f"{s['passes']}, {s['tokens_per_pass']:.2f} tokens/pass{accepted}, "
+                   f"finish={r['finish_reason']}", err=True)
+    click.echo(f"{total} tokens in {elapsed:.2f}s ({summary['tokens_per_s']} tokens/s) on {summary['device']}",
+               err=True)
+
+
+@main.command("make-checkpoint")
+@click.option("--random", "is_random", is_flag=True, required=True,
+              help="Random weights (the only kind for now; the trained fixture ships separately).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Output directory.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--hidden-size", type=click.IntRange(min=8), default=64, show_default=True)
+@click.option("--num-layers", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--vocab-size", type=click.IntRange(min=300), default=384, show_default=True)
+@click.option("--block-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--draft-adapter", is_flag=True, help="Also write a random linear_spec_lora/ draft adapter.")
+@click.option("--shards", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Split the weights over this many safetensors files (with an index).")
+@click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
+def make_checkpoint(is_random: bool, out_dir: Path, seed: int, hidden_size: int, num_layers: int,
+                    vocab_size: int, block_size: int, draft_adapter: bool, shards: int, force: bool) -> None:
+    """Write a tiny random checkpoint in the exact NLD layout (config, weights, tokenizer)."""
+    from trimode.make_checkpoint import make_random_checkpoint, tiny_spec
+
+    if hidden_size % 16:
+        raise InputError(f"--hidden-size: expected a multiple of 16 (4 heads of head_dim >= 4), got {hidden_size}")
+    spec = tiny_spec(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+                     head_dim=hidden_size // 4, vocab_size=vocab_size, block_size=block_size)
+    path = make_random_checkpoint(out_dir, spec, seed=seed, with_draft_adapter=draft_adapter,
+                                  num_shards=shards, force=force)
+    click.echo(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

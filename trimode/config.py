@@ -1,0 +1,217 @@
+"""ModelSpec: the validated, frozen view of an NLD config.json (spec §1-§3)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trimode.errors import ConfigError
+
+MODEL_TYPE = "nemotron_labs_diffusion"
+ARCHITECTURE = "NemotronLabsDiffusionModel"
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    rope_type: str = "yarn"  # "yarn" or "default"
+    rope_theta: float = 1e6
+    factor: float = 16.0
+    original_max_position_embeddings: int = 16384
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = 1.0
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+    llama_4_scaling_beta: float = 0.1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    mask_token_id: int
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: int | None = None
+    pad_token_id: int | None = None
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 262144
+    block_size: int = 32
+    torch_dtype: str = "bfloat16"
+    rope: RopeSpec = RopeSpec()
+
+    @property
+    def num_kv_groups(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @classmethod
+    def from_file(cls, path: Path) -> "ModelSpec":
+        try:
+            raw = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no config.json (is this an NLD checkpoint directory?)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+        return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "ModelSpec":
+        r = _Reader(raw, source)
+        if raw.get("model_type") != MODEL_TYPE:
+            raise ConfigError(f"{source}: key 'model_type': expected {MODEL_TYPE!r}, "
+                              f"got {raw.get('model_type')!r} (not a Nemotron-Labs Diffusion checkpoint)")
+        if raw.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"{source}: key 'hidden_act': only 'silu' is supported, got {raw['hidden_act']!r}")
+        if raw.get("tie_word_embeddings", False):
+            raise ConfigError(f"{source}: key 'tie_word_embeddings': NLD has untied embeddings, got true")
+        heads = r.pos_int("num_attention_heads")
+        hidden = r.pos_int("hidden_size")
+        kv_heads = r.pos_int("num_key_value_heads", heads)
+        if heads % kv_heads:
+            raise ConfigError(f"{source}: key 'num_key_value_heads': {kv_heads} does not divide "
+                              f"num_attention_heads={heads}")
+        vocab = r.pos_int("vocab_size")
+        eos = raw.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (eos,)
+        for e in eos_ids:
+            r.token_id("eos_token_id", e, vocab)
+        spec = cls(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=r.pos_int("intermediate_size"),
+            num_hidden_layers=r.pos_int("num_hidden_layers"),
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=r.pos_int("head_dim", hidden // heads),
+            mask_token_id=r.token_id("mask_token_id", raw.get("mask_token_id"), vocab),
+            eos_token_ids=eos_ids,
+            bos_token_id=r.optional_token_id("bos_token_id", vocab),
+            pad_token_id=r.optional_token_id("pad_token_id", vocab),
+            rms_norm_eps=r.pos_float("rms_norm_eps", 1e-5),
+            max_position_embeddings=r.pos_int("max_position_embeddings", 262144),
+            block_size=r.pos_int("block_size", 32),
+            torch_dtype=r.dtype(),
+            rope=_read_rope(raw, r, source),
+        )
+        return spec
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config.json this spec reads back from (NLD keys and spelling)."""
+        out: dict[str, Any] = {
+            "architectures": [ARCHITECTURE],
+            "model_type": MODEL_TYPE,
+            "hidden_act": "silu",
+            "tie_word_embeddings": False,
+            "dlm_paradigm": "bidirectional",
+        }
+        for f in dataclasses.fields(self):
+            if f.name not in ("rope", "eos_token_ids"):
+                out[f.name] = getattr(self, f.name)
+        out["eos_token_id"] = self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else list(self.eos_token_ids)
+        out["rope_parameters"] = self.rope.to_dict()
+        return out
+
+
+_DTYPES = ("bfloat16", "float16", "float32")
+
+
+class _Reader:
+    """Typed access to config keys; every error names the file, the key and the bad value."""
+
+    def __init__(self, raw: dict[str, Any], source: str):
+        self.raw, self.source = raw, source
+
+    def fail(self, key: str, expected: str, value: Any) -> ConfigError:
+        return ConfigError(f"{self.source}: key {key!r}: expected {expected}, got {value!r}")
+
+    def get(self, key: str, default: Any):
+        if key not in self.raw or self.raw[key] is None:
+            if default is None:
+                raise ConfigError(f"{self.source}: missing required key {key!r}")
+            return default
+        return self.raw[key]
+
+    def pos_int(self, key: str, default: int | None = None) -> int:
+        v = self.get(key, default)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise self.fail(key, "a positive integer", v)
+        return v
+
+    def pos_float(self, key: str, default: float | None = None, raw: dict | None = None,
+                  label: str | None = None) -> float:
+        v = (raw if raw is not None else self.raw).get(key, default)
+        if v is None and default is None:
+            raise ConfigError(f"{self.source}: missing required key {label or key!r}")
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+            raise self.fail(label or key, "a positive number", v)
+        return float(v)
+
+    def token_id(self, key: str, v: Any, vocab: int) -> int:
+        if v is None:
+            raise ConfigError(f"{self.source}: missing required key {key!r}")
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < vocab:
+            raise self.fail(key, f"a token id in [0, {vocab})", v)
+        return v
+
+    def optional_token_id(self, key: str, vocab: int) -> int | None:
+        v = self.raw.get(key)
+        return None if v is None else self.token_id(key, v, vocab)
+
+    def dtype(self) -> str:
+        v = self.raw.get("torch_dtype", self.raw.get("dtype", "bfloat16"))
+        if v not in _DTYPES:
+            raise self.fail("torch_dtype", f"one of {', '.join(_DTYPES)}", v)
+        return v
+
+
+def _read_rope(raw: dict[str, Any], r: _Reader, source: str) -> RopeSpec:
+    rp = raw.get("rope_parameters", raw.get("rope_scaling"))
+    if rp is None:
+        rp = {"rope_type": "default", "rope_theta": raw.get("rope_theta", 1e6)}
+    if not isinstance(rp, dict):
+        raise r.fail("rope_parameters", "an object", rp)
+    rope_type = rp.get("rope_type", rp.get("type", "default"))
+    if rope_type not in ("yarn", "default"):
+        raise r.fail("rope_parameters.rope_type", "'yarn' or 'default'", rope_type)
+    theta = rp.get("rope_theta", raw.get("rope_theta"))
+    if not isinstance(theta, (int, float)) or theta <= 0:
+        raise r.fail("rope_parameters.rope_theta", "a positive number", theta)
+    d = RopeSpec()
+    orig = rp.get("original_max_position_embeddings", d.original_max_position_embeddings)
+    if not isinstance(orig, int) or orig <= 0:
+        raise r.fail("rope_parameters.original_max_position_embeddings", "a positive integer", orig)
+    beta4 = rp.get("llama_4_scaling_beta", 0.0)
+    if not isinstance(beta4, (int, float)) or beta4 < 0:
+        raise r.fail("rope_parameters.llama_4_scaling_beta", "a number >= 0", beta4)
+
+    def num(key: str, default: float | None) -> float | None:
+        if rp.get(key, default) is None:
+            return None
+        return r.pos_float(key, default, raw=rp, label=f"rope_parameters.{key}")
+
+    return RopeSpec(
+        rope_type=rope_type,
+        rope_theta=float(theta),
+        factor=num("factor", d.factor) if rope_type == "yarn" else 1.0,
+        original_max_position_embeddings=orig,
+        beta_fast=num("beta_fast", d.beta_fast),
+        beta_slow=num("beta_slow", d.beta_slow),
+        mscale=num("mscale", None),
+        mscale_all_dim=num("mscale_all_dim", None),
+        attention_factor=num("attention_factor", None),
+        truncate=bool(rp.get("truncate", True)),
+        llama_4_scaling_beta=float(beta4),
+    )

@@ -1,0 +1,24 @@
+"""One exception hierarchy; the CLI turns every TrimodeError into a one-line error and exit 1."""
+
+
+class TrimodeError(Exception):
+    """Base class: the message must tell the user what to fix."""
+
+
+class ConfigError(TrimodeError):
+    """A config.json (or settings) value is missing or invalid."""
+
+
+class CheckpointError(TrimodeError):
+    """A checkpoint directory is incomplete or does not match its config."""
+
+
+class InputError(TrimodeError):
+    """Bad generation input: prompt, mode or sampling settings."""
+
+
+class MissingDependencyError(TrimodeError):
+    """An optional stack is not installed."""
+
+    def __init__(self, package: str, extra: str):
+        super().__init__(f"{package} is not installed: pip install 'trimode[{extra}]'")

@@ -1,0 +1,119 @@
+"""Tiny random checkpoints in the exact NLD layout (spec §2), for tests and demos."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from trimode.config import ModelSpec, RopeSpec
+from trimode.errors import InputError
+from trimode.model import NLDModel
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<mask>"]  # ids 0..4
+
+TINY_SPEC = ModelSpec(
+    vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    mask_token_id=4, eos_token_ids=(2,), bos_token_id=1, pad_token_id=3,
+    max_position_embeddings=4096, block_size=8,
+    # A small original context so generation crosses it and the Llama-4 query scaling is exercised.
+    rope=RopeSpec(rope_theta=10000.0, factor=4.0, original_max_position_embeddings=32),
+)
+
+_CORPUS = """\
+A diffusion language model drafts a whole block of tokens at once and refines it over a few steps.
+An autoregressive model writes one token per forward pass, each conditioned on all before it.
+Self-speculation drafts a block by diffusion and verifies it autoregressively in a single pass,
+keeping the longest prefix the verifier agrees with, plus one bonus token from the verifier itself.
+def generate(prompt, max_new_tokens=32):
+    tokens = tokenize(prompt)
+    for step in range(max_new_tokens):
+        tokens.append(model(tokens).argmax())
+    return detokenize(tokens)
+The quick brown fox jumps over the lazy dog; 0123456789 and some punctuation: (){}[]<>!?,.;:'"
+"""
+
+
+def write_tokenizer(out_dir: Path, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer with the special tokens at ids 0..4."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    tok.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "pad_token": "<pad>", "mask_token": "<mask>", "unk_token": "<unk>",
+    }, indent=2) + "\n")
+
+
+def make_random_checkpoint(out_dir: Path, spec: ModelSpec = TINY_SPEC, seed: int = 0,
+                           with_draft_adapter: bool = False, num_shards: int = 1,
+                           init_std: float = 0.02, force: bool = False) -> Path:
+    """Write config.json, safetensors (bf16), tokenizer and, optionally, a draft LoRA adapter."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not force:
+            raise InputError(f"{out_dir} exists and is not empty (use --force to replace it)")
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    model = NLDModel(spec)
+    state = {}
+    for name, p in model.state_dict().items():
+        if name.endswith("norm.weight") or "layernorm" in name:
+            w = 1 + 0.1 * torch.randn(p.shape, generator=gen)
+        else:
+            w = init_std * torch.randn(p.shape, generator=gen)
+        state[name] = w.to(torch.bfloat16).contiguous()
+    (out_dir / "config.json").write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
+    _save_sharded(state, out_dir, num_shards)
+    write_tokenizer(out_dir, spec.vocab_size)
+    if with_draft_adapter:
+        _write_adapter(out_dir / "linear_spec_lora", spec, gen)
+    return out_dir
+
+
+def _save_sharded(state: dict[str, torch.Tensor], out_dir: Path, num_shards: int) -> None:
+    if num_shards <= 1:
+        save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        return
+    names = list(state)
+    weight_map = {}
+    for s in range(num_shards):
+        shard = f"model-{s + 1:05d}-of-{num_shards:05d}.safetensors"
+        part = {n: state[n] for n in names[s::num_shards]}
+        save_file(part, str(out_dir / shard), metadata={"format": "pt"})
+        weight_map.update({n: shard for n in part})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+
+
+def _write_adapter(adapter_dir: Path, spec: ModelSpec, gen: torch.Generator, r: int = 4,
+                   alpha: float = 16.0) -> None:
+    adapter_dir.mkdir()
+    width = spec.num_attention_heads * spec.head_dim
+    state = {}
+    for i in range(spec.num_hidden_layers):
+        prefix = f"base_model.model.encoder.layers.{i}.self_attn.o_proj"
+        state[f"{prefix}.lora_A.weight"] = (0.05 * torch.randn(r, width, generator=gen)).to(torch.bfloat16)
+        state[f"{prefix}.lora_B.weight"] = (0.05 * torch.randn(spec.hidden_size, r, generator=gen)).to(torch.bfloat16)
+    save_file(state, str(adapter_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (adapter_dir / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": ["o_proj"],
+        "lora_dropout": 0.0, "bias": "none",
+    }, indent=2) + "\n")
+
+
+def tiny_spec(**overrides) -> ModelSpec:
+    return dataclasses.replace(TINY_SPEC, **overrides)

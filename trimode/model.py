@@ -1,0 +1,138 @@
+"""Reference NLD model in PyTorch (spec §1-§4) behind the one-forward contract of design.md.
+
+forward(tokens [b, L], cache, pattern, rows, use_draft) runs one chunk at the absolute positions
+cache.lengths[rows] + 0..L-1, writes the chunk's K/V, and returns logits. It never advances the
+cache: the decoders decide what a pass commits. No data-dependent Python control flow lives here,
+so the forward exports to ONNX as it is.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trimode.config import ModelSpec
+from trimode.kv_cache import KVCache
+from trimode.plugins.reference import block_attention
+from trimode.rope import apply_rope, llama4_query_scale, rope_cos_sin, rope_frequencies
+
+
+class Pattern(str, Enum):
+    CAUSAL = "causal"  # token i sees the prefix and chunk tokens 0..i; logit i predicts position i+1
+    BLOCK = "block"    # every token sees the prefix and the whole chunk; logit i predicts position i
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim)
+        self.rope = spec.rope
+        self.q_proj = nn.Linear(spec.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(spec.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(spec.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, spec.hidden_size, bias=False)
+        # Merged draft adapter (spec §2): used only by the self-speculation draft pass.
+        self.o_proj_draft: nn.Linear | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_scale: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
+                rows: torch.Tensor | None, is_causal: bool, use_draft: bool) -> torch.Tensor:
+        b, L, _ = x.shape
+        q = self.q_proj(x).view(b, L, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, L, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, L, self.num_kv_heads, self.head_dim)
+        q = apply_rope(q, cos, sin) * q_scale.to(q.dtype)
+        k = apply_rope(k, cos, sin)
+        out = block_attention(q, k, v, k_cache, v_cache, lengths, rows, is_causal).reshape(b, L, -1)
+        o_proj = self.o_proj_draft if use_draft and self.o_proj_draft is not None else self.o_proj
+        return o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = Attention(spec)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.mlp = MLP(spec)
+
+
+class Encoder(nn.Module):
+    """The backbone; its parameter names are the checkpoint's `encoder.*` names."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_hidden_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+
+
+class NLDModel(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.encoder = Encoder(spec)
+        self.diffusion_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        inv_freq, self.rope_attn_scale = rope_frequencies(spec.rope, spec.head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @property
+    def has_draft_adapter(self) -> bool:
+        return self.encoder.layers[0].self_attn.o_proj_draft is not None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.diffusion_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.diffusion_head.weight.device
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache, pattern: Pattern,
+                rows: torch.Tensor | None = None, use_draft: bool = False,
+                logit_index: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [b, L] for cache rows `rows` (None = every row). -> logits [b, L, V] in fp32,
+        or [b, 1, V] at chunk index logit_index [b] (prefill needs only each row's last logit)."""
+        lengths = cache.lengths if rows is None else cache.lengths[rows]
+        positions = lengths[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
+        cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_attn_scale, self.dtype)
+        q_scale = llama4_query_scale(positions, self.spec.rope)
+        is_causal = pattern == Pattern.CAUSAL
+        h = self.encoder.embed_tokens(tokens)
+        for i, layer in enumerate(self.encoder.layers):
+            h = h + layer.self_attn(layer.input_layernorm(h), cos, sin, q_scale, cache.k[i], cache.v[i],
+                                    lengths, rows, is_causal, use_draft)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        if logit_index is not None:
+            h = h[torch.arange(h.shape[0], device=h.device), logit_index][:, None]
+        return self.diffusion_head(self.encoder.norm(h)).float()
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        return KVCache.allocate(self.spec, batch_size, max_len, self.dtype, self.device)

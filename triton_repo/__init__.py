@@ -1,0 +1,1 @@
+"""Triton Inference Server model repository writer, server launcher and client (see design.md)."""
