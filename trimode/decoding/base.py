@@ -66,7 +66,7 @@ class Decoder:
         self.model, self.settings, self.spec = model, settings, spec
         self.block_length = settings.block_length or spec.block_size
         self.results = [SequenceResult(list(p)) for p in prompts]
-        self.eos_ids = frozenset(() if settings.ignore_eos else spec.eos_token_ids)
+        self.eos_ids = frozenset(() if settings.ignore_eos else (*spec.eos_token_ids, *settings.stop_token_ids))
         max_len = max(len(p) for p in prompts) + settings.max_new_tokens + self.block_length
         if max_len > spec.max_position_embeddings + self.block_length:
             raise InputError(f"prompt + max_new_tokens exceed max_position_embeddings={spec.max_position_embeddings}")

@@ -14,7 +14,7 @@ class DiffusionDecoder(Decoder):
     def step(self) -> list[list[int]]:
         rows = self.active_rows()
         block = self.denoise(rows, self.new_block(rows), self.settings.commit_threshold,
-                             use_draft=False, kind="denoise", stop_at_eos=not self.settings.ignore_eos)
+                             use_draft=False, kind="denoise", stop_at_eos=bool(self.eos_ids))
         new = self._emit_rows(rows, block[:, 1:].tolist())  # the seed was emitted already
         live = torch.tensor([not self.results[r].finish_reason for r in rows.tolist()], device=rows.device)
         if live.any():

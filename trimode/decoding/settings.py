@@ -28,6 +28,7 @@ class GenerationSettings:
     use_top_k_schedule: bool = False     # diffusion only: commit an even split per step instead
     prefill_chunk: int | None = None      # None: one-shot prefill
     ignore_eos: bool = False              # benchmarks: always generate max_new_tokens
+    stop_token_ids: tuple[int, ...] = ()  # extra end tokens besides the checkpoint's EOS ids
 
     def __post_init__(self) -> None:
         try:

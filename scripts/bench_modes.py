@@ -1,0 +1,243 @@
+"""Benchmark the three generation modes (AR, diffusion, self-spec) against transformers' Ministral3.
+
+What it measures, per batch size and mode (temperature 0, ignore_eos, so every sequence emits
+exactly --max-new-tokens tokens):
+  * wall time of one whole `trimode.decoding.generate(...)` call (time.perf_counter; one warm-up,
+    then --repeats runs; the median is used for tokens/s, the best is reported too);
+  * per-sequence forward passes from SequenceStats (num_passes, prefill included) and tokens per
+    pass = sum(num_generated) / sum(num_passes) (the spec's counting, every pass counted), plus the
+    mean over sequences of stats.tokens_per_pass;
+  * batch-level forward calls: a counter wrapped around `model.forward` on the NLDModel instance
+    (one call runs every active row at once), and tokens per batch forward call;
+  * mean accepted length per self-speculation cycle.
+The baseline is transformers' `Ministral3ForCausalLM.generate()` with the same weights in fp32
+(greedy, LEFT padding + attention mask, min_new_tokens = max_new_tokens, EOS disabled, the mask
+token suppressed as trimode does, spec §10). `ar_vs_transformers_ratio` = our AR tokens/s divided by
+transformers' tokens/s at the same batch size. `ar_matches_transformers_b1` checks token equality
+prompt by prompt at batch 1.
+
+Run:   .venv/bin/python scripts/bench_modes.py --json out/bench.json
+       (--checkpoint DIR, --max-new-tokens 64, --batch-sizes 1,8, --repeats 3, --threads N)
+The JSON goes to stdout (and to --json PATH); a short table goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from trimode.checkpoint import load_checkpoint
+from trimode.decoding import GenerationSettings, Mode, generate
+from trimode.make_checkpoint import make_random_checkpoint, tiny_spec
+
+PROMPTS = [
+    "A diffusion",
+    "The quick brown fox jumps over the lazy dog.",
+    "def generate(prompt, max_new_tokens=32):",
+    "An autoregressive model writes one token per forward pass",
+    "Self-speculation drafts a block by diffusion and verifies it autoregressively in a single pass,",
+    "0123456789",
+    "keeping the longest prefix the verifier agrees with, plus one bonus token from the verifier itself. "
+    "A diffusion language model drafts a whole block of tokens at once and refines it over a few steps.",
+    "for step in range(max_new_tokens): tokens.append(model(tokens).argmax())",
+]
+MODES = (Mode.AR, Mode.DIFFUSION, Mode.SELF_SPEC)
+# Small but not toy: 4 layers, hidden 256, GQA 8/2 heads of 32, vocab 2048, block 8.
+BENCH_SPEC = dict(vocab_size=2048, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                  num_attention_heads=8, num_key_value_heads=2, head_dim=32, block_size=8)
+
+
+def hf_ministral3(ck):
+    """transformers' own Ministral3ForCausalLM with the checkpoint's weights (as tests/test_model.py)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # e.g. the YaRN factor note about the small test context
+    spec = ck.spec
+    config = transformers.Ministral3Config(
+        vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads, head_dim=spec.head_dim, rms_norm_eps=spec.rms_norm_eps,
+        max_position_embeddings=spec.max_position_embeddings, tie_word_embeddings=False,
+        rope_parameters={"rope_type": spec.rope.rope_type, **spec.rope.to_dict()},
+        bos_token_id=spec.bos_token_id, eos_token_id=spec.eos_token_ids[0], pad_token_id=spec.pad_token_id,
+    )
+    config._attn_implementation = "sdpa"  # its default, and the kernel trimode's attention uses too
+    model = transformers.Ministral3ForCausalLM(config).eval()
+    renamed = {name.replace("encoder.", "model.", 1).replace("diffusion_head.", "lm_head."): t.float()
+               for name, t in ck.model.state_dict().items() if "o_proj_draft" not in name}
+    missing, unexpected = model.load_state_dict(renamed, strict=False)
+    assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
+    model.generation_config.eos_token_id = None  # never stop early
+    return model
+
+
+def hf_generate(hf, prompts: list[list[int]], n: int, pad_id: int, mask_id: int) -> list[list[int]]:
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):  # left padding
+        ids[i, width - len(p):] = torch.tensor(p)
+        attn[i, width - len(p):] = 1
+    out = hf.generate(input_ids=ids, attention_mask=attn, do_sample=False, max_new_tokens=n,
+                      min_new_tokens=n, pad_token_id=pad_id, suppress_tokens=[mask_id])
+    return out[:, width:].tolist()
+
+
+class ForwardCounter:
+    """Counts batch-level forward calls by wrapping the model instance's forward."""
+
+    def __init__(self, model):
+        self.calls, self.model, self.inner = 0, model, model.forward
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return self.inner(*args, **kwargs)
+        model.forward = counted
+
+
+def timed(fn, repeats: int):
+    fn()  # warm-up
+    times, out = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return out, times
+
+
+def bench_mode(ck, counter, prompts, mode, args):
+    settings = GenerationSettings(mode=mode, max_new_tokens=args.max_new_tokens,
+                                  block_length=args.block_length, ignore_eos=True)
+    counter.calls = 0
+    results = generate(ck.model, prompts, settings)  # the counted run (also the warm-up)
+    calls = counter.calls
+    _, times = timed(lambda: generate(ck.model, prompts, settings), args.repeats)
+    gen = sum(r.stats.num_generated for r in results)
+    passes = sum(r.stats.num_passes for r in results)
+    accepted = [a for r in results for a in r.stats.accepted_lengths]
+    median = statistics.median(times)
+    return {
+        "tokens_generated": gen,
+        "seq_forward_passes": passes,
+        "seq_passes_by_kind": dict(sum((r.stats.passes for r in results), start=type(results[0].stats.passes)())),
+        "batch_forward_calls": calls,
+        "tokens_per_pass": round(gen / passes, 4),
+        "tokens_per_pass_mean_over_seqs": round(statistics.mean(r.stats.tokens_per_pass for r in results), 4),
+        "tokens_per_batch_forward_call": round(gen / calls, 4),
+        "mean_accepted_length": round(statistics.mean(accepted), 4) if accepted else None,
+        "time_s_median": round(median, 5), "time_s_best": round(min(times), 5),
+        "tokens_per_s": round(gen / median, 2), "tokens_per_s_best": round(gen / min(times), 2),
+    }, [r.tokens for r in results]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--checkpoint", type=Path, help="NLD checkpoint dir (default: a random one in a temp dir)")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--batch-sizes", default="1,8", help="comma-separated, each <= %d" % len(PROMPTS))
+    ap.add_argument("--block-length", type=int, default=None, help="default: the checkpoint's block_size")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up (median used)")
+    ap.add_argument("--json", type=Path, help="also write the JSON here")
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads")
+    ap.add_argument("--init-std", type=float, default=0.1, help="random checkpoint weight std (peakier logits)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    if max(batch_sizes) > len(PROMPTS) or min(batch_sizes) < 1:
+        ap.error(f"--batch-sizes: each must lie in 1..{len(PROMPTS)}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ck_dir = args.checkpoint or make_random_checkpoint(
+            Path(tmp) / "bench", tiny_spec(**BENCH_SPEC), seed=0, init_std=args.init_std, with_draft_adapter=True)
+        ck = load_checkpoint(ck_dir)
+    spec = ck.spec
+    prompts = [ck.tokenizer.encode(p) for p in PROMPTS]
+    counter = ForwardCounter(ck.model)
+    hf = hf_ministral3(ck)
+    pad_id = spec.pad_token_id if spec.pad_token_id is not None else 0
+    n = args.max_new_tokens
+
+    report = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "python": platform.python_version(), "torch": torch.__version__,
+                    "transformers": __import__("transformers").__version__,
+                    "num_threads": torch.get_num_threads(), "date": datetime.datetime.now().isoformat()},
+        "checkpoint": {"dir": str(args.checkpoint) if args.checkpoint else "random (temp dir)",
+                       "spec": {k: v for k, v in spec.to_dict().items() if k != "rope_parameters"},
+                       "has_draft_adapter": ck.model.has_draft_adapter, "dtype": str(ck.model.dtype)},
+        "settings": {"max_new_tokens": n, "block_length": args.block_length or spec.block_size,
+                     "repeats": args.repeats, "temperature": 0.0, "ignore_eos": True,
+                     "prompt_lengths": [len(p) for p in prompts],
+                     "batch_forward_calls_counted_by": "wrapper around NLDModel.forward on the model instance"},
+        "results": {},
+    }
+    for b in batch_sizes:
+        batch = prompts[:b]
+        row, tokens = {}, {}
+        for mode in MODES:
+            row[mode.value], tokens[mode.value] = bench_mode(ck, counter, batch, mode, args)
+        with torch.no_grad():
+            hf_tokens, times = timed(lambda: hf_generate(hf, batch, n, pad_id, spec.mask_token_id), args.repeats)
+        hf_gen = sum(len(t) for t in hf_tokens)
+        row["transformers"] = {"tokens_generated": hf_gen, "time_s_median": round(statistics.median(times), 5),
+                               "time_s_best": round(min(times), 5),
+                               "tokens_per_s": round(hf_gen / statistics.median(times), 2),
+                               "tokens_per_s_best": round(hf_gen / min(times), 2)}
+        row["ar_vs_transformers_ratio"] = round(row["ar"]["tokens_per_s"] / row["transformers"]["tokens_per_s"], 3)
+        row["ar_matches_transformers_in_batch"] = [a == h for a, h in zip(tokens["ar"], hf_tokens)]
+        row["self_spec_matches_ar"] = [s == a for s, a in zip(tokens["self-spec"], tokens["ar"])]
+        report["results"][f"batch_{b}"] = row
+
+    # Token equality at batch 1, prompt by prompt (the greedy-equivalence check).
+    ar1 = GenerationSettings(mode=Mode.AR, max_new_tokens=n, ignore_eos=True)
+    with torch.no_grad():
+        match = [generate(ck.model, [p], ar1)[0].tokens == hf_generate(hf, [p], n, pad_id, spec.mask_token_id)[0]
+                 for p in prompts]
+    report["ar_matches_transformers_b1"] = match
+    report["ar_matches_transformers_b1_fraction"] = sum(match) / len(match)
+    report["ar_vs_transformers_ratio"] = {k: v["ar_vs_transformers_ratio"] for k, v in report["results"].items()}
+
+    print_table(report)
+    text = json.dumps(report, indent=2)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def print_table(report) -> None:
+    err = sys.stderr
+    m = report["machine"]
+    print(f"# {m['platform']} torch {m['torch']} threads {m['num_threads']}  "
+          f"max_new_tokens {report['settings']['max_new_tokens']}", file=err)
+    print(f"{'batch':>5} {'mode':<12} {'tok/s':>9} {'seq passes':>10} {'tok/pass':>8} "
+          f"{'batch fwd':>9} {'tok/fwd':>8} {'accept':>6}", file=err)
+    for key, row in report["results"].items():
+        b = key.split("_")[1]
+        for mode in ("ar", "diffusion", "self-spec"):
+            r = row[mode]
+            acc = f"{r['mean_accepted_length']:.2f}" if r["mean_accepted_length"] else "-"
+            print(f"{b:>5} {mode:<12} {r['tokens_per_s']:>9.1f} {r['seq_forward_passes']:>10} "
+                  f"{r['tokens_per_pass']:>8.3f} {r['batch_forward_calls']:>9} "
+                  f"{r['tokens_per_batch_forward_call']:>8.3f} {acc:>6}", file=err)
+        print(f"{b:>5} {'transformers':<12} {row['transformers']['tokens_per_s']:>9.1f}   "
+              f"AR/transformers = {row['ar_vs_transformers_ratio']:.3f}  "
+              f"AR==HF in batch: {sum(row['ar_matches_transformers_in_batch'])}/{len(row['ar_matches_transformers_in_batch'])}  "
+              f"self-spec==AR: {sum(row['self_spec_matches_ar'])}/{len(row['self_spec_matches_ar'])}", file=err)
+    print(f"AR == transformers greedy at batch 1: {report['ar_matches_transformers_b1_fraction']:.0%} of prompts",
+          file=err)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
