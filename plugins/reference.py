@@ -7,35 +7,54 @@ diffusion_commit  candidates, confidences and the commit rule of one denoising s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 
+@dataclass(frozen=True)
+class ChunkLayout:
+    """Where a chunk of L tokens per row sits, shared by every layer of one forward pass."""
+
+    lengths: torch.Tensor         # [b] committed prefix per row
+    rows: torch.Tensor | None     # [b] cache rows (None = all B rows, in order)
+    is_causal: bool
+    positions: torch.Tensor       # [b, L] absolute positions lengths + 0..L-1
+    span: int                     # keys to read: max(lengths) + L
+    mask: torch.Tensor | None     # [b, 1, L, span] True = visible; None when every key is visible
+
+    @classmethod
+    def build(cls, lengths: torch.Tensor, rows: torch.Tensor | None, length: int, is_causal: bool) -> "ChunkLayout":
+        offsets = torch.arange(length, device=lengths.device)
+        positions = lengths[:, None] + offsets
+        longest = int(lengths.max())
+        span = longest + length
+        mask = None
+        # Equal prefixes and a block pass (or a single causal token) see every key: no mask needed.
+        if int(lengths.min()) != longest or (is_causal and length > 1):
+            visible_end = lengths[:, None] + (offsets + 1 if is_causal else length)           # [b, L]
+            mask = (torch.arange(span, device=lengths.device) < visible_end[:, :, None])[:, None]
+        return cls(lengths, rows, is_causal, positions, span, mask)
+
+
 def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    lengths: torch.Tensor, rows: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
     """One layer's attention for a chunk of L tokens per sequence.
 
-    q [b, L, H, D]; k, v [b, L, Hkv, D]; k_cache, v_cache [B, Hkv, S, D] (this layer);
-    lengths [b]: committed prefix per row; rows [b] indexes the cache (None = all B rows).
+    q [b, L, H, D]; k, v [b, L, Hkv, D]; k_cache, v_cache [B, Hkv, S, D] (this layer).
     Writes the chunk's K/V at lengths .. lengths+L-1 (a block pass's K/V stays scratch: the
     caller does not advance lengths, and the next causal pass over those positions overwrites it).
     Query i sees the prefix and chunk keys 0..i (causal) or the whole chunk (block). -> [b, L, H, D]
     """
-    b, L = q.shape[:2]
-    offsets = torch.arange(L, device=q.device)
-    positions = lengths[:, None] + offsets                                   # [b, L]
-    row_index = torch.arange(b, device=q.device) if rows is None else rows
-    k_cache[row_index[:, None], :, positions] = k
-    v_cache[row_index[:, None], :, positions] = v
-
-    span = int(lengths.max()) + L
+    rows, span = layout.rows, layout.span
+    row_index = torch.arange(q.shape[0], device=q.device) if rows is None else rows
+    k_cache[row_index[:, None], :, layout.positions] = k
+    v_cache[row_index[:, None], :, layout.positions] = v
     keys = k_cache[:, :, :span] if rows is None else k_cache[rows, :, :span]
     values = v_cache[:, :, :span] if rows is None else v_cache[rows, :, :span]
-    visible_end = lengths[:, None] + (offsets + 1 if is_causal else L)     # [b, L]
-    mask = torch.arange(span, device=q.device) < visible_end[:, :, None]   # [b, L, span]
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), keys, values, attn_mask=mask[:, None], enable_gqa=q.shape[2] != k.shape[2])
+        q.transpose(1, 2), keys, values, attn_mask=layout.mask, enable_gqa=q.shape[2] != k.shape[2])
     return out.transpose(1, 2)
 
 

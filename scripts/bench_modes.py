@@ -3,7 +3,8 @@
 What it measures, per batch size and mode (temperature 0, ignore_eos, so every sequence emits
 exactly --max-new-tokens tokens):
   * wall time of one whole `trimode.decoding.generate(...)` call (time.perf_counter; one warm-up,
-    then --repeats runs; the median is used for tokens/s, the best is reported too);
+    then --repeats runs, round-robin over the modes and transformers so that load from other
+    processes hits all alike; tokens/s uses the best time, the median is reported too);
   * per-sequence forward passes from SequenceStats (num_passes, prefill included) and tokens per
     pass = sum(num_generated) / sum(num_passes) (the spec's counting, every pass counted), plus the
     mean over sequences of stats.tokens_per_pass;
@@ -18,7 +19,11 @@ prompt by prompt at batch 1.
 
 Run:   .venv/bin/python scripts/bench_modes.py --json out/bench.json
        (--checkpoint DIR, --max-new-tokens 64, --batch-sizes 1,8, --repeats 3, --threads N)
-The JSON goes to stdout (and to --json PATH); a short table goes to stderr.
+The JSON goes to stdout (and to --json PATH); a short table goes to stderr. About 30 s on an idle
+2-core CPU. On a shared box other processes distort timings badly (a descheduled OpenMP thread
+stalls every GEMM): compare ratios from one run, and prefer --threads 1 there.
+Random weights: the draft never agrees with the verifier (accepted length ~1) and diffusion commits
+~1 token per pass, so tokens/pass and self-spec speed here measure overhead, not the paper's gains.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -104,39 +110,46 @@ class ForwardCounter:
         model.forward = counted
 
 
-def timed(fn, repeats: int):
-    fn()  # warm-up
-    times, out = [], None
+def time_interleaved(fns: dict, repeats: int) -> dict[str, dict]:
+    """Time each fn `repeats` times, round-robin, so load from other processes hits all alike.
+    Every fn has had its untimed warm-up call already. Best time -> tokens/s; the median is reported too."""
+    times = {k: [] for k in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return out, times
+        for k, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - start)
+    return {k: {"time_s_best": round(min(t), 5), "time_s_median": round(statistics.median(t), 5)}
+            for k, t in times.items()}
 
 
-def bench_mode(ck, counter, prompts, mode, args):
-    settings = GenerationSettings(mode=mode, max_new_tokens=args.max_new_tokens,
-                                  block_length=args.block_length, ignore_eos=True)
+def count_mode(ck, counter, prompts, settings):
+    """One counted run of `generate` (it is also the warm-up): pass statistics and tokens."""
     counter.calls = 0
-    results = generate(ck.model, prompts, settings)  # the counted run (also the warm-up)
-    calls = counter.calls
-    _, times = timed(lambda: generate(ck.model, prompts, settings), args.repeats)
+    results = generate(ck.model, prompts, settings)
     gen = sum(r.stats.num_generated for r in results)
     passes = sum(r.stats.num_passes for r in results)
     accepted = [a for r in results for a in r.stats.accepted_lengths]
-    median = statistics.median(times)
+    by_kind = Counter()
+    for r in results:
+        by_kind.update(r.stats.passes)
     return {
         "tokens_generated": gen,
         "seq_forward_passes": passes,
-        "seq_passes_by_kind": dict(sum((r.stats.passes for r in results), start=type(results[0].stats.passes)())),
-        "batch_forward_calls": calls,
+        "seq_passes_by_kind": dict(by_kind),
+        "batch_forward_calls": counter.calls,
         "tokens_per_pass": round(gen / passes, 4),
         "tokens_per_pass_mean_over_seqs": round(statistics.mean(r.stats.tokens_per_pass for r in results), 4),
-        "tokens_per_batch_forward_call": round(gen / calls, 4),
+        "tokens_per_batch_forward_call": round(gen / counter.calls, 4),
         "mean_accepted_length": round(statistics.mean(accepted), 4) if accepted else None,
-        "time_s_median": round(median, 5), "time_s_best": round(min(times), 5),
-        "tokens_per_s": round(gen / median, 2), "tokens_per_s_best": round(gen / min(times), 2),
     }, [r.tokens for r in results]
+
+
+def add_rates(entry: dict, timing: dict) -> dict:
+    entry.update(timing)
+    entry["tokens_per_s"] = round(entry["tokens_generated"] / timing["time_s_best"], 2)
+    entry["tokens_per_s_median"] = round(entry["tokens_generated"] / timing["time_s_median"], 2)
+    return entry
 
 
 def main(argv=None) -> int:
@@ -145,7 +158,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-sizes", default="1,8", help="comma-separated, each <= %d" % len(PROMPTS))
     ap.add_argument("--block-length", type=int, default=None, help="default: the checkpoint's block_size")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up (median used)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up (best used, median reported)")
     ap.add_argument("--json", type=Path, help="also write the JSON here")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads")
     ap.add_argument("--init-std", type=float, default=0.1, help="random checkpoint weight std (peakier logits)")
@@ -173,7 +186,7 @@ def main(argv=None) -> int:
                     "transformers": __import__("transformers").__version__,
                     "num_threads": torch.get_num_threads(), "date": datetime.datetime.now().isoformat()},
         "checkpoint": {"dir": str(args.checkpoint) if args.checkpoint else "random (temp dir)",
-                       "spec": {k: v for k, v in spec.to_dict().items() if k != "rope_parameters"},
+                       "spec": spec.to_dict(),
                        "has_draft_adapter": ck.model.has_draft_adapter, "dtype": str(ck.model.dtype)},
         "settings": {"max_new_tokens": n, "block_length": args.block_length or spec.block_size,
                      "repeats": args.repeats, "temperature": 0.0, "ignore_eos": True,
@@ -183,26 +196,28 @@ def main(argv=None) -> int:
     }
     for b in batch_sizes:
         batch = prompts[:b]
-        row, tokens = {}, {}
+        row, tokens, fns = {}, {}, {}
         for mode in MODES:
-            row[mode.value], tokens[mode.value] = bench_mode(ck, counter, batch, mode, args)
-        with torch.no_grad():
-            hf_tokens, times = timed(lambda: hf_generate(hf, batch, n, pad_id, spec.mask_token_id), args.repeats)
-        hf_gen = sum(len(t) for t in hf_tokens)
-        row["transformers"] = {"tokens_generated": hf_gen, "time_s_median": round(statistics.median(times), 5),
-                               "time_s_best": round(min(times), 5),
-                               "tokens_per_s": round(hf_gen / statistics.median(times), 2),
-                               "tokens_per_s_best": round(hf_gen / min(times), 2)}
+            settings = GenerationSettings(mode=mode, max_new_tokens=n, block_length=args.block_length,
+                                          ignore_eos=True)
+            row[mode.value], tokens[mode.value] = count_mode(ck, counter, batch, settings)
+            fns[mode.value] = lambda settings=settings: generate(ck.model, batch, settings)
+        fns["transformers"] = lambda: hf_generate(hf, batch, n, pad_id, spec.mask_token_id)
+        hf_tokens = fns["transformers"]()  # its warm-up
+        row["transformers"] = {"tokens_generated": sum(len(t) for t in hf_tokens)}
+        for key, timing in time_interleaved(fns, args.repeats).items():
+            add_rates(row[key], timing)
         row["ar_vs_transformers_ratio"] = round(row["ar"]["tokens_per_s"] / row["transformers"]["tokens_per_s"], 3)
+        row["ar_vs_transformers_ratio_median"] = round(
+            row["ar"]["tokens_per_s_median"] / row["transformers"]["tokens_per_s_median"], 3)
         row["ar_matches_transformers_in_batch"] = [a == h for a, h in zip(tokens["ar"], hf_tokens)]
         row["self_spec_matches_ar"] = [s == a for s, a in zip(tokens["self-spec"], tokens["ar"])]
         report["results"][f"batch_{b}"] = row
 
     # Token equality at batch 1, prompt by prompt (the greedy-equivalence check).
     ar1 = GenerationSettings(mode=Mode.AR, max_new_tokens=n, ignore_eos=True)
-    with torch.no_grad():
-        match = [generate(ck.model, [p], ar1)[0].tokens == hf_generate(hf, [p], n, pad_id, spec.mask_token_id)[0]
-                 for p in prompts]
+    match = [generate(ck.model, [p], ar1)[0].tokens == hf_generate(hf, [p], n, pad_id, spec.mask_token_id)[0]
+             for p in prompts]
     report["ar_matches_transformers_b1"] = match
     report["ar_matches_transformers_b1_fraction"] = sum(match) / len(match)
     report["ar_vs_transformers_ratio"] = {k: v["ar_vs_transformers_ratio"] for k, v in report["results"].items()}

@@ -61,3 +61,14 @@ def test_causal_logits_match_transformers_ministral3(tmp_path, rope):
     assert expected.abs().max() > 0.1
     torch.testing.assert_close(ours, expected, atol=TOLERANCE, rtol=0)
     torch.testing.assert_close(stepped, expected, atol=TOLERANCE, rtol=0)
+
+
+def test_masked_forward_with_a_causal_mask_equals_the_cached_forward(tiny):
+    """The training path (explicit mask, no cache) and the runtime path are one model."""
+    tokens = torch.randint(5, 300, (2, 12), generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(12).expand(2, -1)
+    causal = torch.ones(12, 12, dtype=torch.bool).tril().expand(2, -1, -1)
+    with torch.no_grad():
+        masked = tiny.model.forward_masked(tokens, positions, causal)
+        cached = tiny.model(tokens, tiny.model.new_cache(2, 12), Pattern.CAUSAL)
+    torch.testing.assert_close(masked, cached, atol=1e-5, rtol=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trimode.plugins.reference import block_attention, diffusion_commit, pick_tokens, spec_accept
+from trimode.plugins.reference import ChunkLayout, block_attention, diffusion_commit, pick_tokens, spec_accept
 
 MASK = 0
 
@@ -49,15 +49,16 @@ def test_diffusion_commit_threshold_commits_the_best_and_the_confident():
 
 
 @pytest.mark.parametrize("is_causal", [True, False])
-def test_block_attention_matches_dense_masked_attention(is_causal):
+@pytest.mark.parametrize("L, prefix_lengths", [(3, [0, 5]), (3, [4, 4]), (1, [4, 4]), (1, [2, 0])])
+def test_block_attention_matches_dense_masked_attention(is_causal, L, prefix_lengths):
     g = torch.Generator().manual_seed(0)
-    b, L, H, Hkv, D, S = 2, 3, 4, 2, 8, 16
-    lengths = torch.tensor([0, 5])
+    b, H, Hkv, D, S = 2, 4, 2, 8, 16
+    lengths = torch.tensor(prefix_lengths)
     k_cache, v_cache = torch.randn(b, Hkv, S, D, generator=g), torch.randn(b, Hkv, S, D, generator=g)
     q, k, v = torch.randn(b, L, H, D, generator=g), torch.randn(b, L, Hkv, D, generator=g), \
         torch.randn(b, L, Hkv, D, generator=g)
     prefix_k, prefix_v = k_cache.clone(), v_cache.clone()
-    out = block_attention(q, k, v, k_cache, v_cache, lengths, None, is_causal)
+    out = block_attention(q, k, v, k_cache, v_cache, ChunkLayout.build(lengths, None, L, is_causal))
     for row in range(b):
         c = int(lengths[row])
         assert torch.equal(k_cache[row, :, c:c + L], k[row].transpose(0, 1))  # chunk K/V written at c

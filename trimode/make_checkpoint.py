@@ -39,8 +39,8 @@ The quick brown fox jumps over the lazy dog; 0123456789 and some punctuation: ()
 """
 
 
-def write_tokenizer(out_dir: Path, vocab_size: int) -> None:
-    """A byte-level BPE tokenizer with the special tokens at ids 0..4."""
+def write_tokenizer(out_dir: Path, vocab_size: int, texts: list[str] | None = None) -> None:
+    """A byte-level BPE tokenizer trained on `texts` (default: a built-in paragraph), specials at ids 0..4."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -48,7 +48,7 @@ def write_tokenizer(out_dir: Path, vocab_size: int) -> None:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    tok.train_from_iterator(texts or [_CORPUS] * 4, trainer=trainer)
     tok.save(str(out_dir / "tokenizer.json"))
     (out_dir / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
@@ -76,14 +76,14 @@ def make_random_checkpoint(out_dir: Path, spec: ModelSpec = TINY_SPEC, seed: int
             w = init_std * torch.randn(p.shape, generator=gen)
         state[name] = w.to(torch.bfloat16).contiguous()
     (out_dir / "config.json").write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
-    _save_sharded(state, out_dir, num_shards)
+    save_weights(state, out_dir, num_shards)
     write_tokenizer(out_dir, spec.vocab_size)
     if with_draft_adapter:
         _write_adapter(out_dir / "linear_spec_lora", spec, gen)
     return out_dir
 
 
-def _save_sharded(state: dict[str, torch.Tensor], out_dir: Path, num_shards: int) -> None:
+def save_weights(state: dict[str, torch.Tensor], out_dir: Path, num_shards: int) -> None:
     if num_shards <= 1:
         save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
         return

@@ -16,7 +16,7 @@ from torch import nn
 
 from trimode.config import ModelSpec
 from trimode.kv_cache import KVCache
-from trimode.plugins.reference import block_attention
+from trimode.plugins.reference import ChunkLayout, block_attention
 from trimode.rope import apply_rope, llama4_query_scale, rope_cos_sin, rope_frequencies
 
 
@@ -32,9 +32,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # normalise in fp32, cast back, then scale (the Mistral / Hugging Face order)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -50,18 +49,23 @@ class Attention(nn.Module):
         # Merged draft adapter (spec §2): used only by the self-speculation draft pass.
         self.o_proj_draft: nn.Linear | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_scale: torch.Tensor,
-                k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
-                rows: torch.Tensor | None, is_causal: bool, use_draft: bool) -> torch.Tensor:
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                q_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [b, L, hidden] -> q [b, L, H, D], k and v [b, L, Hkv, D], rotated and scaled (spec §3)."""
         b, L, _ = x.shape
         q = self.q_proj(x).view(b, L, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, L, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, L, self.num_kv_heads, self.head_dim)
-        q = apply_rope(q, cos, sin) * q_scale.to(q.dtype)
-        k = apply_rope(k, cos, sin)
-        out = block_attention(q, k, v, k_cache, v_cache, lengths, rows, is_causal).reshape(b, L, -1)
+        return apply_rope(q, cos, sin) * q_scale.to(q.dtype), apply_rope(k, cos, sin), v
+
+    def output(self, attn: torch.Tensor, use_draft: bool) -> torch.Tensor:
         o_proj = self.o_proj_draft if use_draft and self.o_proj_draft is not None else self.o_proj
-        return o_proj(out)
+        return o_proj(attn.flatten(2))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_scale: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, layout: ChunkLayout, use_draft: bool) -> torch.Tensor:
+        q, k, v = self.project(x, cos, sin, q_scale)
+        return self.output(block_attention(q, k, v, k_cache, v_cache, layout), use_draft)
 
 
 class MLP(nn.Module):
@@ -121,18 +125,36 @@ class NLDModel(nn.Module):
         """tokens [b, L] for cache rows `rows` (None = every row). -> logits [b, L, V] in fp32,
         or [b, 1, V] at chunk index logit_index [b] (prefill needs only each row's last logit)."""
         lengths = cache.lengths if rows is None else cache.lengths[rows]
-        positions = lengths[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
-        cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_attn_scale, self.dtype)
-        q_scale = llama4_query_scale(positions, self.spec.rope)
-        is_causal = pattern == Pattern.CAUSAL
-        h = self.encoder.embed_tokens(tokens)
-        for i, layer in enumerate(self.encoder.layers):
-            h = h + layer.self_attn(layer.input_layernorm(h), cos, sin, q_scale, cache.k[i], cache.v[i],
-                                    lengths, rows, is_causal, use_draft)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        layout = ChunkLayout.build(lengths, rows, tokens.shape[1], pattern == Pattern.CAUSAL)
+
+        def attend(i: int, attn: Attention, x, cos, sin, q_scale):
+            return attn(x, cos, sin, q_scale, cache.k[i], cache.v[i], layout, use_draft)
+
+        h = self._layers(tokens, layout.positions, attend)
         if logit_index is not None:
             h = h[torch.arange(h.shape[0], device=h.device), logit_index][:, None]
         return self.diffusion_head(self.encoder.norm(h)).float()
+
+    def forward_masked(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                       use_draft: bool = False) -> torch.Tensor:
+        """Cache-free pass with an explicit attention mask (training, spec §9).
+        tokens, positions [b, T]; mask [b, T, T] bool (True = may attend). -> logits [b, T, V]."""
+        def attend(i: int, attn: Attention, x, cos, sin, q_scale):
+            q, k, v = attn.project(x, cos, sin, q_scale)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 attn_mask=mask[:, None], enable_gqa=q.shape[2] != k.shape[2])
+            return attn.output(out.transpose(1, 2), use_draft)
+
+        return self.diffusion_head(self.encoder.norm(self._layers(tokens, positions, attend))).float()
+
+    def _layers(self, tokens: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+        cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_attn_scale, self.dtype)
+        q_scale = llama4_query_scale(positions, self.spec.rope)
+        h = self.encoder.embed_tokens(tokens)
+        for i, layer in enumerate(self.encoder.layers):
+            h = h + attend(i, layer.self_attn, layer.input_layernorm(h), cos, sin, q_scale)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return h
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         return KVCache.allocate(self.spec, batch_size, max_len, self.dtype, self.device)

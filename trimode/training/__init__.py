@@ -1,0 +1,1 @@
+"""Training of small tri-mode checkpoints with the joint AR + block-diffusion objective (spec §9)."""

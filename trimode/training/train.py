@@ -1,0 +1,174 @@
+"""Train a small tri-mode checkpoint on the standard library (spec §9) and write it in the NLD layout.
+
+    python -m trimode.training.train --out trimode/assets/default --steps 1500
+
+Seeded and CPU-sized: the published recipe (continue an AR model on L_AR + 0.3 L_diff) from scratch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import click
+import torch
+
+from trimode.config import ModelSpec, RopeSpec
+from trimode.errors import InputError
+from trimode.make_checkpoint import SPECIAL_TOKENS, save_weights, write_tokenizer
+from trimode.model import NLDModel
+from trimode.training.corpus import read_texts, split_files
+from trimode.training.objective import joint_loss
+
+FIXTURE_SPEC = ModelSpec(
+    vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+    mask_token_id=SPECIAL_TOKENS.index("<mask>"), eos_token_ids=(SPECIAL_TOKENS.index("</s>"),),
+    bos_token_id=SPECIAL_TOKENS.index("<s>"), pad_token_id=SPECIAL_TOKENS.index("<pad>"),
+    max_position_embeddings=262144, block_size=8,
+    rope=RopeSpec(),  # the published YaRN parameters
+)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int = 1500
+    batch_size: int = 16
+    seq_len: int = 256
+    lr: float = 3e-3
+    warmup: int = 100
+    weight_decay: float = 0.1
+    alpha: float = 0.3
+    seed: int = 0
+    num_files: int | None = None  # a corpus slice (tests)
+
+
+def encode_corpus(tokenizer, texts: list[str], spec: ModelSpec) -> torch.Tensor:
+    """Documents as [bos] + tokens + [eos], concatenated: one long int64 stream."""
+    ids: list[int] = []
+    for enc in tokenizer.encode_batch(texts, add_special_tokens=False):
+        ids += [spec.bos_token_id, *enc.ids, spec.eos_token_ids[0]]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def sample_batch(stream: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
+    starts = torch.randint(0, len(stream) - seq_len, (batch_size,), generator=generator)
+    return torch.stack([stream[s:s + seq_len] for s in starts.tolist()])
+
+
+def init_model(spec: ModelSpec, generator: torch.Generator) -> NLDModel:
+    model = NLDModel(spec)
+    for name, p in model.named_parameters():
+        with torch.no_grad():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=generator)
+    return model
+
+
+def lr_at(step: int, s: TrainSettings) -> float:
+    if step < s.warmup:
+        return s.lr * (step + 1) / s.warmup
+    progress = (step - s.warmup) / max(1, s.steps - s.warmup)
+    return s.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(out_dir: Path, settings: TrainSettings, spec: ModelSpec = FIXTURE_SPEC, force: bool = False,
+          progress: bool = True) -> dict:
+    """Train and write the checkpoint into out_dir (via a temporary sibling). -> the training log."""
+    from tokenizers import Tokenizer
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise InputError(f"{out_dir} exists (use --force to replace it)")
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(settings.seed)
+    torch.manual_seed(settings.seed)
+
+    train_files, held_files = split_files()
+    train_files = train_files[:settings.num_files] if settings.num_files else train_files
+    write_tokenizer(tmp, spec.vocab_size, read_texts(train_files))
+    tokenizer = Tokenizer.from_file(str(tmp / "tokenizer.json"))
+    spec = replace(spec, vocab_size=max(spec.vocab_size, tokenizer.get_vocab_size()))
+    stream = encode_corpus(tokenizer, read_texts(train_files), spec)
+    held = encode_corpus(tokenizer, read_texts(held_files), spec)
+
+    model = init_model(spec, generator)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optim = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
+                               {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr, betas=(0.9, 0.95))
+    log: dict = {"settings": asdict(settings), "num_train_tokens": len(stream), "num_held_out_tokens": len(held),
+                 "num_train_files": len(train_files), "num_params": sum(p.numel() for p in model.parameters()),
+                 "history": []}
+    start = time.perf_counter()
+    bar = _progress(settings.steps, progress)
+    model.train()
+    for step in range(settings.steps):
+        for group in optim.param_groups:
+            group["lr"] = lr_at(step, settings)
+        batch = sample_batch(stream, settings.batch_size, settings.seq_len, generator)
+        losses = joint_loss(model, batch, spec.block_size, settings.alpha, generator)
+        optim.zero_grad(set_to_none=True)
+        losses.total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optim.step()
+        row = {"step": step, "loss": losses.total.item(), "ar": losses.ar.item(), "diffusion": losses.diffusion.item()}
+        if step % 10 == 0 or step == settings.steps - 1:
+            log["history"].append(row)
+        bar.set_postfix(ar=f"{row['ar']:.3f}", diff=f"{row['diffusion']:.3f}")
+        bar.update()
+    bar.close()
+    log["wall_time_s"] = round(time.perf_counter() - start, 1)
+
+    state = {n: t.detach().to(torch.bfloat16).contiguous() for n, t in model.state_dict().items()}
+    (tmp / "config.json").write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
+    save_weights(state, tmp, 1)
+    (tmp / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return log
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="train", disable=not enabled, dynamic_ncols=True)
+
+
+@click.command()
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True)
+@click.option("--steps", type=click.IntRange(min=1), default=TrainSettings.steps, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=TrainSettings.batch_size, show_default=True)
+@click.option("--seq-len", type=click.IntRange(min=16), default=TrainSettings.seq_len, show_default=True)
+@click.option("--lr", type=float, default=TrainSettings.lr, show_default=True)
+@click.option("--alpha", type=float, default=TrainSettings.alpha, show_default=True,
+              help="Weight of the diffusion loss (0.3 as published).")
+@click.option("--seed", type=int, default=TrainSettings.seed, show_default=True)
+@click.option("--threads", type=int, default=None, help="torch.set_num_threads")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+def main(out_dir: Path, steps: int, batch_size: int, seq_len: int, lr: float, alpha: float, seed: int,
+         threads: int | None, force: bool) -> None:
+    """Train the small tri-mode fixture checkpoint on the Python standard library."""
+    if threads:
+        torch.set_num_threads(threads)
+    settings = TrainSettings(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, alpha=alpha, seed=seed)
+    try:
+        log = train(out_dir, settings, force=force)
+    except InputError as e:
+        raise click.ClickException(str(e)) from None
+    last = log["history"][-1]
+    click.echo(f"wrote {out_dir}: {log['num_params']} params, {steps} steps in {log['wall_time_s']} s, "
+               f"AR loss {last['ar']:.3f}, diffusion loss {last['diffusion']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
