@@ -141,6 +141,54 @@ def generate(prompts: tuple[str, ...], checkpoint_dir: Path | None, mode: str, m
                err=True)
 
 
+@main.command("eval")
+@click.argument("checkpoint_dir", required=False, type=click.Path(path_type=Path))
+@click.option("--num-prompts", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--prompt-len", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--block-lengths", default="4,8,16,32", show_default=True,
+              help="Self-speculation block lengths to measure, comma-separated.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--device", default=None, help="cpu, cuda, cuda:N [default: cuda if present].")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def eval_command(checkpoint_dir: Path | None, num_prompts: int, prompt_len: int, max_new_tokens: int,
+                 block_lengths: str, batch_size: int, device: str | None, as_json: bool) -> None:
+    """Evaluate CHECKPOINT (default: the embedded one) on held-out standard-library text.
+
+    Reports AR perplexity and, per mode at temperature 0: tokens per forward pass (every pass
+    counted), self-spec mean accepted length per block length, tokens/s, agreement with AR.
+    """
+    from trimode.checkpoint import load_checkpoint
+    from trimode.evaluate import EvalSettings, evaluate
+
+    try:
+        lengths = tuple(int(x) for x in block_lengths.split(","))
+    except ValueError:
+        raise InputError(f"--block-lengths: expected integers separated by commas, got {block_lengths!r}") from None
+    if min(lengths) < 1:
+        raise InputError(f"--block-lengths: every block length must be >= 1, got {block_lengths!r}")
+    ck = load_checkpoint(_checkpoint_dir(checkpoint_dir), device=_device(device))
+    settings = EvalSettings(num_prompts=num_prompts, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
+                            block_lengths=lengths, batch_size=batch_size)
+    report = evaluate(ck, settings, progress=None if as_json else lambda name: click.echo(f"... {name}", err=True))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(format_report(report))
+
+
+def format_report(report: dict) -> str:
+    lines = [f"held-out perplexity (AR): {report['perplexity']:.3f} over {report['num_held_out_tokens']} tokens",
+             f"{'mode':<14}{'tok/pass':>9}{'accepted':>10}{'tok/s':>9}{'agree(AR)':>11}{'prefix':>8}"]
+    for name, m in report["modes"].items():
+        acc = f"{m['mean_accepted_length']:.2f}" if m["mean_accepted_length"] else "-"
+        agree = f"{m['token_agreement']:.3f}" if "token_agreement" in m else "-"
+        prefix = f"{m['mean_common_prefix']:.1f}" if "mean_common_prefix" in m else "-"
+        lines.append(f"{name:<14}{m['tokens_per_pass']:>9.3f}{acc:>10}{m['tokens_per_s']:>9.1f}{agree:>11}{prefix:>8}")
+    lines.append(f"self-spec equals AR at every block length: {report['self_spec_equals_ar']}")
+    return "\n".join(lines)
+
+
 @main.command("make-checkpoint")
 @click.option("--random", "is_random", is_flag=True, required=True,
               help="Random weights (the only kind for now; the trained fixture ships separately).")

@@ -27,10 +27,14 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         if not text:
             raise InputError("the prompt is empty")
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        ids = self.encode_plain(text)
         if self.bos_token_id is not None:
             ids = [self.bos_token_id, *ids]
         return ids
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Tokens of text as it is: no BOS, empty text allowed (corpora, evaluation)."""
+        return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)

@@ -1,6 +1,6 @@
 """Train a small tri-mode checkpoint on the standard library (spec §9) and write it in the NLD layout.
 
-    python -m trimode.training.train --out trimode/assets/default --steps 1500
+    python -m trimode.training.train --out trimode/assets/default
 
 Seeded and CPU-sized: the published recipe (continue an AR model on L_AR + 0.3 L_diff) from scratch.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -25,7 +26,7 @@ from trimode.training.corpus import read_texts, split_files
 from trimode.training.objective import joint_loss
 
 FIXTURE_SPEC = ModelSpec(
-    vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
+    vocab_size=3072, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
     num_attention_heads=4, num_key_value_heads=2, head_dim=64,
     mask_token_id=SPECIAL_TOKENS.index("<mask>"), eos_token_ids=(SPECIAL_TOKENS.index("</s>"),),
     bos_token_id=SPECIAL_TOKENS.index("<s>"), pad_token_id=SPECIAL_TOKENS.index("<pad>"),
@@ -36,13 +37,16 @@ FIXTURE_SPEC = ModelSpec(
 
 @dataclass(frozen=True)
 class TrainSettings:
-    steps: int = 1500
+    steps: int = 1000
     batch_size: int = 16
     seq_len: int = 256
     lr: float = 3e-3
     warmup: int = 100
     weight_decay: float = 0.1
     alpha: float = 0.3
+    # Block sizes cycled over steps, so one checkpoint drafts well at every block length we serve.
+    block_sizes: tuple[int, ...] = (4, 8, 16, 32)
+    use_bf16_autocast: bool = True  # ~2x faster on CPUs with AVX512-BF16; master weights stay fp32
     seed: int = 0
     num_files: int | None = None  # a corpus slice (tests)
 
@@ -105,7 +109,7 @@ def train(out_dir: Path, settings: TrainSettings, spec: ModelSpec = FIXTURE_SPEC
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optim = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
                                {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr, betas=(0.9, 0.95))
-    log: dict = {"settings": asdict(settings), "num_train_tokens": len(stream), "num_held_out_tokens": len(held),
+    log: dict = {"settings": asdict(settings), "python": platform.python_version(), "num_train_tokens": len(stream), "num_held_out_tokens": len(held),
                  "num_train_files": len(train_files), "num_params": sum(p.numel() for p in model.parameters()),
                  "history": []}
     start = time.perf_counter()
@@ -115,14 +119,16 @@ def train(out_dir: Path, settings: TrainSettings, spec: ModelSpec = FIXTURE_SPEC
         for group in optim.param_groups:
             group["lr"] = lr_at(step, settings)
         batch = sample_batch(stream, settings.batch_size, settings.seq_len, generator)
-        losses = joint_loss(model, batch, spec.block_size, settings.alpha, generator)
+        block_size = settings.block_sizes[step % len(settings.block_sizes)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.use_bf16_autocast):
+            losses = joint_loss(model, batch, block_size, settings.alpha, generator)
         optim.zero_grad(set_to_none=True)
         losses.total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optim.step()
-        row = {"step": step, "loss": losses.total.item(), "ar": losses.ar.item(), "diffusion": losses.diffusion.item()}
-        if step % 10 == 0 or step == settings.steps - 1:
-            log["history"].append(row)
+        row = {"step": step, "block_size": block_size, "loss": losses.total.item(), "ar": losses.ar.item(),
+               "diffusion": losses.diffusion.item()}
+        log["history"].append(row)
         bar.set_postfix(ar=f"{row['ar']:.3f}", diff=f"{row['diffusion']:.3f}")
         bar.update()
     bar.close()

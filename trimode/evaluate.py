@@ -1,0 +1,112 @@
+"""Held-out evaluation of one checkpoint in all three modes.
+
+Perplexity (AR, causal) over the held-out standard-library modules; then greedy generation from
+held-out prompts in each mode: tokens per forward pass (every pass counted), self-speculation's mean
+accepted length per cycle at several block lengths, tokens/s, and diffusion's agreement with AR.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from trimode.checkpoint import Checkpoint
+from trimode.decoding import GenerationSettings, Mode, SequenceResult, generate
+from trimode.model import Pattern
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    num_prompts: int = 16
+    prompt_len: int = 64
+    max_new_tokens: int = 64
+    block_lengths: tuple[int, ...] = (4, 8, 16, 32)
+    batch_size: int = 1            # concurrency 1: where diffusion and self-spec pay off (spec §8)
+    ppl_seq_len: int = 256
+    ppl_max_windows: int | None = None
+
+
+def held_out_stream(ck: Checkpoint) -> torch.Tensor:
+    from trimode.training.corpus import read_texts, split_files
+
+    ids: list[int] = []
+    for text in read_texts(split_files()[1]):
+        ids += [ck.spec.bos_token_id, *ck.tokenizer.encode_plain(text), ck.spec.eos_token_ids[0]]
+    return torch.tensor(ids)
+
+
+def held_out_prompts(stream: torch.Tensor, num_prompts: int, prompt_len: int) -> list[list[int]]:
+    """Evenly spaced windows of the held-out stream: fixed, so every run sees the same prompts."""
+    step = (len(stream) - prompt_len) // num_prompts
+    return [stream[i * step:i * step + prompt_len].tolist() for i in range(num_prompts)]
+
+
+@torch.no_grad()
+def perplexity(ck: Checkpoint, stream: torch.Tensor, seq_len: int, max_windows: int | None = None,
+               batch_size: int = 8) -> float:
+    """exp(mean next-token cross-entropy) over non-overlapping windows of the stream."""
+    windows = stream[:len(stream) // seq_len * seq_len].view(-1, seq_len)[:max_windows]
+    total, count = 0.0, 0
+    for batch in windows.split(batch_size):
+        logits = ck.model(batch, ck.model.new_cache(len(batch), seq_len), Pattern.CAUSAL)
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
+        total, count = total + ce.item(), count + batch[:, 1:].numel()
+    return math.exp(total / count)
+
+
+def run_mode(ck: Checkpoint, prompts: list[list[int]], settings: GenerationSettings,
+             batch_size: int) -> tuple[list[SequenceResult], float]:
+    results, start = [], time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        results += generate(ck.model, prompts[i:i + batch_size], settings)
+    return results, time.perf_counter() - start
+
+
+def summarize(results: list[SequenceResult], elapsed: float) -> dict:
+    generated = sum(r.stats.num_generated for r in results)
+    accepted = [n for r in results for n in r.stats.accepted_lengths]
+    return {"tokens_per_pass": round(generated / sum(r.stats.num_passes for r in results), 4),
+            "tokens_per_s": round(generated / elapsed, 1),
+            "mean_accepted_length": round(sum(accepted) / len(accepted), 4) if accepted else None}
+
+
+def agreement(results: list[SequenceResult], reference: list[SequenceResult]) -> dict:
+    """Token agreement position by position, and the mean length of the common prefix."""
+    same = total = prefix = 0
+    for r, ref in zip(results, reference):
+        n = min(len(r.tokens), len(ref.tokens))
+        matches = [a == b for a, b in zip(r.tokens[:n], ref.tokens[:n])]
+        same, total = same + sum(matches), total + n
+        prefix += next((i for i, m in enumerate(matches) if not m), n)
+    return {"token_agreement": round(same / max(total, 1), 4),
+            "mean_common_prefix": round(prefix / max(len(results), 1), 2)}
+
+
+def evaluate(ck: Checkpoint, settings: EvalSettings = EvalSettings(), progress=None) -> dict:
+    stream = held_out_stream(ck)
+    prompts = held_out_prompts(stream, settings.num_prompts, settings.prompt_len)
+    report: dict = {"settings": asdict(settings), "num_held_out_tokens": len(stream),
+                    "perplexity": round(perplexity(ck, stream, settings.ppl_seq_len, settings.ppl_max_windows), 4),
+                    "modes": {}}
+    base = dict(max_new_tokens=settings.max_new_tokens, ignore_eos=True)
+    runs = [("ar", GenerationSettings(mode=Mode.AR, **base)),
+            ("diffusion", GenerationSettings(mode=Mode.DIFFUSION, **base))]
+    runs += [(f"self-spec/{L}", GenerationSettings(mode=Mode.SELF_SPEC, block_length=L, **base))
+             for L in settings.block_lengths]
+    ar_results = None
+    for name, gen in runs:
+        if progress:
+            progress(name)
+        results, elapsed = run_mode(ck, prompts, gen, settings.batch_size)
+        entry = summarize(results, elapsed)
+        if ar_results is None:
+            ar_results = results
+        else:
+            entry.update(agreement(results, ar_results))
+        report["modes"][name] = entry
+    report["self_spec_equals_ar"] = all(report["modes"][f"self-spec/{L}"]["token_agreement"] == 1.0
+                                        for L in settings.block_lengths)
+    return report

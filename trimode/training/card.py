@@ -1,0 +1,88 @@
+"""Evaluate a trained fixture and write its model card (README.md) and eval.json beside it.
+
+    python -m trimode.training.card trimode/assets/default
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+from pathlib import Path
+
+import click
+import torch
+
+from trimode.checkpoint import load_checkpoint
+from trimode.evaluate import EvalSettings, evaluate
+from trimode.training.corpus import HELD_OUT
+
+
+def model_card(spec: dict, log: dict, report: dict, machine: str) -> str:
+    s, hist = log["settings"], log["history"]
+    first, last = hist[0], hist[-1]
+    rows = "\n".join(
+        f"| {name} | {m['tokens_per_pass']:.3f} | {m['mean_accepted_length'] or '-'} | {m['tokens_per_s']} | "
+        f"{m.get('token_agreement', '-')} | {m.get('mean_common_prefix', '-')} |"
+        for name, m in report["modes"].items())
+    e = report["settings"]
+    return f"""# trimode default checkpoint: a small tri-mode (AR + block diffusion) model of Python code
+
+Trained by `python -m trimode.training.train` (this repository) with the joint objective of the
+Nemotron-Labs Diffusion recipe: L = L_AR + {s['alpha']} L_diff over a [noisy | clean] 2L input
+(spec §9), from scratch. It exists so tests, demos and benchmarks run on a model whose diffusion
+drafts mean something. It is not a useful code model.
+
+## Model
+NLD layout, `model_type: nemotron_labs_diffusion`, bf16 safetensors, {log['num_params']:,} parameters:
+hidden {spec['hidden_size']}, {spec['num_hidden_layers']} layers, {spec['num_attention_heads']} query heads /
+{spec['num_key_value_heads']} KV heads of {spec['head_dim']}, MLP {spec['intermediate_size']}, vocabulary
+{spec['vocab_size']} (byte-level BPE; `<unk>` 0, `<s>` 1, `</s>` 2, `<pad>` 3, `<mask>` 4), published YaRN
+RoPE parameters, `block_size` {spec['block_size']}. No draft adapter.
+
+## Data
+The Python standard library of the training interpreter ({log.get('python', 'CPython')}): {log['num_train_files']}
+files, {log['num_train_tokens']:,} training tokens (test suites and vendored code left out). Held out: a
+fixed list of {len(HELD_OUT)} modules present in
+Python 3.10-3.13 (`trimode/training/corpus.py`), {report['num_held_out_tokens']:,} tokens.
+
+## Training
+{s['steps']} steps of {s['batch_size']} x {s['seq_len']} tokens (AdamW, peak lr {s['lr']}, {s['warmup']} warm-up
+steps, cosine to 10%, bf16 autocast {s['use_bf16_autocast']}, seed {s['seed']}); diffusion block sizes
+cycled over {tuple(s['block_sizes'])} so one checkpoint drafts at every block length served.
+Wall time {log['wall_time_s'] / 60:.1f} min on {machine}.
+Loss at step 0: AR {first['ar']:.3f}, diffusion {first['diffusion']:.3f}; at step {last['step']}: AR
+{last['ar']:.3f}, diffusion {last['diffusion']:.3f} (single batches, noisy).
+
+## Evaluation (`trimode eval`, temperature 0, {e['num_prompts']} held-out prompts of {e['prompt_len']} tokens,
+{e['max_new_tokens']} new tokens each, batch {e['batch_size']}, {report['date']}, {machine})
+Held-out AR perplexity: **{report['perplexity']:.3f}**.
+
+| mode / block length | tokens per pass | mean accepted per cycle | tokens/s | token agreement with AR | mean common prefix |
+|---|---|---|---|---|---|
+{rows}
+
+Every pass is counted (prefill, draft, verify, denoise, refresh). Diffusion runs at block length
+{spec['block_size']} with threshold 0.9. Self-speculation emits exactly the AR tokens at every block
+length: {report['self_spec_equals_ar']}.
+"""
+
+
+@click.command()
+@click.argument("checkpoint_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--num-prompts", type=int, default=EvalSettings.num_prompts, show_default=True)
+def main(checkpoint_dir: Path, num_prompts: int) -> None:
+    """Evaluate CHECKPOINT_DIR and write README.md (the model card) and eval.json into it."""
+    ck = load_checkpoint(checkpoint_dir)
+    report = evaluate(ck, EvalSettings(num_prompts=num_prompts), progress=lambda n: click.echo(f"... {n}", err=True))
+    report["date"] = datetime.date.today().isoformat()
+    machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    log = json.loads((checkpoint_dir / "training_log.json").read_text())
+    spec = json.loads((checkpoint_dir / "config.json").read_text())
+    (checkpoint_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    (checkpoint_dir / "README.md").write_text(model_card(spec, log, report, machine))
+    click.echo(f"wrote {checkpoint_dir / 'README.md'}")
+
+
+if __name__ == "__main__":
+    main()
