@@ -43,6 +43,7 @@ import torch
 
 from trimode.checkpoint import load_checkpoint
 from trimode.decoding import GenerationSettings, Mode, generate
+from trimode.hf_reference import ministral3_from
 from trimode.make_checkpoint import make_random_checkpoint, tiny_spec
 
 PROMPTS = [
@@ -63,25 +64,7 @@ BENCH_SPEC = dict(vocab_size=2048, hidden_size=256, intermediate_size=768, num_h
 
 
 def hf_ministral3(ck):
-    """transformers' own Ministral3ForCausalLM with the checkpoint's weights (as tests/test_model.py)."""
-    import transformers
-
-    transformers.logging.set_verbosity_error()  # e.g. the YaRN factor note about the small test context
-    spec = ck.spec
-    config = transformers.Ministral3Config(
-        vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
-        num_key_value_heads=spec.num_key_value_heads, head_dim=spec.head_dim, rms_norm_eps=spec.rms_norm_eps,
-        max_position_embeddings=spec.max_position_embeddings, tie_word_embeddings=False,
-        rope_parameters={"rope_type": spec.rope.rope_type, **spec.rope.to_dict()},
-        bos_token_id=spec.bos_token_id, eos_token_id=spec.eos_token_ids[0], pad_token_id=spec.pad_token_id,
-    )
-    config._attn_implementation = "sdpa"  # its default, and the kernel trimode's attention uses too
-    model = transformers.Ministral3ForCausalLM(config).eval()
-    renamed = {name.replace("encoder.", "model.", 1).replace("diffusion_head.", "lm_head."): t.float()
-               for name, t in ck.model.state_dict().items() if "o_proj_draft" not in name}
-    missing, unexpected = model.load_state_dict(renamed, strict=False)
-    assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
+    model = ministral3_from(ck.model)  # sdpa: its default, and the kernel trimode's attention uses too
     model.generation_config.eos_token_id = None  # never stop early
     return model
 

@@ -6,32 +6,11 @@ import pytest
 import torch
 
 from trimode.checkpoint import load_checkpoint
+from trimode.hf_reference import ministral3_from
 from trimode.make_checkpoint import make_random_checkpoint, tiny_spec
 from trimode.model import Pattern
 
 TOLERANCE = 2e-4  # fp32 logits of magnitude ~1: differences are reduction-order noise
-
-
-def hf_ministral3(ck):
-    transformers = pytest.importorskip("transformers")
-    spec = ck.spec
-    config = transformers.Ministral3Config(
-        vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
-        num_key_value_heads=spec.num_key_value_heads, head_dim=spec.head_dim, rms_norm_eps=spec.rms_norm_eps,
-        max_position_embeddings=spec.max_position_embeddings, tie_word_embeddings=False,
-        rope_parameters={"rope_type": spec.rope.rope_type, **spec.rope.to_dict()},
-        bos_token_id=spec.bos_token_id, eos_token_id=spec.eos_token_ids[0], pad_token_id=spec.pad_token_id,
-    )
-    config._attn_implementation = "eager"
-    model = transformers.Ministral3ForCausalLM(config).eval()
-    renamed = {}
-    for name, tensor in ck.model.state_dict().items():
-        name = name.replace("encoder.", "model.", 1).replace("diffusion_head.", "lm_head.")
-        renamed[name] = tensor.float()
-    missing, unexpected = model.load_state_dict(renamed, strict=False)
-    assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
-    return model
 
 
 @pytest.mark.parametrize("rope", [
@@ -44,7 +23,7 @@ def test_causal_logits_match_transformers_ministral3(tmp_path, rope):
     spec = tiny_spec()
     spec = dataclasses.replace(spec, rope=dataclasses.replace(spec.rope, **rope))
     ck = load_checkpoint(make_random_checkpoint(tmp_path / "c", spec=spec, init_std=0.1))
-    hf = hf_ministral3(ck)
+    hf = ministral3_from(ck.model, attn_implementation="eager")
     length = 3 * spec.rope.original_max_position_embeddings + 5  # crosses the Llama-4 scaling steps
     tokens = torch.randint(5, spec.vocab_size, (2, length), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
