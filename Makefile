@@ -3,10 +3,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # Pinned first: on these machines it is the CPU build on local disk (an unpinned torch pulls CUDA wheels).
 TORCH ?= torch==2.13.0
-DEMO_DIR ?= demo-checkpoint
-PROMPT ?= def generate(prompt, max_new_tokens=32):
+PROMPT ?= def __init__(self, name, value=None):
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo fixture test bench clean
 
 setup: $(VENV)/.installed
 
@@ -18,13 +17,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e '.[test]'
 	touch $@
 
-# Main job: until the trained fixture lands (issue 3), it runs on a generated tiny random checkpoint,
-# so the text is gibberish; the point is the three modes, their statistics and AR == self-spec.
+# Main job: the three modes on the embedded default checkpoint (trimode/assets/default, a small model
+# trained on the Python standard library), then its held-out evaluation.
 demo: setup
-	$(VENV)/bin/trimode make-checkpoint --random --out $(DEMO_DIR) --draft-adapter --force
 	for mode in ar diffusion self-spec; do \
-	  $(VENV)/bin/trimode generate --checkpoint $(DEMO_DIR) --mode $$mode --max-new-tokens 32 "$(PROMPT)" || exit 1; \
+	  $(VENV)/bin/trimode generate --mode $$mode --max-new-tokens 48 "$(PROMPT)" || exit 1; \
 	done
+	$(VENV)/bin/trimode eval --num-prompts 4
+
+# Retrain the embedded default (about 30 min on 2 CPU cores) and rewrite its model card.
+fixture: setup
+	$(PY) -m trimode.training.train --out trimode/assets/default --force
+	$(PY) -m trimode.training.card trimode/assets/default
 
 test: setup
 	$(PY) -m pytest -q
@@ -34,4 +38,4 @@ bench: setup
 	$(PY) scripts/bench_modes.py --json out/bench.json
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) out
+	rm -rf $(VENV) out

@@ -29,6 +29,14 @@ def tiny_adapter(tiny_adapter_dir):
     return load_checkpoint(tiny_adapter_dir)
 
 
+@pytest.fixture(scope="session")
+def trained():
+    """The embedded default checkpoint (trimode/assets/default), trained on the standard library."""
+    from trimode.cli import EMBEDDED_CHECKPOINT
+
+    return load_checkpoint(EMBEDDED_CHECKPOINT)
+
+
 @pytest.fixture
 def runner():
     return CliRunner()

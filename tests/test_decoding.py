@@ -28,7 +28,7 @@ def run(ck, mode, prompts, **kw):
     return generate(ck.model, prompts, GenerationSettings(mode=mode, **kw))
 
 
-@pytest.fixture(params=["tiny", "tiny_adapter"])
+@pytest.fixture(params=["tiny", "tiny_adapter", "trained"])
 def ck(request):
     return request.getfixturevalue(request.param)
 

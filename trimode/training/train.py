@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 import torch
 
+from trimode.checkpoint import load_checkpoint
 from trimode.config import ModelSpec, RopeSpec
 from trimode.errors import InputError
 from trimode.make_checkpoint import SPECIAL_TOKENS, save_weights, write_tokenizer
@@ -48,6 +49,7 @@ class TrainSettings:
     block_sizes: tuple[int, ...] = (4, 8, 16, 32)
     use_bf16_autocast: bool = True  # ~2x faster on CPUs with AVX512-BF16; master weights stay fp32
     seed: int = 0
+    init_from: str | None = None    # continue a checkpoint trained here (its tokenizer and weights)
     num_files: int | None = None  # a corpus slice (tests)
 
 
@@ -98,20 +100,31 @@ def train(out_dir: Path, settings: TrainSettings, spec: ModelSpec = FIXTURE_SPEC
 
     train_files, held_files = split_files()
     train_files = train_files[:settings.num_files] if settings.num_files else train_files
-    write_tokenizer(tmp, spec.vocab_size, read_texts(train_files))
+    previous = None
+    if settings.init_from:
+        init_dir = Path(settings.init_from)
+        base = load_checkpoint(init_dir, dtype=torch.float32)
+        spec, model = base.spec, base.model.requires_grad_(True)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy2(init_dir / name, tmp / name)
+        previous = json.loads((init_dir / "training_log.json").read_text())
+        previous.pop("history", None)
+    else:
+        write_tokenizer(tmp, spec.vocab_size, read_texts(train_files))
     tokenizer = Tokenizer.from_file(str(tmp / "tokenizer.json"))
     spec = replace(spec, vocab_size=max(spec.vocab_size, tokenizer.get_vocab_size()))
     stream = encode_corpus(tokenizer, read_texts(train_files), spec)
     held = encode_corpus(tokenizer, read_texts(held_files), spec)
 
-    model = init_model(spec, generator)
+    if not settings.init_from:
+        model = init_model(spec, generator)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optim = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
                                {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr, betas=(0.9, 0.95))
     log: dict = {"settings": asdict(settings), "python": platform.python_version(), "num_train_tokens": len(stream), "num_held_out_tokens": len(held),
                  "num_train_files": len(train_files), "num_params": sum(p.numel() for p in model.parameters()),
-                 "history": []}
+                 "previous": previous, "history": []}
     start = time.perf_counter()
     bar = _progress(settings.steps, progress)
     model.train()
@@ -159,14 +172,18 @@ def _progress(total: int, enabled: bool):
 @click.option("--alpha", type=float, default=TrainSettings.alpha, show_default=True,
               help="Weight of the diffusion loss (0.3 as published).")
 @click.option("--seed", type=int, default=TrainSettings.seed, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=1), default=TrainSettings.warmup, show_default=True)
+@click.option("--init-from", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Continue training a checkpoint written by this command (same tokenizer).")
 @click.option("--threads", type=int, default=None, help="torch.set_num_threads")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def main(out_dir: Path, steps: int, batch_size: int, seq_len: int, lr: float, alpha: float, seed: int,
-         threads: int | None, force: bool) -> None:
+         warmup: int, init_from: str | None, threads: int | None, force: bool) -> None:
     """Train the small tri-mode fixture checkpoint on the Python standard library."""
     if threads:
         torch.set_num_threads(threads)
-    settings = TrainSettings(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, alpha=alpha, seed=seed)
+    settings = TrainSettings(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, alpha=alpha, seed=seed,
+                             warmup=warmup, init_from=init_from)
     try:
         log = train(out_dir, settings, force=force)
     except InputError as e:
