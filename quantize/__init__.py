@@ -1,1 +1,120 @@
-"""FP8 quantization with NVIDIA ModelOpt (the `quantize` stage; see design.md)."""
+"""The quantize stage: an NLD checkpoint -> an FP8 checkpoint (ModelOpt recipe, unified HF layout).
+
+quantize_checkpoint reads one directory and writes only its output directory, through a temporary
+sibling renamed at the end: a failed run leaves nothing behind, and an existing output is replaced
+only with force=True.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from trimode import __version__
+from trimode.errors import InputError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+@dataclass(frozen=True)
+class QuantizeSettings:
+    kv_cache: str = "fp8"              # "fp8" or "none"
+    calib_data: Path | None = None     # None: the built-in set
+    calib_samples: int = 64
+    calib_seq_len: int = 256
+    calib_batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if self.kv_cache not in ("fp8", "none"):
+            raise InputError(f"kv_cache: expected 'fp8' or 'none', got {self.kv_cache!r}")
+        for field in ("calib_samples", "calib_seq_len", "calib_batch_size"):
+            if getattr(self, field) < 1:
+                raise InputError(f"{field}: expected an integer >= 1, got {getattr(self, field)!r}")
+
+
+def input_digest(checkpoint_dir: Path) -> str:
+    """sha256 over the checkpoint's small files in full and each safetensors file's header and size
+    (hashing every weight byte of an 8B checkpoint would take minutes and prove little more)."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in checkpoint_dir.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(checkpoint_dir)).encode())
+        if path.suffix == ".safetensors":
+            with open(path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                h.update(f.read(size))
+            h.update(str(path.stat().st_size).encode())
+        elif path.stat().st_size < 64 << 20:
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def quantize_checkpoint(checkpoint_dir: Path, out_dir: Path, settings: QuantizeSettings = QuantizeSettings(),
+                        force: bool = False, progress=None) -> Path:
+    """Calibrate FP8 scales with ModelOpt over every kind of pass, export, write manifest.json."""
+    from trimode.checkpoint import load_checkpoint, read_quant_config
+    from trimode.quantize.calibration import calibration_windows, read_calibration_texts
+    from trimode.quantize.export import write_fp8_checkpoint
+    from trimode.quantize.recipe import import_modelopt, quantize_model
+
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    if out_dir.exists() and not force:
+        raise InputError(f"{out_dir} exists (use --force to replace it)")
+    if out_dir.resolve() == checkpoint_dir.resolve():
+        raise InputError(f"{out_dir}: the output must not be the input checkpoint")
+    if checkpoint_dir.is_dir() and read_quant_config(checkpoint_dir) is not None:
+        raise InputError(f"{checkpoint_dir} is already quantized (hf_quant_config.json); quantize the bf16 checkpoint")
+    import_modelopt()
+    ck = load_checkpoint(checkpoint_dir, device="cpu", dtype=torch.float32)
+    texts, source = read_calibration_texts(settings.calib_data)
+    windows = calibration_windows(texts, ck.tokenizer, settings.calib_samples, settings.calib_seq_len,
+                                  ck.spec.bos_token_id)
+    block_length = min(ck.spec.block_size, settings.calib_seq_len - 1)
+    start = time.perf_counter()
+    model, passes = quantize_model(ck.model, windows, block_length, settings.kv_cache == "fp8",
+                                   settings.calib_batch_size, on_batch=progress)
+    elapsed = time.perf_counter() - start
+
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        config = json.loads((checkpoint_dir / "config.json").read_text())
+        stats = write_fp8_checkpoint(model, config, tmp, settings.kv_cache == "fp8")
+        for name in TOKENIZER_FILES:
+            if (checkpoint_dir / name).is_file():
+                shutil.copy2(checkpoint_dir / name, tmp / name)
+        manifest = _manifest(checkpoint_dir, settings, source, windows, passes, stats, elapsed, ck.model.has_draft_adapter)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _manifest(checkpoint_dir, settings, source, windows, passes, stats, elapsed, has_draft) -> dict:
+    import modelopt
+
+    return {
+        "stage": "quantize", "tool": f"trimode {__version__}",
+        "versions": {"trimode": __version__, "torch": torch.__version__, "modelopt": modelopt.__version__,
+                     "python": platform.python_version()},
+        "input": {"path": str(checkpoint_dir), "digest_sha256": input_digest(checkpoint_dir)},
+        "recipe": {"format": "FP8 E4M3 per-tensor, static scales", "algorithm": "max",
+                   "weights": "every Linear of encoder.* (q/k/v/o, gate/up/down" + (", merged draft o_proj)" if has_draft else ")"),
+                   "activations": "the input of every quantized Linear",
+                   "kv_cache": settings.kv_cache, "not_quantized": ["encoder.embed_tokens (bf16)", "diffusion_head (bf16)",
+                                                                     "RMSNorm weights (bf16)"]},
+        "calibration": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
+                        "source": source, "num_windows": len(windows), "num_tokens": windows.numel(),
+                        "passes": dict(passes), "seconds": round(elapsed, 2)},
+        "modules": stats,
+    }

@@ -13,6 +13,7 @@ from torch import nn
 
 from trimode.config import ModelSpec
 from trimode.errors import CheckpointError
+from trimode.fp8 import FP8Linear
 from trimode.model import NLDModel
 from trimode.rope import rope_frequencies
 from trimode.safetensors_mmap import MappedFiles, TensorInfo, read_header
@@ -53,18 +54,74 @@ def load_model(checkpoint_dir: Path, spec: ModelSpec, device: torch.device, dtyp
         model = NLDModel(spec)
     infos = _weight_index(checkpoint_dir)
     files = MappedFiles()
+    quant = read_quant_config(checkpoint_dir)
+    if quant:
+        _load_fp8_modules(model, infos, files, device)
+        attn = model.encoder.layers[0].self_attn
+        if not isinstance(attn.q_proj, FP8Linear):
+            raise CheckpointError(f"{checkpoint_dir}: hf_quant_config.json says FP8 but the weights are not float8")
+        if quant.get("kv_cache_quant_algo") == "FP8" and attn.k_scale is None:
+            raise CheckpointError(f"{checkpoint_dir}: hf_quant_config.json says FP8 KV cache but there are no k_scale/v_scale")
     state = {}
     for name, param in model.state_dict().items():
+        if not param.is_meta:
+            continue  # FP8 modules, loaded above
         info = infos.get(name)
         if info is None:
             raise CheckpointError(f"{checkpoint_dir}: weight {name!r} is missing from the safetensors files")
         _check(info, name, tuple(param.shape))
         state[name] = files.tensor(info).to(device=device, dtype=dtype)
-    model.load_state_dict(state, assign=True)
+    model.load_state_dict(state, assign=True, strict=False)
     model.inv_freq = rope_frequencies(spec.rope, spec.head_dim)[0].to(device)  # was built on meta
-    if (checkpoint_dir / ADAPTER_DIR).is_dir():
+    if (checkpoint_dir / ADAPTER_DIR).is_dir() and not model.has_draft_adapter:
+        if quant:
+            raise CheckpointError(f"{checkpoint_dir}: an FP8 checkpoint carries its draft adapter merged "
+                                  f"(o_proj_draft); a separate {ADAPTER_DIR}/ cannot be applied to FP8 weights")
         attach_draft_adapter(model, checkpoint_dir / ADAPTER_DIR)
     return model.eval().requires_grad_(False)
+
+
+def read_quant_config(checkpoint_dir: Path) -> dict | None:
+    """hf_quant_config.json of a ModelOpt FP8 export, or None for an unquantized checkpoint."""
+    path = checkpoint_dir / "hf_quant_config.json"
+    if not path.is_file():
+        return None
+    try:
+        quant = json.loads(path.read_text())["quantization"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a ModelOpt quantization config ({e})") from None
+    if quant.get("quant_algo") != "FP8":
+        raise CheckpointError(f"{path}: key 'quant_algo': only 'FP8' is supported, got {quant.get('quant_algo')!r}")
+    return quant
+
+
+def _load_fp8_modules(model: NLDModel, infos: dict[str, TensorInfo], files: MappedFiles,
+                      device: torch.device) -> None:
+    """Swap every Linear stored as float8_e4m3fn for an FP8Linear; read K/V scales; a merged draft o_proj."""
+    def tensor(name: str, shape: tuple[int, ...], dtypes: tuple[str, ...]) -> torch.Tensor:
+        info = infos.get(name)
+        if info is None:
+            raise CheckpointError(f"FP8 checkpoint: tensor {name!r} is missing")
+        _check(info, name, shape, dtypes)
+        return files.tensor(info).to(device)
+
+    def fp8_linear(prefix: str, out_features: int, in_features: int) -> FP8Linear:
+        return FP8Linear(tensor(f"{prefix}.weight", (out_features, in_features), ("F8_E4M3",)),
+                         tensor(f"{prefix}.weight_scale", (), ("F32",)), tensor(f"{prefix}.input_scale", (), ("F32",)))
+
+    for name, module in list(model.named_modules()):
+        info = infos.get(f"{name}.weight")
+        if isinstance(module, nn.Linear) and info is not None and info.dtype == "F8_E4M3":
+            parent, attr = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+            setattr(parent, attr, fp8_linear(name, module.out_features, module.in_features))
+    for i, layer in enumerate(model.encoder.layers):
+        attn, prefix = layer.self_attn, f"encoder.layers.{i}.self_attn"
+        if f"{prefix}.k_proj.k_scale" in infos:
+            attn.k_scale = tensor(f"{prefix}.k_proj.k_scale", (), ("F32",))
+            attn.v_scale = tensor(f"{prefix}.v_proj.v_scale", (), ("F32",))
+        if f"{prefix}.o_proj_draft.weight" in infos:
+            attn.o_proj_draft = fp8_linear(f"{prefix}.o_proj_draft", attn.o_proj.out_features,
+                                           attn.o_proj.in_features)
 
 
 def _weight_index(checkpoint_dir: Path) -> dict[str, TensorInfo]:
@@ -87,13 +144,13 @@ def _weight_index(checkpoint_dir: Path) -> dict[str, TensorInfo]:
     return infos
 
 
-def _check(info: TensorInfo, name: str, shape: tuple[int, ...]) -> None:
+def _check(info: TensorInfo, name: str, shape: tuple[int, ...], dtypes: tuple[str, ...] = WEIGHT_DTYPES) -> None:
     if info.shape != shape:
         raise CheckpointError(f"{info.path}: tensor {name!r} has shape {list(info.shape)}, "
                               f"config.json implies {list(shape)}")
-    if info.dtype not in WEIGHT_DTYPES:
+    if info.dtype not in dtypes:
         raise CheckpointError(f"{info.path}: tensor {name!r} has dtype {info.dtype}; "
-                              f"expected one of {', '.join(WEIGHT_DTYPES)}")
+                              f"expected one of {', '.join(dtypes)}")
 
 
 def attach_draft_adapter(model: NLDModel, adapter_dir: Path) -> None:

@@ -141,6 +141,52 @@ def generate(prompts: tuple[str, ...], checkpoint_dir: Path | None, mode: str, m
                err=True)
 
 
+@main.command()
+@click.argument("checkpoint_dir", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Output directory.")
+@click.option("--kv-cache", type=click.Choice(["fp8", "none"]), default="fp8", show_default=True,
+              help="Also calibrate an FP8 KV cache (k_scale / v_scale).")
+@click.option("--calib-data", type=click.Path(path_type=Path), default=None,
+              help="Calibration text: a file, or a folder of text files [default: built-in set].")
+@click.option("--calib-samples", type=int, default=64, show_default=True, help="Calibration windows.")
+@click.option("--calib-seq-len", type=int, default=256, show_default=True, help="Tokens per window.")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def quantize(checkpoint_dir: Path, out_dir: Path, kv_cache: str, calib_data: Path | None, calib_samples: int,
+             calib_seq_len: int, force: bool, as_json: bool) -> None:
+    """Quantize CHECKPOINT_DIR to FP8 (E4M3 weights and activations, FP8 KV cache) with NVIDIA ModelOpt.
+
+    Calibrates over causal, block (masked) and draft passes, so every mode's activations are
+    covered; writes a unified Hugging Face FP8 checkpoint in the NLD layout with manifest.json.
+    Embeddings and diffusion_head stay bf16.
+    """
+    from tqdm import tqdm
+
+    from trimode.quantize import QuantizeSettings, quantize_checkpoint
+
+    settings = QuantizeSettings(kv_cache=kv_cache, calib_data=calib_data, calib_samples=calib_samples,
+                                calib_seq_len=calib_seq_len)
+    bars = []  # opened at the first calibrated batch, so input errors print alone
+
+    def progress(num_windows: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=calib_samples, desc="calibrate", unit="window", disable=as_json, file=sys.stderr))
+        bars[0].update(num_windows)
+
+    try:
+        path = quantize_checkpoint(checkpoint_dir, out_dir, settings, force=force, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
+    manifest = json.loads((path / "manifest.json").read_text())
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+        return
+    cal = manifest["calibration"]
+    click.echo(f"wrote {path}: FP8 weights/activations, KV cache {kv_cache}; calibrated on "
+               f"{cal['num_tokens']} tokens ({cal['passes']}) in {cal['seconds']} s")
+
+
 @main.command("eval")
 @click.argument("checkpoint_dir", required=False, type=click.Path(path_type=Path))
 @click.option("--num-prompts", type=click.IntRange(min=1), default=16, show_default=True)
@@ -149,14 +195,19 @@ def generate(prompts: tuple[str, ...], checkpoint_dir: Path | None, mode: str, m
 @click.option("--block-lengths", default="4,8,16,32", show_default=True,
               help="Self-speculation block lengths to measure, comma-separated.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--against", "against_dir", type=click.Path(path_type=Path), default=None,
+              help="Another checkpoint (e.g. the bf16 source of an FP8 one): compare per mode.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N [default: cuda if present].")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def eval_command(checkpoint_dir: Path | None, num_prompts: int, prompt_len: int, max_new_tokens: int,
-                 block_lengths: str, batch_size: int, device: str | None, as_json: bool) -> None:
+                 block_lengths: str, batch_size: int, against_dir: Path | None, device: str | None,
+                 as_json: bool) -> None:
     """Evaluate CHECKPOINT (default: the embedded one) on held-out standard-library text.
 
     Reports AR perplexity and, per mode at temperature 0: tokens per forward pass (every pass
     counted), self-spec mean accepted length per block length, tokens/s, agreement with AR.
+    With --against OTHER: the same for OTHER, the perplexity change, and per-mode greedy token
+    agreement between the two.
     """
     from trimode.checkpoint import load_checkpoint
     from trimode.evaluate import EvalSettings, evaluate
@@ -168,9 +219,11 @@ def eval_command(checkpoint_dir: Path | None, num_prompts: int, prompt_len: int,
     if min(lengths) < 1:
         raise InputError(f"--block-lengths: every block length must be >= 1, got {block_lengths!r}")
     ck = load_checkpoint(_checkpoint_dir(checkpoint_dir), device=_device(device))
+    against = load_checkpoint(against_dir, device=_device(device)) if against_dir else None
     settings = EvalSettings(num_prompts=num_prompts, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
                             block_lengths=lengths, batch_size=batch_size)
-    report = evaluate(ck, settings, progress=None if as_json else lambda name: click.echo(f"... {name}", err=True))
+    report = evaluate(ck, settings, against,
+                      progress=None if as_json else lambda name: click.echo(f"... {name}", err=True))
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -186,6 +239,15 @@ def format_report(report: dict) -> str:
         prefix = f"{m['mean_common_prefix']:.1f}" if "mean_common_prefix" in m else "-"
         lines.append(f"{name:<14}{m['tokens_per_pass']:>9.3f}{acc:>10}{m['tokens_per_s']:>9.1f}{agree:>11}{prefix:>8}")
     lines.append(f"self-spec equals AR at every block length: {report['self_spec_equals_ar']}")
+    other = report.get("against")
+    if other:
+        lines.append(f"against {other['checkpoint']}: perplexity {other['perplexity']:.3f} "
+                     f"({100 * other['perplexity_change']:+.2f}% for {report['checkpoint']})")
+        lines.append(f"{'mode':<14}{'agree':>9}{'prefix':>8}{'accepted':>10}{'other acc.':>11}")
+        for name, a in other["agreement"].items():
+            mine, theirs = report["modes"][name]["mean_accepted_length"], other["modes"][name]["mean_accepted_length"]
+            lines.append(f"{name:<14}{a['token_agreement']:>9.3f}{a['mean_common_prefix']:>8.1f}"
+                         f"{(f'{mine:.2f}' if mine else '-'):>10}{(f'{theirs:.2f}' if theirs else '-'):>11}")
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from trimode.checkpoint import Checkpoint
+from trimode.errors import InputError
 from trimode.decoding import GenerationSettings, Mode, SequenceResult, generate
 from trimode.model import Pattern
 
@@ -85,28 +86,44 @@ def agreement(results: list[SequenceResult], reference: list[SequenceResult]) ->
             "mean_common_prefix": round(prefix / max(len(results), 1), 2)}
 
 
-def evaluate(ck: Checkpoint, settings: EvalSettings = EvalSettings(), progress=None) -> dict:
-    stream = held_out_stream(ck)
-    prompts = held_out_prompts(stream, settings.num_prompts, settings.prompt_len)
-    report: dict = {"settings": asdict(settings), "num_held_out_tokens": len(stream),
-                    "perplexity": round(perplexity(ck, stream, settings.ppl_seq_len, settings.ppl_max_windows), 4),
-                    "modes": {}}
+def run_modes(ck: Checkpoint, prompts: list[list[int]], settings: EvalSettings,
+              progress=None) -> tuple[dict, dict[str, list[SequenceResult]]]:
+    """AR, diffusion and self-spec at each block length: -> (statistics by run, results by run)."""
     base = dict(max_new_tokens=settings.max_new_tokens, ignore_eos=True)
     runs = [("ar", GenerationSettings(mode=Mode.AR, **base)),
             ("diffusion", GenerationSettings(mode=Mode.DIFFUSION, **base))]
     runs += [(f"self-spec/{L}", GenerationSettings(mode=Mode.SELF_SPEC, block_length=L, **base))
              for L in settings.block_lengths]
-    ar_results = None
+    modes, outputs = {}, {}
     for name, gen in runs:
         if progress:
-            progress(name)
+            progress(f"{ck.checkpoint_dir.name}: {name}")
         results, elapsed = run_mode(ck, prompts, gen, settings.batch_size)
-        entry = summarize(results, elapsed)
-        if ar_results is None:
-            ar_results = results
-        else:
-            entry.update(agreement(results, ar_results))
-        report["modes"][name] = entry
-    report["self_spec_equals_ar"] = all(report["modes"][f"self-spec/{L}"]["token_agreement"] == 1.0
-                                        for L in settings.block_lengths)
+        modes[name], outputs[name] = summarize(results, elapsed), results
+        if name != "ar":
+            modes[name].update(agreement(results, outputs["ar"]))
+    return modes, outputs
+
+
+def evaluate(ck: Checkpoint, settings: EvalSettings = EvalSettings(), against: Checkpoint | None = None,
+             progress=None) -> dict:
+    """The report of ck; with `against`, the same for the other checkpoint and the per-mode greedy token
+    agreement between the two (e.g. FP8 vs bf16), on the same prompts."""
+    stream = held_out_stream(ck)
+    prompts = held_out_prompts(stream, settings.num_prompts, settings.prompt_len)
+    ppl = perplexity(ck, stream, settings.ppl_seq_len, settings.ppl_max_windows)
+    modes, outputs = run_modes(ck, prompts, settings, progress)
+    report: dict = {"checkpoint": str(ck.checkpoint_dir), "settings": asdict(settings),
+                    "num_held_out_tokens": len(stream), "perplexity": round(ppl, 4), "modes": modes,
+                    "self_spec_equals_ar": all(modes[f"self-spec/{L}"]["token_agreement"] == 1.0
+                                               for L in settings.block_lengths)}
+    if against is not None:
+        if against.tokenizer.vocab() != ck.tokenizer.vocab():
+            raise InputError(f"{against.checkpoint_dir}: its tokenizer differs from {ck.checkpoint_dir}'s")
+        other_ppl = perplexity(against, stream, settings.ppl_seq_len, settings.ppl_max_windows)
+        other_modes, other_outputs = run_modes(against, prompts, settings, progress)
+        report["against"] = {
+            "checkpoint": str(against.checkpoint_dir), "perplexity": round(other_ppl, 4),
+            "perplexity_change": round(ppl / other_ppl - 1, 5), "modes": other_modes,
+            "agreement": {name: agreement(outputs[name], other_outputs[name]) for name in outputs}}
     return report

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trimode.config import ModelSpec
+from trimode.fp8 import fake_quant_e4m3
 from trimode.kv_cache import KVCache
 from trimode.plugins.reference import ChunkLayout, block_attention
 from trimode.rope import apply_rope, llama4_query_scale, rope_cos_sin, rope_frequencies
@@ -47,7 +48,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(spec.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, spec.hidden_size, bias=False)
         # Merged draft adapter (spec §2): used only by the self-speculation draft pass.
-        self.o_proj_draft: nn.Linear | None = None
+        self.o_proj_draft: nn.Module | None = None
+        # FP8 KV cache (an FP8 checkpoint's k_scale / v_scale): K/V are rounded through E4M3.
+        self.k_scale: torch.Tensor | None = None
+        self.v_scale: torch.Tensor | None = None
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 q_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -56,7 +60,10 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, L, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, L, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, L, self.num_kv_heads, self.head_dim)
-        return apply_rope(q, cos, sin) * q_scale.to(q.dtype), apply_rope(k, cos, sin), v
+        k = apply_rope(k, cos, sin)
+        if self.k_scale is not None:  # what an FP8 cache would hold
+            k, v = fake_quant_e4m3(k, self.k_scale), fake_quant_e4m3(v, self.v_scale)
+        return apply_rope(q, cos, sin) * q_scale.to(q.dtype), k, v
 
     def output(self, attn: torch.Tensor, use_draft: bool) -> torch.Tensor:
         o_proj = self.o_proj_draft if use_draft and self.o_proj_draft is not None else self.o_proj

@@ -36,5 +36,8 @@ class Tokenizer:
         """Tokens of text as it is: no BOS, empty text allowed (corpora, evaluation)."""
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def vocab(self) -> dict[str, int]:
+        return self._tok.get_vocab()
+
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
