@@ -70,11 +70,10 @@ def quantize_checkpoint(checkpoint_dir: Path, out_dir: Path, settings: QuantizeS
         raise InputError(f"{out_dir}: the output must not be the input checkpoint")
     if checkpoint_dir.is_dir() and read_quant_config(checkpoint_dir) is not None:
         raise InputError(f"{checkpoint_dir} is already quantized (hf_quant_config.json); quantize the bf16 checkpoint")
+    texts, source = read_calibration_texts(settings.calib_data)  # cheap checks before heavy imports
     import_modelopt()
     ck = load_checkpoint(checkpoint_dir, device="cpu", dtype=torch.float32)
-    texts, source = read_calibration_texts(settings.calib_data)
-    windows = calibration_windows(texts, ck.tokenizer, settings.calib_samples, settings.calib_seq_len,
-                                  ck.spec.bos_token_id)
+    windows = calibration_windows(texts, ck.tokenizer, ck.spec, settings.calib_samples, settings.calib_seq_len)
     block_length = min(ck.spec.block_size, settings.calib_seq_len - 1)
     start = time.perf_counter()
     model, passes = quantize_model(ck.model, windows, block_length, settings.kv_cache == "fp8",

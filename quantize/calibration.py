@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from trimode.config import ModelSpec
 from trimode.errors import InputError
 from trimode.tokenizer import Tokenizer
 
@@ -31,15 +32,14 @@ def read_calibration_texts(path: Path | None) -> tuple[list[str], str]:
     return texts, f"{path} ({len(texts)} file{'s' * (len(texts) > 1)})"
 
 
-def calibration_windows(texts: list[str], tokenizer: Tokenizer, num_samples: int, seq_len: int,
-                        bos_token_id: int | None) -> torch.Tensor:
+def calibration_windows(texts: list[str], tokenizer: Tokenizer, spec: ModelSpec, num_samples: int,
+                        seq_len: int) -> torch.Tensor:
     """[n, seq_len] token windows spread evenly over the concatenated texts (n <= num_samples)."""
-    ids: list[int] = []
-    for text in texts:
-        ids += ([bos_token_id] if bos_token_id is not None else []) + tokenizer.encode_plain(text)
-    if len(ids) < seq_len:
-        raise InputError(f"calibration text has {len(ids)} tokens, fewer than --calib-seq-len {seq_len}")
-    stream = torch.tensor(ids)
-    num = min(num_samples, len(ids) // seq_len)
-    stride = (len(ids) - seq_len) // max(1, num - 1) if num > 1 else 0
+    from trimode.training.corpus import document_stream
+
+    stream = document_stream(tokenizer.encode_batch_plain(texts), spec.bos_token_id, spec.eos_token_ids[0])
+    if len(stream) < seq_len:
+        raise InputError(f"calibration text has {len(stream)} tokens, fewer than --calib-seq-len {seq_len}")
+    num = min(num_samples, len(stream) // seq_len)
+    stride = (len(stream) - seq_len) // max(1, num - 1) if num > 1 else 0
     return torch.stack([stream[i * stride:i * stride + seq_len] for i in range(num)])

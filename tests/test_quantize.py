@@ -15,8 +15,7 @@ from trimode.decoding import GenerationSettings, Mode, generate
 from trimode.fp8 import FP8Linear, quantize_e4m3
 from trimode.model import Pattern
 
-pytest.importorskip("modelopt.torch.quantization")
-from trimode.quantize import QuantizeSettings, quantize_checkpoint  # noqa: E402
+from trimode.quantize import QuantizeSettings, quantize_checkpoint
 
 SMALL = QuantizeSettings(calib_samples=6, calib_seq_len=48, calib_batch_size=3)
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "self_attn.o_proj_draft",
@@ -100,7 +99,7 @@ def test_fp8_runtime_equals_modelopt_fake_quant(tiny_adapter_dir, tmp_path):
     from trimode.quantize.recipe import quantize_model
 
     ck = load_checkpoint(tiny_adapter_dir)
-    windows = calibration_windows(read_calibration_texts(None)[0][:4], ck.tokenizer, 4, 48, 1)
+    windows = calibration_windows(read_calibration_texts(None)[0][:4], ck.tokenizer, ck.spec, 4, 48)
     quantized, _ = quantize_model(ck.model, windows, 8, kv_cache=True)
     out = tmp_path / "fp8"
     shutil.copytree(tiny_adapter_dir, out, ignore=shutil.ignore_patterns("linear_spec_lora", "model*.safetensors*"))

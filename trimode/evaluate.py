@@ -31,12 +31,10 @@ class EvalSettings:
 
 
 def held_out_stream(ck: Checkpoint) -> torch.Tensor:
-    from trimode.training.corpus import read_texts, split_files
+    from trimode.training.corpus import document_stream, read_texts, split_files
 
-    ids: list[int] = []
-    for text in read_texts(split_files()[1]):
-        ids += [ck.spec.bos_token_id, *ck.tokenizer.encode_plain(text), ck.spec.eos_token_ids[0]]
-    return torch.tensor(ids)
+    docs = ck.tokenizer.encode_batch_plain(read_texts(split_files()[1]))
+    return document_stream(docs, ck.spec.bos_token_id, ck.spec.eos_token_ids[0])
 
 
 def held_out_prompts(stream: torch.Tensor, num_prompts: int, prompt_len: int) -> list[list[int]]:

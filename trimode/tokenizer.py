@@ -36,6 +36,9 @@ class Tokenizer:
         """Tokens of text as it is: no BOS, empty text allowed (corpora, evaluation)."""
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def encode_batch_plain(self, texts: list[str]) -> list[list[int]]:
+        return [enc.ids for enc in self._tok.encode_batch(texts, add_special_tokens=False)]
+
     def vocab(self) -> dict[str, int]:
         return self._tok.get_vocab()
 

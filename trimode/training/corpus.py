@@ -9,6 +9,8 @@ from __future__ import annotations
 import sysconfig
 from pathlib import Path
 
+import torch
+
 from trimode.errors import InputError
 
 HELD_OUT = (
@@ -39,3 +41,12 @@ def split_files(root: Path | None = None) -> tuple[list[Path], list[Path]]:
 
 def read_texts(paths: list[Path]) -> list[str]:
     return [p.read_text(encoding="utf-8", errors="replace") for p in paths]
+
+
+def document_stream(documents: list[list[int]], bos_token_id: int | None, eos_token_id: int) -> torch.Tensor:
+    """Token lists as [bos] + tokens + [eos], concatenated: one long int64 stream."""
+    bos = [] if bos_token_id is None else [bos_token_id]
+    ids: list[int] = []
+    for doc in documents:
+        ids += [*bos, *doc, eos_token_id]
+    return torch.tensor(ids, dtype=torch.long)

@@ -23,7 +23,7 @@ from trimode.config import ModelSpec, RopeSpec
 from trimode.errors import InputError
 from trimode.make_checkpoint import SPECIAL_TOKENS, save_weights, write_tokenizer
 from trimode.model import NLDModel
-from trimode.training.corpus import read_texts, split_files
+from trimode.training.corpus import document_stream, read_texts, split_files
 from trimode.training.objective import joint_loss
 
 FIXTURE_SPEC = ModelSpec(
@@ -54,11 +54,8 @@ class TrainSettings:
 
 
 def encode_corpus(tokenizer, texts: list[str], spec: ModelSpec) -> torch.Tensor:
-    """Documents as [bos] + tokens + [eos], concatenated: one long int64 stream."""
-    ids: list[int] = []
-    for enc in tokenizer.encode_batch(texts, add_special_tokens=False):
-        ids += [spec.bos_token_id, *enc.ids, spec.eos_token_ids[0]]
-    return torch.tensor(ids, dtype=torch.long)
+    docs = [enc.ids for enc in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    return document_stream(docs, spec.bos_token_id, spec.eos_token_ids[0])
 
 
 def sample_batch(stream: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
