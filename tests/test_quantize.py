@@ -89,7 +89,7 @@ def test_runtime_loads_fp8_modules(fp8):
     assert isinstance(attn.q_proj, FP8Linear) and isinstance(attn.o_proj_draft, FP8Linear)
     assert isinstance(fp8.model.encoder.layers[1].mlp.down_proj, FP8Linear)
     assert attn.k_scale is not None and attn.v_scale is not None
-    assert fp8.model.diffusion_head.weight.dtype == torch.float32
+    assert fp8.model.diffusion_head.weight.dtype == torch.float64  # CPU default for FP8: see default_dtype
 
 
 def test_fp8_runtime_equals_modelopt_fake_quant(tiny_adapter_dir, tmp_path):
@@ -126,6 +126,19 @@ def test_self_spec_still_equals_ar_on_fp8(fp8, block_length):
     ar = generate(fp8.model, prompts, GenerationSettings(mode=Mode.AR, max_new_tokens=24))
     spec = generate(fp8.model, prompts, GenerationSettings(mode=Mode.SELF_SPEC, max_new_tokens=24,
                                                            block_length=block_length))
+    assert [r.tokens for r in spec] == [r.tokens for r in ar]
+
+
+def test_self_spec_equals_ar_on_the_fp8_trained_checkpoint(trained, tmp_path):
+    """The case that once failed: FP8 rounding amplifies fp32 shape-dependent noise (1 in 16 held-out
+    sequences diverged); the fp64 CPU default keeps self-spec == AR."""
+    from trimode.evaluate import held_out_prompts, held_out_stream
+
+    fp8 = load_checkpoint(quantize_checkpoint(trained.checkpoint_dir, tmp_path / "fp8"))  # default recipe
+    prompts = held_out_prompts(held_out_stream(fp8), 16, 64)
+    base = dict(max_new_tokens=64, ignore_eos=True)
+    ar = generate(fp8.model, prompts, GenerationSettings(mode=Mode.AR, **base))
+    spec = generate(fp8.model, prompts, GenerationSettings(mode=Mode.SELF_SPEC, block_length=8, **base))
     assert [r.tokens for r in spec] == [r.tokens for r in ar]
 
 

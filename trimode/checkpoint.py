@@ -32,9 +32,15 @@ class Checkpoint:
     tokenizer: Tokenizer
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    # CPU runs fp32 (bf16 GEMMs are slow there and the reference should be precise); GPUs run bf16.
-    return torch.float32 if device.type == "cpu" else torch.bfloat16
+def default_dtype(device: torch.device, is_fp8: bool = False) -> torch.dtype:
+    """CPU runs fp32 (bf16 GEMMs are slow there and the reference should be precise); GPUs run bf16.
+    FP8 on CPU runs fp64 around the simulated FP8 GEMMs: rounding activations to E4M3 turns the
+    1e-7 differences between a one-token AR pass and an L-token verify pass into whole-code flips,
+    and 1 in 16 self-spec sequences then left the AR tokens in fp32 (none in fp64, measured on the
+    embedded checkpoint). fp64 keeps the invariant that self-spec at temperature 0 is AR greedy."""
+    if device.type != "cpu":
+        return torch.bfloat16
+    return torch.float64 if is_fp8 else torch.float32
 
 
 def load_checkpoint(checkpoint_dir: Path, device: str | torch.device = "cpu",
@@ -45,7 +51,8 @@ def load_checkpoint(checkpoint_dir: Path, device: str | torch.device = "cpu",
     spec = ModelSpec.from_file(checkpoint_dir / "config.json")
     tokenizer = Tokenizer(checkpoint_dir, spec)
     device = torch.device(device)
-    model = load_model(checkpoint_dir, spec, device, dtype or default_dtype(device))
+    is_fp8 = read_quant_config(checkpoint_dir) is not None
+    model = load_model(checkpoint_dir, spec, device, dtype or default_dtype(device, is_fp8))
     return Checkpoint(checkpoint_dir, spec, model, tokenizer)
 
 

@@ -20,7 +20,9 @@ from trimode.training.corpus import HELD_OUT
 
 def model_card(spec: dict, log: dict, report: dict, machine: str) -> str:
     s, hist = log["settings"], log["history"]
-    first, last = hist[0], hist[-1]
+    n = min(20, len(hist))
+    first = {k: sum(h[k] for h in hist[:n]) / n for k in ("ar", "diffusion")}
+    last = {k: sum(h[k] for h in hist[-n:]) / n for k in ("ar", "diffusion")}
     rows = "\n".join(
         f"| {name} | {m['tokens_per_pass']:.3f} | {m['mean_accepted_length'] or '-'} | {m['tokens_per_s']} | "
         f"{m.get('token_agreement', '-')} | {m.get('mean_common_prefix', '-')} |"
@@ -47,12 +49,10 @@ fixed list of {len(HELD_OUT)} modules present in
 Python 3.10-3.13 (`trimode/training/corpus.py`), {report['num_held_out_tokens']:,} tokens.
 
 ## Training
-{s['steps']} steps of {s['batch_size']} x {s['seq_len']} tokens (AdamW, peak lr {s['lr']}, {s['warmup']} warm-up
-steps, cosine to 10%, bf16 autocast {s['use_bf16_autocast']}, seed {s['seed']}); diffusion block sizes
-cycled over {tuple(s['block_sizes'])} so one checkpoint drafts at every block length served.
-Wall time {log['wall_time_s'] / 60:.1f} min on {machine}.
-Loss at step 0: AR {first['ar']:.3f}, diffusion {first['diffusion']:.3f}; at step {last['step']}: AR
-{last['ar']:.3f}, diffusion {last['diffusion']:.3f} (single batches, noisy).
+{_stages(log)}Diffusion block sizes cycled over {tuple(s['block_sizes'])} so one checkpoint drafts at every
+block length served; cosine decay to 10% of the peak lr, bf16 autocast {s['use_bf16_autocast']}, on {machine}.
+Loss of this stage, mean of its first and last {n} steps: AR {first['ar']:.3f} -> {last['ar']:.3f},
+diffusion (1/p-weighted) {first['diffusion']:.3f} -> {last['diffusion']:.3f}.
 
 ## Evaluation (`trimode eval`, temperature 0, {e['num_prompts']} held-out prompts of {e['prompt_len']} tokens,
 {e['max_new_tokens']} new tokens each, batch {e['batch_size']}, {report['date']}, {machine})
@@ -66,6 +66,19 @@ Every pass is counted (prefill, draft, verify, denoise, refresh). Diffusion runs
 {spec['block_size']} with threshold 0.9. Self-speculation emits exactly the AR tokens at every block
 length: {report['self_spec_equals_ar']}.
 """
+
+
+def _stages(log: dict) -> str:
+    """One line per training stage, oldest first (a stage may continue the previous one)."""
+    stages, entry = [], log
+    while entry:
+        s = entry["settings"]
+        stages.append(f"- {s['steps']} steps of {s['batch_size']} x {s['seq_len']} tokens, AdamW peak lr {s['lr']}, "
+                      f"{s['warmup']} warm-up steps, seed {s['seed']}"
+                      f"{', continuing the stage above' if s.get('init_from') else ' from scratch'}: "
+                      f"{entry['wall_time_s'] / 60:.1f} min\n")
+        entry = entry.get("previous")
+    return "".join(reversed(stages)) + "\n"
 
 
 @click.command()
