@@ -51,17 +51,18 @@ def load_checkpoint(checkpoint_dir: Path, device: str | torch.device = "cpu",
     spec = ModelSpec.from_file(checkpoint_dir / "config.json")
     tokenizer = Tokenizer(checkpoint_dir, spec)
     device = torch.device(device)
-    is_fp8 = read_quant_config(checkpoint_dir) is not None
-    model = load_model(checkpoint_dir, spec, device, dtype or default_dtype(device, is_fp8))
+    quant = read_quant_config(checkpoint_dir)
+    model = load_model(checkpoint_dir, spec, device, dtype or default_dtype(device, quant is not None), quant)
     return Checkpoint(checkpoint_dir, spec, model, tokenizer)
 
 
-def load_model(checkpoint_dir: Path, spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> NLDModel:
+def load_model(checkpoint_dir: Path, spec: ModelSpec, device: torch.device, dtype: torch.dtype,
+               quant: dict | None) -> NLDModel:
+    """The model on `device`; quant is the checkpoint's hf_quant_config (None: not quantized)."""
     with torch.device("meta"):
         model = NLDModel(spec)
     infos = _weight_index(checkpoint_dir)
     files = MappedFiles()
-    quant = read_quant_config(checkpoint_dir)
     if quant:
         _load_fp8_modules(model, infos, files, device)
         attn = model.encoder.layers[0].self_attn
