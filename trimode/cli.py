@@ -202,7 +202,7 @@ def quantize(checkpoint_dir: Path, out_dir: Path, kv_cache: str, calib_data: Pat
 def eval_command(checkpoint_dir: Path | None, num_prompts: int, prompt_len: int, max_new_tokens: int,
                  block_lengths: str, batch_size: int, against_dir: Path | None, device: str | None,
                  as_json: bool) -> None:
-    """Evaluate CHECKPOINT (default: the embedded one) on held-out standard-library text.
+    """Evaluate CHECKPOINT_DIR (default: the embedded one) on held-out standard-library text.
 
     Reports AR perplexity and, per mode at temperature 0: tokens per forward pass (every pass
     counted), self-spec mean accepted length per block length, tokens/s, agreement with AR.
