@@ -45,6 +45,10 @@ class FP8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if gpu_has_fp8(x.device) and self.in_features % 16 == 0 and self.out_features % 16 == 0:
             return self.scaled_mm(x)
+        return self.simulate(x)
+
+    def simulate(self, x: torch.Tensor) -> torch.Tensor:
+        """The FP8 GEMM's exact numerics in x's dtype: dequantized weights, x rounded through E4M3."""
         w = self.weight.float() * self.weight_scale
         return F.linear(fake_quant_e4m3(x, self.input_scale), w.to(x.dtype))
 
