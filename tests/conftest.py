@@ -4,7 +4,7 @@ import pytest
 from click.testing import CliRunner
 
 from trimode.checkpoint import load_checkpoint
-from trimode.make_checkpoint import make_random_checkpoint, tiny_spec
+from trimode.make_checkpoint import make_random_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -40,8 +40,3 @@ def trained():
 @pytest.fixture
 def runner():
     return CliRunner()
-
-
-@pytest.fixture
-def make_spec():
-    return tiny_spec

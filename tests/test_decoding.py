@@ -56,7 +56,6 @@ def test_draft_adapter_changes_the_draft_only(tiny_adapter):
     dec.prefill()
     rows = dec.active_rows()
     with_adapter = dec.draft(rows)
-    drafts_without = []
     layers = [layer.self_attn for layer in model.encoder.layers]
     saved = [a.o_proj_draft for a in layers]
     try:
