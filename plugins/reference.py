@@ -3,11 +3,16 @@
 block_attention   attention of a chunk over the cached prefix plus itself (spec §4)
 spec_accept       verify tokens and the accepted length of a drafted block (spec §7)
 diffusion_commit  candidates, confidences and the commit rule of one denoising step (spec §6)
+
+Sampling (temperature > 0) is Gumbel-max with counter-based noise: uniform u = Philox4x32-10 of
+(seed, flat index into the [..., V] logits), the stream OpenAI Triton's `tl.rand(seed, offset)`
+draws, so a kernel and its reference sample the same tokens from the same seed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -39,61 +44,119 @@ class ChunkLayout:
 
 
 def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    k_cache: torch.Tensor, v_cache: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, layout: ChunkLayout,
+                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One layer's attention for a chunk of L tokens per sequence.
 
-    q [b, L, H, D]; k, v [b, L, Hkv, D]; k_cache, v_cache [B, Hkv, S, D] (this layer).
+    q [b, L, H, D]; k, v [b, L, Hkv, D]; k_cache, v_cache [B, Hkv, S, D] (this layer), in q's dtype
+    or float8_e4m3fn codes with 0-d fp32 k_scale / v_scale (value = code * scale).
     Writes the chunk's K/V at lengths .. lengths+L-1 (a block pass's K/V stays scratch: the
     caller does not advance lengths, and the next causal pass over those positions overwrites it).
     Query i sees the prefix and chunk keys 0..i (causal) or the whole chunk (block). -> [b, L, H, D]
     """
     rows, span = layout.rows, layout.span
     row_index = torch.arange(q.shape[0], device=q.device) if rows is None else rows
-    k_cache[row_index[:, None], :, layout.positions] = k
-    v_cache[row_index[:, None], :, layout.positions] = v
+    k_cache[row_index[:, None], :, layout.positions] = _store(k, k_cache.dtype, k_scale)
+    v_cache[row_index[:, None], :, layout.positions] = _store(v, v_cache.dtype, v_scale)
     keys = k_cache[:, :, :span] if rows is None else k_cache[rows, :, :span]
     values = v_cache[:, :, :span] if rows is None else v_cache[rows, :, :span]
+    keys, values = _load(keys, q.dtype, k_scale), _load(values, q.dtype, v_scale)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), keys, values, attn_mask=layout.mask, enable_gqa=q.shape[2] != k.shape[2])
     return out.transpose(1, 2)
 
 
-def pick_tokens(logits: torch.Tensor, mask_token_id: int, temperature: float,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """Argmax over the vocabulary (mask token excluded, spec §10); Gumbel-max in float64 at T > 0."""
-    logits = logits.double() if temperature > 0 else logits.clone()
-    logits[..., mask_token_id] = float("-inf")
+def _store(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
+    if dtype != torch.float8_e4m3fn:
+        return x
+    return (x.float() / scale).clamp(-448.0, 448.0).to(dtype)
+
+
+def _load(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
+    return x if x.dtype != torch.float8_e4m3fn else (x.float() * scale).to(dtype)
+
+
+# --- sampling ------------------------------------------------------------------------------------
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_KEY = (0x9E3779B9, 0xBB67AE85)
+
+
+def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32 bits of a * b for a constant a and int64 b in [0, 2^32), without overflow."""
+    a_hi, a_lo, b_hi, b_lo = a >> 16, a & 0xFFFF, b >> 16, b & 0xFFFF
+    ll, lh, hl, hh = a_lo * b_lo, a_lo * b_hi, a_hi * b_lo, a_hi * b_hi
+    mid = (ll >> 16) + (lh & 0xFFFF) + (hl & 0xFFFF)
+    return hh + (lh >> 16) + (hl >> 16) + (mid >> 16), ((mid & 0xFFFF) << 16) | (ll & 0xFFFF)
+
+
+def philox_uniform(seed: int, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """fp32 uniforms in [0, 1): `tl.rand(seed, offset)` for offset = 0 .. numel-1 (int32 offsets)."""
+    assert 0 <= seed < 2 ** 63 and numel < 2 ** 31
+    c0 = torch.arange(numel, dtype=torch.int64, device=device)
+    c1 = c2 = c3 = torch.zeros_like(c0)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(10):
+        hi_b, lo_b = _mulhilo(_PHILOX_ROUND[1], c2)
+        hi_a, lo_a = _mulhilo(_PHILOX_ROUND[0], c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _PHILOX_KEY[0]) & _MASK32, (k1 + _PHILOX_KEY[1]) & _MASK32
+    x = torch.where(c0 >= 2 ** 31, c0 - 2 ** 32, c0)     # as int32
+    x = torch.where(x < 0, -x - 1, x)
+    return x.float() * 4.6566127342e-10
+
+
+def gumbel_noise(seed: int, shape: torch.Size, device: torch.device | str = "cpu") -> torch.Tensor:
+    """fp32 Gumbel(0, 1) noise -log(-log u) over a logits shape, indexed by flat position."""
+    u = philox_uniform(seed, shape.numel(), device).view(shape)
+    return -torch.log(-torch.log(u))
+
+
+def pick_tokens(logits: torch.Tensor, mask_token_id: int, temperature: float, seed: int = 0) -> torch.Tensor:
+    """Argmax over the vocabulary, first index on ties, mask token excluded (spec §10); at T > 0
+    Gumbel-max: argmax(logits / T + gumbel(seed)), in fp32. logits [..., V] -> [...]"""
+    scores = logits.float()
     if temperature > 0:
-        u = torch.rand(logits.shape, dtype=torch.float64, generator=generator, device="cpu").to(logits.device)
-        gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
-        logits = logits / temperature + gumbel
-    return logits.argmax(dim=-1)
+        scores = scores / temperature + gumbel_noise(seed, logits.shape, logits.device)
+    scores[..., mask_token_id] = float("-inf")
+    return scores.argmax(dim=-1)
+
+
+class Accepted(NamedTuple):
+    tokens: torch.Tensor     # [b, L] a_0 .. a_(L-1); emit tokens[:, :n]
+    n: torch.Tensor          # [b] accepted length, 1..L
+    next_seed: torch.Tensor  # [b] a_(n-1): the next cycle's seed token
+    is_eos: torch.Tensor     # [b] an EOS among the emitted a_0 .. a_(n-1)
 
 
 def spec_accept(verify_logits: torch.Tensor, draft: torch.Tensor, mask_token_id: int,
-                temperature: float, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """verify_logits [b, L, V] (causal, index i predicts position i+1), draft [b, L] = [s, d1..d(L-1)].
+                eos_ids: torch.Tensor, temperature: float = 0.0, seed: int = 0) -> Accepted:
+    """verify_logits [b, L, V] (causal, index i predicts position i+1), draft [b, L] = [s, d1..d(L-1)],
+    eos_ids [E] int64 (may be empty).
 
     a_i = pick(verify logits at i). Accept n = (leading i in 0..L-2 with a_i == d(i+1)) + 1:
-    the n-1 matched drafts and one bonus token. -> (a [b, L], n [b]); emit a[:, :n].
+    the n-1 matched drafts and one bonus token a_(n-1), which is the next seed.
     """
-    a = pick_tokens(verify_logits, mask_token_id, temperature, generator)
+    a = pick_tokens(verify_logits, mask_token_id, temperature, seed)
     matches = (a[:, :-1] == draft[:, 1:]).long()
     n = matches.cumprod(dim=1).sum(dim=1) + 1
-    return a, n
+    emitted = torch.arange(a.shape[1], device=a.device) < n[:, None]
+    is_eos = (torch.isin(a, eos_ids) & emitted).any(dim=1)
+    return Accepted(a, n, a.gather(1, (n - 1)[:, None])[:, 0], is_eos)
 
 
 def diffusion_commit(logits: torch.Tensor, block: torch.Tensor, mask_token_id: int,
                      threshold: float | None, num_commit: torch.Tensor | None,
-                     temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+                     temperature: float = 0.0, seed: int = 0) -> torch.Tensor:
     """One denoising step. logits [b, L, V] (block pattern: index i predicts position i), block [b, L].
 
-    Candidates x0 = pick(logits); confidence = softmax(logits)[x0] at masked positions.
-    With a threshold: commit the most confident masked position always, and every masked
-    position with confidence >= threshold. Without: commit the num_commit [b] most confident.
-    -> the new block [b, L].
+    Candidates x0 = pick(logits); confidence = softmax(logits)[x0] (fp32, untempered) at masked
+    positions. With a threshold: commit the most confident masked position always (first on ties),
+    and every masked position with confidence >= threshold. Without: commit the num_commit [b]
+    most confident. -> the new block [b, L].
     """
-    x0 = pick_tokens(logits, mask_token_id, temperature, generator)
+    x0 = pick_tokens(logits, mask_token_id, temperature, seed)
     probs = torch.softmax(logits.float(), dim=-1)
     confidence = probs.gather(-1, x0[..., None])[..., 0]
     is_masked = block == mask_token_id

@@ -1,10 +1,19 @@
 from __future__ import annotations
 
-import pytest
-from click.testing import CliRunner
+import os
 
-from trimode.checkpoint import load_checkpoint
-from trimode.make_checkpoint import make_random_checkpoint
+import torch
+
+# Triton kernels run on CPU tensors through the interpreter, which must be chosen before any
+# kernel is decorated; on a CUDA machine (scripts/gpu_check.sh) they compile for the GPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+
+from trimode.checkpoint import load_checkpoint  # noqa: E402
+from trimode.make_checkpoint import make_random_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +49,15 @@ def trained():
 @pytest.fixture
 def runner():
     return CliRunner()
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """Where kernel tests run: the GPU when there is one, else CPU through TRITON_INTERPRET."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    """Route the runtime's op calls to the Triton kernels (interpreted on CPU)."""
+    monkeypatch.setenv("TRIMODE_KERNELS", "triton")

@@ -25,13 +25,15 @@ def one_hot_logits(tokens: list[list[int]], vocab: int = 8, high: float = 5.0) -
     ([3, 9, 5, 6], [1, 3, 4, 5], 2),  # a later match after a mismatch does not count
 ])
 def test_spec_accept(verify, draft, expected_n):
-    a, n = spec_accept(one_hot_logits([verify], vocab=10), torch.tensor([draft]), MASK, 0.0, None)
+    a, n, seed, is_eos = spec_accept(one_hot_logits([verify], vocab=10), torch.tensor([draft]), MASK,
+                                     torch.tensor([6]))
     assert a[0].tolist() == verify and n.tolist() == [expected_n]
+    assert seed.tolist() == [verify[expected_n - 1]] and is_eos.tolist() == [expected_n == 4]
 
 
 def test_argmax_ties_take_the_lowest_id_and_never_the_mask():
     logits = torch.tensor([[[9.0, 1.0, 3.0, 3.0]]])
-    assert pick_tokens(logits, MASK, 0.0, None).item() == 2
+    assert pick_tokens(logits, MASK, 0.0).item() == 2
 
 
 def test_diffusion_commit_threshold_commits_the_best_and_the_confident():
@@ -40,11 +42,11 @@ def test_diffusion_commit_threshold_commits_the_best_and_the_confident():
     logits[0, 1, 3] = 2.0    # p ~ 0.51
     logits[0, 2, 4] = 10.0   # p ~ 0.997
     logits[0, 3, 5] = 9.0    # p ~ 0.99
-    new = diffusion_commit(logits, block, MASK, 0.98, None, 0.0, None)
+    new = diffusion_commit(logits, block, MASK, 0.98, None)
     assert new.tolist() == [[7, MASK, 4, 5]]
-    new = diffusion_commit(logits, block, MASK, 1.0, None, 0.0, None)  # only the most confident
+    new = diffusion_commit(logits, block, MASK, 1.0, None)  # only the most confident
     assert new.tolist() == [[7, MASK, 4, MASK]]
-    new = diffusion_commit(logits, block, MASK, None, torch.tensor([2]), 0.0, None)  # top-2
+    new = diffusion_commit(logits, block, MASK, None, torch.tensor([2]))  # top-2
     assert new.tolist() == [[7, MASK, 4, 5]]
 
 

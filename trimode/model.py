@@ -17,7 +17,8 @@ from torch import nn
 from trimode.config import ModelSpec
 from trimode.fp8 import fake_quant_e4m3
 from trimode.kv_cache import KVCache
-from trimode.plugins.reference import ChunkLayout, block_attention
+from trimode.plugins.ops import block_attention
+from trimode.plugins.reference import ChunkLayout
 from trimode.rope import apply_rope, llama4_query_scale, rope_cos_sin, rope_frequencies
 
 
@@ -72,7 +73,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_scale: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, layout: ChunkLayout, use_draft: bool) -> torch.Tensor:
         q, k, v = self.project(x, cos, sin, q_scale)
-        return self.output(block_attention(q, k, v, k_cache, v_cache, layout), use_draft)
+        return self.output(block_attention(q, k, v, k_cache, v_cache, layout, self.k_scale, self.v_scale), use_draft)
 
 
 class MLP(nn.Module):

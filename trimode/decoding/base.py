@@ -73,6 +73,7 @@ class Decoder:
         self.cache = model.new_cache(len(prompts), max_len)
         self.seeds = torch.zeros(len(prompts), dtype=torch.long, device=model.device)  # next token, not cached
         self.generator = torch.Generator().manual_seed(settings.seed)
+        self.eos_tensor = torch.tensor(sorted(self.eos_ids), dtype=torch.long, device=model.device)
 
     # --- shared phases -------------------------------------------------------------------------
 
@@ -85,7 +86,13 @@ class Decoder:
                             dtype=torch.long, device=self.model.device)
 
     def pick(self, logits: torch.Tensor) -> torch.Tensor:
-        return pick_tokens(logits, self.spec.mask_token_id, self.settings.temperature, self.generator)
+        return pick_tokens(logits, self.spec.mask_token_id, self.settings.temperature, self.sampling_seed())
+
+    def sampling_seed(self) -> int:
+        """A fresh Philox seed for each sampling op at temperature > 0, drawn from settings.seed."""
+        if self.settings.temperature <= 0:
+            return 0
+        return int(torch.randint(0, 2 ** 62, (1,), generator=self.generator))
 
     def forward(self, tokens: torch.Tensor, rows: torch.Tensor, pattern: Pattern, kind: str,
                 use_draft: bool = False, logit_index: torch.Tensor | None = None) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 
 from trimode.decoding.base import Decoder
 from trimode.model import Pattern
-from trimode.plugins.reference import diffusion_commit
+from trimode.plugins.ops import diffusion_commit
 
 
 class DiffusionDecoder(Decoder):
@@ -46,7 +46,7 @@ class DiffusionDecoder(Decoder):
             logits = self.forward(block[sub], rows[sub], Pattern.BLOCK, kind, use_draft=use_draft)
             k = None if threshold is not None else num_masks[sub] // L + (step < num_masks[sub] % L).long()
             block[sub] = diffusion_commit(logits, block[sub], mask_id, threshold, k,
-                                          self.settings.temperature, self.generator)
+                                          self.settings.temperature, self.sampling_seed())
         return block
 
     def _eos_settled(self, block: torch.Tensor) -> torch.Tensor:

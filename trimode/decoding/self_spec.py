@@ -6,7 +6,7 @@ import torch
 
 from trimode.decoding.diffusion import DiffusionDecoder
 from trimode.model import Pattern
-from trimode.plugins.reference import spec_accept
+from trimode.plugins.ops import spec_accept
 
 
 class SelfSpecDecoder(DiffusionDecoder):
@@ -35,8 +35,8 @@ class SelfSpecDecoder(DiffusionDecoder):
                logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep n = matched drafts + 1 bonus token: the cache keeps s, d1 .. d(n-1); a_(n-1) is the next seed.
         At temperature 0 every emitted token is the AR greedy token: the invariant of spec §7."""
-        tokens, n = spec_accept(logits, block, self.spec.mask_token_id, self.settings.temperature,
-                                self.generator)
-        self.cache.advance(rows, n)
-        self.seeds[rows] = tokens.gather(1, (n - 1)[:, None])[:, 0]
-        return tokens, n
+        accepted = spec_accept(logits, block, self.spec.mask_token_id, self.eos_tensor,
+                               self.settings.temperature, self.sampling_seed())
+        self.cache.advance(rows, accepted.n)
+        self.seeds[rows] = accepted.next_seed
+        return accepted.tokens, accepted.n

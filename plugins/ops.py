@@ -1,0 +1,108 @@
+"""The one place the runtime calls the three hot-path ops, and where they are registered.
+
+Each op has a pure-torch reference (reference.py, the oracle) and an OpenAI Triton kernel
+(block_attention.py, spec_accept.py, diffusion_commit.py). Which one runs:
+- TRIMODE_KERNELS=auto (default): the kernels on CUDA tensors, the references on CPU;
+- TRIMODE_KERNELS=triton: the kernels everywhere (on CPU only under TRITON_INTERPRET=1, for tests);
+- TRIMODE_KERNELS=reference: the references everywhere.
+The kernels are reached through torch custom ops (`torch.ops.trimode.*`), so torch.compile and
+torch.export see one opaque node each; while exporting to ONNX the ops become custom-domain nodes
+(onnx_ops.py) that onnxruntime runs with the references and TensorRT maps to plugins (tensorrt.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from trimode.plugins import reference
+from trimode.plugins.reference import Accepted, ChunkLayout
+
+KERNELS_ENV = "TRIMODE_KERNELS"
+CHOICES = ("auto", "triton", "reference")
+
+
+def use_kernels(device: torch.device) -> bool:
+    choice = os.environ.get(KERNELS_ENV, "auto")
+    if choice not in CHOICES:
+        raise ValueError(f"{KERNELS_ENV}={choice!r}: expected one of {', '.join(CHOICES)}")
+    return choice == "triton" or (choice == "auto" and device.type == "cuda")
+
+
+# --- torch custom ops: the kernels behind one opaque node each --------------------------------------
+
+@torch.library.custom_op("trimode::block_attention", mutates_args=("k_cache", "v_cache"))
+def _block_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                        v_cache: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor | None,
+                        is_causal: bool, k_scale: torch.Tensor | None,
+                        v_scale: torch.Tensor | None) -> torch.Tensor:
+    from trimode.plugins.block_attention import launch
+    return launch(q, k, v, k_cache, v_cache, lengths, rows, is_causal, k_scale, v_scale)
+
+
+@_block_attention_op.register_fake
+def _(q, k, v, k_cache, v_cache, lengths, rows, is_causal, k_scale, v_scale):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("trimode::spec_accept", mutates_args=())
+def _spec_accept_op(verify_logits: torch.Tensor, draft: torch.Tensor, mask_token_id: int,
+                    eos_ids: torch.Tensor, temperature: float,
+                    seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from trimode.plugins.spec_accept import launch
+    return tuple(launch(verify_logits, draft, mask_token_id, eos_ids, temperature, seed))
+
+
+@_spec_accept_op.register_fake
+def _(verify_logits, draft, mask_token_id, eos_ids, temperature, seed):
+    b = draft.shape[0]
+    return (torch.empty_like(draft), draft.new_empty(b), draft.new_empty(b),
+            torch.empty(b, dtype=torch.bool, device=draft.device))
+
+
+@torch.library.custom_op("trimode::diffusion_commit", mutates_args=())
+def _diffusion_commit_op(logits: torch.Tensor, block: torch.Tensor, mask_token_id: int,
+                         threshold: float | None, num_commit: torch.Tensor | None,
+                         temperature: float, seed: int) -> torch.Tensor:
+    from trimode.plugins.diffusion_commit import launch
+    return launch(logits, block, mask_token_id, threshold, num_commit, temperature, seed)
+
+
+@_diffusion_commit_op.register_fake
+def _(logits, block, mask_token_id, threshold, num_commit, temperature, seed):
+    return torch.empty_like(block)
+
+
+# --- the call sites ----------------------------------------------------------------------------------
+
+def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, layout: ChunkLayout, k_scale: torch.Tensor | None = None,
+                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """See reference.block_attention."""
+    if torch.onnx.is_in_onnx_export():
+        from trimode.plugins.onnx_ops import block_attention_node
+        return block_attention_node(q, k, v, k_cache, v_cache, layout, k_scale, v_scale)
+    if use_kernels(q.device):
+        return torch.ops.trimode.block_attention(q, k, v, k_cache, v_cache, layout.lengths, layout.rows,
+                                                 layout.is_causal, k_scale, v_scale)
+    return reference.block_attention(q, k, v, k_cache, v_cache, layout, k_scale, v_scale)
+
+
+def spec_accept(verify_logits: torch.Tensor, draft: torch.Tensor, mask_token_id: int,
+                eos_ids: torch.Tensor, temperature: float = 0.0, seed: int = 0) -> Accepted:
+    """See reference.spec_accept."""
+    if use_kernels(verify_logits.device):
+        return Accepted(*torch.ops.trimode.spec_accept(verify_logits, draft, mask_token_id, eos_ids,
+                                                       temperature, seed))
+    return reference.spec_accept(verify_logits, draft, mask_token_id, eos_ids, temperature, seed)
+
+
+def diffusion_commit(logits: torch.Tensor, block: torch.Tensor, mask_token_id: int,
+                     threshold: float | None, num_commit: torch.Tensor | None,
+                     temperature: float = 0.0, seed: int = 0) -> torch.Tensor:
+    """See reference.diffusion_commit."""
+    if use_kernels(logits.device):
+        return torch.ops.trimode.diffusion_commit(logits, block, mask_token_id, threshold, num_commit,
+                                                  temperature, seed)
+    return reference.diffusion_commit(logits, block, mask_token_id, threshold, num_commit, temperature, seed)
