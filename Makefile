@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	echo "$(TORCH)" > $(VENV)/constraints.txt
+	printf '%s\nnumpy<2\n' "$(TORCH)" > $(VENV)/constraints.txt
 	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e '.[test]'
 	touch $@
 
