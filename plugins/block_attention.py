@@ -1,0 +1,175 @@
+"""block_attention as one OpenAI Triton kernel: a chunk of L queries per sequence against its cached
+prefix plus the chunk itself, with the chunk's K/V written into the cache (reference.block_attention).
+
+One program owns (sequence, KV head, tile of BLOCK_M query rows). GQA is packed into the rows:
+row r is chunk token r // GROUP of query head kv_head * GROUP + r % GROUP, so each K/V tile is loaded
+once for every query head that shares it.
+
+Batch invariance: keys are visited in tiles at fixed absolute positions (0, BLOCK_N, 2 BLOCK_N ...)
+and read back from the cache, chunk included, with tile sizes that depend only on the head size and
+dtype. A masked key adds exactly zero to the online softmax, so the query at position p gets
+bit-identical output whether it arrives alone (AR decode), inside a 32-token verify chunk, or in a
+larger batch: this is what keeps self-speculation == AR on the GPU (spec §7).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+E4M3 = torch.float8_e4m3fn
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+@triton.jit
+def _round_to_e4m3(x):
+    """x (fp32, |x| <= 448) rounded to the nearest E4M3 value, ties to even. Casting an exact grid
+    value to float8 is exact everywhere, while the interpreter's own rounding cast is not."""
+    exponent = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    quantum = ((tl.maximum(exponent, -6) - 3 + 127) << 23).to(tl.float32, bitcast=True)
+    r = x / quantum
+    f = tl.floor(r)
+    frac = r - f
+    is_odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
+    up = (frac > 0.5) | ((frac == 0.5) & is_odd)
+    return (f + up.to(tl.float32)) * quantum
+
+
+@triton.jit
+def _block_attention_kernel(
+    q_ptr,            # [b, L, H, D]
+    k_ptr, v_ptr,     # [b, L, Hkv, D] the chunk's keys and values
+    kc_ptr, vc_ptr,   # [B, Hkv, S, D] this layer's cache: q's dtype, or float8 codes
+    out_ptr,          # [b, L, H, D]
+    lengths_ptr,      # [b] int64 committed prefix per sequence
+    rows_ptr,         # [b] int64 cache row per sequence
+    k_scale_ptr, v_scale_ptr,  # [] fp32 (read only when IS_FP8)
+    sm_scale, chunk_len, is_causal, num_kv_heads,
+    s_qb, s_ql, s_qh,
+    s_kb, s_kl, s_kh,
+    s_vb, s_vl, s_vh,
+    s_cb, s_ch, s_cs,
+    s_ob, s_ol, s_oh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FP8: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    seq, kv_head = pid_bh // num_kv_heads, pid_bh % num_kv_heads
+    length = tl.load(lengths_ptr + seq)
+    row = tl.load(rows_ptr + seq)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    kc_base = kc_ptr + row * s_cb + kv_head * s_ch
+    vc_base = vc_ptr + row * s_cb + kv_head * s_ch
+    if IS_FP8:
+        k_scale, v_scale = tl.load(k_scale_ptr), tl.load(v_scale_ptr)
+
+    # KV rule (spec §4): the chunk's K/V go to positions length .. length+L-1 of the cache. Every
+    # program of this (sequence, KV head) writes the same bytes, then reads them back after a
+    # barrier, so no program depends on another one's stores.
+    t = tl.arange(0, BLOCK_N)
+    for start in range(0, chunk_len, BLOCK_N):
+        tok = start + t
+        ok = (tok < chunk_len)[:, None] & d_ok[None, :]
+        kt = tl.load(k_ptr + seq * s_kb + tok[:, None] * s_kl + kv_head * s_kh + d[None, :], mask=ok)
+        vt = tl.load(v_ptr + seq * s_vb + tok[:, None] * s_vl + kv_head * s_vh + d[None, :], mask=ok)
+        if IS_FP8:
+            kt = _round_to_e4m3(tl.minimum(tl.maximum(kt.to(tl.float32) / k_scale, -448.0), 448.0))
+            vt = _round_to_e4m3(tl.minimum(tl.maximum(vt.to(tl.float32) / v_scale, -448.0), 448.0))
+        pos = length + tok
+        tl.store(kc_base + pos[:, None] * s_cs + d[None, :], kt.to(kc_ptr.dtype.element_ty), mask=ok)
+        tl.store(vc_base + pos[:, None] * s_cs + d[None, :], vt.to(vc_ptr.dtype.element_ty), mask=ok)
+    tl.debug_barrier()
+
+    # Queries: packed rows (chunk token, head in group).
+    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    tok_q, head = r // GROUP, kv_head * GROUP + r % GROUP
+    row_ok = tok_q < chunk_len
+    q = tl.load(q_ptr + seq * s_qb + tok_q[:, None] * s_ql + head[:, None] * s_qh + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    # Causal: query i sees keys up to length + i; block: the whole chunk. Rows past the chunk act
+    # as its last token (they are never stored), so every row sees key 0 and no softmax is empty.
+    last_tok = tl.minimum(tok_q, chunk_len - 1)
+    visible_end = length + tl.where(is_causal != 0, last_tok + 1, chunk_len)      # [BLOCK_M]
+    tile_end = tl.max(visible_end, axis=0)
+
+    qk_scale = sm_scale * 1.4426950408889634  # log2(e): exp2 below
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    n = tl.arange(0, BLOCK_N)
+    for start in range(0, tile_end, BLOCK_N):
+        pos = start + n
+        ok = (pos < tile_end)[:, None] & d_ok[None, :]
+        kt = tl.load(kc_base + pos[:, None] * s_cs + d[None, :], mask=ok, other=0.0)
+        vt = tl.load(vc_base + pos[:, None] * s_cs + d[None, :], mask=ok, other=0.0)
+        if IS_FP8:
+            kt = kt.to(tl.float32) * k_scale
+            vt = vt.to(tl.float32) * v_scale
+        kt, vt = kt.to(q.dtype).to(DOT_DTYPE), vt.to(q.dtype).to(DOT_DTYPE)
+        s = tl.dot(q.to(DOT_DTYPE), tl.trans(kt), input_precision=PRECISION) * qk_scale
+        s = tl.where(pos[None, :] < visible_end[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype).to(DOT_DTYPE), vt, input_precision=PRECISION)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + seq * s_ob + tok_q[:, None] * s_ol + head[:, None] * s_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+def tile_sizes(head_dim: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D): fixed per head size and device, never per batch or chunk length
+    (batch invariance). Small tiles under the CPU interpreter, where every element costs."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if device.type != "cuda":
+        return 16, 16, block_d
+    return 64, 64, block_d
+
+
+def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+           lengths: torch.Tensor, rows: torch.Tensor | None, is_causal: bool,
+           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """reference.block_attention with the layout given as lengths [b] and cache rows [b] (None = 0..b-1)."""
+    b, L, H, D = q.shape
+    _, Hkv, S, _ = k_cache.shape
+    if k.shape != (b, L, Hkv, D) or v.shape != k.shape or v_cache.shape != k_cache.shape or k_cache.shape[3] != D:
+        raise ValueError(f"block_attention: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+                         f"caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)} do not fit")
+    if H % Hkv:
+        raise ValueError(f"block_attention: {H} query heads are not a multiple of {Hkv} KV heads")
+    is_fp8 = k_cache.dtype == E4M3
+    if is_fp8 and (k_scale is None or v_scale is None or v_cache.dtype != E4M3):
+        raise ValueError("block_attention: a float8 KV cache needs both caches in float8 and k_scale / v_scale")
+    if not is_fp8 and k_cache.dtype != q.dtype:
+        raise ValueError(f"block_attention: cache dtype {k_cache.dtype} is neither {q.dtype} nor float8_e4m3fn")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"block_attention: q/k/v must share one of fp32/fp16/bf16, got {q.dtype}/{k.dtype}/{v.dtype}")
+    if lengths.shape != (b,) or (rows is not None and rows.shape != (b,)):
+        raise ValueError(f"block_attention: lengths and rows must be [{b}]")
+    for name, t in (("q", q), ("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"block_attention: {name} must be contiguous in its last dimension")
+    if rows is None:
+        rows = torch.arange(b, device=q.device)
+    scale = torch.ones((), device=q.device) if k_scale is None else k_scale.float().reshape(())
+    v_scale_ = torch.ones((), device=q.device) if v_scale is None else v_scale.float().reshape(())
+    out = torch.empty_like(q)
+    block_m, block_n, block_d = tile_sizes(D, q.device)
+    grid = (triton.cdiv(L * (H // Hkv), block_m), b * Hkv)
+    _block_attention_kernel[grid](
+        q, k, v, k_cache, v_cache, out, lengths, rows, scale, v_scale_,
+        1.0 / math.sqrt(D), L, int(is_causal), Hkv,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *k_cache.stride()[:3], *out.stride()[:3],
+        GROUP=H // Hkv, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, IS_FP8=is_fp8,
+        # The CPU interpreter multiplies bf16 tiles wrongly (triton 3.7): it gets exact fp32 copies.
+        DOT_DTYPE=tl.float32 if q.device.type != "cuda" else _TL_DTYPES[q.dtype],
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    return out
