@@ -90,6 +90,8 @@ def test_runtime_loads_fp8_modules(fp8):
     assert isinstance(fp8.model.encoder.layers[1].mlp.down_proj, FP8Linear)
     assert attn.k_scale is not None and attn.v_scale is not None
     assert fp8.model.diffusion_head.weight.dtype == torch.float64  # CPU default for FP8: see default_dtype
+    cache = fp8.model.new_cache(2, 8)  # the KV cache holds E4M3 codes: a quarter of fp32's memory
+    assert cache.k.dtype == cache.v.dtype == torch.float8_e4m3fn
 
 
 def test_fp8_runtime_equals_modelopt_fake_quant(tiny_adapter_dir, tmp_path):

@@ -11,7 +11,7 @@ from trimode.config import ModelSpec
 
 @dataclass
 class KVCache:
-    k: torch.Tensor        # [num_layers, B, num_kv_heads, max_len, head_dim]
+    k: torch.Tensor        # [num_layers, B, num_kv_heads, max_len, head_dim]: model dtype or float8 codes
     v: torch.Tensor        # same
     lengths: torch.Tensor  # [B] int64: committed tokens per sequence (spec §4 KV rule)
 

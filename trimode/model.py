@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trimode.config import ModelSpec
-from trimode.fp8 import fake_quant_e4m3
+from trimode.fp8 import E4M3, fake_quant_e4m3
 from trimode.kv_cache import KVCache
 from trimode.plugins.ops import block_attention
 from trimode.plugins.reference import ChunkLayout
@@ -73,7 +73,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_scale: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, layout: ChunkLayout, use_draft: bool) -> torch.Tensor:
         q, k, v = self.project(x, cos, sin, q_scale)
-        return self.output(block_attention(q, k, v, k_cache, v_cache, layout, self.k_scale, self.v_scale), use_draft)
+        attn = block_attention(q, k, v, k_cache, v_cache, layout, self.k_scale, self.v_scale)
+        return self.output(attn, use_draft)
 
 
 class MLP(nn.Module):
@@ -165,4 +166,6 @@ class NLDModel(nn.Module):
         return h
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        return KVCache.allocate(self.spec, batch_size, max_len, self.dtype, self.device)
+        """An FP8 checkpoint with K/V scales gets a float8 cache (codes; value = code * scale)."""
+        has_kv_scales = self.encoder.layers[0].self_attn.k_scale is not None
+        return KVCache.allocate(self.spec, batch_size, max_len, E4M3 if has_kv_scales else self.dtype, self.device)
