@@ -40,20 +40,21 @@ def _round_to_e4m3(x):
 
 @triton.jit
 def _block_attention_kernel(
+    # inputs, int scalars, outputs: the order TensorRT's AOT plugins launch with (tensorrt.py)
     q_ptr,            # [b, L, H, D]
     k_ptr, v_ptr,     # [b, L, Hkv, D] the chunk's keys and values
-    kc_ptr, vc_ptr,   # [B, Hkv, S, D] this layer's cache: q's dtype, or float8 codes
-    out_ptr,          # [b, L, H, D]
+    kc_ptr, vc_ptr,   # [B, Hkv, S, D] this layer's cache: q's dtype, or float8 codes; written in place
     lengths_ptr,      # [b] int64 committed prefix per sequence
     rows_ptr,         # [b] int64 cache row per sequence
     k_scale_ptr, v_scale_ptr,  # [] fp32 (read only when IS_FP8)
-    sm_scale, chunk_len, is_causal, num_kv_heads,
+    chunk_len, is_causal, num_kv_heads,
     s_qb, s_ql, s_qh,
     s_kb, s_kl, s_kh,
     s_vb, s_vl, s_vh,
     s_cb, s_ch, s_cs,
     s_ob, s_ol, s_oh,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    out_ptr,          # [b, L, H, D]
+    SM_SCALE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FP8: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -97,7 +98,7 @@ def _block_attention_kernel(
     visible_end = length + tl.where(is_causal != 0, last_tok + 1, chunk_len)      # [BLOCK_M]
     tile_end = tl.max(visible_end, axis=0)
 
-    qk_scale = sm_scale * 1.4426950408889634  # log2(e): exp2 below
+    qk_scale = SM_SCALE * 1.4426950408889634  # log2(e): exp2 below
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -133,6 +134,18 @@ def tile_sizes(head_dim: int, device: torch.device) -> tuple[int, int, int]:
     return 64, 64, block_d
 
 
+def constants(dtype: torch.dtype, head_dim: int, group: int, is_fp8: bool, device: torch.device) -> dict:
+    """The kernel's constexpr arguments (shared by the launcher and the TensorRT AOT compile)."""
+    block_m, block_n, block_d = tile_sizes(head_dim, device)
+    return dict(
+        SM_SCALE=1.0 / math.sqrt(head_dim), GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        BLOCK_M=block_m, BLOCK_N=block_n, IS_FP8=is_fp8,
+        # The CPU interpreter multiplies bf16 tiles wrongly (triton 3.7): it gets exact fp32 copies.
+        DOT_DTYPE=tl.float32 if device.type != "cuda" else _TL_DTYPES[dtype],
+        PRECISION="ieee" if dtype == torch.float32 else "tf32",
+    )
+
+
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
            lengths: torch.Tensor, rows: torch.Tensor | None, is_causal: bool,
            k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -161,15 +174,10 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
     scale = torch.ones((), device=q.device) if k_scale is None else k_scale.float().reshape(())
     v_scale_ = torch.ones((), device=q.device) if v_scale is None else v_scale.float().reshape(())
     out = torch.empty_like(q)
-    block_m, block_n, block_d = tile_sizes(D, q.device)
-    grid = (triton.cdiv(L * (H // Hkv), block_m), b * Hkv)
+    grid = (triton.cdiv(L * (H // Hkv), tile_sizes(D, q.device)[0]), b * Hkv)
     _block_attention_kernel[grid](
-        q, k, v, k_cache, v_cache, out, lengths, rows, scale, v_scale_,
-        1.0 / math.sqrt(D), L, int(is_causal), Hkv,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *k_cache.stride()[:3], *out.stride()[:3],
-        GROUP=H // Hkv, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, IS_FP8=is_fp8,
-        # The CPU interpreter multiplies bf16 tiles wrongly (triton 3.7): it gets exact fp32 copies.
-        DOT_DTYPE=tl.float32 if q.device.type != "cuda" else _TL_DTYPES[q.dtype],
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        q, k, v, k_cache, v_cache, lengths, rows, scale, v_scale_, L, int(is_causal), Hkv,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *k_cache.stride()[:3], *out.stride()[:3], out,
+        **constants(q.dtype, D, H // Hkv, is_fp8, q.device),
     )
     return out

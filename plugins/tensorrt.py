@@ -1,0 +1,126 @@
+"""TensorRT plugins for the three ops: quickly deployable plugins (TensorRT >= 10.9, `tensorrt.plugin`)
+with ahead-of-time implementations. At engine build the op's Triton kernel is compiled to PTX and
+embedded in the engine, so the engine launches it with no Python at run time.
+
+The exported ONNX graph (onnx_ops.py) names each node after its plugin (`trimode::BlockAttention` ...)
+with `plugin_namespace="trimode"`, `plugin_version="1"` and `aot=1`; TensorRT's ONNX parser turns the
+node into the plugin registered here. Every kernel takes its arguments in the order TensorRT launches
+AOT plugins with: input pointers, int scalars (the "extra args", symbolic in the input shapes),
+output pointers. Float settings are compiled in as constexprs.
+
+What runs without TensorRT (and is tested on CPU): the AOT compile of each kernel to PTX for a
+given GPU, its launch grid and extra args from the input shapes. `register_plugins()` needs TensorRT
+itself, which no machine here can install (notes/stack.md): it is untested until one can.
+
+In-place KV cache: BlockAttention writes the chunk's K/V into its cache inputs, as the torch op does;
+the engine runner binds the same cache buffers on every call (TensorRT's KV-cache-update layer has
+the same contract), so the plugin's only output is the attention output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+NAMESPACE = "trimode"
+TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+                torch.float8_e4m3fn: "fp8e4nv", torch.int64: "i64", torch.int32: "i32", torch.bool: "i1"}
+
+
+@dataclass(frozen=True)
+class AotKernel:
+    """What an AOT plugin hands TensorRT: the kernel's name and PTX, and its launch shape."""
+    name: str
+    ptx: str
+    num_threads: int
+    shared_mem: int
+
+
+def compile_kernel(fn, pointer_types: dict[str, torch.dtype], constexprs: dict, capability: tuple[int, int],
+                   num_warps: int = 4) -> AotKernel:
+    """Compile a @triton.jit kernel for an NVIDIA GPU of this compute capability (no GPU needed).
+    Pointer arguments get their element type from pointer_types; other non-constexpr ones are i32."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {}
+    for param in fn.params:
+        if param.name in constexprs:
+            signature[param.name] = "constexpr"
+        elif param.name in pointer_types:
+            signature[param.name] = "*" + TRITON_TYPES[pointer_types[param.name]]
+        else:
+            signature[param.name] = "i32"
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    major, minor = capability
+    compiled = triton.compile(source, target=GPUTarget("cuda", major * 10 + minor, 32),
+                              options={"num_warps": num_warps})
+    return AotKernel(compiled.metadata.name, compiled.asm["ptx"], compiled.metadata.num_warps * 32,
+                     compiled.metadata.shared)
+
+
+# --- block_attention ----------------------------------------------------------------------------------
+
+def block_attention_kernel(dtype: torch.dtype, cache_dtype: torch.dtype, head_dim: int, group: int,
+                           capability: tuple[int, int] = (9, 0)) -> AotKernel:
+    from trimode.plugins import block_attention as ba
+
+    pointers = {"q_ptr": dtype, "k_ptr": dtype, "v_ptr": dtype, "kc_ptr": cache_dtype, "vc_ptr": cache_dtype,
+                "lengths_ptr": torch.int64, "rows_ptr": torch.int64, "k_scale_ptr": torch.float32,
+                "v_scale_ptr": torch.float32, "out_ptr": dtype}
+    constants = ba.constants(dtype, head_dim, group, cache_dtype == torch.float8_e4m3fn, torch.device("cuda"))
+    return compile_kernel(ba._block_attention_kernel, pointers, constants, capability)
+
+
+def block_attention_launch(q_shape, cache_shape, is_causal: int, block_m: int,
+                           cdiv: Callable = lambda a, b: -(-a // b)) -> tuple[tuple, list]:
+    """Grid and extra args from the input shapes (ints here, TensorRT's symbolic exprs in the plugin):
+    q [b, L, H, D] and the caches [B, Hkv, S, D], all contiguous."""
+    b, L, H, D = q_shape
+    _, Hkv, S, _ = cache_shape
+    q_strides = (L * H * D, H * D, D)
+    kv_strides = (L * Hkv * D, Hkv * D, D)
+    cache_strides = (Hkv * S * D, S * D, D)
+    extra = [L, is_causal, Hkv, *q_strides, *kv_strides, *kv_strides, *cache_strides, *q_strides]
+    return (cdiv(L * (H // Hkv), block_m), b * Hkv, 1), extra
+
+
+# --- registration (needs TensorRT) --------------------------------------------------------------------
+
+def register_plugins() -> None:
+    """Register trimode::BlockAttention (and the other ops' plugins) with TensorRT's plugin registry."""
+    try:
+        import tensorrt as trt
+        import tensorrt.plugin as trtp
+    except ImportError as e:
+        raise RuntimeError("TensorRT plugins need TensorRT >= 10.9 (`tensorrt` from NVIDIA's index; "
+                           "not installable on these machines)") from e
+
+    torch_dtype = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
+                   trt.fp8: torch.float8_e4m3fn}
+
+    @trtp.register(f"{NAMESPACE}::BlockAttention")
+    def _describe(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, k_cache: trtp.TensorDesc,
+                  v_cache: trtp.TensorDesc, lengths: trtp.TensorDesc, rows: trtp.TensorDesc,
+                  k_scale: trtp.TensorDesc, v_scale: trtp.TensorDesc, is_causal: int) -> trtp.TensorDesc:
+        return q.like()
+
+    @trtp.aot_impl(f"{NAMESPACE}::BlockAttention")
+    def _aot(q, k, v, k_cache, v_cache, lengths, rows, k_scale, v_scale, is_causal: int, outputs, tactic):
+        head_dim, num_kv_heads = int(q.shape_expr[3]), int(k_cache.shape_expr[1])
+        group = int(q.shape_expr[2]) // num_kv_heads
+        kernel = block_attention_kernel(torch_dtype[q.dtype], torch_dtype[k_cache.dtype], head_dim, group,
+                                        torch.cuda.get_device_capability())
+        from trimode.plugins.block_attention import tile_sizes
+        grid, extra = block_attention_launch(q.shape_expr, k_cache.shape_expr, is_causal,
+                                             tile_sizes(head_dim, torch.device("cuda"))[0], trtp.cdiv)
+        params = trtp.KernelLaunchParams()
+        params.grid_x, params.grid_y, params.grid_z = grid
+        params.block_x, params.shared_mem = kernel.num_threads, kernel.shared_mem
+        args = trtp.SymIntExprs(len(extra))
+        for i, e in enumerate(extra):
+            args[i] = trtp.SymInt32(e)
+        return kernel.name, kernel.ptx, params, args

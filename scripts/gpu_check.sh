@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Every GPU-only check, for a session that draws an H100/H200 (under 5 minutes; see README "GPU checks").
+#   1. the kernel tests on CUDA (the same files CPU CI runs under TRITON_INTERPRET=1),
+#   2. scripts/bench_kernels.py: the kernels against SDPA / flex_attention / torch at 8B-like shapes,
+#   3. scripts/gpu_check.py: the FP8 GEMM against its simulation, self-spec == AR on CUDA.
+# Results land in $OUT (the device tool's folder) or out/gpu: *.json and the logs.
+# Usage, from the repository root on the GPU machine:  bash scripts/gpu_check.sh
+set -uo pipefail
+out=${OUT:-out/gpu}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+py=${PYTHON:-python3}
+# The image has torch, triton, pytest, safetensors, tokenizers, click, tqdm; install only our package.
+$py -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$out/install.log" 2>&1 \
+  || { echo "install failed, see $out/install.log"; tail -5 "$out/install.log"; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+$py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
+status=0
+timeout 150 $py -m pytest -q -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_sampling.py \
+  tests/test_kernels_decoding.py 2>&1 | tee "$out/kernel_tests.log" | tail -15 || status=1
+timeout 150 $py scripts/bench_kernels.py --json "$out/bench_kernels.json" >"$out/bench_kernels.log" 2>&1 || status=1
+timeout 90 $py scripts/gpu_check.py --json "$out/gpu_check.json" >"$out/gpu_check.log" 2>&1 || status=1
+$py - "$out" <<'PY'
+import json, sys, pathlib
+out = pathlib.Path(sys.argv[1])
+for name in ("bench_kernels.json", "gpu_check.json"):
+    path = out / name
+    if not path.exists():
+        print(f"{name}: missing (see the .log beside it)")
+        continue
+    report = json.loads(path.read_text())
+    for row in report.get("rows", []):
+        keys = ("op", "batch", "prefix", "L", "pattern", "kernel_us", "reference_us", "sdpa_us", "flex_us", "speedup")
+        print(" ".join(f"{k}={row[k]}" for k in keys if k in row))
+    if "invariant" in report:
+        print("invariant", report["invariant"])
+PY
+exit $status

@@ -1,0 +1,70 @@
+"""The TensorRT AOT plugins up to the TensorRT call: each kernel compiles to PTX for Hopper (no GPU
+needed), with the parameter layout TensorRT launches (inputs, int extra args, outputs), and the
+extra args the plugin derives from shapes equal what the torch launcher passes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from trimode.plugins import tensorrt as trt_plugins
+
+
+def compile_in_subprocess(call: str) -> dict:
+    """Compile for real: this process runs kernels under TRITON_INTERPRET, which cannot compile."""
+    code = ("import json, torch; from trimode.plugins import tensorrt as t; "
+            f"k = {call}; print(json.dumps(dict(name=k.name, ptx=k.ptx, num_threads=k.num_threads)))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
+def ptx_params(ptx: str, name: str) -> list[str]:
+    entry = re.search(rf"\.entry\s+{name}\s*\(([^)]*)\)", ptx)
+    assert entry, f"no entry {name} in the PTX"
+    return re.findall(r"\.param\s+\.(\w+)", entry.group(1))
+
+
+@pytest.mark.parametrize("cache_dtype", ["bfloat16", "float8_e4m3fn"])
+def test_block_attention_compiles_for_hopper(cache_dtype):
+    kernel = compile_in_subprocess(
+        f"t.block_attention_kernel(torch.bfloat16, torch.{cache_dtype}, head_dim=128, group=4)")
+    params = ptx_params(kernel["ptx"], kernel["name"])
+    # 9 input pointers, 18 int32 extra args, the output pointer (then Triton's own scratch pointers)
+    assert params[:9] == ["u64"] * 9 and params[9:27] == ["u32"] * 18 and params[27] == "u64"
+    assert ".target sm_90" in kernel["ptx"] and kernel["num_threads"] == 128
+    assert ("cvt.rn.satfinite.e4m3x2" in kernel["ptx"]) == (cache_dtype == "float8_e4m3fn")
+
+
+def test_block_attention_extra_args_match_the_torch_launcher(monkeypatch):
+    """The plugin computes strides from shapes; the torch launcher reads them off tensors: same list."""
+    from trimode.plugins import block_attention as ba
+
+    b, L, H, Hkv, D, S = 2, 4, 4, 2, 16, 20
+    q = torch.randn(b, L, H, D)
+    k = v = torch.randn(b, L, Hkv, D)
+    cache = torch.zeros(b, Hkv, S, D)
+    seen = {}
+
+    class Capture:
+        def __getitem__(self, grid):
+            def launch(*args, **constexprs):
+                seen["grid"], seen["args"] = grid, args
+            return launch
+
+    monkeypatch.setattr(ba, "_block_attention_kernel", Capture())
+    ba.launch(q, k, v, cache, cache.clone(), torch.tensor([3, 0]), None, True)
+    grid, extra = trt_plugins.block_attention_launch(q.shape, cache.shape, 1, ba.tile_sizes(D, q.device)[0])
+    assert list(seen["args"][9:-1]) == extra and grid[:2] == seen["grid"]
+
+
+def test_register_plugins_names_the_missing_tensorrt():
+    with pytest.raises(RuntimeError, match="TensorRT"):
+        trt_plugins.register_plugins()
