@@ -130,7 +130,7 @@ def tile_sizes(head_dim: int, device: torch.device) -> tuple[int, int, int]:
     (batch invariance). Small tiles under the CPU interpreter, where every element costs."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if device.type != "cuda":
-        return 16, 16, block_d
+        return 16, 64, block_d
     return 64, 64, block_d
 
 

@@ -115,10 +115,11 @@ def gumbel_noise(seed: int, shape: torch.Size, device: torch.device | str = "cpu
 
 def pick_tokens(logits: torch.Tensor, mask_token_id: int, temperature: float, seed: int = 0) -> torch.Tensor:
     """Argmax over the vocabulary, first index on ties, mask token excluded (spec §10); at T > 0
-    Gumbel-max: argmax(logits / T + gumbel(seed)), in fp32. logits [..., V] -> [...]"""
+    Gumbel-max: argmax(logits * fp32(1/T) + gumbel(seed)), in fp32 (a product by the reciprocal,
+    as CUDA torch and the kernels compute it). logits [..., V] -> [...]"""
     scores = logits.float()
     if temperature > 0:
-        scores = scores / temperature + gumbel_noise(seed, logits.shape, logits.device)
+        scores = scores * (1.0 / temperature) + gumbel_noise(seed, logits.shape, logits.device)
     scores[..., mask_token_id] = float("-inf")
     return scores.argmax(dim=-1)
 
