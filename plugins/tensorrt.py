@@ -26,7 +26,7 @@ import torch
 
 NAMESPACE = "trimode"
 TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-                torch.float8_e4m3fn: "fp8e4nv", torch.int64: "i64", torch.int32: "i32", torch.bool: "i1"}
+                torch.float8_e4m3fn: "fp8e4nv", torch.int64: "i64", torch.int32: "i32", torch.uint8: "u8"}
 
 
 @dataclass(frozen=True)
@@ -88,10 +88,45 @@ def block_attention_launch(q_shape, cache_shape, is_causal: int, block_m: int,
     return (cdiv(L * (H // Hkv), block_m), b * Hkv, 1), extra
 
 
+# --- spec_accept and diffusion_commit ---------------------------------------------------------------------
+# One program per (position, sequence); the per-sequence finish needs a zeroed int32 counter per
+# sequence as an input (the kernels leave it zeroed again), the engine's one piece of state.
+
+def sampling_kernel(op: str, logits_dtype: torch.dtype, vocab_size: int, length: int, temperature: float = 0.0,
+                    seed: int = 0, threshold: float | None = 0.9, capability: tuple[int, int] = (9, 0)) -> AotKernel:
+    """op "spec_accept" or "diffusion_commit"; temperature, seed (and threshold) are compiled in."""
+    import triton
+
+    from trimode.plugins import diffusion_commit, spec_accept
+    from trimode.plugins.pick import tile_config
+
+    block_v, num_warps = tile_config(torch.device("cuda"), vocab_size)
+    constexprs = dict(inv_temperature=1.0 / temperature if temperature > 0 else 1.0, seed=seed,
+                      IS_SAMPLED=temperature > 0, BLOCK_V=block_v, BLOCK_L=triton.next_power_of_2(length))
+    pointers = {"logits_ptr": logits_dtype, "counter_ptr": torch.int32}
+    if op == "spec_accept":
+        fn = spec_accept.spec_accept_kernel
+        pointers.update(draft_ptr=torch.int64, eos_ptr=torch.int64, tokens_ptr=torch.int64, n_ptr=torch.int64,
+                        next_seed_ptr=torch.int64, is_eos_ptr=torch.uint8)
+    else:
+        fn = diffusion_commit.diffusion_commit_kernel
+        constexprs.update(threshold=0.0 if threshold is None else threshold, IS_TOP_K=threshold is None)
+        pointers.update(block_ptr=torch.int64, num_commit_ptr=torch.int64, out_ptr=torch.int64,
+                        confidence_ptr=torch.float32)
+    return compile_kernel(fn, pointers, constexprs, capability, num_warps)
+
+
+def sampling_launch(op: str, logits_shape, mask_token_id: int, num_eos: int = 0) -> tuple[tuple, list]:
+    """Grid and int extra args from logits [b, L, V] (contiguous)."""
+    b, L, V = logits_shape
+    extra = [L * V, V, L, V] + ([num_eos] if op == "spec_accept" else []) + [mask_token_id]
+    return (L, b, 1), extra
+
+
 # --- registration (needs TensorRT) --------------------------------------------------------------------
 
 def register_plugins() -> None:
-    """Register trimode::BlockAttention (and the other ops' plugins) with TensorRT's plugin registry."""
+    """Register trimode::BlockAttention, SpecAccept and DiffusionCommit with TensorRT's plugin registry."""
     try:
         import tensorrt as trt
         import tensorrt.plugin as trtp
@@ -115,12 +150,48 @@ def register_plugins() -> None:
         kernel = block_attention_kernel(torch_dtype[q.dtype], torch_dtype[k_cache.dtype], head_dim, group,
                                         torch.cuda.get_device_capability())
         from trimode.plugins.block_attention import tile_sizes
-        grid, extra = block_attention_launch(q.shape_expr, k_cache.shape_expr, is_causal,
-                                             tile_sizes(head_dim, torch.device("cuda"))[0], trtp.cdiv)
-        params = trtp.KernelLaunchParams()
-        params.grid_x, params.grid_y, params.grid_z = grid
-        params.block_x, params.shared_mem = kernel.num_threads, kernel.shared_mem
-        args = trtp.SymIntExprs(len(extra))
-        for i, e in enumerate(extra):
-            args[i] = trtp.SymInt32(e)
-        return kernel.name, kernel.ptx, params, args
+        return _launch_params(trtp, kernel, block_attention_launch(
+            q.shape_expr, k_cache.shape_expr, is_causal, tile_sizes(head_dim, torch.device("cuda"))[0], trtp.cdiv))
+
+    @trtp.register(f"{NAMESPACE}::SpecAccept")
+    def _describe_accept(verify_logits: trtp.TensorDesc, draft: trtp.TensorDesc, eos_ids: trtp.TensorDesc,
+                         counters: trtp.TensorDesc, mask_token_id: int, temperature: float,
+                         seed: int) -> tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
+        b = draft.shape_expr[0]
+        return (draft.like(), trtp.from_shape_expr((b,), dtype=trt.int64),
+                trtp.from_shape_expr((b,), dtype=trt.int64), trtp.from_shape_expr((b,), dtype=trt.uint8))
+
+    @trtp.aot_impl(f"{NAMESPACE}::SpecAccept")
+    def _aot_accept(verify_logits, draft, eos_ids, counters, mask_token_id: int, temperature: float, seed: int,
+                    outputs, tactic):
+        b, L, V = verify_logits.shape_expr
+        kernel = sampling_kernel("spec_accept", torch_dtype[verify_logits.dtype], int(V), int(L), temperature,
+                                 seed, capability=torch.cuda.get_device_capability())
+        return _launch_params(trtp, kernel, sampling_launch("spec_accept", (b, L, V), mask_token_id,
+                                                              eos_ids.shape_expr[0]))
+
+    @trtp.register(f"{NAMESPACE}::DiffusionCommit")
+    def _describe_commit(logits: trtp.TensorDesc, block: trtp.TensorDesc, num_commit: trtp.TensorDesc,
+                         counters: trtp.TensorDesc, mask_token_id: int, threshold: float, use_threshold: int,
+                         temperature: float, seed: int) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:
+        return block.like(), trtp.from_shape_expr(block.shape_expr, dtype=trt.float32)
+
+    @trtp.aot_impl(f"{NAMESPACE}::DiffusionCommit")
+    def _aot_commit(logits, block, num_commit, counters, mask_token_id: int, threshold: float,
+                    use_threshold: int, temperature: float, seed: int, outputs, tactic):
+        b, L, V = logits.shape_expr
+        kernel = sampling_kernel("diffusion_commit", torch_dtype[logits.dtype], int(V), int(L), temperature,
+                                 seed, threshold if use_threshold else None, torch.cuda.get_device_capability())
+        return _launch_params(trtp, kernel, sampling_launch("diffusion_commit", (b, L, V), mask_token_id))
+
+
+def _launch_params(trtp, kernel: AotKernel, launch: tuple[tuple, list]):
+    """The AOT impl's return value: kernel name, PTX, launch parameters, symbolic int extra args."""
+    grid, extra = launch
+    params = trtp.KernelLaunchParams()
+    params.grid_x, params.grid_y, params.grid_z = grid
+    params.block_x, params.shared_mem = kernel.num_threads, kernel.shared_mem
+    args = trtp.SymIntExprs(len(extra))
+    for i, e in enumerate(extra):
+        args[i] = trtp.SymInt32(e)
+    return kernel.name, kernel.ptx, params, args

@@ -68,3 +68,45 @@ def test_block_attention_extra_args_match_the_torch_launcher(monkeypatch):
 def test_register_plugins_names_the_missing_tensorrt():
     with pytest.raises(RuntimeError, match="TensorRT"):
         trt_plugins.register_plugins()
+
+
+@pytest.mark.parametrize("op, temperature, threshold, num_ints, num_outputs", [
+    ("spec_accept", 0.0, None, 6, 4),
+    ("spec_accept", 0.7, None, 6, 4),
+    ("diffusion_commit", 0.0, 0.9, 5, 2),
+    ("diffusion_commit", 1.0, None, 5, 2),   # top-k schedule
+])
+def test_sampling_kernels_compile_for_hopper(op, temperature, threshold, num_ints, num_outputs):
+    """Temperature, seed and threshold are compiled in: only pointers and int extra args remain."""
+    kernel = compile_in_subprocess(
+        f"t.sampling_kernel({op!r}, torch.bfloat16, 131072, 32, {temperature}, 5, {threshold})")
+    params = ptx_params(kernel["ptx"], kernel["name"])
+    assert params[:4] == ["u64"] * 4 and params[4:4 + num_ints] == ["u32"] * num_ints
+    assert params[4 + num_ints:4 + num_ints + num_outputs] == ["u64"] * num_outputs
+    assert kernel["num_threads"] == 256
+
+
+@pytest.mark.parametrize("op", ["spec_accept", "diffusion_commit"])
+def test_sampling_extra_args_match_the_torch_launchers(op, monkeypatch):
+    from trimode.plugins import diffusion_commit, spec_accept
+
+    module, name = (spec_accept, "spec_accept_kernel") if op == "spec_accept" else \
+        (diffusion_commit, "diffusion_commit_kernel")
+    seen = {}
+
+    class Capture:
+        def __getitem__(self, grid):
+            def launch(*args, **constexprs):
+                seen["grid"], seen["args"] = grid, args
+            return launch
+
+    monkeypatch.setattr(module, name, Capture())
+    logits, block = torch.randn(2, 4, 50), torch.full((2, 4), 3)
+    if op == "spec_accept":
+        module.launch(logits, block, 3, torch.tensor([1, 2]))
+        ints = seen["args"][4:10]
+    else:
+        module.launch(logits, block, 3, 0.9, None)
+        ints = seen["args"][4:9]
+    grid, extra = trt_plugins.sampling_launch(op, logits.shape, 3, num_eos=2)
+    assert list(ints) == extra and grid[:2] == seen["grid"]
