@@ -92,6 +92,9 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
 def spec_accept(verify_logits: torch.Tensor, draft: torch.Tensor, mask_token_id: int,
                 eos_ids: torch.Tensor, temperature: float = 0.0, seed: int = 0) -> Accepted:
     """See reference.spec_accept."""
+    if torch.onnx.is_in_onnx_export():
+        from trimode.plugins.onnx_ops import spec_accept_node
+        return spec_accept_node(verify_logits, draft, mask_token_id, eos_ids, temperature, seed)
     if use_kernels(verify_logits.device):
         return Accepted(*torch.ops.trimode.spec_accept(verify_logits, draft, mask_token_id, eos_ids,
                                                        temperature, seed))
@@ -102,6 +105,9 @@ def diffusion_commit(logits: torch.Tensor, block: torch.Tensor, mask_token_id: i
                      threshold: float | None, num_commit: torch.Tensor | None,
                      temperature: float = 0.0, seed: int = 0) -> torch.Tensor:
     """See reference.diffusion_commit."""
+    if torch.onnx.is_in_onnx_export():
+        from trimode.plugins.onnx_ops import diffusion_commit_node
+        return diffusion_commit_node(logits, block, mask_token_id, threshold, num_commit, temperature, seed)
     if use_kernels(logits.device):
         return torch.ops.trimode.diffusion_commit(logits, block, mask_token_id, threshold, num_commit,
                                                   temperature, seed)

@@ -33,6 +33,8 @@ class ChunkLayout:
     def build(cls, lengths: torch.Tensor, rows: torch.Tensor | None, length: int, is_causal: bool) -> "ChunkLayout":
         offsets = torch.arange(length, device=lengths.device)
         positions = lengths[:, None] + offsets
+        if torch.onnx.is_in_onnx_export():  # the exported node takes lengths and rows: span and mask
+            return cls(lengths, rows, is_causal, positions, span=-1, mask=None)  # are data-dependent
         longest = int(lengths.max())
         span = longest + length
         mask = None

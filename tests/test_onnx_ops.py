@@ -1,0 +1,277 @@
+"""plugins/onnx_ops.py: each op exports (dynamo) to one trimode node that onnxruntime runs like the reference."""
+
+from __future__ import annotations
+
+import sys
+
+import onnx
+import onnxruntime
+import pytest
+import torch
+from torch import nn
+
+from trimode.checkpoint import load_checkpoint
+from trimode.errors import MissingDependencyError
+from trimode.kv_cache import KVCache
+from trimode.model import Pattern
+from trimode.plugins import ops, reference
+from trimode.plugins.onnx_ops import DOMAIN, session_options
+from trimode.plugins.reference import ChunkLayout
+
+MASK = 2
+HEAD_DIM = 8
+TENSORRT = {"plugin_namespace": "trimode", "plugin_version": "1", "aot": 1}
+
+
+class BlockAttention(nn.Module):
+    def __init__(self, is_causal: bool):
+        super().__init__()
+        self.is_causal = is_causal
+
+    def forward(self, q, k, v, k_cache, v_cache, lengths, rows=None, k_scale=None, v_scale=None):
+        # ChunkLayout.build reads int(lengths.max()), which torch.export cannot trace; the node reads
+        # only lengths, rows and is_causal.
+        layout = ChunkLayout(lengths, rows, self.is_causal, lengths[:, None], 0, None)
+        out = ops.block_attention(q, k, v, k_cache, v_cache, layout, k_scale, v_scale)
+        return out, k_cache, v_cache
+
+
+class SpecAccept(nn.Module):
+    def __init__(self, temperature: float, seed: int):
+        super().__init__()
+        self.temperature, self.seed = temperature, seed
+
+    def forward(self, verify_logits, draft, eos_ids):
+        return tuple(ops.spec_accept(verify_logits, draft, MASK, eos_ids, self.temperature, self.seed))
+
+
+class DiffusionCommit(nn.Module):
+    def __init__(self, threshold: float | None, temperature: float, seed: int):
+        super().__init__()
+        self.threshold, self.temperature, self.seed = threshold, temperature, seed
+
+    def forward(self, logits, block, num_commit=None):
+        return ops.diffusion_commit(logits, block, MASK, self.threshold, num_commit, self.temperature, self.seed)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """export(key, module, args, dynamic_shapes) -> ONNX model; once per key, since attributes are
+    baked in (every shape is dynamic, so one graph serves many cases)."""
+    models = {}
+
+    def export(key: str, module: nn.Module, args: tuple, dynamic_shapes: tuple | None) -> onnx.ModelProto:
+        if key not in models:
+            path = tmp_path_factory.mktemp("onnx") / f"{key}.onnx"
+            torch.onnx.export(module.eval(), args, path, dynamo=True, dynamic_shapes=dynamic_shapes, verbose=False)
+            models[key] = onnx.load(path)
+        return models[key]
+
+    return export
+
+
+def only_node(model: onnx.ModelProto, op_type: str) -> tuple[onnx.NodeProto, dict]:
+    nodes = [n for n in model.graph.node if n.domain == DOMAIN]
+    assert [n.op_type for n in nodes] == [op_type]
+    assert any(o.domain == DOMAIN and o.version == 1 for o in model.opset_import)
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
+    return nodes[0], {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
+
+
+def run(model: onnx.ModelProto, args: tuple) -> list[torch.Tensor]:
+    session = onnxruntime.InferenceSession(model.SerializeToString(), session_options())
+    feeds = {i.name: x.numpy() for i, x in zip(session.get_inputs(), args)}
+    assert len(feeds) == len(session.get_inputs())
+    return [torch.from_numpy(y) for y in session.run(None, feeds)]
+
+
+def test_missing_stack_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime_extensions", None)  # import fails
+    with pytest.raises(MissingDependencyError, match=r"trimode\[onnx\]"):
+        session_options()
+
+
+# --- BlockAttention ----------------------------------------------------------------------------------
+
+def attention_inputs(b, L, H, Hkv, num_rows, max_len=16, dtype=torch.float32):
+    g = torch.Generator().manual_seed(b * 100 + L * 10 + H + Hkv)
+    q = torch.randn(b, L, H, HEAD_DIM, generator=g)
+    k, v = (torch.randn(b, L, Hkv, HEAD_DIM, generator=g) for _ in range(2))
+    k_cache, v_cache = (torch.randn(num_rows, Hkv, max_len, HEAD_DIM, generator=g).to(dtype) for _ in range(2))
+    return q, k, v, k_cache, v_cache
+
+
+def attention_model(exported, is_causal: bool, with_rows: bool):
+    q, k, v, k_cache, v_cache = attention_inputs(2, 3, 10, 5, 7 if with_rows else 2)
+    args = (q, k, v, k_cache, v_cache, torch.tensor([4, 1]))
+    shapes = ({0: "b", 1: "L", 2: "H"}, {0: "b", 1: "L", 2: "Hkv"}, {0: "b", 1: "L", 2: "Hkv"},
+              {0: "B", 1: "Hkv", 2: "S"}, {0: "B", 1: "Hkv", 2: "S"}, {0: "b"})
+    if with_rows:
+        args, shapes = args + (torch.tensor([5, 0]),), shapes + ({0: "b"},)
+    return exported(f"attention-{is_causal}-{with_rows}", BlockAttention(is_causal), args, shapes)
+
+
+@pytest.mark.parametrize("is_causal, rows, lengths, L, H, Hkv", [
+    (True, None, [3, 0], 4, 4, 2),        # ragged with an empty prefix, GQA 2:1
+    (True, None, [5, 2], 1, 4, 1),        # one token, GQA 4:1
+    (True, None, [2, 2], 4, 2, 2),        # equal prefixes, no GQA
+    (False, [2, 0], [0, 3], 4, 4, 1),     # block pattern on cache rows 2 and 0 of 3
+    (False, [1, 2], [6, 6], 1, 4, 2),
+])
+def test_block_attention(exported, is_causal, rows, lengths, L, H, Hkv):
+    model = attention_model(exported, is_causal, rows is not None)
+    num_rows = 3 if rows is not None else len(lengths)
+    q, k, v, k_cache, v_cache = attention_inputs(len(lengths), L, H, Hkv, num_rows)
+    lengths = torch.tensor(lengths)
+    rows = None if rows is None else torch.tensor(rows)
+    args = (q, k, v, k_cache, v_cache, lengths) + (() if rows is None else (rows,))
+
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    layout = ChunkLayout.build(lengths, rows, L, is_causal)
+    expected = reference.block_attention(q, k, v, expected_k, expected_v, layout)
+    out, k_out, v_out = run(model, args)
+
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(k_out, expected_k) and torch.equal(v_out, expected_v)
+    assert not torch.equal(k_out, k_cache)  # the chunk's K was written
+
+    node, attrs = only_node(model, "BlockAttention")
+    assert attrs == {**TENSORRT, "is_causal": int(is_causal)}
+    assert len(node.input) == 9 and len(node.output) == 3
+    # the caches the module returns are the node's updated caches
+    assert [o.name for o in model.graph.output] == list(node.output)
+
+
+def test_block_attention_fp8_cache_graph(exported):
+    """FP8 codes cannot reach a Python op (no numpy float8): check the graph TensorRT would get."""
+    q, k, v, k_cache, v_cache = attention_inputs(2, 3, 10, 5, 2, dtype=torch.float8_e4m3fn)
+    args = (q, k, v, k_cache, v_cache, torch.tensor([4, 1]), None, torch.tensor(0.5), torch.tensor(0.25))
+    model = exported("attention-fp8", BlockAttention(True), args, None)
+
+    node, attrs = only_node(model, "BlockAttention")
+    assert attrs == {**TENSORRT, "is_causal": 1}
+    assert list(node.input[7:]) == ["k_scale", "v_scale"]
+    types = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.input) + list(model.graph.output)}
+    assert types["k_cache"] == types[node.output[1]] == onnx.TensorProto.FLOAT8E4M3FN
+    assert types[node.output[0]] == onnx.TensorProto.FLOAT
+
+
+# --- SpecAccept --------------------------------------------------------------------------------------
+
+ACCEPT_SHAPES = ({0: "b", 1: "L", 2: "V"}, {0: "b", 1: "L"}, {0: "E"})
+
+
+def verify_logits(tokens: list[list[int]], peak: float, vocab: int = 11) -> torch.Tensor:
+    """Noise with `peak` at the given tokens, and the mask token above them (never picked)."""
+    g = torch.Generator().manual_seed(len(tokens[0]))
+    logits = torch.randn(len(tokens), len(tokens[0]), vocab, generator=g)
+    logits[..., MASK] = peak + 1
+    return logits.scatter(-1, torch.tensor(tokens)[..., None], peak)
+
+
+@pytest.mark.parametrize("temperature, seed, verify, draft, eos", [
+    (0.0, 0, [[3, 4, 5, 6], [3, 9, 5, 6]], [[1, 3, 4, 5], [1, 3, 4, 5]], [6]),  # EOS emitted / not emitted
+    (0.0, 0, [[3, 4, 6, 7], [7, 4, 5, 6]], [[1, 3, 4, 6], [1, 7, 4, 5]], [6, 9]),
+    (0.0, 0, [[7], [1]], [[1], [1]], []),                                       # L = 1, no EOS ids
+    (0.8, 1234, [[3, 4, 5, 6], [3, 9, 5, 6]], [[1, 3, 4, 5], [1, 3, 4, 5]], [6]),  # Gumbel-max
+])
+def test_spec_accept(exported, temperature, seed, verify, draft, eos):
+    example = (verify_logits([[1, 3, 4]] * 2, 8.0), torch.tensor([[1, 3, 4]] * 2), torch.tensor([6, 7, 8, 9]))
+    model = exported(f"accept-{temperature}-{seed}", SpecAccept(temperature, seed), example, ACCEPT_SHAPES)
+    logits = verify_logits(verify, 1.0 if temperature > 0 else 8.0)
+    args = (logits, torch.tensor(draft), torch.tensor(eos, dtype=torch.int64))
+
+    expected = reference.spec_accept(*args[:2], MASK, args[2], temperature, seed)
+    got = run(model, args)
+    assert [x.dtype for x in got] == [torch.int64, torch.int64, torch.int64, torch.bool]
+    for name, x, y in zip(expected._fields, got, expected):
+        assert torch.equal(x, y), name
+    if temperature == 0:
+        assert got[0].tolist() == verify
+    else:  # the case is sensitive to the seed
+        assert not torch.equal(got[0], reference.spec_accept(*args[:2], MASK, args[2], temperature, seed + 1)[0])
+
+    node, attrs = only_node(model, "SpecAccept")
+    assert len(node.input) == 4 and len(node.output) == 4  # + the zeroed counters the kernel needs
+    assert attrs == {**TENSORRT, "mask_token_id": MASK, "temperature": pytest.approx(temperature), "seed": seed}
+
+
+def test_spec_accept_eos_prefix(exported):
+    """The first table row, spelled out: row 0 emits its EOS, row 1 stops before it."""
+    example = (verify_logits([[1, 3, 4]] * 2, 8.0), torch.tensor([[1, 3, 4]] * 2), torch.tensor([6, 7, 8, 9]))
+    model = exported("accept-0.0-0", SpecAccept(0.0, 0), example, ACCEPT_SHAPES)
+    tokens, n, next_seed, is_eos = run(model, (verify_logits([[3, 4, 5, 6], [3, 9, 5, 6]], 8.0),
+                                               torch.tensor([[1, 3, 4, 5], [1, 3, 4, 5]]), torch.tensor([6])))
+    assert n.tolist() == [4, 2] and next_seed.tolist() == [6, 9] and is_eos.tolist() == [True, False]
+
+
+# --- DiffusionCommit ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("threshold, num_commit, temperature, seed, scale", [
+    (0.9, None, 0.0, 0, 10.0),
+    (None, [1, 3], 0.0, 0, 4.0),
+    (None, [4, 6], 0.7, 99, 1.0),  # every masked position commits: the sampled candidates show
+])
+def test_diffusion_commit(exported, threshold, num_commit, temperature, seed, scale):
+    g = torch.Generator().manual_seed(7)
+    example = (torch.randn(2, 3, 11, generator=g), torch.full((2, 3), MASK))
+    shapes = ({0: "b", 1: "L", 2: "V"}, {0: "b", 1: "L"})
+    if num_commit is not None:
+        example, shapes = example + (torch.tensor([1, 2]),), shapes + ({0: "b"},)
+    model = exported(f"commit-{threshold}-{temperature}-{seed}", DiffusionCommit(threshold, temperature, seed),
+                     example, shapes)
+
+    logits = torch.randn(2, 6, 13, generator=g) * scale
+    logits[:, 0, MASK] = 30.0  # the mask token is never a candidate
+    block = torch.tensor([[MASK, 5, MASK, MASK, 1, MASK], [MASK] * 6])
+    num_commit = None if num_commit is None else torch.tensor(num_commit)
+    args = (logits, block) + (() if num_commit is None else (num_commit,))
+    expected = reference.diffusion_commit(logits, block, MASK, threshold, num_commit, temperature, seed)
+    (got,) = run(model, args)
+    assert torch.equal(got, expected)
+    if threshold is not None:  # the threshold commits more than the one most confident position
+        assert ((got != block).sum(dim=1) > 1).any()
+    if temperature > 0:
+        assert not torch.equal(got, reference.diffusion_commit(logits, block, MASK, None, num_commit, temperature,
+                                                               seed + 1))
+
+    node, attrs = only_node(model, "DiffusionCommit")
+    assert len(node.input) == 4 and len(node.output) == 2  # + the zeroed counters; + the confidences
+    assert attrs == {**TENSORRT, "mask_token_id": MASK, "threshold": pytest.approx(threshold or 0.0),
+                     "use_threshold": int(threshold is not None), "temperature": pytest.approx(temperature),
+                     "seed": seed}
+
+
+# --- the whole forward -------------------------------------------------------------------------------
+
+class CausalForward(nn.Module):
+    """NLDModel.forward over a KV cache given as tensors; returns the caches so their update is an output."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, k, v, lengths):
+        return self.model(tokens, KVCache(k, v, lengths), Pattern.CAUSAL), k, v
+
+
+def test_model_forward(tiny_dir, tmp_path):
+    model = load_checkpoint(tiny_dir, dtype=torch.float32).model.eval()
+    cache = model.new_cache(3, 24)
+    cache.k.normal_(generator=torch.Generator().manual_seed(0))
+    cache.v.normal_(generator=torch.Generator().manual_seed(1))
+    cache.lengths[:] = torch.tensor([5, 0, 3])
+    tokens = torch.randint(5, model.spec.vocab_size, (3, 4), generator=torch.Generator().manual_seed(2))
+    args = (tokens, cache.k.clone(), cache.v.clone(), cache.lengths.clone())
+    path = tmp_path / "forward.onnx"
+    torch.onnx.export(CausalForward(model), args, path, dynamo=True, verbose=False,
+                      dynamic_shapes=({0: "b", 1: "L"}, {1: "b", 3: "S"}, {1: "b", 3: "S"}, {0: "b"}))
+
+    onnx_model = onnx.load(path)
+    assert [n.op_type for n in onnx_model.graph.node if n.domain == DOMAIN] == ["BlockAttention"] * 2
+    logits, k, v = run(onnx_model, args)
+    with torch.no_grad():
+        expected = model(tokens, cache, Pattern.CAUSAL)
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(k, cache.k, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v, cache.v, atol=1e-5, rtol=1e-5)
