@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +11,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_script(*args: str) -> dict:
-    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+def run_script(*args: str, env: dict | None = None) -> dict:
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env=None if env is None else {**os.environ, **env})
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout)
 
@@ -29,3 +31,13 @@ def test_bench_modes_small_run(tmp_path):
     assert json.loads((tmp_path / "bench.json").read_text()) == report
     assert report["ar_matches_transformers_b1_fraction"] == 1.0
     assert report["ar_vs_transformers_ratio"]["batch_1"] > 0
+
+
+def test_bench_kernels_dry_run_on_cpu():
+    """Every benchmark row checks the kernel against its reference before timing it."""
+    report = run_script("scripts/bench_kernels.py", "--device", "cpu", "--small", env={"TRITON_INTERPRET": "1"})
+    ops = [row["op"] for row in report["rows"]]
+    assert ops.count("block_attention") == 4 and "spec_accept" in ops and "diffusion_commit" in ops
+    for row in report["rows"]:
+        assert row["kernel_us"] > 0 and row["speedup"] > 0
+        assert row.get("max_abs_err", 0.0) < 1e-4 and row.get("exact", True) is True

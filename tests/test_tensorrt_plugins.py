@@ -26,6 +26,20 @@ def compile_in_subprocess(call: str) -> dict:
     return json.loads(out.stdout)
 
 
+def capture_launch(monkeypatch, module, kernel_name: str) -> dict:
+    """Replace a kernel by a recorder of the grid and arguments its torch launcher passes."""
+    seen = {}
+
+    class Capture:
+        def __getitem__(self, grid):
+            def launch(*args, **constexprs):
+                seen["grid"], seen["args"] = grid, args
+            return launch
+
+    monkeypatch.setattr(module, kernel_name, Capture())
+    return seen
+
+
 def ptx_params(ptx: str, name: str) -> list[str]:
     entry = re.search(rf"\.entry\s+{name}\s*\(([^)]*)\)", ptx)
     assert entry, f"no entry {name} in the PTX"
@@ -51,15 +65,7 @@ def test_block_attention_extra_args_match_the_torch_launcher(monkeypatch):
     q = torch.randn(b, L, H, D)
     k = v = torch.randn(b, L, Hkv, D)
     cache = torch.zeros(b, Hkv, S, D)
-    seen = {}
-
-    class Capture:
-        def __getitem__(self, grid):
-            def launch(*args, **constexprs):
-                seen["grid"], seen["args"] = grid, args
-            return launch
-
-    monkeypatch.setattr(ba, "_block_attention_kernel", Capture())
+    seen = capture_launch(monkeypatch, ba, "_block_attention_kernel")
     ba.launch(q, k, v, cache, cache.clone(), torch.tensor([3, 0]), None, True)
     grid, extra = trt_plugins.block_attention_launch(q.shape, cache.shape, 1, ba.tile_sizes(D, q.device)[0])
     assert list(seen["args"][9:-1]) == extra and grid[:2] == seen["grid"]
@@ -92,15 +98,7 @@ def test_sampling_extra_args_match_the_torch_launchers(op, monkeypatch):
 
     module, name = (spec_accept, "spec_accept_kernel") if op == "spec_accept" else \
         (diffusion_commit, "diffusion_commit_kernel")
-    seen = {}
-
-    class Capture:
-        def __getitem__(self, grid):
-            def launch(*args, **constexprs):
-                seen["grid"], seen["args"] = grid, args
-            return launch
-
-    monkeypatch.setattr(module, name, Capture())
+    seen = capture_launch(monkeypatch, module, name)
     logits, block = torch.randn(2, 4, 50), torch.full((2, 4), 3)
     if op == "spec_accept":
         module.launch(logits, block, 3, torch.tensor([1, 2]))
