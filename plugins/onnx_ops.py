@@ -5,11 +5,13 @@ becomes one node in domain "trimode", version 1:
 
   BlockAttention  (q, k, v, k_cache, v_cache, lengths [b] i64, rows [b] i64, k_scale, v_scale)
                   -> (out, k_cache_out, v_cache_out)                   attrs: is_causal
-  SpecAccept      (verify_logits [b, L, V], draft [b, L] i64, eos_ids [E] i64)
+  SpecAccept      (verify_logits [b, L, V], draft [b, L] i64, eos_ids [E] i64, counters [b] i32)
                   -> (tokens [b, L] i64, n [b] i64, next_seed [b] i64, is_eos [b] bool)
                                                             attrs: mask_token_id, temperature, seed
-  DiffusionCommit (logits [b, L, V], block [b, L] i64, num_commit [b] i64) -> new block [b, L] i64
+  DiffusionCommit (logits [b, L, V], block [b, L] i64, num_commit [b] i64, counters [b] i32)
+                  -> (new block [b, L] i64, confidence [b, L] f32)
                         attrs: mask_token_id, threshold, use_threshold, temperature, seed
+(counters: zeros made in the graph, the kernels' per-sequence scratch; see tensorrt.py.)
 
 Every node also carries what TensorRT's ONNX parser needs to map it to the plugin of the same name
 (TENSORRT_ATTRS): plugin_namespace, plugin_version and aot=1 (the ahead-of-time plugin).

@@ -16,6 +16,7 @@ import os
 
 import torch
 
+from trimode.errors import ConfigError
 from trimode.plugins import reference
 from trimode.plugins.reference import Accepted, ChunkLayout
 
@@ -26,7 +27,7 @@ CHOICES = ("auto", "triton", "reference")
 def use_kernels(device: torch.device) -> bool:
     choice = os.environ.get(KERNELS_ENV, "auto")
     if choice not in CHOICES:
-        raise ValueError(f"{KERNELS_ENV}={choice!r}: expected one of {', '.join(CHOICES)}")
+        raise ConfigError(f"{KERNELS_ENV}={choice!r}: expected one of {', '.join(CHOICES)}")
     return choice == "triton" or (choice == "auto" and device.type == "cuda")
 
 

@@ -12,9 +12,12 @@ What runs without TensorRT (and is tested on CPU): the AOT compile of each kerne
 given GPU, its launch grid and extra args from the input shapes. `register_plugins()` needs TensorRT
 itself, which no machine here can install (notes/stack.md): it is untested until one can.
 
-In-place KV cache: BlockAttention writes the chunk's K/V into its cache inputs, as the torch op does;
-the engine runner binds the same cache buffers on every call (TensorRT's KV-cache-update layer has
-the same contract), so the plugin's only output is the attention output.
+In-place KV cache: the BlockAttention kernel writes the chunk's K/V into its cache inputs, as the
+torch op does, and the plugin's only output is the attention output. The ONNX node (functional)
+also returns the updated caches: the builder must drop those two outputs, or bind them to the
+input buffers, when it maps the node onto this plugin; that step is open (it needs TensorRT).
+SpecAccept and DiffusionCommit take their per-sequence counters as an input the graph zeroes on
+every call, so the engine keeps no state for them.
 """
 
 from __future__ import annotations
@@ -90,7 +93,7 @@ def block_attention_launch(q_shape, cache_shape, is_causal: int, block_m: int,
 
 # --- spec_accept and diffusion_commit ---------------------------------------------------------------------
 # One program per (position, sequence); the per-sequence finish needs a zeroed int32 counter per
-# sequence as an input (the kernels leave it zeroed again), the engine's one piece of state.
+# sequence as an input (the kernels leave it zeroed again).
 
 def sampling_kernel(op: str, logits_dtype: torch.dtype, vocab_size: int, length: int, temperature: float = 0.0,
                     seed: int = 0, threshold: float | None = 0.9, capability: tuple[int, int] = (9, 0)) -> AotKernel:

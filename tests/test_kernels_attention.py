@@ -135,3 +135,10 @@ def test_launcher_rejects_bad_input(device, change, message):
     case = change(make_case(device, 2, 4, 2, 16, 4, [1, 3]))
     with pytest.raises(ValueError, match=message):
         launch(*case[:6], None, True, *case[6:])
+
+
+def test_unknown_kernel_choice_is_a_config_error(monkeypatch):
+    from trimode.errors import ConfigError
+    monkeypatch.setenv(ops.KERNELS_ENV, "cuda-please")
+    with pytest.raises(ConfigError, match="TRIMODE_KERNELS"):
+        ops.use_kernels(torch.device("cpu"))
