@@ -17,6 +17,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from trimode.fp8 import quantize_e4m3
+
 
 @dataclass(frozen=True)
 class ChunkLayout:
@@ -69,9 +71,7 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def _store(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
-    if dtype != torch.float8_e4m3fn:
-        return x
-    return (x.float() / scale).clamp(-448.0, 448.0).to(dtype)
+    return quantize_e4m3(x, scale) if dtype == torch.float8_e4m3fn else x
 
 
 def _load(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
