@@ -50,7 +50,7 @@ def _node(op_type: str, inputs: list[torch.Tensor], attrs: dict, dtypes: list[to
 def block_attention_node(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                          v_cache: torch.Tensor, layout: ChunkLayout, k_scale: torch.Tensor | None = None,
                          v_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """One BlockAttention node; reads only layout.lengths, layout.rows and layout.is_causal.
+    """One BlockAttention node; reads only layout.lengths, layout.row_index and layout.is_causal.
 
     ONNX is functional: the node returns the caches with the chunk's K/V written as two more
     outputs. Writing them back with copy_ keeps the reference's in-place contract; torch.export
@@ -59,10 +59,8 @@ def block_attention_node(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_ca
     Scales are always inputs (1.0 when the cache is not FP8, where they are ignored): onnxruntime's
     custom ops and TensorRT's plugin signatures take a fixed number of inputs.
     """
-    b = q.shape[0]
-    rows = torch.arange(b, device=q.device) if layout.rows is None else layout.rows
     one = torch.ones((), dtype=torch.float32, device=q.device)
-    inputs = [q, k, v, k_cache, v_cache, layout.lengths.long(), rows.long(),
+    inputs = [q, k, v, k_cache, v_cache, layout.lengths.long(), layout.row_index.long(),
               one if k_scale is None else k_scale.float(), one if v_scale is None else v_scale.float()]
     out, k_cache_out, v_cache_out = _node(
         "BlockAttention", inputs, {"is_causal": int(layout.is_causal)},

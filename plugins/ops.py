@@ -85,7 +85,7 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         from trimode.plugins.onnx_ops import block_attention_node
         return block_attention_node(q, k, v, k_cache, v_cache, layout, k_scale, v_scale)
     if use_kernels(q.device):
-        return torch.ops.trimode.block_attention(q, k, v, k_cache, v_cache, layout.lengths, layout.rows,
+        return torch.ops.trimode.block_attention(q, k, v, k_cache, v_cache, layout.lengths, layout.row_index,
                                                  layout.is_causal, k_scale, v_scale)
     return reference.block_attention(q, k, v, k_cache, v_cache, layout, k_scale, v_scale)
 

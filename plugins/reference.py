@@ -12,6 +12,7 @@ draws, so a kernel and its reference sample the same tokens from the same seed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import NamedTuple
 
 import torch
@@ -22,29 +23,39 @@ from trimode.fp8 import quantize_e4m3
 
 @dataclass(frozen=True)
 class ChunkLayout:
-    """Where a chunk of L tokens per row sits, shared by every layer of one forward pass."""
+    """Where a chunk of L tokens per row sits, shared by every layer of one forward pass.
+    span and mask are computed on first use (then cached for the other layers): only the torch
+    reference needs them, and they are data-dependent (a host sync, and untraceable by torch.export)."""
 
     lengths: torch.Tensor         # [b] committed prefix per row
     rows: torch.Tensor | None     # [b] cache rows (None = all B rows, in order)
     is_causal: bool
     positions: torch.Tensor       # [b, L] absolute positions lengths + 0..L-1
-    span: int                     # keys to read: max(lengths) + L
-    mask: torch.Tensor | None     # [b, 1, L, span] True = visible; None when every key is visible
 
     @classmethod
     def build(cls, lengths: torch.Tensor, rows: torch.Tensor | None, length: int, is_causal: bool) -> "ChunkLayout":
-        offsets = torch.arange(length, device=lengths.device)
-        positions = lengths[:, None] + offsets
-        if torch.onnx.is_in_onnx_export():  # the exported node takes lengths and rows: span and mask
-            return cls(lengths, rows, is_causal, positions, span=-1, mask=None)  # are data-dependent
-        longest = int(lengths.max())
-        span = longest + length
-        mask = None
+        return cls(lengths, rows, is_causal, lengths[:, None] + torch.arange(length, device=lengths.device))
+
+    @cached_property
+    def row_index(self) -> torch.Tensor:
+        """[b] cache rows, rows or 0..b-1."""
+        return torch.arange(self.lengths.shape[0], device=self.lengths.device) if self.rows is None else self.rows
+
+    @cached_property
+    def span(self) -> int:
+        """Keys to read: max(lengths) + L."""
+        return int(self.lengths.max()) + self.positions.shape[1]
+
+    @cached_property
+    def mask(self) -> torch.Tensor | None:
+        """[b, 1, L, span] True = visible; None when every key is visible."""
+        length, longest = self.positions.shape[1], self.span - self.positions.shape[1]
         # Equal prefixes and a block pass (or a single causal token) see every key: no mask needed.
-        if int(lengths.min()) != longest or (is_causal and length > 1):
-            visible_end = lengths[:, None] + (offsets + 1 if is_causal else length)           # [b, L]
-            mask = (torch.arange(span, device=lengths.device) < visible_end[:, :, None])[:, None]
-        return cls(lengths, rows, is_causal, positions, span, mask)
+        if int(self.lengths.min()) == longest and not (self.is_causal and length > 1):
+            return None
+        offsets = torch.arange(length, device=self.lengths.device)
+        visible_end = self.lengths[:, None] + (offsets + 1 if self.is_causal else length)    # [b, L]
+        return (torch.arange(self.span, device=self.lengths.device) < visible_end[:, :, None])[:, None]
 
 
 def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -59,9 +70,8 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Query i sees the prefix and chunk keys 0..i (causal) or the whole chunk (block). -> [b, L, H, D]
     """
     rows, span = layout.rows, layout.span
-    row_index = torch.arange(q.shape[0], device=q.device) if rows is None else rows
-    k_cache[row_index[:, None], :, layout.positions] = _store(k, k_cache.dtype, k_scale)
-    v_cache[row_index[:, None], :, layout.positions] = _store(v, v_cache.dtype, v_scale)
+    k_cache[layout.row_index[:, None], :, layout.positions] = _store(k, k_cache.dtype, k_scale)
+    v_cache[layout.row_index[:, None], :, layout.positions] = _store(v, v_cache.dtype, v_scale)
     keys = k_cache[:, :, :span] if rows is None else k_cache[rows, :, :span]
     values = v_cache[:, :, :span] if rows is None else v_cache[rows, :, :span]
     keys, values = _load(keys, q.dtype, k_scale), _load(values, q.dtype, v_scale)

@@ -29,9 +29,7 @@ class BlockAttention(nn.Module):
         self.is_causal = is_causal
 
     def forward(self, q, k, v, k_cache, v_cache, lengths, rows=None, k_scale=None, v_scale=None):
-        # ChunkLayout.build reads int(lengths.max()), which torch.export cannot trace; the node reads
-        # only lengths, rows and is_causal.
-        layout = ChunkLayout(lengths, rows, self.is_causal, lengths[:, None], 0, None)
+        layout = ChunkLayout.build(lengths, rows, q.shape[1], self.is_causal)
         out = ops.block_attention(q, k, v, k_cache, v_cache, layout, k_scale, v_scale)
         return out, k_cache, v_cache
 
