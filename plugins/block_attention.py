@@ -171,12 +171,12 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
             raise ValueError(f"block_attention: {name} must be contiguous in its last dimension")
     if rows is None:
         rows = torch.arange(b, device=q.device)
-    scale = torch.ones((), device=q.device) if k_scale is None else k_scale.float().reshape(())
-    v_scale_ = torch.ones((), device=q.device) if v_scale is None else v_scale.float().reshape(())
+    # without FP8 the scale pointers are never read (IS_FP8 is a constexpr): q stands in for them
+    k_scale, v_scale = (q, q) if not is_fp8 else (k_scale.float().reshape(()), v_scale.float().reshape(()))
     out = torch.empty_like(q)
     grid = (triton.cdiv(L * (H // Hkv), tile_sizes(D, q.device)[0]), b * Hkv)
     _block_attention_kernel[grid](
-        q, k, v, k_cache, v_cache, lengths, rows, scale, v_scale_, L, int(is_causal), Hkv,
+        q, k, v, k_cache, v_cache, lengths, rows, k_scale, v_scale, L, int(is_causal), Hkv,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *k_cache.stride()[:3], *out.stride()[:3], out,
         **constants(q.dtype, D, H // Hkv, is_fp8, q.device),
     )
