@@ -10,6 +10,11 @@ and read back from the cache, chunk included, with tile sizes that depend only o
 dtype. A masked key adds exactly zero to the online softmax, so the query at position p gets
 bit-identical output whether it arrives alone (AR decode), inside a 32-token verify chunk, or in a
 larger batch: this is what keeps self-speculation == AR on the GPU (spec §7).
+
+Split-KV for long caches: a third grid axis splits the keys into fixed absolute ranges of SPLIT_N
+(chosen from the cache capacity alone), so a batch-1 verify over a 32k prefix runs on many SMs;
+the last split of a tile to finish merges the partial softmaxes in split order. A split a query
+cannot see contributes exact zeros, so the invariance above holds with splits too.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+from trimode.plugins.pick import sequence_counters
 
 E4M3 = torch.float8_e4m3fn
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -47,6 +54,9 @@ def _block_attention_kernel(
     lengths_ptr,      # [b] int64 committed prefix per sequence
     rows_ptr,         # [b] int64 cache row per sequence
     k_scale_ptr, v_scale_ptr,  # [] fp32 (read only when IS_FP8)
+    counter_ptr,      # [>= tiles] int32, zero before and after the launch      } split-KV only
+    part_acc_ptr,     # [tiles, MAX_SPLITS, BLOCK_M, BLOCK_D] fp32 scratch        } (None when
+    part_ml_ptr,      # [tiles, MAX_SPLITS, 2, BLOCK_M] fp32 scratch: max, sum   }  SPLIT_N == 0)
     chunk_len, is_causal, num_kv_heads,
     s_qb, s_ql, s_qh,
     s_kb, s_kl, s_kh,
@@ -56,9 +66,9 @@ def _block_attention_kernel(
     out_ptr,          # [b, L, H, D]
     SM_SCALE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FP8: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_N: tl.constexpr, MAX_SPLITS: tl.constexpr,
 ):
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    pid_m, pid_bh, pid_split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq, kv_head = pid_bh // num_kv_heads, pid_bh % num_kv_heads
     length = tl.load(lengths_ptr + seq)
     row = tl.load(rows_ptr + seq)
@@ -68,6 +78,8 @@ def _block_attention_kernel(
     vc_base = vc_ptr + row * s_cb + kv_head * s_ch
     if IS_FP8:
         k_scale, v_scale = tl.load(k_scale_ptr), tl.load(v_scale_ptr)
+    else:
+        k_scale, v_scale = 1.0, 1.0
 
     # KV rule (spec §4): the chunk's K/V go to positions length .. length+L-1 of the cache. Every
     # program of this (sequence, KV head) writes the same bytes, then reads them back after a
@@ -98,14 +110,65 @@ def _block_attention_kernel(
     visible_end = length + tl.where(is_causal != 0, last_tok + 1, chunk_len)      # [BLOCK_M]
     tile_end = tl.max(visible_end, axis=0)
 
+    # Split-KV: program pid_split covers the keys at absolute positions [pid_split * SPLIT_N, +SPLIT_N),
+    # so long prefixes spread over many programs; the splits are fixed in absolute positions too.
+    key_start, key_end = 0, tile_end
+    if SPLIT_N > 0:
+        key_start = pid_split * SPLIT_N
+        key_end = tl.minimum(tile_end, key_start + SPLIT_N)
+    if key_start < tile_end:  # splits past this tile's last visible key have nothing to do
+        acc, m_i, l_i = _attend(q, kc_base, vc_base, k_scale, v_scale, s_cs, d, d_ok, visible_end, key_start,
+                                key_end, SM_SCALE, BLOCK_M, BLOCK_N, BLOCK_D, IS_FP8, DOT_DTYPE, PRECISION)
+        out_ptrs = out_ptr + seq * s_ob + tok_q[:, None] * s_ol + head[:, None] * s_oh + d[None, :]
+        out_ok = row_ok[:, None] & d_ok[None, :]
+        if SPLIT_N == 0:
+            tl.store(out_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=out_ok)
+        elif tile_end <= SPLIT_N:  # one split: the same stores as without split-KV
+            tl.store(out_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=out_ok)
+        else:
+            num_splits = tl.cdiv(tile_end, SPLIT_N)
+            # Last program finishes (as in spec_accept): publish this split's partial softmax, count in;
+            # the tile's last split to arrive merges them in split order and resets the counter.
+            # A split with no visible key for a row holds max -inf, sum 0, acc 0: it adds exact zeros,
+            # so a query's result does not depend on how many splits its tile needed.
+            tile = pid_bh * tl.num_programs(0) + pid_m
+            rows_m = tl.arange(0, BLOCK_M)
+            part = (tile * MAX_SPLITS + pid_split)
+            tl.store(part_acc_ptr + (part * BLOCK_M + rows_m[:, None]) * BLOCK_D + d[None, :], acc)
+            tl.store(part_ml_ptr + part * 2 * BLOCK_M + rows_m, m_i)
+            tl.store(part_ml_ptr + (part * 2 + 1) * BLOCK_M + rows_m, l_i)
+            tl.debug_barrier()
+            if tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
+                tl.store(counter_ptr + tile, 0)
+                m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+                for split in range(0, num_splits):
+                    slot = tile * MAX_SPLITS + split
+                    m = tl.maximum(m, tl.load(part_ml_ptr + slot * 2 * BLOCK_M + rows_m, cache_modifier=".cg"))
+                acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+                l_i = tl.zeros([BLOCK_M], tl.float32)
+                for split in range(0, num_splits):
+                    slot = tile * MAX_SPLITS + split
+                    weight = tl.exp2(tl.load(part_ml_ptr + slot * 2 * BLOCK_M + rows_m, cache_modifier=".cg") - m)
+                    l_i += weight * tl.load(part_ml_ptr + (slot * 2 + 1) * BLOCK_M + rows_m, cache_modifier=".cg")
+                    acc += weight[:, None] * tl.load(
+                        part_acc_ptr + (slot * BLOCK_M + rows_m[:, None]) * BLOCK_D + d[None, :], cache_modifier=".cg")
+                tl.store(out_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
+def _attend(q, kc_base, vc_base, k_scale, v_scale, s_cs, d, d_ok, visible_end, key_start, key_end,
+            SM_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+            IS_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax of the queries over cache keys [key_start, key_end) in absolute BLOCK_N tiles.
+    -> (unnormalised acc [BLOCK_M, BLOCK_D], running max m [BLOCK_M] (base 2), sum l [BLOCK_M])"""
     qk_scale = SM_SCALE * 1.4426950408889634  # log2(e): exp2 below
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     n = tl.arange(0, BLOCK_N)
-    for start in range(0, tile_end, BLOCK_N):
+    for start in range(key_start, key_end, BLOCK_N):
         pos = start + n
-        ok = (pos < tile_end)[:, None] & d_ok[None, :]
+        ok = (pos < key_end)[:, None] & d_ok[None, :]
         kt = tl.load(kc_base + pos[:, None] * s_cs + d[None, :], mask=ok, other=0.0)
         vt = tl.load(vc_base + pos[:, None] * s_cs + d[None, :], mask=ok, other=0.0)
         if IS_FP8:
@@ -115,14 +178,14 @@ def _block_attention_kernel(
         s = tl.dot(q.to(DOT_DTYPE), tl.trans(kt), input_precision=PRECISION) * qk_scale
         s = tl.where(pos[None, :] < visible_end[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        # A row with no visible key yet keeps max -inf: shift by 0 there instead of -inf (no nan).
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_shift)
+        p = tl.exp2(s - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype).to(DOT_DTYPE), vt, input_precision=PRECISION)
         m_i = m_new
-    out = acc / l_i[:, None]
-    tl.store(out_ptr + seq * s_ob + tok_q[:, None] * s_ol + head[:, None] * s_oh + d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    return acc, m_i, l_i
 
 
 def tile_sizes(head_dim: int, device: torch.device) -> tuple[int, int, int]:
@@ -134,10 +197,23 @@ def tile_sizes(head_dim: int, device: torch.device) -> tuple[int, int, int]:
     return 64, 64, block_d
 
 
-def constants(dtype: torch.dtype, head_dim: int, group: int, is_fp8: bool, device: torch.device) -> dict:
-    """The kernel's constexpr arguments (shared by the launcher and the TensorRT AOT compile)."""
+def split_size(max_len: int, device: torch.device) -> int:
+    """Keys per split-KV program (0 = no split). A function of the cache capacity alone, never of the
+    batch or the chunk, so a sequence's results stay the same from one call to the next. GPU: at
+    most 16 splits, of 512 keys or more; interpreter: 128, so small tests cross split boundaries."""
+    if device.type != "cuda":
+        return 0 if max_len <= 128 else 128
+    return 0 if max_len <= 1024 else max(512, triton.next_power_of_2(triton.cdiv(max_len, 16)))
+
+
+def constants(dtype: torch.dtype, head_dim: int, group: int, is_fp8: bool, device: torch.device,
+              max_len: int = 0) -> dict:
+    """The kernel's constexpr arguments (shared by the launcher and the TensorRT AOT compile, which
+    passes max_len 0: no split-KV, so the engine needs no scratch)."""
     block_m, block_n, block_d = tile_sizes(head_dim, device)
+    split_n = split_size(max_len, device) if max_len else 0
     return dict(
+        SPLIT_N=split_n, MAX_SPLITS=triton.cdiv(max_len, split_n) if split_n else 1,
         SM_SCALE=1.0 / math.sqrt(head_dim), GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_M=block_m, BLOCK_N=block_n, IS_FP8=is_fp8,
         # The CPU interpreter multiplies bf16 tiles wrongly (triton 3.7): it gets exact fp32 copies.
@@ -174,10 +250,17 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
     # without FP8 the scale pointers are never read (IS_FP8 is a constexpr): q stands in for them
     k_scale, v_scale = (q, q) if not is_fp8 else (k_scale.float().reshape(()), v_scale.float().reshape(()))
     out = torch.empty_like(q)
-    grid = (triton.cdiv(L * (H // Hkv), tile_sizes(D, q.device)[0]), b * Hkv)
-    _block_attention_kernel[grid](
-        q, k, v, k_cache, v_cache, lengths, rows, k_scale, v_scale, L, int(is_causal), Hkv,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *k_cache.stride()[:3], *out.stride()[:3], out,
-        **constants(q.dtype, D, H // Hkv, is_fp8, q.device),
+    const = constants(q.dtype, D, H // Hkv, is_fp8, q.device, S)
+    num_tiles = triton.cdiv(L * (H // Hkv), const["BLOCK_M"])
+    counters = part_acc = part_ml = None
+    if const["SPLIT_N"]:
+        parts = num_tiles * b * Hkv * const["MAX_SPLITS"] * const["BLOCK_M"]
+        counters = sequence_counters(q.device, num_tiles * b * Hkv)
+        part_acc = torch.empty(parts * const["BLOCK_D"], dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(parts * 2, dtype=torch.float32, device=q.device)
+    _block_attention_kernel[(num_tiles, b * Hkv, const["MAX_SPLITS"])](
+        q, k, v, k_cache, v_cache, lengths, rows, k_scale, v_scale, counters, part_acc, part_ml, L, int(is_causal),
+        Hkv, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *k_cache.stride()[:3], *out.stride()[:3], out,
+        **const,
     )
     return out

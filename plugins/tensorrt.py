@@ -68,13 +68,19 @@ def compile_kernel(fn, pointer_types: dict[str, torch.dtype], constexprs: dict, 
 # --- block_attention ----------------------------------------------------------------------------------
 
 def block_attention_kernel(dtype: torch.dtype, cache_dtype: torch.dtype, head_dim: int, group: int,
-                           capability: tuple[int, int] = (9, 0)) -> AotKernel:
+                           capability: tuple[int, int] = (9, 0), max_len: int = 0) -> AotKernel:
+    """The engine's kernel: max_len 0, no split-KV and no scratch pointers. A max_len compiles the
+    split-KV variant the torch launcher uses on long caches (tests compile it for the GPU that way)."""
     from trimode.plugins import block_attention as ba
 
     pointers = {"q_ptr": dtype, "k_ptr": dtype, "v_ptr": dtype, "kc_ptr": cache_dtype, "vc_ptr": cache_dtype,
                 "lengths_ptr": torch.int64, "rows_ptr": torch.int64, "k_scale_ptr": torch.float32,
-                "v_scale_ptr": torch.float32, "out_ptr": dtype}
-    constants = ba.constants(dtype, head_dim, group, cache_dtype == torch.float8_e4m3fn, torch.device("cuda"))
+                "v_scale_ptr": torch.float32, "out_ptr": dtype, "counter_ptr": torch.int32,
+                "part_acc_ptr": torch.float32, "part_ml_ptr": torch.float32}
+    constants = ba.constants(dtype, head_dim, group, cache_dtype == torch.float8_e4m3fn, torch.device("cuda"),
+                             max_len)
+    if not constants["SPLIT_N"]:
+        constants.update(counter_ptr=None, part_acc_ptr=None, part_ml_ptr=None)
     return compile_kernel(ba._block_attention_kernel, pointers, constants, capability)
 
 

@@ -48,6 +48,9 @@ def run_both(case, is_causal, rows=None):
     (3, 4, 1, 16, 4, [5, 5, 20]),     # GQA 4:1 (MQA-like), equal and longer prefixes
     (2, 6, 3, 24, 32, [3, 0]),        # a full block; head_dim not a power of two
     (1, 2, 2, 64, 32, [41]),          # keys span several tiles
+    (2, 4, 2, 16, 4, [0, 300]),       # split-KV (128 keys a split on CPU): 1 and 3 splits in one batch
+    (1, 8, 2, 16, 32, [200]),         # a chunk of 32 crossing a split boundary
+    (2, 4, 4, 16, 1, [260, 129]),     # AR decode over 3 splits
 ])
 def test_kernel_matches_reference(device, is_causal, b, H, Hkv, D, L, lengths):
     out, expected, caches, expected_caches = run_both(make_case(device, b, H, Hkv, D, L, lengths), is_causal)
@@ -65,11 +68,12 @@ def test_half_precision(device, dtype, is_causal):
     assert all(torch.equal(c, e) for c, e in zip(caches, expected_caches))
 
 
+@pytest.mark.parametrize("lengths", [[3, 9], [140, 300]], ids=["short", "split-kv"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("L", [1, 4])
-def test_fp8_cache_codes_and_output(device, dtype, L):
+def test_fp8_cache_codes_and_output(device, dtype, L, lengths):
     """The chunk is quantized into float8 codes exactly as the reference does (ties to even)."""
-    case = make_case(device, 2, 4, 2, 16, L, [3, 9], dtype=dtype, fp8=True)
+    case = make_case(device, 2, 4, 2, 16, L, lengths, dtype=dtype, fp8=True)
     q, k = case[0], case[1]
     case[1][0, 0, 0, :4] = torch.tensor([0.011 * 2.5, 0.011 * 3.5, -0.011 * 8.5, 1e9], dtype=dtype)  # ties, saturation
     out, expected, caches, expected_caches = run_both(case, True)
@@ -89,11 +93,12 @@ def test_cache_rows_select_sequences(device):
     assert torch.equal(caches[0][[0, 2]], untouched[0]) and torch.equal(caches[1][[0, 2]], untouched[1])
 
 
+@pytest.mark.parametrize("c", [60, 124], ids=["tiles", "splits"])  # the chunk straddles two key tiles / splits
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_chunk_and_batch_invariance(device, dtype):
+def test_chunk_and_batch_invariance(device, dtype, c):
     """A query's output is bit-identical alone (AR decode, L=1, batch 1) and inside a causal chunk
     of 8 in a batch of 3: the property self-speculation == AR needs on the GPU."""
-    b, H, Hkv, D, L, c = 3, 4, 2, 16, 8, 60  # the chunk straddles two key tiles
+    b, H, Hkv, D, L = 3, 4, 2, 16, 8
     q, k, v, k_cache, v_cache, _, _, _ = make_case(device, b, H, Hkv, D, L, [c] * b, dtype=dtype, seed=3)
     chunk_out = launch(q, k, v, k_cache, v_cache, torch.full((b,), c, device=device), None, True)
     # The chunk launch wrote its K/V into k_cache / v_cache: replay sequence 1 token by token over

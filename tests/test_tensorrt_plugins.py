@@ -57,6 +57,16 @@ def test_block_attention_compiles_for_hopper(cache_dtype):
     assert ("cvt.rn.satfinite.e4m3x2" in kernel["ptx"]) == (cache_dtype == "float8_e4m3fn")
 
 
+def test_split_kv_variant_compiles_for_hopper():
+    """The long-cache variant the torch launcher runs on CUDA (never compiled by the CPU tests, which
+    interpret it): three more pointers (counters, partials) and the atomic of its finishing program."""
+    kernel = compile_in_subprocess(
+        "t.block_attention_kernel(torch.bfloat16, torch.bfloat16, head_dim=128, group=4, max_len=32768)")
+    params = ptx_params(kernel["ptx"], kernel["name"])
+    assert params[:12] == ["u64"] * 12 and params[12:30] == ["u32"] * 18 and params[30] == "u64"
+    assert re.search(r"atom\.[\w.]*acq_rel", kernel["ptx"])
+
+
 def test_block_attention_extra_args_match_the_torch_launcher(monkeypatch):
     """The plugin computes strides from shapes; the torch launcher reads them off tensors: same list."""
     from trimode.plugins import block_attention as ba
@@ -68,7 +78,8 @@ def test_block_attention_extra_args_match_the_torch_launcher(monkeypatch):
     seen = capture_launch(monkeypatch, ba, "_block_attention_kernel")
     ba.launch(q, k, v, cache, cache.clone(), torch.tensor([3, 0]), None, True)
     grid, extra = trt_plugins.block_attention_launch(q.shape, cache.shape, 1, ba.tile_sizes(D, q.device)[0])
-    assert list(seen["args"][9:-1]) == extra and grid[:2] == seen["grid"]
+    assert seen["args"][9:12] == (None, None, None)  # short cache: no split-KV scratch, as in the engine
+    assert list(seen["args"][12:-1]) == extra and grid[:2] == seen["grid"][:2]
 
 
 def test_register_plugins_names_the_missing_tensorrt():
