@@ -18,7 +18,7 @@ import torch
 
 from trimode.errors import ConfigError
 from trimode.plugins import reference
-from trimode.plugins.reference import Accepted, ChunkLayout
+from trimode.plugins.reference import Accepted, ChunkLayout, sampling_rows
 
 KERNELS_ENV = "TRIMODE_KERNELS"
 CHOICES = ("auto", "triton", "reference")
@@ -49,8 +49,8 @@ def _(q, k, v, k_cache, v_cache, lengths, rows, is_causal, k_scale, v_scale):
 
 @torch.library.custom_op("trimode::spec_accept", mutates_args=())
 def _spec_accept_op(verify_logits: torch.Tensor, draft: torch.Tensor, mask_token_id: int,
-                    eos_ids: torch.Tensor, temperature: float,
-                    seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                    eos_ids: torch.Tensor, temperature: torch.Tensor,
+                    seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from trimode.plugins.spec_accept import launch
     return tuple(launch(verify_logits, draft, mask_token_id, eos_ids, temperature, seed))
 
@@ -65,7 +65,7 @@ def _(verify_logits, draft, mask_token_id, eos_ids, temperature, seed):
 @torch.library.custom_op("trimode::diffusion_commit", mutates_args=())
 def _diffusion_commit_op(logits: torch.Tensor, block: torch.Tensor, mask_token_id: int,
                          threshold: float | None, num_commit: torch.Tensor | None,
-                         temperature: float, seed: int) -> torch.Tensor:
+                         temperature: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
     from trimode.plugins.diffusion_commit import launch
     return launch(logits, block, mask_token_id, threshold, num_commit, temperature, seed)
 
@@ -91,12 +91,15 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
 
 
 def spec_accept(verify_logits: torch.Tensor, draft: torch.Tensor, mask_token_id: int,
-                eos_ids: torch.Tensor, temperature: float = 0.0, seed: int = 0) -> Accepted:
-    """See reference.spec_accept."""
+                eos_ids: torch.Tensor, temperature: torch.Tensor | float = 0.0,
+                seed: torch.Tensor | int = 0) -> Accepted:
+    """See reference.spec_accept: temperature [b] float32, seed [b] int64, one per sequence (a
+    Python float / int means that value for every row)."""
     if torch.onnx.is_in_onnx_export():
         from trimode.plugins.onnx_ops import spec_accept_node
         return spec_accept_node(verify_logits, draft, mask_token_id, eos_ids, temperature, seed)
     if use_kernels(verify_logits.device):
+        temperature, seed = sampling_rows(temperature, seed, draft.shape[0], verify_logits.device)
         return Accepted(*torch.ops.trimode.spec_accept(verify_logits, draft, mask_token_id, eos_ids,
                                                        temperature, seed))
     return reference.spec_accept(verify_logits, draft, mask_token_id, eos_ids, temperature, seed)
@@ -104,12 +107,13 @@ def spec_accept(verify_logits: torch.Tensor, draft: torch.Tensor, mask_token_id:
 
 def diffusion_commit(logits: torch.Tensor, block: torch.Tensor, mask_token_id: int,
                      threshold: float | None, num_commit: torch.Tensor | None,
-                     temperature: float = 0.0, seed: int = 0) -> torch.Tensor:
-    """See reference.diffusion_commit."""
+                     temperature: torch.Tensor | float = 0.0, seed: torch.Tensor | int = 0) -> torch.Tensor:
+    """See reference.diffusion_commit (temperature and seed as in spec_accept)."""
     if torch.onnx.is_in_onnx_export():
         from trimode.plugins.onnx_ops import diffusion_commit_node
         return diffusion_commit_node(logits, block, mask_token_id, threshold, num_commit, temperature, seed)
     if use_kernels(logits.device):
+        temperature, seed = sampling_rows(temperature, seed, block.shape[0], logits.device)
         return torch.ops.trimode.diffusion_commit(logits, block, mask_token_id, threshold, num_commit,
                                                   temperature, seed)
     return reference.diffusion_commit(logits, block, mask_token_id, threshold, num_commit, temperature, seed)

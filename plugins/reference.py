@@ -4,9 +4,11 @@ block_attention   attention of a chunk over the cached prefix plus itself (spec 
 spec_accept       verify tokens and the accepted length of a drafted block (spec §7)
 diffusion_commit  candidates, confidences and the commit rule of one denoising step (spec §6)
 
-Sampling (temperature > 0) is Gumbel-max with counter-based noise: uniform u = Philox4x32-10 of
-(seed, flat index into the [..., V] logits), the stream OpenAI Triton's `tl.rand(seed, offset)`
-draws, so a kernel and its reference sample the same tokens from the same seed.
+Sampling parameters are per row (one row = one sequence): temperature [b] fp32 and seed [b] int64.
+A row with temperature > 0 is Gumbel-max with counter-based noise: uniform u = Philox4x32-10 keyed
+by the row's seed at counter = the flat index into the row's own [..., V] slice (l*V + v for
+[b, L, V]), the stream OpenAI Triton's `tl.rand(seed, offset)` draws. So a kernel and its reference
+sample the same tokens, and a row samples the same tokens whichever rows share its batch.
 """
 
 from __future__ import annotations
@@ -103,12 +105,14 @@ def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hh + (lh >> 16) + (hl >> 16) + (mid >> 16), ((mid & 0xFFFF) << 16) | (ll & 0xFFFF)
 
 
-def philox_uniform(seed: int, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """fp32 uniforms in [0, 1): `tl.rand(seed, offset)` for offset = 0 .. numel-1 (int32 offsets)."""
-    assert 0 <= seed < 2 ** 63 and numel < 2 ** 31
-    c0 = torch.arange(numel, dtype=torch.int64, device=device)
+def philox_uniform(seed: torch.Tensor, numel: int) -> torch.Tensor:
+    """seed [...] int64 -> [..., numel] fp32 uniforms in [0, 1): along the last dimension
+    `tl.rand(seed, offset)` for offset = 0 .. numel-1 (int32 offsets). The key words are the low and
+    high 32 bits of the seed's two's complement, as `tl.rand` takes them."""
+    assert seed.dtype == torch.int64 and numel < 2 ** 31
+    c0 = torch.arange(numel, dtype=torch.int64, device=seed.device)
     c1 = c2 = c3 = torch.zeros_like(c0)
-    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    k0, k1 = (seed & _MASK32)[..., None], ((seed >> 32) & _MASK32)[..., None]
     for _ in range(10):
         hi_b, lo_b = _mulhilo(_PHILOX_ROUND[1], c2)
         hi_a, lo_a = _mulhilo(_PHILOX_ROUND[0], c0)
@@ -119,19 +123,55 @@ def philox_uniform(seed: int, numel: int, device: torch.device | str = "cpu") ->
     return x.float() * 4.6566127342e-10
 
 
-def gumbel_noise(seed: int, shape: torch.Size, device: torch.device | str = "cpu") -> torch.Tensor:
-    """fp32 Gumbel(0, 1) noise -log(-log u) over a logits shape, indexed by flat position."""
-    u = philox_uniform(seed, shape.numel(), device).view(shape)
+def gumbel_noise(seed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """fp32 Gumbel(0, 1) noise -log(-log u) over logits [b, ..., V]: row r keyed by seed[r] [b],
+    indexed by the flat position inside its own [..., V] slice."""
+    u = philox_uniform(seed, shape[1:].numel()).view(shape)
     return -torch.log(-torch.log(u))
 
 
-def pick_tokens(logits: torch.Tensor, mask_token_id: int, temperature: float, seed: int = 0) -> torch.Tensor:
-    """Argmax over the vocabulary, first index on ties, mask token excluded (spec §10); at T > 0
-    Gumbel-max: argmax(logits * fp32(1/T) + gumbel(seed)), in fp32 (a product by the reciprocal,
-    as CUDA torch and the kernels compute it). logits [..., V] -> [...]"""
-    scores = logits.float()
-    if temperature > 0:
-        scores = scores * (1.0 / temperature) + gumbel_noise(seed, logits.shape, logits.device)
+def sampling_rows(temperature: torch.Tensor | float, seed: torch.Tensor | int, num_rows: int,
+                  device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-row sampling parameters as tensors: temperature [b] float32, seed [b] int64 on device.
+
+    A Python float / int (the decoders' transition form) means that value for every row. A row
+    samples when its temperature is > 0 and is greedy otherwise; seeds are Philox keys in
+    0..2**63-1 (checked for Python ints; a tensor's values are not read, so no host sync).
+    """
+    if isinstance(temperature, torch.Tensor):
+        if temperature.shape != (num_rows,) or temperature.dtype != torch.float32:
+            raise ValueError(f"temperature: expected float32 [{num_rows}], "
+                             f"got {temperature.dtype} {list(temperature.shape)}")
+    else:
+        temperature = torch.full((num_rows,), float(temperature), dtype=torch.float32, device=device)
+    if isinstance(seed, torch.Tensor):
+        if seed.shape != (num_rows,) or seed.dtype != torch.int64:
+            raise ValueError(f"seed: expected int64 [{num_rows}], got {seed.dtype} {list(seed.shape)}")
+    else:
+        if not 0 <= seed < 2 ** 63:
+            raise ValueError(f"seed {seed} outside 0..2**63-1")
+        seed = torch.full((num_rows,), int(seed), dtype=torch.int64, device=device)
+    for name, x in (("temperature", temperature), ("seed", seed)):
+        if x.device != torch.device(device):
+            raise ValueError(f"{name} is on {x.device}, the logits on {device}")
+    return temperature, seed
+
+
+def pick_tokens(logits: torch.Tensor, mask_token_id: int, temperature: torch.Tensor | float = 0.0,
+                seed: torch.Tensor | int = 0) -> torch.Tensor:
+    """Argmax over the vocabulary, first index on ties, mask token excluded (spec §10). Row r with
+    temperature[r] > 0 is Gumbel-max: argmax(logits * fp32(1/T_r) + gumbel(seed[r])), in fp32 (a
+    product by the fp32 reciprocal of the fp32 temperature, as the kernels compute it).
+    logits [b, ..., V], temperature [b] float32, seed [b] int64 (or one float / int for all) -> [b, ...]"""
+    assert logits.dim() >= 2, "logits [b, ..., V]: the first dimension is the row (sequence)"
+    temperature, seed = sampling_rows(temperature, seed, logits.shape[0], logits.device)
+    scores = logits.float().clone()     # never write into the caller's logits
+    is_sampled = temperature > 0
+    if is_sampled.any():                # only sampled rows pay for the noise
+        rows = is_sampled.nonzero()[:, 0]
+        sampled = scores[rows]
+        inv_temperature = (1.0 / temperature[rows]).view(-1, *[1] * (logits.dim() - 1))
+        scores[rows] = sampled * inv_temperature + gumbel_noise(seed[rows], sampled.shape)
     scores[..., mask_token_id] = float("-inf")
     return scores.argmax(dim=-1)
 
@@ -144,9 +184,10 @@ class Accepted(NamedTuple):
 
 
 def spec_accept(verify_logits: torch.Tensor, draft: torch.Tensor, mask_token_id: int,
-                eos_ids: torch.Tensor, temperature: float = 0.0, seed: int = 0) -> Accepted:
+                eos_ids: torch.Tensor, temperature: torch.Tensor | float = 0.0,
+                seed: torch.Tensor | int = 0) -> Accepted:
     """verify_logits [b, L, V] (causal, index i predicts position i+1), draft [b, L] = [s, d1..d(L-1)],
-    eos_ids [E] int64 (may be empty).
+    eos_ids [E] int64 (may be empty), temperature [b] float32, seed [b] int64 (see pick_tokens).
 
     a_i = pick(verify logits at i). Accept n = (leading i in 0..L-2 with a_i == d(i+1)) + 1:
     the n-1 matched drafts and one bonus token a_(n-1), which is the next seed.
@@ -161,8 +202,9 @@ def spec_accept(verify_logits: torch.Tensor, draft: torch.Tensor, mask_token_id:
 
 def diffusion_commit(logits: torch.Tensor, block: torch.Tensor, mask_token_id: int,
                      threshold: float | None, num_commit: torch.Tensor | None,
-                     temperature: float = 0.0, seed: int = 0) -> torch.Tensor:
-    """One denoising step. logits [b, L, V] (block pattern: index i predicts position i), block [b, L].
+                     temperature: torch.Tensor | float = 0.0, seed: torch.Tensor | int = 0) -> torch.Tensor:
+    """One denoising step. logits [b, L, V] (block pattern: index i predicts position i), block [b, L],
+    temperature [b] float32, seed [b] int64 (see pick_tokens).
 
     Candidates x0 = pick(logits); confidence = softmax(logits)[x0] (fp32, untempered) at masked
     positions. With a threshold: commit the most confident masked position always (first on ties),
