@@ -33,10 +33,19 @@ class ChunkLayout:
     rows: torch.Tensor | None     # [b] cache rows (None = all B rows, in order)
     is_causal: bool
     positions: torch.Tensor       # [b, L] absolute positions lengths + 0..L-1
+    length_range: tuple[int, int] | None = None  # (min, max) of lengths, when the caller knows them
 
     @classmethod
-    def build(cls, lengths: torch.Tensor, rows: torch.Tensor | None, length: int, is_causal: bool) -> "ChunkLayout":
-        return cls(lengths, rows, is_causal, lengths[:, None] + torch.arange(length, device=lengths.device))
+    def build(cls, lengths: torch.Tensor, rows: torch.Tensor | None, length: int, is_causal: bool,
+              length_range: tuple[int, int] | None = None) -> "ChunkLayout":
+        return cls(lengths, rows, is_causal, lengths[:, None] + torch.arange(length, device=lengths.device),
+                   length_range)
+
+    @cached_property
+    def _min_max(self) -> tuple[int, int]:
+        if self.length_range is not None:
+            return self.length_range
+        return int(self.lengths.min()), int(self.lengths.max())  # a host sync
 
     @cached_property
     def row_index(self) -> torch.Tensor:
@@ -46,14 +55,14 @@ class ChunkLayout:
     @cached_property
     def span(self) -> int:
         """Keys to read: max(lengths) + L."""
-        return int(self.lengths.max()) + self.positions.shape[1]
+        return self._min_max[1] + self.positions.shape[1]
 
     @cached_property
     def mask(self) -> torch.Tensor | None:
         """[b, 1, L, span] True = visible; None when every key is visible."""
         length, longest = self.positions.shape[1], self.span - self.positions.shape[1]
         # Equal prefixes and a block pass (or a single causal token) see every key: no mask needed.
-        if int(self.lengths.min()) == longest and not (self.is_causal and length > 1):
+        if self._min_max[0] == longest and not (self.is_causal and length > 1):
             return None
         offsets = torch.arange(length, device=self.lengths.device)
         visible_end = self.lengths[:, None] + (offsets + 1 if self.is_causal else length)    # [b, L]

@@ -16,7 +16,8 @@ from collections import Counter
 import torch
 
 from trimode.errors import MissingDependencyError
-from trimode.model import Attention, NLDModel, Pattern
+from trimode.model import Attention, NLDModel
+from trimode.passes import MODE_PASSES, PassKind
 
 EXCLUDED_MODULES = ("diffusion_head", "encoder.embed_tokens")
 
@@ -60,31 +61,35 @@ def register_kv_quantizers() -> None:
     mtq.register(original_cls=Attention, quantized_cls=QuantNLDAttention)
 
 
+# Every kind of pass some mode runs (passes.MODE_PASSES), in a fixed order.
+CALIBRATION_PASSES = tuple(dict.fromkeys(kind for kinds in MODE_PASSES.values() for kind in kinds))
+
+
 @torch.no_grad()
 def calibration_passes(model: NLDModel, windows: torch.Tensor, block_length: int, batch_size: int,
                        on_batch=None) -> Counter:
-    """Run every kind of pass over the calibration windows; -> passes by kind."""
+    """Run every kind of pass over the calibration windows; -> passes by kind. Each window is a
+    context (the prefill, which the cache keeps) and a block, which every other kind runs over as
+    that kind sees it; their K/V stay scratch past the context."""
     mask_id, passes = model.spec.mask_token_id, Counter()
     gen = torch.Generator().manual_seed(0)
     for batch in windows.split(batch_size):
         b, n = batch.shape
         context, block = batch[:, :n - block_length], batch[:, n - block_length:]
-        rows = torch.arange(b)
-        cache = model.new_cache(b, n)
-        model(context, cache, Pattern.CAUSAL)                           # prefill
-        cache.advance(rows, context.shape[1])
         first = block.clone()
         first[:, 1:] = mask_id                                          # first denoising step: all masked
         later = torch.where(torch.rand(block.shape, generator=gen) < 0.5, mask_id, block)
         later[:, 0] = block[:, 0]                                       # a later step: half committed
-        model(first, cache, Pattern.BLOCK)
-        model(later, cache, Pattern.BLOCK)
-        passes.update(prefill=b, denoise=2 * b)
-        if model.has_draft_adapter:
-            model(first, cache, Pattern.BLOCK, use_draft=True)          # self-spec draft
-            passes.update(draft=b)
-        model(block, cache, Pattern.CAUSAL)                             # verify / refresh
-        passes.update(verify=b)
+        inputs = {PassKind.PREFILL: [context], PassKind.DECODE: [block[:, :1]],
+                  PassKind.DENOISE: [first, later], PassKind.DRAFT: [first] if model.has_draft_adapter else [],
+                  PassKind.VERIFY: [block], PassKind.REFRESH: [block]}
+        cache = model.new_cache(b, n)
+        for kind in CALIBRATION_PASSES:
+            for tokens in inputs[kind]:
+                model(tokens, cache, kind)
+                passes[kind.value] += b
+            if kind is PassKind.PREFILL:
+                cache.advance(torch.arange(b), context.shape[1])
         if on_batch:
             on_batch(b)
     return passes

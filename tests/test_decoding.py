@@ -7,8 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from trimode.decoding import GenerationSettings, Mode, generate, make_decoder
-from trimode.decoding.self_spec import SelfSpecDecoder
+from trimode.decoding import GenerationSettings, Mode, engine_for, generate
+from trimode.decoding.batch import Batch
+from trimode.decoding.self_spec import SelfSpecPolicy
 
 MODES = [Mode.AR, Mode.DIFFUSION, Mode.SELF_SPEC]
 TEXTS = ["def generate(prompt, max_new_tokens=32):", "The quick brown fox",
@@ -52,37 +53,39 @@ def test_draft_adapter_changes_the_draft_only(tiny_adapter):
     """The adapter is on in draft passes only: outputs still equal AR, drafts differ without it."""
     prompts = prompts_of(tiny_adapter)
     model = tiny_adapter.model
-    dec = make_decoder(model, prompts, GenerationSettings(mode=Mode.SELF_SPEC, block_length=8))
-    dec.prefill()
-    rows = dec.active_rows()
-    with_adapter = dec.draft(rows)
+    settings = GenerationSettings(mode=Mode.SELF_SPEC, block_length=8)
+    engine = engine_for(model, prompts, settings)
+    seqs = [engine.add(p, settings.sampling, settings.decoding) for p in prompts]
+    engine.step()  # prefill: every sequence has its first token
+    batch = Batch(engine.runner, seqs)
+    with_adapter = SelfSpecPolicy().draft(batch, settings.decoding)
     layers = [layer.self_attn for layer in model.encoder.layers]
     saved = [a.o_proj_draft for a in layers]
     try:
         for a in layers:
             a.o_proj_draft = None
-        drafts_without = dec.draft(rows)
+        drafts_without = SelfSpecPolicy().draft(batch, settings.decoding)
     finally:
         for a, w in zip(layers, saved):
             a.o_proj_draft = w
     assert not torch.equal(with_adapter, drafts_without)
 
 
-class OracleDraft(SelfSpecDecoder):
+class OracleDraft(SelfSpecPolicy):
     """Drafts the AR greedy continuation, made wrong from draft index `wrong_at` on."""
 
-    reference: list[list[int]] = []
-    wrong_at: int = 99
+    def __init__(self, reference: list[list[int]], wrong_at: int):
+        self.reference, self.wrong_at = reference, wrong_at
 
-    def draft(self, rows):
-        block = self.new_block(rows)
-        for j, r in enumerate(rows.tolist()):
-            done = len(self.results[r].tokens)  # the seed is reference[done - 1]
-            draft = self.reference[r][done:done + block.shape[1] - 1]
-            draft += [5] * (block.shape[1] - 1 - len(draft))  # past max_new_tokens: anything
-            for i in range(self.wrong_at, len(draft)):
-                draft[i] = (draft[i] + 1) % self.spec.vocab_size
-            block[j, 1:] = torch.tensor(draft)
+    def draft(self, batch, config):
+        block = torch.zeros(len(batch), batch.block_length, dtype=torch.long)
+        for j, seq in enumerate(batch.seqs):
+            done = len(seq.tokens)  # the seed is reference[done - 1]
+            draft = self.reference[seq.id][done - 1:done + block.shape[1] - 1]
+            draft += [5] * (block.shape[1] - len(draft))  # past max_new_tokens: anything
+            for i in range(1 + self.wrong_at, len(draft)):
+                draft[i] = (draft[i] + 1) % batch.spec.vocab_size
+            block[j] = torch.tensor(draft)
         return block
 
 
@@ -90,10 +93,12 @@ class OracleDraft(SelfSpecDecoder):
 def test_accept_keeps_matched_prefix_plus_bonus(tiny, wrong_at, expected_n):
     prompts = prompts_of(tiny)
     ar = tokens_of(run(tiny, Mode.AR, prompts, max_new_tokens=41, ignore_eos=True))
-    OracleDraft.reference, OracleDraft.wrong_at = ar, wrong_at
-    dec = OracleDraft(tiny.model, prompts, GenerationSettings(mode=Mode.SELF_SPEC, block_length=8,
-                                                               max_new_tokens=41, ignore_eos=True))
-    results = dec.run()
+    settings = GenerationSettings(mode=Mode.SELF_SPEC, block_length=8, max_new_tokens=41, ignore_eos=True)
+    engine = engine_for(tiny.model, prompts, settings)
+    engine.policies[Mode.SELF_SPEC] = OracleDraft(ar, wrong_at)
+    results = [engine.add(p, settings.sampling, settings.decoding) for p in prompts]
+    while engine.has_work:
+        engine.step()
     assert tokens_of(results) == ar
     for r in results:
         full_cycles = r.stats.accepted_lengths[:-1]  # the last cycle may run into max_new_tokens
@@ -120,7 +125,7 @@ def test_chunked_prefill_equals_one_shot(tiny, mode, chunk):
 
 def test_cropped_cache_rerun_equals_fresh_run(tiny):
     """Writing K/V past a sequence's length, then cropping and re-running, is the same as never writing it."""
-    from trimode.model import Pattern
+    from trimode.passes import PassKind
 
     model = tiny.model
     g = torch.Generator().manual_seed(0)
@@ -128,15 +133,15 @@ def test_cropped_cache_rerun_equals_fresh_run(tiny):
     rows = torch.arange(2)
     with torch.no_grad():
         cache = model.new_cache(2, 32)
-        model(torch.cat([prefix, junk], 1), cache, Pattern.CAUSAL)
+        model(torch.cat([prefix, junk], 1), cache, PassKind.PREFILL)
         cache.advance(rows, 15)
         cache.crop(rows, torch.tensor([9, 9]))
-        model(junk[:, :4], cache, Pattern.BLOCK)  # scratch K/V from a block pass, too
-        cropped = model(tail, cache, Pattern.CAUSAL)
+        model(junk[:, :4], cache, PassKind.DENOISE)  # scratch K/V from a block pass, too
+        cropped = model(tail, cache, PassKind.VERIFY)
         fresh_cache = model.new_cache(2, 32)
-        model(prefix, fresh_cache, Pattern.CAUSAL)
+        model(prefix, fresh_cache, PassKind.PREFILL)
         fresh_cache.advance(rows, 9)
-        fresh = model(tail, fresh_cache, Pattern.CAUSAL)
+        fresh = model(tail, fresh_cache, PassKind.VERIFY)
     torch.testing.assert_close(cropped, fresh, atol=1e-5, rtol=0)
 
 

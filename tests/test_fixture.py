@@ -65,12 +65,12 @@ def test_diffusion_tracks_ar(trained, prompts):
 
 def test_draft_passes_differ_from_causal_passes(trained):
     """Causal logit 0 sees token 0 alone; the block pattern lets it see the whole chunk."""
-    from trimode.model import Pattern
+    from trimode.passes import PassKind
 
     tokens = torch.tensor([trained.tokenizer.encode("def f(x):\n    return x")])
     with torch.no_grad():
-        causal = trained.model(tokens, trained.model.new_cache(1, 32), Pattern.CAUSAL)
-        block = trained.model(tokens, trained.model.new_cache(1, 32), Pattern.BLOCK)
-        alone = trained.model(tokens[:, :1], trained.model.new_cache(1, 32), Pattern.CAUSAL)
+        causal = trained.model(tokens, trained.model.new_cache(1, 32), PassKind.VERIFY)
+        block = trained.model(tokens, trained.model.new_cache(1, 32), PassKind.DENOISE)
+        alone = trained.model(tokens[:, :1], trained.model.new_cache(1, 32), PassKind.DECODE)
     torch.testing.assert_close(causal[:, 0], alone[:, 0], atol=1e-4, rtol=0)
     assert not torch.allclose(causal[:, 0], block[:, 0], atol=1e-2)

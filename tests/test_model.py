@@ -8,7 +8,7 @@ import torch
 from trimode.checkpoint import load_checkpoint
 from trimode.hf_reference import ministral3_from
 from trimode.make_checkpoint import make_random_checkpoint, tiny_spec
-from trimode.model import Pattern
+from trimode.passes import PassKind
 
 TOLERANCE = 2e-4  # fp32 logits of magnitude ~1: differences are reduction-order noise
 
@@ -29,12 +29,12 @@ def test_causal_logits_match_transformers_ministral3(tmp_path, rope):
     with torch.no_grad():
         expected = hf(tokens).logits
         cache = ck.model.new_cache(2, length)
-        ours = ck.model(tokens, cache, Pattern.CAUSAL)
+        ours = ck.model(tokens, cache, PassKind.PREFILL)
         # the same logits one token at a time through the cache
         cache = ck.model.new_cache(2, length)
         stepped = []
         for i in range(length):
-            stepped.append(ck.model(tokens[:, i:i + 1], cache, Pattern.CAUSAL))
+            stepped.append(ck.model(tokens[:, i:i + 1], cache, PassKind.PREFILL))
             cache.advance(torch.arange(2), 1)
         stepped = torch.cat(stepped, dim=1)
     assert expected.abs().max() > 0.1
@@ -49,5 +49,5 @@ def test_masked_forward_with_a_causal_mask_equals_the_cached_forward(tiny):
     causal = torch.ones(12, 12, dtype=torch.bool).tril().expand(2, -1, -1)
     with torch.no_grad():
         masked = tiny.model.forward_masked(tokens, positions, causal)
-        cached = tiny.model(tokens, tiny.model.new_cache(2, 12), Pattern.CAUSAL)
+        cached = tiny.model(tokens, tiny.model.new_cache(2, 12), PassKind.PREFILL)
     torch.testing.assert_close(masked, cached, atol=1e-5, rtol=0)

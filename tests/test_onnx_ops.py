@@ -13,7 +13,7 @@ from torch import nn
 from trimode.checkpoint import load_checkpoint
 from trimode.errors import MissingDependencyError
 from trimode.kv_cache import KVCache
-from trimode.model import Pattern
+from trimode.passes import PassKind
 from trimode.plugins import ops, reference
 from trimode.plugins.onnx_ops import DOMAIN, session_options
 from trimode.plugins.reference import ChunkLayout
@@ -243,24 +243,26 @@ def test_diffusion_commit(exported, threshold, num_commit, temperature, seed, sc
 # --- the whole forward -------------------------------------------------------------------------------
 
 class CausalForward(nn.Module):
-    """NLDModel.forward over a KV cache given as tensors; returns the caches so their update is an output."""
+    """NLDModel.forward over a KV cache given as [layers, ...] tensors (the pool's per-layer tensors
+    stacked); returns the caches so their update is an output."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, tokens, k, v, lengths):
-        return self.model(tokens, KVCache(k, v, lengths), Pattern.CAUSAL), k, v
+        return self.model(tokens, KVCache(list(k.unbind(0)), list(v.unbind(0)), lengths), PassKind.VERIFY), k, v
 
 
 def test_model_forward(tiny_dir, tmp_path):
     model = load_checkpoint(tiny_dir, dtype=torch.float32).model.eval()
     cache = model.new_cache(3, 24)
-    cache.k.normal_(generator=torch.Generator().manual_seed(0))
-    cache.v.normal_(generator=torch.Generator().manual_seed(1))
+    for i, (k, v) in enumerate(zip(cache.k, cache.v)):
+        k.normal_(generator=torch.Generator().manual_seed(i))
+        v.normal_(generator=torch.Generator().manual_seed(100 + i))
     cache.lengths[:] = torch.tensor([5, 0, 3])
     tokens = torch.randint(5, model.spec.vocab_size, (3, 4), generator=torch.Generator().manual_seed(2))
-    args = (tokens, cache.k.clone(), cache.v.clone(), cache.lengths.clone())
+    args = (tokens, torch.stack(cache.k), torch.stack(cache.v), cache.lengths.clone())
     path = tmp_path / "forward.onnx"
     torch.onnx.export(CausalForward(model), args, path, dynamo=True, verbose=False,
                       dynamic_shapes=({0: "b", 1: "L"}, {1: "b", 3: "S"}, {1: "b", 3: "S"}, {0: "b"}))
@@ -269,7 +271,7 @@ def test_model_forward(tiny_dir, tmp_path):
     assert [n.op_type for n in onnx_model.graph.node if n.domain == DOMAIN] == ["BlockAttention"] * 2
     logits, k, v = run(onnx_model, args)
     with torch.no_grad():
-        expected = model(tokens, cache, Pattern.CAUSAL)
+        expected = model(tokens, cache, PassKind.VERIFY)
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(k, cache.k, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(v, cache.v, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k, torch.stack(cache.k), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v, torch.stack(cache.v), atol=1e-5, rtol=1e-5)

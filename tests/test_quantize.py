@@ -13,7 +13,8 @@ from trimode.checkpoint import load_checkpoint
 from trimode.cli import main
 from trimode.decoding import GenerationSettings, Mode, generate
 from trimode.fp8 import FP8Linear, quantize_e4m3
-from trimode.model import Pattern
+from trimode.passes import PassKind
+from trimode.quantize.recipe import CALIBRATION_PASSES
 
 from trimode.quantize import QuantizeSettings, quantize_checkpoint
 
@@ -73,7 +74,8 @@ def test_manifest_records_calibration_over_every_pass(fp8_dir, tiny_adapter_dir)
 
     manifest = json.loads((fp8_dir / "manifest.json").read_text())
     assert manifest["input"]["digest_sha256"] == input_digest(tiny_adapter_dir)
-    assert set(manifest["calibration"]["passes"]) == {"prefill", "denoise", "draft", "verify"}
+    assert set(manifest["calibration"]["passes"]) == {kind.value for kind in CALIBRATION_PASSES}
+    assert set(manifest["calibration"]["passes"]) == {"prefill", "decode", "denoise", "draft", "verify", "refresh"}
     assert manifest["calibration"]["num_tokens"] == 6 * 48
     assert manifest["versions"]["modelopt"] and manifest["recipe"]["kv_cache"] == "fp8"
     assert "diffusion_head (bf16)" in manifest["recipe"]["not_quantized"]
@@ -91,7 +93,7 @@ def test_runtime_loads_fp8_modules(fp8):
     assert attn.k_scale is not None and attn.v_scale is not None
     assert fp8.model.diffusion_head.weight.dtype == torch.float64  # CPU default for FP8: see default_dtype
     cache = fp8.model.new_cache(2, 8)  # the KV cache holds E4M3 codes: a quarter of fp32's memory
-    assert cache.k.dtype == cache.v.dtype == torch.float8_e4m3fn
+    assert all(t.dtype == torch.float8_e4m3fn for t in cache.k + cache.v)
 
 
 def test_fp8_runtime_equals_modelopt_fake_quant(tiny_adapter_dir, tmp_path):
@@ -108,10 +110,10 @@ def test_fp8_runtime_equals_modelopt_fake_quant(tiny_adapter_dir, tmp_path):
     write_fp8_checkpoint(quantized, json.loads((tiny_adapter_dir / "config.json").read_text()), out, kv_cache=True)
     ours = load_checkpoint(out).model
     tokens = torch.randint(5, 300, (2, 20), generator=torch.Generator().manual_seed(0))
-    for pattern, use_draft in [(Pattern.CAUSAL, False), (Pattern.BLOCK, False), (Pattern.BLOCK, True)]:
+    for kind in [PassKind.VERIFY, PassKind.DENOISE, PassKind.DRAFT]:
         with torch.no_grad():
-            expected = quantized(tokens, quantized.new_cache(2, 20), pattern, use_draft=use_draft)
-            got = ours(tokens, ours.new_cache(2, 20), pattern, use_draft=use_draft)
+            expected = quantized(tokens, quantized.new_cache(2, 20), kind)
+            got = ours(tokens, ours.new_cache(2, 20), kind)
         torch.testing.assert_close(got, expected, atol=2e-3, rtol=0)
 
 

@@ -89,7 +89,7 @@ def generate(prompts: tuple[str, ...], checkpoint_dir: Path | None, mode: str, m
     At temperature 0, self-spec emits exactly the AR tokens with fewer forward passes.
     """
     from trimode.checkpoint import load_checkpoint
-    from trimode.decoding import GenerationSettings, make_decoder
+    from trimode.decoding import GenerationSettings, engine_for
 
     settings = GenerationSettings(
         mode=mode, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
@@ -97,27 +97,24 @@ def generate(prompts: tuple[str, ...], checkpoint_dir: Path | None, mode: str, m
         use_top_k_schedule=threshold == "none", prefill_chunk=prefill_chunk, ignore_eos=ignore_eos)
     ck = load_checkpoint(_checkpoint_dir(checkpoint_dir), device=_device(device))
     encoded = [ck.tokenizer.encode(p) for p in prompts]
-    decoder = make_decoder(ck.model, encoded, settings)
+    engine = engine_for(ck.model, encoded, settings)
+    results = [engine.add(p, settings.sampling, settings.decoding) for p in encoded]
     stream = len(prompts) == 1 and not as_json
     start = time.perf_counter()
-    decoder.prefill()
     if stream:
         click.echo(prompts[0], nl=False)
     shown = ""
-    while True:
+    while engine.has_work:
+        engine.step()
         if stream:  # print the text as it is committed
-            text = ck.tokenizer.decode(decoder.results[0].tokens)
+            text = ck.tokenizer.decode(results[0].tokens)
             click.echo(text[len(shown):], nl=False)
             shown = text
-        if decoder.done:
-            break
-        decoder.step()
     elapsed = time.perf_counter() - start
-    results = decoder.results
     total = sum(r.stats.num_generated for r in results)
     summary = {
         "mode": settings.mode.value, "checkpoint": str(ck.checkpoint_dir), "device": str(ck.model.device),
-        "batch_size": len(results), "block_length": decoder.block_length,
+        "batch_size": len(results), "block_length": results[0].block_length,
         "num_generated": total, "elapsed_s": round(elapsed, 4), "tokens_per_s": round(total / elapsed, 2),
         "results": [{"prompt": p, "text": ck.tokenizer.decode(r.tokens), "tokens": r.tokens,
                      "finish_reason": r.finish_reason, "stats": r.stats.to_dict()}

@@ -22,3 +22,7 @@ class MissingDependencyError(TrimodeError):
 
     def __init__(self, package: str, extra: str):
         super().__init__(f"{package} is not installed: pip install 'trimode[{extra}]'")
+
+
+class NumericalError(TrimodeError):
+    """The model produced non-finite values: broken weights or config."""

@@ -15,8 +15,8 @@ import torch
 
 from trimode.checkpoint import Checkpoint
 from trimode.errors import InputError
-from trimode.decoding import GenerationSettings, Mode, SequenceResult, generate
-from trimode.model import Pattern
+from trimode.decoding import GenerationSettings, Mode, Sequence, generate
+from trimode.passes import PassKind
 
 
 @dataclass(frozen=True)
@@ -50,21 +50,21 @@ def perplexity(ck: Checkpoint, stream: torch.Tensor, seq_len: int, max_windows: 
     windows = stream[:len(stream) // seq_len * seq_len].view(-1, seq_len)[:max_windows]
     total, count = 0.0, 0
     for batch in windows.split(batch_size):
-        logits = ck.model(batch, ck.model.new_cache(len(batch), seq_len), Pattern.CAUSAL)
+        logits = ck.model(batch, ck.model.new_cache(len(batch), seq_len), PassKind.PREFILL)
         ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
         total, count = total + ce.item(), count + batch[:, 1:].numel()
     return math.exp(total / count)
 
 
 def run_mode(ck: Checkpoint, prompts: list[list[int]], settings: GenerationSettings,
-             batch_size: int) -> tuple[list[SequenceResult], float]:
+             batch_size: int) -> tuple[list[Sequence], float]:
     results, start = [], time.perf_counter()
     for i in range(0, len(prompts), batch_size):
         results += generate(ck.model, prompts[i:i + batch_size], settings)
     return results, time.perf_counter() - start
 
 
-def summarize(results: list[SequenceResult], elapsed: float) -> dict:
+def summarize(results: list[Sequence], elapsed: float) -> dict:
     generated = sum(r.stats.num_generated for r in results)
     accepted = [n for r in results for n in r.stats.accepted_lengths]
     return {"tokens_per_pass": round(generated / sum(r.stats.num_passes for r in results), 4),
@@ -72,7 +72,7 @@ def summarize(results: list[SequenceResult], elapsed: float) -> dict:
             "mean_accepted_length": round(sum(accepted) / len(accepted), 4) if accepted else None}
 
 
-def agreement(results: list[SequenceResult], reference: list[SequenceResult]) -> dict:
+def agreement(results: list[Sequence], reference: list[Sequence]) -> dict:
     """Token agreement position by position, and the mean length of the common prefix."""
     same = total = prefix = 0
     for r, ref in zip(results, reference):
@@ -85,7 +85,7 @@ def agreement(results: list[SequenceResult], reference: list[SequenceResult]) ->
 
 
 def run_modes(ck: Checkpoint, prompts: list[list[int]], settings: EvalSettings,
-              progress=None) -> tuple[dict, dict[str, list[SequenceResult]]]:
+              progress=None) -> tuple[dict, dict[str, list[Sequence]]]:
     """AR, diffusion and self-spec at each block length: -> (statistics by run, results by run)."""
     base = dict(max_new_tokens=settings.max_new_tokens, ignore_eos=True)
     runs = [("ar", GenerationSettings(mode=Mode.AR, **base)),

@@ -1,14 +1,13 @@
 """Reference NLD model in PyTorch (spec §1-§4) behind the one-forward contract of design.md.
 
-forward(tokens [b, L], cache, pattern, rows, use_draft) runs one chunk at the absolute positions
-cache.lengths[rows] + 0..L-1, writes the chunk's K/V, and returns logits. It never advances the
-cache: the decoders decide what a pass commits. No data-dependent Python control flow lives here,
-so the forward exports to ONNX as it is.
+forward(tokens [b, L], cache, kind, rows) runs one chunk at the absolute positions
+cache.lengths[rows] + 0..L-1, writes the chunk's K/V, and returns logits. The pass kind fixes the
+attention pattern and whether the draft adapter is on. It never advances the cache: the mode
+policies decide what a pass commits. No data-dependent Python control flow lives here, so the
+forward exports to ONNX as it is.
 """
 
 from __future__ import annotations
-
-from enum import Enum
 
 import torch
 import torch.nn.functional as F
@@ -17,14 +16,10 @@ from torch import nn
 from trimode.config import ModelSpec
 from trimode.fp8 import E4M3, fake_quant_e4m3
 from trimode.kv_cache import KVCache
+from trimode.passes import PassKind, Pattern
 from trimode.plugins.ops import block_attention
 from trimode.plugins.reference import ChunkLayout
 from trimode.rope import apply_rope, llama4_query_scale, rope_cos_sin, rope_frequencies
-
-
-class Pattern(str, Enum):
-    CAUSAL = "causal"  # token i sees the prefix and chunk tokens 0..i; logit i predicts position i+1
-    BLOCK = "block"    # every token sees the prefix and the whole chunk; logit i predicts position i
 
 
 class RMSNorm(nn.Module):
@@ -128,13 +123,15 @@ class NLDModel(nn.Module):
     def device(self) -> torch.device:
         return self.diffusion_head.weight.device
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache, pattern: Pattern,
-                rows: torch.Tensor | None = None, use_draft: bool = False,
-                logit_index: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: KVCache, kind: PassKind,
+                rows: torch.Tensor | None = None, logit_index: torch.Tensor | None = None,
+                length_range: tuple[int, int] | None = None) -> torch.Tensor:
         """tokens [b, L] for cache rows `rows` (None = every row). -> logits [b, L, V] in fp32,
-        or [b, 1, V] at chunk index logit_index [b] (prefill needs only each row's last logit)."""
+        or [b, 1, V] at chunk index logit_index [b] (prefill needs only each row's last logit).
+        length_range: (min, max) of the rows' lengths when the caller knows them (no host sync)."""
         lengths = cache.lengths if rows is None else cache.lengths[rows]
-        layout = ChunkLayout.build(lengths, rows, tokens.shape[1], pattern == Pattern.CAUSAL)
+        layout = ChunkLayout.build(lengths, rows, tokens.shape[1], kind.pattern == Pattern.CAUSAL, length_range)
+        use_draft = kind.use_draft
 
         def attend(i: int, attn: Attention, x, cos, sin, q_scale):
             return attn(x, cos, sin, q_scale, cache.k[i], cache.v[i], layout, use_draft)
@@ -165,7 +162,7 @@ class NLDModel(nn.Module):
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return h
 
-    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+    def new_cache(self, num_slots: int, max_len: int) -> KVCache:
         """An FP8 checkpoint with K/V scales gets a float8 cache (codes; value = code * scale)."""
         has_kv_scales = self.encoder.layers[0].self_attn.k_scale is not None
-        return KVCache.allocate(self.spec, batch_size, max_len, E4M3 if has_kv_scales else self.dtype, self.device)
+        return KVCache.allocate(self.spec, num_slots, max_len, E4M3 if has_kv_scales else self.dtype, self.device)

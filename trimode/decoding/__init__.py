@@ -1,25 +1,33 @@
-"""The three decoders, written once against the one-forward contract (design.md)."""
+"""The decoding engine (design.md "Engine: who owns what"): sequences, a scheduler, a model
+runner, and the three mode policies written once against the one-forward contract."""
 
 from __future__ import annotations
 
-from trimode.decoding.ar import ARDecoder
-from trimode.decoding.base import Decoder, SequenceResult, SequenceStats
-from trimode.decoding.diffusion import DiffusionDecoder
-from trimode.decoding.self_spec import SelfSpecDecoder
-from trimode.decoding.settings import GenerationSettings, Mode
+from trimode.decoding.engine import Engine
+from trimode.decoding.sequence import Sequence, SequenceStats
+from trimode.decoding.settings import DecodeConfig, EngineConfig, GenerationSettings, SamplingParams
+from trimode.errors import InputError
 from trimode.model import NLDModel
-
-DECODERS: dict[Mode, type[Decoder]] = {
-    Mode.AR: ARDecoder, Mode.DIFFUSION: DiffusionDecoder, Mode.SELF_SPEC: SelfSpecDecoder,
-}
+from trimode.passes import Mode, PassKind
 
 
-def make_decoder(model: NLDModel, prompts: list[list[int]], settings: GenerationSettings) -> Decoder:
-    return DECODERS[settings.mode](model, prompts, settings)
+def engine_for(model: NLDModel, prompts: list[list[int]], settings: GenerationSettings) -> Engine:
+    """An engine sized for this batch of prompts: one slot each, room for the longest."""
+    if not prompts:
+        raise InputError("no prompts given")
+    block_length = min(settings.block_length or model.spec.block_size, settings.max_new_tokens)
+    max_seq_len = max(len(p) for p in prompts) + settings.max_new_tokens + block_length
+    return Engine(model, EngineConfig(len(prompts), max_seq_len, settings.prefill_chunk))
 
 
-def generate(model: NLDModel, prompts: list[list[int]], settings: GenerationSettings) -> list[SequenceResult]:
-    return make_decoder(model, prompts, settings).run()
+def generate(model: NLDModel, prompts: list[list[int]], settings: GenerationSettings) -> list[Sequence]:
+    """Add every prompt, step until all are done: -> the finished sequences, in prompt order."""
+    engine = engine_for(model, prompts, settings)
+    seqs = [engine.add(p, settings.sampling, settings.decoding) for p in prompts]
+    while engine.has_work:
+        engine.step()
+    return seqs
 
 
-__all__ = ["Decoder", "GenerationSettings", "Mode", "SequenceResult", "SequenceStats", "generate", "make_decoder"]
+__all__ = ["DecodeConfig", "Engine", "EngineConfig", "GenerationSettings", "Mode", "PassKind", "SamplingParams",
+           "Sequence", "SequenceStats", "engine_for", "generate"]

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import torch
+from trimode.decoding.batch import Batch
+from trimode.decoding.settings import DecodeConfig
+from trimode.passes import PassKind
 
-from trimode.decoding.base import Decoder
-from trimode.model import Pattern
 
+class ARPolicy:
+    def step(self, batch: Batch, config: DecodeConfig) -> list[list[int]]:
+        tokens = batch.fetch(batch.pick(self.decode(batch)[:, 0]))[0]  # the step's one host sync
+        for seq, t in zip(batch.seqs, tokens):
+            seq.next_token = t
+        return [seq.emit([t]) for seq, t in zip(batch.seqs, tokens)]
 
-class ARDecoder(Decoder):
-    @torch.no_grad()
-    def step(self) -> list[list[int]]:
-        rows = self.active_rows()
-        logits = self.decode(rows)
-        self.seeds[rows] = self.pick(logits[:, 0])
-        return self._emit_rows(rows, [[t] for t in self.seeds[rows].tolist()])
-
-    def decode(self, rows: torch.Tensor) -> torch.Tensor:
-        """Causal pass over each row's newest token: it enters the cache, its logit is the next one."""
-        logits = self.forward(self.seeds[rows, None], rows, Pattern.CAUSAL, "decode")
-        self.cache.advance(rows, 1)
+    def decode(self, batch: Batch):
+        """Causal pass over each sequence's newest token: it enters the cache, its logit is the next one."""
+        logits = batch.run(PassKind.DECODE, batch.next_tokens()[:, None])
+        batch.advance([1] * len(batch))
         return logits

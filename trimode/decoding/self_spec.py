@@ -4,39 +4,37 @@ from __future__ import annotations
 
 import torch
 
-from trimode.decoding.diffusion import DiffusionDecoder
-from trimode.model import Pattern
+from trimode.decoding.batch import Batch
+from trimode.decoding.diffusion import denoise, new_block
+from trimode.decoding.settings import DecodeConfig
+from trimode.passes import PassKind
 from trimode.plugins.ops import spec_accept
 
 
-class SelfSpecDecoder(DiffusionDecoder):
-    @torch.no_grad()
-    def step(self) -> list[list[int]]:
-        rows = self.active_rows()
-        block = self.draft(rows)
-        logits = self.verify(rows, block)
-        tokens, n = self.accept(rows, block, logits)
-        emitted = []
-        for j, r in enumerate(rows.tolist()):
-            self.results[r].stats.accepted_lengths.append(int(n[j]))
-            emitted.append(tokens[j, :n[j]].tolist())
-        return self._emit_rows(rows, emitted)
+class SelfSpecPolicy:
+    def step(self, batch: Batch, config: DecodeConfig) -> list[list[int]]:
+        block = self.draft(batch, config)
+        tokens, accepted = self.accept(batch, block, self.verify(batch, block))
+        new = []
+        for seq, a, n in zip(batch.seqs, tokens, accepted):
+            seq.stats.accepted_lengths.append(n)
+            seq.next_token = a[n - 1]
+            new.append(seq.emit(a[:n]))
+        return new
 
-    def draft(self, rows: torch.Tensor) -> torch.Tensor:
+    def draft(self, batch: Batch, config: DecodeConfig) -> torch.Tensor:
         """Block pass(es) over [s, MASK x (L-1)] with the draft adapter on; default: one pass fills all."""
-        return self.denoise(rows, self.new_block(rows), self.settings.commit_threshold,
-                            use_draft=True, kind="draft")
+        return denoise(batch, new_block(batch), config.commit_threshold, PassKind.DRAFT)
 
-    def verify(self, rows: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    def verify(self, batch: Batch, block: torch.Tensor) -> torch.Tensor:
         """Causal pass over [s, d1 .. d(L-1)], adapter off, writing K/V for all L positions."""
-        return self.forward(block, rows, Pattern.CAUSAL, "verify")
+        return batch.run(PassKind.VERIFY, block)
 
-    def accept(self, rows: torch.Tensor, block: torch.Tensor,
-               logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def accept(self, batch: Batch, block: torch.Tensor, logits: torch.Tensor) -> tuple[list[list[int]], list[int]]:
         """Keep n = matched drafts + 1 bonus token: the cache keeps s, d1 .. d(n-1); a_(n-1) is the next seed.
         At temperature 0 every emitted token is the AR greedy token: the invariant of spec §7."""
-        accepted = spec_accept(logits, block, self.spec.mask_token_id, self.eos_tensor,
-                               self.settings.temperature, self.sampling_seed())
-        self.cache.advance(rows, accepted.n)
-        self.seeds[rows] = accepted.next_seed
-        return accepted.tokens, accepted.n
+        no_eos = torch.empty(0, dtype=torch.long, device=block.device)  # EOS is the sequences' rule (emit)
+        result = spec_accept(logits, block, batch.spec.mask_token_id, no_eos, *batch.sampling())
+        tokens, accepted = batch.fetch(result.tokens, result.n)  # the step's one host sync
+        batch.advance(accepted)
+        return tokens, accepted

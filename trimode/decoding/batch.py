@@ -1,0 +1,85 @@
+"""The sequences one policy cycle works on, bound to the runner they run on.
+
+A `Batch` is what the mode policies see: it runs counted passes over its sequences' slots, draws
+each sequence's own random numbers, commits tokens to the cache, and brings results to the host
+in one transfer per call of `fetch` (where a non-finite logit seen since the last fetch is raised).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trimode.config import ModelSpec
+from trimode.decoding.runner import ModelRunner
+from trimode.decoding.sequence import Sequence
+from trimode.errors import NumericalError
+from trimode.passes import PassKind
+from trimode.plugins.reference import pick_tokens
+
+
+class Batch:
+    def __init__(self, runner: ModelRunner, seqs: list[Sequence]):
+        self.runner, self.seqs = runner, seqs
+        self.slots = [s.slot for s in seqs]
+        self.spec: ModelSpec = runner.model.spec
+        self.device = runner.model.device
+        self._is_finite: list[torch.Tensor] = []
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def block_length(self) -> int:
+        return self.seqs[0].block_length
+
+    def subset(self, index: list[int]) -> "Batch":
+        sub = Batch(self.runner, [self.seqs[i] for i in index])
+        sub._is_finite = self._is_finite  # one check for the whole cycle
+        return sub
+
+    def run(self, kind: PassKind, tokens: torch.Tensor, logit_index: torch.Tensor | None = None) -> torch.Tensor:
+        """One counted forward pass of `kind` over tokens [b, L] of these sequences."""
+        for s in self.seqs:
+            s.stats.passes[kind.value] += 1
+        logits = self.runner.run(kind, tokens, self.slots, logit_index)
+        self._is_finite.append(torch.isfinite(logits).all())
+        return logits
+
+    def advance(self, counts: list[int]) -> None:
+        self.runner.advance(self.slots, counts)
+
+    def next_tokens(self) -> torch.Tensor:
+        """[b] each sequence's next token (emitted, not yet cached)."""
+        return torch.tensor([s.next_token for s in self.seqs], dtype=torch.long, device=self.device)
+
+    def sampling(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row (temperature [b] fp32, Philox key [b] int64) for one sampling op: each sequence
+        draws from its own stream, whatever else shares the batch."""
+        temperature = torch.tensor([s.params.temperature for s in self.seqs], dtype=torch.float32, device=self.device)
+        keys = torch.tensor([s.next_rng_key() for s in self.seqs], dtype=torch.long, device=self.device)
+        return temperature, keys
+
+    def pick(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [b, V] -> [b] tokens: greedy, or sampled per sequence (mask token never picked)."""
+        return pick_tokens(logits, self.spec.mask_token_id, *self.sampling())
+
+    def eos_table(self) -> torch.Tensor:
+        """[b, E] each sequence's end tokens, padded with -1 (no token id)."""
+        width = max(len(s.eos_ids) for s in self.seqs)
+        table = [sorted(s.eos_ids) + [-1] * (width - len(s.eos_ids)) for s in self.seqs]
+        return torch.tensor(table, dtype=torch.long, device=self.device).view(len(self.seqs), width)
+
+    def fetch(self, *tensors: torch.Tensor) -> list[list]:
+        """The tensors as host lists, in one device-to-host transfer (the step's host sync)."""
+        flat = [t.reshape(len(self.seqs), -1).long() for t in tensors]
+        checks = torch.stack(self._is_finite) if self._is_finite else torch.ones(1, dtype=torch.bool)
+        host = torch.cat([*flat, checks.long().to(self.device).view(1, -1).expand(len(self.seqs), -1)], dim=1).tolist()
+        if self._is_finite and not all(host[0][-len(self._is_finite):]):
+            raise NumericalError("the model produced non-finite logits (NaN or Inf): check the checkpoint's "
+                                 "weights and config.json values")
+        self._is_finite.clear()
+        out, start = [], 0
+        for t in flat:
+            out.append([row[start:start + t.shape[1]] for row in host])
+            start += t.shape[1]
+        return [col if t.dim() > 1 else [v[0] for v in col] for col, t in zip(out, tensors)]

@@ -1,0 +1,147 @@
+"""The engine: requests join and leave a running batch (nano-vllm's Scheduler + LLMEngine).
+
+    add(prompt, params, decoding) -> Sequence   queued; its id names it in step() and abort()
+    step() -> {id: new tokens}                  admit + prefill, then one cycle of each mode's policy
+    abort(id)                                   the sequence ends and frees its slot at once
+
+One step: waiting sequences take free slots (lowest first) and run one prefill chunk each; those
+whose prompt is then cached emit their first token. Then the sequences that were already running
+run one cycle of their mode's policy, batched by decode config (mode, block length, threshold),
+so one KV pool serves requests of every mode at once. A finished sequence frees its slot at the
+end of the step that finished it; a full pool queues new requests instead of failing.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+
+import torch
+
+from trimode.decoding.ar import ARPolicy
+from trimode.decoding.batch import Batch
+from trimode.decoding.diffusion import DiffusionPolicy
+from trimode.decoding.runner import ModelRunner
+from trimode.decoding.self_spec import SelfSpecPolicy
+from trimode.decoding.sequence import Sequence, Status
+from trimode.decoding.settings import DecodeConfig, EngineConfig, SamplingParams
+from trimode.errors import InputError
+from trimode.model import NLDModel
+from trimode.passes import Mode, PassKind
+
+
+class Engine:
+    def __init__(self, model: NLDModel, config: EngineConfig = EngineConfig(), policies: dict | None = None):
+        self.model, self.spec, self.config = model, model.spec, config
+        self.runner = ModelRunner(model, config.max_slots, config.max_seq_len)
+        self.policies = {Mode.AR: ARPolicy(), Mode.DIFFUSION: DiffusionPolicy(), Mode.SELF_SPEC: SelfSpecPolicy()}
+        self.policies.update(policies or {})
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # hold a slot: prefilling or running
+        self._ids = itertools.count()
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, prompt: list[int], params: SamplingParams = SamplingParams(),
+            decoding: DecodeConfig = DecodeConfig()) -> Sequence:
+        """Queue a request; refuse one that could never fit the pool (a full pool only queues)."""
+        spec = self.spec
+        if not prompt:
+            raise InputError("the prompt is empty")
+        if min(prompt) < 0 or max(prompt) >= spec.vocab_size:
+            raise InputError(f"prompt token ids must lie in [0, {spec.vocab_size})")
+        # A block never needs to be longer than what the sequence may still emit.
+        block_length = min(decoding.block_length or spec.block_size, params.max_new_tokens)
+        needed = len(prompt) + params.max_new_tokens + block_length
+        if needed > self.config.max_seq_len:
+            raise InputError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) + block "
+                             f"length ({block_length}) need {needed} positions; this engine holds max_seq_len="
+                             f"{self.config.max_seq_len}")
+        if len(prompt) + params.max_new_tokens > spec.max_position_embeddings:
+            raise InputError(f"prompt + max_new_tokens exceed max_position_embeddings={spec.max_position_embeddings}")
+        eos_ids = frozenset(() if params.ignore_eos else (*spec.eos_token_ids, *params.stop_token_ids))
+        seq = Sequence(next(self._ids), list(prompt), params, decoding, block_length, eos_ids)
+        self.waiting.append(seq)
+        return seq
+
+    def abort(self, seq_id: int) -> bool:
+        """End a waiting or running sequence now (finish_reason "abort"); False if it is not live."""
+        for seq in [*self.waiting, *self.running]:
+            if seq.id == seq_id:
+                seq.finish_reason = seq.finish_reason or "abort"
+                self._retire(seq)
+                return True
+        return False
+
+    def step(self) -> dict[int, list[int]]:
+        """One scheduling step -> the tokens each sequence emitted in it (absent: none)."""
+        cycling = [s for s in self.running if s.status is Status.RUNNING]
+        self._admit()
+        new: dict[int, list[int]] = {}
+        prefilling = [s for s in self.running if s.status is Status.PREFILL]
+        for group in self._prefill_groups(prefilling):
+            for seq, tokens in zip(group, prefill(Batch(self.runner, group), self.config.prefill_chunk)):
+                new[seq.id] = tokens
+        key = lambda s: (s.decoding.mode.value, s.block_length, str(s.decoding.commit_threshold))  # noqa: E731
+        for _, group in itertools.groupby(sorted(cycling, key=key), key=key):
+            group = sorted(group, key=lambda s: s.slot)  # ascending slots: contiguous rows need no gather
+            policy = self.policies[group[0].decoding.mode]
+            for seq, tokens in zip(group, policy.step(Batch(self.runner, group), group[0].decoding)):
+                new[seq.id] = tokens
+        for seq in [s for s in self.running if s.finish_reason]:
+            self._retire(seq)
+        return new
+
+    def _admit(self) -> None:
+        while self.waiting and self.runner.num_free:
+            seq = self.waiting.popleft()
+            seq.slot, seq.status = self.runner.allocate(), Status.PREFILL
+            self.running.append(seq)
+
+    def _retire(self, seq: Sequence) -> None:
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+            self.runner.release(seq.slot)
+        seq.status, seq.slot = Status.FINISHED, None
+
+    def _prefill_groups(self, seqs: list[Sequence]) -> list[list[Sequence]]:
+        """One batched prefill pass, unless its padding would run past the pool: then one pass each."""
+        if not seqs:
+            return []
+        seqs = sorted(seqs, key=lambda s: s.slot)
+        chunk = max(_chunk_len(s, self.config.prefill_chunk) for s in seqs)
+        if max(s.num_prefilled for s in seqs) + chunk <= self.runner.max_seq_len:
+            return [seqs]
+        return [[s] for s in seqs]
+
+
+def _chunk_len(seq: Sequence, prefill_chunk: int | None) -> int:
+    remaining = len(seq.prompt) - seq.num_prefilled
+    return remaining if prefill_chunk is None else min(prefill_chunk, remaining)
+
+
+def prefill(batch: Batch, prefill_chunk: int | None) -> list[list[int]]:
+    """One causal pass over each sequence's next prompt chunk (ragged chunks padded; the padding's
+    K/V stays scratch). A sequence whose prompt is then cached picks its first token from its
+    last prompt logit: that token is emitted, and becomes its next token."""
+    counts = [_chunk_len(s, prefill_chunk) for s in batch.seqs]
+    tokens = torch.full((len(batch), max(counts)), batch.spec.pad_token_id or 0, dtype=torch.long)
+    for i, (seq, n) in enumerate(zip(batch.seqs, counts)):
+        tokens[i, :n] = torch.tensor(seq.prompt[seq.num_prefilled:seq.num_prefilled + n])
+    tokens = tokens.to(batch.device)
+    logits = batch.run(PassKind.PREFILL, tokens, torch.tensor(counts, device=batch.device) - 1)
+    batch.advance(counts)
+    for seq, n in zip(batch.seqs, counts):
+        seq.num_prefilled += n
+    done = [i for i, seq in enumerate(batch.seqs) if seq.num_prefilled == len(seq.prompt)]
+    new: list[list[int]] = [[] for _ in batch.seqs]
+    if done:
+        sub = batch.subset(done)
+        for i, seq, t in zip(done, sub.seqs, sub.fetch(sub.pick(logits[done, 0]))[0]):
+            seq.next_token, seq.status = t, Status.RUNNING
+            new[i] = seq.emit([t])
+    return new

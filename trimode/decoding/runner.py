@@ -1,0 +1,71 @@
+"""ModelRunner: the KV pool for the engine's life and one forward pass at a time (nano-vllm's cut).
+
+`run(kind, tokens [b, L], slots)` runs one pass of a `PassKind` for the sequences in `slots` and
+returns logits; `advance(slots, counts)` commits tokens; `allocate` / `release` hand out rows.
+The runner keeps each slot's committed length on the host too, so a pass needs no host sync to
+size its attention. The backend is fixed when the runner is built: the eager reference model
+here; a compiled engine (the builder) supplies another callable with the same contract.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import torch
+
+from trimode.errors import InputError
+from trimode.model import NLDModel
+from trimode.passes import PassKind
+
+
+class ModelRunner:
+    def __init__(self, model: NLDModel, max_slots: int, max_seq_len: int):
+        self.model = model
+        self.forward = model  # the backend: forward(tokens, cache, kind, rows, logit_index, length_range)
+        self.cache = model.new_cache(max_slots, max_seq_len)
+        self.host_lengths = [0] * max_slots
+        self._free = list(range(max_slots))  # a heap: the lowest free slot first keeps batches contiguous
+
+    @property
+    def max_slots(self) -> int:
+        return self.cache.num_slots
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.cache.max_len
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise InputError("the KV pool has no free slot")
+        return heapq.heappop(self._free)
+
+    def release(self, slot: int) -> None:
+        self.cache.lengths[slot] = 0
+        self.host_lengths[slot] = 0
+        heapq.heappush(self._free, slot)
+
+    @torch.no_grad()
+    def run(self, kind: PassKind, tokens: torch.Tensor, slots: list[int],
+            logit_index: torch.Tensor | None = None) -> torch.Tensor:
+        """One pass over tokens [b, L] of the sequences in `slots` -> fp32 logits [b, L, V], or
+        [b, 1, V] for the kinds that need only a last logit (at logit_index [b], default L-1)."""
+        if kind.last_logit_only and logit_index is None:
+            logit_index = torch.full((len(slots),), tokens.shape[1] - 1, device=tokens.device)
+        lengths = [self.host_lengths[s] for s in slots]
+        assert max(lengths) + tokens.shape[1] <= self.max_seq_len, "a pass past the pool's max_seq_len"
+        if slots == list(range(slots[0], slots[0] + len(slots))):  # contiguous: views, no gather
+            cache, rows = self.cache.rows(slots[0], slots[0] + len(slots)), None
+        else:
+            cache, rows = self.cache, torch.tensor(slots, device=tokens.device)
+        return self.forward(tokens, cache, kind, rows, logit_index, (min(lengths), max(lengths)))
+
+    def advance(self, slots: list[int], counts: list[int]) -> None:
+        """Commit counts[i] more tokens of slots[i] (the K/V the last pass wrote for them)."""
+        for s, n in zip(slots, counts):
+            self.host_lengths[s] += n
+        index = torch.tensor(slots, device=self.cache.lengths.device)
+        self.cache.lengths[index] += torch.tensor(counts, device=self.cache.lengths.device)

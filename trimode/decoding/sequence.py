@@ -1,0 +1,96 @@
+"""One request's state, from arrival to its last token (nano-vllm's Sequence).
+
+A sequence owns its prompt, its emitted tokens, its KV slot while it runs, its next token (the
+newest token, emitted but not yet in the cache), its statistics, its own sampling parameters and
+its own random stream, so what it generates never depends on which requests share its batch.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from enum import Enum
+
+from trimode.decoding.settings import DecodeConfig, SamplingParams
+
+_MASK64 = (1 << 64) - 1
+
+
+class Status(str, Enum):
+    WAITING = "waiting"      # queued: no slot yet
+    PREFILL = "prefill"      # holds a slot; prompt chunks still to run
+    RUNNING = "running"      # prompt cached, first token emitted: mode cycles run
+    FINISHED = "finished"    # EOS, length or aborted; slot released
+
+
+@dataclass
+class SequenceStats:
+    num_generated: int = 0
+    passes: Counter = field(default_factory=Counter)           # by PassKind value
+    accepted_lengths: list[int] = field(default_factory=list)  # self-speculation, per cycle
+
+    @property
+    def num_passes(self) -> int:
+        return sum(self.passes.values())
+
+    @property
+    def tokens_per_pass(self) -> float:
+        """Every pass counted, prefill included: AR is exactly 1.0 with a one-shot prefill."""
+        return self.num_generated / max(self.num_passes, 1)
+
+    @property
+    def mean_accepted_length(self) -> float | None:
+        a = self.accepted_lengths
+        return sum(a) / len(a) if a else None
+
+    def to_dict(self) -> dict:
+        return {"num_generated": self.num_generated, "passes": {str(k): v for k, v in self.passes.items()},
+                "num_passes": self.num_passes, "tokens_per_pass": round(self.tokens_per_pass, 4),
+                "accepted_lengths": list(self.accepted_lengths),
+                "mean_accepted_length": self.mean_accepted_length}
+
+
+@dataclass(eq=False)
+class Sequence:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    decoding: DecodeConfig
+    block_length: int                       # resolved: decoding.block_length or the checkpoint's
+    eos_ids: frozenset[int]                 # the checkpoint's EOS ids and params.stop_token_ids
+    status: Status = Status.WAITING
+    slot: int | None = None
+    num_prefilled: int = 0                  # prompt tokens in the cache so far
+    next_token: int | None = None           # emitted, not yet cached: the next pass's first token
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None        # "eos", "length" or "abort"
+    stats: SequenceStats = field(default_factory=SequenceStats)
+    num_draws: int = 0                      # sampling ops this sequence has taken part in
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def emit(self, tokens: list[int]) -> list[int]:
+        """Append tokens, truncated at the first EOS (kept) and at max_new_tokens; -> what was appended."""
+        if self.finish_reason:
+            return []
+        room = self.params.max_new_tokens - len(self.tokens)
+        out = tokens[:room]
+        eos = next((i for i, t in enumerate(out) if t in self.eos_ids), None)
+        if eos is not None:
+            out, self.finish_reason = out[:eos + 1], "eos"
+        elif len(out) == room:
+            self.finish_reason = "length"
+        self.tokens += out
+        self.stats.num_generated += len(out)
+        return out
+
+    def next_rng_key(self) -> int:
+        """The Philox key of this sequence's next sampling op: a hash of (seed, draw counter), so
+        every op gets a fresh stream and the stream depends on nothing but this sequence."""
+        x = (self.params.seed ^ (self.num_draws * 0x9E3779B97F4A7C15)) & _MASK64
+        self.num_draws += 1
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64   # splitmix64's finaliser
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+        return (x ^ (x >> 31)) >> 1                              # 63 bits: the ops take 0..2^63-1
