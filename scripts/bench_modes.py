@@ -10,7 +10,11 @@ exactly --max-new-tokens tokens):
     mean over sequences of stats.tokens_per_pass;
   * batch-level forward calls: a counter wrapped around `model.forward` on the NLDModel instance
     (one call runs every active row at once), and tokens per batch forward call;
-  * mean accepted length per self-speculation cycle.
+  * mean accepted length per self-speculation cycle;
+  * staggered arrivals (per mode): the 8 prompts arrive one by one, spread evenly over the time one
+    request takes alone; the engine admits each at its next step, against the old behaviour where
+    a batch runs to completion and requests that arrive meanwhile wait for the next batch. Reported:
+    makespan (first arrival to last finish), output tokens/s over it, and mean request latency.
 The baseline is transformers' `Ministral3ForCausalLM.generate()` with the same weights in fp32
 (greedy, LEFT padding + attention mask, min_new_tokens = max_new_tokens, EOS disabled, the mask
 token suppressed as trimode does, spec §10). `ar_vs_transformers_ratio` = our AR tokens/s divided by
@@ -42,7 +46,7 @@ from pathlib import Path
 import torch
 
 from trimode.checkpoint import load_checkpoint
-from trimode.decoding import GenerationSettings, Mode, generate
+from trimode.decoding import GenerationSettings, Mode, engine_for, generate
 from trimode.hf_reference import ministral3_from
 from trimode.make_checkpoint import make_random_checkpoint, tiny_spec
 
@@ -128,6 +132,63 @@ def count_mode(ck, counter, prompts, settings):
     }, [r.tokens for r in results]
 
 
+def serve_staggered(ck, prompts, settings, arrivals: list[float]) -> dict:
+    """The engine: a request joins the running batch at the first step after it arrives."""
+    engine = engine_for(ck.model, prompts, settings)
+    start, queue, live, latency = time.perf_counter(), list(zip(arrivals, prompts)), [], []
+    while queue or engine.has_work:
+        now = time.perf_counter() - start
+        while queue and queue[0][0] <= now:
+            arrival, prompt = queue.pop(0)
+            live.append((arrival, engine.add(prompt, settings.sampling, settings.decoding)))
+        if not engine.has_work:
+            time.sleep(queue[0][0] - now)
+            continue
+        engine.step()
+        done = time.perf_counter() - start
+        latency += [done - a for a, seq in live if seq.is_finished]
+        live = [(a, seq) for a, seq in live if not seq.is_finished]
+    return _arrival_report(latency, time.perf_counter() - start, len(prompts) * settings.max_new_tokens)
+
+
+def wait_for_batch(ck, prompts, settings, arrivals: list[float]) -> dict:
+    """The old behaviour: a batch runs to completion; requests arriving meanwhile wait for the next one."""
+    start, queue, latency = time.perf_counter(), list(zip(arrivals, prompts)), []
+    while queue:
+        now = time.perf_counter() - start
+        batch = [(a, p) for a, p in queue if a <= now]
+        if not batch:
+            time.sleep(queue[0][0] - now)
+            continue
+        queue = queue[len(batch):]
+        generate(ck.model, [p for _, p in batch], settings)
+        latency += [time.perf_counter() - start - a for a, _ in batch]
+    return _arrival_report(latency, time.perf_counter() - start, len(prompts) * settings.max_new_tokens)
+
+
+def _arrival_report(latency: list[float], makespan: float, tokens: int) -> dict:
+    return {"makespan_s": round(makespan, 4), "tokens_per_s": round(tokens / makespan, 2),
+            "mean_latency_s": round(statistics.mean(latency), 4)}
+
+
+def staggered(ck, prompts, n: int, block_length: int | None) -> dict:
+    """Per mode: the 8 prompts arrive evenly over the time one request takes alone."""
+    out = {}
+    for mode in MODES:
+        settings = GenerationSettings(mode=mode, max_new_tokens=n, block_length=block_length, ignore_eos=True)
+        generate(ck.model, prompts[:1], settings)  # warm-up
+        start = time.perf_counter()
+        generate(ck.model, prompts[:1], settings)
+        alone = time.perf_counter() - start
+        arrivals = [i * alone / len(prompts) for i in range(len(prompts))]
+        engine, batched = serve_staggered(ck, prompts, settings, arrivals), wait_for_batch(ck, prompts, settings, arrivals)
+        out[mode.value] = {"alone_s": round(alone, 4), "arrival_gap_s": round(arrivals[1], 4), "engine": engine,
+                           "wait_for_batch": batched,
+                           "throughput_ratio": round(engine["tokens_per_s"] / batched["tokens_per_s"], 3),
+                           "latency_ratio": round(engine["mean_latency_s"] / batched["mean_latency_s"], 3)}
+    return out
+
+
 def add_rates(entry: dict, timing: dict) -> dict:
     entry.update(timing)
     entry["tokens_per_s"] = round(entry["tokens_generated"] / timing["time_s_best"], 2)
@@ -204,6 +265,7 @@ def main(argv=None) -> int:
     report["ar_matches_transformers_b1"] = match
     report["ar_matches_transformers_b1_fraction"] = sum(match) / len(match)
     report["ar_vs_transformers_ratio"] = {k: v["ar_vs_transformers_ratio"] for k, v in report["results"].items()}
+    report["staggered_arrivals"] = staggered(ck, prompts, n, args.block_length)
 
     print_table(report)
     text = json.dumps(report, indent=2)
@@ -235,6 +297,11 @@ def print_table(report) -> None:
               f"self-spec==AR: {sum(row['self_spec_matches_ar'])}/{len(row['self_spec_matches_ar'])}", file=err)
     print(f"AR == transformers greedy at batch 1: {report['ar_matches_transformers_b1_fraction']:.0%} of prompts",
           file=err)
+    print(f"staggered arrivals of {len(PROMPTS)} requests: engine vs wait-for-the-batch", file=err)
+    for mode, r in report["staggered_arrivals"].items():
+        print(f"  {mode:<10} tok/s {r['engine']['tokens_per_s']:>8.1f} vs {r['wait_for_batch']['tokens_per_s']:>8.1f} "
+              f"(x{r['throughput_ratio']:.2f})  mean latency {r['engine']['mean_latency_s']:.3f}s vs "
+              f"{r['wait_for_batch']['mean_latency_s']:.3f}s (x{r['latency_ratio']:.2f})", file=err)
 
 
 if __name__ == "__main__":
