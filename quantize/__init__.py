@@ -71,9 +71,9 @@ def quantize_checkpoint(checkpoint_dir: Path, out_dir: Path, settings: QuantizeS
         raise InputError(f"{checkpoint_dir}: not a directory")
     if read_quant_config(checkpoint_dir) is not None:
         raise InputError(f"{checkpoint_dir} is already quantized (hf_quant_config.json); quantize the bf16 checkpoint")
-    texts, source = read_calibration_texts(settings.calib_data)  # cheap checks before heavy imports
     with stage_output(out_dir, "quantize", inputs, force) as tmp:
         ck = load_checkpoint(checkpoint_dir, device="cpu", dtype=torch.float32)  # bad input fails fast,
+        texts, source = read_calibration_texts(settings.calib_data)
         windows = calibration_windows(texts, ck.tokenizer, ck.spec, settings.calib_samples, settings.calib_seq_len)
         import_modelopt()  # before the slow import
         block_length = min(ck.spec.block_size, settings.calib_seq_len - 1)

@@ -97,7 +97,7 @@ def read_quant_config(checkpoint_dir: Path) -> dict | None:
         return None
     try:
         quant = json.loads(path.read_text())["quantization"]
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise CheckpointError(f"{path}: not a ModelOpt quantization config ({type(e).__name__}: {e})") from None
     if not isinstance(quant, dict):
         raise CheckpointError(f"{path}: key 'quantization': expected an object, got {quant!r}")
@@ -159,7 +159,7 @@ def _shard_names(index: Path) -> list[str]:
     """The shard files an index names: plain .safetensors file names inside the checkpoint folder."""
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index}: 'weight_map' must be a non-empty object of tensor name -> shard file")
@@ -214,7 +214,7 @@ def _lora_scale(config_path: Path) -> tuple[int, float]:
     """-> (r, the LoRA scale) from a PEFT adapter_config.json, every value checked."""
     try:
         cfg = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{config_path}: not a readable LoRA adapter config ({e})") from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{config_path}: expected a JSON object")

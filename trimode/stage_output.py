@@ -127,7 +127,7 @@ def write_manifest(out_dir: Path, manifest: dict) -> None:
 def _stage_of(out: Path) -> str | None:
     try:
         stage = json.loads((out / MANIFEST).read_text()).get("stage")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return None
     return stage if isinstance(stage, str) else None
 
