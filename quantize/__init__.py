@@ -1,8 +1,8 @@
 """The quantize stage: an NLD checkpoint -> an FP8 checkpoint (ModelOpt recipe, unified HF layout).
 
-quantize_checkpoint reads one directory and writes only its output directory, through a temporary
-sibling renamed at the end: a failed run leaves nothing behind, and an existing output is replaced
-only with force=True.
+quantize_checkpoint reads one directory and writes only its output directory, through
+`trimode.stage_output` (a temporary sibling renamed at the end, nothing left behind on failure; with
+force=True only a previous quantize output is replaced).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 
 from trimode import __version__
 from trimode.errors import InputError
+from trimode.stage_output import check_output, stage_output, write_manifest
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -34,9 +35,9 @@ class QuantizeSettings:
     def __post_init__(self) -> None:
         if self.kv_cache not in ("fp8", "none"):
             raise InputError(f"kv_cache: expected 'fp8' or 'none', got {self.kv_cache!r}")
-        for field in ("calib_samples", "calib_seq_len", "calib_batch_size"):
-            if getattr(self, field) < 1:
-                raise InputError(f"{field}: expected an integer >= 1, got {getattr(self, field)!r}")
+        for field, least in (("calib_samples", 1), ("calib_seq_len", 2), ("calib_batch_size", 1)):
+            if getattr(self, field) < least:
+                raise InputError(f"{field}: expected an integer >= {least}, got {getattr(self, field)!r}")
 
 
 def input_digest(checkpoint_dir: Path) -> str:
@@ -64,38 +65,29 @@ def quantize_checkpoint(checkpoint_dir: Path, out_dir: Path, settings: QuantizeS
     from trimode.quantize.recipe import import_modelopt, quantize_model
 
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
-    if out_dir.exists() and not force:
-        raise InputError(f"{out_dir} exists (use --force to replace it)")
-    if out_dir.resolve() == checkpoint_dir.resolve():
-        raise InputError(f"{out_dir}: the output must not be the input checkpoint")
-    if checkpoint_dir.is_dir() and read_quant_config(checkpoint_dir) is not None:
+    inputs = [checkpoint_dir] + ([settings.calib_data] if settings.calib_data else [])
+    check_output(out_dir, "quantize", inputs, force)  # before any input is read or module imported
+    if not checkpoint_dir.is_dir():
+        raise InputError(f"{checkpoint_dir}: not a directory")
+    if read_quant_config(checkpoint_dir) is not None:
         raise InputError(f"{checkpoint_dir} is already quantized (hf_quant_config.json); quantize the bf16 checkpoint")
-    texts, source = read_calibration_texts(settings.calib_data)  # cheap checks before heavy imports
-    import_modelopt()
-    ck = load_checkpoint(checkpoint_dir, device="cpu", dtype=torch.float32)
-    windows = calibration_windows(texts, ck.tokenizer, ck.spec, settings.calib_samples, settings.calib_seq_len)
-    block_length = min(ck.spec.block_size, settings.calib_seq_len - 1)
-    start = time.perf_counter()
-    model, passes = quantize_model(ck.model, windows, block_length, settings.kv_cache == "fp8",
-                                   settings.calib_batch_size, on_batch=progress)
-    elapsed = time.perf_counter() - start
-
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with stage_output(out_dir, "quantize", inputs, force) as tmp:
+        ck = load_checkpoint(checkpoint_dir, device="cpu", dtype=torch.float32)  # bad input fails fast,
+        texts, source = read_calibration_texts(settings.calib_data)
+        windows = calibration_windows(texts, ck.tokenizer, ck.spec, settings.calib_samples, settings.calib_seq_len)
+        import_modelopt()  # before the slow import
+        block_length = min(ck.spec.block_size, settings.calib_seq_len - 1)
+        start = time.perf_counter()
+        model, passes = quantize_model(ck.model, windows, block_length, settings.kv_cache == "fp8",
+                                       settings.calib_batch_size, on_batch=progress)
+        elapsed = time.perf_counter() - start
         config = json.loads((checkpoint_dir / "config.json").read_text())
         stats = write_fp8_checkpoint(model, config, tmp, settings.kv_cache == "fp8")
         for name in TOKENIZER_FILES:
             if (checkpoint_dir / name).is_file():
                 shutil.copy2(checkpoint_dir / name, tmp / name)
-        manifest = _manifest(checkpoint_dir, settings, source, windows, passes, stats, elapsed, ck.model.has_draft_adapter)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        write_manifest(tmp, _manifest(checkpoint_dir, settings, source, windows, passes, stats, elapsed,
+                                      ck.model.has_draft_adapter))
     return out_dir
 
 

@@ -51,6 +51,48 @@ def runner():
     return CliRunner()
 
 
+def file_tree(root) -> dict[str, bytes | None]:
+    """Every path under root, hidden ones included: a file's bytes, None for a folder."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            out[os.path.relpath(os.path.join(dirpath, d), root)] = None
+        for f in filenames:
+            path = os.path.join(dirpath, f)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, root)] = fh.read()
+    return out
+
+
+@pytest.fixture
+def tree():
+    return file_tree
+
+
+@pytest.fixture
+def refused(runner):
+    """Run the CLI on bad input and check the README's promise: the exit status, exactly one
+    `Error:` line (on stderr) containing `message`, no traceback, nothing on stdout, and every file
+    under `watch` (inputs and the output's surroundings) byte-identical, nothing added."""
+    from trimode.cli import main
+
+    def check(args, watch, message: str, exit_code: int = 1):
+        before = file_tree(watch)
+        result = runner.invoke(main, [str(a) for a in args])
+        assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+        assert result.exit_code == exit_code, result.output
+        assert "Traceback" not in result.output
+        errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1, result.output
+        assert message in errors[0], result.output
+        assert result.stdout == "", result.stdout
+        assert file_tree(watch) == before
+        result.error = errors[0]
+        return result
+
+    return check
+
+
 @pytest.fixture(scope="session")
 def device() -> torch.device:
     """Where kernel tests run: the GPU when there is one, else CPU through TRITON_INTERPRET."""

@@ -176,8 +176,8 @@ def _non_nld(tiny_dir, tmp_path):
     ("quantized", "already quantized"),
     ("empty calib", "no text to calibrate on"),
     ("missing calib", "no such file or folder"),
-    ("exists", "exists (use --force"),
-    ("bad samples", "calib_samples"),
+    ("exists", "exists and is not empty (--force replaces a previous quantize output)"),
+    ("bad samples", "Invalid value for '--calib-samples'"),
 ])
 def test_bad_input_writes_nothing(runner, tiny_dir, fp8_dir, tmp_path, case, message):
     source, out, extra = tiny_dir, tmp_path / "out", []
@@ -197,8 +197,9 @@ def test_bad_input_writes_nothing(runner, tiny_dir, fp8_dir, tmp_path, case, mes
         extra = ["--calib-samples", "0"]
     before = sorted(p.name for p in tmp_path.iterdir())
     result = runner.invoke(main, ["quantize", str(source), "--out", str(out), *extra])
-    assert result.exit_code == 1, result.output
-    assert result.output.startswith("Error:") and message in result.output and "Traceback" not in result.output
+    assert result.exit_code == (2 if case == "bad samples" else 1), result.output  # 2: a usage error
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no temporary sibling
     if case == "exists":
         assert (out / "keep.txt").read_text() == "mine"

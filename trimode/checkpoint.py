@@ -4,6 +4,7 @@ the optional `linear_spec_lora/` draft adapter, and the tokenizer."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,8 +97,13 @@ def read_quant_config(checkpoint_dir: Path) -> dict | None:
         return None
     try:
         quant = json.loads(path.read_text())["quantization"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: not a ModelOpt quantization config ({e})") from None
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not a ModelOpt quantization config ({type(e).__name__}: {e})") from None
+    if not isinstance(quant, dict):
+        raise CheckpointError(f"{path}: key 'quantization': expected an object, got {quant!r}")
+    if quant.get("kv_cache_quant_algo") not in ("FP8", None):
+        raise CheckpointError(f"{path}: key 'kv_cache_quant_algo': expected 'FP8' or null, "
+                              f"got {quant.get('kv_cache_quant_algo')!r}")
     if quant.get("quant_algo") != "FP8":
         raise CheckpointError(f"{path}: key 'quant_algo': only 'FP8' is supported, got {quant.get('quant_algo')!r}")
     return quant
@@ -135,21 +141,36 @@ def _load_fp8_modules(model: NLDModel, infos: dict[str, TensorInfo], files: Mapp
 def _weight_index(checkpoint_dir: Path) -> dict[str, TensorInfo]:
     single, index = checkpoint_dir / "model.safetensors", checkpoint_dir / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
-        shards = sorted(set(weight_map.values()))
+        shards = _shard_names(index)
     elif single.is_file():
         shards = [single.name]
     else:
         raise CheckpointError(f"{checkpoint_dir}: no model.safetensors or model.safetensors.index.json")
     infos: dict[str, TensorInfo] = {}
     for shard in shards:
-        if not (checkpoint_dir / shard).is_file():
-            raise CheckpointError(f"{index}: shard {shard!r} is missing")
-        infos.update(read_header(checkpoint_dir / shard))
+        for name, info in read_header(checkpoint_dir / shard).items():
+            if name in infos:
+                raise CheckpointError(f"{info.path}: tensor {name!r} is also in {infos[name].path.name}")
+            infos[name] = info
     return infos
+
+
+def _shard_names(index: Path) -> list[str]:
+    """The shard files an index names: plain .safetensors file names inside the checkpoint folder."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError) as e:
+        raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: 'weight_map' must be a non-empty object of tensor name -> shard file")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or Path(shard).name != shard or not shard.endswith(".safetensors"):
+            raise CheckpointError(f"{index}: tensor {name!r}: shard {shard!r} is not a .safetensors file name "
+                                  f"in the checkpoint folder")
+        path = index.parent / shard
+        if not path.is_file():
+            raise CheckpointError(f"{index}: tensor {name!r}: shard {shard!r} is missing")
+    return sorted(set(weight_map.values()))
 
 
 def _check(info: TensorInfo, name: str, shape: tuple[int, ...], dtypes: tuple[str, ...] = WEIGHT_DTYPES) -> None:
@@ -164,16 +185,9 @@ def _check(info: TensorInfo, name: str, shape: tuple[int, ...], dtypes: tuple[st
 def attach_draft_adapter(model: NLDModel, adapter_dir: Path) -> None:
     """Merge the PEFT LoRA on o_proj into a second o_proj per layer: W_draft = W + scale * B @ A."""
     config_path = adapter_dir / "adapter_config.json"
-    try:
-        cfg = json.loads(config_path.read_text())
-        r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{config_path}: not a readable LoRA adapter config ({e})") from None
-    targets = cfg.get("target_modules") or []
-    if "o_proj" not in targets and not any(str(t).endswith("o_proj") for t in targets):
-        raise CheckpointError(f"{config_path}: key 'target_modules': the draft adapter must target o_proj, "
-                              f"got {targets!r}")
-    scale = alpha / r ** 0.5 if cfg.get("use_rslora") else alpha / r
+    r, scale = _lora_scale(config_path)
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        raise CheckpointError(f"{adapter_dir}: no adapter_model.safetensors")
     infos = read_header(adapter_dir / "adapter_model.safetensors")
     files = MappedFiles()
     factors: dict[tuple[int, str], TensorInfo] = {}
@@ -194,3 +208,27 @@ def attach_draft_adapter(model: NLDModel, adapter_dir: Path) -> None:
         draft = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
         draft.weight = nn.Parameter(merged, requires_grad=False)
         attn.o_proj_draft = draft
+
+
+def _lora_scale(config_path: Path) -> tuple[int, float]:
+    """-> (r, the LoRA scale) from a PEFT adapter_config.json, every value checked."""
+    try:
+        cfg = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{config_path}: not a readable LoRA adapter config ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{config_path}: expected a JSON object")
+    r, alpha, rslora = cfg.get("r"), cfg.get("lora_alpha"), cfg.get("use_rslora", False)
+    if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= 65536:
+        raise CheckpointError(f"{config_path}: key 'r': expected an integer in [1, 65536], got {r!r}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise CheckpointError(f"{config_path}: key 'lora_alpha': expected a finite number, got {alpha!r}")
+    if not isinstance(rslora, bool):
+        raise CheckpointError(f"{config_path}: key 'use_rslora': expected true or false, got {rslora!r}")
+    targets = cfg.get("target_modules") or []
+    if isinstance(targets, str):
+        targets = [targets]
+    if not isinstance(targets, list) or not any(str(t).endswith("o_proj") for t in targets):
+        raise CheckpointError(f"{config_path}: key 'target_modules': the draft adapter must target o_proj, "
+                              f"got {targets!r}")
+    return r, alpha / r ** 0.5 if rslora else alpha / r

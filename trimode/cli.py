@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -15,33 +17,113 @@ EMBEDDED_CHECKPOINT = Path(__file__).parent / "assets" / "default"
 
 
 class TrimodeGroup(click.Group):
-    """The one exception boundary: TrimodeError becomes a one-line error and exit 1."""
+    """The one exception boundary: TrimodeError becomes a one-line error and exit 1; Ctrl-C (or
+    SIGTERM while a stage writes) exits 128 + the signal number (130 for Ctrl-C)."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except TrimodeError as e:
-            raise click.ClickException(str(e)) from None
+            message = str(e)
+            if isinstance(e, InputError) and ctx.invoked_subcommand in self.commands:
+                message = _as_typed(message, self.commands[ctx.invoked_subcommand])
+            raise click.ClickException(message) from None
+        except KeyboardInterrupt as e:
+            click.echo("Error: interrupted", err=True)
+            raise click.exceptions.Exit(128 + getattr(e, "signum", 2)) from None
+
+
+def _as_typed(message: str, command: click.Command) -> str:
+    """Settings objects name their fields (max_new_tokens); say the option as typed (--max-new-tokens)."""
+    for param in command.params:
+        if isinstance(param, click.Option) and param.name and param.opts[0].startswith("--"):
+            if "_" in param.name:
+                message = re.sub(rf"(?<![\w.'-]){param.name}\b(?!')", param.opts[0], message)
+            elif message.startswith(f"{param.name}:"):
+                message = param.opts[0] + message[len(param.name):]
+    return message
 
 
 @click.group(cls=TrimodeGroup)
 @click.version_option(package_name="trimode")
 def main() -> None:
-    """Compile and deploy tri-mode diffusion language models (AR, block diffusion, self-speculation)."""
+    """Compile and deploy tri-mode diffusion language models (AR, block diffusion, self-speculation).
+
+    Bad input gives one "Error:" line on stderr and exit status 1 (2 for a bad option); Ctrl-C
+    exits 130. Commands that write a folder write all of it or nothing (see README, Guarantees).
+    """
+
+
+MAX_SEED = 2**63 - 1
+SEED = click.IntRange(0, MAX_SEED)
+
+
+class FiniteFloat(click.FloatRange):
+    """A FloatRange that also refuses nan and inf (which compare False to every bound)."""
+
+    def convert(self, value, param, ctx):
+        v = super().convert(value, param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return v
 
 
 class ThresholdType(click.ParamType):
-    name = "FLOAT|none"
+    name = "FLOAT in [0, 1]|none"
 
     def convert(self, value, param, ctx):
-        if isinstance(value, float) or value is None:
+        if value is None or value == "none":
             return value
         if str(value).lower() == "none":
             return "none"
         try:
-            return float(value)
+            v = float(value)
         except ValueError:
             self.fail(f"{value!r} is neither a number nor 'none'", param, ctx)
+        if not 0 <= v <= 1:  # also refuses nan
+            self.fail(f"{value!r} is not in the range 0<=x<=1", param, ctx)
+        return v
+
+
+class DeviceType(click.ParamType):
+    name = "cpu|cuda|cuda:N"
+
+    def convert(self, value, param, ctx):
+        import torch
+
+        m = re.fullmatch(r"(cpu|cuda)(?::(\d{1,4}))?", str(value))
+        if m is None or (m.group(1) == "cpu" and m.group(2)):
+            self.fail(f"{value!r} is not a device: expected cpu, cuda or cuda:N", param, ctx)
+        if m.group(1) == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if int(m.group(2) or 0) >= count:
+                self.fail(f"{value!r}: {count or 'no'} CUDA device{'s' * (count != 1)} available", param, ctx)
+        return str(value)
+
+
+def _check_prompts(ctx, param, prompts: tuple[str, ...]) -> tuple[str, ...]:
+    from trimode.tokenizer import check_text
+
+    for i, p in enumerate(prompts):
+        try:
+            check_text(p, f"prompt {i + 1}")
+        except InputError as e:
+            raise click.BadParameter(str(e), ctx, param) from None
+    return prompts
+
+
+def _echo_json(obj) -> None:
+    """Strict JSON on stdout: a non-finite number (a NaN perplexity, say) is written as null."""
+    def finite(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: finite(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [finite(v) for v in x]
+        return x
+
+    click.echo(json.dumps(finite(obj), indent=2, allow_nan=False))
 
 
 def _device(name: str | None) -> str:
@@ -49,8 +131,6 @@ def _device(name: str | None) -> str:
 
     if name is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {name}: no CUDA device is available")
     return name
 
 
@@ -64,22 +144,24 @@ def _checkpoint_dir(path: Path | None) -> Path:
 
 
 @main.command()
-@click.argument("prompts", nargs=-1, required=True)
+@click.argument("prompts", nargs=-1, required=True, callback=_check_prompts)
 @click.option("--checkpoint", "checkpoint_dir", type=click.Path(path_type=Path),
               help="NLD checkpoint directory (default: the embedded checkpoint, where this build has one).")
 @click.option("--mode", type=click.Choice(["ar", "diffusion", "self-spec"]), default="ar", show_default=True,
               help="Generation mode; all three use the same weights.")
-@click.option("--max-new-tokens", type=int, default=64, show_default=True, help="Emit at most this many tokens.")
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (temperature > 0).")
-@click.option("--block-length", type=int, default=None,
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Emit at most this many tokens.")
+@click.option("--temperature", type=FiniteFloat(min=0), default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Sampling seed (temperature > 0).")
+@click.option("--block-length", type=click.IntRange(min=1), default=None,
               help="Diffusion / draft block length [default: the checkpoint's block_size].")
 @click.option("--threshold", type=ThresholdType(), default=None,
               help="Commit threshold: diffusion default 0.9, self-spec draft default 0 (one pass). "
                    "'none' commits an even top-k split per step (diffusion).")
-@click.option("--prefill-chunk", type=int, default=None, help="Prefill the prompt in chunks of this many tokens.")
+@click.option("--prefill-chunk", type=click.IntRange(min=1), default=None,
+              help="Prefill the prompt in chunks of this many tokens.")
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past EOS (benchmarks).")
-@click.option("--device", default=None, help="cpu, cuda, cuda:N [default: cuda if present].")
+@click.option("--device", type=DeviceType(), default=None, help="cpu, cuda, cuda:N [default: cuda if present].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, tokens, statistics).")
 def generate(prompts: tuple[str, ...], checkpoint_dir: Path | None, mode: str, max_new_tokens: int,
              temperature: float, seed: int, block_length: int | None, threshold, prefill_chunk: int | None,
@@ -90,6 +172,7 @@ def generate(prompts: tuple[str, ...], checkpoint_dir: Path | None, mode: str, m
     """
     from trimode.checkpoint import load_checkpoint
     from trimode.decoding import GenerationSettings, engine_for
+    from trimode.tokenizer import IncrementalDetokenizer
 
     settings = GenerationSettings(
         mode=mode, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
@@ -103,13 +186,13 @@ def generate(prompts: tuple[str, ...], checkpoint_dir: Path | None, mode: str, m
     start = time.perf_counter()
     if stream:
         click.echo(prompts[0], nl=False)
-    shown = ""
+    detokenizer, shown = IncrementalDetokenizer(ck.tokenizer.decode), 0
     while engine.has_work:
         engine.step()
-        if stream:  # print the text as it is committed
-            text = ck.tokenizer.decode(results[0].tokens)
-            click.echo(text[len(shown):], nl=False)
-            shown = text
+        if stream:  # print the text as it becomes final (a character split over tokens waits)
+            tokens = results[0].tokens
+            click.echo(detokenizer.push(tokens[shown:]), nl=False)
+            shown = len(tokens)
     elapsed = time.perf_counter() - start
     total = sum(r.stats.num_generated for r in results)
     summary = {
@@ -121,10 +204,10 @@ def generate(prompts: tuple[str, ...], checkpoint_dir: Path | None, mode: str, m
                     for p, r in zip(prompts, results)],
     }
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
+        _echo_json(summary)
         return
     if stream:
-        click.echo()
+        click.echo(detokenizer.flush())
     else:
         for p, r in zip(prompts, summary["results"]):
             click.echo(f"{p}{r['text']}")
@@ -145,9 +228,11 @@ def generate(prompts: tuple[str, ...], checkpoint_dir: Path | None, mode: str, m
               help="Also calibrate an FP8 KV cache (k_scale / v_scale).")
 @click.option("--calib-data", type=click.Path(path_type=Path), default=None,
               help="Calibration text: a file, or a folder of text files [default: built-in set].")
-@click.option("--calib-samples", type=int, default=64, show_default=True, help="Calibration windows.")
-@click.option("--calib-seq-len", type=int, default=256, show_default=True, help="Tokens per window.")
-@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--calib-samples", type=click.IntRange(1, 1 << 20), default=64, show_default=True,
+              help="Calibration windows.")
+@click.option("--calib-seq-len", type=click.IntRange(2, 1 << 20), default=256, show_default=True,
+              help="Tokens per window.")
+@click.option("--force", is_flag=True, help="Replace a previous quantize output (never another folder).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def quantize(checkpoint_dir: Path, out_dir: Path, kv_cache: str, calib_data: Path | None, calib_samples: int,
              calib_seq_len: int, force: bool, as_json: bool) -> None:
@@ -177,7 +262,7 @@ def quantize(checkpoint_dir: Path, out_dir: Path, kv_cache: str, calib_data: Pat
             bar.close()
     manifest = json.loads((path / "manifest.json").read_text())
     if as_json:
-        click.echo(json.dumps(manifest, indent=2))
+        _echo_json(manifest)
         return
     cal = manifest["calibration"]
     click.echo(f"wrote {path}: FP8 weights/activations, KV cache {kv_cache}; calibrated on "
@@ -194,7 +279,7 @@ def quantize(checkpoint_dir: Path, out_dir: Path, kv_cache: str, calib_data: Pat
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--against", "against_dir", type=click.Path(path_type=Path), default=None,
               help="Another checkpoint (e.g. the bf16 source of an FP8 one): compare per mode.")
-@click.option("--device", default=None, help="cpu, cuda, cuda:N [default: cuda if present].")
+@click.option("--device", type=DeviceType(), default=None, help="cpu, cuda, cuda:N [default: cuda if present].")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def eval_command(checkpoint_dir: Path | None, num_prompts: int, prompt_len: int, max_new_tokens: int,
                  block_lengths: str, batch_size: int, against_dir: Path | None, device: str | None,
@@ -222,7 +307,7 @@ def eval_command(checkpoint_dir: Path | None, num_prompts: int, prompt_len: int,
     report = evaluate(ck, settings, against,
                       progress=None if as_json else lambda name: click.echo(f"... {name}", err=True))
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        _echo_json(report)
         return
     click.echo(format_report(report))
 
@@ -252,22 +337,28 @@ def format_report(report: dict) -> str:
 @click.option("--random", "is_random", is_flag=True, required=True,
               help="Random weights (the only kind for now; the trained fixture ships separately).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Output directory.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--hidden-size", type=click.IntRange(min=8), default=64, show_default=True)
-@click.option("--num-layers", type=click.IntRange(min=1), default=2, show_default=True)
-@click.option("--vocab-size", type=click.IntRange(min=300), default=384, show_default=True)
-@click.option("--block-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--hidden-size", type=click.IntRange(16, 4096), default=64, show_default=True,
+              help="A multiple of 16.")
+@click.option("--num-layers", type=click.IntRange(1, 64), default=2, show_default=True)
+@click.option("--vocab-size", type=click.IntRange(300, 65536), default=384, show_default=True)
+@click.option("--block-size", type=click.IntRange(1, 4096), default=8, show_default=True)
 @click.option("--draft-adapter", is_flag=True, help="Also write a random linear_spec_lora/ draft adapter.")
 @click.option("--shards", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Split the weights over this many safetensors files (with an index).")
-@click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
+              help="Split the weights over this many safetensors files (with an index); "
+                   "at most the number of tensors, 3 + 9 x layers.")
+@click.option("--force", is_flag=True, help="Replace a previous make-checkpoint output (never another folder).")
 def make_checkpoint(is_random: bool, out_dir: Path, seed: int, hidden_size: int, num_layers: int,
                     vocab_size: int, block_size: int, draft_adapter: bool, shards: int, force: bool) -> None:
     """Write a tiny random checkpoint in the exact NLD layout (config, weights, tokenizer)."""
     from trimode.make_checkpoint import make_random_checkpoint, tiny_spec
 
     if hidden_size % 16:
-        raise InputError(f"--hidden-size: expected a multiple of 16 (4 heads of head_dim >= 4), got {hidden_size}")
+        raise click.BadParameter(f"expected a multiple of 16 (4 heads of an even head_dim >= 4), got {hidden_size}",
+                                 param_hint="'--hidden-size'")
+    if shards > 3 + 9 * num_layers:
+        raise click.BadParameter(f"{shards} shards for {3 + 9 * num_layers} tensors ({num_layers} layers): "
+                                 f"at most one shard per tensor", param_hint="'--shards'")
     spec = tiny_spec(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
                      head_dim=hidden_size // 4, vocab_size=vocab_size, block_size=block_size)
     path = make_random_checkpoint(out_dir, spec, seed=seed, with_draft_adapter=draft_adapter,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,8 +62,10 @@ class ModelSpec:
             raw = json.loads(Path(path).read_text())
         except FileNotFoundError:
             raise ConfigError(f"{path}: no config.json (is this an NLD checkpoint directory?)") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
         return cls.from_dict(raw, source=str(path))
@@ -77,32 +80,34 @@ class ModelSpec:
             raise ConfigError(f"{source}: key 'hidden_act': only 'silu' is supported, got {raw['hidden_act']!r}")
         if raw.get("tie_word_embeddings", False):
             raise ConfigError(f"{source}: key 'tie_word_embeddings': NLD has untied embeddings, got true")
-        heads = r.pos_int("num_attention_heads")
-        hidden = r.pos_int("hidden_size")
-        kv_heads = r.pos_int("num_key_value_heads", heads)
+        heads = r.pos_int("num_attention_heads", most=MAX_HEADS)
+        hidden = r.pos_int("hidden_size", most=MAX_WIDTH)
+        kv_heads = r.pos_int("num_key_value_heads", heads, most=MAX_HEADS)
         if heads % kv_heads:
             raise ConfigError(f"{source}: key 'num_key_value_heads': {kv_heads} does not divide "
                               f"num_attention_heads={heads}")
-        vocab = r.pos_int("vocab_size")
+        vocab = r.pos_int("vocab_size", most=MAX_VOCAB)
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (eos,)
+        if not eos_ids:
+            raise r.fail("eos_token_id", "a token id or a non-empty list of them", eos)
         for e in eos_ids:
             r.token_id("eos_token_id", e, vocab)
         spec = cls(
             vocab_size=vocab,
             hidden_size=hidden,
-            intermediate_size=r.pos_int("intermediate_size"),
-            num_hidden_layers=r.pos_int("num_hidden_layers"),
+            intermediate_size=r.pos_int("intermediate_size", most=MAX_WIDTH * 8),
+            num_hidden_layers=r.pos_int("num_hidden_layers", most=MAX_LAYERS),
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
-            head_dim=r.pos_int("head_dim", hidden // heads),
+            head_dim=r.head_dim(hidden // heads),
             mask_token_id=r.token_id("mask_token_id", raw.get("mask_token_id"), vocab),
             eos_token_ids=eos_ids,
             bos_token_id=r.optional_token_id("bos_token_id", vocab),
             pad_token_id=r.optional_token_id("pad_token_id", vocab),
-            rms_norm_eps=r.pos_float("rms_norm_eps", 1e-5),
-            max_position_embeddings=r.pos_int("max_position_embeddings", 262144),
-            block_size=r.pos_int("block_size", 32),
+            rms_norm_eps=r.pos_float("rms_norm_eps", 1e-5, most=0.5),
+            max_position_embeddings=r.pos_int("max_position_embeddings", 262144, most=MAX_POSITIONS),
+            block_size=r.pos_int("block_size", 32, most=MAX_BLOCK),
             torch_dtype=r.dtype(),
             rope=_read_rope(raw, r, source),
         )
@@ -126,6 +131,9 @@ class ModelSpec:
 
 
 _DTYPES = ("bfloat16", "float16", "float32")
+# Sane ranges: far beyond any real checkpoint, small enough that nothing downstream overflows.
+MAX_VOCAB, MAX_WIDTH, MAX_LAYERS, MAX_HEADS, MAX_HEAD_DIM = 1 << 24, 1 << 17, 1024, 1024, 1024
+MAX_POSITIONS, MAX_BLOCK = (1 << 31) - 1, 1 << 16
 
 
 class _Reader:
@@ -144,19 +152,30 @@ class _Reader:
             return default
         return self.raw[key]
 
-    def pos_int(self, key: str, default: int | None = None) -> int:
-        v = self.get(key, default)
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise self.fail(key, "a positive integer", v)
+    def pos_int(self, key: str, default: int | None = None, most: int = MAX_POSITIONS, raw: dict | None = None,
+                label: str | None = None) -> int:
+        v = self.get(key, default) if raw is None else raw.get(key, default)
+        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= most:
+            raise self.fail(label or key, f"an integer in [1, {most}]", v)
+        return v
+
+    def head_dim(self, default: int) -> int:
+        v = self.get("head_dim", default)
+        if not isinstance(v, int) or isinstance(v, bool) or not 2 <= v <= MAX_HEAD_DIM or v % 2:
+            raise self.fail("head_dim", f"an even integer in [2, {MAX_HEAD_DIM}] (rotary pairs)", v)
         return v
 
     def pos_float(self, key: str, default: float | None = None, raw: dict | None = None,
-                  label: str | None = None) -> float:
+                  label: str | None = None, least: float = 0.0, most: float = 1e6,
+                  least_is_open: bool = True) -> float:
         v = (raw if raw is not None else self.raw).get(key, default)
         if v is None and default is None:
             raise ConfigError(f"{self.source}: missing required key {label or key!r}")
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
-            raise self.fail(label or key, "a positive number", v)
+        low_ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) \
+            and (v > least if least_is_open else v >= least)
+        if not low_ok or v > most:
+            bracket = "(" if least_is_open else "["
+            raise self.fail(label or key, f"a finite number in {bracket}{least:g}, {most:g}]", v)
         return float(v)
 
     def token_id(self, key: str, v: Any, vocab: int) -> int:
@@ -186,32 +205,34 @@ def _read_rope(raw: dict[str, Any], r: _Reader, source: str) -> RopeSpec:
     rope_type = rp.get("rope_type", rp.get("type", "default"))
     if rope_type not in ("yarn", "default"):
         raise r.fail("rope_parameters.rope_type", "'yarn' or 'default'", rope_type)
-    theta = rp.get("rope_theta", raw.get("rope_theta"))
-    if not isinstance(theta, (int, float)) or theta <= 0:
-        raise r.fail("rope_parameters.rope_theta", "a positive number", theta)
+    if "rope_theta" not in rp and raw.get("rope_theta") is not None:
+        rp = {**rp, "rope_theta": raw["rope_theta"]}
     d = RopeSpec()
-    orig = rp.get("original_max_position_embeddings", d.original_max_position_embeddings)
-    if not isinstance(orig, int) or orig <= 0:
-        raise r.fail("rope_parameters.original_max_position_embeddings", "a positive integer", orig)
-    beta4 = rp.get("llama_4_scaling_beta", 0.0)
-    if not isinstance(beta4, (int, float)) or beta4 < 0:
-        raise r.fail("rope_parameters.llama_4_scaling_beta", "a number >= 0", beta4)
 
-    def num(key: str, default: float | None) -> float | None:
-        if rp.get(key, default) is None:
-            return None
-        return r.pos_float(key, default, raw=rp, label=f"rope_parameters.{key}")
+    def num(key: str, default: float | None, least: float = 0.0, most: float = 1e6,
+            least_is_open: bool = True) -> float | None:
+        if rp.get(key) is None:
+            return default  # absent or null: the default
+        return r.pos_float(key, default, raw=rp, label=f"rope_parameters.{key}", least=least, most=most,
+                           least_is_open=least_is_open)
 
+    truncate = rp.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise r.fail("rope_parameters.truncate", "true or false", truncate)
     return RopeSpec(
         rope_type=rope_type,
-        rope_theta=float(theta),
-        factor=num("factor", d.factor) if rope_type == "yarn" else 1.0,
-        original_max_position_embeddings=orig,
-        beta_fast=num("beta_fast", d.beta_fast),
-        beta_slow=num("beta_slow", d.beta_slow),
-        mscale=num("mscale", None),
-        mscale_all_dim=num("mscale_all_dim", None),
-        attention_factor=num("attention_factor", None),
-        truncate=bool(rp.get("truncate", True)),
-        llama_4_scaling_beta=float(beta4),
+        # theta > 1: the wavelengths grow with the dimension (and YaRN divides by log(theta))
+        rope_theta=r.pos_float("rope_theta", None, raw=rp, label="rope_parameters.rope_theta", least=1.0,
+                               most=1e15),
+        factor=num("factor", d.factor, least=1.0, most=1e6, least_is_open=False) if rope_type == "yarn" else 1.0,
+        original_max_position_embeddings=r.pos_int(
+            "original_max_position_embeddings", d.original_max_position_embeddings, raw=rp,
+            label="rope_parameters.original_max_position_embeddings"),
+        beta_fast=num("beta_fast", d.beta_fast, least=1e-3, most=1e3, least_is_open=False),
+        beta_slow=num("beta_slow", d.beta_slow, least=1e-3, most=1e3, least_is_open=False),
+        mscale=num("mscale", None, most=100.0),
+        mscale_all_dim=num("mscale_all_dim", None, most=100.0),
+        attention_factor=num("attention_factor", None, most=100.0),
+        truncate=truncate,
+        llama_4_scaling_beta=num("llama_4_scaling_beta", 0.0, most=100.0, least_is_open=False),
     )

@@ -26,3 +26,15 @@ class MissingDependencyError(TrimodeError):
 
 class NumericalError(TrimodeError):
     """The model produced non-finite values: broken weights or config."""
+
+
+class OutputError(TrimodeError):
+    """A stage cannot write its output directory where it was asked to."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (or SIGINT) while a stage writes; the CLI exits 128 + signum, nothing left behind."""
+
+    def __init__(self, signum: int = 2):
+        super().__init__(f"interrupted by signal {signum}")
+        self.signum = signum

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from trimode.config import ModelSpec, RopeSpec
+from trimode import __version__
 from trimode.errors import InputError
 from trimode.model import NLDModel
+from trimode.stage_output import stage_output, write_manifest
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<mask>"]  # ids 0..4
 
@@ -59,28 +60,30 @@ def write_tokenizer(out_dir: Path, vocab_size: int, texts: list[str] | None = No
 def make_random_checkpoint(out_dir: Path, spec: ModelSpec = TINY_SPEC, seed: int = 0,
                            with_draft_adapter: bool = False, num_shards: int = 1,
                            init_std: float = 0.02, force: bool = False) -> Path:
-    """Write config.json, safetensors (bf16), tokenizer and, optionally, a draft LoRA adapter."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not force:
-            raise InputError(f"{out_dir} exists and is not empty (use --force to replace it)")
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(seed)
-    model = NLDModel(spec)
-    state = {}
-    for name, p in model.state_dict().items():
-        if name.endswith("norm.weight") or "layernorm" in name:
-            w = 1 + 0.1 * torch.randn(p.shape, generator=gen)
-        else:
-            w = init_std * torch.randn(p.shape, generator=gen)
-        state[name] = w.to(torch.bfloat16).contiguous()
-    (out_dir / "config.json").write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
-    save_weights(state, out_dir, num_shards)
-    write_tokenizer(out_dir, spec.vocab_size)
-    if with_draft_adapter:
-        _write_adapter(out_dir / "linear_spec_lora", spec, gen)
-    return out_dir
+    """Write config.json, safetensors (bf16), tokenizer, manifest.json and, optionally, a draft LoRA
+    adapter, through `stage_output` (force replaces only a previous make-checkpoint output)."""
+    with stage_output(out_dir, "make-checkpoint", force=force) as tmp:
+        gen = torch.Generator().manual_seed(seed)
+        model = NLDModel(spec)
+        state = {}
+        for name, p in model.state_dict().items():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                w = 1 + 0.1 * torch.randn(p.shape, generator=gen)
+            else:
+                w = init_std * torch.randn(p.shape, generator=gen)
+            state[name] = w.to(torch.bfloat16).contiguous()
+        if not 1 <= num_shards <= len(state):
+            raise InputError(f"num_shards: expected 1 to {len(state)} (one tensor per shard at least), "
+                             f"got {num_shards}")
+        (tmp / "config.json").write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
+        save_weights(state, tmp, num_shards)
+        write_tokenizer(tmp, spec.vocab_size)
+        if with_draft_adapter:
+            _write_adapter(tmp / "linear_spec_lora", spec, gen)
+        write_manifest(tmp, {"stage": "make-checkpoint", "tool": f"trimode {__version__}",
+                             "settings": {"seed": seed, "init_std": init_std, "num_shards": num_shards,
+                                          "with_draft_adapter": with_draft_adapter}})
+    return Path(out_dir)
 
 
 def save_weights(state: dict[str, torch.Tensor], out_dir: Path, num_shards: int) -> None:

@@ -20,9 +20,11 @@ import torch
 
 from trimode.checkpoint import load_checkpoint
 from trimode.config import ModelSpec, RopeSpec
-from trimode.errors import InputError
+from trimode import __version__
+from trimode.errors import TrimodeError
 from trimode.make_checkpoint import SPECIAL_TOKENS, save_weights, write_tokenizer
 from trimode.model import NLDModel
+from trimode.stage_output import stage_output, write_manifest
 from trimode.training.corpus import document_stream, read_texts, split_files
 from trimode.training.objective import joint_loss
 
@@ -83,15 +85,19 @@ def lr_at(step: int, s: TrainSettings) -> float:
 
 def train(out_dir: Path, settings: TrainSettings, spec: ModelSpec = FIXTURE_SPEC, force: bool = False,
           progress: bool = True) -> dict:
-    """Train and write the checkpoint into out_dir (via a temporary sibling). -> the training log."""
+    """Train and write the checkpoint into out_dir through `stage_output` (force replaces only a previous
+    train output). -> the training log."""
+    inputs = [settings.init_from] if settings.init_from else []
+    with stage_output(out_dir, "train", inputs, force) as tmp:
+        log = _train_into(tmp, settings, spec, progress)
+        write_manifest(tmp, {"stage": "train", "tool": f"trimode {__version__}", "settings": asdict(settings),
+                             "python": platform.python_version(), "torch": torch.__version__})
+    return log
+
+
+def _train_into(tmp: Path, settings: TrainSettings, spec: ModelSpec, progress: bool) -> dict:
     from tokenizers import Tokenizer
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise InputError(f"{out_dir} exists (use --force to replace it)")
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     generator = torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)
 
@@ -148,9 +154,6 @@ def train(out_dir: Path, settings: TrainSettings, spec: ModelSpec = FIXTURE_SPEC
     (tmp / "config.json").write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
     save_weights(state, tmp, 1)
     (tmp / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
     return log
 
 
@@ -183,7 +186,7 @@ def main(out_dir: Path, steps: int, batch_size: int, seq_len: int, lr: float, al
                              warmup=warmup, init_from=init_from)
     try:
         log = train(out_dir, settings, force=force)
-    except InputError as e:
+    except TrimodeError as e:
         raise click.ClickException(str(e)) from None
     last = log["history"][-1]
     click.echo(f"wrote {out_dir}: {log['num_params']} params, {steps} steps in {log['wall_time_s']} s, "
