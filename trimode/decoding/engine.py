@@ -59,8 +59,7 @@ class Engine:
             raise InputError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) + block "
                              f"length ({block_length}) need {needed} positions; this engine holds max_seq_len="
                              f"{self.config.max_seq_len}")
-        if len(prompt) + params.max_new_tokens > spec.max_position_embeddings:
-            raise InputError(f"prompt + max_new_tokens exceed max_position_embeddings={spec.max_position_embeddings}")
+        check_positions(spec, len(prompt), params.max_new_tokens)
         eos_ids = frozenset(() if params.ignore_eos else (*spec.eos_token_ids, *params.stop_token_ids))
         seq = Sequence(next(self._ids), list(prompt), params, decoding, block_length, eos_ids)
         self.waiting.append(seq)
@@ -117,6 +116,11 @@ class Engine:
         if max(s.num_prefilled for s in seqs) + chunk <= self.runner.max_seq_len:
             return [seqs]
         return [[s] for s in seqs]
+
+
+def check_positions(spec, prompt_len: int, max_new_tokens: int) -> None:
+    if prompt_len + max_new_tokens > spec.max_position_embeddings:
+        raise InputError(f"prompt + max_new_tokens exceed max_position_embeddings={spec.max_position_embeddings}")
 
 
 def _chunk_len(seq: Sequence, prefill_chunk: int | None) -> int:
