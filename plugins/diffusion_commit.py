@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from trimode.plugins.pick import check_logits, pick_row, sampling_inputs, sequence_counters, tile_config
+from trimode.plugins.pick import (SAMPLING_FP_FUSION, check_logits, pick_row, sampling_inputs,
+                                  sequence_counters, tile_config)
 
 
 @triton.jit
@@ -105,5 +106,5 @@ def launch(logits: torch.Tensor, block: torch.Tensor, mask_token_id: int, thresh
         logits.stride(0), logits.stride(1), length, vocab_size, mask_token_id,
         0.0 if threshold is None else float(threshold), out, confidence,
         IS_TOP_K=threshold is None, BLOCK_V=block_v, BLOCK_L=triton.next_power_of_2(length),
-        num_warps=num_warps)
+        num_warps=num_warps, enable_fp_fusion=SAMPLING_FP_FUSION)
     return out

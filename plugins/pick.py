@@ -27,6 +27,11 @@ import triton.language as tl
 from trimode.plugins.reference import sampling_rows
 
 LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Both sampling kernels compile with fused multiply-add off (`enable_fp_fusion`): on a GPU Triton
+# would fuse the sampled score x * (1/T) + gumbel into one FMA (one rounding, the reference and
+# torch round twice), and a 1-ulp difference can flip an argmax. Off, the PTX says mul.rn / add.rn,
+# which ptxas does not contract either.
+SAMPLING_FP_FUSION = False
 
 
 @triton.jit

@@ -1,9 +1,10 @@
 """spec_accept kernel: the verify tokens and accepted length of a drafted block (spec §7), one launch.
 
 Program (l, b) picks a_l from verify_logits[b, l] (pick.pick_row: argmax, or Gumbel-max keyed by
-seed[b] when temperature[b] > 0; mask token excluded). The last program of sequence b to finish then applies the acceptance rule to its L
-tokens: n = 1 + the number of leading i in 0..L-2 with a_i == draft[b, i+1], next seed = a_(n-1),
-is_eos = an EOS id among a_0 .. a_(n-1). Semantics: reference.spec_accept.
+seed[b] when temperature[b] > 0; mask token excluded). The last program of sequence b to finish
+then applies the acceptance rule to its L tokens: n = 1 + the number of leading i in 0..L-2 with
+a_i == draft[b, i+1], next seed = a_(n-1), is_eos = an EOS id among a_0 .. a_(n-1). Semantics:
+reference.spec_accept.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from trimode.plugins.pick import check_logits, pick_row, sampling_inputs, sequence_counters, tile_config
+from trimode.plugins.pick import (SAMPLING_FP_FUSION, check_logits, pick_row, sampling_inputs,
+                                  sequence_counters, tile_config)
 from trimode.plugins.reference import Accepted
 
 
@@ -89,5 +91,6 @@ def launch(verify_logits: torch.Tensor, draft: torch.Tensor, mask_token_id: int,
         sequence_counters(verify_logits.device, b),
         verify_logits.stride(0), verify_logits.stride(1), length, vocab_size, eos_ids.numel(), mask_token_id,
         tokens, n, next_seed, is_eos.view(torch.uint8),
-        BLOCK_V=block_v, BLOCK_L=triton.next_power_of_2(length), num_warps=num_warps)
+        BLOCK_V=block_v, BLOCK_L=triton.next_power_of_2(length), num_warps=num_warps,
+        enable_fp_fusion=SAMPLING_FP_FUSION)
     return Accepted(tokens, n, next_seed, is_eos)

@@ -50,7 +50,7 @@ class AotKernel:
 
 
 def compile_kernel(fn, pointer_types: dict[str, torch.dtype], constexprs: dict, capability: tuple[int, int],
-                   num_warps: int = 4) -> AotKernel:
+                   num_warps: int = 4, enable_fp_fusion: bool = True) -> AotKernel:
     """Compile a @triton.jit kernel for an NVIDIA GPU of this compute capability (no GPU needed).
     Pointer arguments get their element type from pointer_types; other non-constexpr ones are i32."""
     import triton
@@ -68,7 +68,7 @@ def compile_kernel(fn, pointer_types: dict[str, torch.dtype], constexprs: dict, 
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     major, minor = capability
     compiled = triton.compile(source, target=GPUTarget("cuda", major * 10 + minor, 32),
-                              options={"num_warps": num_warps})
+                              options={"num_warps": num_warps, "enable_fp_fusion": enable_fp_fusion})
     return AotKernel(compiled.metadata.name, compiled.asm["ptx"], compiled.metadata.num_warps * 32,
                      compiled.metadata.shared)
 
@@ -116,7 +116,7 @@ def sampling_kernel(op: str, logits_dtype: torch.dtype, vocab_size: int, length:
     import triton
 
     from trimode.plugins import diffusion_commit, spec_accept
-    from trimode.plugins.pick import tile_config
+    from trimode.plugins.pick import SAMPLING_FP_FUSION, tile_config
 
     block_v, num_warps = tile_config(torch.device("cuda"), vocab_size)
     constexprs = dict(BLOCK_V=block_v, BLOCK_L=triton.next_power_of_2(length))
@@ -131,7 +131,7 @@ def sampling_kernel(op: str, logits_dtype: torch.dtype, vocab_size: int, length:
         constexprs.update(threshold=0.0 if threshold is None else threshold, IS_TOP_K=threshold is None)
         pointers.update(block_ptr=torch.int64, num_commit_ptr=torch.int64, out_ptr=torch.int64,
                         confidence_ptr=torch.float32)
-    return compile_kernel(fn, pointers, constexprs, capability, num_warps)
+    return compile_kernel(fn, pointers, constexprs, capability, num_warps, enable_fp_fusion=SAMPLING_FP_FUSION)
 
 
 def sampling_launch(op: str, logits_shape, mask_token_id: int, num_eos: int = 0) -> tuple[tuple, list]:

@@ -104,6 +104,8 @@ def test_sampling_kernels_compile_for_hopper(op, threshold, num_ints, num_output
     assert kernel["num_threads"] == 256
     assert any(c in kernel["ptx"] for c in ("3528531795", "-766435501"))   # as unsigned or signed int32
     assert "div.rn.f32" in kernel["ptx"]
+    # no fused multiply-add: the sampled score x * (1/T) + gumbel rounds twice, as in the reference
+    assert "fma.rn.f32" not in kernel["ptx"] and "mul.rn.f32" in kernel["ptx"]
 
 
 @pytest.mark.parametrize("op", ["spec_accept", "diffusion_commit"])
