@@ -2,11 +2,10 @@
 
 Program (l, b) handles position l of sequence b: if it is masked, it picks the candidate x0 from
 logits[b, l] (pick.pick_row, with sequence b's temperature and seed) with its confidence
-softmax(logits)[x0]; an already committed position
-skips the vocabulary. The last program of sequence b to finish ranks the masked positions by
-confidence (descending, first position on ties) and commits: rank 0 and every confidence >=
-threshold (threshold mode) or the num_commit[b] best (top-k mode). Semantics:
-reference.diffusion_commit; the input block is not modified.
+softmax(logits)[x0]; an already committed position skips the vocabulary. The last program of
+sequence b to finish ranks the masked positions by confidence (descending, first position on ties)
+and commits: rank 0 and every confidence >= threshold (threshold mode) or the num_commit[b] best
+(top-k mode). Semantics: reference.diffusion_commit; the input block is not modified.
 """
 
 from __future__ import annotations

@@ -10,9 +10,11 @@ one compiled kernel serves every mix of greedy and sampled sequences). Greedy vs
 runtime branch on the row's temperature: uniform across the program (every thread reads the same
 value), so it never diverges, and a greedy row (T <= 0) never runs Philox. There is no launch-level
 "nothing is sampled" constexpr: the branch costs one scalar compare per tile, and a single variant
-is what a TensorRT engine embeds. Both reductions stream: every lane keeps its own running best and its own online
-max/sum, and the lanes are combined once at the end, so the loop over V has no cross-thread
-reduction (with B=1, L=32 there are only 32 programs, each one's loop is the latency).
+is what a TensorRT engine embeds.
+
+Both reductions stream: every lane keeps its own running best and its own online max/sum, and the
+lanes are combined once at the end, so the loop over V has no cross-thread reduction (with B=1,
+L=32 there are only 32 programs, each one's loop is the latency).
 
 The launch side helpers (tile choice, argument checks, the per-sequence counters of the
 "last program finishes" pattern) live here too, so both launchers read the same.

@@ -197,7 +197,8 @@ def test_spec_accept(exported, temperature, seed, verify, draft, eos):
     model = accept_model(exported)
     is_sampled = [t > 0 for t in temperature]
     # sampled rows get low peaks (the noise shows), greedy rows high ones
-    logits = torch.where(torch.tensor(is_sampled)[:, None, None], verify_logits(verify, 1.0), verify_logits(verify, 8.0))
+    logits = torch.where(torch.tensor(is_sampled)[:, None, None], verify_logits(verify, 1.0),
+                         verify_logits(verify, 8.0))
     temperature, seed = torch.tensor(temperature), torch.tensor(seed)
     args = (logits, torch.tensor(draft), torch.tensor(eos, dtype=torch.int64), temperature, seed)
 
