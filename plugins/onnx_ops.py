@@ -5,13 +5,17 @@ becomes one node in domain "trimode", version 1:
 
   BlockAttention  (q, k, v, k_cache, v_cache, lengths [b] i64, rows [b] i64, k_scale, v_scale)
                   -> (out, k_cache_out, v_cache_out)                   attrs: is_causal
-  SpecAccept      (verify_logits [b, L, V], draft [b, L] i64, eos_ids [E] i64, counters [b] i32)
+  SpecAccept      (verify_logits [b, L, V], draft [b, L] i64, eos_ids [E] i64, temperature [b] f32,
+                   seed [b] i64, counters [b] i32)
                   -> (tokens [b, L] i64, n [b] i64, next_seed [b] i64, is_eos [b] bool)
-                                                            attrs: mask_token_id, temperature, seed
-  DiffusionCommit (logits [b, L, V], block [b, L] i64, num_commit [b] i64, counters [b] i32)
+                                                                              attrs: mask_token_id
+  DiffusionCommit (logits [b, L, V], block [b, L] i64, num_commit [b] i64, temperature [b] f32,
+                   seed [b] i64, counters [b] i32)
                   -> (new block [b, L] i64, confidence [b, L] f32)
-                        attrs: mask_token_id, threshold, use_threshold, temperature, seed
-(counters: zeros made in the graph, the kernels' per-sequence scratch; see tensorrt.py.)
+                                                     attrs: mask_token_id, threshold, use_threshold
+(temperature, seed: per sequence, runtime inputs, so one graph serves every sampling setting; a
+Python float / int from the caller becomes a [b] tensor made in the graph. counters: zeros made
+in the graph, the kernels' per-sequence scratch; see tensorrt.py.)
 
 Every node also carries what TensorRT's ONNX parser needs to map it to the plugin of the same name
 (TENSORRT_ATTRS): plugin_namespace, plugin_version and aot=1 (the ahead-of-time plugin).
@@ -27,7 +31,7 @@ import torch
 
 from trimode.errors import MissingDependencyError
 from trimode.plugins import reference
-from trimode.plugins.reference import Accepted, ChunkLayout
+from trimode.plugins.reference import Accepted, ChunkLayout, sampling_rows
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -71,29 +75,32 @@ def block_attention_node(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_ca
 
 
 def spec_accept_node(verify_logits: torch.Tensor, draft: torch.Tensor, mask_token_id: int,
-                     eos_ids: torch.Tensor, temperature: float = 0.0, seed: int = 0) -> Accepted:
+                     eos_ids: torch.Tensor, temperature: torch.Tensor | float = 0.0,
+                     seed: torch.Tensor | int = 0) -> Accepted:
     """One SpecAccept node (see reference.spec_accept)."""
     b = draft.shape[0]
-    attrs = {"mask_token_id": int(mask_token_id), "temperature": float(temperature), "seed": int(seed)}
+    temperature, seed = sampling_rows(temperature, seed, b, draft.device)
+    inputs = [verify_logits, draft.long(), eos_ids.long(), temperature, seed, _counters(b, draft.device)]
     tokens, n, next_seed, is_eos = _node(
-        "SpecAccept", [verify_logits, draft.long(), eos_ids.long(), _counters(b, draft.device)], attrs,
+        "SpecAccept", inputs, {"mask_token_id": int(mask_token_id)},
         dtypes=[torch.int64, torch.int64, torch.int64, torch.bool], shapes=[draft.shape, [b], [b], [b]])
     return Accepted(tokens, n, next_seed, is_eos)
 
 
 def diffusion_commit_node(logits: torch.Tensor, block: torch.Tensor, mask_token_id: int,
                           threshold: float | None, num_commit: torch.Tensor | None,
-                          temperature: float = 0.0, seed: int = 0) -> torch.Tensor:
+                          temperature: torch.Tensor | float = 0.0, seed: torch.Tensor | int = 0) -> torch.Tensor:
     """One DiffusionCommit node (see reference.diffusion_commit); num_commit is zeros when the
     threshold rule is on (use_threshold=1), and threshold 0.0 when it is off."""
     assert threshold is not None or num_commit is not None
     if num_commit is None:
         num_commit = torch.zeros_like(block[:, 0], dtype=torch.int64)
+    temperature, seed = sampling_rows(temperature, seed, block.shape[0], block.device)
     attrs = {"mask_token_id": int(mask_token_id), "threshold": float(threshold or 0.0),
-             "use_threshold": int(threshold is not None), "temperature": float(temperature), "seed": int(seed)}
+             "use_threshold": int(threshold is not None)}
+    inputs = [logits, block.long(), num_commit.long(), temperature, seed, _counters(block.shape[0], block.device)]
     new_block, _confidence = _node(
-        "DiffusionCommit", [logits, block.long(), num_commit.long(), _counters(block.shape[0], block.device)],
-        attrs, dtypes=[torch.int64, torch.float32], shapes=[block.shape, block.shape])
+        "DiffusionCommit", inputs, attrs, dtypes=[torch.int64, torch.float32], shapes=[block.shape, block.shape])
     return new_block
 
 
@@ -113,16 +120,16 @@ def _run_block_attention(q, k, v, k_cache, v_cache, lengths, rows, k_scale, v_sc
     return out.numpy(), k_cache.numpy(), v_cache.numpy()
 
 
-def _run_spec_accept(verify_logits, draft, eos_ids, counters, *, mask_token_id: int, temperature: float,
-                     seed: int):
+def _run_spec_accept(verify_logits, draft, eos_ids, temperature, seed, counters, *, mask_token_id: int):
     accepted = reference.spec_accept(torch.from_numpy(verify_logits), torch.from_numpy(draft), mask_token_id,
-                                     torch.from_numpy(eos_ids), temperature, seed)
+                                     torch.from_numpy(eos_ids), torch.from_numpy(temperature), torch.from_numpy(seed))
     return tuple(x.numpy() for x in accepted)
 
 
-def _run_diffusion_commit(logits, block, num_commit, counters, *, mask_token_id: int, threshold: float,
-                          use_threshold: int, temperature: float, seed: int):
+def _run_diffusion_commit(logits, block, num_commit, temperature, seed, counters, *, mask_token_id: int,
+                          threshold: float, use_threshold: int):
     logits, block = torch.from_numpy(logits), torch.from_numpy(block)
+    temperature, seed = torch.from_numpy(temperature), torch.from_numpy(seed)
     new_block = reference.diffusion_commit(logits, block, mask_token_id, threshold if use_threshold else None,
                                            torch.from_numpy(num_commit), temperature, seed)
     # the confidences the kernel also returns: softmax(logits)[x0] where the block was masked
@@ -152,11 +159,10 @@ def register_onnxruntime_ops() -> None:
     onnx_op(op_type=f"{DOMAIN}::BlockAttention", inputs=[f32] * 5 + [i64, i64, f32, f32],
             outputs=[f32, f32, f32], attrs={"is_causal": i64})(_run_block_attention)
     i32 = PyCustomOpDef.dt_int32
-    onnx_op(op_type=f"{DOMAIN}::SpecAccept", inputs=[f32, i64, i64, i32], outputs=[i64, i64, i64, boolean],
-            attrs={"mask_token_id": i64, "temperature": f32, "seed": i64})(_run_spec_accept)
-    onnx_op(op_type=f"{DOMAIN}::DiffusionCommit", inputs=[f32, i64, i64, i32], outputs=[i64, f32],
-            attrs={"mask_token_id": i64, "threshold": f32, "use_threshold": i64, "temperature": f32,
-                   "seed": i64})(_run_diffusion_commit)
+    onnx_op(op_type=f"{DOMAIN}::SpecAccept", inputs=[f32, i64, i64, f32, i64, i32],
+            outputs=[i64, i64, i64, boolean], attrs={"mask_token_id": i64})(_run_spec_accept)
+    onnx_op(op_type=f"{DOMAIN}::DiffusionCommit", inputs=[f32, i64, i64, f32, i64, i32], outputs=[i64, f32],
+            attrs={"mask_token_id": i64, "threshold": f32, "use_threshold": i64})(_run_diffusion_commit)
     _registered = True
 
 

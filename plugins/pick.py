@@ -1,11 +1,20 @@
 """The per-row pick over the vocabulary, shared by the spec_accept and diffusion_commit kernels.
 
 `pick_row` reduces one row of logits [V] in tiles of BLOCK_V to the token reference.pick_tokens
-picks: argmax (first index on ties, mask token excluded), at T > 0 of logits / T + Gumbel noise
-from `tl.rand(seed, flat index)`; optionally with its confidence softmax(logits)[token] (fp32,
-untempered). Both reductions stream: every lane keeps its own running best and its own online
-max/sum, and the lanes are combined once at the end, so the loop over V has no cross-thread
-reduction (with B=1, L=32 there are only 32 programs, each one's loop is the latency).
+picks: argmax (first index on ties, mask token excluded), at T > 0 of logits * fp32(1/T) + Gumbel
+noise from `tl.rand(seed, index inside the sequence's [L, V] slice)`; optionally with its
+confidence softmax(logits)[token] (fp32, untempered).
+
+Temperature and seed are per sequence, loaded by the kernels from [B] tensors (runtime inputs, so
+one compiled kernel serves every mix of greedy and sampled sequences). Greedy vs sampled is a
+runtime branch on the row's temperature: uniform across the program (every thread reads the same
+value), so it never diverges, and a greedy row (T <= 0) never runs Philox. There is no launch-level
+"nothing is sampled" constexpr: the branch costs one scalar compare per tile, and a single variant
+is what a TensorRT engine embeds.
+
+Both reductions stream: every lane keeps its own running best and its own online max/sum, and the
+lanes are combined once at the end, so the loop over V has no cross-thread reduction (with B=1,
+L=32 there are only 32 programs, each one's loop is the latency).
 
 The launch side helpers (tile choice, argument checks, the per-sequence counters of the
 "last program finishes" pattern) live here too, so both launchers read the same.
@@ -17,14 +26,25 @@ import torch
 import triton
 import triton.language as tl
 
+from trimode.plugins.reference import sampling_rows
+
 LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Both sampling kernels compile with fused multiply-add off (`enable_fp_fusion`): on a GPU Triton
+# would fuse the sampled score x * (1/T) + gumbel into one FMA (one rounding, the reference and
+# torch round twice), and a 1-ulp difference can flip an argmax. Off, the PTX says mul.rn / add.rn,
+# which ptxas does not contract either.
+SAMPLING_FP_FUSION = False
 
 
 @triton.jit
-def pick_row(row_ptr, offset0, V, mask_token_id, inv_temperature, seed,
-             IS_SAMPLED: tl.constexpr, WITH_CONFIDENCE: tl.constexpr, BLOCK_V: tl.constexpr):
-    """row_ptr: [V] logits of one row; offset0: its flat index into [B, L, V] (the Philox offset).
+def pick_row(row_ptr, offset0, V, mask_token_id, temperature, seed,
+             WITH_CONFIDENCE: tl.constexpr, BLOCK_V: tl.constexpr):
+    """row_ptr: [V] logits of one row; offset0: its flat index l*V inside its sequence's [L, V]
+    logits (the Philox offset, int32); temperature fp32 and seed int64: the sequence's.
     -> (token int32, confidence fp32; 0.0 unless WITH_CONFIDENCE)"""
+    is_sampled = temperature > 0
+    # IEEE division (a plain '/' is approximate on the GPU): the reference's fp32 1/T exactly
+    inv_temperature = tl.math.div_rn(1.0, tl.where(is_sampled, temperature, 1.0))
     lanes = tl.arange(0, BLOCK_V)
     best = tl.full([BLOCK_V], float("-inf"), tl.float32)     # per lane: best score so far
     best_index = tl.zeros([BLOCK_V], tl.int32)
@@ -35,7 +55,7 @@ def pick_row(row_ptr, offset0, V, mask_token_id, inv_temperature, seed,
         is_valid = offs < V
         x = tl.load(row_ptr + offs, mask=is_valid, other=float("-inf")).to(tl.float32)
         score = x
-        if IS_SAMPLED:
+        if is_sampled:   # sampled row
             # Same fp32 ops in the same order as the reference: x * fp32(1/T) + gumbel.
             gumbel = -tl.log(-tl.log(tl.rand(seed, offset0 + offs)))
             score = x * inv_temperature + gumbel
@@ -87,7 +107,7 @@ def sequence_counters(device: torch.device, num_sequences: int) -> torch.Tensor:
     return counters
 
 
-def check_logits(logits: torch.Tensor, tokens: torch.Tensor, mask_token_id: int, seed: int,
+def check_logits(logits: torch.Tensor, tokens: torch.Tensor, mask_token_id: int,
                  names: tuple[str, str]) -> None:
     """The checks both launchers share: logits [b, L, V] float, tokens [b, L] int64, one device."""
     logits_name, tokens_name = names
@@ -101,9 +121,16 @@ def check_logits(logits: torch.Tensor, tokens: torch.Tensor, mask_token_id: int,
         raise ValueError(f"{tokens_name} is on {tokens.device}, {logits_name} on {logits.device}")
     if logits.stride(2) != 1:
         raise ValueError(f"{logits_name}: the vocabulary dimension must be contiguous")
-    if logits.numel() >= 2 ** 31:
-        raise ValueError(f"{logits_name}: B*L*V = {logits.numel()} >= 2**31 (Philox offsets are int32)")
+    if logits.shape[1] * logits.shape[2] >= 2 ** 31:
+        raise ValueError(f"{logits_name}: L*V = {logits.shape[1] * logits.shape[2]} >= 2**31 "
+                         "(Philox offsets, per sequence, are int32)")
     if not 0 <= mask_token_id < logits.shape[2]:
         raise ValueError(f"mask_token_id {mask_token_id} outside the vocabulary 0..{logits.shape[2] - 1}")
-    if not 0 <= seed < 2 ** 63:
-        raise ValueError(f"seed {seed} outside 0..2**63-1")
+
+
+def sampling_inputs(temperature: torch.Tensor | float, seed: torch.Tensor | int,
+                    logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """temperature [b] float32, seed [b] int64 (or one Python float / int for all rows), checked
+    and contiguous on the logits' device: the kernels load element pid_b."""
+    temperature, seed = sampling_rows(temperature, seed, logits.shape[0], logits.device)
+    return temperature.contiguous(), seed.contiguous()

@@ -174,7 +174,7 @@ def pick_tokens(logits: torch.Tensor, mask_token_id: int, temperature: torch.Ten
     logits [b, ..., V], temperature [b] float32, seed [b] int64 (or one float / int for all) -> [b, ...]"""
     assert logits.dim() >= 2, "logits [b, ..., V]: the first dimension is the row (sequence)"
     temperature, seed = sampling_rows(temperature, seed, logits.shape[0], logits.device)
-    scores = logits.float().clone()     # never write into the caller's logits
+    scores = logits.to(torch.float32, copy=True)     # a copy: never write into the caller's logits
     is_sampled = temperature > 0
     if is_sampled.any():                # only sampled rows pay for the noise
         rows = is_sampled.nonzero()[:, 0]

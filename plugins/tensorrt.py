@@ -5,8 +5,10 @@ embedded in the engine, so the engine launches it with no Python at run time.
 The exported ONNX graph (onnx_ops.py) names each node after its plugin (`trimode::BlockAttention` ...)
 with `plugin_namespace="trimode"`, `plugin_version="1"` and `aot=1`; TensorRT's ONNX parser turns the
 node into the plugin registered here. Every kernel takes its arguments in the order TensorRT launches
-AOT plugins with: input pointers, int scalars (the "extra args", symbolic in the input shapes),
-output pointers. Float settings are compiled in as constexprs.
+AOT plugins with: input pointers (in the node's input order), int scalars (the "extra args",
+symbolic in the input shapes), output pointers. Float attributes (threshold) are compiled in as
+constexprs; per-sequence sampling parameters (temperature [b] fp32, seed [b] int64) are inputs, so
+one engine serves any mix of greedy and sampled sequences with their own seeds.
 
 What runs without TensorRT (and is tested on CPU): the AOT compile of each kernel to PTX for a
 given GPU, its launch grid and extra args from the input shapes. `register_plugins()` needs TensorRT
@@ -18,6 +20,12 @@ also returns the updated caches: the builder must drop those two outputs, or bin
 input buffers, when it maps the node onto this plugin; that step is open (it needs TensorRT).
 SpecAccept and DiffusionCommit take their per-sequence counters as an input the graph zeroes on
 every call, so the engine keeps no state for them.
+
+Launch order of the sampling kernels (the plugin inputs, then extra args, then outputs):
+  SpecAccept       verify_logits, draft, eos_ids, temperature, seed, counters |
+                   L*V, V, L, V, num_eos, mask_token_id | tokens, n, next_seed, is_eos
+  DiffusionCommit  logits, block, num_commit, temperature, seed, counters |
+                   L*V, V, L, V, mask_token_id | new block, confidence
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ class AotKernel:
 
 
 def compile_kernel(fn, pointer_types: dict[str, torch.dtype], constexprs: dict, capability: tuple[int, int],
-                   num_warps: int = 4) -> AotKernel:
+                   num_warps: int = 4, enable_fp_fusion: bool = True) -> AotKernel:
     """Compile a @triton.jit kernel for an NVIDIA GPU of this compute capability (no GPU needed).
     Pointer arguments get their element type from pointer_types; other non-constexpr ones are i32."""
     import triton
@@ -60,7 +68,7 @@ def compile_kernel(fn, pointer_types: dict[str, torch.dtype], constexprs: dict, 
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     major, minor = capability
     compiled = triton.compile(source, target=GPUTarget("cuda", major * 10 + minor, 32),
-                              options={"num_warps": num_warps})
+                              options={"num_warps": num_warps, "enable_fp_fusion": enable_fp_fusion})
     return AotKernel(compiled.metadata.name, compiled.asm["ptx"], compiled.metadata.num_warps * 32,
                      compiled.metadata.shared)
 
@@ -101,18 +109,19 @@ def block_attention_launch(q_shape, cache_shape, is_causal: int, block_m: int,
 # One program per (position, sequence); the per-sequence finish needs a zeroed int32 counter per
 # sequence as an input (the kernels leave it zeroed again).
 
-def sampling_kernel(op: str, logits_dtype: torch.dtype, vocab_size: int, length: int, temperature: float = 0.0,
-                    seed: int = 0, threshold: float | None = 0.9, capability: tuple[int, int] = (9, 0)) -> AotKernel:
-    """op "spec_accept" or "diffusion_commit"; temperature, seed (and threshold) are compiled in."""
+def sampling_kernel(op: str, logits_dtype: torch.dtype, vocab_size: int, length: int,
+                    threshold: float | None = 0.9, capability: tuple[int, int] = (9, 0)) -> AotKernel:
+    """op "spec_accept" or "diffusion_commit"; the threshold is compiled in, temperature and seed
+    are per-sequence input tensors (one kernel for greedy and sampled sequences alike)."""
     import triton
 
     from trimode.plugins import diffusion_commit, spec_accept
-    from trimode.plugins.pick import tile_config
+    from trimode.plugins.pick import SAMPLING_FP_FUSION, tile_config
 
     block_v, num_warps = tile_config(torch.device("cuda"), vocab_size)
-    constexprs = dict(inv_temperature=1.0 / temperature if temperature > 0 else 1.0, seed=seed,
-                      IS_SAMPLED=temperature > 0, BLOCK_V=block_v, BLOCK_L=triton.next_power_of_2(length))
-    pointers = {"logits_ptr": logits_dtype, "counter_ptr": torch.int32}
+    constexprs = dict(BLOCK_V=block_v, BLOCK_L=triton.next_power_of_2(length))
+    pointers = {"logits_ptr": logits_dtype, "temperature_ptr": torch.float32, "seed_ptr": torch.int64,
+                "counter_ptr": torch.int32}
     if op == "spec_accept":
         fn = spec_accept.spec_accept_kernel
         pointers.update(draft_ptr=torch.int64, eos_ptr=torch.int64, tokens_ptr=torch.int64, n_ptr=torch.int64,
@@ -122,7 +131,7 @@ def sampling_kernel(op: str, logits_dtype: torch.dtype, vocab_size: int, length:
         constexprs.update(threshold=0.0 if threshold is None else threshold, IS_TOP_K=threshold is None)
         pointers.update(block_ptr=torch.int64, num_commit_ptr=torch.int64, out_ptr=torch.int64,
                         confidence_ptr=torch.float32)
-    return compile_kernel(fn, pointers, constexprs, capability, num_warps)
+    return compile_kernel(fn, pointers, constexprs, capability, num_warps, enable_fp_fusion=SAMPLING_FP_FUSION)
 
 
 def sampling_launch(op: str, logits_shape, mask_token_id: int, num_eos: int = 0) -> tuple[tuple, list]:
@@ -164,33 +173,35 @@ def register_plugins() -> None:
 
     @trtp.register(f"{NAMESPACE}::SpecAccept")
     def _describe_accept(verify_logits: trtp.TensorDesc, draft: trtp.TensorDesc, eos_ids: trtp.TensorDesc,
-                         counters: trtp.TensorDesc, mask_token_id: int, temperature: float,
-                         seed: int) -> tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
+                         temperature: trtp.TensorDesc, seed: trtp.TensorDesc, counters: trtp.TensorDesc,
+                         mask_token_id: int) -> tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc,
+                                                      trtp.TensorDesc]:
         b = draft.shape_expr[0]
         return (draft.like(), trtp.from_shape_expr((b,), dtype=trt.int64),
                 trtp.from_shape_expr((b,), dtype=trt.int64), trtp.from_shape_expr((b,), dtype=trt.uint8))
 
     @trtp.aot_impl(f"{NAMESPACE}::SpecAccept")
-    def _aot_accept(verify_logits, draft, eos_ids, counters, mask_token_id: int, temperature: float, seed: int,
+    def _aot_accept(verify_logits, draft, eos_ids, temperature, seed, counters, mask_token_id: int,
                     outputs, tactic):
         b, L, V = verify_logits.shape_expr
-        kernel = sampling_kernel("spec_accept", torch_dtype[verify_logits.dtype], int(V), int(L), temperature,
-                                 seed, capability=torch.cuda.get_device_capability())
+        kernel = sampling_kernel("spec_accept", torch_dtype[verify_logits.dtype], int(V), int(L),
+                                 capability=torch.cuda.get_device_capability())
         return _launch_params(trtp, kernel, sampling_launch("spec_accept", (b, L, V), mask_token_id,
                                                               eos_ids.shape_expr[0]))
 
     @trtp.register(f"{NAMESPACE}::DiffusionCommit")
     def _describe_commit(logits: trtp.TensorDesc, block: trtp.TensorDesc, num_commit: trtp.TensorDesc,
-                         counters: trtp.TensorDesc, mask_token_id: int, threshold: float, use_threshold: int,
-                         temperature: float, seed: int) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:
+                         temperature: trtp.TensorDesc, seed: trtp.TensorDesc, counters: trtp.TensorDesc,
+                         mask_token_id: int, threshold: float,
+                         use_threshold: int) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:
         return block.like(), trtp.from_shape_expr(block.shape_expr, dtype=trt.float32)
 
     @trtp.aot_impl(f"{NAMESPACE}::DiffusionCommit")
-    def _aot_commit(logits, block, num_commit, counters, mask_token_id: int, threshold: float,
-                    use_threshold: int, temperature: float, seed: int, outputs, tactic):
+    def _aot_commit(logits, block, num_commit, temperature, seed, counters, mask_token_id: int, threshold: float,
+                    use_threshold: int, outputs, tactic):
         b, L, V = logits.shape_expr
-        kernel = sampling_kernel("diffusion_commit", torch_dtype[logits.dtype], int(V), int(L), temperature,
-                                 seed, threshold if use_threshold else None, torch.cuda.get_device_capability())
+        kernel = sampling_kernel("diffusion_commit", torch_dtype[logits.dtype], int(V), int(L),
+                                 threshold if use_threshold else None, torch.cuda.get_device_capability())
         return _launch_params(trtp, kernel, sampling_launch("diffusion_commit", (b, L, V), mask_token_id))
 
 

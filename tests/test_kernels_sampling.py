@@ -11,15 +11,26 @@ import torch
 
 from trimode.plugins import ops, reference
 from trimode.plugins.diffusion_commit import launch as diffusion_commit
-from trimode.plugins.pick import sequence_counters
+from trimode.plugins.pick import check_logits, sequence_counters
 from trimode.plugins.spec_accept import launch as spec_accept
 
-# (b, L, V, temperature): sampled cases stay small, Philox is slow under the interpreter
+# (b, L, V, temperature): sampled cases stay small, Philox is slow under the interpreter. A float is
+# one temperature for every row (with the one SEED); a list is per row (with per-row SEEDS).
 SHAPES = [
     (1, 1, 37, 0.0), (3, 1, 37, 0.8), (3, 4, 257, 0.0), (3, 4, 257, 0.8),
     (1, 32, 1000, 0.0), (3, 32, 1000, 0.0), (1, 32, 257, 1.3), (3, 32, 37, 0.8),
+    (3, 4, 257, [0.8, 0.0, 1.3]), (3, 32, 37, [0.0, 0.5, 0.0]),
 ]
 SEED = 2 ** 40 + 7   # above 2**32: both Philox key words matter
+SEEDS = [2 ** 40 + 7, 3, 2 ** 62 + 5]
+
+
+def sampling(temperature: float | list[float], device: torch.device | str = "cpu"):
+    """(temperature, seed) as the launchers take them: Python scalars, or [b] tensors per row."""
+    if isinstance(temperature, float):
+        return temperature, SEED
+    b = len(temperature)
+    return torch.tensor(temperature, device=device), torch.tensor(SEEDS[:b], device=device)
 
 
 def mask_id(vocab_size: int) -> int:
@@ -61,11 +72,11 @@ def drafts_accepting(tokens: torch.Tensor) -> torch.Tensor:
 def test_spec_accept_matches_reference(device, b, length, vocab_size, temperature):
     logits = random_logits(b, length, vocab_size)
     mask = mask_id(vocab_size)
-    tokens = reference.pick_tokens(logits, mask, temperature, SEED)
+    tokens = reference.pick_tokens(logits, mask, *sampling(temperature))
     draft = drafts_accepting(tokens)
     eos_ids = tokens[0, :1].clone()   # a token row 0 emits
-    expected = reference.spec_accept(logits, draft, mask, eos_ids, temperature, SEED)
-    got = spec_accept(logits.to(device), draft.to(device), mask, eos_ids.to(device), temperature, SEED)
+    expected = reference.spec_accept(logits, draft, mask, eos_ids, *sampling(temperature))
+    got = spec_accept(logits.to(device), draft.to(device), mask, eos_ids.to(device), *sampling(temperature, device))
     assert_accepted_equal(got, expected)
     if length > 2 and b == 3:
         assert expected.n.tolist() == [length, 1, length // 2 + 1]
@@ -142,10 +153,10 @@ def test_diffusion_commit_matches_reference(device, b, length, vocab_size, tempe
     mask = mask_id(vocab_size)
     block = partly_masked(b, length, mask)
     num_commit = torch.tensor([2, length + 3, 0])[:b] if threshold is None else None  # 0 and > masks too
-    expected = reference.diffusion_commit(logits, block, mask, threshold, num_commit, temperature, SEED)
+    expected = reference.diffusion_commit(logits, block, mask, threshold, num_commit, *sampling(temperature))
     original = block.clone().to(device)
     got = diffusion_commit(logits.to(device), original, mask, threshold,
-                           None if num_commit is None else num_commit.to(device), temperature, SEED)
+                           None if num_commit is None else num_commit.to(device), *sampling(temperature, device))
     assert torch.equal(got.cpu(), expected)
     assert torch.equal(original.cpu(), block)                  # the input block is not modified
     assert (got.cpu() != block).any()                          # row 0 always commits something
@@ -157,7 +168,7 @@ def test_diffusion_commit_equal_confidences_commit_the_first_positions(device):
     logits[0, 1:] = logits[0, 1]                               # positions 1..5 equally confident
     block = torch.tensor([[3, mask, 4, mask, mask, mask]])
     new = diffusion_commit(logits.to(device), block.to(device), mask, None, torch.tensor([2]).to(device))
-    x0 = int(reference.pick_tokens(logits[0, 1], mask, 0.0))
+    x0 = int(reference.pick_tokens(logits[0, 1:2], mask, 0.0))
     assert new.tolist() == [[3, x0, 4, x0, mask, mask]]
     assert torch.equal(new.cpu(), reference.diffusion_commit(logits, block, mask, None, torch.tensor([2])))
 
@@ -187,6 +198,41 @@ def test_other_seeds_sample_other_tokens(device):
     new = [diffusion_commit(logits.to(device), block.to(device), mask, 0.0, None, 2.0, seed).cpu()
            for seed in (1, 2)]
     assert torch.equal(new[0], tokens[0]) and not torch.equal(new[0], new[1])
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_a_row_samples_the_same_tokens_alone_or_in_any_batch(device, case):
+    """Random batch sizes, mixed greedy and sampled rows: every row's kernel output equals that row
+    launched alone (b = 1) with its own temperature and seed, and the reference's."""
+    g = torch.Generator().manual_seed(case)
+    b, length, vocab_size = int(torch.randint(2, 6, (1,), generator=g)), 4, 37
+    logits = random_logits(b, length, vocab_size, seed=10 + case, peak=8.0)
+    temperature = torch.rand(b, generator=g) * 2
+    temperature[torch.rand(b, generator=g) < 0.4] = 0.0
+    temperature[0] = 1.0                                       # at least one sampled row
+    seed = torch.randint(0, 2 ** 63 - 1, (b,), generator=g)
+    mask = mask_id(vocab_size)
+    draft = drafts_accepting(reference.pick_tokens(logits, mask, temperature, seed)[:, :length])
+    block = partly_masked(b, length, mask)
+    no_eos = torch.zeros(0, dtype=torch.int64, device=device)
+    on = dict(device=device)
+
+    def accept(rows):
+        return spec_accept(logits[rows].to(**on), draft[rows].to(**on), mask, no_eos,
+                           temperature[rows].to(**on), seed[rows].to(**on))
+
+    def commit(rows):
+        return diffusion_commit(logits[rows].to(**on), block[rows].to(**on), mask, 0.5, None,
+                                temperature[rows].to(**on), seed[rows].to(**on)).cpu()
+
+    everything = slice(None)
+    batched_accept, batched_commit = accept(everything), commit(everything)
+    assert_accepted_equal(batched_accept, reference.spec_accept(logits, draft, mask, no_eos.cpu(), temperature, seed))
+    assert torch.equal(batched_commit, reference.diffusion_commit(logits, block, mask, 0.5, None, temperature, seed))
+    for r in range(b):
+        alone = slice(r, r + 1)
+        assert_accepted_equal(accept(alone), reference.Accepted(*(x[alone] for x in batched_accept)))
+        assert torch.equal(commit(alone), batched_commit[alone])
 
 
 def test_strided_logits_and_counters_left_at_zero(device):
@@ -233,6 +279,36 @@ def test_launchers_reject_bad_eos_and_num_commit():
         diffusion_commit(logits, tokens, 3, None, torch.tensor([1.0, 2.0]))
 
 
+@pytest.mark.parametrize("temperature, seed, message", [
+    (torch.ones(3), torch.zeros(2, dtype=torch.int64), r"temperature: expected float32 \[2\]"),
+    (torch.ones(2, dtype=torch.float16), torch.zeros(2, dtype=torch.int64), "temperature: expected float32"),
+    (torch.ones(2), torch.zeros(2, dtype=torch.int32), r"seed: expected int64 \[2\]"),
+    (torch.ones(2), torch.zeros(2, 1, dtype=torch.int64), r"seed: expected int64 \[2\]"),
+    (torch.ones(2, device="meta"), torch.zeros(2, dtype=torch.int64), "temperature is on meta"),
+    (0.5, -3, "seed -3 outside"),
+])
+def test_launchers_reject_bad_sampling_parameters(temperature, seed, message):
+    logits, tokens = torch.zeros(2, 4, 10), torch.zeros(2, 4, dtype=torch.int64)
+    with pytest.raises(ValueError, match=message):
+        spec_accept(logits, tokens, 3, torch.zeros(0, dtype=torch.int64), temperature, seed)
+    with pytest.raises(ValueError, match=message):
+        diffusion_commit(logits, tokens, 3, 0.9, None, temperature, seed)
+
+
+@pytest.mark.parametrize("shape, strides, is_accepted", [
+    ((1, 2 ** 16, 2 ** 15), (0, 0, 1), False),          # L*V = 2**31: a row's Philox offset overflows
+    ((2 ** 12, 2 ** 4, 2 ** 15), (0, 0, 1), True),      # B*L*V = 2**31, L*V = 2**19: per-row offsets fit
+])
+def test_philox_offsets_are_checked_per_sequence(shape, strides, is_accepted):
+    logits = torch.empty_strided(shape, strides)            # one real row of V floats, repeated
+    tokens = torch.empty_strided(shape[:2], (0, 0), dtype=torch.int64)
+    if is_accepted:
+        check_logits(logits, tokens, 3, ("logits", "tokens"))
+    else:
+        with pytest.raises(ValueError, match=r"L\*V = 2147483648 >= 2\*\*31"):
+            check_logits(logits, tokens, 3, ("logits", "tokens"))
+
+
 def test_ops_dispatch_to_the_kernels(device, kernels, monkeypatch):
     """TRIMODE_KERNELS=triton: the call sites go through torch.ops.trimode.* into the launchers."""
     import trimode.plugins.diffusion_commit as diffusion_module
@@ -244,14 +320,20 @@ def test_ops_dispatch_to_the_kernels(device, kernels, monkeypatch):
                             lambda *args, _launch=module.launch: calls.append(1) or _launch(*args))
     logits = random_logits(2, 4, 257, seed=9, peak=8.0)
     mask = mask_id(257)
-    draft = drafts_accepting(reference.pick_tokens(logits, mask, 0.8, 5))
+    temperature, seed = torch.tensor([0.8, 0.0]), torch.tensor([5, 2 ** 50])   # per row: sampled, greedy
+    draft = drafts_accepting(reference.pick_tokens(logits, mask, temperature, seed))
     eos_ids = torch.tensor([int(draft[0, 1])])
-    got = ops.spec_accept(logits.to(device), draft.to(device), mask, eos_ids.to(device), 0.8, 5)
-    assert_accepted_equal(got, reference.spec_accept(logits, draft, mask, eos_ids, 0.8, 5))
+    got = ops.spec_accept(logits.to(device), draft.to(device), mask, eos_ids.to(device), temperature.to(device),
+                          seed.to(device))
+    assert_accepted_equal(got, reference.spec_accept(logits, draft, mask, eos_ids, temperature, seed))
     block = partly_masked(2, 4, mask)
     for threshold, num_commit in [(0.9, None), (None, torch.tensor([1, 2]))]:
         new = ops.diffusion_commit(logits.to(device), block.to(device), mask, threshold,
-                                   None if num_commit is None else num_commit.to(device), 0.8, 5)
-        expected = reference.diffusion_commit(logits, block, mask, threshold, num_commit, 0.8, 5)
+                                   None if num_commit is None else num_commit.to(device), temperature.to(device),
+                                   seed.to(device))
+        expected = reference.diffusion_commit(logits, block, mask, threshold, num_commit, temperature, seed)
         assert torch.equal(new.cpu(), expected)
-    assert len(calls) == 3
+    # the decoders' transition form: one Python float / int for every row
+    got = ops.spec_accept(logits.to(device), draft.to(device), mask, eos_ids.to(device), 0.8, 5)
+    assert_accepted_equal(got, reference.spec_accept(logits, draft, mask, eos_ids, 0.8, 5))
+    assert len(calls) == 4

@@ -35,6 +35,15 @@ class BlockAttention(nn.Module):
 
 
 class SpecAccept(nn.Module):
+    """Per-row temperature [b] and seed [b] are graph inputs."""
+
+    def forward(self, verify_logits, draft, eos_ids, temperature, seed):
+        return tuple(ops.spec_accept(verify_logits, draft, MASK, eos_ids, temperature, seed))
+
+
+class ScalarSpecAccept(nn.Module):
+    """The decoders' transition form: one Python float / int for every row."""
+
     def __init__(self, temperature: float, seed: int):
         super().__init__()
         self.temperature, self.seed = temperature, seed
@@ -44,12 +53,12 @@ class SpecAccept(nn.Module):
 
 
 class DiffusionCommit(nn.Module):
-    def __init__(self, threshold: float | None, temperature: float, seed: int):
+    def __init__(self, threshold: float | None):
         super().__init__()
-        self.threshold, self.temperature, self.seed = threshold, temperature, seed
+        self.threshold = threshold
 
-    def forward(self, logits, block, num_commit=None):
-        return ops.diffusion_commit(logits, block, MASK, self.threshold, num_commit, self.temperature, self.seed)
+    def forward(self, logits, block, temperature, seed, num_commit=None):
+        return ops.diffusion_commit(logits, block, MASK, self.threshold, num_commit, temperature, seed)
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +165,16 @@ def test_block_attention_fp8_cache_graph(exported):
 
 # --- SpecAccept --------------------------------------------------------------------------------------
 
-ACCEPT_SHAPES = ({0: "b", 1: "L", 2: "V"}, {0: "b", 1: "L"}, {0: "E"})
+ACCEPT_SHAPES = ({0: "b", 1: "L", 2: "V"}, {0: "b", 1: "L"}, {0: "E"}, {0: "b"}, {0: "b"})
+ACCEPT_EXAMPLE = (torch.tensor([[1, 3, 4]] * 2), torch.tensor([6, 7, 8, 9]), torch.tensor([0.5, 0.0]),
+                  torch.tensor([1, 2]))
+
+
+def accept_model(exported) -> onnx.ModelProto:
+    """One graph for every sampling setting: temperature and seed are its inputs."""
+    draft, eos, temperature, seed = ACCEPT_EXAMPLE
+    return exported("accept", SpecAccept(), (verify_logits([[1, 3, 4]] * 2, 8.0), draft, eos, temperature, seed),
+                    ACCEPT_SHAPES)
 
 
 def verify_logits(tokens: list[list[int]], peak: float, vocab: int = 11) -> torch.Tensor:
@@ -168,76 +186,105 @@ def verify_logits(tokens: list[list[int]], peak: float, vocab: int = 11) -> torc
 
 
 @pytest.mark.parametrize("temperature, seed, verify, draft, eos", [
-    (0.0, 0, [[3, 4, 5, 6], [3, 9, 5, 6]], [[1, 3, 4, 5], [1, 3, 4, 5]], [6]),  # EOS emitted / not emitted
-    (0.0, 0, [[3, 4, 6, 7], [7, 4, 5, 6]], [[1, 3, 4, 6], [1, 7, 4, 5]], [6, 9]),
-    (0.0, 0, [[7], [1]], [[1], [1]], []),                                       # L = 1, no EOS ids
-    (0.8, 1234, [[3, 4, 5, 6], [3, 9, 5, 6]], [[1, 3, 4, 5], [1, 3, 4, 5]], [6]),  # Gumbel-max
+    ([0.0, 0.0], [0, 0], [[3, 4, 5, 6], [3, 9, 5, 6]], [[1, 3, 4, 5], [1, 3, 4, 5]], [6]),  # EOS emitted / not
+    ([0.0, 0.0], [0, 0], [[3, 4, 6, 7], [7, 4, 5, 6]], [[1, 3, 4, 6], [1, 7, 4, 5]], [6, 9]),
+    ([0.0, 0.0], [0, 0], [[7], [1]], [[1], [1]], []),                                       # L = 1, no EOS ids
+    ([0.8, 0.8], [1234, 2 ** 50], [[3, 4, 5, 6], [3, 9, 5, 6]], [[1, 3, 4, 5], [1, 3, 4, 5]], [6]),  # Gumbel-max
+    ([0.0, 0.8], [7, 1234], [[3, 4, 5, 6], [3, 9, 5, 6]], [[1, 3, 4, 5], [1, 3, 4, 5]], [6]),  # greedy + sampled
+    ([0.8, 0.0, 1.5], [5, 6, 5], [[3, 4, 5, 6], [3, 9, 5, 6], [3, 4, 5, 6]], [[1, 3, 4, 5]] * 3, [6]),  # b = 3
 ])
 def test_spec_accept(exported, temperature, seed, verify, draft, eos):
-    example = (verify_logits([[1, 3, 4]] * 2, 8.0), torch.tensor([[1, 3, 4]] * 2), torch.tensor([6, 7, 8, 9]))
-    model = exported(f"accept-{temperature}-{seed}", SpecAccept(temperature, seed), example, ACCEPT_SHAPES)
-    logits = verify_logits(verify, 1.0 if temperature > 0 else 8.0)
-    args = (logits, torch.tensor(draft), torch.tensor(eos, dtype=torch.int64))
+    model = accept_model(exported)
+    is_sampled = [t > 0 for t in temperature]
+    # sampled rows get low peaks (the noise shows), greedy rows high ones
+    logits = torch.where(torch.tensor(is_sampled)[:, None, None], verify_logits(verify, 1.0),
+                         verify_logits(verify, 8.0))
+    temperature, seed = torch.tensor(temperature), torch.tensor(seed)
+    args = (logits, torch.tensor(draft), torch.tensor(eos, dtype=torch.int64), temperature, seed)
 
-    expected = reference.spec_accept(*args[:2], MASK, args[2], temperature, seed)
+    expected = reference.spec_accept(*args[:2], MASK, *args[2:])
     got = run(model, args)
     assert [x.dtype for x in got] == [torch.int64, torch.int64, torch.int64, torch.bool]
     for name, x, y in zip(expected._fields, got, expected):
         assert torch.equal(x, y), name
-    if temperature == 0:
-        assert got[0].tolist() == verify
-    else:  # the case is sensitive to the seed
+    for row, sampled in enumerate(is_sampled):
+        if not sampled:   # greedy rows: the peaks
+            assert got[0][row].tolist() == verify[row]
+    if any(is_sampled):  # the case is sensitive to the seeds
         assert not torch.equal(got[0], reference.spec_accept(*args[:2], MASK, args[2], temperature, seed + 1)[0])
 
     node, attrs = only_node(model, "SpecAccept")
-    assert len(node.input) == 4 and len(node.output) == 4  # + the zeroed counters the kernel needs
-    assert attrs == {**TENSORRT, "mask_token_id": MASK, "temperature": pytest.approx(temperature), "seed": seed}
+    assert len(node.input) == 6 and len(node.output) == 4  # + the zeroed counters the kernel needs
+    assert list(node.input[3:5]) == ["temperature", "seed"]  # runtime inputs, not attributes
+    assert attrs == {**TENSORRT, "mask_token_id": MASK}
 
 
 def test_spec_accept_eos_prefix(exported):
     """The first table row, spelled out: row 0 emits its EOS, row 1 stops before it."""
-    example = (verify_logits([[1, 3, 4]] * 2, 8.0), torch.tensor([[1, 3, 4]] * 2), torch.tensor([6, 7, 8, 9]))
-    model = exported("accept-0.0-0", SpecAccept(0.0, 0), example, ACCEPT_SHAPES)
-    tokens, n, next_seed, is_eos = run(model, (verify_logits([[3, 4, 5, 6], [3, 9, 5, 6]], 8.0),
-                                               torch.tensor([[1, 3, 4, 5], [1, 3, 4, 5]]), torch.tensor([6])))
+    tokens, n, next_seed, is_eos = run(accept_model(exported), (
+        verify_logits([[3, 4, 5, 6], [3, 9, 5, 6]], 8.0), torch.tensor([[1, 3, 4, 5], [1, 3, 4, 5]]),
+        torch.tensor([6]), torch.zeros(2), torch.zeros(2, dtype=torch.int64)))
     assert n.tolist() == [4, 2] and next_seed.tolist() == [6, 9] and is_eos.tolist() == [True, False]
+
+
+@pytest.mark.parametrize("temperature, seed", [(0.0, 0), (0.8, 1234)])
+def test_spec_accept_python_scalars_become_row_inputs(exported, temperature, seed):
+    """A Python float / int (the decoders today) exports as [b] tensors made in the graph: the node
+    still takes them as inputs, and every row gets the value."""
+    draft, eos, _, _ = ACCEPT_EXAMPLE
+    model = exported(f"accept-scalar-{temperature}", ScalarSpecAccept(temperature, seed),
+                     (verify_logits([[1, 3, 4]] * 2, 8.0), draft, eos), ACCEPT_SHAPES[:3])
+    args = (verify_logits([[3, 4, 5, 6], [3, 9, 5, 6], [3, 4, 5, 6]], 1.0), torch.tensor([[1, 3, 4, 5]] * 3),
+            torch.tensor([6]))
+    got = run(model, args)
+    expected = reference.spec_accept(*args[:2], MASK, args[2], torch.full((3,), temperature), torch.full((3,), seed))
+    for name, x, y in zip(expected._fields, got, expected):
+        assert torch.equal(x, y), name
+    node, attrs = only_node(model, "SpecAccept")
+    assert len(node.input) == 6 and attrs == {**TENSORRT, "mask_token_id": MASK}
+    assert not {"temperature", "seed"} & {i.name for i in model.graph.input}
 
 
 # --- DiffusionCommit ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("threshold, num_commit, temperature, seed, scale", [
-    (0.9, None, 0.0, 0, 10.0),
-    (None, [1, 3], 0.0, 0, 4.0),
-    (None, [4, 6], 0.7, 99, 1.0),  # every masked position commits: the sampled candidates show
+    (0.9, None, [0.0, 0.0], [0, 0], 10.0),
+    (None, [1, 3], [0.0, 0.0], [0, 0], 4.0),
+    (None, [4, 6], [0.7, 0.7], [99, 2 ** 45], 1.0),  # every masked position commits: the sampled candidates show
+    (None, [4, 6], [0.0, 1.2], [99, 3], 1.0),        # a greedy and a sampled row
 ])
 def test_diffusion_commit(exported, threshold, num_commit, temperature, seed, scale):
     g = torch.Generator().manual_seed(7)
-    example = (torch.randn(2, 3, 11, generator=g), torch.full((2, 3), MASK))
-    shapes = ({0: "b", 1: "L", 2: "V"}, {0: "b", 1: "L"})
+    example = (torch.randn(2, 3, 11, generator=g), torch.full((2, 3), MASK), torch.tensor([0.5, 0.0]),
+               torch.tensor([1, 2]))
+    shapes = ({0: "b", 1: "L", 2: "V"}, {0: "b", 1: "L"}, {0: "b"}, {0: "b"})
     if num_commit is not None:
         example, shapes = example + (torch.tensor([1, 2]),), shapes + ({0: "b"},)
-    model = exported(f"commit-{threshold}-{temperature}-{seed}", DiffusionCommit(threshold, temperature, seed),
-                     example, shapes)
+    model = exported(f"commit-{threshold}", DiffusionCommit(threshold), example, shapes)
 
     logits = torch.randn(2, 6, 13, generator=g) * scale
     logits[:, 0, MASK] = 30.0  # the mask token is never a candidate
     block = torch.tensor([[MASK, 5, MASK, MASK, 1, MASK], [MASK] * 6])
+    temperature, seed = torch.tensor(temperature), torch.tensor(seed)
     num_commit = None if num_commit is None else torch.tensor(num_commit)
-    args = (logits, block) + (() if num_commit is None else (num_commit,))
+    args = (logits, block, temperature, seed) + (() if num_commit is None else (num_commit,))
     expected = reference.diffusion_commit(logits, block, MASK, threshold, num_commit, temperature, seed)
     (got,) = run(model, args)
     assert torch.equal(got, expected)
     if threshold is not None:  # the threshold commits more than the one most confident position
         assert ((got != block).sum(dim=1) > 1).any()
-    if temperature > 0:
+    if (temperature > 0).any():
         assert not torch.equal(got, reference.diffusion_commit(logits, block, MASK, None, num_commit, temperature,
                                                                seed + 1))
+    greedy = reference.diffusion_commit(logits, block, MASK, threshold, num_commit, 0.0, 0)
+    for row in range(2):   # greedy rows commit the argmax, sampled rows (here) something else
+        assert torch.equal(got[row], greedy[row]) == bool(temperature[row] == 0)
 
     node, attrs = only_node(model, "DiffusionCommit")
-    assert len(node.input) == 4 and len(node.output) == 2  # + the zeroed counters; + the confidences
+    assert len(node.input) == 6 and len(node.output) == 2  # + the zeroed counters; + the confidences
+    assert list(node.input[3:5]) == ["temperature", "seed"]
     assert attrs == {**TENSORRT, "mask_token_id": MASK, "threshold": pytest.approx(threshold or 0.0),
-                     "use_threshold": int(threshold is not None), "temperature": pytest.approx(temperature),
-                     "seed": seed}
+                     "use_threshold": int(threshold is not None)}
 
 
 # --- the whole forward -------------------------------------------------------------------------------

@@ -87,20 +87,25 @@ def test_register_plugins_names_the_missing_tensorrt():
         trt_plugins.register_plugins()
 
 
-@pytest.mark.parametrize("op, temperature, threshold, num_ints, num_outputs", [
-    ("spec_accept", 0.0, None, 6, 4),
-    ("spec_accept", 0.7, None, 6, 4),
-    ("diffusion_commit", 0.0, 0.9, 5, 2),
-    ("diffusion_commit", 1.0, None, 5, 2),   # top-k schedule
+@pytest.mark.parametrize("op, threshold, num_ints, num_outputs", [
+    ("spec_accept", None, 6, 4),
+    ("diffusion_commit", 0.9, 5, 2),
+    ("diffusion_commit", None, 5, 2),   # top-k schedule
 ])
-def test_sampling_kernels_compile_for_hopper(op, temperature, threshold, num_ints, num_outputs):
-    """Temperature, seed and threshold are compiled in: only pointers and int extra args remain."""
-    kernel = compile_in_subprocess(
-        f"t.sampling_kernel({op!r}, torch.bfloat16, 131072, 32, {temperature}, 5, {threshold})")
+def test_sampling_kernels_compile_for_hopper(op, threshold, num_ints, num_outputs):
+    """The threshold is compiled in; temperature and seed are input pointers (6 inputs with the
+    counters), then the int extra args, then the outputs. One kernel runs greedy and sampled rows:
+    Philox (its round constant 0xD2511F53) is compiled in behind a runtime branch, and 1/T is the
+    IEEE division."""
+    kernel = compile_in_subprocess(f"t.sampling_kernel({op!r}, torch.bfloat16, 131072, 32, {threshold})")
     params = ptx_params(kernel["ptx"], kernel["name"])
-    assert params[:4] == ["u64"] * 4 and params[4:4 + num_ints] == ["u32"] * num_ints
-    assert params[4 + num_ints:4 + num_ints + num_outputs] == ["u64"] * num_outputs
+    assert params[:6] == ["u64"] * 6 and params[6:6 + num_ints] == ["u32"] * num_ints
+    assert params[6 + num_ints:6 + num_ints + num_outputs] == ["u64"] * num_outputs
     assert kernel["num_threads"] == 256
+    assert any(c in kernel["ptx"] for c in ("3528531795", "-766435501"))   # as unsigned or signed int32
+    assert "div.rn.f32" in kernel["ptx"]
+    # no fused multiply-add: the sampled score x * (1/T) + gumbel rounds twice, as in the reference
+    assert "fma.rn.f32" not in kernel["ptx"] and "mul.rn.f32" in kernel["ptx"]
 
 
 @pytest.mark.parametrize("op", ["spec_accept", "diffusion_commit"])
@@ -111,11 +116,16 @@ def test_sampling_extra_args_match_the_torch_launchers(op, monkeypatch):
         (diffusion_commit, "diffusion_commit_kernel")
     seen = capture_launch(monkeypatch, module, name)
     logits, block = torch.randn(2, 4, 50), torch.full((2, 4), 3)
+    temperature, seed = torch.tensor([0.0, 0.8]), torch.tensor([1, 2])
     if op == "spec_accept":
-        module.launch(logits, block, 3, torch.tensor([1, 2]))
-        ints = seen["args"][4:10]
+        module.launch(logits, block, 3, torch.tensor([1, 2]), temperature, seed)
+        ints, outputs = seen["args"][6:12], seen["args"][12:]
     else:
-        module.launch(logits, block, 3, 0.9, None)
-        ints = seen["args"][4:9]
+        module.launch(logits, block, 3, 0.9, None, temperature, seed)
+        ints, outputs = seen["args"][6:11], seen["args"][12:]   # then the threshold, then the outputs
     grid, extra = trt_plugins.sampling_launch(op, logits.shape, 3, num_eos=2)
     assert list(ints) == extra and grid[:2] == seen["grid"]
+    # the per-row sampling inputs are pointers 4 and 5, in the ONNX node's input order
+    assert torch.equal(seen["args"][3], temperature) and torch.equal(seen["args"][4], seed)
+    assert all(isinstance(x, torch.Tensor) for x in seen["args"][:6] + outputs)
+    assert len(outputs) == (4 if op == "spec_accept" else 2)
