@@ -25,6 +25,8 @@ CHOICES = ("auto", "triton", "reference")
 
 
 def use_kernels(device: torch.device) -> bool:
+    """The default choice for a device. The engine's ModelRunner asks once, when it is built, and
+    passes its answer to every call (`kernels=`); callers that pass None get it per call."""
     choice = os.environ.get(KERNELS_ENV, "auto")
     if choice not in CHOICES:
         raise ConfigError(f"{KERNELS_ENV}={choice!r}: expected one of {', '.join(CHOICES)}")
@@ -80,11 +82,11 @@ def _(logits, block, mask_token_id, threshold, num_commit, temperature, seed):
 def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, layout: ChunkLayout, k_scale: torch.Tensor | None = None,
                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """See reference.block_attention."""
+    """See reference.block_attention; the pass's layout says whether the kernels run."""
     if torch.onnx.is_in_onnx_export():
         from trimode.plugins.onnx_ops import block_attention_node
         return block_attention_node(q, k, v, k_cache, v_cache, layout, k_scale, v_scale)
-    if use_kernels(q.device):
+    if _kernels(layout.kernels, q.device):
         return torch.ops.trimode.block_attention(q, k, v, k_cache, v_cache, layout.lengths, layout.row_index,
                                                  layout.is_causal, k_scale, v_scale)
     return reference.block_attention(q, k, v, k_cache, v_cache, layout, k_scale, v_scale)
@@ -92,13 +94,14 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
 
 def spec_accept(verify_logits: torch.Tensor, draft: torch.Tensor, mask_token_id: int,
                 eos_ids: torch.Tensor, temperature: torch.Tensor | float = 0.0,
-                seed: torch.Tensor | int = 0) -> Accepted:
+                seed: torch.Tensor | int = 0, kernels: bool | None = None) -> Accepted:
     """See reference.spec_accept: temperature [b] float32, seed [b] int64, one per sequence (a
-    Python float / int means that value for every row)."""
+    Python float / int means that value for every row). kernels: True / False as the caller chose
+    (the ModelRunner, once); None: `use_kernels(device)`."""
     if torch.onnx.is_in_onnx_export():
         from trimode.plugins.onnx_ops import spec_accept_node
         return spec_accept_node(verify_logits, draft, mask_token_id, eos_ids, temperature, seed)
-    if use_kernels(verify_logits.device):
+    if _kernels(kernels, verify_logits.device):
         temperature, seed = sampling_rows(temperature, seed, draft.shape[0], verify_logits.device)
         return Accepted(*torch.ops.trimode.spec_accept(verify_logits, draft, mask_token_id, eos_ids,
                                                        temperature, seed))
@@ -107,13 +110,18 @@ def spec_accept(verify_logits: torch.Tensor, draft: torch.Tensor, mask_token_id:
 
 def diffusion_commit(logits: torch.Tensor, block: torch.Tensor, mask_token_id: int,
                      threshold: float | None, num_commit: torch.Tensor | None,
-                     temperature: torch.Tensor | float = 0.0, seed: torch.Tensor | int = 0) -> torch.Tensor:
-    """See reference.diffusion_commit (temperature and seed as in spec_accept)."""
+                     temperature: torch.Tensor | float = 0.0, seed: torch.Tensor | int = 0,
+                     kernels: bool | None = None) -> torch.Tensor:
+    """See reference.diffusion_commit (temperature, seed and kernels as in spec_accept)."""
     if torch.onnx.is_in_onnx_export():
         from trimode.plugins.onnx_ops import diffusion_commit_node
         return diffusion_commit_node(logits, block, mask_token_id, threshold, num_commit, temperature, seed)
-    if use_kernels(logits.device):
+    if _kernels(kernels, logits.device):
         temperature, seed = sampling_rows(temperature, seed, block.shape[0], logits.device)
         return torch.ops.trimode.diffusion_commit(logits, block, mask_token_id, threshold, num_commit,
                                                   temperature, seed)
     return reference.diffusion_commit(logits, block, mask_token_id, threshold, num_commit, temperature, seed)
+
+
+def _kernels(choice: bool | None, device: torch.device) -> bool:
+    return use_kernels(device) if choice is None else choice

@@ -34,12 +34,13 @@ class ChunkLayout:
     is_causal: bool
     positions: torch.Tensor       # [b, L] absolute positions lengths + 0..L-1
     length_range: tuple[int, int] | None = None  # (min, max) of lengths, when the caller knows them
+    kernels: bool | None = None   # run the Triton kernel (None: ops.use_kernels decides)
 
     @classmethod
     def build(cls, lengths: torch.Tensor, rows: torch.Tensor | None, length: int, is_causal: bool,
-              length_range: tuple[int, int] | None = None) -> "ChunkLayout":
+              length_range: tuple[int, int] | None = None, kernels: bool | None = None) -> "ChunkLayout":
         return cls(lengths, rows, is_causal, lengths[:, None] + torch.arange(length, device=lengths.device),
-                   length_range)
+                   length_range, kernels)
 
     @cached_property
     def _min_max(self) -> tuple[int, int]:

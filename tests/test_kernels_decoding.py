@@ -59,3 +59,24 @@ def test_kernels_are_really_used(tiny, monkeypatch):
     monkeypatch.setattr(torch.ops.trimode, "spec_accept", None)
     with pytest.raises(TypeError):
         decode(tiny, Mode.SELF_SPEC, "triton", monkeypatch, block_length=4)
+
+
+@pytest.mark.parametrize("choice, expect_kernels", [("triton", True), ("reference", False)])
+def test_the_runner_chooses_kernels_once_when_built(tiny, monkeypatch, choice, expect_kernels):
+    """TRIMODE_KERNELS is read when the engine's runner is built; changing it later changes nothing."""
+    from trimode.decoding import engine_for
+
+    monkeypatch.setenv(ops.KERNELS_ENV, choice)
+    settings = GenerationSettings(mode=Mode.SELF_SPEC, block_length=4, max_new_tokens=6)
+    engine = engine_for(tiny.model, [[5, 6, 7]], settings)
+    engine.add([5, 6, 7], settings.sampling, settings.decoding)
+    monkeypatch.setenv(ops.KERNELS_ENV, "reference" if expect_kernels else "triton")
+    monkeypatch.setattr(torch.ops.trimode, "spec_accept", None)  # a kernel call would fail
+    if expect_kernels:
+        with pytest.raises(TypeError):
+            while engine.has_work:
+                engine.step()
+    else:
+        while engine.has_work:
+            engine.step()
+    assert engine.runner.kernels is expect_kernels

@@ -125,12 +125,14 @@ class NLDModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, kind: PassKind,
                 rows: torch.Tensor | None = None, logit_index: torch.Tensor | None = None,
-                length_range: tuple[int, int] | None = None) -> torch.Tensor:
+                length_range: tuple[int, int] | None = None, kernels: bool | None = None) -> torch.Tensor:
         """tokens [b, L] for cache rows `rows` (None = every row). -> logits [b, L, V] in fp32,
         or [b, 1, V] at chunk index logit_index [b] (prefill needs only each row's last logit).
-        length_range: (min, max) of the rows' lengths when the caller knows them (no host sync)."""
+        length_range: (min, max) of the rows' lengths when the caller knows them (no host sync);
+        kernels: run the plugins' kernels (None: plugins.ops.use_kernels decides per call)."""
         lengths = cache.lengths if rows is None else cache.lengths[rows]
-        layout = ChunkLayout.build(lengths, rows, tokens.shape[1], kind.pattern == Pattern.CAUSAL, length_range)
+        layout = ChunkLayout.build(lengths, rows, tokens.shape[1], kind.pattern == Pattern.CAUSAL, length_range,
+                                   kernels)
         use_draft = kind.use_draft
 
         def attend(i: int, attn: Attention, x, cos, sin, q_scale):

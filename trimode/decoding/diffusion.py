@@ -61,7 +61,8 @@ def denoise(batch: Batch, block: torch.Tensor, threshold: float | None, kind: Pa
         logits = sub.run(kind, block[index])
         k = None if threshold is not None else torch.full(
             (len(index),), num_masks // length + int(step < num_masks % length), device=block.device)
-        block[index] = diffusion_commit(logits, block[index], mask_id, threshold, k, *sub.sampling())
+        block[index] = diffusion_commit(logits, block[index], mask_id, threshold, k, *sub.sampling(),
+                                        kernels=batch.runner.kernels)
     return block
 
 

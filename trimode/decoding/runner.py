@@ -16,12 +16,14 @@ import torch
 from trimode.errors import InputError
 from trimode.model import NLDModel
 from trimode.passes import PassKind
+from trimode.plugins.ops import use_kernels
 
 
 class ModelRunner:
     def __init__(self, model: NLDModel, max_slots: int, max_seq_len: int):
         self.model = model
-        self.forward = model  # the backend: forward(tokens, cache, kind, rows, logit_index, length_range)
+        self.forward = model  # the backend: forward(tokens, cache, kind, rows, logit_index, length_range, kernels)
+        self.kernels = use_kernels(model.device)  # the plugins' kernels or the torch references, decided once
         self.cache = model.new_cache(max_slots, max_seq_len)
         self.host_lengths = [0] * max_slots
         self._free = list(range(max_slots))  # a heap: the lowest free slot first keeps batches contiguous
@@ -61,7 +63,7 @@ class ModelRunner:
             cache, rows = self.cache.rows(slots[0], slots[0] + len(slots)), None
         else:
             cache, rows = self.cache, torch.tensor(slots, device=tokens.device)
-        return self.forward(tokens, cache, kind, rows, logit_index, (min(lengths), max(lengths)))
+        return self.forward(tokens, cache, kind, rows, logit_index, (min(lengths), max(lengths)), self.kernels)
 
     def advance(self, slots: list[int], counts: list[int]) -> None:
         """Commit counts[i] more tokens of slots[i] (the K/V the last pass wrote for them)."""

@@ -34,7 +34,8 @@ class SelfSpecPolicy:
         """Keep n = matched drafts + 1 bonus token: the cache keeps s, d1 .. d(n-1); a_(n-1) is the next seed.
         At temperature 0 every emitted token is the AR greedy token: the invariant of spec §7."""
         no_eos = torch.empty(0, dtype=torch.long, device=block.device)  # EOS is the sequences' rule (emit)
-        result = spec_accept(logits, block, batch.spec.mask_token_id, no_eos, *batch.sampling())
+        result = spec_accept(logits, block, batch.spec.mask_token_id, no_eos, *batch.sampling(),
+                             kernels=batch.runner.kernels)
         tokens, accepted = batch.fetch(result.tokens, result.n)  # the step's one host sync
         batch.advance(accepted)
         return tokens, accepted
