@@ -175,7 +175,7 @@ def _attend(q, kc_base, vc_base, k_scale, v_scale, s_cs, d, d_ok, visible_end, k
             kt = kt.to(tl.float32) * k_scale
             vt = vt.to(tl.float32) * v_scale
         kt, vt = kt.to(q.dtype).to(DOT_DTYPE), vt.to(q.dtype).to(DOT_DTYPE)
-        s = tl.dot(q.to(DOT_DTYPE), tl.trans(kt), input_precision=PRECISION) * qk_scale
+        s = tl.dot(q.to(DOT_DTYPE), tl.trans(kt), input_precision=PRECISION).to(tl.float32) * qk_scale
         s = tl.where(pos[None, :] < visible_end[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # A row with no visible key yet keeps max -inf: shift by 0 there instead of -inf (no nan).
@@ -183,7 +183,7 @@ def _attend(q, kc_base, vc_base, k_scale, v_scale, s_cs, d, d_ok, visible_end, k
         alpha = tl.exp2(m_i - m_shift)
         p = tl.exp2(s - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype).to(DOT_DTYPE), vt, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype).to(DOT_DTYPE), vt, input_precision=PRECISION).to(tl.float32)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -216,8 +216,11 @@ def constants(dtype: torch.dtype, head_dim: int, group: int, is_fp8: bool, devic
         SPLIT_N=split_n, MAX_SPLITS=triton.cdiv(max_len, split_n) if split_n else 1,
         SM_SCALE=1.0 / math.sqrt(head_dim), GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_M=block_m, BLOCK_N=block_n, IS_FP8=is_fp8,
-        # The CPU interpreter multiplies bf16 tiles wrongly (triton 3.7): it gets exact fp32 copies.
-        DOT_DTYPE=tl.float32 if device.type != "cuda" else _TL_DTYPES[dtype],
+        # The CPU interpreter multiplies bf16 tiles wrongly (triton 3.7), and its fp32 tiles go to
+        # numpy's BLAS, whose sum order depends on a row's place in the tile on some CPUs (AMD EPYC,
+        # OpenBLAS 0.3.23): it gets exact fp64 copies, whose products are exact and whose sums round
+        # to the same fp32 wherever the row sits, so batch invariance is testable on CPU.
+        DOT_DTYPE=tl.float64 if device.type != "cuda" else _TL_DTYPES[dtype],
         PRECISION="ieee" if dtype == torch.float32 else "tf32",
     )
 
