@@ -20,6 +20,12 @@ class TrimodeGroup(click.Group):
     """The one exception boundary: TrimodeError becomes a one-line error and exit 1; Ctrl-C (or
     SIGTERM while a stage writes) exits 128 + the signal number (130 for Ctrl-C)."""
 
+    def make_context(self, *args, **kwargs) -> click.Context:
+        try:  # parsing (a --device check imports torch): Ctrl-C here is an interrupt too, not click's exit 1
+            return super().make_context(*args, **kwargs)
+        except KeyboardInterrupt as e:
+            _interrupted(e)
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
@@ -29,8 +35,12 @@ class TrimodeGroup(click.Group):
                 message = _as_typed(message, self.commands[ctx.invoked_subcommand])
             raise click.ClickException(message) from None
         except KeyboardInterrupt as e:
-            click.echo("Error: interrupted", err=True)
-            raise click.exceptions.Exit(128 + getattr(e, "signum", 2)) from None
+            _interrupted(e)
+
+
+def _interrupted(e: KeyboardInterrupt):
+    click.echo("Error: interrupted", err=True)
+    raise click.exceptions.Exit(128 + getattr(e, "signum", 2)) from None
 
 
 def _as_typed(message: str, command: click.Command) -> str:

@@ -79,18 +79,19 @@ def stage_output(out_dir: Path | str, stage: str, inputs: Iterable[Path | str] =
     """Check, lock, yield a fresh temporary sibling to write into, rename it into place (module doc)."""
     inputs = list(inputs)
     out = check_output(out_dir, stage, inputs, force)
-    created = _make_parents(out.parent, out_dir)
     lock_path = out.parent / f".{out.name}.lock"
     tmp = out.parent / f".{out.name}.{stage}-{secrets.token_hex(4)}"
     old = out.parent / f".{out.name}.replaced-{secrets.token_hex(4)}"
-    lock = None
+    lock, created = None, []
     try:
         with _signals_raise():
-            lock = _lock(lock_path, out_dir)
-            _recover(lock, out)
-            check_output(out_dir, stage, inputs, force)  # again, now that no other run can write it
-            _record(lock, tmp, old)
-            _mkdir(tmp, out_dir)
+            with _signals_blocked():  # set-up: a signal is handled once what it must undo is known
+                created = _make_parents(out.parent, out_dir)
+                lock = _lock(lock_path, out_dir)
+                _recover(lock, out)
+                check_output(out_dir, stage, inputs, force)  # again, now that no other run can write it
+                _record(lock, tmp, old)
+                _mkdir(tmp, out_dir)
             try:
                 yield tmp
             except OSError as e:
