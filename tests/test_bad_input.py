@@ -233,3 +233,62 @@ def test_quantize_refuses_an_output_holding_its_input_with_force(refused, tiny_d
     shutil.copytree(tiny_dir, parent / "ck")
     (parent / "neighbour.txt").write_text("x")
     refused(["quantize", parent / "ck", "--out", parent, "--force"], tmp_path, "contains the input")
+
+
+# --- silent failures: --json is strict JSON or an error, never NaN -------------------------------
+def _reject_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+@pytest.mark.parametrize("command", ["eval", "generate"])
+def test_json_output_is_strict_even_for_non_finite_results(runner, tiny_dir, tmp_path, command):
+    """Weights that parse but are NaN (eval used to print `NaN`, which no JSON parser accepts)."""
+    from safetensors.torch import load_file, save_file
+
+    from trimode.cli import main
+
+    ck = _copy(tiny_dir, tmp_path)
+    state = load_file(str(ck / "model.safetensors"))
+    state["diffusion_head.weight"].fill_(float("nan"))
+    save_file(state, str(ck / "model.safetensors"))
+    args = (["eval", ck, "--num-prompts", 1, "--prompt-len", 8, "--max-new-tokens", 2, "--block-lengths", 2,
+             "--max-ppl-windows", 1]
+            if command == "eval" else ["generate", "--checkpoint", ck, "--max-new-tokens", 2, "hello"])
+    result = runner.invoke(main, [*map(str, args), "--json"])
+    assert "Traceback" not in result.output
+    if result.exit_code == 0:
+        report = json.loads(result.stdout, parse_constant=_reject_constant)
+        if command == "eval":
+            assert report["perplexity"] is None  # non-finite numbers are written as null
+    else:  # or the run stops with an error (a decoder that refuses non-finite logits)
+        assert result.exit_code == 1 and result.stdout == ""
+        assert len([line for line in result.stderr.splitlines() if line.startswith("Error:")]) == 1
+
+
+# --- --help states the ranges the checks enforce -----------------------------------------------------
+def _range_cases():
+    import click
+
+    from trimode.cli import main
+
+    for command in main.commands.values():
+        for param in command.params:
+            if isinstance(param.type, (click.IntRange, click.FloatRange)) and isinstance(param, click.Option):
+                step = 1 if isinstance(param.type, click.IntRange) else 0.5
+                for bound, outside in ((param.type.min, -step), (param.type.max, step)):
+                    if bound is not None:
+                        yield pytest.param(command.name, param.opts[0], param.type, bound + outside,
+                                           id=f"{command.name}{param.opts[0]}={bound + outside}")
+
+
+@pytest.mark.parametrize("command, option, kind, value", list(_range_cases()))
+def test_help_shows_each_range_and_the_check_enforces_it(refused, runner, tiny_dir, tmp_path, command, option,
+                                                         kind, value):
+    from trimode.cli import main
+
+    fixed = {"generate": ["generate", "--checkpoint", tiny_dir, "hello"],
+             "eval": ["eval", tiny_dir], "quantize": ["quantize", tiny_dir, "--out", tmp_path / "out"],
+             "make-checkpoint": ["make-checkpoint", "--random", "--out", tmp_path / "out"]}[command]
+    help_text = " ".join(runner.invoke(main, [command, "--help"]).stdout.split())
+    assert kind._describe_range() in help_text
+    refused([*fixed, option, value], tmp_path, f"Invalid value for '{option}'", exit_code=2)

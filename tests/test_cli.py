@@ -78,7 +78,7 @@ def _broken(tiny_dir, tmp_path, what):
     (("hidden_size", "big"), [], "'hidden_size': expected an integer in [1, 131072], got 'big'"),
     (("intermediate_size", 7), [], "shape"),
     ("missing tokenizer", [], "no tokenizer.json"),
-    (None, ["--block-length", 0], "'--block-length': 0 is not in the range x>=1"),
+    (None, ["--block-length", 0], "'--block-length': 0 is not in the range 1<=x<=65536"),
     (None, ["--max-new-tokens", 0], "'--max-new-tokens': 0 is not in the range x>=1"),
     (None, ["--temperature", -1], "'--temperature': -1.0 is not in the range x>=0"),
     (None, ["--threshold", 2], "'--threshold': '2' is not in the range 0<=x<=1"),

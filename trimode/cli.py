@@ -20,6 +20,12 @@ class TrimodeGroup(click.Group):
     """The one exception boundary: TrimodeError becomes a one-line error and exit 1; Ctrl-C (or
     SIGTERM while a stage writes) exits 128 + the signal number (130 for Ctrl-C)."""
 
+    def make_context(self, *args, **kwargs) -> click.Context:
+        try:  # parsing (a --device check imports torch): Ctrl-C here is an interrupt too, not click's exit 1
+            return super().make_context(*args, **kwargs)
+        except KeyboardInterrupt as e:
+            _interrupted(e)
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
@@ -29,8 +35,12 @@ class TrimodeGroup(click.Group):
                 message = _as_typed(message, self.commands[ctx.invoked_subcommand])
             raise click.ClickException(message) from None
         except KeyboardInterrupt as e:
-            click.echo("Error: interrupted", err=True)
-            raise click.exceptions.Exit(128 + getattr(e, "signum", 2)) from None
+            _interrupted(e)
+
+
+def _interrupted(e: KeyboardInterrupt):
+    click.echo("Error: interrupted", err=True)
+    raise click.exceptions.Exit(128 + getattr(e, "signum", 2)) from None
 
 
 def _as_typed(message: str, command: click.Command) -> str:
@@ -153,7 +163,7 @@ def _checkpoint_dir(path: Path | None) -> Path:
               help="Emit at most this many tokens.")
 @click.option("--temperature", type=FiniteFloat(min=0), default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Sampling seed (temperature > 0).")
-@click.option("--block-length", type=click.IntRange(min=1), default=None,
+@click.option("--block-length", type=click.IntRange(1, 65536), default=None,
               help="Diffusion / draft block length [default: the checkpoint's block_size].")
 @click.option("--threshold", type=ThresholdType(), default=None,
               help="Commit threshold: diffusion default 0.9, self-spec draft default 0 (one pass). "
@@ -277,13 +287,15 @@ def quantize(checkpoint_dir: Path, out_dir: Path, kv_cache: str, calib_data: Pat
 @click.option("--block-lengths", default="4,8,16,32", show_default=True,
               help="Self-speculation block lengths to measure, comma-separated.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--max-ppl-windows", type=click.IntRange(min=1), default=None,
+              help="Perplexity over at most this many held-out windows [default: all].")
 @click.option("--against", "against_dir", type=click.Path(path_type=Path), default=None,
               help="Another checkpoint (e.g. the bf16 source of an FP8 one): compare per mode.")
 @click.option("--device", type=DeviceType(), default=None, help="cpu, cuda, cuda:N [default: cuda if present].")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def eval_command(checkpoint_dir: Path | None, num_prompts: int, prompt_len: int, max_new_tokens: int,
-                 block_lengths: str, batch_size: int, against_dir: Path | None, device: str | None,
-                 as_json: bool) -> None:
+                 block_lengths: str, batch_size: int, max_ppl_windows: int | None, against_dir: Path | None,
+                 device: str | None, as_json: bool) -> None:
     """Evaluate CHECKPOINT_DIR (default: the embedded one) on held-out standard-library text.
 
     Reports AR perplexity and, per mode at temperature 0: tokens per forward pass (every pass
@@ -298,12 +310,12 @@ def eval_command(checkpoint_dir: Path | None, num_prompts: int, prompt_len: int,
         lengths = tuple(int(x) for x in block_lengths.split(","))
     except ValueError:
         raise InputError(f"--block-lengths: expected integers separated by commas, got {block_lengths!r}") from None
-    if min(lengths) < 1:
-        raise InputError(f"--block-lengths: every block length must be >= 1, got {block_lengths!r}")
+    if not all(1 <= n <= 65536 for n in lengths):
+        raise InputError(f"--block-lengths: every block length must be in [1, 65536], got {block_lengths!r}")
     ck = load_checkpoint(_checkpoint_dir(checkpoint_dir), device=_device(device))
     against = load_checkpoint(against_dir, device=_device(device)) if against_dir else None
     settings = EvalSettings(num_prompts=num_prompts, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
-                            block_lengths=lengths, batch_size=batch_size)
+                            block_lengths=lengths, batch_size=batch_size, ppl_max_windows=max_ppl_windows)
     report = evaluate(ck, settings, against,
                       progress=None if as_json else lambda name: click.echo(f"... {name}", err=True))
     if as_json:

@@ -79,24 +79,25 @@ def stage_output(out_dir: Path | str, stage: str, inputs: Iterable[Path | str] =
     """Check, lock, yield a fresh temporary sibling to write into, rename it into place (module doc)."""
     inputs = list(inputs)
     out = check_output(out_dir, stage, inputs, force)
-    created = _make_parents(out.parent, out_dir)
     lock_path = out.parent / f".{out.name}.lock"
     tmp = out.parent / f".{out.name}.{stage}-{secrets.token_hex(4)}"
     old = out.parent / f".{out.name}.replaced-{secrets.token_hex(4)}"
-    lock = None
+    lock, created = None, []
     try:
         with _signals_raise():
-            lock = _lock(lock_path, out_dir)
-            _recover(lock, out)
-            check_output(out_dir, stage, inputs, force)  # again, now that no other run can write it
-            _record(lock, tmp, old)
-            _mkdir(tmp, out_dir)
+            with _signals_deferred():  # set-up: a signal is handled once what it must undo is known
+                created = _make_parents(out.parent, out_dir)
+                lock = _lock(lock_path, out_dir)
+                _recover(lock, out)
+                check_output(out_dir, stage, inputs, force)  # again, now that no other run can write it
+                _record(lock, tmp, old)
+                _mkdir(tmp, out_dir)
             try:
                 yield tmp
             except OSError as e:
                 raise OutputError(f"{stage} {out_dir}: {e.strerror or e} ({e.filename or 'write failed'})") from e
             _check_manifest(tmp, stage)
-            with _signals_blocked():  # the commit: a signal now is handled after it, never half-way
+            with _signals_deferred():  # the commit: a signal now is handled after it, never half-way
                 replaced = out.exists()
                 if replaced:
                     out.rename(old)
@@ -106,7 +107,7 @@ def stage_output(out_dir: Path | str, stage: str, inputs: Iterable[Path | str] =
                     shutil.rmtree(old)
                 _release(lock, lock_path)
     except BaseException:
-        with _signals_blocked():
+        with _signals_deferred():
             shutil.rmtree(tmp, ignore_errors=True)
             if old.exists() and not out.exists():
                 old.rename(out)  # put the previous output back
@@ -258,13 +259,25 @@ def _signals_raise() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _signals_blocked() -> Iterator[None]:
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block is done, then raise Interrupted. Python-level handlers, not
+    a signal mask: a mask is per thread, and torch's worker threads would still take the signal."""
     if not _is_main_thread():
         yield
         return
-    blocked = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    received: list[int] = []
+    signums = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in signums}
+
+    def restore() -> None:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
     try:
         yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    except BaseException:
+        restore()  # an exception is already on its way out: it wins over a late signal
+        raise
+    restore()
+    if received:
+        raise Interrupted(received[0])

@@ -19,6 +19,7 @@ import click
 import torch
 
 from trimode.checkpoint import load_checkpoint
+from trimode.cli import SEED, FiniteFloat
 from trimode.config import ModelSpec, RopeSpec
 from trimode import __version__
 from trimode.errors import TrimodeError
@@ -168,15 +169,15 @@ def _progress(total: int, enabled: bool):
 @click.option("--steps", type=click.IntRange(min=1), default=TrainSettings.steps, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=TrainSettings.batch_size, show_default=True)
 @click.option("--seq-len", type=click.IntRange(min=16), default=TrainSettings.seq_len, show_default=True)
-@click.option("--lr", type=float, default=TrainSettings.lr, show_default=True)
-@click.option("--alpha", type=float, default=TrainSettings.alpha, show_default=True,
+@click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=TrainSettings.lr, show_default=True)
+@click.option("--alpha", type=FiniteFloat(min=0), default=TrainSettings.alpha, show_default=True,
               help="Weight of the diffusion loss (0.3 as published).")
-@click.option("--seed", type=int, default=TrainSettings.seed, show_default=True)
+@click.option("--seed", type=SEED, default=TrainSettings.seed, show_default=True)
 @click.option("--warmup", type=click.IntRange(min=1), default=TrainSettings.warmup, show_default=True)
 @click.option("--init-from", type=click.Path(exists=True, file_okay=False), default=None,
               help="Continue training a checkpoint written by this command (same tokenizer).")
-@click.option("--threads", type=int, default=None, help="torch.set_num_threads")
-@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch.set_num_threads")
+@click.option("--force", is_flag=True, help="Replace a previous training output (never another folder).")
 def main(out_dir: Path, steps: int, batch_size: int, seq_len: int, lr: float, alpha: float, seed: int,
          warmup: int, init_from: str | None, threads: int | None, force: bool) -> None:
     """Train the small tri-mode fixture checkpoint on the Python standard library."""

@@ -1,0 +1,67 @@
+"""Fork server for the fault tests: pay the imports (torch, ModelOpt: ~15 s) once, then run each
+requested command line as the real CLI (`trimode.cli.main`) in a forked process of its own, and
+signal it for real (SIGKILL, SIGINT, SIGTERM) after a delay.
+
+Protocol, one JSON object per line: stdin {"runs": [[arg, ...], ...], "signal": "KILL"|"INT"|"TERM"|null,
+"delay": seconds, "log": path} -> stdout {"rcs": [exit status per run, -N when killed by signal N],
+"seconds": wall time}. All runs of a job start together (the concurrency test).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+
+
+def child(args: list[str], log: str) -> None:
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    code = 99  # the CLI let an exception through: the tests fail on it
+    try:
+        from trimode.cli import main
+
+        main(args, prog_name="trimode")
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def serve() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    import trimode.cli  # noqa: F401
+    import trimode.quantize.recipe as recipe
+
+    recipe.import_modelopt()
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        job = json.loads(line)
+        start = time.monotonic()
+        pids = []
+        for args in job["runs"]:
+            pid = os.fork()
+            if pid == 0:
+                child(args, job["log"])
+            pids.append(pid)
+        if job.get("signal"):
+            time.sleep(job["delay"])
+            for pid in pids:
+                os.kill(pid, getattr(signal, "SIG" + job["signal"]))  # a finished child is a zombie: no effect
+        rcs = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+        print(json.dumps({"rcs": rcs, "seconds": time.monotonic() - start}), flush=True)
+
+
+if __name__ == "__main__":
+    serve()
