@@ -45,7 +45,9 @@ def default_dtype(device: torch.device, is_fp8: bool = False) -> torch.dtype:
 
 
 def load_checkpoint(checkpoint_dir: Path, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None) -> Checkpoint:
+                    dtype: torch.dtype | None = None, draft_adapter: bool = True) -> Checkpoint:
+    """draft_adapter=False leaves a `linear_spec_lora/` unmerged: the base model's drafts (eval
+    with and without the adapter, and the adapter's own training, which needs the bare o_proj)."""
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise CheckpointError(f"{checkpoint_dir}: not a directory")
@@ -53,12 +55,13 @@ def load_checkpoint(checkpoint_dir: Path, device: str | torch.device = "cpu",
     tokenizer = Tokenizer(checkpoint_dir, spec)
     device = torch.device(device)
     quant = read_quant_config(checkpoint_dir)
-    model = load_model(checkpoint_dir, spec, device, dtype or default_dtype(device, quant is not None), quant)
+    model = load_model(checkpoint_dir, spec, device, dtype or default_dtype(device, quant is not None), quant,
+                       draft_adapter)
     return Checkpoint(checkpoint_dir, spec, model, tokenizer)
 
 
 def load_model(checkpoint_dir: Path, spec: ModelSpec, device: torch.device, dtype: torch.dtype,
-               quant: dict | None) -> NLDModel:
+               quant: dict | None, draft_adapter: bool = True) -> NLDModel:
     """The model on `device`; quant is the checkpoint's hf_quant_config (None: not quantized)."""
     with torch.device("meta"):
         model = NLDModel(spec)
@@ -82,7 +85,7 @@ def load_model(checkpoint_dir: Path, spec: ModelSpec, device: torch.device, dtyp
         state[name] = files.tensor(info).to(device=device, dtype=dtype)
     model.load_state_dict(state, assign=True, strict=False)
     model.inv_freq = rope_frequencies(spec.rope, spec.head_dim)[0].to(device)  # was built on meta
-    if (checkpoint_dir / ADAPTER_DIR).is_dir() and not model.has_draft_adapter:
+    if draft_adapter and (checkpoint_dir / ADAPTER_DIR).is_dir() and not model.has_draft_adapter:
         if quant:
             raise CheckpointError(f"{checkpoint_dir}: an FP8 checkpoint carries its draft adapter merged "
                                   f"(o_proj_draft); a separate {ADAPTER_DIR}/ cannot be applied to FP8 weights")
@@ -182,8 +185,8 @@ def _check(info: TensorInfo, name: str, shape: tuple[int, ...], dtypes: tuple[st
                               f"expected one of {', '.join(dtypes)}")
 
 
-def attach_draft_adapter(model: NLDModel, adapter_dir: Path) -> None:
-    """Merge the PEFT LoRA on o_proj into a second o_proj per layer: W_draft = W + scale * B @ A."""
+def read_draft_adapter(adapter_dir: Path, model: NLDModel) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float]:
+    """The PEFT LoRA on o_proj: -> ([(A [r, in], B [out, r]) per layer] in fp32, scale alpha/r)."""
     config_path = adapter_dir / "adapter_config.json"
     r, scale = _lora_scale(config_path)
     if not (adapter_dir / "adapter_model.safetensors").is_file():
@@ -195,16 +198,29 @@ def attach_draft_adapter(model: NLDModel, adapter_dir: Path) -> None:
         m = _LORA_NAME.search(name)
         if m:
             factors[(int(m.group(1)), m.group(2))] = info
+    out = []
     for i, layer in enumerate(model.encoder.layers):
-        attn = layer.self_attn
-        w = attn.o_proj.weight
+        w = layer.self_attn.o_proj.weight
         a_info, b_info = factors.get((i, "A")), factors.get((i, "B"))
         if a_info is None or b_info is None:
             raise CheckpointError(f"{adapter_dir}: no LoRA A/B for layer {i} o_proj")
         _check(a_info, f"layer {i} lora_A", (r, w.shape[1]))
         _check(b_info, f"layer {i} lora_B", (w.shape[0], r))
-        a, b = files.tensor(a_info).float(), files.tensor(b_info).float()
-        merged = (w.float() + scale * (b.to(w.device) @ a.to(w.device))).to(w.dtype)
+        out.append((files.tensor(a_info).float().to(w.device), files.tensor(b_info).float().to(w.device)))
+    return out, scale
+
+
+def attach_draft_adapter(model: NLDModel, adapter_dir: Path) -> None:
+    """Merge the PEFT LoRA on o_proj into a second o_proj per layer: W_draft = W + scale * B @ A."""
+    factors, scale = read_draft_adapter(adapter_dir, model)
+    merge_draft_adapter(model, factors, scale)
+
+
+def merge_draft_adapter(model: NLDModel, factors: list[tuple[torch.Tensor, torch.Tensor]], scale: float) -> None:
+    for layer, (a, b) in zip(model.encoder.layers, factors):
+        attn = layer.self_attn
+        w = attn.o_proj.weight
+        merged = (w.float() + scale * (b.float() @ a.float())).to(w.dtype)
         draft = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
         draft.weight = nn.Parameter(merged, requires_grad=False)
         attn.o_proj_draft = draft

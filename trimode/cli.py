@@ -291,17 +291,21 @@ def quantize(checkpoint_dir: Path, out_dir: Path, kv_cache: str, calib_data: Pat
               help="Perplexity over at most this many held-out windows [default: all].")
 @click.option("--against", "against_dir", type=click.Path(path_type=Path), default=None,
               help="Another checkpoint (e.g. the bf16 source of an FP8 one): compare per mode.")
+@click.option("--against-no-adapter", is_flag=True,
+              help="Compare with the same checkpoint without its draft adapter (acceptance side by side).")
 @click.option("--device", type=DeviceType(), default=None, help="cpu, cuda, cuda:N [default: cuda if present].")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def eval_command(checkpoint_dir: Path | None, num_prompts: int, prompt_len: int, max_new_tokens: int,
                  block_lengths: str, batch_size: int, max_ppl_windows: int | None, against_dir: Path | None,
+                 against_no_adapter: bool,
                  device: str | None, as_json: bool) -> None:
     """Evaluate CHECKPOINT_DIR (default: the embedded one) on held-out standard-library text.
 
     Reports AR perplexity and, per mode at temperature 0: tokens per forward pass (every pass
     counted), self-spec mean accepted length per block length, tokens/s, agreement with AR.
     With --against OTHER: the same for OTHER, the perplexity change, and per-mode greedy token
-    agreement between the two.
+    agreement between the two. --against-no-adapter compares with the checkpoint itself, its
+    linear_spec_lora/ draft adapter left out.
     """
     from trimode.checkpoint import load_checkpoint
     from trimode.evaluate import EvalSettings, evaluate
@@ -312,8 +316,14 @@ def eval_command(checkpoint_dir: Path | None, num_prompts: int, prompt_len: int,
         raise InputError(f"--block-lengths: expected integers separated by commas, got {block_lengths!r}") from None
     if not all(1 <= n <= 65536 for n in lengths):
         raise InputError(f"--block-lengths: every block length must be in [1, 65536], got {block_lengths!r}")
+    if against_dir and against_no_adapter:
+        raise InputError("--against and --against-no-adapter: pass one of them")
     ck = load_checkpoint(_checkpoint_dir(checkpoint_dir), device=_device(device))
+    if against_no_adapter and not ck.model.has_draft_adapter:
+        raise InputError(f"--against-no-adapter: {ck.checkpoint_dir} has no draft adapter (linear_spec_lora/)")
     against = load_checkpoint(against_dir, device=_device(device)) if against_dir else None
+    if against_no_adapter:
+        against = load_checkpoint(ck.checkpoint_dir, device=_device(device), draft_adapter=False)
     settings = EvalSettings(num_prompts=num_prompts, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
                             block_lengths=lengths, batch_size=batch_size, ppl_max_windows=max_ppl_windows)
     report = evaluate(ck, settings, against,
@@ -335,7 +345,8 @@ def format_report(report: dict) -> str:
     lines.append(f"self-spec equals AR at every block length: {report['self_spec_equals_ar']}")
     other = report.get("against")
     if other:
-        lines.append(f"against {other['checkpoint']}: perplexity {other['perplexity']:.3f} "
+        adapter = "with" if other.get("draft_adapter") else "without"
+        lines.append(f"against {other['checkpoint']} ({adapter} draft adapter): perplexity {other['perplexity']:.3f} "
                      f"({100 * other['perplexity_change']:+.2f}% for {report['checkpoint']})")
         lines.append(f"{'mode':<14}{'agree':>9}{'prefix':>8}{'accepted':>10}{'other acc.':>11}")
         for name, a in other["agreement"].items():
@@ -343,6 +354,65 @@ def format_report(report: dict) -> str:
             lines.append(f"{name:<14}{a['token_agreement']:>9.3f}{a['mean_common_prefix']:>8.1f}"
                          f"{(f'{mine:.2f}' if mine else '-'):>10}{(f'{theirs:.2f}' if theirs else '-'):>11}")
     return "\n".join(lines)
+
+
+@main.command("train-draft")
+@click.argument("checkpoint_dir", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="Output checkpoint directory: the base files plus linear_spec_lora/.")
+@click.option("--rank", type=click.IntRange(1, 65536), default=None,
+              help="LoRA rank [default: 64, or the input adapter's].")
+@click.option("--alpha", type=FiniteFloat(min=0, min_open=True), default=None,
+              help="LoRA alpha; scale = alpha / rank [default: 2 x rank].")
+@click.option("--block-length", "block_lengths", default="8", show_default=True,
+              help="Draft block length(s) to train on, comma-separated, cycled over steps (e.g. 4,8,16,32).")
+@click.option("--steps", type=click.IntRange(1, 10 ** 7), default=200, show_default=True)
+@click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=5e-3, show_default=True,
+              help="Peak AdamW lr (warm-up, cosine to 10%).")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=4, show_default=True, help="Text windows per step.")
+@click.option("--weighting", type=click.Choice(["accept", "ce"]), default="accept", show_default=True,
+              help="accept: each block's loss up to and including its first wrong draft; ce: the whole block.")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Text to continue: a file, or a folder of text files [default: the standard library "
+                   "training files the embedded checkpoint was trained on].")
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--num-eval-prompts", type=click.IntRange(min=0), default=16, show_default=True,
+              help="Held-out prompts for the acceptance before and after (0: skip).")
+@click.option("--fresh", is_flag=True, help="Ignore an adapter the input already has and start a new one.")
+@click.option("--force", is_flag=True, help="Replace a previous train-draft output (never another folder).")
+@click.option("--json", "as_json", is_flag=True, help="Print the training log as JSON.")
+def train_draft(checkpoint_dir: Path, out_dir: Path, rank: int | None, alpha: float | None, block_lengths: str,
+                steps: int, lr: float, batch_size: int, weighting: str, data: Path | None, seed: int,
+                num_eval_prompts: int, fresh: bool, force: bool, as_json: bool) -> None:
+    """Train CHECKPOINT_DIR's draft adapter (linear_spec_lora/) so self-speculation accepts more per cycle.
+
+    Self-distillation: the targets are the checkpoint's own AR greedy continuations of text windows;
+    the draft pass is the runtime's (block pass over [seed, MASK...] after the adapter-off cached
+    prefix, adapter on). Base weights stay frozen; only the LoRA A/B of every layer's o_proj train.
+    An input that already has an adapter is continued (--fresh starts a new one). Writes the base
+    files plus linear_spec_lora/ (PEFT format) to --out.
+    """
+    from trimode.training.draft import DraftSettings, train_draft as run
+
+    try:
+        lengths = tuple(int(x) for x in block_lengths.split(","))
+    except ValueError:
+        raise InputError(f"--block-length: expected integers separated by commas, got {block_lengths!r}") from None
+    settings = DraftSettings(rank=rank, alpha=alpha, block_lengths=lengths, steps=steps, lr=lr, batch_size=batch_size,
+                             weighting=weighting, data=data, seed=seed, num_eval_prompts=num_eval_prompts, fresh=fresh)
+    log = run(checkpoint_dir, out_dir, settings, force=force, progress=not as_json)
+    if as_json:
+        _echo_json({k: v for k, v in log.items() if k != "history"} | {"out_dir": str(out_dir)})
+        return
+    hist = log["history"]
+    n = min(20, len(hist))
+    first, last = (sum(h["loss"] for h in part) / n for part in (hist[:n], hist[-n:]))
+    click.echo(f"wrote {out_dir}: rank {log['rank']}, alpha {log['alpha']:g}, {len(hist)} steps in "
+               f"{log['wall_time_s']} s, loss {first:.3f} -> {last:.3f}")
+    acc = log.get("held_out_acceptance")
+    if acc:
+        for L in acc["before"]:
+            click.echo(f"held-out mean accepted per cycle, block {L}: {acc['before'][L]:.2f} -> {acc['after'][L]:.2f}")
 
 
 @main.command("make-checkpoint")

@@ -111,7 +111,8 @@ def evaluate(ck: Checkpoint, settings: EvalSettings = EvalSettings(), against: C
     prompts = held_out_prompts(stream, settings.num_prompts, settings.prompt_len)
     ppl = perplexity(ck, stream, settings.ppl_seq_len, settings.ppl_max_windows)
     modes, outputs = run_modes(ck, prompts, settings, progress)
-    report: dict = {"checkpoint": str(ck.checkpoint_dir), "settings": asdict(settings),
+    report: dict = {"checkpoint": str(ck.checkpoint_dir), "draft_adapter": ck.model.has_draft_adapter,
+                    "settings": asdict(settings),
                     "num_held_out_tokens": len(stream), "perplexity": round(ppl, 4), "modes": modes,
                     "self_spec_equals_ar": all(modes[f"self-spec/{L}"]["token_agreement"] == 1.0
                                                for L in settings.block_lengths)}
@@ -121,7 +122,8 @@ def evaluate(ck: Checkpoint, settings: EvalSettings = EvalSettings(), against: C
         other_ppl = perplexity(against, stream, settings.ppl_seq_len, settings.ppl_max_windows)
         other_modes, other_outputs = run_modes(against, prompts, settings, progress)
         report["against"] = {
-            "checkpoint": str(against.checkpoint_dir), "perplexity": round(other_ppl, 4),
+            "checkpoint": str(against.checkpoint_dir), "draft_adapter": against.model.has_draft_adapter,
+            "perplexity": round(other_ppl, 4),
             "perplexity_change": round(ppl / other_ppl - 1, 5), "modes": other_modes,
             "agreement": {name: agreement(outputs[name], other_outputs[name]) for name in outputs}}
     return report

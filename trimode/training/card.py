@@ -13,20 +13,30 @@ from pathlib import Path
 import click
 import torch
 
-from trimode.checkpoint import load_checkpoint
+from trimode.checkpoint import ADAPTER_DIR, load_checkpoint
 from trimode.evaluate import EvalSettings, evaluate
 from trimode.training.corpus import HELD_OUT
 
 
-def model_card(spec: dict, log: dict, report: dict, machine: str) -> str:
+def model_card(spec: dict, log: dict, report: dict, machine: str, draft_log: dict | None = None) -> str:
     s, hist = log["settings"], log["history"]
     n = min(20, len(hist))
     first = {k: sum(h[k] for h in hist[:n]) / n for k in ("ar", "diffusion")}
     last = {k: sum(h[k] for h in hist[-n:]) / n for k in ("ar", "diffusion")}
+    base = report.get("against", {}).get("modes", {})  # the same checkpoint without its draft adapter
+
+    def without(name: str, key: str) -> str:
+        return f" | {base[name][key] or '-'}" if base else ""
+
     rows = "\n".join(
-        f"| {name} | {m['tokens_per_pass']:.3f} | {m['mean_accepted_length'] or '-'} | {m['tokens_per_s']} | "
+        f"| {name} | {m['tokens_per_pass']:.3f}{without(name, 'tokens_per_pass')} | {m['mean_accepted_length'] or '-'}"
+        f"{without(name, 'mean_accepted_length')} | {m['tokens_per_s']}{without(name, 'tokens_per_s')} | "
         f"{m.get('token_agreement', '-')} | {m.get('mean_common_prefix', '-')} |"
         for name, m in report["modes"].items())
+    header = ("| mode / block length | tokens per pass | no adapter | mean accepted per cycle | no adapter | tokens/s | "
+              "no adapter | token agreement with AR | mean common prefix |\n|---|---|---|---|---|---|---|---|---|"
+              if base else "| mode / block length | tokens per pass | mean accepted per cycle | tokens/s | "
+              "token agreement with AR | mean common prefix |\n|---|---|---|---|---|---|")
     e = report["settings"]
     return f"""# trimode default checkpoint: a small tri-mode (AR + block diffusion) model of Python code
 
@@ -40,7 +50,7 @@ NLD layout, `model_type: nemotron_labs_diffusion`, bf16 safetensors, {log['num_p
 hidden {spec['hidden_size']}, {spec['num_hidden_layers']} layers, {spec['num_attention_heads']} query heads /
 {spec['num_key_value_heads']} KV heads of {spec['head_dim']}, MLP {spec['intermediate_size']}, vocabulary
 {spec['vocab_size']} (byte-level BPE; `<unk>` 0, `<s>` 1, `</s>` 2, `<pad>` 3, `<mask>` 4), published YaRN
-RoPE parameters, `block_size` {spec['block_size']}. No draft adapter.
+RoPE parameters, `block_size` {spec['block_size']}. {_adapter_line(draft_log)}
 
 ## Data
 The Python standard library of the training interpreter ({log.get('python', 'CPython')}): {log['num_train_files']}
@@ -58,14 +68,43 @@ diffusion (1/p-weighted) {first['diffusion']:.3f} -> {last['diffusion']:.3f}.
 {e['max_new_tokens']} new tokens each, batch {e['batch_size']}, {report['date']}, {machine})
 Held-out AR perplexity: **{report['perplexity']:.3f}**.
 
-| mode / block length | tokens per pass | mean accepted per cycle | tokens/s | token agreement with AR | mean common prefix |
-|---|---|---|---|---|---|
+{header}
 {rows}
 
 Every pass is counted (prefill, draft, verify, denoise, refresh). Diffusion runs at block length
 {spec['block_size']} with threshold 0.9. Self-speculation emits exactly the AR tokens at every block
-length: {report['self_spec_equals_ar']}.
+length: {report['self_spec_equals_ar']}.{_draft_section(draft_log, report)}
 """
+
+
+def _adapter_line(draft_log: dict | None) -> str:
+    if draft_log is None:
+        return "No draft adapter."
+    return (f"Draft adapter `linear_spec_lora/` (PEFT LoRA on every layer's o_proj, r={draft_log['rank']}, "
+            f"alpha={draft_log['alpha']:g}), used only by self-speculation's draft pass.")
+
+
+def _draft_section(draft_log: dict | None, report: dict) -> str:
+    """How the draft adapter was trained (`trimode train-draft`) and what it changed."""
+    if draft_log is None:
+        return ""
+    s, hist = draft_log["settings"], draft_log["history"]
+    n = min(20, len(hist))
+    first, last = ({k: sum(h[k] for h in part) / n for k in ("loss", "accepted")} for part in (hist[:n], hist[-n:]))
+    return f"""
+
+## Draft adapter (`trimode train-draft`)
+Self-distilled: {len(hist)} steps of {s['batch_size']} windows ({s['prompt_len']}-token prompts of the
+{draft_log['source']}) continued by this checkpoint's own AR greedy decoding for {s['gen_len']} tokens; every
+offset of a continuation is a draft block [seed, MASK x (L-1)] after the adapter-off prefix, block
+length(s) {', '.join(map(str, s['block_lengths']))}, up to {s['draft_tokens']} draft tokens per window. Loss: cross-entropy
+of the draft against the greedy tokens, weighted "{s['weighting']}" (accept: every position up to and
+including the first wrong draft, as the acceptance rule rewards it). Base weights frozen;
+{draft_log['num_trainable_params']:,} LoRA parameters; AdamW peak lr {s['lr']}, {s['warmup']} warm-up steps, cosine to 10%,
+seed {s['seed']}, fp32, {draft_log['num_threads']} threads: {draft_log['wall_time_s'] / 60:.1f} min.
+Mean of the first and last {n} steps: loss {first['loss']:.3f} -> {last['loss']:.3f}, accepted length of the
+training blocks {first['accepted']:.2f} -> {last['accepted']:.2f}. The "no adapter" columns above are the same
+checkpoint loaded without `linear_spec_lora/`, in the same run."""
 
 
 def _stages(log: dict) -> str:
@@ -87,13 +126,17 @@ def _stages(log: dict) -> str:
 def main(checkpoint_dir: Path, num_prompts: int) -> None:
     """Evaluate CHECKPOINT_DIR and write README.md (the model card) and eval.json into it."""
     ck = load_checkpoint(checkpoint_dir)
-    report = evaluate(ck, EvalSettings(num_prompts=num_prompts), progress=lambda n: click.echo(f"... {n}", err=True))
+    draft_log_path = checkpoint_dir / ADAPTER_DIR / "training_log.json"
+    draft_log = json.loads(draft_log_path.read_text()) if draft_log_path.is_file() else None
+    against = load_checkpoint(checkpoint_dir, draft_adapter=False) if ck.model.has_draft_adapter else None
+    report = evaluate(ck, EvalSettings(num_prompts=num_prompts), against,
+                      progress=lambda n: click.echo(f"... {n}", err=True))
     report["date"] = datetime.date.today().isoformat()
     machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
     log = json.loads((checkpoint_dir / "training_log.json").read_text())
     spec = json.loads((checkpoint_dir / "config.json").read_text())
     (checkpoint_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
-    (checkpoint_dir / "README.md").write_text(model_card(spec, log, report, machine))
+    (checkpoint_dir / "README.md").write_text(model_card(spec, log, report, machine, draft_log))
     click.echo(f"wrote {checkpoint_dir / 'README.md'}")
 
 

@@ -1,0 +1,302 @@
+"""Train the draft-only LoRA (`linear_spec_lora/`, spec §2 and §7) by self-distillation.
+
+Targets are the checkpoint's own AR greedy continuations: at temperature 0 self-speculation accepts
+a draft token exactly when it equals that continuation, so nothing else can raise acceptance. One
+greedy continuation of G tokens after a prompt gives a training block at every offset j: prefix =
+prompt + gen[:j] (causal, adapter OFF, as the runtime's prefill and verify passes cache it), block
+= [gen[j], MASK x (L-1)] (bidirectional, adapter ON, the runtime's draft pass), and block index i
+must predict gen[j+i] (block logits predict the token AT their position, spec §4).
+
+One forward trains many blocks (`draft_objective.py`); only the LoRA A and B train.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from trimode.checkpoint import ADAPTER_DIR, Checkpoint, load_checkpoint, read_draft_adapter, read_quant_config
+from trimode.decoding import GenerationSettings, Mode, generate
+from trimode.errors import InputError
+from trimode.model import NLDModel
+from trimode.training.draft_objective import (draft_layout, draft_logits, draft_loss, init_factors,
+                                              install_lora, sample_starts)
+
+WEIGHTINGS = ("accept", "ce")
+STAGE = "train-draft"
+
+
+@dataclass(frozen=True)
+class DraftSettings:
+    rank: int | None = None             # None: the existing adapter's, else DEFAULT_RANK
+    alpha: float | None = None          # None: the existing adapter's, else 2 * rank
+    block_lengths: tuple[int, ...] = (8,)  # cycled over steps
+    steps: int = 200
+    lr: float = 5e-3
+    warmup: int = 20
+    batch_size: int = 4                 # text windows per step
+    prompt_len: int = 64
+    gen_len: int = 64                   # greedy tokens per window: the blocks' prefixes and targets
+    gen_batch_size: int = 64            # windows continued per generate() call (a pass costs about the same at 8 or 64)
+    draft_tokens: int = 512             # per window: min(all offsets, draft_tokens // L) blocks
+    weighting: str = "accept"           # "accept": up to the first wrong draft; "ce": the whole block
+    seed: int = 0
+    data: Path | None = None            # None: the fixture's training files (standard library)
+    fresh: bool = False                 # ignore an adapter the input checkpoint already has
+    num_eval_prompts: int = 16          # held-out acceptance before/after (0: skip)
+
+    def __post_init__(self) -> None:
+        _check(self.rank is None or self.rank >= 1, "rank", "an integer >= 1", self.rank)
+        _check(self.alpha is None or self.alpha > 0, "alpha", "a number > 0", self.alpha)
+        _check(bool(self.block_lengths) and min(self.block_lengths) >= 2, "block-length",
+               "integers >= 2 (a block of 1 has nothing to draft)", ",".join(map(str, self.block_lengths)))
+        _check(self.steps >= 1, "steps", "an integer >= 1", self.steps)
+        _check(self.lr > 0, "lr", "a number > 0", self.lr)
+        _check(self.weighting in WEIGHTINGS, "weighting", " or ".join(WEIGHTINGS), self.weighting)
+        _check(self.gen_len >= max(self.block_lengths), "gen-len", "at least the largest block length",
+               self.gen_len)
+        _check(self.batch_size >= 1 and self.prompt_len >= 1, "batch-size / prompt-len", "integers >= 1",
+               (self.batch_size, self.prompt_len))
+
+
+DEFAULT_RANK = 64
+
+
+def _check(ok: bool, name: str, expected: str, value: object) -> None:
+    if not ok:
+        raise InputError(f"--{name}: expected {expected}, got {value}")
+
+
+# --- data: text windows and their greedy continuations ----------------------------------------
+
+def token_stream(ck: Checkpoint, data: Path | None) -> tuple[torch.Tensor, str]:
+    """The training text as one token stream: --data (a file or folder), or the fixture's training files."""
+    from trimode.quantize.calibration import TEXT_SUFFIXES
+    from trimode.training.corpus import document_stream, read_texts, split_files
+
+    if data is None:
+        texts, source = read_texts(split_files()[0]), "Python standard library (training files, held-out modules excluded)"
+    else:
+        data = Path(data)
+        if not data.exists():
+            raise InputError(f"--data {data}: no such file or folder")
+        files = [data] if data.is_file() else sorted(p for p in data.rglob("*") if p.suffix in TEXT_SUFFIXES)
+        texts, source = [t for t in read_texts(files) if t.strip()], str(data)
+    stream = document_stream(ck.tokenizer.encode_batch_plain(texts), ck.spec.bos_token_id, ck.spec.eos_token_ids[0])
+    return stream, source
+
+
+class TargetPool:
+    """Greedy sequences generated in large batches, handed out a training batch at a time; every window is used once."""
+
+    def __init__(self, model: NLDModel, stream: torch.Tensor, settings: "DraftSettings", generator: torch.Generator):
+        self.model, self.stream, self.settings, self.generator = model, stream, settings, generator
+        self.buffer: list[torch.Tensor] = []
+
+    def take(self, n: int) -> torch.Tensor:
+        s = self.settings
+        while len(self.buffer) < n:
+            prompts = sample_prompts(self.stream, max(n, s.gen_batch_size), s.prompt_len, self.generator)
+            self.buffer += list(greedy_sequences(self.model, prompts, s.gen_len))
+        out, self.buffer = self.buffer[:n], self.buffer[n:]
+        return torch.stack(out)
+
+
+def sample_prompts(stream: torch.Tensor, n: int, length: int, generator: torch.Generator) -> list[list[int]]:
+    starts = torch.randint(0, len(stream) - length, (n,), generator=generator)
+    return [stream[s:s + length].tolist() for s in starts.tolist()]
+
+
+@torch.no_grad()
+def greedy_sequences(model: NLDModel, prompts: list[list[int]], gen_len: int) -> torch.Tensor:
+    """[n, prompt_len + gen_len]: each prompt followed by the runtime's own AR greedy continuation."""
+    results = generate(model, prompts, GenerationSettings(mode=Mode.AR, max_new_tokens=gen_len, ignore_eos=True))
+    return torch.tensor([p + r.tokens for p, r in zip(prompts, results)])
+
+
+# --- the stage ---------------------------------------------------------------------------------
+
+@dataclass
+class StartingPoint:
+    factors: list[tuple[torch.Tensor, torch.Tensor]]
+    rank: int
+    alpha: float
+    is_continued: bool
+
+
+def check_paths(checkpoint_dir: Path, out_dir: Path, force: bool) -> None:
+    """Input errors before any work: a missing checkpoint, an unusable output (stage_output's rules)."""
+    from trimode.stage_output import check_output
+
+    if not (checkpoint_dir / "config.json").is_file():
+        raise InputError(f"{checkpoint_dir}: not a checkpoint directory (no config.json)")
+    check_output(out_dir, STAGE, [checkpoint_dir], force)
+    if read_quant_config(checkpoint_dir) is not None:
+        raise InputError(f"{checkpoint_dir}: an FP8 checkpoint; train the adapter on the bf16 checkpoint, "
+                         f"then quantize the result (trimode quantize)")
+
+
+def starting_adapter(ck: Checkpoint, settings: DraftSettings, generator: torch.Generator) -> StartingPoint:
+    """Continue the input's linear_spec_lora/ (unless settings.fresh), else PEFT's zero-delta start."""
+    adapter_dir = ck.checkpoint_dir / ADAPTER_DIR
+    if adapter_dir.is_dir() and not settings.fresh:
+        factors, scale = read_draft_adapter(adapter_dir, ck.model)
+        rank = factors[0][0].shape[0]
+        if settings.rank not in (None, rank):
+            raise InputError(f"--rank {settings.rank}: {adapter_dir} has rank {rank}; pass --fresh to start a new adapter")
+        if settings.alpha is not None and not math.isclose(settings.alpha / rank, scale):
+            raise InputError(f"--alpha {settings.alpha}: {adapter_dir} has alpha {scale * rank:g} (scale {scale:g}); "
+                             f"pass --fresh to start a new adapter")
+        return StartingPoint(factors, rank, scale * rank, True)
+    rank = settings.rank or DEFAULT_RANK
+    return StartingPoint(init_factors(ck.model, rank, generator), rank, settings.alpha or 2.0 * rank, False)
+
+
+def validation_prompts(ck: Checkpoint, stream: torch.Tensor, settings: DraftSettings) -> tuple[torch.Tensor, list]:
+    """-> (the training stream, held-out prompts for the acceptance estimate). Default data: windows of
+    the held-out modules placed between `trimode eval`'s prompts (so tuning never sees those);
+    --data: the last 5% of the user's text is held out."""
+    n, length = settings.num_eval_prompts, settings.prompt_len
+    if n == 0:
+        return stream, []
+    if settings.data is None:
+        from trimode.evaluate import held_out_stream
+
+        held = held_out_stream(ck)
+        step = (len(held) - length) // n
+        return stream, [held[i * step + step // 2:i * step + step // 2 + length].tolist() for i in range(n)]
+    cut = int(len(stream) * 0.95)
+    held, stream = stream[cut:], stream[:cut]
+    if len(held) < length + n:
+        raise InputError(f"--data: too little text to hold out {n} prompts of {length} tokens "
+                         f"(pass --num-eval-prompts 0, or more text)")
+    step = (len(held) - length) // n
+    return stream, [held[i * step:i * step + length].tolist() for i in range(n)]
+
+
+@torch.no_grad()
+def held_out_acceptance(model: NLDModel, prompts: list[list[int]], block_lengths: tuple[int, ...],
+                        max_new_tokens: int = 64) -> dict[int, float]:
+    """Mean accepted tokens per draft/verify cycle of the runtime's self-speculation, per block length."""
+    out = {}
+    for L in block_lengths:
+        results = generate(model, prompts, GenerationSettings(mode=Mode.SELF_SPEC, block_length=L,
+                                                              max_new_tokens=max_new_tokens, ignore_eos=True))
+        accepted = [n for r in results for n in r.stats.accepted_lengths]
+        out[L] = round(sum(accepted) / len(accepted), 4)
+    return out
+
+
+def merged_for_eval(model: NLDModel, factors, scale: float) -> None:
+    """Merge the factors as they will be stored (bf16), so the estimate is that of the written files."""
+    from trimode.checkpoint import merge_draft_adapter
+
+    merge_draft_adapter(model, [(a.detach().to(torch.bfloat16), b.detach().to(torch.bfloat16)) for a, b in factors],
+                        scale)
+
+
+def lr_at(step: int, s: DraftSettings) -> float:
+    if step < s.warmup:
+        return s.lr * (step + 1) / s.warmup
+    progress = (step - s.warmup) / max(1, s.steps - s.warmup)
+    return s.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_draft(checkpoint_dir: Path, out_dir: Path, settings: DraftSettings = DraftSettings(),
+                force: bool = False, progress: bool = True) -> dict:
+    """Train the draft adapter of checkpoint_dir; write base files + linear_spec_lora/ to out_dir. -> the log."""
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    check_paths(checkpoint_dir, out_dir, force)
+    ck = load_checkpoint(checkpoint_dir, dtype=torch.float32, draft_adapter=False)
+    generator = torch.Generator().manual_seed(settings.seed)
+    torch.manual_seed(settings.seed)
+    start = starting_adapter(ck, settings, generator)
+    scale = start.alpha / start.rank
+    stream, source = token_stream(ck, settings.data)
+    stream, eval_prompts = validation_prompts(ck, stream, settings)
+    if len(stream) <= settings.prompt_len:
+        raise InputError(f"--data: {len(stream)} tokens of text, need more than --prompt-len {settings.prompt_len}")
+
+    model = ck.model
+    before = {}
+    if eval_prompts:
+        if start.is_continued:
+            merged_for_eval(model, start.factors, scale)
+        before = held_out_acceptance(model, eval_prompts, settings.block_lengths)
+    loras = install_lora(model, start.factors, scale)
+    params = [p for lora in loras for p in (lora.a, lora.b)]
+    optim = torch.optim.AdamW(params, lr=settings.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    log: dict = {"settings": {**asdict(settings), "data": str(settings.data) if settings.data else None},
+                 "base_checkpoint": str(checkpoint_dir), "source": source, "num_train_tokens": len(stream),
+                 "rank": start.rank, "alpha": start.alpha, "continued": start.is_continued,
+                 "num_trainable_params": sum(p.numel() for p in params), "python": platform.python_version(),
+                 "torch": torch.__version__, "num_threads": torch.get_num_threads(), "history": []}
+    pool = TargetPool(model, stream, settings, generator)
+    bar = _progress(settings.steps, progress)
+    began = time.perf_counter()
+    recent: list[float] = []
+    for step in range(settings.steps):
+        for group in optim.param_groups:
+            group["lr"] = lr_at(step, settings)
+        L = settings.block_lengths[step % len(settings.block_lengths)]
+        seqs = pool.take(settings.batch_size)
+        starts = sample_starts(len(seqs), seqs.shape[1], settings.prompt_len, L, settings.draft_tokens // L, generator)
+        batch = draft_layout(seqs, starts, L, ck.spec.mask_token_id)
+        logits = draft_logits(model, loras, batch)  # fp32: bf16 autocast made the backward 10x slower on CPU
+        loss, accepted = draft_loss(logits, batch.targets, ck.spec.mask_token_id, settings.weighting)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optim.step()
+        mean_acc = accepted.float().mean().item()
+        log["history"].append({"step": step, "block_length": L, "loss": round(loss.item(), 5),
+                               "accepted": round(mean_acc, 4)})
+        recent = (recent + [mean_acc])[-20:]
+        bar.set_postfix(L=L, loss=f"{loss.item():.3f}", accepted=f"{sum(recent) / len(recent):.2f}")
+        bar.update()
+    bar.close()
+    log["wall_time_s"] = round(time.perf_counter() - began, 1)
+    factors = [(lora.a.detach(), lora.b.detach()) for lora in loras]
+    if eval_prompts:
+        merged_for_eval(model, factors, scale)
+        log["held_out_acceptance"] = {"before": before, "after": held_out_acceptance(model, eval_prompts,
+                                                                                      settings.block_lengths),
+                                      "num_prompts": len(eval_prompts), "max_new_tokens": 64}
+    from trimode.stage_output import stage_output
+
+    with stage_output(out_dir, STAGE, [checkpoint_dir], force) as tmp:
+        write_checkpoint(tmp, checkpoint_dir, factors, start.alpha, log)
+    return log
+
+
+def write_checkpoint(tmp: Path, checkpoint_dir: Path, factors, alpha: float, log: dict) -> None:
+    """The base checkpoint's files (copied; any old adapter left out) + linear_spec_lora/ in PEFT
+    format + this stage's manifest.json (replacing the base's)."""
+    import json
+    import shutil
+
+    from trimode import __version__
+    from trimode.make_checkpoint import write_draft_adapter
+    from trimode.quantize import input_digest
+    from trimode.stage_output import write_manifest
+
+    shutil.copytree(checkpoint_dir, tmp, ignore=shutil.ignore_patterns(ADAPTER_DIR, ".*"), dirs_exist_ok=True)
+    write_draft_adapter(tmp / ADAPTER_DIR, factors, alpha)
+    (tmp / ADAPTER_DIR / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
+    write_manifest(tmp, {"stage": STAGE, "tool": f"trimode {__version__}",
+                         "input": {"path": str(checkpoint_dir), "digest_sha256": input_digest(checkpoint_dir)},
+                         "rank": log["rank"], "alpha": log["alpha"], "settings": log["settings"],
+                         "held_out_acceptance": log.get("held_out_acceptance")})
+
+
+def _progress(total: int, enabled: bool):
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="train-draft", disable=not enabled, dynamic_ncols=True, file=sys.stderr)
