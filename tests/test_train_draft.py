@@ -12,7 +12,7 @@ from trimode.checkpoint import ADAPTER_DIR, load_checkpoint, merge_draft_adapter
 from trimode.cli import main
 from trimode.decoding import GenerationSettings, Mode, generate
 from trimode.make_checkpoint import write_draft_adapter
-from trimode.model import Pattern
+from trimode.passes import PassKind
 from trimode.training.corpus import read_texts, split_files
 from trimode.training.draft import DraftSettings, greedy_sequences, train_draft
 from trimode.training.draft_objective import (acceptance_weights, draft_layout, draft_logits, draft_loss,
@@ -52,12 +52,12 @@ def test_training_forward_equals_the_runtime_draft_pass(tiny_dir, block_length):
     for b in range(2):
         for k, q in enumerate(starts[b].tolist()):
             cache = model.new_cache(1, 64)
-            model(seqs[b:b + 1, :q], cache, Pattern.CAUSAL)
+            model(seqs[b:b + 1, :q], cache, PassKind.PREFILL)
             cache.advance(torch.tensor([0]), torch.tensor([q]))
             block = torch.full((1, block_length), model.spec.mask_token_id)
             block[0, 0] = seqs[b, q]
             with torch.no_grad():
-                runtime = model(block, cache, Pattern.BLOCK, use_draft=True)[0]
+                runtime = model(block, cache, PassKind.DRAFT)[0]
             torch.testing.assert_close(trained[b, k], runtime, atol=1e-5, rtol=1e-5)
             assert torch.equal(batch.targets[b, k], seqs[b, q + 1:q + block_length])
 
@@ -201,19 +201,18 @@ def test_an_existing_adapter_is_continued(tiny_adapter_dir, text_file, tmp_path,
     assert result.exit_code == 1 and "--fresh" in result.output and not (tmp_path / "c").exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--rank", "0"], "--rank"),
-    (["--block-length", "1"], "--block-length"),
-    (["--block-length", "8,x"], "--block-length"),
-    (["--steps", "0"], "--steps"),
-    (["--lr", "0"], "--lr"),
-    (["--data", "/nonexistent/text"], "--data"),
+@pytest.mark.parametrize("args, message, exit_code", [
+    (["--rank", "0"], "--rank", 2),            # out of range where parsed: a usage error
+    (["--alpha", "nan"], "--alpha", 2),
+    (["--steps", "0"], "--steps", 2),
+    (["--lr", "0"], "--lr", 2),
+    (["--seed", "-1"], "--seed", 2),
+    (["--block-length", "1"], "--block-length", 1),
+    (["--block-length", "8,x"], "--block-length", 1),
+    (["--data", "/nonexistent/text"], "--data", 1),
 ])
-def test_bad_settings_give_one_line_errors(runner, tiny_dir, tmp_path, args, message):
-    out = tmp_path / "out"
-    result = runner.invoke(main, ["train-draft", str(tiny_dir), "--out", str(out), *args])
-    assert result.exit_code == 1
-    assert result.output.startswith("Error:") and message in result.output and result.output.count("\n") == 1
+def test_bad_settings_give_one_line_errors(refused, tiny_dir, tmp_path, args, message, exit_code):
+    refused(["train-draft", tiny_dir, "--out", tmp_path / "out", *args], tmp_path, message, exit_code)
     assert list(tmp_path.iterdir()) == []
 
 
