@@ -3,7 +3,7 @@ runner, and the three mode policies written once against the one-forward contrac
 
 from __future__ import annotations
 
-from trimode.decoding.engine import Engine, check_positions
+from trimode.decoding.engine import Engine, check_positions, resolve_block_length
 from trimode.decoding.sequence import Sequence, SequenceStats
 from trimode.decoding.settings import DecodeConfig, EngineConfig, GenerationSettings, SamplingParams
 from trimode.errors import InputError
@@ -16,7 +16,7 @@ def engine_for(model: NLDModel, prompts: list[list[int]], settings: GenerationSe
     if not prompts:
         raise InputError("no prompts given")
     check_positions(model.spec, max(len(p) for p in prompts), settings.max_new_tokens)  # before allocating
-    block_length = min(settings.block_length or model.spec.block_size, settings.max_new_tokens)
+    block_length = resolve_block_length(model.spec, settings.decoding, settings.sampling)
     max_seq_len = max(len(p) for p in prompts) + settings.max_new_tokens + block_length
     return Engine(model, EngineConfig(len(prompts), max_seq_len, settings.prefill_chunk))
 

@@ -52,8 +52,7 @@ class Engine:
             raise InputError("the prompt is empty")
         if min(prompt) < 0 or max(prompt) >= spec.vocab_size:
             raise InputError(f"prompt token ids must lie in [0, {spec.vocab_size})")
-        # A block never needs to be longer than what the sequence may still emit.
-        block_length = min(decoding.block_length or spec.block_size, params.max_new_tokens)
+        block_length = resolve_block_length(spec, decoding, params)
         needed = len(prompt) + params.max_new_tokens + block_length
         if needed > self.config.max_seq_len:
             raise InputError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) + block "
@@ -116,6 +115,12 @@ class Engine:
         if max(s.num_prefilled for s in seqs) + chunk <= self.runner.max_seq_len:
             return [seqs]
         return [[s] for s in seqs]
+
+
+def resolve_block_length(spec, decoding: DecodeConfig, params: SamplingParams) -> int:
+    """The checkpoint's block_size unless asked otherwise, and never longer than what the sequence
+    may emit: a longer block would run passes for tokens nobody may emit."""
+    return min(decoding.block_length or spec.block_size, params.max_new_tokens)
 
 
 def check_positions(spec, prompt_len: int, max_new_tokens: int) -> None:
