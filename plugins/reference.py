@@ -82,21 +82,21 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Query i sees the prefix and chunk keys 0..i (causal) or the whole chunk (block). -> [b, L, H, D]
     """
     rows, span = layout.rows, layout.span
-    k_cache[layout.row_index[:, None], :, layout.positions] = _store(k, k_cache.dtype, k_scale)
-    v_cache[layout.row_index[:, None], :, layout.positions] = _store(v, v_cache.dtype, v_scale)
+    k_cache[layout.row_index[:, None], :, layout.positions] = store_cached(k, k_cache.dtype, k_scale)
+    v_cache[layout.row_index[:, None], :, layout.positions] = store_cached(v, v_cache.dtype, v_scale)
     keys = k_cache[:, :, :span] if rows is None else k_cache[rows, :, :span]
     values = v_cache[:, :, :span] if rows is None else v_cache[rows, :, :span]
-    keys, values = _load(keys, q.dtype, k_scale), _load(values, q.dtype, v_scale)
+    keys, values = load_cached(keys, q.dtype, k_scale), load_cached(values, q.dtype, v_scale)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), keys, values, attn_mask=layout.mask, enable_gqa=q.shape[2] != k.shape[2])
     return out.transpose(1, 2)
 
 
-def _store(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
+def store_cached(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
     return quantize_e4m3(x, scale) if dtype == torch.float8_e4m3fn else x
 
 
-def _load(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
+def load_cached(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
     return x if x.dtype != torch.float8_e4m3fn else (x.float() * scale).to(dtype)
 
 

@@ -31,9 +31,11 @@ from trimode.passes import Mode, PassKind
 
 
 class Engine:
-    def __init__(self, model: NLDModel, config: EngineConfig = EngineConfig(), policies: dict | None = None):
+    def __init__(self, model: NLDModel, config: EngineConfig = EngineConfig(), policies: dict | None = None,
+                 backend=None):
+        """backend: what runs the passes (runner.py); None = the eager reference model."""
         self.model, self.spec, self.config = model, model.spec, config
-        self.runner = ModelRunner(model, config.max_slots, config.max_seq_len)
+        self.runner = ModelRunner(model, config.max_slots, config.max_seq_len, backend)
         self.policies = {Mode.AR: ARPolicy(), Mode.DIFFUSION: DiffusionPolicy(), Mode.SELF_SPEC: SelfSpecPolicy()}
         self.policies.update(policies or {})
         self.waiting: deque[Sequence] = deque()

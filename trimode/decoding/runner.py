@@ -3,8 +3,13 @@
 `run(kind, tokens [b, L], slots)` runs one pass of a `PassKind` for the sequences in `slots` and
 returns logits; `advance(slots, counts)` commits tokens; `allocate` / `release` hand out rows.
 The runner keeps each slot's committed length on the host too, so a pass needs no host sync to
-size its attention. The backend is fixed when the runner is built: the eager reference model
-here; a compiled engine (the builder) supplies another callable with the same contract.
+size its attention.
+
+The backend is fixed when the runner is built. A backend is a callable
+    backend(kind, tokens [b, L], pool: KVCache, slots: list[int], lengths: list[int], logit_index [b] | None)
+    -> logits [b, L, V] fp32 ([b, 1, V] for last-logit kinds)
+that writes the chunk's K/V into the pool rows `slots` (lengths: their committed lengths, on the
+host). `EagerBackend` (here) is the reference model; the builder's engine dirs supply compiled ones.
 """
 
 from __future__ import annotations
@@ -14,16 +19,33 @@ import heapq
 import torch
 
 from trimode.errors import InputError
+from trimode.kv_cache import KVCache
 from trimode.model import NLDModel
 from trimode.passes import PassKind
 from trimode.plugins.ops import use_kernels
 
 
+class EagerBackend:
+    """The reference model as a backend: a contiguous run of slots is passed as views of the pool
+    (no gather), any other set as the whole pool plus row indices."""
+
+    def __init__(self, model: NLDModel, kernels: bool):
+        self.model, self.kernels = model, kernels
+
+    def __call__(self, kind: PassKind, tokens: torch.Tensor, pool: KVCache, slots: list[int], lengths: list[int],
+                 logit_index: torch.Tensor | None) -> torch.Tensor:
+        if slots == list(range(slots[0], slots[0] + len(slots))):
+            cache, rows = pool.rows(slots[0], slots[0] + len(slots)), None
+        else:
+            cache, rows = pool, torch.tensor(slots, device=tokens.device)
+        return self.model(tokens, cache, kind, rows, logit_index, (min(lengths), max(lengths)), self.kernels)
+
+
 class ModelRunner:
-    def __init__(self, model: NLDModel, max_slots: int, max_seq_len: int):
+    def __init__(self, model: NLDModel, max_slots: int, max_seq_len: int, backend=None):
         self.model = model
-        self.forward = model  # the backend: forward(tokens, cache, kind, rows, logit_index, length_range, kernels)
         self.kernels = use_kernels(model.device)  # the plugins' kernels or the torch references, decided once
+        self.backend = backend or EagerBackend(model, self.kernels)
         self.cache = model.new_cache(max_slots, max_seq_len)
         self.host_lengths = [0] * max_slots
         self._free = list(range(max_slots))  # a heap: the lowest free slot first keeps batches contiguous
@@ -59,11 +81,7 @@ class ModelRunner:
             logit_index = torch.full((len(slots),), tokens.shape[1] - 1, device=tokens.device)
         lengths = [self.host_lengths[s] for s in slots]
         assert max(lengths) + tokens.shape[1] <= self.max_seq_len, "a pass past the pool's max_seq_len"
-        if slots == list(range(slots[0], slots[0] + len(slots))):  # contiguous: views, no gather
-            cache, rows = self.cache.rows(slots[0], slots[0] + len(slots)), None
-        else:
-            cache, rows = self.cache, torch.tensor(slots, device=tokens.device)
-        return self.forward(tokens, cache, kind, rows, logit_index, (min(lengths), max(lengths)), self.kernels)
+        return self.backend(kind, tokens, self.cache, slots, lengths, logit_index)
 
     def advance(self, slots: list[int], counts: list[int]) -> None:
         """Commit counts[i] more tokens of slots[i] (the K/V the last pass wrote for them)."""
