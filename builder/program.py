@@ -1,0 +1,102 @@
+"""One pass kind as a traceable program: what `torch.export` (and so AOTInductor) compiles.
+
+The eager model stays the oracle; this wraps it with an attention torch.export can trace
+(../shared/notes/stack.md, "Compiling the forward"): no host sync, no data-dependent Python, and
+the KV pool passed in as one K and one V tensor per layer, written in place.
+
+Inputs of every program, in order (all on the model's device):
+  tokens      [b, L] int64     the chunk
+  rows        [b] int64        the pool rows of the batch
+  key_index   [S] int64        0..S-1: the keys attention reads, S = max(lengths) + L rounded up
+                               (its shape is the program's dynamic span; runner.span_bucket)
+  logit_index [b] int64        the chunk index whose logit a last-logit kind returns
+  k_0..k_(n-1), v_0..v_(n-1)   the pool [max_slots, Hkv, max_seq_len, D] per layer
+-> logits [b, L, V] fp32, or [b, 1, V] for prefill / refresh.
+The rows' committed lengths are the pool's `lengths` gathered by rows; they come in as `lengths`
+[b] (first input after tokens), so a program never reads host state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trimode.model import Attention, NLDModel
+from trimode.passes import PassKind, Pattern
+from trimode.plugins.reference import load_cached, store_cached
+
+
+def pool_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                   rows: torch.Tensor, lengths: torch.Tensor, key_index: torch.Tensor, is_causal: bool,
+                   k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> torch.Tensor:
+    """reference.block_attention's math over the first S keys of the pool rows, with a mask built
+    from lengths (every shape static or symbolic). q [b, L, H, D]; k, v [b, L, Hkv, D] -> [b, L, H, D]."""
+    L = q.shape[1]
+    offsets = torch.arange(L, device=q.device)
+    positions = lengths[:, None] + offsets
+    k_pool[rows[:, None], :, positions] = store_cached(k, k_pool.dtype, k_scale)
+    v_pool[rows[:, None], :, positions] = store_cached(v, v_pool.dtype, v_scale)
+    # one gather of [b, Hkv, S, D]: a slice [:S] of the pool would guard on S (contiguity) in export
+    index = (rows[:, None, None], torch.arange(k_pool.shape[1], device=q.device)[:, None], key_index)
+    keys, values = load_cached(k_pool[index], q.dtype, k_scale), load_cached(v_pool[index], q.dtype, v_scale)
+    visible_end = lengths[:, None] + (offsets + 1 if is_causal else L)           # [b, L]
+    mask = (key_index[None, None, :] < visible_end[:, :, None])[:, None]        # [b, 1, L, S]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                         enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2)
+
+
+class PassProgram(nn.Module):
+    """The forward of one pass kind over the pool (see the module docstring for the inputs)."""
+
+    def __init__(self, model: NLDModel, kind: PassKind):
+        super().__init__()
+        self.model, self.kind = model, kind
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor, key_index: torch.Tensor,
+                logit_index: torch.Tensor, *pool: torch.Tensor) -> torch.Tensor:
+        num_layers = len(pool) // 2
+        is_causal, use_draft = self.kind.pattern == Pattern.CAUSAL, self.kind.use_draft
+
+        def attend(i: int, attn: Attention, x, cos, sin, q_scale):
+            q, k, v = attn.project(x, cos, sin, q_scale)
+            out = pool_attention(q, k, v, pool[i], pool[num_layers + i], rows, lengths, key_index, is_causal,
+                                 attn.k_scale, attn.v_scale)
+            return attn.output(out, use_draft)
+
+        positions = lengths[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
+        h = self.model._layers(tokens, positions, attend)
+        if self.kind.last_logit_only:
+            h = h[torch.arange(h.shape[0], device=h.device), logit_index][:, None]
+        return self.model.diffusion_head(self.model.encoder.norm(h)).float()
+
+
+@dataclass(frozen=True)
+class PassShape:
+    """One compiled program: a pass kind at a chunk length (None: dynamic, 1..max_input_len, prefill)."""
+    kind: PassKind
+    length: int | None
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind.value}_{self.length or 'n'}"
+
+
+def pass_shapes(block_lengths: tuple[int, ...]) -> list[PassShape]:
+    """The programs the three decoders call: a prompt chunk (which also serves refresh), an AR
+    token, and per block length the diffusion denoise and the self-spec draft and verify passes."""
+    shapes = [PassShape(PassKind.PREFILL, None), PassShape(PassKind.DECODE, 1)]
+    for L in sorted(set(block_lengths)):
+        shapes += [PassShape(kind, L) for kind in (PassKind.DENOISE, PassKind.DRAFT, PassKind.VERIFY)]
+    return shapes
+
+
+def program_for(kind: PassKind, length: int) -> PassShape:
+    """The program that runs a pass. A refresh is a prefill over the finished block: both are causal
+    and need only the last logit, so one dynamic-length program serves both."""
+    if kind in (PassKind.PREFILL, PassKind.REFRESH):
+        return PassShape(PassKind.PREFILL, None)
+    return PassShape(kind, length)
