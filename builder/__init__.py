@@ -1,1 +1,86 @@
-"""ONNX export and TensorRT engine build (the `build` stage; see design.md)."""
+"""The build stage: a (quantized) checkpoint in, an engine dir out (design.md, issue 12).
+
+`build_engine(checkpoint_dir, out_dir, settings)` writes through the stage-output helper:
+the checkpoint's files (stored once), the backend's programs, and a manifest whose self-test is
+checked against the eager reference model before anything is renamed into place. So a build
+either gives an engine whose tokens equal the reference's, or leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from trimode import __version__
+from trimode.builder.settings import BuildSettings
+from trimode.errors import EngineError, InputError
+from trimode.stage_output import check_output, input_digest, stage_output, write_manifest
+
+__all__ = ["BuildSettings", "build_engine"]
+
+
+def build_engine(checkpoint_dir: Path, out_dir: Path, settings: BuildSettings = BuildSettings(), force: bool = False,
+                 on_start: Callable[[list], None] | None = None, on_program: Callable | None = None) -> dict:
+    """-> the manifest. on_start(shapes) once the shapes are known, on_program(shape) after each."""
+    from trimode.builder.engine_dir import (CHECKPOINT_DIR, SELF_TEST_PROMPTS, SELF_TEST_TOKENS, backend_module,
+                                            self_test)
+    from trimode.builder.manifest import FORMAT, STAGE, device_info, file_digests, library_versions, seal
+    from trimode.builder.program import pass_shapes
+    from trimode.checkpoint import load_checkpoint, read_quant_config
+    from trimode.decoding import EngineConfig
+
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    check_output(out_dir, STAGE, [checkpoint_dir], force)
+    backend = backend_module(settings.backend)
+    if hasattr(backend, "require"):
+        backend.require(settings)  # a missing TensorRT / GPU stops here, before anything is written
+    device = torch.device(settings.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is visible here")
+    ck = load_checkpoint(checkpoint_dir, device=device)  # a non-NLD checkpoint fails here, nothing written
+    settings = settings.resolved(ck.spec.block_size)
+    if settings.max_seq_len > ck.spec.max_position_embeddings:
+        raise InputError(f"--max-seq-len {settings.max_seq_len}: above the model's max_position_embeddings "
+                         f"({ck.spec.max_position_embeddings})")
+    shapes = pass_shapes(settings.block_lengths)
+    if on_start:
+        on_start(shapes)
+    config = EngineConfig(settings.max_batch_size, settings.max_seq_len, settings.max_input_len)
+    with stage_output(out_dir, STAGE, [checkpoint_dir], force) as tmp:
+        shutil.copytree(checkpoint_dir, tmp / CHECKPOINT_DIR, ignore=shutil.ignore_patterns("manifest.json"))
+        began = time.perf_counter()
+        built = backend.build(ck.model, shapes, tmp, settings, on_program or (lambda shape: None))
+        manifest = {
+            "stage": STAGE, "format": FORMAT, "tool": f"trimode {__version__}",
+            "settings": asdict(settings), "versions": library_versions(settings.backend) | {
+                "trimode": __version__, "python": platform.python_version()},
+            "device": device_info(device),
+            "model": {"config": json.loads((checkpoint_dir / "config.json").read_text()),
+                      "dtype": str(ck.model.dtype).removeprefix("torch."), "has_draft_adapter": ck.model.has_draft_adapter},
+            "quantization": read_quant_config(checkpoint_dir),
+            "input": {"path": str(checkpoint_dir), "digest_sha256": input_digest(checkpoint_dir)},
+            "programs": [{"kind": s.kind.value, "length": s.length, "name": s.name} for s in shapes],
+            "build_seconds": round(time.perf_counter() - began, 1), "backend": built,
+        }
+        block_length = settings.block_lengths[0]
+        tokens = self_test(ck.model, ck.tokenizer, None, config, block_length)  # the eager reference
+        if not settings.onnx_only:
+            engine_tokens = self_test(ck.model, ck.tokenizer, backend.load(tmp, ck.model, manifest), config,
+                                      block_length)
+            for mode, expected in tokens.items():
+                if engine_tokens[mode] != expected:
+                    raise EngineError(f"the built {settings.backend} engine's {mode} tokens differ from the eager "
+                                      f"reference's on the self-test prompts; nothing was written")
+        manifest["self_test"] = {"prompts": list(SELF_TEST_PROMPTS), "max_new_tokens": SELF_TEST_TOKENS,
+                                 "block_length": block_length, "tokens": tokens}
+        manifest["files"] = file_digests(tmp)
+        manifest = seal(manifest)
+        write_manifest(tmp, manifest)
+    return manifest

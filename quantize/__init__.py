@@ -7,7 +7,6 @@ force=True only a previous quantize output is replaced).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import shutil
@@ -19,7 +18,7 @@ import torch
 
 from trimode import __version__
 from trimode.errors import InputError
-from trimode.stage_output import check_output, stage_output, write_manifest
+from trimode.stage_output import check_output, input_digest, stage_output, write_manifest
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -38,22 +37,6 @@ class QuantizeSettings:
         for field, least in (("calib_samples", 1), ("calib_seq_len", 2), ("calib_batch_size", 1)):
             if getattr(self, field) < least:
                 raise InputError(f"{field}: expected an integer >= {least}, got {getattr(self, field)!r}")
-
-
-def input_digest(checkpoint_dir: Path) -> str:
-    """sha256 over the checkpoint's small files in full and each safetensors file's header and size
-    (hashing every weight byte of an 8B checkpoint would take minutes and prove little more)."""
-    h = hashlib.sha256()
-    for path in sorted(p for p in checkpoint_dir.rglob("*") if p.is_file()):
-        h.update(str(path.relative_to(checkpoint_dir)).encode())
-        if path.suffix == ".safetensors":
-            with open(path, "rb") as f:
-                size = int.from_bytes(f.read(8), "little")
-                h.update(f.read(size))
-            h.update(str(path.stat().st_size).encode())
-        elif path.stat().st_size < 64 << 20:
-            h.update(path.read_bytes())
-    return h.hexdigest()
 
 
 def quantize_checkpoint(checkpoint_dir: Path, out_dir: Path, settings: QuantizeSettings = QuantizeSettings(),

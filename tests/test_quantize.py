@@ -70,7 +70,7 @@ def test_dequantized_by_hand_matches_the_source_weights(fp8_dir, tiny_adapter):
 
 
 def test_manifest_records_calibration_over_every_pass(fp8_dir, tiny_adapter_dir):
-    from trimode.quantize import input_digest
+    from trimode.stage_output import input_digest
 
     manifest = json.loads((fp8_dir / "manifest.json").read_text())
     assert manifest["input"]["digest_sha256"] == input_digest(tiny_adapter_dir)

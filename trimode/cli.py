@@ -144,6 +144,17 @@ def _device(name: str | None) -> str:
     return name
 
 
+def _load_engine(engine_dir: Path, checkpoint_dir: Path | None, device: str | None, **fixed):
+    """A built engine dir; the options it fixes at build time (fixed: name -> value given) are refused."""
+    from trimode.builder.engine_dir import load_engine
+
+    given = [name for name, value in {"checkpoint": checkpoint_dir, **fixed}.items() if value is not None]
+    if given:
+        raise InputError(f"--engine and --{given[0].replace('_', '-')}: the engine dir fixes its "
+                         f"{given[0].replace('_', ' ')} at build time; pass one of them")
+    return load_engine(engine_dir, device)
+
+
 def _checkpoint_dir(path: Path | None) -> Path:
     if path is not None:
         return path
@@ -157,6 +168,8 @@ def _checkpoint_dir(path: Path | None) -> Path:
 @click.argument("prompts", nargs=-1, required=True, callback=_check_prompts)
 @click.option("--checkpoint", "checkpoint_dir", type=click.Path(path_type=Path),
               help="NLD checkpoint directory (default: the embedded checkpoint, where this build has one).")
+@click.option("--engine", "engine_dir", type=click.Path(path_type=Path), default=None,
+              help="Run on a built engine dir (trimode build) instead of the eager model.")
 @click.option("--mode", type=click.Choice(["ar", "diffusion", "self-spec"]), default="ar", show_default=True,
               help="Generation mode; all three use the same weights.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True,
@@ -173,7 +186,8 @@ def _checkpoint_dir(path: Path | None) -> Path:
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past EOS (benchmarks).")
 @click.option("--device", type=DeviceType(), default=None, help="cpu, cuda, cuda:N [default: cuda if present].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, tokens, statistics).")
-def generate(prompts: tuple[str, ...], checkpoint_dir: Path | None, mode: str, max_new_tokens: int,
+def generate(prompts: tuple[str, ...], checkpoint_dir: Path | None, engine_dir: Path | None, mode: str,
+             max_new_tokens: int,
              temperature: float, seed: int, block_length: int | None, threshold, prefill_chunk: int | None,
              ignore_eos: bool, device: str | None, as_json: bool) -> None:
     """Generate from one or more PROMPTS (a batch) in the chosen mode; print text and statistics.
@@ -188,9 +202,14 @@ def generate(prompts: tuple[str, ...], checkpoint_dir: Path | None, mode: str, m
         mode=mode, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
         block_length=block_length, threshold=None if threshold == "none" else threshold,
         use_top_k_schedule=threshold == "none", prefill_chunk=prefill_chunk, ignore_eos=ignore_eos)
-    ck = load_checkpoint(_checkpoint_dir(checkpoint_dir), device=_device(device))
+    if engine_dir is not None:
+        built = _load_engine(engine_dir, checkpoint_dir, device, prefill_chunk=prefill_chunk)
+        ck, engine = built.checkpoint, built.new_engine()
+    else:
+        ck = load_checkpoint(_checkpoint_dir(checkpoint_dir), device=_device(device))
     encoded = [ck.tokenizer.encode(p) for p in prompts]
-    engine = engine_for(ck.model, encoded, settings)
+    if engine_dir is None:
+        engine = engine_for(ck.model, encoded, settings)
     results = [engine.add(p, settings.sampling, settings.decoding) for p in encoded]
     stream = len(prompts) == 1 and not as_json
     start = time.perf_counter()
@@ -284,20 +303,23 @@ def quantize(checkpoint_dir: Path, out_dir: Path, kv_cache: str, calib_data: Pat
 @click.option("--num-prompts", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--prompt-len", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--block-lengths", default="4,8,16,32", show_default=True,
-              help="Self-speculation block lengths to measure, comma-separated.")
+@click.option("--block-lengths", default=None,
+              help="Self-speculation block lengths to measure, comma-separated "
+                   "[default: 4,8,16,32; with --engine, the engine's].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--max-ppl-windows", type=click.IntRange(min=1), default=None,
               help="Perplexity over at most this many held-out windows [default: all].")
 @click.option("--against", "against_dir", type=click.Path(path_type=Path), default=None,
               help="Another checkpoint (e.g. the bf16 source of an FP8 one): compare per mode.")
+@click.option("--engine", "engine_dir", type=click.Path(path_type=Path), default=None,
+              help="Generate through a built engine dir (perplexity stays the eager model's).")
 @click.option("--against-no-adapter", is_flag=True,
               help="Compare with the same checkpoint without its draft adapter (acceptance side by side).")
 @click.option("--device", type=DeviceType(), default=None, help="cpu, cuda, cuda:N [default: cuda if present].")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def eval_command(checkpoint_dir: Path | None, num_prompts: int, prompt_len: int, max_new_tokens: int,
-                 block_lengths: str, batch_size: int, max_ppl_windows: int | None, against_dir: Path | None,
-                 against_no_adapter: bool,
+                 block_lengths: str | None, batch_size: int, max_ppl_windows: int | None,
+                 against_dir: Path | None, engine_dir: Path | None, against_no_adapter: bool,
                  device: str | None, as_json: bool) -> None:
     """Evaluate CHECKPOINT_DIR (default: the embedded one) on held-out standard-library text.
 
@@ -311,14 +333,20 @@ def eval_command(checkpoint_dir: Path | None, num_prompts: int, prompt_len: int,
     from trimode.evaluate import EvalSettings, evaluate
 
     try:
-        lengths = tuple(int(x) for x in block_lengths.split(","))
+        lengths = tuple(int(x) for x in (block_lengths or "4,8,16,32").split(","))
     except ValueError:
         raise InputError(f"--block-lengths: expected integers separated by commas, got {block_lengths!r}") from None
     if not all(1 <= n <= 65536 for n in lengths):
         raise InputError(f"--block-lengths: every block length must be in [1, 65536], got {block_lengths!r}")
     if against_dir and against_no_adapter:
         raise InputError("--against and --against-no-adapter: pass one of them")
-    ck = load_checkpoint(_checkpoint_dir(checkpoint_dir), device=_device(device))
+    new_engine = None
+    if engine_dir is not None:
+        built = _load_engine(engine_dir, checkpoint_dir, device)
+        ck, new_engine = built.checkpoint, built.new_engine
+        lengths = lengths if block_lengths else built.block_lengths
+    else:
+        ck = load_checkpoint(_checkpoint_dir(checkpoint_dir), device=_device(device))
     if against_no_adapter and not ck.model.has_draft_adapter:
         raise InputError(f"--against-no-adapter: {ck.checkpoint_dir} has no draft adapter (linear_spec_lora/)")
     against = load_checkpoint(against_dir, device=_device(device)) if against_dir else None
@@ -327,7 +355,8 @@ def eval_command(checkpoint_dir: Path | None, num_prompts: int, prompt_len: int,
     settings = EvalSettings(num_prompts=num_prompts, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
                             block_lengths=lengths, batch_size=batch_size, ppl_max_windows=max_ppl_windows)
     report = evaluate(ck, settings, against,
-                      progress=None if as_json else lambda name: click.echo(f"... {name}", err=True))
+                      progress=None if as_json else lambda name: click.echo(f"... {name}", err=True),
+                      new_engine=new_engine)
     if as_json:
         _echo_json(report)
         return
@@ -447,6 +476,11 @@ def make_checkpoint(is_random: bool, out_dir: Path, seed: int, hidden_size: int,
                                   num_shards=shards, force=force)
     click.echo(f"wrote {path}")
 
+
+from trimode.cli_engine import build, inspect  # noqa: E402  (they use the helpers above)
+
+main.add_command(build)
+main.add_command(inspect)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -24,6 +24,11 @@ class MissingDependencyError(TrimodeError):
         super().__init__(f"{package} is not installed: pip install 'trimode[{extra}]'")
 
 
+class EngineError(TrimodeError):
+    """An engine dir cannot be trusted or run here: tampered, built for other libraries or another
+    device, or asked for a pass it was not built for. The message says what to rebuild."""
+
+
 class NumericalError(TrimodeError):
     """The model produced non-finite values: broken weights or config."""
 

@@ -57,10 +57,12 @@ def perplexity(ck: Checkpoint, stream: torch.Tensor, seq_len: int, max_windows: 
 
 
 def run_mode(ck: Checkpoint, prompts: list[list[int]], settings: GenerationSettings,
-             batch_size: int) -> tuple[list[Sequence], float]:
+             batch_size: int, new_engine=None) -> tuple[list[Sequence], float]:
+    """new_engine: makes the Engine of a built engine dir (None: the eager model, sized per batch)."""
     results, start = [], time.perf_counter()
     for i in range(0, len(prompts), batch_size):
-        results += generate(ck.model, prompts[i:i + batch_size], settings)
+        engine = new_engine() if new_engine else None
+        results += generate(ck.model, prompts[i:i + batch_size], settings, engine)
     return results, time.perf_counter() - start
 
 
@@ -85,7 +87,7 @@ def agreement(results: list[Sequence], reference: list[Sequence]) -> dict:
 
 
 def run_modes(ck: Checkpoint, prompts: list[list[int]], settings: EvalSettings,
-              progress=None) -> tuple[dict, dict[str, list[Sequence]]]:
+              progress=None, new_engine=None) -> tuple[dict, dict[str, list[Sequence]]]:
     """AR, diffusion and self-spec at each block length: -> (statistics by run, results by run)."""
     base = dict(max_new_tokens=settings.max_new_tokens, ignore_eos=True)
     runs = [("ar", GenerationSettings(mode=Mode.AR, **base)),
@@ -96,7 +98,7 @@ def run_modes(ck: Checkpoint, prompts: list[list[int]], settings: EvalSettings,
     for name, gen in runs:
         if progress:
             progress(f"{ck.checkpoint_dir.name}: {name}")
-        results, elapsed = run_mode(ck, prompts, gen, settings.batch_size)
+        results, elapsed = run_mode(ck, prompts, gen, settings.batch_size, new_engine)
         modes[name], outputs[name] = summarize(results, elapsed), results
         if name != "ar":
             modes[name].update(agreement(results, outputs["ar"]))
@@ -104,13 +106,14 @@ def run_modes(ck: Checkpoint, prompts: list[list[int]], settings: EvalSettings,
 
 
 def evaluate(ck: Checkpoint, settings: EvalSettings = EvalSettings(), against: Checkpoint | None = None,
-             progress=None) -> dict:
+             progress=None, new_engine=None) -> dict:
     """The report of ck; with `against`, the same for the other checkpoint and the per-mode greedy token
-    agreement between the two (e.g. FP8 vs bf16), on the same prompts."""
+    agreement between the two (e.g. FP8 vs bf16), on the same prompts. new_engine: generate through
+    a built engine (its Engine factory); perplexity stays the eager model's."""
     stream = held_out_stream(ck)
     prompts = held_out_prompts(stream, settings.num_prompts, settings.prompt_len)
     ppl = perplexity(ck, stream, settings.ppl_seq_len, settings.ppl_max_windows)
-    modes, outputs = run_modes(ck, prompts, settings, progress)
+    modes, outputs = run_modes(ck, prompts, settings, progress, new_engine)
     report: dict = {"checkpoint": str(ck.checkpoint_dir), "draft_adapter": ck.model.has_draft_adapter,
                     "settings": asdict(settings),
                     "num_held_out_tokens": len(stream), "perplexity": round(ppl, 4), "modes": modes,

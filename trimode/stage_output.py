@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import secrets
@@ -123,6 +124,31 @@ def write_manifest(out_dir: Path, manifest: dict) -> None:
     if "stage" not in manifest:
         raise ValueError("a manifest names its stage")
     (Path(out_dir) / MANIFEST).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
+
+
+def input_digest(checkpoint_dir: Path) -> str:
+    """sha256 over the checkpoint's small files in full and each safetensors file's header and size
+    (hashing every weight byte of an 8B checkpoint would take minutes and prove little more)."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in checkpoint_dir.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(checkpoint_dir)).encode())
+        if path.suffix == ".safetensors":
+            with open(path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                h.update(f.read(size))
+            h.update(str(path.stat().st_size).encode())
+        elif path.stat().st_size < 64 << 20:
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of every byte of one file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _stage_of(out: Path) -> str | None:

@@ -21,9 +21,11 @@ def engine_for(model: NLDModel, prompts: list[list[int]], settings: GenerationSe
     return Engine(model, EngineConfig(len(prompts), max_seq_len, settings.prefill_chunk))
 
 
-def generate(model: NLDModel, prompts: list[list[int]], settings: GenerationSettings) -> list[Sequence]:
-    """Add every prompt, step until all are done: -> the finished sequences, in prompt order."""
-    engine = engine_for(model, prompts, settings)
+def generate(model: NLDModel, prompts: list[list[int]], settings: GenerationSettings,
+             engine: Engine | None = None) -> list[Sequence]:
+    """Add every prompt, step until all are done: -> the finished sequences, in prompt order.
+    engine: an idle engine to run on (a built engine dir's); None = one sized for these prompts."""
+    engine = engine or engine_for(model, prompts, settings)
     seqs = [engine.add(p, settings.sampling, settings.decoding) for p in prompts]
     while engine.has_work:
         engine.step()

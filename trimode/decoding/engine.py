@@ -32,9 +32,10 @@ from trimode.passes import Mode, PassKind
 
 class Engine:
     def __init__(self, model: NLDModel, config: EngineConfig = EngineConfig(), policies: dict | None = None,
-                 backend=None):
-        """backend: what runs the passes (runner.py); None = the eager reference model."""
-        self.model, self.spec, self.config = model, model.spec, config
+                 backend=None, block_lengths: tuple[int, ...] | None = None):
+        """backend: what runs the passes (runner.py); None = the eager reference model.
+        block_lengths: the only block lengths the backend runs (a built engine's); None = any."""
+        self.model, self.spec, self.config, self.block_lengths = model, model.spec, config, block_lengths
         self.runner = ModelRunner(model, config.max_slots, config.max_seq_len, backend)
         self.policies = {Mode.AR: ARPolicy(), Mode.DIFFUSION: DiffusionPolicy(), Mode.SELF_SPEC: SelfSpecPolicy()}
         self.policies.update(policies or {})
@@ -54,7 +55,7 @@ class Engine:
             raise InputError("the prompt is empty")
         if min(prompt) < 0 or max(prompt) >= spec.vocab_size:
             raise InputError(f"prompt token ids must lie in [0, {spec.vocab_size})")
-        block_length = resolve_block_length(spec, decoding, params)
+        block_length = resolve_block_length(spec, decoding, params, self.block_lengths)
         needed = len(prompt) + params.max_new_tokens + block_length
         if needed > self.config.max_seq_len:
             raise InputError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) + block "
@@ -119,10 +120,17 @@ class Engine:
         return [[s] for s in seqs]
 
 
-def resolve_block_length(spec, decoding: DecodeConfig, params: SamplingParams) -> int:
+def resolve_block_length(spec, decoding: DecodeConfig, params: SamplingParams,
+                         allowed: tuple[int, ...] | None = None) -> int:
     """The checkpoint's block_size unless asked otherwise, and never longer than what the sequence
-    may emit: a longer block would run passes for tokens nobody may emit."""
-    return min(decoding.block_length or spec.block_size, params.max_new_tokens)
+    may emit (a longer block would run passes for tokens nobody may emit), unless that shorter
+    block is not among the `allowed` lengths a built engine runs."""
+    block_length = decoding.block_length or spec.block_size
+    if allowed is not None and decoding.mode is not Mode.AR and block_length not in allowed:
+        raise InputError(f"block length {block_length}: this engine was built for block lengths "
+                         f"{', '.join(map(str, allowed))} (rebuild with --block-lengths)")
+    capped = min(block_length, params.max_new_tokens)
+    return capped if allowed is None or capped in allowed or decoding.mode is Mode.AR else block_length
 
 
 def check_positions(spec, prompt_len: int, max_new_tokens: int) -> None:

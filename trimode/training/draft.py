@@ -282,7 +282,7 @@ def write_checkpoint(tmp: Path, checkpoint_dir: Path, factors, alpha: float, log
 
     from trimode import __version__
     from trimode.make_checkpoint import write_draft_adapter
-    from trimode.quantize import input_digest
+    from trimode.stage_output import input_digest
     from trimode.stage_output import write_manifest
 
     shutil.copytree(checkpoint_dir, tmp, ignore=shutil.ignore_patterns(ADAPTER_DIR, ".*"), dirs_exist_ok=True)

@@ -1,0 +1,84 @@
+"""Loading an engine dir: check it, load its checkpoint and programs, re-run its self-test.
+
+    engine_dir/
+      manifest.json          what was built, with what, for which device (builder/manifest.py)
+      checkpoint/            the input checkpoint's files: config, tokenizer, weights (stored once)
+      programs/ | onnx/ ...  the backend's files
+
+`load_engine(engine_dir)` refuses (EngineError, one line) an engine dir that was edited after its
+build, built with other library versions or for another device, or whose self-test no longer
+gives the recorded tokens. It returns a `BuiltEngine`: `new_engine()` gives an `Engine` whose
+passes run on the compiled backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from trimode.builder.manifest import check_manifest, read_manifest
+from trimode.checkpoint import Checkpoint, load_checkpoint
+from trimode.decoding import Engine, EngineConfig, GenerationSettings, Mode
+from trimode.errors import EngineError
+
+CHECKPOINT_DIR = "checkpoint"
+SELF_TEST_PROMPTS = ("def main():\n    ", "import os\nimport sys\n")
+SELF_TEST_TOKENS = 12
+
+
+def backend_module(name: str):
+    return importlib.import_module(f"trimode.builder.{name}_backend")
+
+
+@dataclass
+class BuiltEngine:
+    path: Path
+    manifest: dict
+    checkpoint: Checkpoint
+    backend: object  # the runner backend (decoding/runner.py)
+
+    @property
+    def config(self) -> EngineConfig:
+        s = self.manifest["settings"]
+        return EngineConfig(s["max_batch_size"], s["max_seq_len"], s["max_input_len"])
+
+    @property
+    def block_lengths(self) -> tuple[int, ...]:
+        return tuple(self.manifest["settings"]["block_lengths"])
+
+    def new_engine(self) -> Engine:
+        return Engine(self.checkpoint.model, self.config, backend=self.backend, block_lengths=self.block_lengths)
+
+
+def self_test(model, tokenizer, backend, config: EngineConfig, block_length: int) -> dict[str, list[list[int]]]:
+    """The first tokens each mode emits on fixed prompts at temperature 0, all prompts in one batch."""
+    prompts = [tokenizer.encode(p) for p in SELF_TEST_PROMPTS]
+    result = {}
+    for mode in Mode:
+        settings = GenerationSettings(mode=mode, max_new_tokens=SELF_TEST_TOKENS, block_length=block_length,
+                                      ignore_eos=True)
+        engine = Engine(model, config, backend=backend, block_lengths=(block_length,))
+        seqs = [engine.add(p, settings.sampling, settings.decoding) for p in prompts]
+        while engine.has_work:
+            engine.step()
+        result[mode.value] = [seq.tokens for seq in seqs]
+    return result
+
+
+def load_engine(engine_dir: Path, device: str | torch.device | None = None) -> BuiltEngine:
+    engine_dir = Path(engine_dir)
+    manifest = read_manifest(engine_dir)
+    device = torch.device(device or manifest["settings"]["device"])
+    check_manifest(engine_dir, manifest, device)
+    ck = load_checkpoint(engine_dir / CHECKPOINT_DIR, device=device)
+    backend = backend_module(manifest["settings"]["backend"]).load(engine_dir, ck.model, manifest)
+    built = BuiltEngine(engine_dir, manifest, ck, backend)
+    got = self_test(ck.model, ck.tokenizer, backend, built.config, built.block_lengths[0])
+    for mode, tokens in manifest["self_test"]["tokens"].items():
+        if got[mode] != tokens:
+            raise EngineError(f"{engine_dir}: the {mode} self-test gives other tokens than at build time; "
+                              f"rebuild the engine on this machine")
+    return built

@@ -1,0 +1,115 @@
+"""The `torch` backend: each pass program compiled ahead of time with torch.export + AOTInductor.
+
+One `.pt2` package per PassShape (program.py), batch dynamic up to max_batch_size, the span of
+keys dynamic up to max_seq_len, the prefill chunk dynamic up to max_input_len. The packages hold
+no weights: the engine dir keeps the checkpoint once, and each loaded package points at the eager
+model's own tensors (`load_constants(..., user_managed=True)`), so N programs cost one copy of the
+weights and the eager model stays available as the oracle.
+
+What we measured while writing it (../shared/notes/stack.md, "Compiling the forward"): a slice
+`pool[:, :, :S]` with a symbolic S makes export guard on S != max_seq_len (a contiguity check), so
+the program gathers the span with one index instead; and an AOTInductor package holding a Python
+custom op silently returned wrong results, so these programs hold only aten ops (the traceable
+attention of program.py) and every engine is checked against the eager model when it is built.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from trimode.builder.program import PassProgram, PassShape, program_for
+from trimode.builder.settings import BuildSettings
+from trimode.errors import EngineError
+from trimode.kv_cache import KVCache
+from trimode.model import NLDModel
+from trimode.passes import PassKind
+
+PROGRAM_DIR = "programs"
+SPAN_ALIGN = 64  # spans are rounded up to a multiple of this: fewer distinct shapes, same results
+
+
+def example_inputs(model: NLDModel, shape: PassShape, pool: KVCache) -> tuple:
+    """Inputs to trace with: batch 2 and a prefill chunk of 2 (a size of 1 would be specialised)."""
+    b, L = 2, shape.length or 2
+    device = model.device
+    return (torch.zeros(b, L, dtype=torch.long, device=device), torch.tensor([3, 5], device=device),
+            torch.tensor([0, 1], device=device), torch.arange(16, device=device),
+            torch.zeros(b, dtype=torch.long, device=device), *pool.k, *pool.v)
+
+
+def dynamic_shapes(shape: PassShape, settings: BuildSettings, num_pool: int) -> tuple:
+    batch = torch.export.Dim("batch", min=1, max=settings.max_batch_size)
+    span = torch.export.Dim("span", min=1, max=settings.max_seq_len)
+    tokens = {0: batch} if shape.length else {0: batch, 1: torch.export.Dim("chunk", min=1, max=settings.max_input_len)}
+    return (tokens, {0: batch}, {0: batch}, {0: span}, {0: batch}, (None,) * num_pool)  # *pool is one argument
+
+
+def build(model: NLDModel, shapes: list[PassShape], out_dir: Path, settings: BuildSettings,
+          on_program: Callable[[PassShape], None]) -> dict:
+    """Export and compile every shape into out_dir/programs/<name>.pt2. -> manifest entries."""
+    import torch._inductor as inductor
+
+    pool = model.new_cache(settings.max_batch_size, settings.max_seq_len)
+    (out_dir / PROGRAM_DIR).mkdir()
+    files, seconds = [], {}
+    for shape in shapes:
+        began = time.perf_counter()
+        program = PassProgram(model, shape.kind).eval()
+        args = example_inputs(model, shape, pool)
+        with torch.no_grad():
+            exported = torch.export.export(program, args,
+                                           dynamic_shapes=dynamic_shapes(shape, settings, len(args) - 5),
+                                           strict=False)
+        path = out_dir / PROGRAM_DIR / f"{shape.name}.pt2"
+        inductor.aoti_compile_and_package(exported, package_path=str(path),
+                                          inductor_configs={"aot_inductor.package_constants_in_so": False})
+        files.append(str(path.relative_to(out_dir)))
+        seconds[shape.name] = round(time.perf_counter() - began, 1)
+        on_program(shape)
+    return {"files": files, "compile_seconds": seconds}
+
+
+class CompiledBackend:
+    """The runner's backend (decoding/runner.py) over AOTInductor packages."""
+
+    def __init__(self, programs: dict[PassShape, Callable], max_seq_len: int, device: torch.device):
+        self.programs, self.max_seq_len, self.device = programs, max_seq_len, device
+        self.key_index = torch.arange(max_seq_len, device=device)
+        self.block_lengths = tuple(sorted({s.length for s in programs if s.kind is PassKind.DENOISE}))
+
+    def __call__(self, kind: PassKind, tokens: torch.Tensor, pool: KVCache, slots: list[int], lengths: list[int],
+                 logit_index: torch.Tensor | None) -> torch.Tensor:
+        L = tokens.shape[1]
+        program = self.programs.get(program_for(kind, L))
+        if program is None:
+            raise EngineError(f"this engine has no {kind.value} program for a chunk of {L} tokens "
+                              f"(block lengths built: {', '.join(map(str, self.block_lengths)) or 'none'})")
+        span = min(-(-(max(lengths) + L) // SPAN_ALIGN) * SPAN_ALIGN, self.max_seq_len)
+        if logit_index is None:
+            logit_index = torch.zeros(len(slots), dtype=torch.long, device=self.device)
+        return program(tokens, torch.tensor(lengths, device=self.device), torch.tensor(slots, device=self.device),
+                       self.key_index[:span], logit_index, *pool.k, *pool.v)
+
+
+def load(engine_dir: Path, model: NLDModel, manifest: dict) -> CompiledBackend:
+    """Load every package of the engine dir, pointed at the model's own weight tensors."""
+    import torch._inductor as inductor
+
+    constants = {f"model.{name}": t.data for name, t in model.state_dict(keep_vars=True).items()}
+    constants.update({f"model.{name}": t for name, t in model.named_buffers()})
+    programs = {}
+    for entry in manifest["programs"]:
+        shape = PassShape(PassKind(entry["kind"]), entry["length"])
+        package = inductor.aoti_load_package(str(engine_dir / PROGRAM_DIR / f"{shape.name}.pt2"))
+        missing = [n for n in package.get_constant_fqns() if n not in constants]
+        if missing:
+            raise EngineError(f"{engine_dir}: the {shape.name} program needs weights the checkpoint lacks "
+                              f"({', '.join(missing[:3])}); rebuild the engine")
+        package.load_constants({n: constants[n] for n in package.get_constant_fqns()}, check_full_update=True,
+                               user_managed=True)
+        programs[shape] = package
+    return CompiledBackend(programs, manifest["settings"]["max_seq_len"], model.device)

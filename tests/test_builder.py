@@ -1,0 +1,233 @@
+"""builder/: `trimode build` (torch backend), engine dirs, their checks, and engines in every mode.
+
+Two engines are built once per run (each ~1-3 min on a CPU): the embedded trained checkpoint, and
+a tiny FP8 checkpoint with a draft adapter. Token parity with the eager reference is checked in all
+three modes at T = 0, batch 1 and batched (with chunked prefill and ragged prompts), and with
+requests joining a running batch (non-contiguous pool rows).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from trimode.builder import BuildSettings, build_engine
+from trimode.builder.engine_dir import load_engine
+from trimode.cli import main
+from trimode.decoding import Engine, GenerationSettings, Mode, generate
+from trimode.errors import EngineError, InputError
+from trimode.quantize import QuantizeSettings, quantize_checkpoint
+
+SMALL = BuildSettings(max_batch_size=4, max_seq_len=96, max_input_len=16)
+MODES = list(Mode)
+
+
+@pytest.fixture(scope="module")
+def fp8_engine_dir(tiny_adapter_dir, tmp_path_factory):
+    fp8 = quantize_checkpoint(tiny_adapter_dir, tmp_path_factory.mktemp("q") / "fp8",
+                              QuantizeSettings(calib_samples=6, calib_seq_len=48, calib_batch_size=3))
+    out = tmp_path_factory.mktemp("engines") / "fp8"
+    build_engine(fp8, out, BuildSettings(**{**SMALL.__dict__, "block_lengths": (4,)}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained_engine_dir(tmp_path_factory):
+    from trimode.cli import EMBEDDED_CHECKPOINT
+
+    out = tmp_path_factory.mktemp("engines") / "trained"
+    build_engine(EMBEDDED_CHECKPOINT, out, SMALL)
+    return out
+
+
+@pytest.fixture(scope="module", params=["fp8", "trained"])
+def built(request):
+    return load_engine(request.getfixturevalue(f"{request.param}_engine_dir"))
+
+
+def prompts_for(built, batch: int) -> list[list[int]]:
+    """Ragged prompts; the first is longer than max_input_len, so its prefill runs in chunks."""
+    rng = torch.Generator().manual_seed(batch)
+    vocab = built.checkpoint.spec.vocab_size
+    lengths = [23, 5, 11, 2][:batch]
+    return [torch.randint(5, vocab, (n,), generator=rng).tolist() for n in lengths]
+
+
+def eager_engine(built) -> Engine:
+    return Engine(built.checkpoint.model, built.config)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("mode", MODES)
+def test_engine_tokens_equal_the_eager_reference(built, mode, batch):
+    prompts = prompts_for(built, batch)
+    settings = GenerationSettings(mode=mode, max_new_tokens=20, block_length=built.block_lengths[0], ignore_eos=True)
+    engine_seqs = generate(built.checkpoint.model, prompts, settings, built.new_engine())
+    eager_seqs = generate(built.checkpoint.model, prompts, settings, eager_engine(built))
+    assert [s.tokens for s in engine_seqs] == [s.tokens for s in eager_seqs]
+    assert [s.stats.to_dict() for s in engine_seqs] == [s.stats.to_dict() for s in eager_seqs]
+
+
+def test_self_spec_equals_ar_on_the_engine(built):
+    prompts = prompts_for(built, 3)
+    tokens = {mode: [s.tokens for s in generate(built.checkpoint.model, prompts, GenerationSettings(
+        mode=mode, max_new_tokens=24, block_length=built.block_lengths[0], ignore_eos=True), built.new_engine())]
+        for mode in (Mode.AR, Mode.SELF_SPEC)}
+    assert tokens[Mode.SELF_SPEC] == tokens[Mode.AR]
+
+
+def test_requests_joining_a_running_batch_get_their_solo_tokens(built):
+    """Staggered arrivals of all three modes: rows finish and free slots in the middle of the pool,
+    so later passes run on non-contiguous rows."""
+    prompts = prompts_for(built, 4) + prompts_for(built, 2)
+    modes = [Mode.AR, Mode.SELF_SPEC, Mode.DIFFUSION, Mode.AR, Mode.SELF_SPEC, Mode.DIFFUSION]
+    lengths = [6, 20, 9, 14, 11, 7]
+
+    def settings(i):
+        return GenerationSettings(mode=modes[i], max_new_tokens=lengths[i], block_length=built.block_lengths[0],
+                                  ignore_eos=True)
+
+    solo = [generate(built.checkpoint.model, [p], settings(i), eager_engine(built))[0].tokens
+            for i, p in enumerate(prompts)]
+    engine, seqs, step = built.new_engine(), [], 0
+    while len(seqs) < len(prompts) or engine.has_work:
+        if len(seqs) < len(prompts) and step % 2 == 0:
+            s = settings(len(seqs))
+            seqs.append(engine.add(prompts[len(seqs)], s.sampling, s.decoding))
+        engine.step()
+        step += 1
+    assert [s.tokens for s in seqs] == solo
+
+
+def test_a_block_length_the_engine_was_not_built_for_is_refused(built):
+    engine = built.new_engine()
+    settings = GenerationSettings(mode=Mode.SELF_SPEC, block_length=built.block_lengths[0] + 1)
+    with pytest.raises(InputError, match="built for block lengths"):
+        engine.add([5, 6, 7], settings.sampling, settings.decoding)
+
+
+def test_manifest_records_the_build(trained_engine_dir):
+    m = json.loads((trained_engine_dir / "manifest.json").read_text())
+    assert m["stage"] == "build" and m["settings"]["backend"] == "torch"
+    assert m["versions"]["torch"] == torch.__version__
+    assert m["device"]["type"] == "cpu" and m["device"]["isa"]
+    assert [p["name"] for p in m["programs"]] == ["prefill_n", "decode_1", "denoise_8", "draft_8", "verify_8"]
+    assert set(m["self_test"]["tokens"]) == {"ar", "diffusion", "self-spec"}
+    assert m["self_test"]["tokens"]["self-spec"] == m["self_test"]["tokens"]["ar"]
+    assert all((trained_engine_dir / name).is_file() for name in m["files"])
+    assert "checkpoint/model.safetensors" in m["files"]
+
+
+def tamper_edit_manifest(d, monkeypatch):
+    m = json.loads((d / "manifest.json").read_text())
+    m["settings"]["max_seq_len"] *= 2
+    (d / "manifest.json").write_text(json.dumps(m))
+
+
+def tamper_swap_weights(d, monkeypatch):
+    path = d / "checkpoint" / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x40  # one weight byte, header and size unchanged
+    path.write_bytes(bytes(data))
+
+
+def tamper_other_torch(d, monkeypatch):
+    from trimode.builder import manifest
+
+    real = manifest._version
+    monkeypatch.setattr(manifest, "_version", lambda name: "9.9.9" if name == "torch" else real(name))
+
+
+def tamper_other_cpu(d, monkeypatch):
+    from trimode.builder import manifest
+
+    monkeypatch.setattr(manifest, "device_info", lambda device: {"type": "cpu", "name": "x86_64", "isa": "DEFAULT"})
+
+
+def tamper_extra_file(d, monkeypatch):
+    (d / "programs" / "decode_2.pt2").write_bytes(b"not ours")
+
+
+def tamper_self_test(d, monkeypatch):
+    """A manifest resealed with other self-test tokens: what a program that computes differently here
+    than on the build machine looks like."""
+    from trimode.builder.manifest import seal
+
+    m = json.loads((d / "manifest.json").read_text())
+    m["self_test"]["tokens"]["diffusion"][0][0] += 1
+    (d / "manifest.json").write_text(json.dumps(seal(m)))
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (tamper_edit_manifest, "manifest.json was edited after the build"),
+    (tamper_swap_weights, "checkpoint/model.safetensors changed after the build"),
+    (tamper_other_torch, "built with torch"),
+    (tamper_other_cpu, "rebuild the engine on this machine"),
+    (tamper_extra_file, "programs/decode_2.pt2 was not part of the build"),
+    (tamper_self_test, "diffusion self-test gives other tokens"),
+])
+def test_a_tampered_engine_is_refused_on_load(trained_engine_dir, tmp_path, monkeypatch, runner, tamper, message):
+    d = tmp_path / "engine"
+    shutil.copytree(trained_engine_dir, d)
+    tamper(d, monkeypatch)
+    with pytest.raises(EngineError, match=message):
+        load_engine(d)
+    result = runner.invoke(main, ["generate", "--engine", str(d), "hello"])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0]
+
+
+def test_generate_and_eval_run_through_the_engine(trained_engine_dir, runner):
+    args = ["def f(x):", "--mode", "self-spec", "--max-new-tokens", "12", "--json"]
+    with_engine = runner.invoke(main, ["generate", "--engine", str(trained_engine_dir), *args])
+    eager = runner.invoke(main, ["generate", *args])
+    assert with_engine.exit_code == 0 and eager.exit_code == 0, with_engine.output + eager.output
+    assert json.loads(with_engine.stdout)["results"][0]["tokens"] == json.loads(eager.stdout)["results"][0]["tokens"]
+    report = runner.invoke(main, ["eval", "--engine", str(trained_engine_dir), "--num-prompts", "2",
+                                  "--max-new-tokens", "16", "--max-ppl-windows", "2", "--json"])
+    assert report.exit_code == 0, report.output
+    modes = json.loads(report.stdout)["modes"]
+    assert set(modes) == {"ar", "diffusion", "self-spec/8"} and modes["self-spec/8"]["token_agreement"] == 1.0
+
+
+def test_inspect_prints_the_manifest(trained_engine_dir, runner):
+    text = runner.invoke(main, ["inspect", str(trained_engine_dir)])
+    assert text.exit_code == 0, text.output
+    for expected in ("backend    torch on cpu", "max_batch_size 4, max_seq_len 96", "decode_1", "self-test"):
+        assert expected in text.stdout
+    as_json = runner.invoke(main, ["inspect", str(trained_engine_dir), "--json"])
+    assert json.loads(as_json.stdout) == json.loads((trained_engine_dir / "manifest.json").read_text())
+
+
+def test_an_existing_engine_is_replaced_only_with_force(trained_engine_dir, refused, tmp_path):
+    d = tmp_path / "engine"
+    shutil.copytree(trained_engine_dir, d)
+    refused(["build", "--out", d], tmp_path, "exists and is not empty (--force replaces a previous build output)")
+
+
+@pytest.mark.parametrize("args, message, code", [
+    (["build", "{tiny}", "--out", "{out}", "--max-batch-size", "0"], "--max-batch-size", 2),
+    (["build", "{tiny}", "--out", "{out}", "--backend", "vllm"], "'vllm' is not one of", 2),
+    (["build", "{tiny}", "--out", "{out}", "--block-lengths", "4,x"], "expected integers", 2),
+    (["build", "{tiny}", "--out", "{out}", "--max-seq-len", "32", "--max-input-len", "8", "--block-lengths", "32"],
+     "--block-lengths: expected below --max-seq-len (32)", 1),
+    (["build", "{tiny}", "--out", "{out}", "--max-seq-len", "32", "--max-input-len", "64"],
+     "--max-input-len: expected at most --max-seq-len (32)", 1),
+    (["build", "{tiny}", "--out", "{tiny}/engine"], "lies inside the input", 1),
+    (["build", "{other}", "--out", "{out}"], "model_type", 1),
+    (["build", "{tiny}", "--out", "{out}", "--onnx-only"], "--onnx-only: expected used with --backend tensorrt", 1),
+    (["inspect", "{tiny}"], "not an engine dir", 1),
+    (["inspect", "{out}"], "not a directory", 1),
+])
+def test_bad_build_input_is_one_line_and_writes_nothing(tiny_dir, tmp_path, refused, args, message, code):
+    root = tmp_path / "root"
+    shutil.copytree(tiny_dir, root / "tiny")
+    other = root / "other"
+    shutil.copytree(tiny_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    filled = [a.format(tiny=root / "tiny", out=root / "out", other=other) for a in args]
+    refused(filled, root, message, code)

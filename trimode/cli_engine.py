@@ -1,0 +1,125 @@
+"""`trimode build` and `trimode inspect`: engine dirs (the builder stage). Registered on cli.main."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from trimode.cli import DeviceType, _checkpoint_dir, _echo_json
+
+
+class IntList(click.ParamType):
+    """Comma-separated integers in [1, 65536], e.g. 4,8,16."""
+    name = "N[,N...]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            values = tuple(int(x) for x in str(value).split(","))
+        except ValueError:
+            self.fail(f"{value!r}: expected integers separated by commas", param, ctx)
+        if not all(1 <= v <= 65536 for v in values):
+            self.fail(f"{value!r}: every value must be in [1, 65536]", param, ctx)
+        return values
+
+
+@click.command()
+@click.argument("checkpoint_dir", required=False, type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="The engine dir to write.")
+@click.option("--backend", type=click.Choice(["torch", "onnx", "tensorrt"]), default="torch", show_default=True,
+              help="torch: AOTInductor programs (CPU or CUDA); onnx: onnxruntime (CPU, proves the TensorRT "
+                   "graph); tensorrt: GPU hosts with TensorRT.")
+@click.option("--max-batch-size", type=click.IntRange(1, 4096), default=8, show_default=True,
+              help="Sequences in flight at once.")
+@click.option("--max-seq-len", type=click.IntRange(2, 1 << 20), default=1024, show_default=True,
+              help="Prompt + generated tokens + one block, per sequence.")
+@click.option("--max-input-len", type=click.IntRange(1, 1 << 20), default=256, show_default=True,
+              help="The prefill chunk: longer prompts are prefilled in chunks of this many tokens.")
+@click.option("--block-lengths", type=IntList(), default=None,
+              help="Block lengths the engine serves (diffusion, self-spec) [default: the checkpoint's block_size].")
+@click.option("--device", type=DeviceType(), default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--onnx-only", is_flag=True, help="With --backend tensorrt: export and check the ONNX graphs, "
+                                                "stop before TensorRT (what a CPU machine can do).")
+@click.option("--force", is_flag=True, help="Replace a previous build output (never another folder).")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def build(checkpoint_dir: Path | None, out_dir: Path, backend: str, max_batch_size: int, max_seq_len: int,
+          max_input_len: int, block_lengths: tuple[int, ...] | None, device: str, onnx_only: bool, force: bool,
+          as_json: bool) -> None:
+    """Build an engine dir from CHECKPOINT_DIR (default: the embedded checkpoint).
+
+    Compiles one program per pass shape the three modes run (prefill chunk, AR token, and per
+    block length the denoise, draft and verify passes), checks that the engine gives the eager
+    reference's tokens in every mode, and writes manifest.json with the library versions, device,
+    settings, file digests and that self-test. Loading the engine dir checks them all again.
+    """
+    from tqdm import tqdm
+
+    from trimode.builder import BuildSettings, build_engine
+
+    settings = BuildSettings(backend=backend, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+                             max_input_len=max_input_len, block_lengths=block_lengths or (),
+                             device=device.split(":")[0], onnx_only=onnx_only)
+    bars = []
+
+    def on_start(shapes) -> None:
+        bars.append(tqdm(total=len(shapes), desc=f"build {backend}", unit="program", disable=as_json,
+                         file=sys.stderr))
+
+    def on_program(shape) -> None:
+        bars[0].set_postfix_str(shape.name)
+        bars[0].update()
+
+    try:
+        manifest = build_engine(_checkpoint_dir(checkpoint_dir), out_dir, settings, force, on_start, on_program)
+    finally:
+        for bar in bars:
+            bar.close()
+    if as_json:
+        _echo_json(manifest)
+        return
+    click.echo(f"wrote {out_dir}: {backend} engine, {len(manifest['programs'])} programs in "
+               f"{manifest['build_seconds']} s; self-test equals the eager reference in every mode")
+
+
+@click.command()
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def inspect(engine_dir: Path, as_json: bool) -> None:
+    """Print ENGINE_DIR's manifest: backend, settings, programs, device, versions, self-test.
+
+    Reads only the manifest (no check of the files: loading the engine does that)."""
+    from trimode.builder.manifest import read_manifest
+
+    manifest = read_manifest(engine_dir)
+    if as_json:
+        _echo_json(manifest)
+        return
+    click.echo(format_manifest(manifest))
+
+
+def format_manifest(m: dict) -> str:
+    s, d, c = m["settings"], m["device"], m["model"]["config"]
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
+    programs = ", ".join(p["name"] for p in m["programs"])
+    quant = (m.get("quantization") or {}).get("quantization", {}).get("quant_algo") if m.get("quantization") else None
+    lines = [
+        f"engine     {m['tool']}, format {m['format']}, built in {m['build_seconds']} s",
+        f"backend    {s['backend']}{' (ONNX only)' if s['onnx_only'] else ''} on {d['type']} "
+        f"({', '.join(f'{k} {v}' for k, v in d.items() if k != 'type')})",
+        f"model      {c.get('model_type')}, {c.get('num_hidden_layers')} layers, hidden {c.get('hidden_size')}, "
+        f"vocab {c.get('vocab_size')}, {m['model']['dtype']}"
+        f"{', FP8 ' + str(quant) if quant else ''}{', draft adapter' if m['model']['has_draft_adapter'] else ''}",
+        f"limits     max_batch_size {s['max_batch_size']}, max_seq_len {s['max_seq_len']}, "
+        f"max_input_len {s['max_input_len']}, block lengths {', '.join(map(str, s['block_lengths']))}",
+        f"programs   {programs}",
+        f"input      {m['input']['path']} (sha256 {m['input']['digest_sha256'][:12]}...)",
+        f"versions   {versions}",
+        f"self-test  {m['self_test']['max_new_tokens']} tokens x {len(m['self_test']['prompts'])} prompts per mode, "
+        f"block {m['self_test']['block_length']}: " + json.dumps({k: v[0][:6] for k, v in m['self_test']['tokens'].items()}),
+        f"files      {len(m['files'])}, digest {m['digest_sha256'][:12]}...",
+    ]
+    return "\n".join(lines)
