@@ -2,7 +2,9 @@
 # Every GPU-only check, for a session that draws an H100/H200 (under 5 minutes; see README "GPU checks").
 #   1. the kernel tests on CUDA (the same files CPU CI runs under TRITON_INTERPRET=1),
 #   2. scripts/bench_kernels.py: the kernels against SDPA / flex_attention / torch at 8B-like shapes,
-#   3. scripts/gpu_check.py: the FP8 GEMM against its simulation, self-spec == AR on CUDA.
+#   3. scripts/gpu_check.py: the FP8 GEMM against its simulation, self-spec == AR on CUDA,
+#   4. the CUDA torch engine: `trimode build --device cuda` (its self-test is the parity check against
+#      the eager model in every mode), then scripts/bench_engine.py (engine vs eager vs transformers).
 # Results land in $OUT (the device tool's folder) or out/gpu: *.json and the logs.
 # Usage, from the repository root on the GPU machine:  bash scripts/gpu_check.sh
 set -uo pipefail
@@ -17,10 +19,15 @@ $py -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$out/inst
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
 status=0
-timeout 150 $py -m pytest -q -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_sampling.py \
+timeout 120 $py -m pytest -q -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_sampling.py \
   tests/test_kernels_decoding.py 2>&1 | tee "$out/kernel_tests.log" | tail -15 || status=1
-timeout 150 $py scripts/bench_kernels.py --json "$out/bench_kernels.json" >"$out/bench_kernels.log" 2>&1 || status=1
-timeout 90 $py scripts/gpu_check.py --json "$out/gpu_check.json" >"$out/gpu_check.log" 2>&1 || status=1
+timeout 90 $py scripts/bench_kernels.py --json "$out/bench_kernels.json" >"$out/bench_kernels.log" 2>&1 || status=1
+timeout 60 $py scripts/gpu_check.py --json "$out/gpu_check.json" >"$out/gpu_check.log" 2>&1 || status=1
+engine=$(mktemp -d)/engine  # not under $OUT: its programs are large and only the JSON matters
+timeout 150 $py -m trimode.cli build --device cuda --out "$engine" --max-seq-len 512 --json \
+  >"$out/engine_build.json" 2>"$out/engine_build.log" || { status=1; tail -3 "$out/engine_build.log"; }
+[ -d "$engine" ] && { timeout 90 $py scripts/bench_engine.py --engine "$engine" --repeats 2 --pass-repeats 10 \
+  --json "$out/bench_engine.json" >/dev/null 2>"$out/bench_engine.log" || status=1; tail -12 "$out/bench_engine.log"; }
 $py - "$out" <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
