@@ -111,10 +111,19 @@ class QdqLinear(nn.Module):
 
 
 def graph_model(model: NLDModel, dtype: torch.dtype = GRAPH_DTYPE) -> NLDModel:
-    """The model to export, in `dtype`, FP8 linears as Q/DQ (a copy, unless nothing changes)."""
-    fp8_linears = [(name, m) for name, m in model.named_modules() if isinstance(m, FP8Linear)]
-    if model.dtype == dtype and not fp8_linears:
+    """The model to export: its weights in `dtype`, FP8 linears as Q/DQ (a copy, unless nothing
+    changes). Buffers keep their dtype, as the loader leaves them: the fp32 RoPE frequencies and
+    FP8 scales, the float8 weights."""
+    has_fp8 = any(isinstance(m, FP8Linear) for m in model.modules())
+    if model.dtype == dtype and not has_fp8:
         return model
+    model = copy.deepcopy(model)
+    for param in model.parameters():
+        param.data = param.data.to(dtype)
+    for name, linear in [(name, m) for name, m in model.named_modules() if isinstance(m, FP8Linear)]:
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, QdqLinear(linear))
+    return model
     model = copy.deepcopy(model)
     for tensor in (*model.parameters(), *model.buffers()):
         if tensor.is_floating_point() and tensor.dtype != E4M3 and tensor.dtype != dtype:
