@@ -44,7 +44,9 @@ def build_engine(checkpoint_dir: Path, out_dir: Path, settings: BuildSettings = 
     device = torch.device(settings.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device is visible here")
-    ck = load_checkpoint(checkpoint_dir, device=device)  # a non-NLD checkpoint fails here, nothing written
+    # a non-NLD checkpoint fails here, nothing written; MODEL_DTYPE: a backend that computes in one dtype
+    # (onnx: fp32) is checked against the eager model in that dtype
+    ck = load_checkpoint(checkpoint_dir, device=device, dtype=getattr(backend, "MODEL_DTYPE", None))
     settings = settings.resolved(ck.spec.block_size)
     if settings.max_seq_len > ck.spec.max_position_embeddings:
         raise InputError(f"--max-seq-len {settings.max_seq_len}: above the model's max_position_embeddings "
@@ -72,7 +74,7 @@ def build_engine(checkpoint_dir: Path, out_dir: Path, settings: BuildSettings = 
         block_length = settings.block_lengths[0]
         tokens = self_test(ck.model, ck.tokenizer, None, config, block_length)  # the eager reference
         if not settings.onnx_only:
-            engine_tokens = self_test(ck.model, ck.tokenizer, backend.load(tmp, ck.model, manifest), config,
+            engine_tokens = self_test(ck.model, ck.tokenizer, backend.load(tmp, ck.model, built), config,
                                       block_length)
             for mode, expected in tokens.items():
                 if engine_tokens[mode] != expected:

@@ -73,8 +73,9 @@ def load_engine(engine_dir: Path, device: str | torch.device | None = None) -> B
     manifest = read_manifest(engine_dir)
     device = torch.device(device or manifest["settings"]["device"])
     check_manifest(engine_dir, manifest, device)
-    ck = load_checkpoint(engine_dir / CHECKPOINT_DIR, device=device)
-    backend = backend_module(manifest["settings"]["backend"]).load(engine_dir, ck.model, manifest)
+    module = backend_module(manifest["settings"]["backend"])
+    ck = load_checkpoint(engine_dir / CHECKPOINT_DIR, device=device, dtype=getattr(module, "MODEL_DTYPE", None))
+    backend = module.load(engine_dir, ck.model, manifest["backend"])
     built = BuiltEngine(engine_dir, manifest, ck, backend)
     got = self_test(ck.model, ck.tokenizer, backend, built.config, built.block_lengths[0])
     for mode, tokens in manifest["self_test"]["tokens"].items():

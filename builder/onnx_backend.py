@@ -45,6 +45,7 @@ from trimode.plugins.reference import load_cached, store_cached
 
 ONNX_DIR = "onnx"
 GRAPH_DTYPE = torch.float32
+MODEL_DTYPE = GRAPH_DTYPE  # an engine dir of this backend loads its checkpoint (the oracle) in the graph's dtype
 
 
 class ExportedPass(nn.Module):

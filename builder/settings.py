@@ -32,6 +32,10 @@ class BuildSettings:
                f"({self.max_seq_len})", self.max_input_len)
         _check(not self.block_lengths or max(self.block_lengths) < self.max_seq_len, "block-lengths",
                f"below --max-seq-len ({self.max_seq_len})", ",".join(map(str, self.block_lengths)))
+        # a diffusion refresh runs on the prefill program (program.program_for)
+        _check(not self.block_lengths or max(self.block_lengths) <= self.max_input_len, "block-lengths",
+               f"at most --max-input-len ({self.max_input_len}): a refresh pass runs as a prefill chunk",
+               ",".join(map(str, self.block_lengths)))
         _check(not self.onnx_only or self.backend == "tensorrt", "onnx-only", "used with --backend tensorrt",
                self.backend)
 

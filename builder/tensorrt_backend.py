@@ -75,6 +75,12 @@ def require_tensorrt():
     return trt
 
 
+def require(settings: BuildSettings) -> None:
+    """What build_engine calls before anything is written: TensorRT and a GPU, unless --onnx-only."""
+    if not settings.onnx_only:
+        require_tensorrt()
+
+
 def has_cuda() -> bool:
     return torch.cuda.is_available()
 

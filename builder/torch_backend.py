@@ -67,27 +67,27 @@ def build(model: NLDModel, shapes: list[PassShape], out_dir: Path, settings: Bui
         path = out_dir / PROGRAM_DIR / f"{shape.name}.pt2"
         inductor.aoti_compile_and_package(exported, package_path=str(path),
                                           inductor_configs={"aot_inductor.package_constants_in_so": False})
-        files.append(str(path.relative_to(out_dir)))
+        files.append(path.relative_to(out_dir).as_posix())
         seconds[shape.name] = round(time.perf_counter() - began, 1)
         on_program(shape)
-    return {"files": files, "compile_seconds": seconds}
+    return {"files": files, "programs": {s.name: f for s, f in zip(shapes, files)},
+            "max_seq_len": settings.max_seq_len, "compile_s": seconds}
 
 
 class CompiledBackend:
     """The runner's backend (decoding/runner.py) over AOTInductor packages."""
 
-    def __init__(self, programs: dict[PassShape, Callable], max_seq_len: int, device: torch.device):
+    def __init__(self, programs: dict[str, Callable], max_seq_len: int, device: torch.device):
         self.programs, self.max_seq_len, self.device = programs, max_seq_len, device
         self.key_index = torch.arange(max_seq_len, device=device)
-        self.block_lengths = tuple(sorted({s.length for s in programs if s.kind is PassKind.DENOISE}))
 
     def __call__(self, kind: PassKind, tokens: torch.Tensor, pool: KVCache, slots: list[int], lengths: list[int],
                  logit_index: torch.Tensor | None) -> torch.Tensor:
         L = tokens.shape[1]
-        program = self.programs.get(program_for(kind, L))
+        program = self.programs.get(program_for(kind, L).name)
         if program is None:
-            raise EngineError(f"this engine has no {kind.value} program for a chunk of {L} tokens "
-                              f"(block lengths built: {', '.join(map(str, self.block_lengths)) or 'none'})")
+            raise EngineError(f"this engine has no {program_for(kind, L).name} program: rebuild it with "
+                              f"--block-lengths {L}")
         span = min(-(-(max(lengths) + L) // SPAN_ALIGN) * SPAN_ALIGN, self.max_seq_len)
         if logit_index is None:
             logit_index = torch.zeros(len(slots), dtype=torch.long, device=self.device)
@@ -96,20 +96,20 @@ class CompiledBackend:
 
 
 def load(engine_dir: Path, model: NLDModel, manifest: dict) -> CompiledBackend:
-    """Load every package of the engine dir, pointed at the model's own weight tensors."""
+    """Load every package of the engine dir, pointed at the model's own weight tensors.
+    manifest: the dict `build` returned (the engine manifest's backend section)."""
     import torch._inductor as inductor
 
     constants = {f"model.{name}": t.data for name, t in model.state_dict(keep_vars=True).items()}
     constants.update({f"model.{name}": t for name, t in model.named_buffers()})
     programs = {}
-    for entry in manifest["programs"]:
-        shape = PassShape(PassKind(entry["kind"]), entry["length"])
-        package = inductor.aoti_load_package(str(engine_dir / PROGRAM_DIR / f"{shape.name}.pt2"))
+    for name, file in manifest["programs"].items():
+        package = inductor.aoti_load_package(str(engine_dir / file))
         missing = [n for n in package.get_constant_fqns() if n not in constants]
         if missing:
-            raise EngineError(f"{engine_dir}: the {shape.name} program needs weights the checkpoint lacks "
+            raise EngineError(f"{engine_dir}: the {name} program needs weights the checkpoint lacks "
                               f"({', '.join(missing[:3])}); rebuild the engine")
         package.load_constants({n: constants[n] for n in package.get_constant_fqns()}, check_full_update=True,
                                user_managed=True)
-        programs[shape] = package
-    return CompiledBackend(programs, manifest["settings"]["max_seq_len"], model.device)
+        programs[name] = package
+    return CompiledBackend(programs, manifest["max_seq_len"], model.device)

@@ -219,6 +219,9 @@ def test_an_existing_engine_is_replaced_only_with_force(trained_engine_dir, refu
     (["build", "{tiny}", "--out", "{tiny}/engine"], "lies inside the input", 1),
     (["build", "{other}", "--out", "{out}"], "model_type", 1),
     (["build", "{tiny}", "--out", "{out}", "--onnx-only"], "--onnx-only: expected used with --backend tensorrt", 1),
+    (["build", "{tiny}", "--out", "{out}", "--backend", "tensorrt"], "tensorrt >= 10.9", 1),
+    (["build", "{tiny}", "--out", "{out}", "--max-input-len", "4", "--block-lengths", "8"],
+     "--block-lengths: expected at most --max-input-len (4)", 1),
     (["inspect", "{tiny}"], "not an engine dir", 1),
     (["inspect", "{out}"], "not a directory", 1),
 ])
@@ -231,3 +234,35 @@ def test_bad_build_input_is_one_line_and_writes_nothing(tiny_dir, tmp_path, refu
     (other / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
     filled = [a.format(tiny=root / "tiny", out=root / "out", other=other) for a in args]
     refused(filled, root, message, code)
+
+
+def test_onnx_engine_dir_runs_every_mode_like_the_eager_model(tiny_adapter_dir, tmp_path, runner):
+    """build_engine --backend onnx end to end: its build-time self-test is the parity check (the build
+    fails on any difference), and the loaded engine dir's self-spec equals its AR."""
+    out = tmp_path / "onnx-engine"
+    manifest = build_engine(tiny_adapter_dir, out, BuildSettings(**{**SMALL.__dict__, "backend": "onnx",
+                                                                    "block_lengths": (4,)}))
+    assert manifest["versions"]["onnxruntime"] and manifest["model"]["has_draft_adapter"]
+    assert sorted(manifest["backend"]["programs"]) == ["decode_1", "denoise_4", "draft_4", "prefill_n", "verify_4"]
+    built = load_engine(out)
+    assert built.checkpoint.model.dtype == torch.float32  # the graphs' dtype: the oracle it was checked against
+    prompts = prompts_for(built, 3)
+    tokens = {mode: [s.tokens for s in generate(built.checkpoint.model, prompts, GenerationSettings(
+        mode=mode, max_new_tokens=12, block_length=4, ignore_eos=True), built.new_engine())]
+        for mode in (Mode.AR, Mode.SELF_SPEC)}
+    assert tokens[Mode.SELF_SPEC] == tokens[Mode.AR]
+    text = runner.invoke(main, ["inspect", str(out)])
+    assert "backend    onnx on cpu" in text.stdout
+
+
+def test_tensorrt_onnx_only_exports_the_plugin_graphs_and_cannot_be_run(tiny_dir, tmp_path, runner):
+    out = tmp_path / "trt"
+    result = runner.invoke(main, ["build", str(tiny_dir), "--out", str(out), "--backend", "tensorrt", "--onnx-only",
+                                  "--max-batch-size", "2", "--max-seq-len", "64", "--max-input-len", "16",
+                                  "--block-lengths", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(result.stdout)
+    assert manifest["settings"]["onnx_only"] and (out / "tensorrt" / "report.json").is_file()
+    assert "(ONNX only)" in runner.invoke(main, ["inspect", str(out)]).stdout
+    refused = runner.invoke(main, ["generate", "--engine", str(out), "hello"])
+    assert refused.exit_code == 1 and "--onnx-only" in refused.stderr and "Traceback" not in refused.output
