@@ -477,10 +477,9 @@ def make_checkpoint(is_random: bool, out_dir: Path, seed: int, hidden_size: int,
     click.echo(f"wrote {path}")
 
 
-from trimode.cli_engine import build, inspect  # noqa: E402  (they use the helpers above)
+if __name__ == "__main__":  # python -m trimode.cli: run the imported module, where every command is registered
+    from trimode.cli import main as _main
 
-main.add_command(build)
-main.add_command(inspect)
+    sys.exit(_main())
 
-if __name__ == "__main__":
-    sys.exit(main())
+import trimode.cli_engine  # noqa: E402,F401  (registers build and inspect; it uses the helpers above)

@@ -1,4 +1,5 @@
-"""`trimode build` and `trimode inspect`: engine dirs (the builder stage). Registered on cli.main."""
+"""`trimode build` and `trimode inspect`: engine dirs (the builder stage). Registered on cli.main
+at the end of this module (cli.py imports it last)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from trimode.cli import DeviceType, _checkpoint_dir, _echo_json
+from trimode.cli import DeviceType, _checkpoint_dir, _echo_json, main
 
 
 class IntList(click.ParamType):
@@ -123,3 +124,7 @@ def format_manifest(m: dict) -> str:
         f"files      {len(m['files'])}, digest {m['digest_sha256'][:12]}...",
     ]
     return "\n".join(lines)
+
+
+main.add_command(build)
+main.add_command(inspect)
