@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trimode.builder.program import PassShape, program_for
+from trimode.builder.program import PassShape, lookup
 from trimode.builder.settings import BuildSettings
 from trimode.errors import InputError, MissingDependencyError
 from trimode.fp8 import E4M3, FP8Linear
@@ -175,12 +175,7 @@ class OnnxBackend:
     def __call__(self, kind: PassKind, tokens: torch.Tensor, pool: KVCache, slots: list[int], lengths: list[int],
                  logit_index: torch.Tensor | None) -> torch.Tensor:
         b, L = tokens.shape
-        shape = program_for(kind, L)
-        session = self.sessions.get(shape.name)
-        if session is None:
-            raise InputError(f"this engine has no {shape.name} program: rebuild it with --block-lengths {L}")
-        if shape.length is None and L > self.max_input_len:
-            raise InputError(f"a {L}-token chunk is longer than this engine's max_input_len {self.max_input_len}")
+        _, session = lookup(self.sessions, kind, L, self.max_input_len)
         if tuple(pool.k[0].shape) != self.pool_shape:
             raise InputError(f"the KV pool is {tuple(pool.k[0].shape)}; this engine was built for {self.pool_shape} "
                              "(max_batch_size, kv heads, max_seq_len, head_dim)")

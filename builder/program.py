@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trimode.errors import EngineError
 from trimode.model import Attention, NLDModel
 from trimode.passes import PassKind, Pattern
 from trimode.plugins.reference import load_cached, store_cached
@@ -92,6 +93,16 @@ def pass_shapes(block_lengths: tuple[int, ...]) -> list[PassShape]:
     for L in sorted(set(block_lengths)):
         shapes += [PassShape(kind, L) for kind in (PassKind.DENOISE, PassKind.DRAFT, PassKind.VERIFY)]
     return shapes
+
+
+def lookup(programs: dict, kind: PassKind, length: int, max_input_len: int) -> tuple[PassShape, object]:
+    """The program of `programs` (by shape name) that runs this pass, or one line saying what to rebuild."""
+    shape = program_for(kind, length)
+    if shape.name not in programs:
+        raise EngineError(f"this engine has no {shape.name} program: rebuild it with --block-lengths {length}")
+    if shape.length is None and length > max_input_len:
+        raise EngineError(f"a {length}-token chunk is longer than this engine's max_input_len {max_input_len}")
+    return shape, programs[shape.name]
 
 
 def program_for(kind: PassKind, length: int) -> PassShape:

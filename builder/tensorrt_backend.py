@@ -42,7 +42,7 @@ from typing import Callable
 import torch
 
 from trimode.builder import onnx_backend
-from trimode.builder.program import PassShape, program_for
+from trimode.builder.program import PassShape, lookup
 from trimode.builder.settings import BuildSettings
 from trimode.errors import InputError, MissingDependencyError, TrimodeError
 from trimode.fp8 import E4M3
@@ -215,12 +215,7 @@ class TensorRTBackend:
     def __call__(self, kind: PassKind, tokens: torch.Tensor, pool: KVCache, slots: list[int], lengths: list[int],
                  logit_index: torch.Tensor | None) -> torch.Tensor:
         b, L = tokens.shape
-        shape = program_for(kind, L)
-        context = self.contexts.get(shape.name)
-        if context is None:
-            raise InputError(f"this engine has no {shape.name} program: rebuild it with --block-lengths {L}")
-        if shape.length is None and L > self.max_input_len:
-            raise InputError(f"a {L}-token chunk is longer than this engine's max_input_len {self.max_input_len}")
+        shape, context = lookup(self.contexts, kind, L, self.max_input_len)
         k0 = pool.k[0]
         if k0.device.type != "cuda" or str(k0.dtype) != self.pool_dtype or tuple(k0.shape) != self.pool_shape:
             raise InputError(f"the KV pool is {tuple(k0.shape)} {k0.dtype} on {k0.device}; this engine needs "

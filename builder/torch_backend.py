@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from trimode.builder.program import PassProgram, PassShape, program_for
+from trimode.builder.program import PassProgram, PassShape, lookup
 from trimode.builder.settings import BuildSettings
 from trimode.errors import EngineError
 from trimode.kv_cache import KVCache
@@ -71,23 +71,20 @@ def build(model: NLDModel, shapes: list[PassShape], out_dir: Path, settings: Bui
         seconds[shape.name] = round(time.perf_counter() - began, 1)
         on_program(shape)
     return {"files": files, "programs": {s.name: f for s, f in zip(shapes, files)},
-            "max_seq_len": settings.max_seq_len, "compile_s": seconds}
+            "max_seq_len": settings.max_seq_len, "max_input_len": settings.max_input_len, "compile_s": seconds}
 
 
 class CompiledBackend:
     """The runner's backend (decoding/runner.py) over AOTInductor packages."""
 
-    def __init__(self, programs: dict[str, Callable], max_seq_len: int, device: torch.device):
-        self.programs, self.max_seq_len, self.device = programs, max_seq_len, device
+    def __init__(self, programs: dict[str, Callable], max_seq_len: int, max_input_len: int, device: torch.device):
+        self.programs, self.max_seq_len, self.max_input_len, self.device = programs, max_seq_len, max_input_len, device
         self.key_index = torch.arange(max_seq_len, device=device)
 
     def __call__(self, kind: PassKind, tokens: torch.Tensor, pool: KVCache, slots: list[int], lengths: list[int],
                  logit_index: torch.Tensor | None) -> torch.Tensor:
         L = tokens.shape[1]
-        program = self.programs.get(program_for(kind, L).name)
-        if program is None:
-            raise EngineError(f"this engine has no {program_for(kind, L).name} program: rebuild it with "
-                              f"--block-lengths {L}")
+        _, program = lookup(self.programs, kind, L, self.max_input_len)
         span = min(-(-(max(lengths) + L) // SPAN_ALIGN) * SPAN_ALIGN, self.max_seq_len)
         if logit_index is None:
             logit_index = torch.zeros(len(slots), dtype=torch.long, device=self.device)
@@ -112,4 +109,4 @@ def load(engine_dir: Path, model: NLDModel, manifest: dict) -> CompiledBackend:
         package.load_constants({n: constants[n] for n in package.get_constant_fqns()}, check_full_update=True,
                                user_managed=True)
         programs[name] = package
-    return CompiledBackend(programs, manifest["max_seq_len"], model.device)
+    return CompiledBackend(programs, manifest["max_seq_len"], manifest["max_input_len"], model.device)

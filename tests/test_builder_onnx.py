@@ -22,7 +22,7 @@ from trimode.builder.program import PassShape, pass_shapes
 from trimode.builder.settings import BuildSettings
 from trimode.checkpoint import load_checkpoint
 from trimode.decoding import DecodeConfig, Engine, EngineConfig, Mode, SamplingParams
-from trimode.errors import InputError, MissingDependencyError
+from trimode.errors import EngineError, InputError, MissingDependencyError
 from trimode.passes import PassKind
 from trimode.plugins.onnx_ops import DOMAIN, TENSORRT_ATTRS
 
@@ -159,9 +159,9 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 def test_backend_refuses_what_the_engine_was_not_built_for(engine):
     _, model, backend, _, _ = engine
     pool = model.new_cache(3, 48)
-    with pytest.raises(InputError, match="no verify_8 program.*--block-lengths 8"):
+    with pytest.raises(EngineError, match="no verify_8 program.*--block-lengths 8"):
         backend(PassKind.VERIFY, torch.ones(1, 8, dtype=torch.long), pool, [0], [0], None)
-    with pytest.raises(InputError, match="longer than this engine's max_input_len 16"):
+    with pytest.raises(EngineError, match="longer than this engine's max_input_len 16"):
         backend(PassKind.PREFILL, torch.ones(1, 17, dtype=torch.long), pool, [0], [0], None)
     with pytest.raises(InputError, match=r"built for \(3, 2, 48, 16\)"):
         backend(PassKind.DECODE, torch.ones(1, 1, dtype=torch.long), model.new_cache(4, 48), [0], [0], None)

@@ -333,7 +333,7 @@ def eval_command(checkpoint_dir: Path | None, num_prompts: int, prompt_len: int,
     from trimode.evaluate import EvalSettings, evaluate
 
     try:
-        lengths = tuple(int(x) for x in (block_lengths or "4,8,16,32").split(","))
+        lengths = tuple(int(x) for x in ("4,8,16,32" if block_lengths is None else block_lengths).split(","))
     except ValueError:
         raise InputError(f"--block-lengths: expected integers separated by commas, got {block_lengths!r}") from None
     if not all(1 <= n <= 65536 for n in lengths):
@@ -344,7 +344,7 @@ def eval_command(checkpoint_dir: Path | None, num_prompts: int, prompt_len: int,
     if engine_dir is not None:
         built = _load_engine(engine_dir, checkpoint_dir, device)
         ck, new_engine = built.checkpoint, built.new_engine
-        lengths = lengths if block_lengths else built.block_lengths
+        lengths = lengths if block_lengths is not None else built.block_lengths
     else:
         ck = load_checkpoint(_checkpoint_dir(checkpoint_dir), device=_device(device))
     if against_no_adapter and not ck.model.has_draft_adapter:
