@@ -13,11 +13,11 @@ import numpy as np
 
 from trimode.errors import MissingDependencyError, TrimodeError
 from trimode.passes import Mode
+from trimode.triton_repo.tensors import ENSEMBLE_INPUTS
 
-# input -> (numpy dtype, Triton type): the ensembles' types (tensors.py)
-_TYPES = {"text_input": (np.object_, "BYTES"), "max_tokens": (np.int32, "INT32"), "temperature": (np.float32, "FP32"),
-          "random_seed": (np.uint64, "UINT64"), "stream": (bool, "BOOL"), "block_length": (np.int32, "INT32"),
-          "threshold": (np.float32, "FP32"), "end_id": (np.int32, "INT32")}
+# Triton type -> numpy dtype, for every ensemble input (tensors.py)
+_NUMPY = {"STRING": np.object_, "INT32": np.int32, "UINT64": np.uint64, "FP32": np.float32, "BOOL": bool}
+_TYPES = {t.name: t.dtype for t in ENSEMBLE_INPUTS}
 _STATS = ("num_input_tokens", "num_output_tokens", "num_forward_passes", "mean_accepted_length", "finish_reason")
 
 
@@ -32,9 +32,9 @@ def model_name(mode: Mode | str, prefix: str = "") -> str:
 def _inputs(module, inputs: dict) -> list:
     out = []
     for name, value in inputs.items():
-        dtype, triton_type = _TYPES[name]
-        array = np.array([[value.encode() if isinstance(value, str) else value]], dtype=dtype)
-        tensor = module.InferInput(name, list(array.shape), triton_type)
+        values = value if isinstance(value, (list, tuple)) else [value]  # stop_words: several
+        array = np.array([[v.encode() if isinstance(v, str) else v for v in values]], dtype=_NUMPY[_TYPES[name]])
+        tensor = module.InferInput(name, list(array.shape), "BYTES" if _TYPES[name] == "STRING" else _TYPES[name])
         tensor.set_data_from_numpy(array)
         out.append(tensor)
     return out
