@@ -104,7 +104,7 @@ def parse_request(get: Callable[[str], np.ndarray | None], vocab_size: int,
     is_stream = value("stream", bool, False)
     sampling = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, seed=seed,
                               stop_token_ids=tuple(stop_ids), ignore_eos=end_id == -1)
-    decoding = DecodeConfig(mode=mode.reshape(-1)[0].decode(), block_length=value("block_length", int, default_block_length),
-                            threshold=threshold)
+    decoding = DecodeConfig(mode=mode.reshape(-1)[0].decode(),
+                            block_length=value("block_length", int, default_block_length), threshold=threshold)
     return Request([int(t) for t in prompt.reshape(-1)], sampling, decoding, is_stream,
                    prepend_prompt=not is_stream and not value("exclude_input_in_output", bool, True))

@@ -70,7 +70,8 @@ class TritonServer:
 
     def __init__(self, repo_dir: Path, host: str = "127.0.0.1", ports: Ports = Ports(), log_path: Path | None = None,
                  timeout_s: float = 300.0):
-        self.repo_dir, self.host, self.ports, self.log_path, self.timeout_s = Path(repo_dir), host, ports, log_path, timeout_s
+        self.repo_dir, self.host, self.ports = Path(repo_dir), host, ports
+        self.log_path, self.timeout_s = log_path, timeout_s
         self.process: subprocess.Popen | None = None
         self._scratch: Path | None = None
 
