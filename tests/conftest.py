@@ -103,3 +103,14 @@ def device() -> torch.device:
 def kernels(monkeypatch):
     """Route the runtime's op calls to the Triton kernels (interpreted on CPU)."""
     monkeypatch.setenv("TRIMODE_KERNELS", "triton")
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_dir(tiny_dir, tmp_path_factory):
+    """A torch engine of the tiny checkpoint (block length 4), built once per run (~2 min on CPU):
+    the repo and serve tests share it."""
+    from trimode.builder import BuildSettings, build_engine
+
+    out = tmp_path_factory.mktemp("engines") / "tiny"
+    build_engine(tiny_dir, out, BuildSettings(max_batch_size=4, max_seq_len=96, max_input_len=16, block_lengths=(4,)))
+    return out

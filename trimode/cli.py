@@ -186,14 +186,34 @@ def _checkpoint_dir(path: Path | None) -> Path:
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past EOS (benchmarks).")
 @click.option("--device", type=DeviceType(), default=None, help="cpu, cuda, cuda:N [default: cuda if present].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, tokens, statistics).")
+@click.option("--url", default=None, help="HOST:PORT of a running `trimode serve`: generate there (its gRPC or "
+                                          "HTTP port, see --protocol) instead of in this process.")
+@click.option("--protocol", type=click.Choice(["grpc", "http"]), default="grpc", show_default=True,
+              help="With --url: the server's protocol.")
+@click.option("--stream", is_flag=True, help="With --url: print the text as the server streams it.")
 def generate(prompts: tuple[str, ...], checkpoint_dir: Path | None, engine_dir: Path | None, mode: str,
              max_new_tokens: int,
              temperature: float, seed: int, block_length: int | None, threshold, prefill_chunk: int | None,
-             ignore_eos: bool, device: str | None, as_json: bool) -> None:
+             ignore_eos: bool, device: str | None, as_json: bool, url: str | None, protocol: str,
+             stream: bool) -> None:
     """Generate from one or more PROMPTS (a batch) in the chosen mode; print text and statistics.
 
     At temperature 0, self-spec emits exactly the AR tokens with fewer forward passes.
+    With --url, each prompt is one request to the server's ensemble for the mode.
     """
+    if url is not None:
+        remote = {"checkpoint": checkpoint_dir, "engine": engine_dir, "prefill-chunk": prefill_chunk,
+                  "device": device, "threshold": threshold == "none" or None}
+        given = [name for name, value in remote.items() if value]
+        if given:
+            raise click.UsageError(f"--url and --{given[0]}: the server fixes that")
+        from trimode.cli_serve import generate_remote
+
+        generate_remote(url, protocol, stream, prompts, mode, max_new_tokens, temperature, seed, block_length,
+                        threshold, ignore_eos, as_json)
+        return
+    if stream:
+        raise click.UsageError("--stream needs --url (a local single prompt streams anyway)")
     from trimode.checkpoint import load_checkpoint
     from trimode.decoding import GenerationSettings, engine_for
     from trimode.tokenizer import IncrementalDetokenizer
@@ -483,3 +503,4 @@ if __name__ == "__main__":  # python -m trimode.cli: run the imported module, wh
     sys.exit(_main())
 
 import trimode.cli_engine  # noqa: E402,F401  (registers build and inspect; it uses the helpers above)
+import trimode.cli_serve  # noqa: E402,F401  (registers repo and serve)

@@ -1,0 +1,176 @@
+"""The real tritonserver on 127.0.0.1 over a repository of the tiny engine (one server per module).
+
+Every ensemble answers over gRPC and HTTP (Triton's generate and generate_stream endpoints) with
+the text local generation gives on the same engine dir (T = 0), self_spec == ar; streams arrive
+in pieces; staggered and mixed-mode requests batch in flight and keep their solo tokens; bad
+requests get clear errors and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from trimode.builder.engine_dir import load_engine
+from trimode.cli import main
+from trimode.decoding import DecodeConfig, SamplingParams
+from trimode.triton_repo import client
+from trimode.triton_repo.client import RemoteError
+from trimode.triton_repo.server import Ports, TritonServer
+from trimode.triton_repo.writer import write_model_repo
+
+PROMPTS = ["def main():\n    ", "import os\n", "class A:", "x = [1, 2", "for i in range(", "print(", "# a", "if x:"]
+MODES = {"ar": "ar", "diffusion": "diffusion", "self_spec": "self-spec"}
+BLOCK = 4  # the engine's block length (the tiny checkpoint's block_size, 8, is not built)
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="module")
+def server(tiny_engine_dir, tmp_path_factory):
+    repo = write_model_repo(tiny_engine_dir, tmp_path_factory.mktemp("serve") / "repo")
+    log = repo.parent / "tritonserver.log"
+    with TritonServer(repo, ports=Ports(*free_ports(3)), log_path=log) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def local(tiny_engine_dir):
+    built = load_engine(tiny_engine_dir)
+
+    def generate(prompt: str, mode: str, max_tokens: int, ignore_eos: bool = False) -> str:
+        engine = built.new_engine()
+        seq = engine.add(built.checkpoint.tokenizer.encode(prompt), SamplingParams(max_tokens, ignore_eos=ignore_eos),
+                         DecodeConfig(MODES[mode], BLOCK))
+        while engine.has_work:
+            engine.step()
+        return built.checkpoint.tokenizer.decode(seq.tokens)
+
+    return generate
+
+
+def url(server, protocol: str) -> str:
+    return f"127.0.0.1:{server.ports.grpc if protocol == 'grpc' else server.ports.http}"
+
+
+def metrics(server) -> dict[str, float]:
+    text = urllib.request.urlopen(server.endpoints["metrics"]).read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith("trimode_")}
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_every_ensemble_equals_local_generation(server, local, mode, protocol):
+    got = client.infer(url(server, protocol), mode, {"text_input": PROMPTS[0], "max_tokens": 16}, protocol)
+    assert got["text"] == local(PROMPTS[0], mode, 16)
+    assert got["num_output_tokens"] >= 1 and got["finish_reason"] in ("eos", "length")
+    assert got["num_forward_passes"] >= 1
+
+
+def test_self_spec_equals_ar(server):
+    for prompt in PROMPTS[:3]:
+        inputs = {"text_input": prompt, "max_tokens": 20, "end_id": -1}
+        ar, spec = (client.infer(url(server, "grpc"), m, inputs) for m in ("ar", "self_spec"))
+        assert spec["text"] == ar["text"] and spec["num_output_tokens"] == ar["num_output_tokens"] == 20
+        assert spec["mean_accepted_length"] >= 1.0 and ar["mean_accepted_length"] == 0.0
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_stream_arrives_in_pieces(server, protocol):
+    inputs = {"text_input": PROMPTS[1], "max_tokens": 24, "end_id": -1}
+    stream = client.stream_grpc if protocol == "grpc" else client.stream_http
+    pieces = list(stream(url(server, protocol), "ar", inputs))
+    whole = client.infer(url(server, protocol), "ar", inputs, protocol)
+    assert len(pieces) >= 10  # one response per committed token (a few may hold back a split character)
+    assert [p["num_output_tokens"] for p in pieces] == list(range(1, 25))
+    assert "".join(p["text"] for p in pieces) == whole["text"]
+    assert [p["finish_reason"] for p in pieces] == [""] * 23 + ["length"]
+
+
+def test_staggered_requests_batch_in_flight(server, local):
+    """8 requests, each sent while others run: all get their solo text, and the pool held several at once."""
+    before = metrics(server).get('trimode_batch_occupancy_max{mode="ar",model="engine"}', 0)
+    results: dict[int, str] = {}
+
+    def send(i: int) -> None:
+        results[i] = client.infer(url(server, "grpc"), "ar", {"text_input": PROMPTS[i], "max_tokens": 40,
+                                                              "end_id": -1})["text"]
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+        time.sleep(0.02)
+    for t in threads:
+        t.join(120)
+    assert {i: results.get(i) for i in range(8)} == {i: local(PROMPTS[i], "ar", 40, ignore_eos=True) for i in range(8)}
+    after = metrics(server)
+    assert after['trimode_batch_occupancy_max{mode="ar",model="engine"}'] > 1
+    assert after['trimode_batch_occupancy_max{mode="ar",model="engine"}'] >= before
+    assert after['trimode_batch_occupancy{mode="all",model="engine"}'] == 0  # idle again: every slot freed
+
+
+def test_all_modes_at_once(server, local):
+    results: dict[tuple, str] = {}
+
+    def send(mode: str, i: int) -> None:
+        protocol = "http" if i % 2 else "grpc"
+        results[mode, i] = client.infer(url(server, protocol), mode, {"text_input": PROMPTS[i], "max_tokens": 12},
+                                        protocol)["text"]
+
+    threads = [threading.Thread(target=send, args=(m, i)) for m in MODES for i in (2, 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results == {(m, i): local(PROMPTS[i], m, 12) for m in MODES for i in (2, 3)}
+    assert metrics(server)['trimode_batch_occupancy_max{mode="all",model="engine"}'] > 1
+
+
+@pytest.mark.parametrize("model, inputs, message", [
+    ("ar", {"max_tokens": 4}, "missing required input(s) ['text_input']"),
+    ("ar", {"text_input": "x", "max_tokens": 0}, "max_tokens: expected an integer >= 1, got 0"),
+    ("ar", {"text_input": "x", "max_tokens": -3}, "max_tokens: expected an integer >= 1, got -3"),
+    ("ar", {"text_input": "x", "max_tokens": 500}, "max_tokens (500)"),
+    ("ar", {"text_input": "x", "max_tokens": "four"}, "non-signed-integer"),
+    ("ar", {"text_input": "", "max_tokens": 4}, "text_input: the prompt is empty"),
+    ("nope", {"text_input": "x", "max_tokens": 4}, "unknown model: 'nope'"),
+    ("ar", {"text_input": "x", "max_tokens": 4, "temperature": float("nan")}, "temperature: expected a finite"),
+    ("ar", {"text_input": "x", "max_tokens": 4, "beam_width": 2}, "beam search is not supported"),
+    ("ar", {"text_input": "x", "max_tokens": 4, "top_p": 0.5}, "top_p=0.5"),
+    ("diffusion", {"text_input": "x", "max_tokens": 4, "block_length": 8}, "built for block lengths 4"),
+    ("ar", {"text_input": "x", "max_tokens": 4, "stop_words": ["def main"]}, "single-token stop words"),
+])
+def test_bad_requests_then_good(server, model, inputs, message):
+    with pytest.raises(RemoteError) as e:
+        client.infer(url(server, "http"), model, inputs, "http")
+    assert message in str(e.value)
+    if "text_input" in inputs and isinstance(inputs["max_tokens"], int):  # the same over gRPC
+        with pytest.raises(RemoteError) as e:
+            client.infer(url(server, "grpc"), model, inputs)
+        assert message in str(e.value)
+    assert client.infer(url(server, "grpc"), "ar", {"text_input": "ok", "max_tokens": 2})["num_output_tokens"] >= 1
+
+
+def test_cli_generate_url(server, runner, local):
+    result = runner.invoke(main, ["generate", "--url", url(server, "grpc"), "--mode", "self-spec",
+                                  "--block-length", "4", "--max-new-tokens", "8", "--json", PROMPTS[0]])
+    assert result.exit_code == 0, result.output
+    import json
+
+    assert json.loads(result.output)["results"][0]["text"] == local(PROMPTS[0], "self_spec", 8)
+    result = runner.invoke(main, ["generate", "--url", url(server, "http"), "--protocol", "http", "--stream",
+                                  "--max-new-tokens", "8", PROMPTS[0]])
+    assert result.exit_code == 0 and result.stdout.startswith(PROMPTS[0] + local(PROMPTS[0], "ar", 8))

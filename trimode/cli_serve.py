@@ -1,0 +1,138 @@
+"""`trimode repo` and `trimode serve`: the Triton model repository stage and its server.
+Registered on cli.main at the end of this module (cli.py imports it last)."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import click
+
+from trimode.cli import _echo_json, main
+from trimode.errors import Interrupted
+
+MODES = ("ar", "diffusion", "self-spec")
+
+
+class ModeList(click.ParamType):
+    """Comma-separated modes, e.g. ar,self-spec."""
+    name = "MODE[,MODE...]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        modes = tuple(m.strip() for m in str(value).split(","))
+        bad = [m for m in modes if m not in MODES]
+        if bad or len(set(modes)) != len(modes):
+            self.fail(f"{value!r}: expected distinct modes among {', '.join(MODES)}", param, ctx)
+        return modes
+
+
+@click.command()
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="The model repository to write.")
+@click.option("--prefix", default="", help="Prepended to every model name (nld_ -> nld_ar, nld_engine, ...).")
+@click.option("--modes", type=ModeList(), default=",".join(MODES), show_default=True, help="One ensemble per mode.")
+@click.option("--max-batch-size", type=click.IntRange(1, 1 << 20), default=None,
+              help="Triton's max_batch_size of every model [default: the engine's].")
+@click.option("--instances", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="Pre- and post-processing instances (the engine model is one: one KV pool).")
+@click.option("--max-queue-delay-us", type=click.IntRange(0, 1 << 30), default=0, show_default=True,
+              help="The engine model's dynamic batcher delay.")
+@click.option("--max-queued-requests", type=click.IntRange(1, 1 << 20), default=None,
+              help="Requests waiting for a slot before new ones get 'overloaded' [default: 8 x the engine's slots].")
+@click.option("--force", is_flag=True, help="Replace a previous repo output (never another folder).")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def repo(engine_dir: Path, out_dir: Path, prefix: str, modes: tuple[str, ...], max_batch_size: int | None,
+         instances: int, max_queue_delay_us: int, max_queued_requests: int | None, force: bool, as_json: bool) -> None:
+    """Write a Triton model repository serving ENGINE_DIR (trimode build): one engine model that
+    batches requests of every mode in flight, tokenizer pre- and post-processing, and one ensemble
+    per mode (ar, diffusion, self_spec) with TensorRT-LLM's ensemble tensors. Serve it with
+    `trimode serve REPO`."""
+    from trimode.triton_repo.settings import RepoSettings
+    from trimode.triton_repo.writer import read_repo_manifest, write_model_repo
+
+    settings = RepoSettings(prefix=prefix, modes=modes, max_batch_size=max_batch_size, instances=instances,
+                            max_queue_delay_us=max_queue_delay_us, max_queued_requests=max_queued_requests)
+    path = write_model_repo(engine_dir, out_dir, settings, force)
+    manifest = read_repo_manifest(path)
+    if as_json:
+        _echo_json(manifest)
+        return
+    click.echo(f"wrote {path}: ensembles {', '.join(manifest['ensembles'].values())} over {manifest['engine']['path']}")
+
+
+@click.command()
+@click.argument("repo_dir", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True)
+def serve(repo_dir: Path, host: str, http_port: int, grpc_port: int, metrics_port: int) -> None:
+    """Start tritonserver on REPO_DIR (trimode repo) and wait until every model is ready; print the
+    endpoints, then serve until Ctrl-C or SIGTERM, which stop the server cleanly. Uses the
+    tritonserver on PATH, else the one in the nvidia-pytriton wheel (CPU machines)."""
+    from trimode.triton_repo.server import Ports, TritonServer
+    from trimode.triton_repo.writer import read_repo_manifest
+
+    manifest = read_repo_manifest(repo_dir)
+    if len({http_port, grpc_port, metrics_port}) != 3:
+        raise click.BadParameter("the HTTP, gRPC and metrics ports must differ", param_hint="'--*-port'")
+
+    def on_sigterm(signum, frame):
+        raise Interrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    server = TritonServer(repo_dir, host, Ports(http_port, grpc_port, metrics_port))
+    try:
+        server.start()
+        endpoints = server.endpoints
+        click.echo(f"serving {', '.join(manifest['ensembles'].values())}: HTTP {endpoints['http']}, "
+                   f"gRPC {endpoints['grpc']}, metrics {endpoints['metrics']}", err=True)
+        while server.process.poll() is None:
+            time.sleep(0.5)
+        raise click.ClickException(f"tritonserver exited with status {server.process.returncode}")
+    finally:
+        server.stop()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def generate_remote(url: str, protocol: str, stream: bool, prompts: tuple[str, ...], mode: str, max_new_tokens: int,
+                    temperature: float, seed: int, block_length: int | None, threshold: float | None,
+                    ignore_eos: bool, as_json: bool) -> None:
+    """`trimode generate --url`: one request per prompt to the mode's ensemble."""
+    from trimode.triton_repo import client
+
+    model = client.model_name(mode)
+    inputs = {"max_tokens": max_new_tokens, "temperature": temperature, "random_seed": seed}
+    inputs |= {"block_length": block_length} if block_length is not None else {}
+    inputs |= {"threshold": threshold} if threshold is not None else {}
+    inputs |= {"end_id": -1} if ignore_eos else {}
+    results = []
+    for prompt in prompts:
+        request = {"text_input": prompt, **inputs}
+        if stream and not as_json:
+            click.echo(prompt, nl=False)
+            chunks = client.stream_grpc(url, model, request) if protocol == "grpc" else \
+                client.stream_http(url, model, request)
+            text = ""
+            for last in chunks:
+                click.echo(last["text"], nl=False)
+                text += last["text"]
+            click.echo()
+            result = {**last, "text": text}
+        else:
+            result = client.infer(url, model, request, protocol)
+            if not as_json:
+                click.echo(prompt + result["text"])
+        results.append({"prompt": prompt, **result})
+        if not as_json:
+            click.echo(f"{model}: {result['num_output_tokens']} tokens, {result['num_forward_passes']} passes, "
+                       f"finish={result['finish_reason']}", err=True)
+    if as_json:
+        _echo_json({"mode": mode, "url": url, "protocol": protocol, "results": results})
+
+
+main.add_command(repo)
+main.add_command(serve)

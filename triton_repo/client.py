@@ -1,0 +1,118 @@
+"""Generate through a running server with tritonclient: one ensemble per mode, gRPC or HTTP,
+whole text or streamed. What `trimode generate --url` and the serving tests call."""
+
+from __future__ import annotations
+
+import json
+import queue
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from trimode.errors import MissingDependencyError, TrimodeError
+from trimode.passes import Mode
+from trimode.triton_repo.tensors import ENSEMBLE_INPUTS
+
+# Triton type -> numpy dtype, for every ensemble input (tensors.py)
+_NUMPY = {"STRING": np.object_, "INT32": np.int32, "UINT64": np.uint64, "FP32": np.float32, "BOOL": bool}
+_TYPES = {t.name: t.dtype for t in ENSEMBLE_INPUTS}
+_STATS = ("num_input_tokens", "num_output_tokens", "num_forward_passes", "mean_accepted_length", "finish_reason")
+
+
+class RemoteError(TrimodeError):
+    """The server answered with an error (its message is the server's)."""
+
+
+def model_name(mode: Mode | str, prefix: str = "") -> str:
+    return prefix + Mode(mode).value.replace("-", "_")
+
+
+def _inputs(module, inputs: dict) -> list:
+    out = []
+    for name, value in inputs.items():
+        values = value if isinstance(value, (list, tuple)) else [value]  # stop_words: several
+        array = np.array([[v.encode() if isinstance(v, str) else v for v in values]], dtype=_NUMPY[_TYPES[name]])
+        tensor = module.InferInput(name, list(array.shape), "BYTES" if _TYPES[name] == "STRING" else _TYPES[name])
+        tensor.set_data_from_numpy(array)
+        out.append(tensor)
+    return out
+
+
+def _result(get: Callable[[str], object]) -> dict:
+    """One response's text and statistics (plain Python values)."""
+    out = {"text": _scalar(get("text_output"))}
+    for name in _STATS:
+        out[name] = _scalar(get(name))
+    return out
+
+
+def _scalar(array):
+    v = np.asarray(array).reshape(-1)[0]
+    return v.decode() if isinstance(v, bytes) else v.item()
+
+
+def stream_grpc(url: str, model: str, inputs: dict, timeout_s: float = 300.0) -> Iterator[dict]:
+    """Responses of one request over gRPC's streaming RPC, as they arrive; the last has a
+    finish_reason. inputs["stream"] false: one response. (An ensemble over a decoupled model
+    answers only the streaming RPC: Triton refuses plain ModelInfer for it.)"""
+    try:
+        import tritonclient.grpc as grpcclient
+    except ImportError:
+        raise MissingDependencyError("tritonclient", "serve") from None
+    responses: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    try:
+        client.async_stream_infer(model, _inputs(grpcclient, {"stream": True, **inputs}))
+        while True:
+            result, error = responses.get(timeout=timeout_s)
+            if error is not None:
+                raise RemoteError(f"{model}: {error.message()}")
+            out = _result(result.as_numpy)
+            yield out
+            if out["finish_reason"]:
+                return
+    finally:
+        client.stop_stream(cancel_requests=True)  # a consumer that stops early cancels the request
+        client.close()
+
+
+def infer(url: str, model: str, inputs: dict, protocol: str = "grpc") -> dict:
+    """One whole response: gRPC's streaming RPC with stream false, or Triton's HTTP generate endpoint."""
+    if protocol == "grpc":
+        return list(stream_grpc(url, model, {**inputs, "stream": False}))[-1]
+    body = json.dumps(inputs).encode()
+    request = urllib.request.Request(f"http://{url}/v2/models/{model}/generate", data=body,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request) as response:
+            event = json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        raise RemoteError(f"{model}: {_error_of(e)}") from None
+    return {"text": event["text_output"], **{k: event[k] for k in _STATS}}
+
+
+def _error_of(e: urllib.error.HTTPError) -> str:
+    try:
+        return json.loads(e.read()).get("error", e.reason)
+    except ValueError:
+        return str(e.reason)
+
+
+def stream_http(url: str, model: str, inputs: dict, timeout_s: float = 300.0) -> Iterator[dict]:
+    """Triton's HTTP generate_stream endpoint (server-sent events), one dict per event."""
+    body = json.dumps({**inputs, "stream": True}).encode()
+    request = urllib.request.Request(f"http://{url}/v2/models/{model}/generate_stream", data=body,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            for line in response:
+                if line.startswith(b"data: "):
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        raise RemoteError(f"{model}: {event['error']}")
+                    yield {"text": event["text_output"], **{k: event[k] for k in _STATS}}
+    except urllib.error.HTTPError as e:
+        raise RemoteError(f"{model}: {_error_of(e)}") from None

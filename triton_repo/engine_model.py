@@ -1,0 +1,78 @@
+"""The engine model (python backend, decoupled): loads the engine dir once and serves every mode.
+
+execute() parses each request (request.py) and hands it to the EngineLoop (loop.py), which
+batches requests of all modes in flight and answers through each request's response sender.
+Bad input and "overloaded" are answered at once with an error response; nothing else blocks.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import triton_python_backend_utils as pb_utils
+
+from trimode.errors import EngineError, TrimodeError
+from trimode.triton_repo.loop import EngineLoop, Job, Overloaded
+from trimode.triton_repo.metrics import TritonMetrics
+from trimode.triton_repo.request import parse_request
+from trimode.triton_repo.tensors import ENGINE_INPUTS
+
+
+class TritonSink:
+    def __init__(self, request):
+        self._sender = request.get_response_sender()
+
+    def send(self, outputs, final: bool) -> None:
+        response = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in outputs.items()])
+        self._sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
+
+    def fail(self, message: str) -> None:
+        self._sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
+                          flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def close(self) -> None:
+        try:
+            self._sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception:  # noqa: BLE001 (a cancelled request may refuse even the final flag; nothing is owed)
+            pass
+
+    def is_cancelled(self) -> bool:
+        return self._sender.is_cancelled()
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        from trimode.builder.engine_dir import load_engine
+
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        engine_dir = Path(params["engine_dir"])
+        self.built = load_engine(engine_dir)  # checks the files and re-runs the self-test
+        if self.built.manifest["digest_sha256"] != params.get("engine_digest", self.built.manifest["digest_sha256"]):
+            raise EngineError(f"{engine_dir} was rebuilt after this repository was written; rerun `trimode repo`")
+        spec, lengths = self.built.checkpoint.spec, self.built.block_lengths
+        self.vocab_size = spec.vocab_size
+        # the checkpoint's block_size when the engine runs it, else the first length it was built for
+        self.default_block_length = spec.block_size if spec.block_size in lengths else lengths[0]
+        self.metrics = TritonMetrics(config["name"])
+        self.loop = EngineLoop(self.built.new_engine(), int(params["max_queued_requests"]), self.metrics)
+
+    def execute(self, requests):
+        for request in requests:
+            sink = TritonSink(request)
+            arrays = {t.name: pb_utils.get_input_tensor_by_name(request, t.name) for t in ENGINE_INPUTS}
+            try:
+                parsed = parse_request(lambda name: None if arrays[name] is None else arrays[name].as_numpy(),
+                                       self.vocab_size, self.default_block_length)
+                self.loop.submit(Job(parsed, sink))
+            except Overloaded as e:
+                self.metrics.rejected("overloaded")
+                sink.fail(str(e))
+            except TrimodeError as e:
+                self.metrics.rejected("invalid")
+                sink.fail(str(e))
+        return None  # decoupled: the responses go through each request's sender
+
+    def finalize(self) -> None:
+        self.loop.stop()

@@ -1,0 +1,69 @@
+"""Every tensor of the repository, named once: the ensembles' external interface and the models' own.
+
+The ensembles take and return TensorRT-LLM's ensemble tensors (same names, same types), so
+clients and tools written for a TensorRT-LLM Triton deployment call ours unchanged; `block_length`
+and `threshold` are ours. Inputs of theirs that we cannot honour (beam_width > 1, top_p < 1,
+bad_words, log probs, ...) are accepted by the schema and refused by the engine model with an
+error (request.py), never silently ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    dtype: str                    # Triton's type without TYPE_: STRING, INT32, UINT64, FP32, BOOL
+    dims: tuple[int, ...] = (1,)  # without the batch dimension (every model has max_batch_size > 0)
+    optional: bool = False
+
+
+def _opt(name: str, dtype: str, dims: tuple[int, ...] = (1,)) -> Tensor:
+    return Tensor(name, dtype, dims, optional=True)
+
+
+# Sampling and output inputs the ensemble hands straight to the engine model.
+ENGINE_PASS_THROUGH = (
+    _opt("end_id", "INT32"), _opt("pad_id", "INT32"), _opt("top_k", "INT32"), _opt("top_p", "FP32"),
+    _opt("temperature", "FP32"), _opt("length_penalty", "FP32"), _opt("repetition_penalty", "FP32"),
+    _opt("min_length", "INT32"), _opt("presence_penalty", "FP32"), _opt("frequency_penalty", "FP32"),
+    _opt("random_seed", "UINT64"), _opt("return_log_probs", "BOOL"), _opt("return_context_logits", "BOOL"),
+    _opt("return_generation_logits", "BOOL"), _opt("beam_width", "INT32"), _opt("num_return_sequences", "INT32"),
+    _opt("stream", "BOOL"), _opt("exclude_input_in_output", "BOOL"),
+    _opt("block_length", "INT32"), _opt("threshold", "FP32"),                  # ours
+)
+
+ENSEMBLE_INPUTS = (
+    Tensor("text_input", "STRING", (-1,)), Tensor("max_tokens", "INT32"),
+    _opt("bad_words", "STRING", (-1,)), _opt("stop_words", "STRING", (-1,)),
+    *ENGINE_PASS_THROUGH,
+)
+
+# Per-request statistics, produced by the engine model and passed on by postprocessing.
+STATISTICS = (
+    Tensor("num_input_tokens", "INT32"), Tensor("num_output_tokens", "INT32"),
+    Tensor("num_forward_passes", "INT32"), Tensor("mean_accepted_length", "FP32"),
+    Tensor("finish_reason", "STRING"),
+)
+
+ENSEMBLE_OUTPUTS = (Tensor("text_output", "STRING", (-1,)), *STATISTICS)
+
+PREPROCESSING_INPUTS = (Tensor("text_input", "STRING", (-1,)), _opt("bad_words", "STRING", (-1,)),
+                        _opt("stop_words", "STRING", (-1,)))
+PREPROCESSING_OUTPUTS = (Tensor("input_ids", "INT32", (-1,)), Tensor("stop_ids", "INT32", (-1,)),
+                         Tensor("mode", "STRING"))
+
+ENGINE_INPUTS = (Tensor("input_ids", "INT32", (-1,)), Tensor("stop_ids", "INT32", (-1,)), Tensor("mode", "STRING"),
+                 Tensor("max_tokens", "INT32"), *ENGINE_PASS_THROUGH)
+# output_ids: the tokens of this response with up to WINDOW earlier ones in front (prefix_length of
+# them), so postprocessing, which keeps no state, can cut exactly the new text (text.py).
+# (With exclude_input_in_output = false the final output_ids start with the prompt's, as TensorRT-LLM's
+# do: postprocessing may read only the engine's tensors, since Triton refuses a step that mixes
+# tensors of a decoupled model with others.)
+ENGINE_OUTPUTS = (Tensor("output_ids", "INT32", (-1,)), Tensor("prefix_length", "INT32"),
+                  Tensor("is_final", "BOOL"), *STATISTICS)
+
+POSTPROCESSING_INPUTS = ENGINE_OUTPUTS
+POSTPROCESSING_OUTPUTS = tuple(Tensor(f"out_{t.name}", t.dtype, t.dims) for t in ENSEMBLE_OUTPUTS)

@@ -1,0 +1,103 @@
+"""The repo stage: an engine dir in, a Triton model repository out (design.md, issue 13).
+
+    REPO/
+      manifest.json                  stage "repo": the engine dir it serves (path + digest), settings, models
+      <prefix>engine/                config.pbtxt + 1/model.py (python backend, decoupled)
+      <prefix>preprocessing_<mode>/  config.pbtxt + 1/model.py, one per mode
+      <prefix>postprocessing/        config.pbtxt + 1/model.py
+      <prefix><mode>/                config.pbtxt + 1/ (ensemble), one per mode
+
+The model.py files import their code from the installed trimode package, so the server's python
+(PATH, notes/stack.md) must be the one trimode is installed in. The repository names the engine
+dir by absolute path and its manifest digest; the engine model refuses an engine dir rebuilt since.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from trimode import __version__
+from trimode.errors import EngineError
+from trimode.passes import Mode, PassKind
+from trimode.stage_output import check_output, stage_output, write_manifest
+from trimode.triton_repo.settings import RepoSettings
+
+STAGE = "repo"
+FORMAT = 1
+# The passes each mode runs on a built engine (the engine must hold their programs).
+_NEEDS = {Mode.AR: {PassKind.PREFILL, PassKind.DECODE}, Mode.DIFFUSION: {PassKind.PREFILL, PassKind.DENOISE},
+          Mode.SELF_SPEC: {PassKind.PREFILL, PassKind.DRAFT, PassKind.VERIFY}}
+_SHIM = '''"""{what} (written by `trimode repo`): the code is trimode.triton_repo.{module}, in the installed package."""
+from trimode.triton_repo.{module} import TritonPythonModel  # noqa: F401
+'''
+
+
+def write_model_repo(engine_dir: Path, out_dir: Path, settings: RepoSettings = RepoSettings(),
+                     force: bool = False) -> Path:
+    """-> out_dir, holding one ensemble per mode of settings.modes over the engine dir."""
+    from google.protobuf import text_format
+
+    from trimode.builder.manifest import read_manifest
+    from trimode.triton_repo.configs import (Names, engine_config, ensemble_config, postprocessing_config,
+                                             preprocessing_config)
+    from trimode.triton_repo.wiring import check_wiring
+
+    engine_dir, out_dir = Path(engine_dir).resolve(), Path(out_dir)
+    check_output(out_dir, STAGE, [engine_dir], force)
+    manifest = read_manifest(engine_dir)
+    engine_settings = manifest["settings"]
+    if engine_settings.get("onnx_only"):
+        raise EngineError(f"{engine_dir}: built with --onnx-only, it runs nothing; build a runnable engine")
+    programs = {PassKind(p["kind"]) for p in manifest["programs"]}
+    for mode in settings.modes:
+        missing = _NEEDS[mode] - programs
+        if missing:
+            raise EngineError(f"{engine_dir}: no {', '.join(sorted(k.value for k in missing))} program, so it "
+                              f"cannot serve {mode.value}; rebuild it or leave {mode.value} out of --modes")
+    max_batch_size = settings.max_batch_size or engine_settings["max_batch_size"]
+    max_queued = settings.max_queued_requests or 8 * engine_settings["max_batch_size"]
+    names = Names(settings.prefix)
+    configs = {names.engine: engine_config(names, settings, max_batch_size, str(engine_dir), manifest["digest_sha256"],
+                                           max_queued),
+               names.postprocessing: postprocessing_config(names, settings, max_batch_size, str(engine_dir))}
+    for mode in settings.modes:
+        configs[names.preprocessing(mode)] = preprocessing_config(names, mode, settings, max_batch_size,
+                                                                  str(engine_dir))
+        configs[names.ensemble(mode)] = ensemble_config(names, mode, max_batch_size)
+    check_wiring(configs)  # before anything is written
+    modules = {names.engine: "engine_model", names.postprocessing: "postprocessing_model",
+               **{names.preprocessing(m): "preprocessing_model" for m in settings.modes}}
+    with stage_output(out_dir, STAGE, [engine_dir], force) as tmp:
+        for name, config in configs.items():
+            (tmp / name / "1").mkdir(parents=True)
+            (tmp / name / "config.pbtxt").write_text(text_format.MessageToString(config))
+            module = modules.get(name)
+            if module:  # a python model (an ensemble is its config and an empty version folder)
+                (tmp / name / "1" / "model.py").write_text(_SHIM.format(what=f"Triton model {name}", module=module))
+        write_manifest(tmp, {
+            "stage": STAGE, "format": FORMAT, "tool": f"trimode {__version__}",
+            "engine": {"path": str(engine_dir), "digest_sha256": manifest["digest_sha256"],
+                       "backend": engine_settings["backend"], "device": manifest["device"]["type"],
+                       "max_batch_size": engine_settings["max_batch_size"],
+                       "max_seq_len": engine_settings["max_seq_len"],
+                       "block_lengths": engine_settings["block_lengths"]},
+            "settings": {"prefix": settings.prefix, "modes": [m.value for m in settings.modes],
+                         "max_batch_size": max_batch_size, "instances": settings.instances,
+                         "max_queue_delay_us": settings.max_queue_delay_us, "max_queued_requests": max_queued},
+            "ensembles": {m.value: names.ensemble(m) for m in settings.modes},
+            "models": {name: config.platform or config.backend for name, config in sorted(configs.items())},
+        })
+    return out_dir
+
+
+def read_repo_manifest(repo_dir: Path) -> dict:
+    path = Path(repo_dir) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        manifest = None
+    if not isinstance(manifest, dict) or manifest.get("stage") != STAGE:
+        raise EngineError(f"{repo_dir}: not a model repository written by `trimode repo` (no repo manifest.json)")
+    return manifest
+
