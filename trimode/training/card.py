@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 from pathlib import Path
 
@@ -84,6 +85,17 @@ def _adapter_line(draft_log: dict | None) -> str:
             f"alpha={draft_log['alpha']:g}), used only by self-speculation's draft pass.")
 
 
+def _previous_runs(draft_log: dict) -> str:
+    runs = draft_log.get("previous", [])
+    if not runs:
+        return ""
+    done = "; ".join(f"{r['settings']['steps']} steps at lr {r['settings']['lr']} ({r['wall_time_s'] / 60:.1f} min, "
+                     f"{r['num_threads']} threads; held-out accepted at block 8 "
+                     f"{r['held_out_acceptance']['before'].get('8')} -> {r['held_out_acceptance']['after'].get('8')})"
+                     for r in runs if r.get("held_out_acceptance"))
+    return f"\nIt continued an adapter trained before by `train-draft` ({done})."
+
+
 def _draft_section(draft_log: dict | None, report: dict) -> str:
     """How the draft adapter was trained (`trimode train-draft`) and what it changed."""
     if draft_log is None:
@@ -101,7 +113,7 @@ length(s) {', '.join(map(str, s['block_lengths']))}, up to {s['draft_tokens']} d
 of the draft against the greedy tokens, weighted "{s['weighting']}" (accept: every position up to and
 including the first wrong draft, as the acceptance rule rewards it). Base weights frozen;
 {draft_log['num_trainable_params']:,} LoRA parameters; AdamW peak lr {s['lr']}, {s['warmup']} warm-up steps, cosine to 10%,
-seed {s['seed']}, fp32, {draft_log['num_threads']} threads: {draft_log['wall_time_s'] / 60:.1f} min.
+seed {s['seed']}, fp32, {draft_log['num_threads']} threads: {draft_log['wall_time_s'] / 60:.1f} min.{_previous_runs(draft_log)}
 Mean of the first and last {n} steps: loss {first['loss']:.3f} -> {last['loss']:.3f}, accepted length of the
 training blocks {first['accepted']:.2f} -> {last['accepted']:.2f}. The "no adapter" columns above are the same
 checkpoint loaded without `linear_spec_lora/`, in the same run."""
@@ -132,7 +144,8 @@ def main(checkpoint_dir: Path, num_prompts: int) -> None:
     report = evaluate(ck, EvalSettings(num_prompts=num_prompts), against,
                       progress=lambda n: click.echo(f"... {n}", err=True))
     report["date"] = datetime.date.today().isoformat()
-    machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    machine = (f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+               f"load average {os.getloadavg()[0]:.1f} at the end")  # tokens/s means little under load
     log = json.loads((checkpoint_dir / "training_log.json").read_text())
     spec = json.loads((checkpoint_dir / "config.json").read_text())
     (checkpoint_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -157,6 +157,19 @@ def starting_adapter(ck: Checkpoint, settings: DraftSettings, generator: torch.G
     return StartingPoint(init_factors(ck.model, rank, generator), rank, settings.alpha or 2.0 * rank, False)
 
 
+def previous_runs(checkpoint_dir: Path) -> list[dict]:
+    """The logs of the runs a continued adapter already went through, oldest first (without their
+    per-step history), so the last log tells the adapter's whole training."""
+    import json
+
+    path = checkpoint_dir / ADAPTER_DIR / "training_log.json"
+    try:
+        log = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    return [*log.get("previous", []), {k: v for k, v in log.items() if k not in ("history", "previous")}]
+
+
 def validation_prompts(ck: Checkpoint, stream: torch.Tensor, settings: DraftSettings) -> tuple[torch.Tensor, list]:
     """-> (the training stream, held-out prompts for the acceptance estimate). Default data: windows of
     the held-out modules placed between `trimode eval`'s prompts (so tuning never sees those);
@@ -235,7 +248,8 @@ def train_draft(checkpoint_dir: Path, out_dir: Path, settings: DraftSettings = D
                  "base_checkpoint": str(checkpoint_dir), "source": source, "num_train_tokens": len(stream),
                  "rank": start.rank, "alpha": start.alpha, "continued": start.is_continued,
                  "num_trainable_params": sum(p.numel() for p in params), "python": platform.python_version(),
-                 "torch": torch.__version__, "num_threads": torch.get_num_threads(), "history": []}
+                 "torch": torch.__version__, "num_threads": torch.get_num_threads(), "history": [],
+                 "previous": previous_runs(ck.checkpoint_dir) if start.is_continued else []}
     pool = TargetPool(model, stream, settings, generator)
     bar = _progress(settings.steps, progress)
     began = time.perf_counter()
