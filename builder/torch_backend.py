@@ -16,6 +16,7 @@ attention of program.py) and every engine is checked against the eager model whe
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -60,13 +61,15 @@ def build(model: NLDModel, shapes: list[PassShape], out_dir: Path, settings: Bui
         began = time.perf_counter()
         program = PassProgram(model, shape.kind).eval()
         args = example_inputs(model, shape, pool)
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # torch 2.13's own pytree deprecation, printed once per program: noise on a build's stderr
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
             exported = torch.export.export(program, args,
                                            dynamic_shapes=dynamic_shapes(shape, settings, len(args) - 5),
                                            strict=False)
-        path = out_dir / PROGRAM_DIR / f"{shape.name}.pt2"
-        inductor.aoti_compile_and_package(exported, package_path=str(path),
-                                          inductor_configs={"aot_inductor.package_constants_in_so": False})
+            path = out_dir / PROGRAM_DIR / f"{shape.name}.pt2"
+            inductor.aoti_compile_and_package(exported, package_path=str(path),
+                                              inductor_configs={"aot_inductor.package_constants_in_so": False})
         files.append(path.relative_to(out_dir).as_posix())
         seconds[shape.name] = round(time.perf_counter() - began, 1)
         on_program(shape)
