@@ -2,7 +2,9 @@
 
 It is also how a client's cancel reaches the engine through an ensemble (engine_model.py): a step
 request of a cancelled ensemble request reports is_cancelled(), and this model then asks the
-engine model to abort that sequence (once per sequence) instead of rendering text nobody reads.
+engine model to abort that sequence (once per sequence). It still answers as usual: an error
+answer there left the ensemble request in flight for ever (tritonserver then waited its full exit
+timeout on SIGTERM), while a normal one lets Triton finish and drop it.
 """
 
 from __future__ import annotations
@@ -34,8 +36,7 @@ class TritonPythonModel:
     def _one(self, request):
         get = lambda name: pb_utils.get_input_tensor_by_name(request, name).as_numpy()  # noqa: E731
         if request.is_cancelled():
-            self._cancel(int(get("sequence_id").reshape(-1)[0]))
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError("cancelled", pb_utils.TritonError.CANCELLED))
+            self._cancel(int(get("sequence_id").reshape(-1)[0]))  # and answer as usual: Triton drops it
         ids = [int(t) for t in get("output_ids").reshape(-1)]
         text = new_text(self.tokenizer.decode, ids, int(get("prefix_length").reshape(-1)[0]),
                         bool(get("is_final").reshape(-1)[0]))
