@@ -174,3 +174,50 @@ def test_cli_generate_url(server, runner, local):
     result = runner.invoke(main, ["generate", "--url", url(server, "http"), "--protocol", "http", "--stream",
                                   "--max-new-tokens", "8", PROMPTS[0]])
     assert result.exit_code == 0 and result.stdout.startswith(PROMPTS[0] + local(PROMPTS[0], "ar", 8))
+
+
+def test_metrics_match_the_responses_statistics(server):
+    """Per mode: requests, tokens, forward passes and (self-spec) accepted tokens per cycle, as scraped."""
+    key = lambda family, mode: f'{family}{{mode="{mode}",model="engine"}}'  # noqa: E731
+    for name, mode in MODES.items():
+        before = metrics(server)
+        got = [client.infer(url(server, "grpc"), name, {"text_input": p, "max_tokens": 10}) for p in PROMPTS[5:7]]
+        after = metrics(server)
+        delta = lambda family: after.get(key(family, mode), 0) - before.get(key(family, mode), 0)  # noqa: E731
+        assert delta("trimode_requests_total") == 2
+        assert delta("trimode_generated_tokens_total") == sum(g["num_output_tokens"] for g in got)
+        assert delta("trimode_forward_passes_total") == sum(g["num_forward_passes"] for g in got)
+        cycles = delta("trimode_speculation_cycles_total")
+        if name == "self_spec":  # the responses' mean over both requests' cycles, weighted by cycles
+            assert cycles >= 2
+            assert delta("trimode_accepted_tokens_total") / cycles == pytest.approx(
+                sum(g["mean_accepted_length"] for g in got) / 2, rel=0.5)
+            one = client.infer(url(server, "grpc"), name, {"text_input": PROMPTS[7], "max_tokens": 10})
+            last = metrics(server)
+            accepted = last[key("trimode_accepted_tokens_total", mode)] - after[key("trimode_accepted_tokens_total",
+                                                                                     mode)]
+            cycles = last[key("trimode_speculation_cycles_total", mode)] - after[key("trimode_speculation_cycles_total",
+                                                                                     mode)]
+            assert accepted / cycles == pytest.approx(one["mean_accepted_length"], rel=1e-5)
+        else:
+            assert cycles == 0 and delta("trimode_accepted_tokens_total") == 0
+
+
+def test_client_that_disconnects_mid_stream_frees_its_slot(server):
+    """The stream is cancelled after its first token: the engine aborts the request (Triton 2.51 does
+    not pass an ensemble's cancel to the running step: postprocessing relays it) and the slot is free."""
+    finished = 'trimode_requests_finished_total{mode="ar",model="engine",reason="abort"}'
+    tokens = 'trimode_generated_tokens_total{mode="ar",model="engine"}'
+    before = metrics(server)
+    stream = client.stream_grpc(url(server, "grpc"), "ar", {"text_input": PROMPTS[4], "max_tokens": 70, "end_id": -1})
+    assert next(stream)["num_output_tokens"] == 1
+    stream.close()  # stop_stream(cancel_requests=True), as a client that goes away
+    deadline = time.monotonic() + 30
+    while metrics(server).get(finished, 0) == before.get(finished, 0) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    after = metrics(server)
+    assert after.get(finished, 0) == before.get(finished, 0) + 1
+    assert after[tokens] - before.get(tokens, 0) < 70  # stopped early, not run to max_tokens
+    assert after['trimode_batch_occupancy{mode="all",model="engine"}'] == 0
+    assert client.infer(url(server, "grpc"), "ar", {"text_input": "ok", "max_tokens": 3, "end_id": -1})[
+        "num_output_tokens"] == 3

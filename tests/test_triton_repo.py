@@ -100,8 +100,8 @@ def test_prefix_modes_and_settings(tiny_engine_dir, tmp_path):
 
 def _break(config, how: str):
     step = config.ensemble_scheduling.step
-    if how == "unfed":
-        del step[1].input_map["max_tokens"]
+    if how == "unfed":  # (the engine's inputs are optional there: a cancel control request sends none)
+        del step[2].input_map["prefix_length"]
     elif how == "unknown model":
         step[2].model_name = "nope"
     elif how == "unproduced":
@@ -113,7 +113,7 @@ def _break(config, how: str):
 
 
 @pytest.mark.parametrize("how, message", [
-    ("unfed", "required input 'max_tokens' is not fed"),
+    ("unfed", "required input 'prefix_length' is not fed"),
     ("unknown model", "no such model"),
     ("unproduced", "nothing produced before"),
     ("type", "input 'max_tokens' is 8[1], 'max_tokens' is 11[1]"),

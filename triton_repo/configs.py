@@ -82,7 +82,7 @@ def preprocessing_config(names: Names, mode: Mode, settings: RepoSettings, max_b
 
 def postprocessing_config(names: Names, settings: RepoSettings, max_batch_size: int, engine_dir: str) -> object:
     return _python_model(names.postprocessing, max_batch_size, T.POSTPROCESSING_INPUTS, T.POSTPROCESSING_OUTPUTS,
-                         settings.instances, {"engine_dir": engine_dir})
+                         settings.instances, {"engine_dir": engine_dir, "engine_model": names.engine})
 
 
 def ensemble_config(names: Names, mode: Mode, max_batch_size: int) -> object:
@@ -94,7 +94,7 @@ def ensemble_config(names: Names, mode: Mode, max_batch_size: int) -> object:
                input_map={t.name: t.name for t in T.PREPROCESSING_INPUTS},
                output_map={t.name: internal(t.name) for t in T.PREPROCESSING_OUTPUTS})
     engine_inputs = {t.name: internal(t.name) for t in T.PREPROCESSING_OUTPUTS}
-    engine_inputs |= {t.name: t.name for t in T.ENGINE_INPUTS if t.name not in engine_inputs}
+    engine_inputs |= {t.name: t.name for t in T.ENGINE_STEP_INPUTS if t.name not in engine_inputs}
     engine = Step(model_name=names.engine, model_version=-1, input_map=engine_inputs,
                   output_map={t.name: internal(t.name) for t in T.ENGINE_OUTPUTS})
     post = Step(model_name=names.postprocessing, model_version=-1,

@@ -3,6 +3,16 @@
 execute() parses each request (request.py) and hands it to the EngineLoop (loop.py), which
 batches requests of all modes in flight and answers through each request's response sender.
 Bad input and "overloaded" are answered at once with an error response; nothing else blocks.
+
+Cancellation. A client that cancels (gRPC: it closes its stream) must free its slot at once. A
+request sent to this model directly reports it through its response sender. Through an ensemble
+it does not: Triton 2.51 marks the ensemble's request cancelled and checks it only between steps,
+so the engine step already running never hears of it (measured: `is_cancelled()` stays false and
+`send` keeps succeeding until max_tokens; the python backend of 2.51 has no BLS cancel either).
+The requests Triton makes for the later steps do carry the flag, so postprocessing, which runs on
+every streamed response, sees it and sends this model a control request holding only
+`cancel_sequence_id`; the loop aborts that sequence at the next step boundary. A non-streamed
+request has no later step before its end, so a client that leaves it runs it to the end.
 """
 
 from __future__ import annotations
@@ -61,6 +71,11 @@ class TritonPythonModel:
     def execute(self, requests):
         for request in requests:
             sink = TritonSink(request)
+            cancel = pb_utils.get_input_tensor_by_name(request, "cancel_sequence_id")
+            if cancel is not None:  # a control request (module doc): nothing to generate
+                self.loop.cancel(int(cancel.as_numpy().reshape(-1)[0]))
+                sink.close()
+                continue
             arrays = {t.name: pb_utils.get_input_tensor_by_name(request, t.name) for t in ENGINE_INPUTS}
             try:
                 parsed = parse_request(lambda name: None if arrays[name] is None else arrays[name].as_numpy(),

@@ -5,13 +5,18 @@ the loop thread, the only one that touches the Engine, adds the new requests at 
 boundary, runs one step, and sends each request the tokens that step committed (streaming) or its
 whole text when it finishes. A finished, cancelled or disconnected request leaves the Engine at
 once, which frees its KV slot, and the loop drops its reference to the finished Sequence.
-Requests waiting for a slot are bounded: past `max_queued`, submit refuses with "overloaded".
+A request is cancelled when its sink says so (a client calling the engine model directly) or when
+`cancel(seq_id)` names it (the ensemble's postprocessing step, which is how a cancel reaches the
+engine through an ensemble in Triton 2.51: engine_model.py).
+Requests waiting for a slot are bounded: past the pool's free slots + `max_queued` (as of the last
+step boundary), submit refuses with "overloaded", so a burst at an idle server fills the pool first.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,6 +27,11 @@ from trimode.decoding.sequence import Sequence
 from trimode.errors import TrimodeError
 from trimode.triton_repo.request import Request
 from trimode.triton_repo.text import window
+
+
+# How often the loop asks the response senders whether their clients cancelled: each ask is a round
+# trip from the python backend stub to the server, which every step would pay (~10% of an AR step).
+SENDER_POLL_S = 0.05
 
 
 class Overloaded(TrimodeError):
@@ -54,17 +64,25 @@ class EngineLoop:
         self._live: dict[int, Job] = {}       # seq id -> job, while its Sequence is in the Engine
         self._lock = threading.Lock()
         self._num_waiting = 0                 # submitted, not yet holding a slot (read by submit)
+        self._num_free = engine.runner.num_free  # free slots at the last step boundary (read by submit)
+        self._cancel_ids: set[int] = set()    # seq ids cancel() named (under _lock)
         self._stopping = threading.Event()
+        self._last_poll = 0.0
         self._thread = threading.Thread(target=self._run, name="trimode-engine-loop", daemon=True)
         self._thread.start()
 
     def submit(self, job: Job) -> None:
         with self._lock:
-            if self._num_waiting >= self.max_queued:
+            if self._num_waiting >= self._num_free + self.max_queued:
                 raise Overloaded(f"overloaded: {self._num_waiting} requests already wait for one of the "
                                  f"{self.engine.config.max_slots} slots; retry later")
             self._num_waiting += 1
         self._inbox.put(job)
+
+    def cancel(self, seq_id: int) -> None:
+        """Abort that request at the next step boundary (any thread; an unknown or finished id is ignored)."""
+        with self._lock:
+            self._cancel_ids.add(seq_id)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -84,6 +102,7 @@ class EngineLoop:
                     self.metrics.step([])  # idle: the occupancy gauges read 0, not the last batch
             with self._lock:
                 self._num_waiting = len(self.engine.waiting) + self._inbox.qsize()
+                self._num_free = self.engine.runner.num_free
 
     def _take(self, block: bool) -> None:
         """New requests join here, between steps."""
@@ -105,10 +124,20 @@ class EngineLoop:
             self.metrics.admitted(job.seq)
 
     def _drop_cancelled(self) -> None:
+        with self._lock:
+            named, self._cancel_ids = self._cancel_ids, set()
+        poll = time.monotonic() - self._last_poll >= SENDER_POLL_S
+        if poll:
+            self._last_poll = time.monotonic()
+        dropped = False
         for seq_id, job in list(self._live.items()):
-            if job.sink.is_cancelled():
+            if seq_id in named or poll and job.sink.is_cancelled():
+                job.seq.finish_reason = "abort"
                 self._abort(job)
                 job.sink.close()
+                dropped = True
+        if dropped and not self.engine.has_work:
+            self.metrics.step([])  # the gauges read the freed slots now, not at the next step
 
     def _abort(self, job: Job) -> None:
         self.engine.abort(job.seq.id)  # frees the slot now
@@ -159,6 +188,7 @@ def outputs(seq: Sequence, ids: list[int], prefix_length: int, final: bool) -> d
         "output_ids": np.array([ids], dtype=np.int32).reshape(1, -1),
         "prefix_length": np.array([[prefix_length]], dtype=np.int32),
         "is_final": np.array([[final]], dtype=bool),
+        "sequence_id": np.array([[seq.id]], dtype=np.uint64),  # what postprocessing names to cancel it
         "num_input_tokens": np.array([[len(seq.prompt)]], dtype=np.int32),
         "num_output_tokens": np.array([[len(seq.tokens)]], dtype=np.int32),
         "num_forward_passes": np.array([[stats.num_passes]], dtype=np.int32),

@@ -55,15 +55,21 @@ PREPROCESSING_INPUTS = (Tensor("text_input", "STRING", (-1,)), _opt("bad_words",
 PREPROCESSING_OUTPUTS = (Tensor("input_ids", "INT32", (-1,)), Tensor("stop_ids", "INT32", (-1,)),
                          Tensor("mode", "STRING"))
 
-ENGINE_INPUTS = (Tensor("input_ids", "INT32", (-1,)), Tensor("stop_ids", "INT32", (-1,)), Tensor("mode", "STRING"),
-                 Tensor("max_tokens", "INT32"), *ENGINE_PASS_THROUGH)
+# Optional at the engine (every ensemble feeds them; request.py refuses a request without them) so
+# that a control request can carry cancel_sequence_id alone: postprocessing sends one when it sees
+# that the client cancelled, because Triton 2.51 does not pass an ensemble's cancellation on to the
+# step already running in the engine model (engine_model.py).
+ENGINE_INPUTS = (_opt("input_ids", "INT32", (-1,)), _opt("stop_ids", "INT32", (-1,)), _opt("mode", "STRING"),
+                 _opt("max_tokens", "INT32"), *ENGINE_PASS_THROUGH, _opt("cancel_sequence_id", "UINT64"))
 # output_ids: the tokens of this response with up to WINDOW earlier ones in front (prefix_length of
 # them), so postprocessing, which keeps no state, can cut exactly the new text (text.py).
 # (With exclude_input_in_output = false the final output_ids start with the prompt's, as TensorRT-LLM's
 # do: postprocessing may read only the engine's tensors, since Triton refuses a step that mixes
 # tensors of a decoupled model with others.)
 ENGINE_OUTPUTS = (Tensor("output_ids", "INT32", (-1,)), Tensor("prefix_length", "INT32"),
-                  Tensor("is_final", "BOOL"), *STATISTICS)
+                  Tensor("is_final", "BOOL"), Tensor("sequence_id", "UINT64"), *STATISTICS)
 
 POSTPROCESSING_INPUTS = ENGINE_OUTPUTS
 POSTPROCESSING_OUTPUTS = tuple(Tensor(f"out_{t.name}", t.dtype, t.dims) for t in ENSEMBLE_OUTPUTS)
+# what the engine model reads from an ensemble step (cancel_sequence_id comes only from postprocessing)
+ENGINE_STEP_INPUTS = tuple(t for t in ENGINE_INPUTS if t.name != "cancel_sequence_id")

@@ -1,0 +1,109 @@
+"""`trimode serve` as users run it (a subprocess) on a repository with a one-request queue: past it
+a clear "overloaded" error (counted in the metrics); SIGTERM stops tritonserver and its python
+backend stubs, leaving no process and freeing the ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from trimode.triton_repo import client
+from trimode.triton_repo.client import RemoteError
+from trimode.triton_repo.server import Ports, TritonServer
+from trimode.triton_repo.settings import RepoSettings
+from trimode.triton_repo.writer import write_model_repo
+
+from test_serve import free_ports, metrics
+
+
+def processes_using(path: Path) -> list[int]:
+    """Live processes whose command line names path (tritonserver and every stub name the repository)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                state = next(ln for ln in (entry / "status").read_text().splitlines() if ln.startswith("State:"))
+            except (OSError, StopIteration):
+                continue
+            if str(path) in cmdline and "Z" not in state.split()[1]:  # a zombie is already gone
+                pids.append(int(entry.name))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def served(tiny_engine_dir, tmp_path_factory):
+    repo = write_model_repo(tiny_engine_dir, tmp_path_factory.mktemp("serve-process") / "repo",
+                            RepoSettings(max_queued_requests=1))
+    ports = Ports(*free_ports(3))
+    log_path = repo.parent / "serve.log"  # a file, not a pipe: tritonserver logs a lot and would block on a full pipe
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "trimode.cli", "serve", str(repo), "--http-port",
+                                    str(ports.http), "--grpc-port", str(ports.grpc), "--metrics-port",
+                                    str(ports.metrics)], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while "serving ar, diffusion, self_spec" not in log_path.read_text(errors="replace"):  # every model is ready
+        assert process.poll() is None and time.monotonic() < deadline, log_path.read_text(errors="replace")[-2000:]
+        time.sleep(0.25)
+    yield process, repo, ports
+    if process.poll() is None:
+        process.kill()
+        for pid in processes_using(repo):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_past_the_queue_requests_are_overloaded(served):
+    process, repo, ports = served
+    url = f"127.0.0.1:{ports.grpc}"
+    server = TritonServer(repo, ports=ports)  # for its endpoints only
+    results: dict[int, object] = {}
+
+    def send(i: int) -> None:
+        try:
+            results[i] = client.infer(url, "ar", {"text_input": "def f", "max_tokens": 60, "end_id": -1})
+        except RemoteError as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(8)]  # 4 slots + 1 queued
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    refused = [r for r in results.values() if isinstance(r, RemoteError)]
+    served_ok = [r for r in results.values() if not isinstance(r, RemoteError)]
+    assert len(results) == 8 and 1 <= len(refused) <= 3 and len(served_ok) >= 5  # 4 free slots + 1 queued
+    assert all("overloaded" in str(e) and "retry later" in str(e) for e in refused)
+    assert all(r["num_output_tokens"] == 60 for r in served_ok)
+    scraped = metrics(server)
+    assert scraped['trimode_requests_rejected_total{model="engine",reason="overloaded"}'] == len(refused)
+    # the server still serves
+    assert client.infer(url, "ar", {"text_input": "ok", "max_tokens": 2})["num_output_tokens"] >= 1
+
+
+def test_sigterm_stops_the_server_cleanly(served):
+    """Also after a cancelled stream: a request left in flight would hold tritonserver for its 30 s exit timeout."""
+    process, repo, ports = served
+    assert len(processes_using(repo)) >= 5  # tritonserver and a stub per python model
+    stream = client.stream_grpc(f"127.0.0.1:{ports.grpc}", "ar", {"text_input": "def f", "max_tokens": 60,
+                                                                  "end_id": -1})
+    next(stream)
+    stream.close()
+    time.sleep(1)
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == 128 + signal.SIGTERM
+    assert time.monotonic() - started < 20
+    deadline = time.monotonic() + 10
+    while processes_using(repo) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_using(repo) == []
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{ports.http}/v2/health/ready", timeout=2)
