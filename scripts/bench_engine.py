@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_modes import PROMPTS, add_rates, hf_generate, hf_ministral3, time_interleaved  # noqa: E402
+from bench_modes import PROMPTS, add_rates, hf_generate, hf_ministral3, time_interleaved, write_report  # noqa: E402
 
 from trimode.builder import BuildSettings, build_engine  # noqa: E402
 from trimode.builder.engine_dir import load_engine  # noqa: E402
@@ -136,11 +135,7 @@ def main(argv=None) -> int:
         row["self_spec_equals_ar"] = tokens["self-spec/engine"] == tokens["ar/engine"]
         report["results"][f"batch_{b}"] = row
     print_table(report)
-    text = json.dumps(report, indent=2)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
-    print(text)
+    write_report(report, args.json)
     return 0
 
 

@@ -268,12 +268,17 @@ def main(argv=None) -> int:
     report["staggered_arrivals"] = staggered(ck, prompts, n, args.block_length)
 
     print_table(report)
-    text = json.dumps(report, indent=2)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
-    print(text)
+    write_report(report, args.json)
     return 0
+
+
+def write_report(report: dict, path: Path | None) -> None:
+    """The benchmark scripts' output: the JSON on stdout, and in `path` when given."""
+    text = json.dumps(report, indent=2)
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+    print(text)
 
 
 def print_table(report) -> None:

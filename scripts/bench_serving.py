@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
-import socket
 import sys
 import tempfile
 import threading
@@ -32,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_modes import PROMPTS, add_rates, time_interleaved  # noqa: E402
+from bench_modes import PROMPTS, add_rates, time_interleaved, write_report  # noqa: E402
 
 from trimode.builder.engine_dir import load_engine  # noqa: E402
 from trimode.decoding import GenerationSettings, Mode, generate  # noqa: E402
@@ -40,15 +38,6 @@ from trimode.triton_repo import client  # noqa: E402
 from trimode.triton_repo.server import Ports, TritonServer  # noqa: E402
 from trimode.triton_repo.writer import write_model_repo  # noqa: E402
 
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def served(url: str, model: str, prompts: list[str], max_tokens: int) -> list[dict]:
@@ -100,7 +89,7 @@ def main(argv=None) -> int:
     }
     with tempfile.TemporaryDirectory() as tmp:
         repo = write_model_repo(args.engine, Path(tmp) / "repo")
-        with TritonServer(repo, ports=Ports(*free_ports(3)), log_path=Path(tmp) / "tritonserver.log") as server:
+        with TritonServer(repo, ports=Ports.free(), log_path=Path(tmp) / "tritonserver.log") as server:
             url = server.endpoints["grpc"]
             for c in levels:
                 texts, row, fns = PROMPTS[:c], {}, {}
@@ -125,11 +114,7 @@ def main(argv=None) -> int:
                 row["served_text_equals_in_process"] = same
                 report["results"][f"concurrency_{c}"] = row
     print_table(report)
-    text = json.dumps(report, indent=2)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
-    print(text)
+    write_report(report, args.json)
     return 0
 
 

@@ -8,7 +8,6 @@ requests get clear errors and the server keeps serving.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 import urllib.request
@@ -28,21 +27,12 @@ MODES = {"ar": "ar", "diffusion": "diffusion", "self_spec": "self-spec"}
 BLOCK = 4  # the engine's block length (the tiny checkpoint's block_size, 8, is not built)
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
 
 @pytest.fixture(scope="module")
 def server(tiny_engine_dir, tmp_path_factory):
     repo = write_model_repo(tiny_engine_dir, tmp_path_factory.mktemp("serve") / "repo")
     log = repo.parent / "tritonserver.log"
-    with TritonServer(repo, ports=Ports(*free_ports(3)), log_path=log) as s:
+    with TritonServer(repo, ports=Ports.free(), log_path=log) as s:
         yield s
 
 

@@ -21,7 +21,7 @@ from trimode.triton_repo.server import Ports, TritonServer
 from trimode.triton_repo.settings import RepoSettings
 from trimode.triton_repo.writer import write_model_repo
 
-from test_serve import free_ports, metrics
+from test_serve import metrics
 
 
 def processes_using(path: Path) -> list[int]:
@@ -43,7 +43,7 @@ def processes_using(path: Path) -> list[int]:
 def served(tiny_engine_dir, tmp_path_factory):
     repo = write_model_repo(tiny_engine_dir, tmp_path_factory.mktemp("serve-process") / "repo",
                             RepoSettings(max_queued_requests=1))
-    ports = Ports(*free_ports(3))
+    ports = Ports.free()
     log_path = repo.parent / "serve.log"  # a file, not a pipe: tritonserver logs a lot and would block on a full pipe
     with open(log_path, "wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "trimode.cli", "serve", str(repo), "--http-port",

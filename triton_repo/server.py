@@ -34,6 +34,17 @@ class Ports:
     grpc: int = 8001
     metrics: int = 8002
 
+    @classmethod
+    def free(cls) -> "Ports":
+        """Three ports free on 127.0.0.1 right now (tests, benchmarks: never the defaults a user's server holds)."""
+        socks = [socket.socket() for _ in range(3)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        ports = [s.getsockname()[1] for s in socks]
+        for s in socks:
+            s.close()
+        return cls(*ports)
+
 
 def find_tritonserver() -> tuple[Path, Path | None]:
     """-> (the tritonserver binary, the wheel's tritonserver folder, or None for the one on PATH)."""
