@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_modes import PROMPTS, add_rates, hf_generate, hf_ministral3, time_interleaved, write_report  # noqa: E402
+from bench_modes import (PROMPTS, add_rates, hf_generate, hf_ministral3, mode_ratios,  # noqa: E402
+                         time_interleaved, write_report)
 
 from trimode.builder import BuildSettings, build_engine  # noqa: E402
 from trimode.builder.engine_dir import load_engine  # noqa: E402
@@ -128,8 +129,7 @@ def main(argv=None) -> int:
         row["transformers"] = {"tokens_generated": sum(len(t) for t in fns["transformers"]())}
         for key, timing in time_interleaved(fns, args.repeats).items():
             add_rates(row[key], timing)
-        row["engine_vs_eager"] = {m.value: round(row[f"{m.value}/engine"]["tokens_per_s"]
-                                                 / row[f"{m.value}/eager"]["tokens_per_s"], 3) for m in Mode}
+        row["engine_vs_eager"] = mode_ratios(row, "engine", "eager")
         row["engine_ar_vs_transformers"] = round(row["ar/engine"]["tokens_per_s"] / row["transformers"]["tokens_per_s"], 3)
         row["engine_equals_eager"] = {m.value: tokens[f"{m.value}/engine"] == tokens[f"{m.value}/eager"] for m in Mode}
         row["self_spec_equals_ar"] = tokens["self-spec/engine"] == tokens["ar/engine"]

@@ -272,6 +272,12 @@ def main(argv=None) -> int:
     return 0
 
 
+def mode_ratios(row: dict, numerator: str, denominator: str) -> dict[str, float]:
+    """Per mode, tokens/s of row["<mode>/<numerator>"] over row["<mode>/<denominator>"] (same run)."""
+    return {m.value: round(row[f"{m.value}/{numerator}"]["tokens_per_s"]
+                           / row[f"{m.value}/{denominator}"]["tokens_per_s"], 3) for m in MODES}
+
+
 def write_report(report: dict, path: Path | None) -> None:
     """The benchmark scripts' output: the JSON on stdout, and in `path` when given."""
     text = json.dumps(report, indent=2)

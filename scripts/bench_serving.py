@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_modes import PROMPTS, add_rates, time_interleaved, write_report  # noqa: E402
+from bench_modes import PROMPTS, add_rates, mode_ratios, time_interleaved, write_report  # noqa: E402
 
 from trimode.builder.engine_dir import load_engine  # noqa: E402
 from trimode.decoding import GenerationSettings, Mode, generate  # noqa: E402
@@ -108,9 +108,7 @@ def main(argv=None) -> int:
                     fns[f"{mode.value}/in_process"], fns[f"{mode.value}/served"] = local, remote
                 for key, timing in time_interleaved(fns, args.repeats).items():
                     add_rates(row[key], timing)
-                row["served_vs_in_process"] = {m.value: round(row[f"{m.value}/served"]["tokens_per_s"]
-                                                              / row[f"{m.value}/in_process"]["tokens_per_s"], 3)
-                                               for m in Mode}
+                row["served_vs_in_process"] = mode_ratios(row, "served", "in_process")
                 row["served_text_equals_in_process"] = same
                 report["results"][f"concurrency_{c}"] = row
     print_table(report)
