@@ -23,14 +23,25 @@ from trimode.builder.settings import BuildSettings
 from trimode.errors import EngineError, InputError
 from trimode.stage_output import check_output, input_digest, stage_output, write_manifest
 
-__all__ = ["BuildSettings", "build_engine"]
+__all__ = ["BuildSettings", "build_engine", "check_backend"]
+
+
+def check_backend(settings: BuildSettings):
+    """-> the backend's module, once it is known to run here: a missing TensorRT, GPU or CUDA device
+    stops here (deploy calls it before quantizing), before anything is written."""
+    from trimode.builder.engine_dir import backend_module
+
+    backend = backend_module(settings.backend)
+    backend.require(settings)
+    if settings.device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is visible here")
+    return backend
 
 
 def build_engine(checkpoint_dir: Path, out_dir: Path, settings: BuildSettings = BuildSettings(), force: bool = False,
                  on_start: Callable[[list], None] | None = None, on_program: Callable | None = None) -> dict:
     """-> the manifest. on_start(shapes) once the shapes are known, on_program(shape) after each."""
-    from trimode.builder.engine_dir import (CHECKPOINT_DIR, SELF_TEST_PROMPTS, SELF_TEST_TOKENS, backend_module,
-                                            self_test)
+    from trimode.builder.engine_dir import CHECKPOINT_DIR, SELF_TEST_PROMPTS, SELF_TEST_TOKENS, self_test
     from trimode.builder.manifest import FORMAT, STAGE, device_info, file_digests, library_versions, seal
     from trimode.builder.program import pass_shapes
     from trimode.checkpoint import load_checkpoint, read_quant_config
@@ -38,12 +49,8 @@ def build_engine(checkpoint_dir: Path, out_dir: Path, settings: BuildSettings = 
 
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     check_output(out_dir, STAGE, [checkpoint_dir], force)
-    backend = backend_module(settings.backend)
-    if hasattr(backend, "require"):
-        backend.require(settings)  # a missing TensorRT / GPU stops here, before anything is written
+    backend = check_backend(settings)
     device = torch.device(settings.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is visible here")
     # a non-NLD checkpoint fails here, nothing written; MODEL_DTYPE: a backend that computes in one dtype
     # (onnx: fp32) is checked against the eager model in that dtype
     ck = load_checkpoint(checkpoint_dir, device=device, dtype=getattr(backend, "MODEL_DTYPE", None))

@@ -62,6 +62,11 @@ class ExportedPass(nn.Module):
         return (logits, *k, *v)  # the caches written in place: returning them makes the update an output
 
 
+def require(settings: BuildSettings) -> None:
+    """What build_engine calls before anything is written: onnx and onnxruntime installed."""
+    _import_onnx()
+
+
 def graph_names(num_layers: int, has_logit_index: bool) -> tuple[list[str], list[str]]:
     inputs = ["tokens", "rows", "lengths"] + (["logit_index"] if has_logit_index else [])
     pool = [f"k_{i}" for i in range(num_layers)] + [f"v_{i}" for i in range(num_layers)]

@@ -33,6 +33,10 @@ PROGRAM_DIR = "programs"
 SPAN_ALIGN = 64  # spans are rounded up to a multiple of this: fewer distinct shapes, same results
 
 
+def require(settings: BuildSettings) -> None:
+    """What build_engine calls before anything is written: nothing to check, torch runs everywhere."""
+
+
 def example_inputs(model: NLDModel, shape: PassShape, pool: KVCache) -> tuple:
     """Inputs to trace with: batch 2 and a prefill chunk of 2 (a size of 1 would be specialised)."""
     b, L = 2, shape.length or 2

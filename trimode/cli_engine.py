@@ -28,6 +28,27 @@ class IntList(click.ParamType):
         return values
 
 
+class ProgramBar:
+    """A progress bar over the programs a build compiles (build_engine's on_start and on_program)."""
+
+    def __init__(self, backend: str, quiet: bool):
+        self.backend, self.quiet, self.bar = backend, quiet, None
+
+    def start(self, shapes) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=len(shapes), desc=f"build {self.backend}", unit="program", disable=self.quiet,
+                        file=sys.stderr)
+
+    def update(self, shape) -> None:
+        self.bar.set_postfix_str(shape.name)
+        self.bar.update()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 @click.command()
 @click.argument("checkpoint_dir", required=False, type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="The engine dir to write.")
@@ -57,28 +78,16 @@ def build(checkpoint_dir: Path | None, out_dir: Path, backend: str, max_batch_si
     reference's tokens in every mode, and writes manifest.json with the library versions, device,
     settings, file digests and that self-test. Loading the engine dir checks them all again.
     """
-    from tqdm import tqdm
-
     from trimode.builder import BuildSettings, build_engine
 
     settings = BuildSettings(backend=backend, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                              max_input_len=max_input_len, block_lengths=block_lengths or (),
                              device=device.split(":")[0], onnx_only=onnx_only)
-    bars = []
-
-    def on_start(shapes) -> None:
-        bars.append(tqdm(total=len(shapes), desc=f"build {backend}", unit="program", disable=as_json,
-                         file=sys.stderr))
-
-    def on_program(shape) -> None:
-        bars[0].set_postfix_str(shape.name)
-        bars[0].update()
-
+    bar = ProgramBar(backend, as_json)
     try:
-        manifest = build_engine(_checkpoint_dir(checkpoint_dir), out_dir, settings, force, on_start, on_program)
+        manifest = build_engine(_checkpoint_dir(checkpoint_dir), out_dir, settings, force, bar.start, bar.update)
     finally:
-        for bar in bars:
-            bar.close()
+        bar.close()
     if as_json:
         _echo_json(manifest)
         return

@@ -3,8 +3,10 @@ Registered on cli.main at the end of this module (cli.py imports it last)."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -73,29 +75,49 @@ def serve(repo_dir: Path, host: str, http_port: int, grpc_port: int, metrics_por
     """Start tritonserver on REPO_DIR (trimode repo) and wait until every model is ready; print the
     endpoints, then serve until Ctrl-C or SIGTERM, which stop the server cleanly. Uses the
     tritonserver on PATH, else the one in the nvidia-pytriton wheel (CPU machines)."""
-    from trimode.triton_repo.server import Ports, TritonServer
+    from trimode.triton_repo.server import Ports
+
+    with serving(repo_dir, host, Ports(http_port, grpc_port, metrics_port)) as server:
+        wait_until_stopped(server)
+
+
+@contextlib.contextmanager
+def serving(repo_dir: Path, host: str, ports, log_path: Path | None = None) -> Iterator:
+    """A started tritonserver on repo_dir (its endpoints printed to stderr), stopped on leaving;
+    SIGTERM is raised as Interrupted meanwhile, so it stops the server as Ctrl-C does. Its log goes
+    to log_path, else to this terminal."""
+    from trimode.triton_repo.server import TritonServer
     from trimode.triton_repo.writer import read_repo_manifest
 
     manifest = read_repo_manifest(repo_dir)
-    if len({http_port, grpc_port, metrics_port}) != 3:
-        raise click.BadParameter("the HTTP, gRPC and metrics ports must differ", param_hint="'--*-port'")
+    check_ports(ports)
 
     def on_sigterm(signum, frame):
         raise Interrupted(signum)
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
-    server = TritonServer(repo_dir, host, Ports(http_port, grpc_port, metrics_port))
+    server = TritonServer(repo_dir, host, ports, log_path)
     try:
         server.start()
         endpoints = server.endpoints
         click.echo(f"serving {', '.join(manifest['ensembles'].values())}: HTTP {endpoints['http']}, "
                    f"gRPC {endpoints['grpc']}, metrics {endpoints['metrics']}", err=True)
-        while server.process.poll() is None:
-            time.sleep(0.5)
-        raise click.ClickException(f"tritonserver exited with status {server.process.returncode}")
+        yield server
     finally:
         server.stop()
         signal.signal(signal.SIGTERM, previous)
+
+
+def check_ports(ports) -> None:
+    if len({ports.http, ports.grpc, ports.metrics}) != 3:
+        raise click.BadParameter("the HTTP, gRPC and metrics ports must differ", param_hint="'--*-port'")
+
+
+def wait_until_stopped(server) -> None:
+    """Serve until Ctrl-C or SIGTERM (raised as an interrupt); a server that dies is an error."""
+    while server.process.poll() is None:
+        time.sleep(0.5)
+    raise click.ClickException(f"tritonserver exited with status {server.process.returncode}")
 
 
 def generate_remote(url: str, protocol: str, stream: bool, prompts: tuple[str, ...], mode: str, max_new_tokens: int,

@@ -128,9 +128,11 @@ def write_manifest(out_dir: Path, manifest: dict) -> None:
 
 def input_digest(checkpoint_dir: Path) -> str:
     """sha256 over the checkpoint's small files in full and each safetensors file's header and size
-    (hashing every weight byte of an 8B checkpoint would take minutes and prove little more)."""
+    (hashing every weight byte of an 8B checkpoint would take minutes and prove little more).
+    Python's bytecode caches are not content: a served repository gains them as Triton imports it."""
     h = hashlib.sha256()
-    for path in sorted(p for p in checkpoint_dir.rglob("*") if p.is_file()):
+    for path in sorted(p for p in checkpoint_dir.rglob("*") if p.is_file()
+                       and "__pycache__" not in p.relative_to(checkpoint_dir).parts):
         h.update(str(path.relative_to(checkpoint_dir)).encode())
         if path.suffix == ".safetensors":
             with open(path, "rb") as f:

@@ -1,0 +1,141 @@
+"""The deploy pipeline: quantize -> build -> repo in one call, every stage's output under one folder.
+
+    DIR/
+      manifest.json   stage "deploy": per stage, what it was made from (input digest + settings)
+                      and the digest of what it made
+      quantized/      `trimode quantize` output (with fp8; none when the input is already FP8)
+      engine/         `trimode build` output
+      repo/           `trimode repo` output, serving engine/
+
+Each stage is the stage's own function writing through the stage-output helper, so a failed or
+interrupted stage leaves nothing half-written. A re-run into the same DIR reuses every stage whose
+input digest and settings are unchanged and whose output is still what was made (its digest), and
+redoes the rest in order (force: redoes all). DIR/manifest.json is rewritten after each stage, so an
+interrupted deploy resumes where it stopped. DIR must be new, empty or a previous deploy output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from trimode import __version__
+from trimode.builder.settings import BuildSettings
+from trimode.errors import InputError, OutputError
+from trimode.quantize import QuantizeSettings
+from trimode.stage_output import MANIFEST, check_output, input_digest
+from trimode.triton_repo.settings import RepoSettings
+
+STAGE = "deploy"
+FOLDERS = {"quantize": "quantized", "build": "engine", "repo": "repo"}
+
+
+@dataclass(frozen=True)
+class DeploySettings:
+    fp8: bool = True
+    quantize: QuantizeSettings = field(default_factory=QuantizeSettings)
+    build: BuildSettings = field(default_factory=BuildSettings)
+    repo: RepoSettings = field(default_factory=RepoSettings)
+
+
+@dataclass
+class Hooks:
+    """What the CLI shows while a deploy runs (each a no-op by default)."""
+    on_stage: Callable[[str, str], None] = lambda stage, status: None  # status: running | reused | skipped
+    quantize_progress: Callable[[int], None] | None = None             # quantize_checkpoint's progress
+    build_start: Callable | None = None                                # build_engine's on_start, on_program
+    build_program: Callable | None = None
+
+
+def deploy(checkpoint_dir: Path, out_dir: Path, settings: DeploySettings = DeploySettings(), force: bool = False,
+           hooks: Hooks | None = None) -> dict:
+    """-> DIR's manifest; its "stages" map each stage to its record (with "reused": bool)."""
+    from trimode.builder import build_engine, check_backend
+    from trimode.checkpoint import read_quant_config
+    from trimode.quantize import quantize_checkpoint
+    from trimode.triton_repo.writer import write_model_repo
+
+    hooks = hooks or Hooks()
+    checkpoint_dir, out = Path(checkpoint_dir), Path(out_dir)
+    out_path = check_output(out, STAGE, [checkpoint_dir], force=True)  # new, empty, or a previous deploy
+    if not checkpoint_dir.is_dir():
+        raise InputError(f"{checkpoint_dir}: not a directory")
+    check_backend(settings.build)  # before an FP8 calibration that a missing TensorRT would waste
+    previous = _read_previous(out_path)
+    records: dict[str, dict] = {}
+    manifest = {"stage": STAGE, "tool": f"trimode {__version__}",
+                "input": {"path": str(checkpoint_dir)}, "folders": {}, "stages": records}
+
+    def run(stage: str, source: Path, stage_settings: dict, make: Callable[[Path, bool], None],
+            output_digest: Callable[[Path], str]) -> Path:
+        target = out_path / FOLDERS[stage]
+        record = {"input_digest": input_digest(source), "settings": stage_settings}
+        old = previous.get(stage)
+        if not force and old and {k: old.get(k) for k in record} == record and target.is_dir() \
+                and _digest_or_none(output_digest, target) == old.get("output_digest"):
+            hooks.on_stage(stage, "reused")
+            records[stage] = {**old, "reused": True}
+        else:
+            hooks.on_stage(stage, "running")
+            make(target, target.exists())  # replaces only a previous output of the same stage
+            records[stage] = {**record, "output_digest": output_digest(target), "reused": False}
+        manifest["folders"][stage] = FOLDERS[stage]
+        _write(out_path, manifest)
+        return target
+
+    source = checkpoint_dir
+    if settings.fp8 and read_quant_config(checkpoint_dir) is None:
+        source = run("quantize", checkpoint_dir, _plain(asdict(settings.quantize)),
+                     lambda target, again: quantize_checkpoint(checkpoint_dir, target, settings.quantize,
+                                                               force=again, progress=hooks.quantize_progress),
+                     input_digest)
+    else:
+        hooks.on_stage("quantize", "skipped")
+    engine = run("build", source, _plain(asdict(settings.build)),
+                 lambda target, again: build_engine(source, target, settings.build, again,
+                                                    hooks.build_start, hooks.build_program),
+                 _engine_digest)
+    run("repo", engine, _plain(asdict(settings.repo)),
+        lambda target, again: write_model_repo(engine, target, settings.repo, again), input_digest)
+    return manifest
+
+
+def _engine_digest(engine_dir: Path) -> str:
+    from trimode.builder.manifest import read_manifest
+
+    return read_manifest(engine_dir)["digest_sha256"]  # the sealed manifest names every file's sha256
+
+
+def _digest_or_none(digest: Callable[[Path], str], path: Path) -> str | None:
+    try:
+        return digest(path)
+    except Exception:  # noqa: BLE001 (an output that no longer reads is one to redo)
+        return None
+
+
+def _plain(settings: dict) -> dict:
+    """JSON values only (tuples -> lists, enums and paths -> strings), so a reread record compares equal."""
+    return json.loads(json.dumps(settings, default=lambda v: getattr(v, "value", str(v))))
+
+
+def _read_previous(out: Path) -> dict:
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+    stages = manifest.get("stages") if isinstance(manifest, dict) else None
+    return {k: v for k, v in stages.items() if isinstance(v, dict)} if isinstance(stages, dict) else {}
+
+
+def _write(out: Path, manifest: dict) -> None:
+    """DIR/manifest.json, replaced atomically (an interrupted deploy keeps the record of its done stages)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".{MANIFEST}.tmp"
+        tmp.write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
+        os.replace(tmp, out / MANIFEST)
+    except OSError as e:
+        raise OutputError(f"deploy {out}: {e.strerror or e} ({e.filename or 'write failed'})") from e
