@@ -141,8 +141,8 @@ def test_generate_length_past_the_model_names_the_option(refused, tiny_dir, tmp_
 
 
 @pytest.mark.parametrize("args, message, code", [
-    (["--num-prompts", 0], "'--num-prompts'", 2), (["--block-lengths", "a,b"], "--block-lengths", 1),
-    (["--block-lengths", "0,4"], "--block-lengths", 1), (["--block-lengths", ""], "--block-lengths", 1),
+    (["--num-prompts", 0], "'--num-prompts'", 2), (["--block-lengths", "a,b"], "'--block-lengths'", 2),
+    (["--block-lengths", "0,4"], "'--block-lengths'", 2), (["--block-lengths", ""], "'--block-lengths'", 2),
     (["--device", "tpu"], "'--device'", 2), (["--against", "/nonexistent/ck"], "not a directory", 1),
     (["--batch-size", 0], "'--batch-size'", 2), (["--max-new-tokens", -1], "'--max-new-tokens'", 2),
 ])

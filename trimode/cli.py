@@ -95,6 +95,22 @@ class ThresholdType(click.ParamType):
         return v
 
 
+class IntList(click.ParamType):
+    """Comma-separated integers in [1, 65536], e.g. 4,8,16."""
+    name = "N[,N...]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            values = tuple(int(x) for x in str(value).split(","))
+        except ValueError:
+            self.fail(f"{value!r}: expected integers separated by commas", param, ctx)
+        if not all(1 <= v <= 65536 for v in values):
+            self.fail(f"{value!r}: every value must be in [1, 65536]", param, ctx)
+        return values
+
+
 class DeviceType(click.ParamType):
     name = "cpu|cuda|cuda:N"
 
@@ -323,7 +339,7 @@ def quantize(checkpoint_dir: Path, out_dir: Path, kv_cache: str, calib_data: Pat
 @click.option("--num-prompts", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--prompt-len", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--block-lengths", default=None,
+@click.option("--block-lengths", type=IntList(), default=None,
               help="Self-speculation block lengths to measure, comma-separated "
                    "[default: 4,8,16,32; with --engine, the engine's].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
@@ -338,7 +354,7 @@ def quantize(checkpoint_dir: Path, out_dir: Path, kv_cache: str, calib_data: Pat
 @click.option("--device", type=DeviceType(), default=None, help="cpu, cuda, cuda:N [default: cuda if present].")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def eval_command(checkpoint_dir: Path | None, num_prompts: int, prompt_len: int, max_new_tokens: int,
-                 block_lengths: str | None, batch_size: int, max_ppl_windows: int | None,
+                 block_lengths: tuple[int, ...] | None, batch_size: int, max_ppl_windows: int | None,
                  against_dir: Path | None, engine_dir: Path | None, against_no_adapter: bool,
                  device: str | None, as_json: bool) -> None:
     """Evaluate CHECKPOINT_DIR (default: the embedded one) on held-out standard-library text.
@@ -352,12 +368,7 @@ def eval_command(checkpoint_dir: Path | None, num_prompts: int, prompt_len: int,
     from trimode.checkpoint import load_checkpoint
     from trimode.evaluate import EvalSettings, evaluate
 
-    try:
-        lengths = tuple(int(x) for x in ("4,8,16,32" if block_lengths is None else block_lengths).split(","))
-    except ValueError:
-        raise InputError(f"--block-lengths: expected integers separated by commas, got {block_lengths!r}") from None
-    if not all(1 <= n <= 65536 for n in lengths):
-        raise InputError(f"--block-lengths: every block length must be in [1, 65536], got {block_lengths!r}")
+    lengths = block_lengths or (4, 8, 16, 32)
     if against_dir and against_no_adapter:
         raise InputError("--against and --against-no-adapter: pass one of them")
     new_engine = None

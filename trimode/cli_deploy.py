@@ -9,8 +9,8 @@ from pathlib import Path
 
 import click
 
-from trimode.cli import DeviceType, _checkpoint_dir, _echo_json, main
-from trimode.cli_engine import IntList, ProgramBar
+from trimode.cli import DeviceType, IntList, _checkpoint_dir, _echo_json, main
+from trimode.cli_engine import ProgramBar
 from trimode.cli_serve import MODES, ModeList, check_ports, serving, wait_until_stopped
 
 DEFAULT_PROMPT = "def __init__(self, name, value=None):"

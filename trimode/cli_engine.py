@@ -9,23 +9,7 @@ from pathlib import Path
 
 import click
 
-from trimode.cli import DeviceType, _checkpoint_dir, _echo_json, main
-
-
-class IntList(click.ParamType):
-    """Comma-separated integers in [1, 65536], e.g. 4,8,16."""
-    name = "N[,N...]"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, tuple):
-            return value
-        try:
-            values = tuple(int(x) for x in str(value).split(","))
-        except ValueError:
-            self.fail(f"{value!r}: expected integers separated by commas", param, ctx)
-        if not all(1 <= v <= 65536 for v in values):
-            self.fail(f"{value!r}: every value must be in [1, 65536]", param, ctx)
-        return values
+from trimode.cli import DeviceType, IntList, _checkpoint_dir, _echo_json, main
 
 
 class ProgramBar:
