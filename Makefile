@@ -30,8 +30,9 @@ fixture: setup
 	  --steps 1000 --lr 1.5e-3 --warmup 50 --seed 1 --force
 	$(PY) -m trimode.training.card trimode/assets/default
 
+# The test files run in parallel, one process per core (pytest-xdist; a file stays in one process).
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 bench: setup
 	mkdir -p out

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -8,6 +9,10 @@ import torch
 # kernel is decorated; on a CUDA machine (scripts/gpu_check.sh) they compile for the GPU.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# pytest-xdist (make test: -n auto): the workers share the cores, so each takes its part of them.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 import pytest  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
@@ -108,9 +113,25 @@ def kernels(monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_engine_dir(tiny_dir, tmp_path_factory):
     """A torch engine of the tiny checkpoint (block length 4), built once per run (~2 min on CPU):
-    the repo and serve tests share it."""
+    the repo and serve tests share it, across pytest-xdist workers too."""
     from trimode.builder import BuildSettings, build_engine
 
-    out = tmp_path_factory.mktemp("engines") / "tiny"
-    build_engine(tiny_dir, out, BuildSettings(max_batch_size=4, max_seq_len=96, max_input_len=16, block_lengths=(4,)))
+    return shared_dir(tmp_path_factory, "tiny-engine", lambda out: build_engine(
+        tiny_dir, out, BuildSettings(max_batch_size=4, max_seq_len=96, max_input_len=16, block_lengths=(4,))))
+
+
+def shared_dir(tmp_path_factory, name: str, make) -> Path:
+    """A costly directory made once per test run: `make(path)` runs in the first worker that asks
+    (pytest-xdist runs test files in several processes), the others wait for it and reuse it."""
+    import fcntl
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's base folder, above every worker's own
+    (root / "shared").mkdir(exist_ok=True)
+    out = root / "shared" / name
+    with open(root / "shared" / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "manifest.json").is_file():
+            make(out)
     return out
