@@ -1,0 +1,93 @@
+"""The numbers of a bench run: percentiles, one level's summary, speed-ups over AR, and the advice.
+
+Pure functions over plain values (no torch, no server), so they are unit-tested on their own. The
+benchmark scripts take their medians from `percentile` too: one helper per chore.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0 <= q <= 100) with linear interpolation between the two nearest ranks
+    (numpy's default): percentile(v, 50) is the median, 0 the minimum, 100 the maximum."""
+    if not values:
+        raise ValueError("percentile of no values")
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile: q must lie in [0, 100], got {q}")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    lo, hi = math.floor(rank), math.ceil(rank)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (rank - lo)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One finished request, times in seconds from the start of its level."""
+    start_s: float
+    first_token_s: float          # when the first output token arrived
+    end_s: float
+    num_tokens: int
+    num_passes: int | None        # forward passes that served it (None: the target does not say)
+    mean_accepted_length: float | None  # self-spec: mean accepted tokens per cycle (None elsewhere)
+
+
+def summarize(records: list[Record], wall_s: float) -> dict:
+    """One (variant, concurrency) cell. tokens/s = all output tokens / the level's wall time (first
+    send to last answer); tokens per pass counts every pass, prefill included, over all requests."""
+    tokens = sum(r.num_tokens for r in records)
+    passes = [r.num_passes for r in records]
+    accepted = [r.mean_accepted_length for r in records if r.mean_accepted_length]
+    ttft = [r.first_token_s - r.start_s for r in records]
+    latency = [r.end_s - r.start_s for r in records]
+    return {
+        "num_requests": len(records),
+        "num_output_tokens": tokens,
+        "wall_s": round(wall_s, 4),
+        "tokens_per_s": round(tokens / wall_s, 2),
+        "requests_per_s": round(len(records) / wall_s, 3),
+        "tokens_per_pass": round(tokens / sum(passes), 4) if None not in passes and sum(passes) else None,
+        "mean_accepted_length": round(sum(accepted) / len(accepted), 4) if accepted else None,
+        "ttft_s": {"p50": round(percentile(ttft, 50), 5), "p95": round(percentile(ttft, 95), 5)},
+        "latency_s": {"p50": round(percentile(latency, 50), 5), "p95": round(percentile(latency, 95), 5)},
+    }
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """rows[i]["speedup_vs_ar"] = its tokens/s over AR's at the same concurrency (same run); None
+    where AR was not measured at that level."""
+    ar = {r["concurrency"]: r["tokens_per_s"] for r in rows if r["mode"] == "ar"}
+    for r in rows:
+        base = ar.get(r["concurrency"])
+        r["speedup_vs_ar"] = round(r["tokens_per_s"] / base, 3) if base else None
+
+
+def advise(rows: list[dict]) -> list[dict]:
+    """Per concurrency measured: the fastest variant by output tokens/s, its ratio over AR, and the
+    runner-up (how clear the choice is)."""
+    advice = []
+    for c in sorted({r["concurrency"] for r in rows}):
+        ranked = sorted((r for r in rows if r["concurrency"] == c), key=lambda r: r["tokens_per_s"], reverse=True)
+        best, second = ranked[0], (ranked[1] if len(ranked) > 1 else None)
+        entry = {"concurrency": c, "variant": best["variant"], "mode": best["mode"],
+                 "block_length": best["block_length"], "tokens_per_s": best["tokens_per_s"],
+                 "speedup_vs_ar": best["speedup_vs_ar"],
+                 "runner_up": second and {"variant": second["variant"], "tokens_per_s": second["tokens_per_s"],
+                                          "speedup_vs_ar": second["speedup_vs_ar"]}}
+        entry["text"] = advice_text(entry)
+        advice.append(entry)
+    return advice
+
+
+def advice_text(a: dict) -> str:
+    block = f" at block length {a['block_length']}" if a["block_length"] and a["mode"] != "ar" else ""
+    ratio = f", {a['speedup_vs_ar']:.2f}x AR" if a["speedup_vs_ar"] is not None and a["mode"] != "ar" else ""
+    text = f"concurrency {a['concurrency']}: run {a['mode']}{block} ({a['tokens_per_s']:.1f} tok/s{ratio})"
+    second = a["runner_up"]
+    if second:
+        vs = f", {second['speedup_vs_ar']:.2f}x AR" if second["speedup_vs_ar"] is not None else ""
+        text += f"; next {second['variant']} ({second['tokens_per_s']:.1f} tok/s{vs})"
+    return text
