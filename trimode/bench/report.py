@@ -22,7 +22,8 @@ STAGE = "bench"
 def format_table(report: dict) -> str:
     t, s = report["target"], report["settings"]
     where = t.get("engine_dir") or f"{t['url']} ({t.get('protocol', t['kind'])})"
-    lines = [f"{where}: {s['max_tokens']} tokens per request, temperature 0, {report['machine']['cpu']} ({report['machine']['num_cpus']} CPUs)",
+    m = report["machine"]
+    lines = [f"{where}: {s['max_tokens']} tokens per request, temperature 0, {m['cpu']} ({m['num_cpus']} CPUs)",
              f"{'variant':<14}{'conc':>5}{'reqs':>6}{'tok/s':>9}{'vs AR':>7}{'tok/pass':>9}{'accept':>7}"
              f"{'TTFT p50':>10}{'p95':>8}{'lat p50':>9}{'p95':>8}"]
     for r in report["results"]:

@@ -46,7 +46,7 @@ def summarize(records: list[Record], wall_s: float) -> dict:
     return {
         "num_requests": len(records),
         "num_output_tokens": tokens,
-        "wall_s": round(wall_s, 4),
+        "wall_s": round(wall_s, 6),
         "tokens_per_s": round(tokens / wall_s, 2),
         "requests_per_s": round(len(records) / wall_s, 3),
         "tokens_per_pass": round(tokens / sum(passes), 4) if None not in passes and sum(passes) else None,
