@@ -227,6 +227,7 @@ def test_refuses_a_url_with_no_server(refused, prompts_file, tmp_path):
     (["--out", "taken"], "--out taken: exists and is not empty (--force replaces a previous bench output)", 1),
     (["--url", "127.0.0.1:1"], "pass one of --engine, --url and --openai (got --engine and --url)", 2),
     (["--threads", "0"], "--threads", 2),
+    (["--prefix", "nld_"], "--prefix names a server's models: it needs --url or --openai", 2),
 ])
 def test_bad_input_refused(refused, tiny_engine_dir, tmp_path, monkeypatch, args, message, code):
     monkeypatch.chdir(tmp_path)
@@ -248,3 +249,11 @@ def test_bad_target_refused(refused, tmp_path, args, message):
 def test_concurrency_above_the_engines_slots_refused(refused, tiny_engine_dir, prompts_file, tmp_path):
     refused(["bench", "--engine", tiny_engine_dir, "--prompts", prompts_file, "--concurrency", "2,8"], tmp_path,
             "8: the engine runs 4 requests at once", exit_code=2)
+
+
+def test_refuses_a_missing_engine_dir(refused, tmp_path):
+    refused(["bench", "--engine", tmp_path / "nope", "--prompts", tmp_path / "nope.txt"], tmp_path,
+            "--prompts")  # the prompts are read first (cheap), so their error comes first
+    (tmp_path / "p.txt").write_text("x\n")
+    refused(["bench", "--engine", tmp_path / "nope", "--prompts", tmp_path / "p.txt"], tmp_path,
+            f"{tmp_path / 'nope'}: not a directory (build one with `trimode build`)")

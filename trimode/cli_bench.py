@@ -90,6 +90,8 @@ def bench(engine_dir: Path | None, url: str | None, protocol: str, openai_url: s
                                (f" (got {' and '.join(given)})" if given else ""))
     if threads is not None and engine_dir is None:
         raise click.UsageError("--threads sets this process's torch threads: it needs --engine")
+    if prefix and engine_dir is not None:
+        raise click.UsageError("--prefix names a server's models: it needs --url or --openai")
     settings = dict(modes=modes, num_requests=num_requests, duration_s=duration_s, max_tokens=max_tokens,
                     block_lengths=block_lengths or (), ignore_eos=not stop_at_eos, num_warmup=num_warmup)
     BenchSettings(concurrency=concurrency or (1,), **settings)  # bad settings fail before any loading
@@ -98,18 +100,21 @@ def bench(engine_dir: Path | None, url: str | None, protocol: str, openai_url: s
     prompts = read_prompts(prompts_path) if prompts_path else held_out_prompts(_checkpoint_dir(None))
 
     if engine_dir is not None:
+        from trimode.builder.manifest import read_manifest
+
+        slots = read_manifest(engine_dir)["settings"]["max_batch_size"]
+        over = [c for c in concurrency or () if c > slots]
+        if over:
+            raise click.BadParameter(f"{over[0]}: the engine runs {slots} requests at once (its max_batch_size); "
+                                     f"rebuild it with a larger one, or bench a server, which queues",
+                                     param_hint="'--concurrency'")
+        dropped = [] if concurrency else [c for c in DEFAULT_CONCURRENCY if c > slots]
+        concurrency = concurrency or tuple(c for c in DEFAULT_CONCURRENCY if c <= slots)
         if threads:
             import torch
 
             torch.set_num_threads(threads)
         target = EngineTarget(engine_dir)
-        over = [c for c in concurrency or () if c > target.slots]
-        if over:
-            raise click.BadParameter(f"{over[0]}: the engine runs {target.slots} requests at once (its "
-                                     f"max_batch_size); rebuild it with a larger one, or bench a server, "
-                                     f"which queues", param_hint="'--concurrency'")
-        dropped = [] if concurrency else [c for c in DEFAULT_CONCURRENCY if c > target.slots]
-        concurrency = concurrency or tuple(c for c in DEFAULT_CONCURRENCY if c <= target.slots)
     else:
         target = TritonTarget(url, protocol, prefix) if url else OpenAITarget(openai_url, prefix)
     bars = []
