@@ -49,6 +49,12 @@ def test_summarize_one_cell():
     assert unknown["tokens_per_pass"] is None and unknown["mean_accepted_length"] == 2.5
 
 
+def test_mean_accepted_length_counts_cycles_not_requests():
+    # 8 tokens after the first in 2 cycles of 4, and in 4 cycles of 2: 16 tokens in 6 cycles (not (4 + 2) / 2)
+    records = [Record(0.0, 0.1, 1.0, 9, 5, 4.0), Record(0.0, 0.1, 1.0, 9, 9, 2.0)]
+    assert summarize(records, 1.0)["mean_accepted_length"] == pytest.approx(16 / 6, abs=1e-4)
+
+
 def _row(variant: str, c: int, tps: float) -> dict:
     mode, _, block = variant.partition("/")
     return {"variant": variant, "mode": mode, "block_length": int(block) if block else None, "concurrency": c,

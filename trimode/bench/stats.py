@@ -40,7 +40,6 @@ def summarize(records: list[Record], wall_s: float) -> dict:
     send to last answer); tokens per pass counts every pass, prefill included, over all requests."""
     tokens = sum(r.num_tokens for r in records)
     passes = [r.num_passes for r in records]
-    accepted = [r.mean_accepted_length for r in records if r.mean_accepted_length]
     ttft = [r.first_token_s - r.start_s for r in records]
     latency = [r.end_s - r.start_s for r in records]
     return {
@@ -50,10 +49,22 @@ def summarize(records: list[Record], wall_s: float) -> dict:
         "tokens_per_s": round(tokens / wall_s, 2),
         "requests_per_s": round(len(records) / wall_s, 3),
         "tokens_per_pass": round(tokens / sum(passes), 4) if None not in passes and sum(passes) else None,
-        "mean_accepted_length": round(sum(accepted) / len(accepted), 4) if accepted else None,
+        "mean_accepted_length": mean_accepted_length(records),
         "ttft_s": {"p50": round(percentile(ttft, 50), 5), "p95": round(percentile(ttft, 95), 5)},
         "latency_s": {"p50": round(percentile(latency, 50), 5), "p95": round(percentile(latency, 95), 5)},
     }
+
+
+def mean_accepted_length(records: list[Record]) -> float | None:
+    """Accepted tokens per self-spec cycle over all cycles of all requests (as `trimode eval` counts
+    it), from each request's mean: its cycles are taken as its tokens after the first (the prefill's)
+    over that mean, exact but for a last cycle that max_tokens cut short. The plain mean of the
+    requests' means would weigh a request of 9 long cycles like one of 39 short ones."""
+    spec = [r for r in records if r.mean_accepted_length]
+    cycles = sum((r.num_tokens - 1) / r.mean_accepted_length for r in spec)
+    if not cycles:
+        return round(sum(r.mean_accepted_length for r in spec) / len(spec), 4) if spec else None
+    return round(sum(r.num_tokens - 1 for r in spec) / cycles, 4)
 
 
 def add_speedups(rows: list[dict]) -> None:
