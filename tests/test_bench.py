@@ -40,25 +40,33 @@ def test_percentile_refuses(values, q):
 
 def test_summarize_one_cell():
     records = [Record(0.0, 0.1, 1.0, 8, 8, None), Record(0.0, 0.3, 2.0, 8, 4, None), Record(1.0, 1.2, 4.0, 8, 6, None)]
-    cell = summarize(records, wall_s=4.0)
+    cell = summarize([(records, 4.0)])
     assert cell["num_output_tokens"] == 24 and cell["tokens_per_s"] == 6.0 and cell["requests_per_s"] == 0.75
     assert cell["tokens_per_pass"] == pytest.approx(24 / 18, abs=1e-4)
     assert cell["ttft_s"]["p50"] == pytest.approx(0.2) and cell["latency_s"]["p50"] == pytest.approx(2.0)
     assert cell["latency_s"]["p95"] == pytest.approx(2.9) and cell["mean_accepted_length"] is None
-    unknown = summarize([Record(0.0, 0.1, 1.0, 8, None, 2.5)], 1.0)
+    unknown = summarize([([Record(0.0, 0.1, 1.0, 8, None, 2.5)], 1.0)])
     assert unknown["tokens_per_pass"] is None and unknown["mean_accepted_length"] == 2.5
 
 
 def test_mean_accepted_length_counts_cycles_not_requests():
     # 8 tokens after the first in 2 cycles of 4, and in 4 cycles of 2: 16 tokens in 6 cycles (not (4 + 2) / 2)
     records = [Record(0.0, 0.1, 1.0, 9, 5, 4.0), Record(0.0, 0.1, 1.0, 9, 9, 2.0)]
-    assert summarize(records, 1.0)["mean_accepted_length"] == pytest.approx(16 / 6, abs=1e-4)
+    assert summarize([(records, 1.0)])["mean_accepted_length"] == pytest.approx(16 / 6, abs=1e-4)
 
 
-def _row(variant: str, c: int, tps: float) -> dict:
+def test_summarize_rounds():
+    """tokens/s: the median round's; the requests pool (4 of them, 8 tokens each)."""
+    one = [Record(0.0, 0.1, 1.0, 8, 8, None)]
+    cell = summarize([(one, 1.0), (one, 4.0), (one + one, 2.0)])
+    assert cell["tokens_per_s_rounds"] == [8.0, 2.0, 8.0] and cell["tokens_per_s"] == 8.0
+    assert cell["num_requests"] == 4 and cell["num_output_tokens"] == 32 and cell["wall_s"] == 7.0
+
+
+def _row(variant: str, c: int, tps: float, rounds: tuple[float, ...] = ()) -> dict:
     mode, _, block = variant.partition("/")
     return {"variant": variant, "mode": mode, "block_length": int(block) if block else None, "concurrency": c,
-            "tokens_per_s": tps}
+            "tokens_per_s": tps, "tokens_per_s_rounds": list(rounds or (tps,))}
 
 
 def test_speedups_and_advice():
@@ -72,6 +80,20 @@ def test_speedups_and_advice():
     assert advice[0]["runner_up"]["variant"] == "diffusion/8"
     assert "run self-spec at block length 8" in advice[0]["text"] and "1.80x AR" in advice[0]["text"]
     assert "run ar (400.0 tok/s)" in advice[1]["text"] and "next self-spec/8" in advice[1]["text"]
+
+
+@pytest.mark.parametrize("ar_rounds, spec_rounds, expected", [
+    ((100,), (120,), None),                    # one round each: no word on the noise
+    ((90, 100, 110), (120, 130, 125), False),  # the best's slowest round beats the other's fastest
+    ((90, 100, 121), (120, 130, 125), True),   # they overlap
+])
+def test_advice_says_when_too_close_to_call(ar_rounds, spec_rounds, expected):
+    rows = [_row("ar", 1, sorted(ar_rounds)[len(ar_rounds) // 2], ar_rounds),
+            _row("self-spec/8", 1, sorted(spec_rounds)[len(spec_rounds) // 2], spec_rounds)]
+    add_speedups(rows)
+    advice = advise(rows)[0]
+    assert advice["variant"] == "self-spec/8" and advice["too_close"] is expected
+    assert ("too close to call" in advice["text"]) is bool(expected)
 
 
 def test_no_ar_no_speedups():
@@ -132,11 +154,11 @@ def in_process(tiny_engine_dir, prompts_file, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("bench") / "out"
     report = _bench(CliRunner(), "--engine", tiny_engine_dir, "--prompts", prompts_file, "--concurrency", "1,2",
-                    "--requests", 4, "--max-tokens", MAX_TOKENS, "--threads", 1, "--out", out)
+                    "--requests", 4, "--max-tokens", MAX_TOKENS, "--threads", 1, "--repeats", 2, "--out", out)
     return report, out
 
 
-def check_report(report: dict, levels: list[int], num_requests: int) -> None:
+def check_report(report: dict, levels: list[int], num_requests: int, num_rounds: int = 1) -> None:
     rows = report["results"]
     variants = ["ar", "diffusion/4", "self-spec/4"]
     assert [(r["concurrency"], r["variant"]) for r in rows] == [(c, v) for c in levels for v in variants]
@@ -145,7 +167,10 @@ def check_report(report: dict, levels: list[int], num_requests: int) -> None:
         assert r["num_output_tokens"] == num_requests * MAX_TOKENS  # EOS ignored: every request makes max_tokens
         assert r["latency_s"]["p95"] >= r["latency_s"]["p50"] > 0
         assert r["ttft_s"]["p50"] <= r["latency_s"]["p50"] and r["ttft_s"]["p95"] <= r["latency_s"]["p95"]
-        assert r["tokens_per_s"] == pytest.approx(r["num_output_tokens"] / r["wall_s"], rel=1e-3)
+        assert len(r["tokens_per_s_rounds"]) == num_rounds
+        assert r["tokens_per_s"] == pytest.approx(sum(r["tokens_per_s_rounds"]) / num_rounds, abs=0.02)  # 1 or 2
+        if num_rounds == 1:
+            assert r["tokens_per_s"] == pytest.approx(r["num_output_tokens"] / r["wall_s"], rel=1e-3)
         ar = next(a for a in rows if a["mode"] == "ar" and a["concurrency"] == r["concurrency"])
         assert r["speedup_vs_ar"] == pytest.approx(r["tokens_per_s"] / ar["tokens_per_s"], abs=1e-3)
         if r["mode"] == "ar":
@@ -161,7 +186,7 @@ def check_report(report: dict, levels: list[int], num_requests: int) -> None:
 
 def test_in_process_report(in_process):
     report, _ = in_process
-    check_report(report, [1, 2], 4)
+    check_report(report, [1, 2], 2 * 4, num_rounds=2)
     assert report["target"]["kind"] == "engine" and report["target"]["slots"] == 4
     assert report["settings"]["num_prompts"] == len(PROMPTS) and report["settings"]["temperature"] == 0.0
     assert report["machine"]["torch_threads"] == 1 and report["notes"] == []

@@ -53,6 +53,10 @@ def _host_port(ctx, param, value: str | None) -> str | None:
                    "as trimode eval uses them].")
 @click.option("--warmup", "num_warmup", type=click.IntRange(min=0), default=1, show_default=True,
               help="Untimed requests per mode and block length before timing (with the longest prompt).")
+@click.option("--repeats", "num_rounds", type=click.IntRange(1, 1000), default=1, show_default=True,
+              help="Rounds of every mode at every concurrency, round-robin over the modes: tokens/s is the "
+                   "median round's, and the advice says when the best two overlap over their rounds "
+                   "(too close to call). Use 3 or more on a machine shared with other jobs.")
 @click.option("--stop-at-eos", is_flag=True, help="Let requests end at EOS (default: ignore it, so every request "
                                                   "makes --max-tokens tokens and the modes do equal work).")
 @click.option("--threads", type=click.IntRange(1, 1024), default=None,
@@ -64,7 +68,7 @@ def _host_port(ctx, param, value: str | None) -> str | None:
 def bench(engine_dir: Path | None, url: str | None, protocol: str, openai_url: str | None, prefix: str,
           modes: tuple[str, ...], concurrency: tuple[int, ...] | None, num_requests: int | None,
           duration_s: float | None, max_tokens: int, block_lengths: tuple[int, ...] | None, prompts_path: Path | None,
-          num_warmup: int, stop_at_eos: bool, threads: int | None, out_dir: Path | None, force: bool,
+          num_warmup: int, num_rounds: int, stop_at_eos: bool, threads: int | None, out_dir: Path | None, force: bool,
           as_json: bool) -> None:
     """Measure each mode at each concurrency on an engine dir (--engine) or a running server (--url,
     --openai), and say which mode (and block length) to deploy at which load.
@@ -93,7 +97,8 @@ def bench(engine_dir: Path | None, url: str | None, protocol: str, openai_url: s
     if prefix and engine_dir is not None:
         raise click.UsageError("--prefix names a server's models: it needs --url or --openai")
     settings = dict(modes=modes, num_requests=num_requests, duration_s=duration_s, max_tokens=max_tokens,
-                    block_lengths=block_lengths or (), ignore_eos=not stop_at_eos, num_warmup=num_warmup)
+                    block_lengths=block_lengths or (), ignore_eos=not stop_at_eos, num_warmup=num_warmup,
+                    num_rounds=num_rounds)
     BenchSettings(concurrency=concurrency or (1,), **settings)  # bad settings fail before any loading
     if out_dir is not None:
         check_output(out_dir, STAGE, force=force)
@@ -120,7 +125,7 @@ def bench(engine_dir: Path | None, url: str | None, protocol: str, openai_url: s
     bars = []
 
     def on_start(num_cells: int) -> None:
-        bars.append(tqdm(total=num_cells, desc="bench", unit="cell", disable=as_json, file=sys.stderr))
+        bars.append(tqdm(total=num_cells, desc="bench", unit="run", disable=as_json, file=sys.stderr))
 
     def on_cell(variant: str, c: int) -> None:
         bars[0].set_postfix_str(f"{variant} c={c}")

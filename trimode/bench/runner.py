@@ -4,9 +4,10 @@ requests on one target; the report holds every cell, the speed-ups over AR and t
 Closed loop at level c: c client threads, each sending its next request as soon as its previous
 one finished, until the level's requests are used up (or its duration is over: requests already
 sent finish and count; every client sends at least one). Request i of a level gets prompt
-i mod len(prompts), the same for every variant. Levels run in order, every variant within a level back to back, so AR and the mode it is
-compared with share the machine's load of that moment. Each variant gets its warm-up requests
-first (with the longest prompt, so a prompt that cannot fit fails there, before any timing).
+i mod len(prompts), the same for every variant. Levels run in order, every variant within a level
+back to back (with several rounds, round-robin), so AR and the mode it is compared with share the
+machine's load of that moment. Each variant gets its warm-up requests first (with the longest
+prompt, so a prompt that cannot fit fails there, before any timing).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class BenchSettings:
     block_lengths: tuple[int, ...] = ()       # diffusion and self-spec each run at every one; (): the default
     ignore_eos: bool = True
     num_warmup: int = 1
+    num_rounds: int = 1                       # of every cell, interleaved with the other variants'
 
     def __post_init__(self) -> None:
         bad = [m for m in self.modes if m not in {m.value for m in Mode}]
@@ -52,8 +54,8 @@ class BenchSettings:
                              f"(every client sends at least one request)")
         if self.duration_s is not None and not self.duration_s > 0:
             raise InputError(f"duration_s: expected a number of seconds > 0, got {self.duration_s}")
-        if self.max_tokens < 1 or self.num_warmup < 0 or min(self.block_lengths, default=1) < 1:
-            raise InputError("max_tokens and block_lengths must be >= 1, num_warmup >= 0")
+        if min(self.max_tokens, self.num_rounds, *self.block_lengths) < 1 or self.num_warmup < 0:
+            raise InputError("max_tokens, num_rounds and block_lengths must be >= 1, num_warmup >= 0")
 
     def requests_at(self, concurrency: int) -> int | None:
         if self.duration_s is not None:
@@ -127,7 +129,7 @@ def closed_loop(target: Target, ask_for: Callable[[int], Ask], concurrency: int,
 
 def run_bench(target: Target, prompts: list[str], settings: BenchSettings,
               on_start: Callable[[int], None] | None = None, on_cell: Callable[[str, int], None] | None = None) -> dict:
-    """The report (module doc). on_start(number of cells) after the warm-ups; on_cell(variant, c) after each."""
+    """The report (module doc). on_start(number of runs) after the warm-ups; on_cell(variant, c) after each run."""
     target.check([Mode(m) for m in settings.modes])
     runs = variants(settings, target.default_block_length)
     longest = max(prompts, key=len)
@@ -135,18 +137,21 @@ def run_bench(target: Target, prompts: list[str], settings: BenchSettings,
         for _ in range(settings.num_warmup):
             timed(target, Ask(longest, v.mode, v.block_length, settings.max_tokens, settings.ignore_eos), 0.0)
     if on_start:
-        on_start(len(runs) * len(settings.concurrency))
+        on_start(len(runs) * len(settings.concurrency) * settings.num_rounds)
     rows = []
     for c in settings.concurrency:
-        for v in runs:
-            def ask_for(i: int, v=v) -> Ask:
-                return Ask(prompts[i % len(prompts)], v.mode, v.block_length, settings.max_tokens, settings.ignore_eos)
+        rounds: dict[Variant, list] = {v: [] for v in runs}
+        for _ in range(settings.num_rounds):
+            for v in runs:
+                def ask_for(i: int, v=v) -> Ask:
+                    return Ask(prompts[i % len(prompts)], v.mode, v.block_length, settings.max_tokens,
+                               settings.ignore_eos)
 
-            records, wall_s = closed_loop(target, ask_for, c, settings.requests_at(c), settings.duration_s)
-            rows.append({"variant": v.name, "mode": v.mode.value, "block_length": v.block_length,
-                         "concurrency": c, **summarize(records, wall_s)})
-            if on_cell:
-                on_cell(v.name, c)
+                rounds[v].append(closed_loop(target, ask_for, c, settings.requests_at(c), settings.duration_s))
+                if on_cell:
+                    on_cell(v.name, c)
+        rows += [{"variant": v.name, "mode": v.mode.value, "block_length": v.block_length, "concurrency": c,
+                  **summarize(rounds[v])} for v in runs]
     add_speedups(rows)
     return {"tool": _tool(), "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "machine": machine(), "target": target.describe(),

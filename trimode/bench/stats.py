@@ -35,10 +35,15 @@ class Record:
     mean_accepted_length: float | None  # self-spec: mean accepted tokens per cycle (None elsewhere)
 
 
-def summarize(records: list[Record], wall_s: float) -> dict:
-    """One (variant, concurrency) cell. tokens/s = all output tokens / the level's wall time (first
-    send to last answer); tokens per pass counts every pass, prefill included, over all requests."""
+def summarize(rounds: list[tuple[list[Record], float]]) -> dict:
+    """One (variant, concurrency) cell from its rounds (records, wall time from first send to last
+    answer). A round's tokens/s = its output tokens / its wall time; the cell's is the median round's
+    (the rounds ran interleaved with the other variants', so their spread is the machine's noise).
+    Everything else pools the rounds' requests; tokens per pass counts every pass, prefill included."""
+    records = [r for rs, _ in rounds for r in rs]
+    per_round = [sum(r.num_tokens for r in rs) / wall_s for rs, wall_s in rounds]
     tokens = sum(r.num_tokens for r in records)
+    wall_s = sum(w for _, w in rounds)
     passes = [r.num_passes for r in records]
     ttft = [r.first_token_s - r.start_s for r in records]
     latency = [r.end_s - r.start_s for r in records]
@@ -46,7 +51,8 @@ def summarize(records: list[Record], wall_s: float) -> dict:
         "num_requests": len(records),
         "num_output_tokens": tokens,
         "wall_s": round(wall_s, 6),
-        "tokens_per_s": round(tokens / wall_s, 2),
+        "tokens_per_s": round(percentile(per_round, 50), 2),
+        "tokens_per_s_rounds": [round(t, 2) for t in per_round],
         "requests_per_s": round(len(records) / wall_s, 3),
         "tokens_per_pass": round(tokens / sum(passes), 4) if None not in passes and sum(passes) else None,
         "mean_accepted_length": mean_accepted_length(records),
@@ -85,12 +91,20 @@ def advise(rows: list[dict]) -> list[dict]:
         best, second = ranked[0], (ranked[1] if len(ranked) > 1 else None)
         entry = {"concurrency": c, "variant": best["variant"], "mode": best["mode"],
                  "block_length": best["block_length"], "tokens_per_s": best["tokens_per_s"],
-                 "speedup_vs_ar": best["speedup_vs_ar"],
+                 "speedup_vs_ar": best["speedup_vs_ar"], "too_close": too_close(best, second),
                  "runner_up": second and {"variant": second["variant"], "tokens_per_s": second["tokens_per_s"],
                                           "speedup_vs_ar": second["speedup_vs_ar"]}}
         entry["text"] = advice_text(entry)
         advice.append(entry)
     return advice
+
+
+def too_close(best: dict, second: dict | None) -> bool | None:
+    """Whether the two overlap over their rounds (the slowest round of the best is no faster than
+    the fastest of the runner-up); None with one round each, which says nothing about the noise."""
+    if second is None or min(len(best["tokens_per_s_rounds"]), len(second["tokens_per_s_rounds"])) < 2:
+        return None
+    return min(best["tokens_per_s_rounds"]) <= max(second["tokens_per_s_rounds"])
 
 
 def advice_text(a: dict) -> str:
@@ -101,4 +115,6 @@ def advice_text(a: dict) -> str:
     if second:
         vs = f", {second['speedup_vs_ar']:.2f}x AR" if second["speedup_vs_ar"] is not None else ""
         text += f"; next {second['variant']} ({second['tokens_per_s']:.1f} tok/s{vs})"
+    if a["too_close"]:
+        text += ": too close to call, their rounds overlap"
     return text
