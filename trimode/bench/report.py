@@ -26,15 +26,15 @@ def format_table(report: dict) -> str:
     spread = s["num_rounds"] > 1
     lines = [f"{where}: {s['max_tokens']} tokens per request, temperature 0, {m['cpu']} ({m['num_cpus']} CPUs)"
              + (f", tok/s: median of {s['num_rounds']} rounds (min-max)" if spread else ""),
-             f"{'variant':<14}{'conc':>5}{'reqs':>6}{'tok/s':>9}{'min-max' if spread else '':>14}{'vs AR':>7}"
+             f"{'variant':<14}{'conc':>5}{'reqs':>6}{'tok/s':>9}{f'{chr(32) * 7}min-max' if spread else ''}{'vs AR':>7}"
              f"{'tok/pass':>9}{'accept':>7}{'TTFT p50':>10}{'p95':>8}{'lat p50':>9}{'p95':>8}"]
     for r in report["results"]:
         def opt(v, fmt):
             return "-" if v is None else format(v, fmt)
 
         rounds = r["tokens_per_s_rounds"]
-        span = f"{min(rounds):.0f}-{max(rounds):.0f}" if spread else ""
-        lines.append(f"{r['variant']:<14}{r['concurrency']:>5}{r['num_requests']:>6}{r['tokens_per_s']:>9.1f}{span:>14}"
+        span = f"{f'{min(rounds):.0f}-{max(rounds):.0f}':>14}" if spread else ""
+        lines.append(f"{r['variant']:<14}{r['concurrency']:>5}{r['num_requests']:>6}{r['tokens_per_s']:>9.1f}{span}"
                      f"{opt(r['speedup_vs_ar'], '.2f'):>7}{opt(r['tokens_per_pass'], '.2f'):>9}"
                      f"{opt(r['mean_accepted_length'], '.2f'):>7}{r['ttft_s']['p50']:>10.3f}{r['ttft_s']['p95']:>8.3f}"
                      f"{r['latency_s']['p50']:>9.3f}{r['latency_s']['p95']:>8.3f}")
