@@ -208,7 +208,8 @@ def test_default_levels_stop_at_the_slots(runner, tiny_engine_dir, prompts_file)
 
 def test_table_and_advice(runner, tiny_engine_dir, prompts_file):
     result = runner.invoke(main, ["bench", "--engine", str(tiny_engine_dir), "--prompts", str(prompts_file),
-                                  "--modes", "ar,self-spec", "--concurrency", "2", "--max-tokens", "4", "--duration", "0.5"])
+                                  "--modes", "ar,self-spec", "--concurrency", "2", "--max-tokens", "4",
+                                  "--duration", "0.5"])
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[1].split()[:4] == ["variant", "conc", "reqs", "tok/s"]

@@ -44,7 +44,8 @@ class BenchSettings:
     def __post_init__(self) -> None:
         bad = [m for m in self.modes if m not in {m.value for m in Mode}]
         if bad or not self.modes:
-            raise InputError(f"modes: expected some of {', '.join(m.value for m in Mode)}, got {','.join(self.modes)!r}")
+            raise InputError(f"modes: expected some of {', '.join(m.value for m in Mode)}, "
+                             f"got {','.join(self.modes)!r}")
         if not self.concurrency or min(self.concurrency) < 1:
             raise InputError(f"concurrency: expected integers >= 1, got {self.concurrency}")
         if self.num_requests is not None and self.duration_s is not None:

@@ -175,7 +175,8 @@ class TritonTarget:
                     return int(c.get_model_config(model, client_timeout=self.timeout_s).config.max_batch_size)
             except (InferenceServerException, ValueError):
                 return None if what != "ready" else False
-        path = "/v2/health/ready" if model is None else f"/v2/models/{model}" + ("/ready" if what == "ready" else "/config")
+        path = "/v2/health/ready" if model is None else \
+            f"/v2/models/{model}" + ("/ready" if what == "ready" else "/config")
         try:
             with urllib.request.urlopen(f"http://{self.url}{path}", timeout=self.timeout_s) as response:
                 return response.status == 200 if what == "ready" else int(json.loads(response.read())["max_batch_size"])
