@@ -49,6 +49,13 @@ class BuiltEngine:
     def block_lengths(self) -> tuple[int, ...]:
         return tuple(self.manifest["settings"]["block_lengths"])
 
+    @property
+    def default_block_length(self) -> int:
+        """What a request that names no block length runs: the checkpoint's block_size when the
+        engine was built for it, else the first length it was built for."""
+        size = self.checkpoint.spec.block_size
+        return size if size in self.block_lengths else self.block_lengths[0]
+
     def new_engine(self) -> Engine:
         return Engine(self.checkpoint.model, self.config, backend=self.backend, block_lengths=self.block_lengths)
 

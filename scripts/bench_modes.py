@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from trimode.bench.stats import percentile
 from trimode.checkpoint import load_checkpoint
 from trimode.decoding import GenerationSettings, Mode, engine_for, generate
 from trimode.hf_reference import ministral3_from
@@ -106,7 +107,7 @@ def time_interleaved(fns: dict, repeats: int) -> dict[str, dict]:
             start = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - start)
-    return {k: {"time_s_best": round(min(t), 5), "time_s_median": round(statistics.median(t), 5)}
+    return {k: {"time_s_best": round(min(t), 5), "time_s_median": round(percentile(t, 50), 5)}
             for k, t in times.items()}
 
 

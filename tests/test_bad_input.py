@@ -292,7 +292,8 @@ def test_help_shows_each_range_and_the_check_enforces_it(refused, runner, tiny_d
              "train-draft": ["train-draft", tiny_dir, "--out", tmp_path / "out"],
              "build": ["build", tiny_dir, "--out", tmp_path / "out"],
              "repo": ["repo", tiny_dir, "--out", tmp_path / "out"], "serve": ["serve", tiny_dir],
-             "deploy": ["deploy", tiny_dir, "--out", tmp_path / "out"]}[command]
+             "deploy": ["deploy", tiny_dir, "--out", tmp_path / "out"],
+             "bench": ["bench", "--engine", tiny_dir]}[command]
     help_text = " ".join(runner.invoke(main, [command, "--help"]).stdout.split())
     assert kind._describe_range() in help_text
     refused([*fixed, option, value], tmp_path, f"Invalid value for '{option}'", exit_code=2)

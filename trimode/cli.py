@@ -516,3 +516,4 @@ if __name__ == "__main__":  # python -m trimode.cli: run the imported module, wh
 import trimode.cli_engine  # noqa: E402,F401  (registers build and inspect; it uses the helpers above)
 import trimode.cli_serve  # noqa: E402,F401  (registers repo and serve)
 import trimode.cli_deploy  # noqa: E402,F401  (registers deploy)
+import trimode.cli_bench  # noqa: E402,F401  (registers bench)

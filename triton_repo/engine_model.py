@@ -61,10 +61,8 @@ class TritonPythonModel:
         self.built = load_engine(engine_dir)  # checks the files and re-runs the self-test
         if self.built.manifest["digest_sha256"] != params.get("engine_digest", self.built.manifest["digest_sha256"]):
             raise EngineError(f"{engine_dir} was rebuilt after this repository was written; rerun `trimode repo`")
-        spec, lengths = self.built.checkpoint.spec, self.built.block_lengths
-        self.vocab_size = spec.vocab_size
-        # the checkpoint's block_size when the engine runs it, else the first length it was built for
-        self.default_block_length = spec.block_size if spec.block_size in lengths else lengths[0]
+        self.vocab_size = self.built.checkpoint.spec.vocab_size
+        self.default_block_length = self.built.default_block_length
         self.metrics = TritonMetrics(config["name"])
         self.loop = EngineLoop(self.built.new_engine(), int(params["max_queued_requests"]), self.metrics)
 
