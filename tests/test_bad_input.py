@@ -12,7 +12,14 @@ import pytest
 from trimode.make_checkpoint import TINY_SPEC
 
 NAN, INF = float("nan"), float("inf")
-DELETE = object()
+class _Delete:
+    """The key is removed (a repr that is the same in every process: pytest-xdist compares test ids)."""
+
+    def __repr__(self) -> str:
+        return "DELETE"
+
+
+DELETE = _Delete()
 
 # --- config.json: each key with values of the wrong type, out of range, non-finite ---------------
 REQUIRED_COUNTS = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
