@@ -128,10 +128,29 @@ def shared_dir(tmp_path_factory, name: str, make) -> Path:
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent  # the run's base folder, above every worker's own
-    (root / "shared").mkdir(exist_ok=True)
-    out = root / "shared" / name
-    with open(root / "shared" / f".{name}.lock", "w") as lock:
+    shared = root / "shared"
+    shared.mkdir(exist_ok=True)
+    with open(shared / f".{name}.shared-lock", "w") as lock:  # not stage_output's .{name}.lock
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (out / "manifest.json").is_file():
-            make(out)
-    return out
+        if not (shared / f".{name}.done").is_file():
+            make(shared / name)
+            (shared / f".{name}.done").touch()
+    return shared / name
+
+
+# `trimode deploy` options of the shared tiny deploy (small limits: a build's time grows with them)
+DEPLOY_ARGS = ["--calib-samples", "8", "--calib-seq-len", "48", "--max-batch-size", "4", "--max-seq-len", "96",
+               "--max-input-len", "16", "--block-lengths", "4"]
+
+
+@pytest.fixture(scope="session")
+def tiny_deploy_dir(tiny_adapter_dir, tmp_path_factory):
+    """`trimode deploy` of the tiny checkpoint with its draft adapter: FP8 checkpoint, engine and
+    repository, made once per run; the FP8 engine tests and the deploy tests share it."""
+    from trimode.cli import main
+
+    def make(out: Path) -> None:
+        result = CliRunner().invoke(main, ["deploy", str(tiny_adapter_dir), "--out", str(out), *DEPLOY_ARGS])
+        assert result.exit_code == 0, result.output
+
+    return shared_dir(tmp_path_factory, "tiny-deploy", make)

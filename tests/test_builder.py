@@ -19,19 +19,15 @@ from trimode.builder.engine_dir import load_engine
 from trimode.cli import main
 from trimode.decoding import Engine, GenerationSettings, Mode, generate
 from trimode.errors import EngineError, InputError
-from trimode.quantize import QuantizeSettings, quantize_checkpoint
 
 SMALL = BuildSettings(max_batch_size=4, max_seq_len=96, max_input_len=16)
 MODES = list(Mode)
 
 
 @pytest.fixture(scope="module")
-def fp8_engine_dir(tiny_adapter_dir, tmp_path_factory):
-    fp8 = quantize_checkpoint(tiny_adapter_dir, tmp_path_factory.mktemp("q") / "fp8",
-                              QuantizeSettings(calib_samples=6, calib_seq_len=48, calib_batch_size=3))
-    out = tmp_path_factory.mktemp("engines") / "fp8"
-    build_engine(fp8, out, BuildSettings(**{**SMALL.__dict__, "block_lengths": (4,)}))
-    return out
+def fp8_engine_dir(tiny_deploy_dir):
+    """The tiny checkpoint with its draft adapter, FP8-quantized and built by `trimode deploy` (block length 4)."""
+    return tiny_deploy_dir / "engine"
 
 
 @pytest.fixture(scope="module")

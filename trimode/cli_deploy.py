@@ -24,6 +24,8 @@ DEFAULT_PROMPT = "def __init__(self, name, value=None):"
               help="Quantize to FP8 first (skipped for an input that is already FP8).")
 @click.option("--calib-samples", type=click.IntRange(1, 1 << 20), default=64, show_default=True,
               help="FP8 calibration windows.")
+@click.option("--calib-seq-len", type=click.IntRange(2, 1 << 20), default=256, show_default=True,
+              help="Tokens per calibration window.")
 @click.option("--backend", type=click.Choice(["torch", "onnx", "tensorrt"]), default="torch", show_default=True,
               help="The engine backend (trimode build --help).")
 @click.option("--max-batch-size", type=click.IntRange(1, 4096), default=8, show_default=True,
@@ -49,7 +51,8 @@ DEFAULT_PROMPT = "def __init__(self, name, value=None):"
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True)
 @click.option("--force", is_flag=True, help="Redo every stage, even one whose input and settings are unchanged.")
 @click.option("--json", "as_json", is_flag=True, help="Print the deploy manifest (and the answers) as JSON.")
-def deploy(checkpoint_dir: Path | None, out_dir: Path, fp8: bool, calib_samples: int, backend: str,
+def deploy(checkpoint_dir: Path | None, out_dir: Path, fp8: bool, calib_samples: int, calib_seq_len: int,
+           backend: str,
            max_batch_size: int, max_seq_len: int, max_input_len: int, block_lengths: tuple[int, ...] | None,
            device: str, prefix: str, modes: tuple[str, ...], serve_after: bool, once: bool, prompt: str,
            max_tokens: int, host: str, http_port: int, grpc_port: int, metrics_port: int, force: bool,
@@ -76,7 +79,7 @@ def deploy(checkpoint_dir: Path | None, out_dir: Path, fp8: bool, calib_samples:
     if serve_after:
         check_ports(ports)  # before the stages, not after
     settings = DeploySettings(
-        fp8=fp8, quantize=QuantizeSettings(calib_samples=calib_samples),
+        fp8=fp8, quantize=QuantizeSettings(calib_samples=calib_samples, calib_seq_len=calib_seq_len),
         build=BuildSettings(backend=backend, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                             max_input_len=max_input_len, block_lengths=block_lengths or (),
                             device=device.split(":")[0]),

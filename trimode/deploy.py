@@ -65,7 +65,7 @@ def deploy(checkpoint_dir: Path, out_dir: Path, settings: DeploySettings = Deplo
         raise InputError(f"{checkpoint_dir}: not a directory")
     check_backend(settings.build)  # before an FP8 calibration that a missing TensorRT would waste
     previous = _read_previous(out_path)
-    records: dict[str, dict] = {}
+    records = dict(previous)  # until a stage is checked again: an interrupted run keeps the later ones
     manifest = {"stage": STAGE, "tool": f"trimode {__version__}",
                 "input": {"path": str(checkpoint_dir)}, "folders": {}, "stages": records}
 
@@ -93,12 +93,14 @@ def deploy(checkpoint_dir: Path, out_dir: Path, settings: DeploySettings = Deplo
                                                                force=again, progress=hooks.quantize_progress),
                      input_digest)
     else:
+        records.pop("quantize", None)
         hooks.on_stage("quantize", "skipped")
     engine = run("build", source, _plain(asdict(settings.build)),
                  lambda target, again: build_engine(source, target, settings.build, again,
                                                     hooks.build_start, hooks.build_program),
                  _engine_digest)
-    run("repo", engine, _plain(asdict(settings.repo)),
+    # the repository names its engine dir by absolute path: a moved deploy folder rewrites it
+    run("repo", engine, _plain({"engine_path": str(engine.resolve()), **asdict(settings.repo)}),
         lambda target, again: write_model_repo(engine, target, settings.repo, again), input_digest)
     return manifest
 
