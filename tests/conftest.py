@@ -111,13 +111,10 @@ def kernels(monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def tiny_engine_dir(tiny_dir, tmp_path_factory):
-    """A torch engine of the tiny checkpoint (block length 4), built once per run (~2 min on CPU):
-    the repo and serve tests share it, across pytest-xdist workers too."""
-    from trimode.builder import BuildSettings, build_engine
-
-    return shared_dir(tmp_path_factory, "tiny-engine", lambda out: build_engine(
-        tiny_dir, out, BuildSettings(max_batch_size=4, max_seq_len=96, max_input_len=16, block_lengths=(4,))))
+def tiny_engine_dir(tiny_deploy_dir):
+    """A torch engine of the tiny checkpoint with its draft adapter, FP8, block length 4: the
+    shared deploy's (one build per run serves the engine, repo, serve, bench and deploy tests)."""
+    return tiny_deploy_dir / "engine"
 
 
 def shared_dir(tmp_path_factory, name: str, make) -> Path:

@@ -68,7 +68,7 @@ def test_golden_structure(repo_dir, tiny_engine_dir):
     assert manifest["ensembles"] == {"ar": "ar", "diffusion": "diffusion", "self-spec": "self_spec"}
 
 
-def test_ensemble_interface(repo_dir):
+def test_ensemble_interface(repo_dir, tiny_engine_dir):
     for name in ("ar", "diffusion", "self_spec"):
         config = parse(repo_dir / name / "config.pbtxt")
         dtype = model_config_pb2.DataType.Name
@@ -80,7 +80,7 @@ def test_ensemble_interface(repo_dir):
     engine = parse(repo_dir / "engine" / "config.pbtxt")
     assert engine.model_transaction_policy.decoupled
     assert engine.instance_group[0].count == 1 and engine.max_batch_size == 4
-    assert engine.parameters["engine_dir"].string_value.endswith("tiny")
+    assert engine.parameters["engine_dir"].string_value == str(tiny_engine_dir.resolve())
     pre = parse(repo_dir / "preprocessing_self_spec" / "config.pbtxt")
     assert pre.parameters["mode"].string_value == "self-spec"
 
