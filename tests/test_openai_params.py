@@ -23,6 +23,7 @@ def parse(body: dict, is_chat: bool = False, room: int = 50) -> Call:
 @pytest.mark.parametrize("body, inputs", [
     ({"prompt": "def f"}, {"text_input": "def f", "max_tokens": 16}),   # OpenAI's completions default
     ({"prompt": ["def f"], "max_tokens": 5}, {"text_input": "def f", "max_tokens": 5}),
+    ({"prompt": "p", "max_completion_tokens": 6}, {"text_input": "p", "max_tokens": 6}),
     ({"prompt": "p", "temperature": 0, "seed": 7, "top_p": 1},
      {"text_input": "p", "max_tokens": 16, "temperature": 0.0, "random_seed": 7, "top_p": 1.0}),
     ({"prompt": "p", "stop": "\n"}, {"text_input": "p", "max_tokens": 16, "stop_words": ["\n"]}),

@@ -73,7 +73,7 @@ def parse_request(body, is_chat: bool, models: list[str], render_chat: Callable[
     except TrimodeError as e:
         raise APIError(400, str(e), "messages" if is_chat else "prompt") from None
     inputs: dict = {"text_input": prompt}
-    names = ("max_completion_tokens", "max_tokens") if is_chat else ("max_tokens",)
+    names = ("max_completion_tokens", "max_tokens")  # chat's newer name; clients send it to completions too
     name = next((n for n in names if body.get(n) is not None), names[-1])
     max_tokens = body.get(name)
     if max_tokens is None:
