@@ -84,8 +84,9 @@ def assert_keeps_serving(client: openai.OpenAI) -> None:
 def test_models_one_per_mode(plain):
     assert [m.id for m in plain.models.list().data] == MODELS
     assert plain.models.retrieve("self_spec").owned_by == "trimode"
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.NotFoundError) as e:
         plain.models.retrieve("nope")
+    assert e.value.body["code"] == "model_not_found"
 
 
 @pytest.mark.parametrize("mode", MODELS)

@@ -129,8 +129,13 @@ class _Handler(BaseHTTPRequestHandler):
         frontend, path = self.server.frontend, self.path.split("?")[0].rstrip("/")
         if path == "/v1/models":
             self._json(200, models_list(frontend.models, frontend.created))
-        elif path.startswith("/v1/models/") and unquote(path[len("/v1/models/"):]) in frontend.models:
-            self._json(200, models_list([unquote(path[len("/v1/models/"):])], frontend.created)["data"][0])
+        elif path.startswith("/v1/models/"):
+            model = unquote(path[len("/v1/models/"):])
+            if model in frontend.models:
+                self._json(200, models_list([model], frontend.created)["data"][0])
+            else:
+                self._error(APIError(404, f"The model '{model}' does not exist; served: {', '.join(frontend.models)}",
+                                     "model", "model_not_found"))
         elif path == "/health":
             self._json(200, {})
         else:

@@ -95,7 +95,7 @@ def parse_request(body, is_chat: bool, models: list[str], render_chat: Callable[
         raise APIError(400, "stop: expected a string or a list of up to 4 non-empty strings", "stop")
     if stop:
         inputs["stop_words"] = stop
-    if body.get("ignore_eos") is True:  # vLLM's extension, which benchmarks (aiperf) send
+    if body.get("ignore_eos") is not None and _boolean("ignore_eos", body["ignore_eos"]):  # vLLM's, aiperf sends it
         inputs["end_id"] = -1
     for name, kind in (("block_length", int), ("threshold", float)):  # ours, as on the ensembles
         if body.get(name) is not None:
