@@ -10,6 +10,7 @@ has no chat template, and `chat` is given the embedded checkpoint's template (--
 from __future__ import annotations
 
 import json
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -202,6 +203,19 @@ def test_unreachable_triton_is_a_503(served):
             client.completions.create(model="ar", prompt="x", max_tokens=2)
         assert e.value.status_code == 503 and e.value.body["type"] == "server_error"
         assert len(client.models.list().data) == 3
+
+
+def test_stop_ends_open_connections(served):
+    """A keep-alive connection idle in its handler is closed by stop(), not left to a daemon thread."""
+    frontend = OpenAIFrontend(served["repo"], "127.0.0.1:1", port=Ports.free().http).start()
+    with socket.create_connection(("127.0.0.1", frontend.port), timeout=10) as connection:
+        connection.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+        reader = connection.makefile("rb")
+        assert reader.readline().startswith(b"HTTP/1.1 200")
+        headers = dict(line.decode().split(": ", 1) for line in iter(reader.readline, b"\r\n"))
+        assert json.loads(reader.read(int(headers["Content-Length"])))["object"] == "list"
+        frontend.stop()  # the connection is still open, idle
+        assert reader.read() == b""  # end of file, at once
 
 
 def test_concurrent_requests_get_their_solo_text(plain):

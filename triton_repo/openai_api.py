@@ -85,11 +85,15 @@ class OpenAIFrontend:
         return self
 
     def stop(self) -> None:
+        """Stop accepting, end every open connection and wait for their threads: an idle keep-alive
+        connection ends at once, a stream in flight cancels its request, a whole answer in flight is
+        still sent. So no request of ours is left running when tritonserver stops next."""
         if self._httpd is not None:
             if self._thread is not None:
                 self._httpd.shutdown()
                 self._thread.join()
-            self._httpd.server_close()
+            self._httpd.close_connections()
+            self._httpd.server_close()  # joins the connections' threads
             self._httpd = self._thread = None
 
     def __enter__(self) -> "OpenAIFrontend":
@@ -100,8 +104,33 @@ class OpenAIFrontend:
 
 
 class _Server(ThreadingHTTPServer):
-    daemon_threads = True  # an open keep-alive connection never holds up stop()
+    daemon_threads = False  # stop() ends the connections, then joins their threads
     frontend: OpenAIFrontend
+
+    def __init__(self, *args, **kwargs):
+        self._connections: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request, client_address) -> None:
+        with self._lock:
+            self._connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request) -> None:
+        with self._lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        """A handler waiting for the next request on a keep-alive connection reads end-of-file and
+        returns; one streaming an answer fails its next write."""
+        with self._lock:
+            for connection in self._connections:
+                try:
+                    connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # already closed by the client
 
 
 class _Server6(_Server):
