@@ -304,3 +304,14 @@ def test_help_shows_each_range_and_the_check_enforces_it(refused, runner, tiny_d
     help_text = " ".join(runner.invoke(main, [command, "--help"]).stdout.split())
     assert kind._describe_range() in help_text
     refused([*fixed, option, value], tmp_path, f"Invalid value for '{option}'", exit_code=2)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_generate_url_with_no_server(refused, tmp_path, protocol):
+    """gRPC reports a refused connection either from the send or through the stream's callback (a
+    race): both are the same one-line error, every time."""
+    from trimode.triton_repo.server import Ports
+
+    for _ in range(5):
+        refused(["generate", "--url", f"127.0.0.1:{Ports.free().grpc}", "--protocol", protocol, "x"], tmp_path,
+                "ar: " if protocol == "grpc" else "ar: cannot reach 127.0.0.1:")

@@ -1,6 +1,6 @@
-"""`trimode serve` as users run it (a subprocess) on a repository with a one-request queue: past it
-a clear "overloaded" error (counted in the metrics); SIGTERM stops tritonserver and its python
-backend stubs, leaving no process and freeing the ports."""
+"""`trimode serve` as users run it (a subprocess, with its OpenAI front end) on a repository with a
+one-request queue: past it a clear "overloaded" error (counted in the metrics); SIGTERM stops
+tritonserver and its python backend stubs, leaving no process and freeing the ports."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import json
 import urllib.request
 from pathlib import Path
 
@@ -43,17 +44,19 @@ def processes_using(path: Path) -> list[int]:
 def served(tiny_engine_dir, tmp_path_factory):
     repo = write_model_repo(tiny_engine_dir, tmp_path_factory.mktemp("serve-process") / "repo",
                             RepoSettings(max_queued_requests=1))
-    ports = Ports.free()
+    ports, openai_port = Ports.free(), Ports.free().http
     log_path = repo.parent / "serve.log"  # a file, not a pipe: tritonserver logs a lot and would block on a full pipe
     with open(log_path, "wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "trimode.cli", "serve", str(repo), "--http-port",
                                     str(ports.http), "--grpc-port", str(ports.grpc), "--metrics-port",
-                                    str(ports.metrics)], stdout=log, stderr=subprocess.STDOUT)
+                                    str(ports.metrics), "--openai-port", str(openai_port)],
+                                   stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while "serving ar, diffusion, self_spec" not in log_path.read_text(errors="replace"):  # every model is ready
         assert process.poll() is None and time.monotonic() < deadline, log_path.read_text(errors="replace")[-2000:]
         time.sleep(0.25)
-    yield process, repo, ports
+    assert f"OpenAI http://127.0.0.1:{openai_port}/v1" in log_path.read_text(errors="replace")
+    yield process, repo, ports, openai_port
     if process.poll() is None:
         process.kill()
         for pid in processes_using(repo):
@@ -61,7 +64,7 @@ def served(tiny_engine_dir, tmp_path_factory):
 
 
 def test_past_the_queue_requests_are_overloaded(served):
-    process, repo, ports = served
+    process, repo, ports, _ = served
     url = f"127.0.0.1:{ports.grpc}"
     server = TritonServer(repo, ports=ports)  # for its endpoints only
     results: dict[int, object] = {}
@@ -90,8 +93,13 @@ def test_past_the_queue_requests_are_overloaded(served):
 
 def test_sigterm_stops_the_server_cleanly(served):
     """Also after a cancelled stream: a request left in flight would hold tritonserver for its 30 s exit timeout."""
-    process, repo, ports = served
-    assert len(processes_using(repo)) >= 5  # tritonserver and a stub per python model
+    process, repo, ports, openai_port = served
+    assert len(processes_using(repo)) >= 5
+    models = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{openai_port}/v1/models", timeout=10).read())
+    assert [m["id"] for m in models["data"]] == ["ar", "diffusion", "self_spec"]
+    request = urllib.request.Request(f"http://127.0.0.1:{openai_port}/v1/completions", method="POST",
+                                     data=json.dumps({"model": "ar", "prompt": "def f", "max_tokens": 3}).encode())
+    assert json.loads(urllib.request.urlopen(request, timeout=60).read())["usage"]["completion_tokens"] >= 1  # tritonserver and a stub per python model
     stream = client.stream_grpc(f"127.0.0.1:{ports.grpc}", "ar", {"text_input": "def f", "max_tokens": 60,
                                                                   "end_id": -1})
     next(stream)
@@ -105,5 +113,6 @@ def test_sigterm_stops_the_server_cleanly(served):
     while processes_using(repo) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert processes_using(repo) == []
-    with pytest.raises(OSError):
-        urllib.request.urlopen(f"http://127.0.0.1:{ports.http}/v2/health/ready", timeout=2)
+    for url in (f"http://127.0.0.1:{ports.http}/v2/health/ready", f"http://127.0.0.1:{openai_port}/v1/models"):
+        with pytest.raises(OSError):
+            urllib.request.urlopen(url, timeout=2)

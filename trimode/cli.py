@@ -207,16 +207,25 @@ def _checkpoint_dir(path: Path | None) -> Path:
 @click.option("--protocol", type=click.Choice(["grpc", "http"]), default="grpc", show_default=True,
               help="With --url: the server's protocol.")
 @click.option("--stream", is_flag=True, help="With --url: print the text as the server streams it.")
+@click.option("--chat", is_flag=True, help="Each PROMPT is a user message: apply the checkpoint's chat template "
+                                           "(as the OpenAI front end does) and print the reply.")
+@click.option("--chat-template", "chat_template_path", type=click.Path(path_type=Path), default=None,
+              help="With --chat: a Jinja chat template to use instead of the checkpoint's.")
 def generate(prompts: tuple[str, ...], checkpoint_dir: Path | None, engine_dir: Path | None, mode: str,
              max_new_tokens: int,
              temperature: float, seed: int, block_length: int | None, threshold, prefill_chunk: int | None,
              ignore_eos: bool, device: str | None, as_json: bool, url: str | None, protocol: str,
-             stream: bool) -> None:
+             stream: bool, chat: bool, chat_template_path: Path | None) -> None:
     """Generate from one or more PROMPTS (a batch) in the chosen mode; print text and statistics.
 
     At temperature 0, self-spec emits exactly the AR tokens with fewer forward passes.
     With --url, each prompt is one request to the server's ensemble for the mode.
     """
+    if chat_template_path is not None and not chat:
+        raise click.UsageError("--chat-template needs --chat")
+    if url is not None and chat:
+        raise click.UsageError("--url and --chat: chat with a server through its OpenAI front end "
+                               "(trimode serve --openai-port, /v1/chat/completions)")
     if url is not None:
         remote = {"checkpoint": checkpoint_dir, "engine": engine_dir, "prefill-chunk": prefill_chunk,
                   "device": device, "threshold": threshold == "none" or None}
@@ -243,6 +252,13 @@ def generate(prompts: tuple[str, ...], checkpoint_dir: Path | None, engine_dir: 
         ck, engine = built.checkpoint, built.new_engine()
     else:
         ck = load_checkpoint(_checkpoint_dir(checkpoint_dir), device=_device(device))
+    shown_prompts = prompts
+    if chat:  # the reply alone is printed; --json keeps each rendered prompt
+        from trimode.chat import load_chat_template
+
+        template = load_chat_template(ck.checkpoint_dir, chat_template_path)
+        prompts = tuple(template.render([{"role": "user", "content": p}]) for p in prompts)
+        shown_prompts = ("",) * len(prompts)
     encoded = [ck.tokenizer.encode(p) for p in prompts]
     if engine_dir is None:
         engine = engine_for(ck.model, encoded, settings)
@@ -250,7 +266,7 @@ def generate(prompts: tuple[str, ...], checkpoint_dir: Path | None, engine_dir: 
     stream = len(prompts) == 1 and not as_json
     start = time.perf_counter()
     if stream:
-        click.echo(prompts[0], nl=False)
+        click.echo(shown_prompts[0], nl=False)
     detokenizer, shown = IncrementalDetokenizer(ck.tokenizer.decode), 0
     while engine.has_work:
         engine.step()
@@ -274,7 +290,7 @@ def generate(prompts: tuple[str, ...], checkpoint_dir: Path | None, engine_dir: 
     if stream:
         click.echo(detokenizer.flush())
     else:
-        for p, r in zip(prompts, summary["results"]):
+        for p, r in zip(shown_prompts, summary["results"]):
             click.echo(f"{p}{r['text']}")
     for i, r in enumerate(summary["results"]):
         s = r["stats"]

@@ -71,46 +71,70 @@ def repo(engine_dir: Path, out_dir: Path, prefix: str, modes: tuple[str, ...], m
 @click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True)
-def serve(repo_dir: Path, host: str, http_port: int, grpc_port: int, metrics_port: int) -> None:
+@click.option("--openai-port", type=click.IntRange(1, 65535), default=None,
+              help="Also serve OpenAI's /v1/completions, /v1/chat/completions and /v1/models on this port.")
+@click.option("--chat-template", "chat_template_path", type=click.Path(path_type=Path), default=None,
+              help="With --openai-port: a Jinja chat template to use instead of the checkpoint's.")
+def serve(repo_dir: Path, host: str, http_port: int, grpc_port: int, metrics_port: int, openai_port: int | None,
+          chat_template_path: Path | None) -> None:
     """Start tritonserver on REPO_DIR (trimode repo) and wait until every model is ready; print the
     endpoints, then serve until Ctrl-C or SIGTERM, which stop the server cleanly. Uses the
-    tritonserver on PATH, else the one in the nvidia-pytriton wheel (CPU machines)."""
+    tritonserver on PATH, else the one in the nvidia-pytriton wheel (CPU machines).
+
+    With --openai-port, an OpenAI-compatible front end runs in this process too: one model per
+    mode, named as the ensembles; chat requests use the checkpoint's chat template."""
     from trimode.triton_repo.server import Ports
 
-    with serving(repo_dir, host, Ports(http_port, grpc_port, metrics_port)) as server:
+    if chat_template_path is not None and openai_port is None:
+        raise click.UsageError("--chat-template needs --openai-port (Triton's own endpoints take prompts)")
+    with serving(repo_dir, host, Ports(http_port, grpc_port, metrics_port), openai_port=openai_port,
+                 chat_template_path=chat_template_path) as server:
         wait_until_stopped(server)
 
 
 @contextlib.contextmanager
-def serving(repo_dir: Path, host: str, ports, log_path: Path | None = None) -> Iterator:
-    """A started tritonserver on repo_dir (its endpoints printed to stderr), stopped on leaving;
-    SIGTERM is raised as Interrupted meanwhile, so it stops the server as Ctrl-C does. Its log goes
-    to log_path, else to this terminal."""
+def serving(repo_dir: Path, host: str, ports, log_path: Path | None = None, openai_port: int | None = None,
+            chat_template_path: Path | None = None) -> Iterator:
+    """A started tritonserver on repo_dir (its endpoints printed to stderr) and, with openai_port,
+    the OpenAI front end in this process, both stopped on leaving; SIGTERM is raised as Interrupted
+    meanwhile, so it stops them as Ctrl-C does. The server's log goes to log_path, else to this terminal."""
     from trimode.triton_repo.server import TritonServer
     from trimode.triton_repo.writer import read_repo_manifest
 
     manifest = read_repo_manifest(repo_dir)
-    check_ports(ports)
+    check_ports(ports, openai_port)
 
     def on_sigterm(signum, frame):
         raise Interrupted(signum)
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     server = TritonServer(repo_dir, host, ports, log_path)
+    frontend = None
     try:
+        if openai_port is not None:  # listening before tritonserver starts: a taken port fails at once
+            from trimode.triton_repo.openai_api import OpenAIFrontend
+
+            local = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # where this process reaches gRPC
+            grpc_url = f"[{local}]:{ports.grpc}" if ":" in local else f"{local}:{ports.grpc}"
+            frontend = OpenAIFrontend(repo_dir, grpc_url, host, openai_port, chat_template_path).open()
         server.start()
         endpoints = server.endpoints
+        openai = f", OpenAI {frontend.start().endpoint}" if frontend else ""
         click.echo(f"serving {', '.join(manifest['ensembles'].values())}: HTTP {endpoints['http']}, "
-                   f"gRPC {endpoints['grpc']}, metrics {endpoints['metrics']}", err=True)
+                   f"gRPC {endpoints['grpc']}, metrics {endpoints['metrics']}{openai}", err=True)
         yield server
     finally:
+        if frontend is not None:
+            frontend.stop()
         server.stop()
         signal.signal(signal.SIGTERM, previous)
 
 
-def check_ports(ports) -> None:
-    if len({ports.http, ports.grpc, ports.metrics}) != 3:
-        raise click.BadParameter("the HTTP, gRPC and metrics ports must differ", param_hint="'--*-port'")
+def check_ports(ports, openai_port: int | None = None) -> None:
+    given = [ports.http, ports.grpc, ports.metrics, *([openai_port] if openai_port is not None else [])]
+    if len(set(given)) != len(given):
+        names = "HTTP, gRPC, metrics and OpenAI" if openai_port is not None else "HTTP, gRPC and metrics"
+        raise click.BadParameter(f"the {names} ports must differ", param_hint="'--*-port'")
 
 
 def wait_until_stopped(server) -> None:

@@ -40,8 +40,10 @@ The quick brown fox jumps over the lazy dog; 0123456789 and some punctuation: ()
 """
 
 
-def write_tokenizer(out_dir: Path, vocab_size: int, texts: list[str] | None = None) -> None:
-    """A byte-level BPE tokenizer trained on `texts` (default: a built-in paragraph), specials at ids 0..4."""
+def write_tokenizer(out_dir: Path, vocab_size: int, texts: list[str] | None = None,
+                    chat_template: str | None = None) -> None:
+    """A byte-level BPE tokenizer trained on `texts` (default: a built-in paragraph), specials at ids 0..4;
+    chat_template (None: none, so chat requests are refused) goes into tokenizer_config.json."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -54,6 +56,7 @@ def write_tokenizer(out_dir: Path, vocab_size: int, texts: list[str] | None = No
     (out_dir / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
         "pad_token": "<pad>", "mask_token": "<mask>", "unk_token": "<unk>",
+        **({"chat_template": chat_template} if chat_template else {}),
     }, indent=2) + "\n")
 
 

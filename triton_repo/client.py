@@ -65,7 +65,14 @@ def stream_grpc(url: str, model: str, inputs: dict, timeout_s: float = 300.0) ->
     client = grpcclient.InferenceServerClient(url)
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
     try:
-        client.async_stream_infer(model, _inputs(grpcclient, {"stream": True, **inputs}))
+        try:
+            client.async_stream_infer(model, _inputs(grpcclient, {"stream": True, **inputs}))
+        except grpcclient.InferenceServerException as e:  # the stream broke first (no server): why is queued
+            try:
+                queued = responses.get(timeout=5)[1]
+            except queue.Empty:
+                queued = None
+            raise RemoteError(f"{model}: {(queued or e).message()}") from None
         while True:
             result, error = responses.get(timeout=timeout_s)
             if error is not None:
@@ -91,6 +98,8 @@ def infer(url: str, model: str, inputs: dict, protocol: str = "grpc") -> dict:
             event = json.loads(response.read())
     except urllib.error.HTTPError as e:
         raise RemoteError(f"{model}: {_error_of(e)}") from None
+    except urllib.error.URLError as e:  # no server there
+        raise RemoteError(f"{model}: cannot reach {url} ({e.reason})") from None
     return {"text": event["text_output"], **{k: event[k] for k in _STATS}}
 
 
@@ -116,3 +125,5 @@ def stream_http(url: str, model: str, inputs: dict, timeout_s: float = 300.0) ->
                     yield {"text": event["text_output"], **{k: event[k] for k in _STATS}}
     except urllib.error.HTTPError as e:
         raise RemoteError(f"{model}: {_error_of(e)}") from None
+    except urllib.error.URLError as e:
+        raise RemoteError(f"{model}: cannot reach {url} ({e.reason})") from None

@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 import torch
 
+from trimode.chat import DEFAULT_CHAT_TEMPLATE
 from trimode.checkpoint import load_checkpoint
 from trimode.cli import SEED, FiniteFloat
 from trimode.config import ModelSpec, RopeSpec
@@ -114,7 +115,7 @@ def _train_into(tmp: Path, settings: TrainSettings, spec: ModelSpec, progress: b
         previous = json.loads((init_dir / "training_log.json").read_text())
         previous.pop("history", None)
     else:
-        write_tokenizer(tmp, spec.vocab_size, read_texts(train_files))
+        write_tokenizer(tmp, spec.vocab_size, read_texts(train_files), DEFAULT_CHAT_TEMPLATE)  # the embedded one's
     tokenizer = Tokenizer.from_file(str(tmp / "tokenizer.json"))
     spec = replace(spec, vocab_size=max(spec.vocab_size, tokenizer.get_vocab_size()))
     stream = encode_corpus(tokenizer, read_texts(train_files), spec)
