@@ -138,7 +138,8 @@ def test_chat_equals_local_generate_chat(served, chat, tiny_engine_dir, tokenize
 
 def test_chat_without_max_tokens_fills_the_engine(chat, tokenizer):
     """OpenAI's chat default is unbounded: here, the room the engine has after the prompt."""
-    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    messages = [{"role": "system", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "hi"}]}]
     got = chat.chat.completions.create(model="ar", messages=messages, extra_body={"ignore_eos": True})
     prompt_tokens = len(tokenizer.encode('"""be brief"""\n"""hi"""\n\n'))
     assert got.usage.prompt_tokens == prompt_tokens
@@ -203,6 +204,20 @@ def test_unreachable_triton_is_a_503(served):
             client.completions.create(model="ar", prompt="x", max_tokens=2)
         assert e.value.status_code == 503 and e.value.body["type"] == "server_error"
         assert len(client.models.list().data) == 3
+
+
+def test_trimode_bench_points_at_it(served, runner, tmp_path):
+    """trimode bench's OpenAI target (streamed completions, usage, ignore_eos) measures through it."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def main():\nimport os\nclass A:\n")
+    result = runner.invoke(main, ["bench", "--openai", f"http://127.0.0.1:{served['plain'].port}", "--modes",
+                                  "ar,self-spec", "--concurrency", "1,2", "--requests", "2", "--max-tokens", "6",
+                                  "--warmup", "0", "--prompts", str(prompts), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["results"]
+    cells = sorted((r["mode"], r["concurrency"]) for r in rows)
+    assert cells == [("ar", 1), ("ar", 2), ("self-spec", 1), ("self-spec", 2)]
+    assert all(r["num_requests"] == 2 and r["num_output_tokens"] == 12 and r["tokens_per_s"] > 0 for r in rows)
 
 
 def test_stop_ends_open_connections(served):
