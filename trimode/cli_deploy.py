@@ -9,8 +9,8 @@ from pathlib import Path
 
 import click
 
-from trimode.cli import DeviceType, IntList, _checkpoint_dir, _echo_json, main
-from trimode.cli_engine import ProgramBar
+from trimode.cli import _checkpoint_dir, _echo_json, main
+from trimode.cli_engine import ProgramBar, engine_options
 from trimode.cli_serve import MODES, ModeList, check_ports, serving, wait_until_stopped
 
 DEFAULT_PROMPT = "def __init__(self, name, value=None):"
@@ -26,17 +26,7 @@ DEFAULT_PROMPT = "def __init__(self, name, value=None):"
               help="FP8 calibration windows.")
 @click.option("--calib-seq-len", type=click.IntRange(2, 1 << 20), default=256, show_default=True,
               help="Tokens per calibration window.")
-@click.option("--backend", type=click.Choice(["torch", "onnx", "tensorrt"]), default="torch", show_default=True,
-              help="The engine backend (trimode build --help).")
-@click.option("--max-batch-size", type=click.IntRange(1, 4096), default=8, show_default=True,
-              help="Sequences in flight at once.")
-@click.option("--max-seq-len", type=click.IntRange(2, 1 << 20), default=1024, show_default=True,
-              help="Prompt + generated tokens + one block, per sequence.")
-@click.option("--max-input-len", type=click.IntRange(1, 1 << 20), default=256, show_default=True,
-              help="The prefill chunk.")
-@click.option("--block-lengths", type=IntList(), default=None,
-              help="Block lengths the engine serves [default: the checkpoint's block_size].")
-@click.option("--device", type=DeviceType(), default="cpu", show_default=True, help="cpu or cuda.")
+@engine_options
 @click.option("--prefix", default="", help="Prepended to every model name in the repository.")
 @click.option("--modes", type=ModeList(), default=",".join(MODES), show_default=True, help="One ensemble per mode.")
 @click.option("--serve", "serve_after", is_flag=True,

@@ -12,6 +12,28 @@ import click
 from trimode.cli import DeviceType, IntList, _checkpoint_dir, _echo_json, main
 
 
+ENGINE_OPTIONS = [  # build's and deploy's: what an engine is built for
+    click.option("--backend", type=click.Choice(["torch", "onnx", "tensorrt"]), default="torch", show_default=True,
+                 help="torch: AOTInductor programs (CPU or CUDA); onnx: onnxruntime (CPU, proves the TensorRT "
+                      "graph); tensorrt: GPU hosts with TensorRT."),
+    click.option("--max-batch-size", type=click.IntRange(1, 4096), default=8, show_default=True,
+                 help="Sequences in flight at once."),
+    click.option("--max-seq-len", type=click.IntRange(2, 1 << 20), default=1024, show_default=True,
+                 help="Prompt + generated tokens + one block, per sequence."),
+    click.option("--max-input-len", type=click.IntRange(1, 1 << 20), default=256, show_default=True,
+                 help="The prefill chunk: longer prompts are prefilled in chunks of this many tokens."),
+    click.option("--block-lengths", type=IntList(), default=None,
+                 help="Block lengths the engine serves (diffusion, self-spec) [default: the checkpoint's block_size]."),
+    click.option("--device", type=DeviceType(), default="cpu", show_default=True, help="cpu or cuda."),
+]
+
+
+def engine_options(command):
+    for option in reversed(ENGINE_OPTIONS):
+        command = option(command)
+    return command
+
+
 class ProgramBar:
     """A progress bar over the programs a build compiles (build_engine's on_start and on_program)."""
 
@@ -36,18 +58,7 @@ class ProgramBar:
 @click.command()
 @click.argument("checkpoint_dir", required=False, type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="The engine dir to write.")
-@click.option("--backend", type=click.Choice(["torch", "onnx", "tensorrt"]), default="torch", show_default=True,
-              help="torch: AOTInductor programs (CPU or CUDA); onnx: onnxruntime (CPU, proves the TensorRT "
-                   "graph); tensorrt: GPU hosts with TensorRT.")
-@click.option("--max-batch-size", type=click.IntRange(1, 4096), default=8, show_default=True,
-              help="Sequences in flight at once.")
-@click.option("--max-seq-len", type=click.IntRange(2, 1 << 20), default=1024, show_default=True,
-              help="Prompt + generated tokens + one block, per sequence.")
-@click.option("--max-input-len", type=click.IntRange(1, 1 << 20), default=256, show_default=True,
-              help="The prefill chunk: longer prompts are prefilled in chunks of this many tokens.")
-@click.option("--block-lengths", type=IntList(), default=None,
-              help="Block lengths the engine serves (diffusion, self-spec) [default: the checkpoint's block_size].")
-@click.option("--device", type=DeviceType(), default="cpu", show_default=True, help="cpu or cuda.")
+@engine_options
 @click.option("--onnx-only", is_flag=True, help="With --backend tensorrt: export and check the ONNX graphs, "
                                                 "stop before TensorRT (what a CPU machine can do).")
 @click.option("--force", is_flag=True, help="Replace a previous build output (never another folder).")
