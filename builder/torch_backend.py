@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from trimode.builder.gemms import ProgramGemms
 from trimode.builder.program import PassProgram, PassShape, lookup
 from trimode.builder.settings import BuildSettings
 from trimode.errors import EngineError
@@ -55,11 +56,12 @@ def build(model: NLDModel, shapes: list[PassShape], out_dir: Path, settings: Bui
     import torch._inductor as inductor
 
     pool = model.new_cache(settings.max_batch_size, settings.max_seq_len)
+    gemms = ProgramGemms(model)
     (out_dir / PROGRAM_DIR).mkdir()
     files, seconds = [], {}
     for shape in shapes:
         began = time.perf_counter()
-        program = PassProgram(model, shape.kind).eval()
+        program = PassProgram(model, shape.kind, gemms).eval()
         args = example_inputs(model, shape, pool)
         with torch.no_grad(), warnings.catch_warnings():
             # torch 2.13's own pytree deprecation, printed once per program: noise on a build's stderr
@@ -80,8 +82,10 @@ def build(model: NLDModel, shapes: list[PassShape], out_dir: Path, settings: Bui
 class CompiledBackend:
     """The runner's backend (decoding/runner.py) over AOTInductor packages."""
 
-    def __init__(self, programs: dict[str, Callable], max_seq_len: int, max_input_len: int, device: torch.device):
+    def __init__(self, programs: dict[str, Callable], max_seq_len: int, max_input_len: int, device: torch.device,
+                 constants: dict[str, torch.Tensor]):
         self.programs, self.max_seq_len, self.max_input_len, self.device = programs, max_seq_len, max_input_len, device
+        self.constants = constants  # the programs read these tensors in place (user-managed): keep them alive
         self.key_index = torch.arange(max_seq_len, device=device)
 
     def __call__(self, kind: PassKind, tokens: torch.Tensor, pool: KVCache, slots: list[int], lengths: list[int],
@@ -100,8 +104,10 @@ def load(engine_dir: Path, model: NLDModel, manifest: dict) -> CompiledBackend:
     manifest: the dict `build` returned (the engine manifest's backend section)."""
     import torch._inductor as inductor
 
-    constants = {f"model.{name}": t.data for name, t in model.state_dict(keep_vars=True).items()}
-    constants.update({f"model.{name}": t for name, t in model.named_buffers()})
+    constants = {}
+    for prefix, module in (("model", model), ("gemms", ProgramGemms(model))):  # the names PassProgram gives them
+        constants.update({f"{prefix}.{name}": t.data for name, t in module.state_dict(keep_vars=True).items()})
+        constants.update({f"{prefix}.{name}": t for name, t in module.named_buffers()})
     programs = {}
     for name, file in manifest["programs"].items():
         package = inductor.aoti_load_package(str(engine_dir / file))
@@ -112,4 +118,4 @@ def load(engine_dir: Path, model: NLDModel, manifest: dict) -> CompiledBackend:
         package.load_constants({n: constants[n] for n in package.get_constant_fqns()}, check_full_update=True,
                                user_managed=True)
         programs[name] = package
-    return CompiledBackend(programs, manifest["max_seq_len"], manifest["max_input_len"], model.device)
+    return CompiledBackend(programs, manifest["max_seq_len"], manifest["max_input_len"], model.device, constants)
