@@ -11,7 +11,9 @@ Inputs of every program, in order (all on the model's device):
                                (its shape is the program's dynamic span; runner.span_bucket)
   logit_index [b] int64        the chunk index whose logit a last-logit kind returns
   k_0..k_(n-1), v_0..v_(n-1)   the pool [max_slots, Hkv, max_seq_len, D] per layer
--> logits [b, L, V] fp32, or [b, 1, V] for prefill / refresh.
+-> (logits [b, L, V] fp32, or [b, 1, V] for prefill / refresh; picks [b, L or 1] the greedy tokens;
+    is_finite [] bool; and for the block kinds confidence [b, L]): decoding/runner.PassOutput's
+fields, computed here so a greedy batch needs no tensor work on the logits after the pass.
 The rows' committed lengths are the pool's `lengths` gathered by rows; they come in as `lengths`
 [b] (first input after tokens), so a program never reads host state.
 """
@@ -28,7 +30,7 @@ from trimode.errors import EngineError
 from trimode.builder.gemms import ProgramGemms
 from trimode.model import NLDModel
 from trimode.passes import PassKind, Pattern
-from trimode.plugins.reference import load_cached, store_cached
+from trimode.plugins.reference import greedy_tokens, load_cached, pick_confidence, store_cached
 from trimode.rope import llama4_query_scale, rope_cos_sin
 
 
@@ -62,7 +64,14 @@ class PassProgram(nn.Module):
         self.gemms = gemms or ProgramGemms(model)
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor, key_index: torch.Tensor,
-                logit_index: torch.Tensor, *pool: torch.Tensor) -> torch.Tensor:
+                logit_index: torch.Tensor, *pool: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits = self.logits(tokens, lengths, rows, key_index, logit_index, pool)
+        picks = greedy_tokens(logits, self.model.spec.mask_token_id)
+        out = (logits, picks, torch.isfinite(logits).all())
+        return out + (pick_confidence(logits, picks),) if self.kind.pattern == Pattern.BLOCK else out
+
+    def logits(self, tokens: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor, key_index: torch.Tensor,
+               logit_index: torch.Tensor, pool: tuple[torch.Tensor, ...]) -> torch.Tensor:
         model, num_layers = self.model, len(pool) // 2
         is_causal, use_draft = self.kind.pattern == Pattern.CAUSAL, self.kind.use_draft
         positions = lengths[:, None] + torch.arange(tokens.shape[1], device=tokens.device)

@@ -25,6 +25,7 @@ import torch
 from trimode.builder.gemms import ProgramGemms
 from trimode.builder.program import PassProgram, PassShape, lookup
 from trimode.builder.settings import BuildSettings
+from trimode.decoding.runner import PassOutput
 from trimode.errors import EngineError
 from trimode.kv_cache import KVCache
 from trimode.model import NLDModel
@@ -89,14 +90,16 @@ class CompiledBackend:
         self.key_index = torch.arange(max_seq_len, device=device)
 
     def __call__(self, kind: PassKind, tokens: torch.Tensor, pool: KVCache, slots: list[int], lengths: list[int],
-                 logit_index: torch.Tensor | None) -> torch.Tensor:
+                 logit_index: torch.Tensor | None) -> PassOutput:
         L = tokens.shape[1]
         _, program = lookup(self.programs, kind, L, self.max_input_len)
         span = min(-(-(max(lengths) + L) // SPAN_ALIGN) * SPAN_ALIGN, self.max_seq_len)
         if logit_index is None:
             logit_index = torch.zeros(len(slots), dtype=torch.long, device=self.device)
-        return program(tokens, torch.tensor(lengths, device=self.device), torch.tensor(slots, device=self.device),
-                       self.key_index[:span], logit_index, *pool.k, *pool.v)
+        inputs = [tokens, torch.tensor(lengths, device=self.device), torch.tensor(slots, device=self.device),
+                  self.key_index[:span], logit_index, *pool.k, *pool.v]
+        # the loader's flat call: the package's __call__ re-parses its pytree specs on every pass
+        return PassOutput(*program.loader.boxed_run(inputs))
 
 
 def load(engine_dir: Path, model: NLDModel, manifest: dict) -> CompiledBackend:
