@@ -2,15 +2,19 @@
 
 One `.pt2` package per PassShape (program.py), batch dynamic up to max_batch_size, the span of
 keys dynamic up to max_seq_len, the prefill chunk dynamic up to max_input_len. The packages hold
-no weights: the engine dir keeps the checkpoint once, and each loaded package points at the eager
-model's own tensors (`load_constants(..., user_managed=True)`), so N programs cost one copy of the
-weights and the eager model stays available as the oracle.
+no weights: the engine dir keeps the checkpoint once, and each loaded package points at tensors made
+on load (`load_constants(..., user_managed=True)`): the eager model's own, and the fused,
+pre-transposed GEMM matrices of gemms.py, made once from them and shared by every program. So N
+programs cost one extra copy of the GEMM weights, and the eager model stays available as the oracle.
 
 What we measured while writing it (../shared/notes/stack.md, "Compiling the forward"): a slice
 `pool[:, :, :S]` with a symbolic S makes export guard on S != max_seq_len (a contiguity check), so
 the program gathers the span with one index instead; and an AOTInductor package holding a Python
 custom op silently returned wrong results, so these programs hold only aten ops (the traceable
 attention of program.py) and every engine is checked against the eager model when it is built.
+Inductor's own CPU GEMM template (freezing + max-autotune) ran 8-token passes up to a quarter
+faster at batch 1, but it packs the weights into each package at compile time (10x the engine
+dir, no shared weights) and was no faster at batch 8 or for one token: not used.
 """
 
 from __future__ import annotations

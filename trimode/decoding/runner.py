@@ -1,7 +1,7 @@
 """ModelRunner: the KV pool for the engine's life and one forward pass at a time (nano-vllm's cut).
 
 `run(kind, tokens [b, L], slots)` runs one pass of a `PassKind` for the sequences in `slots` and
-returns logits; `advance(slots, counts)` commits tokens; `allocate` / `release` hand out rows.
+returns its logits (a PassOutput); `advance(slots, counts)` commits tokens; `allocate` / `release` hand out rows.
 The runner keeps each slot's committed length on the host too, so a pass needs no host sync to
 size its attention.
 
