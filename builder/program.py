@@ -11,7 +11,9 @@ Inputs of every program, in order (all on the model's device):
                                (its shape is the program's dynamic span; runner.span_bucket)
   logit_index [b] int64        the chunk index whose logit a last-logit kind returns
   k_0..k_(n-1), v_0..v_(n-1)   the pool [max_slots, Hkv, max_seq_len, D] per layer
--> logits [b, L, V] fp32, or [b, 1, V] for prefill / refresh.
+-> (logits [b, L, V] fp32, or [b, 1, V] for prefill / refresh; picks [b, L or 1] the greedy tokens;
+    is_finite [] bool; and for the block kinds confidence [b, L]): decoding/runner.PassOutput's
+fields, computed here so a greedy batch needs no tensor work on the logits after the pass.
 The rows' committed lengths are the pool's `lengths` gathered by rows; they come in as `lengths`
 [b] (first input after tokens), so a program never reads host state.
 """
@@ -25,9 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from trimode.errors import EngineError
-from trimode.model import Attention, NLDModel
+from trimode.builder.gemms import ProgramGemms
+from trimode.model import NLDModel
 from trimode.passes import PassKind, Pattern
-from trimode.plugins.reference import load_cached, store_cached
+from trimode.plugins.reference import greedy_tokens, load_cached, pick_confidence, store_cached
+from trimode.rope import llama4_query_scale, rope_cos_sin
 
 
 def pool_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
@@ -51,28 +55,41 @@ def pool_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: to
 
 
 class PassProgram(nn.Module):
-    """The forward of one pass kind over the pool (see the module docstring for the inputs)."""
+    """The forward of one pass kind over the pool (see the module docstring for the inputs): the
+    eager model's layers, its GEMMs fused and pre-transposed (gemms.py)."""
 
-    def __init__(self, model: NLDModel, kind: PassKind):
+    def __init__(self, model: NLDModel, kind: PassKind, gemms: ProgramGemms | None = None):
         super().__init__()
         self.model, self.kind = model, kind
+        self.gemms = gemms or ProgramGemms(model)
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor, key_index: torch.Tensor,
-                logit_index: torch.Tensor, *pool: torch.Tensor) -> torch.Tensor:
-        num_layers = len(pool) // 2
-        is_causal, use_draft = self.kind.pattern == Pattern.CAUSAL, self.kind.use_draft
+                logit_index: torch.Tensor, *pool: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits = self.logits(tokens, lengths, rows, key_index, logit_index, pool)
+        picks = greedy_tokens(logits, self.model.spec.mask_token_id)
+        out = (logits, picks, torch.isfinite(logits).all())
+        return out + (pick_confidence(logits, picks),) if self.kind.pattern == Pattern.BLOCK else out
 
-        def attend(i: int, attn: Attention, x, cos, sin, q_scale):
-            q, k, v = attn.project(x, cos, sin, q_scale)
+    def logits(self, tokens: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor, key_index: torch.Tensor,
+               logit_index: torch.Tensor, pool: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        model, num_layers = self.model, len(pool) // 2
+        is_causal, use_draft = self.kind.pattern == Pattern.CAUSAL, self.kind.use_draft
+        positions = lengths[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
+        cos, sin = rope_cos_sin(positions, model.inv_freq, model.rope_attn_scale, model.dtype)
+        q_scale = llama4_query_scale(positions, model.spec.rope)
+        h = model.encoder.embed_tokens(tokens)
+        for i, (layer, gemms) in enumerate(zip(model.encoder.layers, self.gemms.layers)):
+            attn = layer.self_attn
+            q, k, v = attn.heads(*gemms.qkv(layer.input_layernorm(h)), cos, sin, q_scale)
             out = pool_attention(q, k, v, pool[i], pool[num_layers + i], rows, lengths, key_index, is_causal,
                                  attn.k_scale, attn.v_scale)
-            return attn.output(out, use_draft)
-
-        positions = lengths[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
-        h = self.model._layers(tokens, positions, attend)
+            o = gemms.o_draft if use_draft and gemms.o_draft is not None else gemms.o
+            h = h + o(out.flatten(2))[0]
+            gate, up = gemms.gate_up(layer.post_attention_layernorm(h))
+            h = h + gemms.down(F.silu(gate) * up)[0]
         if self.kind.last_logit_only:
             h = h[torch.arange(h.shape[0], device=h.device), logit_index][:, None]
-        return self.model.diffusion_head(self.model.encoder.norm(h)).float()
+        return self.gemms.head(model.encoder.norm(h))[0].float()
 
 
 @dataclass(frozen=True)

@@ -2,15 +2,19 @@
 
 One `.pt2` package per PassShape (program.py), batch dynamic up to max_batch_size, the span of
 keys dynamic up to max_seq_len, the prefill chunk dynamic up to max_input_len. The packages hold
-no weights: the engine dir keeps the checkpoint once, and each loaded package points at the eager
-model's own tensors (`load_constants(..., user_managed=True)`), so N programs cost one copy of the
-weights and the eager model stays available as the oracle.
+no weights: the engine dir keeps the checkpoint once, and each loaded package points at tensors made
+on load (`load_constants(..., user_managed=True)`): the eager model's own, and the fused,
+pre-transposed GEMM matrices of gemms.py, made once from them and shared by every program. So N
+programs cost one extra copy of the GEMM weights, and the eager model stays available as the oracle.
 
 What we measured while writing it (../shared/notes/stack.md, "Compiling the forward"): a slice
 `pool[:, :, :S]` with a symbolic S makes export guard on S != max_seq_len (a contiguity check), so
 the program gathers the span with one index instead; and an AOTInductor package holding a Python
 custom op silently returned wrong results, so these programs hold only aten ops (the traceable
 attention of program.py) and every engine is checked against the eager model when it is built.
+Inductor's own CPU GEMM template (freezing + max-autotune) ran 8-token passes up to a quarter
+faster at batch 1, but it packs the weights into each package at compile time (10x the engine
+dir, no shared weights) and was no faster at batch 8 or for one token: not used.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ from pathlib import Path
 
 import torch
 
+from trimode.builder.gemms import ProgramGemms
 from trimode.builder.program import PassProgram, PassShape, lookup
 from trimode.builder.settings import BuildSettings
+from trimode.decoding.runner import PassOutput
 from trimode.errors import EngineError
 from trimode.kv_cache import KVCache
 from trimode.model import NLDModel
@@ -59,11 +65,12 @@ def build(model: NLDModel, shapes: list[PassShape], out_dir: Path, settings: Bui
     import torch._inductor as inductor
 
     pool = model.new_cache(settings.max_batch_size, settings.max_seq_len)
+    gemms = ProgramGemms(model)
     (out_dir / PROGRAM_DIR).mkdir()
     files, seconds = [], {}
     for shape in shapes:
         began = time.perf_counter()
-        program = PassProgram(model, shape.kind).eval()
+        program = PassProgram(model, shape.kind, gemms).eval()
         args = example_inputs(model, shape, pool)
         with torch.no_grad(), warnings.catch_warnings():
             # torch 2.13's own pytree deprecation, printed once per program: noise on a build's stderr
@@ -84,19 +91,23 @@ def build(model: NLDModel, shapes: list[PassShape], out_dir: Path, settings: Bui
 class CompiledBackend:
     """The runner's backend (decoding/runner.py) over AOTInductor packages."""
 
-    def __init__(self, programs: dict[str, Callable], max_seq_len: int, max_input_len: int, device: torch.device):
+    def __init__(self, programs: dict[str, Callable], max_seq_len: int, max_input_len: int, device: torch.device,
+                 constants: dict[str, torch.Tensor]):
         self.programs, self.max_seq_len, self.max_input_len, self.device = programs, max_seq_len, max_input_len, device
+        self.constants = constants  # the programs read these tensors in place (user-managed): keep them alive
         self.key_index = torch.arange(max_seq_len, device=device)
 
     def __call__(self, kind: PassKind, tokens: torch.Tensor, pool: KVCache, slots: list[int], lengths: list[int],
-                 logit_index: torch.Tensor | None) -> torch.Tensor:
+                 logit_index: torch.Tensor | None) -> PassOutput:
         L = tokens.shape[1]
         _, program = lookup(self.programs, kind, L, self.max_input_len)
         span = min(-(-(max(lengths) + L) // SPAN_ALIGN) * SPAN_ALIGN, self.max_seq_len)
         if logit_index is None:
             logit_index = torch.zeros(len(slots), dtype=torch.long, device=self.device)
-        return program(tokens, torch.tensor(lengths, device=self.device), torch.tensor(slots, device=self.device),
-                       self.key_index[:span], logit_index, *pool.k, *pool.v)
+        inputs = [tokens, torch.tensor(lengths, device=self.device), torch.tensor(slots, device=self.device),
+                  self.key_index[:span], logit_index, *pool.k, *pool.v]
+        # the loader's flat call: the package's __call__ re-parses its pytree specs on every pass
+        return PassOutput(*program.loader.boxed_run(inputs))
 
 
 def load(engine_dir: Path, model: NLDModel, manifest: dict) -> CompiledBackend:
@@ -104,8 +115,10 @@ def load(engine_dir: Path, model: NLDModel, manifest: dict) -> CompiledBackend:
     manifest: the dict `build` returned (the engine manifest's backend section)."""
     import torch._inductor as inductor
 
-    constants = {f"model.{name}": t.data for name, t in model.state_dict(keep_vars=True).items()}
-    constants.update({f"model.{name}": t for name, t in model.named_buffers()})
+    constants = {}
+    for prefix, module in (("model", model), ("gemms", ProgramGemms(model))):  # the names PassProgram gives them
+        constants.update({f"{prefix}.{name}": t.data for name, t in module.state_dict(keep_vars=True).items()})
+        constants.update({f"{prefix}.{name}": t for name, t in module.named_buffers()})
     programs = {}
     for name, file in manifest["programs"].items():
         package = inductor.aoti_load_package(str(engine_dir / file))
@@ -116,4 +129,4 @@ def load(engine_dir: Path, model: NLDModel, manifest: dict) -> CompiledBackend:
         package.load_constants({n: constants[n] for n in package.get_constant_fqns()}, check_full_update=True,
                                user_managed=True)
         programs[name] = package
-    return CompiledBackend(programs, manifest["max_seq_len"], manifest["max_input_len"], model.device)
+    return CompiledBackend(programs, manifest["max_seq_len"], manifest["max_input_len"], model.device, constants)

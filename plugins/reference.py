@@ -182,7 +182,17 @@ def pick_tokens(logits: torch.Tensor, mask_token_id: int, temperature: torch.Ten
         sampled = scores[rows]
         inv_temperature = (1.0 / temperature[rows]).view(-1, *[1] * (logits.dim() - 1))
         scores[rows] = sampled * inv_temperature + gumbel_noise(seed[rows], sampled.shape)
-    scores[..., mask_token_id] = float("-inf")
+    return _masked_argmax(scores, mask_token_id)
+
+
+def greedy_tokens(logits: torch.Tensor, mask_token_id: int) -> torch.Tensor:
+    """pick_tokens with every row at temperature 0, without a host sync: what a compiled pass
+    returns next to its logits (builder/program.py). logits [b, ..., V] -> [b, ...]"""
+    return _masked_argmax(logits.to(torch.float32, copy=True), mask_token_id)
+
+
+def _masked_argmax(scores: torch.Tensor, mask_token_id: int) -> torch.Tensor:
+    scores[..., mask_token_id] = float("-inf")  # scores: the caller's copy
     return scores.argmax(dim=-1)
 
 
@@ -202,7 +212,11 @@ def spec_accept(verify_logits: torch.Tensor, draft: torch.Tensor, mask_token_id:
     a_i = pick(verify logits at i). Accept n = (leading i in 0..L-2 with a_i == d(i+1)) + 1:
     the n-1 matched drafts and one bonus token a_(n-1), which is the next seed.
     """
-    a = pick_tokens(verify_logits, mask_token_id, temperature, seed)
+    return accept_picks(pick_tokens(verify_logits, mask_token_id, temperature, seed), draft, eos_ids)
+
+
+def accept_picks(a: torch.Tensor, draft: torch.Tensor, eos_ids: torch.Tensor) -> Accepted:
+    """spec_accept's rule on the verify picks a [b, L] (a_i = pick(verify logits at i))."""
     matches = (a[:, :-1] == draft[:, 1:]).long()
     n = matches.cumprod(dim=1).sum(dim=1) + 1
     emitted = torch.arange(a.shape[1], device=a.device) < n[:, None]
@@ -222,8 +236,18 @@ def diffusion_commit(logits: torch.Tensor, block: torch.Tensor, mask_token_id: i
     most confident. -> the new block [b, L].
     """
     x0 = pick_tokens(logits, mask_token_id, temperature, seed)
+    return commit_picks(x0, pick_confidence(logits, x0), block, mask_token_id, threshold, num_commit)
+
+
+def pick_confidence(logits: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
+    """softmax(logits)[picks] in fp32, untempered. logits [b, L, V], picks [b, L] -> [b, L]"""
     probs = torch.softmax(logits.float(), dim=-1)
-    confidence = probs.gather(-1, x0[..., None])[..., 0]
+    return probs.gather(-1, picks[..., None])[..., 0]
+
+
+def commit_picks(x0: torch.Tensor, confidence: torch.Tensor, block: torch.Tensor, mask_token_id: int,
+                 threshold: float | None, num_commit: torch.Tensor | None) -> torch.Tensor:
+    """diffusion_commit's rule on the candidates x0 [b, L] and their confidences [b, L]."""
     is_masked = block == mask_token_id
     confidence = torch.where(is_masked, confidence, torch.tensor(float("-inf"), device=block.device))
     order = confidence.argsort(dim=-1, descending=True, stable=True)

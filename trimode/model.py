@@ -52,10 +52,15 @@ class Attention(nn.Module):
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 q_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [b, L, hidden] -> q [b, L, H, D], k and v [b, L, Hkv, D], rotated and scaled (spec §3)."""
-        b, L, _ = x.shape
-        q = self.q_proj(x).view(b, L, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, L, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, L, self.num_kv_heads, self.head_dim)
+        return self.heads(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, q_scale)
+
+    def heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              q_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The projections q [b, L, H*D], k and v [b, L, Hkv*D] split into heads, rotated and scaled."""
+        b, L, _ = q.shape
+        q = q.view(b, L, self.num_heads, self.head_dim)
+        k = k.view(b, L, self.num_kv_heads, self.head_dim)
+        v = v.view(b, L, self.num_kv_heads, self.head_dim)
         k = apply_rope(k, cos, sin)
         if self.k_scale is not None:  # what an FP8 cache would hold
             k, v = fake_quant_e4m3(k, self.k_scale), fake_quant_e4m3(v, self.v_scale)

@@ -9,13 +9,13 @@ from trimode.passes import PassKind
 
 class ARPolicy:
     def step(self, batch: Batch, config: DecodeConfig) -> list[list[int]]:
-        tokens = batch.fetch(batch.pick(self.decode(batch)[:, 0]))[0]  # the step's one host sync
+        tokens = batch.fetch(batch.pick(self.decode(batch))[:, 0])[0]  # the step's one host sync
         for seq, t in zip(batch.seqs, tokens):
             seq.next_token = t
         return [seq.emit([t]) for seq, t in zip(batch.seqs, tokens)]
 
     def decode(self, batch: Batch):
         """Causal pass over each sequence's newest token: it enters the cache, its logit is the next one."""
-        logits = batch.run(PassKind.DECODE, batch.next_tokens()[:, None])
+        out = batch.run(PassKind.DECODE, batch.next_tokens()[:, None])
         batch.advance([1] * len(batch))
-        return logits
+        return out

@@ -1,8 +1,11 @@
 """The sequences one policy cycle works on, bound to the runner they run on.
 
-A `Batch` is what the mode policies see: it runs counted passes over its sequences' slots, draws
-each sequence's own random numbers, commits tokens to the cache, and brings results to the host
-in one transfer per call of `fetch` (where a non-finite logit seen since the last fetch is raised).
+A `Batch` is what the mode policies see: it runs counted passes over its sequences' slots, picks,
+accepts and commits tokens from a pass's logits with each sequence's own random numbers, commits
+tokens to the cache, and brings results to the host in one transfer per call of `fetch` (where a
+non-finite logit seen since the last fetch is raised). When every sequence is greedy and the pass
+returned its greedy picks (a compiled engine's do), those are used: the same tokens, no tensor
+work on the logits.
 """
 
 from __future__ import annotations
@@ -10,11 +13,12 @@ from __future__ import annotations
 import torch
 
 from trimode.config import ModelSpec
-from trimode.decoding.runner import ModelRunner
+from trimode.decoding.runner import ModelRunner, PassOutput
 from trimode.decoding.sequence import Sequence
 from trimode.errors import NumericalError
 from trimode.passes import PassKind
-from trimode.plugins.reference import pick_tokens
+from trimode.plugins.ops import diffusion_commit, spec_accept
+from trimode.plugins.reference import Accepted, accept_picks, commit_picks, pick_tokens
 
 
 class Batch:
@@ -37,13 +41,13 @@ class Batch:
         sub._is_finite = self._is_finite  # one check for the whole cycle
         return sub
 
-    def run(self, kind: PassKind, tokens: torch.Tensor, logit_index: torch.Tensor | None = None) -> torch.Tensor:
+    def run(self, kind: PassKind, tokens: torch.Tensor, logit_index: torch.Tensor | None = None) -> PassOutput:
         """One counted forward pass of `kind` over tokens [b, L] of these sequences."""
         for s in self.seqs:
             s.stats.passes[kind.value] += 1
-        logits = self.runner.run(kind, tokens, self.slots, logit_index)
-        self._is_finite.append(torch.isfinite(logits).all())
-        return logits
+        out = self.runner.run(kind, tokens, self.slots, logit_index)
+        self._is_finite.append(torch.isfinite(out.logits).all() if out.is_finite is None else out.is_finite)
+        return out
 
     def advance(self, counts: list[int]) -> None:
         self.runner.advance(self.slots, counts)
@@ -59,9 +63,33 @@ class Batch:
         keys = torch.tensor([s.next_rng_key() for s in self.seqs], dtype=torch.long, device=self.device)
         return temperature, keys
 
-    def pick(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits [b, V] -> [b] tokens: greedy, or sampled per sequence (mask token never picked)."""
-        return pick_tokens(logits, self.spec.mask_token_id, *self.sampling())
+    @property
+    def is_greedy(self) -> bool:
+        """Every sequence picks at temperature 0 (known on the host: no sync)."""
+        return all(s.params.temperature == 0 for s in self.seqs)
+
+    def pick(self, out: PassOutput) -> torch.Tensor:
+        """-> [b, L] tokens: greedy, or sampled per sequence (mask token never picked)."""
+        if out.picks is not None and self.is_greedy:
+            return out.picks
+        return pick_tokens(out.logits, self.spec.mask_token_id, *self.sampling())
+
+    def accept(self, out: PassOutput, draft: torch.Tensor) -> Accepted:
+        """spec_accept of a verify pass over draft [b, L] (EOS is the sequences' rule: emit)."""
+        no_eos = torch.empty(0, dtype=torch.long, device=self.device)
+        if out.picks is not None and self.is_greedy:
+            return accept_picks(out.picks, draft, no_eos)
+        return spec_accept(out.logits, draft, self.spec.mask_token_id, no_eos, *self.sampling(),
+                           kernels=self.runner.kernels)
+
+    def commit(self, out: PassOutput, block: torch.Tensor, threshold: float | None,
+               num_commit: torch.Tensor | None) -> torch.Tensor:
+        """diffusion_commit of a block pass over block [b, L] -> the new block."""
+        mask_id = self.spec.mask_token_id
+        if out.confidence is not None and self.is_greedy:
+            return commit_picks(out.picks, out.confidence, block, mask_id, threshold, num_commit)
+        return diffusion_commit(out.logits, block, mask_id, threshold, num_commit, *self.sampling(),
+                                kernels=self.runner.kernels)
 
     def eos_table(self) -> torch.Tensor:
         """[b, E] each sequence's end tokens, padded with -1 (no token id)."""

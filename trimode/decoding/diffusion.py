@@ -7,7 +7,6 @@ import torch
 from trimode.decoding.batch import Batch
 from trimode.decoding.settings import DecodeConfig
 from trimode.passes import PassKind
-from trimode.plugins.ops import diffusion_commit
 
 
 class DiffusionPolicy:
@@ -24,9 +23,9 @@ class DiffusionPolicy:
 
     def refresh(self, batch: Batch, block: torch.Tensor) -> torch.Tensor:
         """Causal pass over the finished block: its K/V enter the cache, its last logit is the next seed."""
-        logits = batch.run(PassKind.REFRESH, block)
+        out = batch.run(PassKind.REFRESH, block)
         batch.advance([block.shape[1]] * len(batch))
-        return batch.pick(logits[:, 0])
+        return batch.pick(out)[:, 0]
 
 
 def new_block(batch: Batch) -> torch.Tensor:
@@ -58,11 +57,10 @@ def denoise(batch: Batch, block: torch.Tensor, threshold: float | None, kind: Pa
             if not index:
                 break
         sub = batch.subset(index)
-        logits = sub.run(kind, block[index])
+        out = sub.run(kind, block[index])
         k = None if threshold is not None else torch.full(
             (len(index),), num_masks // length + int(step < num_masks % length), device=block.device)
-        block[index] = diffusion_commit(logits, block[index], mask_id, threshold, k, *sub.sampling(),
-                                        kernels=batch.runner.kernels)
+        block[index] = sub.commit(out, block[index], threshold, k)
     return block
 
 

@@ -152,7 +152,7 @@ def prefill(batch: Batch, prefill_chunk: int | None) -> list[list[int]]:
     for i, (seq, n) in enumerate(zip(batch.seqs, counts)):
         tokens[i, :n] = torch.tensor(seq.prompt[seq.num_prefilled:seq.num_prefilled + n])
     tokens = tokens.to(batch.device)
-    logits = batch.run(PassKind.PREFILL, tokens, torch.tensor(counts, device=batch.device) - 1)
+    out = batch.run(PassKind.PREFILL, tokens, torch.tensor(counts, device=batch.device) - 1)
     batch.advance(counts)
     for seq, n in zip(batch.seqs, counts):
         seq.num_prefilled += n
@@ -160,7 +160,7 @@ def prefill(batch: Batch, prefill_chunk: int | None) -> list[list[int]]:
     new: list[list[int]] = [[] for _ in batch.seqs]
     if done:
         sub = batch.subset(done)
-        for i, seq, t in zip(done, sub.seqs, sub.fetch(sub.pick(logits[done, 0]))[0]):
+        for i, seq, t in zip(done, sub.seqs, sub.fetch(sub.pick(out.rows(done))[:, 0])[0]):
             seq.next_token, seq.status = t, Status.RUNNING
             new[i] = seq.emit([t])
     return new

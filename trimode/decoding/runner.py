@@ -1,20 +1,22 @@
 """ModelRunner: the KV pool for the engine's life and one forward pass at a time (nano-vllm's cut).
 
 `run(kind, tokens [b, L], slots)` runs one pass of a `PassKind` for the sequences in `slots` and
-returns logits; `advance(slots, counts)` commits tokens; `allocate` / `release` hand out rows.
+returns its logits (a PassOutput); `advance(slots, counts)` commits tokens; `allocate` / `release` hand out rows.
 The runner keeps each slot's committed length on the host too, so a pass needs no host sync to
 size its attention.
 
 The backend is fixed when the runner is built. A backend is a callable
     backend(kind, tokens [b, L], pool: KVCache, slots: list[int], lengths: list[int], logit_index [b] | None)
-    -> logits [b, L, V] fp32 ([b, 1, V] for last-logit kinds)
+    -> logits [b, L, V] fp32 ([b, 1, V] for last-logit kinds), or a PassOutput
 that writes the chunk's K/V into the pool rows `slots` (lengths: their committed lengths, on the
-host). `EagerBackend` (here) is the reference model; the builder's engine dirs supply compiled ones.
+host). `EagerBackend` (here) is the reference model; the builder's engine dirs supply compiled ones,
+which also return the greedy picks they compute with the logits.
 """
 
 from __future__ import annotations
 
 import heapq
+from typing import NamedTuple
 
 import torch
 
@@ -23,6 +25,20 @@ from trimode.kv_cache import KVCache
 from trimode.model import NLDModel
 from trimode.passes import PassKind
 from trimode.plugins.ops import use_kernels
+
+
+class PassOutput(NamedTuple):
+    """One pass's result. A backend that computes more than the logits in the same program returns
+    it here, so a greedy batch needs no tensor work of its own on the logits (decoding/batch.py)."""
+    logits: torch.Tensor                     # [b, L, V] fp32 ([b, 1, V] for last-logit kinds)
+    picks: torch.Tensor | None = None        # [b, L] reference.greedy_tokens(logits)
+    is_finite: torch.Tensor | None = None    # [] bool: every logit of the pass is finite
+    confidence: torch.Tensor | None = None   # [b, L] reference.pick_confidence(logits, picks): block kinds
+
+    def rows(self, index: list[int]) -> "PassOutput":
+        """The rows `index` of the batch (is_finite stays the whole pass's)."""
+        return PassOutput(self.logits[index], None if self.picks is None else self.picks[index], self.is_finite,
+                          None if self.confidence is None else self.confidence[index])
 
 
 class EagerBackend:
@@ -74,14 +90,15 @@ class ModelRunner:
 
     @torch.no_grad()
     def run(self, kind: PassKind, tokens: torch.Tensor, slots: list[int],
-            logit_index: torch.Tensor | None = None) -> torch.Tensor:
+            logit_index: torch.Tensor | None = None) -> PassOutput:
         """One pass over tokens [b, L] of the sequences in `slots` -> fp32 logits [b, L, V], or
         [b, 1, V] for the kinds that need only a last logit (at logit_index [b], default L-1)."""
         if kind.last_logit_only and logit_index is None:
             logit_index = torch.full((len(slots),), tokens.shape[1] - 1, device=tokens.device)
         lengths = [self.host_lengths[s] for s in slots]
         assert max(lengths) + tokens.shape[1] <= self.max_seq_len, "a pass past the pool's max_seq_len"
-        return self.backend(kind, tokens, self.cache, slots, lengths, logit_index)
+        out = self.backend(kind, tokens, self.cache, slots, lengths, logit_index)
+        return out if isinstance(out, PassOutput) else PassOutput(out)
 
     def advance(self, slots: list[int], counts: list[int]) -> None:
         """Commit counts[i] more tokens of slots[i] (the K/V the last pass wrote for them)."""

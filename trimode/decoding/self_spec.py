@@ -6,9 +6,9 @@ import torch
 
 from trimode.decoding.batch import Batch
 from trimode.decoding.diffusion import denoise, new_block
+from trimode.decoding.runner import PassOutput
 from trimode.decoding.settings import DecodeConfig
 from trimode.passes import PassKind
-from trimode.plugins.ops import spec_accept
 
 
 class SelfSpecPolicy:
@@ -26,16 +26,14 @@ class SelfSpecPolicy:
         """Block pass(es) over [s, MASK x (L-1)] with the draft adapter on; default: one pass fills all."""
         return denoise(batch, new_block(batch), config.commit_threshold, PassKind.DRAFT)
 
-    def verify(self, batch: Batch, block: torch.Tensor) -> torch.Tensor:
+    def verify(self, batch: Batch, block: torch.Tensor) -> PassOutput:
         """Causal pass over [s, d1 .. d(L-1)], adapter off, writing K/V for all L positions."""
         return batch.run(PassKind.VERIFY, block)
 
-    def accept(self, batch: Batch, block: torch.Tensor, logits: torch.Tensor) -> tuple[list[list[int]], list[int]]:
+    def accept(self, batch: Batch, block: torch.Tensor, out: PassOutput) -> tuple[list[list[int]], list[int]]:
         """Keep n = matched drafts + 1 bonus token: the cache keeps s, d1 .. d(n-1); a_(n-1) is the next seed.
         At temperature 0 every emitted token is the AR greedy token: the invariant of spec §7."""
-        no_eos = torch.empty(0, dtype=torch.long, device=block.device)  # EOS is the sequences' rule (emit)
-        result = spec_accept(logits, block, batch.spec.mask_token_id, no_eos, *batch.sampling(),
-                             kernels=batch.runner.kernels)
+        result = batch.accept(out, block)
         tokens, accepted = batch.fetch(result.tokens, result.n)  # the step's one host sync
         batch.advance(accepted)
         return tokens, accepted
