@@ -30,9 +30,10 @@ fixture: setup
 	  --steps 1000 --lr 1.5e-3 --warmup 50 --seed 1 --force
 	$(PY) -m trimode.training.card trimode/assets/default
 
-# The test files run in parallel, one process per core (pytest-xdist; a file stays in one process).
+# The test files run in parallel, one process per core (pytest-xdist; a file stays in one process),
+# handed out in the order tests/conftest.py gives (FIRST_FILES: the costly builds start first).
 test: setup
-	$(PY) -m pytest -q -n auto --dist loadfile
+	$(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder
 
 bench: setup
 	mkdir -p out

@@ -21,6 +21,20 @@ from trimode.checkpoint import load_checkpoint  # noqa: E402
 from trimode.make_checkpoint import make_random_checkpoint  # noqa: E402
 
 
+# The files each worker starts with (make test runs `-n auto --dist loadfile --no-loadscope-reorder`,
+# so the files are handed out in this order, then alphabetically). The run's two costly builds start
+# at once, one per worker: test_builder.py builds the embedded checkpoint's engine first, and
+# test_deploy.py the shared tiny deploy that every server test waits for; then the slowest files that
+# need neither.
+FIRST_FILES = ["test_builder.py", "test_deploy.py", "test_kernels_decoding.py", "test_kernels_sampling.py",
+               "test_builder_onnx.py", "test_decoding.py"]
+
+
+def pytest_collection_modifyitems(items) -> None:
+    rank = {name: i for i, name in enumerate(FIRST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's order is kept
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A random tiny checkpoint with peaky logits (so diffusion thresholds commit several tokens)."""

@@ -42,3 +42,30 @@ def test_bench_kernels_dry_run_on_cpu():
         best = min(v for k, v in row.items() if k.endswith("_us") and k != "kernel_us")
         assert row["kernel_us"] > 0 and abs(row["speedup"] - best / row["kernel_us"]) < 2e-3
         assert row.get("max_abs_err", 0.0) < 1e-4 and row.get("exact", True) is True
+
+
+def test_bench_engine_on_an_fp8_engine(tiny_engine_dir, tmp_path):
+    """The engine benchmark on the shared FP8 engine: no transformers column (it cannot load ModelOpt
+    FP8), the engine's tokens equal the eager runtime's, and self-spec's equal AR's."""
+    report = run_script("scripts/bench_engine.py", "--engine", str(tiny_engine_dir), "--batch-sizes", "1,2",
+                        "--max-new-tokens", "6", "--repeats", "1", "--pass-repeats", "2", "--threads", "1",
+                        "--json", str(tmp_path / "engine.json"))
+    assert json.loads((tmp_path / "engine.json").read_text()) == report
+    for row in report["results"].values():
+        assert "transformers" not in row and row["self_spec_equals_ar"] is True
+        assert all(row["engine_equals_eager"].values()) and all(r > 0 for r in row["engine_vs_eager"].values())
+        assert row["passes"]["engine_block_pass_vs_decode"] > 0
+
+
+def test_bench_serving_small_run(tiny_engine_dir, tmp_path):
+    """Served tokens/s vs in-process through a real tritonserver: every row's text agrees."""
+    report = run_script("scripts/bench_serving.py", "--engine", str(tiny_engine_dir), "--concurrency", "1,2",
+                        "--max-new-tokens", "6", "--repeats", "1", "--threads", "1",
+                        "--json", str(tmp_path / "serving.json"))
+    assert json.loads((tmp_path / "serving.json").read_text()) == report
+    assert set(report["results"]) == {"concurrency_1", "concurrency_2"}
+    for row in report["results"].values():
+        assert all(row["served_text_equals_in_process"].values())
+        assert set(row["served_vs_in_process"]) == {"ar", "diffusion", "self-spec"}
+        assert all(r > 0 for r in row["served_vs_in_process"].values())
+        assert row["ar/served"]["tokens_generated"] == row["ar/in_process"]["tokens_generated"] > 0
