@@ -302,6 +302,25 @@ def generate(prompts: tuple[str, ...], checkpoint_dir: Path | None, engine_dir: 
                err=True)
 
 
+class CalibrationBar:
+    """A progress bar over the calibration windows (quantize_checkpoint's progress), opened at the
+    first calibrated batch, so that input errors print alone."""
+
+    def __init__(self, total: int, quiet: bool):
+        self.total, self.quiet, self.bar = total, quiet, None
+
+    def update(self, num_windows: int) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, desc="calibrate", unit="window", disable=self.quiet, file=sys.stderr)
+        self.bar.update(num_windows)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 @main.command()
 @click.argument("checkpoint_dir", type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Output directory.")
@@ -323,24 +342,15 @@ def quantize(checkpoint_dir: Path, out_dir: Path, kv_cache: str, calib_data: Pat
     covered; writes a unified Hugging Face FP8 checkpoint in the NLD layout with manifest.json.
     Embeddings and diffusion_head stay bf16.
     """
-    from tqdm import tqdm
-
     from trimode.quantize import QuantizeSettings, quantize_checkpoint
 
     settings = QuantizeSettings(kv_cache=kv_cache, calib_data=calib_data, calib_samples=calib_samples,
                                 calib_seq_len=calib_seq_len)
-    bars = []  # opened at the first calibrated batch, so input errors print alone
-
-    def progress(num_windows: int) -> None:
-        if not bars:
-            bars.append(tqdm(total=calib_samples, desc="calibrate", unit="window", disable=as_json, file=sys.stderr))
-        bars[0].update(num_windows)
-
+    bar = CalibrationBar(calib_samples, as_json)
     try:
-        path = quantize_checkpoint(checkpoint_dir, out_dir, settings, force=force, progress=progress)
+        path = quantize_checkpoint(checkpoint_dir, out_dir, settings, force=force, progress=bar.update)
     finally:
-        for bar in bars:
-            bar.close()
+        bar.close()
     manifest = json.loads((path / "manifest.json").read_text())
     if as_json:
         _echo_json(manifest)

@@ -3,13 +3,12 @@ serve and ask each mode once. Registered on cli.main at the end of this module."
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 import click
 
-from trimode.cli import _checkpoint_dir, _echo_json, main
+from trimode.cli import CalibrationBar, _checkpoint_dir, _echo_json, main
 from trimode.cli_engine import ProgramBar, engine_options
 from trimode.cli_serve import MODES, ModeList, check_ports, serving, wait_until_stopped
 
@@ -54,8 +53,6 @@ def deploy(checkpoint_dir: Path | None, out_dir: Path, fp8: bool, calib_samples:
     the rest, so it is cheap to run from CI. With --serve, it then starts the server, asks every
     mode's ensemble once and prints each answer with its tokens per forward pass and tokens/s.
     """
-    from tqdm import tqdm
-
     from trimode.builder import BuildSettings
     from trimode.deploy import FOLDERS, DeploySettings, Hooks
     from trimode.deploy import deploy as run_deploy
@@ -74,24 +71,18 @@ def deploy(checkpoint_dir: Path | None, out_dir: Path, fp8: bool, calib_samples:
                             max_input_len=max_input_len, block_lengths=block_lengths or (),
                             device=device.split(":")[0]),
         repo=RepoSettings(prefix=prefix, modes=modes))
-    bars, program_bar = [], ProgramBar(backend, as_json)
+    calibration_bar, program_bar = CalibrationBar(calib_samples, as_json), ProgramBar(backend, as_json)
 
     def on_stage(stage: str, status: str) -> None:
         if not as_json:
             click.echo(f"{stage:<9}{status}" + ("" if status == "skipped" else f" -> {out_dir / FOLDERS[stage]}"),
                        err=True)
 
-    def quantize_progress(num_windows: int) -> None:
-        if not bars:
-            bars.append(tqdm(total=calib_samples, desc="calibrate", unit="window", disable=as_json, file=sys.stderr))
-        bars[0].update(num_windows)
-
-    hooks = Hooks(on_stage, quantize_progress, program_bar.start, program_bar.update)
+    hooks = Hooks(on_stage, calibration_bar.update, program_bar.start, program_bar.update)
     try:
         manifest = run_deploy(_checkpoint_dir(checkpoint_dir), out_dir, settings, force, hooks)
     finally:
-        for bar in bars:
-            bar.close()
+        calibration_bar.close()
         program_bar.close()
     answers = []
     if serve_after:
