@@ -17,7 +17,6 @@ interrupted deploy resumes where it stopped. DIR must be new, empty or a previou
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from trimode import __version__
 from trimode.builder.settings import BuildSettings
 from trimode.errors import InputError, OutputError
 from trimode.quantize import QuantizeSettings
-from trimode.stage_output import MANIFEST, check_output, input_digest
+from trimode.stage_output import MANIFEST, check_output, input_digest, write_manifest
 from trimode.triton_repo.settings import RepoSettings
 
 STAGE = "deploy"
@@ -136,8 +135,6 @@ def _write(out: Path, manifest: dict) -> None:
     """DIR/manifest.json, replaced atomically (an interrupted deploy keeps the record of its done stages)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".{MANIFEST}.tmp"
-        tmp.write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
-        os.replace(tmp, out / MANIFEST)
+        write_manifest(out, manifest)
     except OSError as e:
         raise OutputError(f"deploy {out}: {e.strerror or e} ({e.filename or 'write failed'})") from e

@@ -120,10 +120,14 @@ def stage_output(out_dir: Path | str, stage: str, inputs: Iterable[Path | str] =
 
 
 def write_manifest(out_dir: Path, manifest: dict) -> None:
-    """manifest.json: what produced this folder; `"stage"` is what --force recognises."""
+    """manifest.json: what produced this folder; `"stage"` is what --force recognises. Replaced
+    atomically (a temporary sibling, then a rename): one rewritten in place, as deploy's is after
+    each stage, is either the old or the new one, never half of one."""
     if "stage" not in manifest:
         raise ValueError("a manifest names its stage")
-    (Path(out_dir) / MANIFEST).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
+    tmp = Path(out_dir) / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, Path(out_dir) / MANIFEST)
 
 
 def input_digest(checkpoint_dir: Path) -> str:
