@@ -56,9 +56,7 @@ class TritonMetrics(NullMetrics):
         self._metrics: dict[tuple, object] = {}
         self._max: Counter = Counter()
         self._occupancy: dict[str, int] = {}  # the value each occupancy gauge was last set to
-        for key in ("all", *(m.value for m in Mode)):  # present (0) before the first request
-            self._get("trimode_batch_occupancy", mode=key).set(0)
-            self._occupancy[key] = 0
+        self.step([])  # every occupancy gauge present (0) before the first request
 
     def _get(self, family: str, **labels):
         key = (family, *sorted(labels.items()))
