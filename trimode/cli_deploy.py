@@ -74,6 +74,7 @@ def deploy(checkpoint_dir: Path | None, out_dir: Path, fp8: bool, calib_samples:
     calibration_bar, program_bar = CalibrationBar(calib_samples, as_json), ProgramBar(backend, as_json)
 
     def on_stage(stage: str, status: str) -> None:
+        calibration_bar.close()  # a finished calibration's bar, before the next stage's lines
         if not as_json:
             click.echo(f"{stage:<9}{status}" + ("" if status == "skipped" else f" -> {out_dir / FOLDERS[stage]}"),
                        err=True)
