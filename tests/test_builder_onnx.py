@@ -1,5 +1,6 @@
 """builder/onnx_backend.py and builder/tensorrt_backend.py: the exported programs run by onnxruntime
-give the eager engine's tokens in every mode (random and FP8 checkpoints); the TensorRT graph and
+give the eager engine's tokens in every mode (the tiny FP8 checkpoint; test_builder.py builds the
+embedded fp32 one); the TensorRT graph and
 builder calls up to TensorRT (a fake `tensorrt` module; onnx and onnxruntime are real)."""
 
 from __future__ import annotations
@@ -35,25 +36,22 @@ NUM_NEW = 8
 
 
 @pytest.fixture(scope="module")
-def fp8_dir(tiny_adapter_dir, tmp_path_factory):
-    from trimode.quantize import QuantizeSettings, quantize_checkpoint
-
-    small = QuantizeSettings(calib_samples=6, calib_seq_len=48, calib_batch_size=3)
-    return quantize_checkpoint(tiny_adapter_dir, tmp_path_factory.mktemp("q") / "fp8", small)
+def fp8_dir(tiny_deploy_dir):
+    """The tiny checkpoint with its draft adapter, FP8-quantized by the shared tiny deploy."""
+    return tiny_deploy_dir / "quantized"
 
 
-@pytest.fixture(scope="module", params=["random", "fp8"])
-def engine(request, tiny_dir, tmp_path_factory):
-    """(eager fp32 model, its ONNX backend, build() result, seconds per export)."""
-    source = tiny_dir if request.param == "random" else request.getfixturevalue("fp8_dir")
-    model = load_checkpoint(source, dtype=torch.float32).model
+@pytest.fixture(scope="module")
+def engine(fp8_dir, tmp_path_factory):
+    """(eager fp32 model, its ONNX backend, build() result, the engine dir) of the FP8 checkpoint."""
+    model = load_checkpoint(fp8_dir, dtype=torch.float32).model
     out_dir = tmp_path_factory.mktemp("engine")
     seen = []
     start = time.perf_counter()
     info = onnx_backend.build(model, pass_shapes((BLOCK,)), out_dir, SETTINGS, seen.append)
-    print(f"\n{request.param}: {len(seen)} programs exported in {time.perf_counter() - start:.1f} s {info['export_s']}")
+    print(f"\n{len(seen)} programs exported in {time.perf_counter() - start:.1f} s {info['export_s']}")
     assert seen == pass_shapes((BLOCK,))
-    return request.param, model, onnx_backend.load(out_dir, model, info), info, out_dir
+    return model, onnx_backend.load(out_dir, model, info), info, out_dir
 
 
 _generated: dict = {}
@@ -77,7 +75,7 @@ def _generate(model, backend, mode: Mode, prompts) -> list[list[int]]:
 
 
 def test_build_writes_one_checked_program_per_shape(engine):
-    name, model, _, info, out_dir = engine
+    model, _, info, out_dir = engine
     n = model.spec.num_hidden_layers
     assert info["files"] == [f"onnx/{s.name}.onnx" for s in pass_shapes((BLOCK,))]
     assert set(info["versions"]) == {"onnx", "onnxruntime", "onnxruntime-extensions"}
@@ -95,16 +93,15 @@ def test_build_writes_one_checked_program_per_shape(engine):
             isinstance(dims[1], str) == (shape.length is None)  # batch dynamic; length dynamic for prefill
         assert [d.dim_value for d in graph.input[-1].type.tensor_type.shape.dim] == \
             [3, model.spec.num_key_value_heads, 48, model.spec.head_dim]
-        is_fp8 = any(node.op_type == "QuantizeLinear" for node in graph.node)
-        assert is_fp8 == (name == "fp8")
-        if is_fp8:  # FP8 weights stay float8 initializers behind DequantizeLinear
-            assert any(t.data_type == onnx.TensorProto.FLOAT8E4M3FN and len(t.dims) == 2 for t in graph.initializer)
+        assert any(node.op_type == "QuantizeLinear" for node in graph.node)
+        # FP8 weights stay float8 initializers behind DequantizeLinear
+        assert any(t.data_type == onnx.TensorProto.FLOAT8E4M3FN and len(t.dims) == 2 for t in graph.initializer)
 
 
 @pytest.mark.parametrize("mode", list(Mode))
 @pytest.mark.parametrize("num_prompts", [1, 3])
 def test_tokens_equal_the_eager_engine(engine, mode, num_prompts):
-    _, model, backend, _, _ = engine
+    model, backend, _, _ = engine
     prompts = PROMPTS[:num_prompts] if num_prompts > 1 else PROMPTS[1:2]
     expected = generate(model, None, mode, prompts)
     assert all(len(t) == NUM_NEW for t in expected)
@@ -112,7 +109,7 @@ def test_tokens_equal_the_eager_engine(engine, mode, num_prompts):
 
 
 def test_self_spec_equals_ar_on_the_onnx_backend(engine):
-    _, model, backend, _, _ = engine
+    model, backend, _, _ = engine
     assert generate(model, backend, Mode.SELF_SPEC, PROMPTS) == generate(model, backend, Mode.AR, PROMPTS)
 
 
@@ -124,7 +121,7 @@ def test_self_spec_equals_ar_on_the_onnx_backend(engine):
 def test_one_pass_writes_the_pool_like_eager(engine, kind, length, slots):
     """The backend contract: the same logits, and the pool written exactly where the eager model
     writes it (the chunk at each row's length) and nowhere else."""
-    _, model, backend, _, _ = engine
+    model, backend, _, _ = engine
     g = torch.Generator().manual_seed(3)
     eager_pool = model.new_cache(3, 48)
     for t in eager_pool.k + eager_pool.v:
@@ -157,7 +154,7 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def test_backend_refuses_what_the_engine_was_not_built_for(engine):
-    _, model, backend, _, _ = engine
+    model, backend, _, _ = engine
     pool = model.new_cache(3, 48)
     with pytest.raises(EngineError, match="no verify_8 program.*--block-lengths 8"):
         backend(PassKind.VERIFY, torch.ones(1, 8, dtype=torch.long), pool, [0], [0], None)
