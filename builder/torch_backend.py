@@ -6,6 +6,9 @@ no weights: the engine dir keeps the checkpoint once, and each loaded package po
 on load (`load_constants(..., user_managed=True)`): the eager model's own, and the fused,
 pre-transposed GEMM matrices of gemms.py, made once from them and shared by every program. So N
 programs cost one extra copy of the GEMM weights, and the eager model stays available as the oracle.
+The draft program differs from the denoise one only in the o_proj it reads, so when the two o_proj
+GEMMs have the same layout it is not compiled: the denoise package is loaded a second time with the
+draft adapter's tensors in place of o_proj's (a build compiles 2 + 2 programs per block length).
 
 What we measured while writing it (../shared/notes/stack.md, "Compiling the forward"): a slice
 `pool[:, :, :S]` with a symbolic S makes export guard on S != max_seq_len (a contiguity check), so
@@ -19,6 +22,7 @@ dir, no shared weights) and was no faster at batch 8 or for one token: not used.
 
 from __future__ import annotations
 
+import re
 import time
 import warnings
 from collections.abc import Callable
@@ -59,16 +63,42 @@ def dynamic_shapes(shape: PassShape, settings: BuildSettings, num_pool: int) -> 
     return (tokens, {0: batch}, {0: batch}, {0: span}, {0: batch}, (None,) * num_pool)  # *pool is one argument
 
 
+def _layout(module: torch.nn.Module) -> list:
+    """What a compiled program depends on in a GEMM module: its submodules' types and its tensors' names,
+    shapes and dtypes (not their values, which are loaded: `load`)."""
+    tensors = [*module.named_parameters(), *module.named_buffers()]
+    return [type(m) for m in module.modules()] + [(n, t.shape, t.dtype) for n, t in tensors]
+
+
+def draft_reuses_denoise(gemms: ProgramGemms) -> bool:
+    """Whether the draft pass can run the denoise program over the draft o_proj's tensors (`load`)."""
+    return all(layer.o_draft is None or _layout(layer.o_draft) == _layout(layer.o) for layer in gemms.layers)
+
+
+def draft_constant(name: str) -> str:
+    """The tensor a denoise program's constant `name` reads when the program runs as the draft pass."""
+    return re.sub(r"^(gemms\.layers\.\d+)\.o\.", r"\1.o_draft.", name)
+
+
 def build(model: NLDModel, shapes: list[PassShape], out_dir: Path, settings: BuildSettings,
           on_program: Callable[[PassShape], None]) -> dict:
-    """Export and compile every shape into out_dir/programs/<name>.pt2. -> manifest entries."""
+    """Export and compile every shape into out_dir/programs/<name>.pt2. -> manifest entries: the
+    package of each program ("programs") and the programs that read the draft o_proj ("draft")."""
     import torch._inductor as inductor
 
     pool = model.new_cache(settings.max_batch_size, settings.max_seq_len)
     gemms = ProgramGemms(model)
+    reuse = draft_reuses_denoise(gemms)
     (out_dir / PROGRAM_DIR).mkdir()
-    files, seconds = [], {}
+    files, seconds, programs, draft = [], {}, {}, []
     for shape in shapes:
+        if shape.kind.use_draft:
+            draft.append(shape.name)
+            denoise = PassShape(PassKind.DENOISE, shape.length).name
+            if reuse and denoise in programs:
+                programs[shape.name] = programs[denoise]
+                on_program(shape)
+                continue
         began = time.perf_counter()
         program = PassProgram(model, shape.kind, gemms).eval()
         args = example_inputs(model, shape, pool)
@@ -82,9 +112,10 @@ def build(model: NLDModel, shapes: list[PassShape], out_dir: Path, settings: Bui
             inductor.aoti_compile_and_package(exported, package_path=str(path),
                                               inductor_configs={"aot_inductor.package_constants_in_so": False})
         files.append(path.relative_to(out_dir).as_posix())
+        programs[shape.name] = files[-1]
         seconds[shape.name] = round(time.perf_counter() - began, 1)
         on_program(shape)
-    return {"files": files, "programs": {s.name: f for s, f in zip(shapes, files)},
+    return {"files": files, "programs": programs, "draft": draft,
             "max_seq_len": settings.max_seq_len, "max_input_len": settings.max_input_len, "compile_s": seconds}
 
 
@@ -122,11 +153,15 @@ def load(engine_dir: Path, model: NLDModel, manifest: dict) -> CompiledBackend:
     programs = {}
     for name, file in manifest["programs"].items():
         package = inductor.aoti_load_package(str(engine_dir / file))
-        missing = [n for n in package.get_constant_fqns() if n not in constants]
+        # a draft program compiled on its own names the draft o_proj already (as engines built before
+        # "draft" was recorded do); without an adapter the draft pass reads o_proj, as the eager one does
+        is_draft = name in manifest.get("draft", ()) and model.has_draft_adapter
+        source = {n: draft_constant(n) if is_draft else n for n in package.get_constant_fqns()}
+        missing = [s for s in source.values() if s not in constants]
         if missing:
             raise EngineError(f"{engine_dir}: the {name} program needs weights the checkpoint lacks "
                               f"({', '.join(missing[:3])}); rebuild the engine")
-        package.load_constants({n: constants[n] for n in package.get_constant_fqns()}, check_full_update=True,
+        package.load_constants({n: constants[s] for n, s in source.items()}, check_full_update=True,
                                user_managed=True)
         programs[name] = package
     return CompiledBackend(programs, manifest["max_seq_len"], manifest["max_input_len"], model.device, constants)
