@@ -15,7 +15,7 @@ import torch
 from trimode.errors import EngineError
 from trimode.stage_output import MANIFEST, file_digest
 
-FORMAT = 1
+FORMAT = 2  # 2: one block program per block length, with a causal input (torch backend)
 STAGE = "build"
 # The libraries each backend's files depend on: a different version on load means a rebuild.
 LIBRARIES = {"torch": ("torch",), "onnx": ("torch", "onnx", "onnxruntime", "onnxruntime-extensions"),

@@ -10,10 +10,14 @@ Inputs of every program, in order (all on the model's device):
   key_index   [S] int64        0..S-1: the keys attention reads, S = max(lengths) + L rounded up
                                (its shape is the program's dynamic span; runner.span_bucket)
   logit_index [b] int64        the chunk index whose logit a last-logit kind returns
+  causal      [] bool          a block program's attention pattern: True for a verify pass
+                               (prefill and decode programs are causal whatever it says)
   k_0..k_(n-1), v_0..v_(n-1)   the pool [max_slots, Hkv, max_seq_len, D] per layer
 -> (logits [b, L, V] fp32, or [b, 1, V] for prefill / refresh; picks [b, L or 1] the greedy tokens;
-    is_finite [] bool; and for the block kinds confidence [b, L]): decoding/runner.PassOutput's
+    is_finite [] bool; and for a block program confidence [b, L]): decoding/runner.PassOutput's
 fields, computed here so a greedy batch needs no tensor work on the logits after the pass.
+One block program per block length serves the three block-sized passes: denoise (causal False),
+verify (causal True) and draft (causal False, loaded over the draft o_proj's tensors: torch_backend).
 The rows' committed lengths are the pool's `lengths` gathered by rows; they come in as `lengths`
 [b] (first input after tokens), so a program never reads host state.
 """
@@ -35,10 +39,11 @@ from trimode.rope import llama4_query_scale, rope_cos_sin
 
 
 def pool_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                   rows: torch.Tensor, lengths: torch.Tensor, key_index: torch.Tensor, is_causal: bool,
+                   rows: torch.Tensor, lengths: torch.Tensor, key_index: torch.Tensor, is_causal: bool | torch.Tensor,
                    k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> torch.Tensor:
     """reference.block_attention's math over the first S keys of the pool rows, with a mask built
-    from lengths (every shape static or symbolic). q [b, L, H, D]; k, v [b, L, Hkv, D] -> [b, L, H, D]."""
+    from lengths (every shape static or symbolic). q [b, L, H, D]; k, v [b, L, Hkv, D] -> [b, L, H, D].
+    is_causal: a bool, or a [] bool tensor (the block program's input)."""
     L = q.shape[1]
     offsets = torch.arange(L, device=q.device)
     positions = lengths[:, None] + offsets
@@ -47,7 +52,10 @@ def pool_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: to
     # one gather of [b, Hkv, S, D]: a slice [:S] of the pool would guard on S (contiguity) in export
     index = (rows[:, None, None], torch.arange(k_pool.shape[1], device=q.device)[:, None], key_index)
     keys, values = load_cached(k_pool[index], q.dtype, k_scale), load_cached(v_pool[index], q.dtype, v_scale)
-    visible_end = lengths[:, None] + (offsets + 1 if is_causal else L)           # [b, L]
+    if isinstance(is_causal, torch.Tensor):
+        visible_end = lengths[:, None] + torch.where(is_causal, offsets + 1, L)  # [b, L]
+    else:
+        visible_end = lengths[:, None] + (offsets + 1 if is_causal else L)
     mask = (key_index[None, None, :] < visible_end[:, :, None])[:, None]        # [b, 1, L, S]
     out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
                                          enable_gqa=q.shape[2] != k.shape[2])
@@ -55,8 +63,9 @@ def pool_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: to
 
 
 class PassProgram(nn.Module):
-    """The forward of one pass kind over the pool (see the module docstring for the inputs): the
-    eager model's layers, its GEMMs fused and pre-transposed (gemms.py)."""
+    """The forward of one program over the pool (see the module docstring for the inputs): the
+    eager model's layers, its GEMMs fused and pre-transposed (gemms.py). kind: the program's
+    PassShape kind (PREFILL, DECODE, or DENOISE for a block program)."""
 
     def __init__(self, model: NLDModel, kind: PassKind, gemms: ProgramGemms | None = None):
         super().__init__()
@@ -64,16 +73,17 @@ class PassProgram(nn.Module):
         self.gemms = gemms or ProgramGemms(model)
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor, key_index: torch.Tensor,
-                logit_index: torch.Tensor, *pool: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        logits = self.logits(tokens, lengths, rows, key_index, logit_index, pool)
+                logit_index: torch.Tensor, causal: torch.Tensor, *pool: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        is_block = self.kind.pattern == Pattern.BLOCK
+        logits = self.logits(tokens, lengths, rows, key_index, logit_index, causal if is_block else True, pool)
         picks = greedy_tokens(logits, self.model.spec.mask_token_id)
         out = (logits, picks, torch.isfinite(logits).all())
-        return out + (pick_confidence(logits, picks),) if self.kind.pattern == Pattern.BLOCK else out
+        return out + (pick_confidence(logits, picks),) if is_block else out
 
     def logits(self, tokens: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor, key_index: torch.Tensor,
-               logit_index: torch.Tensor, pool: tuple[torch.Tensor, ...]) -> torch.Tensor:
+               logit_index: torch.Tensor, is_causal: bool | torch.Tensor, pool: tuple[torch.Tensor, ...]) -> torch.Tensor:
         model, num_layers = self.model, len(pool) // 2
-        is_causal, use_draft = self.kind.pattern == Pattern.CAUSAL, self.kind.use_draft
+        use_draft = self.kind.use_draft
         positions = lengths[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
         cos, sin = rope_cos_sin(positions, model.inv_freq, model.rope_attn_scale, model.dtype)
         q_scale = llama4_query_scale(positions, model.spec.rope)
@@ -105,7 +115,8 @@ class PassShape:
 
 def pass_shapes(block_lengths: tuple[int, ...]) -> list[PassShape]:
     """The programs the three decoders call: a prompt chunk (which also serves refresh), an AR
-    token, and per block length the diffusion denoise and the self-spec draft and verify passes."""
+    token, and per block length the diffusion denoise and the self-spec draft and verify passes
+    (the torch backend compiles one block program for the three)."""
     shapes = [PassShape(PassKind.PREFILL, None), PassShape(PassKind.DECODE, 1)]
     for L in sorted(set(block_lengths)):
         shapes += [PassShape(kind, L) for kind in (PassKind.DENOISE, PassKind.DRAFT, PassKind.VERIFY)]

@@ -6,9 +6,11 @@ no weights: the engine dir keeps the checkpoint once, and each loaded package po
 on load (`load_constants(..., user_managed=True)`): the eager model's own, and the fused,
 pre-transposed GEMM matrices of gemms.py, made once from them and shared by every program. So N
 programs cost one extra copy of the GEMM weights, and the eager model stays available as the oracle.
-The draft program differs from the denoise one only in the o_proj it reads, so when the two o_proj
-GEMMs have the same layout it is not compiled: the denoise package is loaded a second time with the
-draft adapter's tensors in place of o_proj's (a build compiles 2 + 2 programs per block length).
+Per block length one block program serves the three block-sized passes (program.py): denoise and
+verify differ only in the attention pattern, an input; draft only in the o_proj it reads, so its
+pass loads the same package a second time with the draft adapter's tensors in place of o_proj's
+(when the two have the same layout; else draft gets a package of its own). A build compiles
+2 + 1 programs per block length.
 
 What we measured while writing it (../shared/notes/stack.md, "Compiling the forward"): a slice
 `pool[:, :, :S]` with a symbolic S makes export guard on S != max_seq_len (a contiguity check), so
@@ -37,7 +39,7 @@ from trimode.decoding.runner import PassOutput
 from trimode.errors import EngineError
 from trimode.kv_cache import KVCache
 from trimode.model import NLDModel
-from trimode.passes import PassKind
+from trimode.passes import PassKind, Pattern
 
 PROGRAM_DIR = "programs"
 SPAN_ALIGN = 64  # spans are rounded up to a multiple of this: fewer distinct shapes, same results
@@ -53,14 +55,17 @@ def example_inputs(model: NLDModel, shape: PassShape, pool: KVCache) -> tuple:
     device = model.device
     return (torch.zeros(b, L, dtype=torch.long, device=device), torch.tensor([3, 5], device=device),
             torch.tensor([0, 1], device=device), torch.arange(16, device=device),
-            torch.zeros(b, dtype=torch.long, device=device), *pool.k, *pool.v)
+            torch.zeros(b, dtype=torch.long, device=device), torch.tensor(False, device=device), *pool.k, *pool.v)
+
+
+NUM_INPUTS = 6  # before the pool: tokens, lengths, rows, key_index, logit_index, causal
 
 
 def dynamic_shapes(shape: PassShape, settings: BuildSettings, num_pool: int) -> tuple:
     batch = torch.export.Dim("batch", min=1, max=settings.max_batch_size)
     span = torch.export.Dim("span", min=1, max=settings.max_seq_len)
     tokens = {0: batch} if shape.length else {0: batch, 1: torch.export.Dim("chunk", min=1, max=settings.max_input_len)}
-    return (tokens, {0: batch}, {0: batch}, {0: span}, {0: batch}, (None,) * num_pool)  # *pool is one argument
+    return (tokens, {0: batch}, {0: batch}, {0: span}, {0: batch}, None, (None,) * num_pool)  # *pool: one argument
 
 
 def _layout(module: torch.nn.Module) -> list:
@@ -88,17 +93,16 @@ def build(model: NLDModel, shapes: list[PassShape], out_dir: Path, settings: Bui
 
     pool = model.new_cache(settings.max_batch_size, settings.max_seq_len)
     gemms = ProgramGemms(model)
-    reuse = draft_reuses_denoise(gemms)
+    reuse_for_draft = draft_reuses_denoise(gemms)
     (out_dir / PROGRAM_DIR).mkdir()
     files, seconds, programs, draft = [], {}, {}, []
     for shape in shapes:
-        if shape.kind.use_draft:
-            draft.append(shape.name)
-            denoise = PassShape(PassKind.DENOISE, shape.length).name
-            if reuse and denoise in programs:
-                programs[shape.name] = programs[denoise]
-                on_program(shape)
-                continue
+        draft += [shape.name] if shape.kind.use_draft else []
+        block = PassShape(PassKind.DENOISE, shape.length).name  # the block program, compiled first
+        if shape.kind == PassKind.VERIFY or (shape.kind == PassKind.DRAFT and reuse_for_draft):
+            programs[shape.name] = programs[block]
+            on_program(shape)
+            continue
         began = time.perf_counter()
         program = PassProgram(model, shape.kind, gemms).eval()
         args = example_inputs(model, shape, pool)
@@ -106,7 +110,7 @@ def build(model: NLDModel, shapes: list[PassShape], out_dir: Path, settings: Bui
             # torch 2.13's own pytree deprecation, printed once per program: noise on a build's stderr
             warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
             exported = torch.export.export(program, args,
-                                           dynamic_shapes=dynamic_shapes(shape, settings, len(args) - 5),
+                                           dynamic_shapes=dynamic_shapes(shape, settings, len(args) - NUM_INPUTS),
                                            strict=False)
             path = out_dir / PROGRAM_DIR / f"{shape.name}.pt2"
             inductor.aoti_compile_and_package(exported, package_path=str(path),
@@ -127,6 +131,7 @@ class CompiledBackend:
         self.programs, self.max_seq_len, self.max_input_len, self.device = programs, max_seq_len, max_input_len, device
         self.constants = constants  # the programs read these tensors in place (user-managed): keep them alive
         self.key_index = torch.arange(max_seq_len, device=device)
+        self.causal = {pattern: torch.tensor(pattern == Pattern.CAUSAL, device=device) for pattern in Pattern}
 
     def __call__(self, kind: PassKind, tokens: torch.Tensor, pool: KVCache, slots: list[int], lengths: list[int],
                  logit_index: torch.Tensor | None) -> PassOutput:
@@ -136,7 +141,7 @@ class CompiledBackend:
         if logit_index is None:
             logit_index = torch.zeros(len(slots), dtype=torch.long, device=self.device)
         inputs = [tokens, torch.tensor(lengths, device=self.device), torch.tensor(slots, device=self.device),
-                  self.key_index[:span], logit_index, *pool.k, *pool.v]
+                  self.key_index[:span], logit_index, self.causal[kind.pattern], *pool.k, *pool.v]
         # the loader's flat call: the package's __call__ re-parses its pytree specs on every pass
         return PassOutput(*program.loader.boxed_run(inputs))
 
@@ -144,24 +149,29 @@ class CompiledBackend:
 def load(engine_dir: Path, model: NLDModel, manifest: dict) -> CompiledBackend:
     """Load every package of the engine dir, pointed at the model's own weight tensors.
     manifest: the dict `build` returned (the engine manifest's backend section)."""
-    import torch._inductor as inductor
-
     constants = {}
     for prefix, module in (("model", model), ("gemms", ProgramGemms(model))):  # the names PassProgram gives them
         constants.update({f"{prefix}.{name}": t.data for name, t in module.state_dict(keep_vars=True).items()})
         constants.update({f"{prefix}.{name}": t for name, t in module.named_buffers()})
-    programs = {}
+    loaded, programs = {}, {}
     for name, file in manifest["programs"].items():
-        package = inductor.aoti_load_package(str(engine_dir / file))
-        # a draft program compiled on its own names the draft o_proj already (as engines built before
-        # "draft" was recorded do); without an adapter the draft pass reads o_proj, as the eager one does
-        is_draft = name in manifest.get("draft", ()) and model.has_draft_adapter
-        source = {n: draft_constant(n) if is_draft else n for n in package.get_constant_fqns()}
-        missing = [s for s in source.values() if s not in constants]
-        if missing:
-            raise EngineError(f"{engine_dir}: the {name} program needs weights the checkpoint lacks "
-                              f"({', '.join(missing[:3])}); rebuild the engine")
-        package.load_constants({n: constants[s] for n, s in source.items()}, check_full_update=True,
-                               user_managed=True)
-        programs[name] = package
+        # a draft program compiled on its own names the draft o_proj already; without an adapter the
+        # draft pass reads o_proj, as the eager one does
+        is_draft = name in manifest["draft"] and model.has_draft_adapter
+        if (file, is_draft) not in loaded:  # denoise and verify share one loaded package
+            loaded[file, is_draft] = _load_package(engine_dir, file, name, constants, is_draft)
+        programs[name] = loaded[file, is_draft]
     return CompiledBackend(programs, manifest["max_seq_len"], manifest["max_input_len"], model.device, constants)
+
+
+def _load_package(engine_dir: Path, file: str, name: str, constants: dict[str, torch.Tensor], is_draft: bool):
+    import torch._inductor as inductor
+
+    package = inductor.aoti_load_package(str(engine_dir / file))
+    source = {n: draft_constant(n) if is_draft else n for n in package.get_constant_fqns()}
+    missing = [s for s in source.values() if s not in constants]
+    if missing:
+        raise EngineError(f"{engine_dir}: the {name} program needs weights the checkpoint lacks "
+                          f"({', '.join(missing[:3])}); rebuild the engine")
+    package.load_constants({n: constants[s] for n, s in source.items()}, check_full_update=True, user_managed=True)
+    return package

@@ -111,9 +111,11 @@ def test_manifest_records_the_build(trained_engine_dir):
     assert m["versions"]["torch"] == torch.__version__
     assert m["device"]["type"] == "cpu" and m["device"]["isa"]
     assert [p["name"] for p in m["programs"]] == ["prefill_n", "decode_1", "denoise_8", "draft_8", "verify_8"]
-    # the draft pass runs the denoise package over the adapter's o_proj: four packages for five programs
-    assert m["backend"]["programs"]["draft_8"] == m["backend"]["programs"]["denoise_8"]
-    assert m["backend"]["draft"] == ["draft_8"] and len(m["backend"]["compile_s"]) == 4
+    # one block program serves denoise, verify and (over the adapter's o_proj) draft: three packages
+    assert m["backend"]["programs"]["draft_8"] == m["backend"]["programs"]["verify_8"] == \
+        m["backend"]["programs"]["denoise_8"]
+    assert m["backend"]["draft"] == ["draft_8"] and list(m["backend"]["compile_s"]) == ["prefill_n", "decode_1",
+                                                                                        "denoise_8"]
     assert set(m["self_test"]["tokens"]) == {"ar", "diffusion", "self-spec"}
     assert m["self_test"]["tokens"]["self-spec"] == m["self_test"]["tokens"]["ar"]
     assert all((trained_engine_dir / name).is_file() for name in m["files"])
