@@ -130,14 +130,6 @@ def graph_model(model: NLDModel, dtype: torch.dtype = GRAPH_DTYPE) -> NLDModel:
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, QdqLinear(linear))
     return model
-    model = copy.deepcopy(model)
-    for tensor in (*model.parameters(), *model.buffers()):
-        if tensor.is_floating_point() and tensor.dtype != E4M3 and tensor.dtype != dtype:
-            tensor.data = tensor.data.to(dtype)
-    for name, linear in [(name, m) for name, m in model.named_modules() if isinstance(m, FP8Linear)]:
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, QdqLinear(linear))
-    return model
 
 
 def build(model: NLDModel, shapes: list[PassShape], out_dir: Path, settings: BuildSettings,
