@@ -197,7 +197,8 @@ def test_generate_and_eval_run_through_the_engine(trained_engine_dir, runner):
 def test_inspect_prints_the_manifest(trained_engine_dir, runner):
     text = runner.invoke(main, ["inspect", str(trained_engine_dir)])
     assert text.exit_code == 0, text.output
-    for expected in ("backend    torch on cpu", "max_batch_size 4, max_seq_len 96", "decode_1", "self-test"):
+    for expected in ("backend    torch on cpu", "max_batch_size 4, max_seq_len 96", "verify_8 (3 compiled)",
+                     "self-test"):
         assert expected in text.stdout
     as_json = runner.invoke(main, ["inspect", str(trained_engine_dir), "--json"])
     assert json.loads(as_json.stdout) == json.loads((trained_engine_dir / "manifest.json").read_text())
