@@ -9,8 +9,8 @@ programs cost one extra copy of the GEMM weights, and the eager model stays avai
 Per block length one block program serves the three block-sized passes (program.py): denoise and
 verify differ only in the attention pattern, an input; draft only in the o_proj it reads, so its
 pass loads the same package a second time with the draft adapter's tensors in place of o_proj's
-(when the two have the same layout; else draft gets a package of its own). A build compiles
-2 + 1 programs per block length.
+(when the two have the same layout; else draft gets a package of its own). A build compiles two
+programs plus one per block length.
 
 What we measured while writing it (../shared/notes/stack.md, "Compiling the forward"): a slice
 `pool[:, :, :S]` with a symbolic S makes export guard on S != max_seq_len (a contiguity check), so
@@ -95,12 +95,11 @@ def build(model: NLDModel, shapes: list[PassShape], out_dir: Path, settings: Bui
     gemms = ProgramGemms(model)
     reuse_for_draft = draft_reuses_denoise(gemms)
     (out_dir / PROGRAM_DIR).mkdir()
-    files, seconds, programs, draft = [], {}, {}, []
+    files, seconds, programs = [], {}, {}
     for shape in shapes:
-        draft += [shape.name] if shape.kind.use_draft else []
-        block = PassShape(PassKind.DENOISE, shape.length).name  # the block program, compiled first
         if shape.kind == PassKind.VERIFY or (shape.kind == PassKind.DRAFT and reuse_for_draft):
-            programs[shape.name] = programs[block]
+            # the block program: pass_shapes puts a block length's denoise first
+            programs[shape.name] = programs[PassShape(PassKind.DENOISE, shape.length).name]
             on_program(shape)
             continue
         began = time.perf_counter()
@@ -119,7 +118,7 @@ def build(model: NLDModel, shapes: list[PassShape], out_dir: Path, settings: Bui
         programs[shape.name] = files[-1]
         seconds[shape.name] = round(time.perf_counter() - began, 1)
         on_program(shape)
-    return {"files": files, "programs": programs, "draft": draft,
+    return {"files": files, "programs": programs, "draft": [s.name for s in shapes if s.kind.use_draft],
             "max_seq_len": settings.max_seq_len, "max_input_len": settings.max_input_len, "compile_s": seconds}
 
 
