@@ -26,6 +26,7 @@ from trimode.errors import EngineError
 
 CHECKPOINT_DIR = "checkpoint"
 SELF_TEST_PROMPTS = ("def main():\n    ", "import os\nimport sys\n")
+SELF_TEST_SOLO_STEPS = 3  # engine steps each prompt runs before the next one joins
 SELF_TEST_TOKENS = 12
 
 
@@ -61,14 +62,21 @@ class BuiltEngine:
 
 
 def self_test(model, tokenizer, backend, config: EngineConfig, block_length: int) -> dict[str, list[list[int]]]:
-    """The first tokens each mode emits on fixed prompts at temperature 0, all prompts in one batch."""
+    """The first tokens each mode emits on fixed prompts at temperature 0. The first prompt runs alone
+    for its first steps and the next joins it, so that both a one-row batch (which a backend may run
+    with programs of its own: torch_backend's batch-1 programs) and a batch of rows are checked."""
     prompts = [tokenizer.encode(p) for p in SELF_TEST_PROMPTS]
     result = {}
     for mode in Mode:
         settings = GenerationSettings(mode=mode, max_new_tokens=SELF_TEST_TOKENS, block_length=block_length,
                                       ignore_eos=True)
         engine = Engine(model, config, backend=backend, block_lengths=(block_length,))
-        seqs = [engine.add(p, settings.sampling, settings.decoding) for p in prompts]
+        seqs = []
+        for p in prompts:
+            seqs.append(engine.add(p, settings.sampling, settings.decoding))
+            for _ in range(SELF_TEST_SOLO_STEPS):
+                if engine.has_work:
+                    engine.step()
         while engine.has_work:
             engine.step()
         result[mode.value] = [seq.tokens for seq in seqs]

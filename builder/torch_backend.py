@@ -17,13 +17,19 @@ What we measured while writing it (../shared/notes/stack.md, "Compiling the forw
 the program gathers the span with one index instead; and an AOTInductor package holding a Python
 custom op silently returned wrong results, so these programs hold only aten ops (the traceable
 attention of program.py) and every engine is checked against the eager model when it is built.
-Inductor's own CPU GEMM template (freezing + max-autotune) ran 8-token passes up to a quarter
-faster at batch 1, but it packs the weights into each package at compile time (10x the engine
-dir, no shared weights) and was no faster at batch 8 or for one token: not used.
+Batch-1 block programs: a one-row block pass is GEMM-bound at M = L rows, where MKL's fp32 GEMMs
+run well under the core's peak (README, engine performance). On a CPU fp32 model each block
+program also gets a copy with the batch fixed at 1 (`<name>_b1.pt2`), compiled with max-autotune,
+so that Inductor picks its CPP GEMM template per GEMM where it beats MKL at that M. The template
+reads weights blocked [N/bn, K, bn], which Inductor makes at compile time; with the constants kept
+out of the package they are left out too: the build records each one as (fused matrix, block
+width), checked equal, and loading remakes them (`blocked`), for the draft pass from the draft
+o_proj's matrix. Inductor's template on a dynamic batch was 1.4x slower at batch 8: not used.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 import warnings
@@ -43,6 +49,9 @@ from trimode.passes import PassKind, Pattern
 
 PROGRAM_DIR = "programs"
 SPAN_ALIGN = 64  # spans are rounded up to a multiple of this: fewer distinct shapes, same results
+BATCH1_SUFFIX = "_b1"
+# the batch-1 block programs: Inductor's CPP GEMM template where it beats MKL at M = L rows
+BATCH1_CONFIGS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 
 
 def require(settings: BuildSettings) -> None:
@@ -68,6 +77,57 @@ def dynamic_shapes(shape: PassShape, settings: BuildSettings, num_pool: int) -> 
     return (tokens, {0: batch}, {0: batch}, {0: span}, {0: batch}, None, (None,) * num_pool)  # *pool: one argument
 
 
+def has_batch1_program(model: NLDModel) -> bool:
+    """Whether the block programs get batch-1 copies (module docstring): a CPU fp32 model (FP8 models
+    compute in fp64 on CPU, which the GEMM template does not cover)."""
+    return model.device.type == "cpu" and model.dtype == torch.float32
+
+
+def blocked(weight: torch.Tensor, block_n: int) -> torch.Tensor:
+    """weight [K, N] -> [ceil(N / block_n), K, block_n], N zero-padded: the CPP GEMM template's
+    layout of a constant B (torch._inductor.codegen.cpp_gemm_template, block_weight)."""
+    k, n = weight.shape
+    padded = -(-n // block_n) * block_n
+    return (torch.nn.functional.pad(weight, (0, padded - n)).reshape(k, padded // block_n, block_n)
+            .transpose(0, 1).contiguous())
+
+
+@contextlib.contextmanager
+def recorded_constants():
+    """-> {name: tensor} of the constants Inductor adds while lowering: the program's own weights and
+    any it makes (the GEMM template's blocked weights)."""
+    from torch._inductor.graph import GraphLowering
+
+    made, original = {}, GraphLowering.add_tensor_constant
+
+    def add_tensor_constant(self, data, name=None):
+        box = original(self, data, name)
+        made[box.get_name()] = data
+        return box
+
+    GraphLowering.add_tensor_constant = add_tensor_constant
+    try:
+        yield made
+    finally:
+        GraphLowering.add_tensor_constant = original
+
+
+def blocked_sources(made: dict[str, torch.Tensor], gemms: ProgramGemms) -> dict[str, list]:
+    """{constant name: [fqn of a fused GEMM matrix, block width]} for each constant Inductor made;
+    each must be `blocked` of one of the matrices, or loading could not remake it."""
+    weights = {f"gemms.{name}": t for name, t in gemms.named_buffers() if name.endswith("weight")}
+    sources = {}
+    for name, t in made.items():
+        sources[name] = next(([fqn, t.shape[2]] for fqn, w in weights.items()
+                              if t.dim() == 3 and w.dim() == 2 and w.dtype == t.dtype and w.shape[0] == t.shape[1]
+                              and -(-w.shape[1] // t.shape[2]) == t.shape[0] and torch.equal(blocked(w, t.shape[2]), t)),
+                             None)
+        if sources[name] is None:
+            raise EngineError(f"the compiled program holds a constant {name} {tuple(t.shape)} that is no blocked "
+                              f"GEMM matrix: loading could not remake it")
+    return sources
+
+
 def _layout(module: torch.nn.Module) -> list:
     """What a compiled program depends on in a GEMM module: its submodules' types and its tensors' names,
     shapes and dtypes (not their values, which are loaded: `load`)."""
@@ -88,37 +148,54 @@ def draft_constant(name: str) -> str:
 def build(model: NLDModel, shapes: list[PassShape], out_dir: Path, settings: BuildSettings,
           on_program: Callable[[PassShape], None]) -> dict:
     """Export and compile every shape into out_dir/programs/<name>.pt2. -> manifest entries: the
-    package of each program ("programs") and the programs that read the draft o_proj ("draft")."""
+    package of each program ("programs"), the programs that read the draft o_proj ("draft"), the
+    batch-1 packages of the block programs ("batch1_programs") and their blocked constants."""
     import torch._inductor as inductor
 
     pool = model.new_cache(settings.max_batch_size, settings.max_seq_len)
     gemms = ProgramGemms(model)
     reuse_for_draft = draft_reuses_denoise(gemms)
     (out_dir / PROGRAM_DIR).mkdir()
-    files, seconds, programs = [], {}, {}
+    files, seconds, programs, batch1, blocked_constants = [], {}, {}, {}, {}
+
+    def compile_program(program: PassProgram, args: tuple, spec: tuple, name: str, configs: dict) -> str:
+        with torch.no_grad(), warnings.catch_warnings(), recorded_constants() as made:
+            # torch 2.13's own pytree deprecation, printed once per program: noise on a build's stderr
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            exported = torch.export.export(program, args, dynamic_shapes=spec, strict=False)
+            path = out_dir / PROGRAM_DIR / f"{name}.pt2"
+            inductor.aoti_compile_and_package(exported, package_path=str(path),
+                                              inductor_configs={"aot_inductor.package_constants_in_so": False}
+                                              | configs)
+        files.append(path.relative_to(out_dir).as_posix())
+        own = [*program.state_dict(keep_vars=True).values(), *program.buffers()]  # the lowered weights themselves
+        made = {n: t for n, t in made.items()
+                if not any(o.shape == t.shape and o.dtype == t.dtype and torch.equal(o, t) for o in own)}
+        if made:
+            blocked_constants[files[-1]] = blocked_sources(made, gemms)
+        return files[-1]
+
     for shape in shapes:
+        block = PassShape(PassKind.DENOISE, shape.length).name  # pass_shapes puts a block length's denoise first
         if shape.kind == PassKind.VERIFY or (shape.kind == PassKind.DRAFT and reuse_for_draft):
-            # the block program: pass_shapes puts a block length's denoise first
-            programs[shape.name] = programs[PassShape(PassKind.DENOISE, shape.length).name]
+            programs[shape.name] = programs[block]
+            if block in batch1:
+                batch1[shape.name] = batch1[block]
             on_program(shape)
             continue
         began = time.perf_counter()
         program = PassProgram(model, shape.kind, gemms).eval()
         args = example_inputs(model, shape, pool)
-        with torch.no_grad(), warnings.catch_warnings():
-            # torch 2.13's own pytree deprecation, printed once per program: noise on a build's stderr
-            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-            exported = torch.export.export(program, args,
-                                           dynamic_shapes=dynamic_shapes(shape, settings, len(args) - NUM_INPUTS),
-                                           strict=False)
-            path = out_dir / PROGRAM_DIR / f"{shape.name}.pt2"
-            inductor.aoti_compile_and_package(exported, package_path=str(path),
-                                              inductor_configs={"aot_inductor.package_constants_in_so": False})
-        files.append(path.relative_to(out_dir).as_posix())
-        programs[shape.name] = files[-1]
+        spec = dynamic_shapes(shape, settings, len(args) - NUM_INPUTS)
+        programs[shape.name] = compile_program(program, args, spec, shape.name, {})
+        if shape.kind == PassKind.DENOISE and has_batch1_program(model):
+            one = tuple(a[:1] for a in args[:3]) + (args[3], args[4][:1]) + args[5:]
+            batch1[shape.name] = compile_program(program, one, (None, None, None, spec[3], None, None, spec[6]),
+                                                 shape.name + BATCH1_SUFFIX, BATCH1_CONFIGS)
         seconds[shape.name] = round(time.perf_counter() - began, 1)
         on_program(shape)
     return {"files": files, "programs": programs, "draft": [s.name for s in shapes if s.kind.use_draft],
+            "batch1_programs": batch1, "blocked_constants": blocked_constants,
             "max_seq_len": settings.max_seq_len, "max_input_len": settings.max_input_len, "compile_s": seconds}
 
 
@@ -126,8 +203,9 @@ class CompiledBackend:
     """The runner's backend (decoding/runner.py) over AOTInductor packages."""
 
     def __init__(self, programs: dict[str, Callable], max_seq_len: int, max_input_len: int, device: torch.device,
-                 constants: dict[str, torch.Tensor]):
+                 constants: dict[str, torch.Tensor], batch1_programs: dict[str, Callable]):
         self.programs, self.max_seq_len, self.max_input_len, self.device = programs, max_seq_len, max_input_len, device
+        self.batch1_programs = batch1_programs  # by shape name: the same pass for a batch of one row
         self.constants = constants  # the programs read these tensors in place (user-managed): keep them alive
         self.key_index = torch.arange(max_seq_len, device=device)
         self.causal = {pattern: torch.tensor(pattern == Pattern.CAUSAL, device=device) for pattern in Pattern}
@@ -135,7 +213,9 @@ class CompiledBackend:
     def __call__(self, kind: PassKind, tokens: torch.Tensor, pool: KVCache, slots: list[int], lengths: list[int],
                  logit_index: torch.Tensor | None) -> PassOutput:
         L = tokens.shape[1]
-        _, program = lookup(self.programs, kind, L, self.max_input_len)
+        shape, program = lookup(self.programs, kind, L, self.max_input_len)
+        if len(slots) == 1:
+            program = self.batch1_programs.get(shape.name, program)
         span = min(-(-(max(lengths) + L) // SPAN_ALIGN) * SPAN_ALIGN, self.max_seq_len)
         if logit_index is None:
             logit_index = torch.zeros(len(slots), dtype=torch.long, device=self.device)
@@ -152,22 +232,41 @@ def load(engine_dir: Path, model: NLDModel, manifest: dict) -> CompiledBackend:
     for prefix, module in (("model", model), ("gemms", ProgramGemms(model))):  # the names PassProgram gives them
         constants.update({f"{prefix}.{name}": t.data for name, t in module.state_dict(keep_vars=True).items()})
         constants.update({f"{prefix}.{name}": t for name, t in module.named_buffers()})
-    loaded, programs = {}, {}
-    for name, file in manifest["programs"].items():
-        # a draft program compiled on its own names the draft o_proj already; without an adapter the
-        # draft pass reads o_proj, as the eager one does
-        is_draft = name in manifest["draft"] and model.has_draft_adapter
-        if (file, is_draft) not in loaded:  # denoise and verify share one loaded package
-            loaded[file, is_draft] = _load_package(engine_dir, file, name, constants, is_draft)
-        programs[name] = loaded[file, is_draft]
-    return CompiledBackend(programs, manifest["max_seq_len"], manifest["max_input_len"], model.device, constants)
+    loaded = {}
+
+    def load_all(files: dict[str, str]) -> dict:
+        programs = {}
+        for name, file in files.items():
+            # a draft program compiled on its own names the draft o_proj already; without an adapter the
+            # draft pass reads o_proj, as the eager one does
+            is_draft = name in manifest["draft"] and model.has_draft_adapter
+            if (file, is_draft) not in loaded:  # denoise and verify share one loaded package
+                blocked_of = manifest.get("blocked_constants", {}).get(file, {})
+                loaded[file, is_draft] = _load_package(engine_dir, file, name, constants, is_draft, blocked_of)
+            programs[name] = loaded[file, is_draft]
+        return programs
+
+    return CompiledBackend(load_all(manifest["programs"]), manifest["max_seq_len"], manifest["max_input_len"],
+                           model.device, constants, load_all(manifest.get("batch1_programs", {})))
 
 
-def _load_package(engine_dir: Path, file: str, name: str, constants: dict[str, torch.Tensor], is_draft: bool):
+def _load_package(engine_dir: Path, file: str, name: str, constants: dict[str, torch.Tensor], is_draft: bool,
+                  blocked_of: dict[str, list]):
+    """blocked_of: {constant: [fqn, block width]} of the constants to remake with `blocked`; each made
+    matrix is added to `constants` (under "blocked:fqn:width"), shared by the packages and kept alive."""
     import torch._inductor as inductor
 
     package = inductor.aoti_load_package(str(engine_dir / file))
-    source = {n: draft_constant(n) if is_draft else n for n in package.get_constant_fqns()}
+    rename = draft_constant if is_draft else (lambda n: n)
+    source = {}
+    for n in package.get_constant_fqns():
+        if n not in blocked_of:
+            source[n] = rename(n)
+            continue
+        fqn, block_n = rename(blocked_of[n][0]), blocked_of[n][1]
+        source[n] = f"blocked:{fqn}:{block_n}"
+        if source[n] not in constants and fqn in constants:
+            constants[source[n]] = blocked(constants[fqn], block_n)
     missing = [s for s in source.values() if s not in constants]
     if missing:
         raise EngineError(f"{engine_dir}: the {name} program needs weights the checkpoint lacks "

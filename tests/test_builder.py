@@ -67,12 +67,45 @@ def test_engine_tokens_equal_the_eager_reference(built, mode, batch):
     assert [s.stats.to_dict() for s in engine_seqs] == [s.stats.to_dict() for s in eager_seqs]
 
 
-def test_self_spec_equals_ar_on_the_engine(built):
-    prompts = prompts_for(built, 3)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_self_spec_equals_ar_on_the_engine(built, batch):
+    prompts = prompts_for(built, batch)
     tokens = {mode: [s.tokens for s in generate(built.checkpoint.model, prompts, GenerationSettings(
         mode=mode, max_new_tokens=24, block_length=built.block_lengths[0], ignore_eos=True), built.new_engine())]
         for mode in (Mode.AR, Mode.SELF_SPEC)}
     assert tokens[Mode.SELF_SPEC] == tokens[Mode.AR]
+
+
+def test_a_one_row_block_pass_runs_the_batch_one_program(built, monkeypatch):
+    """The fp32 engine has batch-1 copies of its block program (Inductor's GEMM template at M = L);
+    a one-row pass runs them, a batch of rows the dynamic-batch program (FP8 engines: no copies)."""
+    backend = built.backend
+    L = built.block_lengths[0]
+    expected = {f"denoise_{L}", f"draft_{L}", f"verify_{L}"} if built.manifest.get("quantization") is None else set()
+    assert set(backend.batch1_programs) == expected
+    calls = []
+
+    class Counted:
+        def __init__(self, program, name):
+            self.loader = self
+            self.program, self.name = program, name
+
+        def boxed_run(self, inputs):
+            calls.append((self.name, inputs[0].shape[0]))
+            return self.program.loader.boxed_run(inputs)
+
+    monkeypatch.setattr(backend, "programs", {n: Counted(p, n) for n, p in backend.programs.items()})
+    monkeypatch.setattr(backend, "batch1_programs",
+                        {n: Counted(p, n + "_b1") for n, p in backend.batch1_programs.items()})
+    for batch in (1, 2):
+        generate(built.checkpoint.model, prompts_for(built, batch), GenerationSettings(
+            mode=Mode.SELF_SPEC, max_new_tokens=8, block_length=built.block_lengths[0], ignore_eos=True),
+            built.new_engine())
+    block_calls = {(name, rows) for name, rows in calls if not name.startswith(("prefill", "decode"))}
+    if expected:
+        assert block_calls == {(f"draft_{L}_b1", 1), (f"verify_{L}_b1", 1), (f"draft_{L}", 2), (f"verify_{L}", 2)}
+    else:
+        assert block_calls == {(f"draft_{L}", 1), (f"verify_{L}", 1), (f"draft_{L}", 2), (f"verify_{L}", 2)}
 
 
 def test_requests_joining_a_running_batch_get_their_solo_tokens(built):
@@ -116,6 +149,11 @@ def test_manifest_records_the_build(trained_engine_dir):
         m["backend"]["programs"]["denoise_8"]
     assert m["backend"]["draft"] == ["draft_8"] and list(m["backend"]["compile_s"]) == ["prefill_n", "decode_1",
                                                                                         "denoise_8"]
+    # and a batch-1 copy of it, whose blocked GEMM weights are remade on load from the fused matrices
+    assert set(m["backend"]["batch1_programs"].values()) == {"programs/denoise_8_b1.pt2"}
+    assert list(m["backend"]["blocked_constants"]) == ["programs/denoise_8_b1.pt2"]
+    assert all(fqn.startswith("gemms.") and fqn.endswith(".weight") and block_n > 0
+               for fqn, block_n in m["backend"]["blocked_constants"]["programs/denoise_8_b1.pt2"].values())
     assert set(m["self_test"]["tokens"]) == {"ar", "diffusion", "self-spec"}
     assert m["self_test"]["tokens"]["self-spec"] == m["self_test"]["tokens"]["ar"]
     assert all((trained_engine_dir / name).is_file() for name in m["files"])
@@ -197,7 +235,7 @@ def test_generate_and_eval_run_through_the_engine(trained_engine_dir, runner):
 def test_inspect_prints_the_manifest(trained_engine_dir, runner):
     text = runner.invoke(main, ["inspect", str(trained_engine_dir)])
     assert text.exit_code == 0, text.output
-    for expected in ("backend    torch on cpu", "max_batch_size 4, max_seq_len 96", "verify_8 (3 compiled)",
+    for expected in ("backend    torch on cpu", "max_batch_size 4, max_seq_len 96", "verify_8 (3 compiled); batch-1 copies of programs/denoise_8_b1.pt2",
                      "self-test"):
         assert expected in text.stdout
     as_json = runner.invoke(main, ["inspect", str(trained_engine_dir), "--json"])

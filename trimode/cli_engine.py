@@ -110,9 +110,12 @@ def format_manifest(m: dict) -> str:
     s, d, c = m["settings"], m["device"], m["model"]["config"]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
     programs = ", ".join(p["name"] for p in m["programs"])
-    files = set((m.get("backend") or {}).get("programs", {}).values())
+    backend = m.get("backend") or {}
+    files = set(backend.get("programs", {}).values())
     if files and len(files) < len(m["programs"]):  # torch: one block program serves three passes
         programs += f" ({len(files)} compiled)"
+    if backend.get("batch1_programs"):  # torch on a CPU fp32 model
+        programs += f"; batch-1 copies of {', '.join(sorted(set(backend['batch1_programs'].values())))}"
     quant = (m.get("quantization") or {}).get("quantization", {}).get("quant_algo") if m.get("quantization") else None
     lines = [
         f"engine     {m['tool']}, format {m['format']}, built in {m['build_seconds']} s",
