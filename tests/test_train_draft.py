@@ -16,7 +16,7 @@ from trimode.passes import PassKind
 from trimode.training.corpus import read_texts, split_files
 from trimode.training.draft import DraftSettings, greedy_sequences, train_draft
 from trimode.training.draft_objective import (acceptance_weights, draft_layout, draft_logits, draft_loss,
-                                              install_lora)
+                                              install_lora, path_acceptance)
 
 
 def random_factors(model, rank: int, seed: int = 0):
@@ -103,6 +103,17 @@ def test_draft_loss_counts_accepted_like_the_verifier():
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits[0, 0, 1], targets[0, 0, 0]))
     plain, _ = draft_loss(logits, targets, mask_id, "ce")
     assert not torch.isclose(plain, loss)
+
+
+@pytest.mark.parametrize("starts, accepted, path", [
+    ([[10, 11, 12, 13, 14, 15]], [[2, 1, 3, 1, 1, 1]], [2, 3, 1]),    # 10 -> 12 -> 15 -> past the last offset
+    ([[13, 12, 10, 11, 15, 14]], [[1, 3, 2, 1, 1, 1]], [2, 3, 1]),    # the same blocks in sampled order
+    ([[10, 11, 12], [10, 12, 13]], [[1, 1, 1], [1, 5, 5]], [1, 1, 1, 1]),  # row 2 stops at offset 11, not drafted
+    ([[11, 12]], [[4, 4]], []),                                       # the first seed's block was not drafted
+])
+def test_path_acceptance_walks_the_runtime_cycles(starts, accepted, path):
+    """Each cycle starts where the previous one's accepted tokens end, from the first seed (offset 10)."""
+    assert path_acceptance(torch.tensor(starts), torch.tensor(accepted), 10) == path
 
 
 def test_peft_files_round_trip(tiny_dir, tmp_path):

@@ -25,7 +25,7 @@ from trimode.decoding import GenerationSettings, Mode, generate
 from trimode.errors import InputError
 from trimode.model import NLDModel
 from trimode.training.draft_objective import (draft_layout, draft_logits, draft_loss, init_factors,
-                                              install_lora, sample_starts)
+                                              install_lora, path_acceptance, sample_starts)
 
 WEIGHTINGS = ("accept", "ce")
 STAGE = "train-draft"
@@ -253,7 +253,7 @@ def train_draft(checkpoint_dir: Path, out_dir: Path, settings: DraftSettings = D
     pool = TargetPool(model, stream, settings, generator)
     bar = _progress(settings.steps, progress)
     began = time.perf_counter()
-    recent: list[float] = []
+    recent: list[list[int]] = []  # the last 20 steps' runtime-path accepted lengths
     for step in range(settings.steps):
         for group in optim.param_groups:
             group["lr"] = lr_at(step, settings)
@@ -268,10 +268,12 @@ def train_draft(checkpoint_dir: Path, out_dir: Path, settings: DraftSettings = D
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optim.step()
         mean_acc = accepted.float().mean().item()
+        path = path_acceptance(starts, accepted, settings.prompt_len)
         log["history"].append({"step": step, "block_length": L, "loss": round(loss.item(), 5),
-                               "accepted": round(mean_acc, 4)})
-        recent = (recent + [mean_acc])[-20:]
-        bar.set_postfix(L=L, loss=f"{loss.item():.3f}", accepted=f"{sum(recent) / len(recent):.2f}")
+                               "accepted": round(mean_acc, 4), "accepted_path": round(sum(path) / len(path), 4) if path else None})
+        recent = (recent + [path])[-20:]
+        num = sum(map(len, recent))
+        bar.set_postfix(L=L, loss=f"{loss.item():.3f}", accepted=f"{sum(map(sum, recent)) / num:.2f}" if num else "-")
         bar.update()
     bar.close()
     log["wall_time_s"] = round(time.perf_counter() - began, 1)

@@ -133,3 +133,20 @@ def draft_loss(logits: torch.Tensor, targets: torch.Tensor, mask_token_id: int,
         accepted = torch.cumprod(correct.long(), dim=-1).sum(-1) + 1
         weights = acceptance_weights(correct) if weighting == "accept" else torch.ones_like(ce)
     return (ce * weights).sum() / weights.sum(), accepted
+
+
+def path_acceptance(starts: torch.Tensor, accepted: torch.Tensor, first: int) -> list[int]:
+    """The accepted lengths of the blocks the runtime would draft: from offset `first` (the first
+    cycle's seed) each cycle starts where the last one's accepted tokens end. starts, accepted
+    [b, K]. A row's path stops at an offset that was not drafted (starts cover every offset when
+    there are at most draft_tokens / L of them). Why: the mean over all offsets overstates the
+    runtime's accepted per cycle (measured on the embedded checkpoint: 3.07 vs 2.58 on 16 held-out
+    prompts, whose runtime figure is 2.62): a long easy stretch is counted at each of its offsets,
+    but the runtime drafts it once."""
+    path = []
+    for row_starts, row_accepted in zip(starts.tolist(), accepted.tolist()):
+        by_start, q = dict(zip(row_starts, row_accepted)), first
+        while q in by_start:
+            path.append(by_start[q])
+            q += by_start[q]
+    return path
