@@ -112,16 +112,19 @@ def recorded_constants():
         GraphLowering.add_tensor_constant = original
 
 
+def _is_blocked(t: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether t is `blocked(weight, t.shape[2])`."""
+    return (t.dim() == 3 and weight.dim() == 2 and weight.dtype == t.dtype and weight.shape[0] == t.shape[1]
+            and -(-weight.shape[1] // t.shape[2]) == t.shape[0] and torch.equal(blocked(weight, t.shape[2]), t))
+
+
 def blocked_sources(made: dict[str, torch.Tensor], gemms: ProgramGemms) -> dict[str, list]:
     """{constant name: [fqn of a fused GEMM matrix, block width]} for each constant Inductor made;
     each must be `blocked` of one of the matrices, or loading could not remake it."""
     weights = {f"gemms.{name}": t for name, t in gemms.named_buffers() if name.endswith("weight")}
     sources = {}
     for name, t in made.items():
-        sources[name] = next(([fqn, t.shape[2]] for fqn, w in weights.items()
-                              if t.dim() == 3 and w.dim() == 2 and w.dtype == t.dtype and w.shape[0] == t.shape[1]
-                              and -(-w.shape[1] // t.shape[2]) == t.shape[0] and torch.equal(blocked(w, t.shape[2]), t)),
-                             None)
+        sources[name] = next(([fqn, t.shape[2]] for fqn, w in weights.items() if _is_blocked(t, w)), None)
         if sources[name] is None:
             raise EngineError(f"the compiled program holds a constant {name} {tuple(t.shape)} that is no blocked "
                               f"GEMM matrix: loading could not remake it")

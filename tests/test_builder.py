@@ -108,6 +108,23 @@ def test_a_one_row_block_pass_runs_the_batch_one_program(built, monkeypatch):
         assert block_calls == {(f"draft_{L}", 1), (f"verify_{L}", 1), (f"draft_{L}", 2), (f"verify_{L}", 2)}
 
 
+def test_blocked_constants_are_traced_back_to_their_fused_matrix(tiny_adapter_dir):
+    """The GEMM template's blocked weights are remade on load from the fused matrix the build traced
+    each one to (padded when the block width does not divide N); anything else fails the build."""
+    from trimode.builder.gemms import ProgramGemms
+    from trimode.builder.torch_backend import blocked, blocked_sources
+    from trimode.checkpoint import load_checkpoint
+
+    gemms = ProgramGemms(load_checkpoint(tiny_adapter_dir, dtype=torch.float32).model)
+    qkv, draft = gemms.layers[1].qkv.weight, gemms.layers[0].o_draft.weight
+    made = {"c0": blocked(qkv, 16), "c1": blocked(draft, 48)}
+    assert blocked(qkv, 16).shape == (-(-qkv.shape[1] // 16), qkv.shape[0], 16)
+    assert blocked_sources(made, gemms) == {"c0": ["gemms.layers.1.qkv.weight", 16],
+                                            "c1": ["gemms.layers.0.o_draft.weight", 48]}
+    with pytest.raises(EngineError, match="c2 .* no blocked GEMM matrix"):
+        blocked_sources({"c2": blocked(qkv, 16) + 1e-3}, gemms)
+
+
 def test_requests_joining_a_running_batch_get_their_solo_tokens(built):
     """Staggered arrivals of all three modes: rows finish and free slots in the middle of the pool,
     so later passes run on non-contiguous rows."""
@@ -235,7 +252,8 @@ def test_generate_and_eval_run_through_the_engine(trained_engine_dir, runner):
 def test_inspect_prints_the_manifest(trained_engine_dir, runner):
     text = runner.invoke(main, ["inspect", str(trained_engine_dir)])
     assert text.exit_code == 0, text.output
-    for expected in ("backend    torch on cpu", "max_batch_size 4, max_seq_len 96", "verify_8 (3 compiled); batch-1 copies of programs/denoise_8_b1.pt2",
+    for expected in ("backend    torch on cpu", "max_batch_size 4, max_seq_len 96",
+                     "verify_8 (3 compiled); batch-1 copies of programs/denoise_8_b1.pt2",
                      "self-test"):
         assert expected in text.stdout
     as_json = runner.invoke(main, ["inspect", str(trained_engine_dir), "--json"])

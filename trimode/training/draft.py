@@ -270,7 +270,8 @@ def train_draft(checkpoint_dir: Path, out_dir: Path, settings: DraftSettings = D
         mean_acc = accepted.float().mean().item()
         path = path_acceptance(starts, accepted, settings.prompt_len)
         log["history"].append({"step": step, "block_length": L, "loss": round(loss.item(), 5),
-                               "accepted": round(mean_acc, 4), "accepted_path": round(sum(path) / len(path), 4) if path else None})
+                               "accepted": round(mean_acc, 4),
+                               "accepted_path": round(sum(path) / len(path), 4) if path else None})
         recent = (recent + [path])[-20:]
         num = sum(map(len, recent))
         bar.set_postfix(L=L, loss=f"{loss.item():.3f}", accepted=f"{sum(map(sum, recent)) / num:.2f}" if num else "-")
