@@ -59,11 +59,12 @@ def require(settings: BuildSettings) -> None:
 
 
 def example_inputs(model: NLDModel, shape: PassShape, pool: KVCache) -> tuple:
-    """Inputs to trace with: batch 2 and a prefill chunk of 2 (a size of 1 would be specialised)."""
-    b, L = 2, shape.length or 2
+    """Inputs to trace with: batch 2 (1 for a pool of one row, whose batch is static) and a prefill
+    chunk of 2 (a dynamic size of 1 would be specialised)."""
+    b, L = min(2, pool.k[0].shape[0]), shape.length or 2
     device = model.device
-    return (torch.zeros(b, L, dtype=torch.long, device=device), torch.tensor([3, 5], device=device),
-            torch.tensor([0, 1], device=device), torch.arange(16, device=device),
+    return (torch.zeros(b, L, dtype=torch.long, device=device), torch.tensor([3, 5][:b], device=device),
+            torch.arange(b, device=device), torch.arange(16, device=device),
             torch.zeros(b, dtype=torch.long, device=device), torch.tensor(False, device=device), *pool.k, *pool.v)
 
 
@@ -71,7 +72,7 @@ NUM_INPUTS = 6  # before the pool: tokens, lengths, rows, key_index, logit_index
 
 
 def dynamic_shapes(shape: PassShape, settings: BuildSettings, num_pool: int) -> tuple:
-    batch = torch.export.Dim("batch", min=1, max=settings.max_batch_size)
+    batch = torch.export.Dim("batch", min=1, max=settings.max_batch_size) if settings.max_batch_size > 1 else None
     span = torch.export.Dim("span", min=1, max=settings.max_seq_len)
     tokens = {0: batch} if shape.length else {0: batch, 1: torch.export.Dim("chunk", min=1, max=settings.max_input_len)}
     return (tokens, {0: batch}, {0: batch}, {0: span}, {0: batch}, None, (None,) * num_pool)  # *pool: one argument

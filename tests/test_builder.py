@@ -125,6 +125,27 @@ def test_blocked_constants_are_traced_back_to_their_fused_matrix(tiny_adapter_di
         blocked_sources({"c2": blocked(qkv, 16) + 1e-3}, gemms)
 
 
+@pytest.mark.parametrize("max_batch_size", [1, 3])
+def test_programs_export_for_any_max_batch_size(tiny_dir, max_batch_size):
+    """A pool of one row has a static batch (torch.export refuses a Dim with min = max = 1), the
+    rest a dynamic one: export each program kind (the compile after it is the engine tests')."""
+    from trimode.builder.program import PassProgram, PassShape
+    from trimode.builder.torch_backend import NUM_INPUTS, dynamic_shapes, example_inputs
+    from trimode.checkpoint import load_checkpoint
+    from trimode.passes import PassKind
+
+    model = load_checkpoint(tiny_dir, dtype=torch.float32).model
+    settings = BuildSettings(max_batch_size=max_batch_size, max_seq_len=32, max_input_len=8)
+    pool = model.new_cache(max_batch_size, settings.max_seq_len)
+    for shape in (PassShape(PassKind.PREFILL, None), PassShape(PassKind.DENOISE, 4)):
+        args = example_inputs(model, shape, pool)
+        with torch.no_grad():
+            exported = torch.export.export(PassProgram(model, shape.kind).eval(), args, strict=False,
+                                           dynamic_shapes=dynamic_shapes(shape, settings, len(args) - NUM_INPUTS))
+        batch = exported.module()(*args)[1].shape[0]
+        assert batch == min(2, max_batch_size)
+
+
 def test_requests_joining_a_running_batch_get_their_solo_tokens(built):
     """Staggered arrivals of all three modes: rows finish and free slots in the middle of the pool,
     so later passes run on non-contiguous rows."""
