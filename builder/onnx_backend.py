@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trimode.builder.program import PassShape, lookup
+from trimode.builder.program import PassShape, lookup, quiet_export
 from trimode.builder.settings import BuildSettings
 from trimode.errors import InputError, MissingDependencyError
 from trimode.fp8 import E4M3, FP8Linear
@@ -91,8 +91,9 @@ def export_pass(model: NLDModel, shape: PassShape, settings: BuildSettings, path
                "k": [None] * len(cache.k), "v": [None] * len(cache.v)}
     input_names, output_names = graph_names(spec.num_hidden_layers, has_logit_index)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(ExportedPass(model, shape.kind).eval(), args, path, dynamo=True, dynamic_shapes=dynamic,
-                      input_names=input_names, output_names=output_names, verbose=False)
+    with quiet_export():
+        torch.onnx.export(ExportedPass(model, shape.kind).eval(), args, path, dynamo=True, dynamic_shapes=dynamic,
+                          input_names=input_names, output_names=output_names, verbose=False)
 
 
 class QdqLinear(nn.Module):

@@ -24,6 +24,9 @@ The rows' committed lengths are the pool's `lengths` gathered by rows; they come
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -139,3 +142,22 @@ def program_for(kind: PassKind, length: int) -> PassShape:
     if kind in (PassKind.PREFILL, PassKind.REFRESH):
         return PassShape(PassKind.PREFILL, None)
     return PassShape(kind, length)
+
+
+@contextlib.contextmanager
+def quiet_export():
+    """Silence what torch.export and the ONNX exporter print per program and a user can do nothing
+    about (torch 2.13's pytree deprecation, the ONNX exporter's notes on dynamic-axis names, skipped
+    torchvision ops and empty attributes): noise on a build's stderr. Errors still raise."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnx_ir", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*dynamic axes will not be renamed.*", category=UserWarning)
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)

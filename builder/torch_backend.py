@@ -32,14 +32,13 @@ from __future__ import annotations
 import contextlib
 import re
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from trimode.builder.gemms import ProgramGemms
-from trimode.builder.program import PassProgram, PassShape, lookup
+from trimode.builder.program import PassProgram, PassShape, lookup, quiet_export
 from trimode.builder.settings import BuildSettings
 from trimode.decoding.runner import PassOutput
 from trimode.errors import EngineError
@@ -163,9 +162,7 @@ def build(model: NLDModel, shapes: list[PassShape], out_dir: Path, settings: Bui
     files, seconds, programs, batch1, blocked_constants = [], {}, {}, {}, {}
 
     def compile_program(program: PassProgram, args: tuple, spec: tuple, name: str, configs: dict) -> str:
-        with torch.no_grad(), warnings.catch_warnings(), recorded_constants() as made:
-            # torch 2.13's own pytree deprecation, printed once per program: noise on a build's stderr
-            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        with torch.no_grad(), quiet_export(), recorded_constants() as made:
             exported = torch.export.export(program, args, dynamic_shapes=spec, strict=False)
             path = out_dir / PROGRAM_DIR / f"{name}.pt2"
             inductor.aoti_compile_and_package(exported, package_path=str(path),
