@@ -69,3 +69,21 @@ def test_bench_serving_small_run(tiny_engine_dir, tmp_path):
         assert set(row["served_vs_in_process"]) == {"ar", "diffusion", "self-spec"}
         assert all(r > 0 for r in row["served_vs_in_process"].values())
         assert row["ar/served"]["tokens_generated"] == row["ar/in_process"]["tokens_generated"] > 0
+
+
+def test_draft_modules_small_run(tiny_adapter_dir, tmp_path):
+    """The issue-11 experiment end to end on a tiny checkpoint: o_proj's adapter continued plus new
+    LoRAs on two other linears, the runtime-path estimate before and after (a few steps)."""
+    from trimode.training.corpus import read_texts, split_files
+
+    data = tmp_path / "text.py"
+    data.write_text("\n".join(read_texts(split_files()[0][:3])))
+    report = run_script("scripts/draft_modules.py", str(tiny_adapter_dir), "--modules", "q_proj,down_proj",
+                        "--rank", "4", "--steps", "3", "--num-prompts", "2", "--block-length", "4",
+                        "--data", str(data), "--json", str(tmp_path / "r.json"))
+    assert report == json.loads((tmp_path / "r.json").read_text())
+    assert report["modules"] == ["o_proj", "q_proj", "down_proj"] and report["steps"] == 3
+    assert 1 <= report["before"] <= 4 and 1 <= report["after"] <= 4
+    refused = subprocess.run([sys.executable, "scripts/draft_modules.py", "--modules", "lm_head"], cwd=ROOT,
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and "unknown ['lm_head']" in refused.stderr

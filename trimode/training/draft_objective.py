@@ -21,16 +21,18 @@ from trimode.model import NLDModel
 
 
 class DraftLoRA(nn.Module):
-    """o_proj + scale * B @ A on the rows where `rows` is True (the draft blocks), o_proj elsewhere.
+    """base(x) + scale * B @ A x on the rows where `rows` is True (the draft blocks), base(x) elsewhere.
     Installed as `o_proj_draft`, so the model's use_draft=True path calls it."""
 
     def __init__(self, base: nn.Module, a: torch.Tensor, b: torch.Tensor, scale: float):
         super().__init__()
         self.base, self.scale = base, scale
         self.a, self.b = nn.Parameter(a.float().clone()), nn.Parameter(b.float().clone())
-        self.rows: torch.Tensor | None = None  # [batch, T] bool
+        self.rows: torch.Tensor | None = None  # [batch, T] bool, set by draft_logits for its forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rows is None:  # outside draft_logits: a runtime pass, adapter off
+            return self.base(x)
         delta = F.linear(F.linear(x, self.a.to(x.dtype)), self.b.to(x.dtype)) * self.scale
         return self.base(x) + delta * self.rows[..., None].to(delta.dtype)
 
@@ -105,7 +107,11 @@ def draft_logits(model: NLDModel, loras: list[DraftLoRA], batch: DraftBatch) -> 
     """-> [b, K, L, V] logits of every block (adapter on the block rows only)."""
     for lora in loras:
         lora.rows = batch.is_draft
-    logits = model.forward_masked(batch.tokens, batch.positions, batch.mask, use_draft=True)
+    try:
+        logits = model.forward_masked(batch.tokens, batch.positions, batch.mask, use_draft=True)
+    finally:
+        for lora in loras:
+            lora.rows = None
     b = logits.shape[0]
     return logits[:, batch.num_clean:].reshape(b, -1, batch.block_length, logits.shape[-1])
 
