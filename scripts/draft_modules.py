@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 from trimode.checkpoint import load_checkpoint
-from trimode.training.draft import (DraftSettings, TargetPool, greedy_sequences, lr_at, starting_adapter,
-                                    token_stream, validation_prompts)
+from trimode.training.draft import (DraftSettings, TargetPool, greedy_sequences, new_optimizer, starting_adapter,
+                                    token_stream, train_step, validation_prompts)
 from trimode.training.draft_objective import (DraftLoRA, draft_layout, draft_logits, draft_loss, install_lora,
-                                              path_acceptance, sample_starts)
+                                              path_acceptance)
 
 OWNERS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "gate_proj": "mlp",
           "up_proj": "mlp", "down_proj": "mlp"}
@@ -86,8 +86,7 @@ def main(argv=None) -> int:
     held = greedy_sequences(model, prompts, s.gen_len)
     loras = install_lora(model, start.factors, start.alpha / start.rank) + add_loras(model, modules, args.rank,
                                                                                      generator)
-    params = [p for lora in loras for p in (lora.a, lora.b)]
-    optim = torch.optim.AdamW(params, lr=s.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    optim = new_optimizer(loras, s)
     pool = TargetPool(model, stream, s, generator)
     report = {"checkpoint": str(args.checkpoint), "modules": ["o_proj"] + modules, "rank": args.rank,
               "o_proj_rank": start.rank, "steps": s.steps, "block_length": L, "num_prompts": len(prompts),
@@ -95,16 +94,7 @@ def main(argv=None) -> int:
               "before": path_estimate(model, loras, held, s.prompt_len, L, mask_id)}
     began = time.perf_counter()
     for step in range(s.steps):
-        for group in optim.param_groups:
-            group["lr"] = lr_at(step, s)
-        seqs = pool.take(s.batch_size)
-        batch = draft_layout(seqs, sample_starts(len(seqs), seqs.shape[1], s.prompt_len, L, s.draft_tokens // L,
-                                                 generator), L, mask_id)
-        loss, _ = draft_loss(draft_logits(model, loras, batch), batch.targets, mask_id, s.weighting)
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optim.step()
+        train_step(model, loras, optim, pool.take(s.batch_size), step, L, s, generator)
     report["seconds"] = round(time.perf_counter() - began, 1)
     report["after"] = path_estimate(model, loras, held, s.prompt_len, L, mask_id)
     text = json.dumps(report, indent=1)

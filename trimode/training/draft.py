@@ -24,7 +24,7 @@ from trimode.checkpoint import ADAPTER_DIR, Checkpoint, load_checkpoint, read_dr
 from trimode.decoding import GenerationSettings, Mode, generate
 from trimode.errors import InputError
 from trimode.model import NLDModel
-from trimode.training.draft_objective import (draft_layout, draft_logits, draft_loss, init_factors,
+from trimode.training.draft_objective import (DraftLoRA, draft_layout, draft_logits, draft_loss, init_factors,
                                               install_lora, path_acceptance, sample_starts)
 
 WEIGHTINGS = ("accept", "ce")
@@ -220,6 +220,29 @@ def lr_at(step: int, s: DraftSettings) -> float:
     return s.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def new_optimizer(loras: list[DraftLoRA], s: DraftSettings) -> torch.optim.Optimizer:
+    """AdamW over every LoRA's A and B (one parameter group)."""
+    return torch.optim.AdamW([p for lora in loras for p in (lora.a, lora.b)], lr=s.lr, betas=(0.9, 0.99),
+                             weight_decay=0.0)
+
+
+def train_step(model: NLDModel, loras: list[DraftLoRA], optim: torch.optim.Optimizer, seqs: torch.Tensor, step: int,
+               L: int, s: DraftSettings, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimizer step on blocks of length L at random offsets of seqs (prompts + greedy
+    continuations). -> (loss, accepted length per block [b, K], the blocks' starts [b, K])."""
+    for group in optim.param_groups:
+        group["lr"] = lr_at(step, s)
+    starts = sample_starts(len(seqs), seqs.shape[1], s.prompt_len, L, s.draft_tokens // L, generator)
+    batch = draft_layout(seqs, starts, L, model.spec.mask_token_id)
+    logits = draft_logits(model, loras, batch)  # fp32: bf16 autocast made the backward 10x slower on CPU
+    loss, accepted = draft_loss(logits, batch.targets, model.spec.mask_token_id, s.weighting)
+    optim.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(optim.param_groups[0]["params"], 1.0)
+    optim.step()
+    return loss, accepted, starts
+
+
 def train_draft(checkpoint_dir: Path, out_dir: Path, settings: DraftSettings = DraftSettings(),
                 force: bool = False, progress: bool = True) -> dict:
     """Train the draft adapter of checkpoint_dir; write base files + linear_spec_lora/ to out_dir. -> the log."""
@@ -242,12 +265,12 @@ def train_draft(checkpoint_dir: Path, out_dir: Path, settings: DraftSettings = D
             merged_for_eval(model, start.factors, scale)
         before = held_out_acceptance(model, eval_prompts, settings.block_lengths)
     loras = install_lora(model, start.factors, scale)
-    params = [p for lora in loras for p in (lora.a, lora.b)]
-    optim = torch.optim.AdamW(params, lr=settings.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    optim = new_optimizer(loras, settings)
     log: dict = {"settings": {**asdict(settings), "data": str(settings.data) if settings.data else None},
                  "base_checkpoint": str(checkpoint_dir), "source": source, "num_train_tokens": len(stream),
                  "rank": start.rank, "alpha": start.alpha, "continued": start.is_continued,
-                 "num_trainable_params": sum(p.numel() for p in params), "python": platform.python_version(),
+                 "num_trainable_params": sum(lora.a.numel() + lora.b.numel() for lora in loras),
+                 "python": platform.python_version(),
                  "torch": torch.__version__, "num_threads": torch.get_num_threads(), "history": [],
                  "previous": previous_runs(ck.checkpoint_dir) if start.is_continued else []}
     pool = TargetPool(model, stream, settings, generator)
@@ -255,18 +278,9 @@ def train_draft(checkpoint_dir: Path, out_dir: Path, settings: DraftSettings = D
     began = time.perf_counter()
     recent: list[list[int]] = []  # the last 20 steps' runtime-path accepted lengths
     for step in range(settings.steps):
-        for group in optim.param_groups:
-            group["lr"] = lr_at(step, settings)
         L = settings.block_lengths[step % len(settings.block_lengths)]
-        seqs = pool.take(settings.batch_size)
-        starts = sample_starts(len(seqs), seqs.shape[1], settings.prompt_len, L, settings.draft_tokens // L, generator)
-        batch = draft_layout(seqs, starts, L, ck.spec.mask_token_id)
-        logits = draft_logits(model, loras, batch)  # fp32: bf16 autocast made the backward 10x slower on CPU
-        loss, accepted = draft_loss(logits, batch.targets, ck.spec.mask_token_id, settings.weighting)
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optim.step()
+        loss, accepted, starts = train_step(model, loras, optim, pool.take(settings.batch_size), step, L, settings,
+                                            generator)
         mean_acc = accepted.float().mean().item()
         path = path_acceptance(starts, accepted, settings.prompt_len)
         log["history"].append({"step": step, "block_length": L, "loss": round(loss.item(), 5),
