@@ -18,14 +18,21 @@ import traceback
 
 
 def child(args: list[str], log: str) -> None:
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
+    """Runs in the forked process, with SIGINT blocked (serve blocks it around the fork): it is let
+    through only around the CLI call, so a Ctrl-C that lands in this wrapper's own code (opening the
+    log, reading the exit status) cannot turn into a traceback of the fork server."""
     code = 99  # the CLI let an exception through: the tests fail on it
     try:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
         from trimode.cli import main
 
-        main(args, prog_name="trimode")
+        try:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a pending one lands here
+            main(args, prog_name="trimode")
+        finally:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
@@ -59,11 +66,13 @@ def serve() -> None:
         job = json.loads(line)
         start = time.monotonic()
         pids = []
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # the children start with it blocked
         for args in job["runs"]:
             pid = os.fork()
             if pid == 0:
                 child(args, job["log"])
             pids.append(pid)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         if job.get("signal"):
             time.sleep(job["delay"])
             for pid in pids:
