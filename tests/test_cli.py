@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import shutil
 
+import click
 import pytest
 
 from trimode.cli import main
+from trimode.errors import Interrupted
 
 
 def invoke(runner, *args):
@@ -107,3 +109,24 @@ def test_help_names_every_mode(runner):
     assert result.exit_code == 0
     for word in ("ar", "diffusion", "self-spec", "--threshold", "--json"):
         assert word in result.output
+
+
+@pytest.mark.parametrize("where", ["parsing", "before the command", "after the command"])
+@pytest.mark.parametrize("error, status", [(KeyboardInterrupt(), 130), (Interrupted(15), 143)])
+def test_an_interrupt_in_clicks_own_code_exits_like_one_in_the_command(runner, monkeypatch, where, error, status):
+    """click's main turns Ctrl-C outside the command (entering or closing the top context) into
+    "Aborted!" and exit 1; trimode's is 128 + signum wherever it lands."""
+    name = {"parsing": "parse_args", "before the command": "__enter__",
+            "after the command": "_close_with_exception_info"}[where]
+    owner = click.Command if where == "parsing" else click.Context
+    original = getattr(owner, name)
+
+    def interrupt(self, *args, **kwargs):
+        if where == "parsing" or (self.parent is None and self._depth == 0):
+            raise error
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(owner, name, interrupt)
+    result = runner.invoke(main, ["inspect", "--help"])
+    assert result.exit_code == status
+    assert result.stderr.strip() == "Error: interrupted" and "Aborted" not in result.output

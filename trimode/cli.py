@@ -20,11 +20,22 @@ class TrimodeGroup(click.Group):
     """The one exception boundary: TrimodeError becomes a one-line error and exit 1; Ctrl-C (or
     SIGTERM while a stage writes) exits 128 + the signal number (130 for Ctrl-C)."""
 
-    def make_context(self, *args, **kwargs) -> click.Context:
-        try:  # parsing (a --device check imports torch): Ctrl-C here is an interrupt too, not click's exit 1
-            return super().make_context(*args, **kwargs)
-        except KeyboardInterrupt as e:
-            _interrupted(e)
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """click's own main, except that Ctrl-C anywhere in it (parsing, where a --device check imports
+        torch; the instant before or after the command) exits 130 like one inside the command, not
+        with click's "Aborted!" and exit 1."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except (click.Abort, KeyboardInterrupt) as e:
+            signum = getattr(e.__cause__ if isinstance(e, click.Abort) else e, "signum", 2)
+            click.echo("Error: interrupted", err=True)
+            sys.exit(128 + signum)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)  # click returns the exit code of a ctx.exit(n)
 
     def invoke(self, ctx: click.Context):
         try:
