@@ -22,7 +22,8 @@ transformers' tokens/s at the same batch size. `ar_matches_transformers_b1` chec
 prompt by prompt at batch 1.
 
 Run:   .venv/bin/python scripts/bench_modes.py --json out/bench.json
-       (--checkpoint DIR, --max-new-tokens 64, --batch-sizes 1,8, --repeats 3, --threads N)
+       (--checkpoint DIR, --max-new-tokens 64, --batch-sizes 1,8, --repeats 3, --threads N,
+        --against-no-adapter: self-spec also without the draft adapter, timed in the same rounds)
 The JSON goes to stdout (and to --json PATH); a short table goes to stderr. About 30 s on an idle
 2-core CPU. On a shared box other processes distort timings badly (a descheduled OpenMP thread
 stalls every GEMM): compare ratios from one run, and prefer --threads 1 there.
@@ -63,6 +64,7 @@ PROMPTS = [
     "for step in range(max_new_tokens): tokens.append(model(tokens).argmax())",
 ]
 MODES = (Mode.AR, Mode.DIFFUSION, Mode.SELF_SPEC)
+NO_ADAPTER = "self-spec/no-adapter"  # --against-no-adapter's row
 # Small but not toy: 4 layers, hidden 256, GQA 8/2 heads of 32, vocab 2048, block 8.
 BENCH_SPEC = dict(vocab_size=2048, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                   num_attention_heads=8, num_key_value_heads=2, head_dim=32, block_size=8)
@@ -207,6 +209,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, help="also write the JSON here")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads")
     ap.add_argument("--init-std", type=float, default=0.1, help="random checkpoint weight std (peakier logits)")
+    ap.add_argument("--against-no-adapter", action="store_true",
+                    help="also time self-spec with the checkpoint's draft adapter left out, in the same rounds")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -218,6 +222,9 @@ def main(argv=None) -> int:
         ck_dir = args.checkpoint or make_random_checkpoint(
             Path(tmp) / "bench", tiny_spec(**BENCH_SPEC), seed=0, init_std=args.init_std, with_draft_adapter=True)
         ck = load_checkpoint(ck_dir)
+        plain = load_checkpoint(ck_dir, draft_adapter=False) if args.against_no_adapter else None
+    if plain is not None and not ck.model.has_draft_adapter:
+        ap.error(f"--against-no-adapter: {ck_dir} has no draft adapter")
     spec = ck.spec
     prompts = [ck.tokenizer.encode(p) for p in PROMPTS]
     counter = ForwardCounter(ck.model)
@@ -247,6 +254,9 @@ def main(argv=None) -> int:
                                           ignore_eos=True)
             row[mode.value], tokens[mode.value] = count_mode(ck, counter, batch, settings)
             fns[mode.value] = lambda settings=settings: generate(ck.model, batch, settings)
+        if plain is not None:  # the same self-spec settings, the base model's drafts
+            row[NO_ADAPTER], tokens[NO_ADAPTER] = count_mode(plain, ForwardCounter(plain.model), batch, settings)
+            fns[NO_ADAPTER] = lambda settings=settings: generate(plain.model, batch, settings)
         fns["transformers"] = lambda: hf_generate(hf, batch, n, pad_id, spec.mask_token_id)
         hf_tokens = fns["transformers"]()  # its warm-up
         row["transformers"] = {"tokens_generated": sum(len(t) for t in hf_tokens)}
@@ -257,6 +267,10 @@ def main(argv=None) -> int:
             row["ar"]["tokens_per_s_median"] / row["transformers"]["tokens_per_s_median"], 3)
         row["ar_matches_transformers_in_batch"] = [a == h for a, h in zip(tokens["ar"], hf_tokens)]
         row["self_spec_matches_ar"] = [s == a for s, a in zip(tokens["self-spec"], tokens["ar"])]
+        row["self_spec_vs_ar_ratio"] = round(row["self-spec"]["tokens_per_s"] / row["ar"]["tokens_per_s"], 3)
+        if plain is not None:
+            row["self_spec_no_adapter_matches_ar"] = [s == a for s, a in zip(tokens[NO_ADAPTER], tokens["ar"])]
+            row["self_spec_no_adapter_vs_ar_ratio"] = round(row[NO_ADAPTER]["tokens_per_s"] / row["ar"]["tokens_per_s"], 3)
         report["results"][f"batch_{b}"] = row
 
     # Token equality at batch 1, prompt by prompt (the greedy-equivalence check).
@@ -293,17 +307,19 @@ def print_table(report) -> None:
     m = report["machine"]
     print(f"# {m['platform']} torch {m['torch']} threads {m['num_threads']}  "
           f"max_new_tokens {report['settings']['max_new_tokens']}", file=err)
-    print(f"{'batch':>5} {'mode':<12} {'tok/s':>9} {'seq passes':>10} {'tok/pass':>8} "
+    print(f"{'batch':>5} {'mode':<20} {'tok/s':>9} {'seq passes':>10} {'tok/pass':>8} "
           f"{'batch fwd':>9} {'tok/fwd':>8} {'accept':>6}", file=err)
     for key, row in report["results"].items():
         b = key.split("_")[1]
-        for mode in ("ar", "diffusion", "self-spec"):
+        for mode in ("ar", "diffusion", "self-spec", NO_ADAPTER):
+            if mode not in row:
+                continue
             r = row[mode]
             acc = f"{r['mean_accepted_length']:.2f}" if r["mean_accepted_length"] else "-"
-            print(f"{b:>5} {mode:<12} {r['tokens_per_s']:>9.1f} {r['seq_forward_passes']:>10} "
+            print(f"{b:>5} {mode:<20} {r['tokens_per_s']:>9.1f} {r['seq_forward_passes']:>10} "
                   f"{r['tokens_per_pass']:>8.3f} {r['batch_forward_calls']:>9} "
                   f"{r['tokens_per_batch_forward_call']:>8.3f} {acc:>6}", file=err)
-        print(f"{b:>5} {'transformers':<12} {row['transformers']['tokens_per_s']:>9.1f}   "
+        print(f"{b:>5} {'transformers':<20} {row['transformers']['tokens_per_s']:>9.1f}   "
               f"AR/transformers = {row['ar_vs_transformers_ratio']:.3f}  "
               f"AR==HF in batch: {sum(row['ar_matches_transformers_in_batch'])}/{len(row['ar_matches_transformers_in_batch'])}  "
               f"self-spec==AR: {sum(row['self_spec_matches_ar'])}/{len(row['self_spec_matches_ar'])}", file=err)

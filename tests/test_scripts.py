@@ -27,10 +27,14 @@ def test_gpu_check_dry_run_on_cpu():
 
 def test_bench_modes_small_run(tmp_path):
     report = run_script("scripts/bench_modes.py", "--max-new-tokens", "4", "--batch-sizes", "1",
-                        "--repeats", "1", "--json", str(tmp_path / "bench.json"))
+                        "--repeats", "1", "--against-no-adapter", "--json", str(tmp_path / "bench.json"))
     assert json.loads((tmp_path / "bench.json").read_text()) == report
     assert report["ar_matches_transformers_b1_fraction"] == 1.0
     assert report["ar_vs_transformers_ratio"]["batch_1"] > 0
+    row = report["results"]["batch_1"]  # self-spec with and without the draft adapter, both == AR
+    assert row["self_spec_matches_ar"] == row["self_spec_no_adapter_matches_ar"] == [True]
+    assert row["self-spec/no-adapter"]["seq_passes_by_kind"]["draft"] >= 1
+    assert row["self_spec_vs_ar_ratio"] > 0 and row["self_spec_no_adapter_vs_ar_ratio"] > 0
 
 
 def test_bench_kernels_dry_run_on_cpu():
