@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from trimode.fp8 import FP8Linear, fake_quant_e4m3, gpu_has_fp8
-from trimode.model import NLDModel
+from trimode.model import NLDModel, linear
 
 
 def _dense(linear: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -56,15 +56,28 @@ class Gemm(nn.Module):
         return y.split(self.sizes, dim=-1) if len(self.sizes) > 1 else (y,)
 
 
+# A layer's GEMMs: the linears each fuses, by the submodule that owns them.
+GROUPS = {"qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")), "o": ("self_attn", ("o_proj",)),
+          "gate_up": ("mlp", ("gate_proj", "up_proj")), "down": ("mlp", ("down_proj",))}
+
+
 class LayerGemms(nn.Module):
+    """qkv, o, gate_up, down; and `<group>_draft` for each group with a linear the draft adapter
+    adapts (the draft twins in place of those linears, the base linears for the rest)."""
+
     def __init__(self, layer, dtype: torch.dtype):
         super().__init__()
-        attn, mlp = layer.self_attn, layer.mlp
-        self.qkv = Gemm([attn.q_proj, attn.k_proj, attn.v_proj], dtype)
-        self.o = Gemm([attn.o_proj], dtype)
-        self.o_draft = None if attn.o_proj_draft is None else Gemm([attn.o_proj_draft], dtype)
-        self.gate_up = Gemm([mlp.gate_proj, mlp.up_proj], dtype)
-        self.down = Gemm([mlp.down_proj], dtype)
+        for group, (owner_name, names) in GROUPS.items():
+            owner = getattr(layer, owner_name)
+            setattr(self, group, Gemm([getattr(owner, n) for n in names], dtype))
+            twins = [linear(owner, n, use_draft=True) for n in names]
+            is_adapted = any(getattr(owner, f"{n}_draft") is not None for n in names)
+            setattr(self, f"{group}_draft", Gemm(twins, dtype) if is_adapted else None)
+
+    def pick(self, group: str, use_draft: bool) -> Gemm:
+        """The group's GEMM, or in the draft pass its draft GEMM when the adapter adapts the group."""
+        draft = getattr(self, f"{group}_draft") if use_draft else None
+        return getattr(self, group) if draft is None else draft
 
 
 class ProgramGemms(nn.Module):

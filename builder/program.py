@@ -17,7 +17,7 @@ Inputs of every program, in order (all on the model's device):
     is_finite [] bool; and for a block program confidence [b, L]): decoding/runner.PassOutput's
 fields, computed here so a greedy batch needs no tensor work on the logits after the pass.
 One block program per block length serves the three block-sized passes: denoise (causal False),
-verify (causal True) and draft (causal False, loaded over the draft o_proj's tensors: torch_backend).
+verify (causal True) and draft (causal False, loaded over the draft twins' tensors: torch_backend).
 The rows' committed lengths are the pool's `lengths` gathered by rows; they come in as `lengths`
 [b] (first input after tokens), so a program never reads host state.
 """
@@ -93,13 +93,12 @@ class PassProgram(nn.Module):
         h = model.encoder.embed_tokens(tokens)
         for i, (layer, gemms) in enumerate(zip(model.encoder.layers, self.gemms.layers)):
             attn = layer.self_attn
-            q, k, v = attn.heads(*gemms.qkv(layer.input_layernorm(h)), cos, sin, q_scale)
+            q, k, v = attn.heads(*gemms.pick("qkv", use_draft)(layer.input_layernorm(h)), cos, sin, q_scale)
             out = pool_attention(q, k, v, pool[i], pool[num_layers + i], rows, lengths, key_index, is_causal,
                                  attn.k_scale, attn.v_scale)
-            o = gemms.o_draft if use_draft and gemms.o_draft is not None else gemms.o
-            h = h + o(out.flatten(2))[0]
-            gate, up = gemms.gate_up(layer.post_attention_layernorm(h))
-            h = h + gemms.down(F.silu(gate) * up)[0]
+            h = h + gemms.pick("o", use_draft)(out.flatten(2))[0]
+            gate, up = gemms.pick("gate_up", use_draft)(layer.post_attention_layernorm(h))
+            h = h + gemms.pick("down", use_draft)(F.silu(gate) * up)[0]
         if self.kind.last_logit_only:
             h = h[torch.arange(h.shape[0], device=h.device), logit_index][:, None]
         return self.gemms.head(model.encoder.norm(h))[0].float()

@@ -7,9 +7,9 @@ on load (`load_constants(..., user_managed=True)`): the eager model's own, and t
 pre-transposed GEMM matrices of gemms.py, made once from them and shared by every program. So N
 programs cost one extra copy of the GEMM weights, and the eager model stays available as the oracle.
 Per block length one block program serves the three block-sized passes (program.py): denoise and
-verify differ only in the attention pattern, an input; draft only in the o_proj it reads, so its
-pass loads the same package a second time with the draft adapter's tensors in place of o_proj's
-(when the two have the same layout; else draft gets a package of its own). A build compiles two
+verify differ only in the attention pattern, an input; draft only in the weights of the linears the
+draft adapter adapts, so its pass loads the same package a second time with the draft GEMMs'
+tensors in place of theirs (when the two have the same layout; else draft gets a package of its own). A build compiles two
 programs plus one per block length.
 
 What we measured while writing it (../shared/notes/stack.md, "Compiling the forward"): a slice
@@ -24,7 +24,7 @@ so that Inductor picks its CPP GEMM template per GEMM where it beats MKL at that
 reads weights blocked [N/bn, K, bn], which Inductor makes at compile time; with the constants kept
 out of the package they are left out too: the build records each one as (fused matrix, block
 width), checked equal, and loading remakes them (`blocked`), for the draft pass from the draft
-o_proj's matrix. Inductor's template on a dynamic batch was 1.4x slower at batch 8: not used.
+GEMMs' matrices. Inductor's template on a dynamic batch was 1.4x slower at batch 8: not used.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from trimode.builder.gemms import ProgramGemms
+from trimode.builder.gemms import GROUPS, ProgramGemms
 from trimode.builder.program import PassProgram, PassShape, lookup, quiet_export
 from trimode.builder.settings import BuildSettings
 from trimode.decoding.runner import PassOutput
@@ -139,19 +139,25 @@ def _layout(module: torch.nn.Module) -> list:
 
 
 def draft_reuses_denoise(gemms: ProgramGemms) -> bool:
-    """Whether the draft pass can run the denoise program over the draft o_proj's tensors (`load`)."""
-    return all(layer.o_draft is None or _layout(layer.o_draft) == _layout(layer.o) for layer in gemms.layers)
+    """Whether the draft pass can run the denoise program over the draft GEMMs' tensors (`load`)."""
+    def same(layer, group: str) -> bool:
+        draft = getattr(layer, f"{group}_draft")
+        return draft is None or _layout(draft) == _layout(getattr(layer, group))
+
+    return all(same(layer, group) for layer in gemms.layers for group in GROUPS)
 
 
-def draft_constant(name: str) -> str:
-    """The tensor a denoise program's constant `name` reads when the program runs as the draft pass."""
-    return re.sub(r"^(gemms\.layers\.\d+)\.o\.", r"\1.o_draft.", name)
+def draft_constant(name: str, constants: dict[str, torch.Tensor]) -> str:
+    """The tensor a denoise program's constant `name` reads when the program runs as the draft pass:
+    its group's draft GEMM's, where the adapter adapts that group (`constants` has it)."""
+    draft = re.sub(rf"^(gemms\.layers\.\d+)\.({'|'.join(GROUPS)})\.", r"\1.\2_draft.", name)
+    return draft if draft in constants else name
 
 
 def build(model: NLDModel, shapes: list[PassShape], out_dir: Path, settings: BuildSettings,
           on_program: Callable[[PassShape], None]) -> dict:
     """Export and compile every shape into out_dir/programs/<name>.pt2. -> manifest entries: the
-    package of each program ("programs"), the programs that read the draft o_proj ("draft"), the
+    package of each program ("programs"), the programs that read the draft twins ("draft"), the
     batch-1 packages of the block programs ("batch1_programs") and their blocked constants."""
     import torch._inductor as inductor
 
@@ -238,8 +244,8 @@ def load(engine_dir: Path, model: NLDModel, manifest: dict) -> CompiledBackend:
     def load_all(files: dict[str, str]) -> dict:
         programs = {}
         for name, file in files.items():
-            # a draft program compiled on its own names the draft o_proj already; without an adapter the
-            # draft pass reads o_proj, as the eager one does
+            # a draft program compiled on its own names the draft GEMMs already; without an adapter the
+            # draft pass reads the base ones, as the eager one does
             is_draft = name in manifest["draft"] and model.has_draft_adapter
             if (file, is_draft) not in loaded:  # denoise and verify share one loaded package
                 blocked_of = manifest.get("blocked_constants", {}).get(file, {})
@@ -258,7 +264,7 @@ def _load_package(engine_dir: Path, file: str, name: str, constants: dict[str, t
     import torch._inductor as inductor
 
     package = inductor.aoti_load_package(str(engine_dir / file))
-    rename = draft_constant if is_draft else (lambda n: n)
+    rename = (lambda n: draft_constant(n, constants)) if is_draft else (lambda n: n)
     source = {}
     for n in package.get_constant_fqns():
         if n not in blocked_of:

@@ -54,8 +54,8 @@ def register_kv_quantizers() -> None:
             self.k_bmm_quantizer = TensorQuantizer()
             self.v_bmm_quantizer = TensorQuantizer()
 
-        def project(self, x, cos, sin, q_scale):
-            q, k, v = super().project(x, cos, sin, q_scale)
+        def project(self, x, cos, sin, q_scale, use_draft):
+            q, k, v = super().project(x, cos, sin, q_scale, use_draft)
             return q, self.k_bmm_quantizer(k), self.v_bmm_quantizer(v)
 
     mtq.register(original_cls=Attention, quantized_cls=QuantNLDAttention)

@@ -1,49 +1,59 @@
-"""Experiment (issue 11): would a draft adapter on more linears than o_proj accept more per cycle?
+"""Experiment (issue 11): does a draft adapter on more linears than o_proj accept more per cycle?
 
-Continues the checkpoint's draft adapter (o_proj) as `trimode train-draft` does, plus, with
---modules, new rank --rank LoRAs on other linears of every layer (draft rows only, B = 0 at the
-start), in the training forward only: the loader, the FP8 export and the engines read o_proj's
-adapter alone, so nothing is written but the report. Reports the runtime-path acceptance estimate
-(draft_objective.path_acceptance over every offset of held-out greedy continuations, block
---block-length; on the shipped adapter 2.58 where the runtime gives 2.62) before and after.
+Continues the checkpoint's o_proj draft adapter as `trimode train-draft` does, plus, with
+--modules, new LoRAs of rank --rank on other linears of every layer (PEFT's start, B = 0), where
+`train-draft --modules` would give them the adapter's own rank. Reports the runtime-path
+acceptance estimate (draft_objective.path_acceptance over every offset of held-out greedy
+continuations, block --block-length; on the o_proj adapter 2.58 where the runtime gives 2.62)
+before and after, on --num-prompts prompts between `trimode eval`'s and (eval_*) on eval's own 16,
+the ones the model card reports. --adapter DIR writes the result as a linear_spec_lora/ folder
+(o_proj padded to the common rank: the same B @ A), which the loader, FP8 export and
+engines take like any other adapter.
 
 Run:   .venv/bin/python scripts/draft_modules.py [CHECKPOINT] --modules q_proj,k_proj,v_proj,gate_proj,up_proj,down_proj
-         --steps 300 --threads 1 --json out/draft_modules.json      (--modules '' : o_proj alone, the control)
+         --rank 128 --steps 600 --threads 1 --json out/draft_modules.json [--adapter out/lora]
+       (--modules '' : o_proj alone, the control)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from trimode.checkpoint import load_checkpoint
+from trimode.checkpoint import Factors, load_checkpoint
+from trimode.evaluate import EvalSettings, held_out_prompts, held_out_stream
 from trimode.training.draft import (DraftSettings, TargetPool, greedy_sequences, new_optimizer, starting_adapter,
                                     token_stream, train_step, validation_prompts)
-from trimode.training.draft_objective import (DraftLoRA, draft_layout, draft_logits, draft_loss, install_lora,
-                                              path_acceptance)
+from trimode.make_checkpoint import write_draft_adapter
+from trimode.model import DRAFT_LINEARS
+from trimode.training.draft_objective import draft_layout, draft_logits, draft_loss, init_factors, install_lora, \
+    path_acceptance
 
-OWNERS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "gate_proj": "mlp",
-          "up_proj": "mlp", "down_proj": "mlp"}
+OTHERS = [n for n in DRAFT_LINEARS if n != "o_proj"]
 
 
-def add_loras(model, modules: list[str], rank: int, generator: torch.Generator) -> list[DraftLoRA]:
-    """A new LoRA (PEFT's start: A Kaiming-uniform, B zero, scale 2) on each named linear of every layer."""
-    loras = []
-    for layer in model.encoder.layers:
-        for name in modules:
-            owner = getattr(layer, OWNERS[name])
-            base = getattr(owner, name)
-            fan_in = base.weight.shape[1]
-            a = (torch.rand(rank, fan_in, generator=generator) * 2 - 1) / math.sqrt(fan_in)
-            loras.append(DraftLoRA(base, a, torch.zeros(base.weight.shape[0], rank), 2.0))
-            setattr(owner, name, loras[-1])
-    return loras
+def padded(factors: Factors) -> Factors:
+    """Every LoRA at the largest rank among them, as PEFT's one `r` wants (the loader takes no
+    rank_pattern): B gets zero columns, so each B @ A is unchanged, and A rows of PEFT's random
+    start, so that continuing the adapter (train-draft) trains them like any new rank."""
+    rank, generator = max(a.shape[0] for a, _ in factors.values()), torch.Generator().manual_seed(0)
+    out = {}
+    for key, (a, b) in factors.items():
+        extra = (torch.rand(rank - a.shape[0], a.shape[1], generator=generator) * 2 - 1) / a.shape[1] ** 0.5
+        out[key] = torch.cat([a, extra.to(a.dtype)]), torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], 1)
+    return out
+
+
+def write_adapter(path: Path, factors: Factors, log: dict) -> None:
+    """The trained LoRAs as a linear_spec_lora/ folder (scale 2 = alpha / r for every one), with the report."""
+    factors = padded(factors)
+    write_draft_adapter(path, factors, alpha=2.0 * next(iter(factors.values()))[0].shape[0])
+    (path / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
 
 
 @torch.no_grad()
@@ -69,10 +79,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--threads", type=int)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--adapter", type=Path, help="write the trained adapter here (a linear_spec_lora/ folder)")
     args = ap.parse_args(argv)
     modules = [m for m in args.modules.split(",") if m]
-    if unknown := sorted(set(modules) - set(OWNERS)):
-        ap.error(f"--modules: unknown {unknown}; choose from {sorted(OWNERS)}")
+    if unknown := sorted(set(modules) - set(OTHERS)):
+        ap.error(f"--modules: unknown {unknown}; choose from {OTHERS}")
     if args.threads:
         torch.set_num_threads(args.threads)
     s = DraftSettings(block_lengths=(args.block_length,), steps=args.steps, lr=1e-3, batch_size=8, seed=args.seed,
@@ -84,19 +95,26 @@ def main(argv=None) -> int:
     start = starting_adapter(ck, s, generator)
     stream, prompts = validation_prompts(ck, token_stream(ck, s.data)[0], s)
     held = greedy_sequences(model, prompts, s.gen_len)
-    loras = install_lora(model, start.factors, start.alpha / start.rank) + add_loras(model, modules, args.rank,
-                                                                                     generator)
+    eval_prompts = held_out_prompts(held_out_stream(ck), EvalSettings.num_prompts, s.prompt_len)
+    eval_held = greedy_sequences(model, eval_prompts, s.gen_len)  # the card's prompts (trimode eval's)
+    assert start.alpha / start.rank == 2.0, "the new LoRAs' scale 2 is the shipped o_proj adapter's"
+    factors = start.factors | init_factors(model, args.rank, generator, modules)  # new: PEFT's zero-delta start
+    loras = install_lora(model, factors, 2.0)
     optim = new_optimizer(loras, s)
     pool = TargetPool(model, stream, s, generator)
     report = {"checkpoint": str(args.checkpoint), "modules": ["o_proj"] + modules, "rank": args.rank,
               "o_proj_rank": start.rank, "steps": s.steps, "block_length": L, "num_prompts": len(prompts),
               "torch": torch.__version__, "num_threads": torch.get_num_threads(),
-              "before": path_estimate(model, loras, held, s.prompt_len, L, mask_id)}
+              "before": path_estimate(model, loras, held, s.prompt_len, L, mask_id),
+              "eval_before": path_estimate(model, loras, eval_held, s.prompt_len, L, mask_id)}
     began = time.perf_counter()
     for step in range(s.steps):
         train_step(model, loras, optim, pool.take(s.batch_size), step, L, s, generator)
     report["seconds"] = round(time.perf_counter() - began, 1)
     report["after"] = path_estimate(model, loras, held, s.prompt_len, L, mask_id)
+    report["eval_after"] = path_estimate(model, loras, eval_held, s.prompt_len, L, mask_id)
+    if args.adapter:
+        write_adapter(args.adapter, {key: (lo.a.detach(), lo.b.detach()) for key, lo in zip(factors, loras)}, report)
     text = json.dumps(report, indent=1)
     print(text)
     if args.json:

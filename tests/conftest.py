@@ -48,6 +48,25 @@ def tiny_adapter_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_wide_adapter_dir(tmp_path_factory):
+    """A random tiny checkpoint whose draft adapter adapts every linear of every layer (q/k/v/o,
+    gate/up/down), not only NVIDIA's o_proj."""
+    from trimode.make_checkpoint import write_draft_adapter
+    from trimode.model import DRAFT_LINEARS
+
+    path = make_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-wide", seed=2, init_std=0.15)
+    model, gen = load_checkpoint(path).model, torch.Generator().manual_seed(2)
+    factors = {}
+    for i, layer in enumerate(model.encoder.layers):
+        for name, owner in DRAFT_LINEARS.items():
+            w = getattr(getattr(layer, owner), name).weight
+            factors[i, name] = (0.05 * torch.randn(4, w.shape[1], generator=gen),
+                                0.05 * torch.randn(w.shape[0], 4, generator=gen))
+    write_draft_adapter(path / "linear_spec_lora", factors, alpha=16.0)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny(tiny_dir):
     return load_checkpoint(tiny_dir)
 
@@ -55,6 +74,11 @@ def tiny(tiny_dir):
 @pytest.fixture(scope="session")
 def tiny_adapter(tiny_adapter_dir):
     return load_checkpoint(tiny_adapter_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_wide_adapter(tiny_wide_adapter_dir):
+    return load_checkpoint(tiny_wide_adapter_dir)
 
 
 @pytest.fixture(scope="session")

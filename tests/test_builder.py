@@ -127,6 +127,28 @@ def test_blocked_constants_are_traced_back_to_their_fused_matrix(tiny_adapter_di
         blocked_sources({"c2": blocked(qkv, 16) + 1e-3}, gemms)
 
 
+def test_an_adapter_on_every_linear_drafts_through_the_engine_as_eager(tiny_wide_adapter_dir, tmp_path):
+    """Draft twins of every linear reach the compiled draft pass: the block program serves it over
+    the draft GEMMs' tensors (its batch-1 copy too), and its logits equal the eager draft pass's."""
+    from trimode.passes import PassKind
+
+    build_engine(tiny_wide_adapter_dir, tmp_path / "engine", BuildSettings(max_batch_size=2, max_seq_len=64,
+                                                                            max_input_len=16, block_lengths=(4,)))
+    built = load_engine(tmp_path / "engine")
+    programs = built.manifest["backend"]["programs"]
+    assert programs["draft_4"] == programs["denoise_4"] and "draft_4" in built.manifest["backend"]["batch1_programs"]
+    model = built.checkpoint.model
+    tokens = torch.randint(5, model.spec.vocab_size, (2, 4), generator=torch.Generator().manual_seed(0))
+    for rows in ([1], [0, 1]):  # one row runs the batch-1 program
+        out = {}
+        for kind in (PassKind.DRAFT, PassKind.DENOISE):
+            pool, cache = model.new_cache(2, 64), model.new_cache(2, 64)
+            out[kind] = built.backend(kind, tokens[rows], pool, rows, [0] * len(rows), None).logits
+            torch.testing.assert_close(out[kind], model(tokens[rows], cache, kind, torch.tensor(rows)),
+                                       rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(out[PassKind.DRAFT], out[PassKind.DENOISE], atol=1e-3)
+
+
 @pytest.mark.parametrize("max_batch_size", [1, 3])
 def test_programs_export_for_any_max_batch_size(tiny_dir, max_batch_size):
     """A pool of one row has a static batch (torch.export refuses a Dim with min = max = 1), the

@@ -11,7 +11,8 @@ from safetensors import safe_open
 
 from trimode.checkpoint import load_checkpoint
 from trimode.errors import CheckpointError, ConfigError
-from trimode.make_checkpoint import make_random_checkpoint
+from trimode.make_checkpoint import make_random_checkpoint, write_draft_adapter
+from trimode.model import DRAFT_LINEARS, draft_twins
 
 
 def test_nld_names_and_dtypes_on_disk(tiny_dir):
@@ -131,12 +132,48 @@ def test_missing_weight_is_named(tiny_dir, tmp_path):
         load_checkpoint(d)
 
 
-def test_adapter_without_o_proj_target_is_refused(tiny_adapter_dir, tmp_path):
+@pytest.mark.parametrize("key, value, message", [
+    ("target_modules", ["lm_head"], "target_modules.*expected a list of the layers' linears"),
+    ("target_modules", [], "target_modules"),
+    ("target_modules", ["q_proj"], "no LoRA A/B for layer 0 q_proj"),  # declared, but its tensors are not there
+    ("rank_pattern", {"o_proj": 2}, "rank_pattern.*not supported"),
+])
+def test_an_adapter_config_that_does_not_match_its_tensors_is_refused(tiny_adapter_dir, tmp_path, key, value, message):
     d = tmp_path / "ck"
     shutil.copytree(tiny_adapter_dir, d)
     cfg_path = d / "linear_spec_lora" / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg["target_modules"] = ["q_proj"]
+    cfg[key] = value
     cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="target_modules"):
+    with pytest.raises(CheckpointError, match=message):
         load_checkpoint(d)
+
+
+def test_an_adapter_on_more_linears_merges_a_draft_twin_of_each(tiny_dir, tmp_path):
+    """PEFT target_modules beyond o_proj (attention and MLP linears): each adapted linear of every
+    layer gets its twin W + scale * B @ A; the others have none, and the base linears are untouched."""
+    d = tmp_path / "ck"
+    shutil.copytree(tiny_dir, d)
+    base = load_checkpoint(tiny_dir).model
+    gen = torch.Generator().manual_seed(0)
+    names = ("k_proj", "o_proj", "up_proj", "down_proj")
+    factors = {}
+    for i, layer in enumerate(base.encoder.layers):
+        for name in names:
+            w = getattr(getattr(layer, DRAFT_LINEARS[name]), name).weight
+            factors[i, name] = (torch.randn(3, w.shape[1], generator=gen), torch.randn(w.shape[0], 3, generator=gen))
+    write_draft_adapter(d / "linear_spec_lora", factors, alpha=1.5)
+    assert json.loads((d / "linear_spec_lora" / "adapter_config.json").read_text())["target_modules"] == list(names)
+    model = load_checkpoint(d).model
+    twins = draft_twins(model)
+    assert sorted(twins) == sorted(factors) and model.has_draft_adapter
+    for (i, name), (a, b) in factors.items():
+        w = getattr(getattr(model.encoder.layers[i], DRAFT_LINEARS[name]), name).weight
+        a, b = a.to(torch.bfloat16).float(), b.to(torch.bfloat16).float()  # as stored
+        torch.testing.assert_close(twins[i, name].weight, w + 0.5 * b @ a)
+    state = model.state_dict()
+    for name, t0 in base.state_dict().items():
+        assert torch.equal(state[name], t0), name
+    assert not draft_twins(base)
+
+

@@ -10,6 +10,7 @@ import torch
 from trimode.decoding import GenerationSettings, Mode, engine_for, generate
 from trimode.decoding.batch import Batch
 from trimode.decoding.self_spec import SelfSpecPolicy
+from trimode.model import DRAFT_LINEARS, draft_twins
 
 MODES = [Mode.AR, Mode.DIFFUSION, Mode.SELF_SPEC]
 TEXTS = ["def generate(prompt, max_new_tokens=32):", "The quick brown fox",
@@ -29,7 +30,7 @@ def run(ck, mode, prompts, **kw):
     return generate(ck.model, prompts, GenerationSettings(mode=mode, **kw))
 
 
-@pytest.fixture(params=["tiny", "tiny_adapter", "trained"])
+@pytest.fixture(params=["tiny", "tiny_adapter", "tiny_wide_adapter", "trained"])
 def ck(request):
     return request.getfixturevalue(request.param)
 
@@ -49,26 +50,34 @@ def test_self_spec_greedy_equals_ar(ck, block_length, batched):
         assert all(1 <= n <= block_length for n in r.stats.accepted_lengths)
 
 
-def test_draft_adapter_changes_the_draft_only(tiny_adapter):
-    """The adapter is on in draft passes only: outputs still equal AR, drafts differ without it."""
-    prompts = prompts_of(tiny_adapter)
-    model = tiny_adapter.model
+@pytest.mark.parametrize("name", ["tiny_adapter", "tiny_wide_adapter"])
+def test_draft_adapter_changes_the_draft_only(request, name):
+    """The adapter is on in draft passes only: outputs still equal AR (test above), drafts differ
+    without it, and an adapter on every linear drafts differently from its o_proj twins alone."""
+    ck = request.getfixturevalue(name)
+    prompts = prompts_of(ck)
+    model = ck.model
     settings = GenerationSettings(mode=Mode.SELF_SPEC, block_length=8)
     engine = engine_for(model, prompts, settings)
     seqs = [engine.add(p, settings.sampling, settings.decoding) for p in prompts]
     engine.step()  # prefill: every sequence has its first token
     batch = Batch(engine.runner, seqs)
-    with_adapter = SelfSpecPolicy().draft(batch, settings.decoding)
-    layers = [layer.self_attn for layer in model.encoder.layers]
-    saved = [a.o_proj_draft for a in layers]
-    try:
-        for a in layers:
-            a.o_proj_draft = None
-        drafts_without = SelfSpecPolicy().draft(batch, settings.decoding)
-    finally:
-        for a, w in zip(layers, saved):
-            a.o_proj_draft = w
-    assert not torch.equal(with_adapter, drafts_without)
+    twins = draft_twins(model)
+
+    def drafts_with(kept: set) -> torch.Tensor:
+        owners = {key: getattr(model.encoder.layers[key[0]], DRAFT_LINEARS[key[1]]) for key in twins}
+        try:
+            for key, owner in owners.items():
+                setattr(owner, f"{key[1]}_draft", twins[key] if key in kept else None)
+            return SelfSpecPolicy().draft(batch, settings.decoding)
+        finally:
+            for key, owner in owners.items():
+                setattr(owner, f"{key[1]}_draft", twins[key])
+
+    with_adapter = drafts_with(set(twins))
+    assert not torch.equal(with_adapter, drafts_with(set()))
+    if name == "tiny_wide_adapter":
+        assert not torch.equal(with_adapter, drafts_with({k for k in twins if k[1] == "o_proj"}))
 
 
 class OracleDraft(SelfSpecPolicy):

@@ -13,6 +13,7 @@ from trimode.checkpoint import load_checkpoint
 from trimode.cli import main
 from trimode.decoding import GenerationSettings, Mode, generate
 from trimode.fp8 import FP8Linear, quantize_e4m3
+from trimode.model import DRAFT_LINEARS, draft_twins
 from trimode.passes import PassKind
 from trimode.quantize.recipe import CALIBRATION_PASSES
 
@@ -203,3 +204,20 @@ def test_bad_input_writes_nothing(runner, tiny_dir, fp8_dir, tmp_path, case, mes
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no temporary sibling
     if case == "exists":
         assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_an_adapter_on_every_linear_keeps_an_fp8_draft_twin_of_each(tiny_wide_adapter_dir, tiny_wide_adapter, tmp_path):
+    """Each draft twin is calibrated by the draft pass and exported as FP8 under `<linear>_draft`;
+    the FP8 runtime loads them all, and its self-spec still emits its AR tokens."""
+    out = quantize_checkpoint(tiny_wide_adapter_dir, tmp_path / "fp8", SMALL)
+    t = tensors(out)
+    twins = draft_twins(tiny_wide_adapter.model)
+    for i, name in twins:
+        assert t[f"encoder.layers.{i}.{DRAFT_LINEARS[name]}.{name}_draft.weight"].dtype == torch.float8_e4m3fn
+    fp8 = load_checkpoint(out)
+    loaded = draft_twins(fp8.model)
+    assert sorted(loaded) == sorted(twins) and all(isinstance(m, FP8Linear) for m in loaded.values())
+    prompts = [fp8.tokenizer.encode(p) for p in ("def f(x):", "import os\n")]
+    tokens = {mode: [s.tokens for s in generate(fp8.model, prompts, GenerationSettings(
+        mode=mode, max_new_tokens=16, block_length=4, ignore_eos=True))] for mode in (Mode.AR, Mode.SELF_SPEC)}
+    assert tokens[Mode.SELF_SPEC] == tokens[Mode.AR]

@@ -12,6 +12,7 @@ from trimode.checkpoint import ADAPTER_DIR, load_checkpoint, merge_draft_adapter
 from trimode.cli import main
 from trimode.decoding import GenerationSettings, Mode, generate
 from trimode.make_checkpoint import write_draft_adapter
+from trimode.model import DRAFT_LINEARS
 from trimode.passes import PassKind
 from trimode.training.corpus import read_texts, split_files
 from trimode.training.draft import DraftSettings, greedy_sequences, train_draft
@@ -19,12 +20,14 @@ from trimode.training.draft_objective import (acceptance_weights, draft_layout, 
                                               install_lora, path_acceptance)
 
 
-def random_factors(model, rank: int, seed: int = 0):
+def random_factors(model, rank: int, seed: int = 0, names=("o_proj",)):
     g = torch.Generator().manual_seed(seed)
-    out = []
-    for layer in model.encoder.layers:
-        w = layer.self_attn.o_proj.weight
-        out.append((0.2 * torch.randn(rank, w.shape[1], generator=g), 0.2 * torch.randn(w.shape[0], rank, generator=g)))
+    out = {}
+    for i, layer in enumerate(model.encoder.layers):
+        for name in names:
+            w = getattr(getattr(layer, DRAFT_LINEARS[name]), name).weight
+            out[i, name] = (0.2 * torch.randn(rank, w.shape[1], generator=g),
+                            0.2 * torch.randn(w.shape[0], rank, generator=g))
     return out
 
 
@@ -36,12 +39,14 @@ def text_file(tmp_path_factory):
     return path
 
 
+@pytest.mark.parametrize("names", [("o_proj",), tuple(DRAFT_LINEARS)])
 @pytest.mark.parametrize("block_length", [4, 8])
-def test_training_forward_equals_the_runtime_draft_pass(tiny_dir, block_length):
+def test_training_forward_equals_the_runtime_draft_pass(tiny_dir, block_length, names):
     """Draft logits of the many-blocks training forward == the runtime's block pass with the merged
-    adapter after an adapter-off causal prefill, block by block (fp32)."""
+    adapter after an adapter-off causal prefill, block by block (fp32); also with LoRAs on q/k/v,
+    whose block K/V the draft pass makes with the twins while the prefix keeps the base ones."""
     model = load_checkpoint(tiny_dir, draft_adapter=False).model
-    factors, scale = random_factors(model, rank=4), 2.0
+    factors, scale = random_factors(model, rank=4, names=names), 2.0
     g = torch.Generator().manual_seed(1)
     seqs = torch.randint(5, model.spec.vocab_size, (2, 40), generator=g)
     starts = torch.tensor([[9, 20, 31], [12, 13, 25]])
@@ -130,14 +135,14 @@ def test_peft_files_round_trip(tiny_dir, tmp_path):
     with safe_open(str(d / ADAPTER_DIR / "adapter_model.safetensors"), "pt") as f:
         assert sorted(f.keys()) == sorted(f"base_model.model.encoder.layers.{i}.self_attn.o_proj.lora_{x}.weight"
                                           for i in range(len(factors)) for x in "AB")
-    stored = [(a.to(torch.bfloat16).float(), b.to(torch.bfloat16).float()) for a, b in factors]
+    stored = {key: (a.to(torch.bfloat16).float(), b.to(torch.bfloat16).float()) for key, (a, b) in factors.items()}
     read, scale = read_draft_adapter(d / ADAPTER_DIR, base)
-    assert scale == 4.0
-    for (a, b), (ra, rb) in zip(stored, read):
-        assert torch.equal(a, ra) and torch.equal(b, rb)
+    assert scale == 4.0 and list(read) == list(stored)
+    for key, (a, b) in stored.items():
+        assert torch.equal(a, read[key][0]) and torch.equal(b, read[key][1])
     model = load_checkpoint(d).model
-    for layer, base_layer, (a, b) in zip(model.encoder.layers, base.encoder.layers, stored):
-        w = base_layer.self_attn.o_proj.weight
+    for (i, _), (a, b) in stored.items():
+        layer, w = model.encoder.layers[i], base.encoder.layers[i].self_attn.o_proj.weight
         torch.testing.assert_close(layer.self_attn.o_proj_draft.weight, w + 4.0 * b @ a)
         assert torch.equal(layer.self_attn.o_proj.weight, w)
     assert not load_checkpoint(d, draft_adapter=False).model.has_draft_adapter
@@ -173,7 +178,7 @@ def test_training_lowers_the_loss_and_writes_a_loadable_checkpoint(tiny_dir, tmp
     prompts = [text[i:i + 16] for i in range(0, 200, 8)]
     seqs = greedy_sequences(ck.model, prompts, 24)
     trained, scale = read_draft_adapter(out / ADAPTER_DIR, ck.model)
-    zero = [(a, torch.zeros_like(b)) for a, b in trained]
+    zero = {key: (a, torch.zeros_like(b)) for key, (a, b) in trained.items()}
     before, after = fixed_batch_loss(ck.model, zero, scale, seqs), fixed_batch_loss(ck.model, trained, scale, seqs)
     assert after < before - 0.25  # measured: 6.19 -> 5.69
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
@@ -212,6 +217,30 @@ def test_an_existing_adapter_is_continued(tiny_adapter_dir, text_file, tmp_path,
     assert result.exit_code == 1 and "--fresh" in result.output and not (tmp_path / "c").exists()
 
 
+def test_modules_adds_loras_to_a_continued_adapter(tiny_adapter_dir, text_file, tmp_path, runner):
+    """--modules on an o_proj adapter: o_proj continues from its factors, gate_proj and v_proj start
+    at PEFT's zero delta; the written adapter targets all three. Leaving o_proj out is refused."""
+    common = ["--data", str(text_file), "--steps", "1", "--batch-size", "1", "--num-eval-prompts", "0", "--json",
+              "--lr", "1e-9"]
+    result = runner.invoke(main, ["train-draft", str(tiny_adapter_dir), "--out", str(tmp_path / "a"),
+                                  "--modules", "gate_proj,o_proj,v_proj", *common])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["modules"] == ["v_proj", "o_proj", "gate_proj"]
+    cfg = json.loads((tmp_path / "a" / ADAPTER_DIR / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == ["v_proj", "o_proj", "gate_proj"] and cfg["r"] == 4
+    model = load_checkpoint(tiny_adapter_dir, draft_adapter=False).model
+    before, _ = read_draft_adapter(tiny_adapter_dir / ADAPTER_DIR, model)
+    after, _ = read_draft_adapter(tmp_path / "a" / ADAPTER_DIR, model)
+    for key, (a, b) in after.items():
+        if key[1] == "o_proj":  # one step at lr 1e-9: the stored factors, up to bf16
+            torch.testing.assert_close(b, before[key][1], atol=1e-2, rtol=1e-2)
+        else:
+            assert b.abs().max() < 1e-6  # B starts at zero
+    result = runner.invoke(main, ["train-draft", str(tiny_adapter_dir), "--out", str(tmp_path / "b"),
+                                  "--modules", "gate_proj", *common])
+    assert result.exit_code == 1 and "also adapts o_proj" in result.output and not (tmp_path / "b").exists()
+
+
 @pytest.mark.parametrize("args, message, exit_code", [
     (["--rank", "0"], "--rank", 2),            # out of range where parsed: a usage error
     (["--alpha", "nan"], "--alpha", 2),
@@ -221,6 +250,8 @@ def test_an_existing_adapter_is_continued(tiny_adapter_dir, text_file, tmp_path,
     (["--block-length", "1"], "--block-length", 1),
     (["--block-length", "8,x"], "--block-length", 1),
     (["--data", "/nonexistent/text"], "--data", 1),
+    (["--modules", "lm_head"], "--modules", 1),
+    (["--modules", ","], "--modules", 1),
 ])
 def test_bad_settings_give_one_line_errors(refused, tiny_dir, tmp_path, args, message, exit_code):
     refused(["train-draft", tiny_dir, "--out", tmp_path / "out", *args], tmp_path, message, exit_code)

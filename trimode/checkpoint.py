@@ -15,14 +15,16 @@ from torch import nn
 from trimode.config import ModelSpec
 from trimode.errors import CheckpointError
 from trimode.fp8 import FP8Linear
-from trimode.model import NLDModel
+from trimode.model import DRAFT_LINEARS, NLDModel
 from trimode.rope import rope_frequencies
 from trimode.safetensors_mmap import MappedFiles, TensorInfo, read_header
 from trimode.tokenizer import Tokenizer
 
 WEIGHT_DTYPES = ("BF16", "F16", "F32")
 ADAPTER_DIR = "linear_spec_lora"
-_LORA_NAME = re.compile(r"layers\.(\d+)\.self_attn\.o_proj\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+_LORA_NAME = re.compile(r"layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+# A draft adapter's LoRA factors: (layer index, linear name in DRAFT_LINEARS) -> (A [r, in], B [out, r]).
+Factors = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -88,7 +90,7 @@ def load_model(checkpoint_dir: Path, spec: ModelSpec, device: torch.device, dtyp
     if draft_adapter and (checkpoint_dir / ADAPTER_DIR).is_dir() and not model.has_draft_adapter:
         if quant:
             raise CheckpointError(f"{checkpoint_dir}: an FP8 checkpoint carries its draft adapter merged "
-                                  f"(o_proj_draft); a separate {ADAPTER_DIR}/ cannot be applied to FP8 weights")
+                                  f"(the *_draft linears); a separate {ADAPTER_DIR}/ cannot be applied to FP8 weights")
         attach_draft_adapter(model, checkpoint_dir / ADAPTER_DIR)
     return model.eval().requires_grad_(False)
 
@@ -114,7 +116,7 @@ def read_quant_config(checkpoint_dir: Path) -> dict | None:
 
 def _load_fp8_modules(model: NLDModel, infos: dict[str, TensorInfo], files: MappedFiles,
                       device: torch.device) -> None:
-    """Swap every Linear stored as float8_e4m3fn for an FP8Linear; read K/V scales; a merged draft o_proj."""
+    """Swap every Linear stored as float8_e4m3fn for an FP8Linear; read K/V scales; the merged draft twins."""
     def tensor(name: str, shape: tuple[int, ...], dtypes: tuple[str, ...]) -> torch.Tensor:
         info = infos.get(name)
         if info is None:
@@ -136,9 +138,11 @@ def _load_fp8_modules(model: NLDModel, infos: dict[str, TensorInfo], files: Mapp
         if f"{prefix}.k_proj.k_scale" in infos:
             attn.k_scale = tensor(f"{prefix}.k_proj.k_scale", (), ("F32",))
             attn.v_scale = tensor(f"{prefix}.v_proj.v_scale", (), ("F32",))
-        if f"{prefix}.o_proj_draft.weight" in infos:
-            attn.o_proj_draft = fp8_linear(f"{prefix}.o_proj_draft", attn.o_proj.out_features,
-                                           attn.o_proj.in_features)
+        for name, owner_name in DRAFT_LINEARS.items():
+            owner, twin = getattr(layer, owner_name), f"encoder.layers.{i}.{owner_name}.{name}_draft"
+            if f"{twin}.weight" in infos:
+                base = getattr(owner, name)
+                setattr(owner, f"{name}_draft", fp8_linear(twin, base.out_features, base.in_features))
 
 
 def _weight_index(checkpoint_dir: Path) -> dict[str, TensorInfo]:
@@ -185,49 +189,52 @@ def _check(info: TensorInfo, name: str, shape: tuple[int, ...], dtypes: tuple[st
                               f"expected one of {', '.join(dtypes)}")
 
 
-def read_draft_adapter(adapter_dir: Path, model: NLDModel) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float]:
-    """The PEFT LoRA on o_proj: -> ([(A [r, in], B [out, r]) per layer] in fp32, scale alpha/r)."""
+def read_draft_adapter(adapter_dir: Path, model: NLDModel) -> tuple[Factors, float]:
+    """The PEFT LoRA of the draft pass: -> (its factors in fp32, every layer's for each target module;
+    the scale alpha/r)."""
     config_path = adapter_dir / "adapter_config.json"
-    r, scale = _lora_scale(config_path)
+    r, scale, targets = _lora_config(config_path)
     if not (adapter_dir / "adapter_model.safetensors").is_file():
         raise CheckpointError(f"{adapter_dir}: no adapter_model.safetensors")
     infos = read_header(adapter_dir / "adapter_model.safetensors")
     files = MappedFiles()
-    factors: dict[tuple[int, str], TensorInfo] = {}
+    found: dict[tuple[int, str, str], TensorInfo] = {}
     for name, info in infos.items():
         m = _LORA_NAME.search(name)
-        if m:
-            factors[(int(m.group(1)), m.group(2))] = info
-    out = []
+        if m and DRAFT_LINEARS.get(m.group(3)) == m.group(2):
+            found[(int(m.group(1)), m.group(3), m.group(4))] = info
+    factors: Factors = {}
     for i, layer in enumerate(model.encoder.layers):
-        w = layer.self_attn.o_proj.weight
-        a_info, b_info = factors.get((i, "A")), factors.get((i, "B"))
-        if a_info is None or b_info is None:
-            raise CheckpointError(f"{adapter_dir}: no LoRA A/B for layer {i} o_proj")
-        _check(a_info, f"layer {i} lora_A", (r, w.shape[1]))
-        _check(b_info, f"layer {i} lora_B", (w.shape[0], r))
-        out.append((files.tensor(a_info).float().to(w.device), files.tensor(b_info).float().to(w.device)))
-    return out, scale
+        for name in targets:
+            w = getattr(getattr(layer, DRAFT_LINEARS[name]), name).weight
+            a_info, b_info = found.get((i, name, "A")), found.get((i, name, "B"))
+            if a_info is None or b_info is None:
+                raise CheckpointError(f"{adapter_dir}: no LoRA A/B for layer {i} {name}")
+            _check(a_info, f"layer {i} {name} lora_A", (r, w.shape[1]))
+            _check(b_info, f"layer {i} {name} lora_B", (w.shape[0], r))
+            factors[i, name] = (files.tensor(a_info).float().to(w.device), files.tensor(b_info).float().to(w.device))
+    return factors, scale
 
 
 def attach_draft_adapter(model: NLDModel, adapter_dir: Path) -> None:
-    """Merge the PEFT LoRA on o_proj into a second o_proj per layer: W_draft = W + scale * B @ A."""
+    """Merge the PEFT LoRA into a draft twin of each linear it adapts: W_draft = W + scale * B @ A."""
     factors, scale = read_draft_adapter(adapter_dir, model)
     merge_draft_adapter(model, factors, scale)
 
 
-def merge_draft_adapter(model: NLDModel, factors: list[tuple[torch.Tensor, torch.Tensor]], scale: float) -> None:
-    for layer, (a, b) in zip(model.encoder.layers, factors):
-        attn = layer.self_attn
-        w = attn.o_proj.weight
+def merge_draft_adapter(model: NLDModel, factors: Factors, scale: float) -> None:
+    for (i, name), (a, b) in factors.items():
+        owner = getattr(model.encoder.layers[i], DRAFT_LINEARS[name])
+        w = getattr(owner, name).weight
         merged = (w.float() + scale * (b.float() @ a.float())).to(w.dtype)
-        draft = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
-        draft.weight = nn.Parameter(merged, requires_grad=False)
-        attn.o_proj_draft = draft
+        twin = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        twin.weight = nn.Parameter(merged, requires_grad=False)
+        setattr(owner, f"{name}_draft", twin)
 
 
-def _lora_scale(config_path: Path) -> tuple[int, float]:
-    """-> (r, the LoRA scale) from a PEFT adapter_config.json, every value checked."""
+def _lora_config(config_path: Path) -> tuple[int, float, list[str]]:
+    """-> (r, the LoRA scale, the target linears in DRAFT_LINEARS' order) from a PEFT
+    adapter_config.json, every value checked."""
     try:
         cfg = json.loads(config_path.read_text())
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
@@ -244,7 +251,12 @@ def _lora_scale(config_path: Path) -> tuple[int, float]:
     targets = cfg.get("target_modules") or []
     if isinstance(targets, str):
         targets = [targets]
-    if not isinstance(targets, list) or not any(str(t).endswith("o_proj") for t in targets):
-        raise CheckpointError(f"{config_path}: key 'target_modules': the draft adapter must target o_proj, "
-                              f"got {targets!r}")
-    return r, alpha / r ** 0.5 if rslora else alpha / r
+    names = {str(t).rpartition(".")[2] for t in targets} if isinstance(targets, list) else set()
+    if not names or not names <= DRAFT_LINEARS.keys():
+        raise CheckpointError(f"{config_path}: key 'target_modules': expected a list of the layers' linears "
+                              f"({', '.join(DRAFT_LINEARS)}), got {targets!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(key):
+            raise CheckpointError(f"{config_path}: key {key!r}: per-module ranks and alphas are not supported; "
+                                  f"every target module must share 'r' and 'lora_alpha'")
+    return r, alpha / r ** 0.5 if rslora else alpha / r, [n for n in DRAFT_LINEARS if n in names]

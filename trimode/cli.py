@@ -461,6 +461,10 @@ def format_report(report: dict) -> str:
               help="LoRA rank [default: 64, or the input adapter's].")
 @click.option("--alpha", type=FiniteFloat(min=0, min_open=True), default=None,
               help="LoRA alpha; scale = alpha / rank [default: 2 x rank].")
+@click.option("--modules", default=None,
+              help="Linears to adapt in every layer, comma-separated, of q_proj,k_proj,v_proj,o_proj,gate_proj,"
+                   "up_proj,down_proj [default: the input adapter's, else o_proj, NVIDIA's format]. Each "
+                   "adapted linear gets a merged draft copy at load time: its weights again in memory.")
 @click.option("--block-length", "block_lengths", default="8", show_default=True,
               help="Draft block length(s) to train on, comma-separated, cycled over steps (e.g. 4,8,16,32).")
 @click.option("--steps", type=click.IntRange(1, 10 ** 7), default=200, show_default=True)
@@ -478,16 +482,18 @@ def format_report(report: dict) -> str:
 @click.option("--fresh", is_flag=True, help="Ignore an adapter the input already has and start a new one.")
 @click.option("--force", is_flag=True, help="Replace a previous train-draft output (never another folder).")
 @click.option("--json", "as_json", is_flag=True, help="Print the training log as JSON.")
-def train_draft(checkpoint_dir: Path, out_dir: Path, rank: int | None, alpha: float | None, block_lengths: str,
+def train_draft(checkpoint_dir: Path, out_dir: Path, rank: int | None, alpha: float | None, modules: str | None,
+                block_lengths: str,
                 steps: int, lr: float, batch_size: int, weighting: str, data: Path | None, seed: int,
                 num_eval_prompts: int, fresh: bool, force: bool, as_json: bool) -> None:
     """Train CHECKPOINT_DIR's draft adapter (linear_spec_lora/) so self-speculation accepts more per cycle.
 
     Self-distillation: the targets are the checkpoint's own AR greedy continuations of text windows;
     the draft pass is the runtime's (block pass over [seed, MASK...] after the adapter-off cached
-    prefix, adapter on). Base weights stay frozen; only the LoRA A/B of every layer's o_proj train.
-    An input that already has an adapter is continued (--fresh starts a new one). Writes the base
-    files plus linear_spec_lora/ (PEFT format) to --out.
+    prefix, adapter on). Base weights stay frozen; only the LoRA A/B train, on every layer's o_proj
+    unless --modules names more. An input that already has an adapter is continued, with new LoRAs
+    on the linears --modules adds (--fresh starts a new one). Writes the base files plus
+    linear_spec_lora/ (PEFT format) to --out.
     """
     from trimode.training.draft import DraftSettings, train_draft as run
 
@@ -495,8 +501,10 @@ def train_draft(checkpoint_dir: Path, out_dir: Path, rank: int | None, alpha: fl
         lengths = tuple(int(x) for x in block_lengths.split(","))
     except ValueError:
         raise InputError(f"--block-length: expected integers separated by commas, got {block_lengths!r}") from None
-    settings = DraftSettings(rank=rank, alpha=alpha, block_lengths=lengths, steps=steps, lr=lr, batch_size=batch_size,
-                             weighting=weighting, data=data, seed=seed, num_eval_prompts=num_eval_prompts, fresh=fresh)
+    names = None if modules is None else tuple(m.strip() for m in modules.split(",") if m.strip())
+    settings = DraftSettings(rank=rank, alpha=alpha, modules=names, block_lengths=lengths, steps=steps, lr=lr,
+                             batch_size=batch_size, weighting=weighting, data=data, seed=seed,
+                             num_eval_prompts=num_eval_prompts, fresh=fresh)
     log = run(checkpoint_dir, out_dir, settings, force=force, progress=not as_json)
     if as_json:
         _echo_json({k: v for k, v in log.items() if k != "history"} | {"out_dir": str(out_dir)})
@@ -504,7 +512,8 @@ def train_draft(checkpoint_dir: Path, out_dir: Path, rank: int | None, alpha: fl
     hist = log["history"]
     n = min(20, len(hist))
     first, last = (sum(h["loss"] for h in part) / n for part in (hist[:n], hist[-n:]))
-    click.echo(f"wrote {out_dir}: rank {log['rank']}, alpha {log['alpha']:g}, {len(hist)} steps in "
+    click.echo(f"wrote {out_dir}: {','.join(log['modules'])} at rank {log['rank']}, alpha {log['alpha']:g}, "
+               f"{len(hist)} steps in "
                f"{log['wall_time_s']} s, loss {first:.3f} -> {last:.3f}")
     acc = log.get("held_out_acceptance")
     if acc:

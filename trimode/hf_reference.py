@@ -27,7 +27,7 @@ def ministral3_from(model: NLDModel, attn_implementation: str = "sdpa"):
     config._attn_implementation = attn_implementation
     hf = transformers.Ministral3ForCausalLM(config).eval()
     renamed = {name.replace("encoder.", "model.", 1).replace("diffusion_head.", "lm_head."): t.float()
-               for name, t in model.state_dict().items() if "o_proj_draft" not in name}
+               for name, t in model.state_dict().items() if "_draft." not in name}  # the draft twins
     missing, unexpected = hf.load_state_dict(renamed, strict=False)
     assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
     return hf

@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 from trimode.config import ModelSpec, RopeSpec
 from trimode import __version__
 from trimode.errors import InputError
-from trimode.model import NLDModel
+from trimode.checkpoint import Factors
+from trimode.model import DRAFT_LINEARS, NLDModel
 from trimode.stage_output import stage_output, write_manifest
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<mask>"]  # ids 0..4
@@ -108,27 +109,27 @@ def save_weights(state: dict[str, torch.Tensor], out_dir: Path, num_shards: int)
 def _write_adapter(adapter_dir: Path, spec: ModelSpec, gen: torch.Generator, r: int = 4,
                    alpha: float = 16.0) -> None:
     width = spec.num_attention_heads * spec.head_dim
-    factors = [(0.05 * torch.randn(r, width, generator=gen), 0.05 * torch.randn(spec.hidden_size, r, generator=gen))
-               for _ in range(spec.num_hidden_layers)]
+    factors = {(i, "o_proj"): (0.05 * torch.randn(r, width, generator=gen),
+                               0.05 * torch.randn(spec.hidden_size, r, generator=gen))
+               for i in range(spec.num_hidden_layers)}
     write_draft_adapter(adapter_dir, factors, alpha)
 
 
-def write_draft_adapter(adapter_dir: Path, factors: list[tuple[torch.Tensor, torch.Tensor]], alpha: float,
-                        dtype: torch.dtype = torch.bfloat16) -> None:
-    """A PEFT LoRA on every layer's o_proj (spec §2): adapter_config.json + adapter_model.safetensors
-    with PEFT's key names; factors = [(A [r, in], B [out, r]) per layer]."""
+def write_draft_adapter(adapter_dir: Path, factors: Factors, alpha: float, dtype: torch.dtype = torch.bfloat16) -> None:
+    """A PEFT LoRA (spec §2) on the linears `factors` names, every layer's: adapter_config.json +
+    adapter_model.safetensors with PEFT's key names. NVIDIA's adapts o_proj alone."""
     adapter_dir = Path(adapter_dir)
     adapter_dir.mkdir(parents=True)
     state = {}
-    for i, (a, b) in enumerate(factors):
-        prefix = f"base_model.model.encoder.layers.{i}.self_attn.o_proj"
+    for (i, name), (a, b) in factors.items():
+        prefix = f"base_model.model.encoder.layers.{i}.{DRAFT_LINEARS[name]}.{name}"
         state[f"{prefix}.lora_A.weight"] = a.detach().to(dtype).contiguous()
         state[f"{prefix}.lora_B.weight"] = b.detach().to(dtype).contiguous()
     save_file(state, str(adapter_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
     (adapter_dir / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": None, "r": factors[0][0].shape[0], "lora_alpha": alpha,
-        "target_modules": ["o_proj"], "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
-        "use_rslora": False, "inference_mode": True,
+        "peft_type": "LORA", "task_type": None, "r": next(iter(factors.values()))[0].shape[0], "lora_alpha": alpha,
+        "target_modules": [n for n in DRAFT_LINEARS if any(name == n for _, name in factors)], "lora_dropout": 0.0,
+        "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "inference_mode": True,
     }, indent=2) + "\n")
 
 

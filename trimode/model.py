@@ -22,6 +22,25 @@ from trimode.plugins.reference import ChunkLayout
 from trimode.rope import apply_rope, llama4_query_scale, rope_cos_sin, rope_frequencies
 
 
+# The linears of a layer a draft adapter may adapt, by the submodule that owns them. NVIDIA's adapter
+# adapts o_proj alone (spec §2); trimode's loader and trainer take any of these. Each adapted linear
+# gets a merged draft twin, `<name>_draft` on its owner, that only the self-spec draft pass reads.
+DRAFT_LINEARS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+                 "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+
+def linear(owner: nn.Module, name: str, use_draft: bool) -> nn.Module:
+    """owner.<name>, or in the draft pass its draft twin when the adapter adapts it."""
+    twin = getattr(owner, f"{name}_draft") if use_draft else None
+    return getattr(owner, name) if twin is None else twin
+
+
+def draft_twins(model: "NLDModel") -> dict[tuple[int, str], nn.Module]:
+    """(layer index, linear name) -> the merged draft twin, for every linear the adapter adapts."""
+    return {(i, name): twin for i, layer in enumerate(model.encoder.layers) for name, owner in DRAFT_LINEARS.items()
+            if (twin := getattr(getattr(layer, owner), f"{name}_draft")) is not None}
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -43,16 +62,17 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(spec.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(spec.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, spec.hidden_size, bias=False)
-        # Merged draft adapter (spec §2): used only by the self-speculation draft pass.
-        self.o_proj_draft: nn.Module | None = None
+        # Merged draft twins (DRAFT_LINEARS): used only by the self-speculation draft pass.
+        self.q_proj_draft = self.k_proj_draft = self.v_proj_draft = self.o_proj_draft = None
         # FP8 KV cache (an FP8 checkpoint's k_scale / v_scale): K/V are rounded through E4M3.
         self.k_scale: torch.Tensor | None = None
         self.v_scale: torch.Tensor | None = None
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                q_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_scale: torch.Tensor,
+                use_draft: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [b, L, hidden] -> q [b, L, H, D], k and v [b, L, Hkv, D], rotated and scaled (spec §3)."""
-        return self.heads(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, q_scale)
+        q, k, v = (linear(self, name, use_draft)(x) for name in ("q_proj", "k_proj", "v_proj"))
+        return self.heads(q, k, v, cos, sin, q_scale)
 
     def heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
               q_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -67,12 +87,11 @@ class Attention(nn.Module):
         return apply_rope(q, cos, sin) * q_scale.to(q.dtype), k, v
 
     def output(self, attn: torch.Tensor, use_draft: bool) -> torch.Tensor:
-        o_proj = self.o_proj_draft if use_draft and self.o_proj_draft is not None else self.o_proj
-        return o_proj(attn.flatten(2))
+        return linear(self, "o_proj", use_draft)(attn.flatten(2))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_scale: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, layout: ChunkLayout, use_draft: bool) -> torch.Tensor:
-        q, k, v = self.project(x, cos, sin, q_scale)
+        q, k, v = self.project(x, cos, sin, q_scale, use_draft)
         attn = block_attention(q, k, v, k_cache, v_cache, layout, self.k_scale, self.v_scale)
         return self.output(attn, use_draft)
 
@@ -83,9 +102,11 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
         self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+        self.gate_proj_draft = self.up_proj_draft = self.down_proj_draft = None  # draft twins (DRAFT_LINEARS)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, use_draft: bool = False) -> torch.Tensor:
+        gate, up, down = (linear(self, name, use_draft) for name in ("gate_proj", "up_proj", "down_proj"))
+        return down(F.silu(gate(x)) * up(x))
 
 
 class DecoderLayer(nn.Module):
@@ -118,7 +139,7 @@ class NLDModel(nn.Module):
 
     @property
     def has_draft_adapter(self) -> bool:
-        return self.encoder.layers[0].self_attn.o_proj_draft is not None
+        return bool(draft_twins(self))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -143,7 +164,7 @@ class NLDModel(nn.Module):
         def attend(i: int, attn: Attention, x, cos, sin, q_scale):
             return attn(x, cos, sin, q_scale, cache.k[i], cache.v[i], layout, use_draft)
 
-        h = self._layers(tokens, layout.positions, attend)
+        h = self._layers(tokens, layout.positions, attend, use_draft)
         if logit_index is not None:
             h = h[torch.arange(h.shape[0], device=h.device), logit_index][:, None]
         return self.diffusion_head(self.encoder.norm(h)).float()
@@ -153,20 +174,20 @@ class NLDModel(nn.Module):
         """Cache-free pass with an explicit attention mask (training, spec §9).
         tokens, positions [b, T]; mask [b, T, T] bool (True = may attend). -> logits [b, T, V]."""
         def attend(i: int, attn: Attention, x, cos, sin, q_scale):
-            q, k, v = attn.project(x, cos, sin, q_scale)
+            q, k, v = attn.project(x, cos, sin, q_scale, use_draft)
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                  attn_mask=mask[:, None], enable_gqa=q.shape[2] != k.shape[2])
             return attn.output(out.transpose(1, 2), use_draft)
 
-        return self.diffusion_head(self.encoder.norm(self._layers(tokens, positions, attend))).float()
+        return self.diffusion_head(self.encoder.norm(self._layers(tokens, positions, attend, use_draft))).float()
 
-    def _layers(self, tokens: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+    def _layers(self, tokens: torch.Tensor, positions: torch.Tensor, attend, use_draft: bool) -> torch.Tensor:
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_attn_scale, self.dtype)
         q_scale = llama4_query_scale(positions, self.spec.rope)
         h = self.encoder.embed_tokens(tokens)
         for i, layer in enumerate(self.encoder.layers):
             h = h + attend(i, layer.self_attn, layer.input_layernorm(h), cos, sin, q_scale)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + layer.mlp(layer.post_attention_layernorm(h), use_draft)
         return h
 
     def new_cache(self, num_slots: int, max_len: int) -> KVCache:

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from trimode.checkpoint import ADAPTER_DIR, Checkpoint, load_checkpoint, read_draft_adapter, read_quant_config
+from trimode.checkpoint import ADAPTER_DIR, Checkpoint, Factors, load_checkpoint, read_draft_adapter, read_quant_config
 from trimode.decoding import GenerationSettings, Mode, generate
 from trimode.errors import InputError
-from trimode.model import NLDModel
+from trimode.model import DRAFT_LINEARS, NLDModel
 from trimode.training.draft_objective import (DraftLoRA, draft_layout, draft_logits, draft_loss, init_factors,
                                               install_lora, path_acceptance, sample_starts)
 
@@ -34,6 +34,7 @@ STAGE = "train-draft"
 @dataclass(frozen=True)
 class DraftSettings:
     rank: int | None = None             # None: the existing adapter's, else DEFAULT_RANK
+    modules: tuple[str, ...] | None = None  # linears to adapt (DRAFT_LINEARS); None: the existing adapter's, else o_proj
     alpha: float | None = None          # None: the existing adapter's, else 2 * rank
     block_lengths: tuple[int, ...] = (8,)  # cycled over steps
     steps: int = 200
@@ -53,6 +54,9 @@ class DraftSettings:
     def __post_init__(self) -> None:
         _check(self.rank is None or self.rank >= 1, "rank", "an integer >= 1", self.rank)
         _check(self.alpha is None or self.alpha > 0, "alpha", "a number > 0", self.alpha)
+        _check(self.modules is None or (bool(self.modules) and set(self.modules) <= DRAFT_LINEARS.keys()),
+               "modules", f"a comma-separated list of {', '.join(DRAFT_LINEARS)}",
+               ",".join(self.modules or ()))
         _check(bool(self.block_lengths) and min(self.block_lengths) >= 2, "block-length",
                "integers >= 2 (a block of 1 has nothing to draft)", ",".join(map(str, self.block_lengths)))
         _check(self.steps >= 1, "steps", "an integer >= 1", self.steps)
@@ -123,7 +127,7 @@ def greedy_sequences(model: NLDModel, prompts: list[list[int]], gen_len: int) ->
 
 @dataclass
 class StartingPoint:
-    factors: list[tuple[torch.Tensor, torch.Tensor]]
+    factors: Factors
     rank: int
     alpha: float
     is_continued: bool
@@ -142,19 +146,33 @@ def check_paths(checkpoint_dir: Path, out_dir: Path, force: bool) -> None:
 
 
 def starting_adapter(ck: Checkpoint, settings: DraftSettings, generator: torch.Generator) -> StartingPoint:
-    """Continue the input's linear_spec_lora/ (unless settings.fresh), else PEFT's zero-delta start."""
+    """Continue the input's linear_spec_lora/ (unless settings.fresh), with PEFT's zero-delta start
+    for linears --modules adds; else that start on every linear --modules names."""
     adapter_dir = ck.checkpoint_dir / ADAPTER_DIR
     if adapter_dir.is_dir() and not settings.fresh:
         factors, scale = read_draft_adapter(adapter_dir, ck.model)
-        rank = factors[0][0].shape[0]
+        rank = next(iter(factors.values()))[0].shape[0]
         if settings.rank not in (None, rank):
             raise InputError(f"--rank {settings.rank}: {adapter_dir} has rank {rank}; pass --fresh to start a new adapter")
         if settings.alpha is not None and not math.isclose(settings.alpha / rank, scale):
             raise InputError(f"--alpha {settings.alpha}: {adapter_dir} has alpha {scale * rank:g} (scale {scale:g}); "
                              f"pass --fresh to start a new adapter")
-        return StartingPoint(factors, rank, scale * rank, True)
+        adapted = {name for _, name in factors}
+        modules = settings.modules or tuple(adapted)
+        if dropped := [n for n in DRAFT_LINEARS if n in adapted - set(modules)]:
+            raise InputError(f"--modules: {adapter_dir} also adapts {','.join(dropped)}; name those too, "
+                             f"or pass --fresh to start a new adapter")
+        factors.update(init_factors(ck.model, rank, generator, [n for n in modules if n not in adapted]))
+        return StartingPoint(_in_order(factors), rank, scale * rank, True)
     rank = settings.rank or DEFAULT_RANK
-    return StartingPoint(init_factors(ck.model, rank, generator), rank, settings.alpha or 2.0 * rank, False)
+    return StartingPoint(_in_order(init_factors(ck.model, rank, generator, settings.modules or ("o_proj",))), rank,
+                         settings.alpha or 2.0 * rank, False)
+
+
+def _in_order(factors: Factors) -> Factors:
+    """By layer, then in DRAFT_LINEARS' order: the order the adapter's files list them."""
+    order = list(DRAFT_LINEARS)
+    return dict(sorted(factors.items(), key=lambda kv: (kv[0][0], order.index(kv[0][1]))))
 
 
 def previous_runs(checkpoint_dir: Path) -> list[dict]:
@@ -205,12 +223,12 @@ def held_out_acceptance(model: NLDModel, prompts: list[list[int]], block_lengths
     return out
 
 
-def merged_for_eval(model: NLDModel, factors, scale: float) -> None:
+def merged_for_eval(model: NLDModel, factors: Factors, scale: float) -> None:
     """Merge the factors as they will be stored (bf16), so the estimate is that of the written files."""
     from trimode.checkpoint import merge_draft_adapter
 
-    merge_draft_adapter(model, [(a.detach().to(torch.bfloat16), b.detach().to(torch.bfloat16)) for a, b in factors],
-                        scale)
+    merge_draft_adapter(model, {key: (a.detach().to(torch.bfloat16), b.detach().to(torch.bfloat16))
+                                for key, (a, b) in factors.items()}, scale)
 
 
 def lr_at(step: int, s: DraftSettings) -> float:
@@ -269,6 +287,7 @@ def train_draft(checkpoint_dir: Path, out_dir: Path, settings: DraftSettings = D
     log: dict = {"settings": {**asdict(settings), "data": str(settings.data) if settings.data else None},
                  "base_checkpoint": str(checkpoint_dir), "source": source, "num_train_tokens": len(stream),
                  "rank": start.rank, "alpha": start.alpha, "continued": start.is_continued,
+                 "modules": list(dict.fromkeys(name for _, name in start.factors)),
                  "num_trainable_params": sum(lora.a.numel() + lora.b.numel() for lora in loras),
                  "python": platform.python_version(),
                  "torch": torch.__version__, "num_threads": torch.get_num_threads(), "history": [],
@@ -292,7 +311,7 @@ def train_draft(checkpoint_dir: Path, out_dir: Path, settings: DraftSettings = D
         bar.update()
     bar.close()
     log["wall_time_s"] = round(time.perf_counter() - began, 1)
-    factors = [(lora.a.detach(), lora.b.detach()) for lora in loras]
+    factors = {key: (lora.a.detach(), lora.b.detach()) for key, lora in zip(start.factors, loras)}
     if eval_prompts:
         merged_for_eval(model, factors, scale)
         log["held_out_acceptance"] = {"before": before, "after": held_out_acceptance(model, eval_prompts,

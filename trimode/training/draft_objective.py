@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trimode.model import NLDModel
+from trimode.checkpoint import Factors
+from trimode.model import DRAFT_LINEARS, NLDModel
 
 
 class DraftLoRA(nn.Module):
     """base(x) + scale * B @ A x on the rows where `rows` is True (the draft blocks), base(x) elsewhere.
-    Installed as `o_proj_draft`, so the model's use_draft=True path calls it."""
+    Installed as the linear's draft twin (`<name>_draft`), which the model's use_draft=True path calls."""
 
     def __init__(self, base: nn.Module, a: torch.Tensor, b: torch.Tensor, scale: float):
         super().__init__()
@@ -37,23 +38,26 @@ class DraftLoRA(nn.Module):
         return self.base(x) + delta * self.rows[..., None].to(delta.dtype)
 
 
-def init_factors(model: NLDModel, rank: int, generator: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """PEFT's start: A random (Kaiming-uniform bound), B zero, so the adapter starts as the base model."""
-    out = []
-    for layer in model.encoder.layers:
-        w = layer.self_attn.o_proj.weight
-        bound = 1 / math.sqrt(w.shape[1])
-        a = (torch.rand(rank, w.shape[1], generator=generator) * 2 - 1) * bound
-        out.append((a, torch.zeros(w.shape[0], rank)))
+def init_factors(model: NLDModel, rank: int, generator: torch.Generator, names=("o_proj",)) -> Factors:
+    """PEFT's start on every layer's linears `names`: A random (Kaiming-uniform bound), B zero, so
+    the adapter starts as the base model."""
+    out = {}
+    for i, layer in enumerate(model.encoder.layers):
+        for name in names:
+            w = getattr(getattr(layer, DRAFT_LINEARS[name]), name).weight
+            bound = 1 / math.sqrt(w.shape[1])
+            a = (torch.rand(rank, w.shape[1], generator=generator) * 2 - 1) * bound
+            out[i, name] = (a, torch.zeros(w.shape[0], rank))
     return out
 
 
-def install_lora(model: NLDModel, factors, scale: float) -> list[DraftLoRA]:
+def install_lora(model: NLDModel, factors: Factors, scale: float) -> list[DraftLoRA]:
+    """A DraftLoRA as the draft twin of each linear `factors` names; -> them, in factors' order."""
     loras = []
-    for layer, (a, b) in zip(model.encoder.layers, factors):
-        attn = layer.self_attn
-        attn.o_proj_draft = DraftLoRA(attn.o_proj, a, b, scale)
-        loras.append(attn.o_proj_draft)
+    for (i, name), (a, b) in factors.items():
+        owner = getattr(model.encoder.layers[i], DRAFT_LINEARS[name])
+        loras.append(DraftLoRA(getattr(owner, name), a, b, scale))
+        setattr(owner, f"{name}_draft", loras[-1])
     return loras
 
 
