@@ -27,8 +27,8 @@ import torch
 
 from trimode.checkpoint import Factors, load_checkpoint
 from trimode.evaluate import EvalSettings, held_out_prompts, held_out_stream
-from trimode.training.draft import (DraftSettings, TargetPool, greedy_sequences, new_optimizer, starting_adapter,
-                                    token_stream, train_step, validation_prompts)
+from trimode.training.draft import (DraftSettings, TargetPool, greedy_sequences, grown, new_optimizer,
+                                    starting_adapter, token_stream, train_step, validation_prompts)
 from trimode.make_checkpoint import write_draft_adapter
 from trimode.model import DRAFT_LINEARS
 from trimode.training.draft_objective import draft_layout, draft_logits, draft_loss, init_factors, install_lora, \
@@ -37,21 +37,10 @@ from trimode.training.draft_objective import draft_layout, draft_logits, draft_l
 OTHERS = [n for n in DRAFT_LINEARS if n != "o_proj"]
 
 
-def padded(factors: Factors) -> Factors:
-    """Every LoRA at the largest rank among them, as PEFT's one `r` wants (the loader takes no
-    rank_pattern): B gets zero columns, so each B @ A is unchanged, and A rows of PEFT's random
-    start, so that continuing the adapter (train-draft) trains them like any new rank."""
-    rank, generator = max(a.shape[0] for a, _ in factors.values()), torch.Generator().manual_seed(0)
-    out = {}
-    for key, (a, b) in factors.items():
-        extra = (torch.rand(rank - a.shape[0], a.shape[1], generator=generator) * 2 - 1) / a.shape[1] ** 0.5
-        out[key] = torch.cat([a, extra.to(a.dtype)]), torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], 1)
-    return out
-
-
 def write_adapter(path: Path, factors: Factors, log: dict) -> None:
-    """The trained LoRAs as a linear_spec_lora/ folder (scale 2 = alpha / r for every one), with the report."""
-    factors = padded(factors)
+    """The trained LoRAs as a linear_spec_lora/ folder (scale 2 = alpha / r for every one), with the
+    report; o_proj grown to the others' rank (PEFT has one `r`; the loader takes no rank_pattern)."""
+    factors = grown(factors, max(a.shape[0] for a, _ in factors.values()), torch.Generator().manual_seed(0))
     write_draft_adapter(path, factors, alpha=2.0 * next(iter(factors.values()))[0].shape[0])
     (path / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
 

@@ -217,23 +217,24 @@ def test_an_existing_adapter_is_continued(tiny_adapter_dir, text_file, tmp_path,
     assert result.exit_code == 1 and "--fresh" in result.output and not (tmp_path / "c").exists()
 
 
-def test_modules_adds_loras_to_a_continued_adapter(tiny_adapter_dir, text_file, tmp_path, runner):
-    """--modules on an o_proj adapter: o_proj continues from its factors, gate_proj and v_proj start
-    at PEFT's zero delta; the written adapter targets all three. Leaving o_proj out is refused."""
+def test_modules_and_rank_grow_a_continued_adapter(tiny_adapter_dir, text_file, tmp_path, runner):
+    """--modules and a larger --rank on an o_proj adapter of rank 4: o_proj continues from its
+    B @ A at rank 6, gate_proj and v_proj start at PEFT's zero delta; the written adapter targets all
+    three at one rank and the old scale. Leaving o_proj out is refused."""
     common = ["--data", str(text_file), "--steps", "1", "--batch-size", "1", "--num-eval-prompts", "0", "--json",
               "--lr", "1e-9"]
     result = runner.invoke(main, ["train-draft", str(tiny_adapter_dir), "--out", str(tmp_path / "a"),
-                                  "--modules", "gate_proj,o_proj,v_proj", *common])
+                                  "--modules", "gate_proj,o_proj,v_proj", "--rank", "6", *common])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["modules"] == ["v_proj", "o_proj", "gate_proj"]
     cfg = json.loads((tmp_path / "a" / ADAPTER_DIR / "adapter_config.json").read_text())
-    assert cfg["target_modules"] == ["v_proj", "o_proj", "gate_proj"] and cfg["r"] == 4
+    assert cfg["target_modules"] == ["v_proj", "o_proj", "gate_proj"] and (cfg["r"], cfg["lora_alpha"]) == (6, 24.0)
     model = load_checkpoint(tiny_adapter_dir, draft_adapter=False).model
     before, _ = read_draft_adapter(tiny_adapter_dir / ADAPTER_DIR, model)
     after, _ = read_draft_adapter(tmp_path / "a" / ADAPTER_DIR, model)
     for key, (a, b) in after.items():
-        if key[1] == "o_proj":  # one step at lr 1e-9: the stored factors, up to bf16
-            torch.testing.assert_close(b, before[key][1], atol=1e-2, rtol=1e-2)
+        if key[1] == "o_proj":  # one step at lr 1e-9: the stored delta, up to bf16
+            torch.testing.assert_close(b @ a, before[key][1] @ before[key][0], atol=1e-2, rtol=1e-2)
         else:
             assert b.abs().max() < 1e-6  # B starts at zero
     result = runner.invoke(main, ["train-draft", str(tiny_adapter_dir), "--out", str(tmp_path / "b"),

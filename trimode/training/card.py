@@ -81,7 +81,8 @@ length: {report['self_spec_equals_ar']}.{_draft_section(draft_log, report)}
 def _adapter_line(draft_log: dict | None) -> str:
     if draft_log is None:
         return "No draft adapter."
-    return (f"Draft adapter `linear_spec_lora/` (PEFT LoRA on every layer's o_proj, r={draft_log['rank']}, "
+    modules = ", ".join(draft_log.get("modules", ["o_proj"]))
+    return (f"Draft adapter `linear_spec_lora/` (PEFT LoRA on every layer's {modules}, r={draft_log['rank']}, "
             f"alpha={draft_log['alpha']:g}), used only by self-speculation's draft pass.")
 
 

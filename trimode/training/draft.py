@@ -152,11 +152,14 @@ def starting_adapter(ck: Checkpoint, settings: DraftSettings, generator: torch.G
     if adapter_dir.is_dir() and not settings.fresh:
         factors, scale = read_draft_adapter(adapter_dir, ck.model)
         rank = next(iter(factors.values()))[0].shape[0]
-        if settings.rank not in (None, rank):
-            raise InputError(f"--rank {settings.rank}: {adapter_dir} has rank {rank}; pass --fresh to start a new adapter")
-        if settings.alpha is not None and not math.isclose(settings.alpha / rank, scale):
+        if settings.rank is not None and settings.rank < rank:
+            raise InputError(f"--rank {settings.rank}: {adapter_dir} has rank {rank} (a larger --rank grows it); "
+                             f"pass --fresh to start a new adapter")
+        if settings.alpha is not None and not math.isclose(settings.alpha / (settings.rank or rank), scale):
             raise InputError(f"--alpha {settings.alpha}: {adapter_dir} has alpha {scale * rank:g} (scale {scale:g}); "
                              f"pass --fresh to start a new adapter")
+        if settings.rank is not None and settings.rank > rank:
+            factors, rank = grown(factors, settings.rank, generator), settings.rank
         adapted = {name for _, name in factors}
         modules = settings.modules or tuple(adapted)
         if dropped := [n for n in DRAFT_LINEARS if n in adapted - set(modules)]:
@@ -167,6 +170,16 @@ def starting_adapter(ck: Checkpoint, settings: DraftSettings, generator: torch.G
     rank = settings.rank or DEFAULT_RANK
     return StartingPoint(_in_order(init_factors(ck.model, rank, generator, settings.modules or ("o_proj",))), rank,
                          settings.alpha or 2.0 * rank, False)
+
+
+def grown(factors: Factors, rank: int, generator: torch.Generator) -> Factors:
+    """The same adapter at a larger rank, at the same scale: B gets zero columns, so every B @ A is
+    unchanged, and A rows of PEFT's random start, which then train like a new adapter's."""
+    out = {}
+    for key, (a, b) in factors.items():
+        extra = (torch.rand(rank - a.shape[0], a.shape[1], generator=generator) * 2 - 1) / math.sqrt(a.shape[1])
+        out[key] = torch.cat([a, extra]), torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], dim=1)
+    return out
 
 
 def _in_order(factors: Factors) -> Factors:
