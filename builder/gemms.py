@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from trimode.fp8 import FP8Linear, fake_quant_e4m3, gpu_has_fp8
-from trimode.model import NLDModel, linear
+from trimode.model import DRAFT_LINEARS, NLDModel, linear
 
 
 def _dense(linear: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -56,9 +56,9 @@ class Gemm(nn.Module):
         return y.split(self.sizes, dim=-1) if len(self.sizes) > 1 else (y,)
 
 
-# A layer's GEMMs: the linears each fuses, by the submodule that owns them.
-GROUPS = {"qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")), "o": ("self_attn", ("o_proj",)),
-          "gate_up": ("mlp", ("gate_proj", "up_proj")), "down": ("mlp", ("down_proj",))}
+# A layer's GEMMs: the linears each fuses (one owner per group: model.DRAFT_LINEARS).
+GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
+          "down": ("down_proj",)}
 
 
 class LayerGemms(nn.Module):
@@ -67,8 +67,8 @@ class LayerGemms(nn.Module):
 
     def __init__(self, layer, dtype: torch.dtype):
         super().__init__()
-        for group, (owner_name, names) in GROUPS.items():
-            owner = getattr(layer, owner_name)
+        for group, names in GROUPS.items():
+            owner = getattr(layer, DRAFT_LINEARS[names[0]])
             setattr(self, group, Gemm([getattr(owner, n) for n in names], dtype))
             twins = [linear(owner, n, use_draft=True) for n in names]
             is_adapted = any(getattr(owner, f"{n}_draft") is not None for n in names)
