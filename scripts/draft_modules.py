@@ -37,11 +37,11 @@ from trimode.training.draft_objective import draft_layout, draft_logits, draft_l
 OTHERS = [n for n in DRAFT_LINEARS if n != "o_proj"]
 
 
-def write_adapter(path: Path, factors: Factors, log: dict) -> None:
-    """The trained LoRAs as a linear_spec_lora/ folder (scale 2 = alpha / r for every one), with the
-    report; o_proj grown to the others' rank (PEFT has one `r`; the loader takes no rank_pattern)."""
-    factors = grown(factors, max(a.shape[0] for a, _ in factors.values()), torch.Generator().manual_seed(0))
-    write_draft_adapter(path, factors, alpha=2.0 * next(iter(factors.values()))[0].shape[0])
+def write_adapter(path: Path, factors: Factors, scale: float, log: dict) -> None:
+    """The trained LoRAs as a linear_spec_lora/ folder (one scale = alpha / r), with the report;
+    o_proj grown to the others' rank (PEFT has one `r`; the loader takes no rank_pattern)."""
+    rank = max(a.shape[0] for a, _ in factors.values())
+    write_draft_adapter(path, grown(factors, rank, torch.Generator().manual_seed(0)), alpha=scale * rank)
     (path / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
 
 
@@ -86,9 +86,9 @@ def main(argv=None) -> int:
     held = greedy_sequences(model, prompts, s.gen_len)
     eval_prompts = held_out_prompts(held_out_stream(ck), EvalSettings.num_prompts, s.prompt_len)
     eval_held = greedy_sequences(model, eval_prompts, s.gen_len)  # the card's prompts (trimode eval's)
-    assert start.alpha / start.rank == 2.0, "the new LoRAs' scale 2 is the shipped o_proj adapter's"
+    scale = start.alpha / start.rank  # the new LoRAs take the o_proj adapter's (2 on the embedded checkpoint)
     factors = start.factors | init_factors(model, args.rank, generator, modules)  # new: PEFT's zero-delta start
-    loras = install_lora(model, factors, 2.0)
+    loras = install_lora(model, factors, scale)
     optim = new_optimizer(loras, s)
     pool = TargetPool(model, stream, s, generator)
     report = {"checkpoint": str(args.checkpoint), "modules": ["o_proj"] + modules, "rank": args.rank,
@@ -103,7 +103,8 @@ def main(argv=None) -> int:
     report["after"] = path_estimate(model, loras, held, s.prompt_len, L, mask_id)
     report["eval_after"] = path_estimate(model, loras, eval_held, s.prompt_len, L, mask_id)
     if args.adapter:
-        write_adapter(args.adapter, {key: (lo.a.detach(), lo.b.detach()) for key, lo in zip(factors, loras)}, report)
+        write_adapter(args.adapter, {key: (lo.a.detach(), lo.b.detach()) for key, lo in zip(factors, loras)}, scale,
+                      report)
     text = json.dumps(report, indent=1)
     print(text)
     if args.json:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -84,9 +85,17 @@ def test_draft_modules_small_run(tiny_adapter_dir, tmp_path):
     data.write_text("\n".join(read_texts(split_files()[0][:3])))
     report = run_script("scripts/draft_modules.py", str(tiny_adapter_dir), "--modules", "q_proj,down_proj",
                         "--rank", "4", "--steps", "3", "--num-prompts", "2", "--block-length", "4",
-                        "--data", str(data), "--json", str(tmp_path / "r.json"))
+                        "--data", str(data), "--json", str(tmp_path / "r.json"),
+                        "--adapter", str(tmp_path / "ck" / "linear_spec_lora"))
     assert report == json.loads((tmp_path / "r.json").read_text())
     assert report["modules"] == ["o_proj", "q_proj", "down_proj"] and report["steps"] == 3
+    shutil.copytree(tiny_adapter_dir, tmp_path / "ck", ignore=shutil.ignore_patterns("linear_spec_lora"),
+                    dirs_exist_ok=True)  # the base next to the written adapter: it loads
+    from trimode.checkpoint import load_checkpoint
+    from trimode.model import draft_twins
+
+    assert {name for _, name in draft_twins(load_checkpoint(tmp_path / "ck").model)} == {"o_proj", "q_proj",
+                                                                                          "down_proj"}
     assert 1 <= report["before"] <= 4 and 1 <= report["after"] <= 4
     refused = subprocess.run([sys.executable, "scripts/draft_modules.py", "--modules", "lm_head"], cwd=ROOT,
                              capture_output=True, text=True)

@@ -209,7 +209,8 @@ def read_draft_adapter(adapter_dir: Path, model: NLDModel) -> tuple[Factors, flo
             w = getattr(getattr(layer, DRAFT_LINEARS[name]), name).weight
             a_info, b_info = found.get((i, name, "A")), found.get((i, name, "B"))
             if a_info is None or b_info is None:
-                raise CheckpointError(f"{adapter_dir}: no LoRA A/B for layer {i} {name}")
+                raise CheckpointError(f"{adapter_dir / 'adapter_model.safetensors'}: no LoRA A/B for layer {i} "
+                                      f"{name}, which adapter_config.json's 'target_modules' names")
             _check(a_info, f"layer {i} {name} lora_A", (r, w.shape[1]))
             _check(b_info, f"layer {i} {name} lora_B", (w.shape[0], r))
             factors[i, name] = (files.tensor(a_info).float().to(w.device), files.tensor(b_info).float().to(w.device))
