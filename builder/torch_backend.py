@@ -133,9 +133,11 @@ def blocked_sources(made: dict[str, torch.Tensor], gemms: ProgramGemms) -> dict[
 
 def _layout(module: torch.nn.Module) -> list:
     """What a compiled program depends on in a GEMM module: its submodules' types and its tensors' names,
-    shapes and dtypes (not their values, which are loaded: `load`)."""
+    shapes and dtypes (not their values, which are loaded: `load`), and the values of its 0-dim
+    tensors (an FP8 input_scale), which Inductor writes into the code as literals."""
     tensors = [*module.named_parameters(), *module.named_buffers()]
-    return [type(m) for m in module.modules()] + [(n, t.shape, t.dtype) for n, t in tensors]
+    return [type(m) for m in module.modules()] + [(n, t.shape, t.dtype, t.item() if t.dim() == 0 else None)
+                                                  for n, t in tensors]
 
 
 def draft_reuses_denoise(gemms: ProgramGemms) -> bool:

@@ -127,6 +127,20 @@ def test_blocked_constants_are_traced_back_to_their_fused_matrix(tiny_adapter_di
         blocked_sources({"c2": blocked(qkv, 16) + 1e-3}, gemms)
 
 
+def test_the_fp8_engines_draft_pass_equals_eager(fp8_engine_dir):
+    """An FP8 draft twin has an input_scale of its own, which Inductor bakes into a program as a
+    literal: the draft pass must not run the denoise package over the twins' weights alone."""
+    from trimode.passes import PassKind
+
+    built = load_engine(fp8_engine_dir)
+    model, s = built.checkpoint.model, built.manifest["settings"]
+    tokens = torch.randint(5, model.spec.vocab_size, (2, 4), generator=torch.Generator().manual_seed(0))
+    for kind in (PassKind.DRAFT, PassKind.DENOISE):
+        pool, cache = (model.new_cache(s["max_batch_size"], s["max_seq_len"]) for _ in range(2))
+        got = built.backend(kind, tokens, pool, [0, 1], [0, 0], None).logits
+        torch.testing.assert_close(got, model(tokens, cache, kind, torch.tensor([0, 1])), rtol=1e-5, atol=1e-5)
+
+
 def test_an_adapter_on_every_linear_drafts_through_the_engine_as_eager(tiny_wide_adapter_dir, tmp_path):
     """Draft twins of every linear reach the compiled draft pass: the block program serves it over
     the draft GEMMs' tensors (its batch-1 copy too), and its logits equal the eager draft pass's."""
