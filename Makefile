@@ -35,8 +35,13 @@ fixture: setup
 
 # The test files run in parallel, one process per core (pytest-xdist; a file stays in one process),
 # handed out in the order tests/conftest.py gives (FIRST_FILES: the costly builds start first).
+# Then the `numerics` tests (two computations of the same floats compared within an error bound) again
+# on another CPU kernel path: ATen and Inductor scalar code, MKL's SSE2-compatible GEMMs. Another
+# machine's ISA or BLAS summation order shows here, on this machine, not first in someone's CI.
+OTHER_CPU_PATH := ATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE
 test: setup
 	$(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder
+	$(OTHER_CPU_PATH) $(PY) -m pytest -q -n auto --dist loadfile -m "numerics and not gpu"
 
 bench: setup
 	mkdir -p out

@@ -30,9 +30,18 @@ FIRST_FILES = ["test_builder.py", "test_deploy.py", "test_kernels_decoding.py", 
                "test_builder_onnx.py", "test_decoding.py"]
 
 
+# Cases of costly parametrized tests that `make test` also runs on another CPU kernel path (marker
+# `numerics`; cheap files carry the marker themselves): the self-spec == AR invariant on the trained
+# checkpoint, batched, at its block size.
+NUMERICS_CASES = {"test_decoding.py::test_self_spec_greedy_equals_ar[trained-True-8]"}
+
+
 def pytest_collection_modifyitems(items) -> None:
     rank = {name: i for i, name in enumerate(FIRST_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's order is kept
+    for item in items:
+        if f"{item.path.name}::{item.name}" in NUMERICS_CASES:
+            item.add_marker(pytest.mark.numerics)
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ import onnx
 import pytest
 import torch
 
+from tolerance import forward_bound
 from trimode.builder import onnx_backend, tensorrt_backend
 from trimode.builder.program import PassShape, pass_shapes
 from trimode.builder.settings import BuildSettings
@@ -137,7 +138,8 @@ def test_one_pass_writes_the_pool_like_eager(engine, kind, length, slots):
     with torch.no_grad():
         expected = model(tokens, eager_pool, kind, torch.tensor(slots), logit_index)
     got = backend(kind, tokens, onnx_pool, slots, lengths, logit_index)
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    # onnxruntime's kernels sum in their own order
+    torch.testing.assert_close(got, expected, atol=forward_bound(expected, model.spec, span=48), rtol=0)
     written = torch.zeros(3, 48, dtype=torch.bool)
     for s, n in zip(slots, lengths):
         written[s, n:n + length] = True
@@ -145,7 +147,9 @@ def test_one_pass_writes_the_pool_like_eager(engine, kind, length, slots):
         a, b, before = (bits(t).transpose(1, 2) for t in (a, b, before))
         assert torch.equal(a[~written], b[~written]) and torch.equal(a[~written], before[~written])  # untouched
         assert not torch.equal(a[written], before[written])
-        torch.testing.assert_close(a[written].float(), b[written].float(), atol=1e-5, rtol=1e-5)
+        # K/V of deeper layers come through the earlier ones: the forward's bound covers them (fp8 codes: exact)
+        atol = 0.0 if a.dtype == torch.float8_e4m3fn else forward_bound(b[written].float(), model.spec, span=48)
+        torch.testing.assert_close(a[written].float(), b[written].float(), atol=atol, rtol=0)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from tolerance import forward_bound
 from trimode.decoding import GenerationSettings, Mode, engine_for, generate
 from trimode.decoding.batch import Batch
 from trimode.decoding.self_spec import SelfSpecPolicy
@@ -132,6 +133,7 @@ def test_chunked_prefill_equals_one_shot(tiny, mode, chunk):
     assert max(r.stats.passes["prefill"] for r in chunked) == -(-longest // chunk)
 
 
+@pytest.mark.numerics
 def test_cropped_cache_rerun_equals_fresh_run(tiny):
     """Writing K/V past a sequence's length, then cropping and re-running, is the same as never writing it."""
     from trimode.passes import PassKind
@@ -151,7 +153,8 @@ def test_cropped_cache_rerun_equals_fresh_run(tiny):
         model(prefix, fresh_cache, PassKind.PREFILL)
         fresh_cache.advance(rows, 9)
         fresh = model(tail, fresh_cache, PassKind.VERIFY)
-    torch.testing.assert_close(cropped, fresh, atol=1e-5, rtol=0)
+    # same keys, other pool history: only the span's summation order may differ
+    torch.testing.assert_close(cropped, fresh, atol=forward_bound(fresh, model.spec, span=32), rtol=0)
 
 
 @pytest.mark.parametrize("mode", MODES)

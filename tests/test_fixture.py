@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from tolerance import forward_bound
 from trimode.cli import EMBEDDED_CHECKPOINT
 from trimode.decoding import GenerationSettings, Mode, generate
 from trimode.evaluate import agreement, held_out_prompts, held_out_stream, perplexity
@@ -72,5 +73,6 @@ def test_draft_passes_differ_from_causal_passes(trained):
         causal = trained.model(tokens, trained.model.new_cache(1, 32), PassKind.VERIFY)
         block = trained.model(tokens, trained.model.new_cache(1, 32), PassKind.DENOISE)
         alone = trained.model(tokens[:, :1], trained.model.new_cache(1, 32), PassKind.DECODE)
-    torch.testing.assert_close(causal[:, 0], alone[:, 0], atol=1e-4, rtol=0)
+    # one key either way; the chunk of several rows may take another GEMM kernel than one row
+    torch.testing.assert_close(causal[:, 0], alone[:, 0], atol=forward_bound(alone, trained.spec, span=1), rtol=0)
     assert not torch.allclose(causal[:, 0], block[:, 0], atol=1e-2)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tolerance import forward_bound
 from trimode.checkpoint import load_checkpoint
 from trimode.hf_reference import ministral3_from
 from trimode.make_checkpoint import make_random_checkpoint, tiny_spec
 from trimode.passes import PassKind
 
-TOLERANCE = 2e-4  # fp32 logits of magnitude ~1: differences are reduction-order noise
+pytestmark = pytest.mark.numerics  # rerun on another CPU kernel path (Makefile)
 
 
 @pytest.mark.parametrize("rope", [
@@ -38,8 +39,9 @@ def test_causal_logits_match_transformers_ministral3(tmp_path, rope):
             cache.advance(torch.arange(2), 1)
         stepped = torch.cat(stepped, dim=1)
     assert expected.abs().max() > 0.1
-    torch.testing.assert_close(ours, expected, atol=TOLERANCE, rtol=0)
-    torch.testing.assert_close(stepped, expected, atol=TOLERANCE, rtol=0)
+    atol = forward_bound(expected, spec, span=length)  # transformers' eager attention sums in its own order
+    torch.testing.assert_close(ours, expected, atol=atol, rtol=0)
+    torch.testing.assert_close(stepped, expected, atol=atol, rtol=0)
 
 
 def test_masked_forward_with_a_causal_mask_equals_the_cached_forward(tiny):
@@ -50,4 +52,5 @@ def test_masked_forward_with_a_causal_mask_equals_the_cached_forward(tiny):
     with torch.no_grad():
         masked = tiny.model.forward_masked(tokens, positions, causal)
         cached = tiny.model(tokens, tiny.model.new_cache(2, 12), PassKind.PREFILL)
-    torch.testing.assert_close(masked, cached, atol=1e-5, rtol=0)
+    # the masked path attends over an explicit mask, the cached one over the cache: another order
+    torch.testing.assert_close(masked, cached, atol=forward_bound(cached, tiny.model.spec, span=12), rtol=0)

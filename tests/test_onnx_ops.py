@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from tolerance import attention_accumulations, bound, forward_bound
 from trimode.checkpoint import load_checkpoint
 from trimode.errors import MissingDependencyError
 from trimode.kv_cache import KVCache
@@ -17,6 +18,8 @@ from trimode.passes import PassKind
 from trimode.plugins import ops, reference
 from trimode.plugins.onnx_ops import DOMAIN, session_options
 from trimode.plugins.reference import ChunkLayout
+
+pytestmark = pytest.mark.numerics  # rerun on another CPU kernel path (Makefile)
 
 MASK = 2
 HEAD_DIM = 8
@@ -138,7 +141,9 @@ def test_block_attention(exported, is_causal, rows, lengths, L, H, Hkv):
     expected = reference.block_attention(q, k, v, expected_k, expected_v, layout)
     out, k_out, v_out = run(model, args)
 
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    # onnxruntime runs the node's torch reference, our expected value is the reference again: other shapes, other order
+    atol = bound(expected, attention_accumulations(q.shape[-1], k_cache.shape[2] + L))
+    torch.testing.assert_close(out, expected, atol=atol, rtol=0)
     assert torch.equal(k_out, expected_k) and torch.equal(v_out, expected_v)
     assert not torch.equal(k_out, k_cache)  # the chunk's K was written
 
@@ -319,6 +324,6 @@ def test_model_forward(tiny_dir, tmp_path):
     logits, k, v = run(onnx_model, args)
     with torch.no_grad():
         expected = model(tokens, cache, PassKind.VERIFY)
-    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(k, torch.stack(cache.k), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(v, torch.stack(cache.v), atol=1e-5, rtol=1e-5)
+    # onnxruntime's GEMMs and the node sum in their own order; K/V of layer 2 come through layer 1
+    for got, want in ((logits, expected), (k, torch.stack(cache.k)), (v, torch.stack(cache.v))):
+        torch.testing.assert_close(got, want, atol=forward_bound(want, model.spec, span=24), rtol=0)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tolerance import attention_accumulations, bound
 from trimode.plugins.reference import (ChunkLayout, block_attention, diffusion_commit, philox_uniform, pick_tokens,
                                        sampling_rows, spec_accept)
+
+pytestmark = pytest.mark.numerics  # rerun on another CPU kernel path (Makefile)
 
 MASK = 0
 
@@ -157,4 +160,5 @@ def test_block_attention_matches_dense_masked_attention(is_causal, L, prefix_len
             visible = torch.arange(c + L)[None] <= c + torch.arange(L)[:, None]
             scores = scores.masked_fill(~visible, float("-inf"))
         expected = (scores.softmax(-1) @ values).transpose(0, 1)
-        torch.testing.assert_close(out[row], expected, atol=1e-5, rtol=1e-5)
+        # the reference gathers keys its own way: the same sums in another order
+        torch.testing.assert_close(out[row], expected, atol=bound(expected, attention_accumulations(D, c + L)), rtol=0)

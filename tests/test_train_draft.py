@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from tolerance import forward_bound
 from trimode.checkpoint import ADAPTER_DIR, load_checkpoint, merge_draft_adapter, read_draft_adapter
 from trimode.cli import main
 from trimode.decoding import GenerationSettings, Mode, generate
@@ -39,6 +40,7 @@ def text_file(tmp_path_factory):
     return path
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("names", [("o_proj",), tuple(DRAFT_LINEARS)])
 @pytest.mark.parametrize("block_length", [4, 8])
 def test_training_forward_equals_the_runtime_draft_pass(tiny_dir, block_length, names):
@@ -63,7 +65,9 @@ def test_training_forward_equals_the_runtime_draft_pass(tiny_dir, block_length, 
             block[0, 0] = seqs[b, q]
             with torch.no_grad():
                 runtime = model(block, cache, PassKind.DRAFT)[0]
-            torch.testing.assert_close(trained[b, k], runtime, atol=1e-5, rtol=1e-5)
+            # the many-blocks forward sums in another order (its masked attention spans 40 + blocks keys)
+            atol = forward_bound(runtime, model.spec, span=batch.tokens.shape[1])
+            torch.testing.assert_close(trained[b, k], runtime, atol=atol, rtol=0)
             assert torch.equal(batch.targets[b, k], seqs[b, q + 1:q + block_length])
 
 
