@@ -56,6 +56,9 @@ def quantize_checkpoint(checkpoint_dir: Path, out_dir: Path, settings: QuantizeS
         raise InputError(f"{checkpoint_dir} is already quantized (hf_quant_config.json); quantize the bf16 checkpoint")
     with stage_output(out_dir, "quantize", inputs, force) as tmp:
         ck = load_checkpoint(checkpoint_dir, device="cpu", dtype=torch.float32)  # bad input fails fast,
+        if settings.calib_seq_len > ck.spec.max_position_embeddings:  # windows the model has no positions for
+            raise InputError(f"calib_seq_len {settings.calib_seq_len}: more than {checkpoint_dir / 'config.json'}'s "
+                             f"max_position_embeddings {ck.spec.max_position_embeddings}")
         texts, source = read_calibration_texts(settings.calib_data)
         windows = calibration_windows(texts, ck.tokenizer, ck.spec, settings.calib_samples, settings.calib_seq_len)
         import_modelopt()  # before the slow import

@@ -15,10 +15,10 @@ BUILTIN_NUM_FILES = 64
 
 
 def read_calibration_texts(path: Path | None) -> tuple[list[str], str]:
-    """-> (texts, a description of the source). Raises InputError for a missing or empty source."""
-    if path is None:
-        from trimode.training.corpus import read_texts, split_files
+    """-> (texts, a description of the source). Raises InputError for a missing, empty or non-UTF-8 source."""
+    from trimode.training.corpus import read_texts, split_files
 
+    if path is None:
         train_files = split_files()[0]
         step = max(1, len(train_files) // BUILTIN_NUM_FILES)  # spread over the library, deterministic
         return read_texts(train_files[::step][:BUILTIN_NUM_FILES]), "built-in: Python standard library sources"
@@ -26,7 +26,7 @@ def read_calibration_texts(path: Path | None) -> tuple[list[str], str]:
     if not path.exists():
         raise InputError(f"--calib-data {path}: no such file or folder")
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES)
-    texts = [t for t in (p.read_text(encoding="utf-8", errors="replace") for p in files) if t.strip()]
+    texts = [t for t in read_texts(files, "--calib-data") if t.strip()]
     if not texts:
         raise InputError(f"--calib-data {path}: no text to calibrate on (empty, or no {'/'.join(sorted(TEXT_SUFFIXES))} files)")
     return texts, f"{path} ({len(texts)} file{'s' * (len(texts) > 1)})"

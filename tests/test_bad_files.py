@@ -184,6 +184,24 @@ def test_a_tensor_in_two_shards(refused, tiny_adapter_dir, tmp_path):
     refused(_generate(ck), tmp_path, "is also in model-0000")
 
 
+@pytest.mark.parametrize("case", ["moved to another shard", "in no shard"])
+def test_a_tensor_missing_from_the_shard_its_index_names(refused, tiny_adapter_dir, tmp_path, case):
+    """The index's weight_map is checked against the shards: each tensor is in the shard it names."""
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_adapter_dir, ck)
+    index = json.loads((ck / "model.safetensors.index.json").read_text())
+    weight_map = index["weight_map"]
+    if case == "moved to another shard":  # the tensor is still loadable, from the wrong file
+        name = next(iter(weight_map))
+        shard = next(s for s in sorted(set(weight_map.values())) if s != weight_map[name])
+    else:  # a name no shard holds and the model does not need
+        name, shard = "encoder.extra.weight", next(iter(weight_map.values()))
+    weight_map[name] = shard
+    (ck / "model.safetensors.index.json").write_text(json.dumps(index))
+    error = refused(_generate(ck), tmp_path, shard).error
+    assert repr(name) in error
+
+
 @pytest.mark.parametrize("label, mutate", ENTRY_MUTATIONS[::3], ids=[m[0] for m in ENTRY_MUTATIONS[::3]])
 def test_corrupt_shard(refused, tiny_adapter_dir, tmp_path, label, mutate):
     ck = tmp_path / "ck"
@@ -233,6 +251,22 @@ def test_corrupt_adapter_weights(refused, tiny_adapter_dir, tmp_path, label, mut
     name = _corrupt_entry(ck / "linear_spec_lora" / "adapter_model.safetensors", 0, mutate)
     error = refused(_generate(ck), tmp_path, "adapter_model.safetensors").error
     assert repr(name) in error or "lora_" in error
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_adapter_weights(refused, tiny_adapter_dir, tmp_path, value):
+    """A NaN or inf in a LoRA factor is refused at load, naming the adapter file and the tensor."""
+    from safetensors.torch import load_file, save_file
+
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_adapter_dir, ck)
+    path = ck / "linear_spec_lora" / "adapter_model.safetensors"
+    state = load_file(str(path))
+    name = sorted(state)[-1]
+    state[name][0, 0] = value
+    save_file(state, str(path), metadata={"format": "pt"})
+    error = refused(_generate(ck), tmp_path, "linear_spec_lora/adapter_model.safetensors").error
+    assert repr(name) in error and "non-finite" in error
 
 
 def test_adapter_weights_missing(refused, tiny_adapter_dir, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 
 import pytest
@@ -204,6 +205,27 @@ def test_bad_input_writes_nothing(runner, tiny_dir, fp8_dir, tmp_path, case, mes
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no temporary sibling
     if case == "exists":
         assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_binary_calibration_data_is_refused(refused, tiny_dir, tmp_path):
+    """--calib-data that is not UTF-8 text is an Error naming the file, not text of replacement characters."""
+    data = tmp_path / "calib.txt"
+    data.write_bytes(random.Random(0).randbytes(4096))
+    error = refused(["quantize", tiny_dir, "--out", tmp_path / "out", "--calib-data", data, "--calib-samples", 2,
+                     "--calib-seq-len", 32], tmp_path, "not UTF-8 text").error
+    assert str(data) in error and "--calib-data" in error
+
+
+def test_calib_seq_len_past_max_position_embeddings_is_refused(refused, tiny_dir, tmp_path):
+    """Calibration windows longer than the checkpoint's positions are refused, naming the option and the limit."""
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_dir, ck)
+    config = json.loads((ck / "config.json").read_text())
+    config["max_position_embeddings"] = 64
+    (ck / "config.json").write_text(json.dumps(config))
+    error = refused(["quantize", ck, "--out", tmp_path / "out", "--calib-samples", 2, "--calib-seq-len", 65],
+                    tmp_path, "--calib-seq-len").error
+    assert "max_position_embeddings" in error and "64" in error
 
 
 def test_an_adapter_on_every_linear_keeps_an_fp8_draft_twin_of_each(tiny_wide_adapter_dir, tiny_wide_adapter, tmp_path):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import random
+import re
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from tolerance import forward_bound
 from trimode.checkpoint import ADAPTER_DIR, load_checkpoint, merge_draft_adapter, read_draft_adapter
 from trimode.cli import main
 from trimode.decoding import GenerationSettings, Mode, generate
+from trimode.errors import NumericalError
 from trimode.make_checkpoint import write_draft_adapter
 from trimode.model import DRAFT_LINEARS
 from trimode.passes import PassKind
@@ -257,10 +260,52 @@ def test_modules_and_rank_grow_a_continued_adapter(tiny_adapter_dir, text_file, 
     (["--data", "/nonexistent/text"], "--data", 1),
     (["--modules", "lm_head"], "--modules", 1),
     (["--modules", ","], "--modules", 1),
+    (["--block-length", "4,128"], "--block-length", 1),  # longer than the greedy continuations it trains on
 ])
 def test_bad_settings_give_one_line_errors(refused, tiny_dir, tmp_path, args, message, exit_code):
-    refused(["train-draft", tiny_dir, "--out", tmp_path / "out", *args], tmp_path, message, exit_code)
+    """One Error line naming the option, and only options train-draft has."""
+    error = refused(["train-draft", tiny_dir, "--out", tmp_path / "out", *args], tmp_path, message, exit_code).error
     assert list(tmp_path.iterdir()) == []
+    options = {opt for param in main.commands["train-draft"].params for opt in param.opts}
+    assert set(re.findall(r"--[a-z][a-z-]*", error)) <= options, error
+
+
+def test_non_finite_training_writes_nothing(refused, tiny_adapter_dir, text_file, tmp_path):
+    """An lr that turns the (continued) LoRA into NaN is refused at the step it happens, naming the
+    tensor; no adapter is written."""
+    error = refused(["train-draft", tiny_adapter_dir, "--out", tmp_path / "out", "--data", text_file, "--lr", "1e30",
+                     "--steps", "3", "--batch-size", "1", "--num-eval-prompts", "0"], tmp_path, "non-finite").error
+    assert "step" in error and "lora_" in error and "--lr" in error
+
+
+def test_an_error_during_training_starts_its_own_line(runner, tiny_dir, text_file, tmp_path, monkeypatch):
+    """The progress bar is closed before the Error line, so that line starts at column 0."""
+    import trimode.training.draft as draft
+
+    steps = []
+
+    def failing_step(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 2:
+            raise NumericalError("boom")
+        return real_step(*args, **kwargs)
+
+    real_step = draft.train_step
+    monkeypatch.setattr(draft, "train_step", failing_step)
+    result = runner.invoke(main, ["train-draft", str(tiny_dir), "--out", str(tmp_path / "out"), "--data",
+                                  str(text_file), "--steps", "3", "--batch-size", "1", "--num-eval-prompts", "0"])
+    assert result.exit_code == 1 and "train-draft" in result.stderr  # the bar was shown
+    assert "Error: boom" in result.stderr.splitlines(), repr(result.stderr)
+    assert not (tmp_path / "out").exists()
+
+
+def test_binary_data_is_refused(refused, tiny_dir, tmp_path):
+    """--data that is not UTF-8 text is an Error naming the file, not text of replacement characters."""
+    data = tmp_path / "data.txt"
+    data.write_bytes(random.Random(0).randbytes(4096))
+    error = refused(["train-draft", tiny_dir, "--out", tmp_path / "out", "--data", data, "--steps", "1",
+                     "--num-eval-prompts", "0"], tmp_path, "not UTF-8 text").error
+    assert str(data) in error and "--data" in error
 
 
 def test_missing_checkpoint_and_existing_output(runner, tiny_dir, tmp_path):

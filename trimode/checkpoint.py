@@ -148,9 +148,10 @@ def _load_fp8_modules(model: NLDModel, infos: dict[str, TensorInfo], files: Mapp
 def _weight_index(checkpoint_dir: Path) -> dict[str, TensorInfo]:
     single, index = checkpoint_dir / "model.safetensors", checkpoint_dir / "model.safetensors.index.json"
     if index.is_file():
-        shards = _shard_names(index)
+        weight_map = _weight_map(index)
+        shards = sorted(set(weight_map.values()))
     elif single.is_file():
-        shards = [single.name]
+        weight_map, shards = {}, [single.name]
     else:
         raise CheckpointError(f"{checkpoint_dir}: no model.safetensors or model.safetensors.index.json")
     infos: dict[str, TensorInfo] = {}
@@ -159,11 +160,15 @@ def _weight_index(checkpoint_dir: Path) -> dict[str, TensorInfo]:
             if name in infos:
                 raise CheckpointError(f"{info.path}: tensor {name!r} is also in {infos[name].path.name}")
             infos[name] = info
+    for name, shard in weight_map.items():  # an index that lies about its shards is a corrupt checkpoint
+        if name not in infos or infos[name].path.name != shard:
+            raise CheckpointError(f"{index}: tensor {name!r} is not in {shard}, the shard the index names for it")
     return infos
 
 
-def _shard_names(index: Path) -> list[str]:
-    """The shard files an index names: plain .safetensors file names inside the checkpoint folder."""
+def _weight_map(index: Path) -> dict[str, str]:
+    """An index's tensor name -> shard file, every shard a plain .safetensors file name inside the
+    checkpoint folder."""
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError) as e:
@@ -177,7 +182,7 @@ def _shard_names(index: Path) -> list[str]:
         path = index.parent / shard
         if not path.is_file():
             raise CheckpointError(f"{index}: tensor {name!r}: shard {shard!r} is missing")
-    return sorted(set(weight_map.values()))
+    return weight_map
 
 
 def _check(info: TensorInfo, name: str, shape: tuple[int, ...], dtypes: tuple[str, ...] = WEIGHT_DTYPES) -> None:
@@ -198,23 +203,32 @@ def read_draft_adapter(adapter_dir: Path, model: NLDModel) -> tuple[Factors, flo
         raise CheckpointError(f"{adapter_dir}: no adapter_model.safetensors")
     infos = read_header(adapter_dir / "adapter_model.safetensors")
     files = MappedFiles()
-    found: dict[tuple[int, str, str], TensorInfo] = {}
+    found: dict[tuple[int, str, str], tuple[str, TensorInfo]] = {}
     for name, info in infos.items():
         m = _LORA_NAME.search(name)
         if m and DRAFT_LINEARS.get(m.group(3)) == m.group(2):
-            found[(int(m.group(1)), m.group(3), m.group(4))] = info
+            found[(int(m.group(1)), m.group(3), m.group(4))] = name, info
     factors: Factors = {}
     for i, layer in enumerate(model.encoder.layers):
         for name in targets:
             w = getattr(getattr(layer, DRAFT_LINEARS[name]), name).weight
-            a_info, b_info = found.get((i, name, "A")), found.get((i, name, "B"))
-            if a_info is None or b_info is None:
+            a, b = found.get((i, name, "A")), found.get((i, name, "B"))
+            if a is None or b is None:
                 raise CheckpointError(f"{adapter_dir / 'adapter_model.safetensors'}: no LoRA A/B for layer {i} "
                                       f"{name}, which adapter_config.json's 'target_modules' names")
-            _check(a_info, f"layer {i} {name} lora_A", (r, w.shape[1]))
-            _check(b_info, f"layer {i} {name} lora_B", (w.shape[0], r))
-            factors[i, name] = (files.tensor(a_info).float().to(w.device), files.tensor(b_info).float().to(w.device))
+            _check(a[1], f"layer {i} {name} lora_A", (r, w.shape[1]))
+            _check(b[1], f"layer {i} {name} lora_B", (w.shape[0], r))
+            factors[i, name] = (_finite(files, *a).to(w.device), _finite(files, *b).to(w.device))
     return factors, scale
+
+
+def _finite(files: MappedFiles, name: str, info: TensorInfo) -> torch.Tensor:
+    """A LoRA factor in fp32. NaN or inf would otherwise show up only as non-finite logits in the draft
+    pass (the scan costs less than the merge that follows)."""
+    t = files.tensor(info).float()
+    if not torch.isfinite(t).all():
+        raise CheckpointError(f"{info.path}: tensor {name!r} has non-finite values (NaN or inf)")
+    return t
 
 
 def attach_draft_adapter(model: NLDModel, adapter_dir: Path) -> None:

@@ -39,8 +39,18 @@ def split_files(root: Path | None = None) -> tuple[list[Path], list[Path]]:
     return [p for p in files if p not in held], [root / h for h in HELD_OUT]
 
 
-def read_texts(paths: list[Path]) -> list[str]:
-    return [p.read_text(encoding="utf-8", errors="replace") for p in paths]
+def read_texts(paths: list[Path], option: str = "") -> list[str]:
+    """Each file's UTF-8 text. A file that is not UTF-8 (binary data, another encoding) is an
+    InputError naming it (and the option it came from): replacement characters would train silently."""
+    texts = []
+    for p in paths:
+        try:
+            texts.append(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise InputError(f"{option} {p}: not UTF-8 text (a binary file, or another encoding)".lstrip()) from None
+        except OSError as e:
+            raise InputError(f"{option} {p}: cannot read ({e.strerror or e})".lstrip()) from None
+    return texts
 
 
 def document_stream(documents: list[list[int]], bos_token_id: int | None, eos_token_id: int) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 
 from trimode.checkpoint import ADAPTER_DIR, Checkpoint, Factors, load_checkpoint, read_draft_adapter, read_quant_config
 from trimode.decoding import GenerationSettings, Mode, generate
-from trimode.errors import InputError
+from trimode.errors import InputError, NumericalError
 from trimode.model import DRAFT_LINEARS, NLDModel
 from trimode.training.draft_objective import (DraftLoRA, draft_layout, draft_logits, draft_loss, init_factors,
                                               install_lora, path_acceptance, sample_starts)
@@ -62,8 +62,10 @@ class DraftSettings:
         _check(self.steps >= 1, "steps", "an integer >= 1", self.steps)
         _check(self.lr > 0, "lr", "a number > 0", self.lr)
         _check(self.weighting in WEIGHTINGS, "weighting", " or ".join(WEIGHTINGS), self.weighting)
-        _check(self.gen_len >= max(self.block_lengths), "gen-len", "at least the largest block length",
-               self.gen_len)
+        # gen_len is internal: name the option the user can change
+        _check(self.gen_len >= max(self.block_lengths), "block-length",
+               f"lengths of at most {self.gen_len} (the greedy tokens generated per training window)",
+               ",".join(map(str, self.block_lengths)))
         _check(self.batch_size >= 1 and self.prompt_len >= 1, "batch-size / prompt-len", "integers >= 1",
                (self.batch_size, self.prompt_len))
 
@@ -90,7 +92,7 @@ def token_stream(ck: Checkpoint, data: Path | None) -> tuple[torch.Tensor, str]:
         if not data.exists():
             raise InputError(f"--data {data}: no such file or folder")
         files = [data] if data.is_file() else sorted(p for p in data.rglob("*") if p.suffix in TEXT_SUFFIXES)
-        texts, source = [t for t in read_texts(files) if t.strip()], str(data)
+        texts, source = [t for t in read_texts(files, "--data") if t.strip()], str(data)
     stream = document_stream(ck.tokenizer.encode_batch_plain(texts), ck.spec.bos_token_id, ck.spec.eos_token_ids[0])
     return stream, source
 
@@ -274,6 +276,18 @@ def train_step(model: NLDModel, loras: list[DraftLoRA], optim: torch.optim.Optim
     return loss, accepted, starts
 
 
+def check_finite(loras: list[DraftLoRA], keys: list[tuple[int, str]], step: int, s: DraftSettings) -> None:
+    """Stop at the step a factor turns NaN or inf (as stored, in bf16): written, it would only fail
+    later, as non-finite logits at generation."""
+    parts = [(key, ab, p.detach()) for key, lora in zip(keys, loras) for ab, p in (("A", lora.a), ("B", lora.b))]
+    is_finite = torch.stack([torch.isfinite(p.to(torch.bfloat16)).all() for _, _, p in parts])
+    if not is_finite.all():  # one sync per step; the culprit only on failure
+        (i, name), ab, _ = parts[int((~is_finite).nonzero()[0])]
+        tensor = f"layers.{i}.{DRAFT_LINEARS[name]}.{name}.lora_{ab}"
+        raise NumericalError(f"step {step + 1} of {s.steps}: LoRA tensor {tensor} became non-finite (NaN or inf); "
+                             f"nothing was written. Lower --lr (got {s.lr:g})")
+
+
 def train_draft(checkpoint_dir: Path, out_dir: Path, settings: DraftSettings = DraftSettings(),
                 force: bool = False, progress: bool = True) -> dict:
     """Train the draft adapter of checkpoint_dir; write base files + linear_spec_lora/ to out_dir. -> the log."""
@@ -309,20 +323,24 @@ def train_draft(checkpoint_dir: Path, out_dir: Path, settings: DraftSettings = D
     bar = _progress(settings.steps, progress)
     began = time.perf_counter()
     recent: list[list[int]] = []  # the last 20 steps' runtime-path accepted lengths
-    for step in range(settings.steps):
-        L = settings.block_lengths[step % len(settings.block_lengths)]
-        loss, accepted, starts = train_step(model, loras, optim, pool.take(settings.batch_size), step, L, settings,
-                                            generator)
-        mean_acc = accepted.float().mean().item()
-        path = path_acceptance(starts, accepted, settings.prompt_len)
-        log["history"].append({"step": step, "block_length": L, "loss": round(loss.item(), 5),
-                               "accepted": round(mean_acc, 4),
-                               "accepted_path": round(sum(path) / len(path), 4) if path else None})
-        recent = (recent + [path])[-20:]
-        num = sum(map(len, recent))
-        bar.set_postfix(L=L, loss=f"{loss.item():.3f}", accepted=f"{sum(map(sum, recent)) / num:.2f}" if num else "-")
-        bar.update()
-    bar.close()
+    try:
+        for step in range(settings.steps):
+            L = settings.block_lengths[step % len(settings.block_lengths)]
+            loss, accepted, starts = train_step(model, loras, optim, pool.take(settings.batch_size), step, L,
+                                                settings, generator)
+            check_finite(loras, list(start.factors), step, settings)
+            mean_acc = accepted.float().mean().item()
+            path = path_acceptance(starts, accepted, settings.prompt_len)
+            log["history"].append({"step": step, "block_length": L, "loss": round(loss.item(), 5),
+                                   "accepted": round(mean_acc, 4),
+                                   "accepted_path": round(sum(path) / len(path), 4) if path else None})
+            recent = (recent + [path])[-20:]
+            num = sum(map(len, recent))
+            bar.set_postfix(L=L, loss=f"{loss.item():.3f}",
+                            accepted=f"{sum(map(sum, recent)) / num:.2f}" if num else "-")
+            bar.update()
+    finally:
+        bar.close()  # also on an error: its line ends, so the CLI's Error line starts its own
     log["wall_time_s"] = round(time.perf_counter() - began, 1)
     factors = {key: (lora.a.detach(), lora.b.detach()) for key, lora in zip(start.factors, loras)}
     if eval_prompts:
