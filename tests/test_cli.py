@@ -130,3 +130,29 @@ def test_an_interrupt_in_clicks_own_code_exits_like_one_in_the_command(runner, m
     result = runner.invoke(main, ["inspect", "--help"])
     assert result.exit_code == status
     assert result.stderr.strip() == "Error: interrupted" and "Aborted" not in result.output
+
+
+def test_a_ctrl_c_that_a_child_process_dies_of_first_exits_130(runner, tiny_dir, tmp_path, monkeypatch):
+    """Ctrl-C signals the whole process group: during a build the C++ compiler can die of it and its
+    failure surface before (or instead of) Python's KeyboardInterrupt. That is still an interrupt:
+    exit 130 and one Error line, not a traceback and exit 1."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import trimode.builder
+
+    def build_engine(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # the terminal's Ctrl-C, as this process gets it
+            time.sleep(1)
+        except KeyboardInterrupt:
+            pass  # swallowed on its way, as a compile pool's wait may do
+        raise subprocess.CalledProcessError(-signal.SIGINT, ["g++"])  # the compiler, killed by the same Ctrl-C
+
+    monkeypatch.setattr(trimode.builder, "build_engine", build_engine)
+    result = runner.invoke(main, ["build", str(tiny_dir), "--out", str(tmp_path / "engine")])
+    assert result.exit_code == 130, result.output
+    assert result.stderr.strip() == "Error: interrupted" and "Traceback" not in result.output
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back after the command

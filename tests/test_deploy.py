@@ -112,6 +112,33 @@ def test_a_first_deploy_interrupted_keeps_its_finished_stages(runner, tiny_adapt
     assert list(record) == ["quantize"], "the next run reuses the finished quantize stage"
 
 
+def test_a_first_deploy_killed_in_its_first_stage_resumes(runner, tiny_dir, tmp_path):
+    """SIGKILL while the first stage (here the build) writes leaves that stage's temporary folder and
+    lock; the next run must clear them and finish, not refuse the folder as "not a trimode output"."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "d"
+    args = ["deploy", str(tiny_dir), "--out", str(out), "--no-fp8", "--max-batch-size", "2", "--max-seq-len", "64",
+            "--max-input-len", "16", "--block-lengths", "4"]
+    proc = subprocess.Popen([sys.executable, "-m", "trimode.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (out.is_dir() and any(p.name.startswith(".engine.build-") for p in out.iterdir())):
+        assert proc.poll() is None and time.monotonic() < deadline, "the build stage never started"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert any(p.name == ".engine.lock" for p in out.iterdir())
+    result = runner.invoke(main, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    assert reused(json.loads(result.stdout)) == {"build": False, "repo": False}
+    assert sorted(p.name for p in out.iterdir()) == ["engine", "manifest.json", "repo"]
+
+
 def test_serve_answers_once_per_mode_from_the_real_server(copied, runner, tiny_adapter_dir):
     from trimode.triton_repo.server import Ports
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import math
 import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import click
 
-from trimode.errors import InputError, TrimodeError
+from trimode.errors import InputError, Interrupted, TrimodeError
 
 EMBEDDED_CHECKPOINT = Path(__file__).parent / "assets" / "default"
 
@@ -26,6 +28,7 @@ class TrimodeGroup(click.Group):
         with click's "Aborted!" and exit 1."""
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        previous = _watch_ctrl_c()
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except (click.Abort, KeyboardInterrupt) as e:
@@ -35,23 +38,48 @@ class TrimodeGroup(click.Group):
         except click.ClickException as e:
             e.show()
             sys.exit(e.exit_code)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
         sys.exit(code if isinstance(code, int) else 0)  # click returns the exit code of a ctx.exit(n)
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except TrimodeError as e:
+        except KeyboardInterrupt as e:
+            _interrupted(e)
+        except Exception as e:
+            if _CTRL_C:  # the Ctrl-C reached a child (a compiler, a worker) first, whose failure surfaced first
+                _interrupted(Interrupted(_CTRL_C[0]))
+            if not isinstance(e, TrimodeError):
+                raise
             message = str(e)
             if isinstance(e, InputError) and ctx.invoked_subcommand in self.commands:
                 message = _as_typed(message, self.commands[ctx.invoked_subcommand])
             raise click.ClickException(message) from None
-        except KeyboardInterrupt as e:
-            _interrupted(e)
 
 
 def _interrupted(e: KeyboardInterrupt):
     click.echo("Error: interrupted", err=True)
     raise click.exceptions.Exit(128 + getattr(e, "signum", 2)) from None
+
+
+# Ctrl-C signals the whole foreground process group: a child process (the C++ compiler of a build, a
+# compile worker) can die of it and its caller raise that failure before Python's KeyboardInterrupt
+# lands. So a Ctrl-C is recorded here, and any error after one is reported as the interrupt it is.
+_CTRL_C: list[int] = []
+
+
+def _watch_ctrl_c():
+    """Install the SIGINT handler that records the signal; -> the previous handler (None off the main thread)."""
+    def on_sigint(signum, frame):
+        _CTRL_C.append(signum)
+        raise Interrupted(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    _CTRL_C.clear()
+    return signal.signal(signal.SIGINT, on_sigint)
 
 
 def _as_typed(message: str, command: click.Command) -> str:

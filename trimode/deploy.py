@@ -10,12 +10,14 @@
 Each stage is the stage's own function writing through the stage-output helper, so a failed or
 interrupted stage leaves nothing half-written. A re-run into the same DIR reuses every stage whose
 input digest and settings are unchanged and whose output is still what was made (its digest), and
-redoes the rest in order (force: redoes all). DIR/manifest.json is rewritten after each stage, so an
-interrupted deploy resumes where it stopped. DIR must be new, empty or a previous deploy output.
+redoes the rest in order (force: redoes all). DIR/manifest.json is written before the first stage
+and after each, so a deploy interrupted anywhere, SIGKILL included, resumes where it stopped (a first
+deploy that fails before finishing a stage removes it again: nothing written). DIR must be new, empty or a previous deploy output.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -52,10 +54,7 @@ class Hooks:
 def deploy(checkpoint_dir: Path, out_dir: Path, settings: DeploySettings = DeploySettings(), force: bool = False,
            hooks: Hooks | None = None) -> dict:
     """-> DIR's manifest; its "stages" map each stage to its record (with "reused": bool)."""
-    from trimode.builder import build_engine, check_backend
-    from trimode.checkpoint import read_quant_config
-    from trimode.quantize import quantize_checkpoint
-    from trimode.triton_repo.writer import write_model_repo
+    from trimode.builder import check_backend
 
     hooks = hooks or Hooks()
     checkpoint_dir, out = Path(checkpoint_dir), Path(out_dir)
@@ -67,6 +66,31 @@ def deploy(checkpoint_dir: Path, out_dir: Path, settings: DeploySettings = Deplo
     records = dict(previous)  # until a stage is checked again: an interrupted run keeps the later ones
     manifest = {"stage": STAGE, "tool": f"trimode {__version__}",
                 "input": {"path": str(checkpoint_dir)}, "folders": {}, "stages": records}
+    # DIR/manifest.json before the first stage: a deploy SIGKILLed in it leaves a deploy output (plus the
+    # stage's own leftovers, which its next run clears), which the re-run resumes instead of refusing
+    is_first = not (out_path.is_dir() and any(out_path.iterdir()))
+    made = _make_dirs(out_path)
+    _write(out_path, manifest)
+    try:
+        _run_stages(checkpoint_dir, out_path, settings, force, hooks, previous, manifest)
+    except BaseException:
+        if is_first and not any(p.name in FOLDERS.values() for p in out_path.iterdir()):
+            (out_path / MANIFEST).unlink(missing_ok=True)  # a first deploy that finished no stage leaves nothing
+            for d in reversed(made):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+        raise
+    return manifest
+
+
+def _run_stages(checkpoint_dir: Path, out_path: Path, settings: DeploySettings, force: bool, hooks: Hooks,
+                previous: dict, manifest: dict) -> None:
+    from trimode.builder import build_engine
+    from trimode.checkpoint import read_quant_config
+    from trimode.quantize import quantize_checkpoint
+    from trimode.triton_repo.writer import write_model_repo
+
+    records = manifest["stages"]
 
     def run(stage: str, source: Path, stage_settings: dict, make: Callable[[Path, bool], None],
             output_digest: Callable[[Path], str]) -> Path:
@@ -101,7 +125,6 @@ def deploy(checkpoint_dir: Path, out_dir: Path, settings: DeploySettings = Deplo
     # the repository names its engine dir by absolute path: a moved deploy folder rewrites it
     run("repo", engine, _plain({"engine_path": str(engine.resolve()), **asdict(settings.repo)}),
         lambda target, again: write_model_repo(engine, target, settings.repo, again), input_digest)
-    return manifest
 
 
 def _engine_digest(engine_dir: Path) -> str:
@@ -131,10 +154,20 @@ def _read_previous(out: Path) -> dict:
     return {k: v for k, v in stages.items() if isinstance(v, dict)} if isinstance(stages, dict) else {}
 
 
+def _make_dirs(out: Path) -> list[Path]:
+    """Create out and its missing parents; -> the folders created, parents first."""
+    missing = [p for p in (*reversed(out.parents), out) if not p.exists()]
+    try:
+        for d in missing:
+            d.mkdir()
+    except OSError as e:
+        raise OutputError(f"deploy {out}: {e.strerror or e} ({e.filename or 'cannot create it'})") from e
+    return missing
+
+
 def _write(out: Path, manifest: dict) -> None:
     """DIR/manifest.json, replaced atomically (an interrupted deploy keeps the record of its done stages)."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
         write_manifest(out, manifest)
     except OSError as e:
         raise OutputError(f"deploy {out}: {e.strerror or e} ({e.filename or 'write failed'})") from e
