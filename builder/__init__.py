@@ -20,7 +20,7 @@ import torch
 
 from trimode import __version__
 from trimode.builder.settings import BuildSettings
-from trimode.errors import EngineError, InputError
+from trimode.errors import CheckpointError, EngineError, InputError
 from trimode.stage_output import check_output, input_digest, stage_output, write_manifest
 
 __all__ = ["BuildSettings", "build_engine", "check_backend"]
@@ -38,10 +38,23 @@ def check_backend(settings: BuildSettings):
     return backend
 
 
+def check_finite(checkpoint_dir: Path, model: torch.nn.Module) -> None:
+    """Refuse weights with a NaN or an infinity, naming the tensor: compiling them would fail far from
+    the cause (NaN != NaN, so a compiled constant no longer equals the matrix it was made from)."""
+    for name, t in model.state_dict().items():
+        if not t.is_floating_point():
+            continue
+        values = t.float() if t.dtype.itemsize == 1 else t  # isfinite has no float8 kernel
+        bad = int(values.numel() - torch.isfinite(values).sum())
+        if bad:
+            raise CheckpointError(f"{checkpoint_dir}: weight {name!r} has {bad} non-finite value(s) (NaN or inf); "
+                                  f"fix or re-export the checkpoint")
+
+
 def build_engine(checkpoint_dir: Path, out_dir: Path, settings: BuildSettings = BuildSettings(), force: bool = False,
                  on_start: Callable[[list], None] | None = None, on_program: Callable | None = None) -> dict:
     """-> the manifest. on_start(shapes) once the shapes are known, on_program(shape) after each."""
-    from trimode.builder.engine_dir import CHECKPOINT_DIR, SELF_TEST_PROMPTS, SELF_TEST_TOKENS, self_test
+    from trimode.builder.engine_dir import CHECKPOINT_DIR, SELF_TEST_PROMPTS, SELF_TEST_TOKENS, check_pool, self_test
     from trimode.builder.manifest import FORMAT, STAGE, device_info, file_digests, library_versions, seal
     from trimode.builder.program import pass_shapes
     from trimode.checkpoint import load_checkpoint, read_quant_config
@@ -58,6 +71,8 @@ def build_engine(checkpoint_dir: Path, out_dir: Path, settings: BuildSettings = 
     if settings.max_seq_len > ck.spec.max_position_embeddings:
         raise InputError(f"--max-seq-len {settings.max_seq_len}: above the model's max_position_embeddings "
                          f"({ck.spec.max_position_embeddings})")
+    check_finite(checkpoint_dir, ck.model)
+    check_pool(ck.model, settings.max_batch_size, settings.max_seq_len)
     shapes = pass_shapes(settings.block_lengths)
     if on_start:
         on_start(shapes)

@@ -23,6 +23,7 @@ from trimode.builder.manifest import check_manifest, read_manifest
 from trimode.checkpoint import Checkpoint, load_checkpoint
 from trimode.decoding import Engine, EngineConfig, GenerationSettings, Mode
 from trimode.errors import EngineError
+from trimode.kv_cache import check_pool_fits
 
 CHECKPOINT_DIR = "checkpoint"
 SELF_TEST_PROMPTS = ("def main():\n    ", "import os\nimport sys\n")
@@ -61,6 +62,13 @@ class BuiltEngine:
         return Engine(self.checkpoint.model, self.config, backend=self.backend, block_lengths=self.block_lengths)
 
 
+def check_pool(model, max_batch_size: int, max_seq_len: int) -> None:
+    """Refuse, before a program is compiled or loaded, the engine's KV pool where this device cannot
+    hold it (in the dtype new_cache gives it: float8 codes for an FP8 KV cache)."""
+    dtype = model.new_cache(1, 1).k[0].dtype
+    check_pool_fits(model.spec, max_batch_size, max_seq_len, dtype, model.device)
+
+
 def self_test(model, tokenizer, backend, config: EngineConfig, block_length: int) -> dict[str, list[list[int]]]:
     """The first tokens each mode emits on fixed prompts at temperature 0. The first prompt runs alone
     for its first steps and the next joins it, so that both a one-row batch (which a backend may run
@@ -90,6 +98,7 @@ def load_engine(engine_dir: Path, device: str | torch.device | None = None) -> B
     check_manifest(engine_dir, manifest, device)
     module = backend_module(manifest["settings"]["backend"])
     ck = load_checkpoint(engine_dir / CHECKPOINT_DIR, device=device, dtype=getattr(module, "MODEL_DTYPE", None))
+    check_pool(ck.model, manifest["settings"]["max_batch_size"], manifest["settings"]["max_seq_len"])
     backend = module.load(engine_dir, ck.model, manifest["backend"])
     built = BuiltEngine(engine_dir, manifest, ck, backend)
     got = self_test(ck.model, ck.tokenizer, backend, built.config, built.block_lengths[0])

@@ -7,12 +7,15 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
 import torch
 
-from trimode.errors import EngineError
+from trimode.builder.settings import DEVICES, BuildSettings
+from trimode.errors import EngineError, InputError
+from trimode.passes import Mode
 from trimode.stage_output import MANIFEST, file_digest
 
 FORMAT = 2  # 2: one block program per block length, with a causal input (torch backend)
@@ -80,14 +83,15 @@ def read_manifest(engine_dir: Path) -> dict:
     if manifest.get("format") != FORMAT:
         raise EngineError(f"{engine_dir}: engine format {manifest.get('format')!r}, this trimode reads {FORMAT}; "
                           f"rebuild the engine")
+    if manifest.get("digest_sha256") != _json_digest({k: v for k, v in manifest.items() if k != "digest_sha256"}):
+        raise EngineError(f"{engine_dir}/{MANIFEST} was edited after the build; rebuild the engine")
+    check_fields(engine_dir, manifest)
     return manifest
 
 
 def check_manifest(engine_dir: Path, manifest: dict, device: torch.device) -> None:
-    """Refuse an engine dir edited after its build, with changed or missing files, built with other
-    library versions, or for another device."""
-    if manifest.get("digest_sha256") != _json_digest({k: v for k, v in manifest.items() if k != "digest_sha256"}):
-        raise EngineError(f"{engine_dir}/{MANIFEST} was edited after the build; rebuild the engine")
+    """Refuse an engine dir (its manifest as read_manifest returns it) with changed, missing or extra
+    files, built with other library versions, or for another device."""
     found = file_digests(engine_dir)
     for name, digest in manifest["files"].items():
         if name not in found:
@@ -103,8 +107,156 @@ def check_manifest(engine_dir: Path, manifest: dict, device: torch.device) -> No
         if built != running:
             raise EngineError(f"{engine_dir}: built with {name} {built}, running {name} {running}; rebuild the "
                               f"engine with this {name}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EngineError(f"{engine_dir}: device cuda, and no CUDA device is visible here; run it on a GPU "
+                          f"machine, or rebuild the engine with --device cpu")
     built, here = manifest["device"], device_info(device)
     if built != here:
         differs = next(k for k in ("type", "compute_capability", "isa", "name") if built.get(k) != here.get(k))
         raise EngineError(f"{engine_dir}: built for {built['type']} {differs} {built.get(differs)}, this device has "
                           f"{here.get(differs)}; rebuild the engine on this machine")
+
+
+def check_fields(engine_dir: Path, manifest: dict) -> None:
+    """Every field a reader of the engine dir uses (load_engine, the backends' load, repo, inspect) has
+    the type and the value a build writes: a manifest edited and re-sealed by hand is refused with one
+    line naming the field, never a KeyError further on. Every path in it must be a file of the build
+    (so its digest is checked) inside the engine dir, also through symlinks: no program is loaded
+    from elsewhere."""
+    from trimode.builder.program import pass_shapes
+
+    def field(*keys, ok: Callable[[object], bool], expected: str):
+        value = manifest
+        for key in keys:
+            value = value.get(key, _MISSING) if isinstance(value, dict) else _MISSING
+        if value is _MISSING or not ok(value):
+            got = "nothing" if value is _MISSING else _short(value)
+            raise EngineError(f"{engine_dir}/{MANIFEST}: {'.'.join(keys)}: expected {expected}, got {got}; "
+                              f"rebuild the engine")
+        return value
+
+    for key in ("tool", "digest_sha256"):
+        field(key, ok=_is_str, expected="a string")
+    field("build_seconds", ok=lambda v: type(v) in (int, float), expected="a number")
+    field("settings", ok=_is_dict, expected="an object")
+    backend = field("settings", "backend", ok=lambda v: _is_str(v) and v in LIBRARIES, expected=" | ".join(LIBRARIES))
+    field("settings", "device", ok=lambda v: v in DEVICES, expected=" | ".join(DEVICES))
+    for key in ("max_batch_size", "max_seq_len", "max_input_len"):
+        field("settings", key, ok=_is_count, expected="an integer >= 1")
+    lengths = field("settings", "block_lengths", ok=lambda v: _is_list(v, _is_count) and len(v) > 0,
+                    expected="a list of integers >= 1")
+    onnx_only = field("settings", "onnx_only", ok=lambda v: isinstance(v, bool), expected="true or false")
+    settings = manifest["settings"]
+    try:  # their relations, as `trimode build` checks them
+        BuildSettings(**{k: settings[k] for k in ("backend", "max_batch_size", "max_seq_len", "max_input_len",
+                                                  "device", "onnx_only")}, block_lengths=tuple(lengths))
+    except InputError as e:
+        raise EngineError(f"{engine_dir}/{MANIFEST}: settings: {e}; rebuild the engine") from None
+    field("versions", ok=lambda v: _is_dict(v, lambda x: x is None or _is_str(x)), expected="{library: version}")
+    field("device", ok=lambda v: _is_dict(v, _is_str), expected="{key: string}")
+    field("device", "type", ok=lambda v: v in DEVICES, expected=" | ".join(DEVICES))
+    field("model", "config", ok=_is_dict, expected="an object")
+    field("model", "dtype", ok=_is_str, expected="a string")
+    field("model", "has_draft_adapter", ok=lambda v: isinstance(v, bool), expected="true or false")
+    field("quantization", ok=lambda v: v is None or _is_dict(v), expected="an object or null")
+    for key in ("path", "digest_sha256"):
+        field("input", key, ok=_is_str, expected="a string")
+
+    files = field("files", ok=_is_dict, expected="{path: sha256}")
+    root = engine_dir.resolve()
+    for name in files:
+        field("files", name, ok=_is_sha256, expected="a sha256 hex digest")
+        if not _lies_under(engine_dir / name, root):
+            raise EngineError(f"{engine_dir}/{MANIFEST}: files: {name!r} leads outside the engine dir; "
+                              f"rebuild the engine")
+    shapes = [{"kind": s.kind.value, "length": s.length, "name": s.name} for s in pass_shapes(tuple(lengths))]
+    names = [s["name"] for s in shapes]
+    field("programs", ok=lambda v: v == shapes, expected=f"the passes of block lengths {lengths} "
+                                                         f"({', '.join(names)})")
+
+    field("backend", ok=_is_dict, expected="an object")
+    own = field("backend", "files", ok=lambda v: _is_list(v, lambda f: _is_str(f) and f in files),
+                expected="a list of files of the build (files)")
+    for key in ("max_seq_len", "max_input_len", *(("max_batch_size",) if backend != "torch" else ())):
+        field("backend", key, ok=lambda v: v == settings[key], expected=f"settings.{key} ({settings[key]})")
+
+    def program_files(key: str, every: bool) -> None:
+        """backend[key]: {program: file} for every program (every) or some, each a file the backend wrote."""
+        field("backend", key, ok=lambda v: _is_dict(v) and (set(v) == set(names) if every else set(v) <= set(names)),
+              expected=f"{{program: file}} for {'every one' if every else 'some'} of {', '.join(names)}")
+        for name in manifest["backend"][key]:
+            field("backend", key, name, ok=lambda v: v in own, expected="one of backend.files")
+
+    if backend == "torch":
+        program_files("programs", every=True)
+        field("backend", "draft", ok=lambda v: _is_list(v, lambda n: n in names), expected="a list of programs")
+        if "batch1_programs" in manifest["backend"]:  # absent: none (load reads it with a default)
+            program_files("batch1_programs", every=False)
+        if "batch1_skipped" in manifest["backend"]:  # the same
+            field("backend", "batch1_skipped", ok=lambda v: _is_dict(v, _is_str) and set(v) <= set(names),
+                  expected="{program: why it has no batch-1 copy}")
+        if "blocked_constants" in manifest["backend"]:  # the same
+            field("backend", "blocked_constants", ok=lambda v: _is_dict(v, lambda c: _is_dict(c, _is_blocked_source))
+                  and set(v) <= set(own), expected="{file of backend.files: {constant: [matrix, block width]}}")
+    elif backend == "onnx":
+        program_files("programs", every=True)
+    else:  # tensorrt: an --onnx-only build has no engines
+        program_files("engines", every=not onnx_only)
+        field("backend", "pool_dtype", ok=_is_str, expected="a string")
+
+    field("self_test", ok=_is_dict, expected="an object")
+    prompts = field("self_test", "prompts", ok=lambda v: _is_list(v, _is_str) and len(v) > 0,
+                    expected="a list of strings")
+    field("self_test", "max_new_tokens", ok=_is_count, expected="an integer >= 1")
+    field("self_test", "block_length", ok=lambda v: v in lengths, expected=f"one of settings.block_lengths {lengths}")
+    modes = [m.value for m in Mode]
+    field("self_test", "tokens", ok=lambda v: _is_dict(v) and sorted(v) == sorted(modes),
+          expected=f"the tokens of {', '.join(modes)}")
+    for mode in modes:
+        field("self_test", "tokens", mode, ok=lambda v: _is_list(v, lambda row: _is_list(row, _is_token))
+              and len(v) == len(prompts), expected=f"one list of token ids per prompt ({len(prompts)})")
+
+
+_MISSING = object()
+
+
+def _is_str(v) -> bool:
+    return isinstance(v, str)
+
+
+def _is_count(v) -> bool:
+    return type(v) is int and v >= 1  # not a bool
+
+
+def _is_token(v) -> bool:
+    return type(v) is int and v >= 0
+
+
+def _is_sha256(v) -> bool:
+    return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+
+
+def _is_dict(v, value_ok: Callable[[object], bool] = lambda x: True) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and value_ok(x) for k, x in v.items())
+
+
+def _is_list(v, item_ok: Callable[[object], bool]) -> bool:
+    return isinstance(v, list) and all(item_ok(x) for x in v)
+
+
+def _is_blocked_source(v) -> bool:
+    """[fqn of a fused GEMM matrix, block width] (torch_backend.blocked_sources)."""
+    return isinstance(v, list) and len(v) == 2 and _is_str(v[0]) and _is_count(v[1])
+
+
+def _lies_under(path: Path, root: Path) -> bool:
+    """Whether path, with every symlink and '..' resolved, is inside root (an absolute path replaces it)."""
+    try:
+        return path.resolve().is_relative_to(root) and path.resolve() != root
+    except (OSError, RuntimeError):  # a symlink loop
+        return False
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

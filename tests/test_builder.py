@@ -420,3 +420,42 @@ def test_a_killed_build_leaves_no_engine_dir(tiny_dir, tmp_path):
     proc.wait()
     assert not out.exists()
     assert all(name.startswith(".engine.") for name in os.listdir(tmp_path))
+
+def test_a_kv_pool_the_machine_cannot_hold_is_refused_before_anything(tiny_dir, tmp_path, refused, monkeypatch):
+    """build and load size the pool (layers x K,V x slots x positions x kv heads x head_dim x bytes) and
+    refuse it against the memory there is, before allocating it or writing anything."""
+    from trimode import kv_cache
+
+    monkeypatch.setattr(kv_cache, "available_memory", lambda device: (64 << 20, "a 64 MiB test limit"))
+    root = tmp_path / "root"
+    shutil.copytree(tiny_dir, root / "tiny")
+    result = refused(["build", root / "tiny", "--out", root / "out", "--max-batch-size", "4096", "--max-seq-len",
+                      "4096", "--max-input-len", "16", "--block-lengths", "4"], root, "KV pool")
+    # the tiny model: 2 layers x K,V x 4096 x 4096 x 2 kv heads x 16 x 4 bytes (fp32 on CPU) = 8 GiB
+    assert "--max-batch-size 4096 x --max-seq-len 4096" in result.error
+    assert "needs 8.0 GiB, and cpu has 64.0 MiB (a 64 MiB test limit)" in result.error
+
+
+def test_a_kv_pool_above_the_memory_there_is_is_refused_on_load_and_allocate(fp8_engine_dir, monkeypatch):
+    from trimode import kv_cache
+    from trimode.config import ModelSpec
+
+    spec = ModelSpec.from_file(fp8_engine_dir / "checkpoint" / "config.json")
+    with pytest.raises(InputError, match="KV pool"):  # the real limits: 2^20 slots x 2^20 positions fit no machine
+        kv_cache.KVCache.allocate(spec, 1 << 20, 1 << 20, torch.float32)
+    monkeypatch.setattr(kv_cache, "available_memory", lambda device: (1 << 10, "a 1 KiB test limit"))
+    with pytest.raises(InputError, match="a 1 KiB test limit"):
+        load_engine(fp8_engine_dir)
+
+
+def test_a_checkpoint_with_a_nan_weight_is_refused_naming_the_tensor(tiny_dir, tmp_path, refused):
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path / "root"
+    shutil.copytree(tiny_dir, root / "tiny")
+    path = root / "tiny" / "model.safetensors"
+    state = load_file(path)
+    state["encoder.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(state, path, metadata={"format": "pt"})
+    refused(["build", root / "tiny", "--out", root / "out", "--max-batch-size", "2", "--max-seq-len", "64",
+             "--max-input-len", "16", "--block-lengths", "4"], root, "encoder.layers.1.mlp.up_proj.weight")

@@ -10,6 +10,8 @@
 The model.py files import their code from the installed trimode package, so the server's python
 (PATH, notes/stack.md) must be the one trimode is installed in. The repository names the engine
 dir by absolute path and its manifest digest; the engine model refuses an engine dir rebuilt since.
+Before anything is written, the engine dir gets the checks every load runs but its self-test
+(builder/manifest.py), and Triton's max_batch_size may not exceed the engine's slots.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import json
 from pathlib import Path
 
 from trimode import __version__
-from trimode.errors import EngineError
+from trimode.errors import EngineError, InputError
 from trimode.passes import Mode, PassKind
 from trimode.stage_output import check_output, stage_output, write_manifest
 from trimode.triton_repo.settings import RepoSettings
@@ -38,7 +40,9 @@ def write_model_repo(engine_dir: Path, out_dir: Path, settings: RepoSettings = R
     """-> out_dir, holding one ensemble per mode of settings.modes over the engine dir."""
     from google.protobuf import text_format
 
-    from trimode.builder.manifest import read_manifest
+    import torch
+
+    from trimode.builder.manifest import check_manifest, read_manifest
     from trimode.triton_repo.configs import (Names, engine_config, ensemble_config, postprocessing_config,
                                              preprocessing_config)
     from trimode.triton_repo.wiring import check_wiring
@@ -47,15 +51,24 @@ def write_model_repo(engine_dir: Path, out_dir: Path, settings: RepoSettings = R
     check_output(out_dir, STAGE, [engine_dir], force)
     manifest = read_manifest(engine_dir)
     engine_settings = manifest["settings"]
-    if engine_settings.get("onnx_only"):
+    if engine_settings["onnx_only"]:
         raise EngineError(f"{engine_dir}: built with --onnx-only, it runs nothing; build a runnable engine")
+    # the checks every load runs (seal, fields, each file's digest, versions, device): a broken engine dir
+    # fails here, not when the server loads it. Not its self-test, which loads the model and runs every
+    # mode: the engine model runs it on every server start anyway (load_engine).
+    check_manifest(engine_dir, manifest, torch.device(engine_settings["device"]))
     programs = {PassKind(p["kind"]) for p in manifest["programs"]}
     for mode in settings.modes:
         missing = _NEEDS[mode] - programs
         if missing:
             raise EngineError(f"{engine_dir}: no {', '.join(sorted(k.value for k in missing))} program, so it "
                               f"cannot serve {mode.value}; rebuild it or leave {mode.value} out of --modes")
-    max_batch_size = settings.max_batch_size or engine_settings["max_batch_size"]
+    slots = engine_settings["max_batch_size"]
+    if settings.max_batch_size is not None and settings.max_batch_size > slots:  # the engine holds no more in flight
+        raise InputError(f"max_batch_size {settings.max_batch_size}: above the engine's {slots} slots (its KV pool, "
+                         f"settings.max_batch_size in {engine_dir}/manifest.json); give at most {slots}, or "
+                         f"rebuild the engine with more")
+    max_batch_size = settings.max_batch_size or slots
     max_queued = settings.max_queued_requests or 8 * engine_settings["max_batch_size"]
     names = Names(settings.prefix)
     configs = {names.engine: engine_config(names, settings, max_batch_size, str(engine_dir), manifest["digest_sha256"],
