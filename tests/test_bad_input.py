@@ -163,7 +163,8 @@ def test_eval_bad_option(refused, tiny_dir, tmp_path, args, message, code, as_js
     (["--calib-samples", 0], "'--calib-samples'", 2), (["--calib-seq-len", 1], "'--calib-seq-len'", 2),
     (["--kv-cache", "int8"], "'--kv-cache'", 2), (["--calib-data", "/nonexistent.txt"], "--calib-data", 1),
     (["--calib-data", "EMPTY"], "no text to calibrate on", 1),
-    (["--calib-data", "calib.txt", "--calib-seq-len", 100_000], "fewer than --calib-seq-len", 1),
+    (["--calib-data", "calib.txt", "--calib-seq-len", 4000], "fewer than --calib-seq-len", 1),
+    (["--calib-data", "calib.txt", "--calib-seq-len", 100_000], "max_position_embeddings 4096", 1),
 ])
 def test_quantize_bad_option(refused, tiny_dir, tmp_path, args, message, code):
     ck = _copy(tiny_dir, tmp_path)
@@ -313,5 +314,6 @@ def test_generate_url_with_no_server(refused, tmp_path, protocol):
     from trimode.triton_repo.server import Ports
 
     for _ in range(5):
-        refused(["generate", "--url", f"127.0.0.1:{Ports.free().grpc}", "--protocol", protocol, "x"], tmp_path,
-                "ar: " if protocol == "grpc" else "ar: cannot reach 127.0.0.1:")
+        port = Ports.free().grpc
+        refused(["generate", "--url", f"127.0.0.1:{port}", "--protocol", protocol, "x"], tmp_path,
+                f"--url 127.0.0.1:{port}: no Triton server answers there over {protocol} (")

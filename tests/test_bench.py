@@ -242,10 +242,21 @@ def test_against_a_server(server, runner, prompts_file, protocol):
 
 # ---- bad input: one Error line, nothing written --------------------------------------------------------------
 
-def test_refuses_a_url_with_no_server(refused, prompts_file, tmp_path):
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_refuses_a_url_with_no_server(refused, prompts_file, tmp_path, protocol):
     port = Ports.free().grpc
-    refused(["bench", "--url", f"127.0.0.1:{port}", "--prompts", prompts_file, "--out", tmp_path / "out"], tmp_path,
-            f"--url 127.0.0.1:{port}: no Triton server answers there over grpc")
+    result = refused(["bench", "--url", f"127.0.0.1:{port}", "--protocol", protocol, "--prompts", prompts_file,
+                      "--out", tmp_path / "out"], tmp_path, "nothing listens there")
+    assert result.error.startswith(f"Error: --url 127.0.0.1:{port}: no Triton server answers there over {protocol} (")
+
+
+@pytest.mark.parametrize("protocol, hint", [("http", "is that the gRPC port? pass --protocol grpc"),
+                                            ("grpc", "is that the HTTP port? pass --protocol http")])
+def test_refuses_the_other_protocols_port(server, refused, prompts_file, tmp_path, protocol, hint):
+    port = server.ports.grpc if protocol == "http" else server.ports.http
+    result = refused(["bench", "--url", f"127.0.0.1:{port}", "--protocol", protocol, "--prompts", prompts_file,
+                      "--out", tmp_path / "out"], tmp_path, hint)
+    assert result.error.startswith(f"Error: --url 127.0.0.1:{port}: no Triton server answers there over {protocol} (")
 
 
 @pytest.mark.parametrize("args, message, code", [

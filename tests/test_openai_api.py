@@ -262,13 +262,14 @@ def test_client_gone_mid_stream_frees_its_slot(served, plain):
     assert_keeps_serving(plain)
 
 
-def test_serve_refuses_a_taken_openai_port(refused, served):
+def test_serve_refuses_a_taken_openai_port(refused, served, monkeypatch):
     """The port is checked before tritonserver starts (which would take seconds): one error line."""
     taken, ports = served["plain"].port, Ports.free()
-    started = time.monotonic()
+    starts = []
+    monkeypatch.setattr(TritonServer, "start", lambda self: starts.append(self) or self)
     refused(["serve", served["repo"], "--http-port", ports.http, "--grpc-port", ports.grpc, "--metrics-port",
              ports.metrics, "--openai-port", taken], served["repo"], f"--openai-port {taken}: cannot listen")
-    assert time.monotonic() - started < 5
+    assert starts == []  # refused before, not after a server start (no timing: CI boxes are loaded)
 
 
 @pytest.mark.parametrize("options, message", [

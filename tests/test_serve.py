@@ -171,6 +171,17 @@ def test_cli_generate_url(server, runner, local):
     assert result.exit_code == 0 and result.stdout.startswith(PROMPTS[0] + local(PROMPTS[0], "ar", 8))
 
 
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("protocol, hint", [("http", "is that the gRPC port? pass --protocol grpc"),
+                                            ("grpc", "is that the HTTP port? pass --protocol http")])
+def test_cli_generate_url_of_the_other_protocol(server, refused, tmp_path, protocol, hint, stream):
+    """HTTP to the gRPC port, or gRPC to the HTTP port: one error line that says so (nothing on stdout)."""
+    other = url(server, "grpc" if protocol == "http" else "http")
+    result = refused(["generate", "--url", other, "--protocol", protocol, *(["--stream"] * stream), PROMPTS[0]],
+                     tmp_path, hint)
+    assert result.error.startswith(f"Error: --url {other}: no Triton server answers there over {protocol} (")
+
+
 def test_metrics_match_the_responses_statistics(server):
     """Per mode: requests, tokens, forward passes and (self-spec) accepted tokens per cycle, as scraped."""
     key = lambda family, mode: f'{family}{{mode="{mode}",model="engine"}}'  # noqa: E731

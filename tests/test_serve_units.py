@@ -1,8 +1,13 @@
 """The engine model's parts without a server: the loop (in-flight joins, streaming, cancel, bounded
-queue, a failing sink), request parsing, and the stateless streamed detokenization."""
+queue, a failing sink), request parsing, and the stateless streamed detokenization; and without
+tritonserver, what `generate --url` says of a port that speaks another protocol or none, and what
+`serve` says of a bad --host."""
 
 from __future__ import annotations
 
+import contextlib
+import http.server
+import socket
 import threading
 
 import numpy as np
@@ -14,6 +19,7 @@ from trimode.decoding.settings import EngineConfig
 from trimode.errors import InputError
 from trimode.triton_repo.loop import EngineLoop, Job, Overloaded
 from trimode.triton_repo.request import Request, parse_request
+from trimode.triton_repo.server import Ports
 from trimode.triton_repo.text import new_text, window
 
 
@@ -188,3 +194,64 @@ def test_streamed_text_concatenates_to_the_whole(tiny):
         pieces.append(new_text(decode, sent, prefix, end == len(ids)))
         start = end
     assert "".join(pieces) == decode(ids)
+
+
+# ---- the wrong port, or none: one error line that says which protocol did not answer ----------------------
+
+@pytest.fixture
+def http2_port():
+    """A port that answers as gRPC's HTTP/2 does (a SETTINGS frame, then it closes), as Triton's gRPC port
+    answers an HTTP/1.1 request."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # closed: the test is over
+                return
+            with conn:
+                conn.settimeout(0.2)
+                with contextlib.suppress(OSError):  # read the whole request: unread bytes would reset the connection
+                    while conn.recv(65536):
+                        pass
+                conn.sendall(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+
+    threading.Thread(target=answer, daemon=True).start()
+    yield listener.getsockname()[1]
+    listener.close()
+
+
+@pytest.fixture
+def http1_port():
+    """A plain HTTP/1.1 server, which refuses gRPC's HTTP/2 preface."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("protocol, port, hint", [
+    ("http", "http2_port", "is that the gRPC port? pass --protocol grpc"),
+    ("grpc", "http1_port", "is that the HTTP port? pass --protocol http"),
+    ("http", "free_port", "nothing listens there"),
+    ("grpc", "free_port", "nothing listens there"),
+])
+def test_generate_url_of_the_wrong_protocol_or_no_server(refused, request, tmp_path, protocol, port, hint, stream):
+    port = Ports.free().http if port == "free_port" else request.getfixturevalue(port)
+    result = refused(["generate", "--url", f"127.0.0.1:{port}", "--protocol", protocol, *(["--stream"] * stream),
+                      "hi"], tmp_path, hint)
+    assert result.error.startswith(f"Error: --url 127.0.0.1:{port}: no Triton server answers there over {protocol} (")
+
+
+@pytest.mark.parametrize("host, message", [
+    ("999.1.1.1", "--host 999.1.1.1: not a valid IP address or a host name this machine knows"),
+    ("no-such-host.invalid", "--host no-such-host.invalid: not a valid IP address"),
+    ("192.0.2.1", "--host 192.0.2.1: not an address of this machine"),  # TEST-NET-1: never local
+    ("", "--host : not a valid IP address"),
+])
+def test_serve_refuses_a_bad_host(refused, tmp_path, host, message):
+    """Checked first, before the repository and before tritonserver (whose error would blame a port)."""
+    refused(["serve", tmp_path / "repo", "--host", host], tmp_path, message)

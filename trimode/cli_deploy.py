@@ -57,14 +57,15 @@ def deploy(checkpoint_dir: Path | None, out_dir: Path, fp8: bool, calib_samples:
     from trimode.deploy import FOLDERS, DeploySettings, Hooks
     from trimode.deploy import deploy as run_deploy
     from trimode.quantize import QuantizeSettings
-    from trimode.triton_repo.server import Ports
+    from trimode.triton_repo.server import Ports, check_host
     from trimode.triton_repo.settings import RepoSettings
 
     if once and not serve_after:
         raise click.UsageError("--once goes with --serve")
     ports = Ports(http_port, grpc_port, metrics_port)
     if serve_after:
-        check_ports(ports)  # before the stages, not after
+        check_host(host)  # before the stages, not after
+        check_ports(ports)
     settings = DeploySettings(
         fp8=fp8, quantize=QuantizeSettings(calib_samples=calib_samples, calib_seq_len=calib_seq_len),
         build=BuildSettings(backend=backend, max_batch_size=max_batch_size, max_seq_len=max_seq_len,

@@ -37,7 +37,7 @@ class ModeList(click.ParamType):
 @click.option("--prefix", default="", help="Prepended to every model name (nld_ -> nld_ar, nld_engine, ...).")
 @click.option("--modes", type=ModeList(), default=",".join(MODES), show_default=True, help="One ensemble per mode.")
 @click.option("--max-batch-size", type=click.IntRange(1, 1 << 20), default=None,
-              help="Triton's max_batch_size of every model [default: the engine's].")
+              help="Triton's max_batch_size of every model, at most the engine's [default: the engine's].")
 @click.option("--instances", type=click.IntRange(1, 256), default=1, show_default=True,
               help="Pre- and post-processing instances (the engine model is one: one KV pool).")
 @click.option("--max-queue-delay-us", type=click.IntRange(0, 1 << 30), default=0, show_default=True,
@@ -51,7 +51,8 @@ def repo(engine_dir: Path, out_dir: Path, prefix: str, modes: tuple[str, ...], m
     """Write a Triton model repository serving ENGINE_DIR (trimode build): one engine model that
     batches requests of every mode in flight, tokenizer pre- and post-processing, and one ensemble
     per mode (ar, diffusion, self_spec) with TensorRT-LLM's ensemble tensors. Serve it with
-    `trimode serve REPO`."""
+    `trimode serve REPO`. ENGINE_DIR is checked as loading it does (manifest, file digests, versions,
+    device; not the self-test, which the server runs when it loads it) before anything is written."""
     from trimode.triton_repo.settings import RepoSettings
     from trimode.triton_repo.writer import read_repo_manifest, write_model_repo
 
@@ -98,9 +99,10 @@ def serving(repo_dir: Path, host: str, ports, log_path: Path | None = None, open
     """A started tritonserver on repo_dir (its endpoints printed to stderr) and, with openai_port,
     the OpenAI front end in this process, both stopped on leaving; SIGTERM is raised as Interrupted
     meanwhile, so it stops them as Ctrl-C does. The server's log goes to log_path, else to this terminal."""
-    from trimode.triton_repo.server import TritonServer
+    from trimode.triton_repo.server import TritonServer, check_host
     from trimode.triton_repo.writer import read_repo_manifest
 
+    check_host(host)  # before anything binds it: the first to fail would blame its port
     manifest = read_repo_manifest(repo_dir)
     check_ports(ports, openai_port)
 
@@ -158,20 +160,22 @@ def generate_remote(url: str, protocol: str, stream: bool, prompts: tuple[str, .
     results = []
     for prompt in prompts:
         request = {"text_input": prompt, **inputs}
-        if stream and not as_json:
-            click.echo(prompt, nl=False)
-            chunks = client.stream_grpc(url, model, request) if protocol == "grpc" else \
-                client.stream_http(url, model, request)
-            text = ""
-            for last in chunks:
-                click.echo(last["text"], nl=False)
-                text += last["text"]
-            click.echo()
-            result = {**last, "text": text}
-        else:
-            result = client.infer(url, model, request, protocol)
-            if not as_json:
-                click.echo(prompt + result["text"])
+        try:
+            if stream and not as_json:
+                chunks = client.stream_grpc(url, model, request) if protocol == "grpc" else \
+                    client.stream_http(url, model, request)
+                texts = []
+                for last in chunks:
+                    click.echo(("" if texts else prompt) + last["text"], nl=False)  # the prompt once it answers
+                    texts.append(last["text"])
+                click.echo()
+                result = {**last, "text": "".join(texts)}
+            else:
+                result = client.infer(url, model, request, protocol)
+                if not as_json:
+                    click.echo(prompt + result["text"])
+        except client.NoAnswer as e:
+            raise client.NoAnswer(f"--url {e}") from None
         results.append({"prompt": prompt, **result})
         if not as_json:
             click.echo(f"{model}: {result['num_output_tokens']} tokens, {result['num_forward_passes']} passes, "

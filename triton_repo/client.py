@@ -3,6 +3,7 @@ whole text or streamed. What `trimode generate --url` and the serving tests call
 
 from __future__ import annotations
 
+import http.client
 import json
 import queue
 import urllib.error
@@ -23,6 +24,40 @@ _STATS = ("num_input_tokens", "num_output_tokens", "num_forward_passes", "mean_a
 
 class RemoteError(TrimodeError):
     """The server answered with an error (its message is the server's)."""
+
+
+class NoAnswer(RemoteError):
+    """No server of the protocol asked for answered at the address: nothing listens there, or a server
+    of the other protocol does (Triton's HTTP and gRPC ports are easy to swap)."""
+
+
+def no_answer(url: str, protocol: str, error: Exception) -> NoAnswer | None:
+    """NoAnswer if error (raised by a call to url over protocol) means that no server of that protocol
+    answered there; None if one did (error is its answer)."""
+    if protocol == "grpc":
+        reason = error.message() if hasattr(error, "message") else str(error)
+        if "failed to connect to all addresses" not in reason:  # gRPC's words when no connection worked
+            return None
+        is_refused = "Connection refused" in reason
+        # Triton's HTTP port closes on gRPC's HTTP/2 preface; other HTTP/1 servers refuse it
+        is_other = "Socket closed" in reason or "Failed parsing HTTP/2" in reason
+    else:
+        if isinstance(error, urllib.error.HTTPError) or not isinstance(error, (OSError, http.client.HTTPException)):
+            return None
+        cause = getattr(error, "reason", error)  # URLError wraps the socket's error
+        is_refused = isinstance(cause, ConnectionRefusedError)
+        # HTTP/2 frames where a status line should be (Triton's gRPC port), or a hang-up
+        is_other = isinstance(cause, (http.client.HTTPException, ConnectionResetError))
+        is_garbled = isinstance(cause, http.client.HTTPException) and not isinstance(cause, OSError)
+        reason = "its answer is not HTTP/1.1" if is_garbled else getattr(cause, "strerror", None) or str(cause)
+    if is_refused:
+        hint = "nothing listens there; start a server with `trimode serve REPO`"
+    elif is_other:
+        hint = "is that the HTTP port? pass --protocol http" if protocol == "grpc" else \
+            "is that the gRPC port? pass --protocol grpc"
+    else:
+        hint = "check the host and the port"
+    return NoAnswer(f"{url}: no Triton server answers there over {protocol} ({reason}): {hint}")
 
 
 def model_name(mode: Mode | str, prefix: str = "") -> str:
@@ -73,12 +108,13 @@ def stream_grpc(url: str, model: str, inputs: dict, timeout_s: float = 300.0) ->
                 queued = responses.get(timeout=5)[1]
             except queue.Empty:
                 queued = None
-            raise RemoteError(f"{model}: {(queued or e).message()}") from None
+            queued = queued or e
+            raise no_answer(url, "grpc", queued) or RemoteError(f"{model}: {queued.message()}") from None
         while True:
             result, error = responses.get(timeout=timeout_s)
             if error is not None:
                 is_finished = True  # an error response ends the request, or the stream broke
-                raise RemoteError(f"{model}: {error.message()}")
+                raise no_answer(url, "grpc", error) or RemoteError(f"{model}: {error.message()}")
             out = _result(result.as_numpy)
             yield out
             if out["finish_reason"]:
@@ -98,17 +134,21 @@ def infer(url: str, model: str, inputs: dict, protocol: str = "grpc") -> dict:
     """One whole response: gRPC's streaming RPC with stream false, or Triton's HTTP generate endpoint."""
     if protocol == "grpc":
         return list(stream_grpc(url, model, {**inputs, "stream": False}))[-1]
-    body = json.dumps(inputs).encode()
-    request = urllib.request.Request(f"http://{url}/v2/models/{model}/generate", data=body,
+    with _post(url, model, "generate", inputs, timeout_s=None) as response:
+        event = json.loads(response.read())
+    return {"text": event["text_output"], **{k: event[k] for k in _STATS}}
+
+
+def _post(url: str, model: str, endpoint: str, inputs: dict, timeout_s: float | None):
+    """The model's HTTP endpoint (generate, generate_stream), answered: its status line read."""
+    request = urllib.request.Request(f"http://{url}/v2/models/{model}/{endpoint}", data=json.dumps(inputs).encode(),
                                      headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request) as response:
-            event = json.loads(response.read())
+        return urllib.request.urlopen(request, timeout=timeout_s)
     except urllib.error.HTTPError as e:
         raise RemoteError(f"{model}: {_error_of(e)}") from None
-    except urllib.error.URLError as e:  # no server there
-        raise RemoteError(f"{model}: cannot reach {url} ({e.reason})") from None
-    return {"text": event["text_output"], **{k: event[k] for k in _STATS}}
+    except (OSError, http.client.HTTPException) as e:  # no HTTP server answered (urlopen leaves some unwrapped)
+        raise no_answer(url, "http", e) from None
 
 
 def _error_of(e: urllib.error.HTTPError) -> str:
@@ -120,18 +160,10 @@ def _error_of(e: urllib.error.HTTPError) -> str:
 
 def stream_http(url: str, model: str, inputs: dict, timeout_s: float = 300.0) -> Iterator[dict]:
     """Triton's HTTP generate_stream endpoint (server-sent events), one dict per event."""
-    body = json.dumps({**inputs, "stream": True}).encode()
-    request = urllib.request.Request(f"http://{url}/v2/models/{model}/generate_stream", data=body,
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            for line in response:
-                if line.startswith(b"data: "):
-                    event = json.loads(line[6:])
-                    if "error" in event:
-                        raise RemoteError(f"{model}: {event['error']}")
-                    yield {"text": event["text_output"], **{k: event[k] for k in _STATS}}
-    except urllib.error.HTTPError as e:
-        raise RemoteError(f"{model}: {_error_of(e)}") from None
-    except urllib.error.URLError as e:
-        raise RemoteError(f"{model}: cannot reach {url} ({e.reason})") from None
+    with _post(url, model, "generate_stream", {**inputs, "stream": True}, timeout_s) as response:
+        for line in response:
+            if line.startswith(b"data: "):
+                event = json.loads(line[6:])
+                if "error" in event:
+                    raise RemoteError(f"{model}: {event['error']}")
+                yield {"text": event["text_output"], **{k: event[k] for k in _STATS}}

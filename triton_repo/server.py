@@ -2,7 +2,8 @@
 the nvidia-pytriton wheel, set up as ../shared/notes/stack.md measured it works on a CPU machine:
 a backend folder of symlinks to the wheel's python backend and its stub for this Python, this
 interpreter's bin first on PATH (the stub finds trimode through `python3` on PATH) and its
-LIBDIR on LD_LIBRARY_PATH.
+LIBDIR on LD_LIBRARY_PATH. It serves a mirror of the repository in a scratch folder, which takes
+the stubs' __pycache__ folders.
 """
 
 from __future__ import annotations
@@ -44,6 +45,23 @@ class Ports:
         for s in socks:
             s.close()
         return cls(*ports)
+
+
+def check_host(host: str) -> None:
+    """--host must be an address of this machine (or a name of one): checked before anything binds it,
+    since tritonserver, or our port check, would blame the first port they bind."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as the ports are checked and served
+    try:
+        address = socket.getaddrinfo(host, 0, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)[0][4]
+    except (OSError, UnicodeError, ValueError) as e:  # unknown name; a label too long; a NUL
+        raise ServerError(f"--host {host}: not a valid IP address or a host name this machine knows "
+                          f"({getattr(e, 'strerror', None) or e})") from None
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(address)  # port 0: any free one
+        except OSError as e:
+            raise ServerError(f"--host {host}: not an address of this machine ({e.strerror}); use 127.0.0.1, "
+                              f"0.0.0.0 (every interface) or one of its own addresses") from None
 
 
 def find_tritonserver() -> tuple[Path, Path | None]:
@@ -96,13 +114,19 @@ class TritonServer:
         binary, wheel_root = find_tritonserver()
         env = dict(os.environ)
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-        args = [str(binary), f"--model-repository={self.repo_dir.resolve()}",
+        self._scratch = Path(tempfile.mkdtemp(prefix="trimode-triton-"))
+        # Triton serves a mirror of the repository (its folders, links to its files): the python backend
+        # stubs write each model.py's __pycache__ next to the path they import, and the repository must
+        # stay what `trimode repo` wrote. Their embedded interpreter is isolated: it ignores
+        # PYTHONDONTWRITEBYTECODE and PYTHONPYCACHEPREFIX.
+        mirror = self._scratch / "repo"
+        shutil.copytree(self.repo_dir.resolve(), mirror, copy_function=os.symlink)
+        args = [str(binary), f"--model-repository={mirror}",
                 f"--http-address={self.host}", f"--http-port={self.ports.http}",
                 f"--grpc-address={self.host}", f"--grpc-port={self.ports.grpc}",
                 f"--metrics-address={self.host}", f"--metrics-port={self.ports.metrics}",
                 "--allow-metrics=true", "--allow-gpu-metrics=false", "--exit-on-error=true"]
         if wheel_root is not None:
-            self._scratch = Path(tempfile.mkdtemp(prefix="trimode-triton-"))
             args.append(f"--backend-directory={_wheel_backends(wheel_root, self._scratch / 'backends')}")
             libdir = sysconfig.get_config_var("LIBDIR")
             env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH")) if p)

@@ -12,6 +12,7 @@ Update each time output tokens arrive, the last one with is_final; the runner ti
 
 from __future__ import annotations
 
+import http.client
 import json
 import queue
 import urllib.error
@@ -147,10 +148,14 @@ class TritonTarget:
 
     def check(self, modes: list[Mode]) -> None:
         """Fail fast: a server that answers, every mode's ensemble ready; read the engine model's slots."""
-        from trimode.triton_repo.client import model_name
+        from trimode.triton_repo.client import NoAnswer, model_name
 
         where = f"--url {self.url}"
-        if not self._ask("ready", None):
+        try:
+            is_ready = self._ask("ready", None)
+        except NoAnswer as e:
+            raise BenchError(f"--url {e}") from None
+        if not is_ready:
             raise BenchError(f"{where}: no Triton server answers there over {self.protocol}; start one with "
                              f"`trimode serve REPO` (or check --protocol and the port)")
         for mode in modes:
@@ -160,7 +165,10 @@ class TritonTarget:
         self.slots = self._ask("max_batch_size", f"{self.prefix}engine")
 
     def _ask(self, what: str, model: str | None):
-        """what "ready": is the server (model None) or that model ready -> bool; "max_batch_size" -> int | None."""
+        """what "ready": is the server (model None) or that model ready -> bool; "max_batch_size" -> int | None.
+        Raises NoAnswer when no server of the protocol answers at the URL."""
+        from trimode.triton_repo.client import no_answer
+
         if self.protocol == "grpc":
             try:
                 import tritonclient.grpc as grpcclient
@@ -173,14 +181,18 @@ class TritonTarget:
                         return c.is_model_ready(model, client_timeout=self.timeout_s) if model else \
                             c.is_server_ready(client_timeout=self.timeout_s)
                     return int(c.get_model_config(model, client_timeout=self.timeout_s).config.max_batch_size)
-            except (InferenceServerException, ValueError):
+            except (InferenceServerException, ValueError) as e:
+                if (failure := no_answer(self.url, "grpc", e)) is not None:
+                    raise failure from None
                 return None if what != "ready" else False
         path = "/v2/health/ready" if model is None else \
             f"/v2/models/{model}" + ("/ready" if what == "ready" else "/config")
         try:
             with urllib.request.urlopen(f"http://{self.url}{path}", timeout=self.timeout_s) as response:
                 return response.status == 200 if what == "ready" else int(json.loads(response.read())["max_batch_size"])
-        except (urllib.error.URLError, OSError, ValueError, KeyError):
+        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError, KeyError) as e:
+            if (failure := no_answer(self.url, "http", e)) is not None:
+                raise failure from None
             return None if what != "ready" else False
 
     def stream(self, ask: Ask) -> Iterator[Update]:
