@@ -25,6 +25,8 @@ reads weights blocked [N/bn, K, bn], which Inductor makes at compile time; with 
 out of the package they are left out too: the build records each one as (fused matrix, block
 width), checked equal, and loading remakes them (`blocked`), for the draft pass from the draft
 GEMMs' matrices. Inductor's template on a dynamic batch was 1.4x slower at batch 8: not used.
+Where autotuning keeps MKL for every GEMM of the copy (it does on some CPUs), the copy is dropped and
+the manifest says why ("batch1_skipped"): a one-row pass then runs the dynamic-batch program.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ SPAN_ALIGN = 64  # spans are rounded up to a multiple of this: fewer distinct sh
 BATCH1_SUFFIX = "_b1"
 # the batch-1 block programs: Inductor's CPP GEMM template where it beats MKL at M = L rows
 BATCH1_CONFIGS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+# why a block program has no batch-1 copy (the manifest's "batch1_skipped"): which GEMM autotuning
+# picks depends on the CPU (an Intel AMX box kept MKL for every GEMM of the embedded checkpoint)
+NO_TEMPLATE_GEMM = "autotuning kept the ATen GEMM for every matmul: the copy would be the dynamic program"
 
 
 def require(settings: BuildSettings) -> None:
@@ -160,14 +165,15 @@ def build(model: NLDModel, shapes: list[PassShape], out_dir: Path, settings: Bui
           on_program: Callable[[PassShape], None]) -> dict:
     """Export and compile every shape into out_dir/programs/<name>.pt2. -> manifest entries: the
     package of each program ("programs"), the programs that read the draft twins ("draft"), the
-    batch-1 packages of the block programs ("batch1_programs") and their blocked constants."""
+    batch-1 packages of the block programs ("batch1_programs"), the block programs that got none and
+    why ("batch1_skipped"), and the batch-1 packages' blocked constants."""
     import torch._inductor as inductor
 
     pool = model.new_cache(settings.max_batch_size, settings.max_seq_len)
     gemms = ProgramGemms(model)
     reuse_for_draft = draft_reuses_denoise(gemms)
     (out_dir / PROGRAM_DIR).mkdir()
-    files, seconds, programs, batch1, blocked_constants = [], {}, {}, {}, {}
+    files, seconds, programs, batch1, batch1_skipped, blocked_constants = [], {}, {}, {}, {}, {}
 
     def compile_program(program: PassProgram, args: tuple, spec: tuple, name: str, configs: dict) -> str:
         with torch.no_grad(), quiet_export(), recorded_constants() as made:
@@ -199,12 +205,18 @@ def build(model: NLDModel, shapes: list[PassShape], out_dir: Path, settings: Bui
         programs[shape.name] = compile_program(program, args, spec, shape.name, {})
         if shape.kind == PassKind.DENOISE and has_batch1_program(model):
             one = tuple(a[:1] for a in args[:3]) + (args[3], args[4][:1]) + args[5:]
-            batch1[shape.name] = compile_program(program, one, (None, None, None, spec[3], None, None, spec[6]),
-                                                 shape.name + BATCH1_SUFFIX, BATCH1_CONFIGS)
+            file = compile_program(program, one, (None, None, None, spec[3], None, None, spec[6]),
+                                   shape.name + BATCH1_SUFFIX, BATCH1_CONFIGS)
+            if file in blocked_constants:
+                batch1[shape.name] = file
+            else:  # autotuning kept the ATen GEMM everywhere: the dynamic program at batch 1, a file for nothing
+                (out_dir / file).unlink()
+                files.remove(file)
+                batch1_skipped[shape.name] = NO_TEMPLATE_GEMM
         seconds[shape.name] = round(time.perf_counter() - began, 1)
         on_program(shape)
     return {"files": files, "programs": programs, "draft": [s.name for s in shapes if s.kind.use_draft],
-            "batch1_programs": batch1, "blocked_constants": blocked_constants,
+            "batch1_programs": batch1, "batch1_skipped": batch1_skipped, "blocked_constants": blocked_constants,
             "max_seq_len": settings.max_seq_len, "max_input_len": settings.max_input_len, "compile_s": seconds}
 
 

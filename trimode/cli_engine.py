@@ -116,6 +116,8 @@ def format_manifest(m: dict) -> str:
         programs += f" ({len(files)} compiled)"
     if backend.get("batch1_programs"):  # torch on a CPU fp32 model
         programs += f"; batch-1 copies of {', '.join(sorted(set(backend['batch1_programs'].values())))}"
+    for name, why in (backend.get("batch1_skipped") or {}).items():  # where autotuning kept MKL everywhere
+        programs += f"; no batch-1 copy of {name} ({why})"
     quant = (m.get("quantization") or {}).get("quantization", {}).get("quant_algo") if m.get("quantization") else None
     lines = [
         f"engine     {m['tool']}, format {m['format']}, built in {m['build_seconds']} s",
