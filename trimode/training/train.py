@@ -20,7 +20,7 @@ import torch
 
 from trimode.chat import DEFAULT_CHAT_TEMPLATE
 from trimode.checkpoint import load_checkpoint
-from trimode.cli import SEED, FiniteFloat
+from trimode.cli.common import SEED, FiniteFloat
 from trimode.config import ModelSpec, RopeSpec
 from trimode import __version__
 from trimode.errors import TrimodeError

@@ -1,18 +1,15 @@
-"""`trimode bench`: which mode to deploy at which load. Registered on cli.main at the end of this
-module (cli.py imports it last)."""
+"""`trimode bench`: which mode to deploy at which load."""
 
 from __future__ import annotations
 
 import re
 import sys
-from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import click
 
-from trimode.cli import FiniteFloat, _checkpoint_dir, _echo_json, main
-from trimode.cli_engine import IntList
-from trimode.cli_serve import MODES, ModeList
+from trimode.cli.common import MODES, FiniteFloat, IntList, ModeList, echo_json, resolve_checkpoint_dir
 
 
 def _host_port(ctx, param, value: str | None) -> str | None:
@@ -86,6 +83,7 @@ def bench(engine_dir: Path | None, url: str | None, protocol: str, openai_url: s
     from trimode.bench.prompts import held_out_prompts, read_prompts
     from trimode.bench.report import STAGE, format_table, write_bench_dir
     from trimode.bench.runner import DEFAULT_CONCURRENCY
+    from trimode.bench.targets import Target
     from trimode.stage_output import check_output
 
     given = [name for name, v in (("--engine", engine_dir), ("--url", url), ("--openai", openai_url)) if v]
@@ -96,13 +94,13 @@ def bench(engine_dir: Path | None, url: str | None, protocol: str, openai_url: s
         raise click.UsageError("--threads sets this process's torch threads: it needs --engine")
     if prefix and engine_dir is not None:
         raise click.UsageError("--prefix names a server's models: it needs --url or --openai")
-    settings = dict(modes=modes, num_requests=num_requests, duration_s=duration_s, max_tokens=max_tokens,
+    options: dict[str, Any] = dict(modes=modes, num_requests=num_requests, duration_s=duration_s, max_tokens=max_tokens,
                     block_lengths=block_lengths or (), ignore_eos=not stop_at_eos, num_warmup=num_warmup,
                     num_rounds=num_rounds)
-    BenchSettings(concurrency=concurrency or (1,), **settings)  # bad settings fail before any loading
+    BenchSettings(concurrency=concurrency or (1,), **options)  # bad settings fail before any loading
     if out_dir is not None:
         check_output(out_dir, STAGE, force=force)
-    prompts = read_prompts(prompts_path) if prompts_path else held_out_prompts(_checkpoint_dir(None))
+    prompts = read_prompts(prompts_path) if prompts_path else held_out_prompts(resolve_checkpoint_dir(None))
 
     if engine_dir is not None:
         from trimode.builder.manifest import read_manifest
@@ -119,9 +117,12 @@ def bench(engine_dir: Path | None, url: str | None, protocol: str, openai_url: s
             import torch
 
             torch.set_num_threads(threads)
-        target = EngineTarget(engine_dir)
+        target: Target = EngineTarget(engine_dir)
+    elif url:
+        target = TritonTarget(url, protocol, prefix)
     else:
-        target = TritonTarget(url, protocol, prefix) if url else OpenAITarget(openai_url, prefix)
+        assert openai_url is not None  # one of the three, checked above
+        target = OpenAITarget(openai_url, prefix)
     bars = []
 
     def on_start(num_cells: int) -> None:
@@ -132,7 +133,7 @@ def bench(engine_dir: Path | None, url: str | None, protocol: str, openai_url: s
         bars[0].update()
 
     try:
-        settings = BenchSettings(concurrency=concurrency or DEFAULT_CONCURRENCY, **settings)
+        settings = BenchSettings(concurrency=concurrency or DEFAULT_CONCURRENCY, **options)
         report = run_bench(target, prompts, settings, on_start, on_cell)
     finally:
         for bar in bars:
@@ -144,11 +145,8 @@ def bench(engine_dir: Path | None, url: str | None, protocol: str, openai_url: s
     if out_dir is not None:
         write_bench_dir(report, out_dir, force)
     if as_json:
-        _echo_json(report)
+        echo_json(report)
         return
     click.echo(format_table(report))
     if out_dir is not None:
         click.echo(f"wrote {out_dir}/bench.json and bench.png", err=True)
-
-
-main.add_command(bench)

@@ -1,5 +1,5 @@
 """`trimode deploy`: quantize -> build -> repo in one command (trimode/deploy.py), then optionally
-serve and ask each mode once. Registered on cli.main at the end of this module."""
+serve and ask each mode once."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import click
 
-from trimode.cli import CalibrationBar, _checkpoint_dir, _echo_json, main
-from trimode.cli_engine import ProgramBar, engine_options
-from trimode.cli_serve import MODES, ModeList, check_ports, serving, wait_until_stopped
+from trimode.cli.common import MODES, CalibrationBar, ModeList, echo_json, resolve_checkpoint_dir
+from trimode.cli.engine import ProgramBar, engine_options
+from trimode.cli.serve import check_ports, serving, wait_until_stopped
 
 DEFAULT_PROMPT = "def __init__(self, name, value=None):"
 
@@ -56,6 +56,7 @@ def deploy(checkpoint_dir: Path | None, out_dir: Path, fp8: bool, calib_samples:
     from trimode.builder import BuildSettings
     from trimode.deploy import FOLDERS, DeploySettings, Hooks
     from trimode.deploy import deploy as run_deploy
+    from trimode.passes import Mode
     from trimode.quantize import QuantizeSettings
     from trimode.triton_repo.server import Ports, check_host
     from trimode.triton_repo.settings import RepoSettings
@@ -71,7 +72,7 @@ def deploy(checkpoint_dir: Path | None, out_dir: Path, fp8: bool, calib_samples:
         build=BuildSettings(backend=backend, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                             max_input_len=max_input_len, block_lengths=block_lengths or (),
                             device=device.split(":")[0]),
-        repo=RepoSettings(prefix=prefix, modes=modes))
+        repo=RepoSettings(prefix=prefix, modes=tuple(Mode(m) for m in modes)))
     calibration_bar, program_bar = CalibrationBar(calib_samples, as_json), ProgramBar(backend, as_json)
 
     def on_stage(stage: str, status: str) -> None:
@@ -82,7 +83,7 @@ def deploy(checkpoint_dir: Path | None, out_dir: Path, fp8: bool, calib_samples:
 
     hooks = Hooks(on_stage, calibration_bar.update, program_bar.start, program_bar.update)
     try:
-        manifest = run_deploy(_checkpoint_dir(checkpoint_dir), out_dir, settings, force, hooks)
+        manifest = run_deploy(resolve_checkpoint_dir(checkpoint_dir), out_dir, settings, force, hooks)
     finally:
         calibration_bar.close()
         program_bar.close()
@@ -93,13 +94,13 @@ def deploy(checkpoint_dir: Path | None, out_dir: Path, fp8: bool, calib_samples:
             click.echo(f"tritonserver's log: {log}", err=True)
             answers = [ask(server.endpoints["grpc"], mode, prefix, prompt, max_tokens, as_json) for mode in modes]
             if as_json:
-                _echo_json({**manifest, "answers": answers})
+                echo_json({**manifest, "answers": answers})
             if not once:
                 click.echo("serving until Ctrl-C", err=True)
                 wait_until_stopped(server)
         return
     if as_json:
-        _echo_json(manifest)
+        echo_json(manifest)
     else:
         click.echo(f"deployed {out_dir}: serve it with `trimode serve {out_dir / FOLDERS['repo']}`")
 
@@ -120,6 +121,3 @@ def ask(url: str, mode: str, prefix: str, prompt: str, max_tokens: int, quiet: b
                    f"passes ({answer['tokens_per_pass']} tokens/pass), {answer['tokens_per_s']} tokens/s")
         click.echo(prompt + result["text"])
     return answer
-
-
-main.add_command(deploy)

@@ -1,16 +1,15 @@
-"""`trimode build` and `trimode inspect`: engine dirs (the builder stage). Registered on cli.main
-at the end of this module (cli.py imports it last)."""
+"""`trimode build` and `trimode inspect`: engine dirs (the builder stage)."""
 
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
-from trimode.cli import DeviceType, IntList, _checkpoint_dir, _echo_json, main
-
+from trimode.cli.common import DeviceType, IntList, echo_json, resolve_checkpoint_dir
 
 ENGINE_OPTIONS = [  # build's and deploy's: what an engine is built for
     click.option("--backend", type=click.Choice(["torch", "onnx", "tensorrt"]), default="torch", show_default=True,
@@ -38,7 +37,8 @@ class ProgramBar:
     """A progress bar over the programs a build compiles (build_engine's on_start and on_program)."""
 
     def __init__(self, backend: str, quiet: bool):
-        self.backend, self.quiet, self.bar = backend, quiet, None
+        self.backend, self.quiet = backend, quiet
+        self.bar: Any = None  # a tqdm bar once the shapes are known
 
     def start(self, shapes) -> None:
         from tqdm import tqdm
@@ -80,11 +80,11 @@ def build(checkpoint_dir: Path | None, out_dir: Path, backend: str, max_batch_si
                              device=device.split(":")[0], onnx_only=onnx_only)
     bar = ProgramBar(backend, as_json)
     try:
-        manifest = build_engine(_checkpoint_dir(checkpoint_dir), out_dir, settings, force, bar.start, bar.update)
+        manifest = build_engine(resolve_checkpoint_dir(checkpoint_dir), out_dir, settings, force, bar.start, bar.update)
     finally:
         bar.close()
     if as_json:
-        _echo_json(manifest)
+        echo_json(manifest)
         return
     click.echo(f"wrote {out_dir}: {backend} engine, {len(manifest['programs'])} programs in "
                f"{manifest['build_seconds']} s; self-test equals the eager reference in every mode")
@@ -101,7 +101,7 @@ def inspect(engine_dir: Path, as_json: bool) -> None:
 
     manifest = read_manifest(engine_dir)
     if as_json:
-        _echo_json(manifest)
+        echo_json(manifest)
         return
     click.echo(format_manifest(manifest))
 
@@ -136,7 +136,3 @@ def format_manifest(m: dict) -> str:
         f"files      {len(m['files'])}, digest {m['digest_sha256'][:12]}...",
     ]
     return "\n".join(lines)
-
-
-main.add_command(build)
-main.add_command(inspect)

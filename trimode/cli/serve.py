@@ -1,5 +1,5 @@
-"""`trimode repo` and `trimode serve`: the Triton model repository stage and its server.
-Registered on cli.main at the end of this module (cli.py imports it last)."""
+"""`trimode repo` and `trimode serve`: the Triton model repository stage and its server; and the
+client side of `trimode generate --url`."""
 
 from __future__ import annotations
 
@@ -11,24 +11,8 @@ from pathlib import Path
 
 import click
 
-from trimode.cli import _echo_json, main
+from trimode.cli.common import MODES, ModeList, echo_json
 from trimode.errors import Interrupted
-
-MODES = ("ar", "diffusion", "self-spec")
-
-
-class ModeList(click.ParamType):
-    """Comma-separated modes, e.g. ar,self-spec."""
-    name = "MODE[,MODE...]"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, tuple):
-            return value
-        modes = tuple(m.strip() for m in str(value).split(","))
-        bad = [m for m in modes if m not in MODES]
-        if bad or len(set(modes)) != len(modes):
-            self.fail(f"{value!r}: expected distinct modes among {', '.join(MODES)}", param, ctx)
-        return modes
 
 
 @click.command()
@@ -53,15 +37,16 @@ def repo(engine_dir: Path, out_dir: Path, prefix: str, modes: tuple[str, ...], m
     per mode (ar, diffusion, self_spec) with TensorRT-LLM's ensemble tensors. Serve it with
     `trimode serve REPO`. ENGINE_DIR is checked as loading it does (manifest, file digests, versions,
     device; not the self-test, which the server runs when it loads it) before anything is written."""
+    from trimode.passes import Mode
     from trimode.triton_repo.settings import RepoSettings
     from trimode.triton_repo.writer import read_repo_manifest, write_model_repo
 
-    settings = RepoSettings(prefix=prefix, modes=modes, max_batch_size=max_batch_size, instances=instances,
+    settings = RepoSettings(prefix=prefix, modes=tuple(Mode(m) for m in modes), max_batch_size=max_batch_size, instances=instances,
                             max_queue_delay_us=max_queue_delay_us, max_queued_requests=max_queued_requests)
     path = write_model_repo(engine_dir, out_dir, settings, force)
     manifest = read_repo_manifest(path)
     if as_json:
-        _echo_json(manifest)
+        echo_json(manifest)
         return
     click.echo(f"wrote {path}: ensembles {', '.join(manifest['ensembles'].values())} over {manifest['engine']['path']}")
 
@@ -164,7 +149,7 @@ def generate_remote(url: str, protocol: str, stream: bool, prompts: tuple[str, .
             if stream and not as_json:
                 chunks = client.stream_grpc(url, model, request) if protocol == "grpc" else \
                     client.stream_http(url, model, request)
-                texts = []
+                texts: list[str] = []
                 for last in chunks:
                     click.echo(("" if texts else prompt) + last["text"], nl=False)  # the prompt once it answers
                     texts.append(last["text"])
@@ -181,8 +166,4 @@ def generate_remote(url: str, protocol: str, stream: bool, prompts: tuple[str, .
             click.echo(f"{model}: {result['num_output_tokens']} tokens, {result['num_forward_passes']} passes, "
                        f"finish={result['finish_reason']}", err=True)
     if as_json:
-        _echo_json({"mode": mode, "url": url, "protocol": protocol, "results": results})
-
-
-main.add_command(repo)
-main.add_command(serve)
+        echo_json({"mode": mode, "url": url, "protocol": protocol, "results": results})

@@ -1,0 +1,99 @@
+"""The trimode command group: the CLI's one exception boundary and its Ctrl-C handling. The
+commands are registered on it in trimode/cli/__init__.py."""
+
+from __future__ import annotations
+
+import re
+import signal
+import sys
+import threading
+
+import click
+
+from trimode.errors import InputError, Interrupted, TrimodeError
+
+
+class TrimodeGroup(click.Group):
+    """The one exception boundary: TrimodeError becomes a one-line error and exit 1; Ctrl-C (or
+    SIGTERM while a stage writes) exits 128 + the signal number (130 for Ctrl-C)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """click's own main, except that Ctrl-C anywhere in it (parsing, where a --device check imports
+        torch; the instant before or after the command) exits 130 like one inside the command, not
+        with click's "Aborted!" and exit 1."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        previous = _watch_ctrl_c()
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except (click.Abort, KeyboardInterrupt) as e:
+            signum = getattr(e.__cause__ if isinstance(e, click.Abort) else e, "signum", 2)
+            click.echo("Error: interrupted", err=True)
+            sys.exit(128 + signum)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        sys.exit(code if isinstance(code, int) else 0)  # click returns the exit code of a ctx.exit(n)
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as e:
+            _interrupted(e)
+        except Exception as e:
+            if _CTRL_C:  # the Ctrl-C reached a child (a compiler, a worker) first, whose failure surfaced first
+                _interrupted(Interrupted(_CTRL_C[0]))
+            if not isinstance(e, TrimodeError):
+                raise
+            message = str(e)
+            command = self.commands.get(ctx.invoked_subcommand or "")
+            if isinstance(e, InputError) and command is not None:
+                message = _as_typed(message, command)
+            raise click.ClickException(message) from None
+
+
+def _interrupted(e: KeyboardInterrupt):
+    click.echo("Error: interrupted", err=True)
+    raise click.exceptions.Exit(128 + getattr(e, "signum", 2)) from None
+
+
+# Ctrl-C signals the whole foreground process group: a child process (the C++ compiler of a build, a
+# compile worker) can die of it and its caller raise that failure before Python's KeyboardInterrupt
+# lands. So a Ctrl-C is recorded here, and any error after one is reported as the interrupt it is.
+_CTRL_C: list[int] = []
+
+
+def _watch_ctrl_c():
+    """Install the SIGINT handler that records the signal; -> the previous handler (None off the main thread)."""
+    def on_sigint(signum, frame):
+        _CTRL_C.append(signum)
+        raise Interrupted(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    _CTRL_C.clear()
+    return signal.signal(signal.SIGINT, on_sigint)
+
+
+def _as_typed(message: str, command: click.Command) -> str:
+    """Settings objects name their fields (max_new_tokens); say the option as typed (--max-new-tokens)."""
+    for param in command.params:
+        if isinstance(param, click.Option) and param.name and param.opts[0].startswith("--"):
+            if "_" in param.name:
+                message = re.sub(rf"(?<![\w.'-]){param.name}\b(?!')", param.opts[0], message)
+            elif message.startswith(f"{param.name}:"):
+                message = param.opts[0] + message[len(param.name):]
+    return message
+
+
+@click.group(cls=TrimodeGroup)
+@click.version_option(package_name="trimode")
+def main() -> None:
+    """Compile and deploy tri-mode diffusion language models (AR, block diffusion, self-speculation).
+
+    Bad input gives one "Error:" line on stderr and exit status 1 (2 for a bad option); Ctrl-C
+    exits 130. Commands that write a folder write all of it or nothing (see docs/guarantees.md).
+    """
