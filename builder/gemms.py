@@ -16,6 +16,9 @@ on a GPU with FP8 GEMMs (torch._scaled_mm), are left as their own modules, unfus
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -35,17 +38,21 @@ def _dense(linear: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.T
 class Gemm(nn.Module):
     """x -> (x @ W_0^T, x @ W_1^T, ...) for the linears that read x: one GEMM when they can fuse."""
 
+    weight: torch.Tensor  # buffers, when the linears fuse
+    input_scale: torch.Tensor | None
+
     def __init__(self, linears: list[nn.Module], dtype: torch.dtype):
         super().__init__()
-        dense = [_dense(linear, dtype) for linear in linears]
-        scales = [None if d is None else d[1] for d in dense]
-        is_fusable = all(d is not None for d in dense) and (
-            all(s is None for s in scales) or all(s is not None and torch.equal(s, scales[0]) for s in scales))
+        dense = [d for linear in linears if (d := _dense(linear, dtype)) is not None]
+        scales = [scale for _, scale in dense]
+        first = scales[0] if scales else None
+        is_fusable = len(dense) == len(linears) and (all(s is None for s in scales) or (
+            first is not None and all(s is not None and torch.equal(s, first) for s in scales)))
         self.sizes = [d[0].shape[0] for d in dense] if is_fusable else None
         self.linears = None if is_fusable else nn.ModuleList(linears)
         if is_fusable:
             self.register_buffer("weight", torch.cat([d[0] for d in dense]).t().contiguous())
-            self.register_buffer("input_scale", scales[0])
+            self.register_buffer("input_scale", first)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.linears is not None:
@@ -53,6 +60,7 @@ class Gemm(nn.Module):
         if self.input_scale is not None:
             x = fake_quant_e4m3(x, self.input_scale)
         y = torch.mm(x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
+        assert self.sizes is not None  # set whenever the linears fused (self.linears is None)
         return y.split(self.sizes, dim=-1) if len(self.sizes) > 1 else (y,)
 
 
@@ -83,8 +91,11 @@ class LayerGemms(nn.Module):
 class ProgramGemms(nn.Module):
     """Every GEMM of the model's forward, per layer and the head (see the module docstring)."""
 
+    layers: Sequence[LayerGemms]  # an nn.ModuleList, typed by what it holds
+
     def __init__(self, model: NLDModel):
         super().__init__()
         with torch.no_grad():
-            self.layers = nn.ModuleList(LayerGemms(layer, model.dtype) for layer in model.encoder.layers)
+            self.layers = cast(Sequence[LayerGemms],
+                               nn.ModuleList(LayerGemms(layer, model.dtype) for layer in model.encoder.layers))
             self.head = Gemm([model.diffusion_head], model.dtype)

@@ -8,6 +8,7 @@ import hashlib
 import json
 import platform
 from collections.abc import Callable
+from typing import Any, TypeGuard
 from importlib import metadata
 from pathlib import Path
 
@@ -169,8 +170,9 @@ def check_fields(engine_dir: Path, manifest: dict) -> None:
         if not _lies_under(engine_dir / name, root):
             raise EngineError(f"{engine_dir}/{MANIFEST}: files: {name!r} leads outside the engine dir; "
                               f"rebuild the engine")
-    shapes = [{"kind": s.kind.value, "length": s.length, "name": s.name} for s in pass_shapes(tuple(lengths))]
-    names = [s["name"] for s in shapes]
+    passes = pass_shapes(tuple(lengths))
+    shapes = [{"kind": s.kind.value, "length": s.length, "name": s.name} for s in passes]
+    names = [s.name for s in passes]
     field("programs", ok=lambda v: v == shapes, expected=f"the passes of block lengths {lengths} "
                                                          f"({', '.join(names)})")
 
@@ -236,11 +238,11 @@ def _is_sha256(v) -> bool:
     return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
 
 
-def _is_dict(v, value_ok: Callable[[object], bool] = lambda x: True) -> bool:
+def _is_dict(v: object, value_ok: Callable[[object], bool] = lambda x: True) -> TypeGuard[dict[str, Any]]:
     return isinstance(v, dict) and all(isinstance(k, str) and value_ok(x) for k, x in v.items())
 
 
-def _is_list(v, item_ok: Callable[[object], bool]) -> bool:
+def _is_list(v: object, item_ok: Callable[[object], bool]) -> TypeGuard[list[Any]]:
     return isinstance(v, list) and all(item_ok(x) for x in v)
 
 

@@ -83,7 +83,8 @@ def export_pass(model: NLDModel, shape: PassShape, settings: BuildSettings, path
     has_logit_index = shape.kind.last_logit_only
     cache = KVCache.allocate(spec, B, settings.max_seq_len, pool_dtype)
     b = min(2, B)
-    args = (torch.full((b, L), spec.bos_token_id), torch.arange(b), torch.zeros(b, dtype=torch.long),
+    token = spec.bos_token_id if spec.bos_token_id is not None else spec.mask_token_id  # any id traces
+    args = (torch.full((b, L), token), torch.arange(b), torch.zeros(b, dtype=torch.long),
             torch.full((b,), L - 1) if has_logit_index else None, list(cache.k), list(cache.v))
     length = torch.export.Dim("length", min=1, max=max(2, settings.max_input_len)) if shape.length is None else None
     dynamic = {"tokens": {0: batch, 1: length} if length else {0: batch}, "rows": {0: batch},

@@ -28,6 +28,7 @@ import contextlib
 import logging
 import warnings
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -93,7 +94,8 @@ class PassProgram(nn.Module):
         h = model.encoder.embed_tokens(tokens)
         for i, (layer, gemms) in enumerate(zip(model.encoder.layers, self.gemms.layers)):
             attn = layer.self_attn
-            q, k, v = attn.heads(*gemms.pick("qkv", use_draft)(layer.input_layernorm(h)), cos, sin, q_scale)
+            q, k, v = gemms.pick("qkv", use_draft)(layer.input_layernorm(h))
+            q, k, v = attn.heads(q, k, v, cos, sin, q_scale)
             out = pool_attention(q, k, v, pool[i], pool[num_layers + i], rows, lengths, key_index, is_causal,
                                  attn.k_scale, attn.v_scale)
             h = h + gemms.pick("o", use_draft)(out.flatten(2))[0]
@@ -125,7 +127,11 @@ def pass_shapes(block_lengths: tuple[int, ...]) -> list[PassShape]:
     return shapes
 
 
-def lookup(programs: dict, kind: PassKind, length: int, max_input_len: int) -> tuple[PassShape, object]:
+_Program = TypeVar("_Program")
+
+
+def lookup(programs: dict[str, _Program], kind: PassKind, length: int, max_input_len: int
+           ) -> tuple[PassShape, _Program]:
     """The program of `programs` (by shape name) that runs this pass, or one line saying what to rebuild."""
     shape = program_for(kind, length)
     if shape.name not in programs:

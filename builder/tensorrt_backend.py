@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -133,7 +133,8 @@ def build(model: NLDModel, shapes: list[PassShape], out_dir: Path, settings: Bui
     onnx = onnx_backend._import_onnx()
     out_dir = Path(out_dir)
     export_model = onnx_backend.graph_model(model.cpu() if model.device.type != "cpu" else model, TRT_DTYPE)
-    files, report = [], {"programs": {}, "dtype": "bfloat16", "pool_dtype": str(pool_dtype(model))}
+    files: list[str] = []
+    report: dict[str, Any] = {"programs": {}, "dtype": "bfloat16", "pool_dtype": str(pool_dtype(model))}
     for shape in shapes:
         path = out_dir / onnx_backend.ONNX_DIR / f"{shape.name}.onnx"
         start = time.perf_counter()
@@ -197,6 +198,7 @@ def _build_engines(trt, out_dir: Path, shapes: list[PassShape], settings: BuildS
         path.write_bytes(bytes(engine))
         files.append(path.relative_to(out_dir).as_posix())
         on_program(shape)
+    assert timing_cache is not None  # made by the first program; there is always one (pass_shapes)
     cache_path.write_bytes(bytes(timing_cache.serialize()))
     return files + [cache_path.relative_to(out_dir).as_posix()]
 

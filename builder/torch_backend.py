@@ -36,6 +36,7 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -47,6 +48,9 @@ from trimode.errors import EngineError
 from trimode.kv_cache import KVCache
 from trimode.model import NLDModel
 from trimode.passes import PassKind, Pattern
+
+if TYPE_CHECKING:  # what aoti_load_package returns
+    from torch.export.pt2_archive._package import AOTICompiledModel
 
 PROGRAM_DIR = "programs"
 SPAN_ALIGN = 64  # spans are rounded up to a multiple of this: fewer distinct shapes, same results
@@ -129,10 +133,11 @@ def blocked_sources(made: dict[str, torch.Tensor], gemms: ProgramGemms) -> dict[
     weights = {f"gemms.{name}": t for name, t in gemms.named_buffers() if name.endswith("weight")}
     sources = {}
     for name, t in made.items():
-        sources[name] = next(([fqn, t.shape[2]] for fqn, w in weights.items() if _is_blocked(t, w)), None)
-        if sources[name] is None:
+        source = next(([fqn, t.shape[2]] for fqn, w in weights.items() if _is_blocked(t, w)), None)
+        if source is None:
             raise EngineError(f"the compiled program holds a constant {name} {tuple(t.shape)} that is no blocked "
                               f"GEMM matrix: loading could not remake it")
+        sources[name] = source
     return sources
 
 
@@ -173,7 +178,12 @@ def build(model: NLDModel, shapes: list[PassShape], out_dir: Path, settings: Bui
     gemms = ProgramGemms(model)
     reuse_for_draft = draft_reuses_denoise(gemms)
     (out_dir / PROGRAM_DIR).mkdir()
-    files, seconds, programs, batch1, batch1_skipped, blocked_constants = [], {}, {}, {}, {}, {}
+    files: list[str] = []
+    seconds: dict[str, float] = {}
+    programs: dict[str, str] = {}  # shape name -> package file
+    batch1: dict[str, str] = {}
+    batch1_skipped: dict[str, str] = {}
+    blocked_constants: dict[str, dict[str, list]] = {}
 
     def compile_program(program: PassProgram, args: tuple, spec: tuple, name: str, configs: dict) -> str:
         with torch.no_grad(), quiet_export(), recorded_constants() as made:
@@ -223,8 +233,9 @@ def build(model: NLDModel, shapes: list[PassShape], out_dir: Path, settings: Bui
 class CompiledBackend:
     """The runner's backend (decoding/runner.py) over AOTInductor packages."""
 
-    def __init__(self, programs: dict[str, Callable], max_seq_len: int, max_input_len: int, device: torch.device,
-                 constants: dict[str, torch.Tensor], batch1_programs: dict[str, Callable]):
+    def __init__(self, programs: dict[str, AOTICompiledModel], max_seq_len: int, max_input_len: int,
+                 device: torch.device, constants: dict[str, torch.Tensor],
+                 batch1_programs: dict[str, AOTICompiledModel]):
         self.programs, self.max_seq_len, self.max_input_len, self.device = programs, max_seq_len, max_input_len, device
         self.batch1_programs = batch1_programs  # by shape name: the same pass for a batch of one row
         self.constants = constants  # the programs read these tensors in place (user-managed): keep them alive
@@ -255,7 +266,7 @@ def load(engine_dir: Path, model: NLDModel, manifest: dict) -> CompiledBackend:
         constants.update({f"{prefix}.{name}": t for name, t in module.named_buffers()})
     loaded = {}
 
-    def load_all(files: dict[str, str]) -> dict:
+    def load_all(files: dict[str, str]) -> dict[str, AOTICompiledModel]:
         programs = {}
         for name, file in files.items():
             # a draft program compiled on its own names the draft GEMMs already; without an adapter the
@@ -272,7 +283,7 @@ def load(engine_dir: Path, model: NLDModel, manifest: dict) -> CompiledBackend:
 
 
 def _load_package(engine_dir: Path, file: str, name: str, constants: dict[str, torch.Tensor], is_draft: bool,
-                  blocked_of: dict[str, list]):
+                  blocked_of: dict[str, list]) -> AOTICompiledModel:
     """blocked_of: {constant: [fqn, block width]} of the constants to remake with `blocked`; each made
     matrix is added to `constants` (under "blocked:fqn:width"), shared by the packages and kept alive."""
     import torch._inductor as inductor

@@ -251,7 +251,11 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
     if rows is None:
         rows = torch.arange(b, device=q.device)
     # without FP8 the scale pointers are never read (IS_FP8 is a constexpr): q stands in for them
-    k_scale, v_scale = (q, q) if not is_fp8 else (k_scale.float().reshape(()), v_scale.float().reshape(()))
+    if is_fp8:
+        assert k_scale is not None and v_scale is not None  # checked above
+        k_scale, v_scale = k_scale.float().reshape(()), v_scale.float().reshape(())
+    else:
+        k_scale, v_scale = q, q
     out = torch.empty_like(q)
     const = constants(q.dtype, D, H // Hkv, is_fp8, q.device, S)
     num_tiles = triton.cdiv(L * (H // Hkv), const["BLOCK_M"])

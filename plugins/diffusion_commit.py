@@ -94,7 +94,8 @@ def launch(logits: torch.Tensor, block: torch.Tensor, mask_token_id: int, thresh
         raise ValueError(f"num_commit: without a threshold, expected int64/int32 [{b}] on "
                          f"{block.device}; got {got}")
     block = block.contiguous()
-    num_commit = block if threshold is not None else num_commit.contiguous()   # read in top-k mode only
+    # read in top-k mode only (no threshold: num_commit was checked above)
+    num_commit = num_commit.contiguous() if threshold is None and num_commit is not None else block
     out = torch.empty_like(block)
     if b == 0:
         return out

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 DOMAIN = "trimode"
 VERSION = 1
 OP_TYPES = ("BlockAttention", "SpecAccept", "DiffusionCommit")
-TENSORRT_ATTRS = {"plugin_namespace": DOMAIN, "plugin_version": str(VERSION), "aot": 1}
+TENSORRT_ATTRS: dict[str, int | str] = {"plugin_namespace": DOMAIN, "plugin_version": str(VERSION), "aot": 1}
 
 
 def _node(op_type: str, inputs: list[torch.Tensor], attrs: dict, dtypes: list[torch.dtype],

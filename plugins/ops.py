@@ -54,7 +54,8 @@ def _spec_accept_op(verify_logits: torch.Tensor, draft: torch.Tensor, mask_token
                     eos_ids: torch.Tensor, temperature: torch.Tensor,
                     seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from trimode.plugins.spec_accept import launch
-    return tuple(launch(verify_logits, draft, mask_token_id, eos_ids, temperature, seed))
+    tokens, n, next_seed, is_eos = launch(verify_logits, draft, mask_token_id, eos_ids, temperature, seed)
+    return tokens, n, next_seed, is_eos
 
 
 @_spec_accept_op.register_fake

@@ -93,11 +93,17 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def store_cached(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
-    return quantize_e4m3(x, scale) if dtype == torch.float8_e4m3fn else x
+    if dtype != torch.float8_e4m3fn:
+        return x
+    assert scale is not None  # a float8 cache always has its scale
+    return quantize_e4m3(x, scale)
 
 
 def load_cached(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
-    return x if x.dtype != torch.float8_e4m3fn else (x.float() * scale).to(dtype)
+    if x.dtype != torch.float8_e4m3fn:
+        return x
+    assert scale is not None  # a float8 cache always has its scale
+    return (x.float() * scale).to(dtype)
 
 
 # --- sampling ------------------------------------------------------------------------------------

@@ -67,11 +67,11 @@ CALIBRATION_PASSES = tuple(dict.fromkeys(kind for kinds in MODE_PASSES.values() 
 
 @torch.no_grad()
 def calibration_passes(model: NLDModel, windows: torch.Tensor, block_length: int, batch_size: int,
-                       on_batch=None) -> Counter:
+                       on_batch=None) -> Counter[str]:
     """Run every kind of pass over the calibration windows; -> passes by kind. Each window is a
     context (the prefill, which the cache keeps) and a block, which every other kind runs over as
     that kind sees it; their K/V stay scratch past the context."""
-    mask_id, passes = model.spec.mask_token_id, Counter()
+    mask_id, passes = model.spec.mask_token_id, Counter[str]()
     gen = torch.Generator().manual_seed(0)
     for batch in windows.split(batch_size):
         b, n = batch.shape

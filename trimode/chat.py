@@ -73,7 +73,7 @@ def load_chat_template(checkpoint_dir: Path, template_path: Path | None = None) 
         raise CheckpointError(f"{config_path}: cannot read it ({e})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{config_path}: expected a JSON object")
-    special = {name: _token(config[name]) for name in _SPECIAL if _token(config.get(name))}
+    special = {name: token for name in _SPECIAL if (token := _token(config.get(name)))}
     path = Path(template_path) if template_path is not None else checkpoint_dir / "chat_template.jinja"
     if template_path is not None or path.is_file():
         try:

@@ -7,7 +7,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from trimode.errors import ConfigError
 
@@ -130,6 +130,7 @@ class ModelSpec:
         return out
 
 
+_Default = TypeVar("_Default", float, None)  # rope_config's num(): a float default gives a float
 _DTYPES = ("bfloat16", "float16", "float32")
 # Sane ranges: far beyond any real checkpoint, small enough that nothing downstream overflows.
 MAX_VOCAB, MAX_WIDTH, MAX_LAYERS, MAX_HEADS, MAX_HEAD_DIM = 1 << 24, 1 << 17, 1024, 1024, 1024
@@ -171,9 +172,8 @@ class _Reader:
         v = (raw if raw is not None else self.raw).get(key, default)
         if v is None and default is None:
             raise ConfigError(f"{self.source}: missing required key {label or key!r}")
-        low_ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) \
-            and (v > least if least_is_open else v >= least)
-        if not low_ok or v > most:
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                and (v > least if least_is_open else v >= least) and v <= most):
             bracket = "(" if least_is_open else "["
             raise self.fail(label or key, f"a finite number in {bracket}{least:g}, {most:g}]", v)
         return float(v)
@@ -197,7 +197,7 @@ class _Reader:
 
 
 def _read_rope(raw: dict[str, Any], r: _Reader, source: str) -> RopeSpec:
-    rp = raw.get("rope_parameters", raw.get("rope_scaling"))
+    rp: Any = raw.get("rope_parameters", raw.get("rope_scaling"))  # JSON, checked below
     if rp is None:
         rp = {"rope_type": "default", "rope_theta": raw.get("rope_theta", 1e6)}
     if not isinstance(rp, dict):
@@ -209,8 +209,8 @@ def _read_rope(raw: dict[str, Any], r: _Reader, source: str) -> RopeSpec:
         rp = {**rp, "rope_theta": raw["rope_theta"]}
     d = RopeSpec()
 
-    def num(key: str, default: float | None, least: float = 0.0, most: float = 1e6,
-            least_is_open: bool = True) -> float | None:
+    def num(key: str, default: _Default, least: float = 0.0, most: float = 1e6,
+            least_is_open: bool = True) -> float | _Default:
         if rp.get(key) is None:
             return default  # absent or null: the default
         return r.pos_float(key, default, raw=rp, label=f"rope_parameters.{key}", least=least, most=most,

@@ -92,7 +92,7 @@ def _run_stages(checkpoint_dir: Path, out_path: Path, settings: DeploySettings, 
 
     records = manifest["stages"]
 
-    def run(stage: str, source: Path, stage_settings: dict, make: Callable[[Path, bool], None],
+    def run(stage: str, source: Path, stage_settings: dict, make: Callable[[Path, bool], object],
             output_digest: Callable[[Path], str]) -> Path:
         target = out_path / FOLDERS[stage]
         record = {"input_digest": input_digest(source), "settings": stage_settings}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -89,7 +90,7 @@ def agreement(results: list[Sequence], reference: list[Sequence]) -> dict:
 def run_modes(ck: Checkpoint, prompts: list[list[int]], settings: EvalSettings,
               progress=None, new_engine=None) -> tuple[dict, dict[str, list[Sequence]]]:
     """AR, diffusion and self-spec at each block length: -> (statistics by run, results by run)."""
-    base = dict(max_new_tokens=settings.max_new_tokens, ignore_eos=True)
+    base: dict[str, Any] = dict(max_new_tokens=settings.max_new_tokens, ignore_eos=True)
     runs = [("ar", GenerationSettings(mode=Mode.AR, **base)),
             ("diffusion", GenerationSettings(mode=Mode.DIFFUSION, **base))]
     runs += [(f"self-spec/{L}", GenerationSettings(mode=Mode.SELF_SPEC, block_length=L, **base))

@@ -34,6 +34,10 @@ def gpu_has_fp8(device: torch.device) -> bool:
 class FP8Linear(nn.Module):
     """y = (x rounded through E4M3 with input_scale) @ (W_fp8 * weight_scale)^T; no bias (NLD has none)."""
 
+    weight: torch.Tensor  # buffers
+    weight_scale: torch.Tensor
+    input_scale: torch.Tensor
+
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor):
         super().__init__()
         assert weight.dtype == E4M3 and weight_scale.dim() == 0 and input_scale.dim() == 0

@@ -9,6 +9,9 @@ forward exports to ONNX as it is.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -83,6 +86,7 @@ class Attention(nn.Module):
         v = v.view(b, L, self.num_kv_heads, self.head_dim)
         k = apply_rope(k, cos, sin)
         if self.k_scale is not None:  # what an FP8 cache would hold
+            assert self.v_scale is not None  # an FP8 checkpoint sets both (checkpoint.py)
             k, v = fake_quant_e4m3(k, self.k_scale), fake_quant_e4m3(v, self.v_scale)
         return apply_rope(q, cos, sin) * q_scale.to(q.dtype), k, v
 
@@ -121,14 +125,19 @@ class DecoderLayer(nn.Module):
 class Encoder(nn.Module):
     """The backbone; its parameter names are the checkpoint's `encoder.*` names."""
 
+    layers: Sequence[DecoderLayer]  # an nn.ModuleList, typed by what it holds
+
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_hidden_layers))
+        self.layers = cast(Sequence[DecoderLayer],
+                           nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_hidden_layers)))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
 
 class NLDModel(nn.Module):
+    inv_freq: torch.Tensor  # a buffer
+
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.spec = spec

@@ -182,7 +182,7 @@ def _make_parents(parent: Path, given) -> list[Path]:
     while not parent.exists():
         missing.append(parent)
         parent = parent.parent
-    created = []
+    created: list[Path] = []
     for d in reversed(missing):
         try:
             d.mkdir()

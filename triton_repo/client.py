@@ -8,7 +8,7 @@ import json
 import queue
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 
 import numpy as np
 
@@ -88,7 +88,7 @@ def _scalar(array):
     return v.decode() if isinstance(v, bytes) else v.item()
 
 
-def stream_grpc(url: str, model: str, inputs: dict, timeout_s: float = 300.0) -> Iterator[dict]:
+def stream_grpc(url: str, model: str, inputs: dict, timeout_s: float = 300.0) -> Generator[dict, None, None]:
     """Responses of one request over gRPC's streaming RPC, as they arrive; the last has a
     finish_reason. inputs["stream"] false: one response. (An ensemble over a decoupled model
     answers only the streaming RPC: Triton refuses plain ModelInfer for it.)"""
@@ -148,7 +148,7 @@ def _post(url: str, model: str, endpoint: str, inputs: dict, timeout_s: float | 
     except urllib.error.HTTPError as e:
         raise RemoteError(f"{model}: {_error_of(e)}") from None
     except (OSError, http.client.HTTPException) as e:  # no HTTP server answered (urlopen leaves some unwrapped)
-        raise no_answer(url, "http", e) from None
+        raise no_answer(url, "http", e) or RemoteError(f"{model}: {e}") from None
 
 
 def _error_of(e: urllib.error.HTTPError) -> str:

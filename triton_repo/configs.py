@@ -12,10 +12,14 @@ reaches the engine as a tensor that preprocessing_<mode> writes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from trimode.passes import Mode
 from trimode.triton_repo import tensors as T
 from trimode.triton_repo.settings import RepoSettings, ensemble_name
+
+# tritonclient's model_config_pb2.ModelConfig: a protobuf message, which tritonclient ships no types for
+ModelConfig = Any
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,7 @@ def _python_model(name: str, max_batch_size: int, inputs, outputs, instances: in
 
 
 def engine_config(names: Names, settings: RepoSettings, max_batch_size: int, engine_dir: str, engine_digest: str,
-                  max_queued_requests: int) -> object:
+                  max_queued_requests: int) -> ModelConfig:
     pb = _pb()
     config = _python_model(names.engine, max_batch_size, T.ENGINE_INPUTS, T.ENGINE_OUTPUTS, 1,
                            {"engine_dir": engine_dir, "engine_digest": engine_digest,
@@ -75,17 +79,17 @@ def engine_config(names: Names, settings: RepoSettings, max_batch_size: int, eng
 
 
 def preprocessing_config(names: Names, mode: Mode, settings: RepoSettings, max_batch_size: int,
-                         engine_dir: str) -> object:
+                         engine_dir: str) -> ModelConfig:
     return _python_model(names.preprocessing(mode), max_batch_size, T.PREPROCESSING_INPUTS, T.PREPROCESSING_OUTPUTS,
                          settings.instances, {"engine_dir": engine_dir, "mode": mode.value})
 
 
-def postprocessing_config(names: Names, settings: RepoSettings, max_batch_size: int, engine_dir: str) -> object:
+def postprocessing_config(names: Names, settings: RepoSettings, max_batch_size: int, engine_dir: str) -> ModelConfig:
     return _python_model(names.postprocessing, max_batch_size, T.POSTPROCESSING_INPUTS, T.POSTPROCESSING_OUTPUTS,
                          settings.instances, {"engine_dir": engine_dir, "engine_model": names.engine})
 
 
-def ensemble_config(names: Names, mode: Mode, max_batch_size: int) -> object:
+def ensemble_config(names: Names, mode: Mode, max_batch_size: int) -> ModelConfig:
     """External tensor X <-> internal tensor _X; the steps' maps are {model tensor: ensemble tensor}."""
     pb = _pb()
     Step = pb.ModelEnsembling.Step

@@ -54,6 +54,12 @@ class Job:
     seq: Sequence | None = None
     num_sent: int = 0                         # tokens already sent (streaming)
 
+    @property
+    def admitted_seq(self) -> Sequence:
+        """seq, which the loop sets when it admits the job: every job of EngineLoop._live has one."""
+        assert self.seq is not None
+        return self.seq
+
 
 class EngineLoop:
     def __init__(self, engine: Engine, max_queued: int, metrics=None):
@@ -132,7 +138,7 @@ class EngineLoop:
         dropped = False
         for seq_id, job in list(self._live.items()):
             if seq_id in named or poll and job.sink.is_cancelled():
-                job.seq.finish_reason = "abort"
+                job.admitted_seq.finish_reason = "abort"
                 self._abort(job)
                 job.sink.close()
                 dropped = True
@@ -140,9 +146,9 @@ class EngineLoop:
             self.metrics.step([])  # the gauges read the freed slots now, not at the next step
 
     def _abort(self, job: Job) -> None:
-        self.engine.abort(job.seq.id)  # frees the slot now
-        del self._live[job.seq.id]
-        self.metrics.finished(job.seq)
+        self.engine.abort(job.admitted_seq.id)  # frees the slot now
+        del self._live[job.admitted_seq.id]
+        self.metrics.finished(job.admitted_seq)
 
     def _step(self) -> None:
         try:
@@ -150,18 +156,20 @@ class EngineLoop:
         except Exception as e:  # a failed step fails the requests in it, never the loop
             message = str(e) if isinstance(e, TrimodeError) else f"internal error: {type(e).__name__}: {e}"
             for job in list(self._live.values()):
-                job.seq.finish_reason = "error"
+                job.admitted_seq.finish_reason = "error"
                 self._abort(job)
                 job.sink.fail(message)
             return
         # the step's batch: what still holds a slot, and what finished in it
-        self.metrics.step([job.seq for job in self._live.values() if job.seq.slot is not None or job.seq.id in new])
+        seqs = [job.admitted_seq for job in self._live.values()]
+        self.metrics.step([seq for seq in seqs if seq.slot is not None or seq.id in new])
         for job in list(self._live.values()):
-            if job.seq.id in new or job.seq.finish_reason:
+            if job.admitted_seq.id in new or job.admitted_seq.finish_reason:
                 self._deliver(job)
 
     def _deliver(self, job: Job) -> None:
-        seq, final = job.seq, job.seq.finish_reason is not None
+        seq = job.admitted_seq
+        final = seq.finish_reason is not None
         if not final and not (job.request.is_stream and len(seq.tokens) > job.num_sent):
             return
         if job.request.is_stream:

@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote
 
-from trimode.chat import NoChatTemplateError, load_chat_template
+from trimode.chat import ChatTemplate, NoChatTemplateError, load_chat_template
 from trimode.config import ModelSpec
 from trimode.tokenizer import Tokenizer
 from trimode.triton_repo import client
@@ -44,11 +44,13 @@ class OpenAIFrontend:
         self._max_tokens_room = engine["max_seq_len"] - max(engine["block_lengths"])
         checkpoint_dir = Path(engine["path"]) / "checkpoint"
         self._tokenizer = Tokenizer(checkpoint_dir, ModelSpec.from_file(checkpoint_dir / "config.json"))
+        self.chat_template: ChatTemplate | None
+        self._no_template: str | None
         try:
             self.chat_template, self._no_template = load_chat_template(checkpoint_dir, chat_template_path), None
         except NoChatTemplateError as e:  # serve completions; answer chat requests with this
             self.chat_template, self._no_template = None, f"{e} (or start the server with --chat-template FILE)"
-        self._httpd: ThreadingHTTPServer | None = None
+        self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -79,6 +81,7 @@ class OpenAIFrontend:
 
     def start(self) -> "OpenAIFrontend":
         self.open()
+        assert self._httpd is not None  # open() made it
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
                                         name="openai-frontend", daemon=True)
         self._thread.start()

@@ -20,7 +20,7 @@ from trimode.errors import TrimodeError
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 FINISH_REASONS = {"eos": "stop", "length": "length"}  # ours -> OpenAI's (a stop word ends as eos)
 # parameter -> its values that ask for nothing; another value is a 400
-_UNSUPPORTED = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False), "logprobs": (None, False, 0),
+_UNSUPPORTED: dict[str, tuple[object, ...]] = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False), "logprobs": (None, False, 0),
                 "top_logprobs": (None, 0), "suffix": (None, ""), "logit_bias": (None, {}), "tools": (None, []),
                 "functions": (None, []), "prompt_logprobs": (None, 0)}
 _WHY = {"n": "one choice per request; send several requests (the engine batches them)"}
@@ -49,7 +49,7 @@ class Call:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
-def parse_request(body, is_chat: bool, models: list[str], render_chat: Callable[[list], str],
+def parse_request(body, is_chat: bool, models: list[str], render_chat: Callable[[object], str],
                   room_left: Callable[[str], int]) -> Call:
     """body: the decoded JSON. render_chat: messages -> prompt text (the chat template, which may
     refuse with a TrimodeError). room_left: prompt -> the largest max_tokens the engine takes for it."""
@@ -149,7 +149,7 @@ def finish_reason(ours: str) -> str | None:
 
 def response(call: Call, text: str, result: dict) -> dict:
     """The whole (non-streamed) answer."""
-    choice = {"index": 0, "logprobs": None, "finish_reason": finish_reason(result["finish_reason"])}
+    choice: dict[str, object] = {"index": 0, "logprobs": None, "finish_reason": finish_reason(result["finish_reason"])}
     choice |= {"message": {"role": "assistant", "content": text}} if call.is_chat else {"text": text}
     return {**_head(call, False), "choices": [choice], "usage": usage(result)}
 
@@ -159,7 +159,7 @@ def chunk(call: Call, text: str | None, reason: str = "", result: dict | None = 
     head = _head(call, True)
     if result is not None:
         return {**head, "choices": [], "usage": usage(result)}
-    choice = {"index": 0, "logprobs": None, "finish_reason": finish_reason(reason)}
+    choice: dict[str, object] = {"index": 0, "logprobs": None, "finish_reason": finish_reason(reason)}
     if call.is_chat:
         choice["delta"] = {"role": "assistant", "content": ""} if text is None else {"content": text} if text else {}
     else:

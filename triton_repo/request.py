@@ -86,7 +86,8 @@ def parse_request(get: Callable[[str], np.ndarray | None], vocab_size: int,
         temperature = 0.0  # top_k = 1 is greedy decoding
     seed = value("random_seed", int, 0)
     end_id = value("end_id", int)
-    stop_ids = [int(t) for t in get("stop_ids").reshape(-1)] if get("stop_ids") is not None else []
+    stops = get("stop_ids")
+    stop_ids = [int(t) for t in stops.reshape(-1)] if stops is not None else []
     if end_id is not None and end_id != -1:
         if not 0 <= end_id < vocab_size:
             raise InputError(f"end_id: expected -1 (never stop at EOS) or a token id in [0, {vocab_size}), "

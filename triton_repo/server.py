@@ -162,6 +162,7 @@ class TritonServer:
     def _wait_ready(self) -> None:
         url = f"{self.endpoints['http']}/v2/health/ready"
         deadline = time.monotonic() + self.timeout_s
+        assert self.process is not None  # start() made it
         while time.monotonic() < deadline:
             code = self.process.poll()
             if code is not None:

@@ -11,6 +11,7 @@ whose inputs come from different decoupled models (or from one and from elsewher
 from __future__ import annotations
 
 from trimode.errors import TrimodeError
+from trimode.triton_repo.configs import ModelConfig
 
 
 class WiringError(TrimodeError):
@@ -21,7 +22,7 @@ def _dims_agree(a, b) -> bool:
     return len(a) == len(b) and all(x == y or -1 in (x, y) for x, y in zip(a, b))
 
 
-def check_wiring(configs: dict[str, object]) -> None:
+def check_wiring(configs: dict[str, ModelConfig]) -> None:
     """configs: model name -> ModelConfig, every model of the repository; raises WiringError listing all."""
     problems: list[str] = []
     for config in configs.values():
@@ -31,7 +32,7 @@ def check_wiring(configs: dict[str, object]) -> None:
         raise WiringError("ensemble wiring: " + "; ".join(problems))
 
 
-def _check_ensemble(ens, configs: dict[str, object]) -> list[str]:
+def _check_ensemble(ens, configs: dict[str, ModelConfig]) -> list[str]:
     problems = []
     # tensor name -> (data_type, dims, optional): what is available so far
     available = {t.name: (t.data_type, tuple(t.dims), t.optional) for t in ens.input}

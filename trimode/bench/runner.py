@@ -100,7 +100,9 @@ def timed(target: Target, ask: Ask, t0: float) -> Record:
 def closed_loop(target: Target, ask_for: Callable[[int], Ask], concurrency: int, num_requests: int | None,
                 duration_s: float | None) -> tuple[list[Record], float]:
     """-> the finished requests and the wall time from the first send to the last answer."""
-    counter, lock, records, errors = itertools.count(), threading.Lock(), [], []
+    counter, lock = itertools.count(), threading.Lock()
+    records: list[Record] = []
+    errors: list[BaseException] = []
     t0 = time.perf_counter()
 
     def client() -> None:

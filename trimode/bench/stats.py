@@ -45,6 +45,8 @@ def summarize(rounds: list[tuple[list[Record], float]]) -> dict:
     tokens = sum(r.num_tokens for r in records)
     wall_s = sum(w for _, w in rounds)
     passes = [r.num_passes for r in records]
+    counted = [p for p in passes if p is not None]
+    num_passes = sum(counted) if len(counted) == len(passes) else 0  # 0: unknown for some request
     ttft = [r.first_token_s - r.start_s for r in records]
     latency = [r.end_s - r.start_s for r in records]
     return {
@@ -54,7 +56,7 @@ def summarize(rounds: list[tuple[list[Record], float]]) -> dict:
         "tokens_per_s": round(percentile(per_round, 50), 2),
         "tokens_per_s_rounds": [round(t, 2) for t in per_round],
         "requests_per_s": round(len(records) / wall_s, 3),
-        "tokens_per_pass": round(tokens / sum(passes), 4) if None not in passes and sum(passes) else None,
+        "tokens_per_pass": round(tokens / num_passes, 4) if num_passes else None,
         "mean_accepted_length": mean_accepted_length(records),
         "ttft_s": {"p50": round(percentile(ttft, 50), 5), "p95": round(percentile(ttft, 95), 5)},
         "latency_s": {"p50": round(percentile(latency, 50), 5), "p95": round(percentile(latency, 95), 5)},
@@ -66,11 +68,11 @@ def mean_accepted_length(records: list[Record]) -> float | None:
     it), from each request's mean: its cycles are taken as its tokens after the first (the prefill's)
     over that mean, exact but for a last cycle that max_tokens cut short. The plain mean of the
     requests' means would weigh a request of 9 long cycles like one of 39 short ones."""
-    spec = [r for r in records if r.mean_accepted_length]
-    cycles = sum((r.num_tokens - 1) / r.mean_accepted_length for r in spec)
+    spec = [(r.num_tokens, mean) for r in records if (mean := r.mean_accepted_length)]
+    cycles = sum((num_tokens - 1) / mean for num_tokens, mean in spec)
     if not cycles:
-        return round(sum(r.mean_accepted_length for r in spec) / len(spec), 4) if spec else None
-    return round(sum(r.num_tokens - 1 for r in spec) / cycles, 4)
+        return round(sum(mean for _, mean in spec) / len(spec), 4) if spec else None
+    return round(sum(num_tokens - 1 for num_tokens, _ in spec) / cycles, 4)
 
 
 def add_speedups(rows: list[dict]) -> None:

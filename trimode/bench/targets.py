@@ -50,8 +50,11 @@ class Update:
 
 class Target(Protocol):
     kind: str
-    slots: int | None                        # requests the engine runs at once (None: unknown)
-    default_block_length: int | None         # what block_length None means here (None: unknown)
+
+    @property
+    def slots(self) -> int | None: ...                   # requests the engine runs at once (None: unknown)
+    @property
+    def default_block_length(self) -> int | None: ...    # what block_length None means here (None: unknown)
 
     def describe(self) -> dict: ...
     def check(self, modes: list[Mode]) -> None: ...      # fail before any timing

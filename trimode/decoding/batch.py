@@ -24,7 +24,7 @@ from trimode.plugins.reference import Accepted, accept_picks, commit_picks, pick
 class Batch:
     def __init__(self, runner: ModelRunner, seqs: list[Sequence]):
         self.runner, self.seqs = runner, seqs
-        self.slots = [s.slot for s in seqs]
+        self.slots = [s.held_slot for s in seqs]
         self.spec: ModelSpec = runner.model.spec
         self.device = runner.model.device
         self._is_finite: list[torch.Tensor] = []
@@ -86,7 +86,7 @@ class Batch:
                num_commit: torch.Tensor | None) -> torch.Tensor:
         """diffusion_commit of a block pass over block [b, L] -> the new block."""
         mask_id = self.spec.mask_token_id
-        if out.confidence is not None and self.is_greedy:
+        if out.confidence is not None and out.picks is not None and self.is_greedy:  # both or neither
             return commit_picks(out.picks, out.confidence, block, mask_id, threshold, num_commit)
         return diffusion_commit(out.logits, block, mask_id, threshold, num_commit, *self.sampling(),
                                 kernels=self.runner.kernels)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from typing import Protocol
 
 import torch
 
@@ -30,6 +31,12 @@ from trimode.model import NLDModel
 from trimode.passes import Mode, PassKind
 
 
+class Policy(Protocol):
+    """A mode's decoding (ar.py, diffusion.py, self_spec.py): one step of a batch -> each sequence's new tokens."""
+
+    def step(self, batch: Batch, config: DecodeConfig) -> list[list[int]]: ...
+
+
 class Engine:
     def __init__(self, model: NLDModel, config: EngineConfig = EngineConfig(), policies: dict | None = None,
                  backend=None, block_lengths: tuple[int, ...] | None = None):
@@ -37,7 +44,7 @@ class Engine:
         block_lengths: the only block lengths the backend runs (a built engine's); None = any."""
         self.model, self.spec, self.config, self.block_lengths = model, model.spec, config, block_lengths
         self.runner = ModelRunner(model, config.max_slots, config.max_seq_len, backend)
-        self.policies = {Mode.AR: ARPolicy(), Mode.DIFFUSION: DiffusionPolicy(), Mode.SELF_SPEC: SelfSpecPolicy()}
+        self.policies: dict[Mode, Policy] = {Mode.AR: ARPolicy(), Mode.DIFFUSION: DiffusionPolicy(), Mode.SELF_SPEC: SelfSpecPolicy()}
         self.policies.update(policies or {})
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # hold a slot: prefilling or running
@@ -86,8 +93,8 @@ class Engine:
             for seq, tokens in zip(group, prefill(Batch(self.runner, group), self.config.prefill_chunk)):
                 new[seq.id] = tokens
         key = lambda s: (s.decoding.mode.value, s.block_length, str(s.decoding.commit_threshold))  # noqa: E731
-        for _, group in itertools.groupby(sorted(cycling, key=key), key=key):
-            group = sorted(group, key=lambda s: s.slot)  # ascending slots: contiguous rows need no gather
+        for _, same in itertools.groupby(sorted(cycling, key=key), key=key):
+            group = sorted(same, key=lambda s: s.held_slot)  # ascending slots: contiguous rows need no gather
             policy = self.policies[group[0].decoding.mode]
             for seq, tokens in zip(group, policy.step(Batch(self.runner, group), group[0].decoding)):
                 new[seq.id] = tokens
@@ -106,14 +113,14 @@ class Engine:
             self.waiting.remove(seq)
         if seq in self.running:
             self.running.remove(seq)
-            self.runner.release(seq.slot)
+            self.runner.release(seq.held_slot)
         seq.status, seq.slot = Status.FINISHED, None
 
     def _prefill_groups(self, seqs: list[Sequence]) -> list[list[Sequence]]:
         """One batched prefill pass, unless its padding would run past the pool: then one pass each."""
         if not seqs:
             return []
-        seqs = sorted(seqs, key=lambda s: s.slot)
+        seqs = sorted(seqs, key=lambda s: s.held_slot)
         chunk = max(_chunk_len(s, self.config.prefill_chunk) for s in seqs)
         if max(s.num_prefilled for s in seqs) + chunk <= self.runner.max_seq_len:
             return [seqs]

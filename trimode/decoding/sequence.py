@@ -68,6 +68,12 @@ class Sequence:
     num_draws: int = 0                      # sampling ops this sequence has taken part in
 
     @property
+    def held_slot(self) -> int:
+        """slot, of a sequence that holds one (prefilling or running: what the engine batches)."""
+        assert self.slot is not None, f"sequence {self.id} holds no slot"
+        return self.slot
+
+    @property
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED
 

@@ -122,7 +122,8 @@ checkpoint loaded without `linear_spec_lora/`, in the same run."""
 
 def _stages(log: dict) -> str:
     """One line per training stage, oldest first (a stage may continue the previous one)."""
-    stages, entry = [], log
+    stages: list[str] = []
+    entry: dict | None = log
     while entry:
         s = entry["settings"]
         stages.append(f"- {s['steps']} steps of {s['batch_size']} x {s['seq_len']} tokens, AdamW peak lr {s['lr']}, "
