@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 PROMPT ?= def __init__(self, name, value=None):
 
-.PHONY: setup demo fixture test types bench clean
+.PHONY: setup demo fixture test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -39,13 +39,16 @@ fixture: setup
 # on another CPU kernel path: ATen and Inductor scalar code, MKL's SSE2-compatible GEMMs. Another
 # machine's ISA or BLAS summation order shows here, on this machine, not first in someone's CI.
 OTHER_CPU_PATH := ATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE
-test: setup types
+test: setup lint
 	$(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder
 	$(OTHER_CPU_PATH) $(PY) -m pytest -q -n auto --dist loadfile -m "numerics and not gpu"
 
-# mypy on the packages (pyproject [tool.mypy]): it cannot read setuptools' package-dir mapping, so
-# builder/ plugins/ quantize/ triton_repo/ are linked as trimode/<name> inside its cache folder.
-types: setup
+# ruff (lint and format check, everything) and mypy on the packages (pyproject [tool.ruff], [tool.mypy]).
+# mypy cannot read setuptools' package-dir mapping, so builder/ plugins/ quantize/ triton_repo/ are
+# linked as trimode/<name> inside its cache folder. `ruff format .` fixes what the check finds.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	mkdir -p .mypy_cache/pkgdir/trimode
 	for d in builder plugins quantize triton_repo; do ln -sfn ../../../$$d .mypy_cache/pkgdir/trimode/$$d; done
 	$(VENV)/bin/mypy

@@ -47,12 +47,20 @@ def check_finite(checkpoint_dir: Path, model: torch.nn.Module) -> None:
         values = t.float() if t.dtype.itemsize == 1 else t  # isfinite has no float8 kernel
         bad = int(values.numel() - torch.isfinite(values).sum())
         if bad:
-            raise CheckpointError(f"{checkpoint_dir}: weight {name!r} has {bad} non-finite value(s) (NaN or inf); "
-                                  f"fix or re-export the checkpoint")
+            raise CheckpointError(
+                f"{checkpoint_dir}: weight {name!r} has {bad} non-finite value(s) (NaN or inf); "
+                f"fix or re-export the checkpoint"
+            )
 
 
-def build_engine(checkpoint_dir: Path, out_dir: Path, settings: BuildSettings = BuildSettings(), force: bool = False,
-                 on_start: Callable[[list], None] | None = None, on_program: Callable | None = None) -> dict:
+def build_engine(
+    checkpoint_dir: Path,
+    out_dir: Path,
+    settings: BuildSettings = BuildSettings(),
+    force: bool = False,
+    on_start: Callable[[list], None] | None = None,
+    on_program: Callable | None = None,
+) -> dict:
     """-> the manifest. on_start(shapes) once the shapes are known, on_program(shape) after each."""
     from trimode.builder.engine_dir import CHECKPOINT_DIR, SELF_TEST_PROMPTS, SELF_TEST_TOKENS, check_pool, self_test
     from trimode.builder.manifest import FORMAT, STAGE, device_info, file_digests, library_versions, seal
@@ -69,8 +77,10 @@ def build_engine(checkpoint_dir: Path, out_dir: Path, settings: BuildSettings = 
     ck = load_checkpoint(checkpoint_dir, device=device, dtype=getattr(backend, "MODEL_DTYPE", None))
     settings = settings.resolved(ck.spec.block_size)
     if settings.max_seq_len > ck.spec.max_position_embeddings:
-        raise InputError(f"--max-seq-len {settings.max_seq_len}: above the model's max_position_embeddings "
-                         f"({ck.spec.max_position_embeddings})")
+        raise InputError(
+            f"--max-seq-len {settings.max_seq_len}: above the model's max_position_embeddings "
+            f"({ck.spec.max_position_embeddings})"
+        )
     check_finite(checkpoint_dir, ck.model)
     check_pool(ck.model, settings.max_batch_size, settings.max_seq_len)
     shapes = pass_shapes(settings.block_lengths)
@@ -82,28 +92,40 @@ def build_engine(checkpoint_dir: Path, out_dir: Path, settings: BuildSettings = 
         began = time.perf_counter()
         built = backend.build(ck.model, shapes, tmp, settings, on_program or (lambda shape: None))
         manifest = {
-            "stage": STAGE, "format": FORMAT, "tool": f"trimode {__version__}",
-            "settings": asdict(settings), "versions": library_versions(settings.backend) | {
-                "trimode": __version__, "python": platform.python_version()},
+            "stage": STAGE,
+            "format": FORMAT,
+            "tool": f"trimode {__version__}",
+            "settings": asdict(settings),
+            "versions": library_versions(settings.backend)
+            | {"trimode": __version__, "python": platform.python_version()},
             "device": device_info(device),
-            "model": {"config": json.loads((checkpoint_dir / "config.json").read_text()),
-                      "dtype": str(ck.model.dtype).removeprefix("torch."), "has_draft_adapter": ck.model.has_draft_adapter},
+            "model": {
+                "config": json.loads((checkpoint_dir / "config.json").read_text()),
+                "dtype": str(ck.model.dtype).removeprefix("torch."),
+                "has_draft_adapter": ck.model.has_draft_adapter,
+            },
             "quantization": read_quant_config(checkpoint_dir),
             "input": {"path": str(checkpoint_dir), "digest_sha256": input_digest(checkpoint_dir)},
             "programs": [{"kind": s.kind.value, "length": s.length, "name": s.name} for s in shapes],
-            "build_seconds": round(time.perf_counter() - began, 1), "backend": built,
+            "build_seconds": round(time.perf_counter() - began, 1),
+            "backend": built,
         }
         block_length = settings.block_lengths[0]
         tokens = self_test(ck.model, ck.tokenizer, None, config, block_length)  # the eager reference
         if not settings.onnx_only:
-            engine_tokens = self_test(ck.model, ck.tokenizer, backend.load(tmp, ck.model, built), config,
-                                      block_length)
+            engine_tokens = self_test(ck.model, ck.tokenizer, backend.load(tmp, ck.model, built), config, block_length)
             for mode, expected in tokens.items():
                 if engine_tokens[mode] != expected:
-                    raise EngineError(f"the built {settings.backend} engine's {mode} tokens differ from the eager "
-                                      f"reference's on the self-test prompts; nothing was written")
-        manifest["self_test"] = {"prompts": list(SELF_TEST_PROMPTS), "max_new_tokens": SELF_TEST_TOKENS,
-                                 "block_length": block_length, "tokens": tokens}
+                    raise EngineError(
+                        f"the built {settings.backend} engine's {mode} tokens differ from the eager "
+                        f"reference's on the self-test prompts; nothing was written"
+                    )
+        manifest["self_test"] = {
+            "prompts": list(SELF_TEST_PROMPTS),
+            "max_new_tokens": SELF_TEST_TOKENS,
+            "block_length": block_length,
+            "tokens": tokens,
+        }
         manifest["files"] = file_digests(tmp)
         manifest = seal(manifest)
         write_manifest(tmp, manifest)

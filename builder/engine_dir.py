@@ -76,8 +76,9 @@ def self_test(model, tokenizer, backend, config: EngineConfig, block_length: int
     prompts = [tokenizer.encode(p) for p in SELF_TEST_PROMPTS]
     result = {}
     for mode in Mode:
-        settings = GenerationSettings(mode=mode, max_new_tokens=SELF_TEST_TOKENS, block_length=block_length,
-                                      ignore_eos=True)
+        settings = GenerationSettings(
+            mode=mode, max_new_tokens=SELF_TEST_TOKENS, block_length=block_length, ignore_eos=True
+        )
         engine = Engine(model, config, backend=backend, block_lengths=(block_length,))
         seqs = []
         for p in prompts:
@@ -104,6 +105,8 @@ def load_engine(engine_dir: Path, device: str | torch.device | None = None) -> B
     got = self_test(ck.model, ck.tokenizer, backend, built.config, built.block_lengths[0])
     for mode, tokens in manifest["self_test"]["tokens"].items():
         if got[mode] != tokens:
-            raise EngineError(f"{engine_dir}: the {mode} self-test gives other tokens than at build time; "
-                              f"rebuild the engine on this machine")
+            raise EngineError(
+                f"{engine_dir}: the {mode} self-test gives other tokens than at build time; "
+                f"rebuild the engine on this machine"
+            )
     return built

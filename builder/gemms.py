@@ -46,8 +46,10 @@ class Gemm(nn.Module):
         dense = [d for linear in linears if (d := _dense(linear, dtype)) is not None]
         scales = [scale for _, scale in dense]
         first = scales[0] if scales else None
-        is_fusable = len(dense) == len(linears) and (all(s is None for s in scales) or (
-            first is not None and all(s is not None and torch.equal(s, first) for s in scales)))
+        is_fusable = len(dense) == len(linears) and (
+            all(s is None for s in scales)
+            or (first is not None and all(s is not None and torch.equal(s, first) for s in scales))
+        )
         self.sizes = [d[0].shape[0] for d in dense] if is_fusable else None
         self.linears = None if is_fusable else nn.ModuleList(linears)
         if is_fusable:
@@ -65,8 +67,12 @@ class Gemm(nn.Module):
 
 
 # A layer's GEMMs: the linears each fuses (one owner per group: model.DRAFT_LINEARS).
-GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
-          "down": ("down_proj",)}
+GROUPS = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "gate_up": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+}
 
 
 class LayerGemms(nn.Module):
@@ -96,6 +102,7 @@ class ProgramGemms(nn.Module):
     def __init__(self, model: NLDModel):
         super().__init__()
         with torch.no_grad():
-            self.layers = cast(Sequence[LayerGemms],
-                               nn.ModuleList(LayerGemms(layer, model.dtype) for layer in model.encoder.layers))
+            self.layers = cast(
+                Sequence[LayerGemms], nn.ModuleList(LayerGemms(layer, model.dtype) for layer in model.encoder.layers)
+            )
             self.head = Gemm([model.diffusion_head], model.dtype)

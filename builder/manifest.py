@@ -8,9 +8,9 @@ import hashlib
 import json
 import platform
 from collections.abc import Callable
-from typing import Any, TypeGuard
 from importlib import metadata
 from pathlib import Path
+from typing import Any, TypeGuard
 
 import torch
 
@@ -22,8 +22,11 @@ from trimode.stage_output import MANIFEST, file_digest
 FORMAT = 2  # 2: one block program per block length, with a causal input (torch backend)
 STAGE = "build"
 # The libraries each backend's files depend on: a different version on load means a rebuild.
-LIBRARIES = {"torch": ("torch",), "onnx": ("torch", "onnx", "onnxruntime", "onnxruntime-extensions"),
-             "tensorrt": ("torch", "onnx", "tensorrt")}
+LIBRARIES = {
+    "torch": ("torch",),
+    "onnx": ("torch", "onnx", "onnxruntime", "onnxruntime-extensions"),
+    "tensorrt": ("torch", "onnx", "tensorrt"),
+}
 # Recorded for the record, not checked (kernels are compiled per device, never stored).
 INFORMATIVE = ("triton", "transformers", "nvidia-modelopt")
 
@@ -46,8 +49,11 @@ def device_info(device: torch.device) -> dict:
     """What a compiled program is tied to: the GPU's compute capability, or the CPU's vector ISA
     (AOTInductor compiles CPU code for the build machine's)."""
     if device.type == "cuda":
-        return {"type": "cuda", "name": torch.cuda.get_device_name(device),
-                "compute_capability": ".".join(map(str, torch.cuda.get_device_capability(device)))}
+        return {
+            "type": "cuda",
+            "name": torch.cuda.get_device_name(device),
+            "compute_capability": ".".join(map(str, torch.cuda.get_device_capability(device))),
+        }
     return {"type": "cpu", "name": platform.machine(), "isa": torch.backends.cpu.get_cpu_capability()}
 
 
@@ -63,8 +69,11 @@ def _json_digest(body: dict) -> str:
 
 def file_digests(engine_dir: Path) -> dict[str, str]:
     """sha256 of every file of the engine dir but the manifest, by relative path."""
-    return {str(p.relative_to(engine_dir)): file_digest(p) for p in sorted(engine_dir.rglob("*"))
-            if p.is_file() and p.name != MANIFEST}
+    return {
+        str(p.relative_to(engine_dir)): file_digest(p)
+        for p in sorted(engine_dir.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
 
 
 def read_manifest(engine_dir: Path) -> dict:
@@ -82,8 +91,9 @@ def read_manifest(engine_dir: Path) -> dict:
         what = f"a {stage} output" if isinstance(stage, str) else f"its {MANIFEST} is not a trimode manifest"
         raise EngineError(f"{engine_dir}: {what}, not an engine dir (build one with `trimode build`)")
     if manifest.get("format") != FORMAT:
-        raise EngineError(f"{engine_dir}: engine format {manifest.get('format')!r}, this trimode reads {FORMAT}; "
-                          f"rebuild the engine")
+        raise EngineError(
+            f"{engine_dir}: engine format {manifest.get('format')!r}, this trimode reads {FORMAT}; rebuild the engine"
+        )
     if manifest.get("digest_sha256") != _json_digest({k: v for k, v in manifest.items() if k != "digest_sha256"}):
         raise EngineError(f"{engine_dir}/{MANIFEST} was edited after the build; rebuild the engine")
     check_fields(engine_dir, manifest)
@@ -106,16 +116,22 @@ def check_manifest(engine_dir: Path, manifest: dict, device: torch.device) -> No
     for name in LIBRARIES[backend]:
         built, running = manifest["versions"].get(name), _version(name)
         if built != running:
-            raise EngineError(f"{engine_dir}: built with {name} {built}, running {name} {running}; rebuild the "
-                              f"engine with this {name}")
+            raise EngineError(
+                f"{engine_dir}: built with {name} {built}, running {name} {running}; rebuild the "
+                f"engine with this {name}"
+            )
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise EngineError(f"{engine_dir}: device cuda, and no CUDA device is visible here; run it on a GPU "
-                          f"machine, or rebuild the engine with --device cpu")
+        raise EngineError(
+            f"{engine_dir}: device cuda, and no CUDA device is visible here; run it on a GPU "
+            f"machine, or rebuild the engine with --device cpu"
+        )
     built, here = manifest["device"], device_info(device)
     if built != here:
         differs = next(k for k in ("type", "compute_capability", "isa", "name") if built.get(k) != here.get(k))
-        raise EngineError(f"{engine_dir}: built for {built['type']} {differs} {built.get(differs)}, this device has "
-                          f"{here.get(differs)}; rebuild the engine on this machine")
+        raise EngineError(
+            f"{engine_dir}: built for {built['type']} {differs} {built.get(differs)}, this device has "
+            f"{here.get(differs)}; rebuild the engine on this machine"
+        )
 
 
 def check_fields(engine_dir: Path, manifest: dict) -> None:
@@ -132,8 +148,9 @@ def check_fields(engine_dir: Path, manifest: dict) -> None:
             value = value.get(key, _MISSING) if isinstance(value, dict) else _MISSING
         if value is _MISSING or not ok(value):
             got = "nothing" if value is _MISSING else _short(value)
-            raise EngineError(f"{engine_dir}/{MANIFEST}: {'.'.join(keys)}: expected {expected}, got {got}; "
-                              f"rebuild the engine")
+            raise EngineError(
+                f"{engine_dir}/{MANIFEST}: {'.'.join(keys)}: expected {expected}, got {got}; rebuild the engine"
+            )
         return value
 
     for key in ("tool", "digest_sha256"):
@@ -144,13 +161,22 @@ def check_fields(engine_dir: Path, manifest: dict) -> None:
     field("settings", "device", ok=lambda v: v in DEVICES, expected=" | ".join(DEVICES))
     for key in ("max_batch_size", "max_seq_len", "max_input_len"):
         field("settings", key, ok=_is_count, expected="an integer >= 1")
-    lengths = field("settings", "block_lengths", ok=lambda v: _is_list(v, _is_count) and len(v) > 0,
-                    expected="a list of integers >= 1")
+    lengths = field(
+        "settings",
+        "block_lengths",
+        ok=lambda v: _is_list(v, _is_count) and len(v) > 0,
+        expected="a list of integers >= 1",
+    )
     onnx_only = field("settings", "onnx_only", ok=lambda v: isinstance(v, bool), expected="true or false")
     settings = manifest["settings"]
     try:  # their relations, as `trimode build` checks them
-        BuildSettings(**{k: settings[k] for k in ("backend", "max_batch_size", "max_seq_len", "max_input_len",
-                                                  "device", "onnx_only")}, block_lengths=tuple(lengths))
+        BuildSettings(
+            **{
+                k: settings[k]
+                for k in ("backend", "max_batch_size", "max_seq_len", "max_input_len", "device", "onnx_only")
+            },
+            block_lengths=tuple(lengths),
+        )
     except InputError as e:
         raise EngineError(f"{engine_dir}/{MANIFEST}: settings: {e}; rebuild the engine") from None
     field("versions", ok=lambda v: _is_dict(v, lambda x: x is None or _is_str(x)), expected="{library: version}")
@@ -168,24 +194,32 @@ def check_fields(engine_dir: Path, manifest: dict) -> None:
     for name in files:
         field("files", name, ok=_is_sha256, expected="a sha256 hex digest")
         if not _lies_under(engine_dir / name, root):
-            raise EngineError(f"{engine_dir}/{MANIFEST}: files: {name!r} leads outside the engine dir; "
-                              f"rebuild the engine")
+            raise EngineError(
+                f"{engine_dir}/{MANIFEST}: files: {name!r} leads outside the engine dir; rebuild the engine"
+            )
     passes = pass_shapes(tuple(lengths))
     shapes = [{"kind": s.kind.value, "length": s.length, "name": s.name} for s in passes]
     names = [s.name for s in passes]
-    field("programs", ok=lambda v: v == shapes, expected=f"the passes of block lengths {lengths} "
-                                                         f"({', '.join(names)})")
+    field("programs", ok=lambda v: v == shapes, expected=f"the passes of block lengths {lengths} ({', '.join(names)})")
 
     field("backend", ok=_is_dict, expected="an object")
-    own = field("backend", "files", ok=lambda v: _is_list(v, lambda f: _is_str(f) and f in files),
-                expected="a list of files of the build (files)")
+    own = field(
+        "backend",
+        "files",
+        ok=lambda v: _is_list(v, lambda f: _is_str(f) and f in files),
+        expected="a list of files of the build (files)",
+    )
     for key in ("max_seq_len", "max_input_len", *(("max_batch_size",) if backend != "torch" else ())):
         field("backend", key, ok=lambda v: v == settings[key], expected=f"settings.{key} ({settings[key]})")
 
     def program_files(key: str, every: bool) -> None:
         """backend[key]: {program: file} for every program (every) or some, each a file the backend wrote."""
-        field("backend", key, ok=lambda v: _is_dict(v) and (set(v) == set(names) if every else set(v) <= set(names)),
-              expected=f"{{program: file}} for {'every one' if every else 'some'} of {', '.join(names)}")
+        field(
+            "backend",
+            key,
+            ok=lambda v: _is_dict(v) and (set(v) == set(names) if every else set(v) <= set(names)),
+            expected=f"{{program: file}} for {'every one' if every else 'some'} of {', '.join(names)}",
+        )
         for name in manifest["backend"][key]:
             field("backend", key, name, ok=lambda v: v in own, expected="one of backend.files")
 
@@ -195,11 +229,19 @@ def check_fields(engine_dir: Path, manifest: dict) -> None:
         if "batch1_programs" in manifest["backend"]:  # absent: none (load reads it with a default)
             program_files("batch1_programs", every=False)
         if "batch1_skipped" in manifest["backend"]:  # the same
-            field("backend", "batch1_skipped", ok=lambda v: _is_dict(v, _is_str) and set(v) <= set(names),
-                  expected="{program: why it has no batch-1 copy}")
+            field(
+                "backend",
+                "batch1_skipped",
+                ok=lambda v: _is_dict(v, _is_str) and set(v) <= set(names),
+                expected="{program: why it has no batch-1 copy}",
+            )
         if "blocked_constants" in manifest["backend"]:  # the same
-            field("backend", "blocked_constants", ok=lambda v: _is_dict(v, lambda c: _is_dict(c, _is_blocked_source))
-                  and set(v) <= set(own), expected="{file of backend.files: {constant: [matrix, block width]}}")
+            field(
+                "backend",
+                "blocked_constants",
+                ok=lambda v: _is_dict(v, lambda c: _is_dict(c, _is_blocked_source)) and set(v) <= set(own),
+                expected="{file of backend.files: {constant: [matrix, block width]}}",
+            )
     elif backend == "onnx":
         program_files("programs", every=True)
     else:  # tensorrt: an --onnx-only build has no engines
@@ -207,16 +249,26 @@ def check_fields(engine_dir: Path, manifest: dict) -> None:
         field("backend", "pool_dtype", ok=_is_str, expected="a string")
 
     field("self_test", ok=_is_dict, expected="an object")
-    prompts = field("self_test", "prompts", ok=lambda v: _is_list(v, _is_str) and len(v) > 0,
-                    expected="a list of strings")
+    prompts = field(
+        "self_test", "prompts", ok=lambda v: _is_list(v, _is_str) and len(v) > 0, expected="a list of strings"
+    )
     field("self_test", "max_new_tokens", ok=_is_count, expected="an integer >= 1")
     field("self_test", "block_length", ok=lambda v: v in lengths, expected=f"one of settings.block_lengths {lengths}")
     modes = [m.value for m in Mode]
-    field("self_test", "tokens", ok=lambda v: _is_dict(v) and sorted(v) == sorted(modes),
-          expected=f"the tokens of {', '.join(modes)}")
+    field(
+        "self_test",
+        "tokens",
+        ok=lambda v: _is_dict(v) and sorted(v) == sorted(modes),
+        expected=f"the tokens of {', '.join(modes)}",
+    )
     for mode in modes:
-        field("self_test", "tokens", mode, ok=lambda v: _is_list(v, lambda row: _is_list(row, _is_token))
-              and len(v) == len(prompts), expected=f"one list of token ids per prompt ({len(prompts)})")
+        field(
+            "self_test",
+            "tokens",
+            mode,
+            ok=lambda v: _is_list(v, lambda row: _is_list(row, _is_token)) and len(v) == len(prompts),
+            expected=f"one list of token ids per prompt ({len(prompts)})",
+        )
 
 
 _MISSING = object()

@@ -73,8 +73,9 @@ def graph_names(num_layers: int, has_logit_index: bool) -> tuple[list[str], list
     return inputs + pool, ["logits"] + [name.replace("_", "_out_") for name in pool]
 
 
-def export_pass(model: NLDModel, shape: PassShape, settings: BuildSettings, path: Path,
-                pool_dtype: torch.dtype = GRAPH_DTYPE) -> None:
+def export_pass(
+    model: NLDModel, shape: PassShape, settings: BuildSettings, path: Path, pool_dtype: torch.dtype = GRAPH_DTYPE
+) -> None:
     """Export one program of `model` (see graph_model) to `path`, the pool inputs in pool_dtype."""
     spec, B = model.spec, settings.max_batch_size
     # torch.export specialises dims of size 1: trace with 2 and allow the range the engine serves
@@ -84,17 +85,36 @@ def export_pass(model: NLDModel, shape: PassShape, settings: BuildSettings, path
     cache = KVCache.allocate(spec, B, settings.max_seq_len, pool_dtype)
     b = min(2, B)
     token = spec.bos_token_id if spec.bos_token_id is not None else spec.mask_token_id  # any id traces
-    args = (torch.full((b, L), token), torch.arange(b), torch.zeros(b, dtype=torch.long),
-            torch.full((b,), L - 1) if has_logit_index else None, list(cache.k), list(cache.v))
+    args = (
+        torch.full((b, L), token),
+        torch.arange(b),
+        torch.zeros(b, dtype=torch.long),
+        torch.full((b,), L - 1) if has_logit_index else None,
+        list(cache.k),
+        list(cache.v),
+    )
     length = torch.export.Dim("length", min=1, max=max(2, settings.max_input_len)) if shape.length is None else None
-    dynamic = {"tokens": {0: batch, 1: length} if length else {0: batch}, "rows": {0: batch},
-               "lengths": {0: batch}, "logit_index": {0: batch} if has_logit_index else None,
-               "k": [None] * len(cache.k), "v": [None] * len(cache.v)}
+    dynamic = {
+        "tokens": {0: batch, 1: length} if length else {0: batch},
+        "rows": {0: batch},
+        "lengths": {0: batch},
+        "logit_index": {0: batch} if has_logit_index else None,
+        "k": [None] * len(cache.k),
+        "v": [None] * len(cache.v),
+    }
     input_names, output_names = graph_names(spec.num_hidden_layers, has_logit_index)
     path.parent.mkdir(parents=True, exist_ok=True)
     with quiet_export():
-        torch.onnx.export(ExportedPass(model, shape.kind).eval(), args, path, dynamo=True, dynamic_shapes=dynamic,
-                          input_names=input_names, output_names=output_names, verbose=False)
+        torch.onnx.export(
+            ExportedPass(model, shape.kind).eval(),
+            args,
+            path,
+            dynamo=True,
+            dynamic_shapes=dynamic,
+            input_names=input_names,
+            output_names=output_names,
+            verbose=False,
+        )
 
 
 class QdqLinear(nn.Module):
@@ -113,8 +133,9 @@ class QdqLinear(nn.Module):
         x = x.float()
         q = torch.onnx.ops.symbolic("QuantizeLinear", [x, fc.input_scale, zero], {}, dtype=E4M3, shape=x.shape)
         x = torch.onnx.ops.symbolic("DequantizeLinear", [q, fc.input_scale], {}, dtype=torch.float32, shape=x.shape)
-        w = torch.onnx.ops.symbolic("DequantizeLinear", [fc.weight, fc.weight_scale], {}, dtype=torch.float32,
-                                    shape=fc.weight.shape)
+        w = torch.onnx.ops.symbolic(
+            "DequantizeLinear", [fc.weight, fc.weight_scale], {}, dtype=torch.float32, shape=fc.weight.shape
+        )
         return F.linear(x, w).to(dtype)
 
 
@@ -134,8 +155,13 @@ def graph_model(model: NLDModel, dtype: torch.dtype = GRAPH_DTYPE) -> NLDModel:
     return model
 
 
-def build(model: NLDModel, shapes: list[PassShape], out_dir: Path, settings: BuildSettings,
-          on_program: Callable[[PassShape], None]) -> dict:
+def build(
+    model: NLDModel,
+    shapes: list[PassShape],
+    out_dir: Path,
+    settings: BuildSettings,
+    on_program: Callable[[PassShape], None],
+) -> dict:
     """Export and check one ONNX file per shape under out_dir/onnx -> the manifest's backend section."""
     onnx = _import_onnx()
     model = graph_model(model.cpu() if model.device.type != "cpu" else model)
@@ -149,17 +175,28 @@ def build(model: NLDModel, shapes: list[PassShape], out_dir: Path, settings: Bui
         export_s[shape.name] = round(time.perf_counter() - start, 2)
         files.append(path.relative_to(out_dir).as_posix())
         on_program(shape)
-    return {"files": files, "programs": {s.name: f for s, f in zip(shapes, files)}, "dtype": "float32",
-            "max_batch_size": settings.max_batch_size, "max_seq_len": settings.max_seq_len,
-            "max_input_len": settings.max_input_len, "export_s": export_s, "versions": versions()}
+    return {
+        "files": files,
+        "programs": {s.name: f for s, f in zip(shapes, files)},
+        "dtype": "float32",
+        "max_batch_size": settings.max_batch_size,
+        "max_seq_len": settings.max_seq_len,
+        "max_input_len": settings.max_input_len,
+        "export_s": export_s,
+        "versions": versions(),
+    }
 
 
 def versions() -> dict[str, str]:
     onnx = _import_onnx()
     import onnxruntime
     import onnxruntime_extensions
-    return {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-            "onnxruntime-extensions": onnxruntime_extensions.__version__}
+
+    return {
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "onnxruntime-extensions": onnxruntime_extensions.__version__,
+    }
 
 
 class OnnxBackend:
@@ -171,13 +208,22 @@ class OnnxBackend:
         attns = [layer.self_attn for layer in model.encoder.layers]
         self.k_scales, self.v_scales = [a.k_scale for a in attns], [a.v_scale for a in attns]
 
-    def __call__(self, kind: PassKind, tokens: torch.Tensor, pool: KVCache, slots: list[int], lengths: list[int],
-                 logit_index: torch.Tensor | None) -> torch.Tensor:
+    def __call__(
+        self,
+        kind: PassKind,
+        tokens: torch.Tensor,
+        pool: KVCache,
+        slots: list[int],
+        lengths: list[int],
+        logit_index: torch.Tensor | None,
+    ) -> torch.Tensor:
         b, L = tokens.shape
         _, session = lookup(self.sessions, kind, L, self.max_input_len)
         if tuple(pool.k[0].shape) != self.pool_shape:
-            raise InputError(f"the KV pool is {tuple(pool.k[0].shape)}; this engine was built for {self.pool_shape} "
-                             "(max_batch_size, kv heads, max_seq_len, head_dim)")
+            raise InputError(
+                f"the KV pool is {tuple(pool.k[0].shape)}; this engine was built for {self.pool_shape} "
+                "(max_batch_size, kv heads, max_seq_len, head_dim)"
+            )
         rows, starts = torch.tensor(slots), torch.tensor(lengths)
         feeds = {"tokens": tokens.cpu().long(), "rows": rows, "lengths": starts}
         if kind.last_logit_only:
@@ -191,8 +237,9 @@ class OnnxBackend:
         n = len(pool.k)
         for i, cache in enumerate(pool.k + pool.v):
             scale = self.k_scales[i] if i < n else self.v_scales[i - n]
-            cache[index] = store_cached(torch.from_numpy(caches[i])[index], cache.dtype, scale).to(cache.device,
-                                                                                                  cache.dtype)
+            cache[index] = store_cached(torch.from_numpy(caches[i])[index], cache.dtype, scale).to(
+                cache.device, cache.dtype
+            )
         return torch.from_numpy(logits).to(tokens.device)
 
 
@@ -206,13 +253,14 @@ def load(engine_dir: Path, model: NLDModel, manifest: dict) -> OnnxBackend:
     import onnxruntime
 
     from trimode.plugins.onnx_ops import session_options
+
     _import_onnx()
     options = session_options()
-    sessions = {name: onnxruntime.InferenceSession(str(Path(engine_dir) / file), options,
-                                                   providers=["CPUExecutionProvider"])
-                for name, file in manifest["programs"].items()}
-    return OnnxBackend(sessions, model, manifest["max_batch_size"], manifest["max_seq_len"],
-                       manifest["max_input_len"])
+    sessions = {
+        name: onnxruntime.InferenceSession(str(Path(engine_dir) / file), options, providers=["CPUExecutionProvider"])
+        for name, file in manifest["programs"].items()
+    }
+    return OnnxBackend(sessions, model, manifest["max_batch_size"], manifest["max_seq_len"], manifest["max_input_len"])
 
 
 def _import_onnx():

@@ -34,17 +34,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trimode.errors import EngineError
 from trimode.builder.gemms import ProgramGemms
+from trimode.errors import EngineError
 from trimode.model import NLDModel
 from trimode.passes import PassKind, Pattern
 from trimode.plugins.reference import greedy_tokens, load_cached, pick_confidence, store_cached
 from trimode.rope import llama4_query_scale, rope_cos_sin
 
 
-def pool_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                   rows: torch.Tensor, lengths: torch.Tensor, key_index: torch.Tensor, is_causal: bool | torch.Tensor,
-                   k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> torch.Tensor:
+def pool_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    rows: torch.Tensor,
+    lengths: torch.Tensor,
+    key_index: torch.Tensor,
+    is_causal: bool | torch.Tensor,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+) -> torch.Tensor:
     """reference.block_attention's math over the first S keys of the pool rows, with a mask built
     from lengths (every shape static or symbolic). q [b, L, H, D]; k, v [b, L, Hkv, D] -> [b, L, H, D].
     is_causal: a bool, or a [] bool tensor (the block program's input)."""
@@ -60,9 +70,10 @@ def pool_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: to
         visible_end = lengths[:, None] + torch.where(is_causal, offsets + 1, L)  # [b, L]
     else:
         visible_end = lengths[:, None] + (offsets + 1 if is_causal else L)
-    mask = (key_index[None, None, :] < visible_end[:, :, None])[:, None]        # [b, 1, L, S]
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
-                                         enable_gqa=q.shape[2] != k.shape[2])
+    mask = (key_index[None, None, :] < visible_end[:, :, None])[:, None]  # [b, 1, L, S]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=q.shape[2] != k.shape[2]
+    )
     return out.transpose(1, 2)
 
 
@@ -76,16 +87,32 @@ class PassProgram(nn.Module):
         self.model, self.kind = model, kind
         self.gemms = gemms or ProgramGemms(model)
 
-    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor, key_index: torch.Tensor,
-                logit_index: torch.Tensor, causal: torch.Tensor, *pool: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        lengths: torch.Tensor,
+        rows: torch.Tensor,
+        key_index: torch.Tensor,
+        logit_index: torch.Tensor,
+        causal: torch.Tensor,
+        *pool: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
         is_block = self.kind.pattern == Pattern.BLOCK
         logits = self.logits(tokens, lengths, rows, key_index, logit_index, causal if is_block else True, pool)
         picks = greedy_tokens(logits, self.model.spec.mask_token_id)
         out = (logits, picks, torch.isfinite(logits).all())
         return out + (pick_confidence(logits, picks),) if is_block else out
 
-    def logits(self, tokens: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor, key_index: torch.Tensor,
-               logit_index: torch.Tensor, is_causal: bool | torch.Tensor, pool: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def logits(
+        self,
+        tokens: torch.Tensor,
+        lengths: torch.Tensor,
+        rows: torch.Tensor,
+        key_index: torch.Tensor,
+        logit_index: torch.Tensor,
+        is_causal: bool | torch.Tensor,
+        pool: tuple[torch.Tensor, ...],
+    ) -> torch.Tensor:
         model, num_layers = self.model, len(pool) // 2
         use_draft = self.kind.use_draft
         positions = lengths[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
@@ -96,8 +123,9 @@ class PassProgram(nn.Module):
             attn = layer.self_attn
             q, k, v = gemms.pick("qkv", use_draft)(layer.input_layernorm(h))
             q, k, v = attn.heads(q, k, v, cos, sin, q_scale)
-            out = pool_attention(q, k, v, pool[i], pool[num_layers + i], rows, lengths, key_index, is_causal,
-                                 attn.k_scale, attn.v_scale)
+            out = pool_attention(
+                q, k, v, pool[i], pool[num_layers + i], rows, lengths, key_index, is_causal, attn.k_scale, attn.v_scale
+            )
             h = h + gemms.pick("o", use_draft)(out.flatten(2))[0]
             gate, up = gemms.pick("gate_up", use_draft)(layer.post_attention_layernorm(h))
             h = h + gemms.pick("down", use_draft)(F.silu(gate) * up)[0]
@@ -109,6 +137,7 @@ class PassProgram(nn.Module):
 @dataclass(frozen=True)
 class PassShape:
     """One compiled program: a pass kind at a chunk length (None: dynamic, 1..max_input_len, prefill)."""
+
     kind: PassKind
     length: int | None
 
@@ -130,8 +159,9 @@ def pass_shapes(block_lengths: tuple[int, ...]) -> list[PassShape]:
 _Program = TypeVar("_Program")
 
 
-def lookup(programs: dict[str, _Program], kind: PassKind, length: int, max_input_len: int
-           ) -> tuple[PassShape, _Program]:
+def lookup(
+    programs: dict[str, _Program], kind: PassKind, length: int, max_input_len: int
+) -> tuple[PassShape, _Program]:
     """The program of `programs` (by shape name) that runs this pass, or one line saying what to rebuild."""
     shape = program_for(kind, length)
     if shape.name not in programs:

@@ -66,8 +66,9 @@ def require_tensorrt():
         import tensorrt as trt
         import tensorrt.plugin  # noqa: F401
     except ImportError as err:
-        raise MissingDependencyError("tensorrt >= 10.9 (NVIDIA's wheel; --onnx-only works without it)",
-                                     "tensorrt") from err
+        raise MissingDependencyError(
+            "tensorrt >= 10.9 (NVIDIA's wheel; --onnx-only works without it)", "tensorrt"
+        ) from err
     if tuple(int(x) for x in trt.__version__.split(".")[:2]) < MIN_VERSION:
         raise MissingDependencyError(f"tensorrt >= 10.9 (found {trt.__version__})", "tensorrt")
     if not has_cuda():
@@ -126,8 +127,13 @@ def profile_shapes(shape: PassShape, settings: BuildSettings) -> dict[str, tuple
     return shapes
 
 
-def build(model: NLDModel, shapes: list[PassShape], out_dir: Path, settings: BuildSettings,
-          on_program: Callable[[PassShape], None]) -> dict:
+def build(
+    model: NLDModel,
+    shapes: list[PassShape],
+    out_dir: Path,
+    settings: BuildSettings,
+    on_program: Callable[[PassShape], None],
+) -> dict:
     """Export and rewrite the graphs (onnx/), then, unless settings.onnx_only, one engine per shape."""
     trt = None if settings.onnx_only else require_tensorrt()  # before anything is written
     onnx = onnx_backend._import_onnx()
@@ -146,9 +152,12 @@ def build(model: NLDModel, shapes: list[PassShape], out_dir: Path, settings: Bui
         onnx.checker.check_model(str(path))
         plugins = [n for n in graph.graph.node if n.domain == DOMAIN]
         report["programs"][shape.name] = {
-            "file": path.relative_to(out_dir).as_posix(), "export_s": round(time.perf_counter() - start, 2),
-            "num_nodes": len(graph.graph.node), "plugins": [n.op_type for n in plugins],
-            "profile": {k: [list(s) for s in v] for k, v in profile_shapes(shape, settings).items()}}
+            "file": path.relative_to(out_dir).as_posix(),
+            "export_s": round(time.perf_counter() - start, 2),
+            "num_nodes": len(graph.graph.node),
+            "plugins": [n.op_type for n in plugins],
+            "profile": {k: [list(s) for s in v] for k, v in profile_shapes(shape, settings).items()},
+        }
         files.append(path.relative_to(out_dir).as_posix())
         if trt is None:
             on_program(shape)
@@ -160,14 +169,21 @@ def build(model: NLDModel, shapes: list[PassShape], out_dir: Path, settings: Bui
     versions = onnx_backend.versions()
     if trt is not None:
         versions["tensorrt"] = trt.__version__
-    return {"files": files, "engines": {s.name: f"{TRT_DIR}/{s.name}.engine" for s in shapes} if trt else {},
-            "onnx_only": settings.onnx_only, "max_batch_size": settings.max_batch_size,
-            "max_seq_len": settings.max_seq_len, "max_input_len": settings.max_input_len,
-            "pool_dtype": report["pool_dtype"], "versions": versions}
+    return {
+        "files": files,
+        "engines": {s.name: f"{TRT_DIR}/{s.name}.engine" for s in shapes} if trt else {},
+        "onnx_only": settings.onnx_only,
+        "max_batch_size": settings.max_batch_size,
+        "max_seq_len": settings.max_seq_len,
+        "max_input_len": settings.max_input_len,
+        "pool_dtype": report["pool_dtype"],
+        "versions": versions,
+    }
 
 
-def _build_engines(trt, out_dir: Path, shapes: list[PassShape], settings: BuildSettings,
-                   on_program: Callable[[PassShape], None]) -> list[str]:
+def _build_engines(
+    trt, out_dir: Path, shapes: list[PassShape], settings: BuildSettings, on_program: Callable[[PassShape], None]
+) -> list[str]:
     from trimode.plugins.tensorrt import register_plugins
 
     register_plugins()
@@ -210,24 +226,36 @@ class TensorRTBackend:
     def __init__(self, contexts: dict, model: NLDModel, manifest: dict):
         self.contexts, self.max_input_len = contexts, manifest["max_input_len"]
         spec = model.spec
-        self.pool_shape = (manifest["max_batch_size"], spec.num_key_value_heads, manifest["max_seq_len"],
-                           spec.head_dim)
+        self.pool_shape = (manifest["max_batch_size"], spec.num_key_value_heads, manifest["max_seq_len"], spec.head_dim)
         self.pool_dtype, self.vocab_size = manifest["pool_dtype"], spec.vocab_size
 
-    def __call__(self, kind: PassKind, tokens: torch.Tensor, pool: KVCache, slots: list[int], lengths: list[int],
-                 logit_index: torch.Tensor | None) -> torch.Tensor:
+    def __call__(
+        self,
+        kind: PassKind,
+        tokens: torch.Tensor,
+        pool: KVCache,
+        slots: list[int],
+        lengths: list[int],
+        logit_index: torch.Tensor | None,
+    ) -> torch.Tensor:
         b, L = tokens.shape
         shape, context = lookup(self.contexts, kind, L, self.max_input_len)
         k0 = pool.k[0]
         if k0.device.type != "cuda" or str(k0.dtype) != self.pool_dtype or tuple(k0.shape) != self.pool_shape:
-            raise InputError(f"the KV pool is {tuple(k0.shape)} {k0.dtype} on {k0.device}; this engine needs "
-                             f"{self.pool_shape} {self.pool_dtype} on CUDA")
+            raise InputError(
+                f"the KV pool is {tuple(k0.shape)} {k0.dtype} on {k0.device}; this engine needs "
+                f"{self.pool_shape} {self.pool_dtype} on CUDA"
+            )
         device = k0.device
-        feeds = {"tokens": tokens.to(device, torch.long).contiguous(),
-                 "rows": torch.tensor(slots, device=device), "lengths": torch.tensor(lengths, device=device)}
+        feeds = {
+            "tokens": tokens.to(device, torch.long).contiguous(),
+            "rows": torch.tensor(slots, device=device),
+            "lengths": torch.tensor(lengths, device=device),
+        }
         if kind.last_logit_only:
-            feeds["logit_index"] = (torch.full((b,), L - 1, device=device) if logit_index is None
-                                    else logit_index.to(device, torch.long))
+            feeds["logit_index"] = (
+                torch.full((b,), L - 1, device=device) if logit_index is None else logit_index.to(device, torch.long)
+            )
         for name, x in feeds.items():
             context.set_input_shape(name, tuple(x.shape))
             context.set_tensor_address(name, x.data_ptr())

@@ -71,9 +71,16 @@ def example_inputs(model: NLDModel, shape: PassShape, pool: KVCache) -> tuple:
     chunk of 2 (a dynamic size of 1 would be specialised)."""
     b, L = min(2, pool.k[0].shape[0]), shape.length or 2
     device = model.device
-    return (torch.zeros(b, L, dtype=torch.long, device=device), torch.tensor([3, 5][:b], device=device),
-            torch.arange(b, device=device), torch.arange(16, device=device),
-            torch.zeros(b, dtype=torch.long, device=device), torch.tensor(False, device=device), *pool.k, *pool.v)
+    return (
+        torch.zeros(b, L, dtype=torch.long, device=device),
+        torch.tensor([3, 5][:b], device=device),
+        torch.arange(b, device=device),
+        torch.arange(16, device=device),
+        torch.zeros(b, dtype=torch.long, device=device),
+        torch.tensor(False, device=device),
+        *pool.k,
+        *pool.v,
+    )
 
 
 NUM_INPUTS = 6  # before the pool: tokens, lengths, rows, key_index, logit_index, causal
@@ -97,8 +104,12 @@ def blocked(weight: torch.Tensor, block_n: int) -> torch.Tensor:
     layout of a constant B (torch._inductor.codegen.cpp_gemm_template, block_weight)."""
     k, n = weight.shape
     padded = -(-n // block_n) * block_n
-    return (torch.nn.functional.pad(weight, (0, padded - n)).reshape(k, padded // block_n, block_n)
-            .transpose(0, 1).contiguous())
+    return (
+        torch.nn.functional.pad(weight, (0, padded - n))
+        .reshape(k, padded // block_n, block_n)
+        .transpose(0, 1)
+        .contiguous()
+    )
 
 
 @contextlib.contextmanager
@@ -123,8 +134,14 @@ def recorded_constants():
 
 def _is_blocked(t: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether t is `blocked(weight, t.shape[2])`."""
-    return (t.dim() == 3 and weight.dim() == 2 and weight.dtype == t.dtype and weight.shape[0] == t.shape[1]
-            and -(-weight.shape[1] // t.shape[2]) == t.shape[0] and torch.equal(blocked(weight, t.shape[2]), t))
+    return (
+        t.dim() == 3
+        and weight.dim() == 2
+        and weight.dtype == t.dtype
+        and weight.shape[0] == t.shape[1]
+        and -(-weight.shape[1] // t.shape[2]) == t.shape[0]
+        and torch.equal(blocked(weight, t.shape[2]), t)
+    )
 
 
 def blocked_sources(made: dict[str, torch.Tensor], gemms: ProgramGemms) -> dict[str, list]:
@@ -135,8 +152,10 @@ def blocked_sources(made: dict[str, torch.Tensor], gemms: ProgramGemms) -> dict[
     for name, t in made.items():
         source = next(([fqn, t.shape[2]] for fqn, w in weights.items() if _is_blocked(t, w)), None)
         if source is None:
-            raise EngineError(f"the compiled program holds a constant {name} {tuple(t.shape)} that is no blocked "
-                              f"GEMM matrix: loading could not remake it")
+            raise EngineError(
+                f"the compiled program holds a constant {name} {tuple(t.shape)} that is no blocked "
+                f"GEMM matrix: loading could not remake it"
+            )
         sources[name] = source
     return sources
 
@@ -146,12 +165,14 @@ def _layout(module: torch.nn.Module) -> list:
     shapes and dtypes (not their values, which are loaded: `load`), and the values of its 0-dim
     tensors (an FP8 input_scale), which Inductor writes into the code as literals."""
     tensors = [*module.named_parameters(), *module.named_buffers()]
-    return [type(m) for m in module.modules()] + [(n, t.shape, t.dtype, t.item() if t.dim() == 0 else None)
-                                                  for n, t in tensors]
+    return [type(m) for m in module.modules()] + [
+        (n, t.shape, t.dtype, t.item() if t.dim() == 0 else None) for n, t in tensors
+    ]
 
 
 def draft_reuses_denoise(gemms: ProgramGemms) -> bool:
     """Whether the draft pass can run the denoise program over the draft GEMMs' tensors (`load`)."""
+
     def same(layer, group: str) -> bool:
         draft = getattr(layer, f"{group}_draft")
         return draft is None or _layout(draft) == _layout(getattr(layer, group))
@@ -166,8 +187,13 @@ def draft_constant(name: str, constants: dict[str, torch.Tensor]) -> str:
     return draft if draft in constants else name
 
 
-def build(model: NLDModel, shapes: list[PassShape], out_dir: Path, settings: BuildSettings,
-          on_program: Callable[[PassShape], None]) -> dict:
+def build(
+    model: NLDModel,
+    shapes: list[PassShape],
+    out_dir: Path,
+    settings: BuildSettings,
+    on_program: Callable[[PassShape], None],
+) -> dict:
     """Export and compile every shape into out_dir/programs/<name>.pt2. -> manifest entries: the
     package of each program ("programs"), the programs that read the draft twins ("draft"), the
     batch-1 packages of the block programs ("batch1_programs"), the block programs that got none and
@@ -189,13 +215,18 @@ def build(model: NLDModel, shapes: list[PassShape], out_dir: Path, settings: Bui
         with torch.no_grad(), quiet_export(), recorded_constants() as made:
             exported = torch.export.export(program, args, dynamic_shapes=spec, strict=False)
             path = out_dir / PROGRAM_DIR / f"{name}.pt2"
-            inductor.aoti_compile_and_package(exported, package_path=str(path),
-                                              inductor_configs={"aot_inductor.package_constants_in_so": False}
-                                              | configs)
+            inductor.aoti_compile_and_package(
+                exported,
+                package_path=str(path),
+                inductor_configs={"aot_inductor.package_constants_in_so": False} | configs,
+            )
         files.append(path.relative_to(out_dir).as_posix())
         own = [*program.state_dict(keep_vars=True).values(), *program.buffers()]  # the lowered weights themselves
-        made = {n: t for n, t in made.items()
-                if not any(o.shape == t.shape and o.dtype == t.dtype and torch.equal(o, t) for o in own)}
+        made = {
+            n: t
+            for n, t in made.items()
+            if not any(o.shape == t.shape and o.dtype == t.dtype and torch.equal(o, t) for o in own)
+        }
         if made:
             blocked_constants[files[-1]] = blocked_sources(made, gemms)
         return files[-1]
@@ -215,8 +246,13 @@ def build(model: NLDModel, shapes: list[PassShape], out_dir: Path, settings: Bui
         programs[shape.name] = compile_program(program, args, spec, shape.name, {})
         if shape.kind == PassKind.DENOISE and has_batch1_program(model):
             one = tuple(a[:1] for a in args[:3]) + (args[3], args[4][:1]) + args[5:]
-            file = compile_program(program, one, (None, None, None, spec[3], None, None, spec[6]),
-                                   shape.name + BATCH1_SUFFIX, BATCH1_CONFIGS)
+            file = compile_program(
+                program,
+                one,
+                (None, None, None, spec[3], None, None, spec[6]),
+                shape.name + BATCH1_SUFFIX,
+                BATCH1_CONFIGS,
+            )
             if file in blocked_constants:
                 batch1[shape.name] = file
             else:  # autotuning kept the ATen GEMM everywhere: the dynamic program at batch 1, a file for nothing
@@ -225,25 +261,46 @@ def build(model: NLDModel, shapes: list[PassShape], out_dir: Path, settings: Bui
                 batch1_skipped[shape.name] = NO_TEMPLATE_GEMM
         seconds[shape.name] = round(time.perf_counter() - began, 1)
         on_program(shape)
-    return {"files": files, "programs": programs, "draft": [s.name for s in shapes if s.kind.use_draft],
-            "batch1_programs": batch1, "batch1_skipped": batch1_skipped, "blocked_constants": blocked_constants,
-            "max_seq_len": settings.max_seq_len, "max_input_len": settings.max_input_len, "compile_s": seconds}
+    return {
+        "files": files,
+        "programs": programs,
+        "draft": [s.name for s in shapes if s.kind.use_draft],
+        "batch1_programs": batch1,
+        "batch1_skipped": batch1_skipped,
+        "blocked_constants": blocked_constants,
+        "max_seq_len": settings.max_seq_len,
+        "max_input_len": settings.max_input_len,
+        "compile_s": seconds,
+    }
 
 
 class CompiledBackend:
     """The runner's backend (decoding/runner.py) over AOTInductor packages."""
 
-    def __init__(self, programs: dict[str, AOTICompiledModel], max_seq_len: int, max_input_len: int,
-                 device: torch.device, constants: dict[str, torch.Tensor],
-                 batch1_programs: dict[str, AOTICompiledModel]):
+    def __init__(
+        self,
+        programs: dict[str, AOTICompiledModel],
+        max_seq_len: int,
+        max_input_len: int,
+        device: torch.device,
+        constants: dict[str, torch.Tensor],
+        batch1_programs: dict[str, AOTICompiledModel],
+    ):
         self.programs, self.max_seq_len, self.max_input_len, self.device = programs, max_seq_len, max_input_len, device
         self.batch1_programs = batch1_programs  # by shape name: the same pass for a batch of one row
         self.constants = constants  # the programs read these tensors in place (user-managed): keep them alive
         self.key_index = torch.arange(max_seq_len, device=device)
         self.causal = {pattern: torch.tensor(pattern == Pattern.CAUSAL, device=device) for pattern in Pattern}
 
-    def __call__(self, kind: PassKind, tokens: torch.Tensor, pool: KVCache, slots: list[int], lengths: list[int],
-                 logit_index: torch.Tensor | None) -> PassOutput:
+    def __call__(
+        self,
+        kind: PassKind,
+        tokens: torch.Tensor,
+        pool: KVCache,
+        slots: list[int],
+        lengths: list[int],
+        logit_index: torch.Tensor | None,
+    ) -> PassOutput:
         L = tokens.shape[1]
         shape, program = lookup(self.programs, kind, L, self.max_input_len)
         if len(slots) == 1:
@@ -251,8 +308,16 @@ class CompiledBackend:
         span = min(-(-(max(lengths) + L) // SPAN_ALIGN) * SPAN_ALIGN, self.max_seq_len)
         if logit_index is None:
             logit_index = torch.zeros(len(slots), dtype=torch.long, device=self.device)
-        inputs = [tokens, torch.tensor(lengths, device=self.device), torch.tensor(slots, device=self.device),
-                  self.key_index[:span], logit_index, self.causal[kind.pattern], *pool.k, *pool.v]
+        inputs = [
+            tokens,
+            torch.tensor(lengths, device=self.device),
+            torch.tensor(slots, device=self.device),
+            self.key_index[:span],
+            logit_index,
+            self.causal[kind.pattern],
+            *pool.k,
+            *pool.v,
+        ]
         # the loader's flat call: the package's __call__ re-parses its pytree specs on every pass
         return PassOutput(*program.loader.boxed_run(inputs))
 
@@ -278,12 +343,24 @@ def load(engine_dir: Path, model: NLDModel, manifest: dict) -> CompiledBackend:
             programs[name] = loaded[file, is_draft]
         return programs
 
-    return CompiledBackend(load_all(manifest["programs"]), manifest["max_seq_len"], manifest["max_input_len"],
-                           model.device, constants, load_all(manifest.get("batch1_programs", {})))
+    return CompiledBackend(
+        load_all(manifest["programs"]),
+        manifest["max_seq_len"],
+        manifest["max_input_len"],
+        model.device,
+        constants,
+        load_all(manifest.get("batch1_programs", {})),
+    )
 
 
-def _load_package(engine_dir: Path, file: str, name: str, constants: dict[str, torch.Tensor], is_draft: bool,
-                  blocked_of: dict[str, list]) -> AOTICompiledModel:
+def _load_package(
+    engine_dir: Path,
+    file: str,
+    name: str,
+    constants: dict[str, torch.Tensor],
+    is_draft: bool,
+    blocked_of: dict[str, list],
+) -> AOTICompiledModel:
     """blocked_of: {constant: [fqn, block width]} of the constants to remake with `blocked`; each made
     matrix is added to `constants` (under "blocked:fqn:width"), shared by the packages and kept alive."""
     import torch._inductor as inductor
@@ -301,7 +378,9 @@ def _load_package(engine_dir: Path, file: str, name: str, constants: dict[str, t
             constants[source[n]] = blocked(constants[fqn], block_n)
     missing = [s for s in source.values() if s not in constants]
     if missing:
-        raise EngineError(f"{engine_dir}: the {name} program needs weights the checkpoint lacks "
-                          f"({', '.join(missing[:3])}); rebuild the engine")
+        raise EngineError(
+            f"{engine_dir}: the {name} program needs weights the checkpoint lacks "
+            f"({', '.join(missing[:3])}); rebuild the engine"
+        )
     package.load_constants({n: constants[s] for n, s in source.items()}, check_full_update=True, user_managed=True)
     return package

@@ -48,25 +48,48 @@ def _round_to_e4m3(x):
 @triton.jit
 def _block_attention_kernel(
     # inputs, int scalars, outputs: the order TensorRT's AOT plugins launch with (tensorrt.py)
-    q_ptr,            # [b, L, H, D]
-    k_ptr, v_ptr,     # [b, L, Hkv, D] the chunk's keys and values
-    kc_ptr, vc_ptr,   # [B, Hkv, S, D] this layer's cache: q's dtype, or float8 codes; written in place
-    lengths_ptr,      # [b] int64 committed prefix per sequence
-    rows_ptr,         # [b] int64 cache row per sequence
-    k_scale_ptr, v_scale_ptr,  # [] fp32 (read only when IS_FP8)
-    counter_ptr,      # [>= tiles] int32, zero before and after the launch      } split-KV only
-    part_acc_ptr,     # [tiles, MAX_SPLITS, BLOCK_M, BLOCK_D] fp32 scratch        } (None when
-    part_ml_ptr,      # [tiles, MAX_SPLITS, 2, BLOCK_M] fp32 scratch: max, sum   }  SPLIT_N == 0)
-    chunk_len, is_causal, num_kv_heads,
-    s_qb, s_ql, s_qh,
-    s_kb, s_kl, s_kh,
-    s_vb, s_vl, s_vh,
-    s_cb, s_ch, s_cs,
-    s_ob, s_ol, s_oh,
-    out_ptr,          # [b, L, H, D]
-    SM_SCALE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FP8: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_N: tl.constexpr, MAX_SPLITS: tl.constexpr,
+    q_ptr,  # [b, L, H, D]
+    k_ptr,
+    v_ptr,  # [b, L, Hkv, D] the chunk's keys and values
+    kc_ptr,
+    vc_ptr,  # [B, Hkv, S, D] this layer's cache: q's dtype, or float8 codes; written in place
+    lengths_ptr,  # [b] int64 committed prefix per sequence
+    rows_ptr,  # [b] int64 cache row per sequence
+    k_scale_ptr,
+    v_scale_ptr,  # [] fp32 (read only when IS_FP8)
+    counter_ptr,  # [>= tiles] int32, zero before and after the launch      } split-KV only
+    part_acc_ptr,  # [tiles, MAX_SPLITS, BLOCK_M, BLOCK_D] fp32 scratch        } (None when
+    part_ml_ptr,  # [tiles, MAX_SPLITS, 2, BLOCK_M] fp32 scratch: max, sum   }  SPLIT_N == 0)
+    chunk_len,
+    is_causal,
+    num_kv_heads,
+    s_qb,
+    s_ql,
+    s_qh,
+    s_kb,
+    s_kl,
+    s_kh,
+    s_vb,
+    s_vl,
+    s_vh,
+    s_cb,
+    s_ch,
+    s_cs,
+    s_ob,
+    s_ol,
+    s_oh,
+    out_ptr,  # [b, L, H, D]
+    SM_SCALE: tl.constexpr,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_FP8: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    SPLIT_N: tl.constexpr,
+    MAX_SPLITS: tl.constexpr,
 ):
     pid_m, pid_bh, pid_split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq, kv_head = pid_bh // num_kv_heads, pid_bh % num_kv_heads
@@ -102,12 +125,15 @@ def _block_attention_kernel(
     r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     tok_q, head = r // GROUP, kv_head * GROUP + r % GROUP
     row_ok = tok_q < chunk_len
-    q = tl.load(q_ptr + seq * s_qb + tok_q[:, None] * s_ql + head[:, None] * s_qh + d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = tl.load(
+        q_ptr + seq * s_qb + tok_q[:, None] * s_ql + head[:, None] * s_qh + d[None, :],
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
     # Causal: query i sees keys up to length + i; block: the whole chunk. Rows past the chunk act
     # as its last token (they are never stored), so every row sees key 0 and no softmax is empty.
     last_tok = tl.minimum(tok_q, chunk_len - 1)
-    visible_end = length + tl.where(is_causal != 0, last_tok + 1, chunk_len)      # [BLOCK_M]
+    visible_end = length + tl.where(is_causal != 0, last_tok + 1, chunk_len)  # [BLOCK_M]
     tile_end = tl.max(visible_end, axis=0)
 
     # Split-KV: program pid_split covers the keys at absolute positions [pid_split * SPLIT_N, +SPLIT_N),
@@ -117,8 +143,26 @@ def _block_attention_kernel(
         key_start = pid_split * SPLIT_N
         key_end = tl.minimum(tile_end, key_start + SPLIT_N)
     if key_start < tile_end:  # splits past this tile's last visible key have nothing to do
-        acc, m_i, l_i = _attend(q, kc_base, vc_base, k_scale, v_scale, s_cs, d, d_ok, visible_end, key_start,
-                                key_end, SM_SCALE, BLOCK_M, BLOCK_N, BLOCK_D, IS_FP8, DOT_DTYPE, PRECISION)
+        acc, m_i, l_i = _attend(
+            q,
+            kc_base,
+            vc_base,
+            k_scale,
+            v_scale,
+            s_cs,
+            d,
+            d_ok,
+            visible_end,
+            key_start,
+            key_end,
+            SM_SCALE,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_D,
+            IS_FP8,
+            DOT_DTYPE,
+            PRECISION,
+        )
         out_ptrs = out_ptr + seq * s_ob + tok_q[:, None] * s_ol + head[:, None] * s_oh + d[None, :]
         out_ok = row_ok[:, None] & d_ok[None, :]
         if SPLIT_N == 0:
@@ -133,7 +177,7 @@ def _block_attention_kernel(
             # so a query's result does not depend on how many splits its tile needed.
             tile = pid_bh * tl.num_programs(0) + pid_m
             rows_m = tl.arange(0, BLOCK_M)
-            part = (tile * MAX_SPLITS + pid_split)
+            part = tile * MAX_SPLITS + pid_split
             tl.store(part_acc_ptr + (part * BLOCK_M + rows_m[:, None]) * BLOCK_D + d[None, :], acc)
             tl.store(part_ml_ptr + part * 2 * BLOCK_M + rows_m, m_i)
             tl.store(part_ml_ptr + (part * 2 + 1) * BLOCK_M + rows_m, l_i)
@@ -151,14 +195,32 @@ def _block_attention_kernel(
                     weight = tl.exp2(tl.load(part_ml_ptr + slot * 2 * BLOCK_M + rows_m, cache_modifier=".cg") - m)
                     l_i += weight * tl.load(part_ml_ptr + (slot * 2 + 1) * BLOCK_M + rows_m, cache_modifier=".cg")
                     acc += weight[:, None] * tl.load(
-                        part_acc_ptr + (slot * BLOCK_M + rows_m[:, None]) * BLOCK_D + d[None, :], cache_modifier=".cg")
+                        part_acc_ptr + (slot * BLOCK_M + rows_m[:, None]) * BLOCK_D + d[None, :], cache_modifier=".cg"
+                    )
                 tl.store(out_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit
-def _attend(q, kc_base, vc_base, k_scale, v_scale, s_cs, d, d_ok, visible_end, key_start, key_end,
-            SM_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-            IS_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+def _attend(
+    q,
+    kc_base,
+    vc_base,
+    k_scale,
+    v_scale,
+    s_cs,
+    d,
+    d_ok,
+    visible_end,
+    key_start,
+    key_end,
+    SM_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    IS_FP8: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """Online softmax of the queries over cache keys [key_start, key_end) in absolute BLOCK_N tiles.
     -> (unnormalised acc [BLOCK_M, BLOCK_D], running max m [BLOCK_M] (base 2), sum l [BLOCK_M])"""
     qk_scale = SM_SCALE * 1.4426950408889634  # log2(e): exp2 below
@@ -206,16 +268,23 @@ def split_size(max_len: int, device: torch.device) -> int:
     return 0 if max_len <= 1024 else max(512, triton.next_power_of_2(triton.cdiv(max_len, 16)))
 
 
-def constants(dtype: torch.dtype, head_dim: int, group: int, is_fp8: bool, device: torch.device,
-              max_len: int = 0) -> dict:
+def constants(
+    dtype: torch.dtype, head_dim: int, group: int, is_fp8: bool, device: torch.device, max_len: int = 0
+) -> dict:
     """The kernel's constexpr arguments (shared by the launcher and the TensorRT AOT compile, which
     passes max_len 0: no split-KV, so the engine needs no scratch)."""
     block_m, block_n, block_d = tile_sizes(head_dim, device)
     split_n = split_size(max_len, device) if max_len else 0
     return dict(
-        SPLIT_N=split_n, MAX_SPLITS=triton.cdiv(max_len, split_n) if split_n else 1,
-        SM_SCALE=1.0 / math.sqrt(head_dim), GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
-        BLOCK_M=block_m, BLOCK_N=block_n, IS_FP8=is_fp8,
+        SPLIT_N=split_n,
+        MAX_SPLITS=triton.cdiv(max_len, split_n) if split_n else 1,
+        SM_SCALE=1.0 / math.sqrt(head_dim),
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        IS_FP8=is_fp8,
         # The CPU interpreter multiplies bf16 tiles wrongly (triton 3.7), and its fp32 tiles go to
         # numpy's BLAS, whose sum order depends on a row's place in the tile on some CPUs (AMD EPYC,
         # OpenBLAS 0.3.23): it gets exact fp64 copies, whose products are exact and whose sums round
@@ -225,15 +294,26 @@ def constants(dtype: torch.dtype, head_dim: int, group: int, is_fp8: bool, devic
     )
 
 
-def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-           lengths: torch.Tensor, rows: torch.Tensor | None, is_causal: bool,
-           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+def launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lengths: torch.Tensor,
+    rows: torch.Tensor | None,
+    is_causal: bool,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     """reference.block_attention with the layout given as lengths [b] and cache rows [b] (None = 0..b-1)."""
     b, L, H, D = q.shape
     _, Hkv, S, _ = k_cache.shape
     if k.shape != (b, L, Hkv, D) or v.shape != k.shape or v_cache.shape != k_cache.shape or k_cache.shape[3] != D:
-        raise ValueError(f"block_attention: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
-                         f"caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)} do not fit")
+        raise ValueError(
+            f"block_attention: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+            f"caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)} do not fit"
+        )
     if H % Hkv:
         raise ValueError(f"block_attention: {H} query heads are not a multiple of {Hkv} KV heads")
     is_fp8 = k_cache.dtype == E4M3
@@ -266,8 +346,27 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
         part_acc = torch.empty(parts * const["BLOCK_D"], dtype=torch.float32, device=q.device)
         part_ml = torch.empty(parts * 2, dtype=torch.float32, device=q.device)
     _block_attention_kernel[(num_tiles, b * Hkv, const["MAX_SPLITS"])](
-        q, k, v, k_cache, v_cache, lengths, rows, k_scale, v_scale, counters, part_acc, part_ml, L, int(is_causal),
-        Hkv, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *k_cache.stride()[:3], *out.stride()[:3], out,
+        q,
+        k,
+        v,
+        k_cache,
+        v_cache,
+        lengths,
+        rows,
+        k_scale,
+        v_scale,
+        counters,
+        part_acc,
+        part_ml,
+        L,
+        int(is_causal),
+        Hkv,
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v.stride()[:3],
+        *k_cache.stride()[:3],
+        *out.stride()[:3],
+        out,
         **const,
     )
     return out

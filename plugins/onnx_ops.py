@@ -42,18 +42,29 @@ OP_TYPES = ("BlockAttention", "SpecAccept", "DiffusionCommit")
 TENSORRT_ATTRS: dict[str, int | str] = {"plugin_namespace": DOMAIN, "plugin_version": str(VERSION), "aot": 1}
 
 
-def _node(op_type: str, inputs: list[torch.Tensor], attrs: dict, dtypes: list[torch.dtype],
-          shapes: list) -> list[torch.Tensor]:
-    return list(torch.onnx.ops.symbolic_multi_out(
-        f"{DOMAIN}::{op_type}", inputs, {**attrs, **TENSORRT_ATTRS}, dtypes=dtypes, shapes=shapes,
-        version=VERSION))
+def _node(
+    op_type: str, inputs: list[torch.Tensor], attrs: dict, dtypes: list[torch.dtype], shapes: list
+) -> list[torch.Tensor]:
+    return list(
+        torch.onnx.ops.symbolic_multi_out(
+            f"{DOMAIN}::{op_type}", inputs, {**attrs, **TENSORRT_ATTRS}, dtypes=dtypes, shapes=shapes, version=VERSION
+        )
+    )
 
 
 # --- node emitters (called from ops.py during export) -----------------------------------------------
 
-def block_attention_node(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                         v_cache: torch.Tensor, layout: ChunkLayout, k_scale: torch.Tensor | None = None,
-                         v_scale: torch.Tensor | None = None) -> torch.Tensor:
+
+def block_attention_node(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    layout: ChunkLayout,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     """One BlockAttention node; reads only layout.lengths, layout.row_index and layout.is_causal.
 
     ONNX is functional: the node returns the caches with the chunk's K/V written as two more
@@ -64,43 +75,75 @@ def block_attention_node(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_ca
     custom ops and TensorRT's plugin signatures take a fixed number of inputs.
     """
     one = torch.ones((), dtype=torch.float32, device=q.device)
-    inputs = [q, k, v, k_cache, v_cache, layout.lengths.long(), layout.row_index.long(),
-              one if k_scale is None else k_scale.float(), one if v_scale is None else v_scale.float()]
+    inputs = [
+        q,
+        k,
+        v,
+        k_cache,
+        v_cache,
+        layout.lengths.long(),
+        layout.row_index.long(),
+        one if k_scale is None else k_scale.float(),
+        one if v_scale is None else v_scale.float(),
+    ]
     out, k_cache_out, v_cache_out = _node(
-        "BlockAttention", inputs, {"is_causal": int(layout.is_causal)},
-        dtypes=[q.dtype, k_cache.dtype, v_cache.dtype], shapes=[q.shape, k_cache.shape, v_cache.shape])
+        "BlockAttention",
+        inputs,
+        {"is_causal": int(layout.is_causal)},
+        dtypes=[q.dtype, k_cache.dtype, v_cache.dtype],
+        shapes=[q.shape, k_cache.shape, v_cache.shape],
+    )
     k_cache.copy_(k_cache_out)
     v_cache.copy_(v_cache_out)
     return out
 
 
-def spec_accept_node(verify_logits: torch.Tensor, draft: torch.Tensor, mask_token_id: int,
-                     eos_ids: torch.Tensor, temperature: torch.Tensor | float = 0.0,
-                     seed: torch.Tensor | int = 0) -> Accepted:
+def spec_accept_node(
+    verify_logits: torch.Tensor,
+    draft: torch.Tensor,
+    mask_token_id: int,
+    eos_ids: torch.Tensor,
+    temperature: torch.Tensor | float = 0.0,
+    seed: torch.Tensor | int = 0,
+) -> Accepted:
     """One SpecAccept node (see reference.spec_accept)."""
     b = draft.shape[0]
     temperature, seed = sampling_rows(temperature, seed, b, draft.device)
     inputs = [verify_logits, draft.long(), eos_ids.long(), temperature, seed, _counters(b, draft.device)]
     tokens, n, next_seed, is_eos = _node(
-        "SpecAccept", inputs, {"mask_token_id": int(mask_token_id)},
-        dtypes=[torch.int64, torch.int64, torch.int64, torch.bool], shapes=[draft.shape, [b], [b], [b]])
+        "SpecAccept",
+        inputs,
+        {"mask_token_id": int(mask_token_id)},
+        dtypes=[torch.int64, torch.int64, torch.int64, torch.bool],
+        shapes=[draft.shape, [b], [b], [b]],
+    )
     return Accepted(tokens, n, next_seed, is_eos)
 
 
-def diffusion_commit_node(logits: torch.Tensor, block: torch.Tensor, mask_token_id: int,
-                          threshold: float | None, num_commit: torch.Tensor | None,
-                          temperature: torch.Tensor | float = 0.0, seed: torch.Tensor | int = 0) -> torch.Tensor:
+def diffusion_commit_node(
+    logits: torch.Tensor,
+    block: torch.Tensor,
+    mask_token_id: int,
+    threshold: float | None,
+    num_commit: torch.Tensor | None,
+    temperature: torch.Tensor | float = 0.0,
+    seed: torch.Tensor | int = 0,
+) -> torch.Tensor:
     """One DiffusionCommit node (see reference.diffusion_commit); num_commit is zeros when the
     threshold rule is on (use_threshold=1), and threshold 0.0 when it is off."""
     assert threshold is not None or num_commit is not None
     if num_commit is None:
         num_commit = torch.zeros_like(block[:, 0], dtype=torch.int64)
     temperature, seed = sampling_rows(temperature, seed, block.shape[0], block.device)
-    attrs = {"mask_token_id": int(mask_token_id), "threshold": float(threshold or 0.0),
-             "use_threshold": int(threshold is not None)}
+    attrs = {
+        "mask_token_id": int(mask_token_id),
+        "threshold": float(threshold or 0.0),
+        "use_threshold": int(threshold is not None),
+    }
     inputs = [logits, block.long(), num_commit.long(), temperature, seed, _counters(block.shape[0], block.device)]
     new_block, _confidence = _node(
-        "DiffusionCommit", inputs, attrs, dtypes=[torch.int64, torch.float32], shapes=[block.shape, block.shape])
+        "DiffusionCommit", inputs, attrs, dtypes=[torch.int64, torch.float32], shapes=[block.shape, block.shape]
+    )
     return new_block
 
 
@@ -112,6 +155,7 @@ def _counters(num_sequences: int, device: torch.device) -> torch.Tensor:
 
 # --- onnxruntime: the references behind the nodes ---------------------------------------------------
 
+
 def _run_block_attention(q, k, v, k_cache, v_cache, lengths, rows, k_scale, v_scale, *, is_causal: int):
     q, k, v, lengths, rows, k_scale, v_scale = (torch.from_numpy(x) for x in (q, k, v, lengths, rows, k_scale, v_scale))
     k_cache, v_cache = torch.from_numpy(k_cache.copy()), torch.from_numpy(v_cache.copy())  # new outputs
@@ -121,17 +165,31 @@ def _run_block_attention(q, k, v, k_cache, v_cache, lengths, rows, k_scale, v_sc
 
 
 def _run_spec_accept(verify_logits, draft, eos_ids, temperature, seed, counters, *, mask_token_id: int):
-    accepted = reference.spec_accept(torch.from_numpy(verify_logits), torch.from_numpy(draft), mask_token_id,
-                                     torch.from_numpy(eos_ids), torch.from_numpy(temperature), torch.from_numpy(seed))
+    accepted = reference.spec_accept(
+        torch.from_numpy(verify_logits),
+        torch.from_numpy(draft),
+        mask_token_id,
+        torch.from_numpy(eos_ids),
+        torch.from_numpy(temperature),
+        torch.from_numpy(seed),
+    )
     return tuple(x.numpy() for x in accepted)
 
 
-def _run_diffusion_commit(logits, block, num_commit, temperature, seed, counters, *, mask_token_id: int,
-                          threshold: float, use_threshold: int):
+def _run_diffusion_commit(
+    logits, block, num_commit, temperature, seed, counters, *, mask_token_id: int, threshold: float, use_threshold: int
+):
     logits, block = torch.from_numpy(logits), torch.from_numpy(block)
     temperature, seed = torch.from_numpy(temperature), torch.from_numpy(seed)
-    new_block = reference.diffusion_commit(logits, block, mask_token_id, threshold if use_threshold else None,
-                                           torch.from_numpy(num_commit), temperature, seed)
+    new_block = reference.diffusion_commit(
+        logits,
+        block,
+        mask_token_id,
+        threshold if use_threshold else None,
+        torch.from_numpy(num_commit),
+        temperature,
+        seed,
+    )
     # the confidences the kernel also returns: softmax(logits)[x0] where the block was masked
     x0 = reference.pick_tokens(logits, mask_token_id, temperature, seed)
     confidence = torch.softmax(logits.float(), -1).gather(-1, x0[..., None])[..., 0]
@@ -156,13 +214,25 @@ def register_onnxruntime_ops() -> None:
     except ImportError as err:
         raise MissingDependencyError("onnxruntime-extensions", "onnx") from err
     f32, i64, boolean = PyCustomOpDef.dt_float, PyCustomOpDef.dt_int64, PyCustomOpDef.dt_bool
-    onnx_op(op_type=f"{DOMAIN}::BlockAttention", inputs=[f32] * 5 + [i64, i64, f32, f32],
-            outputs=[f32, f32, f32], attrs={"is_causal": i64})(_run_block_attention)
+    onnx_op(
+        op_type=f"{DOMAIN}::BlockAttention",
+        inputs=[f32] * 5 + [i64, i64, f32, f32],
+        outputs=[f32, f32, f32],
+        attrs={"is_causal": i64},
+    )(_run_block_attention)
     i32 = PyCustomOpDef.dt_int32
-    onnx_op(op_type=f"{DOMAIN}::SpecAccept", inputs=[f32, i64, i64, f32, i64, i32],
-            outputs=[i64, i64, i64, boolean], attrs={"mask_token_id": i64})(_run_spec_accept)
-    onnx_op(op_type=f"{DOMAIN}::DiffusionCommit", inputs=[f32, i64, i64, f32, i64, i32], outputs=[i64, f32],
-            attrs={"mask_token_id": i64, "threshold": f32, "use_threshold": i64})(_run_diffusion_commit)
+    onnx_op(
+        op_type=f"{DOMAIN}::SpecAccept",
+        inputs=[f32, i64, i64, f32, i64, i32],
+        outputs=[i64, i64, i64, boolean],
+        attrs={"mask_token_id": i64},
+    )(_run_spec_accept)
+    onnx_op(
+        op_type=f"{DOMAIN}::DiffusionCommit",
+        inputs=[f32, i64, i64, f32, i64, i32],
+        outputs=[i64, f32],
+        attrs={"mask_token_id": i64, "threshold": f32, "use_threshold": i64},
+    )(_run_diffusion_commit)
     _registered = True
 
 

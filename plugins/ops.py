@@ -35,12 +35,22 @@ def use_kernels(device: torch.device) -> bool:
 
 # --- torch custom ops: the kernels behind one opaque node each --------------------------------------
 
+
 @torch.library.custom_op("trimode::block_attention", mutates_args=("k_cache", "v_cache"))
-def _block_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                        v_cache: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor | None,
-                        is_causal: bool, k_scale: torch.Tensor | None,
-                        v_scale: torch.Tensor | None) -> torch.Tensor:
+def _block_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lengths: torch.Tensor,
+    rows: torch.Tensor | None,
+    is_causal: bool,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+) -> torch.Tensor:
     from trimode.plugins.block_attention import launch
+
     return launch(q, k, v, k_cache, v_cache, lengths, rows, is_causal, k_scale, v_scale)
 
 
@@ -50,10 +60,16 @@ def _(q, k, v, k_cache, v_cache, lengths, rows, is_causal, k_scale, v_scale):
 
 
 @torch.library.custom_op("trimode::spec_accept", mutates_args=())
-def _spec_accept_op(verify_logits: torch.Tensor, draft: torch.Tensor, mask_token_id: int,
-                    eos_ids: torch.Tensor, temperature: torch.Tensor,
-                    seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _spec_accept_op(
+    verify_logits: torch.Tensor,
+    draft: torch.Tensor,
+    mask_token_id: int,
+    eos_ids: torch.Tensor,
+    temperature: torch.Tensor,
+    seed: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from trimode.plugins.spec_accept import launch
+
     tokens, n, next_seed, is_eos = launch(verify_logits, draft, mask_token_id, eos_ids, temperature, seed)
     return tokens, n, next_seed, is_eos
 
@@ -61,15 +77,26 @@ def _spec_accept_op(verify_logits: torch.Tensor, draft: torch.Tensor, mask_token
 @_spec_accept_op.register_fake
 def _(verify_logits, draft, mask_token_id, eos_ids, temperature, seed):
     b = draft.shape[0]
-    return (torch.empty_like(draft), draft.new_empty(b), draft.new_empty(b),
-            torch.empty(b, dtype=torch.bool, device=draft.device))
+    return (
+        torch.empty_like(draft),
+        draft.new_empty(b),
+        draft.new_empty(b),
+        torch.empty(b, dtype=torch.bool, device=draft.device),
+    )
 
 
 @torch.library.custom_op("trimode::diffusion_commit", mutates_args=())
-def _diffusion_commit_op(logits: torch.Tensor, block: torch.Tensor, mask_token_id: int,
-                         threshold: float | None, num_commit: torch.Tensor | None,
-                         temperature: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+def _diffusion_commit_op(
+    logits: torch.Tensor,
+    block: torch.Tensor,
+    mask_token_id: int,
+    threshold: float | None,
+    num_commit: torch.Tensor | None,
+    temperature: torch.Tensor,
+    seed: torch.Tensor,
+) -> torch.Tensor:
     from trimode.plugins.diffusion_commit import launch
+
     return launch(logits, block, mask_token_id, threshold, num_commit, temperature, seed)
 
 
@@ -80,47 +107,71 @@ def _(logits, block, mask_token_id, threshold, num_commit, temperature, seed):
 
 # --- the call sites ----------------------------------------------------------------------------------
 
-def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, layout: ChunkLayout, k_scale: torch.Tensor | None = None,
-                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
+
+def block_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    layout: ChunkLayout,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     """See reference.block_attention; the pass's layout says whether the kernels run."""
     if torch.onnx.is_in_onnx_export():
         from trimode.plugins.onnx_ops import block_attention_node
+
         return block_attention_node(q, k, v, k_cache, v_cache, layout, k_scale, v_scale)
     if _kernels(layout.kernels, q.device):
-        return torch.ops.trimode.block_attention(q, k, v, k_cache, v_cache, layout.lengths, layout.row_index,
-                                                 layout.is_causal, k_scale, v_scale)
+        return torch.ops.trimode.block_attention(
+            q, k, v, k_cache, v_cache, layout.lengths, layout.row_index, layout.is_causal, k_scale, v_scale
+        )
     return reference.block_attention(q, k, v, k_cache, v_cache, layout, k_scale, v_scale)
 
 
-def spec_accept(verify_logits: torch.Tensor, draft: torch.Tensor, mask_token_id: int,
-                eos_ids: torch.Tensor, temperature: torch.Tensor | float = 0.0,
-                seed: torch.Tensor | int = 0, kernels: bool | None = None) -> Accepted:
+def spec_accept(
+    verify_logits: torch.Tensor,
+    draft: torch.Tensor,
+    mask_token_id: int,
+    eos_ids: torch.Tensor,
+    temperature: torch.Tensor | float = 0.0,
+    seed: torch.Tensor | int = 0,
+    kernels: bool | None = None,
+) -> Accepted:
     """See reference.spec_accept: temperature [b] float32, seed [b] int64, one per sequence (a
     Python float / int means that value for every row). kernels: True / False as the caller chose
     (the ModelRunner, once); None: `use_kernels(device)`."""
     if torch.onnx.is_in_onnx_export():
         from trimode.plugins.onnx_ops import spec_accept_node
+
         return spec_accept_node(verify_logits, draft, mask_token_id, eos_ids, temperature, seed)
     if _kernels(kernels, verify_logits.device):
         temperature, seed = sampling_rows(temperature, seed, draft.shape[0], verify_logits.device)
-        return Accepted(*torch.ops.trimode.spec_accept(verify_logits, draft, mask_token_id, eos_ids,
-                                                       temperature, seed))
+        return Accepted(*torch.ops.trimode.spec_accept(verify_logits, draft, mask_token_id, eos_ids, temperature, seed))
     return reference.spec_accept(verify_logits, draft, mask_token_id, eos_ids, temperature, seed)
 
 
-def diffusion_commit(logits: torch.Tensor, block: torch.Tensor, mask_token_id: int,
-                     threshold: float | None, num_commit: torch.Tensor | None,
-                     temperature: torch.Tensor | float = 0.0, seed: torch.Tensor | int = 0,
-                     kernels: bool | None = None) -> torch.Tensor:
+def diffusion_commit(
+    logits: torch.Tensor,
+    block: torch.Tensor,
+    mask_token_id: int,
+    threshold: float | None,
+    num_commit: torch.Tensor | None,
+    temperature: torch.Tensor | float = 0.0,
+    seed: torch.Tensor | int = 0,
+    kernels: bool | None = None,
+) -> torch.Tensor:
     """See reference.diffusion_commit (temperature, seed and kernels as in spec_accept)."""
     if torch.onnx.is_in_onnx_export():
         from trimode.plugins.onnx_ops import diffusion_commit_node
+
         return diffusion_commit_node(logits, block, mask_token_id, threshold, num_commit, temperature, seed)
     if _kernels(kernels, logits.device):
         temperature, seed = sampling_rows(temperature, seed, block.shape[0], logits.device)
-        return torch.ops.trimode.diffusion_commit(logits, block, mask_token_id, threshold, num_commit,
-                                                  temperature, seed)
+        return torch.ops.trimode.diffusion_commit(
+            logits, block, mask_token_id, threshold, num_commit, temperature, seed
+        )
     return reference.diffusion_commit(logits, block, mask_token_id, threshold, num_commit, temperature, seed)
 
 

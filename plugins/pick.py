@@ -37,8 +37,9 @@ SAMPLING_FP_FUSION = False
 
 
 @triton.jit
-def pick_row(row_ptr, offset0, V, mask_token_id, temperature, seed,
-             WITH_CONFIDENCE: tl.constexpr, BLOCK_V: tl.constexpr):
+def pick_row(
+    row_ptr, offset0, V, mask_token_id, temperature, seed, WITH_CONFIDENCE: tl.constexpr, BLOCK_V: tl.constexpr
+):
     """row_ptr: [V] logits of one row; offset0: its flat index l*V inside its sequence's [L, V]
     logits (the Philox offset, int32); temperature fp32 and seed int64: the sequence's.
     -> (token int32, confidence fp32; 0.0 unless WITH_CONFIDENCE)"""
@@ -46,7 +47,7 @@ def pick_row(row_ptr, offset0, V, mask_token_id, temperature, seed,
     # IEEE division (a plain '/' is approximate on the GPU): the reference's fp32 1/T exactly
     inv_temperature = tl.math.div_rn(1.0, tl.where(is_sampled, temperature, 1.0))
     lanes = tl.arange(0, BLOCK_V)
-    best = tl.full([BLOCK_V], float("-inf"), tl.float32)     # per lane: best score so far
+    best = tl.full([BLOCK_V], float("-inf"), tl.float32)  # per lane: best score so far
     best_index = tl.zeros([BLOCK_V], tl.int32)
     lane_max = tl.full([BLOCK_V], float("-inf"), tl.float32)  # per lane: online softmax max / sum
     lane_sum = tl.zeros([BLOCK_V], tl.float32)
@@ -55,7 +56,7 @@ def pick_row(row_ptr, offset0, V, mask_token_id, temperature, seed,
         is_valid = offs < V
         x = tl.load(row_ptr + offs, mask=is_valid, other=float("-inf")).to(tl.float32)
         score = x
-        if is_sampled:   # sampled row
+        if is_sampled:  # sampled row
             # Same fp32 ops in the same order as the reference: x * fp32(1/T) + gumbel.
             gumbel = -tl.log(-tl.log(tl.rand(seed, offset0 + offs)))
             score = x * inv_temperature + gumbel
@@ -85,6 +86,7 @@ def pick_row(row_ptr, offset0, V, mask_token_id, temperature, seed,
 
 # --- launch side -----------------------------------------------------------------------------------
 
+
 def tile_config(device: torch.device, vocab_size: int) -> tuple[int, int]:
     """(BLOCK_V, num_warps). GPU: 4096-wide tiles, 16 values per thread in flight per step.
     Interpreter: 128, so the small test vocabularies still span several tiles."""
@@ -107,29 +109,33 @@ def sequence_counters(device: torch.device, num_sequences: int) -> torch.Tensor:
     return counters
 
 
-def check_logits(logits: torch.Tensor, tokens: torch.Tensor, mask_token_id: int,
-                 names: tuple[str, str]) -> None:
+def check_logits(logits: torch.Tensor, tokens: torch.Tensor, mask_token_id: int, names: tuple[str, str]) -> None:
     """The checks both launchers share: logits [b, L, V] float, tokens [b, L] int64, one device."""
     logits_name, tokens_name = names
     if logits.dim() != 3 or logits.shape[1] == 0 or logits.dtype not in LOGITS_DTYPES:
-        raise ValueError(f"{logits_name}: expected [b, L >= 1, V] float32/bfloat16/float16, "
-                         f"got {list(logits.shape)} {logits.dtype}")
+        raise ValueError(
+            f"{logits_name}: expected [b, L >= 1, V] float32/bfloat16/float16, got {list(logits.shape)} {logits.dtype}"
+        )
     if tokens.shape != logits.shape[:2] or tokens.dtype != torch.int64:
-        raise ValueError(f"{tokens_name}: expected int64 {list(logits.shape[:2])}, "
-                         f"got {tokens.dtype} {list(tokens.shape)}")
+        raise ValueError(
+            f"{tokens_name}: expected int64 {list(logits.shape[:2])}, got {tokens.dtype} {list(tokens.shape)}"
+        )
     if tokens.device != logits.device:
         raise ValueError(f"{tokens_name} is on {tokens.device}, {logits_name} on {logits.device}")
     if logits.stride(2) != 1:
         raise ValueError(f"{logits_name}: the vocabulary dimension must be contiguous")
-    if logits.shape[1] * logits.shape[2] >= 2 ** 31:
-        raise ValueError(f"{logits_name}: L*V = {logits.shape[1] * logits.shape[2]} >= 2**31 "
-                         "(Philox offsets, per sequence, are int32)")
+    if logits.shape[1] * logits.shape[2] >= 2**31:
+        raise ValueError(
+            f"{logits_name}: L*V = {logits.shape[1] * logits.shape[2]} >= 2**31 "
+            "(Philox offsets, per sequence, are int32)"
+        )
     if not 0 <= mask_token_id < logits.shape[2]:
         raise ValueError(f"mask_token_id {mask_token_id} outside the vocabulary 0..{logits.shape[2] - 1}")
 
 
-def sampling_inputs(temperature: torch.Tensor | float, seed: torch.Tensor | int,
-                    logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sampling_inputs(
+    temperature: torch.Tensor | float, seed: torch.Tensor | int, logits: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """temperature [b] float32, seed [b] int64 (or one Python float / int for all rows), checked
     and contiguous on the logits' device: the kernels load element pid_b."""
     temperature, seed = sampling_rows(temperature, seed, logits.shape[0], logits.device)

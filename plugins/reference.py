@@ -29,18 +29,31 @@ class ChunkLayout:
     span and mask are computed on first use (then cached for the other layers): only the torch
     reference needs them, and they are data-dependent (a host sync, and untraceable by torch.export)."""
 
-    lengths: torch.Tensor         # [b] committed prefix per row
-    rows: torch.Tensor | None     # [b] cache rows (None = all B rows, in order)
+    lengths: torch.Tensor  # [b] committed prefix per row
+    rows: torch.Tensor | None  # [b] cache rows (None = all B rows, in order)
     is_causal: bool
-    positions: torch.Tensor       # [b, L] absolute positions lengths + 0..L-1
+    positions: torch.Tensor  # [b, L] absolute positions lengths + 0..L-1
     length_range: tuple[int, int] | None = None  # (min, max) of lengths, when the caller knows them
-    kernels: bool | None = None   # run the Triton kernel (None: ops.use_kernels decides)
+    kernels: bool | None = None  # run the Triton kernel (None: ops.use_kernels decides)
 
     @classmethod
-    def build(cls, lengths: torch.Tensor, rows: torch.Tensor | None, length: int, is_causal: bool,
-              length_range: tuple[int, int] | None = None, kernels: bool | None = None) -> "ChunkLayout":
-        return cls(lengths, rows, is_causal, lengths[:, None] + torch.arange(length, device=lengths.device),
-                   length_range, kernels)
+    def build(
+        cls,
+        lengths: torch.Tensor,
+        rows: torch.Tensor | None,
+        length: int,
+        is_causal: bool,
+        length_range: tuple[int, int] | None = None,
+        kernels: bool | None = None,
+    ) -> "ChunkLayout":
+        return cls(
+            lengths,
+            rows,
+            is_causal,
+            lengths[:, None] + torch.arange(length, device=lengths.device),
+            length_range,
+            kernels,
+        )
 
     @cached_property
     def _min_max(self) -> tuple[int, int]:
@@ -66,13 +79,20 @@ class ChunkLayout:
         if self._min_max[0] == longest and not (self.is_causal and length > 1):
             return None
         offsets = torch.arange(length, device=self.lengths.device)
-        visible_end = self.lengths[:, None] + (offsets + 1 if self.is_causal else length)    # [b, L]
+        visible_end = self.lengths[:, None] + (offsets + 1 if self.is_causal else length)  # [b, L]
         return (torch.arange(self.span, device=self.lengths.device) < visible_end[:, :, None])[:, None]
 
 
-def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    k_cache: torch.Tensor, v_cache: torch.Tensor, layout: ChunkLayout,
-                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+def block_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    layout: ChunkLayout,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     """One layer's attention for a chunk of L tokens per sequence.
 
     q [b, L, H, D]; k, v [b, L, Hkv, D]; k_cache, v_cache [B, Hkv, S, D] (this layer), in q's dtype
@@ -88,7 +108,8 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     values = v_cache[:, :, :span] if rows is None else v_cache[rows, :, :span]
     keys, values = load_cached(keys, q.dtype, k_scale), load_cached(values, q.dtype, v_scale)
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), keys, values, attn_mask=layout.mask, enable_gqa=q.shape[2] != k.shape[2])
+        q.transpose(1, 2), keys, values, attn_mask=layout.mask, enable_gqa=q.shape[2] != k.shape[2]
+    )
     return out.transpose(1, 2)
 
 
@@ -125,7 +146,7 @@ def philox_uniform(seed: torch.Tensor, numel: int) -> torch.Tensor:
     """seed [...] int64 -> [..., numel] fp32 uniforms in [0, 1): along the last dimension
     `tl.rand(seed, offset)` for offset = 0 .. numel-1 (int32 offsets). The key words are the low and
     high 32 bits of the seed's two's complement, as `tl.rand` takes them."""
-    assert seed.dtype == torch.int64 and numel < 2 ** 31
+    assert seed.dtype == torch.int64 and numel < 2**31
     c0 = torch.arange(numel, dtype=torch.int64, device=seed.device)
     c1 = c2 = c3 = torch.zeros_like(c0)
     k0, k1 = (seed & _MASK32)[..., None], ((seed >> 32) & _MASK32)[..., None]
@@ -134,7 +155,7 @@ def philox_uniform(seed: torch.Tensor, numel: int) -> torch.Tensor:
         hi_a, lo_a = _mulhilo(_PHILOX_ROUND[0], c0)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0, k1 = (k0 + _PHILOX_KEY[0]) & _MASK32, (k1 + _PHILOX_KEY[1]) & _MASK32
-    x = torch.where(c0 >= 2 ** 31, c0 - 2 ** 32, c0)     # as int32
+    x = torch.where(c0 >= 2**31, c0 - 2**32, c0)  # as int32
     x = torch.where(x < 0, -x - 1, x)
     return x.float() * 4.6566127342e-10
 
@@ -146,8 +167,9 @@ def gumbel_noise(seed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return -torch.log(-torch.log(u))
 
 
-def sampling_rows(temperature: torch.Tensor | float, seed: torch.Tensor | int, num_rows: int,
-                  device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+def sampling_rows(
+    temperature: torch.Tensor | float, seed: torch.Tensor | int, num_rows: int, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-row sampling parameters as tensors: temperature [b] float32, seed [b] int64 on device.
 
     A Python float / int (the decoders' transition form) means that value for every row. A row
@@ -156,15 +178,16 @@ def sampling_rows(temperature: torch.Tensor | float, seed: torch.Tensor | int, n
     """
     if isinstance(temperature, torch.Tensor):
         if temperature.shape != (num_rows,) or temperature.dtype != torch.float32:
-            raise ValueError(f"temperature: expected float32 [{num_rows}], "
-                             f"got {temperature.dtype} {list(temperature.shape)}")
+            raise ValueError(
+                f"temperature: expected float32 [{num_rows}], got {temperature.dtype} {list(temperature.shape)}"
+            )
     else:
         temperature = torch.full((num_rows,), float(temperature), dtype=torch.float32, device=device)
     if isinstance(seed, torch.Tensor):
         if seed.shape != (num_rows,) or seed.dtype != torch.int64:
             raise ValueError(f"seed: expected int64 [{num_rows}], got {seed.dtype} {list(seed.shape)}")
     else:
-        if not 0 <= seed < 2 ** 63:
+        if not 0 <= seed < 2**63:
             raise ValueError(f"seed {seed} outside 0..2**63-1")
         seed = torch.full((num_rows,), int(seed), dtype=torch.int64, device=device)
     for name, x in (("temperature", temperature), ("seed", seed)):
@@ -173,17 +196,18 @@ def sampling_rows(temperature: torch.Tensor | float, seed: torch.Tensor | int, n
     return temperature, seed
 
 
-def pick_tokens(logits: torch.Tensor, mask_token_id: int, temperature: torch.Tensor | float = 0.0,
-                seed: torch.Tensor | int = 0) -> torch.Tensor:
+def pick_tokens(
+    logits: torch.Tensor, mask_token_id: int, temperature: torch.Tensor | float = 0.0, seed: torch.Tensor | int = 0
+) -> torch.Tensor:
     """Argmax over the vocabulary, first index on ties, mask token excluded (spec §10). Row r with
     temperature[r] > 0 is Gumbel-max: argmax(logits * fp32(1/T_r) + gumbel(seed[r])), in fp32 (a
     product by the fp32 reciprocal of the fp32 temperature, as the kernels compute it).
     logits [b, ..., V], temperature [b] float32, seed [b] int64 (or one float / int for all) -> [b, ...]"""
     assert logits.dim() >= 2, "logits [b, ..., V]: the first dimension is the row (sequence)"
     temperature, seed = sampling_rows(temperature, seed, logits.shape[0], logits.device)
-    scores = logits.to(torch.float32, copy=True)     # a copy: never write into the caller's logits
+    scores = logits.to(torch.float32, copy=True)  # a copy: never write into the caller's logits
     is_sampled = temperature > 0
-    if is_sampled.any():                # only sampled rows pay for the noise
+    if is_sampled.any():  # only sampled rows pay for the noise
         rows = is_sampled.nonzero()[:, 0]
         sampled = scores[rows]
         inv_temperature = (1.0 / temperature[rows]).view(-1, *[1] * (logits.dim() - 1))
@@ -203,15 +227,20 @@ def _masked_argmax(scores: torch.Tensor, mask_token_id: int) -> torch.Tensor:
 
 
 class Accepted(NamedTuple):
-    tokens: torch.Tensor     # [b, L] a_0 .. a_(L-1); emit tokens[:, :n]
-    n: torch.Tensor          # [b] accepted length, 1..L
+    tokens: torch.Tensor  # [b, L] a_0 .. a_(L-1); emit tokens[:, :n]
+    n: torch.Tensor  # [b] accepted length, 1..L
     next_seed: torch.Tensor  # [b] a_(n-1): the next cycle's seed token
-    is_eos: torch.Tensor     # [b] an EOS among the emitted a_0 .. a_(n-1)
+    is_eos: torch.Tensor  # [b] an EOS among the emitted a_0 .. a_(n-1)
 
 
-def spec_accept(verify_logits: torch.Tensor, draft: torch.Tensor, mask_token_id: int,
-                eos_ids: torch.Tensor, temperature: torch.Tensor | float = 0.0,
-                seed: torch.Tensor | int = 0) -> Accepted:
+def spec_accept(
+    verify_logits: torch.Tensor,
+    draft: torch.Tensor,
+    mask_token_id: int,
+    eos_ids: torch.Tensor,
+    temperature: torch.Tensor | float = 0.0,
+    seed: torch.Tensor | int = 0,
+) -> Accepted:
     """verify_logits [b, L, V] (causal, index i predicts position i+1), draft [b, L] = [s, d1..d(L-1)],
     eos_ids [E] int64 (may be empty), temperature [b] float32, seed [b] int64 (see pick_tokens).
 
@@ -230,9 +259,15 @@ def accept_picks(a: torch.Tensor, draft: torch.Tensor, eos_ids: torch.Tensor) ->
     return Accepted(a, n, a.gather(1, (n - 1)[:, None])[:, 0], is_eos)
 
 
-def diffusion_commit(logits: torch.Tensor, block: torch.Tensor, mask_token_id: int,
-                     threshold: float | None, num_commit: torch.Tensor | None,
-                     temperature: torch.Tensor | float = 0.0, seed: torch.Tensor | int = 0) -> torch.Tensor:
+def diffusion_commit(
+    logits: torch.Tensor,
+    block: torch.Tensor,
+    mask_token_id: int,
+    threshold: float | None,
+    num_commit: torch.Tensor | None,
+    temperature: torch.Tensor | float = 0.0,
+    seed: torch.Tensor | int = 0,
+) -> torch.Tensor:
     """One denoising step. logits [b, L, V] (block pattern: index i predicts position i), block [b, L],
     temperature [b] float32, seed [b] int64 (see pick_tokens).
 
@@ -251,13 +286,19 @@ def pick_confidence(logits: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
     return probs.gather(-1, picks[..., None])[..., 0]
 
 
-def commit_picks(x0: torch.Tensor, confidence: torch.Tensor, block: torch.Tensor, mask_token_id: int,
-                 threshold: float | None, num_commit: torch.Tensor | None) -> torch.Tensor:
+def commit_picks(
+    x0: torch.Tensor,
+    confidence: torch.Tensor,
+    block: torch.Tensor,
+    mask_token_id: int,
+    threshold: float | None,
+    num_commit: torch.Tensor | None,
+) -> torch.Tensor:
     """diffusion_commit's rule on the candidates x0 [b, L] and their confidences [b, L]."""
     is_masked = block == mask_token_id
     confidence = torch.where(is_masked, confidence, torch.tensor(float("-inf"), device=block.device))
     order = confidence.argsort(dim=-1, descending=True, stable=True)
-    rank = order.argsort(dim=-1)                                             # 0 = most confident
+    rank = order.argsort(dim=-1)  # 0 = most confident
     if threshold is not None:
         commit = (rank == 0) | (confidence >= threshold)
     else:

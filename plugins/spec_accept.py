@@ -13,8 +13,14 @@ import torch
 import triton
 import triton.language as tl
 
-from trimode.plugins.pick import (SAMPLING_FP_FUSION, check_logits, pick_row, sampling_inputs,
-                                  sequence_counters, tile_config)
+from trimode.plugins.pick import (
+    SAMPLING_FP_FUSION,
+    check_logits,
+    pick_row,
+    sampling_inputs,
+    sequence_counters,
+    tile_config,
+)
 from trimode.plugins.reference import Accepted
 
 
@@ -22,18 +28,24 @@ from trimode.plugins.reference import Accepted
 def spec_accept_kernel(
     # inputs, int scalars, outputs: the order TensorRT's AOT plugins launch with (tensorrt.py):
     # the input pointers in the ONNX node's input order, the int extra args, the output pointers
-    logits_ptr,      # [B, L, V] fp32 / bf16 / fp16, vocabulary contiguous
-    draft_ptr,       # [B, L] int64: s, d1 .. d(L-1)
-    eos_ptr,         # [E] int64 EOS ids (any int64 pointer when E == 0)
+    logits_ptr,  # [B, L, V] fp32 / bf16 / fp16, vocabulary contiguous
+    draft_ptr,  # [B, L] int64: s, d1 .. d(L-1)
+    eos_ptr,  # [E] int64 EOS ids (any int64 pointer when E == 0)
     temperature_ptr,  # [B] fp32 per sequence: > 0 samples, else greedy
-    seed_ptr,        # [B] int64 per sequence: the Philox key
-    counter_ptr,     # [>= B] int32, zero before and after the launch
-    stride_b, stride_l, L, V, num_eos, mask_token_id,
-    tokens_ptr,      # [B, L] int64 out: a_i; also the row results the finishing program reads
-    n_ptr,           # [B] int64 out
-    next_seed_ptr,   # [B] int64 out
-    is_eos_ptr,      # [B] uint8 out (a bool tensor's bytes)
-    BLOCK_V: tl.constexpr, BLOCK_L: tl.constexpr,
+    seed_ptr,  # [B] int64 per sequence: the Philox key
+    counter_ptr,  # [>= B] int32, zero before and after the launch
+    stride_b,
+    stride_l,
+    L,
+    V,
+    num_eos,
+    mask_token_id,
+    tokens_ptr,  # [B, L] int64 out: a_i; also the row results the finishing program reads
+    n_ptr,  # [B] int64 out
+    next_seed_ptr,  # [B] int64 out
+    is_eos_ptr,  # [B] uint8 out (a bool tensor's bytes)
+    BLOCK_V: tl.constexpr,
+    BLOCK_L: tl.constexpr,
 ):
     pid_l, pid_b = tl.program_id(0), tl.program_id(1)
     row = pid_b * L + pid_l
@@ -69,15 +81,23 @@ def spec_accept_kernel(
         tl.store(is_eos_ptr + pid_b, (tl.max(is_emitted_eos.to(tl.int32), axis=0) > 0).to(tl.uint8))
 
 
-def launch(verify_logits: torch.Tensor, draft: torch.Tensor, mask_token_id: int, eos_ids: torch.Tensor,
-           temperature: torch.Tensor | float = 0.0, seed: torch.Tensor | int = 0) -> Accepted:
+def launch(
+    verify_logits: torch.Tensor,
+    draft: torch.Tensor,
+    mask_token_id: int,
+    eos_ids: torch.Tensor,
+    temperature: torch.Tensor | float = 0.0,
+    seed: torch.Tensor | int = 0,
+) -> Accepted:
     """See reference.spec_accept. verify_logits [b, L, V], draft [b, L] int64, eos_ids [E] int64,
     temperature [b] float32, seed [b] int64 (or one Python float / int for every row)."""
     check_logits(verify_logits, draft, mask_token_id, ("verify_logits", "draft"))
     temperature, seed = sampling_inputs(temperature, seed, verify_logits)
     if eos_ids.dim() != 1 or eos_ids.dtype != torch.int64 or eos_ids.device != draft.device:
-        raise ValueError(f"eos_ids: expected int64 [E] on {draft.device}, "
-                         f"got {eos_ids.dtype} {list(eos_ids.shape)} on {eos_ids.device}")
+        raise ValueError(
+            f"eos_ids: expected int64 [E] on {draft.device}, "
+            f"got {eos_ids.dtype} {list(eos_ids.shape)} on {eos_ids.device}"
+        )
     b, length, vocab_size = verify_logits.shape
     draft, eos_ids = draft.contiguous(), eos_ids.contiguous()
     tokens = torch.empty_like(draft)
@@ -87,10 +107,25 @@ def launch(verify_logits: torch.Tensor, draft: torch.Tensor, mask_token_id: int,
         return Accepted(tokens, n, next_seed, is_eos)
     block_v, num_warps = tile_config(verify_logits.device, vocab_size)
     spec_accept_kernel[(length, b)](
-        verify_logits, draft, eos_ids if eos_ids.numel() else draft, temperature, seed,
+        verify_logits,
+        draft,
+        eos_ids if eos_ids.numel() else draft,
+        temperature,
+        seed,
         sequence_counters(verify_logits.device, b),
-        verify_logits.stride(0), verify_logits.stride(1), length, vocab_size, eos_ids.numel(), mask_token_id,
-        tokens, n, next_seed, is_eos.view(torch.uint8),
-        BLOCK_V=block_v, BLOCK_L=triton.next_power_of_2(length), num_warps=num_warps,
-        enable_fp_fusion=SAMPLING_FP_FUSION)
+        verify_logits.stride(0),
+        verify_logits.stride(1),
+        length,
+        vocab_size,
+        eos_ids.numel(),
+        mask_token_id,
+        tokens,
+        n,
+        next_seed,
+        is_eos.view(torch.uint8),
+        BLOCK_V=block_v,
+        BLOCK_L=triton.next_power_of_2(length),
+        num_warps=num_warps,
+        enable_fp_fusion=SAMPLING_FP_FUSION,
+    )
     return Accepted(tokens, n, next_seed, is_eos)

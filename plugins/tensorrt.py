@@ -36,21 +36,35 @@ from typing import Callable
 import torch
 
 NAMESPACE = "trimode"
-TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-                torch.float8_e4m3fn: "fp8e4nv", torch.int64: "i64", torch.int32: "i32", torch.uint8: "u8"}
+TRITON_TYPES = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float8_e4m3fn: "fp8e4nv",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.uint8: "u8",
+}
 
 
 @dataclass(frozen=True)
 class AotKernel:
     """What an AOT plugin hands TensorRT: the kernel's name and PTX, and its launch shape."""
+
     name: str
     ptx: str
     num_threads: int
     shared_mem: int
 
 
-def compile_kernel(fn, pointer_types: dict[str, torch.dtype], constexprs: dict, capability: tuple[int, int],
-                   num_warps: int = 4, enable_fp_fusion: bool = True) -> AotKernel:
+def compile_kernel(
+    fn,
+    pointer_types: dict[str, torch.dtype],
+    constexprs: dict,
+    capability: tuple[int, int],
+    num_warps: int = 4,
+    enable_fp_fusion: bool = True,
+) -> AotKernel:
     """Compile a @triton.jit kernel for an NVIDIA GPU of this compute capability (no GPU needed).
     Pointer arguments get their element type from pointer_types; other non-constexpr ones are i32."""
     import triton
@@ -67,33 +81,55 @@ def compile_kernel(fn, pointer_types: dict[str, torch.dtype], constexprs: dict, 
             signature[param.name] = "i32"
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     major, minor = capability
-    compiled = triton.compile(source, target=GPUTarget("cuda", major * 10 + minor, 32),
-                              options={"num_warps": num_warps, "enable_fp_fusion": enable_fp_fusion})
-    return AotKernel(compiled.metadata.name, compiled.asm["ptx"], compiled.metadata.num_warps * 32,
-                     compiled.metadata.shared)
+    compiled = triton.compile(
+        source,
+        target=GPUTarget("cuda", major * 10 + minor, 32),
+        options={"num_warps": num_warps, "enable_fp_fusion": enable_fp_fusion},
+    )
+    return AotKernel(
+        compiled.metadata.name, compiled.asm["ptx"], compiled.metadata.num_warps * 32, compiled.metadata.shared
+    )
 
 
 # --- block_attention ----------------------------------------------------------------------------------
 
-def block_attention_kernel(dtype: torch.dtype, cache_dtype: torch.dtype, head_dim: int, group: int,
-                           capability: tuple[int, int] = (9, 0), max_len: int = 0) -> AotKernel:
+
+def block_attention_kernel(
+    dtype: torch.dtype,
+    cache_dtype: torch.dtype,
+    head_dim: int,
+    group: int,
+    capability: tuple[int, int] = (9, 0),
+    max_len: int = 0,
+) -> AotKernel:
     """The engine's kernel: max_len 0, no split-KV and no scratch pointers. A max_len compiles the
     split-KV variant the torch launcher uses on long caches (tests compile it for the GPU that way)."""
     from trimode.plugins import block_attention as ba
 
-    pointers = {"q_ptr": dtype, "k_ptr": dtype, "v_ptr": dtype, "kc_ptr": cache_dtype, "vc_ptr": cache_dtype,
-                "lengths_ptr": torch.int64, "rows_ptr": torch.int64, "k_scale_ptr": torch.float32,
-                "v_scale_ptr": torch.float32, "out_ptr": dtype, "counter_ptr": torch.int32,
-                "part_acc_ptr": torch.float32, "part_ml_ptr": torch.float32}
-    constants = ba.constants(dtype, head_dim, group, cache_dtype == torch.float8_e4m3fn, torch.device("cuda"),
-                             max_len)
+    pointers = {
+        "q_ptr": dtype,
+        "k_ptr": dtype,
+        "v_ptr": dtype,
+        "kc_ptr": cache_dtype,
+        "vc_ptr": cache_dtype,
+        "lengths_ptr": torch.int64,
+        "rows_ptr": torch.int64,
+        "k_scale_ptr": torch.float32,
+        "v_scale_ptr": torch.float32,
+        "out_ptr": dtype,
+        "counter_ptr": torch.int32,
+        "part_acc_ptr": torch.float32,
+        "part_ml_ptr": torch.float32,
+    }
+    constants = ba.constants(dtype, head_dim, group, cache_dtype == torch.float8_e4m3fn, torch.device("cuda"), max_len)
     if not constants["SPLIT_N"]:
         constants.update(counter_ptr=None, part_acc_ptr=None, part_ml_ptr=None)
     return compile_kernel(ba._block_attention_kernel, pointers, constants, capability)
 
 
-def block_attention_launch(q_shape, cache_shape, is_causal: int, block_m: int,
-                           cdiv: Callable = lambda a, b: -(-a // b)) -> tuple[tuple, list]:
+def block_attention_launch(
+    q_shape, cache_shape, is_causal: int, block_m: int, cdiv: Callable = lambda a, b: -(-a // b)
+) -> tuple[tuple, list]:
     """Grid and extra args from the input shapes (ints here, TensorRT's symbolic exprs in the plugin):
     q [b, L, H, D] and the caches [B, Hkv, S, D], all contiguous."""
     b, L, H, D = q_shape
@@ -109,8 +145,15 @@ def block_attention_launch(q_shape, cache_shape, is_causal: int, block_m: int,
 # One program per (position, sequence); the per-sequence finish needs a zeroed int32 counter per
 # sequence as an input (the kernels leave it zeroed again).
 
-def sampling_kernel(op: str, logits_dtype: torch.dtype, vocab_size: int, length: int,
-                    threshold: float | None = 0.9, capability: tuple[int, int] = (9, 0)) -> AotKernel:
+
+def sampling_kernel(
+    op: str,
+    logits_dtype: torch.dtype,
+    vocab_size: int,
+    length: int,
+    threshold: float | None = 0.9,
+    capability: tuple[int, int] = (9, 0),
+) -> AotKernel:
     """op "spec_accept" or "diffusion_commit"; the threshold is compiled in, temperature and seed
     are per-sequence input tensors (one kernel for greedy and sampled sequences alike)."""
     import triton
@@ -120,17 +163,28 @@ def sampling_kernel(op: str, logits_dtype: torch.dtype, vocab_size: int, length:
 
     block_v, num_warps = tile_config(torch.device("cuda"), vocab_size)
     constexprs = dict(BLOCK_V=block_v, BLOCK_L=triton.next_power_of_2(length))
-    pointers = {"logits_ptr": logits_dtype, "temperature_ptr": torch.float32, "seed_ptr": torch.int64,
-                "counter_ptr": torch.int32}
+    pointers = {
+        "logits_ptr": logits_dtype,
+        "temperature_ptr": torch.float32,
+        "seed_ptr": torch.int64,
+        "counter_ptr": torch.int32,
+    }
     if op == "spec_accept":
         fn = spec_accept.spec_accept_kernel
-        pointers.update(draft_ptr=torch.int64, eos_ptr=torch.int64, tokens_ptr=torch.int64, n_ptr=torch.int64,
-                        next_seed_ptr=torch.int64, is_eos_ptr=torch.uint8)
+        pointers.update(
+            draft_ptr=torch.int64,
+            eos_ptr=torch.int64,
+            tokens_ptr=torch.int64,
+            n_ptr=torch.int64,
+            next_seed_ptr=torch.int64,
+            is_eos_ptr=torch.uint8,
+        )
     else:
         fn = diffusion_commit.diffusion_commit_kernel
         constexprs.update(threshold=0.0 if threshold is None else threshold, IS_TOP_K=threshold is None)
-        pointers.update(block_ptr=torch.int64, num_commit_ptr=torch.int64, out_ptr=torch.int64,
-                        confidence_ptr=torch.float32)
+        pointers.update(
+            block_ptr=torch.int64, num_commit_ptr=torch.int64, out_ptr=torch.int64, confidence_ptr=torch.float32
+        )
     return compile_kernel(fn, pointers, constexprs, capability, num_warps, enable_fp_fusion=SAMPLING_FP_FUSION)
 
 
@@ -143,65 +197,125 @@ def sampling_launch(op: str, logits_shape, mask_token_id: int, num_eos: int = 0)
 
 # --- registration (needs TensorRT) --------------------------------------------------------------------
 
+
 def register_plugins() -> None:
     """Register trimode::BlockAttention, SpecAccept and DiffusionCommit with TensorRT's plugin registry."""
     try:
         import tensorrt as trt
         import tensorrt.plugin as trtp
     except ImportError as e:
-        raise RuntimeError("TensorRT plugins need TensorRT >= 10.9 (`tensorrt` from NVIDIA's index; "
-                           "not installable on these machines)") from e
+        raise RuntimeError(
+            "TensorRT plugins need TensorRT >= 10.9 (`tensorrt` from NVIDIA's index; not installable on these machines)"
+        ) from e
 
-    torch_dtype = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
-                   trt.fp8: torch.float8_e4m3fn}
+    torch_dtype = {
+        trt.float32: torch.float32,
+        trt.float16: torch.float16,
+        trt.bfloat16: torch.bfloat16,
+        trt.fp8: torch.float8_e4m3fn,
+    }
 
     @trtp.register(f"{NAMESPACE}::BlockAttention")
-    def _describe(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, k_cache: trtp.TensorDesc,
-                  v_cache: trtp.TensorDesc, lengths: trtp.TensorDesc, rows: trtp.TensorDesc,
-                  k_scale: trtp.TensorDesc, v_scale: trtp.TensorDesc, is_causal: int) -> trtp.TensorDesc:
+    def _describe(
+        q: trtp.TensorDesc,
+        k: trtp.TensorDesc,
+        v: trtp.TensorDesc,
+        k_cache: trtp.TensorDesc,
+        v_cache: trtp.TensorDesc,
+        lengths: trtp.TensorDesc,
+        rows: trtp.TensorDesc,
+        k_scale: trtp.TensorDesc,
+        v_scale: trtp.TensorDesc,
+        is_causal: int,
+    ) -> trtp.TensorDesc:
         return q.like()
 
     @trtp.aot_impl(f"{NAMESPACE}::BlockAttention")
     def _aot(q, k, v, k_cache, v_cache, lengths, rows, k_scale, v_scale, is_causal: int, outputs, tactic):
         head_dim, num_kv_heads = int(q.shape_expr[3]), int(k_cache.shape_expr[1])
         group = int(q.shape_expr[2]) // num_kv_heads
-        kernel = block_attention_kernel(torch_dtype[q.dtype], torch_dtype[k_cache.dtype], head_dim, group,
-                                        torch.cuda.get_device_capability())
+        kernel = block_attention_kernel(
+            torch_dtype[q.dtype], torch_dtype[k_cache.dtype], head_dim, group, torch.cuda.get_device_capability()
+        )
         from trimode.plugins.block_attention import tile_sizes
-        return _launch_params(trtp, kernel, block_attention_launch(
-            q.shape_expr, k_cache.shape_expr, is_causal, tile_sizes(head_dim, torch.device("cuda"))[0], trtp.cdiv))
+
+        return _launch_params(
+            trtp,
+            kernel,
+            block_attention_launch(
+                q.shape_expr, k_cache.shape_expr, is_causal, tile_sizes(head_dim, torch.device("cuda"))[0], trtp.cdiv
+            ),
+        )
 
     @trtp.register(f"{NAMESPACE}::SpecAccept")
-    def _describe_accept(verify_logits: trtp.TensorDesc, draft: trtp.TensorDesc, eos_ids: trtp.TensorDesc,
-                         temperature: trtp.TensorDesc, seed: trtp.TensorDesc, counters: trtp.TensorDesc,
-                         mask_token_id: int) -> tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc,
-                                                      trtp.TensorDesc]:
+    def _describe_accept(
+        verify_logits: trtp.TensorDesc,
+        draft: trtp.TensorDesc,
+        eos_ids: trtp.TensorDesc,
+        temperature: trtp.TensorDesc,
+        seed: trtp.TensorDesc,
+        counters: trtp.TensorDesc,
+        mask_token_id: int,
+    ) -> tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
         b = draft.shape_expr[0]
-        return (draft.like(), trtp.from_shape_expr((b,), dtype=trt.int64),
-                trtp.from_shape_expr((b,), dtype=trt.int64), trtp.from_shape_expr((b,), dtype=trt.uint8))
+        return (
+            draft.like(),
+            trtp.from_shape_expr((b,), dtype=trt.int64),
+            trtp.from_shape_expr((b,), dtype=trt.int64),
+            trtp.from_shape_expr((b,), dtype=trt.uint8),
+        )
 
     @trtp.aot_impl(f"{NAMESPACE}::SpecAccept")
-    def _aot_accept(verify_logits, draft, eos_ids, temperature, seed, counters, mask_token_id: int,
-                    outputs, tactic):
+    def _aot_accept(verify_logits, draft, eos_ids, temperature, seed, counters, mask_token_id: int, outputs, tactic):
         b, L, V = verify_logits.shape_expr
-        kernel = sampling_kernel("spec_accept", torch_dtype[verify_logits.dtype], int(V), int(L),
-                                 capability=torch.cuda.get_device_capability())
-        return _launch_params(trtp, kernel, sampling_launch("spec_accept", (b, L, V), mask_token_id,
-                                                              eos_ids.shape_expr[0]))
+        kernel = sampling_kernel(
+            "spec_accept",
+            torch_dtype[verify_logits.dtype],
+            int(V),
+            int(L),
+            capability=torch.cuda.get_device_capability(),
+        )
+        return _launch_params(
+            trtp, kernel, sampling_launch("spec_accept", (b, L, V), mask_token_id, eos_ids.shape_expr[0])
+        )
 
     @trtp.register(f"{NAMESPACE}::DiffusionCommit")
-    def _describe_commit(logits: trtp.TensorDesc, block: trtp.TensorDesc, num_commit: trtp.TensorDesc,
-                         temperature: trtp.TensorDesc, seed: trtp.TensorDesc, counters: trtp.TensorDesc,
-                         mask_token_id: int, threshold: float,
-                         use_threshold: int) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:
+    def _describe_commit(
+        logits: trtp.TensorDesc,
+        block: trtp.TensorDesc,
+        num_commit: trtp.TensorDesc,
+        temperature: trtp.TensorDesc,
+        seed: trtp.TensorDesc,
+        counters: trtp.TensorDesc,
+        mask_token_id: int,
+        threshold: float,
+        use_threshold: int,
+    ) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:
         return block.like(), trtp.from_shape_expr(block.shape_expr, dtype=trt.float32)
 
     @trtp.aot_impl(f"{NAMESPACE}::DiffusionCommit")
-    def _aot_commit(logits, block, num_commit, temperature, seed, counters, mask_token_id: int, threshold: float,
-                    use_threshold: int, outputs, tactic):
+    def _aot_commit(
+        logits,
+        block,
+        num_commit,
+        temperature,
+        seed,
+        counters,
+        mask_token_id: int,
+        threshold: float,
+        use_threshold: int,
+        outputs,
+        tactic,
+    ):
         b, L, V = logits.shape_expr
-        kernel = sampling_kernel("diffusion_commit", torch_dtype[logits.dtype], int(V), int(L),
-                                 threshold if use_threshold else None, torch.cuda.get_device_capability())
+        kernel = sampling_kernel(
+            "diffusion_commit",
+            torch_dtype[logits.dtype],
+            int(V),
+            int(L),
+            threshold if use_threshold else None,
+            torch.cuda.get_device_capability(),
+        )
         return _launch_params(trtp, kernel, sampling_launch("diffusion_commit", (b, L, V), mask_token_id))
 
 

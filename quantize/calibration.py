@@ -28,12 +28,15 @@ def read_calibration_texts(path: Path | None) -> tuple[list[str], str]:
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES)
     texts = [t for t in read_texts(files, "--calib-data") if t.strip()]
     if not texts:
-        raise InputError(f"--calib-data {path}: no text to calibrate on (empty, or no {'/'.join(sorted(TEXT_SUFFIXES))} files)")
+        raise InputError(
+            f"--calib-data {path}: no text to calibrate on (empty, or no {'/'.join(sorted(TEXT_SUFFIXES))} files)"
+        )
     return texts, f"{path} ({len(texts)} file{'s' * (len(texts) > 1)})"
 
 
-def calibration_windows(texts: list[str], tokenizer: Tokenizer, spec: ModelSpec, num_samples: int,
-                        seq_len: int) -> torch.Tensor:
+def calibration_windows(
+    texts: list[str], tokenizer: Tokenizer, spec: ModelSpec, num_samples: int, seq_len: int
+) -> torch.Tensor:
     """[n, seq_len] token windows spread evenly over the concatenated texts (n <= num_samples)."""
     from trimode.training.corpus import document_stream
 
@@ -42,4 +45,4 @@ def calibration_windows(texts: list[str], tokenizer: Tokenizer, spec: ModelSpec,
         raise InputError(f"calibration text has {len(stream)} tokens, fewer than --calib-seq-len {seq_len}")
     num = min(num_samples, len(stream) // seq_len)
     stride = (len(stream) - seq_len) // max(1, num - 1) if num > 1 else 0
-    return torch.stack([stream[i * stride:i * stride + seq_len] for i in range(num)])
+    return torch.stack([stream[i * stride : i * stride + seq_len] for i in range(num)])

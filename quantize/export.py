@@ -46,15 +46,19 @@ def fp8_state_dict(model: NLDModel, dtype: torch.dtype = torch.bfloat16) -> tupl
             codes = module.weight.detach().float() * (E4M3_MAX / wq.amax.float())
             out[f"{name}.weight"] = codes.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
             out[f"{name}.weight_scale"], out[f"{name}.input_scale"] = w_scale, x_scale
-            stats[name] = {"weight_amax": round(float(w_scale) * E4M3_MAX, 6),
-                           "input_amax": round(float(x_scale) * E4M3_MAX, 6)}
+            stats[name] = {
+                "weight_amax": round(float(w_scale) * E4M3_MAX, 6),
+                "input_amax": round(float(x_scale) * E4M3_MAX, 6),
+            }
             handled.add(f"{name}.weight")
         kq = getattr(module, "k_bmm_quantizer", None)
         if kq is not None and kq.is_enabled:
             out[f"{name}.k_proj.k_scale"] = _scale(kq)
             out[f"{name}.v_proj.v_scale"] = _scale(module.v_bmm_quantizer)
-            stats[name] = {"k_amax": round(float(out[f"{name}.k_proj.k_scale"]) * E4M3_MAX, 6),
-                           "v_amax": round(float(out[f"{name}.v_proj.v_scale"]) * E4M3_MAX, 6)}
+            stats[name] = {
+                "k_amax": round(float(out[f"{name}.k_proj.k_scale"]) * E4M3_MAX, 6),
+                "v_amax": round(float(out[f"{name}.v_proj.v_scale"]) * E4M3_MAX, 6),
+            }
     for name, tensor in model.state_dict().items():
         if name in handled or "_quantizer" in name:
             continue
@@ -65,16 +69,25 @@ def fp8_state_dict(model: NLDModel, dtype: torch.dtype = torch.bfloat16) -> tupl
 def quant_config(kv_cache: bool) -> dict:
     from modelopt import __version__ as modelopt_version
 
-    return {"producer": {"name": "modelopt", "version": modelopt_version},
-            "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8" if kv_cache else None,
-                             "exclude_modules": list(EXCLUDED_MODULES)}}
+    return {
+        "producer": {"name": "modelopt", "version": modelopt_version},
+        "quantization": {
+            "quant_algo": "FP8",
+            "kv_cache_quant_algo": "FP8" if kv_cache else None,
+            "exclude_modules": list(EXCLUDED_MODULES),
+        },
+    }
 
 
 def hf_quantization_config(kv_cache: bool) -> dict:
     """config.json's quantization_config (compressed-tensors style, as ModelOpt's HF export writes)."""
     fp8 = {"dynamic": False, "num_bits": 8, "type": "float"}
-    cfg = {"quant_method": "modelopt", "quant_algo": "FP8", "ignore": list(EXCLUDED_MODULES),
-           "config_groups": {"group_0": {"input_activations": fp8, "weights": fp8, "targets": ["Linear"]}}}
+    cfg = {
+        "quant_method": "modelopt",
+        "quant_algo": "FP8",
+        "ignore": list(EXCLUDED_MODULES),
+        "config_groups": {"group_0": {"input_activations": fp8, "weights": fp8, "targets": ["Linear"]}},
+    }
     if kv_cache:
         cfg["kv_cache_scheme"] = fp8
     return cfg

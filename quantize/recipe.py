@@ -66,8 +66,9 @@ CALIBRATION_PASSES = tuple(dict.fromkeys(kind for kinds in MODE_PASSES.values() 
 
 
 @torch.no_grad()
-def calibration_passes(model: NLDModel, windows: torch.Tensor, block_length: int, batch_size: int,
-                       on_batch=None) -> Counter[str]:
+def calibration_passes(
+    model: NLDModel, windows: torch.Tensor, block_length: int, batch_size: int, on_batch=None
+) -> Counter[str]:
     """Run every kind of pass over the calibration windows; -> passes by kind. Each window is a
     context (the prefill, which the cache keeps) and a block, which every other kind runs over as
     that kind sees it; their K/V stay scratch past the context."""
@@ -75,14 +76,19 @@ def calibration_passes(model: NLDModel, windows: torch.Tensor, block_length: int
     gen = torch.Generator().manual_seed(0)
     for batch in windows.split(batch_size):
         b, n = batch.shape
-        context, block = batch[:, :n - block_length], batch[:, n - block_length:]
+        context, block = batch[:, : n - block_length], batch[:, n - block_length :]
         first = block.clone()
-        first[:, 1:] = mask_id                                          # first denoising step: all masked
+        first[:, 1:] = mask_id  # first denoising step: all masked
         later = torch.where(torch.rand(block.shape, generator=gen) < 0.5, mask_id, block)
-        later[:, 0] = block[:, 0]                                       # a later step: half committed
-        inputs = {PassKind.PREFILL: [context], PassKind.DECODE: [block[:, :1]],
-                  PassKind.DENOISE: [first, later], PassKind.DRAFT: [first] if model.has_draft_adapter else [],
-                  PassKind.VERIFY: [block], PassKind.REFRESH: [block]}
+        later[:, 0] = block[:, 0]  # a later step: half committed
+        inputs = {
+            PassKind.PREFILL: [context],
+            PassKind.DECODE: [block[:, :1]],
+            PassKind.DENOISE: [first, later],
+            PassKind.DRAFT: [first] if model.has_draft_adapter else [],
+            PassKind.VERIFY: [block],
+            PassKind.REFRESH: [block],
+        }
         cache = model.new_cache(b, n)
         for kind in CALIBRATION_PASSES:
             for tokens in inputs[kind]:
@@ -95,8 +101,9 @@ def calibration_passes(model: NLDModel, windows: torch.Tensor, block_length: int
     return passes
 
 
-def quantize_model(model: NLDModel, windows: torch.Tensor, block_length: int, kv_cache: bool,
-                   batch_size: int = 4, on_batch=None) -> tuple[NLDModel, Counter]:
+def quantize_model(
+    model: NLDModel, windows: torch.Tensor, block_length: int, kv_cache: bool, batch_size: int = 4, on_batch=None
+) -> tuple[NLDModel, Counter]:
     """Insert ModelOpt's FP8 quantizers into `model` in place and calibrate them."""
     mtq = import_modelopt()
     if kv_cache:

@@ -30,8 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_modes import (PROMPTS, add_rates, hf_generate, hf_ministral3, mode_ratios,  # noqa: E402
-                         time_interleaved, write_report)
+from bench_modes import PROMPTS, add_rates, hf_generate, hf_ministral3, mode_ratios, time_interleaved, write_report  # noqa: E402
 
 from trimode.builder import BuildSettings, build_engine  # noqa: E402
 from trimode.builder.engine_dir import load_engine  # noqa: E402
@@ -39,7 +38,7 @@ from trimode.decoding import Engine, GenerationSettings, Mode, generate  # noqa:
 from trimode.decoding.runner import ModelRunner  # noqa: E402
 from trimode.passes import PassKind  # noqa: E402
 
-CACHED = 64       # tokens already in each row when a pass is timed
+CACHED = 64  # tokens already in each row when a pass is timed
 PREFILL_LEN = 32
 
 
@@ -61,18 +60,29 @@ def prefill_len(built) -> int:
 
 def pass_times(built, b: int, repeats: int) -> dict:
     model, L = built.checkpoint.model, built.block_lengths[0]
-    runners = {"engine": ModelRunner(model, built.config.max_slots, built.config.max_seq_len, built.backend),
-               "eager": ModelRunner(model, built.config.max_slots, built.config.max_seq_len)}
-    shapes = {"prefill": (PassKind.PREFILL, prefill_len(built)), "decode": (PassKind.DECODE, 1),
-              "denoise": (PassKind.DENOISE, L), "draft": (PassKind.DRAFT, L), "verify": (PassKind.VERIFY, L)}
+    runners = {
+        "engine": ModelRunner(model, built.config.max_slots, built.config.max_seq_len, built.backend),
+        "eager": ModelRunner(model, built.config.max_slots, built.config.max_seq_len),
+    }
+    shapes = {
+        "prefill": (PassKind.PREFILL, prefill_len(built)),
+        "decode": (PassKind.DECODE, 1),
+        "denoise": (PassKind.DENOISE, L),
+        "draft": (PassKind.DRAFT, L),
+        "verify": (PassKind.VERIFY, L),
+    }
     out = {}
     for name, runner in runners.items():
         for slot in range(b):
             runner.host_lengths[slot] = CACHED
             runner.cache.lengths[slot] = CACHED
-        out[name] = {f"{kind_name}_ms": time_pass(runner, kind, b, n, repeats) for kind_name, (kind, n) in shapes.items()}
+        out[name] = {
+            f"{kind_name}_ms": time_pass(runner, kind, b, n, repeats) for kind_name, (kind, n) in shapes.items()
+        }
     for kind_name in shapes:
-        out.setdefault("speedup", {})[kind_name] = round(out["eager"][f"{kind_name}_ms"] / out["engine"][f"{kind_name}_ms"], 3)
+        out.setdefault("speedup", {})[kind_name] = round(
+            out["eager"][f"{kind_name}_ms"] / out["engine"][f"{kind_name}_ms"], 3
+        )
     out["engine_block_pass_vs_decode"] = round(out["engine"]["verify_ms"] / out["engine"]["decode_ms"], 3)
     return out
 
@@ -97,8 +107,11 @@ def main(argv=None) -> int:
             from trimode.cli import EMBEDDED_CHECKPOINT
 
             engine_dir = Path(tmp) / "engine"
-            build_engine(args.checkpoint or EMBEDDED_CHECKPOINT, engine_dir,
-                         BuildSettings(max_batch_size=max(batch_sizes), max_seq_len=512, max_input_len=128))
+            build_engine(
+                args.checkpoint or EMBEDDED_CHECKPOINT,
+                engine_dir,
+                BuildSettings(max_batch_size=max(batch_sizes), max_seq_len=512, max_input_len=128),
+            )
         built = load_engine(engine_dir)
     ck, n = built.checkpoint, args.max_new_tokens
     if max(batch_sizes) > min(len(PROMPTS), built.config.max_slots):
@@ -108,24 +121,40 @@ def main(argv=None) -> int:
     hf = hf_ministral3(ck) if built.manifest.get("quantization") is None else None
     pad_id = ck.spec.pad_token_id if ck.spec.pad_token_id is not None else 0
     report = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "python": platform.python_version(), "torch": torch.__version__,
-                    "num_threads": torch.get_num_threads(), "date": datetime.datetime.now().isoformat()},
-        "engine": {"dir": str(args.engine or "built into a temp dir"), "settings": built.manifest["settings"],
-                   "dtype": built.manifest["model"]["dtype"]},
-        "settings": {"max_new_tokens": n, "repeats": args.repeats, "cached_tokens_per_row": CACHED,
-                     "prefill_len": prefill_len(built), "block_length": built.block_lengths[0]},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "num_threads": torch.get_num_threads(),
+            "date": datetime.datetime.now().isoformat(),
+        },
+        "engine": {
+            "dir": str(args.engine or "built into a temp dir"),
+            "settings": built.manifest["settings"],
+            "dtype": built.manifest["model"]["dtype"],
+        },
+        "settings": {
+            "max_new_tokens": n,
+            "repeats": args.repeats,
+            "cached_tokens_per_row": CACHED,
+            "prefill_len": prefill_len(built),
+            "block_length": built.block_lengths[0],
+        },
         "results": {},
     }
     for b in batch_sizes:
         batch, row, fns, tokens = prompts[:b], {"passes": pass_times(built, b, args.pass_repeats)}, {}, {}
         for mode in Mode:
-            settings = GenerationSettings(mode=mode, max_new_tokens=n, block_length=built.block_lengths[0],
-                                          ignore_eos=True)
+            settings = GenerationSettings(
+                mode=mode, max_new_tokens=n, block_length=built.block_lengths[0], ignore_eos=True
+            )
             for backend in ("engine", "eager"):
+
                 def run(settings=settings, backend=backend):
                     engine = built.new_engine() if backend == "engine" else Engine(ck.model, built.config)
                     return generate(ck.model, batch, settings, engine)
+
                 seqs = run()  # the warm-up, and the tokens
                 tokens[f"{mode.value}/{backend}"] = [s.tokens for s in seqs]
                 row[f"{mode.value}/{backend}"] = {"tokens_generated": sum(s.stats.num_generated for s in seqs)}
@@ -137,7 +166,9 @@ def main(argv=None) -> int:
             add_rates(row[key], timing)
         row["engine_vs_eager"] = mode_ratios(row, "engine", "eager")
         if hf is not None:
-            row["engine_ar_vs_transformers"] = round(row["ar/engine"]["tokens_per_s"] / row["transformers"]["tokens_per_s"], 3)
+            row["engine_ar_vs_transformers"] = round(
+                row["ar/engine"]["tokens_per_s"] / row["transformers"]["tokens_per_s"], 3
+            )
         row["engine_equals_eager"] = {m.value: tokens[f"{m.value}/engine"] == tokens[f"{m.value}/eager"] for m in Mode}
         row["self_spec_equals_ar"] = tokens["self-spec/engine"] == tokens["ar/engine"]
         report["results"][f"batch_{b}"] = row
@@ -151,15 +182,23 @@ def print_table(report: dict) -> None:
     for key, row in report["results"].items():
         p = row["passes"]
         print(f"{key}: per pass (ms) engine {p['engine']} | eager {p['eager']}", file=err)
-        print(f"  pass speedup {p['speedup']}; engine block pass / decode pass {p['engine_block_pass_vs_decode']}",
-              file=err)
+        print(
+            f"  pass speedup {p['speedup']}; engine block pass / decode pass {p['engine_block_pass_vs_decode']}",
+            file=err,
+        )
         for m in Mode:
-            print(f"  {m.value:<10} tokens/s engine {row[f'{m.value}/engine']['tokens_per_s']:>8} "
-                  f"eager {row[f'{m.value}/eager']['tokens_per_s']:>8}  x{row['engine_vs_eager'][m.value]}"
-                  f"  same tokens {row['engine_equals_eager'][m.value]}", file=err)
+            print(
+                f"  {m.value:<10} tokens/s engine {row[f'{m.value}/engine']['tokens_per_s']:>8} "
+                f"eager {row[f'{m.value}/eager']['tokens_per_s']:>8}  x{row['engine_vs_eager'][m.value]}"
+                f"  same tokens {row['engine_equals_eager'][m.value]}",
+                file=err,
+            )
         if "transformers" in row:
-            print(f"  transformers {row['transformers']['tokens_per_s']} tokens/s; engine AR / transformers "
-                  f"{row['engine_ar_vs_transformers']}", file=err)
+            print(
+                f"  transformers {row['transformers']['tokens_per_s']} tokens/s; engine AR / transformers "
+                f"{row['engine_ar_vs_transformers']}",
+                file=err,
+            )
         print(f"  self-spec == AR {row['self_spec_equals_ar']}", file=err)
 
 

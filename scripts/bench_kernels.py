@@ -30,6 +30,7 @@ def timed_us(fn, device: torch.device, reps: int) -> float:
     """Median microseconds per call (triton.testing.do_bench on CUDA: L2 flushed, warm-up)."""
     if device.type == "cuda":
         import triton.testing
+
         return 1e3 * triton.testing.do_bench(fn, warmup=10, rep=max(reps, 20), return_mode="median")
     fn()
     times = []
@@ -52,23 +53,37 @@ def attention_rows(device, dtype, heads, kv_heads, head_dim, prefixes, chunks, b
             for L, is_causal in chunks:
                 S = prefix + L
                 q = torch.randn(b, L, heads, head_dim, generator=gen, device=device, dtype=dtype)
-                k, v = (torch.randn(b, L, kv_heads, head_dim, generator=gen, device=device, dtype=dtype)
-                        for _ in range(2))
-                k_cache, v_cache = (torch.randn(b, kv_heads, S, head_dim, generator=gen, device=device, dtype=dtype)
-                                    for _ in range(2))
+                k, v = (
+                    torch.randn(b, L, kv_heads, head_dim, generator=gen, device=device, dtype=dtype) for _ in range(2)
+                )
+                k_cache, v_cache = (
+                    torch.randn(b, kv_heads, S, head_dim, generator=gen, device=device, dtype=dtype) for _ in range(2)
+                )
                 lengths = torch.full((b,), prefix, device=device)
                 layout = ChunkLayout.build(lengths, None, L, is_causal)
                 expected = block_attention(q, k, v, k_cache, v_cache, layout)
                 got = kernel.launch(q, k, v, k_cache, v_cache, lengths, None, is_causal)
-                row = {"op": "block_attention", "batch": b, "prefix": prefix, "L": L,
-                       "pattern": "causal" if is_causal else "block", "dtype": str(dtype).split(".")[-1],
-                       "max_abs_err": float((got.float() - expected.float()).abs().max())}
-                row["kernel_us"] = timed_us(lambda: kernel.launch(q, k, v, k_cache, v_cache, lengths, None, is_causal),
-                                            device, reps)
+                row = {
+                    "op": "block_attention",
+                    "batch": b,
+                    "prefix": prefix,
+                    "L": L,
+                    "pattern": "causal" if is_causal else "block",
+                    "dtype": str(dtype).split(".")[-1],
+                    "max_abs_err": float((got.float() - expected.float()).abs().max()),
+                }
+                row["kernel_us"] = timed_us(
+                    lambda: kernel.launch(q, k, v, k_cache, v_cache, lengths, None, is_causal), device, reps
+                )
                 row["reference_us"] = timed_us(lambda: block_attention(q, k, v, k_cache, v_cache, layout), device, reps)
                 qt = q.transpose(1, 2)
-                row["sdpa_us"] = timed_us(lambda: torch.nn.functional.scaled_dot_product_attention(
-                    qt, k_cache, v_cache, attn_mask=layout.mask, enable_gqa=True), device, reps)
+                row["sdpa_us"] = timed_us(
+                    lambda: torch.nn.functional.scaled_dot_product_attention(
+                        qt, k_cache, v_cache, attn_mask=layout.mask, enable_gqa=True
+                    ),
+                    device,
+                    reps,
+                )
                 if flex is not None:
                     row["flex_us"] = _time_flex(flex, qt, k_cache, v_cache, prefix, L, is_causal, device, reps)
                 rows.append(_with_speedup(row))
@@ -79,6 +94,7 @@ def _flex(device: torch.device):
     if device.type != "cuda":
         return None
     from torch.nn.attention.flex_attention import flex_attention
+
     return torch.compile(flex_attention, dynamic=False)
 
 
@@ -109,8 +125,13 @@ def sampling_rows(device, vocab, L, batches, reps) -> list[dict]:
         draft[:, L // 2] = mask_id + 1  # accept about half the block
         draft = torch.cat([draft[:, :1], draft[:, :-1]], 1)
         got, expected = accept_kernel.launch(logits, draft, mask_id, eos), spec_accept(logits, draft, mask_id, eos)
-        row = {"op": "spec_accept", "batch": b, "L": L, "vocab": vocab,
-               "exact": all(torch.equal(x, y) for x, y in zip(got, expected))}
+        row = {
+            "op": "spec_accept",
+            "batch": b,
+            "L": L,
+            "vocab": vocab,
+            "exact": all(torch.equal(x, y) for x, y in zip(got, expected)),
+        }
         row["kernel_us"] = timed_us(lambda: accept_kernel.launch(logits, draft, mask_id, eos), device, reps)
         row["reference_us"] = timed_us(lambda: spec_accept(logits, draft, mask_id, eos), device, reps)
         rows.append(_with_speedup(row))
@@ -118,8 +139,14 @@ def sampling_rows(device, vocab, L, batches, reps) -> list[dict]:
         block = torch.full((b, L), mask_id, device=device)
         block[:, 0] = 7
         got = commit_kernel.launch(logits, block, mask_id, 0.9, None)
-        row = {"op": "diffusion_commit", "batch": b, "L": L, "vocab": vocab, "threshold": 0.9,
-               "exact": torch.equal(got, diffusion_commit(logits, block, mask_id, 0.9, None))}
+        row = {
+            "op": "diffusion_commit",
+            "batch": b,
+            "L": L,
+            "vocab": vocab,
+            "threshold": 0.9,
+            "exact": torch.equal(got, diffusion_commit(logits, block, mask_id, 0.9, None)),
+        }
         row["kernel_us"] = timed_us(lambda: commit_kernel.launch(logits, block, mask_id, 0.9, None), device, reps)
         row["reference_us"] = timed_us(lambda: diffusion_commit(logits, block, mask_id, 0.9, None), device, reps)
         rows.append(_with_speedup(row))
@@ -148,16 +175,31 @@ def main() -> int:
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         print("on CPU the kernels need TRITON_INTERPRET=1 in the environment", file=sys.stderr)
         return 2
-    report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)"}
+    report = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)",
+    }
     import triton
+
     report["triton"] = triton.__version__
     if args.small:
-        report["rows"] = attention_rows(device, torch.float32, 4, 2, 16, (16, 40), ((4, True), (1, True)), (1,),
-                                        2, False) + sampling_rows(device, 300, 4, (1,), 2)
+        report["rows"] = attention_rows(
+            device, torch.float32, 4, 2, 16, (16, 40), ((4, True), (1, True)), (1,), 2, False
+        ) + sampling_rows(device, 300, 4, (1,), 2)
     else:
-        report["rows"] = attention_rows(device, torch.bfloat16, 32, 8, 128, (1024, 4096, 16384, 32768),
-                                        ((32, True), (32, False), (1, True)), (1, 8), 50, not args.no_flex)
+        report["rows"] = attention_rows(
+            device,
+            torch.bfloat16,
+            32,
+            8,
+            128,
+            (1024, 4096, 16384, 32768),
+            ((32, True), (32, False), (1, True)),
+            (1, 8),
+            50,
+            not args.no_flex,
+        )
         report["rows"] += sampling_rows(device, 131072, 32, (1, 8, 64), 50)
     text = json.dumps(report, indent=2)
     print(text)

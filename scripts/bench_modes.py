@@ -66,8 +66,16 @@ PROMPTS = [
 MODES = (Mode.AR, Mode.DIFFUSION, Mode.SELF_SPEC)
 NO_ADAPTER = "self-spec/no-adapter"  # --against-no-adapter's row
 # Small but not toy: 4 layers, hidden 256, GQA 8/2 heads of 32, vocab 2048, block 8.
-BENCH_SPEC = dict(vocab_size=2048, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                  num_attention_heads=8, num_key_value_heads=2, head_dim=32, block_size=8)
+BENCH_SPEC = dict(
+    vocab_size=2048,
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=32,
+    block_size=8,
+)
 
 
 def hf_ministral3(ck):
@@ -81,10 +89,17 @@ def hf_generate(hf, prompts: list[list[int]], n: int, pad_id: int, mask_id: int)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     attn = torch.zeros_like(ids)
     for i, p in enumerate(prompts):  # left padding
-        ids[i, width - len(p):] = torch.tensor(p)
-        attn[i, width - len(p):] = 1
-    out = hf.generate(input_ids=ids, attention_mask=attn, do_sample=False, max_new_tokens=n,
-                      min_new_tokens=n, pad_token_id=pad_id, suppress_tokens=[mask_id])
+        ids[i, width - len(p) :] = torch.tensor(p)
+        attn[i, width - len(p) :] = 1
+    out = hf.generate(
+        input_ids=ids,
+        attention_mask=attn,
+        do_sample=False,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        pad_token_id=pad_id,
+        suppress_tokens=[mask_id],
+    )
     return out[:, width:].tolist()
 
 
@@ -97,6 +112,7 @@ class ForwardCounter:
         def counted(*args, **kwargs):
             self.calls += 1
             return self.inner(*args, **kwargs)
+
         model.forward = counted
 
 
@@ -109,8 +125,9 @@ def time_interleaved(fns: dict, repeats: int) -> dict[str, dict]:
             start = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - start)
-    return {k: {"time_s_best": round(min(t), 5), "time_s_median": round(percentile(t, 50), 5)}
-            for k, t in times.items()}
+    return {
+        k: {"time_s_best": round(min(t), 5), "time_s_median": round(percentile(t, 50), 5)} for k, t in times.items()
+    }
 
 
 def count_mode(ck, counter, prompts, settings):
@@ -163,15 +180,18 @@ def wait_for_batch(ck, prompts, settings, arrivals: list[float]) -> dict:
         if not batch:
             time.sleep(queue[0][0] - now)
             continue
-        queue = queue[len(batch):]
+        queue = queue[len(batch) :]
         generate(ck.model, [p for _, p in batch], settings)
         latency += [time.perf_counter() - start - a for a, _ in batch]
     return _arrival_report(latency, time.perf_counter() - start, len(prompts) * settings.max_new_tokens)
 
 
 def _arrival_report(latency: list[float], makespan: float, tokens: int) -> dict:
-    return {"makespan_s": round(makespan, 4), "tokens_per_s": round(tokens / makespan, 2),
-            "mean_latency_s": round(statistics.mean(latency), 4)}
+    return {
+        "makespan_s": round(makespan, 4),
+        "tokens_per_s": round(tokens / makespan, 2),
+        "mean_latency_s": round(statistics.mean(latency), 4),
+    }
 
 
 def staggered(ck, prompts, n: int, block_length: int | None) -> dict:
@@ -184,11 +204,18 @@ def staggered(ck, prompts, n: int, block_length: int | None) -> dict:
         generate(ck.model, prompts[:1], settings)
         alone = time.perf_counter() - start
         arrivals = [i * alone / len(prompts) for i in range(len(prompts))]
-        engine, batched = serve_staggered(ck, prompts, settings, arrivals), wait_for_batch(ck, prompts, settings, arrivals)
-        out[mode.value] = {"alone_s": round(alone, 4), "arrival_gap_s": round(arrivals[1], 4), "engine": engine,
-                           "wait_for_batch": batched,
-                           "throughput_ratio": round(engine["tokens_per_s"] / batched["tokens_per_s"], 3),
-                           "latency_ratio": round(engine["mean_latency_s"] / batched["mean_latency_s"], 3)}
+        engine, batched = (
+            serve_staggered(ck, prompts, settings, arrivals),
+            wait_for_batch(ck, prompts, settings, arrivals),
+        )
+        out[mode.value] = {
+            "alone_s": round(alone, 4),
+            "arrival_gap_s": round(arrivals[1], 4),
+            "engine": engine,
+            "wait_for_batch": batched,
+            "throughput_ratio": round(engine["tokens_per_s"] / batched["tokens_per_s"], 3),
+            "latency_ratio": round(engine["mean_latency_s"] / batched["mean_latency_s"], 3),
+        }
     return out
 
 
@@ -209,8 +236,11 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, help="also write the JSON here")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads")
     ap.add_argument("--init-std", type=float, default=0.1, help="random checkpoint weight std (peakier logits)")
-    ap.add_argument("--against-no-adapter", action="store_true",
-                    help="also time self-spec with the checkpoint's draft adapter left out, in the same rounds")
+    ap.add_argument(
+        "--against-no-adapter",
+        action="store_true",
+        help="also time self-spec with the checkpoint's draft adapter left out, in the same rounds",
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -220,7 +250,8 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         ck_dir = args.checkpoint or make_random_checkpoint(
-            Path(tmp) / "bench", tiny_spec(**BENCH_SPEC), seed=0, init_std=args.init_std, with_draft_adapter=True)
+            Path(tmp) / "bench", tiny_spec(**BENCH_SPEC), seed=0, init_std=args.init_std, with_draft_adapter=True
+        )
         ck = load_checkpoint(ck_dir)
         plain = load_checkpoint(ck_dir, draft_adapter=False) if args.against_no_adapter else None
     if plain is not None and not ck.model.has_draft_adapter:
@@ -233,25 +264,37 @@ def main(argv=None) -> int:
     n = args.max_new_tokens
 
     report = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "python": platform.python_version(), "torch": torch.__version__,
-                    "transformers": __import__("transformers").__version__,
-                    "num_threads": torch.get_num_threads(), "date": datetime.datetime.now().isoformat()},
-        "checkpoint": {"dir": str(args.checkpoint) if args.checkpoint else "random (temp dir)",
-                       "spec": spec.to_dict(),
-                       "has_draft_adapter": ck.model.has_draft_adapter, "dtype": str(ck.model.dtype)},
-        "settings": {"max_new_tokens": n, "block_length": args.block_length or spec.block_size,
-                     "repeats": args.repeats, "temperature": 0.0, "ignore_eos": True,
-                     "prompt_lengths": [len(p) for p in prompts],
-                     "batch_forward_calls_counted_by": "wrapper around NLDModel.forward on the model instance"},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+            "num_threads": torch.get_num_threads(),
+            "date": datetime.datetime.now().isoformat(),
+        },
+        "checkpoint": {
+            "dir": str(args.checkpoint) if args.checkpoint else "random (temp dir)",
+            "spec": spec.to_dict(),
+            "has_draft_adapter": ck.model.has_draft_adapter,
+            "dtype": str(ck.model.dtype),
+        },
+        "settings": {
+            "max_new_tokens": n,
+            "block_length": args.block_length or spec.block_size,
+            "repeats": args.repeats,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "prompt_lengths": [len(p) for p in prompts],
+            "batch_forward_calls_counted_by": "wrapper around NLDModel.forward on the model instance",
+        },
         "results": {},
     }
     for b in batch_sizes:
         batch = prompts[:b]
         row, tokens, fns = {}, {}, {}
         for mode in MODES:
-            settings = GenerationSettings(mode=mode, max_new_tokens=n, block_length=args.block_length,
-                                          ignore_eos=True)
+            settings = GenerationSettings(mode=mode, max_new_tokens=n, block_length=args.block_length, ignore_eos=True)
             row[mode.value], tokens[mode.value] = count_mode(ck, counter, batch, settings)
             fns[mode.value] = lambda settings=settings: generate(ck.model, batch, settings)
         if plain is not None:  # the same self-spec settings, the base model's drafts
@@ -264,19 +307,24 @@ def main(argv=None) -> int:
             add_rates(row[key], timing)
         row["ar_vs_transformers_ratio"] = round(row["ar"]["tokens_per_s"] / row["transformers"]["tokens_per_s"], 3)
         row["ar_vs_transformers_ratio_median"] = round(
-            row["ar"]["tokens_per_s_median"] / row["transformers"]["tokens_per_s_median"], 3)
+            row["ar"]["tokens_per_s_median"] / row["transformers"]["tokens_per_s_median"], 3
+        )
         row["ar_matches_transformers_in_batch"] = [a == h for a, h in zip(tokens["ar"], hf_tokens)]
         row["self_spec_matches_ar"] = [s == a for s, a in zip(tokens["self-spec"], tokens["ar"])]
         row["self_spec_vs_ar_ratio"] = round(row["self-spec"]["tokens_per_s"] / row["ar"]["tokens_per_s"], 3)
         if plain is not None:
             row["self_spec_no_adapter_matches_ar"] = [s == a for s, a in zip(tokens[NO_ADAPTER], tokens["ar"])]
-            row["self_spec_no_adapter_vs_ar_ratio"] = round(row[NO_ADAPTER]["tokens_per_s"] / row["ar"]["tokens_per_s"], 3)
+            row["self_spec_no_adapter_vs_ar_ratio"] = round(
+                row[NO_ADAPTER]["tokens_per_s"] / row["ar"]["tokens_per_s"], 3
+            )
         report["results"][f"batch_{b}"] = row
 
     # Token equality at batch 1, prompt by prompt (the greedy-equivalence check).
     ar1 = GenerationSettings(mode=Mode.AR, max_new_tokens=n, ignore_eos=True)
-    match = [generate(ck.model, [p], ar1)[0].tokens == hf_generate(hf, [p], n, pad_id, spec.mask_token_id)[0]
-             for p in prompts]
+    match = [
+        generate(ck.model, [p], ar1)[0].tokens == hf_generate(hf, [p], n, pad_id, spec.mask_token_id)[0]
+        for p in prompts
+    ]
     report["ar_matches_transformers_b1"] = match
     report["ar_matches_transformers_b1_fraction"] = sum(match) / len(match)
     report["ar_vs_transformers_ratio"] = {k: v["ar_vs_transformers_ratio"] for k, v in report["results"].items()}
@@ -289,8 +337,12 @@ def main(argv=None) -> int:
 
 def mode_ratios(row: dict, numerator: str, denominator: str) -> dict[str, float]:
     """Per mode, tokens/s of row["<mode>/<numerator>"] over row["<mode>/<denominator>"] (same run)."""
-    return {m.value: round(row[f"{m.value}/{numerator}"]["tokens_per_s"]
-                           / row[f"{m.value}/{denominator}"]["tokens_per_s"], 3) for m in MODES}
+    return {
+        m.value: round(
+            row[f"{m.value}/{numerator}"]["tokens_per_s"] / row[f"{m.value}/{denominator}"]["tokens_per_s"], 3
+        )
+        for m in MODES
+    }
 
 
 def write_report(report: dict, path: Path | None) -> None:
@@ -305,10 +357,16 @@ def write_report(report: dict, path: Path | None) -> None:
 def print_table(report) -> None:
     err = sys.stderr
     m = report["machine"]
-    print(f"# {m['platform']} torch {m['torch']} threads {m['num_threads']}  "
-          f"max_new_tokens {report['settings']['max_new_tokens']}", file=err)
-    print(f"{'batch':>5} {'mode':<20} {'tok/s':>9} {'seq passes':>10} {'tok/pass':>8} "
-          f"{'batch fwd':>9} {'tok/fwd':>8} {'accept':>6}", file=err)
+    print(
+        f"# {m['platform']} torch {m['torch']} threads {m['num_threads']}  "
+        f"max_new_tokens {report['settings']['max_new_tokens']}",
+        file=err,
+    )
+    print(
+        f"{'batch':>5} {'mode':<20} {'tok/s':>9} {'seq passes':>10} {'tok/pass':>8} "
+        f"{'batch fwd':>9} {'tok/fwd':>8} {'accept':>6}",
+        file=err,
+    )
     for key, row in report["results"].items():
         b = key.split("_")[1]
         for mode in ("ar", "diffusion", "self-spec", NO_ADAPTER):
@@ -316,20 +374,31 @@ def print_table(report) -> None:
                 continue
             r = row[mode]
             acc = f"{r['mean_accepted_length']:.2f}" if r["mean_accepted_length"] else "-"
-            print(f"{b:>5} {mode:<20} {r['tokens_per_s']:>9.1f} {r['seq_forward_passes']:>10} "
-                  f"{r['tokens_per_pass']:>8.3f} {r['batch_forward_calls']:>9} "
-                  f"{r['tokens_per_batch_forward_call']:>8.3f} {acc:>6}", file=err)
-        print(f"{b:>5} {'transformers':<20} {row['transformers']['tokens_per_s']:>9.1f}   "
-              f"AR/transformers = {row['ar_vs_transformers_ratio']:.3f}  "
-              f"AR==HF in batch: {sum(row['ar_matches_transformers_in_batch'])}/{len(row['ar_matches_transformers_in_batch'])}  "
-              f"self-spec==AR: {sum(row['self_spec_matches_ar'])}/{len(row['self_spec_matches_ar'])}", file=err)
-    print(f"AR == transformers greedy at batch 1: {report['ar_matches_transformers_b1_fraction']:.0%} of prompts",
-          file=err)
+            print(
+                f"{b:>5} {mode:<20} {r['tokens_per_s']:>9.1f} {r['seq_forward_passes']:>10} "
+                f"{r['tokens_per_pass']:>8.3f} {r['batch_forward_calls']:>9} "
+                f"{r['tokens_per_batch_forward_call']:>8.3f} {acc:>6}",
+                file=err,
+            )
+        print(
+            f"{b:>5} {'transformers':<20} {row['transformers']['tokens_per_s']:>9.1f}   "
+            f"AR/transformers = {row['ar_vs_transformers_ratio']:.3f}  "
+            f"AR==HF in batch: {sum(row['ar_matches_transformers_in_batch'])}/{len(row['ar_matches_transformers_in_batch'])}  "
+            f"self-spec==AR: {sum(row['self_spec_matches_ar'])}/{len(row['self_spec_matches_ar'])}",
+            file=err,
+        )
+    print(
+        f"AR == transformers greedy at batch 1: {report['ar_matches_transformers_b1_fraction']:.0%} of prompts",
+        file=err,
+    )
     print(f"staggered arrivals of {len(PROMPTS)} requests: engine vs wait-for-the-batch", file=err)
     for mode, r in report["staggered_arrivals"].items():
-        print(f"  {mode:<10} tok/s {r['engine']['tokens_per_s']:>8.1f} vs {r['wait_for_batch']['tokens_per_s']:>8.1f} "
-              f"(x{r['throughput_ratio']:.2f})  mean latency {r['engine']['mean_latency_s']:.3f}s vs "
-              f"{r['wait_for_batch']['mean_latency_s']:.3f}s (x{r['latency_ratio']:.2f})", file=err)
+        print(
+            f"  {mode:<10} tok/s {r['engine']['tokens_per_s']:>8.1f} vs {r['wait_for_batch']['tokens_per_s']:>8.1f} "
+            f"(x{r['throughput_ratio']:.2f})  mean latency {r['engine']['mean_latency_s']:.3f}s vs "
+            f"{r['wait_for_batch']['mean_latency_s']:.3f}s (x{r['latency_ratio']:.2f})",
+            file=err,
+        )
 
 
 if __name__ == "__main__":

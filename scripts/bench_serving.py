@@ -24,7 +24,6 @@ import platform
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import torch
@@ -37,7 +36,6 @@ from trimode.decoding import GenerationSettings, Mode, generate  # noqa: E402
 from trimode.triton_repo import client  # noqa: E402
 from trimode.triton_repo.server import Ports, TritonServer  # noqa: E402
 from trimode.triton_repo.writer import write_model_repo  # noqa: E402
-
 
 
 def served(url: str, model: str, prompts: list[str], max_tokens: int) -> list[dict]:
@@ -79,12 +77,23 @@ def main(argv=None) -> int:
     if max(levels) > min(len(PROMPTS), built.config.max_slots):
         ap.error(f"--concurrency: at most {min(len(PROMPTS), built.config.max_slots)} for this engine")
     report = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "python": platform.python_version(), "torch": torch.__version__,
-                    "num_threads": torch.get_num_threads(), "date": datetime.datetime.now().isoformat()},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "num_threads": torch.get_num_threads(),
+            "date": datetime.datetime.now().isoformat(),
+        },
         "engine": {"dir": str(args.engine), "settings": built.manifest["settings"]},
-        "settings": {"max_new_tokens": n, "repeats": args.repeats, "block_length": block_length,
-                     "protocol": "grpc, stream false", "temperature": 0.0},
+        "settings": {
+            "max_new_tokens": n,
+            "repeats": args.repeats,
+            "block_length": block_length,
+            "protocol": "grpc, stream false",
+            "temperature": 0.0,
+        },
         "results": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,10 +105,12 @@ def main(argv=None) -> int:
                 prompts = [ck.tokenizer.encode(t) for t in texts]
                 same = {}
                 for mode in Mode:
-                    settings = GenerationSettings(mode=mode, max_new_tokens=n, block_length=block_length,
-                                                  ignore_eos=True)
+                    settings = GenerationSettings(
+                        mode=mode, max_new_tokens=n, block_length=block_length, ignore_eos=True
+                    )
                     local = lambda settings=settings, prompts=prompts: generate(  # noqa: E731
-                        ck.model, prompts, settings, built.new_engine())
+                        ck.model, prompts, settings, built.new_engine()
+                    )
                     remote = lambda mode=mode, texts=texts: served(url, client.model_name(mode), texts, n)  # noqa: E731
                     seqs, answers = local(), remote()  # the warm-ups, and what to compare
                     same[mode.value] = [ck.tokenizer.decode(s.tokens) for s in seqs] == [a["text"] for a in answers]
@@ -118,13 +129,18 @@ def main(argv=None) -> int:
 
 def print_table(report: dict) -> None:
     err = sys.stderr
-    print(f"{'':<16}{'mode':<11}{'in-process tok/s':>17}{'served tok/s':>14}{'served/in-process':>19}  same text",
-          file=err)
+    print(
+        f"{'':<16}{'mode':<11}{'in-process tok/s':>17}{'served tok/s':>14}{'served/in-process':>19}  same text",
+        file=err,
+    )
     for key, row in report["results"].items():
         for m in Mode:
-            print(f"{key:<16}{m.value:<11}{row[f'{m.value}/in_process']['tokens_per_s']:>17}"
-                  f"{row[f'{m.value}/served']['tokens_per_s']:>14}{row['served_vs_in_process'][m.value]:>19}"
-                  f"  {row['served_text_equals_in_process'][m.value]}", file=err)
+            print(
+                f"{key:<16}{m.value:<11}{row[f'{m.value}/in_process']['tokens_per_s']:>17}"
+                f"{row[f'{m.value}/served']['tokens_per_s']:>14}{row['served_vs_in_process'][m.value]:>19}"
+                f"  {row['served_text_equals_in_process'][m.value]}",
+                file=err,
+            )
 
 
 if __name__ == "__main__":

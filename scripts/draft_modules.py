@@ -27,12 +27,27 @@ import torch
 
 from trimode.checkpoint import Factors, load_checkpoint
 from trimode.evaluate import EvalSettings, held_out_prompts, held_out_stream
-from trimode.training.draft import (DraftSettings, TargetPool, greedy_sequences, grown, new_optimizer,
-                                    starting_adapter, token_stream, train_step, validation_prompts)
 from trimode.make_checkpoint import write_draft_adapter
 from trimode.model import DRAFT_LINEARS
-from trimode.training.draft_objective import draft_layout, draft_logits, draft_loss, init_factors, install_lora, \
-    path_acceptance
+from trimode.training.draft import (
+    DraftSettings,
+    TargetPool,
+    greedy_sequences,
+    grown,
+    new_optimizer,
+    starting_adapter,
+    token_stream,
+    train_step,
+    validation_prompts,
+)
+from trimode.training.draft_objective import (
+    draft_layout,
+    draft_logits,
+    draft_loss,
+    init_factors,
+    install_lora,
+    path_acceptance,
+)
 
 OTHERS = [n for n in DRAFT_LINEARS if n != "o_proj"]
 
@@ -75,8 +90,15 @@ def main(argv=None) -> int:
         ap.error(f"--modules: unknown {unknown}; choose from {OTHERS}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    s = DraftSettings(block_lengths=(args.block_length,), steps=args.steps, lr=1e-3, batch_size=8, seed=args.seed,
-                      data=args.data, num_eval_prompts=args.num_prompts)
+    s = DraftSettings(
+        block_lengths=(args.block_length,),
+        steps=args.steps,
+        lr=1e-3,
+        batch_size=8,
+        seed=args.seed,
+        data=args.data,
+        num_eval_prompts=args.num_prompts,
+    )
     generator = torch.Generator().manual_seed(s.seed)
     torch.manual_seed(s.seed)
     ck = load_checkpoint(args.checkpoint, dtype=torch.float32, draft_adapter=False)
@@ -91,11 +113,19 @@ def main(argv=None) -> int:
     loras = install_lora(model, factors, scale)
     optim = new_optimizer(loras, s)
     pool = TargetPool(model, stream, s, generator)
-    report = {"checkpoint": str(args.checkpoint), "modules": ["o_proj"] + modules, "rank": args.rank,
-              "o_proj_rank": start.rank, "steps": s.steps, "block_length": L, "num_prompts": len(prompts),
-              "torch": torch.__version__, "num_threads": torch.get_num_threads(),
-              "before": path_estimate(model, loras, held, s.prompt_len, L, mask_id),
-              "eval_before": path_estimate(model, loras, eval_held, s.prompt_len, L, mask_id)}
+    report = {
+        "checkpoint": str(args.checkpoint),
+        "modules": ["o_proj"] + modules,
+        "rank": args.rank,
+        "o_proj_rank": start.rank,
+        "steps": s.steps,
+        "block_length": L,
+        "num_prompts": len(prompts),
+        "torch": torch.__version__,
+        "num_threads": torch.get_num_threads(),
+        "before": path_estimate(model, loras, held, s.prompt_len, L, mask_id),
+        "eval_before": path_estimate(model, loras, eval_held, s.prompt_len, L, mask_id),
+    }
     began = time.perf_counter()
     for step in range(s.steps):
         train_step(model, loras, optim, pool.take(s.batch_size), step, L, s, generator)
@@ -103,8 +133,9 @@ def main(argv=None) -> int:
     report["after"] = path_estimate(model, loras, held, s.prompt_len, L, mask_id)
     report["eval_after"] = path_estimate(model, loras, eval_held, s.prompt_len, L, mask_id)
     if args.adapter:
-        write_adapter(args.adapter, {key: (lo.a.detach(), lo.b.detach()) for key, lo in zip(factors, loras)}, scale,
-                      report)
+        write_adapter(
+            args.adapter, {key: (lo.a.detach(), lo.b.detach()) for key, lo in zip(factors, loras)}, scale, report
+        )
     text = json.dumps(report, indent=1)
     print(text)
     if args.json:

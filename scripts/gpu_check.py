@@ -59,10 +59,17 @@ def fp8_gemm(device: torch.device, shapes, tokens, reps: int) -> list[dict]:
             t_fp8 = timed(lambda: layer.scaled_mm(xb), device, reps)
             t_bf16 = timed(lambda: F.linear(xb, wb), device, reps)
             flops = 2 * m * in_f * out_f
-            rows.append({"in": in_f, "out": out_f, "tokens": m,
-                         "max_rel_err_vs_simulation": float((real - simulated).abs().max() / simulated.abs().max()),
-                         "fp8_tflops": round(flops / t_fp8 / 1e12, 2), "bf16_tflops": round(flops / t_bf16 / 1e12, 2),
-                         "fp8_speedup": round(t_bf16 / t_fp8, 3)})
+            rows.append(
+                {
+                    "in": in_f,
+                    "out": out_f,
+                    "tokens": m,
+                    "max_rel_err_vs_simulation": float((real - simulated).abs().max() / simulated.abs().max()),
+                    "fp8_tflops": round(flops / t_fp8 / 1e12, 2),
+                    "bf16_tflops": round(flops / t_bf16 / 1e12, 2),
+                    "fp8_speedup": round(t_bf16 / t_fp8, 3),
+                }
+            )
     return rows
 
 
@@ -78,7 +85,7 @@ def invariant(device: torch.device, max_new_tokens: int) -> dict:
     for batch in (1, 8):
         equal = 0
         for i in range(0, len(prompts), batch):
-            chunk = prompts[i:i + batch]
+            chunk = prompts[i : i + batch]
             base = dict(max_new_tokens=max_new_tokens, ignore_eos=True)
             ar = generate(ck.model, chunk, GenerationSettings(mode=Mode.AR, **base))
             spec = generate(ck.model, chunk, GenerationSettings(mode=Mode.SELF_SPEC, block_length=8, **base))
@@ -97,9 +104,12 @@ def main() -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 2
-    report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "fp8_tensor_cores": gpu_has_fp8(device)}
+    report = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "fp8_tensor_cores": gpu_has_fp8(device),
+    }
     shapes = [(64, 128)] if args.small else SHAPES_8B
     tokens = (1, 16) if args.small else (1, 32, 256, 4096)
     report["fp8_gemm"] = fp8_gemm(device, shapes, tokens, reps=3 if args.small else 20)

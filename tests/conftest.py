@@ -20,14 +20,19 @@ from click.testing import CliRunner  # noqa: E402
 from trimode.checkpoint import load_checkpoint  # noqa: E402
 from trimode.make_checkpoint import make_random_checkpoint  # noqa: E402
 
-
 # The files each worker starts with (make test runs `-n auto --dist loadfile --no-loadscope-reorder`,
 # so the files are handed out in this order, then alphabetically). The run's two costly builds start
 # at once, one per worker: test_builder.py builds the embedded checkpoint's engine first, and
 # test_deploy.py the shared tiny deploy that every server test waits for; then the slowest files that
 # need neither.
-FIRST_FILES = ["test_builder.py", "test_deploy.py", "test_kernels_decoding.py", "test_kernels_sampling.py",
-               "test_builder_onnx.py", "test_decoding.py"]
+FIRST_FILES = [
+    "test_builder.py",
+    "test_deploy.py",
+    "test_kernels_decoding.py",
+    "test_kernels_sampling.py",
+    "test_builder_onnx.py",
+    "test_decoding.py",
+]
 
 
 # Cases of costly parametrized tests that `make test` also runs on another CPU kernel path (marker
@@ -52,8 +57,9 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_adapter_dir(tmp_path_factory):
-    return make_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-lora", seed=1, init_std=0.15,
-                                  with_draft_adapter=True, num_shards=3)
+    return make_random_checkpoint(
+        tmp_path_factory.mktemp("ckpt") / "tiny-lora", seed=1, init_std=0.15, with_draft_adapter=True, num_shards=3
+    )
 
 
 @pytest.fixture(scope="session")
@@ -69,8 +75,10 @@ def tiny_wide_adapter_dir(tmp_path_factory):
     for i, layer in enumerate(model.encoder.layers):
         for name, owner in DRAFT_LINEARS.items():
             w = getattr(getattr(layer, owner), name).weight
-            factors[i, name] = (0.05 * torch.randn(4, w.shape[1], generator=gen),
-                                0.05 * torch.randn(w.shape[0], 4, generator=gen))
+            factors[i, name] = (
+                0.05 * torch.randn(4, w.shape[1], generator=gen),
+                0.05 * torch.randn(w.shape[0], 4, generator=gen),
+            )
     write_draft_adapter(path / "linear_spec_lora", factors, alpha=16.0)
     return path
 
@@ -183,8 +191,20 @@ def shared_dir(tmp_path_factory, name: str, make) -> Path:
 
 
 # `trimode deploy` options of the shared tiny deploy (small limits: a build's time grows with them)
-DEPLOY_ARGS = ["--calib-samples", "8", "--calib-seq-len", "48", "--max-batch-size", "4", "--max-seq-len", "96",
-               "--max-input-len", "16", "--block-lengths", "4"]
+DEPLOY_ARGS = [
+    "--calib-samples",
+    "8",
+    "--calib-seq-len",
+    "48",
+    "--max-batch-size",
+    "4",
+    "--max-seq-len",
+    "96",
+    "--max-input-len",
+    "16",
+    "--block-lengths",
+    "4",
+]
 
 
 @pytest.fixture(scope="session")

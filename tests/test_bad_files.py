@@ -17,7 +17,7 @@ DELETE = object()
 def read_st(path: Path) -> tuple[dict, bytes]:
     raw = path.read_bytes()
     (size,) = struct.unpack("<Q", raw[:8])
-    return json.loads(raw[8:8 + size]), raw[8 + size:]
+    return json.loads(raw[8 : 8 + size]), raw[8 + size :]
 
 
 def write_st(path: Path, header, data: bytes, raw_header: bytes | None = None, size: int | None = None) -> None:
@@ -38,6 +38,7 @@ def _field(key, value):
         else:
             entry[key] = value(entry, data_size) if callable(value) else value
         return entry
+
     return mutate
 
 
@@ -50,15 +51,21 @@ def _e(e):
 
 
 ENTRY_MUTATIONS = [
-    ("dtype=F64", _field("dtype", "F64")), ("dtype=F32", _field("dtype", "F32")),
-    ("dtype=Q4", _field("dtype", "Q4")), ("dtype=7", _field("dtype", 7)), ("dtype=null", _field("dtype", None)),
-    ("no dtype", _field("dtype", DELETE)), ("shape=str", _field("shape", "x")),
+    ("dtype=F64", _field("dtype", "F64")),
+    ("dtype=F32", _field("dtype", "F32")),
+    ("dtype=Q4", _field("dtype", "Q4")),
+    ("dtype=7", _field("dtype", 7)),
+    ("dtype=null", _field("dtype", None)),
+    ("no dtype", _field("dtype", DELETE)),
+    ("shape=str", _field("shape", "x")),
     ("shape negative", _field("shape", lambda e, n: [-1, *e["shape"][1:]])),
     ("shape float", _field("shape", lambda e, n: [float(d) for d in e["shape"]])),
     ("shape bool", _field("shape", lambda e, n: [True, *e["shape"]])),
-    ("shape scalar", _field("shape", [])), ("shape extra dim", _field("shape", lambda e, n: [*e["shape"], 2])),
+    ("shape scalar", _field("shape", [])),
+    ("shape extra dim", _field("shape", lambda e, n: [*e["shape"], 2])),
     ("shape dim+1", _field("shape", lambda e, n: [e["shape"][0] + 1, *e["shape"][1:]])),
-    ("shape overflow", _field("shape", [2**62, 2**62])), ("no shape", _field("shape", DELETE)),
+    ("shape overflow", _field("shape", [2**62, 2**62])),
+    ("no shape", _field("shape", DELETE)),
     ("offsets one", _field("data_offsets", lambda e, n: [_b(e)])),
     ("offsets three", _field("data_offsets", lambda e, n: [_b(e), _e(e), _e(e)])),
     ("offsets str", _field("data_offsets", lambda e, n: [str(_b(e)), _e(e)])),
@@ -69,13 +76,17 @@ ENTRY_MUTATIONS = [
     ("offsets past end", _field("data_offsets", lambda e, n: [_b(e), n + 1000])),
     ("offsets negative", _field("data_offsets", lambda e, n: [-1, _e(e) - _b(e) - 1])),
     ("offsets huge", _field("data_offsets", lambda e, n: [2**62, 2**62 + _e(e) - _b(e)])),
-    ("no offsets", _field("data_offsets", DELETE)), ("extra key", _field("extra", 1)),
-    ("entry list", lambda e, n: []), ("entry str", lambda e, n: "x"), ("entry null", lambda e, n: None),
+    ("no offsets", _field("data_offsets", DELETE)),
+    ("extra key", _field("extra", 1)),
+    ("entry list", lambda e, n: []),
+    ("entry str", lambda e, n: "x"),
+    ("entry null", lambda e, n: None),
 ]
 
 
 def _header_mutations(path: Path) -> list:
     """(label, apply(path)) for the whole file: header size, header text, truncation, trailing bytes."""
+
     def header_as(text: bytes):
         return lambda p: write_st(p, None, read_st(p)[1], raw_header=text)
 
@@ -84,31 +95,42 @@ def _header_mutations(path: Path) -> list:
             header, data = read_st(p)
             raw = json.dumps(header).encode()
             write_st(p, header, data, raw_header=raw, size=size_of(len(raw), len(raw) + len(data) + 8))
+
         return apply
 
     def truncate(keep):
-        return lambda p: p.write_bytes(p.read_bytes()[:keep(p.stat().st_size, read_st(p))])
+        return lambda p: p.write_bytes(p.read_bytes()[: keep(p.stat().st_size, read_st(p))])
 
     def edit(change):
         def apply(p):
             header, data = read_st(p)
             change(header)
             write_st(p, header, data)
+
         return apply
 
     return [
-        ("header list", header_as(b"[]")), ("header number", header_as(b"3")), ("header garbage", header_as(b"\x00\x01\x02")),
-        ("header not utf-8", header_as(b'{"\xff": 1}')), ("header nested", header_as(b"[" * 100_000)),
+        ("header list", header_as(b"[]")),
+        ("header number", header_as(b"3")),
+        ("header garbage", header_as(b"\x00\x01\x02")),
+        ("header not utf-8", header_as(b'{"\xff": 1}')),
+        ("header nested", header_as(b"[" * 100_000)),
         ("metadata str", edit(lambda h: h.__setitem__("__metadata__", "x"))),
         ("metadata int value", edit(lambda h: h.__setitem__("__metadata__", {"format": 1}))),
         ("tensor dropped", edit(lambda h: h.pop(_by_offset(h)[1]))),
-        ("size 0", with_size(lambda n, total: 0)), ("size 1", with_size(lambda n, total: 1)),
-        ("size 2^62", with_size(lambda n, total: 2**62)), ("size 2^64-1", with_size(lambda n, total: 2**64 - 1)),
-        ("size = file", with_size(lambda n, total: total)), ("size - 1", with_size(lambda n, total: n - 1)),
+        ("size 0", with_size(lambda n, total: 0)),
+        ("size 1", with_size(lambda n, total: 1)),
+        ("size 2^62", with_size(lambda n, total: 2**62)),
+        ("size 2^64-1", with_size(lambda n, total: 2**64 - 1)),
+        ("size = file", with_size(lambda n, total: total)),
+        ("size - 1", with_size(lambda n, total: n - 1)),
         ("size + 1", with_size(lambda n, total: n + 1)),
-        ("empty file", truncate(lambda size, hd: 0)), ("4 bytes", truncate(lambda size, hd: 4)),
-        ("8 bytes", truncate(lambda size, hd: 8)), ("mid header", truncate(lambda size, hd: 20)),
-        ("mid data", truncate(lambda size, hd: size - len(hd[1]) // 2)), ("last byte cut", truncate(lambda size, hd: size - 1)),
+        ("empty file", truncate(lambda size, hd: 0)),
+        ("4 bytes", truncate(lambda size, hd: 4)),
+        ("8 bytes", truncate(lambda size, hd: 8)),
+        ("mid header", truncate(lambda size, hd: 20)),
+        ("mid data", truncate(lambda size, hd: size - len(hd[1]) // 2)),
+        ("last byte cut", truncate(lambda size, hd: size - 1)),
         ("trailing byte", lambda p: p.write_bytes(p.read_bytes() + b"\x00")),
         ("trailing page", lambda p: p.write_bytes(p.read_bytes() + bytes(4096))),
         ("a directory", lambda p: (p.unlink(), p.mkdir())),
@@ -146,14 +168,27 @@ def test_corrupt_weights_file(refused, tiny_dir, tmp_path, label, apply, command
     ck = tmp_path / "ck"
     shutil.copytree(tiny_dir, ck)
     apply(ck / "model.safetensors")
-    args = {"generate": _generate(ck), "eval": ["eval", ck, "--num-prompts", 1],
-            "quantize": ["quantize", ck, "--out", tmp_path / "out", "--calib-data", ck / "config.json"]}[command]
+    args = {
+        "generate": _generate(ck),
+        "eval": ["eval", ck, "--num-prompts", 1],
+        "quantize": ["quantize", ck, "--out", tmp_path / "out", "--calib-data", ck / "config.json"],
+    }[command]
     refused(args, tmp_path, "model.safetensors")
 
 
 # --- sharded checkpoints: the index and each shard --------------------------------------------------
-INDEX_VALUES = ["../model.safetensors", "/etc/passwd", "sub/model.safetensors", "missing.safetensors", 3, None,
-                "config.json", "linear_spec_lora/adapter_model.safetensors", "", ".safetensors"]
+INDEX_VALUES = [
+    "../model.safetensors",
+    "/etc/passwd",
+    "sub/model.safetensors",
+    "missing.safetensors",
+    3,
+    None,
+    "config.json",
+    "linear_spec_lora/adapter_model.safetensors",
+    "",
+    ".safetensors",
+]
 INDEX_FILES = [b"{", b"[]", b"\xff", b"{}", b'{"weight_map": []}', b'{"weight_map": {}}', b'{"weight_map": "x"}']
 
 
@@ -212,9 +247,11 @@ def test_corrupt_shard(refused, tiny_adapter_dir, tmp_path, label, mutate):
 
 
 # --- the draft adapter ------------------------------------------------------------------------------
-ADAPTER_CONFIG = [("r", v) for v in (0, -1, 1.5, "4", True, None, 8, 10**6, DELETE)] + \
-    [("lora_alpha", v) for v in (float("nan"), float("inf"), "16", None, True, DELETE)] + \
-    [("use_rslora", "yes"), ("use_rslora", 1), ("target_modules", ["q_proj"]), ("target_modules", 3)]
+ADAPTER_CONFIG = (
+    [("r", v) for v in (0, -1, 1.5, "4", True, None, 8, 10**6, DELETE)]
+    + [("lora_alpha", v) for v in (float("nan"), float("inf"), "16", None, True, DELETE)]
+    + [("use_rslora", "yes"), ("use_rslora", 1), ("target_modules", ["q_proj"]), ("target_modules", 3)]
+)
 
 
 @pytest.mark.parametrize("key, value", ADAPTER_CONFIG, ids=lambda v: repr(v)[:20])
@@ -277,19 +314,28 @@ def test_adapter_weights_missing(refused, tiny_adapter_dir, tmp_path):
 
 
 # --- the quantization config of an FP8 checkpoint ----------------------------------------------------
-@pytest.mark.parametrize("content, message", [
-    (b"{", "not a ModelOpt quantization config"), (b"[]", "not a ModelOpt quantization config"),
-    (b'{"quantization": []}', "'quantization'"), (b'{"quantization": {"quant_algo": "INT4"}}', "'quant_algo'"),
-    (b'{"quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": "INT8"}}', "'kv_cache_quant_algo'"),
-    (b'{"quantization": {"quant_algo": "FP8"}}', "the weights are not float8"),
-], ids=repr)
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"{", "not a ModelOpt quantization config"),
+        (b"[]", "not a ModelOpt quantization config"),
+        (b'{"quantization": []}', "'quantization'"),
+        (b'{"quantization": {"quant_algo": "INT4"}}', "'quant_algo'"),
+        (b'{"quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": "INT8"}}', "'kv_cache_quant_algo'"),
+        (b'{"quantization": {"quant_algo": "FP8"}}', "the weights are not float8"),
+    ],
+    ids=repr,
+)
 @pytest.mark.parametrize("command", ["generate", "quantize"])
 def test_corrupt_quant_config(refused, tiny_dir, tmp_path, content, message, command):
     ck = tmp_path / "ck"
     shutil.copytree(tiny_dir, ck)
     (ck / "hf_quant_config.json").write_bytes(content)
-    args = _generate(ck) if command == "generate" else ["quantize", ck, "--out", tmp_path / "out",
-                                                         "--calib-data", ck / "config.json"]
+    args = (
+        _generate(ck)
+        if command == "generate"
+        else ["quantize", ck, "--out", tmp_path / "out", "--calib-data", ck / "config.json"]
+    )
     if command == "quantize" and "float8" in message:
         message = "already quantized"
     refused(args, tmp_path, message)

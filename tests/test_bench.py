@@ -24,10 +24,19 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 # ---- statistics ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("values, q, expected", [
-    ([1, 2, 3, 4], 50, 2.5), ([4, 1, 3, 2], 0, 1), ([4, 1, 3, 2], 100, 4), ([7], 95, 7),
-    ([1, 2], 95, 1.95), ([10, 20, 30], 25, 15), (list(range(101)), 95, 95),
-])
+
+@pytest.mark.parametrize(
+    "values, q, expected",
+    [
+        ([1, 2, 3, 4], 50, 2.5),
+        ([4, 1, 3, 2], 0, 1),
+        ([4, 1, 3, 2], 100, 4),
+        ([7], 95, 7),
+        ([1, 2], 95, 1.95),
+        ([10, 20, 30], 25, 15),
+        (list(range(101)), 95, 95),
+    ],
+)
 def test_percentile(values, q, expected):
     assert percentile(values, q) == pytest.approx(expected)
 
@@ -65,31 +74,50 @@ def test_summarize_rounds():
 
 def _row(variant: str, c: int, tps: float, rounds: tuple[float, ...] = ()) -> dict:
     mode, _, block = variant.partition("/")
-    return {"variant": variant, "mode": mode, "block_length": int(block) if block else None, "concurrency": c,
-            "tokens_per_s": tps, "tokens_per_s_rounds": list(rounds or (tps,))}
+    return {
+        "variant": variant,
+        "mode": mode,
+        "block_length": int(block) if block else None,
+        "concurrency": c,
+        "tokens_per_s": tps,
+        "tokens_per_s_rounds": list(rounds or (tps,)),
+    }
 
 
 def test_speedups_and_advice():
-    rows = [_row("ar", 1, 100), _row("self-spec/8", 1, 180), _row("diffusion/8", 1, 150),
-            _row("ar", 8, 400), _row("self-spec/8", 8, 360), _row("diffusion/8", 8, 200)]
+    rows = [
+        _row("ar", 1, 100),
+        _row("self-spec/8", 1, 180),
+        _row("diffusion/8", 1, 150),
+        _row("ar", 8, 400),
+        _row("self-spec/8", 8, 360),
+        _row("diffusion/8", 8, 200),
+    ]
     add_speedups(rows)
     assert [r["speedup_vs_ar"] for r in rows] == [1.0, 1.8, 1.5, 1.0, 0.9, 0.5]
     advice = advise(rows)
-    assert [(a["concurrency"], a["variant"], a["speedup_vs_ar"]) for a in advice] == [(1, "self-spec/8", 1.8),
-                                                                                      (8, "ar", 1.0)]
+    assert [(a["concurrency"], a["variant"], a["speedup_vs_ar"]) for a in advice] == [
+        (1, "self-spec/8", 1.8),
+        (8, "ar", 1.0),
+    ]
     assert advice[0]["runner_up"]["variant"] == "diffusion/8"
     assert "run self-spec at block length 8" in advice[0]["text"] and "1.80x AR" in advice[0]["text"]
     assert "run ar (400.0 tok/s)" in advice[1]["text"] and "next self-spec/8" in advice[1]["text"]
 
 
-@pytest.mark.parametrize("ar_rounds, spec_rounds, expected", [
-    ((100,), (120,), None),                    # one round each: no word on the noise
-    ((90, 100, 110), (120, 130, 125), False),  # the best's slowest round beats the other's fastest
-    ((90, 100, 121), (120, 130, 125), True),   # they overlap
-])
+@pytest.mark.parametrize(
+    "ar_rounds, spec_rounds, expected",
+    [
+        ((100,), (120,), None),  # one round each: no word on the noise
+        ((90, 100, 110), (120, 130, 125), False),  # the best's slowest round beats the other's fastest
+        ((90, 100, 121), (120, 130, 125), True),  # they overlap
+    ],
+)
 def test_advice_says_when_too_close_to_call(ar_rounds, spec_rounds, expected):
-    rows = [_row("ar", 1, sorted(ar_rounds)[len(ar_rounds) // 2], ar_rounds),
-            _row("self-spec/8", 1, sorted(spec_rounds)[len(spec_rounds) // 2], spec_rounds)]
+    rows = [
+        _row("ar", 1, sorted(ar_rounds)[len(ar_rounds) // 2], ar_rounds),
+        _row("self-spec/8", 1, sorted(spec_rounds)[len(spec_rounds) // 2], spec_rounds),
+    ]
     add_speedups(rows)
     advice = advise(rows)[0]
     assert advice["variant"] == "self-spec/8" and advice["too_close"] is expected
@@ -103,11 +131,16 @@ def test_no_ar_no_speedups():
     assert advise(rows)[0]["variant"] == "self-spec/8" and "x AR" not in advise(rows)[0]["text"]
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    (dict(modes=("ar", "beam")), "modes"), (dict(concurrency=(0,)), "concurrency"),
-    (dict(concurrency=(1, 8), num_requests=4), "num_requests"), (dict(num_requests=16, duration_s=1.0), "duration_s"),
-    (dict(duration_s=0.0), "duration_s"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(modes=("ar", "beam")), "modes"),
+        (dict(concurrency=(0,)), "concurrency"),
+        (dict(concurrency=(1, 8), num_requests=4), "num_requests"),
+        (dict(num_requests=16, duration_s=1.0), "duration_s"),
+        (dict(duration_s=0.0), "duration_s"),
+    ],
+)
 def test_settings_refused(kwargs, field):
     with pytest.raises(InputError, match=field):
         BenchSettings(**kwargs)
@@ -135,6 +168,7 @@ def test_default_prompts_are_evals_held_out_prompts():
 
 # ---- in process on the tiny engine ---------------------------------------------------------------------------
 
+
 def _bench(runner, *args) -> dict:
     result = runner.invoke(main, ["bench", *map(str, args), "--json"])
     assert result.exit_code == 0, result.output
@@ -153,8 +187,25 @@ def in_process(tiny_engine_dir, prompts_file, tmp_path_factory):
     from click.testing import CliRunner
 
     out = tmp_path_factory.mktemp("bench") / "out"
-    report = _bench(CliRunner(), "--engine", tiny_engine_dir, "--prompts", prompts_file, "--concurrency", "1,2",
-                    "--requests", 4, "--max-tokens", MAX_TOKENS, "--threads", 1, "--repeats", 2, "--out", out)
+    report = _bench(
+        CliRunner(),
+        "--engine",
+        tiny_engine_dir,
+        "--prompts",
+        prompts_file,
+        "--concurrency",
+        "1,2",
+        "--requests",
+        4,
+        "--max-tokens",
+        MAX_TOKENS,
+        "--threads",
+        1,
+        "--repeats",
+        2,
+        "--out",
+        out,
+    )
     return report, out
 
 
@@ -200,16 +251,44 @@ def test_in_process_out_dir(in_process):
 
 
 def test_default_levels_stop_at_the_slots(runner, tiny_engine_dir, prompts_file):
-    report = _bench(runner, "--engine", tiny_engine_dir, "--prompts", prompts_file, "--modes", "ar",
-                    "--max-tokens", 2, "--warmup", 0, "--requests", 4)
+    report = _bench(
+        runner,
+        "--engine",
+        tiny_engine_dir,
+        "--prompts",
+        prompts_file,
+        "--modes",
+        "ar",
+        "--max-tokens",
+        2,
+        "--warmup",
+        0,
+        "--requests",
+        4,
+    )
     assert [r["concurrency"] for r in report["results"]] == [1, 2, 4]
     assert report["notes"] == ["concurrency 8, 16 not measured: above the engine's 4 slots"]
 
 
 def test_table_and_advice(runner, tiny_engine_dir, prompts_file):
-    result = runner.invoke(main, ["bench", "--engine", str(tiny_engine_dir), "--prompts", str(prompts_file),
-                                  "--modes", "ar,self-spec", "--concurrency", "2", "--max-tokens", "4",
-                                  "--duration", "0.5"])
+    result = runner.invoke(
+        main,
+        [
+            "bench",
+            "--engine",
+            str(tiny_engine_dir),
+            "--prompts",
+            str(prompts_file),
+            "--modes",
+            "ar,self-spec",
+            "--concurrency",
+            "2",
+            "--max-tokens",
+            "4",
+            "--duration",
+            "0.5",
+        ],
+    )
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[1].split()[:4] == ["variant", "conc", "reqs", "tok/s"]
@@ -219,6 +298,7 @@ def test_table_and_advice(runner, tiny_engine_dir, prompts_file):
 
 
 # ---- against a real tritonserver -----------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def server(tiny_engine_dir, tmp_path_factory):
@@ -230,48 +310,101 @@ def server(tiny_engine_dir, tmp_path_factory):
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_against_a_server(server, runner, prompts_file, protocol):
     port = server.ports.grpc if protocol == "grpc" else server.ports.http
-    report = _bench(runner, "--url", f"127.0.0.1:{port}", "--protocol", protocol, "--prompts", prompts_file,
-                    "--concurrency", "1,8", "--requests", 8, "--max-tokens", MAX_TOKENS, "--block-length", 4)
+    report = _bench(
+        runner,
+        "--url",
+        f"127.0.0.1:{port}",
+        "--protocol",
+        protocol,
+        "--prompts",
+        prompts_file,
+        "--concurrency",
+        "1,8",
+        "--requests",
+        8,
+        "--max-tokens",
+        MAX_TOKENS,
+        "--block-length",
+        4,
+    )
     check_report(report, [1, 8], 8)
-    assert report["target"] == {"kind": "triton", "url": f"127.0.0.1:{port}", "protocol": protocol, "prefix": "",
-                                "slots": 4}
+    assert report["target"] == {
+        "kind": "triton",
+        "url": f"127.0.0.1:{port}",
+        "protocol": protocol,
+        "prefix": "",
+        "slots": 4,
+    }
     assert report["settings"]["block_lengths"] == [4]  # named: a server does not say its default
-    assert report["notes"] == ["concurrency 8 exceeds the engine's 4 slots: the extra requests wait in the "
-                               "server's queue"]
+    assert report["notes"] == [
+        "concurrency 8 exceeds the engine's 4 slots: the extra requests wait in the server's queue"
+    ]
 
 
 # ---- bad input: one Error line, nothing written --------------------------------------------------------------
 
+
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_refuses_a_url_with_no_server(refused, prompts_file, tmp_path, protocol):
     port = Ports.free().grpc
-    result = refused(["bench", "--url", f"127.0.0.1:{port}", "--protocol", protocol, "--prompts", prompts_file,
-                      "--out", tmp_path / "out"], tmp_path, "nothing listens there")
+    result = refused(
+        [
+            "bench",
+            "--url",
+            f"127.0.0.1:{port}",
+            "--protocol",
+            protocol,
+            "--prompts",
+            prompts_file,
+            "--out",
+            tmp_path / "out",
+        ],
+        tmp_path,
+        "nothing listens there",
+    )
     assert result.error.startswith(f"Error: --url 127.0.0.1:{port}: no Triton server answers there over {protocol} (")
 
 
-@pytest.mark.parametrize("protocol, hint", [("http", "is that the gRPC port? pass --protocol grpc"),
-                                            ("grpc", "is that the HTTP port? pass --protocol http")])
+@pytest.mark.parametrize(
+    "protocol, hint",
+    [("http", "is that the gRPC port? pass --protocol grpc"), ("grpc", "is that the HTTP port? pass --protocol http")],
+)
 def test_refuses_the_other_protocols_port(server, refused, prompts_file, tmp_path, protocol, hint):
     port = server.ports.grpc if protocol == "http" else server.ports.http
-    result = refused(["bench", "--url", f"127.0.0.1:{port}", "--protocol", protocol, "--prompts", prompts_file,
-                      "--out", tmp_path / "out"], tmp_path, hint)
+    result = refused(
+        [
+            "bench",
+            "--url",
+            f"127.0.0.1:{port}",
+            "--protocol",
+            protocol,
+            "--prompts",
+            prompts_file,
+            "--out",
+            tmp_path / "out",
+        ],
+        tmp_path,
+        hint,
+    )
     assert result.error.startswith(f"Error: --url 127.0.0.1:{port}: no Triton server answers there over {protocol} (")
 
 
-@pytest.mark.parametrize("args, message, code", [
-    (["--modes", "ar,beam"], "expected distinct modes among ar, diffusion, self-spec", 2),
-    (["--concurrency", "0"], "every value must be in [1, 65536]", 2),
-    (["--concurrency", "1,two"], "expected integers separated by commas", 2),
-    (["--concurrency", "1,8", "--requests", "4"], "--requests: 4 is fewer than concurrency 8", 1),
-    (["--prompts", "missing.txt"], "--prompts missing.txt: cannot read it (No such file or directory)", 1),
-    (["--prompts", "."], "--prompts .: cannot read it (Is a directory)", 1),
-    (["--prompts", "empty.txt"], "--prompts empty.txt: holds no prompts", 1),
-    (["--out", "taken"], "--out taken: exists and is not empty (--force replaces a previous bench output)", 1),
-    (["--url", "127.0.0.1:1"], "pass one of --engine, --url and --openai (got --engine and --url)", 2),
-    (["--threads", "0"], "--threads", 2),
-    (["--prefix", "nld_"], "--prefix names a server's models: it needs --url or --openai", 2),
-])
+@pytest.mark.parametrize(
+    "args, message, code",
+    [
+        (["--modes", "ar,beam"], "expected distinct modes among ar, diffusion, self-spec", 2),
+        (["--concurrency", "0"], "every value must be in [1, 65536]", 2),
+        (["--concurrency", "1,two"], "expected integers separated by commas", 2),
+        (["--concurrency", "1,8", "--requests", "4"], "--requests: 4 is fewer than concurrency 8", 1),
+        (["--prompts", "missing.txt"], "--prompts missing.txt: cannot read it (No such file or directory)", 1),
+        (["--prompts", "."], "--prompts .: cannot read it (Is a directory)", 1),
+        (["--prompts", "empty.txt"], "--prompts empty.txt: holds no prompts", 1),
+        (["--out", "taken"], "--out taken: exists and is not empty (--force replaces a previous bench output)", 1),
+        (["--url", "127.0.0.1:1"], "pass one of --engine, --url and --openai (got --engine and --url)", 2),
+        (["--threads", "0"], "--threads", 2),
+        (["--prefix", "nld_"], "--prefix names a server's models: it needs --url or --openai", 2),
+    ],
+)
 def test_bad_input_refused(refused, tiny_engine_dir, tmp_path, monkeypatch, args, message, code):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty.txt").write_text("\n\n")
@@ -280,23 +413,34 @@ def test_bad_input_refused(refused, tiny_engine_dir, tmp_path, monkeypatch, args
     refused(["bench", "--engine", tiny_engine_dir, *args], tmp_path, message, exit_code=code)
 
 
-@pytest.mark.parametrize("args, message", [
-    ([], "pass one of --engine, --url and --openai"),
-    (["--url", "http://127.0.0.1:8001"], "expected HOST:PORT (no scheme)"),
-    (["--url", "127.0.0.1:1", "--threads", "1"], "--threads sets this process's torch threads: it needs --engine"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "pass one of --engine, --url and --openai"),
+        (["--url", "http://127.0.0.1:8001"], "expected HOST:PORT (no scheme)"),
+        (["--url", "127.0.0.1:1", "--threads", "1"], "--threads sets this process's torch threads: it needs --engine"),
+    ],
+)
 def test_bad_target_refused(refused, tmp_path, args, message):
     refused(["bench", *args], tmp_path, message, exit_code=2)
 
 
 def test_concurrency_above_the_engines_slots_refused(refused, tiny_engine_dir, prompts_file, tmp_path):
-    refused(["bench", "--engine", tiny_engine_dir, "--prompts", prompts_file, "--concurrency", "2,8"], tmp_path,
-            "8: the engine runs 4 requests at once", exit_code=2)
+    refused(
+        ["bench", "--engine", tiny_engine_dir, "--prompts", prompts_file, "--concurrency", "2,8"],
+        tmp_path,
+        "8: the engine runs 4 requests at once",
+        exit_code=2,
+    )
 
 
 def test_refuses_a_missing_engine_dir(refused, tmp_path):
-    refused(["bench", "--engine", tmp_path / "nope", "--prompts", tmp_path / "nope.txt"], tmp_path,
-            "--prompts")  # the prompts are read first (cheap), so their error comes first
+    refused(
+        ["bench", "--engine", tmp_path / "nope", "--prompts", tmp_path / "nope.txt"], tmp_path, "--prompts"
+    )  # the prompts are read first (cheap), so their error comes first
     (tmp_path / "p.txt").write_text("x\n")
-    refused(["bench", "--engine", tmp_path / "nope", "--prompts", tmp_path / "p.txt"], tmp_path,
-            f"{tmp_path / 'nope'}: not a directory (build one with `trimode build`)")
+    refused(
+        ["bench", "--engine", tmp_path / "nope", "--prompts", tmp_path / "p.txt"],
+        tmp_path,
+        f"{tmp_path / 'nope'}: not a directory (build one with `trimode build`)",
+    )

@@ -16,12 +16,13 @@ import sys
 import pytest
 import torch
 
-from tolerance import forward_bound
 from trimode.builder import BuildSettings, build_engine
 from trimode.builder.engine_dir import load_engine
 from trimode.cli import main
 from trimode.decoding import Engine, GenerationSettings, Mode, generate
 from trimode.errors import EngineError, InputError
+
+from tolerance import forward_bound
 
 SMALL = BuildSettings(max_batch_size=4, max_seq_len=96, max_input_len=16)
 MODES = list(Mode)
@@ -73,9 +74,18 @@ def test_engine_tokens_equal_the_eager_reference(built, mode, batch):
 @pytest.mark.parametrize("batch", [1, 3])
 def test_self_spec_equals_ar_on_the_engine(built, batch):
     prompts = prompts_for(built, batch)
-    tokens = {mode: [s.tokens for s in generate(built.checkpoint.model, prompts, GenerationSettings(
-        mode=mode, max_new_tokens=24, block_length=built.block_lengths[0], ignore_eos=True), built.new_engine())]
-        for mode in (Mode.AR, Mode.SELF_SPEC)}
+    tokens = {
+        mode: [
+            s.tokens
+            for s in generate(
+                built.checkpoint.model,
+                prompts,
+                GenerationSettings(mode=mode, max_new_tokens=24, block_length=built.block_lengths[0], ignore_eos=True),
+                built.new_engine(),
+            )
+        ]
+        for mode in (Mode.AR, Mode.SELF_SPEC)
+    }
     assert tokens[Mode.SELF_SPEC] == tokens[Mode.AR]
 
 
@@ -111,12 +121,18 @@ def test_a_one_row_block_pass_runs_the_batch_one_program(built, monkeypatch):
             return self.program.loader.boxed_run(inputs)
 
     monkeypatch.setattr(backend, "programs", {n: Counted(p, n) for n, p in backend.programs.items()})
-    monkeypatch.setattr(backend, "batch1_programs",
-                        {n: Counted(p, n + "_b1") for n, p in backend.batch1_programs.items()})
+    monkeypatch.setattr(
+        backend, "batch1_programs", {n: Counted(p, n + "_b1") for n, p in backend.batch1_programs.items()}
+    )
     for batch in (1, 2):
-        generate(built.checkpoint.model, prompts_for(built, batch), GenerationSettings(
-            mode=Mode.SELF_SPEC, max_new_tokens=8, block_length=built.block_lengths[0], ignore_eos=True),
-            built.new_engine())
+        generate(
+            built.checkpoint.model,
+            prompts_for(built, batch),
+            GenerationSettings(
+                mode=Mode.SELF_SPEC, max_new_tokens=8, block_length=built.block_lengths[0], ignore_eos=True
+            ),
+            built.new_engine(),
+        )
     block_calls = {(name, rows) for name, rows in calls if not name.startswith(("prefill", "decode"))}
     if expected:
         assert block_calls == {(f"draft_{L}_b1", 1), (f"verify_{L}_b1", 1), (f"draft_{L}", 2), (f"verify_{L}", 2)}
@@ -135,8 +151,10 @@ def test_blocked_constants_are_traced_back_to_their_fused_matrix(tiny_adapter_di
     qkv, draft = gemms.layers[1].qkv.weight, gemms.layers[0].o_draft.weight
     made = {"c0": blocked(qkv, 16), "c1": blocked(draft, 48)}
     assert blocked(qkv, 16).shape == (-(-qkv.shape[1] // 16), qkv.shape[0], 16)
-    assert blocked_sources(made, gemms) == {"c0": ["gemms.layers.1.qkv.weight", 16],
-                                            "c1": ["gemms.layers.0.o_draft.weight", 48]}
+    assert blocked_sources(made, gemms) == {
+        "c0": ["gemms.layers.1.qkv.weight", 16],
+        "c1": ["gemms.layers.0.o_draft.weight", 48],
+    }
     with pytest.raises(EngineError, match="c2 .* no blocked GEMM matrix"):
         blocked_sources({"c2": blocked(qkv, 16) + 1e-3}, gemms)
 
@@ -148,18 +166,23 @@ def test_a_batch1_copy_without_a_template_gemm_is_dropped(tiny_dir, tmp_path, mo
     from trimode.builder import torch_backend
 
     monkeypatch.setattr(torch_backend, "BATCH1_CONFIGS", {"max_autotune": True, "max_autotune_gemm_backends": "ATEN"})
-    build_engine(tiny_dir, tmp_path / "engine", BuildSettings(max_batch_size=2, max_seq_len=64, max_input_len=16,
-                                                              block_lengths=(4,)))
+    build_engine(
+        tiny_dir,
+        tmp_path / "engine",
+        BuildSettings(max_batch_size=2, max_seq_len=64, max_input_len=16, block_lengths=(4,)),
+    )
     built = load_engine(tmp_path / "engine")
     backend = built.manifest["backend"]
     assert backend["batch1_skipped"] == {"denoise_4": torch_backend.NO_TEMPLATE_GEMM}
     assert backend["batch1_programs"] == backend["blocked_constants"] == {} and built.backend.batch1_programs == {}
-    assert sorted((tmp_path / "engine" / "programs").iterdir()) == \
-        sorted(tmp_path / "engine" / f for f in set(backend["programs"].values()))
+    assert sorted((tmp_path / "engine" / "programs").iterdir()) == sorted(
+        tmp_path / "engine" / f for f in set(backend["programs"].values())
+    )
     prompt = prompts_for(built, 1)
     settings = GenerationSettings(mode=Mode.SELF_SPEC, max_new_tokens=8, block_length=4, ignore_eos=True)
-    assert [s.tokens for s in generate(built.checkpoint.model, prompt, settings, built.new_engine())] == \
-        [s.tokens for s in generate(built.checkpoint.model, prompt, settings, eager_engine(built))]
+    assert [s.tokens for s in generate(built.checkpoint.model, prompt, settings, built.new_engine())] == [
+        s.tokens for s in generate(built.checkpoint.model, prompt, settings, eager_engine(built))
+    ]
 
 
 def test_the_fp8_engines_draft_pass_equals_eager(fp8_engine_dir):
@@ -183,8 +206,11 @@ def test_an_adapter_on_every_linear_drafts_through_the_engine_as_eager(tiny_wide
     the draft GEMMs' tensors (its batch-1 copy too), and its logits equal the eager draft pass's."""
     from trimode.passes import PassKind
 
-    build_engine(tiny_wide_adapter_dir, tmp_path / "engine", BuildSettings(max_batch_size=2, max_seq_len=64,
-                                                                            max_input_len=16, block_lengths=(4,)))
+    build_engine(
+        tiny_wide_adapter_dir,
+        tmp_path / "engine",
+        BuildSettings(max_batch_size=2, max_seq_len=64, max_input_len=16, block_lengths=(4,)),
+    )
     built = load_engine(tmp_path / "engine")
     programs = built.manifest["backend"]["programs"]
     assert programs["draft_4"] == programs["denoise_4"]
@@ -217,8 +243,12 @@ def test_programs_export_for_any_max_batch_size(tiny_dir, max_batch_size):
     for shape in (PassShape(PassKind.PREFILL, None), PassShape(PassKind.DENOISE, 4)):
         args = example_inputs(model, shape, pool)
         with torch.no_grad():
-            exported = torch.export.export(PassProgram(model, shape.kind).eval(), args, strict=False,
-                                           dynamic_shapes=dynamic_shapes(shape, settings, len(args) - NUM_INPUTS))
+            exported = torch.export.export(
+                PassProgram(model, shape.kind).eval(),
+                args,
+                strict=False,
+                dynamic_shapes=dynamic_shapes(shape, settings, len(args) - NUM_INPUTS),
+            )
         batch = exported.module()(*args)[1].shape[0]
         assert batch == min(2, max_batch_size)
 
@@ -231,11 +261,13 @@ def test_requests_joining_a_running_batch_get_their_solo_tokens(built):
     lengths = [6, 20, 9, 14, 11, 7]
 
     def settings(i):
-        return GenerationSettings(mode=modes[i], max_new_tokens=lengths[i], block_length=built.block_lengths[0],
-                                  ignore_eos=True)
+        return GenerationSettings(
+            mode=modes[i], max_new_tokens=lengths[i], block_length=built.block_lengths[0], ignore_eos=True
+        )
 
-    solo = [generate(built.checkpoint.model, [p], settings(i), eager_engine(built))[0].tokens
-            for i, p in enumerate(prompts)]
+    solo = [
+        generate(built.checkpoint.model, [p], settings(i), eager_engine(built))[0].tokens for i, p in enumerate(prompts)
+    ]
     engine, seqs, step = built.new_engine(), [], 0
     while len(seqs) < len(prompts) or engine.has_work:
         if len(seqs) < len(prompts) and step % 2 == 0:
@@ -260,21 +292,30 @@ def test_manifest_records_the_build(trained_engine_dir):
     assert m["device"]["type"] == "cpu" and m["device"]["isa"]
     assert [p["name"] for p in m["programs"]] == ["prefill_n", "decode_1", "denoise_8", "draft_8", "verify_8"]
     # one block program serves denoise, verify and (over the adapter's o_proj) draft: three packages
-    assert m["backend"]["programs"]["draft_8"] == m["backend"]["programs"]["verify_8"] == \
-        m["backend"]["programs"]["denoise_8"]
-    assert m["backend"]["draft"] == ["draft_8"] and list(m["backend"]["compile_s"]) == ["prefill_n", "decode_1",
-                                                                                        "denoise_8"]
+    assert (
+        m["backend"]["programs"]["draft_8"]
+        == m["backend"]["programs"]["verify_8"]
+        == m["backend"]["programs"]["denoise_8"]
+    )
+    assert m["backend"]["draft"] == ["draft_8"] and list(m["backend"]["compile_s"]) == [
+        "prefill_n",
+        "decode_1",
+        "denoise_8",
+    ]
     # and a batch-1 copy of it, whose blocked GEMM weights are remade on load from the fused matrices, or,
     # where autotuning on this CPU kept MKL for every GEMM, no copy and the reason (which one is the CPU's call)
     if "denoise_8" in m["backend"]["batch1_skipped"]:
         assert m["backend"]["batch1_programs"] == m["backend"]["blocked_constants"] == {}
         assert not any(name.endswith("_b1.pt2") for name in m["files"])
     else:
-        assert m["backend"]["batch1_programs"] == dict.fromkeys(["denoise_8", "draft_8", "verify_8"],
-                                                                 "programs/denoise_8_b1.pt2")
+        assert m["backend"]["batch1_programs"] == dict.fromkeys(
+            ["denoise_8", "draft_8", "verify_8"], "programs/denoise_8_b1.pt2"
+        )
         assert list(m["backend"]["blocked_constants"]) == ["programs/denoise_8_b1.pt2"]
-        assert all(fqn.startswith("gemms.") and fqn.endswith(".weight") and block_n > 0
-                   for fqn, block_n in m["backend"]["blocked_constants"]["programs/denoise_8_b1.pt2"].values())
+        assert all(
+            fqn.startswith("gemms.") and fqn.endswith(".weight") and block_n > 0
+            for fqn, block_n in m["backend"]["blocked_constants"]["programs/denoise_8_b1.pt2"].values()
+        )
     assert set(m["self_test"]["tokens"]) == {"ar", "diffusion", "self-spec"}
     assert m["self_test"]["tokens"]["self-spec"] == m["self_test"]["tokens"]["ar"]
     assert all((trained_engine_dir / name).is_file() for name in m["files"])
@@ -321,14 +362,17 @@ def tamper_self_test(d, monkeypatch):
     (d / "manifest.json").write_text(json.dumps(seal(m)))
 
 
-@pytest.mark.parametrize("tamper, message", [
-    (tamper_edit_manifest, "manifest.json was edited after the build"),
-    (tamper_swap_weights, "checkpoint/model.safetensors changed after the build"),
-    (tamper_other_torch, "built with torch"),
-    (tamper_other_cpu, "rebuild the engine on this machine"),
-    (tamper_extra_file, "programs/decode_2.pt2 was not part of the build"),
-    (tamper_self_test, "diffusion self-test gives other tokens"),
-])
+@pytest.mark.parametrize(
+    "tamper, message",
+    [
+        (tamper_edit_manifest, "manifest.json was edited after the build"),
+        (tamper_swap_weights, "checkpoint/model.safetensors changed after the build"),
+        (tamper_other_torch, "built with torch"),
+        (tamper_other_cpu, "rebuild the engine on this machine"),
+        (tamper_extra_file, "programs/decode_2.pt2 was not part of the build"),
+        (tamper_self_test, "diffusion self-test gives other tokens"),
+    ],
+)
 def test_a_tampered_engine_is_refused_on_load(trained_engine_dir, tmp_path, monkeypatch, runner, tamper, message):
     d = tmp_path / "engine"
     shutil.copytree(trained_engine_dir, d)
@@ -346,8 +390,21 @@ def test_generate_and_eval_run_through_the_engine(trained_engine_dir, runner):
     eager = runner.invoke(main, ["generate", *args])
     assert with_engine.exit_code == 0 and eager.exit_code == 0, with_engine.output + eager.output
     assert json.loads(with_engine.stdout)["results"][0]["tokens"] == json.loads(eager.stdout)["results"][0]["tokens"]
-    report = runner.invoke(main, ["eval", "--engine", str(trained_engine_dir), "--num-prompts", "2",
-                                  "--max-new-tokens", "16", "--max-ppl-windows", "2", "--json"])
+    report = runner.invoke(
+        main,
+        [
+            "eval",
+            "--engine",
+            str(trained_engine_dir),
+            "--num-prompts",
+            "2",
+            "--max-new-tokens",
+            "16",
+            "--max-ppl-windows",
+            "2",
+            "--json",
+        ],
+    )
     assert report.exit_code == 0, report.output
     modes = json.loads(report.stdout)["modes"]
     assert set(modes) == {"ar", "diffusion", "self-spec/8"} and modes["self-spec/8"]["token_agreement"] == 1.0
@@ -357,10 +414,17 @@ def test_inspect_prints_the_manifest(trained_engine_dir, runner):
     text = runner.invoke(main, ["inspect", str(trained_engine_dir)])
     assert text.exit_code == 0, text.output
     skipped = json.loads((trained_engine_dir / "manifest.json").read_text())["backend"]["batch1_skipped"]
-    batch1 = "no batch-1 copy of denoise_8 (autotuning kept the ATen GEMM" if skipped else \
-        "batch-1 copies of programs/denoise_8_b1.pt2"
-    for expected in ("backend    torch on cpu", "max_batch_size 4, max_seq_len 96", f"verify_8 (3 compiled); {batch1}",
-                     "self-test"):
+    batch1 = (
+        "no batch-1 copy of denoise_8 (autotuning kept the ATen GEMM"
+        if skipped
+        else "batch-1 copies of programs/denoise_8_b1.pt2"
+    )
+    for expected in (
+        "backend    torch on cpu",
+        "max_batch_size 4, max_seq_len 96",
+        f"verify_8 (3 compiled); {batch1}",
+        "self-test",
+    ):
         assert expected in text.stdout
     as_json = runner.invoke(main, ["inspect", str(trained_engine_dir), "--json"])
     assert json.loads(as_json.stdout) == json.loads((trained_engine_dir / "manifest.json").read_text())
@@ -372,23 +436,46 @@ def test_an_existing_engine_is_replaced_only_with_force(trained_engine_dir, refu
     refused(["build", "--out", d], tmp_path, "exists and is not empty (--force replaces a previous build output)")
 
 
-@pytest.mark.parametrize("args, message, code", [
-    (["build", "{tiny}", "--out", "{out}", "--max-batch-size", "0"], "--max-batch-size", 2),
-    (["build", "{tiny}", "--out", "{out}", "--backend", "vllm"], "'vllm' is not one of", 2),
-    (["build", "{tiny}", "--out", "{out}", "--block-lengths", "4,x"], "expected integers", 2),
-    (["build", "{tiny}", "--out", "{out}", "--max-seq-len", "32", "--max-input-len", "8", "--block-lengths", "32"],
-     "--block-lengths: expected below --max-seq-len (32)", 1),
-    (["build", "{tiny}", "--out", "{out}", "--max-seq-len", "32", "--max-input-len", "64"],
-     "--max-input-len: expected at most --max-seq-len (32)", 1),
-    (["build", "{tiny}", "--out", "{tiny}/engine"], "lies inside the input", 1),
-    (["build", "{other}", "--out", "{out}"], "model_type", 1),
-    (["build", "{tiny}", "--out", "{out}", "--onnx-only"], "--onnx-only: expected used with --backend tensorrt", 1),
-    (["build", "{tiny}", "--out", "{out}", "--backend", "tensorrt"], "tensorrt >= 10.9", 1),
-    (["build", "{tiny}", "--out", "{out}", "--max-input-len", "4", "--block-lengths", "8"],
-     "--block-lengths: expected at most --max-input-len (4)", 1),
-    (["inspect", "{tiny}"], "not an engine dir", 1),
-    (["inspect", "{out}"], "not a directory", 1),
-])
+@pytest.mark.parametrize(
+    "args, message, code",
+    [
+        (["build", "{tiny}", "--out", "{out}", "--max-batch-size", "0"], "--max-batch-size", 2),
+        (["build", "{tiny}", "--out", "{out}", "--backend", "vllm"], "'vllm' is not one of", 2),
+        (["build", "{tiny}", "--out", "{out}", "--block-lengths", "4,x"], "expected integers", 2),
+        (
+            [
+                "build",
+                "{tiny}",
+                "--out",
+                "{out}",
+                "--max-seq-len",
+                "32",
+                "--max-input-len",
+                "8",
+                "--block-lengths",
+                "32",
+            ],
+            "--block-lengths: expected below --max-seq-len (32)",
+            1,
+        ),
+        (
+            ["build", "{tiny}", "--out", "{out}", "--max-seq-len", "32", "--max-input-len", "64"],
+            "--max-input-len: expected at most --max-seq-len (32)",
+            1,
+        ),
+        (["build", "{tiny}", "--out", "{tiny}/engine"], "lies inside the input", 1),
+        (["build", "{other}", "--out", "{out}"], "model_type", 1),
+        (["build", "{tiny}", "--out", "{out}", "--onnx-only"], "--onnx-only: expected used with --backend tensorrt", 1),
+        (["build", "{tiny}", "--out", "{out}", "--backend", "tensorrt"], "tensorrt >= 10.9", 1),
+        (
+            ["build", "{tiny}", "--out", "{out}", "--max-input-len", "4", "--block-lengths", "8"],
+            "--block-lengths: expected at most --max-input-len (4)",
+            1,
+        ),
+        (["inspect", "{tiny}"], "not an engine dir", 1),
+        (["inspect", "{out}"], "not a directory", 1),
+    ],
+)
 def test_bad_build_input_is_one_line_and_writes_nothing(tiny_dir, tmp_path, refused, args, message, code):
     root = tmp_path / "root"
     shutil.copytree(tiny_dir, root / "tiny")
@@ -434,9 +521,31 @@ def test_onnx_engine_manifest_and_inspect(onnx_built, runner):
 def test_tensorrt_onnx_only_exports_the_plugin_graphs_and_cannot_be_run(tiny_dir, tmp_path, runner):
     out = tmp_path / "trt"
     # a process of its own: what the exporters print (warnings, logging) reaches its stderr, not pytest's capture
-    result = subprocess.run([sys.executable, "-m", "trimode.cli", "build", str(tiny_dir), "--out", str(out),
-                             "--backend", "tensorrt", "--onnx-only", "--max-batch-size", "2", "--max-seq-len", "64",
-                             "--max-input-len", "16", "--block-lengths", "4", "--json"], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trimode.cli",
+            "build",
+            str(tiny_dir),
+            "--out",
+            str(out),
+            "--backend",
+            "tensorrt",
+            "--onnx-only",
+            "--max-batch-size",
+            "2",
+            "--max-seq-len",
+            "64",
+            "--max-input-len",
+            "16",
+            "--block-lengths",
+            "4",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""  # with --json no progress bar, and the exporters' per-program notes are silenced
     manifest = json.loads(result.stdout)
@@ -454,9 +563,27 @@ def test_a_killed_build_leaves_no_engine_dir(tiny_dir, tmp_path):
     import time
 
     out = tmp_path / "engine"
-    proc = subprocess.Popen([sys.executable, "-m", "trimode.cli", "build", str(tiny_dir), "--out", str(out),
-                             "--max-batch-size", "2", "--max-seq-len", "64", "--max-input-len", "16",
-                             "--block-lengths", "4"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "trimode.cli",
+            "build",
+            str(tiny_dir),
+            "--out",
+            str(out),
+            "--max-batch-size",
+            "2",
+            "--max-seq-len",
+            "64",
+            "--max-input-len",
+            "16",
+            "--block-lengths",
+            "4",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
         if list(tmp_path.glob(".engine.build-*/programs")):  # the first program is compiling, more to come
@@ -477,8 +604,24 @@ def test_a_kv_pool_the_machine_cannot_hold_is_refused_before_anything(tiny_dir, 
     monkeypatch.setattr(kv_cache, "available_memory", lambda device: (64 << 20, "a 64 MiB test limit"))
     root = tmp_path / "root"
     shutil.copytree(tiny_dir, root / "tiny")
-    result = refused(["build", root / "tiny", "--out", root / "out", "--max-batch-size", "4096", "--max-seq-len",
-                      "4096", "--max-input-len", "16", "--block-lengths", "4"], root, "KV pool")
+    result = refused(
+        [
+            "build",
+            root / "tiny",
+            "--out",
+            root / "out",
+            "--max-batch-size",
+            "4096",
+            "--max-seq-len",
+            "4096",
+            "--max-input-len",
+            "16",
+            "--block-lengths",
+            "4",
+        ],
+        root,
+        "KV pool",
+    )
     # the tiny model: 2 layers x K,V x 4096 x 4096 x 2 kv heads x 16 x 4 bytes (fp32 on CPU) = 8 GiB
     assert "--max-batch-size 4096 x --max-seq-len 4096" in result.error
     assert "needs 8.0 GiB, and cpu has 64.0 MiB (a 64 MiB test limit)" in result.error
@@ -505,5 +648,21 @@ def test_a_checkpoint_with_a_nan_weight_is_refused_naming_the_tensor(tiny_dir, t
     state = load_file(path)
     state["encoder.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
     save_file(state, path, metadata={"format": "pt"})
-    refused(["build", root / "tiny", "--out", root / "out", "--max-batch-size", "2", "--max-seq-len", "64",
-             "--max-input-len", "16", "--block-lengths", "4"], root, "encoder.layers.1.mlp.up_proj.weight")
+    refused(
+        [
+            "build",
+            root / "tiny",
+            "--out",
+            root / "out",
+            "--max-batch-size",
+            "2",
+            "--max-seq-len",
+            "64",
+            "--max-input-len",
+            "16",
+            "--block-lengths",
+            "4",
+        ],
+        root,
+        "encoder.layers.1.mlp.up_proj.weight",
+    )

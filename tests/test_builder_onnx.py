@@ -18,7 +18,6 @@ import onnx
 import pytest
 import torch
 
-from tolerance import forward_bound
 from trimode.builder import onnx_backend, tensorrt_backend
 from trimode.builder.program import PassShape, pass_shapes
 from trimode.builder.settings import BuildSettings
@@ -28,11 +27,16 @@ from trimode.errors import EngineError, InputError, MissingDependencyError
 from trimode.passes import PassKind
 from trimode.plugins.onnx_ops import DOMAIN, TENSORRT_ATTRS
 
+from tolerance import forward_bound
+
 BLOCK = 4
 SETTINGS = BuildSettings(backend="onnx", max_batch_size=3, max_seq_len=48, max_input_len=16, block_lengths=(BLOCK,))
 ENGINE = EngineConfig(max_slots=3, max_seq_len=48, prefill_chunk=16)
-PROMPTS = [[1, 17, 33, 250, 9], [1, 5, 9, 11, 200, 201, 7, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52],
-           [1, 99]]  # the second is prefilled in two chunks
+PROMPTS = [
+    [1, 17, 33, 250, 9],
+    [1, 5, 9, 11, 200, 201, 7, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52],
+    [1, 99],
+]  # the second is prefilled in two chunks
 NUM_NEW = 8
 
 
@@ -68,8 +72,12 @@ def generate(model, backend, mode: Mode, prompts) -> list[list[int]]:
 
 def _generate(model, backend, mode: Mode, prompts) -> list[list[int]]:
     engine = Engine(model, ENGINE, backend=backend)
-    seqs = [engine.add(p, SamplingParams(max_new_tokens=NUM_NEW, ignore_eos=True),
-                       DecodeConfig(mode=mode, block_length=BLOCK)) for p in prompts]
+    seqs = [
+        engine.add(
+            p, SamplingParams(max_new_tokens=NUM_NEW, ignore_eos=True), DecodeConfig(mode=mode, block_length=BLOCK)
+        )
+        for p in prompts
+    ]
     while engine.has_work:
         engine.step()
     return [s.tokens for s in seqs]
@@ -90,10 +98,17 @@ def test_build_writes_one_checked_program_per_shape(engine):
         attention = [node for node in graph.node if node.domain == DOMAIN]
         assert [node.op_type for node in attention] == ["BlockAttention"] * n
         dims = [d.dim_value or d.dim_param for d in graph.input[0].type.tensor_type.shape.dim]
-        assert isinstance(dims[0], str) and dims[1] == (shape.length or dims[1]) and \
-            isinstance(dims[1], str) == (shape.length is None)  # batch dynamic; length dynamic for prefill
-        assert [d.dim_value for d in graph.input[-1].type.tensor_type.shape.dim] == \
-            [3, model.spec.num_key_value_heads, 48, model.spec.head_dim]
+        assert (
+            isinstance(dims[0], str)
+            and dims[1] == (shape.length or dims[1])
+            and isinstance(dims[1], str) == (shape.length is None)
+        )  # batch dynamic; length dynamic for prefill
+        assert [d.dim_value for d in graph.input[-1].type.tensor_type.shape.dim] == [
+            3,
+            model.spec.num_key_value_heads,
+            48,
+            model.spec.head_dim,
+        ]
         assert any(node.op_type == "QuantizeLinear" for node in graph.node)
         # FP8 weights stay float8 initializers behind DequantizeLinear
         assert any(t.data_type == onnx.TensorProto.FLOAT8E4M3FN and len(t.dims) == 2 for t in graph.initializer)
@@ -114,11 +129,14 @@ def test_self_spec_equals_ar_on_the_onnx_backend(engine):
     assert generate(model, backend, Mode.SELF_SPEC, PROMPTS) == generate(model, backend, Mode.AR, PROMPTS)
 
 
-@pytest.mark.parametrize("kind, length, slots", [
-    (PassKind.VERIFY, BLOCK, [2, 0]),     # rows out of order: the pool is indexed, not viewed
-    (PassKind.DRAFT, BLOCK, [1]),
-    (PassKind.REFRESH, 3, [0, 1, 2]),     # the prefill program at another length, last logit only
-])
+@pytest.mark.parametrize(
+    "kind, length, slots",
+    [
+        (PassKind.VERIFY, BLOCK, [2, 0]),  # rows out of order: the pool is indexed, not viewed
+        (PassKind.DRAFT, BLOCK, [1]),
+        (PassKind.REFRESH, 3, [0, 1, 2]),  # the prefill program at another length, last logit only
+    ],
+)
 def test_one_pass_writes_the_pool_like_eager(engine, kind, length, slots):
     """The backend contract: the same logits, and the pool written exactly where the eager model
     writes it (the chunk at each row's length) and nowhere else."""
@@ -126,10 +144,14 @@ def test_one_pass_writes_the_pool_like_eager(engine, kind, length, slots):
     g = torch.Generator().manual_seed(3)
     eager_pool = model.new_cache(3, 48)
     for t in eager_pool.k + eager_pool.v:
-        t.copy_(torch.randn(t.shape, generator=g).to(t.dtype) if t.dtype == torch.float32 else
-                torch.randint(-100, 100, t.shape, generator=g).to(torch.float32).to(t.dtype))
-    onnx_pool = type(eager_pool)([t.clone() for t in eager_pool.k], [t.clone() for t in eager_pool.v],
-                                 eager_pool.lengths.clone())
+        t.copy_(
+            torch.randn(t.shape, generator=g).to(t.dtype)
+            if t.dtype == torch.float32
+            else torch.randint(-100, 100, t.shape, generator=g).to(torch.float32).to(t.dtype)
+        )
+    onnx_pool = type(eager_pool)(
+        [t.clone() for t in eager_pool.k], [t.clone() for t in eager_pool.v], eager_pool.lengths.clone()
+    )
     initial = [t.clone() for t in eager_pool.k + eager_pool.v]
     eager_pool.lengths[:] = onnx_pool.lengths[:] = torch.tensor([5, 9, 2])
     lengths = [int(eager_pool.lengths[s]) for s in slots]
@@ -142,7 +164,7 @@ def test_one_pass_writes_the_pool_like_eager(engine, kind, length, slots):
     torch.testing.assert_close(got, expected, atol=forward_bound(expected, model.spec, span=48), rtol=0)
     written = torch.zeros(3, 48, dtype=torch.bool)
     for s, n in zip(slots, lengths):
-        written[s, n:n + length] = True
+        written[s, n : n + length] = True
     for a, b, before in zip(onnx_pool.k + onnx_pool.v, eager_pool.k + eager_pool.v, initial):
         a, b, before = (bits(t).transpose(1, 2) for t in (a, b, before))
         assert torch.equal(a[~written], b[~written]) and torch.equal(a[~written], before[~written])  # untouched
@@ -211,8 +233,10 @@ def test_onnx_only_graph_has_reconciled_block_attention(onnx_only):
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
             assert node.op_type == "BlockAttention" and len(node.output) == 1
             assert list(node.input[3:5]) == [f"k_{i}", f"v_{i}"]
-            assert {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()} == \
-                {**TENSORRT_ATTRS, "is_causal": is_causal}
+            assert {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()} == {
+                **TENSORRT_ATTRS,
+                "is_causal": is_causal,
+            }
             readers = [other for other in graph.node for name in other.input if name in (f"k_{i}", f"v_{i}")]
             assert readers == [node, node]  # the plugin writes them in place: nothing else reads them
         q_type = next(t for t in graph.value_info if t.name == nodes[0].input[0]).type.tensor_type.elem_type
@@ -259,8 +283,9 @@ class FakeTensorRT:
 
             def parse_from_file(self, path):
                 graph = onnx.load(path).graph  # the plugin contract: one output per BlockAttention
-                fake.calls.append(("parse", os.path.basename(path),
-                                   [len(n.output) for n in graph.node if n.domain == DOMAIN]))
+                fake.calls.append(
+                    ("parse", os.path.basename(path), [len(n.output) for n in graph.node if n.domain == DOMAIN])
+                )
                 return True
 
         class Profile:
@@ -311,8 +336,11 @@ class FakeTensorRT:
                 def decorate(fn):
                     self.plugins.append((kind, name))
                     return fn
+
                 return decorate
+
             return register
+
         plugin = fake_module("tensorrt.plugin")
         plugin.register, plugin.aot_impl = record("register"), record("aot_impl")
         return plugin
@@ -327,9 +355,24 @@ def fake_module(name: str) -> types.ModuleType:
 def test_tensorrt_build_calls_with_a_fake_tensorrt(monkeypatch, tiny_dir, tmp_path):
     fake = FakeTensorRT()
     module = fake_module("tensorrt")
-    module.__dict__.update({k: getattr(fake, k) for k in ("__version__", "Logger", "Builder", "OnnxParser",
-                                                            "NetworkDefinitionCreationFlag", "float32", "float16",
-                                                            "bfloat16", "fp8", "int64", "uint8")})
+    module.__dict__.update(
+        {
+            k: getattr(fake, k)
+            for k in (
+                "__version__",
+                "Logger",
+                "Builder",
+                "OnnxParser",
+                "NetworkDefinitionCreationFlag",
+                "float32",
+                "float16",
+                "bfloat16",
+                "fp8",
+                "int64",
+                "uint8",
+            )
+        }
+    )
     module.plugin = fake.plugin_module()
     monkeypatch.setitem(sys.modules, "tensorrt", module)
     monkeypatch.setitem(sys.modules, "tensorrt.plugin", module.plugin)
@@ -341,28 +384,38 @@ def test_tensorrt_build_calls_with_a_fake_tensorrt(monkeypatch, tiny_dir, tmp_pa
     info = tensorrt_backend.build(model, [shape], tmp_path / "e", settings, seen.append)
 
     assert seen == [shape]
-    assert {name for _, name in fake.plugins} == {f"trimode::{op}" for op in
-                                                  ("BlockAttention", "SpecAccept", "DiffusionCommit")}
+    assert {name for _, name in fake.plugins} == {
+        f"trimode::{op}" for op in ("BlockAttention", "SpecAccept", "DiffusionCommit")
+    }
     n = model.spec.num_hidden_layers
-    assert fake.calls == [("create_network", 1 << 5), ("parse", "decode_1.onnx", [1] * n),
-                          ("timing_cache", fake.calls[2][1]),
-                          ("profile", "tokens", (1, 1), (3, 1), (3, 1)), ("profile", "rows", (1,), (3,), (3,)),
-                          ("profile", "lengths", (1,), (3,), (3,)), ("add_profile",), ("build",)]
+    assert fake.calls == [
+        ("create_network", 1 << 5),
+        ("parse", "decode_1.onnx", [1] * n),
+        ("timing_cache", fake.calls[2][1]),
+        ("profile", "tokens", (1, 1), (3, 1), (3, 1)),
+        ("profile", "rows", (1,), (3,), (3,)),
+        ("profile", "lengths", (1,), (3,), (3,)),
+        ("add_profile",),
+        ("build",),
+    ]
     assert (tmp_path / "e/tensorrt/decode_1.engine").read_bytes() == b"engine"
     assert (tmp_path / "e/tensorrt/timing.cache").read_bytes() == b"timing"
     assert info["engines"] == {"decode_1": "tensorrt/decode_1.engine"} and info["versions"]["tensorrt"] == "10.13.0"
     assert info["pool_dtype"] == "torch.bfloat16"
     with pytest.raises(InputError, match="needs .* on CUDA"):  # the runner binds CUDA buffers only
         tensorrt_backend.TensorRTBackend({"decode_1": object()}, model, info)(
-            PassKind.DECODE, torch.ones(1, 1, dtype=torch.long), model.new_cache(3, 48), [0], [0], None)
+            PassKind.DECODE, torch.ones(1, 1, dtype=torch.long), model.new_cache(3, 48), [0], [0], None
+        )
 
 
 def test_aot_kernels_end_with_two_unread_scratch_pointers():
     """What the TensorRT launch must account for (tensorrt_backend's docstring): Triton >= 3.3
     appends global and profile scratch pointers after our arguments; the kernels never read them."""
-    code = ("import json, torch; from trimode.plugins import tensorrt as t; "
-            "k = t.block_attention_kernel(torch.bfloat16, torch.float8_e4m3fn, head_dim=128, group=4); "
-            "print(json.dumps(dict(name=k.name, ptx=k.ptx)))")
+    code = (
+        "import json, torch; from trimode.plugins import tensorrt as t; "
+        "k = t.block_attention_kernel(torch.bfloat16, torch.float8_e4m3fn, head_dim=128, group=4); "
+        "print(json.dumps(dict(name=k.name, ptx=k.ptx)))"
+    )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -371,6 +424,6 @@ def test_aot_kernels_end_with_two_unread_scratch_pointers():
     entry = re.search(rf"\.entry\s+{name}\s*\(([^)]*)\)", ptx)
     params = re.findall(r"\.param\s+\.(\w+)", entry.group(1))
     assert len(params) == 28 + 2 and params[-2:] == ["u64", "u64"]
-    body = ptx[entry.end():]
+    body = ptx[entry.end() :]
     assert f"{name}_param_27" in body  # the output pointer is read
     assert f"{name}_param_28" not in body and f"{name}_param_29" not in body

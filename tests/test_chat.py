@@ -15,18 +15,26 @@ from trimode.errors import CheckpointError, InputError
 
 CHATS = [
     [{"role": "user", "content": "add two numbers"}],
-    [{"role": "system", "content": "be brief\nand clear"}, {"role": "user", "content": "hi"},
-     {"role": "assistant", "content": "def hi():\n    pass"}, {"role": "user", "content": "again, in ünïcode"}],
+    [
+        {"role": "system", "content": "be brief\nand clear"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "def hi():\n    pass"},
+        {"role": "user", "content": "again, in ünïcode"},
+    ],
 ]
 # Hub-style templates: BOS in the text, loop controls, raise_exception, tojson, namespace, trimmed blocks
 TEMPLATES = {
     "embedded": DEFAULT_CHAT_TEMPLATE,
-    "llama-like": ("{{ bos_token }}{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
-                   "{{ raise_exception('bad role') }}{% endif %}\n"
-                   "<|{{ m['role'] }}|>\n{{ m['content'] | trim }}{{ eos_token }}\n{% endfor %}\n"
-                   "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"),
-    "json": ("{% set ns = namespace(n=0) %}{% for m in messages %}{% if loop.index > 3 %}{% break %}{% endif %}"
-             "{% set ns.n = ns.n + 1 %}{{ m | tojson }}\n{% endfor %}{{ ns.n }}"),
+    "llama-like": (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+        "{{ raise_exception('bad role') }}{% endif %}\n"
+        "<|{{ m['role'] }}|>\n{{ m['content'] | trim }}{{ eos_token }}\n{% endfor %}\n"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    ),
+    "json": (
+        "{% set ns = namespace(n=0) %}{% for m in messages %}{% if loop.index > 3 %}{% break %}{% endif %}"
+        "{% set ns.n = ns.n + 1 %}{{ m | tojson }}\n{% endfor %}{{ ns.n }}"
+    ),
 }
 
 
@@ -73,26 +81,32 @@ def test_named_templates_use_default(tmp_path):
     assert load_chat_template(ck).render(CHATS[0]) == "d"
 
 
-@pytest.mark.parametrize("template, error, message", [
-    (None, NoChatTemplateError, "the checkpoint has no chat template"),
-    ("", NoChatTemplateError, "the checkpoint has no chat template"),
-    ([{"name": "tool_use", "template": "x"}], NoChatTemplateError, "no chat template"),
-    (7, CheckpointError, "chat_template must be a string"),
-    ("{% for m in messages %}", CheckpointError, "not a valid Jinja template"),
-])
+@pytest.mark.parametrize(
+    "template, error, message",
+    [
+        (None, NoChatTemplateError, "the checkpoint has no chat template"),
+        ("", NoChatTemplateError, "the checkpoint has no chat template"),
+        ([{"name": "tool_use", "template": "x"}], NoChatTemplateError, "no chat template"),
+        (7, CheckpointError, "chat_template must be a string"),
+        ("{% for m in messages %}", CheckpointError, "not a valid Jinja template"),
+    ],
+)
 def test_missing_or_broken_templates(tmp_path, template, error, message):
     with pytest.raises(error) as e:
         load_chat_template(checkpoint_with(tmp_path, template))
     assert message in str(e.value)
 
 
-@pytest.mark.parametrize("messages, message", [
-    ([], "expected a non-empty list"),
-    ("hi", "expected a non-empty list"),
-    ([{"content": "hi"}], "messages[0]: expected an object with a string role"),
-    ([{"role": "user", "content": None}], "messages[0].content: expected a string"),
-    ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "only text parts"),
-])
+@pytest.mark.parametrize(
+    "messages, message",
+    [
+        ([], "expected a non-empty list"),
+        ("hi", "expected a non-empty list"),
+        ([{"content": "hi"}], "messages[0]: expected an object with a string role"),
+        ([{"role": "user", "content": None}], "messages[0].content: expected a string"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "only text parts"),
+    ],
+)
 def test_bad_messages(messages, message):
     with pytest.raises(InputError) as e:
         check_messages(messages)
@@ -122,12 +136,15 @@ def test_generate_chat_is_generate_of_the_rendered_prompt(runner):
     assert shown.stdout.rstrip("\n") == json.loads(chat.stdout)["results"][0]["text"]  # the reply alone
 
 
-@pytest.mark.parametrize("args, message, exit_code", [
-    (["--chat", "--checkpoint", "{tiny}", "hi"], "the checkpoint has no chat template", 1),
-    (["--chat", "--chat-template", "{missing}", "hi"], "missing.jinja: cannot read the chat template", 1),
-    (["--chat-template", "{missing}", "hi"], "--chat-template needs --chat", 2),
-    (["--chat", "--url", "127.0.0.1:1", "hi"], "--url and --chat", 2),
-])
+@pytest.mark.parametrize(
+    "args, message, exit_code",
+    [
+        (["--chat", "--checkpoint", "{tiny}", "hi"], "the checkpoint has no chat template", 1),
+        (["--chat", "--chat-template", "{missing}", "hi"], "missing.jinja: cannot read the chat template", 1),
+        (["--chat-template", "{missing}", "hi"], "--chat-template needs --chat", 2),
+        (["--chat", "--url", "127.0.0.1:1", "hi"], "--url and --chat", 2),
+    ],
+)
 def test_generate_chat_refusals(refused, tiny_dir, tmp_path, args, message, exit_code):
     args = [a.format(tiny=tiny_dir, missing=tmp_path / "missing.jinja") for a in args]
     refused(["generate", *args], tmp_path, message, exit_code)

@@ -85,19 +85,25 @@ def _mutate_config(d, **changes):
     path.write_text(json.dumps(config))
 
 
-@pytest.mark.parametrize("change, error, message", [
-    ({"model_type": "llama"}, ConfigError, "'model_type'.*'llama'"),
-    ({"hidden_size": -3}, ConfigError, "'hidden_size'.*-3"),
-    ({"num_hidden_layers": None}, ConfigError, "missing required key 'num_hidden_layers'"),
-    ({"num_key_value_heads": 3}, ConfigError, "'num_key_value_heads'.*3"),
-    ({"mask_token_id": 99999}, ConfigError, "'mask_token_id'.*99999"),
-    ({"torch_dtype": "int4"}, ConfigError, "'torch_dtype'.*int4"),
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 0}}, ConfigError,
-     "'rope_parameters.factor'.*0"),
-    ({"hidden_act": "gelu"}, ConfigError, "'hidden_act'"),
-    ({"hidden_size": 128}, CheckpointError, "shape"),
-    ({"vocab_size": 300}, CheckpointError, "tokens do not fit vocab_size=300"),
-])
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        ({"model_type": "llama"}, ConfigError, "'model_type'.*'llama'"),
+        ({"hidden_size": -3}, ConfigError, "'hidden_size'.*-3"),
+        ({"num_hidden_layers": None}, ConfigError, "missing required key 'num_hidden_layers'"),
+        ({"num_key_value_heads": 3}, ConfigError, "'num_key_value_heads'.*3"),
+        ({"mask_token_id": 99999}, ConfigError, "'mask_token_id'.*99999"),
+        ({"torch_dtype": "int4"}, ConfigError, "'torch_dtype'.*int4"),
+        (
+            {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 0}},
+            ConfigError,
+            "'rope_parameters.factor'.*0",
+        ),
+        ({"hidden_act": "gelu"}, ConfigError, "'hidden_act'"),
+        ({"hidden_size": 128}, CheckpointError, "shape"),
+        ({"vocab_size": 300}, CheckpointError, "tokens do not fit vocab_size=300"),
+    ],
+)
 def test_bad_config_names_file_key_and_value(tiny_dir, tmp_path, change, error, message):
     d = tmp_path / "ck"
     shutil.copytree(tiny_dir, d)
@@ -107,11 +113,14 @@ def test_bad_config_names_file_key_and_value(tiny_dir, tmp_path, change, error, 
     assert str(d) in str(info.value)
 
 
-@pytest.mark.parametrize("remove, message", [
-    ("config.json", "no config.json"),
-    ("tokenizer.json", "no tokenizer.json"),
-    ("model.safetensors", "no model.safetensors"),
-])
+@pytest.mark.parametrize(
+    "remove, message",
+    [
+        ("config.json", "no config.json"),
+        ("tokenizer.json", "no tokenizer.json"),
+        ("model.safetensors", "no model.safetensors"),
+    ],
+)
 def test_missing_files(tiny_dir, tmp_path, remove, message):
     d = tmp_path / "ck"
     shutil.copytree(tiny_dir, d)
@@ -132,12 +141,15 @@ def test_missing_weight_is_named(tiny_dir, tmp_path):
         load_checkpoint(d)
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("target_modules", ["lm_head"], "target_modules.*expected a list of the layers' linears"),
-    ("target_modules", [], "target_modules"),
-    ("target_modules", ["q_proj"], "no LoRA A/B for layer 0 q_proj"),  # declared, but its tensors are not there
-    ("rank_pattern", {"o_proj": 2}, "rank_pattern.*not supported"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("target_modules", ["lm_head"], "target_modules.*expected a list of the layers' linears"),
+        ("target_modules", [], "target_modules"),
+        ("target_modules", ["q_proj"], "no LoRA A/B for layer 0 q_proj"),  # declared, but its tensors are not there
+        ("rank_pattern", {"o_proj": 2}, "rank_pattern.*not supported"),
+    ],
+)
 def test_an_adapter_config_that_does_not_match_its_tensors_is_refused(tiny_adapter_dir, tmp_path, key, value, message):
     d = tmp_path / "ck"
     shutil.copytree(tiny_adapter_dir, d)
@@ -175,5 +187,3 @@ def test_an_adapter_on_more_linears_merges_a_draft_twin_of_each(tiny_dir, tmp_pa
     for name, t0 in base.state_dict().items():
         assert torch.equal(state[name], t0), name
     assert not draft_twins(base)
-
-

@@ -18,8 +18,22 @@ def invoke(runner, *args):
 
 @pytest.mark.parametrize("mode", ["ar", "diffusion", "self-spec"])
 def test_generate_json(runner, tiny_dir, mode):
-    result = invoke(runner, "generate", "--checkpoint", tiny_dir, "--mode", mode, "--max-new-tokens", 9,
-                    "--block-length", 4, "--ignore-eos", "--json", "def f(x):", "The quick")
+    result = invoke(
+        runner,
+        "generate",
+        "--checkpoint",
+        tiny_dir,
+        "--mode",
+        mode,
+        "--max-new-tokens",
+        9,
+        "--block-length",
+        4,
+        "--ignore-eos",
+        "--json",
+        "def f(x):",
+        "The quick",
+    )
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["mode"] == mode and out["batch_size"] == 2 and out["num_generated"] == 18
@@ -30,16 +44,36 @@ def test_generate_json(runner, tiny_dir, mode):
 
 def test_generate_self_spec_matches_ar_text(runner, tiny_adapter_dir):
     def text(mode):
-        result = invoke(runner, "generate", "--checkpoint", tiny_adapter_dir, "--mode", mode, "--json",
-                        "--max-new-tokens", 20, "The quick brown")
+        result = invoke(
+            runner,
+            "generate",
+            "--checkpoint",
+            tiny_adapter_dir,
+            "--mode",
+            mode,
+            "--json",
+            "--max-new-tokens",
+            20,
+            "The quick brown",
+        )
         return json.loads(result.stdout)["results"][0]["tokens"]
 
     assert text("self-spec") == text("ar")
 
 
 def test_generate_streams_text_and_prints_statistics(runner, tiny_dir):
-    result = invoke(runner, "generate", "--checkpoint", tiny_dir, "--mode", "self-spec",
-                    "--max-new-tokens", 5, "--ignore-eos", "hello")
+    result = invoke(
+        runner,
+        "generate",
+        "--checkpoint",
+        tiny_dir,
+        "--mode",
+        "self-spec",
+        "--max-new-tokens",
+        5,
+        "--ignore-eos",
+        "hello",
+    )
     assert result.exit_code == 0
     assert result.stdout.startswith("hello")
     assert "5 tokens" in result.stderr and "tokens/pass" in result.stderr
@@ -73,20 +107,23 @@ def _broken(tiny_dir, tmp_path, what):
     return d
 
 
-@pytest.mark.parametrize("broken, args, message", [
-    ("missing config", [], "no config.json"),
-    ("bad json", [], "not valid JSON"),
-    (("model_type", "mistral"), [], "'model_type'"),
-    (("hidden_size", "big"), [], "'hidden_size': expected an integer in [1, 131072], got 'big'"),
-    (("intermediate_size", 7), [], "shape"),
-    ("missing tokenizer", [], "no tokenizer.json"),
-    (None, ["--block-length", 0], "'--block-length': 0 is not in the range 1<=x<=65536"),
-    (None, ["--max-new-tokens", 0], "'--max-new-tokens': 0 is not in the range x>=1"),
-    (None, ["--temperature", -1], "'--temperature': -1.0 is not in the range x>=0"),
-    (None, ["--threshold", 2], "'--threshold': '2' is not in the range 0<=x<=1"),
-    (None, ["--threshold", "high"], "neither a number nor 'none'"),
-    (None, ["--mode", "beam"], "'beam' is not one of"),
-])
+@pytest.mark.parametrize(
+    "broken, args, message",
+    [
+        ("missing config", [], "no config.json"),
+        ("bad json", [], "not valid JSON"),
+        (("model_type", "mistral"), [], "'model_type'"),
+        (("hidden_size", "big"), [], "'hidden_size': expected an integer in [1, 131072], got 'big'"),
+        (("intermediate_size", 7), [], "shape"),
+        ("missing tokenizer", [], "no tokenizer.json"),
+        (None, ["--block-length", 0], "'--block-length': 0 is not in the range 1<=x<=65536"),
+        (None, ["--max-new-tokens", 0], "'--max-new-tokens': 0 is not in the range x>=1"),
+        (None, ["--temperature", -1], "'--temperature': -1.0 is not in the range x>=0"),
+        (None, ["--threshold", 2], "'--threshold': '2' is not in the range 0<=x<=1"),
+        (None, ["--threshold", "high"], "neither a number nor 'none'"),
+        (None, ["--mode", "beam"], "'beam' is not one of"),
+    ],
+)
 def test_bad_input_is_one_line_error(runner, tiny_dir, tmp_path, broken, args, message):
     d = _broken(tiny_dir, tmp_path, broken) if broken else tiny_dir
     result = runner.invoke(main, ["generate", "--checkpoint", str(d), *map(str, args), "hello"])
@@ -116,8 +153,11 @@ def test_help_names_every_mode(runner):
 def test_an_interrupt_in_clicks_own_code_exits_like_one_in_the_command(runner, monkeypatch, where, error, status):
     """click's main turns Ctrl-C outside the command (entering or closing the top context) into
     "Aborted!" and exit 1; trimode's is 128 + signum wherever it lands."""
-    name = {"parsing": "parse_args", "before the command": "__enter__",
-            "after the command": "_close_with_exception_info"}[where]
+    name = {
+        "parsing": "parse_args",
+        "before the command": "__enter__",
+        "after the command": "_close_with_exception_info",
+    }[where]
     owner = click.Command if where == "parsing" else click.Context
     original = getattr(owner, name)
 

@@ -7,15 +7,20 @@ import dataclasses
 import pytest
 import torch
 
-from tolerance import forward_bound
 from trimode.decoding import GenerationSettings, Mode, engine_for, generate
 from trimode.decoding.batch import Batch
 from trimode.decoding.self_spec import SelfSpecPolicy
 from trimode.model import DRAFT_LINEARS, draft_twins
 
+from tolerance import forward_bound
+
 MODES = [Mode.AR, Mode.DIFFUSION, Mode.SELF_SPEC]
-TEXTS = ["def generate(prompt, max_new_tokens=32):", "The quick brown fox",
-         "A", "Self-speculation drafts a block by diffusion and verifies it autoregressively"]
+TEXTS = [
+    "def generate(prompt, max_new_tokens=32):",
+    "The quick brown fox",
+    "A",
+    "Self-speculation drafts a block by diffusion and verifies it autoregressively",
+]
 
 
 def prompts_of(ck, texts=TEXTS):
@@ -91,7 +96,7 @@ class OracleDraft(SelfSpecPolicy):
         block = torch.zeros(len(batch), batch.block_length, dtype=torch.long)
         for j, seq in enumerate(batch.seqs):
             done = len(seq.tokens)  # the seed is reference[done - 1]
-            draft = self.reference[seq.id][done - 1:done + block.shape[1] - 1]
+            draft = self.reference[seq.id][done - 1 : done + block.shape[1] - 1]
             draft += [5] * (block.shape[1] - len(draft))  # past max_new_tokens: anything
             for i in range(1 + self.wrong_at, len(draft)):
                 draft[i] = (draft[i] + 1) % batch.spec.vocab_size
@@ -192,7 +197,7 @@ def test_stop_token_ends_each_sequence_on_its_own(tiny, mode):
     prompts = prompts_of(tiny)
     reference = tokens_of(run(tiny, mode, prompts, ignore_eos=True, block_length=4))
     stop = next(t for t in reference[0][5:] if t not in reference[0][:5])
-    expected = [seq[:seq.index(stop) + 1] if stop in seq else seq for seq in reference]
+    expected = [seq[: seq.index(stop) + 1] if stop in seq else seq for seq in reference]
     results = run(tiny, mode, prompts, stop_token_ids=(stop,), block_length=4)
     assert tokens_of(results) == expected
     assert results[0].finish_reason == "eos"
@@ -201,22 +206,34 @@ def test_stop_token_ends_each_sequence_on_its_own(tiny, mode):
         assert tokens_of(results) == tokens_of(run(tiny, Mode.AR, prompts, stop_token_ids=(stop,)))
 
 
-@pytest.mark.parametrize("threshold, top_k, expected_passes_per_block", [
-    (0.0, False, 1),      # every mask committed from one pass
-    (1.0, False, 7),      # only the forced most-confident token per pass (probabilities < 1)
-    (None, True, 7),      # even split of 7 masks over 8 steps: 1 per step
-])
+@pytest.mark.parametrize(
+    "threshold, top_k, expected_passes_per_block",
+    [
+        (0.0, False, 1),  # every mask committed from one pass
+        (1.0, False, 7),  # only the forced most-confident token per pass (probabilities < 1)
+        (None, True, 7),  # even split of 7 masks over 8 steps: 1 per step
+    ],
+)
 def test_diffusion_commit_rules(tiny, threshold, top_k, expected_passes_per_block):
-    results = run(tiny, Mode.DIFFUSION, prompts_of(tiny)[:1], block_length=8, max_new_tokens=33,
-                  threshold=threshold, use_top_k_schedule=top_k, ignore_eos=True)
+    results = run(
+        tiny,
+        Mode.DIFFUSION,
+        prompts_of(tiny)[:1],
+        block_length=8,
+        max_new_tokens=33,
+        threshold=threshold,
+        use_top_k_schedule=top_k,
+        ignore_eos=True,
+    )
     stats = results[0].stats
     assert stats.passes["refresh"] == 4  # 1 seed + 4 blocks x 8 tokens = 33: no refresh after the last
     assert stats.passes["denoise"] == 4 * expected_passes_per_block
 
 
 def test_threshold_between_commits_several_per_pass(tiny):
-    results = run(tiny, Mode.DIFFUSION, prompts_of(tiny)[:1], block_length=8, max_new_tokens=33,
-                  threshold=0.05, ignore_eos=True)
+    results = run(
+        tiny, Mode.DIFFUSION, prompts_of(tiny)[:1], block_length=8, max_new_tokens=33, threshold=0.05, ignore_eos=True
+    )
     assert 4 <= results[0].stats.passes["denoise"] < 4 * 7
 
 
@@ -230,10 +247,17 @@ def test_statistics_count_every_pass(tiny):
         assert sum(r.stats.accepted_lengths) + 1 >= r.stats.num_generated
 
 
-@pytest.mark.parametrize("field, value", [
-    ("max_new_tokens", 0), ("block_length", 0), ("temperature", -1.0), ("threshold", 1.5),
-    ("prefill_chunk", 0), ("mode", "beam"),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("max_new_tokens", 0),
+        ("block_length", 0),
+        ("temperature", -1.0),
+        ("threshold", 1.5),
+        ("prefill_chunk", 0),
+        ("mode", "beam"),
+    ],
+)
 def test_bad_settings_name_the_field(field, value):
     from trimode.errors import InputError
 

@@ -9,10 +9,11 @@ import json
 import shutil
 
 import pytest
-from conftest import DEPLOY_ARGS
 
 from trimode.cli import main
 from trimode.errors import Interrupted
+
+from conftest import DEPLOY_ARGS
 
 STAGES = ("quantize", "build", "repo")
 
@@ -35,11 +36,16 @@ def copied(tiny_deploy_dir, tmp_path):
 
 def test_each_stage_writes_its_own_output_and_manifest(tiny_deploy_dir):
     manifest = json.loads((tiny_deploy_dir / "manifest.json").read_text())
-    assert manifest["stage"] == "deploy" and manifest["folders"] == {"quantize": "quantized", "build": "engine",
-                                                                     "repo": "repo"}
+    assert manifest["stage"] == "deploy" and manifest["folders"] == {
+        "quantize": "quantized",
+        "build": "engine",
+        "repo": "repo",
+    }
     assert reused(manifest) == dict.fromkeys(STAGES, False)
-    stage_of = {folder: json.loads((tiny_deploy_dir / folder / "manifest.json").read_text())
-                for folder in manifest["folders"].values()}
+    stage_of = {
+        folder: json.loads((tiny_deploy_dir / folder / "manifest.json").read_text())
+        for folder in manifest["folders"].values()
+    }
     assert [m["stage"] for m in stage_of.values()] == ["quantize", "build", "repo"]
     assert stage_of["engine"]["quantization"] is not None, "the engine is built from the FP8 checkpoint"
     assert stage_of["engine"]["model"]["has_draft_adapter"]
@@ -55,8 +61,9 @@ def test_a_rerun_reuses_every_unchanged_stage_and_touches_nothing(copied, runner
     before = tree(copied)
     again = run_deploy(runner, tiny_adapter_dir, copied)
     assert reused(again) == dict.fromkeys(STAGES, True)
-    assert {k: v for k, v in tree(copied).items() if k != "manifest.json"} == \
-        {k: v for k, v in before.items() if k != "manifest.json"}
+    assert {k: v for k, v in tree(copied).items() if k != "manifest.json"} == {
+        k: v for k, v in before.items() if k != "manifest.json"
+    }
 
 
 def test_a_changed_setting_or_an_edited_output_redoes_that_stage_only(copied, runner, tiny_adapter_dir):
@@ -70,8 +77,9 @@ def test_a_changed_setting_or_an_edited_output_redoes_that_stage_only(copied, ru
     assert "max_batch_size " not in config.read_text()
 
 
-def test_an_interrupted_stage_keeps_the_previous_output_and_the_rerun_resumes(copied, runner, tiny_adapter_dir,
-                                                                             tree, monkeypatch):
+def test_an_interrupted_stage_keeps_the_previous_output_and_the_rerun_resumes(
+    copied, runner, tiny_adapter_dir, tree, monkeypatch
+):
     import trimode.triton_repo.writer as writer
 
     run_deploy(runner, tiny_adapter_dir, copied)
@@ -84,16 +92,20 @@ def test_an_interrupted_stage_keeps_the_previous_output_and_the_rerun_resumes(co
             raise Interrupted(15)
 
     monkeypatch.setattr(writer, "write_model_repo", interrupted)
-    result = runner.invoke(main, ["deploy", str(tiny_adapter_dir), "--out", str(copied), *DEPLOY_ARGS,
-                                  "--prefix", "nld_"])
+    result = runner.invoke(
+        main, ["deploy", str(tiny_adapter_dir), "--out", str(copied), *DEPLOY_ARGS, "--prefix", "nld_"]
+    )
     assert result.exit_code == 143 and "Error: interrupted" in result.output
     after = tree(copied)
     assert json.loads(after.pop("manifest.json"))["stages"] == json.loads(before.pop("manifest.json"))["stages"]
     assert after == before, "the previous repository is as it was"
     assert [p.name for p in copied.parent.iterdir()] == ["moved"], "no temporary sibling or lock left"
     monkeypatch.setattr(writer, "write_model_repo", real)
-    assert reused(run_deploy(runner, tiny_adapter_dir, copied, "--prefix", "nld_")) == \
-        {"quantize": True, "build": True, "repo": False}
+    assert reused(run_deploy(runner, tiny_adapter_dir, copied, "--prefix", "nld_")) == {
+        "quantize": True,
+        "build": True,
+        "repo": False,
+    }
 
 
 def test_a_first_deploy_interrupted_keeps_its_finished_stages(runner, tiny_adapter_dir, tmp_path, monkeypatch):
@@ -122,10 +134,24 @@ def test_a_first_deploy_killed_in_its_first_stage_resumes(runner, tiny_dir, tmp_
     import time
 
     out = tmp_path / "d"
-    args = ["deploy", str(tiny_dir), "--out", str(out), "--no-fp8", "--max-batch-size", "2", "--max-seq-len", "64",
-            "--max-input-len", "16", "--block-lengths", "4"]
-    proc = subprocess.Popen([sys.executable, "-m", "trimode.cli", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    args = [
+        "deploy",
+        str(tiny_dir),
+        "--out",
+        str(out),
+        "--no-fp8",
+        "--max-batch-size",
+        "2",
+        "--max-seq-len",
+        "64",
+        "--max-input-len",
+        "16",
+        "--block-lengths",
+        "4",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trimode.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 300
     while not (out.is_dir() and any(p.name.startswith(".engine.build-") for p in out.iterdir())):
         assert proc.poll() is None and time.monotonic() < deadline, "the build stage never started"
@@ -144,32 +170,65 @@ def test_serve_answers_once_per_mode_from_the_real_server(copied, runner, tiny_a
 
     out = copied
     ports = Ports.free()
-    result = runner.invoke(main, ["deploy", str(tiny_adapter_dir), "--out", str(out), *DEPLOY_ARGS, "--serve",
-                                  "--once", "--max-tokens", "12", "--http-port", ports.http, "--grpc-port", ports.grpc,
-                                  "--metrics-port", ports.metrics, "--json"])
+    result = runner.invoke(
+        main,
+        [
+            "deploy",
+            str(tiny_adapter_dir),
+            "--out",
+            str(out),
+            *DEPLOY_ARGS,
+            "--serve",
+            "--once",
+            "--max-tokens",
+            "12",
+            "--http-port",
+            ports.http,
+            "--grpc-port",
+            ports.grpc,
+            "--metrics-port",
+            ports.metrics,
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert reused(report) == {"quantize": True, "build": True, "repo": False}
     answers = {a["mode"]: a for a in report["answers"]}
     assert list(answers) == ["ar", "diffusion", "self-spec"]
-    assert all(a["num_output_tokens"] > 0 and a["tokens_per_s"] > 0 and a["tokens_per_pass"] > 0
-               for a in answers.values())
+    assert all(
+        a["num_output_tokens"] > 0 and a["tokens_per_s"] > 0 and a["tokens_per_pass"] > 0 for a in answers.values()
+    )
     assert answers["self-spec"]["text"] == answers["ar"]["text"]  # temperature 0: the invariant, served
-    local = runner.invoke(main, ["generate", "--engine", str(out / "engine"), "--max-new-tokens", "12", "--json",
-                                 "def __init__(self, name, value=None):"])
+    local = runner.invoke(
+        main,
+        [
+            "generate",
+            "--engine",
+            str(out / "engine"),
+            "--max-new-tokens",
+            "12",
+            "--json",
+            "def __init__(self, name, value=None):",
+        ],
+    )
     assert local.exit_code == 0, local.output
     assert json.loads(local.stdout)["results"][0]["text"] == answers["ar"]["text"]
     assert (out / "tritonserver.log").is_file()
 
 
-@pytest.mark.parametrize("args, message, code", [
-    (["--backend", "tensorrt"], "tensorrt", 1),              # no TensorRT here: stops before quantizing
-    (["--once"], "--once goes with --serve", 2),
-    (["--serve", "--http-port", "9000", "--grpc-port", "9000"], "ports must differ", 2),
-    (["--modes", "ar,beam"], "expected distinct modes", 2),
-    (["--max-batch-size", "0"], "Invalid value for '--max-batch-size'", 2),
-    (["--block-lengths", "100"], "--block-lengths", 1),     # above --max-seq-len 64
-], ids=["tensorrt-absent", "once-alone", "same-ports", "unknown-mode", "batch-0", "block-above-seq-len"])
+@pytest.mark.parametrize(
+    "args, message, code",
+    [
+        (["--backend", "tensorrt"], "tensorrt", 1),  # no TensorRT here: stops before quantizing
+        (["--once"], "--once goes with --serve", 2),
+        (["--serve", "--http-port", "9000", "--grpc-port", "9000"], "ports must differ", 2),
+        (["--modes", "ar,beam"], "expected distinct modes", 2),
+        (["--max-batch-size", "0"], "Invalid value for '--max-batch-size'", 2),
+        (["--block-lengths", "100"], "--block-lengths", 1),  # above --max-seq-len 64
+    ],
+    ids=["tensorrt-absent", "once-alone", "same-ports", "unknown-mode", "batch-0", "block-above-seq-len"],
+)
 def test_bad_options_are_refused_before_anything_is_written(refused, tiny_dir, tmp_path, args, message, code):
     base = ["--calib-samples", "8", "--max-seq-len", "64", "--max-input-len", "16"]
     refused(["deploy", tiny_dir, "--out", tmp_path / "out", *base, *args], tmp_path, message, exit_code=code)

@@ -37,7 +37,8 @@ def stream(tokenizer: Tokenizer, ids: list[int], cuts: list[int]) -> list[str]:
 
 def _ids_and_cuts(vocab_size: int):
     return st.lists(st.integers(0, vocab_size - 1), max_size=40).flatmap(
-        lambda ids: st.tuples(st.just(ids), st.lists(st.integers(0, len(ids)), max_size=len(ids))))
+        lambda ids: st.tuples(st.just(ids), st.lists(st.integers(0, len(ids)), max_size=len(ids)))
+    )
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -86,8 +87,23 @@ def test_generate_streams_exactly_the_final_text(runner, tiny_dir):
     num_split = 0
     for _ in range(6):
         seed, prompt, mode = rng.randrange(2**63), rng.choice(PROMPTS), rng.choice(["ar", "diffusion", "self-spec"])
-        args = ["generate", "--checkpoint", str(ck), "--mode", mode, "--temperature", "1.5", "--seed", str(seed),
-                "--max-new-tokens", "16", "--ignore-eos", "--block-length", "4", prompt]
+        args = [
+            "generate",
+            "--checkpoint",
+            str(ck),
+            "--mode",
+            mode,
+            "--temperature",
+            "1.5",
+            "--seed",
+            str(seed),
+            "--max-new-tokens",
+            "16",
+            "--ignore-eos",
+            "--block-length",
+            "4",
+            prompt,
+        ]
         streamed = runner.invoke(main, args)
         final = runner.invoke(main, [*args, "--json"])
         assert streamed.exit_code == 0 and final.exit_code == 0, streamed.output + final.output

@@ -21,8 +21,17 @@ from trimode.cli import main
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 README = ROOT / "README.md"
-PAGES = ["architecture.md", "engines.md", "serving.md", "performance.md", "draft-adapter.md",
-         "guarantees.md", "testing.md", "quantization.md", "python-api.md"]
+PAGES = [
+    "architecture.md",
+    "engines.md",
+    "serving.md",
+    "performance.md",
+    "draft-adapter.md",
+    "guarantees.md",
+    "testing.md",
+    "quantization.md",
+    "python-api.md",
+]
 README_MAX_LINES = 250
 
 FENCE = re.compile(r"^```.*?^```[ \t]*$", re.S | re.M)
@@ -48,8 +57,7 @@ def _code_lines(text):
             stripped = line.strip()
             # A continuation: the previous line ended with a backslash, or this one is an indented
             # option list under a command (`              [--max-input-len 256] ...`).
-            if joined and (joined[-1].endswith("\\") or
-                           (line[:1].isspace() and stripped[:1] in ("[", "-"))):
+            if joined and (joined[-1].endswith("\\") or (line[:1].isspace() and stripped[:1] in ("[", "-"))):
                 joined[-1] = joined[-1].rstrip("\\").rstrip() + " " + stripped
             else:
                 joined.append(stripped)
@@ -122,8 +130,9 @@ CASES = _all_invocations()
 
 def test_docs_have_command_lines():
     assert len(CASES) > 50, "the parser found almost no `trimode ...` lines: the test would prove nothing"
-    assert {args[0] for _, _, args in CASES} >= set(main.commands), \
+    assert {args[0] for _, _, args in CASES} >= set(main.commands), (
         "every subcommand should appear in the docs at least once"
+    )
 
 
 @pytest.mark.parametrize("where,command,args", CASES, ids=[f"{w}:{c[:60]}" for w, c, _ in CASES])
@@ -152,18 +161,21 @@ def test_help_lists_the_options_the_docs_use(name):
 
 
 def test_the_parser_reads_what_the_docs_write():
-    lines = _code_lines("```bash\ntrimode build [CK] --out ENGINE [--backend torch|onnx]\n"
-                        "              [--max-input-len 256]\ntrimode bench --engine E \\\n    --repeats 3\n```\n"
-                        "and `python -m trimode.cli eval\nCK --json` in prose, `trimode/assets/default` a path")
+    lines = _code_lines(
+        "```bash\ntrimode build [CK] --out ENGINE [--backend torch|onnx]\n"
+        "              [--max-input-len 256]\ntrimode bench --engine E \\\n    --repeats 3\n```\n"
+        "and `python -m trimode.cli eval\nCK --json` in prose, `trimode/assets/default` a path"
+    )
     found = [args for line in lines for args in _invocations(line)]
-    assert found == [["build", "[CK]", "--out", "ENGINE", "[--backend", "torch|onnx]", "[--max-input-len", "256]"],
-                     ["bench", "--engine", "E", "--repeats", "3"],
-                     ["eval", "CK", "--json"]]
+    assert found == [
+        ["build", "[CK]", "--out", "ENGINE", "[--backend", "torch|onnx]", "[--max-input-len", "256]"],
+        ["bench", "--engine", "E", "--repeats", "3"],
+        ["eval", "CK", "--json"],
+    ]
     assert _code_lines("```python\nfrom trimode import LLM\n```\n") == []  # not a command line
-    assert "--max-seqlen" not in _options_of(main.commands["build"])          # what a typo would hit
+    assert "--max-seqlen" not in _options_of(main.commands["build"])  # what a typo would hit
     assert _option_tokens(found[0]) == ["--out", "--backend", "--max-input-len"]
-    assert _option_tokens(["--engine", "ENGINE_DIR|--url", "HOST:PORT", "--x=1", "-1"]) == \
-        ["--engine", "--url", "--x"]
+    assert _option_tokens(["--engine", "ENGINE_DIR|--url", "HOST:PORT", "--x=1", "-1"]) == ["--engine", "--url", "--x"]
 
 
 def test_readme_is_short():

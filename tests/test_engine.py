@@ -6,34 +6,62 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trimode.decoding import (DecodeConfig, Engine, EngineConfig, GenerationSettings, Mode, PassKind,
-                              SamplingParams, generate)
+from trimode.decoding import (
+    DecodeConfig,
+    Engine,
+    EngineConfig,
+    GenerationSettings,
+    Mode,
+    PassKind,
+    SamplingParams,
+    generate,
+)
 from trimode.decoding.batch import Batch
 from trimode.decoding.sequence import Sequence, Status
 from trimode.errors import InputError, NumericalError
 from trimode.passes import MODE_PASSES, Pattern
 
-TEXTS = ["def generate(prompt, max_new_tokens=32):", "The quick brown fox", "A",
-         "Self-speculation drafts a block by diffusion and verifies it autoregressively", "import os\n", "x = [1, 2"]
+TEXTS = [
+    "def generate(prompt, max_new_tokens=32):",
+    "The quick brown fox",
+    "A",
+    "Self-speculation drafts a block by diffusion and verifies it autoregressively",
+    "import os\n",
+    "x = [1, 2",
+]
 # (mode, block length, temperature, seed) of each request, in arrival order: every mode, two block
 # lengths, greedy and sampled requests in one engine.
-REQUESTS = [(Mode.SELF_SPEC, 4, 0.0, 0), (Mode.AR, None, 0.0, 0), (Mode.DIFFUSION, 4, 0.0, 0),
-            (Mode.SELF_SPEC, 8, 0.9, 11), (Mode.AR, None, 1.0, 12), (Mode.DIFFUSION, 8, 0.8, 13)]
+REQUESTS = [
+    (Mode.SELF_SPEC, 4, 0.0, 0),
+    (Mode.AR, None, 0.0, 0),
+    (Mode.DIFFUSION, 4, 0.0, 0),
+    (Mode.SELF_SPEC, 8, 0.9, 11),
+    (Mode.AR, None, 1.0, 12),
+    (Mode.DIFFUSION, 8, 0.8, 13),
+]
 
 
 def alone(ck, prompt, mode, block_length, temperature, seed, max_new_tokens=24):
-    settings = GenerationSettings(mode=mode, block_length=block_length, temperature=temperature, seed=seed,
-                                  max_new_tokens=max_new_tokens, ignore_eos=True)
+    settings = GenerationSettings(
+        mode=mode,
+        block_length=block_length,
+        temperature=temperature,
+        seed=seed,
+        max_new_tokens=max_new_tokens,
+        ignore_eos=True,
+    )
     return generate(ck.model, [prompt], settings)[0].tokens
 
 
 def request(mode, block_length, temperature, seed, max_new_tokens=24):
-    return (SamplingParams(max_new_tokens, temperature, seed, ignore_eos=True),
-            DecodeConfig(mode, block_length))
+    return (SamplingParams(max_new_tokens, temperature, seed, ignore_eos=True), DecodeConfig(mode, block_length))
 
 
-@pytest.mark.parametrize("arrival_steps", [(0, 0, 0, 0, 0, 0), (0, 1, 2, 3, 5, 8), (0, 7, 7, 2, 15, 3)],
-                         ids=["together", "staggered", "shuffled"])
+@pytest.mark.parametrize(
+    "arrival_steps",
+    [(0, 0, 0, 0, 0, 0), (0, 1, 2, 3, 5, 8), (0, 7, 7, 2, 15, 3)],
+    ids=["together", "staggered", "shuffled"],
+)
 @pytest.mark.parametrize("ck_name", ["tiny", "trained"])
 def test_requests_joining_a_running_engine_get_their_alone_tokens(request_fixture, ck_name, arrival_steps):
     ck = request_fixture(ck_name)
@@ -91,7 +119,7 @@ def test_a_full_pool_queues_and_a_request_that_cannot_fit_is_refused(tiny):
     assert first.tokens == second.tokens == alone(tiny, prompt, Mode.AR, None, 0.0, 0, max_new_tokens=8)
 
 
-@pytest.mark.parametrize("bad, match", [([], "empty"), ([10 ** 6], "token ids")])
+@pytest.mark.parametrize("bad, match", [([], "empty"), ([10**6], "token ids")])
 def test_bad_prompts_are_refused(tiny, bad, match):
     with pytest.raises(InputError, match=match):
         Engine(tiny.model).add(bad)
@@ -102,8 +130,11 @@ def test_the_block_length_is_capped_at_what_can_still_be_emitted(tiny):
     prompt = tiny.tokenizer.encode("A")
     seq = Engine(tiny.model).add(prompt, SamplingParams(max_new_tokens=3), DecodeConfig(Mode.DIFFUSION, 32))
     assert seq.block_length == 3
-    result = generate(tiny.model, [prompt], GenerationSettings(mode=Mode.DIFFUSION, block_length=32,
-                                                              max_new_tokens=3, ignore_eos=True))[0]
+    result = generate(
+        tiny.model,
+        [prompt],
+        GenerationSettings(mode=Mode.DIFFUSION, block_length=32, max_new_tokens=3, ignore_eos=True),
+    )[0]
     assert len(result.tokens) == 3 and result.stats.passes["denoise"] <= 2
 
 
@@ -140,22 +171,31 @@ def test_random_streams_are_per_sequence():
     a, b = (Sequence(i, [1], params, DecodeConfig(), 8, frozenset()) for i in range(2))
     keys_a = [a.next_rng_key() for _ in range(4)]
     assert keys_a == [b.next_rng_key() for _ in range(4)]  # same seed, same stream, whatever the id
-    assert len(set(keys_a)) == 4 and all(0 <= k < 2 ** 63 for k in keys_a)
+    assert len(set(keys_a)) == 4 and all(0 <= k < 2**63 for k in keys_a)
     other = Sequence(2, [1], SamplingParams(seed=6), DecodeConfig(), 8, frozenset())
     assert other.next_rng_key() != keys_a[0]
 
 
-@pytest.mark.parametrize("kind, pattern, use_draft, last_only", [
-    (PassKind.PREFILL, Pattern.CAUSAL, False, True), (PassKind.DECODE, Pattern.CAUSAL, False, False),
-    (PassKind.DENOISE, Pattern.BLOCK, False, False), (PassKind.DRAFT, Pattern.BLOCK, True, False),
-    (PassKind.VERIFY, Pattern.CAUSAL, False, False), (PassKind.REFRESH, Pattern.CAUSAL, False, True),
-])
+@pytest.mark.parametrize(
+    "kind, pattern, use_draft, last_only",
+    [
+        (PassKind.PREFILL, Pattern.CAUSAL, False, True),
+        (PassKind.DECODE, Pattern.CAUSAL, False, False),
+        (PassKind.DENOISE, Pattern.BLOCK, False, False),
+        (PassKind.DRAFT, Pattern.BLOCK, True, False),
+        (PassKind.VERIFY, Pattern.CAUSAL, False, False),
+        (PassKind.REFRESH, Pattern.CAUSAL, False, True),
+    ],
+)
 def test_pass_kinds(kind, pattern, use_draft, last_only):
     assert (kind.pattern, kind.use_draft, kind.last_logit_only) == (pattern, use_draft, last_only)
 
 
 @pytest.mark.parametrize("mode", list(Mode))
 def test_statistics_count_exactly_the_mode_passes(tiny, mode):
-    result = generate(tiny.model, [tiny.tokenizer.encode("A")],
-                      GenerationSettings(mode=mode, block_length=4, max_new_tokens=12, ignore_eos=True))[0]
+    result = generate(
+        tiny.model,
+        [tiny.tokenizer.encode("A")],
+        GenerationSettings(mode=mode, block_length=4, max_new_tokens=12, ignore_eos=True),
+    )[0]
     assert set(result.stats.passes) == {k.value for k in MODE_PASSES[mode]}

@@ -42,6 +42,7 @@ def symlink_out(root, d, m):
 
 def edit(*keys, value=None, delete: bool = False):
     """An edit of the field at m[keys[0]][keys[1]]...: set to value (value(old) if callable), or deleted."""
+
     def apply(root, d, m):
         *parents, last = keys
         for key in parents:
@@ -76,8 +77,10 @@ EDITS = [
     (edit("backend", "programs", "decode_1", value="checkpoint/config.json"), "backend.programs.decode_1"),
     (edit("backend", "draft", value="draft_4"), "backend.draft"),
     (edit("backend", "batch1_programs", value={"denoise_4": "programs/none_b1.pt2"}), "backend.batch1_programs"),
-    (edit("backend", "blocked_constants", value={"programs/denoise_4.pt2": {"c": ["gemms.x", 0]}}),
-     "backend.blocked_constants"),
+    (
+        edit("backend", "blocked_constants", value={"programs/denoise_4.pt2": {"c": ["gemms.x", 0]}}),
+        "backend.blocked_constants",
+    ),
     (edit("backend", "batch1_skipped", value=["denoise_4"]), "backend.batch1_skipped"),
     (edit("backend", "max_seq_len", value=None), "backend.max_seq_len"),
     (edit("backend", "max_input_len", value=8), "backend.max_input_len"),

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import file_tree
 from trimode.safetensors_mmap import read_header
+
+from conftest import file_tree
 
 TESTS = Path(__file__).resolve().parent
 NUM_RUNS = 20
@@ -26,9 +27,14 @@ NUM_RUNS = 20
 
 @pytest.fixture(scope="module")
 def server():
-    proc = subprocess.Popen([sys.executable, str(TESTS / "forkserver.py")], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, cwd=TESTS.parent,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    proc = subprocess.Popen(
+        [sys.executable, str(TESTS / "forkserver.py")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=TESTS.parent,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     assert json.loads(proc.stdout.readline())["ready"]
 
     def run(runs: list[list], log: Path, sig: str | None = None, delay: float = 0.0) -> dict:
@@ -54,10 +60,35 @@ def setup(tiny_dir, tmp_path):
     def command(stage: str, force: bool = True) -> list:
         extra = ["--force"] if force else []
         if stage == "quantize":
-            return ["quantize", inputs / "ck", "--out", out, "--calib-data", inputs / "calib.txt",
-                    "--calib-samples", 4, "--calib-seq-len", 32, *extra]
-        return ["make-checkpoint", "--random", "--out", out, "--draft-adapter", "--shards", 2,
-                "--hidden-size", 256, "--num-layers", 4, "--vocab-size", 1024, *extra]
+            return [
+                "quantize",
+                inputs / "ck",
+                "--out",
+                out,
+                "--calib-data",
+                inputs / "calib.txt",
+                "--calib-samples",
+                4,
+                "--calib-seq-len",
+                32,
+                *extra,
+            ]
+        return [
+            "make-checkpoint",
+            "--random",
+            "--out",
+            out,
+            "--draft-adapter",
+            "--shards",
+            2,
+            "--hidden-size",
+            256,
+            "--num-layers",
+            4,
+            "--vocab-size",
+            1024,
+            *extra,
+        ]
 
     return command, out, inputs
 
@@ -131,10 +162,27 @@ def test_the_entry_point_exits_130_on_ctrl_c_and_143_on_sigterm(tmp_path):
     for sig in (signal.SIGINT, signal.SIGTERM):
         parent = tmp_path / sig.name
         parent.mkdir()
-        args = [sys.executable, "-m", "trimode.cli", "make-checkpoint", "--random", "--out", parent / "out",
-                "--hidden-size", 512, "--num-layers", 8, "--vocab-size", 4096]
-        procs[sig] = (subprocess.Popen([str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                       text=True, cwd=TESTS.parent), parent)
+        args = [
+            sys.executable,
+            "-m",
+            "trimode.cli",
+            "make-checkpoint",
+            "--random",
+            "--out",
+            parent / "out",
+            "--hidden-size",
+            512,
+            "--num-layers",
+            8,
+            "--vocab-size",
+            4096,
+        ]
+        procs[sig] = (
+            subprocess.Popen(
+                [str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=TESTS.parent
+            ),
+            parent,
+        )
     deadline = time.monotonic() + 120
     pending = dict(procs)
     while pending and time.monotonic() < deadline:

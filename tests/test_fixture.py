@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
-from tolerance import forward_bound
 from trimode.cli import EMBEDDED_CHECKPOINT
 from trimode.decoding import GenerationSettings, Mode, generate
 from trimode.evaluate import agreement, held_out_prompts, held_out_stream, perplexity
+
+from tolerance import forward_bound
 
 
 def test_layout_on_disk():
@@ -43,8 +44,7 @@ def test_held_out_perplexity_is_that_of_a_trained_model(trained):
 @pytest.mark.parametrize("block_length", [4, 8, 16])
 def test_drafts_are_accepted(trained, prompts, block_length):
     """Trained drafts agree with the verifier: well over one token per draft/verify cycle."""
-    settings = GenerationSettings(mode=Mode.SELF_SPEC, block_length=block_length, max_new_tokens=48,
-                                  ignore_eos=True)
+    settings = GenerationSettings(mode=Mode.SELF_SPEC, block_length=block_length, max_new_tokens=48, ignore_eos=True)
     results = generate(trained.model, prompts, settings)
     accepted = [n for r in results for n in r.stats.accepted_lengths]
     assert sum(accepted) / len(accepted) > 1.5
@@ -54,6 +54,7 @@ def test_drafts_are_accepted(trained, prompts, block_length):
 
 def test_diffusion_tracks_ar(trained, prompts):
     """Trained diffusion blocks start the way AR continues, and confident positions commit together."""
+
     def run(**kw):
         return generate(trained.model, prompts, GenerationSettings(max_new_tokens=48, ignore_eos=True, **kw))
 

@@ -10,8 +10,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # pyproject's [tool.setuptools.package-dir]: the stage folders install under trimode.*
-PACKAGE_DIRS = {"trimode": ROOT / "trimode", "trimode.builder": ROOT / "builder", "trimode.plugins": ROOT / "plugins",
-                "trimode.quantize": ROOT / "quantize", "trimode.triton_repo": ROOT / "triton_repo"}
+PACKAGE_DIRS = {
+    "trimode": ROOT / "trimode",
+    "trimode.builder": ROOT / "builder",
+    "trimode.plugins": ROOT / "plugins",
+    "trimode.quantize": ROOT / "quantize",
+    "trimode.triton_repo": ROOT / "triton_repo",
+}
 
 
 def find_modules(package_dirs: dict[str, Path]) -> dict[str, Path]:
@@ -73,7 +78,7 @@ def imported_modules(name: str, path: Path, modules: dict[str, Path]) -> set[str
             continue
         base = node.module or ""
         if node.level:  # relative: from . import x, from ..y import z
-            anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+            anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
             base = ".".join([*anchor, *([base] if base else [])])
         for alias in node.names:
             targets.add(known(f"{base}.{alias.name}") if f"{base}.{alias.name}" in modules else known(base))
@@ -95,7 +100,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for target in sorted(graph.get(node, ())):
             if state.get(target) == "open":
-                return path[path.index(target):] + [target]
+                return path[path.index(target) :] + [target]
             if target not in state and (cycle := visit(target)):
                 return cycle
         path.pop()
@@ -118,8 +123,11 @@ def test_the_package_has_no_import_cycle():
 
 def test_command_modules_never_import_the_cli_package_or_the_group():
     graph = import_graph(PACKAGE_DIRS)
-    commands = [name for name in graph if name.startswith("trimode.cli.") and name not in
-                ("trimode.cli.__main__", "trimode.cli.group")]
+    commands = [
+        name
+        for name in graph
+        if name.startswith("trimode.cli.") and name not in ("trimode.cli.__main__", "trimode.cli.group")
+    ]
     assert "trimode.cli.serve" in commands
     for name in commands:
         assert not graph[name] & {"trimode.cli", "trimode.cli.group"}, name
@@ -139,21 +147,30 @@ OLD_LAYOUT = {
     "__init__.py": "",
     "errors.py": "class TrimodeError(Exception): ...\n",
     "cli.py": "from trimode.errors import TrimodeError\n\ndef _echo_json(x): ...\n\n"
-              "if __name__ == '__main__':\n    from trimode.cli import main\n\n"
-              "import trimode.cli_engine  # noqa: E402\n",
+    "if __name__ == '__main__':\n    from trimode.cli import main\n\n"
+    "import trimode.cli_engine  # noqa: E402\n",
     "cli_engine.py": "from __future__ import annotations\nfrom trimode.cli import _echo_json\n",
     "lazy.py": "def f():\n    import trimode.cli\n",  # inside a function: not an edge
     "typed.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from trimode import cli\n",
 }
 
 
-@pytest.mark.parametrize("files, cycle", [
-    (OLD_LAYOUT, ["trimode.cli", "trimode.cli_engine", "trimode.cli"]),
-    ({**OLD_LAYOUT, "cli_engine.py": "from trimode.errors import TrimodeError\n"}, None),
-    ({**OLD_LAYOUT, "cli_engine.py": "from . import cli\n"}, ["trimode.cli", "trimode.cli_engine", "trimode.cli"]),
-    ({**OLD_LAYOUT, "cli_engine.py": "", "errors.py": "try:\n    from .cli import x\nexcept ImportError:\n    pass\n"},
-     ["trimode.cli", "trimode.errors", "trimode.cli"]),
-])
+@pytest.mark.parametrize(
+    "files, cycle",
+    [
+        (OLD_LAYOUT, ["trimode.cli", "trimode.cli_engine", "trimode.cli"]),
+        ({**OLD_LAYOUT, "cli_engine.py": "from trimode.errors import TrimodeError\n"}, None),
+        ({**OLD_LAYOUT, "cli_engine.py": "from . import cli\n"}, ["trimode.cli", "trimode.cli_engine", "trimode.cli"]),
+        (
+            {
+                **OLD_LAYOUT,
+                "cli_engine.py": "",
+                "errors.py": "try:\n    from .cli import x\nexcept ImportError:\n    pass\n",
+            },
+            ["trimode.cli", "trimode.errors", "trimode.cli"],
+        ),
+    ],
+)
 def test_find_cycle_reports_the_circle(tmp_path, files, cycle):
     for name, text in files.items():
         (tmp_path / name).write_text(text)

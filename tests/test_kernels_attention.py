@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tolerance import attention_accumulations, bound
 from trimode.plugins import ops
 from trimode.plugins.block_attention import launch
 from trimode.plugins.reference import ChunkLayout, block_attention
+
+from tolerance import attention_accumulations, bound
 
 pytestmark = pytest.mark.numerics  # rerun on another CPU kernel path (Makefile)
 
@@ -45,23 +46,27 @@ def run_both(case, is_causal, rows=None):
     q, k, v, k_cache, v_cache, lengths, k_scale, v_scale = case
     kc, vc = k_cache.clone(), v_cache.clone()
     out = launch(q, k, v, k_cache, v_cache, lengths, rows, is_causal, k_scale, v_scale)
-    expected = block_attention(q, k, v, kc, vc, ChunkLayout.build(lengths, rows, q.shape[1], is_causal),
-                               k_scale, v_scale)
+    expected = block_attention(
+        q, k, v, kc, vc, ChunkLayout.build(lengths, rows, q.shape[1], is_causal), k_scale, v_scale
+    )
     return out, expected, (k_cache, v_cache), (kc, vc)
 
 
 @pytest.mark.parametrize("is_causal", [True, False], ids=["causal", "block"])
-@pytest.mark.parametrize("b, H, Hkv, D, L, lengths", [
-    (1, 4, 4, 16, 1, [0]),            # first token, MHA
-    (1, 8, 2, 32, 1, [37]),           # AR decode, GQA 4:1
-    (2, 4, 2, 16, 4, [0, 7]),         # ragged prefixes, one empty
-    (3, 4, 1, 16, 4, [5, 5, 20]),     # GQA 4:1 (MQA-like), equal and longer prefixes
-    (2, 6, 3, 24, 32, [3, 0]),        # a full block; head_dim not a power of two
-    (1, 2, 2, 64, 32, [41]),          # keys span several tiles
-    (2, 4, 2, 16, 4, [0, 300]),       # split-KV (128 keys a split on CPU): 1 and 3 splits in one batch
-    (1, 8, 2, 16, 32, [200]),         # a chunk of 32 crossing a split boundary
-    (2, 4, 4, 16, 1, [260, 129]),     # AR decode over 3 splits
-])
+@pytest.mark.parametrize(
+    "b, H, Hkv, D, L, lengths",
+    [
+        (1, 4, 4, 16, 1, [0]),  # first token, MHA
+        (1, 8, 2, 32, 1, [37]),  # AR decode, GQA 4:1
+        (2, 4, 2, 16, 4, [0, 7]),  # ragged prefixes, one empty
+        (3, 4, 1, 16, 4, [5, 5, 20]),  # GQA 4:1 (MQA-like), equal and longer prefixes
+        (2, 6, 3, 24, 32, [3, 0]),  # a full block; head_dim not a power of two
+        (1, 2, 2, 64, 32, [41]),  # keys span several tiles
+        (2, 4, 2, 16, 4, [0, 300]),  # split-KV (128 keys a split on CPU): 1 and 3 splits in one batch
+        (1, 8, 2, 16, 32, [200]),  # a chunk of 32 crossing a split boundary
+        (2, 4, 4, 16, 1, [260, 129]),  # AR decode over 3 splits
+    ],
+)
 def test_kernel_matches_reference(device, is_causal, b, H, Hkv, D, L, lengths):
     out, expected, caches, expected_caches = run_both(make_case(device, b, H, Hkv, D, L, lengths), is_causal)
     torch.testing.assert_close(out, expected, atol=fp32_atol(expected, D, max(lengths) + L), rtol=0)
@@ -71,8 +76,7 @@ def test_kernel_matches_reference(device, is_causal, b, H, Hkv, D, L, lengths):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("is_causal", [True, False], ids=["causal", "block"])
 def test_half_precision(device, dtype, is_causal):
-    out, expected, caches, expected_caches = run_both(
-        make_case(device, 2, 4, 2, 16, 4, [6, 0], dtype=dtype), is_causal)
+    out, expected, caches, expected_caches = run_both(make_case(device, 2, 4, 2, 16, 4, [6, 0], dtype=dtype), is_causal)
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), expected.float(), atol=HALF_TOLERANCE[dtype], rtol=HALF_TOLERANCE[dtype])
     assert all(torch.equal(c, e) for c, e in zip(caches, expected_caches))
@@ -84,7 +88,6 @@ def test_half_precision(device, dtype, is_causal):
 def test_fp8_cache_codes_and_output(device, dtype, L, lengths):
     """The chunk is quantized into float8 codes exactly as the reference does (ties to even)."""
     case = make_case(device, 2, 4, 2, 16, L, lengths, dtype=dtype, fp8=True)
-    q, k = case[0], case[1]
     case[1][0, 0, 0, :4] = torch.tensor([0.011 * 2.5, 0.011 * 3.5, -0.011 * 8.5, 1e9], dtype=dtype)  # ties, saturation
     out, expected, caches, expected_caches = run_both(case, True)
     for c, e in zip(caches, expected_caches):
@@ -116,8 +119,16 @@ def test_chunk_and_batch_invariance(device, dtype, c):
     # copies of that cache row, each token seeing exactly the keys it saw inside the chunk.
     for i in range(L):
         lengths = torch.tensor([c + i], device=device)
-        single = launch(q[1:2, i:i + 1], k[1:2, i:i + 1], v[1:2, i:i + 1], k_cache[1:2].clone(),
-                        v_cache[1:2].clone(), lengths, None, True)
+        single = launch(
+            q[1:2, i : i + 1],
+            k[1:2, i : i + 1],
+            v[1:2, i : i + 1],
+            k_cache[1:2].clone(),
+            v_cache[1:2].clone(),
+            lengths,
+            None,
+            True,
+        )
         assert torch.equal(single[0, 0], chunk_out[1, i]), f"token {i}"
 
 
@@ -141,12 +152,15 @@ def test_ops_dispatch_uses_the_kernel(device, kernels, monkeypatch):
     torch.testing.assert_close(out, expected, atol=fp32_atol(expected, 16, 7), rtol=0)
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda c: (c[0][..., :8],) + c[1:], "do not fit"),
-    (lambda c: c[:3] + (c[3].double(), c[4].double()) + c[5:], "cache dtype"),
-    (lambda c: c[:3] + (c[3].to(E4M3), c[4].to(E4M3)) + c[5:], "k_scale"),
-    (lambda c: c[:5] + (c[5][:1],) + c[6:], "lengths"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: (c[0][..., :8],) + c[1:], "do not fit"),
+        (lambda c: c[:3] + (c[3].double(), c[4].double()) + c[5:], "cache dtype"),
+        (lambda c: c[:3] + (c[3].to(E4M3), c[4].to(E4M3)) + c[5:], "k_scale"),
+        (lambda c: c[:5] + (c[5][:1],) + c[6:], "lengths"),
+    ],
+)
 def test_launcher_rejects_bad_input(device, change, message):
     case = change(make_case(device, 2, 4, 2, 16, 4, [1, 3]))
     with pytest.raises(ValueError, match=message):
@@ -155,6 +169,7 @@ def test_launcher_rejects_bad_input(device, change, message):
 
 def test_unknown_kernel_choice_is_a_config_error(monkeypatch):
     from trimode.errors import ConfigError
+
     monkeypatch.setenv(ops.KERNELS_ENV, "cuda-please")
     with pytest.raises(ConfigError, match="TRIMODE_KERNELS"):
         ops.use_kernels(torch.device("cpu"))

@@ -17,20 +17,23 @@ TEXTS = ["def generate(prompt, max_new_tokens=32):", "A", "The quick brown fox"]
 
 def decode(ck, mode, backend, monkeypatch, **kw):
     monkeypatch.setenv(ops.KERNELS_ENV, backend)
-    prompts = [ck.tokenizer.encode(t) for t in TEXTS[:kw.pop("num_prompts", len(TEXTS))]]
+    prompts = [ck.tokenizer.encode(t) for t in TEXTS[: kw.pop("num_prompts", len(TEXTS))]]
     settings = GenerationSettings(mode=mode, max_new_tokens=kw.pop("max_new_tokens", 8), **kw)  # two blocks of 4
     return generate(ck.model, prompts, settings)
 
 
-@pytest.mark.parametrize("mode, kw", [
-    (Mode.AR, {}),
-    (Mode.DIFFUSION, {"block_length": 4}),
-    (Mode.DIFFUSION, {"block_length": 4, "threshold": 0.3, "temperature": 1.0, "seed": 5}),
-    (Mode.DIFFUSION, {"block_length": 4, "use_top_k_schedule": True}),
-    (Mode.SELF_SPEC, {"block_length": 4}),
-    # sampled self-spec is the slowest under the interpreter (every draft/verify cycle samples): one row
-    (Mode.SELF_SPEC, {"block_length": 8, "temperature": 0.8, "seed": 3, "num_prompts": 1}),
-])
+@pytest.mark.parametrize(
+    "mode, kw",
+    [
+        (Mode.AR, {}),
+        (Mode.DIFFUSION, {"block_length": 4}),
+        (Mode.DIFFUSION, {"block_length": 4, "threshold": 0.3, "temperature": 1.0, "seed": 5}),
+        (Mode.DIFFUSION, {"block_length": 4, "use_top_k_schedule": True}),
+        (Mode.SELF_SPEC, {"block_length": 4}),
+        # sampled self-spec is the slowest under the interpreter (every draft/verify cycle samples): one row
+        (Mode.SELF_SPEC, {"block_length": 8, "temperature": 0.8, "seed": 3, "num_prompts": 1}),
+    ],
+)
 def test_kernels_give_the_reference_tokens(tiny, mode, kw, monkeypatch):
     expected = decode(tiny, mode, "reference", monkeypatch, **dict(kw))
     got = decode(tiny, mode, "triton", monkeypatch, **dict(kw))

@@ -44,22 +44,32 @@ def test_self_spec_equals_ar_at_temperature_0(llm):
     assert all(o.stats["passes"].get("verify") for o in spec)
 
 
-@pytest.mark.parametrize("mode, extra", [
-    ("ar", {}),
-    ("ar", {"temperature": 0.8, "seed": 3}),
-    ("diffusion", {"block_length": 4, "threshold": 0.5}),
-    ("diffusion", {"threshold": "none", "prefill_chunk": 3}),
-    ("self-spec", {"block_length": 4, "ignore_eos": True}),
-    ("self-spec", {"temperature": 0.7, "seed": 11, "threshold": 0.2}),
-])
+@pytest.mark.parametrize(
+    "mode, extra",
+    [
+        ("ar", {}),
+        ("ar", {"temperature": 0.8, "seed": 3}),
+        ("diffusion", {"block_length": 4, "threshold": 0.5}),
+        ("diffusion", {"threshold": "none", "prefill_chunk": 3}),
+        ("self-spec", {"block_length": 4, "ignore_eos": True}),
+        ("self-spec", {"temperature": 0.7, "seed": 11, "threshold": 0.2}),
+    ],
+)
 def test_results_equal_decoding_generate(llm, mode, extra):
     params = SamplingParams(mode=mode, max_tokens=20, **extra)
     outs = llm.generate(PROMPTS, params)
     top_k = extra.get("threshold") == "none"
     settings = GenerationSettings(
-        mode=mode, max_new_tokens=20, temperature=extra.get("temperature", 0.0), seed=extra.get("seed", 0),
-        block_length=extra.get("block_length"), threshold=None if top_k else extra.get("threshold"),
-        use_top_k_schedule=top_k, prefill_chunk=extra.get("prefill_chunk"), ignore_eos=extra.get("ignore_eos", False))
+        mode=mode,
+        max_new_tokens=20,
+        temperature=extra.get("temperature", 0.0),
+        seed=extra.get("seed", 0),
+        block_length=extra.get("block_length"),
+        threshold=None if top_k else extra.get("threshold"),
+        use_top_k_schedule=top_k,
+        prefill_chunk=extra.get("prefill_chunk"),
+        ignore_eos=extra.get("ignore_eos", False),
+    )
     assert params.to_settings() == settings
     encoded = [llm.tokenizer.encode(p) for p in PROMPTS]
     seqs = generate(llm.checkpoint.model, encoded, settings)
@@ -87,8 +97,11 @@ def test_stream_concatenates_to_the_generated_text(llm, mode):
 
 def test_on_step_reports_each_prompts_new_tokens(llm):
     got: dict[int, list[int]] = {0: [], 1: []}
-    outs = llm.generate(PROMPTS, SamplingParams(mode="self-spec", max_tokens=12),
-                        on_step=lambda new: [got[i].extend(t) for i, t in new.items()])
+    outs = llm.generate(
+        PROMPTS,
+        SamplingParams(mode="self-spec", max_tokens=12),
+        on_step=lambda new: [got[i].extend(t) for i, t in new.items()],
+    )
     assert [got[0], got[1]] == [o.token_ids for o in outs]
 
 
@@ -105,8 +118,9 @@ def test_an_engine_dir_gives_the_tokens_of_its_eager_checkpoint(engine_llm, tiny
     params = SamplingParams(mode=mode, max_tokens=12, ignore_eos=True)
     outs = engine_llm.generate(["ab", "hello world"], params)  # default block length: the engine's (4)
     assert [o.block_length for o in outs] == [4, 4] and [len(o.token_ids) for o in outs] == [12, 12]
-    expected = eager.generate(["ab", "hello world"], SamplingParams(mode=mode, max_tokens=12, ignore_eos=True,
-                                                                    block_length=4))
+    expected = eager.generate(
+        ["ab", "hello world"], SamplingParams(mode=mode, max_tokens=12, ignore_eos=True, block_length=4)
+    )
     assert [o.token_ids for o in outs] == [o.token_ids for o in expected]
     assert "".join(engine_llm.stream("ab", params)) == outs[0].text
 
@@ -118,19 +132,22 @@ def test_an_engine_dir_refuses_what_it_fixed_at_build_time(engine_llm):
         engine_llm.generate("ab", SamplingParams(mode="diffusion", block_length=8, max_tokens=12))
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    ({"mode": "beam"}, "mode"),
-    ({"max_tokens": 0}, "max_tokens"),
-    ({"max_tokens": True}, "max_tokens"),
-    ({"threshold": 2}, "threshold"),
-    ({"threshold": "all"}, "threshold"),
-    ({"temperature": -1.0}, "temperature"),
-    ({"temperature": float("nan")}, "temperature"),
-    ({"seed": -1}, "seed"),
-    ({"block_length": 0}, "block_length"),
-    ({"ignore_eos": "yes"}, "ignore_eos"),
-    ({"prefill_chunk": 0}, "prefill_chunk"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"mode": "beam"}, "mode"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"threshold": 2}, "threshold"),
+        ({"threshold": "all"}, "threshold"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"seed": -1}, "seed"),
+        ({"block_length": 0}, "block_length"),
+        ({"ignore_eos": "yes"}, "ignore_eos"),
+        ({"prefill_chunk": 0}, "prefill_chunk"),
+    ],
+)
 def test_bad_params_raise_input_error_naming_the_parameter(kwargs, name):
     with pytest.raises(InputError, match=f"^{name}: "):
         SamplingParams(**kwargs)
@@ -141,14 +158,17 @@ def test_threshold_none_is_the_top_k_schedule():
     assert settings.use_top_k_schedule and settings.threshold is None and settings.commit_threshold is None
 
 
-@pytest.mark.parametrize("call, name", [
-    (lambda llm: llm.generate([]), "prompts"),
-    (lambda llm: llm.generate(["def f(x):", ""]), "the prompt is empty"),  # as the CLI says it
-    (lambda llm: llm.stream(""), "the prompt is empty"),
-    (lambda llm: llm.generate(["def f(x):", 3]), r"prompts\[1\]"),
-    (lambda llm: llm.generate("x", {"max_tokens": 4}), "params"),
-    (lambda llm: LLM(device="tpu"), "device"),
-])
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda llm: llm.generate([]), "prompts"),
+        (lambda llm: llm.generate(["def f(x):", ""]), "the prompt is empty"),  # as the CLI says it
+        (lambda llm: llm.stream(""), "the prompt is empty"),
+        (lambda llm: llm.generate(["def f(x):", 3]), r"prompts\[1\]"),
+        (lambda llm: llm.generate("x", {"max_tokens": 4}), "params"),
+        (lambda llm: LLM(device="tpu"), "device"),
+    ],
+)
 def test_bad_calls_raise_input_error(llm, call, name):
     with pytest.raises(InputError, match=f"^{name}"):
         call(llm)

@@ -5,22 +5,27 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tolerance import forward_bound
 from trimode.checkpoint import load_checkpoint
 from trimode.hf_reference import ministral3_from
 from trimode.make_checkpoint import make_random_checkpoint, tiny_spec
 from trimode.passes import PassKind
 
+from tolerance import forward_bound
+
 pytestmark = pytest.mark.numerics  # rerun on another CPU kernel path (Makefile)
 
 
-@pytest.mark.parametrize("rope", [
-    {},                                                   # yarn, mscale only
-    {"mscale": 1.0, "mscale_all_dim": 1.0},               # yarn as Ministral3 ships it
-    {"factor": 16.0, "original_max_position_embeddings": 16, "llama_4_scaling_beta": 0.3},
-])
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {},  # yarn, mscale only
+        {"mscale": 1.0, "mscale_all_dim": 1.0},  # yarn as Ministral3 ships it
+        {"factor": 16.0, "original_max_position_embeddings": 16, "llama_4_scaling_beta": 0.3},
+    ],
+)
 def test_causal_logits_match_transformers_ministral3(tmp_path, rope):
     import dataclasses
+
     spec = tiny_spec()
     spec = dataclasses.replace(spec, rope=dataclasses.replace(spec.rope, **rope))
     ck = load_checkpoint(make_random_checkpoint(tmp_path / "c", spec=spec, init_std=0.1))
@@ -35,7 +40,7 @@ def test_causal_logits_match_transformers_ministral3(tmp_path, rope):
         cache = ck.model.new_cache(2, length)
         stepped = []
         for i in range(length):
-            stepped.append(ck.model(tokens[:, i:i + 1], cache, PassKind.PREFILL))
+            stepped.append(ck.model(tokens[:, i : i + 1], cache, PassKind.PREFILL))
             cache.advance(torch.arange(2), 1)
         stepped = torch.cat(stepped, dim=1)
     assert expected.abs().max() > 0.1

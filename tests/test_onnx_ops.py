@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-from tolerance import attention_accumulations, bound, forward_bound
 from trimode.checkpoint import load_checkpoint
 from trimode.errors import MissingDependencyError
 from trimode.kv_cache import KVCache
@@ -18,6 +17,8 @@ from trimode.passes import PassKind
 from trimode.plugins import ops, reference
 from trimode.plugins.onnx_ops import DOMAIN, session_options
 from trimode.plugins.reference import ChunkLayout
+
+from tolerance import attention_accumulations, bound, forward_bound
 
 pytestmark = pytest.mark.numerics  # rerun on another CPU kernel path (Makefile)
 
@@ -103,6 +104,7 @@ def test_missing_stack_names_the_extra(monkeypatch):
 
 # --- BlockAttention ----------------------------------------------------------------------------------
 
+
 def attention_inputs(b, L, H, Hkv, num_rows, max_len=16, dtype=torch.float32):
     g = torch.Generator().manual_seed(b * 100 + L * 10 + H + Hkv)
     q = torch.randn(b, L, H, HEAD_DIM, generator=g)
@@ -114,20 +116,29 @@ def attention_inputs(b, L, H, Hkv, num_rows, max_len=16, dtype=torch.float32):
 def attention_model(exported, is_causal: bool, with_rows: bool):
     q, k, v, k_cache, v_cache = attention_inputs(2, 3, 10, 5, 7 if with_rows else 2)
     args = (q, k, v, k_cache, v_cache, torch.tensor([4, 1]))
-    shapes = ({0: "b", 1: "L", 2: "H"}, {0: "b", 1: "L", 2: "Hkv"}, {0: "b", 1: "L", 2: "Hkv"},
-              {0: "B", 1: "Hkv", 2: "S"}, {0: "B", 1: "Hkv", 2: "S"}, {0: "b"})
+    shapes = (
+        {0: "b", 1: "L", 2: "H"},
+        {0: "b", 1: "L", 2: "Hkv"},
+        {0: "b", 1: "L", 2: "Hkv"},
+        {0: "B", 1: "Hkv", 2: "S"},
+        {0: "B", 1: "Hkv", 2: "S"},
+        {0: "b"},
+    )
     if with_rows:
         args, shapes = args + (torch.tensor([5, 0]),), shapes + ({0: "b"},)
     return exported(f"attention-{is_causal}-{with_rows}", BlockAttention(is_causal), args, shapes)
 
 
-@pytest.mark.parametrize("is_causal, rows, lengths, L, H, Hkv", [
-    (True, None, [3, 0], 4, 4, 2),        # ragged with an empty prefix, GQA 2:1
-    (True, None, [5, 2], 1, 4, 1),        # one token, GQA 4:1
-    (True, None, [2, 2], 4, 2, 2),        # equal prefixes, no GQA
-    (False, [2, 0], [0, 3], 4, 4, 1),     # block pattern on cache rows 2 and 0 of 3
-    (False, [1, 2], [6, 6], 1, 4, 2),
-])
+@pytest.mark.parametrize(
+    "is_causal, rows, lengths, L, H, Hkv",
+    [
+        (True, None, [3, 0], 4, 4, 2),  # ragged with an empty prefix, GQA 2:1
+        (True, None, [5, 2], 1, 4, 1),  # one token, GQA 4:1
+        (True, None, [2, 2], 4, 2, 2),  # equal prefixes, no GQA
+        (False, [2, 0], [0, 3], 4, 4, 1),  # block pattern on cache rows 2 and 0 of 3
+        (False, [1, 2], [6, 6], 1, 4, 2),
+    ],
+)
 def test_block_attention(exported, is_causal, rows, lengths, L, H, Hkv):
     model = attention_model(exported, is_causal, rows is not None)
     num_rows = 3 if rows is not None else len(lengths)
@@ -171,15 +182,20 @@ def test_block_attention_fp8_cache_graph(exported):
 # --- SpecAccept --------------------------------------------------------------------------------------
 
 ACCEPT_SHAPES = ({0: "b", 1: "L", 2: "V"}, {0: "b", 1: "L"}, {0: "E"}, {0: "b"}, {0: "b"})
-ACCEPT_EXAMPLE = (torch.tensor([[1, 3, 4]] * 2), torch.tensor([6, 7, 8, 9]), torch.tensor([0.5, 0.0]),
-                  torch.tensor([1, 2]))
+ACCEPT_EXAMPLE = (
+    torch.tensor([[1, 3, 4]] * 2),
+    torch.tensor([6, 7, 8, 9]),
+    torch.tensor([0.5, 0.0]),
+    torch.tensor([1, 2]),
+)
 
 
 def accept_model(exported) -> onnx.ModelProto:
     """One graph for every sampling setting: temperature and seed are its inputs."""
     draft, eos, temperature, seed = ACCEPT_EXAMPLE
-    return exported("accept", SpecAccept(), (verify_logits([[1, 3, 4]] * 2, 8.0), draft, eos, temperature, seed),
-                    ACCEPT_SHAPES)
+    return exported(
+        "accept", SpecAccept(), (verify_logits([[1, 3, 4]] * 2, 8.0), draft, eos, temperature, seed), ACCEPT_SHAPES
+    )
 
 
 def verify_logits(tokens: list[list[int]], peak: float, vocab: int = 11) -> torch.Tensor:
@@ -190,20 +206,24 @@ def verify_logits(tokens: list[list[int]], peak: float, vocab: int = 11) -> torc
     return logits.scatter(-1, torch.tensor(tokens)[..., None], peak)
 
 
-@pytest.mark.parametrize("temperature, seed, verify, draft, eos", [
-    ([0.0, 0.0], [0, 0], [[3, 4, 5, 6], [3, 9, 5, 6]], [[1, 3, 4, 5], [1, 3, 4, 5]], [6]),  # EOS emitted / not
-    ([0.0, 0.0], [0, 0], [[3, 4, 6, 7], [7, 4, 5, 6]], [[1, 3, 4, 6], [1, 7, 4, 5]], [6, 9]),
-    ([0.0, 0.0], [0, 0], [[7], [1]], [[1], [1]], []),                                       # L = 1, no EOS ids
-    ([0.8, 0.8], [1234, 2 ** 50], [[3, 4, 5, 6], [3, 9, 5, 6]], [[1, 3, 4, 5], [1, 3, 4, 5]], [6]),  # Gumbel-max
-    ([0.0, 0.8], [7, 1234], [[3, 4, 5, 6], [3, 9, 5, 6]], [[1, 3, 4, 5], [1, 3, 4, 5]], [6]),  # greedy + sampled
-    ([0.8, 0.0, 1.5], [5, 6, 5], [[3, 4, 5, 6], [3, 9, 5, 6], [3, 4, 5, 6]], [[1, 3, 4, 5]] * 3, [6]),  # b = 3
-])
+@pytest.mark.parametrize(
+    "temperature, seed, verify, draft, eos",
+    [
+        ([0.0, 0.0], [0, 0], [[3, 4, 5, 6], [3, 9, 5, 6]], [[1, 3, 4, 5], [1, 3, 4, 5]], [6]),  # EOS emitted / not
+        ([0.0, 0.0], [0, 0], [[3, 4, 6, 7], [7, 4, 5, 6]], [[1, 3, 4, 6], [1, 7, 4, 5]], [6, 9]),
+        ([0.0, 0.0], [0, 0], [[7], [1]], [[1], [1]], []),  # L = 1, no EOS ids
+        ([0.8, 0.8], [1234, 2**50], [[3, 4, 5, 6], [3, 9, 5, 6]], [[1, 3, 4, 5], [1, 3, 4, 5]], [6]),  # Gumbel-max
+        ([0.0, 0.8], [7, 1234], [[3, 4, 5, 6], [3, 9, 5, 6]], [[1, 3, 4, 5], [1, 3, 4, 5]], [6]),  # greedy + sampled
+        ([0.8, 0.0, 1.5], [5, 6, 5], [[3, 4, 5, 6], [3, 9, 5, 6], [3, 4, 5, 6]], [[1, 3, 4, 5]] * 3, [6]),  # b = 3
+    ],
+)
 def test_spec_accept(exported, temperature, seed, verify, draft, eos):
     model = accept_model(exported)
     is_sampled = [t > 0 for t in temperature]
     # sampled rows get low peaks (the noise shows), greedy rows high ones
-    logits = torch.where(torch.tensor(is_sampled)[:, None, None], verify_logits(verify, 1.0),
-                         verify_logits(verify, 8.0))
+    logits = torch.where(
+        torch.tensor(is_sampled)[:, None, None], verify_logits(verify, 1.0), verify_logits(verify, 8.0)
+    )
     temperature, seed = torch.tensor(temperature), torch.tensor(seed)
     args = (logits, torch.tensor(draft), torch.tensor(eos, dtype=torch.int64), temperature, seed)
 
@@ -213,7 +233,7 @@ def test_spec_accept(exported, temperature, seed, verify, draft, eos):
     for name, x, y in zip(expected._fields, got, expected):
         assert torch.equal(x, y), name
     for row, sampled in enumerate(is_sampled):
-        if not sampled:   # greedy rows: the peaks
+        if not sampled:  # greedy rows: the peaks
             assert got[0][row].tolist() == verify[row]
     if any(is_sampled):  # the case is sensitive to the seeds
         assert not torch.equal(got[0], reference.spec_accept(*args[:2], MASK, args[2], temperature, seed + 1)[0])
@@ -226,9 +246,16 @@ def test_spec_accept(exported, temperature, seed, verify, draft, eos):
 
 def test_spec_accept_eos_prefix(exported):
     """The first table row, spelled out: row 0 emits its EOS, row 1 stops before it."""
-    tokens, n, next_seed, is_eos = run(accept_model(exported), (
-        verify_logits([[3, 4, 5, 6], [3, 9, 5, 6]], 8.0), torch.tensor([[1, 3, 4, 5], [1, 3, 4, 5]]),
-        torch.tensor([6]), torch.zeros(2), torch.zeros(2, dtype=torch.int64)))
+    tokens, n, next_seed, is_eos = run(
+        accept_model(exported),
+        (
+            verify_logits([[3, 4, 5, 6], [3, 9, 5, 6]], 8.0),
+            torch.tensor([[1, 3, 4, 5], [1, 3, 4, 5]]),
+            torch.tensor([6]),
+            torch.zeros(2),
+            torch.zeros(2, dtype=torch.int64),
+        ),
+    )
     assert n.tolist() == [4, 2] and next_seed.tolist() == [6, 9] and is_eos.tolist() == [True, False]
 
 
@@ -237,10 +264,17 @@ def test_spec_accept_python_scalars_become_row_inputs(exported, temperature, see
     """A Python float / int (the decoders today) exports as [b] tensors made in the graph: the node
     still takes them as inputs, and every row gets the value."""
     draft, eos, _, _ = ACCEPT_EXAMPLE
-    model = exported(f"accept-scalar-{temperature}", ScalarSpecAccept(temperature, seed),
-                     (verify_logits([[1, 3, 4]] * 2, 8.0), draft, eos), ACCEPT_SHAPES[:3])
-    args = (verify_logits([[3, 4, 5, 6], [3, 9, 5, 6], [3, 4, 5, 6]], 1.0), torch.tensor([[1, 3, 4, 5]] * 3),
-            torch.tensor([6]))
+    model = exported(
+        f"accept-scalar-{temperature}",
+        ScalarSpecAccept(temperature, seed),
+        (verify_logits([[1, 3, 4]] * 2, 8.0), draft, eos),
+        ACCEPT_SHAPES[:3],
+    )
+    args = (
+        verify_logits([[3, 4, 5, 6], [3, 9, 5, 6], [3, 4, 5, 6]], 1.0),
+        torch.tensor([[1, 3, 4, 5]] * 3),
+        torch.tensor([6]),
+    )
     got = run(model, args)
     expected = reference.spec_accept(*args[:2], MASK, args[2], torch.full((3,), temperature), torch.full((3,), seed))
     for name, x, y in zip(expected._fields, got, expected):
@@ -252,16 +286,24 @@ def test_spec_accept_python_scalars_become_row_inputs(exported, temperature, see
 
 # --- DiffusionCommit ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("threshold, num_commit, temperature, seed, scale", [
-    (0.9, None, [0.0, 0.0], [0, 0], 10.0),
-    (None, [1, 3], [0.0, 0.0], [0, 0], 4.0),
-    (None, [4, 6], [0.7, 0.7], [99, 2 ** 45], 1.0),  # every masked position commits: the sampled candidates show
-    (None, [4, 6], [0.0, 1.2], [99, 3], 1.0),        # a greedy and a sampled row
-])
+
+@pytest.mark.parametrize(
+    "threshold, num_commit, temperature, seed, scale",
+    [
+        (0.9, None, [0.0, 0.0], [0, 0], 10.0),
+        (None, [1, 3], [0.0, 0.0], [0, 0], 4.0),
+        (None, [4, 6], [0.7, 0.7], [99, 2**45], 1.0),  # every masked position commits: the sampled candidates show
+        (None, [4, 6], [0.0, 1.2], [99, 3], 1.0),  # a greedy and a sampled row
+    ],
+)
 def test_diffusion_commit(exported, threshold, num_commit, temperature, seed, scale):
     g = torch.Generator().manual_seed(7)
-    example = (torch.randn(2, 3, 11, generator=g), torch.full((2, 3), MASK), torch.tensor([0.5, 0.0]),
-               torch.tensor([1, 2]))
+    example = (
+        torch.randn(2, 3, 11, generator=g),
+        torch.full((2, 3), MASK),
+        torch.tensor([0.5, 0.0]),
+        torch.tensor([1, 2]),
+    )
     shapes = ({0: "b", 1: "L", 2: "V"}, {0: "b", 1: "L"}, {0: "b"}, {0: "b"})
     if num_commit is not None:
         example, shapes = example + (torch.tensor([1, 2]),), shapes + ({0: "b"},)
@@ -279,20 +321,26 @@ def test_diffusion_commit(exported, threshold, num_commit, temperature, seed, sc
     if threshold is not None:  # the threshold commits more than the one most confident position
         assert ((got != block).sum(dim=1) > 1).any()
     if (temperature > 0).any():
-        assert not torch.equal(got, reference.diffusion_commit(logits, block, MASK, None, num_commit, temperature,
-                                                               seed + 1))
+        assert not torch.equal(
+            got, reference.diffusion_commit(logits, block, MASK, None, num_commit, temperature, seed + 1)
+        )
     greedy = reference.diffusion_commit(logits, block, MASK, threshold, num_commit, 0.0, 0)
-    for row in range(2):   # greedy rows commit the argmax, sampled rows (here) something else
+    for row in range(2):  # greedy rows commit the argmax, sampled rows (here) something else
         assert torch.equal(got[row], greedy[row]) == bool(temperature[row] == 0)
 
     node, attrs = only_node(model, "DiffusionCommit")
     assert len(node.input) == 6 and len(node.output) == 2  # + the zeroed counters; + the confidences
     assert list(node.input[3:5]) == ["temperature", "seed"]
-    assert attrs == {**TENSORRT, "mask_token_id": MASK, "threshold": pytest.approx(threshold or 0.0),
-                     "use_threshold": int(threshold is not None)}
+    assert attrs == {
+        **TENSORRT,
+        "mask_token_id": MASK,
+        "threshold": pytest.approx(threshold or 0.0),
+        "use_threshold": int(threshold is not None),
+    }
 
 
 # --- the whole forward -------------------------------------------------------------------------------
+
 
 class CausalForward(nn.Module):
     """NLDModel.forward over a KV cache given as [layers, ...] tensors (the pool's per-layer tensors
@@ -316,8 +364,14 @@ def test_model_forward(tiny_dir, tmp_path):
     tokens = torch.randint(5, model.spec.vocab_size, (3, 4), generator=torch.Generator().manual_seed(2))
     args = (tokens, torch.stack(cache.k), torch.stack(cache.v), cache.lengths.clone())
     path = tmp_path / "forward.onnx"
-    torch.onnx.export(CausalForward(model), args, path, dynamo=True, verbose=False,
-                      dynamic_shapes=({0: "b", 1: "L"}, {1: "b", 3: "S"}, {1: "b", 3: "S"}, {0: "b"}))
+    torch.onnx.export(
+        CausalForward(model),
+        args,
+        path,
+        dynamo=True,
+        verbose=False,
+        dynamic_shapes=({0: "b", 1: "L"}, {1: "b", 3: "S"}, {1: "b", 3: "S"}, {0: "b"}),
+    )
 
     onnx_model = onnx.load(path)
     assert [n.op_type for n in onnx_model.graph.node if n.domain == DOMAIN] == ["BlockAttention"] * 2

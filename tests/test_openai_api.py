@@ -42,8 +42,10 @@ def served(tiny_engine_dir, tmp_path_factory):
     template.write_text(DEFAULT_CHAT_TEMPLATE)
     with TritonServer(repo, ports=Ports.free(), log_path=root / "tritonserver.log") as triton:
         url = f"127.0.0.1:{triton.ports.grpc}"
-        with OpenAIFrontend(repo, url, port=Ports.free().http) as plain, \
-                OpenAIFrontend(repo, url, port=Ports.free().http, chat_template_path=template) as chat:
+        with (
+            OpenAIFrontend(repo, url, port=Ports.free().http) as plain,
+            OpenAIFrontend(repo, url, port=Ports.free().http, chat_template_path=template) as chat,
+        ):
             yield {"triton": triton, "repo": repo, "template": template, "plain": plain, "chat": chat}
 
 
@@ -71,9 +73,23 @@ def local(engine_dir, prompt: str, mode: str, max_tokens: int, *options) -> dict
     """`trimode generate --engine` on the same engine dir: the one result of its --json."""
     from click.testing import CliRunner
 
-    result = CliRunner().invoke(main, ["generate", "--engine", str(engine_dir), "--mode", mode.replace("_", "-"),
-                                       "--block-length", str(BLOCK), "--max-new-tokens", str(max_tokens), "--json",
-                                       *map(str, options), prompt])
+    result = CliRunner().invoke(
+        main,
+        [
+            "generate",
+            "--engine",
+            str(engine_dir),
+            "--mode",
+            mode.replace("_", "-"),
+            "--block-length",
+            str(BLOCK),
+            "--max-new-tokens",
+            str(max_tokens),
+            "--json",
+            *map(str, options),
+            prompt,
+        ],
+    )
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)["results"][0]
 
@@ -103,8 +119,10 @@ def test_completion_equals_local_generation(plain, tiny_engine_dir, tokenizer, m
 
 
 def test_self_spec_equals_ar(plain):
-    texts = [plain.completions.create(model=m, prompt="class A:", max_tokens=20, extra_body={"ignore_eos": True})
-             for m in ("ar", "self_spec")]
+    texts = [
+        plain.completions.create(model=m, prompt="class A:", max_tokens=20, extra_body={"ignore_eos": True})
+        for m in ("ar", "self_spec")
+    ]
     assert texts[0].choices[0].text == texts[1].choices[0].text
     assert texts[0].usage.completion_tokens == texts[1].usage.completion_tokens == 20
     assert texts[0].choices[0].finish_reason == "length"
@@ -138,8 +156,10 @@ def test_chat_equals_local_generate_chat(served, chat, tiny_engine_dir, tokenize
 
 def test_chat_without_max_tokens_fills_the_engine(chat, tokenizer):
     """OpenAI's chat default is unbounded: here, the room the engine has after the prompt."""
-    messages = [{"role": "system", "content": "be brief"},
-                {"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+    ]
     got = chat.chat.completions.create(model="ar", messages=messages, extra_body={"ignore_eos": True})
     prompt_tokens = len(tokenizer.encode('"""be brief"""\n"""hi"""\n\n'))
     assert got.usage.prompt_tokens == prompt_tokens
@@ -155,22 +175,25 @@ def test_chat_without_a_template_is_a_400(plain):
     assert_keeps_serving(plain)
 
 
-@pytest.mark.parametrize("request_, error, param, message", [
-    ({"model": "gpt-4"}, openai.NotFoundError, "model", "The model 'gpt-4' does not exist"),
-    ({"n": 2}, openai.BadRequestError, "n", "n=2 is not supported: one choice per request"),
-    ({"max_tokens": 0}, openai.BadRequestError, "max_tokens", "max_tokens: expected an integer in [1,"),
-    ({"max_tokens": "4"}, openai.BadRequestError, "max_tokens", "got '4'"),
-    ({"temperature": 3.0}, openai.BadRequestError, "temperature", "temperature: expected a number in [0.0, 2.0]"),
-    ({"logprobs": 2}, openai.BadRequestError, "logprobs", "logprobs=2 is not supported"),
-    ({"prompt": [1, 2, 3]}, openai.BadRequestError, "prompt", "a list of prompts or token ids is not supported"),
-    ({"prompt": ""}, openai.BadRequestError, "prompt", "the prompt is empty"),
-    ({"stop": ["a", "b", "c", "d", "e"]}, openai.BadRequestError, "stop", "up to 4"),
-    # refused by the engine (tritonserver's error, passed on)
-    ({"max_tokens": 500}, openai.BadRequestError, None, "max_tokens (500)"),
-    ({"top_p": 0.5}, openai.BadRequestError, None, "nucleus sampling is not supported"),
-    ({"stop": ["def main"]}, openai.BadRequestError, None, "single-token stop words"),
-    ({"max_tokens": 500, "stream": True}, openai.BadRequestError, None, "max_tokens (500)"),
-])
+@pytest.mark.parametrize(
+    "request_, error, param, message",
+    [
+        ({"model": "gpt-4"}, openai.NotFoundError, "model", "The model 'gpt-4' does not exist"),
+        ({"n": 2}, openai.BadRequestError, "n", "n=2 is not supported: one choice per request"),
+        ({"max_tokens": 0}, openai.BadRequestError, "max_tokens", "max_tokens: expected an integer in [1,"),
+        ({"max_tokens": "4"}, openai.BadRequestError, "max_tokens", "got '4'"),
+        ({"temperature": 3.0}, openai.BadRequestError, "temperature", "temperature: expected a number in [0.0, 2.0]"),
+        ({"logprobs": 2}, openai.BadRequestError, "logprobs", "logprobs=2 is not supported"),
+        ({"prompt": [1, 2, 3]}, openai.BadRequestError, "prompt", "a list of prompts or token ids is not supported"),
+        ({"prompt": ""}, openai.BadRequestError, "prompt", "the prompt is empty"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, openai.BadRequestError, "stop", "up to 4"),
+        # refused by the engine (tritonserver's error, passed on)
+        ({"max_tokens": 500}, openai.BadRequestError, None, "max_tokens (500)"),
+        ({"top_p": 0.5}, openai.BadRequestError, None, "nucleus sampling is not supported"),
+        ({"stop": ["def main"]}, openai.BadRequestError, None, "single-token stop words"),
+        ({"max_tokens": 500, "stream": True}, openai.BadRequestError, None, "max_tokens (500)"),
+    ],
+)
 def test_bad_requests_then_good(plain, request_, error, param, message):
     with pytest.raises(error) as e:
         result = plain.completions.create(**{"model": "ar", "prompt": "x", "max_tokens": 4, **request_})
@@ -180,16 +203,23 @@ def test_bad_requests_then_good(plain, request_, error, param, message):
     assert_keeps_serving(plain)
 
 
-@pytest.mark.parametrize("method, path, body, status, message", [
-    ("POST", "/v1/completions", b"{not json", 400, "not valid JSON"),
-    ("POST", "/v1/completions", b"[]", 400, "must be a JSON object"),
-    ("POST", "/v1/embeddings", b"{}", 404, "no such endpoint"),
-    ("GET", "/v2/health/ready", None, 404, "no such endpoint"),
-])
+@pytest.mark.parametrize(
+    "method, path, body, status, message",
+    [
+        ("POST", "/v1/completions", b"{not json", 400, "not valid JSON"),
+        ("POST", "/v1/completions", b"[]", 400, "must be a JSON object"),
+        ("POST", "/v1/embeddings", b"{}", 404, "no such endpoint"),
+        ("GET", "/v2/health/ready", None, 404, "no such endpoint"),
+    ],
+)
 def test_raw_http_errors_have_openai_shape(served, method, path, body, status, message):
     frontend = served["plain"]
-    request = urllib.request.Request(f"http://127.0.0.1:{frontend.port}{path}", data=body, method=method,
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{frontend.port}{path}",
+        data=body,
+        method=method,
+        headers={"Content-Type": "application/json"},
+    )
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(request, timeout=30)
     assert e.value.code == status
@@ -210,9 +240,27 @@ def test_trimode_bench_points_at_it(served, runner, tmp_path):
     """trimode bench's OpenAI target (streamed completions, usage, ignore_eos) measures through it."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("def main():\nimport os\nclass A:\n")
-    result = runner.invoke(main, ["bench", "--openai", f"http://127.0.0.1:{served['plain'].port}", "--modes",
-                                  "ar,self-spec", "--concurrency", "1,2", "--requests", "2", "--max-tokens", "6",
-                                  "--warmup", "0", "--prompts", str(prompts), "--json"])
+    result = runner.invoke(
+        main,
+        [
+            "bench",
+            "--openai",
+            f"http://127.0.0.1:{served['plain'].port}",
+            "--modes",
+            "ar,self-spec",
+            "--concurrency",
+            "1,2",
+            "--requests",
+            "2",
+            "--max-tokens",
+            "6",
+            "--warmup",
+            "0",
+            "--prompts",
+            str(prompts),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)["results"]
     cells = sorted((r["mode"], r["concurrency"]) for r in rows)
@@ -237,8 +285,11 @@ def test_concurrent_requests_get_their_solo_text(plain):
     prompts = ["def main():\n    ", "import os\n", "class A:", "x = [1, 2"]
     solo = [plain.completions.create(model="diffusion", prompt=p, max_tokens=16).choices[0].text for p in prompts]
     with ThreadPoolExecutor(4) as pool:
-        together = list(pool.map(lambda p: plain.completions.create(model="diffusion", prompt=p, max_tokens=16)
-                                 .choices[0].text, prompts))
+        together = list(
+            pool.map(
+                lambda p: plain.completions.create(model="diffusion", prompt=p, max_tokens=16).choices[0].text, prompts
+            )
+        )
     assert together == solo
 
 
@@ -247,13 +298,16 @@ def test_client_gone_mid_stream_frees_its_slot(served, plain):
     ran_out = 'trimode_requests_finished_total{mode="ar",model="engine",reason="length"}'
     for _ in range(3):  # on a loaded box all 70 tokens can come before the cancel does: then try again
         before = metrics(served["triton"])
-        stream = plain.completions.create(model="ar", prompt="for i in range(", max_tokens=70, stream=True,
-                                          extra_body={"ignore_eos": True})
+        stream = plain.completions.create(
+            model="ar", prompt="for i in range(", max_tokens=70, stream=True, extra_body={"ignore_eos": True}
+        )
         assert next(iter(stream)).choices[0].finish_reason is None
         stream.close()
         deadline = time.monotonic() + 30
-        while all(metrics(served["triton"]).get(k, 0) == before.get(k, 0) for k in (finished, ran_out)) \
-                and time.monotonic() < deadline:
+        while (
+            all(metrics(served["triton"]).get(k, 0) == before.get(k, 0) for k in (finished, ran_out))
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.1)
         if metrics(served["triton"]).get(ran_out, 0) == before.get(ran_out, 0):
             break
@@ -267,22 +321,54 @@ def test_serve_refuses_a_taken_openai_port(refused, served, monkeypatch):
     taken, ports = served["plain"].port, Ports.free()
     starts = []
     monkeypatch.setattr(TritonServer, "start", lambda self: starts.append(self) or self)
-    refused(["serve", served["repo"], "--http-port", ports.http, "--grpc-port", ports.grpc, "--metrics-port",
-             ports.metrics, "--openai-port", taken], served["repo"], f"--openai-port {taken}: cannot listen")
+    refused(
+        [
+            "serve",
+            served["repo"],
+            "--http-port",
+            ports.http,
+            "--grpc-port",
+            ports.grpc,
+            "--metrics-port",
+            ports.metrics,
+            "--openai-port",
+            taken,
+        ],
+        served["repo"],
+        f"--openai-port {taken}: cannot listen",
+    )
     assert starts == []  # refused before, not after a server start (no timing: CI boxes are loaded)
 
 
-@pytest.mark.parametrize("options, message", [
-    (["--grpc-port", "9301", "--openai-port", "9301"], "the HTTP, gRPC, metrics and OpenAI ports must differ"),
-    (["--openai-port", "8000"], "the HTTP, gRPC, metrics and OpenAI ports must differ"),
-    (["--chat-template", "t.jinja"], "--chat-template needs --openai-port"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--grpc-port", "9301", "--openai-port", "9301"], "the HTTP, gRPC, metrics and OpenAI ports must differ"),
+        (["--openai-port", "8000"], "the HTTP, gRPC, metrics and OpenAI ports must differ"),
+        (["--chat-template", "t.jinja"], "--chat-template needs --openai-port"),
+    ],
+)
 def test_serve_refuses_bad_openai_options(refused, served, options, message):
     refused(["serve", served["repo"], *options], served["repo"], message, exit_code=2)
 
 
 def test_serve_refuses_an_unreadable_chat_template(refused, served, tmp_path):
     ports = Ports.free()
-    refused(["serve", served["repo"], "--http-port", ports.http, "--grpc-port", ports.grpc, "--metrics-port",
-             ports.metrics, "--openai-port", Ports.free().http, "--chat-template", tmp_path / "missing.jinja"],
-            tmp_path, "missing.jinja: cannot read the chat template")
+    refused(
+        [
+            "serve",
+            served["repo"],
+            "--http-port",
+            ports.http,
+            "--grpc-port",
+            ports.grpc,
+            "--metrics-port",
+            ports.metrics,
+            "--openai-port",
+            Ports.free().http,
+            "--chat-template",
+            tmp_path / "missing.jinja",
+        ],
+        tmp_path,
+        "missing.jinja: cannot read the chat template",
+    )

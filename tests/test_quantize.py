@@ -16,13 +16,20 @@ from trimode.decoding import GenerationSettings, Mode, generate
 from trimode.fp8 import FP8Linear, quantize_e4m3
 from trimode.model import DRAFT_LINEARS, draft_twins
 from trimode.passes import PassKind
+from trimode.quantize import QuantizeSettings, quantize_checkpoint
 from trimode.quantize.recipe import CALIBRATION_PASSES
 
-from trimode.quantize import QuantizeSettings, quantize_checkpoint
-
 SMALL = QuantizeSettings(calib_samples=6, calib_seq_len=48, calib_batch_size=3)
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "self_attn.o_proj_draft",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "self_attn.o_proj_draft",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +56,11 @@ def test_export_layout_read_directly(fp8_dir, tiny_adapter_dir, tiny_adapter):
         assert t[name].dtype == torch.bfloat16, name
     assert not any("quantizer" in name for name in t)
     quant = json.loads((fp8_dir / "hf_quant_config.json").read_text())["quantization"]
-    assert quant == {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8",
-                     "exclude_modules": ["diffusion_head", "encoder.embed_tokens"]}
+    assert quant == {
+        "quant_algo": "FP8",
+        "kv_cache_quant_algo": "FP8",
+        "exclude_modules": ["diffusion_head", "encoder.embed_tokens"],
+    }
     config = json.loads((fp8_dir / "config.json").read_text())
     assert config["model_type"] == "nemotron_labs_diffusion"
     assert config["quantization_config"]["quant_algo"] == "FP8"
@@ -130,8 +140,9 @@ def test_scaled_mm_equals_the_simulation(fp8):
 def test_self_spec_still_equals_ar_on_fp8(fp8, block_length):
     prompts = [fp8.tokenizer.encode(t) for t in ("def f(x):", "The quick brown fox", "A")]
     ar = generate(fp8.model, prompts, GenerationSettings(mode=Mode.AR, max_new_tokens=24))
-    spec = generate(fp8.model, prompts, GenerationSettings(mode=Mode.SELF_SPEC, max_new_tokens=24,
-                                                           block_length=block_length))
+    spec = generate(
+        fp8.model, prompts, GenerationSettings(mode=Mode.SELF_SPEC, max_new_tokens=24, block_length=block_length)
+    )
     assert [r.tokens for r in spec] == [r.tokens for r in ar]
 
 
@@ -155,8 +166,22 @@ def test_quantize_e4m3_saturates():
 
 def test_cli_json_and_kv_none(runner, tiny_dir, tmp_path):
     out = tmp_path / "q"
-    result = runner.invoke(main, ["quantize", str(tiny_dir), "--out", str(out), "--kv-cache", "none",
-                                  "--calib-samples", "4", "--calib-seq-len", "32", "--json"])
+    result = runner.invoke(
+        main,
+        [
+            "quantize",
+            str(tiny_dir),
+            "--out",
+            str(out),
+            "--kv-cache",
+            "none",
+            "--calib-samples",
+            "4",
+            "--calib-seq-len",
+            "32",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     manifest = json.loads(result.stdout)
     assert manifest["recipe"]["kv_cache"] == "none" and "draft" not in manifest["calibration"]["passes"]
@@ -173,14 +198,17 @@ def _non_nld(tiny_dir, tmp_path):
     return d
 
 
-@pytest.mark.parametrize("case, message", [
-    ("non-nld", "'model_type'"),
-    ("quantized", "already quantized"),
-    ("empty calib", "no text to calibrate on"),
-    ("missing calib", "no such file or folder"),
-    ("exists", "exists and is not empty (--force replaces a previous quantize output)"),
-    ("bad samples", "Invalid value for '--calib-samples'"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("non-nld", "'model_type'"),
+        ("quantized", "already quantized"),
+        ("empty calib", "no text to calibrate on"),
+        ("missing calib", "no such file or folder"),
+        ("exists", "exists and is not empty (--force replaces a previous quantize output)"),
+        ("bad samples", "Invalid value for '--calib-samples'"),
+    ],
+)
 def test_bad_input_writes_nothing(runner, tiny_dir, fp8_dir, tmp_path, case, message):
     source, out, extra = tiny_dir, tmp_path / "out", []
     if case == "non-nld":
@@ -211,8 +239,22 @@ def test_binary_calibration_data_is_refused(refused, tiny_dir, tmp_path):
     """--calib-data that is not UTF-8 text is an Error naming the file, not text of replacement characters."""
     data = tmp_path / "calib.txt"
     data.write_bytes(random.Random(0).randbytes(4096))
-    error = refused(["quantize", tiny_dir, "--out", tmp_path / "out", "--calib-data", data, "--calib-samples", 2,
-                     "--calib-seq-len", 32], tmp_path, "not UTF-8 text").error
+    error = refused(
+        [
+            "quantize",
+            tiny_dir,
+            "--out",
+            tmp_path / "out",
+            "--calib-data",
+            data,
+            "--calib-samples",
+            2,
+            "--calib-seq-len",
+            32,
+        ],
+        tmp_path,
+        "not UTF-8 text",
+    ).error
     assert str(data) in error and "--calib-data" in error
 
 
@@ -223,8 +265,11 @@ def test_calib_seq_len_past_max_position_embeddings_is_refused(refused, tiny_dir
     config = json.loads((ck / "config.json").read_text())
     config["max_position_embeddings"] = 64
     (ck / "config.json").write_text(json.dumps(config))
-    error = refused(["quantize", ck, "--out", tmp_path / "out", "--calib-samples", 2, "--calib-seq-len", 65],
-                    tmp_path, "--calib-seq-len").error
+    error = refused(
+        ["quantize", ck, "--out", tmp_path / "out", "--calib-samples", 2, "--calib-seq-len", 65],
+        tmp_path,
+        "--calib-seq-len",
+    ).error
     assert "max_position_embeddings" in error and "64" in error
 
 
@@ -240,6 +285,13 @@ def test_an_adapter_on_every_linear_keeps_an_fp8_draft_twin_of_each(tiny_wide_ad
     loaded = draft_twins(fp8.model)
     assert sorted(loaded) == sorted(twins) and all(isinstance(m, FP8Linear) for m in loaded.values())
     prompts = [fp8.tokenizer.encode(p) for p in ("def f(x):", "import os\n")]
-    tokens = {mode: [s.tokens for s in generate(fp8.model, prompts, GenerationSettings(
-        mode=mode, max_new_tokens=16, block_length=4, ignore_eos=True))] for mode in (Mode.AR, Mode.SELF_SPEC)}
+    tokens = {
+        mode: [
+            s.tokens
+            for s in generate(
+                fp8.model, prompts, GenerationSettings(mode=mode, max_new_tokens=16, block_length=4, ignore_eos=True)
+            )
+        ]
+        for mode in (Mode.AR, Mode.SELF_SPEC)
+    }
     assert tokens[Mode.SELF_SPEC] == tokens[Mode.AR]

@@ -5,9 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+from trimode.plugins.reference import (
+    ChunkLayout,
+    block_attention,
+    diffusion_commit,
+    philox_uniform,
+    pick_tokens,
+    sampling_rows,
+    spec_accept,
+)
+
 from tolerance import attention_accumulations, bound
-from trimode.plugins.reference import (ChunkLayout, block_attention, diffusion_commit, philox_uniform, pick_tokens,
-                                       sampling_rows, spec_accept)
 
 pytestmark = pytest.mark.numerics  # rerun on another CPU kernel path (Makefile)
 
@@ -22,15 +30,17 @@ def one_hot_logits(tokens: list[list[int]], vocab: int = 8, high: float = 5.0) -
     return logits
 
 
-@pytest.mark.parametrize("verify, draft, expected_n", [
-    ([3, 4, 5, 6], [1, 3, 4, 5], 4),  # all L-1 drafts match: L tokens
-    ([3, 4, 5, 6], [1, 2, 4, 5], 1),  # first draft wrong: the bonus token only
-    ([3, 4, 7, 6], [1, 3, 4, 5], 3),  # two match, then a mismatch
-    ([3, 9, 5, 6], [1, 3, 4, 5], 2),  # a later match after a mismatch does not count
-])
+@pytest.mark.parametrize(
+    "verify, draft, expected_n",
+    [
+        ([3, 4, 5, 6], [1, 3, 4, 5], 4),  # all L-1 drafts match: L tokens
+        ([3, 4, 5, 6], [1, 2, 4, 5], 1),  # first draft wrong: the bonus token only
+        ([3, 4, 7, 6], [1, 3, 4, 5], 3),  # two match, then a mismatch
+        ([3, 9, 5, 6], [1, 3, 4, 5], 2),  # a later match after a mismatch does not count
+    ],
+)
 def test_spec_accept(verify, draft, expected_n):
-    a, n, seed, is_eos = spec_accept(one_hot_logits([verify], vocab=10), torch.tensor([draft]), MASK,
-                                     torch.tensor([6]))
+    a, n, seed, is_eos = spec_accept(one_hot_logits([verify], vocab=10), torch.tensor([draft]), MASK, torch.tensor([6]))
     assert a[0].tolist() == verify and n.tolist() == [expected_n]
     assert seed.tolist() == [verify[expected_n - 1]] and is_eos.tolist() == [expected_n == 4]
 
@@ -42,6 +52,7 @@ def test_argmax_ties_take_the_lowest_id_and_never_the_mask():
 
 # --- per-row sampling --------------------------------------------------------------------------------
 
+
 def sampling_case(case: int, length: int = 3, vocab: int = 23):
     """A random batch (b in 1..6) of flat logits, per-row temperatures (some rows greedy) and seeds."""
     g = torch.Generator().manual_seed(case)
@@ -49,7 +60,7 @@ def sampling_case(case: int, length: int = 3, vocab: int = 23):
     logits = torch.randn(b, length, vocab, generator=g)
     temperature = torch.rand(b, generator=g) * 2
     temperature[torch.rand(b, generator=g) < 0.4] = 0.0
-    seed = torch.randint(0, 2 ** 63 - 1, (b,), generator=g)
+    seed = torch.randint(0, 2**63 - 1, (b,), generator=g)
     return logits, temperature, seed
 
 
@@ -71,8 +82,10 @@ def test_a_row_samples_the_same_tokens_alone_or_in_any_batch(case):
         alone = slice(r, r + 1)
         args = (temperature[alone], seed[alone])
         assert torch.equal(pick_tokens(logits[alone], MASK, *args), tokens[alone])
-        assert all(torch.equal(x, y[alone]) for x, y in
-                   zip(spec_accept(logits[alone], draft[alone], MASK, eos_ids, *args), accepted))
+        assert all(
+            torch.equal(x, y[alone])
+            for x, y in zip(spec_accept(logits[alone], draft[alone], MASK, eos_ids, *args), accepted)
+        )
         assert torch.equal(diffusion_commit(logits[alone], block[alone], MASK, 0.5, None, *args), new[alone])
         if temperature[r] == 0:  # greedy rows: the argmax, no noise
             assert torch.equal(tokens[r], logits[r].index_fill(-1, torch.tensor([MASK]), -torch.inf).argmax(-1))
@@ -88,15 +101,15 @@ def test_noise_is_keyed_by_the_row_seed_and_the_index_inside_the_row():
     row = torch.randn(1, 4, 50, generator=g)
     logits = torch.cat([torch.randn(1, 4, 50, generator=g), row, row, row])
     temperature = torch.tensor([0.0, 1.5, 1.5, 1.5])
-    seed = torch.tensor([5, 2 ** 40 + 7, 3, 2 ** 40 + 7])
+    seed = torch.tensor([5, 2**40 + 7, 3, 2**40 + 7])
     tokens = pick_tokens(logits, MASK, temperature, seed)
     assert torch.equal(tokens[1], tokens[3]) and not torch.equal(tokens[1], tokens[2])
-    u = philox_uniform(torch.tensor([2 ** 40 + 7]), 4 * 50).view(4, 50)
+    u = philox_uniform(torch.tensor([2**40 + 7]), 4 * 50).view(4, 50)
     scores = row[0] * (1.0 / torch.tensor(1.5)) - torch.log(-torch.log(u))
     assert torch.equal(tokens[1], scores.index_fill(-1, torch.tensor([MASK]), -torch.inf).argmax(-1))
 
 
-@pytest.mark.parametrize("temperature, seed", [(0.0, 0), (0.7, 11), (1.3, 2 ** 62 + 1)])
+@pytest.mark.parametrize("temperature, seed", [(0.0, 0), (0.7, 11), (1.3, 2**62 + 1)])
 def test_python_scalars_mean_the_same_value_for_every_row(temperature, seed):
     logits, _, _ = sampling_case(3)
     b = logits.shape[0]
@@ -106,13 +119,16 @@ def test_python_scalars_mean_the_same_value_for_every_row(temperature, seed):
         assert not torch.equal(pick_tokens(logits, MASK, temperature, seed + 1), expected)
 
 
-@pytest.mark.parametrize("temperature, seed, message", [
-    (torch.ones(2), torch.zeros(3, dtype=torch.int64), r"seed: expected int64 \[2\]"),
-    (torch.ones(2, dtype=torch.float64), 0, r"temperature: expected float32 \[2\]"),
-    (torch.ones(2), torch.zeros(2, dtype=torch.int32), "seed: expected int64"),
-    (1.0, -1, "outside"),
-    (1.0, 2 ** 63, "outside"),
-])
+@pytest.mark.parametrize(
+    "temperature, seed, message",
+    [
+        (torch.ones(2), torch.zeros(3, dtype=torch.int64), r"seed: expected int64 \[2\]"),
+        (torch.ones(2, dtype=torch.float64), 0, r"temperature: expected float32 \[2\]"),
+        (torch.ones(2), torch.zeros(2, dtype=torch.int32), "seed: expected int64"),
+        (1.0, -1, "outside"),
+        (1.0, 2**63, "outside"),
+    ],
+)
 def test_sampling_rows_rejects_bad_parameters(temperature, seed, message):
     with pytest.raises(ValueError, match=message):
         sampling_rows(temperature, seed, 2, "cpu")
@@ -128,9 +144,9 @@ def test_pick_does_not_write_into_the_logits():
 def test_diffusion_commit_threshold_commits_the_best_and_the_confident():
     block = torch.tensor([[7, MASK, MASK, MASK]])
     logits = torch.zeros(1, 4, 8)
-    logits[0, 1, 3] = 2.0    # p ~ 0.51
-    logits[0, 2, 4] = 10.0   # p ~ 0.997
-    logits[0, 3, 5] = 9.0    # p ~ 0.99
+    logits[0, 1, 3] = 2.0  # p ~ 0.51
+    logits[0, 2, 4] = 10.0  # p ~ 0.997
+    logits[0, 3, 5] = 9.0  # p ~ 0.99
     new = diffusion_commit(logits, block, MASK, 0.98, None)
     assert new.tolist() == [[7, MASK, 4, 5]]
     new = diffusion_commit(logits, block, MASK, 1.0, None)  # only the most confident
@@ -146,16 +162,19 @@ def test_block_attention_matches_dense_masked_attention(is_causal, L, prefix_len
     b, H, Hkv, D, S = 2, 4, 2, 8, 16
     lengths = torch.tensor(prefix_lengths)
     k_cache, v_cache = torch.randn(b, Hkv, S, D, generator=g), torch.randn(b, Hkv, S, D, generator=g)
-    q, k, v = torch.randn(b, L, H, D, generator=g), torch.randn(b, L, Hkv, D, generator=g), \
-        torch.randn(b, L, Hkv, D, generator=g)
+    q, k, v = (
+        torch.randn(b, L, H, D, generator=g),
+        torch.randn(b, L, Hkv, D, generator=g),
+        torch.randn(b, L, Hkv, D, generator=g),
+    )
     prefix_k, prefix_v = k_cache.clone(), v_cache.clone()
     out = block_attention(q, k, v, k_cache, v_cache, ChunkLayout.build(lengths, None, L, is_causal))
     for row in range(b):
         c = int(lengths[row])
-        assert torch.equal(k_cache[row, :, c:c + L], k[row].transpose(0, 1))  # chunk K/V written at c
+        assert torch.equal(k_cache[row, :, c : c + L], k[row].transpose(0, 1))  # chunk K/V written at c
         keys = torch.cat([prefix_k[row, :, :c], k[row].transpose(0, 1)], 1).repeat_interleave(H // Hkv, 0)
         values = torch.cat([prefix_v[row, :, :c], v[row].transpose(0, 1)], 1).repeat_interleave(H // Hkv, 0)
-        scores = q[row].transpose(0, 1) @ keys.transpose(1, 2) / D ** 0.5  # [H, L, c+L]
+        scores = q[row].transpose(0, 1) @ keys.transpose(1, 2) / D**0.5  # [H, L, c+L]
         if is_causal:
             visible = torch.arange(c + L)[None] <= c + torch.arange(L)[:, None]
             scores = scores.masked_fill(~visible, float("-inf"))

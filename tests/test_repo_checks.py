@@ -44,13 +44,16 @@ def edit_checkpoint(d):
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("tamper, message", [
-    (truncate_program, "programs/decode_1.pt2 changed after the build"),
-    (edit_manifest, "manifest.json was edited after the build"),
-    (remove_file, "checkpoint/tokenizer.json is missing"),
-    (add_file, "programs/decode_2.pt2 was not part of the build"),
-    (edit_checkpoint, "checkpoint/model.safetensors changed after the build"),
-])
+@pytest.mark.parametrize(
+    "tamper, message",
+    [
+        (truncate_program, "programs/decode_1.pt2 changed after the build"),
+        (edit_manifest, "manifest.json was edited after the build"),
+        (remove_file, "checkpoint/tokenizer.json is missing"),
+        (add_file, "programs/decode_2.pt2 was not part of the build"),
+        (edit_checkpoint, "checkpoint/model.safetensors changed after the build"),
+    ],
+)
 def test_repo_refuses_a_broken_engine_dir_before_writing(root, refused, tamper, message):
     tamper(root / "engine")
     refused(["repo", root / "engine", "--out", root / "repo"], root, message)
@@ -59,8 +62,9 @@ def test_repo_refuses_a_broken_engine_dir_before_writing(root, refused, tamper, 
 def test_repo_refuses_a_batch_above_the_engines_slots(root, refused, runner):
     from trimode.cli import main
 
-    result = refused(["repo", root / "engine", "--out", root / "repo", "--max-batch-size", "5"], root,
-                     "--max-batch-size 5")
+    result = refused(
+        ["repo", root / "engine", "--out", root / "repo", "--max-batch-size", "5"], root, "--max-batch-size 5"
+    )
     assert "the engine's 4 slots" in result.error and "give at most 4" in result.error  # the shared deploy's
     ok = runner.invoke(main, ["repo", str(root / "engine"), "--out", str(root / "repo"), "--max-batch-size", "4"])
     assert ok.exit_code == 0, ok.output

@@ -13,8 +13,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_script(*args: str, env: dict | None = None) -> dict:
-    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                         env=None if env is None else {**os.environ, **env})
+    out = subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=None if env is None else {**os.environ, **env},
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout)
 
@@ -27,8 +33,18 @@ def test_gpu_check_dry_run_on_cpu():
 
 
 def test_bench_modes_small_run(tmp_path):
-    report = run_script("scripts/bench_modes.py", "--max-new-tokens", "4", "--batch-sizes", "1",
-                        "--repeats", "1", "--against-no-adapter", "--json", str(tmp_path / "bench.json"))
+    report = run_script(
+        "scripts/bench_modes.py",
+        "--max-new-tokens",
+        "4",
+        "--batch-sizes",
+        "1",
+        "--repeats",
+        "1",
+        "--against-no-adapter",
+        "--json",
+        str(tmp_path / "bench.json"),
+    )
     assert json.loads((tmp_path / "bench.json").read_text()) == report
     assert report["ar_matches_transformers_b1_fraction"] == 1.0
     assert report["ar_vs_transformers_ratio"]["batch_1"] > 0
@@ -52,9 +68,23 @@ def test_bench_kernels_dry_run_on_cpu():
 def test_bench_engine_on_an_fp8_engine(tiny_engine_dir, tmp_path):
     """The engine benchmark on the shared FP8 engine: no transformers column (it cannot load ModelOpt
     FP8), the engine's tokens equal the eager runtime's, and self-spec's equal AR's."""
-    report = run_script("scripts/bench_engine.py", "--engine", str(tiny_engine_dir), "--batch-sizes", "1,2",
-                        "--max-new-tokens", "6", "--repeats", "1", "--pass-repeats", "2", "--threads", "1",
-                        "--json", str(tmp_path / "engine.json"))
+    report = run_script(
+        "scripts/bench_engine.py",
+        "--engine",
+        str(tiny_engine_dir),
+        "--batch-sizes",
+        "1,2",
+        "--max-new-tokens",
+        "6",
+        "--repeats",
+        "1",
+        "--pass-repeats",
+        "2",
+        "--threads",
+        "1",
+        "--json",
+        str(tmp_path / "engine.json"),
+    )
     assert json.loads((tmp_path / "engine.json").read_text()) == report
     for row in report["results"].values():
         assert "transformers" not in row and row["self_spec_equals_ar"] is True
@@ -64,9 +94,21 @@ def test_bench_engine_on_an_fp8_engine(tiny_engine_dir, tmp_path):
 
 def test_bench_serving_small_run(tiny_engine_dir, tmp_path):
     """Served tokens/s vs in-process through a real tritonserver: every row's text agrees."""
-    report = run_script("scripts/bench_serving.py", "--engine", str(tiny_engine_dir), "--concurrency", "1,2",
-                        "--max-new-tokens", "6", "--repeats", "1", "--threads", "1",
-                        "--json", str(tmp_path / "serving.json"))
+    report = run_script(
+        "scripts/bench_serving.py",
+        "--engine",
+        str(tiny_engine_dir),
+        "--concurrency",
+        "1,2",
+        "--max-new-tokens",
+        "6",
+        "--repeats",
+        "1",
+        "--threads",
+        "1",
+        "--json",
+        str(tmp_path / "serving.json"),
+    )
     assert json.loads((tmp_path / "serving.json").read_text()) == report
     assert set(report["results"]) == {"concurrency_1", "concurrency_2"}
     for row in report["results"].values():
@@ -83,20 +125,41 @@ def test_draft_modules_small_run(tiny_adapter_dir, tmp_path):
 
     data = tmp_path / "text.py"
     data.write_text("\n".join(read_texts(split_files()[0][:3])))
-    report = run_script("scripts/draft_modules.py", str(tiny_adapter_dir), "--modules", "q_proj,down_proj",
-                        "--rank", "4", "--steps", "3", "--num-prompts", "2", "--block-length", "4",
-                        "--data", str(data), "--json", str(tmp_path / "r.json"),
-                        "--adapter", str(tmp_path / "ck" / "linear_spec_lora"))
+    report = run_script(
+        "scripts/draft_modules.py",
+        str(tiny_adapter_dir),
+        "--modules",
+        "q_proj,down_proj",
+        "--rank",
+        "4",
+        "--steps",
+        "3",
+        "--num-prompts",
+        "2",
+        "--block-length",
+        "4",
+        "--data",
+        str(data),
+        "--json",
+        str(tmp_path / "r.json"),
+        "--adapter",
+        str(tmp_path / "ck" / "linear_spec_lora"),
+    )
     assert report == json.loads((tmp_path / "r.json").read_text())
     assert report["modules"] == ["o_proj", "q_proj", "down_proj"] and report["steps"] == 3
-    shutil.copytree(tiny_adapter_dir, tmp_path / "ck", ignore=shutil.ignore_patterns("linear_spec_lora"),
-                    dirs_exist_ok=True)  # the base next to the written adapter: it loads
+    shutil.copytree(
+        tiny_adapter_dir, tmp_path / "ck", ignore=shutil.ignore_patterns("linear_spec_lora"), dirs_exist_ok=True
+    )  # the base next to the written adapter: it loads
     from trimode.checkpoint import load_checkpoint
     from trimode.model import draft_twins
 
-    assert {name for _, name in draft_twins(load_checkpoint(tmp_path / "ck").model)} == {"o_proj", "q_proj",
-                                                                                          "down_proj"}
+    assert {name for _, name in draft_twins(load_checkpoint(tmp_path / "ck").model)} == {
+        "o_proj",
+        "q_proj",
+        "down_proj",
+    }
     assert 1 <= report["before"] <= 4 and 1 <= report["after"] <= 4
-    refused = subprocess.run([sys.executable, "scripts/draft_modules.py", "--modules", "lm_head"], cwd=ROOT,
-                             capture_output=True, text=True)
+    refused = subprocess.run(
+        [sys.executable, "scripts/draft_modules.py", "--modules", "lm_head"], cwd=ROOT, capture_output=True, text=True
+    )
     assert refused.returncode == 2 and "unknown ['lm_head']" in refused.stderr

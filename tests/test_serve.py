@@ -27,7 +27,6 @@ MODES = {"ar": "ar", "diffusion": "diffusion", "self_spec": "self-spec"}
 BLOCK = 4  # the engine's block length (the tiny checkpoint's block_size, 8, is not built)
 
 
-
 @pytest.fixture(scope="module")
 def server(tiny_engine_dir, tmp_path_factory):
     repo = write_model_repo(tiny_engine_dir, tmp_path_factory.mktemp("serve") / "repo")
@@ -42,8 +41,11 @@ def local(tiny_engine_dir):
 
     def generate(prompt: str, mode: str, max_tokens: int, ignore_eos: bool = False) -> str:
         engine = built.new_engine()
-        seq = engine.add(built.checkpoint.tokenizer.encode(prompt), SamplingParams(max_tokens, ignore_eos=ignore_eos),
-                         DecodeConfig(MODES[mode], BLOCK))
+        seq = engine.add(
+            built.checkpoint.tokenizer.encode(prompt),
+            SamplingParams(max_tokens, ignore_eos=ignore_eos),
+            DecodeConfig(MODES[mode], BLOCK),
+        )
         while engine.has_work:
             engine.step()
         return built.checkpoint.tokenizer.decode(seq.tokens)
@@ -57,8 +59,11 @@ def url(server, protocol: str) -> str:
 
 def metrics(server) -> dict[str, float]:
     text = urllib.request.urlopen(server.endpoints["metrics"]).read().decode()
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-            if line.startswith("trimode_")}
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("trimode_")
+    }
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
@@ -100,8 +105,9 @@ def test_staggered_requests_batch_in_flight(server, local):
         results: dict[int, str] = {}
 
         def send(i: int) -> None:
-            results[i] = client.infer(url(server, "grpc"), "ar", {"text_input": PROMPTS[i], "max_tokens": max_tokens,
-                                                                  "end_id": -1})["text"]
+            results[i] = client.infer(
+                url(server, "grpc"), "ar", {"text_input": PROMPTS[i], "max_tokens": max_tokens, "end_id": -1}
+            )["text"]
 
         threads = [threading.Thread(target=send, args=(i,)) for i in range(8)]
         for t in threads:
@@ -122,8 +128,9 @@ def test_all_modes_at_once(server, local):
 
     def send(mode: str, i: int) -> None:
         protocol = "http" if i % 2 else "grpc"
-        results[mode, i] = client.infer(url(server, protocol), mode, {"text_input": PROMPTS[i], "max_tokens": 12},
-                                        protocol)["text"]
+        results[mode, i] = client.infer(
+            url(server, protocol), mode, {"text_input": PROMPTS[i], "max_tokens": 12}, protocol
+        )["text"]
 
     threads = [threading.Thread(target=send, args=(m, i)) for m in MODES for i in (2, 3)]
     for t in threads:
@@ -134,20 +141,23 @@ def test_all_modes_at_once(server, local):
     assert metrics(server)['trimode_batch_occupancy_max{mode="all",model="engine"}'] > 1
 
 
-@pytest.mark.parametrize("model, inputs, message", [
-    ("ar", {"max_tokens": 4}, "missing required input(s) ['text_input']"),
-    ("ar", {"text_input": "x", "max_tokens": 0}, "max_tokens: expected an integer >= 1, got 0"),
-    ("ar", {"text_input": "x", "max_tokens": -3}, "max_tokens: expected an integer >= 1, got -3"),
-    ("ar", {"text_input": "x", "max_tokens": 500}, "max_tokens (500)"),
-    ("ar", {"text_input": "x", "max_tokens": "four"}, "non-signed-integer"),
-    ("ar", {"text_input": "", "max_tokens": 4}, "text_input: the prompt is empty"),
-    ("nope", {"text_input": "x", "max_tokens": 4}, "unknown model: 'nope'"),
-    ("ar", {"text_input": "x", "max_tokens": 4, "temperature": float("nan")}, "temperature: expected a finite"),
-    ("ar", {"text_input": "x", "max_tokens": 4, "beam_width": 2}, "beam search is not supported"),
-    ("ar", {"text_input": "x", "max_tokens": 4, "top_p": 0.5}, "top_p=0.5"),
-    ("diffusion", {"text_input": "x", "max_tokens": 4, "block_length": 8}, "built for block lengths 4"),
-    ("ar", {"text_input": "x", "max_tokens": 4, "stop_words": ["def main"]}, "single-token stop words"),
-])
+@pytest.mark.parametrize(
+    "model, inputs, message",
+    [
+        ("ar", {"max_tokens": 4}, "missing required input(s) ['text_input']"),
+        ("ar", {"text_input": "x", "max_tokens": 0}, "max_tokens: expected an integer >= 1, got 0"),
+        ("ar", {"text_input": "x", "max_tokens": -3}, "max_tokens: expected an integer >= 1, got -3"),
+        ("ar", {"text_input": "x", "max_tokens": 500}, "max_tokens (500)"),
+        ("ar", {"text_input": "x", "max_tokens": "four"}, "non-signed-integer"),
+        ("ar", {"text_input": "", "max_tokens": 4}, "text_input: the prompt is empty"),
+        ("nope", {"text_input": "x", "max_tokens": 4}, "unknown model: 'nope'"),
+        ("ar", {"text_input": "x", "max_tokens": 4, "temperature": float("nan")}, "temperature: expected a finite"),
+        ("ar", {"text_input": "x", "max_tokens": 4, "beam_width": 2}, "beam search is not supported"),
+        ("ar", {"text_input": "x", "max_tokens": 4, "top_p": 0.5}, "top_p=0.5"),
+        ("diffusion", {"text_input": "x", "max_tokens": 4, "block_length": 8}, "built for block lengths 4"),
+        ("ar", {"text_input": "x", "max_tokens": 4, "stop_words": ["def main"]}, "single-token stop words"),
+    ],
+)
 def test_bad_requests_then_good(server, model, inputs, message):
     with pytest.raises(RemoteError) as e:
         client.infer(url(server, "http"), model, inputs, "http")
@@ -160,25 +170,54 @@ def test_bad_requests_then_good(server, model, inputs, message):
 
 
 def test_cli_generate_url(server, runner, local):
-    result = runner.invoke(main, ["generate", "--url", url(server, "grpc"), "--mode", "self-spec",
-                                  "--block-length", "4", "--max-new-tokens", "8", "--json", PROMPTS[0]])
+    result = runner.invoke(
+        main,
+        [
+            "generate",
+            "--url",
+            url(server, "grpc"),
+            "--mode",
+            "self-spec",
+            "--block-length",
+            "4",
+            "--max-new-tokens",
+            "8",
+            "--json",
+            PROMPTS[0],
+        ],
+    )
     assert result.exit_code == 0, result.output
     import json
 
     assert json.loads(result.output)["results"][0]["text"] == local(PROMPTS[0], "self_spec", 8)
-    result = runner.invoke(main, ["generate", "--url", url(server, "http"), "--protocol", "http", "--stream",
-                                  "--max-new-tokens", "8", PROMPTS[0]])
+    result = runner.invoke(
+        main,
+        [
+            "generate",
+            "--url",
+            url(server, "http"),
+            "--protocol",
+            "http",
+            "--stream",
+            "--max-new-tokens",
+            "8",
+            PROMPTS[0],
+        ],
+    )
     assert result.exit_code == 0 and result.stdout.startswith(PROMPTS[0] + local(PROMPTS[0], "ar", 8))
 
 
 @pytest.mark.parametrize("stream", [False, True])
-@pytest.mark.parametrize("protocol, hint", [("http", "is that the gRPC port? pass --protocol grpc"),
-                                            ("grpc", "is that the HTTP port? pass --protocol http")])
+@pytest.mark.parametrize(
+    "protocol, hint",
+    [("http", "is that the gRPC port? pass --protocol grpc"), ("grpc", "is that the HTTP port? pass --protocol http")],
+)
 def test_cli_generate_url_of_the_other_protocol(server, refused, tmp_path, protocol, hint, stream):
     """HTTP to the gRPC port, or gRPC to the HTTP port: one error line that says so (nothing on stdout)."""
     other = url(server, "grpc" if protocol == "http" else "http")
-    result = refused(["generate", "--url", other, "--protocol", protocol, *(["--stream"] * stream), PROMPTS[0]],
-                     tmp_path, hint)
+    result = refused(
+        ["generate", "--url", other, "--protocol", protocol, *(["--stream"] * stream), PROMPTS[0]], tmp_path, hint
+    )
     assert result.error.startswith(f"Error: --url {other}: no Triton server answers there over {protocol} (")
 
 
@@ -197,13 +236,17 @@ def test_metrics_match_the_responses_statistics(server):
         if name == "self_spec":  # the responses' mean over both requests' cycles, weighted by cycles
             assert cycles >= 2
             assert delta("trimode_accepted_tokens_total") / cycles == pytest.approx(
-                sum(g["mean_accepted_length"] for g in got) / 2, rel=0.5)
+                sum(g["mean_accepted_length"] for g in got) / 2, rel=0.5
+            )
             one = client.infer(url(server, "grpc"), name, {"text_input": PROMPTS[7], "max_tokens": 10})
             last = metrics(server)
-            accepted = last[key("trimode_accepted_tokens_total", mode)] - after[key("trimode_accepted_tokens_total",
-                                                                                     mode)]
-            cycles = last[key("trimode_speculation_cycles_total", mode)] - after[key("trimode_speculation_cycles_total",
-                                                                                     mode)]
+            accepted = (
+                last[key("trimode_accepted_tokens_total", mode)] - after[key("trimode_accepted_tokens_total", mode)]
+            )
+            cycles = (
+                last[key("trimode_speculation_cycles_total", mode)]
+                - after[key("trimode_speculation_cycles_total", mode)]
+            )
             assert accepted / cycles == pytest.approx(one["mean_accepted_length"], rel=1e-5)
         else:
             assert cycles == 0 and delta("trimode_accepted_tokens_total") == 0
@@ -217,13 +260,16 @@ def test_client_that_disconnects_mid_stream_frees_its_slot(server):
     tokens = 'trimode_generated_tokens_total{mode="ar",model="engine"}'
     for _ in range(3):  # on a loaded box all 70 tokens can come before the cancel does: then try again
         before = metrics(server)
-        stream = client.stream_grpc(url(server, "grpc"), "ar", {"text_input": PROMPTS[4], "max_tokens": 70,
-                                                                "end_id": -1})
+        stream = client.stream_grpc(
+            url(server, "grpc"), "ar", {"text_input": PROMPTS[4], "max_tokens": 70, "end_id": -1}
+        )
         assert next(stream)["num_output_tokens"] == 1
         stream.close()  # stop_stream(cancel_requests=True), as a client that goes away
         deadline = time.monotonic() + 30
-        while all(metrics(server).get(k, 0) == before.get(k, 0) for k in (finished, ran_out)) \
-                and time.monotonic() < deadline:
+        while (
+            all(metrics(server).get(k, 0) == before.get(k, 0) for k in (finished, ran_out))
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.1)
         after = metrics(server)
         if after.get(ran_out, 0) == before.get(ran_out, 0):
@@ -231,5 +277,9 @@ def test_client_that_disconnects_mid_stream_frees_its_slot(server):
     assert after.get(finished, 0) == before.get(finished, 0) + 1
     assert after[tokens] - before.get(tokens, 0) < 70  # stopped early, not run to max_tokens
     assert after['trimode_batch_occupancy{mode="all",model="engine"}'] == 0
-    assert client.infer(url(server, "grpc"), "ar", {"text_input": "ok", "max_tokens": 3, "end_id": -1})[
-        "num_output_tokens"] == 3
+    assert (
+        client.infer(url(server, "grpc"), "ar", {"text_input": "ok", "max_tokens": 3, "end_id": -1})[
+            "num_output_tokens"
+        ]
+        == 3
+    )

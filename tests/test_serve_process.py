@@ -5,13 +5,13 @@ stays byte for byte what `trimode repo` wrote."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-import json
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
@@ -60,24 +60,41 @@ def served_folder(serve_pid: int) -> Path:
 
 @pytest.fixture(scope="module")
 def served(tiny_engine_dir, tmp_path_factory):
-    repo = write_model_repo(tiny_engine_dir, tmp_path_factory.mktemp("serve-process") / "repo",
-                            RepoSettings(max_queued_requests=1))
+    repo = write_model_repo(
+        tiny_engine_dir, tmp_path_factory.mktemp("serve-process") / "repo", RepoSettings(max_queued_requests=1)
+    )
     written = file_tree(repo)
     ports, openai_port = Ports.free(), Ports.free().http
     log_path = repo.parent / "serve.log"  # a file, not a pipe: tritonserver logs a lot and would block on a full pipe
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "trimode.cli", "serve", str(repo), "--http-port",
-                                    str(ports.http), "--grpc-port", str(ports.grpc), "--metrics-port",
-                                    str(ports.metrics), "--openai-port", str(openai_port)],
-                                   stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "trimode.cli",
+                "serve",
+                str(repo),
+                "--http-port",
+                str(ports.http),
+                "--grpc-port",
+                str(ports.grpc),
+                "--metrics-port",
+                str(ports.metrics),
+                "--openai-port",
+                str(openai_port),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     deadline = time.monotonic() + 300
     while "serving ar, diffusion, self_spec" not in log_path.read_text(errors="replace"):  # every model is ready
         assert process.poll() is None and time.monotonic() < deadline, log_path.read_text(errors="replace")[-2000:]
         time.sleep(0.25)
     assert f"OpenAI http://127.0.0.1:{openai_port}/v1" in log_path.read_text(errors="replace")
     mirror = served_folder(process.pid)
-    yield SimpleNamespace(process=process, repo=repo, ports=ports, openai_port=openai_port, written=written,
-                          mirror=mirror)
+    yield SimpleNamespace(
+        process=process, repo=repo, ports=ports, openai_port=openai_port, written=written, mirror=mirror
+    )
     if process.poll() is None:
         process.kill()
         for pid in processes_using(mirror):
@@ -124,11 +141,15 @@ def test_sigterm_stops_the_server_cleanly(served):
     assert len(processes_using(served.mirror)) >= 5  # tritonserver and a stub per python model
     models = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{openai_port}/v1/models", timeout=10).read())
     assert [m["id"] for m in models["data"]] == ["ar", "diffusion", "self_spec"]
-    request = urllib.request.Request(f"http://127.0.0.1:{openai_port}/v1/completions", method="POST",
-                                     data=json.dumps({"model": "ar", "prompt": "def f", "max_tokens": 3}).encode())
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{openai_port}/v1/completions",
+        method="POST",
+        data=json.dumps({"model": "ar", "prompt": "def f", "max_tokens": 3}).encode(),
+    )
     assert json.loads(urllib.request.urlopen(request, timeout=60).read())["usage"]["completion_tokens"] >= 1
-    stream = client.stream_grpc(f"127.0.0.1:{ports.grpc}", "ar", {"text_input": "def f", "max_tokens": 60,
-                                                                  "end_id": -1})
+    stream = client.stream_grpc(
+        f"127.0.0.1:{ports.grpc}", "ar", {"text_input": "def f", "max_tokens": 60, "end_id": -1}
+    )
     next(stream)
     stream.close()
     time.sleep(1)

@@ -88,7 +88,7 @@ def test_loop_batches_streams_and_matches_solo(tiny, engine):
     assert tokens(sinks[2]) == solo(make, prompts[2], 6, "diffusion")
     streamed = sinks[0].responses  # one response per step, each with its new tokens after a window prefix
     assert len(streamed) == 6 and [int(r["num_output_tokens"][0, 0]) for r in streamed] == [1, 2, 3, 4, 5, 6]
-    new = [int(t) for r in streamed for t in r["output_ids"].reshape(-1)[int(r["prefix_length"][0, 0]):]]
+    new = [int(t) for r in streamed for t in r["output_ids"].reshape(-1)[int(r["prefix_length"][0, 0]) :]]
     assert new == solo(make, prompts[0], 6)
     assert [bool(r["is_final"][0, 0]) for r in streamed] == [False] * 5 + [True]
     assert {int(r["sequence_id"][0, 0]) for r in streamed} == {0}
@@ -152,19 +152,30 @@ def test_bad_request_fails_only_itself(engine):
 
 
 def arrays(**values) -> dict:
-    out = {"input_ids": np.array([[1, 2, 3]], np.int32), "mode": np.array([[b"ar"]], np.object_),
-           "max_tokens": np.array([[4]], np.int32)}
+    out = {
+        "input_ids": np.array([[1, 2, 3]], np.int32),
+        "mode": np.array([[b"ar"]], np.object_),
+        "max_tokens": np.array([[4]], np.int32),
+    }
     out.update({k: np.array([[v]]) for k, v in values.items()})
     return out
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"beam_width": 2}, "beam search"), ({"top_k": 5}, "top_k=5"), ({"top_p": 0.9}, "top_p=0.9"),
-    ({"min_length": 3}, "min_length=3"), ({"max_tokens": 0}, "max_tokens: expected an integer >= 1"),
-    ({"temperature": float("nan")}, "temperature"), ({"temperature": -1.0}, "temperature"),
-    ({"threshold": 1.5}, "threshold"), ({"end_id": 10**6}, "end_id"),
-    ({"return_log_probs": True}, "log probabilities"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"beam_width": 2}, "beam search"),
+        ({"top_k": 5}, "top_k=5"),
+        ({"top_p": 0.9}, "top_p=0.9"),
+        ({"min_length": 3}, "min_length=3"),
+        ({"max_tokens": 0}, "max_tokens: expected an integer >= 1"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"threshold": 1.5}, "threshold"),
+        ({"end_id": 10**6}, "end_id"),
+        ({"return_log_probs": True}, "log probabilities"),
+    ],
+)
 def test_parse_request_refuses(values, message):
     a = arrays(**values)
     with pytest.raises(InputError, match=message.replace("(", r"\(")):
@@ -172,8 +183,17 @@ def test_parse_request_refuses(values, message):
 
 
 def test_parse_request_honours():
-    a = arrays(top_k=1, temperature=0.7, random_seed=9, end_id=-1, stream=True, beam_width=1, top_p=1.0,
-               block_length=8, threshold=0.5)
+    a = arrays(
+        top_k=1,
+        temperature=0.7,
+        random_seed=9,
+        end_id=-1,
+        stream=True,
+        beam_width=1,
+        top_p=1.0,
+        block_length=8,
+        threshold=0.5,
+    )
     r = parse_request(a.get, vocab_size=100, default_block_length=4)
     assert r.prompt == [1, 2, 3] and r.is_stream and not r.prepend_prompt
     assert r.sampling.temperature == 0.0 and r.sampling.seed == 9 and r.sampling.ignore_eos  # top_k 1: greedy
@@ -197,6 +217,7 @@ def test_streamed_text_concatenates_to_the_whole(tiny):
 
 
 # ---- the wrong port, or none: one error line that says which protocol did not answer ----------------------
+
 
 @pytest.fixture
 def http2_port():
@@ -233,25 +254,34 @@ def http1_port():
 
 
 @pytest.mark.parametrize("stream", [False, True])
-@pytest.mark.parametrize("protocol, port, hint", [
-    ("http", "http2_port", "is that the gRPC port? pass --protocol grpc"),
-    ("grpc", "http1_port", "is that the HTTP port? pass --protocol http"),
-    ("http", "free_port", "nothing listens there"),
-    ("grpc", "free_port", "nothing listens there"),
-])
+@pytest.mark.parametrize(
+    "protocol, port, hint",
+    [
+        ("http", "http2_port", "is that the gRPC port? pass --protocol grpc"),
+        ("grpc", "http1_port", "is that the HTTP port? pass --protocol http"),
+        ("http", "free_port", "nothing listens there"),
+        ("grpc", "free_port", "nothing listens there"),
+    ],
+)
 def test_generate_url_of_the_wrong_protocol_or_no_server(refused, request, tmp_path, protocol, port, hint, stream):
     port = Ports.free().http if port == "free_port" else request.getfixturevalue(port)
-    result = refused(["generate", "--url", f"127.0.0.1:{port}", "--protocol", protocol, *(["--stream"] * stream),
-                      "hi"], tmp_path, hint)
+    result = refused(
+        ["generate", "--url", f"127.0.0.1:{port}", "--protocol", protocol, *(["--stream"] * stream), "hi"],
+        tmp_path,
+        hint,
+    )
     assert result.error.startswith(f"Error: --url 127.0.0.1:{port}: no Triton server answers there over {protocol} (")
 
 
-@pytest.mark.parametrize("host, message", [
-    ("999.1.1.1", "--host 999.1.1.1: not a valid IP address or a host name this machine knows"),
-    ("no-such-host.invalid", "--host no-such-host.invalid: not a valid IP address"),
-    ("192.0.2.1", "--host 192.0.2.1: not an address of this machine"),  # TEST-NET-1: never local
-    ("", "--host : not a valid IP address"),
-])
+@pytest.mark.parametrize(
+    "host, message",
+    [
+        ("999.1.1.1", "--host 999.1.1.1: not a valid IP address or a host name this machine knows"),
+        ("no-such-host.invalid", "--host no-such-host.invalid: not a valid IP address"),
+        ("192.0.2.1", "--host 192.0.2.1: not an address of this machine"),  # TEST-NET-1: never local
+        ("", "--host : not a valid IP address"),
+    ],
+)
 def test_serve_refuses_a_bad_host(refused, tmp_path, host, message):
     """Checked first, before the repository and before tritonserver (whose error would blame a port)."""
     refused(["serve", tmp_path / "repo", "--host", host], tmp_path, message)

@@ -118,10 +118,16 @@ def test_refuses_the_current_directory_by_any_name(tmp_path, monkeypatch):
             check_output(given, "demo", force=True)
 
 
-@pytest.mark.parametrize("where, relation", [
-    ("ck", "is the input"), ("ck/sub", "lies inside the input"), (".", "contains the input"),
-    ("ck/../ck", "is the input"), ("link", "is the input"),
-])
+@pytest.mark.parametrize(
+    "where, relation",
+    [
+        ("ck", "is the input"),
+        ("ck/sub", "lies inside the input"),
+        (".", "contains the input"),
+        ("ck/../ck", "is the input"),
+        ("link", "is the input"),
+    ],
+)
 def test_refuses_outputs_overlapping_an_input(tmp_path, where, relation):
     ck = tmp_path / "parent" / "ck"
     ck.mkdir(parents=True)
@@ -133,11 +139,14 @@ def test_refuses_outputs_overlapping_an_input(tmp_path, where, relation):
     assert tree(tmp_path) == before
 
 
-@pytest.mark.parametrize("setup, out, message", [
-    ("file", "f", "exists and is not a directory"),
-    ("file", "f/out", "its parent is a file"),
-    ("file", "f/a/b/out", "lies under the file"),
-])
+@pytest.mark.parametrize(
+    "setup, out, message",
+    [
+        ("file", "f", "exists and is not a directory"),
+        ("file", "f/out", "its parent is a file"),
+        ("file", "f/a/b/out", "lies under the file"),
+    ],
+)
 def test_refuses_files_in_the_way(tmp_path, setup, out, message):
     (tmp_path / "f").write_text("a file")
     with pytest.raises(OutputError, match=message):

@@ -18,8 +18,10 @@ from trimode.plugins import tensorrt as trt_plugins
 
 def compile_in_subprocess(call: str) -> dict:
     """Compile for real: this process runs kernels under TRITON_INTERPRET, which cannot compile."""
-    code = ("import json, torch; from trimode.plugins import tensorrt as t; "
-            f"k = {call}; print(json.dumps(dict(name=k.name, ptx=k.ptx, num_threads=k.num_threads)))")
+    code = (
+        "import json, torch; from trimode.plugins import tensorrt as t; "
+        f"k = {call}; print(json.dumps(dict(name=k.name, ptx=k.ptx, num_threads=k.num_threads)))"
+    )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -34,6 +36,7 @@ def capture_launch(monkeypatch, module, kernel_name: str) -> dict:
         def __getitem__(self, grid):
             def launch(*args, **constexprs):
                 seen["grid"], seen["args"] = grid, args
+
             return launch
 
     monkeypatch.setattr(module, kernel_name, Capture())
@@ -49,7 +52,8 @@ def ptx_params(ptx: str, name: str) -> list[str]:
 @pytest.mark.parametrize("cache_dtype", ["bfloat16", "float8_e4m3fn"])
 def test_block_attention_compiles_for_hopper(cache_dtype):
     kernel = compile_in_subprocess(
-        f"t.block_attention_kernel(torch.bfloat16, torch.{cache_dtype}, head_dim=128, group=4)")
+        f"t.block_attention_kernel(torch.bfloat16, torch.{cache_dtype}, head_dim=128, group=4)"
+    )
     params = ptx_params(kernel["ptx"], kernel["name"])
     # 9 input pointers, 18 int32 extra args, the output pointer (then Triton's own scratch pointers)
     assert params[:9] == ["u64"] * 9 and params[9:27] == ["u32"] * 18 and params[27] == "u64"
@@ -61,7 +65,8 @@ def test_split_kv_variant_compiles_for_hopper():
     """The long-cache variant the torch launcher runs on CUDA (never compiled by the CPU tests, which
     interpret it): three more pointers (counters, partials) and the atomic of its finishing program."""
     kernel = compile_in_subprocess(
-        "t.block_attention_kernel(torch.bfloat16, torch.bfloat16, head_dim=128, group=4, max_len=32768)")
+        "t.block_attention_kernel(torch.bfloat16, torch.bfloat16, head_dim=128, group=4, max_len=32768)"
+    )
     params = ptx_params(kernel["ptx"], kernel["name"])
     assert params[:12] == ["u64"] * 12 and params[12:30] == ["u32"] * 18 and params[30] == "u64"
     assert re.search(r"atom\.[\w.]*acq_rel", kernel["ptx"])
@@ -87,11 +92,14 @@ def test_register_plugins_names_the_missing_tensorrt():
         trt_plugins.register_plugins()
 
 
-@pytest.mark.parametrize("op, threshold, num_ints, num_outputs", [
-    ("spec_accept", None, 6, 4),
-    ("diffusion_commit", 0.9, 5, 2),
-    ("diffusion_commit", None, 5, 2),   # top-k schedule
-])
+@pytest.mark.parametrize(
+    "op, threshold, num_ints, num_outputs",
+    [
+        ("spec_accept", None, 6, 4),
+        ("diffusion_commit", 0.9, 5, 2),
+        ("diffusion_commit", None, 5, 2),  # top-k schedule
+    ],
+)
 def test_sampling_kernels_compile_for_hopper(op, threshold, num_ints, num_outputs):
     """The threshold is compiled in; temperature and seed are input pointers (6 inputs with the
     counters), then the int extra args, then the outputs. One kernel runs greedy and sampled rows:
@@ -99,10 +107,10 @@ def test_sampling_kernels_compile_for_hopper(op, threshold, num_ints, num_output
     IEEE division."""
     kernel = compile_in_subprocess(f"t.sampling_kernel({op!r}, torch.bfloat16, 131072, 32, {threshold})")
     params = ptx_params(kernel["ptx"], kernel["name"])
-    assert params[:6] == ["u64"] * 6 and params[6:6 + num_ints] == ["u32"] * num_ints
-    assert params[6 + num_ints:6 + num_ints + num_outputs] == ["u64"] * num_outputs
+    assert params[:6] == ["u64"] * 6 and params[6 : 6 + num_ints] == ["u32"] * num_ints
+    assert params[6 + num_ints : 6 + num_ints + num_outputs] == ["u64"] * num_outputs
     assert kernel["num_threads"] == 256
-    assert any(c in kernel["ptx"] for c in ("3528531795", "-766435501"))   # as unsigned or signed int32
+    assert any(c in kernel["ptx"] for c in ("3528531795", "-766435501"))  # as unsigned or signed int32
     assert "div.rn.f32" in kernel["ptx"]
     # no fused multiply-add: the sampled score x * (1/T) + gumbel rounds twice, as in the reference
     assert "fma.rn.f32" not in kernel["ptx"] and "mul.rn.f32" in kernel["ptx"]
@@ -112,8 +120,9 @@ def test_sampling_kernels_compile_for_hopper(op, threshold, num_ints, num_output
 def test_sampling_extra_args_match_the_torch_launchers(op, monkeypatch):
     from trimode.plugins import diffusion_commit, spec_accept
 
-    module, name = (spec_accept, "spec_accept_kernel") if op == "spec_accept" else \
-        (diffusion_commit, "diffusion_commit_kernel")
+    module, name = (
+        (spec_accept, "spec_accept_kernel") if op == "spec_accept" else (diffusion_commit, "diffusion_commit_kernel")
+    )
     seen = capture_launch(monkeypatch, module, name)
     logits, block = torch.randn(2, 4, 50), torch.full((2, 4), 3)
     temperature, seed = torch.tensor([0.0, 0.8]), torch.tensor([1, 2])
@@ -122,7 +131,7 @@ def test_sampling_extra_args_match_the_torch_launchers(op, monkeypatch):
         ints, outputs = seen["args"][6:12], seen["args"][12:]
     else:
         module.launch(logits, block, 3, 0.9, None, temperature, seed)
-        ints, outputs = seen["args"][6:11], seen["args"][12:]   # then the threshold, then the outputs
+        ints, outputs = seen["args"][6:11], seen["args"][12:]  # then the threshold, then the outputs
     grid, extra = trt_plugins.sampling_launch(op, logits.shape, 3, num_eos=2)
     assert list(ints) == extra and grid[:2] == seen["grid"]
     # the per-row sampling inputs are pointers 4 and 5, in the ONNX node's input order

@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tolerance import forward_bound
 from trimode.checkpoint import ADAPTER_DIR, load_checkpoint, merge_draft_adapter, read_draft_adapter
 from trimode.cli import main
 from trimode.decoding import GenerationSettings, Mode, generate
@@ -20,8 +19,16 @@ from trimode.model import DRAFT_LINEARS
 from trimode.passes import PassKind
 from trimode.training.corpus import read_texts, split_files
 from trimode.training.draft import DraftSettings, greedy_sequences, train_draft
-from trimode.training.draft_objective import (acceptance_weights, draft_layout, draft_logits, draft_loss,
-                                              install_lora, path_acceptance)
+from trimode.training.draft_objective import (
+    acceptance_weights,
+    draft_layout,
+    draft_logits,
+    draft_loss,
+    install_lora,
+    path_acceptance,
+)
+
+from tolerance import forward_bound
 
 
 def random_factors(model, rank: int, seed: int = 0, names=("o_proj",)):
@@ -30,8 +37,10 @@ def random_factors(model, rank: int, seed: int = 0, names=("o_proj",)):
     for i, layer in enumerate(model.encoder.layers):
         for name in names:
             w = getattr(getattr(layer, DRAFT_LINEARS[name]), name).weight
-            out[i, name] = (0.2 * torch.randn(rank, w.shape[1], generator=g),
-                            0.2 * torch.randn(w.shape[0], rank, generator=g))
+            out[i, name] = (
+                0.2 * torch.randn(rank, w.shape[1], generator=g),
+                0.2 * torch.randn(w.shape[0], rank, generator=g),
+            )
     return out
 
 
@@ -62,7 +71,7 @@ def test_training_forward_equals_the_runtime_draft_pass(tiny_dir, block_length, 
     for b in range(2):
         for k, q in enumerate(starts[b].tolist()):
             cache = model.new_cache(1, 64)
-            model(seqs[b:b + 1, :q], cache, PassKind.PREFILL)
+            model(seqs[b : b + 1, :q], cache, PassKind.PREFILL)
             cache.advance(torch.tensor([0]), torch.tensor([q]))
             block = torch.full((1, block_length), model.spec.mask_token_id)
             block[0, 0] = seqs[b, q]
@@ -71,7 +80,7 @@ def test_training_forward_equals_the_runtime_draft_pass(tiny_dir, block_length, 
             # the many-blocks forward sums in another order (its masked attention spans 40 + blocks keys)
             atol = forward_bound(runtime, model.spec, span=batch.tokens.shape[1])
             torch.testing.assert_close(trained[b, k], runtime, atol=atol, rtol=0)
-            assert torch.equal(batch.targets[b, k], seqs[b, q + 1:q + block_length])
+            assert torch.equal(batch.targets[b, k], seqs[b, q + 1 : q + block_length])
 
 
 def test_the_prefix_runs_without_the_adapter(tiny_dir):
@@ -88,28 +97,31 @@ def test_the_prefix_runs_without_the_adapter(tiny_dir):
     assert (right - wrong).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("correct, weights", [
-    ([1, 1, 1, 1], [1, 1, 1, 1]),      # all accepted: every position counts
-    ([1, 1, 0, 1], [1, 1, 1, 0]),      # up to and including the first wrong one
-    ([0, 1, 1, 1], [1, 0, 0, 0]),
-    ([1, 0, 0, 0], [1, 1, 0, 0]),
-])
+@pytest.mark.parametrize(
+    "correct, weights",
+    [
+        ([1, 1, 1, 1], [1, 1, 1, 1]),  # all accepted: every position counts
+        ([1, 1, 0, 1], [1, 1, 1, 0]),  # up to and including the first wrong one
+        ([0, 1, 1, 1], [1, 0, 0, 0]),
+        ([1, 0, 0, 0], [1, 1, 0, 0]),
+    ],
+)
 def test_acceptance_weights(correct, weights):
     assert acceptance_weights(torch.tensor(correct, dtype=torch.bool)).tolist() == weights
 
 
 def test_draft_loss_counts_accepted_like_the_verifier():
     V, mask_id = 10, 4
-    targets = torch.tensor([[[5, 6, 7]]])                # draft indices 1..3 of one block of 4
+    targets = torch.tensor([[[5, 6, 7]]])  # draft indices 1..3 of one block of 4
     logits = torch.zeros(1, 1, 4, V)
-    logits[0, 0, 1, 5] = 5.0                             # right
+    logits[0, 0, 1, 5] = 5.0  # right
     logits[0, 0, 2, mask_id], logits[0, 0, 2, 6] = 9.0, 5.0  # right once the mask token is excluded
-    logits[0, 0, 3, 8] = 5.0                             # wrong
+    logits[0, 0, 3, 8] = 5.0  # wrong
     loss, accepted = draft_loss(logits, targets, mask_id, "accept")
     assert accepted.tolist() == [[3]]
     ce = torch.nn.functional.cross_entropy(logits[0, 0, 1:], targets[0, 0], reduction="none")
     torch.testing.assert_close(loss, ce.mean())
-    logits[0, 0, 1, 9] = 6.0                             # now the first draft is wrong: only it counts
+    logits[0, 0, 1, 9] = 6.0  # now the first draft is wrong: only it counts
     loss, accepted = draft_loss(logits, targets, mask_id, "accept")
     assert accepted.tolist() == [[1]]
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits[0, 0, 1], targets[0, 0, 0]))
@@ -117,12 +129,15 @@ def test_draft_loss_counts_accepted_like_the_verifier():
     assert not torch.isclose(plain, loss)
 
 
-@pytest.mark.parametrize("starts, accepted, path", [
-    ([[10, 11, 12, 13, 14, 15]], [[2, 1, 3, 1, 1, 1]], [2, 3, 1]),    # 10 -> 12 -> 15 -> past the last offset
-    ([[13, 12, 10, 11, 15, 14]], [[1, 3, 2, 1, 1, 1]], [2, 3, 1]),    # the same blocks in sampled order
-    ([[10, 11, 12], [10, 12, 13]], [[1, 1, 1], [1, 5, 5]], [1, 1, 1, 1]),  # row 2 stops at offset 11, not drafted
-    ([[11, 12]], [[4, 4]], []),                                       # the first seed's block was not drafted
-])
+@pytest.mark.parametrize(
+    "starts, accepted, path",
+    [
+        ([[10, 11, 12, 13, 14, 15]], [[2, 1, 3, 1, 1, 1]], [2, 3, 1]),  # 10 -> 12 -> 15 -> past the last offset
+        ([[13, 12, 10, 11, 15, 14]], [[1, 3, 2, 1, 1, 1]], [2, 3, 1]),  # the same blocks in sampled order
+        ([[10, 11, 12], [10, 12, 13]], [[1, 1, 1], [1, 5, 5]], [1, 1, 1, 1]),  # row 2 stops at offset 11, not drafted
+        ([[11, 12]], [[4, 4]], []),  # the first seed's block was not drafted
+    ],
+)
 def test_path_acceptance_walks_the_runtime_cycles(starts, accepted, path):
     """Each cycle starts where the previous one's accepted tokens end, from the first seed (offset 10)."""
     assert path_acceptance(torch.tensor(starts), torch.tensor(accepted), 10) == path
@@ -140,8 +155,11 @@ def test_peft_files_round_trip(tiny_dir, tmp_path):
     cfg = json.loads((d / ADAPTER_DIR / "adapter_config.json").read_text())
     assert (cfg["peft_type"], cfg["r"], cfg["lora_alpha"], cfg["target_modules"]) == ("LORA", 6, 24.0, ["o_proj"])
     with safe_open(str(d / ADAPTER_DIR / "adapter_model.safetensors"), "pt") as f:
-        assert sorted(f.keys()) == sorted(f"base_model.model.encoder.layers.{i}.self_attn.o_proj.lora_{x}.weight"
-                                          for i in range(len(factors)) for x in "AB")
+        assert sorted(f.keys()) == sorted(
+            f"base_model.model.encoder.layers.{i}.self_attn.o_proj.lora_{x}.weight"
+            for i in range(len(factors))
+            for x in "AB"
+        )
     stored = {key: (a.to(torch.bfloat16).float(), b.to(torch.bfloat16).float()) for key, (a, b) in factors.items()}
     read, scale = read_draft_adapter(d / ADAPTER_DIR, base)
     assert scale == 4.0 and list(read) == list(stored)
@@ -155,11 +173,14 @@ def test_peft_files_round_trip(tiny_dir, tmp_path):
     assert not load_checkpoint(d, draft_adapter=False).model.has_draft_adapter
 
 
-PARAGRAPH = ("def generate(prompt, max_new_tokens=32):\n    tokens = tokenize(prompt)\n"
-             "    for step in range(max_new_tokens):\n        tokens.append(model(tokens).argmax())\n"
-             "    return detokenize(tokens)\n") * 20
-SMALL = dict(steps=30, lr=1e-2, warmup=3, batch_size=2, prompt_len=16, gen_len=24, draft_tokens=64, rank=8,
-             num_eval_prompts=2)
+PARAGRAPH = (
+    "def generate(prompt, max_new_tokens=32):\n    tokens = tokenize(prompt)\n"
+    "    for step in range(max_new_tokens):\n        tokens.append(model(tokens).argmax())\n"
+    "    return detokenize(tokens)\n"
+) * 20
+SMALL = dict(
+    steps=30, lr=1e-2, warmup=3, batch_size=2, prompt_len=16, gen_len=24, draft_tokens=64, rank=8, num_eval_prompts=2
+)
 
 
 def fixed_batch_loss(model, factors, scale, seqs, block_length=4) -> float:
@@ -182,7 +203,7 @@ def test_training_lowers_the_loss_and_writes_a_loadable_checkpoint(tiny_dir, tmp
     # the loss of a fixed batch of the checkpoint's greedy continuations, before and after
     ck = load_checkpoint(tiny_dir, draft_adapter=False)
     text = ck.tokenizer.encode_plain(PARAGRAPH)
-    prompts = [text[i:i + 16] for i in range(0, 200, 8)]
+    prompts = [text[i : i + 16] for i in range(0, 200, 8)]
     seqs = greedy_sequences(ck.model, prompts, 24)
     trained, scale = read_draft_adapter(out / ADAPTER_DIR, ck.model)
     zero = {key: (a, torch.zeros_like(b)) for key, (a, b) in trained.items()}
@@ -195,8 +216,9 @@ def test_training_lowers_the_loss_and_writes_a_loadable_checkpoint(tiny_dir, tmp
     assert ck.model.has_draft_adapter
     prompts = [[1, 5, 9, 30, 7], [1, 11, 12]]
     ar = generate(ck.model, prompts, GenerationSettings(mode=Mode.AR, max_new_tokens=20, ignore_eos=True))
-    spec = generate(ck.model, prompts, GenerationSettings(mode=Mode.SELF_SPEC, block_length=8, max_new_tokens=20,
-                                                          ignore_eos=True))
+    spec = generate(
+        ck.model, prompts, GenerationSettings(mode=Mode.SELF_SPEC, block_length=8, max_new_tokens=20, ignore_eos=True)
+    )
     assert [r.tokens for r in spec] == [r.tokens for r in ar]
 
 
@@ -215,12 +237,14 @@ def test_an_existing_adapter_is_continued(tiny_adapter_dir, text_file, tmp_path,
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["continued"] and (report["rank"], report["alpha"]) == (4, 16.0)
-    result = runner.invoke(main, ["train-draft", str(tiny_adapter_dir), "--out", str(tmp_path / "b"), "--fresh",
-                                  "--rank", "2", *common])
+    result = runner.invoke(
+        main, ["train-draft", str(tiny_adapter_dir), "--out", str(tmp_path / "b"), "--fresh", "--rank", "2", *common]
+    )
     assert result.exit_code == 0, result.output
     assert not json.loads(result.output)["continued"]
-    result = runner.invoke(main, ["train-draft", str(tiny_adapter_dir), "--out", str(tmp_path / "c"), "--rank", "2",
-                                  *common])
+    result = runner.invoke(
+        main, ["train-draft", str(tiny_adapter_dir), "--out", str(tmp_path / "c"), "--rank", "2", *common]
+    )
     assert result.exit_code == 1 and "--fresh" in result.output and not (tmp_path / "c").exists()
 
 
@@ -228,10 +252,33 @@ def test_modules_and_rank_grow_a_continued_adapter(tiny_adapter_dir, text_file, 
     """--modules and a larger --rank on an o_proj adapter of rank 4: o_proj continues from its
     B @ A at rank 6, gate_proj and v_proj start at PEFT's zero delta; the written adapter targets all
     three at one rank and the old scale. Leaving o_proj out is refused."""
-    common = ["--data", str(text_file), "--steps", "1", "--batch-size", "1", "--num-eval-prompts", "0", "--json",
-              "--lr", "1e-9"]
-    result = runner.invoke(main, ["train-draft", str(tiny_adapter_dir), "--out", str(tmp_path / "a"),
-                                  "--modules", "gate_proj,o_proj,v_proj", "--rank", "6", *common])
+    common = [
+        "--data",
+        str(text_file),
+        "--steps",
+        "1",
+        "--batch-size",
+        "1",
+        "--num-eval-prompts",
+        "0",
+        "--json",
+        "--lr",
+        "1e-9",
+    ]
+    result = runner.invoke(
+        main,
+        [
+            "train-draft",
+            str(tiny_adapter_dir),
+            "--out",
+            str(tmp_path / "a"),
+            "--modules",
+            "gate_proj,o_proj,v_proj",
+            "--rank",
+            "6",
+            *common,
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["modules"] == ["v_proj", "o_proj", "gate_proj"]
     cfg = json.loads((tmp_path / "a" / ADAPTER_DIR / "adapter_config.json").read_text())
@@ -244,24 +291,28 @@ def test_modules_and_rank_grow_a_continued_adapter(tiny_adapter_dir, text_file, 
             torch.testing.assert_close(b @ a, before[key][1] @ before[key][0], atol=1e-2, rtol=1e-2)
         else:
             assert b.abs().max() < 1e-6  # B starts at zero
-    result = runner.invoke(main, ["train-draft", str(tiny_adapter_dir), "--out", str(tmp_path / "b"),
-                                  "--modules", "gate_proj", *common])
+    result = runner.invoke(
+        main, ["train-draft", str(tiny_adapter_dir), "--out", str(tmp_path / "b"), "--modules", "gate_proj", *common]
+    )
     assert result.exit_code == 1 and "also adapts o_proj" in result.output and not (tmp_path / "b").exists()
 
 
-@pytest.mark.parametrize("args, message, exit_code", [
-    (["--rank", "0"], "--rank", 2),            # out of range where parsed: a usage error
-    (["--alpha", "nan"], "--alpha", 2),
-    (["--steps", "0"], "--steps", 2),
-    (["--lr", "0"], "--lr", 2),
-    (["--seed", "-1"], "--seed", 2),
-    (["--block-length", "1"], "--block-length", 1),
-    (["--block-length", "8,x"], "--block-length", 1),
-    (["--data", "/nonexistent/text"], "--data", 1),
-    (["--modules", "lm_head"], "--modules", 1),
-    (["--modules", ","], "--modules", 1),
-    (["--block-length", "4,128"], "--block-length", 1),  # longer than the greedy continuations it trains on
-])
+@pytest.mark.parametrize(
+    "args, message, exit_code",
+    [
+        (["--rank", "0"], "--rank", 2),  # out of range where parsed: a usage error
+        (["--alpha", "nan"], "--alpha", 2),
+        (["--steps", "0"], "--steps", 2),
+        (["--lr", "0"], "--lr", 2),
+        (["--seed", "-1"], "--seed", 2),
+        (["--block-length", "1"], "--block-length", 1),
+        (["--block-length", "8,x"], "--block-length", 1),
+        (["--data", "/nonexistent/text"], "--data", 1),
+        (["--modules", "lm_head"], "--modules", 1),
+        (["--modules", ","], "--modules", 1),
+        (["--block-length", "4,128"], "--block-length", 1),  # longer than the greedy continuations it trains on
+    ],
+)
 def test_bad_settings_give_one_line_errors(refused, tiny_dir, tmp_path, args, message, exit_code):
     """One Error line naming the option, and only options train-draft has."""
     error = refused(["train-draft", tiny_dir, "--out", tmp_path / "out", *args], tmp_path, message, exit_code).error
@@ -273,8 +324,26 @@ def test_bad_settings_give_one_line_errors(refused, tiny_dir, tmp_path, args, me
 def test_non_finite_training_writes_nothing(refused, tiny_adapter_dir, text_file, tmp_path):
     """An lr that turns the (continued) LoRA into NaN is refused at the step it happens, naming the
     tensor; no adapter is written."""
-    error = refused(["train-draft", tiny_adapter_dir, "--out", tmp_path / "out", "--data", text_file, "--lr", "1e30",
-                     "--steps", "3", "--batch-size", "1", "--num-eval-prompts", "0"], tmp_path, "non-finite").error
+    error = refused(
+        [
+            "train-draft",
+            tiny_adapter_dir,
+            "--out",
+            tmp_path / "out",
+            "--data",
+            text_file,
+            "--lr",
+            "1e30",
+            "--steps",
+            "3",
+            "--batch-size",
+            "1",
+            "--num-eval-prompts",
+            "0",
+        ],
+        tmp_path,
+        "non-finite",
+    ).error
     assert "step" in error and "lora_" in error and "--lr" in error
 
 
@@ -292,8 +361,23 @@ def test_an_error_during_training_starts_its_own_line(runner, tiny_dir, text_fil
 
     real_step = draft.train_step
     monkeypatch.setattr(draft, "train_step", failing_step)
-    result = runner.invoke(main, ["train-draft", str(tiny_dir), "--out", str(tmp_path / "out"), "--data",
-                                  str(text_file), "--steps", "3", "--batch-size", "1", "--num-eval-prompts", "0"])
+    result = runner.invoke(
+        main,
+        [
+            "train-draft",
+            str(tiny_dir),
+            "--out",
+            str(tmp_path / "out"),
+            "--data",
+            str(text_file),
+            "--steps",
+            "3",
+            "--batch-size",
+            "1",
+            "--num-eval-prompts",
+            "0",
+        ],
+    )
     assert result.exit_code == 1 and "train-draft" in result.stderr  # the bar was shown
     assert "Error: boom" in result.stderr.splitlines(), repr(result.stderr)
     assert not (tmp_path / "out").exists()
@@ -303,8 +387,11 @@ def test_binary_data_is_refused(refused, tiny_dir, tmp_path):
     """--data that is not UTF-8 text is an Error naming the file, not text of replacement characters."""
     data = tmp_path / "data.txt"
     data.write_bytes(random.Random(0).randbytes(4096))
-    error = refused(["train-draft", tiny_dir, "--out", tmp_path / "out", "--data", data, "--steps", "1",
-                     "--num-eval-prompts", "0"], tmp_path, "not UTF-8 text").error
+    error = refused(
+        ["train-draft", tiny_dir, "--out", tmp_path / "out", "--data", data, "--steps", "1", "--num-eval-prompts", "0"],
+        tmp_path,
+        "not UTF-8 text",
+    ).error
     assert str(data) in error and "--data" in error
 
 

@@ -29,14 +29,14 @@ def test_joint_mask_follows_spec_section_9():
     noisy, clean = range(0, L), range(L, 2 * L)
     for i in noisy:
         for j in noisy:
-            assert m[i, j] == (i // bs == j // bs)          # bidirectional inside a block
+            assert m[i, j] == (i // bs == j // bs)  # bidirectional inside a block
         for j in clean:
-            assert m[i, j] == ((j - L) // bs < i // bs)      # clean tokens of earlier blocks
+            assert m[i, j] == ((j - L) // bs < i // bs)  # clean tokens of earlier blocks
     for i in clean:
         for j in noisy:
-            assert not m[i, j]                               # clean never sees noisy
+            assert not m[i, j]  # clean never sees noisy
         for j in clean:
-            assert m[i, j] == (j <= i)                       # causal
+            assert m[i, j] == (j <= i)  # causal
 
 
 def test_noise_rate_follows_t():
@@ -52,8 +52,9 @@ def test_noise_rate_follows_t():
 
 def test_a_few_training_steps_lower_both_losses(tmp_path):
     spec = tiny_spec(vocab_size=512, block_size=4)
-    settings = TrainSettings(steps=40, batch_size=8, seq_len=64, lr=3e-3, warmup=5, block_sizes=(4,),
-                             num_files=12, use_bf16_autocast=False)
+    settings = TrainSettings(
+        steps=40, batch_size=8, seq_len=64, lr=3e-3, warmup=5, block_sizes=(4,), num_files=12, use_bf16_autocast=False
+    )
     log = train(tmp_path / "ck", settings, spec=spec, progress=False)
     hist = log["history"]
     first = {k: sum(h[k] for h in hist[:5]) / 5 for k in ("ar", "diffusion")}

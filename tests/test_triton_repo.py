@@ -22,23 +22,49 @@ from trimode.triton_repo.writer import write_model_repo
 
 GOLDEN = {
     "manifest.json": "file",
-    "ar": "ensemble", "diffusion": "ensemble", "self_spec": "ensemble",
-    "engine": "python", "postprocessing": "python",
-    "preprocessing_ar": "python", "preprocessing_diffusion": "python", "preprocessing_self_spec": "python",
+    "ar": "ensemble",
+    "diffusion": "ensemble",
+    "self_spec": "ensemble",
+    "engine": "python",
+    "postprocessing": "python",
+    "preprocessing_ar": "python",
+    "preprocessing_diffusion": "python",
+    "preprocessing_self_spec": "python",
 }
 ENSEMBLE_INPUTS = {  # TensorRT-LLM's ensemble tensors (name -> type), ours last
-    "text_input": "TYPE_STRING", "max_tokens": "TYPE_INT32", "bad_words": "TYPE_STRING", "stop_words": "TYPE_STRING",
-    "end_id": "TYPE_INT32", "pad_id": "TYPE_INT32", "top_k": "TYPE_INT32", "top_p": "TYPE_FP32",
-    "temperature": "TYPE_FP32", "length_penalty": "TYPE_FP32", "repetition_penalty": "TYPE_FP32",
-    "min_length": "TYPE_INT32", "presence_penalty": "TYPE_FP32", "frequency_penalty": "TYPE_FP32",
-    "random_seed": "TYPE_UINT64", "return_log_probs": "TYPE_BOOL", "return_context_logits": "TYPE_BOOL",
-    "return_generation_logits": "TYPE_BOOL", "beam_width": "TYPE_INT32", "num_return_sequences": "TYPE_INT32",
-    "stream": "TYPE_BOOL", "exclude_input_in_output": "TYPE_BOOL", "block_length": "TYPE_INT32",
+    "text_input": "TYPE_STRING",
+    "max_tokens": "TYPE_INT32",
+    "bad_words": "TYPE_STRING",
+    "stop_words": "TYPE_STRING",
+    "end_id": "TYPE_INT32",
+    "pad_id": "TYPE_INT32",
+    "top_k": "TYPE_INT32",
+    "top_p": "TYPE_FP32",
+    "temperature": "TYPE_FP32",
+    "length_penalty": "TYPE_FP32",
+    "repetition_penalty": "TYPE_FP32",
+    "min_length": "TYPE_INT32",
+    "presence_penalty": "TYPE_FP32",
+    "frequency_penalty": "TYPE_FP32",
+    "random_seed": "TYPE_UINT64",
+    "return_log_probs": "TYPE_BOOL",
+    "return_context_logits": "TYPE_BOOL",
+    "return_generation_logits": "TYPE_BOOL",
+    "beam_width": "TYPE_INT32",
+    "num_return_sequences": "TYPE_INT32",
+    "stream": "TYPE_BOOL",
+    "exclude_input_in_output": "TYPE_BOOL",
+    "block_length": "TYPE_INT32",
     "threshold": "TYPE_FP32",
 }
-ENSEMBLE_OUTPUTS = {"text_output": "TYPE_STRING", "num_input_tokens": "TYPE_INT32", "num_output_tokens": "TYPE_INT32",
-                    "num_forward_passes": "TYPE_INT32", "mean_accepted_length": "TYPE_FP32",
-                    "finish_reason": "TYPE_STRING"}
+ENSEMBLE_OUTPUTS = {
+    "text_output": "TYPE_STRING",
+    "num_input_tokens": "TYPE_INT32",
+    "num_output_tokens": "TYPE_INT32",
+    "num_forward_passes": "TYPE_INT32",
+    "mean_accepted_length": "TYPE_FP32",
+    "finish_reason": "TYPE_STRING",
+}
 
 
 def parse(path) -> model_config_pb2.ModelConfig:
@@ -75,8 +101,11 @@ def test_ensemble_interface(repo_dir, tiny_engine_dir):
         assert {t.name: dtype(t.data_type) for t in config.input} == ENSEMBLE_INPUTS
         assert {t.name: dtype(t.data_type) for t in config.output} == ENSEMBLE_OUTPUTS
         assert [t.name for t in config.input if not t.optional] == ["text_input", "max_tokens"]
-        assert [s.model_name for s in config.ensemble_scheduling.step] == [f"preprocessing_{name}", "engine",
-                                                                         "postprocessing"]
+        assert [s.model_name for s in config.ensemble_scheduling.step] == [
+            f"preprocessing_{name}",
+            "engine",
+            "postprocessing",
+        ]
     engine = parse(repo_dir / "engine" / "config.pbtxt")
     assert engine.model_transaction_policy.decoupled
     assert engine.instance_group[0].count == 1 and engine.max_batch_size == 4
@@ -86,11 +115,22 @@ def test_ensemble_interface(repo_dir, tiny_engine_dir):
 
 
 def test_prefix_modes_and_settings(tiny_engine_dir, tmp_path):
-    settings = RepoSettings(prefix="nld_", modes=("self-spec",), max_batch_size=2, instances=3,
-                            max_queue_delay_us=100, max_queued_requests=5)
+    settings = RepoSettings(
+        prefix="nld_",
+        modes=("self-spec",),
+        max_batch_size=2,
+        instances=3,
+        max_queue_delay_us=100,
+        max_queued_requests=5,
+    )
     out = write_model_repo(tiny_engine_dir, tmp_path / "r", settings)
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "nld_engine", "nld_postprocessing",
-                                                      "nld_preprocessing_self_spec", "nld_self_spec"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "manifest.json",
+        "nld_engine",
+        "nld_postprocessing",
+        "nld_preprocessing_self_spec",
+        "nld_self_spec",
+    ]
     engine = parse(out / "nld_engine" / "config.pbtxt")
     assert engine.dynamic_batching.max_queue_delay_microseconds == 100
     assert engine.parameters["max_queued_requests"].string_value == "5"
@@ -112,13 +152,16 @@ def _break(config, how: str):
         step[2].input_map["output_ids"] = "max_tokens"
 
 
-@pytest.mark.parametrize("how, message", [
-    ("unfed", "required input 'prefix_length' is not fed"),
-    ("unknown model", "no such model"),
-    ("unproduced", "nothing produced before"),
-    ("type", "input 'max_tokens' is 8[1], 'max_tokens' is 11[1]"),
-    ("mixed origins", "come from different decoupled models"),
-])
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("unfed", "required input 'prefix_length' is not fed"),
+        ("unknown model", "no such model"),
+        ("unproduced", "nothing produced before"),
+        ("type", "input 'max_tokens' is 8[1], 'max_tokens' is 11[1]"),
+        ("mixed origins", "come from different decoupled models"),
+    ],
+)
 def test_wiring_check_finds(repo_dir, how, message):
     configs = {p.parent.name: parse(p) for p in repo_dir.glob("*/config.pbtxt")}
     check_wiring(configs)  # the written repository is wired
@@ -135,11 +178,18 @@ def test_ensemble_config_alone_is_incomplete():
         check_wiring({"ar": ensemble_config(names, Mode.AR, 4)})
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"prefix": "a/b"}, "prefix"), ({"modes": ("ar", "ar")}, "modes"), ({"modes": ("beam",)}, "modes"),
-    ({"instances": 0}, "instances"), ({"max_queue_delay_us": -1}, "max_queue_delay_us"),
-    ({"max_batch_size": 0}, "max_batch_size"), ({"max_queued_requests": 0}, "max_queued_requests"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"prefix": "a/b"}, "prefix"),
+        ({"modes": ("ar", "ar")}, "modes"),
+        ({"modes": ("beam",)}, "modes"),
+        ({"instances": 0}, "instances"),
+        ({"max_queue_delay_us": -1}, "max_queue_delay_us"),
+        ({"max_batch_size": 0}, "max_batch_size"),
+        ({"max_queued_requests": 0}, "max_queued_requests"),
+    ],
+)
 def test_bad_settings(kwargs, message):
     with pytest.raises(InputError, match=message):
         RepoSettings(**kwargs)
@@ -157,8 +207,9 @@ def test_refuses_non_engine_and_existing_output(tiny_dir, tiny_engine_dir, repo_
 
 
 def test_cli_repo(runner, tiny_engine_dir, tmp_path):
-    result = runner.invoke(main, ["repo", str(tiny_engine_dir), "--out", str(tmp_path / "r"), "--modes", "ar",
-                                  "--json"])
+    result = runner.invoke(
+        main, ["repo", str(tiny_engine_dir), "--out", str(tmp_path / "r"), "--modes", "ar", "--json"]
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["ensembles"] == {"ar": "ar"}
     result = runner.invoke(main, ["repo", str(tiny_engine_dir), "--out", str(tmp_path / "s"), "--modes", "ar,beam"])

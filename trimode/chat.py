@@ -33,8 +33,9 @@ class ChatTemplate:
         import jinja2
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         env.filters["tojson"] = _tojson
         env.globals.update(raise_exception=_raise, strftime_now=lambda fmt: datetime.now().strftime(fmt))
         try:
@@ -49,13 +50,14 @@ class ChatTemplate:
 
         messages = check_messages(messages)
         try:
-            text = self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         **self.special_tokens)
+            text = self._template.render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens
+            )
         except jinja2.TemplateError as e:
             raise InputError(f"messages: the chat template refused them ({e})") from None
         bos = self.special_tokens.get("bos_token")
         if bos and text.startswith(bos):
-            text = text[len(bos):]
+            text = text[len(bos) :]
         if not text:
             raise InputError("messages: the chat template made an empty prompt")
         return text
@@ -84,8 +86,10 @@ def load_chat_template(checkpoint_dir: Path, template_path: Path | None = None) 
     if isinstance(source, list):
         source = next((t.get("template") for t in source if isinstance(t, dict) and t.get("name") == "default"), None)
     if not source:
-        raise NoChatTemplateError(f"{checkpoint_dir}: the checkpoint has no chat template (no chat_template in "
-                                  f"tokenizer_config.json); send a plain prompt instead")
+        raise NoChatTemplateError(
+            f"{checkpoint_dir}: the checkpoint has no chat template (no chat_template in "
+            f"tokenizer_config.json); send a plain prompt instead"
+        )
     if not isinstance(source, str):
         raise CheckpointError(f"{config_path}: chat_template must be a string")
     return ChatTemplate(source, special, f"{config_path} chat_template")
@@ -101,8 +105,9 @@ def check_messages(messages) -> list[dict]:
             raise InputError(f"messages[{i}]: expected an object with a string role")
         content = message.get("content")
         if isinstance(content, list):
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
+            if not all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+            ):
                 raise InputError(f"messages[{i}].content: only text parts are supported")
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):

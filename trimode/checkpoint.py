@@ -46,8 +46,12 @@ def default_dtype(device: torch.device, is_fp8: bool = False) -> torch.dtype:
     return torch.float64 if is_fp8 else torch.float32
 
 
-def load_checkpoint(checkpoint_dir: Path, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None, draft_adapter: bool = True) -> Checkpoint:
+def load_checkpoint(
+    checkpoint_dir: Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    draft_adapter: bool = True,
+) -> Checkpoint:
     """draft_adapter=False leaves a `linear_spec_lora/` unmerged: the base model's drafts (eval
     with and without the adapter, and the adapter's own training, which needs the bare o_proj)."""
     checkpoint_dir = Path(checkpoint_dir)
@@ -57,13 +61,20 @@ def load_checkpoint(checkpoint_dir: Path, device: str | torch.device = "cpu",
     tokenizer = Tokenizer(checkpoint_dir, spec)
     device = torch.device(device)
     quant = read_quant_config(checkpoint_dir)
-    model = load_model(checkpoint_dir, spec, device, dtype or default_dtype(device, quant is not None), quant,
-                       draft_adapter)
+    model = load_model(
+        checkpoint_dir, spec, device, dtype or default_dtype(device, quant is not None), quant, draft_adapter
+    )
     return Checkpoint(checkpoint_dir, spec, model, tokenizer)
 
 
-def load_model(checkpoint_dir: Path, spec: ModelSpec, device: torch.device, dtype: torch.dtype,
-               quant: dict | None, draft_adapter: bool = True) -> NLDModel:
+def load_model(
+    checkpoint_dir: Path,
+    spec: ModelSpec,
+    device: torch.device,
+    dtype: torch.dtype,
+    quant: dict | None,
+    draft_adapter: bool = True,
+) -> NLDModel:
     """The model on `device`; quant is the checkpoint's hf_quant_config (None: not quantized)."""
     with torch.device("meta"):
         model = NLDModel(spec)
@@ -75,7 +86,9 @@ def load_model(checkpoint_dir: Path, spec: ModelSpec, device: torch.device, dtyp
         if not isinstance(attn.q_proj, FP8Linear):
             raise CheckpointError(f"{checkpoint_dir}: hf_quant_config.json says FP8 but the weights are not float8")
         if quant.get("kv_cache_quant_algo") == "FP8" and attn.k_scale is None:
-            raise CheckpointError(f"{checkpoint_dir}: hf_quant_config.json says FP8 KV cache but there are no k_scale/v_scale")
+            raise CheckpointError(
+                f"{checkpoint_dir}: hf_quant_config.json says FP8 KV cache but there are no k_scale/v_scale"
+            )
     state = {}
     for name, param in model.state_dict().items():
         if not param.is_meta:
@@ -89,8 +102,10 @@ def load_model(checkpoint_dir: Path, spec: ModelSpec, device: torch.device, dtyp
     model.inv_freq = rope_frequencies(spec.rope, spec.head_dim)[0].to(device)  # was built on meta
     if draft_adapter and (checkpoint_dir / ADAPTER_DIR).is_dir() and not model.has_draft_adapter:
         if quant:
-            raise CheckpointError(f"{checkpoint_dir}: an FP8 checkpoint carries its draft adapter merged "
-                                  f"(the *_draft linears); a separate {ADAPTER_DIR}/ cannot be applied to FP8 weights")
+            raise CheckpointError(
+                f"{checkpoint_dir}: an FP8 checkpoint carries its draft adapter merged "
+                f"(the *_draft linears); a separate {ADAPTER_DIR}/ cannot be applied to FP8 weights"
+            )
         attach_draft_adapter(model, checkpoint_dir / ADAPTER_DIR)
     return model.eval().requires_grad_(False)
 
@@ -107,16 +122,17 @@ def read_quant_config(checkpoint_dir: Path) -> dict | None:
     if not isinstance(quant, dict):
         raise CheckpointError(f"{path}: key 'quantization': expected an object, got {quant!r}")
     if quant.get("kv_cache_quant_algo") not in ("FP8", None):
-        raise CheckpointError(f"{path}: key 'kv_cache_quant_algo': expected 'FP8' or null, "
-                              f"got {quant.get('kv_cache_quant_algo')!r}")
+        raise CheckpointError(
+            f"{path}: key 'kv_cache_quant_algo': expected 'FP8' or null, got {quant.get('kv_cache_quant_algo')!r}"
+        )
     if quant.get("quant_algo") != "FP8":
         raise CheckpointError(f"{path}: key 'quant_algo': only 'FP8' is supported, got {quant.get('quant_algo')!r}")
     return quant
 
 
-def _load_fp8_modules(model: NLDModel, infos: dict[str, TensorInfo], files: MappedFiles,
-                      device: torch.device) -> None:
+def _load_fp8_modules(model: NLDModel, infos: dict[str, TensorInfo], files: MappedFiles, device: torch.device) -> None:
     """Swap every Linear stored as float8_e4m3fn for an FP8Linear; read K/V scales; the merged draft twins."""
+
     def tensor(name: str, shape: tuple[int, ...], dtypes: tuple[str, ...]) -> torch.Tensor:
         info = infos.get(name)
         if info is None:
@@ -125,8 +141,11 @@ def _load_fp8_modules(model: NLDModel, infos: dict[str, TensorInfo], files: Mapp
         return files.tensor(info).to(device)
 
     def fp8_linear(prefix: str, out_features: int, in_features: int) -> FP8Linear:
-        return FP8Linear(tensor(f"{prefix}.weight", (out_features, in_features), ("F8_E4M3",)),
-                         tensor(f"{prefix}.weight_scale", (), ("F32",)), tensor(f"{prefix}.input_scale", (), ("F32",)))
+        return FP8Linear(
+            tensor(f"{prefix}.weight", (out_features, in_features), ("F8_E4M3",)),
+            tensor(f"{prefix}.weight_scale", (), ("F32",)),
+            tensor(f"{prefix}.input_scale", (), ("F32",)),
+        )
 
     for name, module in list(model.named_modules()):
         info = infos.get(f"{name}.weight")
@@ -177,8 +196,9 @@ def _weight_map(index: Path) -> dict[str, str]:
         raise CheckpointError(f"{index}: 'weight_map' must be a non-empty object of tensor name -> shard file")
     for name, shard in weight_map.items():
         if not isinstance(shard, str) or Path(shard).name != shard or not shard.endswith(".safetensors"):
-            raise CheckpointError(f"{index}: tensor {name!r}: shard {shard!r} is not a .safetensors file name "
-                                  f"in the checkpoint folder")
+            raise CheckpointError(
+                f"{index}: tensor {name!r}: shard {shard!r} is not a .safetensors file name in the checkpoint folder"
+            )
         path = index.parent / shard
         if not path.is_file():
             raise CheckpointError(f"{index}: tensor {name!r}: shard {shard!r} is missing")
@@ -187,11 +207,13 @@ def _weight_map(index: Path) -> dict[str, str]:
 
 def _check(info: TensorInfo, name: str, shape: tuple[int, ...], dtypes: tuple[str, ...] = WEIGHT_DTYPES) -> None:
     if info.shape != shape:
-        raise CheckpointError(f"{info.path}: tensor {name!r} has shape {list(info.shape)}, "
-                              f"config.json implies {list(shape)}")
+        raise CheckpointError(
+            f"{info.path}: tensor {name!r} has shape {list(info.shape)}, config.json implies {list(shape)}"
+        )
     if info.dtype not in dtypes:
-        raise CheckpointError(f"{info.path}: tensor {name!r} has dtype {info.dtype}; "
-                              f"expected one of {', '.join(dtypes)}")
+        raise CheckpointError(
+            f"{info.path}: tensor {name!r} has dtype {info.dtype}; expected one of {', '.join(dtypes)}"
+        )
 
 
 def read_draft_adapter(adapter_dir: Path, model: NLDModel) -> tuple[Factors, float]:
@@ -214,8 +236,10 @@ def read_draft_adapter(adapter_dir: Path, model: NLDModel) -> tuple[Factors, flo
             w = getattr(getattr(layer, DRAFT_LINEARS[name]), name).weight
             a, b = found.get((i, name, "A")), found.get((i, name, "B"))
             if a is None or b is None:
-                raise CheckpointError(f"{adapter_dir / 'adapter_model.safetensors'}: no LoRA A/B for layer {i} "
-                                      f"{name}, which adapter_config.json's 'target_modules' names")
+                raise CheckpointError(
+                    f"{adapter_dir / 'adapter_model.safetensors'}: no LoRA A/B for layer {i} "
+                    f"{name}, which adapter_config.json's 'target_modules' names"
+                )
             _check(a[1], f"layer {i} {name} lora_A", (r, w.shape[1]))
             _check(b[1], f"layer {i} {name} lora_B", (w.shape[0], r))
             factors[i, name] = (_finite(files, *a).to(w.device), _finite(files, *b).to(w.device))
@@ -268,10 +292,14 @@ def _lora_config(config_path: Path) -> tuple[int, float, list[str]]:
         targets = [targets]
     names = {str(t).rpartition(".")[2] for t in targets} if isinstance(targets, list) else set()
     if not names or not names <= DRAFT_LINEARS.keys():
-        raise CheckpointError(f"{config_path}: key 'target_modules': expected a list of the layers' linears "
-                              f"({', '.join(DRAFT_LINEARS)}), got {targets!r}")
+        raise CheckpointError(
+            f"{config_path}: key 'target_modules': expected a list of the layers' linears "
+            f"({', '.join(DRAFT_LINEARS)}), got {targets!r}"
+        )
     for key in ("rank_pattern", "alpha_pattern"):
         if cfg.get(key):
-            raise CheckpointError(f"{config_path}: key {key!r}: per-module ranks and alphas are not supported; "
-                                  f"every target module must share 'r' and 'lora_alpha'")
-    return r, alpha / r ** 0.5 if rslora else alpha / r, [n for n in DRAFT_LINEARS if n in names]
+            raise CheckpointError(
+                f"{config_path}: key {key!r}: per-module ranks and alphas are not supported; "
+                f"every target module must share 'r' and 'lora_alpha'"
+            )
+    return r, alpha / r**0.5 if rslora else alpha / r, [n for n in DRAFT_LINEARS if n in names]

@@ -74,8 +74,10 @@ class ModelSpec:
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "ModelSpec":
         r = _Reader(raw, source)
         if raw.get("model_type") != MODEL_TYPE:
-            raise ConfigError(f"{source}: key 'model_type': expected {MODEL_TYPE!r}, "
-                              f"got {raw.get('model_type')!r} (not a Nemotron-Labs Diffusion checkpoint)")
+            raise ConfigError(
+                f"{source}: key 'model_type': expected {MODEL_TYPE!r}, "
+                f"got {raw.get('model_type')!r} (not a Nemotron-Labs Diffusion checkpoint)"
+            )
         if raw.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"{source}: key 'hidden_act': only 'silu' is supported, got {raw['hidden_act']!r}")
         if raw.get("tie_word_embeddings", False):
@@ -84,8 +86,9 @@ class ModelSpec:
         hidden = r.pos_int("hidden_size", most=MAX_WIDTH)
         kv_heads = r.pos_int("num_key_value_heads", heads, most=MAX_HEADS)
         if heads % kv_heads:
-            raise ConfigError(f"{source}: key 'num_key_value_heads': {kv_heads} does not divide "
-                              f"num_attention_heads={heads}")
+            raise ConfigError(
+                f"{source}: key 'num_key_value_heads': {kv_heads} does not divide num_attention_heads={heads}"
+            )
         vocab = r.pos_int("vocab_size", most=MAX_VOCAB)
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (eos,)
@@ -153,8 +156,14 @@ class _Reader:
             return default
         return self.raw[key]
 
-    def pos_int(self, key: str, default: int | None = None, most: int = MAX_POSITIONS, raw: dict | None = None,
-                label: str | None = None) -> int:
+    def pos_int(
+        self,
+        key: str,
+        default: int | None = None,
+        most: int = MAX_POSITIONS,
+        raw: dict | None = None,
+        label: str | None = None,
+    ) -> int:
         v = self.get(key, default) if raw is None else raw.get(key, default)
         if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= most:
             raise self.fail(label or key, f"an integer in [1, {most}]", v)
@@ -166,14 +175,26 @@ class _Reader:
             raise self.fail("head_dim", f"an even integer in [2, {MAX_HEAD_DIM}] (rotary pairs)", v)
         return v
 
-    def pos_float(self, key: str, default: float | None = None, raw: dict | None = None,
-                  label: str | None = None, least: float = 0.0, most: float = 1e6,
-                  least_is_open: bool = True) -> float:
+    def pos_float(
+        self,
+        key: str,
+        default: float | None = None,
+        raw: dict | None = None,
+        label: str | None = None,
+        least: float = 0.0,
+        most: float = 1e6,
+        least_is_open: bool = True,
+    ) -> float:
         v = (raw if raw is not None else self.raw).get(key, default)
         if v is None and default is None:
             raise ConfigError(f"{self.source}: missing required key {label or key!r}")
-        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                and (v > least if least_is_open else v >= least) and v <= most):
+        if not (
+            isinstance(v, (int, float))
+            and not isinstance(v, bool)
+            and math.isfinite(v)
+            and (v > least if least_is_open else v >= least)
+            and v <= most
+        ):
             bracket = "(" if least_is_open else "["
             raise self.fail(label or key, f"a finite number in {bracket}{least:g}, {most:g}]", v)
         return float(v)
@@ -209,12 +230,14 @@ def _read_rope(raw: dict[str, Any], r: _Reader, source: str) -> RopeSpec:
         rp = {**rp, "rope_theta": raw["rope_theta"]}
     d = RopeSpec()
 
-    def num(key: str, default: _Default, least: float = 0.0, most: float = 1e6,
-            least_is_open: bool = True) -> float | _Default:
+    def num(
+        key: str, default: _Default, least: float = 0.0, most: float = 1e6, least_is_open: bool = True
+    ) -> float | _Default:
         if rp.get(key) is None:
             return default  # absent or null: the default
-        return r.pos_float(key, default, raw=rp, label=f"rope_parameters.{key}", least=least, most=most,
-                           least_is_open=least_is_open)
+        return r.pos_float(
+            key, default, raw=rp, label=f"rope_parameters.{key}", least=least, most=most, least_is_open=least_is_open
+        )
 
     truncate = rp.get("truncate", True)
     if not isinstance(truncate, bool):
@@ -222,12 +245,14 @@ def _read_rope(raw: dict[str, Any], r: _Reader, source: str) -> RopeSpec:
     return RopeSpec(
         rope_type=rope_type,
         # theta > 1: the wavelengths grow with the dimension (and YaRN divides by log(theta))
-        rope_theta=r.pos_float("rope_theta", None, raw=rp, label="rope_parameters.rope_theta", least=1.0,
-                               most=1e15),
+        rope_theta=r.pos_float("rope_theta", None, raw=rp, label="rope_parameters.rope_theta", least=1.0, most=1e15),
         factor=num("factor", d.factor, least=1.0, most=1e6, least_is_open=False) if rope_type == "yarn" else 1.0,
         original_max_position_embeddings=r.pos_int(
-            "original_max_position_embeddings", d.original_max_position_embeddings, raw=rp,
-            label="rope_parameters.original_max_position_embeddings"),
+            "original_max_position_embeddings",
+            d.original_max_position_embeddings,
+            raw=rp,
+            label="rope_parameters.original_max_position_embeddings",
+        ),
         beta_fast=num("beta_fast", d.beta_fast, least=1e-3, most=1e3, least_is_open=False),
         beta_slow=num("beta_slow", d.beta_slow, least=1e-3, most=1e3, least_is_open=False),
         mscale=num("mscale", None, most=100.0),

@@ -45,14 +45,20 @@ class DeploySettings:
 @dataclass
 class Hooks:
     """What the CLI shows while a deploy runs (each a no-op by default)."""
+
     on_stage: Callable[[str, str], None] = lambda stage, status: None  # status: running | reused | skipped
-    quantize_progress: Callable[[int], None] | None = None             # quantize_checkpoint's progress
-    build_start: Callable | None = None                                # build_engine's on_start, on_program
+    quantize_progress: Callable[[int], None] | None = None  # quantize_checkpoint's progress
+    build_start: Callable | None = None  # build_engine's on_start, on_program
     build_program: Callable | None = None
 
 
-def deploy(checkpoint_dir: Path, out_dir: Path, settings: DeploySettings = DeploySettings(), force: bool = False,
-           hooks: Hooks | None = None) -> dict:
+def deploy(
+    checkpoint_dir: Path,
+    out_dir: Path,
+    settings: DeploySettings = DeploySettings(),
+    force: bool = False,
+    hooks: Hooks | None = None,
+) -> dict:
     """-> DIR's manifest; its "stages" map each stage to its record (with "reused": bool)."""
     from trimode.builder import check_backend
 
@@ -64,8 +70,13 @@ def deploy(checkpoint_dir: Path, out_dir: Path, settings: DeploySettings = Deplo
     check_backend(settings.build)  # before an FP8 calibration that a missing TensorRT would waste
     previous = _read_previous(out_path)
     records = dict(previous)  # until a stage is checked again: an interrupted run keeps the later ones
-    manifest = {"stage": STAGE, "tool": f"trimode {__version__}",
-                "input": {"path": str(checkpoint_dir)}, "folders": {}, "stages": records}
+    manifest = {
+        "stage": STAGE,
+        "tool": f"trimode {__version__}",
+        "input": {"path": str(checkpoint_dir)},
+        "folders": {},
+        "stages": records,
+    }
     # DIR/manifest.json before the first stage: a deploy SIGKILLed in it leaves a deploy output (plus the
     # stage's own leftovers, which its next run clears), which the re-run resumes instead of refusing
     is_first = not (out_path.is_dir() and any(out_path.iterdir()))
@@ -83,8 +94,15 @@ def deploy(checkpoint_dir: Path, out_dir: Path, settings: DeploySettings = Deplo
     return manifest
 
 
-def _run_stages(checkpoint_dir: Path, out_path: Path, settings: DeploySettings, force: bool, hooks: Hooks,
-                previous: dict, manifest: dict) -> None:
+def _run_stages(
+    checkpoint_dir: Path,
+    out_path: Path,
+    settings: DeploySettings,
+    force: bool,
+    hooks: Hooks,
+    previous: dict,
+    manifest: dict,
+) -> None:
     from trimode.builder import build_engine
     from trimode.checkpoint import read_quant_config
     from trimode.quantize import quantize_checkpoint
@@ -92,13 +110,23 @@ def _run_stages(checkpoint_dir: Path, out_path: Path, settings: DeploySettings, 
 
     records = manifest["stages"]
 
-    def run(stage: str, source: Path, stage_settings: dict, make: Callable[[Path, bool], object],
-            output_digest: Callable[[Path], str]) -> Path:
+    def run(
+        stage: str,
+        source: Path,
+        stage_settings: dict,
+        make: Callable[[Path, bool], object],
+        output_digest: Callable[[Path], str],
+    ) -> Path:
         target = out_path / FOLDERS[stage]
         record = {"input_digest": input_digest(source), "settings": stage_settings}
         old = previous.get(stage)
-        if not force and old and {k: old.get(k) for k in record} == record and target.is_dir() \
-                and _digest_or_none(output_digest, target) == old.get("output_digest"):
+        if (
+            not force
+            and old
+            and {k: old.get(k) for k in record} == record
+            and target.is_dir()
+            and _digest_or_none(output_digest, target) == old.get("output_digest")
+        ):
             hooks.on_stage(stage, "reused")
             records[stage] = {**old, "reused": True}
         else:
@@ -111,20 +139,35 @@ def _run_stages(checkpoint_dir: Path, out_path: Path, settings: DeploySettings, 
 
     source = checkpoint_dir
     if settings.fp8 and read_quant_config(checkpoint_dir) is None:
-        source = run("quantize", checkpoint_dir, _plain(asdict(settings.quantize)),
-                     lambda target, again: quantize_checkpoint(checkpoint_dir, target, settings.quantize,
-                                                               force=again, progress=hooks.quantize_progress),
-                     input_digest)
+        source = run(
+            "quantize",
+            checkpoint_dir,
+            _plain(asdict(settings.quantize)),
+            lambda target, again: quantize_checkpoint(
+                checkpoint_dir, target, settings.quantize, force=again, progress=hooks.quantize_progress
+            ),
+            input_digest,
+        )
     else:
         records.pop("quantize", None)
         hooks.on_stage("quantize", "skipped")
-    engine = run("build", source, _plain(asdict(settings.build)),
-                 lambda target, again: build_engine(source, target, settings.build, again,
-                                                    hooks.build_start, hooks.build_program),
-                 _engine_digest)
+    engine = run(
+        "build",
+        source,
+        _plain(asdict(settings.build)),
+        lambda target, again: build_engine(
+            source, target, settings.build, again, hooks.build_start, hooks.build_program
+        ),
+        _engine_digest,
+    )
     # the repository names its engine dir by absolute path: a moved deploy folder rewrites it
-    run("repo", engine, _plain({"engine_path": str(engine.resolve()), **asdict(settings.repo)}),
-        lambda target, again: write_model_repo(engine, target, settings.repo, again), input_digest)
+    run(
+        "repo",
+        engine,
+        _plain({"engine_path": str(engine.resolve()), **asdict(settings.repo)}),
+        lambda target, again: write_model_repo(engine, target, settings.repo, again),
+        input_digest,
+    )
 
 
 def _engine_digest(engine_dir: Path) -> str:

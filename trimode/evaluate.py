@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from trimode.checkpoint import Checkpoint
-from trimode.errors import InputError
 from trimode.decoding import GenerationSettings, Mode, Sequence, generate
+from trimode.errors import InputError
 from trimode.passes import PassKind
 
 
@@ -26,7 +26,7 @@ class EvalSettings:
     prompt_len: int = 64
     max_new_tokens: int = 64
     block_lengths: tuple[int, ...] = (4, 8, 16, 32)
-    batch_size: int = 1            # concurrency 1: where diffusion and self-spec pay off (spec §8)
+    batch_size: int = 1  # concurrency 1: where diffusion and self-spec pay off (spec §8)
     ppl_seq_len: int = 256
     ppl_max_windows: int | None = None
 
@@ -41,14 +41,15 @@ def held_out_stream(ck: Checkpoint) -> torch.Tensor:
 def held_out_prompts(stream: torch.Tensor, num_prompts: int, prompt_len: int) -> list[list[int]]:
     """Evenly spaced windows of the held-out stream: fixed, so every run sees the same prompts."""
     step = (len(stream) - prompt_len) // num_prompts
-    return [stream[i * step:i * step + prompt_len].tolist() for i in range(num_prompts)]
+    return [stream[i * step : i * step + prompt_len].tolist() for i in range(num_prompts)]
 
 
 @torch.no_grad()
-def perplexity(ck: Checkpoint, stream: torch.Tensor, seq_len: int, max_windows: int | None = None,
-               batch_size: int = 8) -> float:
+def perplexity(
+    ck: Checkpoint, stream: torch.Tensor, seq_len: int, max_windows: int | None = None, batch_size: int = 8
+) -> float:
     """exp(mean next-token cross-entropy) over non-overlapping windows of the stream."""
-    windows = stream[:len(stream) // seq_len * seq_len].view(-1, seq_len)[:max_windows]
+    windows = stream[: len(stream) // seq_len * seq_len].view(-1, seq_len)[:max_windows]
     total, count = 0.0, 0
     for batch in windows.split(batch_size):
         logits = ck.model(batch, ck.model.new_cache(len(batch), seq_len), PassKind.PREFILL)
@@ -57,22 +58,25 @@ def perplexity(ck: Checkpoint, stream: torch.Tensor, seq_len: int, max_windows: 
     return math.exp(total / count)
 
 
-def run_mode(ck: Checkpoint, prompts: list[list[int]], settings: GenerationSettings,
-             batch_size: int, new_engine=None) -> tuple[list[Sequence], float]:
+def run_mode(
+    ck: Checkpoint, prompts: list[list[int]], settings: GenerationSettings, batch_size: int, new_engine=None
+) -> tuple[list[Sequence], float]:
     """new_engine: makes the Engine of a built engine dir (None: the eager model, sized per batch)."""
     results, start = [], time.perf_counter()
     for i in range(0, len(prompts), batch_size):
         engine = new_engine() if new_engine else None
-        results += generate(ck.model, prompts[i:i + batch_size], settings, engine)
+        results += generate(ck.model, prompts[i : i + batch_size], settings, engine)
     return results, time.perf_counter() - start
 
 
 def summarize(results: list[Sequence], elapsed: float) -> dict:
     generated = sum(r.stats.num_generated for r in results)
     accepted = [n for r in results for n in r.stats.accepted_lengths]
-    return {"tokens_per_pass": round(generated / sum(r.stats.num_passes for r in results), 4),
-            "tokens_per_s": round(generated / elapsed, 1),
-            "mean_accepted_length": round(sum(accepted) / len(accepted), 4) if accepted else None}
+    return {
+        "tokens_per_pass": round(generated / sum(r.stats.num_passes for r in results), 4),
+        "tokens_per_s": round(generated / elapsed, 1),
+        "mean_accepted_length": round(sum(accepted) / len(accepted), 4) if accepted else None,
+    }
 
 
 def agreement(results: list[Sequence], reference: list[Sequence]) -> dict:
@@ -83,18 +87,25 @@ def agreement(results: list[Sequence], reference: list[Sequence]) -> dict:
         matches = [a == b for a, b in zip(r.tokens[:n], ref.tokens[:n])]
         same, total = same + sum(matches), total + n
         prefix += next((i for i, m in enumerate(matches) if not m), n)
-    return {"token_agreement": round(same / max(total, 1), 4),
-            "mean_common_prefix": round(prefix / max(len(results), 1), 2)}
+    return {
+        "token_agreement": round(same / max(total, 1), 4),
+        "mean_common_prefix": round(prefix / max(len(results), 1), 2),
+    }
 
 
-def run_modes(ck: Checkpoint, prompts: list[list[int]], settings: EvalSettings,
-              progress=None, new_engine=None) -> tuple[dict, dict[str, list[Sequence]]]:
+def run_modes(
+    ck: Checkpoint, prompts: list[list[int]], settings: EvalSettings, progress=None, new_engine=None
+) -> tuple[dict, dict[str, list[Sequence]]]:
     """AR, diffusion and self-spec at each block length: -> (statistics by run, results by run)."""
     base: dict[str, Any] = dict(max_new_tokens=settings.max_new_tokens, ignore_eos=True)
-    runs = [("ar", GenerationSettings(mode=Mode.AR, **base)),
-            ("diffusion", GenerationSettings(mode=Mode.DIFFUSION, **base))]
-    runs += [(f"self-spec/{L}", GenerationSettings(mode=Mode.SELF_SPEC, block_length=L, **base))
-             for L in settings.block_lengths]
+    runs = [
+        ("ar", GenerationSettings(mode=Mode.AR, **base)),
+        ("diffusion", GenerationSettings(mode=Mode.DIFFUSION, **base)),
+    ]
+    runs += [
+        (f"self-spec/{L}", GenerationSettings(mode=Mode.SELF_SPEC, block_length=L, **base))
+        for L in settings.block_lengths
+    ]
     modes, outputs = {}, {}
     for name, gen in runs:
         if progress:
@@ -106,8 +117,13 @@ def run_modes(ck: Checkpoint, prompts: list[list[int]], settings: EvalSettings,
     return modes, outputs
 
 
-def evaluate(ck: Checkpoint, settings: EvalSettings = EvalSettings(), against: Checkpoint | None = None,
-             progress=None, new_engine=None) -> dict:
+def evaluate(
+    ck: Checkpoint,
+    settings: EvalSettings = EvalSettings(),
+    against: Checkpoint | None = None,
+    progress=None,
+    new_engine=None,
+) -> dict:
     """The report of ck; with `against`, the same for the other checkpoint and the per-mode greedy token
     agreement between the two (e.g. FP8 vs bf16), on the same prompts. new_engine: generate through
     a built engine (its Engine factory); perplexity stays the eager model's."""
@@ -115,19 +131,26 @@ def evaluate(ck: Checkpoint, settings: EvalSettings = EvalSettings(), against: C
     prompts = held_out_prompts(stream, settings.num_prompts, settings.prompt_len)
     ppl = perplexity(ck, stream, settings.ppl_seq_len, settings.ppl_max_windows)
     modes, outputs = run_modes(ck, prompts, settings, progress, new_engine)
-    report: dict = {"checkpoint": str(ck.checkpoint_dir), "draft_adapter": ck.model.has_draft_adapter,
-                    "settings": asdict(settings),
-                    "num_held_out_tokens": len(stream), "perplexity": round(ppl, 4), "modes": modes,
-                    "self_spec_equals_ar": all(modes[f"self-spec/{L}"]["token_agreement"] == 1.0
-                                               for L in settings.block_lengths)}
+    report: dict = {
+        "checkpoint": str(ck.checkpoint_dir),
+        "draft_adapter": ck.model.has_draft_adapter,
+        "settings": asdict(settings),
+        "num_held_out_tokens": len(stream),
+        "perplexity": round(ppl, 4),
+        "modes": modes,
+        "self_spec_equals_ar": all(modes[f"self-spec/{L}"]["token_agreement"] == 1.0 for L in settings.block_lengths),
+    }
     if against is not None:
         if against.tokenizer.vocab() != ck.tokenizer.vocab():
             raise InputError(f"{against.checkpoint_dir}: its tokenizer differs from {ck.checkpoint_dir}'s")
         other_ppl = perplexity(against, stream, settings.ppl_seq_len, settings.ppl_max_windows)
         other_modes, other_outputs = run_modes(against, prompts, settings, progress)
         report["against"] = {
-            "checkpoint": str(against.checkpoint_dir), "draft_adapter": against.model.has_draft_adapter,
+            "checkpoint": str(against.checkpoint_dir),
+            "draft_adapter": against.model.has_draft_adapter,
             "perplexity": round(other_ppl, 4),
-            "perplexity_change": round(ppl / other_ppl - 1, 5), "modes": other_modes,
-            "agreement": {name: agreement(outputs[name], other_outputs[name]) for name in outputs}}
+            "perplexity_change": round(ppl / other_ppl - 1, 5),
+            "modes": other_modes,
+            "agreement": {name: agreement(outputs[name], other_outputs[name]) for name in outputs},
+        }
     return report

@@ -59,8 +59,9 @@ class FP8Linear(nn.Module):
     def scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
         """The real FP8 GEMM (FP8 tensor cores on Hopper/Ada; also runs on CPU in torch >= 2.13)."""
         x8 = quantize_e4m3(x.reshape(-1, self.in_features), self.input_scale)
-        out = torch._scaled_mm(x8, self.weight.t(), scale_a=self.input_scale, scale_b=self.weight_scale,
-                               out_dtype=x.dtype)
+        out = torch._scaled_mm(
+            x8, self.weight.t(), scale_a=self.input_scale, scale_b=self.weight_scale, out_dtype=x.dtype
+        )
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -22,13 +22,16 @@ class KVCache:
     lengths: torch.Tensor  # [num_slots] int64: committed tokens per row (spec §4 KV rule)
 
     @classmethod
-    def allocate(cls, spec: ModelSpec, num_slots: int, max_len: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu") -> "KVCache":
+    def allocate(
+        cls, spec: ModelSpec, num_slots: int, max_len: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+    ) -> "KVCache":
         check_pool_fits(spec, num_slots, max_len, dtype, device)
         shape = (num_slots, spec.num_key_value_heads, max_len, spec.head_dim)
-        return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_hidden_layers)],
-                   [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_hidden_layers)],
-                   torch.zeros(num_slots, dtype=torch.long, device=device))
+        return cls(
+            [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_hidden_layers)],
+            [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_hidden_layers)],
+            torch.zeros(num_slots, dtype=torch.long, device=device),
+        )
 
     @property
     def num_slots(self) -> int:
@@ -50,8 +53,9 @@ class KVCache:
         self.lengths[rows] = new_lengths
 
 
-def check_pool_fits(spec: ModelSpec, num_slots: int, max_len: int, dtype: torch.dtype,
-                    device: torch.device | str) -> None:
+def check_pool_fits(
+    spec: ModelSpec, num_slots: int, max_len: int, dtype: torch.dtype, device: torch.device | str
+) -> None:
     """Refuse a pool larger than the memory the device has left: allocating it would end in an
     allocator traceback, or (the pool is zeroed, so every page is touched) in the OOM killer."""
     device = torch.device(device)
@@ -59,11 +63,13 @@ def check_pool_fits(spec: ModelSpec, num_slots: int, max_len: int, dtype: torch.
     need = spec.num_hidden_layers * 2 * num_slots * max_len * spec.num_key_value_heads * spec.head_dim * size
     room, source = available_memory(device)
     if need > room:
-        raise InputError(f"the KV pool of max_batch_size {num_slots} x max_seq_len {max_len} "
-                         f"({spec.num_hidden_layers} layers x K,V x {spec.num_key_value_heads} kv heads x head_dim "
-                         f"{spec.head_dim} x {size} bytes) needs {_size(need)}, and {device.type} has {_size(room)} "
-                         f"({source}); lower max_batch_size or max_seq_len (an engine's are those of its "
-                         f"`trimode build`)")
+        raise InputError(
+            f"the KV pool of max_batch_size {num_slots} x max_seq_len {max_len} "
+            f"({spec.num_hidden_layers} layers x K,V x {spec.num_key_value_heads} kv heads x head_dim "
+            f"{spec.head_dim} x {size} bytes) needs {_size(need)}, and {device.type} has {_size(room)} "
+            f"({source}); lower max_batch_size or max_seq_len (an engine's are those of its "
+            f"`trimode build`)"
+        )
 
 
 def available_memory(device: torch.device) -> tuple[int, str]:
@@ -87,9 +93,10 @@ def available_memory(device: torch.device) -> tuple[int, str]:
 
 _PROC_CGROUP = Path("/proc/self/cgroup")  # per hierarchy: "0::/path" (v2), "4:memory:/path" (v1)
 # cgroup version: (mount point, limit file, usage file, the reclaimable page cache's key in memory.stat)
-_CGROUPS = {2: (Path("/sys/fs/cgroup"), "memory.max", "memory.current", "inactive_file"),
-            1: (Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes", "memory.usage_in_bytes",
-                "total_inactive_file")}
+_CGROUPS = {
+    2: (Path("/sys/fs/cgroup"), "memory.max", "memory.current", "inactive_file"),
+    1: (Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+}
 
 
 def _cgroup_room() -> list[tuple[int, str]]:
@@ -107,7 +114,7 @@ def _cgroup_room() -> list[tuple[int, str]]:
             continue
         mount, limit_file, usage_file, cache_key = _CGROUPS[version]
         here = mount / path.lstrip("/")
-        for folder in [here, *here.parents][:len(here.relative_to(mount).parts) + 1]:
+        for folder in [here, *here.parents][: len(here.relative_to(mount).parts) + 1]:
             try:
                 limit = (folder / limit_file).read_text().strip()
                 if limit == "max":  # cgroup v2: no limit at this level

@@ -43,6 +43,7 @@ class SamplingParams:
     fills the block), or "none": diffusion commits an even top-k split per step.
     prefill_chunk: prompt tokens per prefill pass (None: one pass); an engine dir fixes its own.
     """
+
     mode: str = "ar"
     max_tokens: int = 64
     temperature: float = 0.0
@@ -58,33 +59,57 @@ class SamplingParams:
         except ValueError:
             raise InputError(f"mode: expected one of {', '.join(m.value for m in Mode)}, got {self.mode!r}") from None
         _check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "an integer >= 1", self.max_tokens)
-        _check(_is_number(self.temperature) and 0 <= self.temperature < math.inf, "temperature",
-               "a finite number >= 0", self.temperature)
+        _check(
+            _is_number(self.temperature) and 0 <= self.temperature < math.inf,
+            "temperature",
+            "a finite number >= 0",
+            self.temperature,
+        )
         _check(_is_int(self.seed) and 0 <= self.seed <= MAX_SEED, "seed", f"an integer in 0..{MAX_SEED}", self.seed)
-        _check(self.block_length is None or _is_int(self.block_length) and 1 <= self.block_length <= MAX_BLOCK_LENGTH,
-               "block_length", f"an integer in 1..{MAX_BLOCK_LENGTH} or None", self.block_length)
+        _check(
+            self.block_length is None or _is_int(self.block_length) and 1 <= self.block_length <= MAX_BLOCK_LENGTH,
+            "block_length",
+            f"an integer in 1..{MAX_BLOCK_LENGTH} or None",
+            self.block_length,
+        )
         if isinstance(self.threshold, str) and self.threshold.lower() == "none":
             object.__setattr__(self, "threshold", "none")
         t = self.threshold
-        _check(t is None or t == "none" or isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t <= 1,
-               "threshold", "a number in [0, 1], 'none' or None", t)
+        _check(
+            t is None or t == "none" or isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t <= 1,
+            "threshold",
+            "a number in [0, 1], 'none' or None",
+            t,
+        )
         _check(isinstance(self.ignore_eos, bool), "ignore_eos", "True or False", self.ignore_eos)
-        _check(self.prefill_chunk is None or _is_int(self.prefill_chunk) and self.prefill_chunk >= 1,
-               "prefill_chunk", "an integer >= 1 or None", self.prefill_chunk)
+        _check(
+            self.prefill_chunk is None or _is_int(self.prefill_chunk) and self.prefill_chunk >= 1,
+            "prefill_chunk",
+            "an integer >= 1 or None",
+            self.prefill_chunk,
+        )
 
     def to_settings(self) -> GenerationSettings:
         """The GenerationSettings of `trimode generate` with the same options."""
         threshold = None if isinstance(self.threshold, str) else self.threshold  # "none": the top-k schedule
         return GenerationSettings(
-            mode=Mode(self.mode), max_new_tokens=self.max_tokens, temperature=float(self.temperature), seed=self.seed,
-            block_length=self.block_length, threshold=threshold, use_top_k_schedule=self.threshold == "none",
-            prefill_chunk=self.prefill_chunk, ignore_eos=self.ignore_eos)
+            mode=Mode(self.mode),
+            max_new_tokens=self.max_tokens,
+            temperature=float(self.temperature),
+            seed=self.seed,
+            block_length=self.block_length,
+            threshold=threshold,
+            use_top_k_schedule=self.threshold == "none",
+            prefill_chunk=self.prefill_chunk,
+            ignore_eos=self.ignore_eos,
+        )
 
 
 @dataclass
 class RequestOutput:
     """One prompt's result. finish_reason: "eos" or "length"; stats: SequenceStats.to_dict() (every
     forward pass counted, prefill included; self-spec's accepted lengths per cycle)."""
+
     prompt: str
     prompt_token_ids: list[int]
     text: str
@@ -106,8 +131,10 @@ class LLM:
         self.built = None  # the BuiltEngine of an engine dir
         if model is None:
             if not (EMBEDDED_CHECKPOINT / "config.json").is_file():
-                raise InputError("model: no embedded default checkpoint in this build; pass a checkpoint dir "
-                                 "(make one with: trimode make-checkpoint --random --out DIR)")
+                raise InputError(
+                    "model: no embedded default checkpoint in this build; pass a checkpoint dir "
+                    "(make one with: trimode make-checkpoint --random --out DIR)"
+                )
             model = EMBEDDED_CHECKPOINT
         model = Path(model)
         if device is not None:
@@ -126,8 +153,12 @@ class LLM:
     def device(self) -> torch.device:
         return self.checkpoint.model.device
 
-    def generate(self, prompts: str | list[str], params: SamplingParams | None = None,
-                 on_step: Callable[[dict[int, list[int]]], None] | None = None) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: str | list[str],
+        params: SamplingParams | None = None,
+        on_step: Callable[[dict[int, list[int]]], None] | None = None,
+    ) -> list[RequestOutput]:
         """Generate for every prompt as one batch (sequences finish independently) -> one
         RequestOutput per prompt, in order. A str is one prompt. on_step, after each engine step:
         prompt index -> the tokens that prompt emitted in that step (absent: none)."""
@@ -138,8 +169,18 @@ class LLM:
             new = engine.step()
             if on_step is not None:
                 on_step({index[i]: tokens for i, tokens in new.items() if tokens})
-        return [RequestOutput(p, ids, self.tokenizer.decode(s.tokens), list(s.tokens), s.finish_reason,
-                              s.stats.to_dict(), s.block_length) for p, ids, s in zip(prompts, encoded, seqs)]
+        return [
+            RequestOutput(
+                p,
+                ids,
+                self.tokenizer.decode(s.tokens),
+                list(s.tokens),
+                s.finish_reason,
+                s.stats.to_dict(),
+                s.block_length,
+            )
+            for p, ids, s in zip(prompts, encoded, seqs)
+        ]
 
     def stream(self, prompt: str, params: SamplingParams | None = None) -> Iterator[str]:
         """Generate for one prompt, yielding its text as it becomes final (a character split over
@@ -172,8 +213,10 @@ class LLM:
             check_text(p, f"prompts[{i}]")
         if self.built is not None:
             if params.prefill_chunk is not None:
-                raise InputError("prefill_chunk: an engine dir fixes its prefill chunk at build time "
-                                 f"({self.built.config.prefill_chunk}); leave it None")
+                raise InputError(
+                    "prefill_chunk: an engine dir fixes its prefill chunk at build time "
+                    f"({self.built.config.prefill_chunk}); leave it None"
+                )
             if params.block_length is None:
                 params = replace(params, block_length=self.built.default_block_length)
         settings = params.to_settings()

@@ -24,12 +24,18 @@ from trimode.plugins.ops import block_attention
 from trimode.plugins.reference import ChunkLayout
 from trimode.rope import apply_rope, llama4_query_scale, rope_cos_sin, rope_frequencies
 
-
 # The linears of a layer a draft adapter may adapt, by the submodule that owns them. NVIDIA's adapter
 # adapts o_proj alone (spec §2); trimode's loader and trainer take any of these. Each adapted linear
 # gets a merged draft twin, `<name>_draft` on its owner, that only the self-spec draft pass reads.
-DRAFT_LINEARS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-                 "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+DRAFT_LINEARS = {
+    "q_proj": "self_attn",
+    "k_proj": "self_attn",
+    "v_proj": "self_attn",
+    "o_proj": "self_attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp",
+}
 
 
 def linear(owner: nn.Module, name: str, use_draft: bool) -> nn.Module:
@@ -40,8 +46,12 @@ def linear(owner: nn.Module, name: str, use_draft: bool) -> nn.Module:
 
 def draft_twins(model: "NLDModel") -> dict[tuple[int, str], nn.Module]:
     """(layer index, linear name) -> the merged draft twin, for every linear the adapter adapts."""
-    return {(i, name): twin for i, layer in enumerate(model.encoder.layers) for name, owner in DRAFT_LINEARS.items()
-            if (twin := getattr(getattr(layer, owner), f"{name}_draft")) is not None}
+    return {
+        (i, name): twin
+        for i, layer in enumerate(model.encoder.layers)
+        for name, owner in DRAFT_LINEARS.items()
+        if (twin := getattr(getattr(layer, owner), f"{name}_draft")) is not None
+    }
 
 
 class RMSNorm(nn.Module):
@@ -59,7 +69,10 @@ class Attention(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (
-            spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim)
+            spec.num_attention_heads,
+            spec.num_key_value_heads,
+            spec.head_dim,
+        )
         self.rope = spec.rope
         self.q_proj = nn.Linear(spec.hidden_size, self.num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(spec.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
@@ -71,14 +84,22 @@ class Attention(nn.Module):
         self.k_scale: torch.Tensor | None = None
         self.v_scale: torch.Tensor | None = None
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_scale: torch.Tensor,
-                use_draft: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_scale: torch.Tensor, use_draft: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [b, L, hidden] -> q [b, L, H, D], k and v [b, L, Hkv, D], rotated and scaled (spec §3)."""
         q, k, v = (linear(self, name, use_draft)(x) for name in ("q_proj", "k_proj", "v_proj"))
         return self.heads(q, k, v, cos, sin, q_scale)
 
-    def heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-              q_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def heads(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        q_scale: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The projections q [b, L, H*D], k and v [b, L, Hkv*D] split into heads, rotated and scaled."""
         b, L, _ = q.shape
         q = q.view(b, L, self.num_heads, self.head_dim)
@@ -93,8 +114,17 @@ class Attention(nn.Module):
     def output(self, attn: torch.Tensor, use_draft: bool) -> torch.Tensor:
         return linear(self, "o_proj", use_draft)(attn.flatten(2))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_scale: torch.Tensor,
-                k_cache: torch.Tensor, v_cache: torch.Tensor, layout: ChunkLayout, use_draft: bool) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        q_scale: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        layout: ChunkLayout,
+        use_draft: bool,
+    ) -> torch.Tensor:
         q, k, v = self.project(x, cos, sin, q_scale, use_draft)
         attn = block_attention(q, k, v, k_cache, v_cache, layout, self.k_scale, self.v_scale)
         return self.output(attn, use_draft)
@@ -130,8 +160,9 @@ class Encoder(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = cast(Sequence[DecoderLayer],
-                           nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_hidden_layers)))
+        self.layers = cast(
+            Sequence[DecoderLayer], nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_hidden_layers))
+        )
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
 
@@ -158,16 +189,24 @@ class NLDModel(nn.Module):
     def device(self) -> torch.device:
         return self.diffusion_head.weight.device
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache, kind: PassKind,
-                rows: torch.Tensor | None = None, logit_index: torch.Tensor | None = None,
-                length_range: tuple[int, int] | None = None, kernels: bool | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache,
+        kind: PassKind,
+        rows: torch.Tensor | None = None,
+        logit_index: torch.Tensor | None = None,
+        length_range: tuple[int, int] | None = None,
+        kernels: bool | None = None,
+    ) -> torch.Tensor:
         """tokens [b, L] for cache rows `rows` (None = every row). -> logits [b, L, V] in fp32,
         or [b, 1, V] at chunk index logit_index [b] (prefill needs only each row's last logit).
         length_range: (min, max) of the rows' lengths when the caller knows them (no host sync);
         kernels: run the plugins' kernels (None: plugins.ops.use_kernels decides per call)."""
         lengths = cache.lengths if rows is None else cache.lengths[rows]
-        layout = ChunkLayout.build(lengths, rows, tokens.shape[1], kind.pattern == Pattern.CAUSAL, length_range,
-                                   kernels)
+        layout = ChunkLayout.build(
+            lengths, rows, tokens.shape[1], kind.pattern == Pattern.CAUSAL, length_range, kernels
+        )
         use_draft = kind.use_draft
 
         def attend(i: int, attn: Attention, x, cos, sin, q_scale):
@@ -178,14 +217,21 @@ class NLDModel(nn.Module):
             h = h[torch.arange(h.shape[0], device=h.device), logit_index][:, None]
         return self.diffusion_head(self.encoder.norm(h)).float()
 
-    def forward_masked(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                       use_draft: bool = False) -> torch.Tensor:
+    def forward_masked(
+        self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, use_draft: bool = False
+    ) -> torch.Tensor:
         """Cache-free pass with an explicit attention mask (training, spec §9).
         tokens, positions [b, T]; mask [b, T, T] bool (True = may attend). -> logits [b, T, V]."""
+
         def attend(i: int, attn: Attention, x, cos, sin, q_scale):
             q, k, v = attn.project(x, cos, sin, q_scale, use_draft)
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 attn_mask=mask[:, None], enable_gqa=q.shape[2] != k.shape[2])
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                attn_mask=mask[:, None],
+                enable_gqa=q.shape[2] != k.shape[2],
+            )
             return attn.output(out.transpose(1, 2), use_draft)
 
         return self.diffusion_head(self.encoder.norm(self._layers(tokens, positions, attend, use_draft))).float()

@@ -12,6 +12,7 @@ from enum import Enum
 
 class Mode(str, Enum):
     """A generation mode; its values are the CLI choices."""
+
     AR = "ar"
     DIFFUSION = "diffusion"
     SELF_SPEC = "self-spec"
@@ -19,15 +20,15 @@ class Mode(str, Enum):
 
 class Pattern(str, Enum):
     CAUSAL = "causal"  # token i sees the prefix and chunk tokens 0..i; logit i predicts position i+1
-    BLOCK = "block"    # every token sees the prefix and the whole chunk; logit i predicts position i
+    BLOCK = "block"  # every token sees the prefix and the whole chunk; logit i predicts position i
 
 
 class PassKind(str, Enum):
     PREFILL = "prefill"  # causal chunk of a prompt; only the last prompt token's logit is needed
-    DECODE = "decode"    # AR: causal pass over one token
+    DECODE = "decode"  # AR: causal pass over one token
     DENOISE = "denoise"  # diffusion: block pass over a partly masked block, cache read-only
-    DRAFT = "draft"      # self-spec: the same block pass with the draft adapter on
-    VERIFY = "verify"    # self-spec: causal pass over a drafted block, every logit
+    DRAFT = "draft"  # self-spec: the same block pass with the draft adapter on
+    VERIFY = "verify"  # self-spec: causal pass over a drafted block, every logit
     REFRESH = "refresh"  # diffusion: causal pass over a finished block; only its last logit
 
     @property

@@ -16,7 +16,7 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 def rope_frequencies(rope: RopeSpec, head_dim: int) -> tuple[torch.Tensor, float]:
     """Inverse frequencies [head_dim/2] and the cos/sin scaling factor (the standard YaRN recipe)."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
-    inv_freq = 1.0 / (rope.rope_theta ** exponents)
+    inv_freq = 1.0 / (rope.rope_theta**exponents)
     if rope.rope_type == "default":
         return inv_freq, 1.0
     factor = rope.factor
@@ -45,8 +45,9 @@ def rope_frequencies(rope: RopeSpec, head_dim: int) -> tuple[torch.Tensor, float
     return inv_freq, attn_scale
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, attn_scale: float,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor, attn_scale: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """positions [B, L] -> cos, sin [B, L, head_dim] (computed in fp32, then cast)."""
     freqs = positions[..., None].float() * inv_freq.to(positions.device)
     emb = torch.cat((freqs, freqs), dim=-1)

@@ -20,9 +20,18 @@ import torch
 from trimode.errors import CheckpointError
 
 DTYPES = {
-    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 
 
@@ -47,12 +56,14 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             file_size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
             if len(prefix) < 8:
-                raise CheckpointError(f"{path}: not a safetensors file ({file_size} bytes, shorter than "
-                                      f"the 8-byte header size)")
+                raise CheckpointError(
+                    f"{path}: not a safetensors file ({file_size} bytes, shorter than the 8-byte header size)"
+                )
             (size,) = struct.unpack("<Q", prefix)
             if not 2 <= size <= min(MAX_HEADER_BYTES, file_size - 8):
-                raise CheckpointError(f"{path}: header size {size} does not fit the file "
-                                      f"({file_size} bytes; at most {MAX_HEADER_BYTES})")
+                raise CheckpointError(
+                    f"{path}: header size {size} does not fit the file ({file_size} bytes; at most {MAX_HEADER_BYTES})"
+                )
             raw = f.read(size)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
@@ -74,8 +85,10 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             raise CheckpointError(f"{path}: tensor {_name_of(out, info)!r}: data_offsets {what}")
         covered = info.end - base
     if covered != data_size:
-        raise CheckpointError(f"{path}: {data_size - covered} bytes after the last tensor's data "
-                              f"(the file is not what its header describes)")
+        raise CheckpointError(
+            f"{path}: {data_size - covered} bytes after the last tensor's data "
+            f"(the file is not what its header describes)"
+        )
     return out
 
 
@@ -84,8 +97,7 @@ def _entry(path: Path, name: str, entry, base: int, data_size: int) -> TensorInf
         return CheckpointError(f"{path}: tensor {name!r}: {what}")
 
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-        raise bad("expected an object with exactly 'dtype', 'shape' and 'data_offsets', got "
-                  f"{json.dumps(entry)[:80]}")
+        raise bad(f"expected an object with exactly 'dtype', 'shape' and 'data_offsets', got {json.dumps(entry)[:80]}")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise bad(f"unsupported dtype {dtype!r} (supported: {', '.join(DTYPES)})")

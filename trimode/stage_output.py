@@ -56,8 +56,7 @@ def check_output(out_dir: Path | str, stage: str, inputs: Iterable[Path | str] =
         inp = Path(os.path.realpath(given))
         if out == inp or inp in out.parents or out in inp.parents:
             relation = "is" if out == inp else "lies inside" if inp in out.parents else "contains"
-            raise OutputError(f"--out {out_dir}: the output {relation} the input {given}; "
-                              f"choose a folder outside it")
+            raise OutputError(f"--out {out_dir}: the output {relation} the input {given}; choose a folder outside it")
     _check_parent(out, out_dir)
     if out.exists() or out.is_symlink():
         if not out.is_dir():
@@ -65,18 +64,22 @@ def check_output(out_dir: Path | str, stage: str, inputs: Iterable[Path | str] =
         if any(out.iterdir()):
             previous = _stage_of(out)
             if not force:
-                raise OutputError(f"--out {out_dir}: exists and is not empty "
-                                  f"(--force replaces a previous {stage} output)")
+                raise OutputError(
+                    f"--out {out_dir}: exists and is not empty (--force replaces a previous {stage} output)"
+                )
             if previous != stage:
                 found = f"a {previous} output" if previous else f"not a trimode output (no {MANIFEST})"
-                raise OutputError(f"--out {out_dir}: {found}; --force only replaces a previous {stage} "
-                                  f"output, so remove it yourself or choose another folder")
+                raise OutputError(
+                    f"--out {out_dir}: {found}; --force only replaces a previous {stage} "
+                    f"output, so remove it yourself or choose another folder"
+                )
     return out
 
 
 @contextlib.contextmanager
-def stage_output(out_dir: Path | str, stage: str, inputs: Iterable[Path | str] = (),
-                 force: bool = False) -> Iterator[Path]:
+def stage_output(
+    out_dir: Path | str, stage: str, inputs: Iterable[Path | str] = (), force: bool = False
+) -> Iterator[Path]:
     """Check, lock, yield a fresh temporary sibling to write into, rename it into place (module doc)."""
     inputs = list(inputs)
     out = check_output(out_dir, stage, inputs, force)
@@ -135,8 +138,9 @@ def input_digest(checkpoint_dir: Path) -> str:
     (hashing every weight byte of an 8B checkpoint would take minutes and prove little more).
     Python's bytecode caches are not content: a served repository gains them as Triton imports it."""
     h = hashlib.sha256()
-    for path in sorted(p for p in checkpoint_dir.rglob("*") if p.is_file()
-                       and "__pycache__" not in p.relative_to(checkpoint_dir).parts):
+    for path in sorted(
+        p for p in checkpoint_dir.rglob("*") if p.is_file() and "__pycache__" not in p.relative_to(checkpoint_dir).parts
+    ):
         h.update(str(path.relative_to(checkpoint_dir)).encode())
         if path.suffix == ".safetensors":
             with open(path, "rb") as f:
@@ -216,8 +220,9 @@ def _lock(lock_path: Path, given):
         except OSError as e:
             f.close()
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise OutputError(f"--out {given}: another run is writing this output right now "
-                                  f"(lock {lock_path})") from None
+                raise OutputError(
+                    f"--out {given}: another run is writing this output right now (lock {lock_path})"
+                ) from None
             raise OutputError(f"--out {given}: cannot lock {lock_path} ({e.strerror})") from None
         try:
             if os.stat(lock_path).st_ino == os.fstat(f.fileno()).st_ino:
@@ -253,8 +258,11 @@ def _recover(lock, out: Path) -> None:
         return
     for key in ("tmp", "replaced"):
         path = record.get(key)
-        if not isinstance(path, str) or Path(path).parent != out.parent \
-                or not Path(path).name.startswith(f".{out.name}."):
+        if (
+            not isinstance(path, str)
+            or Path(path).parent != out.parent
+            or not Path(path).name.startswith(f".{out.name}.")
+        ):
             continue  # only what a run of ours recorded for this very output
         path = Path(path)
         if key == "replaced" and path.is_dir() and not out.exists():

@@ -21,8 +21,9 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises a bare Exception on a malformed file
             raise CheckpointError(f"{path}: cannot read the tokenizer ({e})") from None
         if self._tok.get_vocab_size() > spec.vocab_size:
-            raise CheckpointError(f"{path}: {self._tok.get_vocab_size()} tokens do not fit "
-                                  f"vocab_size={spec.vocab_size} of config.json")
+            raise CheckpointError(
+                f"{path}: {self._tok.get_vocab_size()} tokens do not fit vocab_size={spec.vocab_size} of config.json"
+            )
         self.bos_token_id = spec.bos_token_id
 
     def encode(self, text: str) -> list[int]:
@@ -74,19 +75,19 @@ class IncrementalDetokenizer:
         """decode: token ids -> text (e.g. `Tokenizer.decode`); nothing else is needed."""
         self._decode = decode
         self._ids: list[int] = []
-        self._start = 0      # first token of the window
-        self._emitted = 0    # characters of decode(ids[_start:]) already returned
+        self._start = 0  # first token of the window
+        self._emitted = 0  # characters of decode(ids[_start:]) already returned
 
     def push(self, token_ids) -> str:
         """Append newly committed tokens; -> the text that became final (possibly "")."""
         self._ids.extend(int(t) for t in token_ids)
-        text = self._decode(self._ids[self._start:])
+        text = self._decode(self._ids[self._start :])
         end = len(text)
         while end > self._emitted and text[end - 1] == self.REPLACEMENT:
             end -= 1  # possibly an incomplete character: wait for its remaining bytes
         if end <= self._emitted:
             return ""
-        new = text[self._emitted:end]
+        new = text[self._emitted : end]
         if end == len(text):  # a clean boundary: restart the window one token back
             keep = self._ids[-1:]
             self._start = len(self._ids) - len(keep)
@@ -97,6 +98,6 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """The rest, at the end of the sequence (held-back replacement characters included)."""
-        text = self._decode(self._ids[self._start:])
-        rest, self._emitted = text[self._emitted:], len(text)
+        text = self._decode(self._ids[self._start :])
+        rest, self._emitted = text[self._emitted :], len(text)
         return rest

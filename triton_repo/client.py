@@ -53,8 +53,11 @@ def no_answer(url: str, protocol: str, error: Exception) -> NoAnswer | None:
     if is_refused:
         hint = "nothing listens there; start a server with `trimode serve REPO`"
     elif is_other:
-        hint = "is that the HTTP port? pass --protocol http" if protocol == "grpc" else \
-            "is that the gRPC port? pass --protocol grpc"
+        hint = (
+            "is that the HTTP port? pass --protocol http"
+            if protocol == "grpc"
+            else "is that the gRPC port? pass --protocol grpc"
+        )
     else:
         hint = "check the host and the port"
     return NoAnswer(f"{url}: no Triton server answers there over {protocol} ({reason}): {hint}")
@@ -141,8 +144,11 @@ def infer(url: str, model: str, inputs: dict, protocol: str = "grpc") -> dict:
 
 def _post(url: str, model: str, endpoint: str, inputs: dict, timeout_s: float | None):
     """The model's HTTP endpoint (generate, generate_stream), answered: its status line read."""
-    request = urllib.request.Request(f"http://{url}/v2/models/{model}/{endpoint}", data=json.dumps(inputs).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"http://{url}/v2/models/{model}/{endpoint}",
+        data=json.dumps(inputs).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     try:
         return urllib.request.urlopen(request, timeout=timeout_s)
     except urllib.error.HTTPError as e:

@@ -59,34 +59,61 @@ def _io(cls, tensors):
 def _python_model(name: str, max_batch_size: int, inputs, outputs, instances: int, parameters: dict[str, str]):
     pb = _pb()
     return pb.ModelConfig(
-        name=name, backend="python", max_batch_size=max_batch_size,
-        input=_io(pb.ModelInput, inputs), output=_io(pb.ModelOutput, outputs),
+        name=name,
+        backend="python",
+        max_batch_size=max_batch_size,
+        input=_io(pb.ModelInput, inputs),
+        output=_io(pb.ModelOutput, outputs),
         # KIND_CPU also on GPU hosts: the engine model places its tensors itself (the engine dir's device)
         instance_group=[pb.ModelInstanceGroup(count=instances, kind=pb.ModelInstanceGroup.KIND_CPU)],
-        parameters={k: pb.ModelParameter(string_value=v) for k, v in parameters.items()})
+        parameters={k: pb.ModelParameter(string_value=v) for k, v in parameters.items()},
+    )
 
 
-def engine_config(names: Names, settings: RepoSettings, max_batch_size: int, engine_dir: str, engine_digest: str,
-                  max_queued_requests: int) -> ModelConfig:
-    pb = _pb()
-    config = _python_model(names.engine, max_batch_size, T.ENGINE_INPUTS, T.ENGINE_OUTPUTS, 1,
-                           {"engine_dir": engine_dir, "engine_digest": engine_digest,
-                            "max_queued_requests": str(max_queued_requests)})
+def engine_config(
+    names: Names,
+    settings: RepoSettings,
+    max_batch_size: int,
+    engine_dir: str,
+    engine_digest: str,
+    max_queued_requests: int,
+) -> ModelConfig:
+    config = _python_model(
+        names.engine,
+        max_batch_size,
+        T.ENGINE_INPUTS,
+        T.ENGINE_OUTPUTS,
+        1,
+        {"engine_dir": engine_dir, "engine_digest": engine_digest, "max_queued_requests": str(max_queued_requests)},
+    )
     # one instance: a second would load a second engine with its own KV pool and split the batch
     config.model_transaction_policy.decoupled = True  # streams: many responses per request
     config.dynamic_batching.max_queue_delay_microseconds = settings.max_queue_delay_us
     return config
 
 
-def preprocessing_config(names: Names, mode: Mode, settings: RepoSettings, max_batch_size: int,
-                         engine_dir: str) -> ModelConfig:
-    return _python_model(names.preprocessing(mode), max_batch_size, T.PREPROCESSING_INPUTS, T.PREPROCESSING_OUTPUTS,
-                         settings.instances, {"engine_dir": engine_dir, "mode": mode.value})
+def preprocessing_config(
+    names: Names, mode: Mode, settings: RepoSettings, max_batch_size: int, engine_dir: str
+) -> ModelConfig:
+    return _python_model(
+        names.preprocessing(mode),
+        max_batch_size,
+        T.PREPROCESSING_INPUTS,
+        T.PREPROCESSING_OUTPUTS,
+        settings.instances,
+        {"engine_dir": engine_dir, "mode": mode.value},
+    )
 
 
 def postprocessing_config(names: Names, settings: RepoSettings, max_batch_size: int, engine_dir: str) -> ModelConfig:
-    return _python_model(names.postprocessing, max_batch_size, T.POSTPROCESSING_INPUTS, T.POSTPROCESSING_OUTPUTS,
-                         settings.instances, {"engine_dir": engine_dir, "engine_model": names.engine})
+    return _python_model(
+        names.postprocessing,
+        max_batch_size,
+        T.POSTPROCESSING_INPUTS,
+        T.POSTPROCESSING_OUTPUTS,
+        settings.instances,
+        {"engine_dir": engine_dir, "engine_model": names.engine},
+    )
 
 
 def ensemble_config(names: Names, mode: Mode, max_batch_size: int) -> ModelConfig:
@@ -94,16 +121,31 @@ def ensemble_config(names: Names, mode: Mode, max_batch_size: int) -> ModelConfi
     pb = _pb()
     Step = pb.ModelEnsembling.Step
     internal = lambda name: f"_{name}"  # noqa: E731
-    pre = Step(model_name=names.preprocessing(mode), model_version=-1,
-               input_map={t.name: t.name for t in T.PREPROCESSING_INPUTS},
-               output_map={t.name: internal(t.name) for t in T.PREPROCESSING_OUTPUTS})
+    pre = Step(
+        model_name=names.preprocessing(mode),
+        model_version=-1,
+        input_map={t.name: t.name for t in T.PREPROCESSING_INPUTS},
+        output_map={t.name: internal(t.name) for t in T.PREPROCESSING_OUTPUTS},
+    )
     engine_inputs = {t.name: internal(t.name) for t in T.PREPROCESSING_OUTPUTS}
     engine_inputs |= {t.name: t.name for t in T.ENGINE_STEP_INPUTS if t.name not in engine_inputs}
-    engine = Step(model_name=names.engine, model_version=-1, input_map=engine_inputs,
-                  output_map={t.name: internal(t.name) for t in T.ENGINE_OUTPUTS})
-    post = Step(model_name=names.postprocessing, model_version=-1,
-                input_map={t.name: internal(t.name) for t in T.POSTPROCESSING_INPUTS},
-                output_map={f"out_{t.name}": t.name for t in T.ENSEMBLE_OUTPUTS})
-    return pb.ModelConfig(name=names.ensemble(mode), platform="ensemble", max_batch_size=max_batch_size,
-                          input=_io(pb.ModelInput, T.ENSEMBLE_INPUTS), output=_io(pb.ModelOutput, T.ENSEMBLE_OUTPUTS),
-                          ensemble_scheduling=pb.ModelEnsembling(step=[pre, engine, post]))
+    engine = Step(
+        model_name=names.engine,
+        model_version=-1,
+        input_map=engine_inputs,
+        output_map={t.name: internal(t.name) for t in T.ENGINE_OUTPUTS},
+    )
+    post = Step(
+        model_name=names.postprocessing,
+        model_version=-1,
+        input_map={t.name: internal(t.name) for t in T.POSTPROCESSING_INPUTS},
+        output_map={f"out_{t.name}": t.name for t in T.ENSEMBLE_OUTPUTS},
+    )
+    return pb.ModelConfig(
+        name=names.ensemble(mode),
+        platform="ensemble",
+        max_batch_size=max_batch_size,
+        input=_io(pb.ModelInput, T.ENSEMBLE_INPUTS),
+        output=_io(pb.ModelOutput, T.ENSEMBLE_OUTPUTS),
+        ensemble_scheduling=pb.ModelEnsembling(step=[pre, engine, post]),
+    )

@@ -38,8 +38,10 @@ class TritonSink:
         self._sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
 
     def fail(self, message: str) -> None:
-        self._sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
-                          flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        self._sender.send(
+            pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
+            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+        )
 
     def close(self) -> None:
         try:
@@ -76,8 +78,11 @@ class TritonPythonModel:
                 continue
             arrays = {t.name: pb_utils.get_input_tensor_by_name(request, t.name) for t in ENGINE_INPUTS}
             try:
-                parsed = parse_request(lambda name: None if arrays[name] is None else arrays[name].as_numpy(),
-                                       self.vocab_size, self.default_block_length)
+                parsed = parse_request(
+                    lambda name: None if arrays[name] is None else arrays[name].as_numpy(),
+                    self.vocab_size,
+                    self.default_block_length,
+                )
                 self.loop.submit(Job(parsed, sink))
             except Overloaded as e:
                 self.metrics.rejected("overloaded")

@@ -28,7 +28,6 @@ from trimode.errors import TrimodeError
 from trimode.triton_repo.request import Request
 from trimode.triton_repo.text import window
 
-
 # How often the loop asks the response senders whether their clients cancelled: each ask is a round
 # trip from the python backend stub to the server, which every step would pay (~10% of an AR step).
 SENDER_POLL_S = 0.05
@@ -43,7 +42,7 @@ class Sink(Protocol):
 
     def send(self, outputs: dict[str, np.ndarray], final: bool) -> None: ...
     def fail(self, message: str) -> None: ...
-    def close(self) -> None: ...              # the final flag alone (after a cancel)
+    def close(self) -> None: ...  # the final flag alone (after a cancel)
     def is_cancelled(self) -> bool: ...
 
 
@@ -52,7 +51,7 @@ class Job:
     request: Request
     sink: Sink
     seq: Sequence | None = None
-    num_sent: int = 0                         # tokens already sent (streaming)
+    num_sent: int = 0  # tokens already sent (streaming)
 
     @property
     def admitted_seq(self) -> Sequence:
@@ -67,11 +66,11 @@ class EngineLoop:
 
         self.engine, self.max_queued, self.metrics = engine, max_queued, metrics or NullMetrics()
         self._inbox: queue.Queue[Job | None] = queue.Queue()
-        self._live: dict[int, Job] = {}       # seq id -> job, while its Sequence is in the Engine
+        self._live: dict[int, Job] = {}  # seq id -> job, while its Sequence is in the Engine
         self._lock = threading.Lock()
-        self._num_waiting = 0                 # submitted, not yet holding a slot (read by submit)
+        self._num_waiting = 0  # submitted, not yet holding a slot (read by submit)
         self._num_free = engine.runner.num_free  # free slots at the last step boundary (read by submit)
-        self._cancel_ids: set[int] = set()    # seq ids cancel() named (under _lock)
+        self._cancel_ids: set[int] = set()  # seq ids cancel() named (under _lock)
         self._stopping = threading.Event()
         self._last_poll = 0.0
         self._thread = threading.Thread(target=self._run, name="trimode-engine-loop", daemon=True)
@@ -80,8 +79,10 @@ class EngineLoop:
     def submit(self, job: Job) -> None:
         with self._lock:
             if self._num_waiting >= self._num_free + self.max_queued:
-                raise Overloaded(f"overloaded: {self._num_waiting} requests already wait for one of the "
-                                 f"{self.engine.config.max_slots} slots; retry later")
+                raise Overloaded(
+                    f"overloaded: {self._num_waiting} requests already wait for one of the "
+                    f"{self.engine.config.max_slots} slots; retry later"
+                )
             self._num_waiting += 1
         self._inbox.put(job)
 

@@ -34,8 +34,14 @@ class OpenAIFrontend:
     template and tokenizer are the served engine's checkpoint's (chat_template_path: a Jinja file
     that replaces the template)."""
 
-    def __init__(self, repo_dir: Path, triton_url: str, host: str = "127.0.0.1", port: int = 9000,
-                 chat_template_path: Path | None = None):
+    def __init__(
+        self,
+        repo_dir: Path,
+        triton_url: str,
+        host: str = "127.0.0.1",
+        port: int = 9000,
+        chat_template_path: Path | None = None,
+    ):
         manifest = read_repo_manifest(repo_dir)
         self.triton_url, self.host, self.port = triton_url, host, port
         self.models = list(manifest["ensembles"].values())
@@ -74,16 +80,19 @@ class OpenAIFrontend:
             try:
                 self._httpd = server_class((self.host, self.port), _Handler)
             except OSError as e:
-                raise ServerError(f"--openai-port {self.port}: cannot listen on {self.host}:{self.port} "
-                                  f"({e.strerror}); choose another port") from None
+                raise ServerError(
+                    f"--openai-port {self.port}: cannot listen on {self.host}:{self.port} "
+                    f"({e.strerror}); choose another port"
+                ) from None
             self._httpd.frontend = self
         return self
 
     def start(self) -> "OpenAIFrontend":
         self.open()
         assert self._httpd is not None  # open() made it
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name="openai-frontend", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="openai-frontend", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -162,17 +171,24 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/v1/models":
             self._json(200, models_list(frontend.models, frontend.created))
         elif path.startswith("/v1/models/"):
-            model = unquote(path[len("/v1/models/"):])
+            model = unquote(path[len("/v1/models/") :])
             if model in frontend.models:
                 self._json(200, models_list([model], frontend.created)["data"][0])
             else:
-                self._error(APIError(404, f"The model '{model}' does not exist; served: {', '.join(frontend.models)}",
-                                     "model", "model_not_found"))
+                self._error(
+                    APIError(
+                        404,
+                        f"The model '{model}' does not exist; served: {', '.join(frontend.models)}",
+                        "model",
+                        "model_not_found",
+                    )
+                )
         elif path == "/health":
             self._json(200, {})
         else:
-            self._error(APIError(404, f"{path}: no such endpoint (GET /v1/models, /v1/models/ID, /health)",
-                                 code="not_found"))
+            self._error(
+                APIError(404, f"{path}: no such endpoint (GET /v1/models, /v1/models/ID, /health)", code="not_found")
+            )
 
     def do_POST(self) -> None:
         frontend, path = self.server.frontend, self.path.split("?")[0].rstrip("/")

@@ -20,17 +20,32 @@ from trimode.errors import TrimodeError
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 FINISH_REASONS = {"eos": "stop", "length": "length"}  # ours -> OpenAI's (a stop word ends as eos)
 # parameter -> its values that ask for nothing; another value is a 400
-_UNSUPPORTED: dict[str, tuple[object, ...]] = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False), "logprobs": (None, False, 0),
-                "top_logprobs": (None, 0), "suffix": (None, ""), "logit_bias": (None, {}), "tools": (None, []),
-                "functions": (None, []), "prompt_logprobs": (None, 0)}
+_UNSUPPORTED: dict[str, tuple[object, ...]] = {
+    "n": (None, 1),
+    "best_of": (None, 1),
+    "echo": (None, False),
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "suffix": (None, ""),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "functions": (None, []),
+    "prompt_logprobs": (None, 0),
+}
 _WHY = {"n": "one choice per request; send several requests (the engine batches them)"}
 
 
 class APIError(TrimodeError):
     """An OpenAI-style error response: HTTP status, message, type, the parameter at fault."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.status, self.param, self.code, self.kind = status, param, code, kind
 
@@ -41,6 +56,7 @@ class APIError(TrimodeError):
 @dataclass(frozen=True)
 class Call:
     """One OpenAI request, ready for the ensemble `model`."""
+
     model: str
     inputs: dict
     is_chat: bool
@@ -49,8 +65,9 @@ class Call:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
-def parse_request(body, is_chat: bool, models: list[str], render_chat: Callable[[object], str],
-                  room_left: Callable[[str], int]) -> Call:
+def parse_request(
+    body, is_chat: bool, models: list[str], render_chat: Callable[[object], str], room_left: Callable[[str], int]
+) -> Call:
     """body: the decoded JSON. render_chat: messages -> prompt text (the chat template, which may
     refuse with a TrimodeError). room_left: prompt -> the largest max_tokens the engine takes for it."""
     if not isinstance(body, dict):
@@ -59,15 +76,16 @@ def parse_request(body, is_chat: bool, models: list[str], render_chat: Callable[
     if not isinstance(model, str):
         raise APIError(400, "model: required, one of " + ", ".join(models), "model")
     if model not in models:
-        raise APIError(404, f"The model '{model}' does not exist; served: {', '.join(models)}", "model",
-                       "model_not_found")
+        raise APIError(
+            404, f"The model '{model}' does not exist; served: {', '.join(models)}", "model", "model_not_found"
+        )
     for name, neutral in _UNSUPPORTED.items():
         value = body.get(name)
         if value not in neutral:
             raise APIError(400, f"{name}={value!r} is not supported: {_WHY.get(name, 'leave it out')}", name)
     format_ = body.get("response_format")
     if format_ not in (None, {"type": "text"}):
-        raise APIError(400, "response_format: only {\"type\": \"text\"} is supported", "response_format")
+        raise APIError(400, 'response_format: only {"type": "text"} is supported', "response_format")
     try:
         prompt = render_chat(body.get("messages")) if is_chat else _prompt(body.get("prompt"))
     except TrimodeError as e:
@@ -90,8 +108,9 @@ def parse_request(body, is_chat: bool, models: list[str], render_chat: Callable[
         inputs["random_seed"] = _integer("seed", body["seed"], 0, 2**64 - 1)
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else stop
-    if stop is not None and not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s
-                                                                                     for s in stop)):
+    if stop is not None and not (
+        isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop)
+    ):
         raise APIError(400, "stop: expected a string or a list of up to 4 non-empty strings", "stop")
     if stop:
         inputs["stop_words"] = stop
@@ -99,22 +118,23 @@ def parse_request(body, is_chat: bool, models: list[str], render_chat: Callable[
         inputs["end_id"] = -1
     for name, kind in (("block_length", int), ("threshold", float)):  # ours, as on the ensembles
         if body.get(name) is not None:
-            inputs[name] = _integer(name, body[name], 1, 65536) if kind is int else \
-                _number(name, body[name], 0.0, 1.0)
+            inputs[name] = _integer(name, body[name], 1, 65536) if kind is int else _number(name, body[name], 0.0, 1.0)
     is_stream = _boolean("stream", body.get("stream", False))
     options = body.get("stream_options") or {}
     if not isinstance(options, dict) or (options and not is_stream):
         raise APIError(400, "stream_options: an object, only with stream=true", "stream_options")
-    return Call(model, inputs, is_chat, is_stream, _boolean("stream_options.include_usage",
-                                                            options.get("include_usage", False)))
+    return Call(
+        model, inputs, is_chat, is_stream, _boolean("stream_options.include_usage", options.get("include_usage", False))
+    )
 
 
 def _prompt(prompt) -> str:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if not isinstance(prompt, str):
-        raise TrimodeError("prompt: expected one string (a list of prompts or token ids is not supported; "
-                           "send one request per prompt)")
+        raise TrimodeError(
+            "prompt: expected one string (a list of prompts or token ids is not supported; send one request per prompt)"
+        )
     if not prompt:
         raise TrimodeError("prompt: the prompt is empty")
     return prompt
@@ -174,5 +194,7 @@ def _head(call: Call, is_stream: bool) -> dict:
 
 
 def models_list(models: list[str], created: int) -> dict:
-    return {"object": "list", "data": [{"id": m, "object": "model", "created": created, "owned_by": "trimode"}
-                                       for m in models]}
+    return {
+        "object": "list",
+        "data": [{"id": m, "object": "model", "created": created, "owned_by": "trimode"} for m in models],
+    }

@@ -38,8 +38,9 @@ class TritonPythonModel:
         if request.is_cancelled():
             self._cancel(int(get("sequence_id").reshape(-1)[0]))  # and answer as usual: Triton drops it
         ids = [int(t) for t in get("output_ids").reshape(-1)]
-        text = new_text(self.tokenizer.decode, ids, int(get("prefix_length").reshape(-1)[0]),
-                        bool(get("is_final").reshape(-1)[0]))
+        text = new_text(
+            self.tokenizer.decode, ids, int(get("prefix_length").reshape(-1)[0]), bool(get("is_final").reshape(-1)[0])
+        )
         tensors = [pb_utils.Tensor("out_text_output", np.array([[text.encode()]], dtype=np.object_))]
         tensors += [pb_utils.Tensor(f"out_{t.name}", get(t.name)) for t in STATISTICS]
         return pb_utils.InferenceResponse(output_tensors=tensors)
@@ -51,8 +52,10 @@ class TritonPythonModel:
         if len(self.cancelled) > _REMEMBERED:
             self.cancelled.popitem(last=False)
         control = pb_utils.InferenceRequest(
-            model_name=self.engine_model, requested_output_names=[],
-            inputs=[pb_utils.Tensor("cancel_sequence_id", np.array([[seq_id]], dtype=np.uint64))])
+            model_name=self.engine_model,
+            requested_output_names=[],
+            inputs=[pb_utils.Tensor("cancel_sequence_id", np.array([[seq_id]], dtype=np.uint64))],
+        )
         for response in control.exec(decoupled=True):  # the engine answers with the final flag alone
             if response.has_error():
                 pb_utils.Logger.log_warn(f"cancel of sequence {seq_id}: {response.error().message()}")

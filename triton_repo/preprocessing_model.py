@@ -26,8 +26,10 @@ def strings(tensor, name: str) -> list[str]:
     """A STRING input's values as text ([1, n]: one request)."""
     a = tensor.as_numpy()
     if a.ndim < 1 or a.shape[0] != 1:
-        raise InputError(f"{name}: one request holds one prompt (batch size 1), got shape {list(a.shape)}; "
-                         f"send several requests, the engine batches them in flight")
+        raise InputError(
+            f"{name}: one request holds one prompt (batch size 1), got shape {list(a.shape)}; "
+            f"send several requests, the engine batches them in flight"
+        )
     try:
         return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in a.reshape(-1)]
     except UnicodeDecodeError:
@@ -60,13 +62,16 @@ class TritonPythonModel:
             for word in [w for w in strings(stop, "stop_words") if w] if stop is not None else []:
                 tokens = self.tokenizer.encode_plain(word)
                 if len(tokens) != 1:
-                    raise InputError(f"stop_words: {word!r} is {len(tokens)} tokens; only single-token stop "
-                                     f"words are supported")
+                    raise InputError(
+                        f"stop_words: {word!r} is {len(tokens)} tokens; only single-token stop words are supported"
+                    )
                 stop_ids += tokens
         except InputError as e:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
-        return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor("input_ids", np.array([ids], dtype=np.int32)),
-            pb_utils.Tensor("stop_ids", np.array([stop_ids], dtype=np.int32).reshape(1, -1)),
-            pb_utils.Tensor("mode", np.array([[self.mode.encode()]], dtype=np.object_)),
-        ])
+        return pb_utils.InferenceResponse(
+            output_tensors=[
+                pb_utils.Tensor("input_ids", np.array([ids], dtype=np.int32)),
+                pb_utils.Tensor("stop_ids", np.array([stop_ids], dtype=np.int32).reshape(1, -1)),
+                pb_utils.Tensor("mode", np.array([[self.mode.encode()]], dtype=np.object_)),
+            ]
+        )

@@ -23,7 +23,7 @@ class Request:
     sampling: SamplingParams
     decoding: DecodeConfig
     is_stream: bool
-    prepend_prompt: bool   # exclude_input_in_output = false: the final output_ids start with the prompt's
+    prepend_prompt: bool  # exclude_input_in_output = false: the final output_ids start with the prompt's
 
 
 # input -> (the value that asks for nothing, what to say when another value is given)
@@ -39,8 +39,9 @@ _NEUTRAL = {
 }
 
 
-def parse_request(get: Callable[[str], np.ndarray | None], vocab_size: int,
-                  default_block_length: int | None = None) -> Request:
+def parse_request(
+    get: Callable[[str], np.ndarray | None], vocab_size: int, default_block_length: int | None = None
+) -> Request:
     """get(name) -> the input's array ([1, ...]: batch first) or None when the client left it out.
     default_block_length: when block_length is left out (None: the checkpoint's block_size)."""
     arrays = {}
@@ -51,8 +52,10 @@ def parse_request(get: Callable[[str], np.ndarray | None], vocab_size: int,
             return default
         arrays[name] = a
         if a.ndim == 0 or a.shape[0] != 1:
-            raise InputError(f"{name}: one request holds one prompt (batch size 1), got shape {list(a.shape)}; "
-                             f"send several requests, the engine batches them in flight")
+            raise InputError(
+                f"{name}: one request holds one prompt (batch size 1), got shape {list(a.shape)}; "
+                f"send several requests, the engine batches them in flight"
+            )
         if a.size != 1:
             raise InputError(f"{name}: expected one value, got {a.size}")
         v = a.reshape(-1)[0]
@@ -90,8 +93,9 @@ def parse_request(get: Callable[[str], np.ndarray | None], vocab_size: int,
     stop_ids = [int(t) for t in stops.reshape(-1)] if stops is not None else []
     if end_id is not None and end_id != -1:
         if not 0 <= end_id < vocab_size:
-            raise InputError(f"end_id: expected -1 (never stop at EOS) or a token id in [0, {vocab_size}), "
-                             f"got {end_id}")
+            raise InputError(
+                f"end_id: expected -1 (never stop at EOS) or a token id in [0, {vocab_size}), got {end_id}"
+            )
         stop_ids.append(end_id)
     value("pad_id", int)  # accepted: outputs are never padded
     value("length_penalty", float)  # accepted: it only weighs beams, and there is one
@@ -103,9 +107,22 @@ def parse_request(get: Callable[[str], np.ndarray | None], vocab_size: int,
     if prompt is None or mode is None:
         raise InputError("input_ids and mode: required (the preprocessing step writes them)")
     is_stream = value("stream", bool, False)
-    sampling = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, seed=seed,
-                              stop_token_ids=tuple(stop_ids), ignore_eos=end_id == -1)
-    decoding = DecodeConfig(mode=mode.reshape(-1)[0].decode(),
-                            block_length=value("block_length", int, default_block_length), threshold=threshold)
-    return Request([int(t) for t in prompt.reshape(-1)], sampling, decoding, is_stream,
-                   prepend_prompt=not is_stream and not value("exclude_input_in_output", bool, True))
+    sampling = SamplingParams(
+        max_new_tokens=max_tokens,
+        temperature=temperature,
+        seed=seed,
+        stop_token_ids=tuple(stop_ids),
+        ignore_eos=end_id == -1,
+    )
+    decoding = DecodeConfig(
+        mode=mode.reshape(-1)[0].decode(),
+        block_length=value("block_length", int, default_block_length),
+        threshold=threshold,
+    )
+    return Request(
+        [int(t) for t in prompt.reshape(-1)],
+        sampling,
+        decoding,
+        is_stream,
+        prepend_prompt=not is_stream and not value("exclude_input_in_output", bool, True),
+    )

@@ -54,14 +54,18 @@ def check_host(host: str) -> None:
     try:
         address = socket.getaddrinfo(host, 0, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)[0][4]
     except (OSError, UnicodeError, ValueError) as e:  # unknown name; a label too long; a NUL
-        raise ServerError(f"--host {host}: not a valid IP address or a host name this machine knows "
-                          f"({getattr(e, 'strerror', None) or e})") from None
+        raise ServerError(
+            f"--host {host}: not a valid IP address or a host name this machine knows "
+            f"({getattr(e, 'strerror', None) or e})"
+        ) from None
     with socket.socket(family, socket.SOCK_STREAM) as s:
         try:
             s.bind(address)  # port 0: any free one
         except OSError as e:
-            raise ServerError(f"--host {host}: not an address of this machine ({e.strerror}); use 127.0.0.1, "
-                              f"0.0.0.0 (every interface) or one of its own addresses") from None
+            raise ServerError(
+                f"--host {host}: not an address of this machine ({e.strerror}); use 127.0.0.1, "
+                f"0.0.0.0 (every interface) or one of its own addresses"
+            ) from None
 
 
 def find_tritonserver() -> tuple[Path, Path | None]:
@@ -84,9 +88,11 @@ def _wheel_backends(root: Path, into: Path) -> Path:
     python = into / "python"
     python.mkdir(parents=True)
     minor = f"{sys.version_info.major}.{sys.version_info.minor}"
-    sources = [root / "backends" / "python" / "libtriton_python.so",
-               root / "backends" / "python" / "triton_python_backend_utils.py",
-               root / "python_backend_stubs" / minor / "triton_python_backend_stub"]
+    sources = [
+        root / "backends" / "python" / "libtriton_python.so",
+        root / "backends" / "python" / "triton_python_backend_utils.py",
+        root / "python_backend_stubs" / minor / "triton_python_backend_stub",
+    ]
     for source in sources:
         if not source.exists():
             raise ServerError(f"{source}: missing from the nvidia-pytriton wheel (Python {minor})")
@@ -97,8 +103,14 @@ def _wheel_backends(root: Path, into: Path) -> Path:
 class TritonServer:
     """`with TritonServer(repo, host, ports) as server:` starts it, waits until every model is ready."""
 
-    def __init__(self, repo_dir: Path, host: str = "127.0.0.1", ports: Ports = Ports(), log_path: Path | None = None,
-                 timeout_s: float = 300.0):
+    def __init__(
+        self,
+        repo_dir: Path,
+        host: str = "127.0.0.1",
+        ports: Ports = Ports(),
+        log_path: Path | None = None,
+        timeout_s: float = 300.0,
+    ):
         self.repo_dir, self.host, self.ports = Path(repo_dir), host, ports
         self.log_path, self.timeout_s = log_path, timeout_s
         self.process: subprocess.Popen | None = None
@@ -107,8 +119,11 @@ class TritonServer:
     @property
     def endpoints(self) -> dict[str, str]:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return {"http": f"http://{host}:{self.ports.http}", "grpc": f"{host}:{self.ports.grpc}",
-                "metrics": f"http://{host}:{self.ports.metrics}/metrics"}
+        return {
+            "http": f"http://{host}:{self.ports.http}",
+            "grpc": f"{host}:{self.ports.grpc}",
+            "metrics": f"http://{host}:{self.ports.metrics}/metrics",
+        }
 
     def command(self) -> tuple[list[str], dict[str, str]]:
         binary, wheel_root = find_tritonserver()
@@ -121,11 +136,19 @@ class TritonServer:
         # PYTHONDONTWRITEBYTECODE and PYTHONPYCACHEPREFIX.
         mirror = self._scratch / "repo"
         shutil.copytree(self.repo_dir.resolve(), mirror, copy_function=os.symlink)
-        args = [str(binary), f"--model-repository={mirror}",
-                f"--http-address={self.host}", f"--http-port={self.ports.http}",
-                f"--grpc-address={self.host}", f"--grpc-port={self.ports.grpc}",
-                f"--metrics-address={self.host}", f"--metrics-port={self.ports.metrics}",
-                "--allow-metrics=true", "--allow-gpu-metrics=false", "--exit-on-error=true"]
+        args = [
+            str(binary),
+            f"--model-repository={mirror}",
+            f"--http-address={self.host}",
+            f"--http-port={self.ports.http}",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.ports.grpc}",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={self.ports.metrics}",
+            "--allow-metrics=true",
+            "--allow-gpu-metrics=false",
+            "--exit-on-error=true",
+        ]
         if wheel_root is not None:
             args.append(f"--backend-directory={_wheel_backends(wheel_root, self._scratch / 'backends')}")
             libdir = sysconfig.get_config_var("LIBDIR")
@@ -137,8 +160,9 @@ class TritonServer:
         args, env = self.command()
         log = open(self.log_path, "ab") if self.log_path else None
         # its own process group: a Ctrl-C in our terminal reaches us, and we stop it in order
-        self.process = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT if log else None,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            args, env=env, stdout=log, stderr=subprocess.STDOUT if log else None, start_new_session=True
+        )
         if log:
             log.close()
         try:
@@ -156,8 +180,9 @@ class TritonServer:
                 try:
                     s.bind((self.host, port))
                 except OSError as e:
-                    raise ServerError(f"--{kind}-port {port}: cannot listen on {self.host}:{port} ({e.strerror}); "
-                                      f"choose another port") from None
+                    raise ServerError(
+                        f"--{kind}-port {port}: cannot listen on {self.host}:{port} ({e.strerror}); choose another port"
+                    ) from None
 
     def _wait_ready(self) -> None:
         url = f"{self.endpoints['http']}/v2/health/ready"
@@ -166,8 +191,9 @@ class TritonServer:
         while time.monotonic() < deadline:
             code = self.process.poll()
             if code is not None:
-                raise ServerError(f"tritonserver exited with status {code} while loading {self.repo_dir}"
-                                  f"{self._log_tail()}")
+                raise ServerError(
+                    f"tritonserver exited with status {code} while loading {self.repo_dir}{self._log_tail()}"
+                )
             try:
                 with urllib.request.urlopen(url, timeout=2) as response:
                     if response.status == 200:

@@ -14,29 +14,49 @@ _NAME = re.compile(r"[A-Za-z0-9_.-]*")
 
 @dataclass(frozen=True)
 class RepoSettings:
-    prefix: str = ""                         # prepended to every model name ("nld_" -> nld_ar, nld_engine, ...)
-    modes: tuple[Mode, ...] = tuple(Mode)    # one ensemble per mode
-    max_batch_size: int | None = None        # Triton's max_batch_size; None = the engine's
-    instances: int = 1                       # pre- and post-processing instances (the engine model is one)
-    max_queue_delay_us: int = 0              # the engine model's dynamic batcher
-    max_queued_requests: int | None = None   # past it: "overloaded"; None = 8 x the engine's slots
+    prefix: str = ""  # prepended to every model name ("nld_" -> nld_ar, nld_engine, ...)
+    modes: tuple[Mode, ...] = tuple(Mode)  # one ensemble per mode
+    max_batch_size: int | None = None  # Triton's max_batch_size; None = the engine's
+    instances: int = 1  # pre- and post-processing instances (the engine model is one)
+    max_queue_delay_us: int = 0  # the engine model's dynamic batcher
+    max_queued_requests: int | None = None  # past it: "overloaded"; None = 8 x the engine's slots
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.prefix, str) and _NAME.fullmatch(self.prefix) is not None, "prefix",
-               "letters, digits, '_', '-' or '.'", self.prefix)
+        _check(
+            isinstance(self.prefix, str) and _NAME.fullmatch(self.prefix) is not None,
+            "prefix",
+            "letters, digits, '_', '-' or '.'",
+            self.prefix,
+        )
         try:
             modes = tuple(Mode(m) for m in self.modes)
         except ValueError:
-            raise InputError(f"modes: expected some of {', '.join(m.value for m in Mode)}, "
-                             f"got {', '.join(map(str, self.modes))}") from None
-        _check(len(modes) >= 1 and len(set(modes)) == len(modes), "modes", "one or more distinct modes",
-               ",".join(m.value for m in modes))
+            raise InputError(
+                f"modes: expected some of {', '.join(m.value for m in Mode)}, got {', '.join(map(str, self.modes))}"
+            ) from None
+        _check(
+            len(modes) >= 1 and len(set(modes)) == len(modes),
+            "modes",
+            "one or more distinct modes",
+            ",".join(m.value for m in modes),
+        )
         object.__setattr__(self, "modes", modes)
-        for field, low in (("max_batch_size", 1), ("instances", 1), ("max_queue_delay_us", 0),
-                           ("max_queued_requests", 1)):
+        for field, low in (
+            ("max_batch_size", 1),
+            ("instances", 1),
+            ("max_queue_delay_us", 0),
+            ("max_queued_requests", 1),
+        ):
             value = getattr(self, field)
-            _check(value is None and field in ("max_batch_size", "max_queued_requests")
-                   or isinstance(value, int) and low <= value <= 1 << 30, field, f"an integer >= {low}", value)
+            _check(
+                value is None
+                and field in ("max_batch_size", "max_queued_requests")
+                or isinstance(value, int)
+                and low <= value <= 1 << 30,
+                field,
+                f"an integer >= {low}",
+                value,
+            )
 
 
 def ensemble_name(prefix: str, mode: Mode) -> str:

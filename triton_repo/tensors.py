@@ -15,7 +15,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Tensor:
     name: str
-    dtype: str                    # Triton's type without TYPE_: STRING, INT32, UINT64, FP32, BOOL
+    dtype: str  # Triton's type without TYPE_: STRING, INT32, UINT64, FP32, BOOL
     dims: tuple[int, ...] = (1,)  # without the batch dimension (every model has max_batch_size > 0)
     optional: bool = False
 
@@ -26,48 +26,82 @@ def _opt(name: str, dtype: str, dims: tuple[int, ...] = (1,)) -> Tensor:
 
 # Sampling and output inputs the ensemble hands straight to the engine model.
 ENGINE_PASS_THROUGH = (
-    _opt("end_id", "INT32"), _opt("pad_id", "INT32"), _opt("top_k", "INT32"), _opt("top_p", "FP32"),
-    _opt("temperature", "FP32"), _opt("length_penalty", "FP32"), _opt("repetition_penalty", "FP32"),
-    _opt("min_length", "INT32"), _opt("presence_penalty", "FP32"), _opt("frequency_penalty", "FP32"),
-    _opt("random_seed", "UINT64"), _opt("return_log_probs", "BOOL"), _opt("return_context_logits", "BOOL"),
-    _opt("return_generation_logits", "BOOL"), _opt("beam_width", "INT32"), _opt("num_return_sequences", "INT32"),
-    _opt("stream", "BOOL"), _opt("exclude_input_in_output", "BOOL"),
-    _opt("block_length", "INT32"), _opt("threshold", "FP32"),                  # ours
+    _opt("end_id", "INT32"),
+    _opt("pad_id", "INT32"),
+    _opt("top_k", "INT32"),
+    _opt("top_p", "FP32"),
+    _opt("temperature", "FP32"),
+    _opt("length_penalty", "FP32"),
+    _opt("repetition_penalty", "FP32"),
+    _opt("min_length", "INT32"),
+    _opt("presence_penalty", "FP32"),
+    _opt("frequency_penalty", "FP32"),
+    _opt("random_seed", "UINT64"),
+    _opt("return_log_probs", "BOOL"),
+    _opt("return_context_logits", "BOOL"),
+    _opt("return_generation_logits", "BOOL"),
+    _opt("beam_width", "INT32"),
+    _opt("num_return_sequences", "INT32"),
+    _opt("stream", "BOOL"),
+    _opt("exclude_input_in_output", "BOOL"),
+    _opt("block_length", "INT32"),
+    _opt("threshold", "FP32"),  # ours
 )
 
 ENSEMBLE_INPUTS = (
-    Tensor("text_input", "STRING", (-1,)), Tensor("max_tokens", "INT32"),
-    _opt("bad_words", "STRING", (-1,)), _opt("stop_words", "STRING", (-1,)),
+    Tensor("text_input", "STRING", (-1,)),
+    Tensor("max_tokens", "INT32"),
+    _opt("bad_words", "STRING", (-1,)),
+    _opt("stop_words", "STRING", (-1,)),
     *ENGINE_PASS_THROUGH,
 )
 
 # Per-request statistics, produced by the engine model and passed on by postprocessing.
 STATISTICS = (
-    Tensor("num_input_tokens", "INT32"), Tensor("num_output_tokens", "INT32"),
-    Tensor("num_forward_passes", "INT32"), Tensor("mean_accepted_length", "FP32"),
+    Tensor("num_input_tokens", "INT32"),
+    Tensor("num_output_tokens", "INT32"),
+    Tensor("num_forward_passes", "INT32"),
+    Tensor("mean_accepted_length", "FP32"),
     Tensor("finish_reason", "STRING"),
 )
 
 ENSEMBLE_OUTPUTS = (Tensor("text_output", "STRING", (-1,)), *STATISTICS)
 
-PREPROCESSING_INPUTS = (Tensor("text_input", "STRING", (-1,)), _opt("bad_words", "STRING", (-1,)),
-                        _opt("stop_words", "STRING", (-1,)))
-PREPROCESSING_OUTPUTS = (Tensor("input_ids", "INT32", (-1,)), Tensor("stop_ids", "INT32", (-1,)),
-                         Tensor("mode", "STRING"))
+PREPROCESSING_INPUTS = (
+    Tensor("text_input", "STRING", (-1,)),
+    _opt("bad_words", "STRING", (-1,)),
+    _opt("stop_words", "STRING", (-1,)),
+)
+PREPROCESSING_OUTPUTS = (
+    Tensor("input_ids", "INT32", (-1,)),
+    Tensor("stop_ids", "INT32", (-1,)),
+    Tensor("mode", "STRING"),
+)
 
 # Optional at the engine (every ensemble feeds them; request.py refuses a request without them) so
 # that a control request can carry cancel_sequence_id alone: postprocessing sends one when it sees
 # that the client cancelled, because Triton 2.51 does not pass an ensemble's cancellation on to the
 # step already running in the engine model (engine_model.py).
-ENGINE_INPUTS = (_opt("input_ids", "INT32", (-1,)), _opt("stop_ids", "INT32", (-1,)), _opt("mode", "STRING"),
-                 _opt("max_tokens", "INT32"), *ENGINE_PASS_THROUGH, _opt("cancel_sequence_id", "UINT64"))
+ENGINE_INPUTS = (
+    _opt("input_ids", "INT32", (-1,)),
+    _opt("stop_ids", "INT32", (-1,)),
+    _opt("mode", "STRING"),
+    _opt("max_tokens", "INT32"),
+    *ENGINE_PASS_THROUGH,
+    _opt("cancel_sequence_id", "UINT64"),
+)
 # output_ids: the tokens of this response with up to WINDOW earlier ones in front (prefix_length of
 # them), so postprocessing, which keeps no state, can cut exactly the new text (text.py).
 # (With exclude_input_in_output = false the final output_ids start with the prompt's, as TensorRT-LLM's
 # do: postprocessing may read only the engine's tensors, since Triton refuses a step that mixes
 # tensors of a decoupled model with others.)
-ENGINE_OUTPUTS = (Tensor("output_ids", "INT32", (-1,)), Tensor("prefix_length", "INT32"),
-                  Tensor("is_final", "BOOL"), Tensor("sequence_id", "UINT64"), *STATISTICS)
+ENGINE_OUTPUTS = (
+    Tensor("output_ids", "INT32", (-1,)),
+    Tensor("prefix_length", "INT32"),
+    Tensor("is_final", "BOOL"),
+    Tensor("sequence_id", "UINT64"),
+    *STATISTICS,
+)
 
 POSTPROCESSING_INPUTS = ENGINE_OUTPUTS
 POSTPROCESSING_OUTPUTS = tuple(Tensor(f"out_{t.name}", t.dtype, t.dims) for t in ENSEMBLE_OUTPUTS)

@@ -29,4 +29,4 @@ def new_text(decode: Callable[[list[int]], str], ids: list[int], prefix_length: 
     if not is_final:
         full = full.rstrip(REPLACEMENT)
     before = decode(ids[:prefix_length]).rstrip(REPLACEMENT) if prefix_length else ""
-    return full[len(before):]
+    return full[len(before) :]

@@ -57,15 +57,18 @@ def _check_ensemble(ens, configs: dict[str, ModelConfig]) -> list[str]:
                 dtype, dims, optional = available[value]
                 t = inputs[key]
                 if dtype != t.data_type or not _dims_agree(dims, tuple(t.dims)):
-                    problems.append(f"{where}: input {key!r} is {t.data_type}{list(t.dims)}, "
-                                    f"{value!r} is {dtype}{list(dims)}")
+                    problems.append(
+                        f"{where}: input {key!r} is {t.data_type}{list(t.dims)}, {value!r} is {dtype}{list(dims)}"
+                    )
                 if optional and not t.optional:
                     problems.append(f"{where}: required input {key!r} is fed by the optional {value!r}")
             consumed.add(value)
         origins = {origin.get(value) for value in step.input_map.values()}
         if len(origins) > 1:
-            problems.append(f"{where}: its inputs come from different decoupled models "
-                            f"({', '.join(sorted(o or 'the ensemble' for o in origins))})")
+            problems.append(
+                f"{where}: its inputs come from different decoupled models "
+                f"({', '.join(sorted(o or 'the ensemble' for o in origins))})"
+            )
         decoupled = model.model_transaction_policy.decoupled
         step_origin = step.model_name if decoupled else next(iter(origins), None)
         for name, t in inputs.items():
@@ -87,8 +90,9 @@ def _check_ensemble(ens, configs: dict[str, ModelConfig]) -> list[str]:
             continue
         dtype, dims, _ = available[t.name]
         if dtype != t.data_type or not _dims_agree(dims, tuple(t.dims)):
-            problems.append(f"{ens.name}: output {t.name!r} is {t.data_type}{list(t.dims)}, "
-                            f"its step gives {dtype}{list(dims)}")
+            problems.append(
+                f"{ens.name}: output {t.name!r} is {t.data_type}{list(t.dims)}, its step gives {dtype}{list(dims)}"
+            )
         consumed.add(t.name)
     for value, where in produced_by.items():
         if value not in consumed:

@@ -28,23 +28,31 @@ from trimode.triton_repo.settings import RepoSettings
 STAGE = "repo"
 FORMAT = 1
 # The passes each mode runs on a built engine (the engine must hold their programs).
-_NEEDS = {Mode.AR: {PassKind.PREFILL, PassKind.DECODE}, Mode.DIFFUSION: {PassKind.PREFILL, PassKind.DENOISE},
-          Mode.SELF_SPEC: {PassKind.PREFILL, PassKind.DRAFT, PassKind.VERIFY}}
+_NEEDS = {
+    Mode.AR: {PassKind.PREFILL, PassKind.DECODE},
+    Mode.DIFFUSION: {PassKind.PREFILL, PassKind.DENOISE},
+    Mode.SELF_SPEC: {PassKind.PREFILL, PassKind.DRAFT, PassKind.VERIFY},
+}
 _SHIM = '''"""{what} (written by `trimode repo`): the code is trimode.triton_repo.{module}, in the installed package."""
 from trimode.triton_repo.{module} import TritonPythonModel  # noqa: F401
 '''
 
 
-def write_model_repo(engine_dir: Path, out_dir: Path, settings: RepoSettings = RepoSettings(),
-                     force: bool = False) -> Path:
+def write_model_repo(
+    engine_dir: Path, out_dir: Path, settings: RepoSettings = RepoSettings(), force: bool = False
+) -> Path:
     """-> out_dir, holding one ensemble per mode of settings.modes over the engine dir."""
+    import torch
     from google.protobuf import text_format
 
-    import torch
-
     from trimode.builder.manifest import check_manifest, read_manifest
-    from trimode.triton_repo.configs import (Names, engine_config, ensemble_config, postprocessing_config,
-                                             preprocessing_config)
+    from trimode.triton_repo.configs import (
+        Names,
+        engine_config,
+        ensemble_config,
+        postprocessing_config,
+        preprocessing_config,
+    )
     from trimode.triton_repo.wiring import check_wiring
 
     engine_dir, out_dir = Path(engine_dir).resolve(), Path(out_dir)
@@ -61,26 +69,37 @@ def write_model_repo(engine_dir: Path, out_dir: Path, settings: RepoSettings = R
     for mode in settings.modes:
         missing = _NEEDS[mode] - programs
         if missing:
-            raise EngineError(f"{engine_dir}: no {', '.join(sorted(k.value for k in missing))} program, so it "
-                              f"cannot serve {mode.value}; rebuild it or leave {mode.value} out of --modes")
+            raise EngineError(
+                f"{engine_dir}: no {', '.join(sorted(k.value for k in missing))} program, so it "
+                f"cannot serve {mode.value}; rebuild it or leave {mode.value} out of --modes"
+            )
     slots = engine_settings["max_batch_size"]
     if settings.max_batch_size is not None and settings.max_batch_size > slots:  # the engine holds no more in flight
-        raise InputError(f"max_batch_size {settings.max_batch_size}: above the engine's {slots} slots (its KV pool, "
-                         f"settings.max_batch_size in {engine_dir}/manifest.json); give at most {slots}, or "
-                         f"rebuild the engine with more")
+        raise InputError(
+            f"max_batch_size {settings.max_batch_size}: above the engine's {slots} slots (its KV pool, "
+            f"settings.max_batch_size in {engine_dir}/manifest.json); give at most {slots}, or "
+            f"rebuild the engine with more"
+        )
     max_batch_size = settings.max_batch_size or slots
     max_queued = settings.max_queued_requests or 8 * engine_settings["max_batch_size"]
     names = Names(settings.prefix)
-    configs = {names.engine: engine_config(names, settings, max_batch_size, str(engine_dir), manifest["digest_sha256"],
-                                           max_queued),
-               names.postprocessing: postprocessing_config(names, settings, max_batch_size, str(engine_dir))}
+    configs = {
+        names.engine: engine_config(
+            names, settings, max_batch_size, str(engine_dir), manifest["digest_sha256"], max_queued
+        ),
+        names.postprocessing: postprocessing_config(names, settings, max_batch_size, str(engine_dir)),
+    }
     for mode in settings.modes:
-        configs[names.preprocessing(mode)] = preprocessing_config(names, mode, settings, max_batch_size,
-                                                                  str(engine_dir))
+        configs[names.preprocessing(mode)] = preprocessing_config(
+            names, mode, settings, max_batch_size, str(engine_dir)
+        )
         configs[names.ensemble(mode)] = ensemble_config(names, mode, max_batch_size)
     check_wiring(configs)  # before anything is written
-    modules = {names.engine: "engine_model", names.postprocessing: "postprocessing_model",
-               **{names.preprocessing(m): "preprocessing_model" for m in settings.modes}}
+    modules = {
+        names.engine: "engine_model",
+        names.postprocessing: "postprocessing_model",
+        **{names.preprocessing(m): "preprocessing_model" for m in settings.modes},
+    }
     with stage_output(out_dir, STAGE, [engine_dir], force) as tmp:
         for name, config in configs.items():
             (tmp / name / "1").mkdir(parents=True)
@@ -88,19 +107,33 @@ def write_model_repo(engine_dir: Path, out_dir: Path, settings: RepoSettings = R
             module = modules.get(name)
             if module:  # a python model (an ensemble is its config and an empty version folder)
                 (tmp / name / "1" / "model.py").write_text(_SHIM.format(what=f"Triton model {name}", module=module))
-        write_manifest(tmp, {
-            "stage": STAGE, "format": FORMAT, "tool": f"trimode {__version__}",
-            "engine": {"path": str(engine_dir), "digest_sha256": manifest["digest_sha256"],
-                       "backend": engine_settings["backend"], "device": manifest["device"]["type"],
-                       "max_batch_size": engine_settings["max_batch_size"],
-                       "max_seq_len": engine_settings["max_seq_len"],
-                       "block_lengths": engine_settings["block_lengths"]},
-            "settings": {"prefix": settings.prefix, "modes": [m.value for m in settings.modes],
-                         "max_batch_size": max_batch_size, "instances": settings.instances,
-                         "max_queue_delay_us": settings.max_queue_delay_us, "max_queued_requests": max_queued},
-            "ensembles": {m.value: names.ensemble(m) for m in settings.modes},
-            "models": {name: config.platform or config.backend for name, config in sorted(configs.items())},
-        })
+        write_manifest(
+            tmp,
+            {
+                "stage": STAGE,
+                "format": FORMAT,
+                "tool": f"trimode {__version__}",
+                "engine": {
+                    "path": str(engine_dir),
+                    "digest_sha256": manifest["digest_sha256"],
+                    "backend": engine_settings["backend"],
+                    "device": manifest["device"]["type"],
+                    "max_batch_size": engine_settings["max_batch_size"],
+                    "max_seq_len": engine_settings["max_seq_len"],
+                    "block_lengths": engine_settings["block_lengths"],
+                },
+                "settings": {
+                    "prefix": settings.prefix,
+                    "modes": [m.value for m in settings.modes],
+                    "max_batch_size": max_batch_size,
+                    "instances": settings.instances,
+                    "max_queue_delay_us": settings.max_queue_delay_us,
+                    "max_queued_requests": max_queued,
+                },
+                "ensembles": {m.value: names.ensemble(m) for m in settings.modes},
+                "models": {name: config.platform or config.backend for name, config in sorted(configs.items())},
+            },
+        )
     return out_dir
 
 
@@ -113,4 +146,3 @@ def read_repo_manifest(repo_dir: Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("stage") != STAGE:
         raise EngineError(f"{repo_dir}: not a model repository written by `trimode repo` (no repo manifest.json)")
     return manifest
-

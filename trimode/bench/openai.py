@@ -41,19 +41,28 @@ class OpenAITarget:
             with urllib.request.urlopen(f"{self.base}/v1/models", timeout=10) as response:
                 served = {m["id"] for m in json.loads(response.read())["data"]}
         except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError) as e:
-            raise BenchError(f"--openai {self.base}: no OpenAI-compatible server answers /v1/models there "
-                             f"({getattr(e, 'reason', e)})") from None
+            raise BenchError(
+                f"--openai {self.base}: no OpenAI-compatible server answers /v1/models there "
+                f"({getattr(e, 'reason', e)})"
+            ) from None
         missing = [self.model(m) for m in modes if self.model(m) not in served]
         if missing:
             raise BenchError(f"--openai {self.base}: no model {missing[0]!r} (it serves {', '.join(sorted(served))})")
 
     def stream(self, ask: Ask) -> Iterator[Update]:
-        body = {"model": self.model(ask.mode), "prompt": ask.prompt, "max_tokens": ask.max_tokens,
-                "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+        body = {
+            "model": self.model(ask.mode),
+            "prompt": ask.prompt,
+            "max_tokens": ask.max_tokens,
+            "temperature": 0.0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         body |= {"ignore_eos": True} if ask.ignore_eos else {}
         body |= {"block_length": ask.block_length} if ask.block_length and ask.mode is not Mode.AR else {}
-        request = urllib.request.Request(f"{self.base}/v1/completions", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"{self.base}/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
         count = 0
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:

@@ -34,12 +34,14 @@ def read_prompts(path: Path) -> list[str]:
             value = None
         value = value.get("prompt") if isinstance(value, dict) else value
         if not isinstance(value, str) or not value:
-            raise BenchError(f"{where} line {number}: expected a JSON string or an object with a non-empty "
-                             f"\"prompt\" string")
+            raise BenchError(
+                f'{where} line {number}: expected a JSON string or an object with a non-empty "prompt" string'
+            )
         prompts.append(value)
     if not prompts:
-        raise BenchError(f"{where}: holds no prompts (one per line; .jsonl: one JSON string or "
-                         f"{{\"prompt\": ...}} per line)")
+        raise BenchError(
+            f'{where}: holds no prompts (one per line; .jsonl: one JSON string or {{"prompt": ...}} per line)'
+        )
     return prompts
 
 
@@ -47,7 +49,8 @@ def held_out_prompts(checkpoint_dir: Path, num_prompts: int | None = None, promp
     """The held-out windows `trimode eval` generates from (EvalSettings' number and length, in the
     checkpoint's tokens), as text."""
     from trimode.checkpoint import load_checkpoint
-    from trimode.evaluate import EvalSettings, held_out_prompts as windows, held_out_stream
+    from trimode.evaluate import EvalSettings, held_out_stream
+    from trimode.evaluate import held_out_prompts as windows
 
     ck = load_checkpoint(checkpoint_dir)
     defaults = EvalSettings()

@@ -33,26 +33,29 @@ DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16)
 class BenchSettings:
     modes: tuple[str, ...] = ("ar", "diffusion", "self-spec")
     concurrency: tuple[int, ...] = DEFAULT_CONCURRENCY
-    num_requests: int | None = None           # per level; None: 2 per client, at least 8 (or duration_s)
-    duration_s: float | None = None           # per level, instead of num_requests
+    num_requests: int | None = None  # per level; None: 2 per client, at least 8 (or duration_s)
+    duration_s: float | None = None  # per level, instead of num_requests
     max_tokens: int = 64
-    block_lengths: tuple[int, ...] = ()       # diffusion and self-spec each run at every one; (): the default
+    block_lengths: tuple[int, ...] = ()  # diffusion and self-spec each run at every one; (): the default
     ignore_eos: bool = True
     num_warmup: int = 1
-    num_rounds: int = 1                       # of every cell, interleaved with the other variants'
+    num_rounds: int = 1  # of every cell, interleaved with the other variants'
 
     def __post_init__(self) -> None:
         bad = [m for m in self.modes if m not in {m.value for m in Mode}]
         if bad or not self.modes:
-            raise InputError(f"modes: expected some of {', '.join(m.value for m in Mode)}, "
-                             f"got {','.join(self.modes)!r}")
+            raise InputError(
+                f"modes: expected some of {', '.join(m.value for m in Mode)}, got {','.join(self.modes)!r}"
+            )
         if not self.concurrency or min(self.concurrency) < 1:
             raise InputError(f"concurrency: expected integers >= 1, got {self.concurrency}")
         if self.num_requests is not None and self.duration_s is not None:
             raise InputError("num_requests and duration_s: pass one of them")
         if self.num_requests is not None and self.num_requests < max(self.concurrency):
-            raise InputError(f"num_requests: {self.num_requests} is fewer than concurrency {max(self.concurrency)} "
-                             f"(every client sends at least one request)")
+            raise InputError(
+                f"num_requests: {self.num_requests} is fewer than concurrency {max(self.concurrency)} "
+                f"(every client sends at least one request)"
+            )
         if self.duration_s is not None and not self.duration_s > 0:
             raise InputError(f"duration_s: expected a number of seconds > 0, got {self.duration_s}")
         if min(self.max_tokens, self.num_rounds, *self.block_lengths) < 1 or self.num_warmup < 0:
@@ -67,12 +70,15 @@ class BenchSettings:
 @dataclass(frozen=True)
 class Variant:
     mode: Mode
-    block_length: int | None                  # None: the target's default, which it did not tell
+    block_length: int | None  # None: the target's default, which it did not tell
 
     @property
     def name(self) -> str:
-        return self.mode.value if self.block_length is None or self.mode is Mode.AR else \
-            f"{self.mode.value}/{self.block_length}"
+        return (
+            self.mode.value
+            if self.block_length is None or self.mode is Mode.AR
+            else f"{self.mode.value}/{self.block_length}"
+        )
 
 
 def variants(settings: BenchSettings, default_block_length: int | None) -> list[Variant]:
@@ -93,12 +99,14 @@ def timed(target: Target, ask: Ask, t0: float) -> Record:
     end = time.perf_counter()
     if last is None:
         raise BenchError(f"{ask.mode.value}: the target answered nothing")
-    return Record(start - t0, (first or end) - t0, end - t0, last.num_tokens, last.num_passes,
-                  last.mean_accepted_length)
+    return Record(
+        start - t0, (first or end) - t0, end - t0, last.num_tokens, last.num_passes, last.mean_accepted_length
+    )
 
 
-def closed_loop(target: Target, ask_for: Callable[[int], Ask], concurrency: int, num_requests: int | None,
-                duration_s: float | None) -> tuple[list[Record], float]:
+def closed_loop(
+    target: Target, ask_for: Callable[[int], Ask], concurrency: int, num_requests: int | None, duration_s: float | None
+) -> tuple[list[Record], float]:
     """-> the finished requests and the wall time from the first send to the last answer."""
     counter, lock = itertools.count(), threading.Lock()
     records: list[Record] = []
@@ -109,8 +117,9 @@ def closed_loop(target: Target, ask_for: Callable[[int], Ask], concurrency: int,
         while not errors:
             with lock:
                 i = next(counter)
-            if (num_requests is not None and i >= num_requests) or \
-                    (duration_s is not None and i >= concurrency and time.perf_counter() - t0 >= duration_s):
+            if (num_requests is not None and i >= num_requests) or (
+                duration_s is not None and i >= concurrency and time.perf_counter() - t0 >= duration_s
+            ):
                 return
             try:
                 record = timed(target, ask_for(i), t0)
@@ -130,8 +139,13 @@ def closed_loop(target: Target, ask_for: Callable[[int], Ask], concurrency: int,
     return records, max(r.end_s for r in records)
 
 
-def run_bench(target: Target, prompts: list[str], settings: BenchSettings,
-              on_start: Callable[[int], None] | None = None, on_cell: Callable[[str, int], None] | None = None) -> dict:
+def run_bench(
+    target: Target,
+    prompts: list[str],
+    settings: BenchSettings,
+    on_start: Callable[[int], None] | None = None,
+    on_cell: Callable[[str, int], None] | None = None,
+) -> dict:
     """The report (module doc). on_start(number of runs) after the warm-ups; on_cell(variant, c) after each run."""
     target.check([Mode(m) for m in settings.modes])
     runs = variants(settings, target.default_block_length)
@@ -146,30 +160,52 @@ def run_bench(target: Target, prompts: list[str], settings: BenchSettings,
         rounds: dict[Variant, list] = {v: [] for v in runs}
         for _ in range(settings.num_rounds):
             for v in runs:
+
                 def ask_for(i: int, v=v) -> Ask:
-                    return Ask(prompts[i % len(prompts)], v.mode, v.block_length, settings.max_tokens,
-                               settings.ignore_eos)
+                    return Ask(
+                        prompts[i % len(prompts)], v.mode, v.block_length, settings.max_tokens, settings.ignore_eos
+                    )
 
                 rounds[v].append(closed_loop(target, ask_for, c, settings.requests_at(c), settings.duration_s))
                 if on_cell:
                     on_cell(v.name, c)
-        rows += [{"variant": v.name, "mode": v.mode.value, "block_length": v.block_length, "concurrency": c,
-                  **summarize(rounds[v])} for v in runs]
+        rows += [
+            {
+                "variant": v.name,
+                "mode": v.mode.value,
+                "block_length": v.block_length,
+                "concurrency": c,
+                **summarize(rounds[v]),
+            }
+            for v in runs
+        ]
     add_speedups(rows)
-    return {"tool": _tool(), "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "machine": machine(), "target": target.describe(),
-            "settings": {**asdict(settings), "temperature": 0.0, "requests_per_level":
-                         {c: settings.requests_at(c) for c in settings.concurrency},
-                         "num_prompts": len(prompts), "prompt_chars": [min(map(len, prompts)), max(map(len, prompts))]},
-            "notes": notes(target, settings), "results": rows, "advice": advise(rows)}
+    return {
+        "tool": _tool(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": machine(),
+        "target": target.describe(),
+        "settings": {
+            **asdict(settings),
+            "temperature": 0.0,
+            "requests_per_level": {c: settings.requests_at(c) for c in settings.concurrency},
+            "num_prompts": len(prompts),
+            "prompt_chars": [min(map(len, prompts)), max(map(len, prompts))],
+        },
+        "notes": notes(target, settings),
+        "results": rows,
+        "advice": advise(rows),
+    }
 
 
 def notes(target: Target, settings: BenchSettings) -> list[str]:
     out = []
     over = [c for c in settings.concurrency if target.slots and c > target.slots]
     if over:
-        out.append(f"concurrency {', '.join(map(str, over))} exceeds the engine's {target.slots} slots: "
-                   f"the extra requests wait in the {'server' if target.kind != 'engine' else 'engine'}'s queue")
+        out.append(
+            f"concurrency {', '.join(map(str, over))} exceeds the engine's {target.slots} slots: "
+            f"the extra requests wait in the {'server' if target.kind != 'engine' else 'engine'}'s queue"
+        )
     if target.slots is None:
         out.append("the target does not say how many requests it runs at once")
     if "ar" not in settings.modes:
@@ -186,8 +222,15 @@ def machine() -> dict:
     except (OSError, StopIteration):
         pass
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"platform": platform.platform(), "cpu": cpu, "num_cpus": os.cpu_count(), "gpu": gpu,
-            "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "num_cpus": os.cpu_count(),
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def _tool() -> str:

@@ -27,11 +27,12 @@ def percentile(values: Sequence[float], q: float) -> float:
 @dataclass(frozen=True)
 class Record:
     """One finished request, times in seconds from the start of its level."""
+
     start_s: float
-    first_token_s: float          # when the first output token arrived
+    first_token_s: float  # when the first output token arrived
     end_s: float
     num_tokens: int
-    num_passes: int | None        # forward passes that served it (None: the target does not say)
+    num_passes: int | None  # forward passes that served it (None: the target does not say)
     mean_accepted_length: float | None  # self-spec: mean accepted tokens per cycle (None elsewhere)
 
 
@@ -91,11 +92,21 @@ def advise(rows: list[dict]) -> list[dict]:
     for c in sorted({r["concurrency"] for r in rows}):
         ranked = sorted((r for r in rows if r["concurrency"] == c), key=lambda r: r["tokens_per_s"], reverse=True)
         best, second = ranked[0], (ranked[1] if len(ranked) > 1 else None)
-        entry = {"concurrency": c, "variant": best["variant"], "mode": best["mode"],
-                 "block_length": best["block_length"], "tokens_per_s": best["tokens_per_s"],
-                 "speedup_vs_ar": best["speedup_vs_ar"], "too_close": too_close(best, second),
-                 "runner_up": second and {"variant": second["variant"], "tokens_per_s": second["tokens_per_s"],
-                                          "speedup_vs_ar": second["speedup_vs_ar"]}}
+        entry = {
+            "concurrency": c,
+            "variant": best["variant"],
+            "mode": best["mode"],
+            "block_length": best["block_length"],
+            "tokens_per_s": best["tokens_per_s"],
+            "speedup_vs_ar": best["speedup_vs_ar"],
+            "too_close": too_close(best, second),
+            "runner_up": second
+            and {
+                "variant": second["variant"],
+                "tokens_per_s": second["tokens_per_s"],
+                "speedup_vs_ar": second["speedup_vs_ar"],
+            },
+        }
         entry["text"] = advice_text(entry)
         advice.append(entry)
     return advice

@@ -33,6 +33,7 @@ class BenchError(TrimodeError):
 @dataclass(frozen=True)
 class Ask:
     """One request: greedy (temperature 0), this mode and block length (None: the target's default)."""
+
     prompt: str
     mode: Mode
     block_length: int | None
@@ -42,8 +43,8 @@ class Ask:
 
 @dataclass(frozen=True)
 class Update:
-    num_tokens: int                          # output tokens so far
-    num_passes: int | None = None            # forward passes so far (None: the target does not say)
+    num_tokens: int  # output tokens so far
+    num_passes: int | None = None  # forward passes so far (None: the target does not say)
     mean_accepted_length: float | None = None
     is_final: bool = False
 
@@ -52,25 +53,30 @@ class Target(Protocol):
     kind: str
 
     @property
-    def slots(self) -> int | None: ...                   # requests the engine runs at once (None: unknown)
+    def slots(self) -> int | None: ...  # requests the engine runs at once (None: unknown)
     @property
-    def default_block_length(self) -> int | None: ...    # what block_length None means here (None: unknown)
+    def default_block_length(self) -> int | None: ...  # what block_length None means here (None: unknown)
 
     def describe(self) -> dict: ...
-    def check(self, modes: list[Mode]) -> None: ...      # fail before any timing
+    def check(self, modes: list[Mode]) -> None: ...  # fail before any timing
     def stream(self, ask: Ask) -> Iterator[Update]: ...
     def close(self) -> None: ...
 
 
 def _update(outputs: dict, final: bool) -> Update:
     """An Update from one engine/ensemble response's statistics (plain values or [1, 1] arrays)."""
+
     def scalar(name):
         v = outputs[name]
         return v.reshape(-1)[0].item() if hasattr(v, "reshape") else v
 
     accepted = scalar("mean_accepted_length")
-    return Update(int(scalar("num_output_tokens")), int(scalar("num_forward_passes")),
-                  float(accepted) if accepted else None, final)
+    return Update(
+        int(scalar("num_output_tokens")),
+        int(scalar("num_forward_passes")),
+        float(accepted) if accepted else None,
+        final,
+    )
 
 
 class _QueueSink:
@@ -107,8 +113,15 @@ class EngineTarget:
 
     def describe(self) -> dict:
         s = self.built.manifest["settings"]
-        return {"kind": self.kind, "engine_dir": str(self.engine_dir), "backend": s["backend"], "device": s["device"],
-                "slots": self.slots, "max_seq_len": s["max_seq_len"], "block_lengths": list(self.built.block_lengths)}
+        return {
+            "kind": self.kind,
+            "engine_dir": str(self.engine_dir),
+            "backend": s["backend"],
+            "device": s["device"],
+            "slots": self.slots,
+            "max_seq_len": s["max_seq_len"],
+            "block_lengths": list(self.built.block_lengths),
+        }
 
     def check(self, modes: list[Mode]) -> None:
         pass  # the warm-up requests meet the engine's own checks (prompt length, block lengths)
@@ -119,9 +132,13 @@ class EngineTarget:
         from trimode.triton_repo.request import Request
 
         prompt = self.built.checkpoint.tokenizer.encode(ask.prompt)
-        request = Request(prompt, SamplingParams(ask.max_tokens, ignore_eos=ask.ignore_eos),
-                          DecodeConfig(ask.mode, ask.block_length or self.default_block_length),
-                          is_stream=True, prepend_prompt=False)
+        request = Request(
+            prompt,
+            SamplingParams(ask.max_tokens, ignore_eos=ask.ignore_eos),
+            DecodeConfig(ask.mode, ask.block_length or self.default_block_length),
+            is_stream=True,
+            prepend_prompt=False,
+        )
         sink = _QueueSink()
         self.loop.submit(Job(request, sink))
         while True:
@@ -138,6 +155,7 @@ class EngineTarget:
 
 class TritonTarget:
     """A running `trimode serve` (HOST:PORT of its gRPC or HTTP endpoint); the model names carry prefix."""
+
     kind = "triton"
     default_block_length = None  # the server's engine model picks it
 
@@ -146,8 +164,13 @@ class TritonTarget:
         self.slots: int | None = None
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "url": self.url, "protocol": self.protocol, "prefix": self.prefix,
-                "slots": self.slots}
+        return {
+            "kind": self.kind,
+            "url": self.url,
+            "protocol": self.protocol,
+            "prefix": self.prefix,
+            "slots": self.slots,
+        }
 
     def check(self, modes: list[Mode]) -> None:
         """Fail fast: a server that answers, every mode's ensemble ready; read the engine model's slots."""
@@ -159,12 +182,16 @@ class TritonTarget:
         except NoAnswer as e:
             raise BenchError(f"--url {e}") from None
         if not is_ready:
-            raise BenchError(f"{where}: no Triton server answers there over {self.protocol}; start one with "
-                             f"`trimode serve REPO` (or check --protocol and the port)")
+            raise BenchError(
+                f"{where}: no Triton server answers there over {self.protocol}; start one with "
+                f"`trimode serve REPO` (or check --protocol and the port)"
+            )
         for mode in modes:
             if not self._ask("ready", model_name(mode, self.prefix)):
-                raise BenchError(f"{where}: the server has no ready model {model_name(mode, self.prefix)!r} for "
-                                 f"mode {mode.value} (check --prefix, or drop it from --modes)")
+                raise BenchError(
+                    f"{where}: the server has no ready model {model_name(mode, self.prefix)!r} for "
+                    f"mode {mode.value} (check --prefix, or drop it from --modes)"
+                )
         self.slots = self._ask("max_batch_size", f"{self.prefix}engine")
 
     def _ask(self, what: str, model: str | None):
@@ -181,15 +208,21 @@ class TritonTarget:
             try:
                 with grpcclient.InferenceServerClient(self.url) as c:
                     if what == "ready":
-                        return c.is_model_ready(model, client_timeout=self.timeout_s) if model else \
-                            c.is_server_ready(client_timeout=self.timeout_s)
+                        return (
+                            c.is_model_ready(model, client_timeout=self.timeout_s)
+                            if model
+                            else c.is_server_ready(client_timeout=self.timeout_s)
+                        )
                     return int(c.get_model_config(model, client_timeout=self.timeout_s).config.max_batch_size)
             except (InferenceServerException, ValueError) as e:
                 if (failure := no_answer(self.url, "grpc", e)) is not None:
                     raise failure from None
                 return None if what != "ready" else False
-        path = "/v2/health/ready" if model is None else \
-            f"/v2/models/{model}" + ("/ready" if what == "ready" else "/config")
+        path = (
+            "/v2/health/ready"
+            if model is None
+            else f"/v2/models/{model}" + ("/ready" if what == "ready" else "/config")
+        )
         try:
             with urllib.request.urlopen(f"http://{self.url}{path}", timeout=self.timeout_s) as response:
                 return response.status == 200 if what == "ready" else int(json.loads(response.read())["max_batch_size"])
@@ -205,8 +238,11 @@ class TritonTarget:
         inputs |= {"end_id": -1} if ask.ignore_eos else {}
         inputs |= {"block_length": ask.block_length} if ask.block_length and ask.mode is not Mode.AR else {}
         model = client.model_name(ask.mode, self.prefix)
-        responses = client.stream_grpc(self.url, model, inputs) if self.protocol == "grpc" else \
-            client.stream_http(self.url, model, inputs)
+        responses = (
+            client.stream_grpc(self.url, model, inputs)
+            if self.protocol == "grpc"
+            else client.stream_http(self.url, model, inputs)
+        )
         for r in responses:
             yield _update(r, bool(r["finish_reason"]))
 

@@ -14,9 +14,19 @@ from trimode.cli import bench, checkpoint, deploy, engine, evaluate, generate, s
 from trimode.cli.common import EMBEDDED_CHECKPOINT
 from trimode.cli.group import main
 
-for _command in (generate.generate, checkpoint.make_checkpoint, checkpoint.quantize, checkpoint.train_draft,
-                 evaluate.eval_command, engine.build, engine.inspect, serve.repo, serve.serve, deploy.deploy,
-                 bench.bench):
+for _command in (
+    generate.generate,
+    checkpoint.make_checkpoint,
+    checkpoint.quantize,
+    checkpoint.train_draft,
+    evaluate.eval_command,
+    engine.build,
+    engine.inspect,
+    serve.repo,
+    serve.serve,
+    deploy.deploy,
+    bench.bench,
+):
     main.add_command(_command)
 del _command
 

@@ -19,54 +19,147 @@ def _host_port(ctx, param, value: str | None) -> str | None:
 
 
 @click.command()
-@click.option("--engine", "engine_dir", type=click.Path(path_type=Path), default=None,
-              help="Bench a built engine dir (trimode build) in this process, through the in-flight batching "
-                   "loop the Triton engine model runs.")
-@click.option("--url", default=None, callback=_host_port,
-              help="HOST:PORT of a running `trimode serve` (its gRPC or HTTP port, see --protocol).")
-@click.option("--protocol", type=click.Choice(["grpc", "http"]), default="grpc", show_default=True,
-              help="With --url: the server's protocol (both stream, which gives the time to first token).")
-@click.option("--openai", "openai_url", default=None,
-              help="Base URL of an OpenAI-compatible server (http://HOST:PORT): streamed /v1/completions, one "
-                   "model per mode named as the Triton ensembles (ar, diffusion, self_spec; with --prefix).")
+@click.option(
+    "--engine",
+    "engine_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Bench a built engine dir (trimode build) in this process, through the in-flight batching "
+    "loop the Triton engine model runs.",
+)
+@click.option(
+    "--url",
+    default=None,
+    callback=_host_port,
+    help="HOST:PORT of a running `trimode serve` (its gRPC or HTTP port, see --protocol).",
+)
+@click.option(
+    "--protocol",
+    type=click.Choice(["grpc", "http"]),
+    default="grpc",
+    show_default=True,
+    help="With --url: the server's protocol (both stream, which gives the time to first token).",
+)
+@click.option(
+    "--openai",
+    "openai_url",
+    default=None,
+    help="Base URL of an OpenAI-compatible server (http://HOST:PORT): streamed /v1/completions, one "
+    "model per mode named as the Triton ensembles (ar, diffusion, self_spec; with --prefix).",
+)
 @click.option("--prefix", default="", help="With --url or --openai: the model-name prefix the repo was written with.")
-@click.option("--modes", type=ModeList(), default=",".join(MODES), show_default=True,
-              help="Modes to measure; AR is the baseline of every speed-up, so without it there are none.")
-@click.option("--concurrency", type=IntList(), default=None,
-              help="Closed-loop client counts, comma-separated [default: 1,2,4,8,16; with --engine, those up to "
-                   "the engine's slots]. With --engine each must fit the slots; a server queues the excess.")
-@click.option("--requests", "num_requests", type=click.IntRange(min=1), default=None,
-              help="Requests per concurrency level, at least the highest level [default: 2 per client, at least 8].")
-@click.option("--duration", "duration_s", type=FiniteFloat(min=0, min_open=True), default=None,
-              help="Seconds per concurrency level instead of --requests (requests sent by then finish and count).")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Output tokens per request (every request makes exactly this many unless --stop-at-eos).")
-@click.option("--block-length", "block_lengths", type=IntList(), default=None,
-              help="Block lengths for diffusion and self-spec, comma-separated: each is its own line "
-                   "[default: the engine's default block length].")
-@click.option("--prompts", "prompts_path", type=click.Path(path_type=Path), default=None,
-              help="Prompt file: one prompt per line, or a .jsonl file of JSON strings or {\"prompt\": ...} "
-                   "objects (for prompts with newlines) [default: the embedded checkpoint's held-out prompts, "
-                   "as trimode eval uses them].")
-@click.option("--warmup", "num_warmup", type=click.IntRange(min=0), default=1, show_default=True,
-              help="Untimed requests per mode and block length before timing (with the longest prompt).")
-@click.option("--repeats", "num_rounds", type=click.IntRange(1, 1000), default=1, show_default=True,
-              help="Rounds of every mode at every concurrency, round-robin over the modes: tokens/s is the "
-                   "median round's, and the advice says when the best two overlap over their rounds "
-                   "(too close to call). Use 3 or more on a machine shared with other jobs.")
-@click.option("--stop-at-eos", is_flag=True, help="Let requests end at EOS (default: ignore it, so every request "
-                                                  "makes --max-tokens tokens and the modes do equal work).")
-@click.option("--threads", type=click.IntRange(1, 1024), default=None,
-              help="With --engine: torch threads (1 is fairest on a machine shared with other jobs).")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
-              help="Write bench.json and bench.png (tokens/s and speed-up over AR vs concurrency) to this new folder.")
+@click.option(
+    "--modes",
+    type=ModeList(),
+    default=",".join(MODES),
+    show_default=True,
+    help="Modes to measure; AR is the baseline of every speed-up, so without it there are none.",
+)
+@click.option(
+    "--concurrency",
+    type=IntList(),
+    default=None,
+    help="Closed-loop client counts, comma-separated [default: 1,2,4,8,16; with --engine, those up to "
+    "the engine's slots]. With --engine each must fit the slots; a server queues the excess.",
+)
+@click.option(
+    "--requests",
+    "num_requests",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Requests per concurrency level, at least the highest level [default: 2 per client, at least 8].",
+)
+@click.option(
+    "--duration",
+    "duration_s",
+    type=FiniteFloat(min=0, min_open=True),
+    default=None,
+    help="Seconds per concurrency level instead of --requests (requests sent by then finish and count).",
+)
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Output tokens per request (every request makes exactly this many unless --stop-at-eos).",
+)
+@click.option(
+    "--block-length",
+    "block_lengths",
+    type=IntList(),
+    default=None,
+    help="Block lengths for diffusion and self-spec, comma-separated: each is its own line "
+    "[default: the engine's default block length].",
+)
+@click.option(
+    "--prompts",
+    "prompts_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help='Prompt file: one prompt per line, or a .jsonl file of JSON strings or {"prompt": ...} '
+    "objects (for prompts with newlines) [default: the embedded checkpoint's held-out prompts, "
+    "as trimode eval uses them].",
+)
+@click.option(
+    "--warmup",
+    "num_warmup",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    help="Untimed requests per mode and block length before timing (with the longest prompt).",
+)
+@click.option(
+    "--repeats",
+    "num_rounds",
+    type=click.IntRange(1, 1000),
+    default=1,
+    show_default=True,
+    help="Rounds of every mode at every concurrency, round-robin over the modes: tokens/s is the "
+    "median round's, and the advice says when the best two overlap over their rounds "
+    "(too close to call). Use 3 or more on a machine shared with other jobs.",
+)
+@click.option(
+    "--stop-at-eos",
+    is_flag=True,
+    help="Let requests end at EOS (default: ignore it, so every request "
+    "makes --max-tokens tokens and the modes do equal work).",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(1, 1024),
+    default=None,
+    help="With --engine: torch threads (1 is fairest on a machine shared with other jobs).",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write bench.json and bench.png (tokens/s and speed-up over AR vs concurrency) to this new folder.",
+)
 @click.option("--force", is_flag=True, help="Replace a previous bench --out folder (never another folder).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (no table).")
-def bench(engine_dir: Path | None, url: str | None, protocol: str, openai_url: str | None, prefix: str,
-          modes: tuple[str, ...], concurrency: tuple[int, ...] | None, num_requests: int | None,
-          duration_s: float | None, max_tokens: int, block_lengths: tuple[int, ...] | None, prompts_path: Path | None,
-          num_warmup: int, num_rounds: int, stop_at_eos: bool, threads: int | None, out_dir: Path | None, force: bool,
-          as_json: bool) -> None:
+def bench(
+    engine_dir: Path | None,
+    url: str | None,
+    protocol: str,
+    openai_url: str | None,
+    prefix: str,
+    modes: tuple[str, ...],
+    concurrency: tuple[int, ...] | None,
+    num_requests: int | None,
+    duration_s: float | None,
+    max_tokens: int,
+    block_lengths: tuple[int, ...] | None,
+    prompts_path: Path | None,
+    num_warmup: int,
+    num_rounds: int,
+    stop_at_eos: bool,
+    threads: int | None,
+    out_dir: Path | None,
+    force: bool,
+    as_json: bool,
+) -> None:
     """Measure each mode at each concurrency on an engine dir (--engine) or a running server (--url,
     --openai), and say which mode (and block length) to deploy at which load.
 
@@ -88,15 +181,23 @@ def bench(engine_dir: Path | None, url: str | None, protocol: str, openai_url: s
 
     given = [name for name, v in (("--engine", engine_dir), ("--url", url), ("--openai", openai_url)) if v]
     if len(given) != 1:
-        raise click.UsageError("pass one of --engine, --url and --openai" +
-                               (f" (got {' and '.join(given)})" if given else ""))
+        raise click.UsageError(
+            "pass one of --engine, --url and --openai" + (f" (got {' and '.join(given)})" if given else "")
+        )
     if threads is not None and engine_dir is None:
         raise click.UsageError("--threads sets this process's torch threads: it needs --engine")
     if prefix and engine_dir is not None:
         raise click.UsageError("--prefix names a server's models: it needs --url or --openai")
-    options: dict[str, Any] = dict(modes=modes, num_requests=num_requests, duration_s=duration_s, max_tokens=max_tokens,
-                    block_lengths=block_lengths or (), ignore_eos=not stop_at_eos, num_warmup=num_warmup,
-                    num_rounds=num_rounds)
+    options: dict[str, Any] = dict(
+        modes=modes,
+        num_requests=num_requests,
+        duration_s=duration_s,
+        max_tokens=max_tokens,
+        block_lengths=block_lengths or (),
+        ignore_eos=not stop_at_eos,
+        num_warmup=num_warmup,
+        num_rounds=num_rounds,
+    )
     BenchSettings(concurrency=concurrency or (1,), **options)  # bad settings fail before any loading
     if out_dir is not None:
         check_output(out_dir, STAGE, force=force)
@@ -108,9 +209,11 @@ def bench(engine_dir: Path | None, url: str | None, protocol: str, openai_url: s
         slots = read_manifest(engine_dir)["settings"]["max_batch_size"]
         over = [c for c in concurrency or () if c > slots]
         if over:
-            raise click.BadParameter(f"{over[0]}: the engine runs {slots} requests at once (its max_batch_size); "
-                                     f"rebuild it with a larger one, or bench a server, which queues",
-                                     param_hint="'--concurrency'")
+            raise click.BadParameter(
+                f"{over[0]}: the engine runs {slots} requests at once (its max_batch_size); "
+                f"rebuild it with a larger one, or bench a server, which queues",
+                param_hint="'--concurrency'",
+            )
         dropped = [] if concurrency else [c for c in DEFAULT_CONCURRENCY if c > slots]
         concurrency = concurrency or tuple(c for c in DEFAULT_CONCURRENCY if c <= slots)
         if threads:
@@ -140,8 +243,9 @@ def bench(engine_dir: Path | None, url: str | None, protocol: str, openai_url: s
             bar.close()
         target.close()
     if engine_dir is not None and dropped:
-        report["notes"].append(f"concurrency {', '.join(map(str, dropped))} not measured: above the engine's "
-                               f"{target.slots} slots")
+        report["notes"].append(
+            f"concurrency {', '.join(map(str, dropped))} not measured: above the engine's {target.slots} slots"
+        )
     if out_dir is not None:
         write_bench_dir(report, out_dir, force)
     if as_json:

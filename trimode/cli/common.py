@@ -52,6 +52,7 @@ class ThresholdType(click.ParamType):
 
 class IntList(click.ParamType):
     """Comma-separated integers in [1, 65536], e.g. 4,8,16."""
+
     name = "N[,N...]"
 
     def convert(self, value, param, ctx):
@@ -84,6 +85,7 @@ class DeviceType(click.ParamType):
 
 class ModeList(click.ParamType):
     """Comma-separated modes, e.g. ar,self-spec."""
+
     name = "MODE[,MODE...]"
 
     def convert(self, value, param, ctx):
@@ -98,6 +100,7 @@ class ModeList(click.ParamType):
 
 def echo_json(obj: object) -> None:
     """Strict JSON on stdout: a non-finite number (a NaN perplexity, say) is written as null."""
+
     def finite(x):
         if isinstance(x, float) and not math.isfinite(x):
             return None
@@ -123,8 +126,10 @@ def refuse_with_engine(**fixed) -> None:
     """--engine with an option the engine dir fixes at build time (fixed: name -> value given): one line."""
     given = [name for name, value in fixed.items() if value is not None]
     if given:
-        raise InputError(f"--engine and --{given[0].replace('_', '-')}: the engine dir fixes its "
-                         f"{given[0].replace('_', ' ')} at build time; pass one of them")
+        raise InputError(
+            f"--engine and --{given[0].replace('_', '-')}: the engine dir fixes its "
+            f"{given[0].replace('_', ' ')} at build time; pass one of them"
+        )
 
 
 def load_engine(engine_dir: Path, checkpoint_dir: Path | None, device: str | None) -> BuiltEngine:
@@ -141,8 +146,10 @@ def resolve_checkpoint_dir(path: Path | None) -> Path:
         return path
     if (EMBEDDED_CHECKPOINT / "config.json").is_file():
         return EMBEDDED_CHECKPOINT
-    raise InputError("no embedded default checkpoint in this build: pass --checkpoint DIR "
-                     "(make one with: trimode make-checkpoint --random --out DIR)")
+    raise InputError(
+        "no embedded default checkpoint in this build: pass --checkpoint DIR "
+        "(make one with: trimode make-checkpoint --random --out DIR)"
+    )
 
 
 class CalibrationBar:

@@ -17,35 +17,78 @@ DEFAULT_PROMPT = "def __init__(self, name, value=None):"
 
 @click.command()
 @click.argument("checkpoint_dir", required=False, type=click.Path(path_type=Path))
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
-              help="The deploy folder: quantized/, engine/, repo/ and manifest.json go in it.")
-@click.option("--fp8/--no-fp8", default=True, show_default=True,
-              help="Quantize to FP8 first (skipped for an input that is already FP8).")
-@click.option("--calib-samples", type=click.IntRange(1, 1 << 20), default=64, show_default=True,
-              help="FP8 calibration windows.")
-@click.option("--calib-seq-len", type=click.IntRange(2, 1 << 20), default=256, show_default=True,
-              help="Tokens per calibration window.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="The deploy folder: quantized/, engine/, repo/ and manifest.json go in it.",
+)
+@click.option(
+    "--fp8/--no-fp8",
+    default=True,
+    show_default=True,
+    help="Quantize to FP8 first (skipped for an input that is already FP8).",
+)
+@click.option(
+    "--calib-samples", type=click.IntRange(1, 1 << 20), default=64, show_default=True, help="FP8 calibration windows."
+)
+@click.option(
+    "--calib-seq-len",
+    type=click.IntRange(2, 1 << 20),
+    default=256,
+    show_default=True,
+    help="Tokens per calibration window.",
+)
 @engine_options
 @click.option("--prefix", default="", help="Prepended to every model name in the repository.")
 @click.option("--modes", type=ModeList(), default=",".join(MODES), show_default=True, help="One ensemble per mode.")
-@click.option("--serve", "serve_after", is_flag=True,
-              help="Then start tritonserver, send one request per mode, print each answer, and serve until Ctrl-C.")
+@click.option(
+    "--serve",
+    "serve_after",
+    is_flag=True,
+    help="Then start tritonserver, send one request per mode, print each answer, and serve until Ctrl-C.",
+)
 @click.option("--once", is_flag=True, help="With --serve: stop the server after the requests (CI, make demo).")
 @click.option("--prompt", default=DEFAULT_PROMPT, show_default=True, help="With --serve: the request's text.")
-@click.option("--max-tokens", type=click.IntRange(1, 1 << 20), default=48, show_default=True,
-              help="With --serve: tokens per answer.")
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(1, 1 << 20),
+    default=48,
+    show_default=True,
+    help="With --serve: tokens per answer.",
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="With --serve: the address to listen on.")
 @click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True)
 @click.option("--force", is_flag=True, help="Redo every stage, even one whose input and settings are unchanged.")
 @click.option("--json", "as_json", is_flag=True, help="Print the deploy manifest (and the answers) as JSON.")
-def deploy(checkpoint_dir: Path | None, out_dir: Path, fp8: bool, calib_samples: int, calib_seq_len: int,
-           backend: str,
-           max_batch_size: int, max_seq_len: int, max_input_len: int, block_lengths: tuple[int, ...] | None,
-           device: str, prefix: str, modes: tuple[str, ...], serve_after: bool, once: bool, prompt: str,
-           max_tokens: int, host: str, http_port: int, grpc_port: int, metrics_port: int, force: bool,
-           as_json: bool) -> None:
+def deploy(
+    checkpoint_dir: Path | None,
+    out_dir: Path,
+    fp8: bool,
+    calib_samples: int,
+    calib_seq_len: int,
+    backend: str,
+    max_batch_size: int,
+    max_seq_len: int,
+    max_input_len: int,
+    block_lengths: tuple[int, ...] | None,
+    device: str,
+    prefix: str,
+    modes: tuple[str, ...],
+    serve_after: bool,
+    once: bool,
+    prompt: str,
+    max_tokens: int,
+    host: str,
+    http_port: int,
+    grpc_port: int,
+    metrics_port: int,
+    force: bool,
+    as_json: bool,
+) -> None:
     """Quantize CHECKPOINT_DIR (default: the embedded checkpoint) to FP8, build an engine, and write
     a Triton model repository for it, each stage's output under OUT with its manifest.
 
@@ -68,18 +111,26 @@ def deploy(checkpoint_dir: Path | None, out_dir: Path, fp8: bool, calib_samples:
         check_host(host)  # before the stages, not after
         check_ports(ports)
     settings = DeploySettings(
-        fp8=fp8, quantize=QuantizeSettings(calib_samples=calib_samples, calib_seq_len=calib_seq_len),
-        build=BuildSettings(backend=backend, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                            max_input_len=max_input_len, block_lengths=block_lengths or (),
-                            device=device.split(":")[0]),
-        repo=RepoSettings(prefix=prefix, modes=tuple(Mode(m) for m in modes)))
+        fp8=fp8,
+        quantize=QuantizeSettings(calib_samples=calib_samples, calib_seq_len=calib_seq_len),
+        build=BuildSettings(
+            backend=backend,
+            max_batch_size=max_batch_size,
+            max_seq_len=max_seq_len,
+            max_input_len=max_input_len,
+            block_lengths=block_lengths or (),
+            device=device.split(":")[0],
+        ),
+        repo=RepoSettings(prefix=prefix, modes=tuple(Mode(m) for m in modes)),
+    )
     calibration_bar, program_bar = CalibrationBar(calib_samples, as_json), ProgramBar(backend, as_json)
 
     def on_stage(stage: str, status: str) -> None:
         calibration_bar.close()  # a finished calibration's bar, before the next stage's lines
         if not as_json:
-            click.echo(f"{stage:<9}{status}" + ("" if status == "skipped" else f" -> {out_dir / FOLDERS[stage]}"),
-                       err=True)
+            click.echo(
+                f"{stage:<9}{status}" + ("" if status == "skipped" else f" -> {out_dir / FOLDERS[stage]}"), err=True
+            )
 
     hooks = Hooks(on_stage, calibration_bar.update, program_bar.start, program_bar.update)
     try:
@@ -113,11 +164,17 @@ def ask(url: str, mode: str, prefix: str, prompt: str, max_tokens: int, quiet: b
     start = time.perf_counter()
     result = client.infer(url, model, {"text_input": prompt, "max_tokens": max_tokens, "temperature": 0.0})
     seconds = time.perf_counter() - start
-    answer = {"mode": mode, "model": model, **result,
-              "tokens_per_pass": round(result["num_output_tokens"] / max(result["num_forward_passes"], 1), 3),
-              "tokens_per_s": round(result["num_output_tokens"] / seconds, 1)}
+    answer = {
+        "mode": mode,
+        "model": model,
+        **result,
+        "tokens_per_pass": round(result["num_output_tokens"] / max(result["num_forward_passes"], 1), 3),
+        "tokens_per_s": round(result["num_output_tokens"] / seconds, 1),
+    }
     if not quiet:
-        click.echo(f"\n== {model}: {answer['num_output_tokens']} tokens, {answer['num_forward_passes']} forward "
-                   f"passes ({answer['tokens_per_pass']} tokens/pass), {answer['tokens_per_s']} tokens/s")
+        click.echo(
+            f"\n== {model}: {answer['num_output_tokens']} tokens, {answer['num_forward_passes']} forward "
+            f"passes ({answer['tokens_per_pass']} tokens/pass), {answer['tokens_per_s']} tokens/s"
+        )
         click.echo(prompt + result["text"])
     return answer

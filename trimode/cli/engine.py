@@ -12,17 +12,41 @@ import click
 from trimode.cli.common import DeviceType, IntList, echo_json, resolve_checkpoint_dir
 
 ENGINE_OPTIONS = [  # build's and deploy's: what an engine is built for
-    click.option("--backend", type=click.Choice(["torch", "onnx", "tensorrt"]), default="torch", show_default=True,
-                 help="torch: AOTInductor programs (CPU or CUDA); onnx: onnxruntime (CPU, proves the TensorRT "
-                      "graph); tensorrt: GPU hosts with TensorRT."),
-    click.option("--max-batch-size", type=click.IntRange(1, 4096), default=8, show_default=True,
-                 help="Sequences in flight at once."),
-    click.option("--max-seq-len", type=click.IntRange(2, 1 << 20), default=1024, show_default=True,
-                 help="Prompt + generated tokens + one block, per sequence."),
-    click.option("--max-input-len", type=click.IntRange(1, 1 << 20), default=256, show_default=True,
-                 help="The prefill chunk: longer prompts are prefilled in chunks of this many tokens."),
-    click.option("--block-lengths", type=IntList(), default=None,
-                 help="Block lengths the engine serves (diffusion, self-spec) [default: the checkpoint's block_size]."),
+    click.option(
+        "--backend",
+        type=click.Choice(["torch", "onnx", "tensorrt"]),
+        default="torch",
+        show_default=True,
+        help="torch: AOTInductor programs (CPU or CUDA); onnx: onnxruntime (CPU, proves the TensorRT "
+        "graph); tensorrt: GPU hosts with TensorRT.",
+    ),
+    click.option(
+        "--max-batch-size",
+        type=click.IntRange(1, 4096),
+        default=8,
+        show_default=True,
+        help="Sequences in flight at once.",
+    ),
+    click.option(
+        "--max-seq-len",
+        type=click.IntRange(2, 1 << 20),
+        default=1024,
+        show_default=True,
+        help="Prompt + generated tokens + one block, per sequence.",
+    ),
+    click.option(
+        "--max-input-len",
+        type=click.IntRange(1, 1 << 20),
+        default=256,
+        show_default=True,
+        help="The prefill chunk: longer prompts are prefilled in chunks of this many tokens.",
+    ),
+    click.option(
+        "--block-lengths",
+        type=IntList(),
+        default=None,
+        help="Block lengths the engine serves (diffusion, self-spec) [default: the checkpoint's block_size].",
+    ),
     click.option("--device", type=DeviceType(), default="cpu", show_default=True, help="cpu or cuda."),
 ]
 
@@ -43,8 +67,9 @@ class ProgramBar:
     def start(self, shapes) -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=len(shapes), desc=f"build {self.backend}", unit="program", disable=self.quiet,
-                        file=sys.stderr)
+        self.bar = tqdm(
+            total=len(shapes), desc=f"build {self.backend}", unit="program", disable=self.quiet, file=sys.stderr
+        )
 
     def update(self, shape) -> None:
         self.bar.set_postfix_str(shape.name)
@@ -59,13 +84,26 @@ class ProgramBar:
 @click.argument("checkpoint_dir", required=False, type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="The engine dir to write.")
 @engine_options
-@click.option("--onnx-only", is_flag=True, help="With --backend tensorrt: export and check the ONNX graphs, "
-                                                "stop before TensorRT (what a CPU machine can do).")
+@click.option(
+    "--onnx-only",
+    is_flag=True,
+    help="With --backend tensorrt: export and check the ONNX graphs, stop before TensorRT (what a CPU machine can do).",
+)
 @click.option("--force", is_flag=True, help="Replace a previous build output (never another folder).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def build(checkpoint_dir: Path | None, out_dir: Path, backend: str, max_batch_size: int, max_seq_len: int,
-          max_input_len: int, block_lengths: tuple[int, ...] | None, device: str, onnx_only: bool, force: bool,
-          as_json: bool) -> None:
+def build(
+    checkpoint_dir: Path | None,
+    out_dir: Path,
+    backend: str,
+    max_batch_size: int,
+    max_seq_len: int,
+    max_input_len: int,
+    block_lengths: tuple[int, ...] | None,
+    device: str,
+    onnx_only: bool,
+    force: bool,
+    as_json: bool,
+) -> None:
     """Build an engine dir from CHECKPOINT_DIR (default: the embedded checkpoint).
 
     Compiles one program per pass shape the three modes run (prefill chunk, AR token, and per
@@ -75,9 +113,15 @@ def build(checkpoint_dir: Path | None, out_dir: Path, backend: str, max_batch_si
     """
     from trimode.builder import BuildSettings, build_engine
 
-    settings = BuildSettings(backend=backend, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                             max_input_len=max_input_len, block_lengths=block_lengths or (),
-                             device=device.split(":")[0], onnx_only=onnx_only)
+    settings = BuildSettings(
+        backend=backend,
+        max_batch_size=max_batch_size,
+        max_seq_len=max_seq_len,
+        max_input_len=max_input_len,
+        block_lengths=block_lengths or (),
+        device=device.split(":")[0],
+        onnx_only=onnx_only,
+    )
     bar = ProgramBar(backend, as_json)
     try:
         manifest = build_engine(resolve_checkpoint_dir(checkpoint_dir), out_dir, settings, force, bar.start, bar.update)
@@ -86,8 +130,10 @@ def build(checkpoint_dir: Path | None, out_dir: Path, backend: str, max_batch_si
     if as_json:
         echo_json(manifest)
         return
-    click.echo(f"wrote {out_dir}: {backend} engine, {len(manifest['programs'])} programs in "
-               f"{manifest['build_seconds']} s; self-test equals the eager reference in every mode")
+    click.echo(
+        f"wrote {out_dir}: {backend} engine, {len(manifest['programs'])} programs in "
+        f"{manifest['build_seconds']} s; self-test equals the eager reference in every mode"
+    )
 
 
 @click.command()
@@ -132,7 +178,8 @@ def format_manifest(m: dict) -> str:
         f"input      {m['input']['path']} (sha256 {m['input']['digest_sha256'][:12]}...)",
         f"versions   {versions}",
         f"self-test  {m['self_test']['max_new_tokens']} tokens x {len(m['self_test']['prompts'])} prompts per mode, "
-        f"block {m['self_test']['block_length']}: " + json.dumps({k: v[0][:6] for k, v in m['self_test']['tokens'].items()}),
+        f"block {m['self_test']['block_length']}: "
+        + json.dumps({k: v[0][:6] for k, v in m["self_test"]["tokens"].items()}),
         f"files      {len(m['files'])}, digest {m['digest_sha256'][:12]}...",
     ]
     return "\n".join(lines)

@@ -68,6 +68,7 @@ _CTRL_C: list[int] = []
 
 def _watch_ctrl_c():
     """Install the SIGINT handler that records the signal; -> the previous handler (None off the main thread)."""
+
     def on_sigint(signum, frame):
         _CTRL_C.append(signum)
         raise Interrupted(signum)
@@ -85,7 +86,7 @@ def _as_typed(message: str, command: click.Command) -> str:
             if "_" in param.name:
                 message = re.sub(rf"(?<![\w.'-]){param.name}\b(?!')", param.opts[0], message)
             elif message.startswith(f"{param.name}:"):
-                message = param.opts[0] + message[len(param.name):]
+                message = param.opts[0] + message[len(param.name) :]
     return message
 
 

@@ -20,18 +20,46 @@ from trimode.errors import Interrupted
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="The model repository to write.")
 @click.option("--prefix", default="", help="Prepended to every model name (nld_ -> nld_ar, nld_engine, ...).")
 @click.option("--modes", type=ModeList(), default=",".join(MODES), show_default=True, help="One ensemble per mode.")
-@click.option("--max-batch-size", type=click.IntRange(1, 1 << 20), default=None,
-              help="Triton's max_batch_size of every model, at most the engine's [default: the engine's].")
-@click.option("--instances", type=click.IntRange(1, 256), default=1, show_default=True,
-              help="Pre- and post-processing instances (the engine model is one: one KV pool).")
-@click.option("--max-queue-delay-us", type=click.IntRange(0, 1 << 30), default=0, show_default=True,
-              help="The engine model's dynamic batcher delay.")
-@click.option("--max-queued-requests", type=click.IntRange(1, 1 << 20), default=None,
-              help="Requests waiting for a slot before new ones get 'overloaded' [default: 8 x the engine's slots].")
+@click.option(
+    "--max-batch-size",
+    type=click.IntRange(1, 1 << 20),
+    default=None,
+    help="Triton's max_batch_size of every model, at most the engine's [default: the engine's].",
+)
+@click.option(
+    "--instances",
+    type=click.IntRange(1, 256),
+    default=1,
+    show_default=True,
+    help="Pre- and post-processing instances (the engine model is one: one KV pool).",
+)
+@click.option(
+    "--max-queue-delay-us",
+    type=click.IntRange(0, 1 << 30),
+    default=0,
+    show_default=True,
+    help="The engine model's dynamic batcher delay.",
+)
+@click.option(
+    "--max-queued-requests",
+    type=click.IntRange(1, 1 << 20),
+    default=None,
+    help="Requests waiting for a slot before new ones get 'overloaded' [default: 8 x the engine's slots].",
+)
 @click.option("--force", is_flag=True, help="Replace a previous repo output (never another folder).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def repo(engine_dir: Path, out_dir: Path, prefix: str, modes: tuple[str, ...], max_batch_size: int | None,
-         instances: int, max_queue_delay_us: int, max_queued_requests: int | None, force: bool, as_json: bool) -> None:
+def repo(
+    engine_dir: Path,
+    out_dir: Path,
+    prefix: str,
+    modes: tuple[str, ...],
+    max_batch_size: int | None,
+    instances: int,
+    max_queue_delay_us: int,
+    max_queued_requests: int | None,
+    force: bool,
+    as_json: bool,
+) -> None:
     """Write a Triton model repository serving ENGINE_DIR (trimode build): one engine model that
     batches requests of every mode in flight, tokenizer pre- and post-processing, and one ensemble
     per mode (ar, diffusion, self_spec) with TensorRT-LLM's ensemble tensors. Serve it with
@@ -41,8 +69,14 @@ def repo(engine_dir: Path, out_dir: Path, prefix: str, modes: tuple[str, ...], m
     from trimode.triton_repo.settings import RepoSettings
     from trimode.triton_repo.writer import read_repo_manifest, write_model_repo
 
-    settings = RepoSettings(prefix=prefix, modes=tuple(Mode(m) for m in modes), max_batch_size=max_batch_size, instances=instances,
-                            max_queue_delay_us=max_queue_delay_us, max_queued_requests=max_queued_requests)
+    settings = RepoSettings(
+        prefix=prefix,
+        modes=tuple(Mode(m) for m in modes),
+        max_batch_size=max_batch_size,
+        instances=instances,
+        max_queue_delay_us=max_queue_delay_us,
+        max_queued_requests=max_queued_requests,
+    )
     path = write_model_repo(engine_dir, out_dir, settings, force)
     manifest = read_repo_manifest(path)
     if as_json:
@@ -57,12 +91,28 @@ def repo(engine_dir: Path, out_dir: Path, prefix: str, modes: tuple[str, ...], m
 @click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True)
-@click.option("--openai-port", type=click.IntRange(1, 65535), default=None,
-              help="Also serve OpenAI's /v1/completions, /v1/chat/completions and /v1/models on this port.")
-@click.option("--chat-template", "chat_template_path", type=click.Path(path_type=Path), default=None,
-              help="With --openai-port: a Jinja chat template to use instead of the checkpoint's.")
-def serve(repo_dir: Path, host: str, http_port: int, grpc_port: int, metrics_port: int, openai_port: int | None,
-          chat_template_path: Path | None) -> None:
+@click.option(
+    "--openai-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="Also serve OpenAI's /v1/completions, /v1/chat/completions and /v1/models on this port.",
+)
+@click.option(
+    "--chat-template",
+    "chat_template_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="With --openai-port: a Jinja chat template to use instead of the checkpoint's.",
+)
+def serve(
+    repo_dir: Path,
+    host: str,
+    http_port: int,
+    grpc_port: int,
+    metrics_port: int,
+    openai_port: int | None,
+    chat_template_path: Path | None,
+) -> None:
     """Start tritonserver on REPO_DIR (trimode repo) and wait until every model is ready; print the
     endpoints, then serve until Ctrl-C or SIGTERM, which stop the server cleanly. Uses the
     tritonserver on PATH, else the one in the nvidia-pytriton wheel (CPU machines).
@@ -73,14 +123,25 @@ def serve(repo_dir: Path, host: str, http_port: int, grpc_port: int, metrics_por
 
     if chat_template_path is not None and openai_port is None:
         raise click.UsageError("--chat-template needs --openai-port (Triton's own endpoints take prompts)")
-    with serving(repo_dir, host, Ports(http_port, grpc_port, metrics_port), openai_port=openai_port,
-                 chat_template_path=chat_template_path) as server:
+    with serving(
+        repo_dir,
+        host,
+        Ports(http_port, grpc_port, metrics_port),
+        openai_port=openai_port,
+        chat_template_path=chat_template_path,
+    ) as server:
         wait_until_stopped(server)
 
 
 @contextlib.contextmanager
-def serving(repo_dir: Path, host: str, ports, log_path: Path | None = None, openai_port: int | None = None,
-            chat_template_path: Path | None = None) -> Iterator:
+def serving(
+    repo_dir: Path,
+    host: str,
+    ports,
+    log_path: Path | None = None,
+    openai_port: int | None = None,
+    chat_template_path: Path | None = None,
+) -> Iterator:
     """A started tritonserver on repo_dir (its endpoints printed to stderr) and, with openai_port,
     the OpenAI front end in this process, both stopped on leaving; SIGTERM is raised as Interrupted
     meanwhile, so it stops them as Ctrl-C does. The server's log goes to log_path, else to this terminal."""
@@ -107,8 +168,11 @@ def serving(repo_dir: Path, host: str, ports, log_path: Path | None = None, open
         server.start()
         endpoints = server.endpoints
         openai = f", OpenAI {frontend.start().endpoint}" if frontend else ""
-        click.echo(f"serving {', '.join(manifest['ensembles'].values())}: HTTP {endpoints['http']}, "
-                   f"gRPC {endpoints['grpc']}, metrics {endpoints['metrics']}{openai}", err=True)
+        click.echo(
+            f"serving {', '.join(manifest['ensembles'].values())}: HTTP {endpoints['http']}, "
+            f"gRPC {endpoints['grpc']}, metrics {endpoints['metrics']}{openai}",
+            err=True,
+        )
         yield server
     finally:
         if frontend is not None:
@@ -131,9 +195,20 @@ def wait_until_stopped(server) -> None:
     raise click.ClickException(f"tritonserver exited with status {server.process.returncode}")
 
 
-def generate_remote(url: str, protocol: str, stream: bool, prompts: tuple[str, ...], mode: str, max_new_tokens: int,
-                    temperature: float, seed: int, block_length: int | None, threshold: float | None,
-                    ignore_eos: bool, as_json: bool) -> None:
+def generate_remote(
+    url: str,
+    protocol: str,
+    stream: bool,
+    prompts: tuple[str, ...],
+    mode: str,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    block_length: int | None,
+    threshold: float | None,
+    ignore_eos: bool,
+    as_json: bool,
+) -> None:
     """`trimode generate --url`: one request per prompt to the mode's ensemble."""
     from trimode.triton_repo import client
 
@@ -147,8 +222,11 @@ def generate_remote(url: str, protocol: str, stream: bool, prompts: tuple[str, .
         request = {"text_input": prompt, **inputs}
         try:
             if stream and not as_json:
-                chunks = client.stream_grpc(url, model, request) if protocol == "grpc" else \
-                    client.stream_http(url, model, request)
+                chunks = (
+                    client.stream_grpc(url, model, request)
+                    if protocol == "grpc"
+                    else client.stream_http(url, model, request)
+                )
                 texts: list[str] = []
                 for last in chunks:
                     click.echo(("" if texts else prompt) + last["text"], nl=False)  # the prompt once it answers
@@ -163,7 +241,10 @@ def generate_remote(url: str, protocol: str, stream: bool, prompts: tuple[str, .
             raise client.NoAnswer(f"--url {e}") from None
         results.append({"prompt": prompt, **result})
         if not as_json:
-            click.echo(f"{model}: {result['num_output_tokens']} tokens, {result['num_forward_passes']} passes, "
-                       f"finish={result['finish_reason']}", err=True)
+            click.echo(
+                f"{model}: {result['num_output_tokens']} tokens, {result['num_forward_passes']} passes, "
+                f"finish={result['finish_reason']}",
+                err=True,
+            )
     if as_json:
         echo_json({"mode": mode, "url": url, "protocol": protocol, "results": results})

@@ -21,8 +21,9 @@ def engine_for(model: NLDModel, prompts: list[list[int]], settings: GenerationSe
     return Engine(model, EngineConfig(len(prompts), max_seq_len, settings.prefill_chunk))
 
 
-def generate(model: NLDModel, prompts: list[list[int]], settings: GenerationSettings,
-             engine: Engine | None = None) -> list[Sequence]:
+def generate(
+    model: NLDModel, prompts: list[list[int]], settings: GenerationSettings, engine: Engine | None = None
+) -> list[Sequence]:
     """Add every prompt, step until all are done: -> the finished sequences, in prompt order.
     engine: an idle engine to run on (a built engine dir's); None = one sized for these prompts."""
     engine = engine or engine_for(model, prompts, settings)
@@ -32,5 +33,16 @@ def generate(model: NLDModel, prompts: list[list[int]], settings: GenerationSett
     return seqs
 
 
-__all__ = ["DecodeConfig", "Engine", "EngineConfig", "GenerationSettings", "Mode", "PassKind", "SamplingParams",
-           "Sequence", "SequenceStats", "engine_for", "generate"]
+__all__ = [
+    "DecodeConfig",
+    "Engine",
+    "EngineConfig",
+    "GenerationSettings",
+    "Mode",
+    "PassKind",
+    "SamplingParams",
+    "Sequence",
+    "SequenceStats",
+    "engine_for",
+    "generate",
+]

@@ -79,17 +79,20 @@ class Batch:
         no_eos = torch.empty(0, dtype=torch.long, device=self.device)
         if out.picks is not None and self.is_greedy:
             return accept_picks(out.picks, draft, no_eos)
-        return spec_accept(out.logits, draft, self.spec.mask_token_id, no_eos, *self.sampling(),
-                           kernels=self.runner.kernels)
+        return spec_accept(
+            out.logits, draft, self.spec.mask_token_id, no_eos, *self.sampling(), kernels=self.runner.kernels
+        )
 
-    def commit(self, out: PassOutput, block: torch.Tensor, threshold: float | None,
-               num_commit: torch.Tensor | None) -> torch.Tensor:
+    def commit(
+        self, out: PassOutput, block: torch.Tensor, threshold: float | None, num_commit: torch.Tensor | None
+    ) -> torch.Tensor:
         """diffusion_commit of a block pass over block [b, L] -> the new block."""
         mask_id = self.spec.mask_token_id
         if out.confidence is not None and out.picks is not None and self.is_greedy:  # both or neither
             return commit_picks(out.picks, out.confidence, block, mask_id, threshold, num_commit)
-        return diffusion_commit(out.logits, block, mask_id, threshold, num_commit, *self.sampling(),
-                                kernels=self.runner.kernels)
+        return diffusion_commit(
+            out.logits, block, mask_id, threshold, num_commit, *self.sampling(), kernels=self.runner.kernels
+        )
 
     def eos_table(self) -> torch.Tensor:
         """[b, E] each sequence's end tokens, padded with -1 (no token id)."""
@@ -102,12 +105,14 @@ class Batch:
         flat = [t.reshape(len(self.seqs), -1).long() for t in tensors]
         checks = torch.stack(self._is_finite) if self._is_finite else torch.ones(1, dtype=torch.bool)
         host = torch.cat([*flat, checks.long().to(self.device).view(1, -1).expand(len(self.seqs), -1)], dim=1).tolist()
-        if self._is_finite and not all(host[0][-len(self._is_finite):]):
-            raise NumericalError("the model produced non-finite logits (NaN or Inf): check the checkpoint's "
-                                 "weights and config.json values")
+        if self._is_finite and not all(host[0][-len(self._is_finite) :]):
+            raise NumericalError(
+                "the model produced non-finite logits (NaN or Inf): check the checkpoint's "
+                "weights and config.json values"
+            )
         self._is_finite.clear()
         out, start = [], 0
         for t in flat:
-            out.append([row[start:start + t.shape[1]] for row in host])
+            out.append([row[start : start + t.shape[1]] for row in host])
             start += t.shape[1]
         return [col if t.dim() > 1 else [v[0] for v in col] for col, t in zip(out, tensors)]

@@ -30,14 +30,16 @@ class DiffusionPolicy:
 
 def new_block(batch: Batch) -> torch.Tensor:
     """[next token, MASK x (L-1)] per sequence."""
-    block = torch.full((len(batch), batch.block_length), batch.spec.mask_token_id, dtype=torch.long,
-                       device=batch.device)
+    block = torch.full(
+        (len(batch), batch.block_length), batch.spec.mask_token_id, dtype=torch.long, device=batch.device
+    )
     block[:, 0] = batch.next_tokens()
     return block
 
 
-def denoise(batch: Batch, block: torch.Tensor, threshold: float | None, kind: PassKind,
-            stop_at_eos: bool = False) -> torch.Tensor:
+def denoise(
+    batch: Batch, block: torch.Tensor, threshold: float | None, kind: PassKind, stop_at_eos: bool = False
+) -> torch.Tensor:
     """Block passes (cache read-only) until no mask is left, at most L of them. With a threshold,
     each pass commits >= 1 token (threshold 0: all of them, in one pass); without, an even split
     of the masks, remainder first. With stop_at_eos, a sequence stops once it has committed an EOS
@@ -58,8 +60,11 @@ def denoise(batch: Batch, block: torch.Tensor, threshold: float | None, kind: Pa
                 break
         sub = batch.subset(index)
         out = sub.run(kind, block[index])
-        k = None if threshold is not None else torch.full(
-            (len(index),), num_masks // length + int(step < num_masks % length), device=block.device)
+        k = (
+            None
+            if threshold is not None
+            else torch.full((len(index),), num_masks // length + int(step < num_masks % length), device=block.device)
+        )
         block[index] = sub.commit(out, block[index], threshold, k)
     return block
 

@@ -38,13 +38,23 @@ class Policy(Protocol):
 
 
 class Engine:
-    def __init__(self, model: NLDModel, config: EngineConfig = EngineConfig(), policies: dict | None = None,
-                 backend=None, block_lengths: tuple[int, ...] | None = None):
+    def __init__(
+        self,
+        model: NLDModel,
+        config: EngineConfig = EngineConfig(),
+        policies: dict | None = None,
+        backend=None,
+        block_lengths: tuple[int, ...] | None = None,
+    ):
         """backend: what runs the passes (runner.py); None = the eager reference model.
         block_lengths: the only block lengths the backend runs (a built engine's); None = any."""
         self.model, self.spec, self.config, self.block_lengths = model, model.spec, config, block_lengths
         self.runner = ModelRunner(model, config.max_slots, config.max_seq_len, backend)
-        self.policies: dict[Mode, Policy] = {Mode.AR: ARPolicy(), Mode.DIFFUSION: DiffusionPolicy(), Mode.SELF_SPEC: SelfSpecPolicy()}
+        self.policies: dict[Mode, Policy] = {
+            Mode.AR: ARPolicy(),
+            Mode.DIFFUSION: DiffusionPolicy(),
+            Mode.SELF_SPEC: SelfSpecPolicy(),
+        }
         self.policies.update(policies or {})
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # hold a slot: prefilling or running
@@ -54,8 +64,9 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def add(self, prompt: list[int], params: SamplingParams = SamplingParams(),
-            decoding: DecodeConfig = DecodeConfig()) -> Sequence:
+    def add(
+        self, prompt: list[int], params: SamplingParams = SamplingParams(), decoding: DecodeConfig = DecodeConfig()
+    ) -> Sequence:
         """Queue a request; refuse one that could never fit the pool (a full pool only queues)."""
         spec = self.spec
         if not prompt:
@@ -65,9 +76,11 @@ class Engine:
         block_length = resolve_block_length(spec, decoding, params, self.block_lengths)
         needed = len(prompt) + params.max_new_tokens + block_length
         if needed > self.config.max_seq_len:
-            raise InputError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) + block "
-                             f"length ({block_length}) need {needed} positions; this engine holds max_seq_len="
-                             f"{self.config.max_seq_len}")
+            raise InputError(
+                f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) + block "
+                f"length ({block_length}) need {needed} positions; this engine holds max_seq_len="
+                f"{self.config.max_seq_len}"
+            )
         check_positions(spec, len(prompt), params.max_new_tokens)
         eos_ids = frozenset(() if params.ignore_eos else (*spec.eos_token_ids, *params.stop_token_ids))
         seq = Sequence(next(self._ids), list(prompt), params, decoding, block_length, eos_ids)
@@ -127,15 +140,18 @@ class Engine:
         return [[s] for s in seqs]
 
 
-def resolve_block_length(spec, decoding: DecodeConfig, params: SamplingParams,
-                         allowed: tuple[int, ...] | None = None) -> int:
+def resolve_block_length(
+    spec, decoding: DecodeConfig, params: SamplingParams, allowed: tuple[int, ...] | None = None
+) -> int:
     """The checkpoint's block_size unless asked otherwise, and never longer than what the sequence
     may emit (a longer block would run passes for tokens nobody may emit), unless that shorter
     block is not among the `allowed` lengths a built engine runs."""
     block_length = decoding.block_length or spec.block_size
     if allowed is not None and decoding.mode is not Mode.AR and block_length not in allowed:
-        raise InputError(f"block length {block_length}: this engine was built for block lengths "
-                         f"{', '.join(map(str, allowed))} (rebuild with --block-lengths)")
+        raise InputError(
+            f"block length {block_length}: this engine was built for block lengths "
+            f"{', '.join(map(str, allowed))} (rebuild with --block-lengths)"
+        )
     capped = min(block_length, params.max_new_tokens)
     return capped if allowed is None or capped in allowed or decoding.mode is Mode.AR else block_length
 
@@ -157,7 +173,7 @@ def prefill(batch: Batch, prefill_chunk: int | None) -> list[list[int]]:
     counts = [_chunk_len(s, prefill_chunk) for s in batch.seqs]
     tokens = torch.full((len(batch), max(counts)), batch.spec.pad_token_id or 0, dtype=torch.long)
     for i, (seq, n) in enumerate(zip(batch.seqs, counts)):
-        tokens[i, :n] = torch.tensor(seq.prompt[seq.num_prefilled:seq.num_prefilled + n])
+        tokens[i, :n] = torch.tensor(seq.prompt[seq.num_prefilled : seq.num_prefilled + n])
     tokens = tokens.to(batch.device)
     out = batch.run(PassKind.PREFILL, tokens, torch.tensor(counts, device=batch.device) - 1)
     batch.advance(counts)

@@ -30,15 +30,20 @@ from trimode.plugins.ops import use_kernels
 class PassOutput(NamedTuple):
     """One pass's result. A backend that computes more than the logits in the same program returns
     it here, so a greedy batch needs no tensor work of its own on the logits (decoding/batch.py)."""
-    logits: torch.Tensor                     # [b, L, V] fp32 ([b, 1, V] for last-logit kinds)
-    picks: torch.Tensor | None = None        # [b, L] reference.greedy_tokens(logits)
-    is_finite: torch.Tensor | None = None    # [] bool: every logit of the pass is finite
-    confidence: torch.Tensor | None = None   # [b, L] reference.pick_confidence(logits, picks): block kinds
+
+    logits: torch.Tensor  # [b, L, V] fp32 ([b, 1, V] for last-logit kinds)
+    picks: torch.Tensor | None = None  # [b, L] reference.greedy_tokens(logits)
+    is_finite: torch.Tensor | None = None  # [] bool: every logit of the pass is finite
+    confidence: torch.Tensor | None = None  # [b, L] reference.pick_confidence(logits, picks): block kinds
 
     def rows(self, index: list[int]) -> "PassOutput":
         """The rows `index` of the batch (is_finite stays the whole pass's)."""
-        return PassOutput(self.logits[index], None if self.picks is None else self.picks[index], self.is_finite,
-                          None if self.confidence is None else self.confidence[index])
+        return PassOutput(
+            self.logits[index],
+            None if self.picks is None else self.picks[index],
+            self.is_finite,
+            None if self.confidence is None else self.confidence[index],
+        )
 
 
 class EagerBackend:
@@ -48,8 +53,15 @@ class EagerBackend:
     def __init__(self, model: NLDModel, kernels: bool):
         self.model, self.kernels = model, kernels
 
-    def __call__(self, kind: PassKind, tokens: torch.Tensor, pool: KVCache, slots: list[int], lengths: list[int],
-                 logit_index: torch.Tensor | None) -> torch.Tensor:
+    def __call__(
+        self,
+        kind: PassKind,
+        tokens: torch.Tensor,
+        pool: KVCache,
+        slots: list[int],
+        lengths: list[int],
+        logit_index: torch.Tensor | None,
+    ) -> torch.Tensor:
         if slots == list(range(slots[0], slots[0] + len(slots))):
             cache, rows = pool.rows(slots[0], slots[0] + len(slots)), None
         else:
@@ -89,8 +101,9 @@ class ModelRunner:
         heapq.heappush(self._free, slot)
 
     @torch.no_grad()
-    def run(self, kind: PassKind, tokens: torch.Tensor, slots: list[int],
-            logit_index: torch.Tensor | None = None) -> PassOutput:
+    def run(
+        self, kind: PassKind, tokens: torch.Tensor, slots: list[int], logit_index: torch.Tensor | None = None
+    ) -> PassOutput:
         """One pass over tokens [b, L] of the sequences in `slots` -> fp32 logits [b, L, V], or
         [b, 1, V] for the kinds that need only a last logit (at logit_index [b], default L-1)."""
         if kind.last_logit_only and logit_index is None:

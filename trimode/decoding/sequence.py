@@ -17,16 +17,16 @@ _MASK64 = (1 << 64) - 1
 
 
 class Status(str, Enum):
-    WAITING = "waiting"      # queued: no slot yet
-    PREFILL = "prefill"      # holds a slot; prompt chunks still to run
-    RUNNING = "running"      # prompt cached, first token emitted: mode cycles run
-    FINISHED = "finished"    # EOS, length or aborted; slot released
+    WAITING = "waiting"  # queued: no slot yet
+    PREFILL = "prefill"  # holds a slot; prompt chunks still to run
+    RUNNING = "running"  # prompt cached, first token emitted: mode cycles run
+    FINISHED = "finished"  # EOS, length or aborted; slot released
 
 
 @dataclass
 class SequenceStats:
     num_generated: int = 0
-    passes: Counter = field(default_factory=Counter)           # by PassKind value
+    passes: Counter = field(default_factory=Counter)  # by PassKind value
     accepted_lengths: list[int] = field(default_factory=list)  # self-speculation, per cycle
 
     @property
@@ -44,10 +44,14 @@ class SequenceStats:
         return sum(a) / len(a) if a else None
 
     def to_dict(self) -> dict:
-        return {"num_generated": self.num_generated, "passes": {str(k): v for k, v in self.passes.items()},
-                "num_passes": self.num_passes, "tokens_per_pass": round(self.tokens_per_pass, 4),
-                "accepted_lengths": list(self.accepted_lengths),
-                "mean_accepted_length": self.mean_accepted_length}
+        return {
+            "num_generated": self.num_generated,
+            "passes": {str(k): v for k, v in self.passes.items()},
+            "num_passes": self.num_passes,
+            "tokens_per_pass": round(self.tokens_per_pass, 4),
+            "accepted_lengths": list(self.accepted_lengths),
+            "mean_accepted_length": self.mean_accepted_length,
+        }
 
 
 @dataclass(eq=False)
@@ -56,16 +60,16 @@ class Sequence:
     prompt: list[int]
     params: SamplingParams
     decoding: DecodeConfig
-    block_length: int                       # resolved: decoding.block_length or the checkpoint's
-    eos_ids: frozenset[int]                 # the checkpoint's EOS ids and params.stop_token_ids
+    block_length: int  # resolved: decoding.block_length or the checkpoint's
+    eos_ids: frozenset[int]  # the checkpoint's EOS ids and params.stop_token_ids
     status: Status = Status.WAITING
     slot: int | None = None
-    num_prefilled: int = 0                  # prompt tokens in the cache so far
-    next_token: int | None = None           # emitted, not yet cached: the next pass's first token
+    num_prefilled: int = 0  # prompt tokens in the cache so far
+    next_token: int | None = None  # emitted, not yet cached: the next pass's first token
     tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None        # "eos", "length" or "abort"
+    finish_reason: str | None = None  # "eos", "length" or "abort"
     stats: SequenceStats = field(default_factory=SequenceStats)
-    num_draws: int = 0                      # sampling ops this sequence has taken part in
+    num_draws: int = 0  # sampling ops this sequence has taken part in
 
     @property
     def held_slot(self) -> int:
@@ -85,7 +89,7 @@ class Sequence:
         out = tokens[:room]
         eos = next((i for i, t in enumerate(out) if t in self.eos_ids), None)
         if eos is not None:
-            out, self.finish_reason = out[:eos + 1], "eos"
+            out, self.finish_reason = out[: eos + 1], "eos"
         elif len(out) == room:
             self.finish_reason = "length"
         self.tokens += out
@@ -97,6 +101,6 @@ class Sequence:
         every op gets a fresh stream and the stream depends on nothing but this sequence."""
         x = (self.params.seed ^ (self.num_draws * 0x9E3779B97F4A7C15)) & _MASK64
         self.num_draws += 1
-        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64   # splitmix64's finaliser
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64  # splitmix64's finaliser
         x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-        return (x ^ (x >> 31)) >> 1                              # 63 bits: the ops take 0..2^63-1
+        return (x ^ (x >> 31)) >> 1  # 63 bits: the ops take 0..2^63-1

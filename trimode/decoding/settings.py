@@ -15,43 +15,52 @@ from trimode.errors import InputError
 from trimode.passes import Mode
 
 DEFAULT_THRESHOLD = {Mode.DIFFUSION: 0.9, Mode.SELF_SPEC: 0.0}  # spec §6 and §7
-MAX_SEED = 2 ** 63 - 1
+MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 64
     temperature: float = 0.0
-    seed: int = 0                         # keys this sequence's own random stream (temperature > 0)
+    seed: int = 0  # keys this sequence's own random stream (temperature > 0)
     stop_token_ids: tuple[int, ...] = ()  # extra end tokens besides the checkpoint's EOS ids
-    ignore_eos: bool = False              # benchmarks: always generate max_new_tokens
+    ignore_eos: bool = False  # benchmarks: always generate max_new_tokens
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens",
-               "an integer >= 1", self.max_new_tokens)
-        _check(self.temperature >= 0 and self.temperature != float("inf"), "temperature", "a finite number >= 0",
-               self.temperature)
-        _check(isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED, "seed", f"an integer in 0..{MAX_SEED}",
-               self.seed)
+        _check(
+            isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
+            "max_new_tokens",
+            "an integer >= 1",
+            self.max_new_tokens,
+        )
+        _check(
+            self.temperature >= 0 and self.temperature != float("inf"),
+            "temperature",
+            "a finite number >= 0",
+            self.temperature,
+        )
+        _check(
+            isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED, "seed", f"an integer in 0..{MAX_SEED}", self.seed
+        )
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
 
 
 @dataclass(frozen=True)
 class DecodeConfig:
     mode: Mode = Mode.AR
-    block_length: int | None = None       # None: the checkpoint's block_size
-    threshold: float | None = None        # None: the mode's default; see `commit_threshold`
-    use_top_k_schedule: bool = False      # diffusion only: commit an even split per step instead
+    block_length: int | None = None  # None: the checkpoint's block_size
+    threshold: float | None = None  # None: the mode's default; see `commit_threshold`
+    use_top_k_schedule: bool = False  # diffusion only: commit an even split per step instead
 
     def __post_init__(self) -> None:
         try:
             object.__setattr__(self, "mode", Mode(self.mode))
         except ValueError:
             raise InputError(f"mode: expected one of {', '.join(m.value for m in Mode)}, got {self.mode!r}") from None
-        _check(self.block_length is None or self.block_length >= 1, "block_length", "an integer >= 1",
-               self.block_length)
-        _check(self.threshold is None or 0 <= self.threshold <= 1, "threshold", "a number in [0, 1]",
-               self.threshold)
+        _check(
+            self.block_length is None or self.block_length >= 1, "block_length", "an integer >= 1", self.block_length
+        )
+        _check(self.threshold is None or 0 <= self.threshold <= 1, "threshold", "a number in [0, 1]", self.threshold)
 
     @property
     def commit_threshold(self) -> float | None:
@@ -63,20 +72,25 @@ class DecodeConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    max_slots: int = 8                    # sequences in flight at once (Triton's max_batch_size)
-    max_seq_len: int = 4096               # prompt + generated tokens (+ one block) per slot
-    prefill_chunk: int | None = None      # None: a prompt is prefilled in one pass
+    max_slots: int = 8  # sequences in flight at once (Triton's max_batch_size)
+    max_seq_len: int = 4096  # prompt + generated tokens (+ one block) per slot
+    prefill_chunk: int | None = None  # None: a prompt is prefilled in one pass
 
     def __post_init__(self) -> None:
         _check(self.max_slots >= 1, "max_slots", "an integer >= 1", self.max_slots)
         _check(self.max_seq_len >= 2, "max_seq_len", "an integer >= 2", self.max_seq_len)
-        _check(self.prefill_chunk is None or self.prefill_chunk >= 1, "prefill_chunk", "an integer >= 1",
-               self.prefill_chunk)
+        _check(
+            self.prefill_chunk is None or self.prefill_chunk >= 1,
+            "prefill_chunk",
+            "an integer >= 1",
+            self.prefill_chunk,
+        )
 
 
 @dataclass(frozen=True)
 class GenerationSettings:
     """One `generate()` call: every prompt gets the same sampling parameters and decode config."""
+
     mode: Mode = Mode.AR
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -91,8 +105,12 @@ class GenerationSettings:
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", self.decoding.mode)  # validates the decode section
         self.sampling  # noqa: B018 (validates the sampling section)
-        _check(self.prefill_chunk is None or self.prefill_chunk >= 1, "prefill_chunk", "an integer >= 1",
-               self.prefill_chunk)
+        _check(
+            self.prefill_chunk is None or self.prefill_chunk >= 1,
+            "prefill_chunk",
+            "an integer >= 1",
+            self.prefill_chunk,
+        )
 
     @property
     def sampling(self) -> SamplingParams:

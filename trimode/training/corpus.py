@@ -14,13 +14,40 @@ import torch
 from trimode.errors import InputError
 
 HELD_OUT = (
-    "bisect.py", "calendar.py", "colorsys.py", "csv.py", "fnmatch.py", "fractions.py", "glob.py",
-    "heapq.py", "json/decoder.py", "json/encoder.py", "numbers.py", "pprint.py", "queue.py",
-    "reprlib.py", "sched.py", "shlex.py", "statistics.py", "string.py", "textwrap.py",
+    "bisect.py",
+    "calendar.py",
+    "colorsys.py",
+    "csv.py",
+    "fnmatch.py",
+    "fractions.py",
+    "glob.py",
+    "heapq.py",
+    "json/decoder.py",
+    "json/encoder.py",
+    "numbers.py",
+    "pprint.py",
+    "queue.py",
+    "reprlib.py",
+    "sched.py",
+    "shlex.py",
+    "statistics.py",
+    "string.py",
+    "textwrap.py",
 )
 # Test suites, vendored and generated code: not the language as people write it.
-_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3",
-              "turtledemo", "ensurepip", "encodings", "pydoc_data"}
+_SKIP_DIRS = {
+    "test",
+    "tests",
+    "idle_test",
+    "site-packages",
+    "dist-packages",
+    "__pycache__",
+    "lib2to3",
+    "turtledemo",
+    "ensurepip",
+    "encodings",
+    "pydoc_data",
+}
 
 
 def stdlib_dir() -> Path:
@@ -30,8 +57,7 @@ def stdlib_dir() -> Path:
 def split_files(root: Path | None = None) -> tuple[list[Path], list[Path]]:
     """(train, held-out) .py files under root, sorted by relative path."""
     root = Path(root or stdlib_dir())
-    files = sorted(p for p in root.rglob("*.py")
-                   if not set(p.relative_to(root).parts[:-1]) & _SKIP_DIRS)
+    files = sorted(p for p in root.rglob("*.py") if not set(p.relative_to(root).parts[:-1]) & _SKIP_DIRS)
     held = {root / h for h in HELD_OUT}
     missing = [str(h) for h in held if not h.is_file()]
     if missing:

@@ -24,8 +24,16 @@ from trimode.checkpoint import ADAPTER_DIR, Checkpoint, Factors, load_checkpoint
 from trimode.decoding import GenerationSettings, Mode, generate
 from trimode.errors import InputError, NumericalError
 from trimode.model import DRAFT_LINEARS, NLDModel
-from trimode.training.draft_objective import (DraftLoRA, draft_layout, draft_logits, draft_loss, init_factors,
-                                              install_lora, path_acceptance, sample_starts)
+from trimode.training.draft_objective import (
+    DraftLoRA,
+    draft_layout,
+    draft_logits,
+    draft_loss,
+    init_factors,
+    install_lora,
+    path_acceptance,
+    sample_starts,
+)
 
 WEIGHTINGS = ("accept", "ce")
 STAGE = "train-draft"
@@ -33,41 +41,57 @@ STAGE = "train-draft"
 
 @dataclass(frozen=True)
 class DraftSettings:
-    rank: int | None = None             # None: the existing adapter's, else DEFAULT_RANK
-    modules: tuple[str, ...] | None = None  # linears to adapt (DRAFT_LINEARS); None: the existing adapter's, else o_proj
-    alpha: float | None = None          # None: the existing adapter's, else 2 * rank
+    rank: int | None = None  # None: the existing adapter's, else DEFAULT_RANK
+    modules: tuple[str, ...] | None = (
+        None  # linears to adapt (DRAFT_LINEARS); None: the existing adapter's, else o_proj
+    )
+    alpha: float | None = None  # None: the existing adapter's, else 2 * rank
     block_lengths: tuple[int, ...] = (8,)  # cycled over steps
     steps: int = 200
     lr: float = 5e-3
     warmup: int = 20
-    batch_size: int = 4                 # text windows per step
+    batch_size: int = 4  # text windows per step
     prompt_len: int = 64
-    gen_len: int = 64                   # greedy tokens per window: the blocks' prefixes and targets
-    gen_batch_size: int = 64            # windows continued per generate() call (a pass costs about the same at 8 or 64)
-    draft_tokens: int = 512             # per window: min(all offsets, draft_tokens // L) blocks
-    weighting: str = "accept"           # "accept": up to the first wrong draft; "ce": the whole block
+    gen_len: int = 64  # greedy tokens per window: the blocks' prefixes and targets
+    gen_batch_size: int = 64  # windows continued per generate() call (a pass costs about the same at 8 or 64)
+    draft_tokens: int = 512  # per window: min(all offsets, draft_tokens // L) blocks
+    weighting: str = "accept"  # "accept": up to the first wrong draft; "ce": the whole block
     seed: int = 0
-    data: Path | None = None            # None: the fixture's training files (standard library)
-    fresh: bool = False                 # ignore an adapter the input checkpoint already has
-    num_eval_prompts: int = 16          # held-out acceptance before/after (0: skip)
+    data: Path | None = None  # None: the fixture's training files (standard library)
+    fresh: bool = False  # ignore an adapter the input checkpoint already has
+    num_eval_prompts: int = 16  # held-out acceptance before/after (0: skip)
 
     def __post_init__(self) -> None:
         _check(self.rank is None or self.rank >= 1, "rank", "an integer >= 1", self.rank)
         _check(self.alpha is None or self.alpha > 0, "alpha", "a number > 0", self.alpha)
-        _check(self.modules is None or (bool(self.modules) and set(self.modules) <= DRAFT_LINEARS.keys()),
-               "modules", f"a comma-separated list of {', '.join(DRAFT_LINEARS)}",
-               ",".join(self.modules or ()))
-        _check(bool(self.block_lengths) and min(self.block_lengths) >= 2, "block-length",
-               "integers >= 2 (a block of 1 has nothing to draft)", ",".join(map(str, self.block_lengths)))
+        _check(
+            self.modules is None or (bool(self.modules) and set(self.modules) <= DRAFT_LINEARS.keys()),
+            "modules",
+            f"a comma-separated list of {', '.join(DRAFT_LINEARS)}",
+            ",".join(self.modules or ()),
+        )
+        _check(
+            bool(self.block_lengths) and min(self.block_lengths) >= 2,
+            "block-length",
+            "integers >= 2 (a block of 1 has nothing to draft)",
+            ",".join(map(str, self.block_lengths)),
+        )
         _check(self.steps >= 1, "steps", "an integer >= 1", self.steps)
         _check(self.lr > 0, "lr", "a number > 0", self.lr)
         _check(self.weighting in WEIGHTINGS, "weighting", " or ".join(WEIGHTINGS), self.weighting)
         # gen_len is internal: name the option the user can change
-        _check(self.gen_len >= max(self.block_lengths), "block-length",
-               f"lengths of at most {self.gen_len} (the greedy tokens generated per training window)",
-               ",".join(map(str, self.block_lengths)))
-        _check(self.batch_size >= 1 and self.prompt_len >= 1, "batch-size / prompt-len", "integers >= 1",
-               (self.batch_size, self.prompt_len))
+        _check(
+            self.gen_len >= max(self.block_lengths),
+            "block-length",
+            f"lengths of at most {self.gen_len} (the greedy tokens generated per training window)",
+            ",".join(map(str, self.block_lengths)),
+        )
+        _check(
+            self.batch_size >= 1 and self.prompt_len >= 1,
+            "batch-size / prompt-len",
+            "integers >= 1",
+            (self.batch_size, self.prompt_len),
+        )
 
 
 DEFAULT_RANK = 64
@@ -80,13 +104,17 @@ def _check(ok: bool, name: str, expected: str, value: object) -> None:
 
 # --- data: text windows and their greedy continuations ----------------------------------------
 
+
 def token_stream(ck: Checkpoint, data: Path | None) -> tuple[torch.Tensor, str]:
     """The training text as one token stream: --data (a file or folder), or the fixture's training files."""
     from trimode.quantize.calibration import TEXT_SUFFIXES
     from trimode.training.corpus import document_stream, read_texts, split_files
 
     if data is None:
-        texts, source = read_texts(split_files()[0]), "Python standard library (training files, held-out modules excluded)"
+        texts, source = (
+            read_texts(split_files()[0]),
+            "Python standard library (training files, held-out modules excluded)",
+        )
     else:
         data = Path(data)
         if not data.exists():
@@ -115,7 +143,7 @@ class TargetPool:
 
 def sample_prompts(stream: torch.Tensor, n: int, length: int, generator: torch.Generator) -> list[list[int]]:
     starts = torch.randint(0, len(stream) - length, (n,), generator=generator)
-    return [stream[s:s + length].tolist() for s in starts.tolist()]
+    return [stream[s : s + length].tolist() for s in starts.tolist()]
 
 
 @torch.no_grad()
@@ -126,6 +154,7 @@ def greedy_sequences(model: NLDModel, prompts: list[list[int]], gen_len: int) ->
 
 
 # --- the stage ---------------------------------------------------------------------------------
+
 
 @dataclass
 class StartingPoint:
@@ -143,8 +172,10 @@ def check_paths(checkpoint_dir: Path, out_dir: Path, force: bool) -> None:
         raise InputError(f"{checkpoint_dir}: not a checkpoint directory (no config.json)")
     check_output(out_dir, STAGE, [checkpoint_dir], force)
     if read_quant_config(checkpoint_dir) is not None:
-        raise InputError(f"{checkpoint_dir}: an FP8 checkpoint; train the adapter on the bf16 checkpoint, "
-                         f"then quantize the result (trimode quantize)")
+        raise InputError(
+            f"{checkpoint_dir}: an FP8 checkpoint; train the adapter on the bf16 checkpoint, "
+            f"then quantize the result (trimode quantize)"
+        )
 
 
 def starting_adapter(ck: Checkpoint, settings: DraftSettings, generator: torch.Generator) -> StartingPoint:
@@ -155,23 +186,33 @@ def starting_adapter(ck: Checkpoint, settings: DraftSettings, generator: torch.G
         factors, scale = read_draft_adapter(adapter_dir, ck.model)
         rank = next(iter(factors.values()))[0].shape[0]
         if settings.rank is not None and settings.rank < rank:
-            raise InputError(f"--rank {settings.rank}: {adapter_dir} has rank {rank} (a larger --rank grows it); "
-                             f"pass --fresh to start a new adapter")
+            raise InputError(
+                f"--rank {settings.rank}: {adapter_dir} has rank {rank} (a larger --rank grows it); "
+                f"pass --fresh to start a new adapter"
+            )
         if settings.alpha is not None and not math.isclose(settings.alpha / (settings.rank or rank), scale):
-            raise InputError(f"--alpha {settings.alpha}: {adapter_dir} has alpha {scale * rank:g} (scale {scale:g}); "
-                             f"pass --fresh to start a new adapter")
+            raise InputError(
+                f"--alpha {settings.alpha}: {adapter_dir} has alpha {scale * rank:g} (scale {scale:g}); "
+                f"pass --fresh to start a new adapter"
+            )
         if settings.rank is not None and settings.rank > rank:
             factors, rank = grown(factors, settings.rank, generator), settings.rank
         adapted = {name for _, name in factors}
         modules = settings.modules or tuple(adapted)
         if dropped := [n for n in DRAFT_LINEARS if n in adapted - set(modules)]:
-            raise InputError(f"--modules: {adapter_dir} also adapts {','.join(dropped)}; name those too, "
-                             f"or pass --fresh to start a new adapter")
+            raise InputError(
+                f"--modules: {adapter_dir} also adapts {','.join(dropped)}; name those too, "
+                f"or pass --fresh to start a new adapter"
+            )
         factors.update(init_factors(ck.model, rank, generator, [n for n in modules if n not in adapted]))
         return StartingPoint(_in_order(factors), rank, scale * rank, True)
     rank = settings.rank or DEFAULT_RANK
-    return StartingPoint(_in_order(init_factors(ck.model, rank, generator, settings.modules or ("o_proj",))), rank,
-                         settings.alpha or 2.0 * rank, False)
+    return StartingPoint(
+        _in_order(init_factors(ck.model, rank, generator, settings.modules or ("o_proj",))),
+        rank,
+        settings.alpha or 2.0 * rank,
+        False,
+    )
 
 
 def grown(factors: Factors, rank: int, generator: torch.Generator) -> Factors:
@@ -215,24 +256,30 @@ def validation_prompts(ck: Checkpoint, stream: torch.Tensor, settings: DraftSett
 
         held = held_out_stream(ck)
         step = (len(held) - length) // n
-        return stream, [held[i * step + step // 2:i * step + step // 2 + length].tolist() for i in range(n)]
+        return stream, [held[i * step + step // 2 : i * step + step // 2 + length].tolist() for i in range(n)]
     cut = int(len(stream) * 0.95)
     held, stream = stream[cut:], stream[:cut]
     if len(held) < length + n:
-        raise InputError(f"--data: too little text to hold out {n} prompts of {length} tokens "
-                         f"(pass --num-eval-prompts 0, or more text)")
+        raise InputError(
+            f"--data: too little text to hold out {n} prompts of {length} tokens "
+            f"(pass --num-eval-prompts 0, or more text)"
+        )
     step = (len(held) - length) // n
-    return stream, [held[i * step:i * step + length].tolist() for i in range(n)]
+    return stream, [held[i * step : i * step + length].tolist() for i in range(n)]
 
 
 @torch.no_grad()
-def held_out_acceptance(model: NLDModel, prompts: list[list[int]], block_lengths: tuple[int, ...],
-                        max_new_tokens: int = 64) -> dict[int, float]:
+def held_out_acceptance(
+    model: NLDModel, prompts: list[list[int]], block_lengths: tuple[int, ...], max_new_tokens: int = 64
+) -> dict[int, float]:
     """Mean accepted tokens per draft/verify cycle of the runtime's self-speculation, per block length."""
     out = {}
     for L in block_lengths:
-        results = generate(model, prompts, GenerationSettings(mode=Mode.SELF_SPEC, block_length=L,
-                                                              max_new_tokens=max_new_tokens, ignore_eos=True))
+        results = generate(
+            model,
+            prompts,
+            GenerationSettings(mode=Mode.SELF_SPEC, block_length=L, max_new_tokens=max_new_tokens, ignore_eos=True),
+        )
         accepted = [n for r in results for n in r.stats.accepted_lengths]
         out[L] = round(sum(accepted) / len(accepted), 4)
     return out
@@ -242,8 +289,11 @@ def merged_for_eval(model: NLDModel, factors: Factors, scale: float) -> None:
     """Merge the factors as they will be stored (bf16), so the estimate is that of the written files."""
     from trimode.checkpoint import merge_draft_adapter
 
-    merge_draft_adapter(model, {key: (a.detach().to(torch.bfloat16), b.detach().to(torch.bfloat16))
-                                for key, (a, b) in factors.items()}, scale)
+    merge_draft_adapter(
+        model,
+        {key: (a.detach().to(torch.bfloat16), b.detach().to(torch.bfloat16)) for key, (a, b) in factors.items()},
+        scale,
+    )
 
 
 def lr_at(step: int, s: DraftSettings) -> float:
@@ -255,12 +305,21 @@ def lr_at(step: int, s: DraftSettings) -> float:
 
 def new_optimizer(loras: list[DraftLoRA], s: DraftSettings) -> torch.optim.Optimizer:
     """AdamW over every LoRA's A and B (one parameter group)."""
-    return torch.optim.AdamW([p for lora in loras for p in (lora.a, lora.b)], lr=s.lr, betas=(0.9, 0.99),
-                             weight_decay=0.0)
+    return torch.optim.AdamW(
+        [p for lora in loras for p in (lora.a, lora.b)], lr=s.lr, betas=(0.9, 0.99), weight_decay=0.0
+    )
 
 
-def train_step(model: NLDModel, loras: list[DraftLoRA], optim: torch.optim.Optimizer, seqs: torch.Tensor, step: int,
-               L: int, s: DraftSettings, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def train_step(
+    model: NLDModel,
+    loras: list[DraftLoRA],
+    optim: torch.optim.Optimizer,
+    seqs: torch.Tensor,
+    step: int,
+    L: int,
+    s: DraftSettings,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimizer step on blocks of length L at random offsets of seqs (prompts + greedy
     continuations). -> (loss, accepted length per block [b, K], the blocks' starts [b, K])."""
     for group in optim.param_groups:
@@ -284,12 +343,19 @@ def check_finite(loras: list[DraftLoRA], keys: list[tuple[int, str]], step: int,
     if not is_finite.all():  # one sync per step; the culprit only on failure
         (i, name), ab, _ = parts[int((~is_finite).nonzero()[0])]
         tensor = f"layers.{i}.{DRAFT_LINEARS[name]}.{name}.lora_{ab}"
-        raise NumericalError(f"step {step + 1} of {s.steps}: LoRA tensor {tensor} became non-finite (NaN or inf); "
-                             f"nothing was written. Lower --lr (got {s.lr:g})")
+        raise NumericalError(
+            f"step {step + 1} of {s.steps}: LoRA tensor {tensor} became non-finite (NaN or inf); "
+            f"nothing was written. Lower --lr (got {s.lr:g})"
+        )
 
 
-def train_draft(checkpoint_dir: Path, out_dir: Path, settings: DraftSettings = DraftSettings(),
-                force: bool = False, progress: bool = True) -> dict:
+def train_draft(
+    checkpoint_dir: Path,
+    out_dir: Path,
+    settings: DraftSettings = DraftSettings(),
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
     """Train the draft adapter of checkpoint_dir; write base files + linear_spec_lora/ to out_dir. -> the log."""
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     check_paths(checkpoint_dir, out_dir, force)
@@ -311,14 +377,22 @@ def train_draft(checkpoint_dir: Path, out_dir: Path, settings: DraftSettings = D
         before = held_out_acceptance(model, eval_prompts, settings.block_lengths)
     loras = install_lora(model, start.factors, scale)
     optim = new_optimizer(loras, settings)
-    log: dict = {"settings": {**asdict(settings), "data": str(settings.data) if settings.data else None},
-                 "base_checkpoint": str(checkpoint_dir), "source": source, "num_train_tokens": len(stream),
-                 "rank": start.rank, "alpha": start.alpha, "continued": start.is_continued,
-                 "modules": list(dict.fromkeys(name for _, name in start.factors)),
-                 "num_trainable_params": sum(lora.a.numel() + lora.b.numel() for lora in loras),
-                 "python": platform.python_version(),
-                 "torch": torch.__version__, "num_threads": torch.get_num_threads(), "history": [],
-                 "previous": previous_runs(ck.checkpoint_dir) if start.is_continued else []}
+    log: dict = {
+        "settings": {**asdict(settings), "data": str(settings.data) if settings.data else None},
+        "base_checkpoint": str(checkpoint_dir),
+        "source": source,
+        "num_train_tokens": len(stream),
+        "rank": start.rank,
+        "alpha": start.alpha,
+        "continued": start.is_continued,
+        "modules": list(dict.fromkeys(name for _, name in start.factors)),
+        "num_trainable_params": sum(lora.a.numel() + lora.b.numel() for lora in loras),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "num_threads": torch.get_num_threads(),
+        "history": [],
+        "previous": previous_runs(ck.checkpoint_dir) if start.is_continued else [],
+    }
     pool = TargetPool(model, stream, settings, generator)
     bar = _progress(settings.steps, progress)
     began = time.perf_counter()
@@ -326,18 +400,26 @@ def train_draft(checkpoint_dir: Path, out_dir: Path, settings: DraftSettings = D
     try:
         for step in range(settings.steps):
             L = settings.block_lengths[step % len(settings.block_lengths)]
-            loss, accepted, starts = train_step(model, loras, optim, pool.take(settings.batch_size), step, L,
-                                                settings, generator)
+            loss, accepted, starts = train_step(
+                model, loras, optim, pool.take(settings.batch_size), step, L, settings, generator
+            )
             check_finite(loras, list(start.factors), step, settings)
             mean_acc = accepted.float().mean().item()
             path = path_acceptance(starts, accepted, settings.prompt_len)
-            log["history"].append({"step": step, "block_length": L, "loss": round(loss.item(), 5),
-                                   "accepted": round(mean_acc, 4),
-                                   "accepted_path": round(sum(path) / len(path), 4) if path else None})
+            log["history"].append(
+                {
+                    "step": step,
+                    "block_length": L,
+                    "loss": round(loss.item(), 5),
+                    "accepted": round(mean_acc, 4),
+                    "accepted_path": round(sum(path) / len(path), 4) if path else None,
+                }
+            )
             recent = (recent + [path])[-20:]
             num = sum(map(len, recent))
-            bar.set_postfix(L=L, loss=f"{loss.item():.3f}",
-                            accepted=f"{sum(map(sum, recent)) / num:.2f}" if num else "-")
+            bar.set_postfix(
+                L=L, loss=f"{loss.item():.3f}", accepted=f"{sum(map(sum, recent)) / num:.2f}" if num else "-"
+            )
             bar.update()
     finally:
         bar.close()  # also on an error: its line ends, so the CLI's Error line starts its own
@@ -345,9 +427,12 @@ def train_draft(checkpoint_dir: Path, out_dir: Path, settings: DraftSettings = D
     factors = {key: (lora.a.detach(), lora.b.detach()) for key, lora in zip(start.factors, loras)}
     if eval_prompts:
         merged_for_eval(model, factors, scale)
-        log["held_out_acceptance"] = {"before": before, "after": held_out_acceptance(model, eval_prompts,
-                                                                                      settings.block_lengths),
-                                      "num_prompts": len(eval_prompts), "max_new_tokens": 64}
+        log["held_out_acceptance"] = {
+            "before": before,
+            "after": held_out_acceptance(model, eval_prompts, settings.block_lengths),
+            "num_prompts": len(eval_prompts),
+            "max_new_tokens": 64,
+        }
     from trimode.stage_output import stage_output
 
     with stage_output(out_dir, STAGE, [checkpoint_dir], force) as tmp:
@@ -363,16 +448,23 @@ def write_checkpoint(tmp: Path, checkpoint_dir: Path, factors, alpha: float, log
 
     from trimode import __version__
     from trimode.make_checkpoint import write_draft_adapter
-    from trimode.stage_output import input_digest
-    from trimode.stage_output import write_manifest
+    from trimode.stage_output import input_digest, write_manifest
 
     shutil.copytree(checkpoint_dir, tmp, ignore=shutil.ignore_patterns(ADAPTER_DIR, ".*"), dirs_exist_ok=True)
     write_draft_adapter(tmp / ADAPTER_DIR, factors, alpha)
     (tmp / ADAPTER_DIR / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
-    write_manifest(tmp, {"stage": STAGE, "tool": f"trimode {__version__}",
-                         "input": {"path": str(checkpoint_dir), "digest_sha256": input_digest(checkpoint_dir)},
-                         "rank": log["rank"], "alpha": log["alpha"], "settings": log["settings"],
-                         "held_out_acceptance": log.get("held_out_acceptance")})
+    write_manifest(
+        tmp,
+        {
+            "stage": STAGE,
+            "tool": f"trimode {__version__}",
+            "input": {"path": str(checkpoint_dir), "digest_sha256": input_digest(checkpoint_dir)},
+            "rank": log["rank"],
+            "alpha": log["alpha"],
+            "settings": log["settings"],
+            "held_out_acceptance": log.get("held_out_acceptance"),
+        },
+    )
 
 
 def _progress(total: int, enabled: bool):

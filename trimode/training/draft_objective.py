@@ -63,11 +63,11 @@ def install_lora(model: NLDModel, factors: Factors, scale: float) -> list[DraftL
 
 @dataclass
 class DraftBatch:
-    tokens: torch.Tensor      # [b, T] clean sequence then the blocks
-    positions: torch.Tensor   # [b, T]
-    mask: torch.Tensor        # [b, T, T] True = may attend
-    is_draft: torch.Tensor    # [b, T] the block rows (adapter on)
-    targets: torch.Tensor     # [b, K, L-1] the greedy tokens draft indices 1..L-1 must equal
+    tokens: torch.Tensor  # [b, T] clean sequence then the blocks
+    positions: torch.Tensor  # [b, T]
+    mask: torch.Tensor  # [b, T, T] True = may attend
+    is_draft: torch.Tensor  # [b, T] the block rows (adapter on)
+    targets: torch.Tensor  # [b, K, L-1] the greedy tokens draft indices 1..L-1 must equal
     block_length: int = 0
     num_clean: int = 0
 
@@ -79,7 +79,7 @@ def draft_layout(seqs: torch.Tensor, starts: torch.Tensor, block_length: int, ma
     b, S = seqs.shape
     K, L = starts.shape[1], block_length
     offsets = torch.arange(L)
-    block_pos = starts[:, :, None] + offsets                                   # [b, K, L]
+    block_pos = starts[:, :, None] + offsets  # [b, K, L]
     block_tokens = torch.full((b, K, L), mask_token_id, dtype=seqs.dtype)
     block_tokens[:, :, 0] = seqs.gather(1, starts)
     targets = seqs.gather(1, (block_pos[:, :, 1:]).flatten(1)).view(b, K, L - 1)
@@ -88,18 +88,19 @@ def draft_layout(seqs: torch.Tensor, starts: torch.Tensor, block_length: int, ma
     positions = torch.cat([torch.arange(S).expand(b, S), block_pos.flatten(1)], dim=1)
     i = torch.arange(S)
     mask = torch.zeros(b, T, T, dtype=torch.bool)
-    mask[:, :S, :S] = i[None, :] <= i[:, None]                                 # clean: causal
+    mask[:, :S, :S] = i[None, :] <= i[:, None]  # clean: causal
     row_start = block_pos.flatten(1)[:, :, None] - (torch.arange(K * L) % L)[None, :, None]  # q of each row
-    mask[:, S:, :S] = i[None, None, :] < row_start                             # block -> cached prefix
+    mask[:, S:, :S] = i[None, None, :] < row_start  # block -> cached prefix
     block_id = torch.arange(K * L) // L
-    mask[:, S:, S:] = block_id[:, None] == block_id[None, :]                   # block -> own block
+    mask[:, S:, S:] = block_id[:, None] == block_id[None, :]  # block -> own block
     is_draft = torch.zeros(b, T, dtype=torch.bool)
     is_draft[:, S:] = True
     return DraftBatch(tokens, positions, mask, is_draft, targets, L, S)
 
 
-def sample_starts(b: int, seq_len: int, prompt_len: int, block_length: int, max_blocks: int,
-                  generator: torch.Generator) -> torch.Tensor:
+def sample_starts(
+    b: int, seq_len: int, prompt_len: int, block_length: int, max_blocks: int, generator: torch.Generator
+) -> torch.Tensor:
     """[b, K] distinct random seed positions in the greedy part (runtime blocks start wherever
     acceptance left off, so every offset is a block start)."""
     num = seq_len - block_length - prompt_len + 1
@@ -117,7 +118,7 @@ def draft_logits(model: NLDModel, loras: list[DraftLoRA], batch: DraftBatch) -> 
         for lora in loras:
             lora.rows = None
     b = logits.shape[0]
-    return logits[:, batch.num_clean:].reshape(b, -1, batch.block_length, logits.shape[-1])
+    return logits[:, batch.num_clean :].reshape(b, -1, batch.block_length, logits.shape[-1])
 
 
 def acceptance_weights(correct: torch.Tensor) -> torch.Tensor:
@@ -129,8 +130,9 @@ def acceptance_weights(correct: torch.Tensor) -> torch.Tensor:
     return before.float()
 
 
-def draft_loss(logits: torch.Tensor, targets: torch.Tensor, mask_token_id: int,
-               weighting: str) -> tuple[torch.Tensor, torch.Tensor]:
+def draft_loss(
+    logits: torch.Tensor, targets: torch.Tensor, mask_token_id: int, weighting: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [b, K, L, V], targets [b, K, L-1] -> (loss, accepted length per block [b, K]).
     Accepted length = leading correct drafts + 1 (spec §7); argmax excludes the mask token as the
     runtime does."""

@@ -26,8 +26,9 @@ def joint_mask(length: int, block_size: int, device: torch.device | str = "cpu")
     return torch.cat([top, bottom], dim=0)
 
 
-def add_noise(tokens: torch.Tensor, mask_token_id: int,
-              generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def add_noise(
+    tokens: torch.Tensor, mask_token_id: int, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per sequence t ~ U(0,1), p = (1-eps) t + eps; each token masked with probability p.
     -> (noisy [B, L], is_masked [B, L], p [B])."""
     b, length = tokens.shape
@@ -44,8 +45,9 @@ class Losses:
     diffusion: torch.Tensor
 
 
-def joint_loss(model: NLDModel, tokens: torch.Tensor, block_size: int, alpha: float,
-               generator: torch.Generator | None = None) -> Losses:
+def joint_loss(
+    model: NLDModel, tokens: torch.Tensor, block_size: int, alpha: float, generator: torch.Generator | None = None
+) -> Losses:
     """L = L_AR + alpha * L_diff for clean sequences tokens [B, L]."""
     b, length = tokens.shape
     noisy, is_masked, p = add_noise(tokens, model.spec.mask_token_id, generator)

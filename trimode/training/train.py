@@ -18,11 +18,11 @@ from pathlib import Path
 import click
 import torch
 
+from trimode import __version__
 from trimode.chat import DEFAULT_CHAT_TEMPLATE
 from trimode.checkpoint import load_checkpoint
 from trimode.cli.common import SEED, FiniteFloat
 from trimode.config import ModelSpec, RopeSpec
-from trimode import __version__
 from trimode.errors import TrimodeError
 from trimode.make_checkpoint import SPECIAL_TOKENS, save_weights, write_tokenizer
 from trimode.model import NLDModel
@@ -31,11 +31,19 @@ from trimode.training.corpus import document_stream, read_texts, split_files
 from trimode.training.objective import joint_loss
 
 FIXTURE_SPEC = ModelSpec(
-    vocab_size=3072, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-    mask_token_id=SPECIAL_TOKENS.index("<mask>"), eos_token_ids=(SPECIAL_TOKENS.index("</s>"),),
-    bos_token_id=SPECIAL_TOKENS.index("<s>"), pad_token_id=SPECIAL_TOKENS.index("<pad>"),
-    max_position_embeddings=262144, block_size=8,
+    vocab_size=3072,
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    mask_token_id=SPECIAL_TOKENS.index("<mask>"),
+    eos_token_ids=(SPECIAL_TOKENS.index("</s>"),),
+    bos_token_id=SPECIAL_TOKENS.index("<s>"),
+    pad_token_id=SPECIAL_TOKENS.index("<pad>"),
+    max_position_embeddings=262144,
+    block_size=8,
     rope=RopeSpec(),  # the published YaRN parameters
 )
 
@@ -53,7 +61,7 @@ class TrainSettings:
     block_sizes: tuple[int, ...] = (4, 8, 16, 32)
     use_bf16_autocast: bool = True  # ~2x faster on CPUs with AVX512-BF16; master weights stay fp32
     seed: int = 0
-    init_from: str | None = None    # continue a checkpoint trained here (its tokenizer and weights)
+    init_from: str | None = None  # continue a checkpoint trained here (its tokenizer and weights)
     num_files: int | None = None  # a corpus slice (tests)
 
 
@@ -64,7 +72,7 @@ def encode_corpus(tokenizer, texts: list[str], spec: ModelSpec) -> torch.Tensor:
 
 def sample_batch(stream: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
     starts = torch.randint(0, len(stream) - seq_len, (batch_size,), generator=generator)
-    return torch.stack([stream[s:s + seq_len] for s in starts.tolist()])
+    return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
 
 
 def init_model(spec: ModelSpec, generator: torch.Generator) -> NLDModel:
@@ -85,15 +93,24 @@ def lr_at(step: int, s: TrainSettings) -> float:
     return s.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(out_dir: Path, settings: TrainSettings, spec: ModelSpec = FIXTURE_SPEC, force: bool = False,
-          progress: bool = True) -> dict:
+def train(
+    out_dir: Path, settings: TrainSettings, spec: ModelSpec = FIXTURE_SPEC, force: bool = False, progress: bool = True
+) -> dict:
     """Train and write the checkpoint into out_dir through `stage_output` (force replaces only a previous
     train output). -> the training log."""
     inputs = [settings.init_from] if settings.init_from else []
     with stage_output(out_dir, "train", inputs, force) as tmp:
         log = _train_into(tmp, settings, spec, progress)
-        write_manifest(tmp, {"stage": "train", "tool": f"trimode {__version__}", "settings": asdict(settings),
-                             "python": platform.python_version(), "torch": torch.__version__})
+        write_manifest(
+            tmp,
+            {
+                "stage": "train",
+                "tool": f"trimode {__version__}",
+                "settings": asdict(settings),
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+            },
+        )
     return log
 
 
@@ -104,7 +121,7 @@ def _train_into(tmp: Path, settings: TrainSettings, spec: ModelSpec, progress: b
     torch.manual_seed(settings.seed)
 
     train_files, held_files = split_files()
-    train_files = train_files[:settings.num_files] if settings.num_files else train_files
+    train_files = train_files[: settings.num_files] if settings.num_files else train_files
     previous = None
     if settings.init_from:
         init_dir = Path(settings.init_from)
@@ -125,11 +142,21 @@ def _train_into(tmp: Path, settings: TrainSettings, spec: ModelSpec, progress: b
         model = init_model(spec, generator)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    optim = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
-                               {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr, betas=(0.9, 0.95))
-    log: dict = {"settings": asdict(settings), "python": platform.python_version(), "num_train_tokens": len(stream), "num_held_out_tokens": len(held),
-                 "num_train_files": len(train_files), "num_params": sum(p.numel() for p in model.parameters()),
-                 "previous": previous, "history": []}
+    optim = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=settings.lr,
+        betas=(0.9, 0.95),
+    )
+    log: dict = {
+        "settings": asdict(settings),
+        "python": platform.python_version(),
+        "num_train_tokens": len(stream),
+        "num_held_out_tokens": len(held),
+        "num_train_files": len(train_files),
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "previous": previous,
+        "history": [],
+    }
     start = time.perf_counter()
     bar = _progress(settings.steps, progress)
     model.train()
@@ -144,8 +171,13 @@ def _train_into(tmp: Path, settings: TrainSettings, spec: ModelSpec, progress: b
         losses.total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optim.step()
-        row = {"step": step, "block_size": block_size, "loss": losses.total.item(), "ar": losses.ar.item(),
-               "diffusion": losses.diffusion.item()}
+        row = {
+            "step": step,
+            "block_size": block_size,
+            "loss": losses.total.item(),
+            "ar": losses.ar.item(),
+            "diffusion": losses.diffusion.item(),
+        }
         log["history"].append(row)
         bar.set_postfix(ar=f"{row['ar']:.3f}", diff=f"{row['diffusion']:.3f}")
         bar.update()
@@ -171,28 +203,58 @@ def _progress(total: int, enabled: bool):
 @click.option("--batch-size", type=click.IntRange(min=1), default=TrainSettings.batch_size, show_default=True)
 @click.option("--seq-len", type=click.IntRange(min=16), default=TrainSettings.seq_len, show_default=True)
 @click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=TrainSettings.lr, show_default=True)
-@click.option("--alpha", type=FiniteFloat(min=0), default=TrainSettings.alpha, show_default=True,
-              help="Weight of the diffusion loss (0.3 as published).")
+@click.option(
+    "--alpha",
+    type=FiniteFloat(min=0),
+    default=TrainSettings.alpha,
+    show_default=True,
+    help="Weight of the diffusion loss (0.3 as published).",
+)
 @click.option("--seed", type=SEED, default=TrainSettings.seed, show_default=True)
 @click.option("--warmup", type=click.IntRange(min=1), default=TrainSettings.warmup, show_default=True)
-@click.option("--init-from", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Continue training a checkpoint written by this command (same tokenizer).")
+@click.option(
+    "--init-from",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Continue training a checkpoint written by this command (same tokenizer).",
+)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch.set_num_threads")
 @click.option("--force", is_flag=True, help="Replace a previous training output (never another folder).")
-def main(out_dir: Path, steps: int, batch_size: int, seq_len: int, lr: float, alpha: float, seed: int,
-         warmup: int, init_from: str | None, threads: int | None, force: bool) -> None:
+def main(
+    out_dir: Path,
+    steps: int,
+    batch_size: int,
+    seq_len: int,
+    lr: float,
+    alpha: float,
+    seed: int,
+    warmup: int,
+    init_from: str | None,
+    threads: int | None,
+    force: bool,
+) -> None:
     """Train the small tri-mode fixture checkpoint on the Python standard library."""
     if threads:
         torch.set_num_threads(threads)
-    settings = TrainSettings(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, alpha=alpha, seed=seed,
-                             warmup=warmup, init_from=init_from)
+    settings = TrainSettings(
+        steps=steps,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        lr=lr,
+        alpha=alpha,
+        seed=seed,
+        warmup=warmup,
+        init_from=init_from,
+    )
     try:
         log = train(out_dir, settings, force=force)
     except TrimodeError as e:
         raise click.ClickException(str(e)) from None
     last = log["history"][-1]
-    click.echo(f"wrote {out_dir}: {log['num_params']} params, {steps} steps in {log['wall_time_s']} s, "
-               f"AR loss {last['ar']:.3f}, diffusion loss {last['diffusion']:.3f}")
+    click.echo(
+        f"wrote {out_dir}: {log['num_params']} params, {steps} steps in {log['wall_time_s']} s, "
+        f"AR loss {last['ar']:.3f}, diffusion loss {last['diffusion']:.3f}"
+    )
 
 
 if __name__ == "__main__":
