@@ -125,11 +125,11 @@ def recorded_constants():
         made[box.get_name()] = data
         return box
 
-    GraphLowering.add_tensor_constant = add_tensor_constant
+    setattr(GraphLowering, "add_tensor_constant", add_tensor_constant)  # a patch of Inductor's method, undone below
     try:
         yield made
     finally:
-        GraphLowering.add_tensor_constant = original
+        setattr(GraphLowering, "add_tensor_constant", original)
 
 
 def _is_blocked(t: torch.Tensor, weight: torch.Tensor) -> bool:
