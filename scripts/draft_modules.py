@@ -29,17 +29,8 @@ from trimode.checkpoint import Factors, load_checkpoint
 from trimode.evaluate import EvalSettings, held_out_prompts, held_out_stream
 from trimode.make_checkpoint import write_draft_adapter
 from trimode.model import DRAFT_LINEARS
-from trimode.training.draft import (
-    DraftSettings,
-    TargetPool,
-    greedy_sequences,
-    grown,
-    new_optimizer,
-    starting_adapter,
-    token_stream,
-    train_step,
-    validation_prompts,
-)
+from trimode.training.draft import DraftSettings, grown, new_optimizer, starting_adapter, train_step
+from trimode.training.draft_data import TargetPool, greedy_sequences, token_stream, validation_prompts
 from trimode.training.draft_objective import (
     draft_layout,
     draft_logits,

@@ -18,7 +18,8 @@ from trimode.make_checkpoint import write_draft_adapter
 from trimode.model import DRAFT_LINEARS
 from trimode.passes import PassKind
 from trimode.training.corpus import read_texts, split_files
-from trimode.training.draft import DraftSettings, greedy_sequences, train_draft
+from trimode.training.draft import DraftSettings, train_draft
+from trimode.training.draft_data import greedy_sequences
 from trimode.training.draft_objective import (
     acceptance_weights,
     draft_layout,

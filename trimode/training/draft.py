@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from trimode.checkpoint import ADAPTER_DIR, Checkpoint, Factors, load_checkpoint, read_draft_adapter, read_quant_config
-from trimode.decoding import GenerationSettings, Mode, generate
 from trimode.errors import InputError, NumericalError
 from trimode.model import DRAFT_LINEARS, NLDModel
+from trimode.training.draft_data import TargetPool, held_out_acceptance, token_stream, validation_prompts
 from trimode.training.draft_objective import (
     DraftLoRA,
     draft_layout,
@@ -100,57 +100,6 @@ DEFAULT_RANK = 64
 def _check(ok: bool, name: str, expected: str, value: object) -> None:
     if not ok:
         raise InputError(f"--{name}: expected {expected}, got {value}")
-
-
-# --- data: text windows and their greedy continuations ----------------------------------------
-
-
-def token_stream(ck: Checkpoint, data: Path | None) -> tuple[torch.Tensor, str]:
-    """The training text as one token stream: --data (a file or folder), or the fixture's training files."""
-    from trimode.quantize.calibration import TEXT_SUFFIXES
-    from trimode.training.corpus import document_stream, read_texts, split_files
-
-    if data is None:
-        texts, source = (
-            read_texts(split_files()[0]),
-            "Python standard library (training files, held-out modules excluded)",
-        )
-    else:
-        data = Path(data)
-        if not data.exists():
-            raise InputError(f"--data {data}: no such file or folder")
-        files = [data] if data.is_file() else sorted(p for p in data.rglob("*") if p.suffix in TEXT_SUFFIXES)
-        texts, source = [t for t in read_texts(files, "--data") if t.strip()], str(data)
-    stream = document_stream(ck.tokenizer.encode_batch_plain(texts), ck.spec.bos_token_id, ck.spec.eos_token_ids[0])
-    return stream, source
-
-
-class TargetPool:
-    """Greedy sequences generated in large batches, handed out a training batch at a time; every window is used once."""
-
-    def __init__(self, model: NLDModel, stream: torch.Tensor, settings: "DraftSettings", generator: torch.Generator):
-        self.model, self.stream, self.settings, self.generator = model, stream, settings, generator
-        self.buffer: list[torch.Tensor] = []
-
-    def take(self, n: int) -> torch.Tensor:
-        s = self.settings
-        while len(self.buffer) < n:
-            prompts = sample_prompts(self.stream, max(n, s.gen_batch_size), s.prompt_len, self.generator)
-            self.buffer += list(greedy_sequences(self.model, prompts, s.gen_len))
-        out, self.buffer = self.buffer[:n], self.buffer[n:]
-        return torch.stack(out)
-
-
-def sample_prompts(stream: torch.Tensor, n: int, length: int, generator: torch.Generator) -> list[list[int]]:
-    starts = torch.randint(0, len(stream) - length, (n,), generator=generator)
-    return [stream[s : s + length].tolist() for s in starts.tolist()]
-
-
-@torch.no_grad()
-def greedy_sequences(model: NLDModel, prompts: list[list[int]], gen_len: int) -> torch.Tensor:
-    """[n, prompt_len + gen_len]: each prompt followed by the runtime's own AR greedy continuation."""
-    results = generate(model, prompts, GenerationSettings(mode=Mode.AR, max_new_tokens=gen_len, ignore_eos=True))
-    return torch.tensor([p + r.tokens for p, r in zip(prompts, results)])
 
 
 # --- the stage ---------------------------------------------------------------------------------
@@ -242,47 +191,6 @@ def previous_runs(checkpoint_dir: Path) -> list[dict]:
     except (OSError, ValueError):
         return []
     return [*log.get("previous", []), {k: v for k, v in log.items() if k not in ("history", "previous")}]
-
-
-def validation_prompts(ck: Checkpoint, stream: torch.Tensor, settings: DraftSettings) -> tuple[torch.Tensor, list]:
-    """-> (the training stream, held-out prompts for the acceptance estimate). Default data: windows of
-    the held-out modules placed between `trimode eval`'s prompts (so tuning never sees those);
-    --data: the last 5% of the user's text is held out."""
-    n, length = settings.num_eval_prompts, settings.prompt_len
-    if n == 0:
-        return stream, []
-    if settings.data is None:
-        from trimode.evaluate import held_out_stream
-
-        held = held_out_stream(ck)
-        step = (len(held) - length) // n
-        return stream, [held[i * step + step // 2 : i * step + step // 2 + length].tolist() for i in range(n)]
-    cut = int(len(stream) * 0.95)
-    held, stream = stream[cut:], stream[:cut]
-    if len(held) < length + n:
-        raise InputError(
-            f"--data: too little text to hold out {n} prompts of {length} tokens "
-            f"(pass --num-eval-prompts 0, or more text)"
-        )
-    step = (len(held) - length) // n
-    return stream, [held[i * step : i * step + length].tolist() for i in range(n)]
-
-
-@torch.no_grad()
-def held_out_acceptance(
-    model: NLDModel, prompts: list[list[int]], block_lengths: tuple[int, ...], max_new_tokens: int = 64
-) -> dict[int, float]:
-    """Mean accepted tokens per draft/verify cycle of the runtime's self-speculation, per block length."""
-    out = {}
-    for L in block_lengths:
-        results = generate(
-            model,
-            prompts,
-            GenerationSettings(mode=Mode.SELF_SPEC, block_length=L, max_new_tokens=max_new_tokens, ignore_eos=True),
-        )
-        accepted = [n for r in results for n in r.stats.accepted_lengths]
-        out[L] = round(sum(accepted) / len(accepted), 4)
-    return out
 
 
 def merged_for_eval(model: NLDModel, factors: Factors, scale: float) -> None:
