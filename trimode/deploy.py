@@ -27,7 +27,7 @@ from trimode import __version__
 from trimode.builder.settings import BuildSettings
 from trimode.errors import InputError, OutputError
 from trimode.quantize import QuantizeSettings
-from trimode.stage_output import MANIFEST, check_output, input_digest, write_manifest
+from trimode.stage_output import MANIFEST, check_output, input_digest, make_dirs, write_manifest
 from trimode.triton_repo.settings import RepoSettings
 
 STAGE = "deploy"
@@ -80,7 +80,7 @@ def deploy(
     # DIR/manifest.json before the first stage: a deploy SIGKILLed in it leaves a deploy output (plus the
     # stage's own leftovers, which its next run clears), which the re-run resumes instead of refusing
     is_first = not (out_path.is_dir() and any(out_path.iterdir()))
-    made = _make_dirs(out_path)
+    made = make_dirs(out_path, out_dir)
     _write(out_path, manifest)
     try:
         _run_stages(checkpoint_dir, out_path, settings, force, hooks, previous, manifest)
@@ -195,17 +195,6 @@ def _read_previous(out: Path) -> dict:
         return {}
     stages = manifest.get("stages") if isinstance(manifest, dict) else None
     return {k: v for k, v in stages.items() if isinstance(v, dict)} if isinstance(stages, dict) else {}
-
-
-def _make_dirs(out: Path) -> list[Path]:
-    """Create out and its missing parents; -> the folders created, parents first."""
-    missing = [p for p in (*reversed(out.parents), out) if not p.exists()]
-    try:
-        for d in missing:
-            d.mkdir()
-    except OSError as e:
-        raise OutputError(f"deploy {out}: {e.strerror or e} ({e.filename or 'cannot create it'})") from e
-    return missing
 
 
 def _write(out: Path, manifest: dict) -> None:

@@ -90,7 +90,7 @@ def stage_output(
     try:
         with _signals_raise():
             with _signals_deferred():  # set-up: a signal is handled once what it must undo is known
-                created = _make_parents(out.parent, out_dir)
+                created = make_dirs(out.parent, out_dir)
                 lock = _lock(lock_path, out_dir)
                 _recover(lock, out)
                 check_output(out_dir, stage, inputs, force)  # again, now that no other run can write it
@@ -180,8 +180,9 @@ def _check_parent(out: Path, given) -> None:
         raise OutputError(f"--out {given}: {ancestor} is not writable")
 
 
-def _make_parents(parent: Path, given) -> list[Path]:
-    """Create missing parent folders; -> the ones created (removed again on failure)."""
+def make_dirs(parent: Path, given) -> list[Path]:
+    """Create the folder and its missing parents; -> the ones created, outermost first (on a failure the
+    ones made so far are removed again)."""
     missing = []
     while not parent.exists():
         missing.append(parent)
