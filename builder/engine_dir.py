@@ -64,9 +64,8 @@ class BuiltEngine:
 
 def check_pool(model, max_batch_size: int, max_seq_len: int) -> None:
     """Refuse, before a program is compiled or loaded, the engine's KV pool where this device cannot
-    hold it (in the dtype new_cache gives it: float8 codes for an FP8 KV cache)."""
-    dtype = model.new_cache(1, 1).k[0].dtype
-    check_pool_fits(model.spec, max_batch_size, max_seq_len, dtype, model.device)
+    hold it (allocating it checks again; this is the check before the costly work)."""
+    check_pool_fits(model.spec, max_batch_size, max_seq_len, model.kv_dtype, model.device)
 
 
 def self_test(model, tokenizer, backend, config: EngineConfig, block_length: int) -> dict[str, list[list[int]]]:

@@ -245,7 +245,10 @@ class NLDModel(nn.Module):
             h = h + layer.mlp(layer.post_attention_layernorm(h), use_draft)
         return h
 
-    def new_cache(self, num_slots: int, max_len: int) -> KVCache:
+    @property
+    def kv_dtype(self) -> torch.dtype:
         """An FP8 checkpoint with K/V scales gets a float8 cache (codes; value = code * scale)."""
-        has_kv_scales = self.encoder.layers[0].self_attn.k_scale is not None
-        return KVCache.allocate(self.spec, num_slots, max_len, E4M3 if has_kv_scales else self.dtype, self.device)
+        return E4M3 if self.encoder.layers[0].self_attn.k_scale is not None else self.dtype
+
+    def new_cache(self, num_slots: int, max_len: int) -> KVCache:
+        return KVCache.allocate(self.spec, num_slots, max_len, self.kv_dtype, self.device)
