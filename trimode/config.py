@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from trimode.errors import ConfigError
+from trimode.errors import ConfigError, InputError
 
 MODEL_TYPE = "nemotron_labs_diffusion"
 ARCHITECTURE = "NemotronLabsDiffusionModel"
@@ -261,3 +262,16 @@ def _read_rope(raw: dict[str, Any], r: _Reader, source: str) -> RopeSpec:
         truncate=truncate,
         llama_4_scaling_beta=num("llama_4_scaling_beta", 0.0, most=100.0, least_is_open=False),
     )
+
+
+def check_device(device: str) -> None:
+    """cpu, cuda or cuda:N with that GPU present, else InputError (the CLI's --device, LLM's device)."""
+    m = re.fullmatch(r"(cpu|cuda)(?::(\d{1,4}))?", str(device))
+    if m is None or (m.group(1) == "cpu" and m.group(2)):
+        raise InputError(f"{device!r} is not a device: expected cpu, cuda or cuda:N")
+    if m.group(1) == "cuda":
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if int(m.group(2) or 0) >= count:
+            raise InputError(f"{device!r}: {count or 'no'} CUDA device{'s' * (count != 1)} available")

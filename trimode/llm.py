@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 
 from trimode import EMBEDDED_CHECKPOINT
 from trimode.checkpoint import Checkpoint, load_checkpoint
+from trimode.config import check_device
 from trimode.decoding import Engine, GenerationSettings, Sequence, engine_for
 from trimode.decoding.settings import MAX_SEED
 from trimode.errors import InputError
@@ -138,7 +138,10 @@ class LLM:
             model = EMBEDDED_CHECKPOINT
         model = Path(model)
         if device is not None:
-            _check_device(device)
+            try:
+                check_device(device)
+            except InputError as e:
+                raise InputError(f"device: {e}") from None
         if _is_engine_dir(model):
             from trimode.builder.engine_dir import load_engine
 
@@ -231,15 +234,6 @@ def _is_engine_dir(path: Path) -> bool:
         return json.loads((path / "manifest.json").read_text()).get("stage") == "build"
     except (OSError, ValueError, AttributeError):
         return False
-
-
-def _check_device(device: str) -> None:
-    m = re.fullmatch(r"(cpu|cuda)(?::(\d{1,4}))?", str(device))
-    if m is None or (m.group(1) == "cpu" and m.group(2)):
-        raise InputError(f"device: expected cpu, cuda or cuda:N, got {device!r}")
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if m.group(1) == "cuda" and int(m.group(2) or 0) >= count:
-        raise InputError(f"device: {device!r}, but {count or 'no'} CUDA device{'s' * (count != 1)} available")
 
 
 def _is_int(value) -> bool:

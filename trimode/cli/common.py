@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -71,15 +70,12 @@ class DeviceType(click.ParamType):
     name = "cpu|cuda|cuda:N"
 
     def convert(self, value, param, ctx):
-        import torch
+        from trimode.config import check_device
 
-        m = re.fullmatch(r"(cpu|cuda)(?::(\d{1,4}))?", str(value))
-        if m is None or (m.group(1) == "cpu" and m.group(2)):
-            self.fail(f"{value!r} is not a device: expected cpu, cuda or cuda:N", param, ctx)
-        if m.group(1) == "cuda":
-            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            if int(m.group(2) or 0) >= count:
-                self.fail(f"{value!r}: {count or 'no'} CUDA device{'s' * (count != 1)} available", param, ctx)
+        try:
+            check_device(value)
+        except InputError as e:
+            self.fail(str(e), param, ctx)
         return str(value)
 
 
