@@ -6,6 +6,7 @@ TensorRT-LLM's, over the same engine `trimode generate` runs (docs/python-api.md
     llm = LLM("CK_DIR")              # an NLD checkpoint dir, or an engine dir built by `trimode build`
     outs = llm.generate(["def f(x):", "import os"], SamplingParams(mode="self-spec", max_tokens=16))
     outs[0].text, outs[0].token_ids, outs[0].finish_reason, outs[0].stats   # per prompt, in order
+    llm.generate("def f(x):", SamplingParams(logprobs=2))[0].top_logprobs   # per token: [(id, log prob)] x 2
     llm.generate("one prompt")       # a str is one prompt; still returns a list
     for text in llm.stream("def f(x):", SamplingParams(max_tokens=32)):  # text as it becomes final
         print(text, end="")
@@ -16,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from trimode import EMBEDDED_CHECKPOINT
 from trimode.checkpoint import Checkpoint, load_checkpoint
 from trimode.config import check_device
 from trimode.decoding import Engine, GenerationSettings, Sequence, engine_for
+from trimode.decoding.logprobs import MAX_LOGPROBS
 from trimode.decoding.settings import MAX_SEED
 from trimode.errors import InputError
 from trimode.passes import Mode
@@ -42,6 +44,9 @@ class SamplingParams:
     threshold: the commit threshold in [0, 1] (None: diffusion 0.9, self-spec draft 0 = one pass
     fills the block), or "none": diffusion commits an even top-k split per step.
     prefill_chunk: prompt tokens per prefill pass (None: one pass); an engine dir fixes its own.
+    logprobs: None = none; 0 = each generated token's log prob (RequestOutput.logprobs); k in 1..20 =
+    also the k most likely tokens at each position (RequestOutput.top_logprobs). A log prob is
+    log_softmax of the raw logits (temperature 1) of the pass that produced the token.
     """
 
     mode: str = "ar"
@@ -52,6 +57,7 @@ class SamplingParams:
     threshold: float | str | None = None
     ignore_eos: bool = False
     prefill_chunk: int | None = None
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -88,6 +94,12 @@ class SamplingParams:
             "an integer >= 1 or None",
             self.prefill_chunk,
         )
+        _check(
+            self.logprobs is None or _is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS,
+            "logprobs",
+            f"an integer in 0..{MAX_LOGPROBS} or None",
+            self.logprobs,
+        )
 
     def to_settings(self) -> GenerationSettings:
         """The GenerationSettings of `trimode generate` with the same options."""
@@ -102,13 +114,16 @@ class SamplingParams:
             use_top_k_schedule=self.threshold == "none",
             prefill_chunk=self.prefill_chunk,
             ignore_eos=self.ignore_eos,
+            logprobs=self.logprobs,
         )
 
 
 @dataclass
 class RequestOutput:
     """One prompt's result. finish_reason: "eos" or "length"; stats: SequenceStats.to_dict() (every
-    forward pass counted, prefill included; self-spec's accepted lengths per cycle)."""
+    forward pass counted, prefill included; self-spec's accepted lengths per cycle). With
+    SamplingParams.logprobs set: logprobs, one per token id; with logprobs >= 1: top_logprobs, per
+    token id its k most likely (token id, log prob), most likely first (else both are empty)."""
 
     prompt: str
     prompt_token_ids: list[int]
@@ -117,6 +132,8 @@ class RequestOutput:
     finish_reason: str | None
     stats: dict
     block_length: int  # as run: the requested one, capped at max_tokens where the engine allows
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
 class LLM:
@@ -181,6 +198,8 @@ class LLM:
                 s.finish_reason,
                 s.stats.to_dict(),
                 s.block_length,
+                list(s.logprobs),
+                list(s.top_logprobs),
             )
             for p, ids, s in zip(prompts, encoded, seqs)
         ]

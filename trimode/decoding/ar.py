@@ -9,10 +9,12 @@ from trimode.passes import PassKind
 
 class ARPolicy:
     def step(self, batch: Batch, config: DecodeConfig) -> list[list[int]]:
-        tokens = batch.fetch(batch.pick(self.decode(batch))[:, 0])[0]  # the step's one host sync
+        out = self.decode(batch)
+        picks = batch.pick(out)
+        tokens, logprobs = batch.fetch(picks[:, 0], batch.logprobs(out, picks))  # the step's one host sync
         for seq, t in zip(batch.seqs, tokens):
             seq.next_token = t
-        return [seq.emit([t]) for seq, t in zip(batch.seqs, tokens)]
+        return [seq.emit([t], lp) for seq, t, lp in zip(batch.seqs, tokens, logprobs)]
 
     def decode(self, batch: Batch):
         """Causal pass over each sequence's newest token: it enters the cache, its logit is the next one."""

@@ -3,7 +3,8 @@
 A `Batch` is what the mode policies see: it runs counted passes over its sequences' slots, picks,
 accepts and commits tokens from a pass's logits with each sequence's own random numbers, commits
 tokens to the cache, and brings results to the host in one transfer per call of `fetch` (where a
-non-finite logit seen since the last fetch is raised). When every sequence is greedy and the pass
+non-finite logit seen since the last fetch is raised), the emitted tokens' log probs with them
+when a sequence asked for them (logprobs.py). When every sequence is greedy and the pass
 returned its greedy picks (a compiled engine's do), those are used: the same tokens, no tensor
 work on the logits.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from trimode.config import ModelSpec
+from trimode.decoding.logprobs import LogProbs, host_rows, token_logprobs
 from trimode.decoding.runner import ModelRunner, PassOutput
 from trimode.decoding.sequence import Sequence
 from trimode.errors import NumericalError
@@ -68,6 +70,20 @@ class Batch:
         """Every sequence picks at temperature 0 (known on the host: no sync)."""
         return all(s.params.temperature == 0 for s in self.seqs)
 
+    @property
+    def num_top_logprobs(self) -> int | None:
+        """The most top log probs a sequence asked for; None: none asked for log probs (known on the host)."""
+        asked = [s.params.logprobs for s in self.seqs if s.params.logprobs is not None]
+        return min(max(asked), self.spec.vocab_size - 1) if asked else None
+
+    def logprobs(self, out: PassOutput, tokens: torch.Tensor, num_top: int | None = None) -> LogProbs | None:
+        """The log probs of tokens [b, L] under the pass's logits (num_top: default the batch's);
+        None, and no work, when no sequence asked for them."""
+        num_top = self.num_top_logprobs if num_top is None else num_top
+        if num_top is None:
+            return None
+        return token_logprobs(out.logits, tokens, num_top, self.spec.mask_token_id)
+
     def pick(self, out: PassOutput) -> torch.Tensor:
         """-> [b, L] tokens: greedy, or sampled per sequence (mask token never picked)."""
         if out.picks is not None and self.is_greedy:
@@ -100,19 +116,32 @@ class Batch:
         table = [sorted(s.eos_ids) + [-1] * (width - len(s.eos_ids)) for s in self.seqs]
         return torch.tensor(table, dtype=torch.long, device=self.device).view(len(self.seqs), width)
 
-    def fetch(self, *tensors: torch.Tensor) -> list[list]:
-        """The tensors as host lists, in one device-to-host transfer (the step's host sync)."""
-        flat = [t.reshape(len(self.seqs), -1).long() for t in tensors]
+    def fetch(self, *values: torch.Tensor | LogProbs | None) -> list[list]:
+        """The values as host lists, in one device-to-host transfer (the step's host sync): a tensor
+        [b, ...] as b nested lists; a LogProbs (or None: none asked) as b lists of TokenLogProb (None)."""
+        tensors = [t for v in values if v is not None for t in ((v,) if isinstance(v, torch.Tensor) else v)]
+        is_float = any(t.is_floating_point() for t in tensors)  # token ids are exact in float64
+        dtype = torch.float64 if is_float else torch.long
+        flat = [(t.flatten(1) if t.dim() > 1 else t[:, None]).to(dtype) for t in tensors]
         checks = torch.stack(self._is_finite) if self._is_finite else torch.ones(1, dtype=torch.bool)
-        host = torch.cat([*flat, checks.long().to(self.device).view(1, -1).expand(len(self.seqs), -1)], dim=1).tolist()
-        if self._is_finite and not all(host[0][-len(self._is_finite) :]):
+        checks = checks.to(self.device, dtype).view(1, -1).expand(len(self.seqs), -1)
+        host = torch.cat([*flat, checks], dim=1).cpu()
+        if self._is_finite and not bool(host[0, -len(self._is_finite) :].all()):
             raise NumericalError(
                 "the model produced non-finite logits (NaN or Inf): check the checkpoint's "
                 "weights and config.json values"
             )
         self._is_finite.clear()
-        out, start = [], 0
-        for t in flat:
-            out.append([row[start : start + t.shape[1]] for row in host])
-            start += t.shape[1]
-        return [col if t.dim() > 1 else [v[0] for v in col] for col, t in zip(out, tensors)]
+        pieces = host.split([f.shape[1] for f in flat] + [checks.shape[1]], dim=1)
+        lists = iter(
+            [(p if t.is_floating_point() else p.long()).reshape(t.shape).tolist() for p, t in zip(pieces, tensors)]
+        )
+        out: list[list] = []
+        for v in values:
+            if v is None:
+                out.append([None] * len(self.seqs))
+            elif isinstance(v, torch.Tensor):
+                out.append(next(lists))
+            else:
+                out.append(host_rows(next(lists), next(lists), next(lists)))
+        return out

@@ -169,7 +169,7 @@ def _chunk_len(seq: Sequence, prefill_chunk: int | None) -> int:
 def prefill(batch: Batch, prefill_chunk: int | None) -> list[list[int]]:
     """One causal pass over each sequence's next prompt chunk (ragged chunks padded; the padding's
     K/V stays scratch). A sequence whose prompt is then cached picks its first token from its
-    last prompt logit: that token is emitted, and becomes its next token."""
+    last prompt logit (which also gives that token's log prob): it is emitted, and becomes its next token."""
     counts = [_chunk_len(s, prefill_chunk) for s in batch.seqs]
     tokens = torch.full((len(batch), max(counts)), batch.spec.pad_token_id or 0, dtype=torch.long)
     for i, (seq, n) in enumerate(zip(batch.seqs, counts)):
@@ -182,8 +182,10 @@ def prefill(batch: Batch, prefill_chunk: int | None) -> list[list[int]]:
     done = [i for i, seq in enumerate(batch.seqs) if seq.num_prefilled == len(seq.prompt)]
     new: list[list[int]] = [[] for _ in batch.seqs]
     if done:
-        sub = batch.subset(done)
-        for i, seq, t in zip(done, sub.seqs, sub.fetch(sub.pick(out.rows(done))[:, 0])[0]):
+        sub, last = batch.subset(done), out.rows(done)
+        picks = sub.pick(last)
+        firsts, logprobs = sub.fetch(picks[:, 0], sub.logprobs(last, picks))
+        for i, seq, t, lp in zip(done, sub.seqs, firsts, logprobs):
             seq.next_token, seq.status = t, Status.RUNNING
-            new[i] = seq.emit([t])
+            new[i] = seq.emit([t], lp)
     return new

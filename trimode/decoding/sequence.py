@@ -3,6 +3,7 @@
 A sequence owns its prompt, its emitted tokens, its KV slot while it runs, its next token (the
 newest token, emitted but not yet in the cache), its statistics, its own sampling parameters and
 its own random stream, so what it generates never depends on which requests share its batch.
+With params.logprobs set it also keeps each emitted token's log prob (and top-k), parallel to tokens.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from enum import Enum
 
+from trimode.decoding.logprobs import TokenLogProb
 from trimode.decoding.settings import DecodeConfig, SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -67,6 +69,8 @@ class Sequence:
     num_prefilled: int = 0  # prompt tokens in the cache so far
     next_token: int | None = None  # emitted, not yet cached: the next pass's first token
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # params.logprobs set: one per token
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # params.logprobs >= 1: one per token
     finish_reason: str | None = None  # "eos", "length" or "abort"
     stats: SequenceStats = field(default_factory=SequenceStats)
     num_draws: int = 0  # sampling ops this sequence has taken part in
@@ -81,8 +85,9 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED
 
-    def emit(self, tokens: list[int]) -> list[int]:
-        """Append tokens, truncated at the first EOS (kept) and at max_new_tokens; -> what was appended."""
+    def emit(self, tokens: list[int], logprobs: list[TokenLogProb] | None = None) -> list[int]:
+        """Append tokens, truncated at the first EOS (kept) and at max_new_tokens; -> what was appended.
+        logprobs: one per token (Batch.fetch of a LogProbs); None only when nothing was asked."""
         if self.finish_reason:
             return []
         room = self.params.max_new_tokens - len(self.tokens)
@@ -94,6 +99,11 @@ class Sequence:
             self.finish_reason = "length"
         self.tokens += out
         self.stats.num_generated += len(out)
+        if self.params.logprobs is not None:
+            assert logprobs is not None and len(logprobs) >= len(out), "log probs were asked: one per token"
+            self.logprobs += [lp for lp, _ in logprobs[: len(out)]]
+            if self.params.logprobs:
+                self.top_logprobs += [top[: self.params.logprobs] for _, top in logprobs[: len(out)]]
         return out
 
     def next_rng_key(self) -> int:

@@ -1,6 +1,7 @@
 """Settings in small frozen sections, validated once; errors name the field and the value.
 
-- `SamplingParams`: per request (each `Sequence` has its own): length, temperature, seed, stops.
+- `SamplingParams`: per request (each `Sequence` has its own): length, temperature, seed, stops,
+  log probs.
 - `DecodeConfig`: the shape of the work a mode does (mode, block length, commit threshold); what
   compiled engines are built for, so requests with the same one are batched together.
 - `EngineConfig`: the engine's pool and prefill chunk.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from trimode.decoding.logprobs import MAX_LOGPROBS
 from trimode.errors import InputError
 from trimode.passes import Mode
 
@@ -25,6 +27,7 @@ class SamplingParams:
     seed: int = 0  # keys this sequence's own random stream (temperature > 0)
     stop_token_ids: tuple[int, ...] = ()  # extra end tokens besides the checkpoint's EOS ids
     ignore_eos: bool = False  # benchmarks: always generate max_new_tokens
+    logprobs: int | None = None  # None: none; 0: each emitted token's log prob; k: also the top k (logprobs.py)
 
     def __post_init__(self) -> None:
         _check(
@@ -41,6 +44,15 @@ class SamplingParams:
         )
         _check(
             isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED, "seed", f"an integer in 0..{MAX_SEED}", self.seed
+        )
+        _check(
+            self.logprobs is None
+            or isinstance(self.logprobs, int)
+            and not isinstance(self.logprobs, bool)
+            and 0 <= self.logprobs <= MAX_LOGPROBS,
+            "logprobs",
+            f"None or an integer in 0..{MAX_LOGPROBS}",
+            self.logprobs,
         )
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
 
@@ -101,6 +113,7 @@ class GenerationSettings:
     prefill_chunk: int | None = None
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", self.decoding.mode)  # validates the decode section
@@ -114,7 +127,9 @@ class GenerationSettings:
 
     @property
     def sampling(self) -> SamplingParams:
-        return SamplingParams(self.max_new_tokens, self.temperature, self.seed, self.stop_token_ids, self.ignore_eos)
+        return SamplingParams(
+            self.max_new_tokens, self.temperature, self.seed, self.stop_token_ids, self.ignore_eos, self.logprobs
+        )
 
     @property
     def decoding(self) -> DecodeConfig:
