@@ -18,7 +18,7 @@ from trimode.decoding.engine import Engine
 from trimode.decoding.settings import EngineConfig
 from trimode.errors import InputError
 from trimode.triton_repo.loop import EngineLoop, Job, Overloaded
-from trimode.triton_repo.request import Request, parse_request
+from trimode.triton_repo.request import Request, parse_requests
 from trimode.triton_repo.server import Ports
 from trimode.triton_repo.text import new_text, window
 
@@ -91,7 +91,8 @@ def test_loop_batches_streams_and_matches_solo(tiny, engine):
     new = [int(t) for r in streamed for t in r["output_ids"].reshape(-1)[int(r["prefix_length"][0, 0]) :]]
     assert new == solo(make, prompts[0], 6)
     assert [bool(r["is_final"][0, 0]) for r in streamed] == [False] * 5 + [True]
-    assert {int(r["sequence_id"][0, 0]) for r in streamed} == {0}
+    handles = {int(r["sequence_id"][0, 0]) for r in streamed}  # one, random (not the engine's sequence id 0)
+    assert len(handles) == 1 and handles != {0} and handles != {int(sinks[1].responses[-1]["sequence_id"][0, 0])}
 
 
 @pytest.mark.parametrize("how", ["sink", "cancel_id", "send_fails"])
@@ -167,19 +168,23 @@ def arrays(**values) -> dict:
         ({"beam_width": 2}, "beam search"),
         ({"top_k": 5}, "top_k=5"),
         ({"top_p": 0.9}, "top_p=0.9"),
-        ({"min_length": 3}, "min_length=3"),
+        ({"min_length": 3}, "min_tokens=3"),
+        ({"min_tokens": 3}, "min_tokens=3"),
+        ({"seed": 1, "random_seed": 2}, "current and its older name"),
+        ({"return_perf_metrics": True}, "return_perf_metrics"),
+        ({"num_top_log_probs": 21}, "num_top_log_probs"),
         ({"max_tokens": 0}, "max_tokens: expected an integer >= 1"),
         ({"temperature": float("nan")}, "temperature"),
         ({"temperature": -1.0}, "temperature"),
         ({"threshold": 1.5}, "threshold"),
         ({"end_id": 10**6}, "end_id"),
-        ({"return_log_probs": True}, "log probabilities"),
+        ({"stream": True}, "streaming needs a repository written with"),
     ],
 )
 def test_parse_request_refuses(values, message):
     a = arrays(**values)
     with pytest.raises(InputError, match=message.replace("(", r"\(")):
-        parse_request(a.get, vocab_size=100, default_block_length=4)
+        parse_requests(a.get, vocab_size=100, default_block_length=4, is_decoupled="stream" not in values)
 
 
 def test_parse_request_honours():
@@ -194,14 +199,39 @@ def test_parse_request_honours():
         block_length=8,
         threshold=0.5,
     )
-    r = parse_request(a.get, vocab_size=100, default_block_length=4)
+    (r,) = parse_requests(a.get, vocab_size=100, default_block_length=4)
     assert r.prompt == [1, 2, 3] and r.is_stream and not r.prepend_prompt
     assert r.sampling.temperature == 0.0 and r.sampling.seed == 9 and r.sampling.ignore_eos  # top_k 1: greedy
     assert r.decoding.block_length == 8 and r.decoding.threshold == 0.5
+    assert parse_requests(arrays(seed=9).get, 100, 4)[0].sampling.seed == 9  # the current name
+    assert parse_requests(arrays(return_log_probs=True).get, 100, 4)[0].sampling.logprobs == 0
+    assert parse_requests(arrays(num_top_log_probs=3).get, 100, 4)[0].sampling.logprobs == 3
+    assert parse_requests(arrays().get, 100, 4)[0].sampling.logprobs is None
     a = arrays(exclude_input_in_output=False)
-    assert parse_request(a.get, 100, 4).prepend_prompt
+    assert parse_requests(a.get, 100, 4)[0].prepend_prompt
     with pytest.raises(InputError, match="required"):
-        parse_request({k: v for k, v in arrays().items() if k != "max_tokens"}.get, 100, 4)
+        parse_requests({k: v for k, v in arrays().items() if k != "max_tokens"}.get, 100, 4)
+
+
+def test_parse_request_rows():
+    """A request of several prompts (TensorRT-LLM's batch > 1): padded input_ids cut at input_lengths, an
+    input of one row applies to every prompt, one of as many rows gives each its own value."""
+    a = arrays()
+    a["input_ids"] = np.array([[1, 2, 3], [4, 5, -1]], np.int32)
+    a["input_lengths"] = np.array([[3], [2]], np.int32)
+    a["mode"] = np.array([[b"ar"], [b"ar"]], np.object_)
+    a["temperature"] = np.array([[0.5], [0.0]], np.float32)
+    a["stop_ids"] = np.array([[7, -1], [8, 9]], np.int32)
+    rows = parse_requests(a.get, 100, 4)
+    assert [r.prompt for r in rows] == [[1, 2, 3], [4, 5]] and [r.batch_index for r in rows] == [0, 1]
+    assert [r.sampling.temperature for r in rows] == [0.5, 0.0]
+    assert [r.sampling.max_new_tokens for r in rows] == [4, 4]
+    assert [r.sampling.stop_token_ids for r in rows] == [(7,), (8, 9)]
+    with pytest.raises(InputError, match="needs a streaming repository"):
+        parse_requests(a.get, 100, 4, is_decoupled=False)
+    a["max_tokens"] = np.array([[1], [2], [3]], np.int32)
+    with pytest.raises(InputError, match="3 rows for a request of 2 prompts"):
+        parse_requests(a.get, 100, 4)
 
 
 def test_streamed_text_concatenates_to_the_whole(tiny):
@@ -285,3 +315,77 @@ def test_generate_url_of_the_wrong_protocol_or_no_server(refused, request, tmp_p
 def test_serve_refuses_a_bad_host(refused, tmp_path, host, message):
     """Checked first, before the repository and before tritonserver (whose error would blame a port)."""
     refused(["serve", tmp_path / "repo", "--host", host], tmp_path, message)
+
+
+def test_a_foreign_cancel_touches_nothing(engine):
+    """Handles are random: counting (the engine's ids are 0, 1, 2, ...) names no running request."""
+    loop = EngineLoop(engine, max_queued=8)
+    try:
+        sink = ListSink()
+        loop.submit(Job(request([3, 4], max_tokens=30, stream=True), sink))
+        while not sink.responses:
+            threading.Event().wait(0.01)
+        own = int(sink.responses[0]["sequence_id"][0, 0])
+        for guess in [*range(64), own + 1, own - 1]:
+            loop.cancel(guess)
+        assert sink.done.wait(60) and not sink.closed and sink.error is None
+        assert int(sink.responses[-1]["num_output_tokens"][0, 0]) == 30
+    finally:
+        loop.stop()
+
+
+def test_log_probs_ride_with_the_tokens(engine):
+    """Streamed: each response has its new tokens' log probs, cum_log_probs their running sum; the whole
+    response has all of them; a request that asked for none gets empty tensors."""
+    loop = EngineLoop(engine, max_queued=8)
+    try:
+        asked = Request([3, 4, 5], SamplingParams(5, ignore_eos=True, logprobs=2), DecodeConfig("ar", 4), True, False)
+        whole = Request([3, 4, 5], SamplingParams(5, ignore_eos=True, logprobs=0), DecodeConfig("ar", 4), False, False)
+        sinks = [ListSink(), ListSink(), ListSink()]
+        for r, s in zip([asked, whole, request([3, 4, 5], max_tokens=5)], sinks):
+            loop.submit(Job(r, s))
+        assert all(s.done.wait(60) for s in sinks)
+    finally:
+        loop.stop()
+    streamed = sinks[0].responses
+    per_token = [float(v) for r in streamed for v in r["output_log_probs"].reshape(-1)]
+    assert len(per_token) == 5 and all(v <= 0 for v in per_token)
+    running = np.cumsum(per_token)
+    assert [float(r["cum_log_probs"][0, 0]) for r in streamed] == pytest.approx(list(running), rel=1e-5)
+    for r in streamed:
+        assert r["top_log_probs"].shape == (1, 1, 2) and r["top_log_prob_ids"].shape == (1, 1, 2)
+        # greedy: the emitted token is the most likely one
+        assert float(r["top_log_probs"][0, 0, 0]) == pytest.approx(float(r["output_log_probs"][0, 0, 0]))
+    final = sinks[1].responses[-1]
+    assert final["output_log_probs"].reshape(-1).tolist() == pytest.approx(per_token, rel=1e-5)
+    assert final["top_log_probs"].shape == (1, 5, 0)
+    assert [int(t) for r in streamed for t in r["output_token_ids"].reshape(-1)] == tokens(sinks[1])
+    assert sinks[2].responses[-1]["output_log_probs"].shape == (1, 1, 0)
+    assert sinks[2].responses[-1]["cum_log_probs"].shape == (1, 0)
+
+
+def test_draining_refuses_new_work_and_finishes_the_old(engine, tmp_path):
+    from trimode.triton_repo.loop import Unavailable
+
+    drain = tmp_path / "drain"
+    loop = EngineLoop(engine, max_queued=8, drain_file=drain)
+    try:
+        sink = ListSink()
+        loop.submit(Job(request([3, 4], max_tokens=20, stream=True), sink))
+        drain.touch()
+        for _ in range(500):
+            if loop.is_draining:
+                break
+            threading.Event().wait(0.01)
+        with pytest.raises(Unavailable, match="draining"):
+            loop.submit(Job(request([5, 6], max_tokens=2), ListSink()))
+        assert sink.done.wait(60) and sink.error is None
+        assert int(sink.responses[-1]["num_output_tokens"][0, 0]) == 20  # the accepted request ran to its end
+        done = tmp_path / "drain.done"
+        for _ in range(500):
+            if done.exists():
+                break
+            threading.Event().wait(0.01)
+        assert done.exists()
+    finally:
+        loop.stop()

@@ -31,39 +31,57 @@ GOLDEN = {
     "preprocessing_diffusion": "python",
     "preprocessing_self_spec": "python",
 }
-ENSEMBLE_INPUTS = {  # TensorRT-LLM's ensemble tensors (name -> type), ours last
-    "text_input": "TYPE_STRING",
-    "max_tokens": "TYPE_INT32",
-    "bad_words": "TYPE_STRING",
-    "stop_words": "TYPE_STRING",
-    "end_id": "TYPE_INT32",
-    "pad_id": "TYPE_INT32",
-    "top_k": "TYPE_INT32",
-    "top_p": "TYPE_FP32",
-    "temperature": "TYPE_FP32",
-    "length_penalty": "TYPE_FP32",
-    "repetition_penalty": "TYPE_FP32",
-    "min_length": "TYPE_INT32",
-    "presence_penalty": "TYPE_FP32",
-    "frequency_penalty": "TYPE_FP32",
-    "random_seed": "TYPE_UINT64",
-    "return_log_probs": "TYPE_BOOL",
-    "return_context_logits": "TYPE_BOOL",
-    "return_generation_logits": "TYPE_BOOL",
-    "beam_width": "TYPE_INT32",
-    "num_return_sequences": "TYPE_INT32",
-    "stream": "TYPE_BOOL",
-    "exclude_input_in_output": "TYPE_BOOL",
-    "block_length": "TYPE_INT32",
-    "threshold": "TYPE_FP32",
+# TensorRT-LLM's ensemble tensors (tensorrtllm_backend all_models/inflight_batcher_llm/ensemble/config.pbtxt):
+# name -> (type, dims), as their clients send and read them; the ones we refuse a value of are in request.py
+TRTLLM_INPUTS = {
+    "text_input": ("TYPE_STRING", [-1]),  # theirs [1]: [-1] takes every [1] request
+    "max_tokens": ("TYPE_INT32", [1]),
+    "bad_words": ("TYPE_STRING", [-1]),
+    "stop_words": ("TYPE_STRING", [-1]),
+    "end_id": ("TYPE_INT32", [1]),
+    "pad_id": ("TYPE_INT32", [1]),
+    "top_k": ("TYPE_INT32", [1]),
+    "top_p": ("TYPE_FP32", [1]),
+    "temperature": ("TYPE_FP32", [1]),
+    "length_penalty": ("TYPE_FP32", [1]),
+    "repetition_penalty": ("TYPE_FP32", [1]),
+    "min_tokens": ("TYPE_INT32", [1]),
+    "presence_penalty": ("TYPE_FP32", [1]),
+    "frequency_penalty": ("TYPE_FP32", [1]),
+    "seed": ("TYPE_UINT64", [1]),
+    "return_log_probs": ("TYPE_BOOL", [1]),
+    "return_context_logits": ("TYPE_BOOL", [1]),
+    "return_generation_logits": ("TYPE_BOOL", [1]),
+    "return_perf_metrics": ("TYPE_BOOL", [1]),
+    "return_num_output_tokens": ("TYPE_BOOL", [1]),
+    "beam_width": ("TYPE_INT32", [1]),
+    "num_return_sequences": ("TYPE_INT32", [1]),
+    "stream": ("TYPE_BOOL", [1]),
+    "exclude_input_in_output": ("TYPE_BOOL", [1]),
 }
-ENSEMBLE_OUTPUTS = {
-    "text_output": "TYPE_STRING",
-    "num_input_tokens": "TYPE_INT32",
-    "num_output_tokens": "TYPE_INT32",
-    "num_forward_passes": "TYPE_INT32",
-    "mean_accepted_length": "TYPE_FP32",
-    "finish_reason": "TYPE_STRING",
+OUR_INPUTS = {
+    "random_seed": ("TYPE_UINT64", [1]),  # their older names
+    "min_length": ("TYPE_INT32", [1]),
+    "block_length": ("TYPE_INT32", [1]),
+    "threshold": ("TYPE_FP32", [1]),
+    "num_top_log_probs": ("TYPE_INT32", [1]),
+}
+TRTLLM_OUTPUTS = {
+    "text_output": ("TYPE_STRING", [-1]),
+    "cum_log_probs": ("TYPE_FP32", [-1]),
+    "output_log_probs": ("TYPE_FP32", [-1, -1]),
+    "batch_index": ("TYPE_INT32", [1]),
+    "sequence_index": ("TYPE_INT32", [1]),
+}
+OUR_OUTPUTS = {
+    "top_log_probs": ("TYPE_FP32", [-1, -1]),
+    "top_log_prob_ids": ("TYPE_INT32", [-1, -1]),
+    "output_token_ids": ("TYPE_INT32", [-1]),
+    "num_input_tokens": ("TYPE_INT32", [1]),
+    "num_output_tokens": ("TYPE_INT32", [1]),
+    "num_forward_passes": ("TYPE_INT32", [1]),
+    "mean_accepted_length": ("TYPE_FP32", [1]),
+    "finish_reason": ("TYPE_STRING", [1]),
 }
 
 
@@ -98,8 +116,8 @@ def test_ensemble_interface(repo_dir, tiny_engine_dir):
     for name in ("ar", "diffusion", "self_spec"):
         config = parse(repo_dir / name / "config.pbtxt")
         dtype = model_config_pb2.DataType.Name
-        assert {t.name: dtype(t.data_type) for t in config.input} == ENSEMBLE_INPUTS
-        assert {t.name: dtype(t.data_type) for t in config.output} == ENSEMBLE_OUTPUTS
+        assert {t.name: (dtype(t.data_type), list(t.dims)) for t in config.input} == TRTLLM_INPUTS | OUR_INPUTS
+        assert {t.name: (dtype(t.data_type), list(t.dims)) for t in config.output} == TRTLLM_OUTPUTS | OUR_OUTPUTS
         assert [t.name for t in config.input if not t.optional] == ["text_input", "max_tokens"]
         assert [s.model_name for s in config.ensemble_scheduling.step] == [
             f"preprocessing_{name}",
@@ -107,7 +125,7 @@ def test_ensemble_interface(repo_dir, tiny_engine_dir):
             "postprocessing",
         ]
     engine = parse(repo_dir / "engine" / "config.pbtxt")
-    assert engine.model_transaction_policy.decoupled
+    assert engine.model_transaction_policy.decoupled  # the default: streaming, as TensorRT-LLM's decoupled_mode
     assert engine.instance_group[0].count == 1 and engine.max_batch_size == 4
     assert engine.parameters["engine_dir"].string_value == str(tiny_engine_dir.resolve())
     pre = parse(repo_dir / "preprocessing_self_spec" / "config.pbtxt")
@@ -122,6 +140,7 @@ def test_prefix_modes_and_settings(tiny_engine_dir, tmp_path):
         instances=3,
         max_queue_delay_us=100,
         max_queued_requests=5,
+        decoupled=False,
     )
     out = write_model_repo(tiny_engine_dir, tmp_path / "r", settings)
     assert sorted(p.name for p in out.iterdir()) == [
@@ -134,6 +153,8 @@ def test_prefix_modes_and_settings(tiny_engine_dir, tmp_path):
     engine = parse(out / "nld_engine" / "config.pbtxt")
     assert engine.dynamic_batching.max_queue_delay_microseconds == 100
     assert engine.parameters["max_queued_requests"].string_value == "5"
+    assert not engine.model_transaction_policy.decoupled
+    assert json.loads((out / "manifest.json").read_text())["settings"]["decoupled"] is False
     assert parse(out / "nld_postprocessing" / "config.pbtxt").instance_group[0].count == 3
     assert {parse(p).max_batch_size for p in out.glob("*/config.pbtxt")} == {2}
 
@@ -188,6 +209,7 @@ def test_ensemble_config_alone_is_incomplete():
         ({"max_queue_delay_us": -1}, "max_queue_delay_us"),
         ({"max_batch_size": 0}, "max_batch_size"),
         ({"max_queued_requests": 0}, "max_queued_requests"),
+        ({"decoupled": "no"}, "decoupled"),
     ],
 )
 def test_bad_settings(kwargs, message):

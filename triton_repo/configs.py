@@ -1,9 +1,12 @@
 """The repository's model configs as Triton's own protobuf messages (never text templates).
 
-    engine                  python backend, decoupled: one Engine for every mode (engine_model.py)
+    engine                  python backend: one Engine for every mode (engine_model.py); decoupled
+                            (streaming, several prompts a request) or not (plain infer), per settings
     preprocessing_<mode>    python: text -> token ids, stop words -> ids, and the mode the engine runs
     postprocessing          python: token ids -> text; passes the statistics on
     <mode>                  ensemble: preprocessing_<mode> -> engine -> postprocessing
+    ensemble                optional: one mode again under TensorRT-LLM's ensemble name, which
+                            their client scripts call (some accept no other name)
 
 A mode needs its own preprocessing model because an ensemble cannot inject a constant: the mode
 reaches the engine as a tensor that preprocessing_<mode> writes.
@@ -87,7 +90,7 @@ def engine_config(
         {"engine_dir": engine_dir, "engine_digest": engine_digest, "max_queued_requests": str(max_queued_requests)},
     )
     # one instance: a second would load a second engine with its own KV pool and split the batch
-    config.model_transaction_policy.decoupled = True  # streams: many responses per request
+    config.model_transaction_policy.decoupled = settings.decoupled  # many responses per request
     config.dynamic_batching.max_queue_delay_microseconds = settings.max_queue_delay_us
     return config
 
@@ -112,12 +115,13 @@ def postprocessing_config(names: Names, settings: RepoSettings, max_batch_size: 
         T.POSTPROCESSING_INPUTS,
         T.POSTPROCESSING_OUTPUTS,
         settings.instances,
-        {"engine_dir": engine_dir, "engine_model": names.engine},
+        {"engine_dir": engine_dir, "engine_model": names.engine, "engine_decoupled": str(settings.decoupled).lower()},
     )
 
 
-def ensemble_config(names: Names, mode: Mode, max_batch_size: int) -> ModelConfig:
-    """External tensor X <-> internal tensor _X; the steps' maps are {model tensor: ensemble tensor}."""
+def ensemble_config(names: Names, mode: Mode, max_batch_size: int, name: str | None = None) -> ModelConfig:
+    """External tensor X <-> internal tensor _X; the steps' maps are {model tensor: ensemble tensor}.
+    name: the model's name (default: the mode's)."""
     pb = _pb()
     Step = pb.ModelEnsembling.Step
     internal = lambda name: f"_{name}"  # noqa: E731
@@ -142,7 +146,7 @@ def ensemble_config(names: Names, mode: Mode, max_batch_size: int) -> ModelConfi
         output_map={f"out_{t.name}": t.name for t in T.ENSEMBLE_OUTPUTS},
     )
     return pb.ModelConfig(
-        name=names.ensemble(mode),
+        name=name or names.ensemble(mode),
         platform="ensemble",
         max_batch_size=max_batch_size,
         input=_io(pb.ModelInput, T.ENSEMBLE_INPUTS),

@@ -1,8 +1,11 @@
-"""The engine model (python backend, decoupled): loads the engine dir once and serves every mode.
+"""The engine model (python backend): loads the engine dir once and serves every mode.
 
 execute() parses each request (request.py) and hands it to the EngineLoop (loop.py), which
 batches requests of all modes in flight and answers through each request's response sender.
-Bad input and "overloaded" are answered at once with an error response; nothing else blocks.
+Bad input is answered at once with an error response, "overloaded" and "draining" with an
+UNAVAILABLE one (retry later or elsewhere); nothing else blocks. The model is decoupled (many
+responses per request: streaming, several prompts) or not (plain infer: one response), as
+`trimode repo --decoupled/--no-decoupled` wrote it; the response sender serves both.
 
 Cancellation. A client that cancels (gRPC: it closes its stream) must free its slot at once. A
 request sent to this model directly reports it through its response sender. Through an ensemble
@@ -13,44 +16,96 @@ The requests Triton makes for the later steps do carry the flag, so postprocessi
 every streamed response, sees it and sends this model a control request holding only
 `cancel_sequence_id`; the loop aborts that sequence at the next step boundary. A non-streamed
 request has no later step before its end, so a client that leaves it runs it to the end.
+The id is the job's random handle (loop.py), which only the request's own responses carry.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import threading
 from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
 from trimode.errors import EngineError, TrimodeError
-from trimode.triton_repo.loop import EngineLoop, Job, Overloaded
+from trimode.triton_repo.loop import EngineLoop, Job, Overloaded, Unavailable
 from trimode.triton_repo.metrics import TritonMetrics
-from trimode.triton_repo.request import parse_request
+from trimode.triton_repo.request import parse_requests
 from trimode.triton_repo.tensors import ENGINE_INPUTS
 
+_FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
-class TritonSink:
-    def __init__(self, request):
+
+class Responses:
+    """One request's response sender, shared by its rows (a request may hold several prompts, each its
+    own Job): each row's responses carry its batch_index, and the response that finishes the last
+    open row carries the final flag. Rows send from the loop thread, a refusal from execute(): a
+    lock keeps them in order, and after the final flag a row's send raises (the loop then drops it).
+    A non-decoupled model sends exactly one response (one row, not streamed), so a cancel answers
+    with an error there, where a decoupled model sends the final flag alone."""
+
+    def __init__(self, request, num_rows: int, is_decoupled: bool):
         self._sender = request.get_response_sender()
+        self._num_open, self._is_closed, self.is_decoupled = num_rows, False, is_decoupled
+        self._lock = threading.Lock()
 
-    def send(self, outputs, final: bool) -> None:
+    def send(self, outputs, is_row_final: bool) -> None:
         response = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in outputs.items()])
-        self._sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
+        with self._lock:
+            if self._is_closed:
+                raise ConnectionError("the request was answered already")
+            self._num_open -= is_row_final
+            self._is_closed = self._num_open == 0
+            self._sender.send(response, flags=_FINAL if self._is_closed else 0)
 
-    def fail(self, message: str) -> None:
-        self._sender.send(
-            pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
-            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
-        )
+    def fail(self, message: str, code=None) -> None:
+        """An error response, which ends the whole request (every row)."""
+        error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+        with self._lock:
+            if not self._is_closed:
+                self._is_closed = True
+                self._sender.send(pb_utils.InferenceResponse(error=error), flags=_FINAL)
 
-    def close(self) -> None:
-        try:
-            self._sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        except Exception:  # noqa: BLE001 (a cancelled request may refuse even the final flag; nothing is owed)
-            pass
+    def close_row(self) -> None:
+        """A row that ends with nothing more to say (cancelled)."""
+        with self._lock:
+            if self._is_closed:
+                return
+            self._num_open -= 1
+            if self._num_open:
+                return
+            self._is_closed = True
+            try:
+                if self.is_decoupled:
+                    self._sender.send(flags=_FINAL)
+                else:
+                    cancelled = pb_utils.TritonError("cancelled", pb_utils.TritonError.CANCELLED)
+                    self._sender.send(pb_utils.InferenceResponse(error=cancelled), flags=_FINAL)
+            except Exception:  # noqa: BLE001 (a cancelled request may refuse even the final flag; nothing is owed)
+                pass
 
     def is_cancelled(self) -> bool:
         return self._sender.is_cancelled()
+
+
+class RowSink:
+    """The loop's Sink for one row of a request (loop.py)."""
+
+    def __init__(self, responses: Responses):
+        self.responses = responses
+
+    def send(self, outputs, final: bool) -> None:
+        self.responses.send(outputs, final)
+
+    def fail(self, message: str) -> None:
+        self.responses.fail(message)
+
+    def close(self) -> None:
+        self.responses.close_row()
+
+    def is_cancelled(self) -> bool:
+        return self.responses.is_cancelled()
 
 
 class TritonPythonModel:
@@ -65,32 +120,56 @@ class TritonPythonModel:
             raise EngineError(f"{engine_dir} was rebuilt after this repository was written; rerun `trimode repo`")
         self.vocab_size = self.built.checkpoint.spec.vocab_size
         self.default_block_length = self.built.default_block_length
-        self.metrics = TritonMetrics(config["name"])
-        self.loop = EngineLoop(self.built.new_engine(), int(params["max_queued_requests"]), self.metrics)
+        self.is_decoupled = bool(config.get("model_transaction_policy", {}).get("decoupled"))
+        self.metrics = TritonMetrics(config["name"], self.built.config.max_slots)
+        # `trimode serve` names a file whose creation starts a drain (server.py; loop.py)
+        drain_file = os.environ.get("TRIMODE_DRAIN_FILE")
+        self.loop = EngineLoop(
+            self.built.new_engine(),
+            int(params["max_queued_requests"]),
+            self.metrics,
+            Path(drain_file) if drain_file else None,
+        )
 
     def execute(self, requests):
         for request in requests:
-            sink = TritonSink(request)
             cancel = pb_utils.get_input_tensor_by_name(request, "cancel_sequence_id")
             if cancel is not None:  # a control request (module doc): nothing to generate
                 self.loop.cancel(int(cancel.as_numpy().reshape(-1)[0]))
-                sink.close()
+                _answer_control(request, self.is_decoupled)
                 continue
             arrays = {t.name: pb_utils.get_input_tensor_by_name(request, t.name) for t in ENGINE_INPUTS}
             try:
-                parsed = parse_request(
+                rows = parse_requests(
                     lambda name: None if arrays[name] is None else arrays[name].as_numpy(),
                     self.vocab_size,
                     self.default_block_length,
+                    self.is_decoupled,
                 )
-                self.loop.submit(Job(parsed, sink))
-            except Overloaded as e:
-                self.metrics.rejected("overloaded")
-                sink.fail(str(e))
             except TrimodeError as e:
                 self.metrics.rejected("invalid")
-                sink.fail(str(e))
-        return None  # decoupled: the responses go through each request's sender
+                Responses(request, 1, self.is_decoupled).fail(str(e))
+                continue
+            responses = Responses(request, len(rows), self.is_decoupled)
+            try:
+                for row in rows:
+                    self.loop.submit(Job(row, RowSink(responses)))
+            except Unavailable as e:
+                self.metrics.rejected("draining")
+                responses.fail(str(e), pb_utils.TritonError.UNAVAILABLE)
+            except Overloaded as e:
+                self.metrics.rejected("overloaded")
+                responses.fail(str(e), pb_utils.TritonError.UNAVAILABLE)
+        return None  # the responses go through each request's sender (decoupled or not)
 
     def finalize(self) -> None:
         self.loop.stop()
+
+
+def _answer_control(request, is_decoupled: bool) -> None:
+    """A control request gets the final flag alone (decoupled), or one empty response."""
+    sender = request.get_response_sender()
+    if is_decoupled:
+        sender.send(flags=_FINAL)
+    else:
+        sender.send(pb_utils.InferenceResponse(output_tensors=[]), flags=_FINAL)

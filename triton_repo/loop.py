@@ -6,18 +6,25 @@ boundary, runs one step, and sends each request the tokens that step committed (
 whole text when it finishes. A finished, cancelled or disconnected request leaves the Engine at
 once, which frees its KV slot, and the loop drops its reference to the finished Sequence.
 A request is cancelled when its sink says so (a client calling the engine model directly) or when
-`cancel(seq_id)` names it (the ensemble's postprocessing step, which is how a cancel reaches the
-engine through an ensemble in Triton 2.51: engine_model.py).
+`cancel(handle)` names it (the ensemble's postprocessing step, which is how a cancel reaches the
+engine through an ensemble in Triton 2.51: engine_model.py). A job's handle, which its responses
+carry as sequence_id, is 63 random bits, not the engine's sequential id: only whoever received a
+request's responses can name it, so no client can cancel another's request by counting.
 Requests waiting for a slot are bounded: past the pool's free slots + `max_queued` (as of the last
 step boundary), submit refuses with "overloaded", so a burst at an idle server fills the pool first.
+Draining (SIGTERM of `trimode serve`): once `drain_file` exists, submit refuses every new request
+with Unavailable while the accepted ones run to their end; then the loop writes `<drain_file>.done`,
+which tells the server that stopping now cuts nothing.
 """
 
 from __future__ import annotations
 
 import queue
+import secrets
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -37,6 +44,10 @@ class Overloaded(TrimodeError):
     """More requests wait for a slot than the engine model queues."""
 
 
+class Unavailable(TrimodeError):
+    """The server is draining: it takes no new request (Triton's UNAVAILABLE: retry elsewhere)."""
+
+
 class Sink(Protocol):
     """Where one request's responses go (a Triton response sender, or a test's list)."""
 
@@ -52,6 +63,10 @@ class Job:
     sink: Sink
     seq: Sequence | None = None
     num_sent: int = 0  # tokens already sent (streaming)
+    handle: int = 0  # what its responses call sequence_id and cancel() names (module doc)
+    arrived: float = field(default_factory=time.monotonic)  # for the latency histograms (metrics.py)
+    scheduled: float | None = None  # when it first held a KV slot
+    first_token: float | None = None
 
     @property
     def admitted_seq(self) -> Sequence:
@@ -61,22 +76,27 @@ class Job:
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, max_queued: int, metrics=None):
+    def __init__(self, engine: Engine, max_queued: int, metrics=None, drain_file: Path | None = None):
         from trimode.triton_repo.metrics import NullMetrics
 
         self.engine, self.max_queued, self.metrics = engine, max_queued, metrics or NullMetrics()
+        self.drain_file = drain_file
+        self.is_draining = False  # set once, by the loop thread, when drain_file appears
         self._inbox: queue.Queue[Job | None] = queue.Queue()
         self._live: dict[int, Job] = {}  # seq id -> job, while its Sequence is in the Engine
+        self._by_handle: dict[int, int] = {}  # job handle -> seq id, for the same jobs
         self._lock = threading.Lock()
         self._num_waiting = 0  # submitted, not yet holding a slot (read by submit)
         self._num_free = engine.runner.num_free  # free slots at the last step boundary (read by submit)
-        self._cancel_ids: set[int] = set()  # seq ids cancel() named (under _lock)
+        self._cancel_handles: set[int] = set()  # handles cancel() named (under _lock)
         self._stopping = threading.Event()
-        self._last_poll = 0.0
+        self._last_poll = self._last_drain_check = 0.0
         self._thread = threading.Thread(target=self._run, name="trimode-engine-loop", daemon=True)
         self._thread.start()
 
     def submit(self, job: Job) -> None:
+        if self.is_draining:
+            raise Unavailable("unavailable: the server is draining (shutting down); retry on another replica")
         with self._lock:
             if self._num_waiting >= self._num_free + self.max_queued:
                 raise Overloaded(
@@ -86,10 +106,10 @@ class EngineLoop:
             self._num_waiting += 1
         self._inbox.put(job)
 
-    def cancel(self, seq_id: int) -> None:
-        """Abort that request at the next step boundary (any thread; an unknown or finished id is ignored)."""
+    def cancel(self, handle: int) -> None:
+        """Abort that request at the next step boundary (any thread; an unknown or finished handle is ignored)."""
         with self._lock:
-            self._cancel_ids.add(seq_id)
+            self._cancel_handles.add(handle)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -98,9 +118,11 @@ class EngineLoop:
         for job in self._live.values():
             job.sink.fail("the server is shutting down")
         self._live.clear()
+        self._by_handle.clear()
 
     def _run(self) -> None:
         while not self._stopping.is_set():
+            self._check_drain()
             self._take(block=not self.engine.has_work)
             self._drop_cancelled()
             if self.engine.has_work:
@@ -110,6 +132,18 @@ class EngineLoop:
             with self._lock:
                 self._num_waiting = len(self.engine.waiting) + self._inbox.qsize()
                 self._num_free = self.engine.runner.num_free
+
+    def _check_drain(self) -> None:
+        """Notice the drain file (a stat per poll interval), and say when nothing is left in flight."""
+        if self.drain_file is None or time.monotonic() - self._last_drain_check < SENDER_POLL_S:
+            return
+        self._last_drain_check = time.monotonic()
+        if not self.is_draining:
+            self.is_draining = self.drain_file.exists()
+        if self.is_draining and not self._live and self._inbox.empty() and not self.engine.has_work:
+            done = self.drain_file.with_name(self.drain_file.name + ".done")
+            if not done.exists():
+                done.write_text("drained\n")
 
     def _take(self, block: bool) -> None:
         """New requests join here, between steps."""
@@ -127,12 +161,15 @@ class EngineLoop:
                 self.metrics.rejected("invalid")
                 job.sink.fail(str(e).replace("max_new_tokens", "max_tokens"))  # the input's name here
                 continue
+            job.handle = secrets.randbits(63)
             self._live[job.seq.id] = job
+            self._by_handle[job.handle] = job.seq.id
             self.metrics.admitted(job.seq)
 
     def _drop_cancelled(self) -> None:
         with self._lock:
-            named, self._cancel_ids = self._cancel_ids, set()
+            handles, self._cancel_handles = self._cancel_handles, set()
+        named = {self._by_handle[h] for h in handles if h in self._by_handle}
         poll = time.monotonic() - self._last_poll >= SENDER_POLL_S
         if poll:
             self._last_poll = time.monotonic()
@@ -148,8 +185,26 @@ class EngineLoop:
 
     def _abort(self, job: Job) -> None:
         self.engine.abort(job.admitted_seq.id)  # frees the slot now
-        del self._live[job.admitted_seq.id]
-        self.metrics.finished(job.admitted_seq)
+        self._forget(job)
+
+    def _forget(self, job: Job) -> None:
+        seq = job.admitted_seq
+        del self._live[seq.id]
+        del self._by_handle[job.handle]
+        gap = None
+        if job.first_token is not None and len(seq.tokens) > 1:
+            gap = (time.monotonic() - job.first_token) / (len(seq.tokens) - 1)
+        self.metrics.finished(seq, gap)
+
+    def _timestamp(self, job: Job, now: float) -> None:
+        """The first step a job holds a slot, and the first that gives it a token (metrics.py histograms)."""
+        seq = job.admitted_seq
+        if job.scheduled is None and (seq.slot is not None or seq.tokens):
+            job.scheduled = now
+            self.metrics.scheduled(seq, now - job.arrived)
+        if job.first_token is None and seq.tokens:
+            job.first_token = now
+            self.metrics.first_token(seq, now - job.arrived)
 
     def _step(self) -> None:
         try:
@@ -163,8 +218,11 @@ class EngineLoop:
             return
         # the step's batch: what still holds a slot, and what finished in it
         seqs = [job.admitted_seq for job in self._live.values()]
-        self.metrics.step([seq for seq in seqs if seq.slot is not None or seq.id in new])
+        self.metrics.step([seq for seq in seqs if seq.slot is not None or seq.id in new], len(self.engine.waiting))
+        now = time.monotonic()
         for job in list(self._live.values()):
+            if job.first_token is None:
+                self._timestamp(job, now)
             if job.admitted_seq.id in new or job.admitted_seq.finish_reason:
                 self._deliver(job)
 
@@ -175,10 +233,12 @@ class EngineLoop:
             return
         if job.request.is_stream:
             ids, prefix_length = window(seq.tokens, job.num_sent, len(seq.tokens))
+            new = slice(job.num_sent, len(seq.tokens))
         else:  # one response: all tokens (after the prompt's, as TensorRT-LLM does unless excluded)
             ids, prefix_length = (seq.prompt + seq.tokens if job.request.prepend_prompt else seq.tokens), 0
+            new = slice(0, len(seq.tokens))
         try:
-            job.sink.send(outputs(seq, ids, prefix_length, final), final)
+            job.sink.send(outputs(seq, ids, prefix_length, final, job.handle, job.request.batch_index, new), final)
         except Exception:  # the client is gone: stop generating for it
             if not final:
                 seq.finish_reason = "abort"
@@ -186,22 +246,49 @@ class EngineLoop:
                 return
         job.num_sent = len(seq.tokens)
         if final:
-            del self._live[seq.id]
-            self.metrics.finished(seq)
+            self._forget(job)
 
 
-def outputs(seq: Sequence, ids: list[int], prefix_length: int, final: bool) -> dict:
-    """The engine model's output tensors for one response (batch dimension first)."""
+def outputs(
+    seq: Sequence, ids: list[int], prefix_length: int, final: bool, handle: int, batch_index: int, new: slice
+) -> dict:
+    """The engine model's output tensors for one response (batch dimension first); new: the tokens
+    whose log probs it carries (tensors.py LOG_PROBS)."""
     stats = seq.stats
     return {
         "output_ids": np.array([ids], dtype=np.int32).reshape(1, -1),
         "prefix_length": np.array([[prefix_length]], dtype=np.int32),
         "is_final": np.array([[final]], dtype=bool),
-        "sequence_id": np.array([[seq.id]], dtype=np.uint64),  # what postprocessing names to cancel it
+        "sequence_id": np.array([[handle]], dtype=np.uint64),  # what postprocessing names to cancel it
+        **log_probs(seq, new),
+        "batch_index": np.array([[batch_index]], dtype=np.int32),
+        "sequence_index": np.zeros((1, 1), dtype=np.int32),
         "num_input_tokens": np.array([[len(seq.prompt)]], dtype=np.int32),
         "num_output_tokens": np.array([[len(seq.tokens)]], dtype=np.int32),
         "num_forward_passes": np.array([[stats.num_passes]], dtype=np.int32),
         # 0 where the mode accepts no drafts (ar, diffusion)
         "mean_accepted_length": np.array([[stats.mean_accepted_length or 0.0]], dtype=np.float32),
         "finish_reason": np.array([[(seq.finish_reason or "").encode()]], dtype=np.object_),
+    }
+
+
+def log_probs(seq: Sequence, new: slice) -> dict[str, np.ndarray]:
+    """cum_log_probs [1, 1] (over every token so far), output_log_probs [1, 1, n], the top-k [1, n, k]
+    and the ids [1, n] of the tokens `new`; empty when the request asked for none."""
+    k = seq.params.logprobs
+    if k is None:
+        return {
+            "cum_log_probs": np.zeros((1, 0), np.float32),
+            "output_log_probs": np.zeros((1, 1, 0), np.float32),
+            "top_log_probs": np.zeros((1, 0, 0), np.float32),
+            "top_log_prob_ids": np.zeros((1, 0, 0), np.int32),
+            "output_token_ids": np.zeros((1, 0), np.int32),
+        }
+    tops = seq.top_logprobs[new] if k else [[] for _ in seq.logprobs[new]]
+    return {
+        "cum_log_probs": np.array([[sum(seq.logprobs[: new.stop])]], np.float32),
+        "output_log_probs": np.array(seq.logprobs[new], np.float32).reshape(1, 1, -1),
+        "top_log_probs": np.array([[v for _, v in top] for top in tops], np.float32).reshape(1, len(tops), k),
+        "top_log_prob_ids": np.array([[t for t, _ in top] for top in tops], np.int32).reshape(1, len(tops), k),
+        "output_token_ids": np.array(seq.tokens[new], np.int32).reshape(1, -1),
     }

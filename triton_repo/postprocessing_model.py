@@ -16,7 +16,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from trimode.triton_repo.preprocessing_model import load_tokenizer
-from trimode.triton_repo.tensors import STATISTICS
+from trimode.triton_repo.tensors import PASSED_ON
 from trimode.triton_repo.text import new_text
 
 _REMEMBERED = 1024  # sequence ids already cancelled: the engine may send a step or two more for them
@@ -28,6 +28,7 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.tokenizer = load_tokenizer(params)
         self.engine_model = params["engine_model"]
+        self.is_engine_decoupled = params.get("engine_decoupled", "true") == "true"
         self.cancelled: OrderedDict[int, None] = OrderedDict()
 
     def execute(self, requests):
@@ -41,8 +42,9 @@ class TritonPythonModel:
         text = new_text(
             self.tokenizer.decode, ids, int(get("prefix_length").reshape(-1)[0]), bool(get("is_final").reshape(-1)[0])
         )
-        tensors = [pb_utils.Tensor("out_text_output", np.array([[text.encode()]], dtype=np.object_))]
-        tensors += [pb_utils.Tensor(f"out_{t.name}", get(t.name)) for t in STATISTICS]
+        # [1], not [1, 1]: TensorRT-LLM's clients read output[0].decode()
+        tensors = [pb_utils.Tensor("out_text_output", np.array([text.encode()], dtype=np.object_))]
+        tensors += [pb_utils.Tensor(f"out_{t.name}", get(t.name)) for t in PASSED_ON]
         return pb_utils.InferenceResponse(output_tensors=tensors)
 
     def _cancel(self, seq_id: int) -> None:
@@ -56,6 +58,7 @@ class TritonPythonModel:
             requested_output_names=[],
             inputs=[pb_utils.Tensor("cancel_sequence_id", np.array([[seq_id]], dtype=np.uint64))],
         )
-        for response in control.exec(decoupled=True):  # the engine answers with the final flag alone
+        answers = control.exec(decoupled=True) if self.is_engine_decoupled else [control.exec()]
+        for response in answers:  # the engine answers with the final flag alone, or one empty response
             if response.has_error():
                 pb_utils.Logger.log_warn(f"cancel of sequence {seq_id}: {response.error().message()}")

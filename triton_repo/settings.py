@@ -20,6 +20,12 @@ class RepoSettings:
     instances: int = 1  # pre- and post-processing instances (the engine model is one)
     max_queue_delay_us: int = 0  # the engine model's dynamic batcher
     max_queued_requests: int | None = None  # past it: "overloaded"; None = 8 x the engine's slots
+    # Triton's decoupled transaction policy (TensorRT-LLM's decoupled_mode): True streams and takes
+    # several prompts a request, but answers only gRPC's streaming RPC and HTTP generate(_stream);
+    # False answers plain ModelInfer (and HTTP generate), one whole response a request
+    decoupled: bool = True
+    # also serve this mode as the model `<prefix>ensemble`: TensorRT-LLM's name, hard-coded in their clients
+    ensemble_mode: Mode | None = None
 
     def __post_init__(self) -> None:
         _check(
@@ -41,6 +47,15 @@ class RepoSettings:
             ",".join(m.value for m in modes),
         )
         object.__setattr__(self, "modes", modes)
+        _check(isinstance(self.decoupled, bool), "decoupled", "true or false", self.decoupled)
+        if self.ensemble_mode is not None:
+            _check(
+                self.ensemble_mode in [m.value for m in modes],
+                "ensemble_mode",
+                f"one of the repository's modes ({', '.join(m.value for m in modes)})",
+                self.ensemble_mode,
+            )
+            object.__setattr__(self, "ensemble_mode", Mode(self.ensemble_mode))
         for field, low in (
             ("max_batch_size", 1),
             ("instances", 1),
@@ -57,6 +72,9 @@ class RepoSettings:
                 f"an integer >= {low}",
                 value,
             )
+
+
+TRTLLM_ENSEMBLE = "ensemble"  # the model name TensorRT-LLM's ensemble has, and its clients call
 
 
 def ensemble_name(prefix: str, mode: Mode) -> str:

@@ -1,10 +1,13 @@
 """Every tensor of the repository, named once: the ensembles' external interface and the models' own.
 
-The ensembles take and return TensorRT-LLM's ensemble tensors (same names, same types), so
-clients and tools written for a TensorRT-LLM Triton deployment call ours unchanged; `block_length`
-and `threshold` are ours. Inputs of theirs that we cannot honour (beam_width > 1, top_p < 1,
-bad_words, log probs, ...) are accepted by the schema and refused by the engine model with an
-error (request.py), never silently ignored.
+The ensembles take and return TensorRT-LLM's ensemble tensors (same names, dtypes and shapes:
+text_output is [1] per response, cum_log_probs [1, 1], output_log_probs [1, 1, tokens], batch_index
+[1, 1]), so clients and tools written for a TensorRT-LLM Triton deployment call ours unchanged.
+`block_length`, `threshold` and `num_top_log_probs` (with its two outputs) are ours. Inputs of
+theirs that we cannot honour (beam_width > 1, top_p < 1, bad_words, ...) are accepted by the schema
+and refused by the engine model with an error (request.py), never silently ignored; an input that
+is no tensor of the schema is refused too (over HTTP Triton hands it on as a request parameter,
+which preprocessing refuses).
 """
 
 from __future__ import annotations
@@ -33,13 +36,18 @@ ENGINE_PASS_THROUGH = (
     _opt("temperature", "FP32"),
     _opt("length_penalty", "FP32"),
     _opt("repetition_penalty", "FP32"),
-    _opt("min_length", "INT32"),
+    _opt("min_tokens", "INT32"),
+    _opt("min_length", "INT32"),  # min_tokens' older name
     _opt("presence_penalty", "FP32"),
     _opt("frequency_penalty", "FP32"),
-    _opt("random_seed", "UINT64"),
+    _opt("seed", "UINT64"),
+    _opt("random_seed", "UINT64"),  # seed's older name
     _opt("return_log_probs", "BOOL"),
+    _opt("num_top_log_probs", "INT32"),  # ours: also the k most likely tokens at each position (<= 20)
     _opt("return_context_logits", "BOOL"),
     _opt("return_generation_logits", "BOOL"),
+    _opt("return_perf_metrics", "BOOL"),
+    _opt("return_num_output_tokens", "BOOL"),
     _opt("beam_width", "INT32"),
     _opt("num_return_sequences", "INT32"),
     _opt("stream", "BOOL"),
@@ -65,15 +73,30 @@ STATISTICS = (
     Tensor("finish_reason", "STRING"),
 )
 
-ENSEMBLE_OUTPUTS = (Tensor("text_output", "STRING", (-1,)), *STATISTICS)
+# Per response. Log probs are empty ([1, 0], [1, 1, 0], [1, 0, 0], [1, 0]) unless return_log_probs (or
+# num_top_log_probs) asked for them; streamed, a response has those of its new tokens, and
+# cum_log_probs the sum over every token so far.
+LOG_PROBS = (
+    Tensor("cum_log_probs", "FP32", (-1,)),
+    Tensor("output_log_probs", "FP32", (-1, -1)),
+    Tensor("top_log_probs", "FP32", (-1, -1)),  # ours: [1, tokens, k]
+    Tensor("top_log_prob_ids", "INT32", (-1, -1)),  # ours: the token ids of top_log_probs
+    Tensor("output_token_ids", "INT32", (-1,)),  # ours: [1, n] the tokens output_log_probs are of
+)
+# the prompt's row in a request holding several prompts, and the sequence (one per prompt: 0)
+INDICES = (Tensor("batch_index", "INT32"), Tensor("sequence_index", "INT32"))
+
+ENSEMBLE_OUTPUTS = (Tensor("text_output", "STRING", (-1,)), *LOG_PROBS, *INDICES, *STATISTICS)
 
 PREPROCESSING_INPUTS = (
     Tensor("text_input", "STRING", (-1,)),
     _opt("bad_words", "STRING", (-1,)),
     _opt("stop_words", "STRING", (-1,)),
 )
+# a request of B prompts: input_ids [B, longest] and stop_ids [B, most], padded with -1
 PREPROCESSING_OUTPUTS = (
     Tensor("input_ids", "INT32", (-1,)),
+    Tensor("input_lengths", "INT32"),
     Tensor("stop_ids", "INT32", (-1,)),
     Tensor("mode", "STRING"),
 )
@@ -84,6 +107,7 @@ PREPROCESSING_OUTPUTS = (
 # step already running in the engine model (engine_model.py).
 ENGINE_INPUTS = (
     _opt("input_ids", "INT32", (-1,)),
+    _opt("input_lengths", "INT32"),
     _opt("stop_ids", "INT32", (-1,)),
     _opt("mode", "STRING"),
     _opt("max_tokens", "INT32"),
@@ -100,10 +124,13 @@ ENGINE_OUTPUTS = (
     Tensor("prefix_length", "INT32"),
     Tensor("is_final", "BOOL"),
     Tensor("sequence_id", "UINT64"),
+    *LOG_PROBS,
+    *INDICES,
     *STATISTICS,
 )
 
 POSTPROCESSING_INPUTS = ENGINE_OUTPUTS
 POSTPROCESSING_OUTPUTS = tuple(Tensor(f"out_{t.name}", t.dtype, t.dims) for t in ENSEMBLE_OUTPUTS)
+PASSED_ON = (*LOG_PROBS, *INDICES, *STATISTICS)  # what postprocessing hands on unchanged
 # what the engine model reads from an ensemble step (cancel_sequence_id comes only from postprocessing)
 ENGINE_STEP_INPUTS = tuple(t for t in ENGINE_INPUTS if t.name != "cancel_sequence_id")

@@ -2,7 +2,7 @@
 
     REPO/
       manifest.json                  stage "repo": the engine dir it serves (path + digest), settings, models
-      <prefix>engine/                config.pbtxt + 1/model.py (python backend, decoupled)
+      <prefix>engine/                config.pbtxt + 1/model.py (python backend, decoupled or not)
       <prefix>preprocessing_<mode>/  config.pbtxt + 1/model.py, one per mode
       <prefix>postprocessing/        config.pbtxt + 1/model.py
       <prefix><mode>/                config.pbtxt + 1/ (ensemble), one per mode
@@ -23,7 +23,7 @@ from trimode import __version__
 from trimode.errors import EngineError, InputError
 from trimode.passes import Mode, PassKind
 from trimode.stage_output import check_output, stage_output, write_manifest
-from trimode.triton_repo.settings import RepoSettings
+from trimode.triton_repo.settings import TRTLLM_ENSEMBLE, RepoSettings
 
 STAGE = "repo"
 FORMAT = 1
@@ -94,6 +94,12 @@ def write_model_repo(
             names, mode, settings, max_batch_size, str(engine_dir)
         )
         configs[names.ensemble(mode)] = ensemble_config(names, mode, max_batch_size)
+    aliases = {}
+    if settings.ensemble_mode is not None:
+        aliases[settings.prefix + TRTLLM_ENSEMBLE] = settings.ensemble_mode.value
+        configs[settings.prefix + TRTLLM_ENSEMBLE] = ensemble_config(
+            names, settings.ensemble_mode, max_batch_size, settings.prefix + TRTLLM_ENSEMBLE
+        )
     check_wiring(configs)  # before anything is written
     modules = {
         names.engine: "engine_model",
@@ -129,8 +135,10 @@ def write_model_repo(
                     "instances": settings.instances,
                     "max_queue_delay_us": settings.max_queue_delay_us,
                     "max_queued_requests": max_queued,
+                    "decoupled": settings.decoupled,
                 },
                 "ensembles": {m.value: names.ensemble(m) for m in settings.modes},
+                "aliases": aliases,  # model name -> the mode it serves again
                 "models": {name: config.platform or config.backend for name, config in sorted(configs.items())},
             },
         )
