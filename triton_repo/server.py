@@ -4,11 +4,25 @@ a backend folder of symlinks to the wheel's python backend and its stub for this
 interpreter's bin first on PATH (the stub finds trimode through `python3` on PATH) and its
 LIBDIR on LD_LIBRARY_PATH. It serves a mirror of the repository in a scratch folder, which takes
 the stubs' __pycache__ folders.
+
+Lifecycle (what `trimode serve` and its supervisor rely on; docs/serving.md, Operations):
+- Liveness. Triton 2.51 does not notice a python backend stub that dies (killed, out of memory): it stays
+  ready, its requests hang, new ones fail. A watchdog thread polls every stub (and tritonserver) twice a
+  second; when one is gone it SIGKILLs tritonserver's process group, so clients see their connections
+  drop and readiness stops answering, and records `failure`, on which `trimode serve` exits non-zero.
+- Drain. tritonserver gets TRIMODE_DRAIN_FILE (the stubs inherit it): once that file exists the engine
+  model refuses new requests (UNAVAILABLE) and writes `<file>.done` when nothing is left in flight
+  (loop.py). `drain()` waits for that; `stop()` then SIGTERMs tritonserver, whose unload is clean with
+  nothing in flight. With requests in flight Triton's own SIGTERM refuses the ensembles' later steps and
+  hangs past its 30 s exit timeout, so `stop()` of a busy server SIGKILLs the process group instead.
+- Shared memory. Each server's python backend regions in /dev/shm carry a prefix of its own, removed
+  after tritonserver exits, also after a SIGKILL.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -16,6 +30,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -27,6 +42,12 @@ from trimode.errors import MissingDependencyError, TrimodeError
 
 class ServerError(TrimodeError):
     """tritonserver did not start, or stopped."""
+
+
+SHM_DIR = Path("/dev/shm")
+WATCH_INTERVAL_S = 0.5  # how often the watchdog looks at the stubs
+IDLE_GRACE_S = 1.0  # how long stop() waits for an idle engine model to confirm it (it looks every 50 ms)
+STUB = "triton_python_backend_stub"
 
 
 @dataclass(frozen=True)
@@ -115,6 +136,11 @@ class TritonServer:
         self.log_path, self.timeout_s = log_path, timeout_s
         self.process: subprocess.Popen | None = None
         self._scratch: Path | None = None
+        self.shm_prefix = f"trimode_{os.getpid()}_{secrets.token_hex(4)}_"  # its /dev/shm regions
+        self.failure: str | None = None  # why it died under us (the watchdog's finding)
+        self._failed = threading.Event()
+        self._unwatch = threading.Event()
+        self._watchdog: threading.Thread | None = None
 
     @property
     def endpoints(self) -> dict[str, str]:
@@ -148,7 +174,9 @@ class TritonServer:
             "--allow-metrics=true",
             "--allow-gpu-metrics=false",
             "--exit-on-error=true",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
         ]
+        env["TRIMODE_DRAIN_FILE"] = str(self._drain_path)  # the engine model reads it (module doc)
         if wheel_root is not None:
             args.append(f"--backend-directory={_wheel_backends(wheel_root, self._scratch / 'backends')}")
             libdir = sysconfig.get_config_var("LIBDIR")
@@ -156,6 +184,7 @@ class TritonServer:
         return args, env
 
     def start(self) -> "TritonServer":
+        self._unwatch.clear()
         self._check_ports_free()  # else the readiness poll could find another server on them
         args, env = self.command()
         log = open(self.log_path, "ab") if self.log_path else None
@@ -167,10 +196,81 @@ class TritonServer:
             log.close()
         try:
             self._wait_ready()
+            stubs = self._stubs()  # every model is loaded: each python model instance has its stub
         except BaseException:
             self.stop()
             raise
+        self._watchdog = threading.Thread(target=self._watch, args=(stubs,), name="triton-watchdog", daemon=True)
+        self._watchdog.start()
         return self
+
+    @property
+    def _drain_path(self) -> Path:
+        assert self._scratch is not None  # command() made it
+        return self._scratch / "drain"
+
+    def _stubs(self) -> dict[int, tuple[str, str]]:
+        """tritonserver's python backend stubs: pid -> (the model it runs, its start time)."""
+        assert self.process is not None
+        stubs = {}
+        for entry in Path("/proc").iterdir():
+            fields = _proc_stat(entry.name) if entry.name.isdigit() else None
+            if fields is None or int(fields[1]) != self.process.pid:
+                continue
+            try:
+                args = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            except OSError:
+                continue
+            if Path(args[0]).name == STUB and len(args) > 1:  # args[1]: <mirror>/<model>/<version>/model.py
+                stubs[int(entry.name)] = (Path(args[1]).parent.parent.name, fields[19])
+        return stubs
+
+    def _watch(self, stubs: dict[int, tuple[str, str]]) -> None:
+        assert self.process is not None
+        while not self._unwatch.wait(WATCH_INTERVAL_S):
+            code = self.process.poll()
+            if code is not None:
+                self._fail(f"tritonserver (pid {self.process.pid}) exited with status {code}")
+                return
+            for pid, (model, started) in stubs.items():
+                fields = _proc_stat(str(pid))
+                if fields is None or fields[19] != started:  # reaped (its pid may be another's now)
+                    how = "is gone"
+                elif fields[0] in "ZX":  # a zombie: dead, its exit status still readable
+                    how = _wait_status(int(fields[49])) if len(fields) > 49 else "exited"
+                else:
+                    continue
+                self._fail(
+                    f"the python backend stub of model '{model}' (pid {pid}) {how}; Triton cannot serve that model "
+                    f"again, so tritonserver was stopped: restart the server"
+                )
+                return
+
+    def _fail(self, message: str) -> None:
+        """Stop at once: in-flight requests to a dead stub would hang, and readiness would stay true."""
+        self.failure = message
+        self._kill_group()
+        self._failed.set()
+
+    def wait_failed(self, timeout_s: float) -> bool:
+        """True once the watchdog found tritonserver or one of its stubs dead (`failure` says which)."""
+        return self._failed.wait(timeout_s)
+
+    def drain(self, timeout_s: float, frontend=None, cut: threading.Event | None = None) -> bool:
+        """Stop admitting (the engine model answers UNAVAILABLE; frontend, an OpenAIFrontend, 503) and wait
+        until every request accepted has finished: -> True; False when timeout_s passed first, cut was set,
+        or the server died. stop() next."""
+        if frontend is not None:
+            frontend.start_draining()
+        deadline = time.monotonic() + timeout_s
+        done = self._drain_path.with_name(self._drain_path.name + ".done")  # loop.py writes it
+        self._drain_path.touch()
+        while not (done.exists() and (frontend is None or frontend.num_in_flight == 0)):
+            is_dead = self.process is None or self.process.poll() is not None or self._failed.is_set()
+            if is_dead or time.monotonic() >= deadline or (cut is not None and cut.is_set()):
+                return False
+            time.sleep(0.05)
+        return True
 
     def _check_ports_free(self) -> None:
         for kind, port in (("http", self.ports.http), ("grpc", self.ports.grpc), ("metrics", self.ports.metrics)):
@@ -210,25 +310,84 @@ class TritonServer:
         errors = [ln for ln in lines if ln.startswith("E") or "error" in ln.lower()]
         return f" (log {self.log_path}: {(errors or lines or [''])[-1].strip()[:400]})"
 
-    def stop(self, timeout_s: float = 30.0) -> int | None:
-        """SIGTERM (Triton unloads its models and exits), SIGKILL after timeout_s; -> its exit status."""
+    def stop(self, timeout_s: float = 15.0) -> int | None:
+        """Stop now. An idle server (a drained one) gets SIGTERM, then SIGKILL after timeout_s; a busy one
+        SIGKILL at once, which cuts what is in flight (module doc). Then its process group, scratch folder and
+        /dev/shm regions are removed. -> its exit status."""
+        self._unwatch.set()  # the stubs exit when Triton unloads their models
+        if self._watchdog is not None:
+            self._watchdog.join()
         code = None
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                code = self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)  # its process group: the python backend stubs too
-                code = self.process.wait()
-        elif self.process is not None:
-            code = self.process.returncode
+        if self.process is not None:
+            if self.process.poll() is None and self._is_idle():
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(timeout_s)
+                except subprocess.TimeoutExpired:
+                    pass
+            self._kill_group()  # a busy or hung server; or the stubs of a tritonserver that died first
+            code = self.process.wait()
+            self._wait_group_gone()
         if self._scratch is not None:
             shutil.rmtree(self._scratch, ignore_errors=True)
             self._scratch = None
+        for region in SHM_DIR.glob(f"{self.shm_prefix}*"):
+            region.unlink(missing_ok=True)
         return code
+
+    def _is_idle(self) -> bool:
+        """Admit nothing more, and say whether the engine model has nothing in flight (a drain's end)."""
+        if self._scratch is None:
+            return False
+        done = self._drain_path.with_name(self._drain_path.name + ".done")
+        if self._drain_path.exists():  # after a drain: it had its time
+            return done.exists()
+        self._drain_path.touch()
+        deadline = time.monotonic() + IDLE_GRACE_S
+        while not done.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return done.exists()
+
+    def _wait_group_gone(self, timeout_s: float = 5.0) -> None:
+        """Until the stubs SIGKILL reached have exited too (a stub with a large heap takes a moment)."""
+        assert self.process is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(self.process.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+
+    def _kill_group(self) -> None:
+        assert self.process is not None
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # its own session: tritonserver and its stubs
+        except ProcessLookupError:
+            pass  # nothing left in it
 
     def __enter__(self) -> "TritonServer":
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _proc_stat(pid: str) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name: [0] state, [1] ppid, [19] start time, [49] exit code."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()
+
+
+def _wait_status(status: int) -> str:
+    """A wait status (/proc's exit code of a zombie) in words."""
+    number = status & 0x7F
+    if not number:
+        return f"exited with status {status >> 8}"
+    try:
+        return f"was killed by signal {number} ({signal.Signals(number).name})"
+    except ValueError:  # a real-time signal has no name
+        return f"was killed by signal {number}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,6 +47,19 @@ from trimode.errors import Interrupted
     default=None,
     help="Requests waiting for a slot before new ones get 'overloaded' [default: 8 x the engine's slots].",
 )
+@click.option(
+    "--decoupled/--no-decoupled",
+    default=True,
+    show_default=True,
+    help="Streaming repository (Triton's decoupled policy, TensorRT-LLM's decoupled_mode: streams, several "
+    "prompts a request, gRPC's streaming RPC) or one that answers plain infer with one response.",
+)
+@click.option(
+    "--ensemble-mode",
+    type=click.Choice(MODES),
+    default=None,
+    help="Also serve this mode as the model `ensemble`, the name TensorRT-LLM's client scripts call.",
+)
 @click.option("--force", is_flag=True, help="Replace a previous repo output (never another folder).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def repo(
@@ -57,6 +71,8 @@ def repo(
     instances: int,
     max_queue_delay_us: int,
     max_queued_requests: int | None,
+    decoupled: bool,
+    ensemble_mode: str | None,
     force: bool,
     as_json: bool,
 ) -> None:
@@ -76,13 +92,16 @@ def repo(
         instances=instances,
         max_queue_delay_us=max_queue_delay_us,
         max_queued_requests=max_queued_requests,
+        decoupled=decoupled,
+        ensemble_mode=None if ensemble_mode is None else Mode(ensemble_mode),
     )
     path = write_model_repo(engine_dir, out_dir, settings, force)
     manifest = read_repo_manifest(path)
     if as_json:
         echo_json(manifest)
         return
-    click.echo(f"wrote {path}: ensembles {', '.join(manifest['ensembles'].values())} over {manifest['engine']['path']}")
+    names = [*manifest["ensembles"].values(), *manifest["aliases"]]
+    click.echo(f"wrote {path}: ensembles {', '.join(names)} over {manifest['engine']['path']}")
 
 
 @click.command()
@@ -104,6 +123,33 @@ def repo(
     default=None,
     help="With --openai-port: a Jinja chat template to use instead of the checkpoint's.",
 )
+@click.option(
+    "--openai-max-body-bytes",
+    type=click.IntRange(1, 1 << 40),
+    default=None,
+    help="With --openai-port: the largest request body; past it a 413 [default: 4 MiB].",
+)
+@click.option(
+    "--openai-read-timeout",
+    type=click.FloatRange(0, 86400, min_open=True),
+    default=None,
+    help="With --openai-port: seconds a request may take to arrive whole (408 past it), and an idle "
+    "connection stays open [default: 30].",
+)
+@click.option(
+    "--openai-max-connections",
+    type=click.IntRange(1, 1 << 20),
+    default=None,
+    help="With --openai-port: open connections served at once; past it a 503 [default: 256].",
+)
+@click.option(
+    "--drain-timeout",
+    "drain_timeout_s",
+    type=click.FloatRange(0, 86400),
+    default=30.0,
+    show_default=True,
+    help="On SIGTERM, seconds the requests in flight may take to finish before they are cut (0: at once).",
+)
 def serve(
     repo_dir: Path,
     host: str,
@@ -112,23 +158,43 @@ def serve(
     metrics_port: int,
     openai_port: int | None,
     chat_template_path: Path | None,
+    openai_max_body_bytes: int | None,
+    openai_read_timeout: float | None,
+    openai_max_connections: int | None,
+    drain_timeout_s: float,
 ) -> None:
     """Start tritonserver on REPO_DIR (trimode repo) and wait until every model is ready; print the
-    endpoints, then serve until Ctrl-C or SIGTERM, which stop the server cleanly. Uses the
-    tritonserver on PATH, else the one in the nvidia-pytriton wheel (CPU machines).
+    endpoints, then serve until SIGTERM or Ctrl-C. Uses the tritonserver on PATH, else the one in the
+    nvidia-pytriton wheel (CPU machines).
+
+    SIGTERM drains: new requests get UNAVAILABLE (503 on the OpenAI port), those in flight finish
+    (at most --drain-timeout seconds, then they are cut), tritonserver stops, exit 0; a second
+    SIGTERM or Ctrl-C cuts the drain short. Ctrl-C stops at once, cutting what is in flight (exit
+    130). If tritonserver or a model's python backend stub dies, the server is stopped and the
+    command exits 1 with an error naming it, for a supervisor to restart it.
 
     With --openai-port, an OpenAI-compatible front end runs in this process too: one model per
     mode, named as the ensembles; chat requests use the checkpoint's chat template."""
     from trimode.triton_repo.server import Ports
 
-    if chat_template_path is not None and openai_port is None:
-        raise click.UsageError("--chat-template needs --openai-port (Triton's own endpoints take prompts)")
+    limits = {
+        "max_body_bytes": openai_max_body_bytes,
+        "read_timeout_s": openai_read_timeout,
+        "max_connections": openai_max_connections,
+    }
+    limits = {name: value for name, value in limits.items() if value is not None}
+    if openai_port is None and (chat_template_path is not None or limits):
+        raise click.UsageError(
+            "--chat-template and --openai-* need --openai-port (Triton's own endpoints take prompts)"
+        )
     with serving(
         repo_dir,
         host,
         Ports(http_port, grpc_port, metrics_port),
         openai_port=openai_port,
         chat_template_path=chat_template_path,
+        openai_limits=limits,
+        drain_timeout_s=drain_timeout_s,
     ) as server:
         wait_until_stopped(server)
 
@@ -141,10 +207,14 @@ def serving(
     log_path: Path | None = None,
     openai_port: int | None = None,
     chat_template_path: Path | None = None,
+    openai_limits: dict | None = None,
+    drain_timeout_s: float = 30.0,
 ) -> Iterator:
     """A started tritonserver on repo_dir (its endpoints printed to stderr) and, with openai_port,
-    the OpenAI front end in this process, both stopped on leaving; SIGTERM is raised as Interrupted
-    meanwhile, so it stops them as Ctrl-C does. The server's log goes to log_path, else to this terminal."""
+    the OpenAI front end in this process (openai_limits: its keyword arguments), both stopped on
+    leaving. SIGTERM is raised as Interrupted meanwhile: while loading it stops them as Ctrl-C does
+    (exit 143); once serving it drains them (drain_timeout_s at most) and ends the with block without
+    an error. The server's log goes to log_path, else to this terminal."""
     from trimode.triton_repo.server import TritonServer, check_host
     from trimode.triton_repo.writer import read_repo_manifest
 
@@ -158,13 +228,16 @@ def serving(
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     server = TritonServer(repo_dir, host, ports, log_path)
     frontend = None
+    is_serving = is_draining = False
     try:
         if openai_port is not None:  # listening before tritonserver starts: a taken port fails at once
             from trimode.triton_repo.openai_api import OpenAIFrontend
 
             local = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # where this process reaches gRPC
             grpc_url = f"[{local}]:{ports.grpc}" if ":" in local else f"{local}:{ports.grpc}"
-            frontend = OpenAIFrontend(repo_dir, grpc_url, host, openai_port, chat_template_path).open()
+            frontend = OpenAIFrontend(
+                repo_dir, grpc_url, host, openai_port, chat_template_path, **(openai_limits or {})
+            ).open()
         server.start()
         endpoints = server.endpoints
         openai = f", OpenAI {frontend.start().endpoint}" if frontend else ""
@@ -173,12 +246,44 @@ def serving(
             f"gRPC {endpoints['grpc']}, metrics {endpoints['metrics']}{openai}",
             err=True,
         )
+        is_serving = True
         yield server
+    except Interrupted as e:
+        if not (is_serving and e.signum == signal.SIGTERM):
+            raise
+        is_draining = True  # and the with block ends without an error: a drain is how the server stops
     finally:
-        if frontend is not None:
-            frontend.stop()
-        server.stop()
-        signal.signal(signal.SIGTERM, previous)
+        # From here a signal only hurries the stop along: an exception now would leave processes behind.
+        hurry = threading.Event()
+        handlers = {s: signal.signal(s, lambda signum, frame: hurry.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            _stop(server, frontend, drain_timeout_s if is_draining else None, hurry)
+        finally:
+            signal.signal(signal.SIGINT, handlers[signal.SIGINT])
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stop(server, frontend, drain_timeout_s: float | None, hurry: threading.Event) -> None:
+    """Drain for up to drain_timeout_s (None: no drain) or until hurry is set, then stop tritonserver and
+    the front end: tritonserver first, so that what is still in flight fails fast instead of holding the
+    front end."""
+    if drain_timeout_s is not None:
+        click.echo(
+            f"SIGTERM: draining; new requests get UNAVAILABLE (503 on the OpenAI port); waiting up to "
+            f"{drain_timeout_s:g} s for those in flight",
+            err=True,
+        )
+        start = time.monotonic()
+        if server.drain(drain_timeout_s, frontend, hurry):
+            click.echo(f"drained in {time.monotonic() - start:.1f} s; stopping", err=True)
+        elif server.failure is None:
+            cause = "a second signal" if hurry.is_set() else f"--drain-timeout {drain_timeout_s:g} s"
+            click.echo(f"{cause}: cutting the requests still in flight; stopping", err=True)
+    elif frontend is not None:
+        frontend.start_draining()
+    server.stop()
+    if frontend is not None:
+        frontend.stop()
 
 
 def check_ports(ports, openai_port: int | None = None) -> None:
@@ -189,10 +294,12 @@ def check_ports(ports, openai_port: int | None = None) -> None:
 
 
 def wait_until_stopped(server) -> None:
-    """Serve until Ctrl-C or SIGTERM (raised as an interrupt); a server that dies is an error."""
-    while server.process.poll() is None:
-        time.sleep(0.5)
-    raise click.ClickException(f"tritonserver exited with status {server.process.returncode}")
+    """Serve until Ctrl-C or SIGTERM (raised as interrupts). A server that dies, tritonserver or a model's
+    python backend stub (the watchdog in server.py has stopped it then), is an error: exit 1, one line
+    naming what died, so that a supervisor restarts the command."""
+    while not server.wait_failed(0.5):
+        pass
+    raise click.ClickException(server.failure)
 
 
 def generate_remote(
@@ -213,7 +320,7 @@ def generate_remote(
     from trimode.triton_repo import client
 
     model = client.model_name(mode)
-    inputs = {"max_tokens": max_new_tokens, "temperature": temperature, "random_seed": seed}
+    inputs = {"max_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
     inputs |= {"block_length": block_length} if block_length is not None else {}
     inputs |= {"threshold": threshold} if threshold is not None else {}
     inputs |= {"end_id": -1} if ignore_eos else {}
