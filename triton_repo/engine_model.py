@@ -164,6 +164,7 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self.loop.stop()
+        self.metrics.close()
 
 
 def _answer_control(request, is_decoupled: bool) -> None:

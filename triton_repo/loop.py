@@ -95,16 +95,16 @@ class EngineLoop:
         self._thread.start()
 
     def submit(self, job: Job) -> None:
-        if self.is_draining:
-            raise Unavailable("unavailable: the server is draining (shutting down); retry on another replica")
-        with self._lock:
+        with self._lock:  # with _check_drain's: no job slips in after the drain is declared done
+            if self.is_draining:
+                raise Unavailable("unavailable: the server is draining (shutting down); retry on another replica")
             if self._num_waiting >= self._num_free + self.max_queued:
                 raise Overloaded(
                     f"overloaded: {self._num_waiting} requests already wait for one of the "
                     f"{self.engine.config.max_slots} slots; retry later"
                 )
             self._num_waiting += 1
-        self._inbox.put(job)
+            self._inbox.put(job)
 
     def cancel(self, handle: int) -> None:
         """Abort that request at the next step boundary (any thread; an unknown or finished handle is ignored)."""
@@ -138,12 +138,14 @@ class EngineLoop:
         if self.drain_file is None or time.monotonic() - self._last_drain_check < SENDER_POLL_S:
             return
         self._last_drain_check = time.monotonic()
-        if not self.is_draining:
-            self.is_draining = self.drain_file.exists()
-        if self.is_draining and not self._live and self._inbox.empty() and not self.engine.has_work:
-            done = self.drain_file.with_name(self.drain_file.name + ".done")
-            if not done.exists():
-                done.write_text("drained\n")
+        if not self.is_draining and self.drain_file.exists():
+            with self._lock:
+                self.is_draining = True
+        with self._lock:
+            idle = self.is_draining and not self._live and self._inbox.empty() and not self.engine.has_work
+        done = self.drain_file.with_name(self.drain_file.name + ".done")
+        if idle and not done.exists():
+            done.write_text("drained\n")
 
     def _take(self, block: bool) -> None:
         """New requests join here, between steps."""

@@ -102,6 +102,13 @@ class TritonMetrics(NullMetrics):
             self._metrics[key] = self._families[family].Metric(labels={"model": self._model, **labels}, **extra)
         return self._metrics[key]
 
+    def close(self) -> None:
+        """Release the metrics while the stub still has its shared memory: a Metric or MetricFamily
+        destroyed at the stub's exit segfaulted it (python backend 2.51, Metric::SaveToSharedMemory
+        at a null pool, seen in dmesg on every stop)."""
+        self._metrics.clear()
+        self._families.clear()
+
     def scheduled(self, seq, queue_time_s: float) -> None:
         self._get("trimode_queue_time_seconds", mode=seq.decoding.mode.value).observe(queue_time_s)
 

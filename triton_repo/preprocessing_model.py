@@ -64,6 +64,9 @@ class TritonPythonModel:
         )
         self.rejected = family.Metric(labels={"model": config["name"]})
 
+    def finalize(self) -> None:
+        del self.rejected, self._family  # while the stub can still release them (metrics.py close)
+
     def execute(self, requests):
         return [self._one(request) for request in requests]
 
