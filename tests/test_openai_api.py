@@ -183,7 +183,9 @@ def test_chat_without_a_template_is_a_400(plain):
         ({"max_tokens": 0}, openai.BadRequestError, "max_tokens", "max_tokens: expected an integer in [1,"),
         ({"max_tokens": "4"}, openai.BadRequestError, "max_tokens", "got '4'"),
         ({"temperature": 3.0}, openai.BadRequestError, "temperature", "temperature: expected a number in [0.0, 2.0]"),
-        ({"logprobs": 2}, openai.BadRequestError, "logprobs", "logprobs=2 is not supported"),
+        ({"logprobs": -1}, openai.BadRequestError, "logprobs", "logprobs: expected an integer in [0, 20], got -1"),
+        ({"logprobs": 21}, openai.BadRequestError, "logprobs", "got 21"),
+        ({"echo": True}, openai.BadRequestError, "echo", "echo=True is not supported"),
         ({"prompt": [1, 2, 3]}, openai.BadRequestError, "prompt", "a list of prompts or token ids is not supported"),
         ({"prompt": ""}, openai.BadRequestError, "prompt", "the prompt is empty"),
         ({"stop": ["a", "b", "c", "d", "e"]}, openai.BadRequestError, "stop", "up to 4"),
@@ -201,6 +203,102 @@ def test_bad_requests_then_good(plain, request_, error, param, message):
     assert message in e.value.message
     assert e.value.body["param"] == param and e.value.body["type"] == "invalid_request_error"
     assert_keeps_serving(plain)
+
+
+def special_tokens(tokenizer) -> set[str]:
+    """The names of the tokens that are no text (decoded alone: nothing)."""
+    return {name for name, i in tokenizer.vocab().items() if not tokenizer.decode([i])}
+
+
+def assert_tops(value: float, token: str, top: list[tuple[str, float]], k: int) -> None:
+    """k alternatives, most likely first; at T = 0 the emitted token is the most likely (mask excluded)."""
+    values = [v for _, v in top]
+    assert len(top) == k and values == sorted(values, reverse=True) and all(v <= 0 for v in values)
+    assert top[0][0] == token and top[0][1] == pytest.approx(value, abs=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODELS)
+def test_completion_logprobs(plain, tokenizer, mode):
+    got = plain.completions.create(model=mode, prompt=PROMPT, max_tokens=12, temperature=0, logprobs=3)
+    choice, special = got.choices[0], special_tokens(tokenizer)
+    logprobs = choice.logprobs
+    assert len(logprobs.tokens) == got.usage.completion_tokens >= 1
+    assert (
+        len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == len(logprobs.text_offset) == len(logprobs.tokens)
+    )
+    assert all(v <= 0 for v in logprobs.token_logprobs)
+    for token, value, top, offset in zip(
+        logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, logprobs.text_offset
+    ):
+        assert_tops(value, token, list(top.items()), 3)
+        if not token.startswith("bytes:") and token not in special:  # a whole text: where the offset says
+            assert choice.text[offset : offset + len(token)] == token
+    assert logprobs.text_offset == sorted(logprobs.text_offset) and logprobs.text_offset[0] == 0
+    streamed = list(
+        plain.completions.create(model=mode, prompt=PROMPT, max_tokens=12, temperature=0, logprobs=3, stream=True)
+    )
+    pieces = [c.choices[0].logprobs for c in streamed]
+    for name in ("tokens", "text_offset"):
+        assert [x for piece in pieces for x in getattr(piece, name)] == getattr(logprobs, name)
+    values = [v for piece in pieces for v in piece.token_logprobs]
+    assert values == pytest.approx(logprobs.token_logprobs, abs=1e-5)
+    without = plain.completions.create(model=mode, prompt=PROMPT, max_tokens=12, temperature=0, logprobs=0)
+    assert without.choices[0].logprobs.top_logprobs is None and without.choices[0].logprobs.tokens == logprobs.tokens
+
+
+def test_chat_logprobs_whole_and_streamed(chat, tokenizer):
+    request = dict(
+        model="self_spec", messages=[{"role": "user", "content": "add two numbers"}], max_tokens=12, temperature=0
+    )
+    got = chat.chat.completions.create(**request, logprobs=True, top_logprobs=2)
+    content, special = got.choices[0].logprobs.content, special_tokens(tokenizer)
+    assert len(content) == got.usage.completion_tokens >= 1
+    for c in content:
+        assert c.logprob <= 0 and (c.bytes == list(c.token.encode()) or c.token.startswith("bytes:"))
+        assert_tops(c.logprob, c.token, [(t.token, t.logprob) for t in c.top_logprobs], 2)
+    text = bytes(b for c in content if c.token not in special for b in c.bytes).decode(errors="replace")
+    assert text == got.choices[0].message.content
+    streamed = list(chat.chat.completions.create(**request, logprobs=True, top_logprobs=2, stream=True))
+    assert streamed[0].choices[0].logprobs is None  # the role-only opening
+    pieces = [c for chunk in streamed[1:] for c in chunk.choices[0].logprobs.content]
+    assert [(c.token, [t.token for t in c.top_logprobs]) for c in pieces] == [
+        (c.token, [t.token for t in c.top_logprobs]) for c in content
+    ]
+    assert [c.logprob for c in pieces] == pytest.approx([c.logprob for c in content], abs=1e-5)
+    plain_chat = chat.chat.completions.create(**request, logprobs=True)
+    assert [c.top_logprobs for c in plain_chat.choices[0].logprobs.content] == [[]] * len(content)
+    assert chat.chat.completions.create(**request).choices[0].logprobs is None
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"top_logprobs": 2}, "top_logprobs=2: only with logprobs=true"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs: expected an integer in [0, 20], got 21"),
+        ({"logprobs": True, "top_logprobs": -1}, "top_logprobs: expected an integer in [0, 20], got -1"),
+    ],
+)
+def test_bad_chat_logprobs(chat, options, message):
+    with pytest.raises(openai.BadRequestError) as e:
+        chat.chat.completions.create(model="ar", messages=[{"role": "user", "content": "x"}], max_tokens=2, **options)
+    assert message in e.value.message and e.value.body["param"] == "top_logprobs"
+    assert_keeps_serving(chat)
+
+
+def test_client_log_probs_over_grpc_and_http(served):
+    """client.py's results carry the ids, log probs and top-k of their tokens over both protocols."""
+    from trimode.triton_repo import client
+
+    ports, inputs = served["triton"].ports, {"text_input": PROMPT, "max_tokens": 6, "num_top_log_probs": 2}
+    over_grpc = client.infer(f"127.0.0.1:{ports.grpc}", "ar", inputs)
+    over_http = client.infer(f"127.0.0.1:{ports.http}", "ar", inputs, protocol="http")
+    assert len(over_grpc["token_ids"]) == len(over_grpc["log_probs"]) == over_grpc["num_output_tokens"]
+    assert over_http["token_ids"] == over_grpc["token_ids"]
+    assert [[i for i, _ in top] for top in over_http["top_log_probs"]] == [
+        [i for i, _ in top] for top in over_grpc["top_log_probs"]
+    ]
+    assert [top[0][0] for top in over_grpc["top_log_probs"]] == over_grpc["token_ids"]
+    assert "log_probs" not in client.infer(f"127.0.0.1:{ports.grpc}", "ar", {"text_input": PROMPT, "max_tokens": 2})
 
 
 @pytest.mark.parametrize(
@@ -345,7 +443,7 @@ def test_serve_refuses_a_taken_openai_port(refused, served, monkeypatch):
     [
         (["--grpc-port", "9301", "--openai-port", "9301"], "the HTTP, gRPC, metrics and OpenAI ports must differ"),
         (["--openai-port", "8000"], "the HTTP, gRPC, metrics and OpenAI ports must differ"),
-        (["--chat-template", "t.jinja"], "--chat-template needs --openai-port"),
+        (["--chat-template", "t.jinja"], "--openai-port (Triton's own endpoints take prompts)"),
     ],
 )
 def test_serve_refuses_bad_openai_options(refused, served, options, message):

@@ -78,12 +78,34 @@ def _inputs(module, inputs: dict) -> list:
     return out
 
 
-def _result(get: Callable[[str], object]) -> dict:
-    """One response's text and statistics (plain Python values)."""
+def _result(get: Callable[[str], object], is_log_probs: bool = False) -> dict:
+    """One response's text and statistics (plain Python values); with is_log_probs also those of its
+    tokens: log_probs, token_ids (None from ensembles without output_token_ids) and top_log_probs,
+    per token [(id, log prob)] most likely first."""
     out = {"text": _scalar(get("text_output"))}
     for name in _STATS:
         out[name] = _scalar(get(name))
+    if is_log_probs:
+        out["log_probs"] = _array(get, "output_log_probs").tolist()
+        n, ids = len(out["log_probs"]), get("output_token_ids")
+        out["token_ids"] = None if ids is None else _array(get, "output_token_ids").tolist()
+        values, top_ids = _array(get, "top_log_probs"), _array(get, "top_log_prob_ids")
+        if values.size:  # [1, n, k] (or flat, from HTTP's JSON)
+            pairs = zip(top_ids.reshape(n, -1).tolist(), values.reshape(n, -1).tolist())
+            out["top_log_probs"] = [list(zip(i, v)) for i, v in pairs]
+        else:
+            out["top_log_probs"] = [[] for _ in range(n)]
     return out
+
+
+def _array(get: Callable[[str], object], name: str) -> np.ndarray:
+    """A tensor of a response as a flat array (absent: empty)."""
+    value = get(name)
+    return np.zeros(0) if value is None else np.asarray(value).reshape(-1)
+
+
+def _asks_log_probs(inputs: dict) -> bool:
+    return bool(inputs.get("return_log_probs") or inputs.get("num_top_log_probs"))
 
 
 def _scalar(array):
@@ -93,13 +115,16 @@ def _scalar(array):
 
 def stream_grpc(url: str, model: str, inputs: dict, timeout_s: float = 300.0) -> Generator[dict, None, None]:
     """Responses of one request over gRPC's streaming RPC, as they arrive; the last has a
-    finish_reason. inputs["stream"] false: one response. (An ensemble over a decoupled model
-    answers only the streaming RPC: Triton refuses plain ModelInfer for it.)"""
+    finish_reason. inputs["stream"] false: one response. inputs: ensemble inputs by name; with
+    return_log_probs or num_top_log_probs each result has its tokens' log probs (_result). (An
+    ensemble over a decoupled model answers only the streaming RPC: Triton refuses plain ModelInfer
+    for it.)"""
     try:
         import tritonclient.grpc as grpcclient
     except ImportError:
         raise MissingDependencyError("tritonclient", "serve") from None
     responses: queue.Queue = queue.Queue()
+    is_log_probs = _asks_log_probs(inputs)
     client = grpcclient.InferenceServerClient(url)
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
     is_finished = False
@@ -118,7 +143,7 @@ def stream_grpc(url: str, model: str, inputs: dict, timeout_s: float = 300.0) ->
             if error is not None:
                 is_finished = True  # an error response ends the request, or the stream broke
                 raise no_answer(url, "grpc", error) or RemoteError(f"{model}: {error.message()}")
-            out = _result(result.as_numpy)
+            out = _result(result.as_numpy, is_log_probs)
             yield out
             if out["finish_reason"]:
                 is_finished = True
@@ -139,7 +164,7 @@ def infer(url: str, model: str, inputs: dict, protocol: str = "grpc") -> dict:
         return list(stream_grpc(url, model, {**inputs, "stream": False}))[-1]
     with _post(url, model, "generate", inputs, timeout_s=None) as response:
         event = json.loads(response.read())
-    return {"text": event["text_output"], **{k: event[k] for k in _STATS}}
+    return _result(event.get, _asks_log_probs(inputs))
 
 
 def _post(url: str, model: str, endpoint: str, inputs: dict, timeout_s: float | None):
@@ -166,10 +191,11 @@ def _error_of(e: urllib.error.HTTPError) -> str:
 
 def stream_http(url: str, model: str, inputs: dict, timeout_s: float = 300.0) -> Iterator[dict]:
     """Triton's HTTP generate_stream endpoint (server-sent events), one dict per event."""
+    is_log_probs = _asks_log_probs(inputs)
     with _post(url, model, "generate_stream", {**inputs, "stream": True}, timeout_s) as response:
         for line in response:
             if line.startswith(b"data: "):
                 event = json.loads(line[6:])
                 if "error" in event:
                     raise RemoteError(f"{model}: {event['error']}")
-                yield {"text": event["text_output"], **{k: event[k] for k in _STATS}}
+                yield _result(event.get, is_log_probs)

@@ -1,11 +1,18 @@
 """OpenAI request bodies -> the ensembles' TensorRT-LLM tensors, and our responses -> OpenAI's JSON.
 
 No I/O here (openai_api.py serves it): what the OpenAI API asks that we cannot honour (n > 1,
-log probs, echo, tools, ...) is a 400 naming the parameter, never silently ignored; values the
+echo, tools, ...) is a 400 naming the parameter, never silently ignored; values the
 engine itself checks (top_p, penalties, multi-token stop words, max_tokens past the engine's
 max_seq_len) pass through and come back as its error. Differences from OpenAI's defaults:
 temperature left out is the engine's 0 (greedy), not 1; a chat request without max_tokens gets
-the room left in the engine (OpenAI's: unbounded).
+the room left in the engine (OpenAI's: unbounded). What json.loads takes but nothing after it
+should meet is refused first: nesting past MAX_JSON_DEPTH, and strings that are not Unicode text (a
+lone UTF-16 surrogate such as "\\ud800", which no encoder, tokenizer or gRPC call accepts).
+
+Log probs as OpenAI shows them: completions' `logprobs: k` gives each token's log prob and (k > 0)
+its k most likely alternatives; chat's `logprobs: true` the first, `top_logprobs: k` also the
+second. Each is the engine's (trimode/decoding/logprobs.py), with its token as openai_api.py's
+TokenTexts renders the ids the ensembles return; a stream's chunks carry those of their own tokens.
 """
 
 from __future__ import annotations
@@ -14,18 +21,20 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from trimode.errors import TrimodeError
 
+MAX_JSON_DEPTH = 32  # nesting levels of a request body (OpenAI's deepest is ~4: messages[0].content[0].text)
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 FINISH_REASONS = {"eos": "stop", "length": "length"}  # ours -> OpenAI's (a stop word ends as eos)
+# the engine's MAX_LOGPROBS (trimode.decoding.logprobs, not imported: it imports torch); OpenAI's is 5 for completions
+MAX_TOP_LOGPROBS = 20
 # parameter -> its values that ask for nothing; another value is a 400
 _UNSUPPORTED: dict[str, tuple[object, ...]] = {
     "n": (None, 1),
     "best_of": (None, 1),
     "echo": (None, False),
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
     "suffix": (None, ""),
     "logit_bias": (None, {}),
     "tools": (None, []),
@@ -62,6 +71,7 @@ class Call:
     is_chat: bool
     is_stream: bool = False
     include_usage: bool = False
+    logprobs: int | None = None  # None: none asked; k: each token's log prob and its k most likely alternatives
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -72,6 +82,7 @@ def parse_request(
     refuse with a TrimodeError). room_left: prompt -> the largest max_tokens the engine takes for it."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
+    check_json(body)
     model = body.get("model")
     if not isinstance(model, str):
         raise APIError(400, "model: required, one of " + ", ".join(models), "model")
@@ -123,9 +134,68 @@ def parse_request(
     options = body.get("stream_options") or {}
     if not isinstance(options, dict) or (options and not is_stream):
         raise APIError(400, "stream_options: an object, only with stream=true", "stream_options")
-    return Call(
-        model, inputs, is_chat, is_stream, _boolean("stream_options.include_usage", options.get("include_usage", False))
-    )
+    include_usage = _boolean("stream_options.include_usage", options.get("include_usage", False))
+    logprobs = _logprobs(body, is_chat)
+    if logprobs is not None:
+        inputs["return_log_probs"] = True
+        if logprobs:
+            inputs["num_top_log_probs"] = logprobs
+    return Call(model, inputs, is_chat, is_stream, include_usage, logprobs)
+
+
+def _logprobs(body: dict, is_chat: bool) -> int | None:
+    """How many alternatives per token the request asks for (None: no log probs): completions'
+    logprobs: k; chat's logprobs: true with top_logprobs: k (left out: 0)."""
+    logprobs, top = body.get("logprobs"), body.get("top_logprobs")
+    if not is_chat:
+        if top is not None:
+            raise APIError(400, "top_logprobs: a chat parameter; completions take logprobs: k", "top_logprobs")
+        return None if logprobs is None else _integer("logprobs", logprobs, 0, MAX_TOP_LOGPROBS)
+    if top is not None:
+        top = _integer("top_logprobs", top, 0, MAX_TOP_LOGPROBS)
+    if not (logprobs is not None and _boolean("logprobs", logprobs)):
+        if top:
+            raise APIError(400, f"top_logprobs={top}: only with logprobs=true", "top_logprobs")
+        return None
+    return top or 0
+
+
+def check_json(body) -> None:
+    """A 400 naming the first value of body nested past MAX_JSON_DEPTH or holding a lone surrogate."""
+    fault = _json_fault(body, MAX_JSON_DEPTH)
+    if fault is not None:
+        where, what = fault
+        path = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in where[:6]).lstrip(".")
+        path += "..." if len(where) > 6 else ""
+        raise APIError(400, f"{path or 'the body'}: {what}", str(where[0]) if where else None)
+
+
+def _json_fault(value, depth: int) -> tuple[list, str] | None:
+    """(keys to the value, what is wrong with it), or None. Recursion is bounded by depth."""
+    if isinstance(value, str):
+        return None if _is_text(value) else ([], "a lone UTF-16 surrogate is not text; send UTF-8 text")
+    if not isinstance(value, (dict, list)):
+        return None
+    if depth == 0:
+        return [], f"nested deeper than {MAX_JSON_DEPTH} levels"
+    for key, item in value.items() if isinstance(value, dict) else enumerate(value):
+        if isinstance(key, str) and not _is_text(key):
+            return [key.encode("utf-8", "backslashreplace").decode()], "a key with a lone UTF-16 surrogate"
+        fault = _json_fault(item, depth - 1) if isinstance(item, (str, dict, list)) else None
+        if fault is not None:
+            fault[0].insert(0, key)
+            return fault
+    return None
+
+
+def _is_text(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _prompt(prompt) -> str:
@@ -167,24 +237,75 @@ def finish_reason(ours: str) -> str | None:
     return FINISH_REASONS.get(ours, ours) if ours else None
 
 
-def response(call: Call, text: str, result: dict) -> dict:
-    """The whole (non-streamed) answer."""
-    choice: dict[str, object] = {"index": 0, "logprobs": None, "finish_reason": finish_reason(result["finish_reason"])}
+def response(call: Call, text: str, result: dict, tokens: list[TokenLogProb] | None = None) -> dict:
+    """The whole (non-streamed) answer; tokens: its log probs, when the call asks for them."""
+    reason = finish_reason(result["finish_reason"])
+    choice: dict[str, object] = {"index": 0, "logprobs": logprobs_json(call, tokens), "finish_reason": reason}
     choice |= {"message": {"role": "assistant", "content": text}} if call.is_chat else {"text": text}
     return {**_head(call, False), "choices": [choice], "usage": usage(result)}
 
 
-def chunk(call: Call, text: str | None, reason: str = "", result: dict | None = None) -> dict:
-    """One streamed event: text (None: the chat's opening role-only delta), or the usage-only last one."""
+def chunk(
+    call: Call, text: str | None, reason: str = "", result: dict | None = None, tokens: list[TokenLogProb] | None = None
+) -> dict:
+    """One streamed event: text (None: the chat's opening role-only delta) and the log probs of its
+    tokens, or the usage-only last one."""
     head = _head(call, True)
     if result is not None:
         return {**head, "choices": [], "usage": usage(result)}
-    choice: dict[str, object] = {"index": 0, "logprobs": None, "finish_reason": finish_reason(reason)}
+    choice: dict[str, object] = {
+        "index": 0,
+        "logprobs": logprobs_json(call, tokens),
+        "finish_reason": finish_reason(reason),
+    }
     if call.is_chat:
         choice["delta"] = {"role": "assistant", "content": ""} if text is None else {"content": text} if text else {}
     else:
         choice["text"] = text or ""
     return {**head, "choices": [choice]} | ({"usage": None} if call.include_usage else {})
+
+
+class Scored(NamedTuple):
+    """A token as OpenAI shows it (TokenTexts) with its log prob."""
+
+    token: str
+    utf8: list[int]
+    logprob: float
+
+
+class TokenLogProb(NamedTuple):
+    """An emitted token, where its text starts in the completion's, and the most likely tokens at its
+    position (most likely first)."""
+
+    emitted: Scored
+    text_offset: int
+    top: list[Scored]
+
+
+def logprobs_json(call: Call, tokens: list[TokenLogProb] | None) -> dict | None:
+    """A choice's logprobs: completions' four parallel lists, or chat's content list."""
+    if call.logprobs is None or tokens is None:
+        return None
+    if call.is_chat:
+        return {"content": [{**_scored(t.emitted), "top_logprobs": [_scored(s) for s in t.top]} for t in tokens]}
+    return {
+        "tokens": [t.emitted.token for t in tokens],
+        "token_logprobs": [t.emitted.logprob for t in tokens],
+        "top_logprobs": [_by_token(t.top) for t in tokens] if call.logprobs else None,
+        "text_offset": [t.text_offset for t in tokens],
+    }
+
+
+def _scored(s: Scored) -> dict:
+    return {"token": s.token, "logprob": s.logprob, "bytes": s.utf8}
+
+
+def _by_token(top: list[Scored]) -> dict[str, float]:
+    """Completions' {token: log prob}, most likely first; of two tokens with the same text, the likelier."""
+    out: dict[str, float] = {}
+    for s in top:
+        out.setdefault(s.token, s.logprob)
+    return out
 
 
 def _head(call: Call, is_stream: bool) -> dict:
