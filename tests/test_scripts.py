@@ -93,7 +93,8 @@ def test_bench_engine_on_an_fp8_engine(tiny_engine_dir, tmp_path):
 
 
 def test_bench_serving_small_run(tiny_engine_dir, tmp_path):
-    """Served tokens/s vs in-process through a real tritonserver: every row's text agrees."""
+    """Served tokens/s vs in-process through a real tritonserver, and through the OpenAI front end
+    over it: every row's text agrees."""
     report = run_script(
         "scripts/bench_serving.py",
         "--engine",
@@ -116,6 +117,8 @@ def test_bench_serving_small_run(tiny_engine_dir, tmp_path):
         assert set(row["served_vs_in_process"]) == {"ar", "diffusion", "self-spec"}
         assert all(r > 0 for r in row["served_vs_in_process"].values())
         assert row["ar/served"]["tokens_generated"] == row["ar/in_process"]["tokens_generated"] > 0
+        assert row["ar/openai"]["tokens_generated"] == row["ar/served"]["tokens_generated"]  # the front end's path
+        assert set(row["openai_vs_served"]) == {"ar", "diffusion", "self-spec"}
 
 
 def test_draft_modules_small_run(tiny_adapter_dir, tmp_path):
