@@ -179,6 +179,9 @@ def arrays(**values) -> dict:
         ({"threshold": 1.5}, "threshold"),
         ({"end_id": 10**6}, "end_id"),
         ({"stream": True}, "streaming needs a repository written with"),
+        ({"mode": b"\xff\xfe"}, "mode: expected ar, diffusion or self-spec"),
+        ({"mode": b"beam"}, "mode: expected one of"),
+        ({"input_lengths": -1}, "input_lengths: expected 1..3"),
     ],
 )
 def test_parse_request_refuses(values, message):

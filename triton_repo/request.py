@@ -156,6 +156,8 @@ def _parse_row(
         )
     ids = array("input_ids")
     assert ids is not None  # parse_requests checked it
+    if ids.size == 0:
+        raise InputError("input_ids: the prompt is empty")
     length = value("input_lengths", int, ids.size)
     if not 0 < length <= ids.size:
         raise InputError(f"input_lengths: expected 1..{ids.size}, got {length}")
@@ -169,8 +171,12 @@ def _parse_row(
     )
     mode = array("mode")
     assert mode is not None
+    try:
+        mode_name = mode.reshape(-1)[0].decode()
+    except (UnicodeDecodeError, AttributeError):  # bytes that are no text; not a STRING tensor
+        raise InputError("mode: expected ar, diffusion or self-spec") from None
     decoding = DecodeConfig(
-        mode=mode.reshape(-1)[0].decode(),
+        mode=mode_name,
         block_length=value("block_length", int, default_block_length),
         threshold=threshold,
     )
