@@ -1,158 +1,83 @@
-"""The `onnx` backend: the eager forward exported per pass shape, run by onnxruntime.
+"""The `onnx` backend: the eager model exported per pass shape, run natively by onnxruntime.
 
-One ONNX file per program (`program.pass_shapes`), `onnx/<shape.name>.onnx` in the engine dir:
+One ONNX file per program (`program.pass_shapes`), `onnx/<shape.name>.onnx` in the engine dir: the
+**native graph** (`NativePass`, manifest "graph": "native"), standard ONNX operators only:
 
   inputs   tokens       [b, L] int64       b dynamic 1..max_batch_size; L fixed, or 1..max_input_len (prefill)
            rows         [b] int64          the pool rows (the runner's slots)
            lengths      [b] int64          their committed lengths
+           key_index    [S] int64          0..S-1, S = max(lengths) (at least 1): the cached keys to read
            logit_index  [b] int64          prefill program only: the chunk index of each row's last logit
-           k_0..k_(n-1), v_0..v_(n-1)      the pool, [max_batch_size, Hkv, max_seq_len, D] per layer (static)
+           k_0..k_(n-1), v_0..v_(n-1)      the pool, [max_batch_size, Hkv, max_seq_len, D] fp32 per layer
   outputs  logits       [b, L, V] fp32     ([b, 1, V] for the prefill program)
-           k_out_i, v_out_i                the pool with the chunk's K/V written (spec §4 KV rule)
+           k_new_i, v_new_i [b, L, Hkv, D] the chunk's K/V per layer (what the eager model writes)
 
-The graph is the eager model's own forward (`NLDModel.forward`), so attention stays one
-`trimode::BlockAttention` node per layer: the graph TensorRT consumes (tensorrt_backend.py).
-onnxruntime runs those nodes with the torch references (plugins/onnx_ops.py).
+Attention (`native_attention`) gathers the rows' cached keys 0..S-1 (one GatherND per tensor) and
+appends the chunk's own; the pattern is computed from lengths and indices (cached key j visible iff
+j < length; chunk key i visible to query q iff i <= q, or always in a block pass). The graph does not
+write the pool: the backend binds the pool tensors as numpy views (onnxruntime reads them in place,
+no copy), and writes the chunk's K/V it gets back at each row's length (the KV rule, store_cached for
+an FP8 KV pool). A pool the graph cannot read as it is (FP8 codes) is read through an fp32 mirror of
+its values (code * scale, exactly what the eager model reads), updated with each chunk and remade
+whole when something else wrote the pool. Sessions: intra-op threads = torch.get_num_threads() when
+loaded, no spinning, sequential (`session_settings`, recorded in the manifest).
 
-Precision: onnxruntime's Python custom ops take fixed types and no numpy type exists for bf16 or
-float8, so every graph is fp32. A bf16 (or fp64) checkpoint is exported as an fp32 copy. An FP8
-checkpoint keeps its float8 weights: each FP8 linear exports as standard FP8 Q/DQ
-(QuantizeLinear / DequantizeLinear with float8 zero points, the form TensorRT's strongly typed
-networks read as FP8 GEMMs), which is the same math as fp8.FP8Linear.simulate. The backend converts the runner's pool to fp32 on the way in (float8 codes times their
-scale) and writes the chunk back in the pool's own dtype, so an engine over an fp32 model gives the
-eager fp32 model's effect; over bf16 or fp64 models it is fp32 arithmetic, not bit-equal to them.
+**Why (issue 27).** The first onnx backend exported the eager forward as it is: one
+`trimode::BlockAttention` node per layer that takes and returns the whole layer's pool, run by its
+torch reference as an onnxruntime-extensions Python op, and every layer's pool as graph inputs and
+outputs. Profiled on the embedded checkpoint (4 layers, pool 8 x 512, 2 MiB per K or V tensor; 2-core
+CPU, one thread): a decode pass took 600 ms (eager 5.7); the session ran 584 ms of it, of which the
+four BlockAttention nodes 591 ms by onnxruntime's profiler (148 ms each) and all the other nodes
+~2 ms; the reference math inside a node 0.43 ms, the backend's own pool conversion 0.03 ms. So the
+time was the extension's marshalling of the pool into and out of each Python node (2 MiB in, 2 x 2 MiB
+out per node), proportional to the pool's size. The native graph: decode 1.06 ms at batch 1 (eager
+3.8), 2.4 at batch 8 (eager 6.3); an 8-token verify 2.2 / 8.2 ms (eager 5.7 / 16.4) on the same pool.
+
+Both graphs are exported in onnx_export.py. **The plugin graph** (`export_pass`, `ExportedPass`) is the eager forward with one
+`trimode::BlockAttention` node per layer (plugins/onnx_ops.py), the pool in and out: the graph
+TensorRT consumes (tensorrt_backend.py). `PluginGraphBackend` runs it on CPU with the torch
+references (its CPU check, tests/test_builder_onnx.py) and loads onnx engines built before the native
+graphs (no "graph" in their manifest).
+
+Precision: both graphs are fp32 here (onnxruntime's Python custom ops take fixed types and no numpy
+type exists for bf16 or float8; the native graph follows for one oracle). A bf16 (or fp64) checkpoint
+is exported as an fp32 copy. An FP8 checkpoint keeps its float8 weights: each FP8 linear exports as
+standard FP8 Q/DQ (QuantizeLinear / DequantizeLinear with float8 zero points, the form TensorRT's
+strongly typed networks read as FP8 GEMMs), which is the same math as fp8.FP8Linear.simulate. An
+engine over an fp32 model gives the eager fp32 model's effect; over bf16 or fp64 models it is fp32
+arithmetic, not bit-equal to them.
 """
 
 from __future__ import annotations
 
-import copy
 import time
+import weakref
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
+import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from trimode.builder.program import PassShape, lookup, quiet_export
+from trimode.builder.onnx_export import GRAPH_DTYPE, export_native_pass, graph_model
+from trimode.builder.program import PassShape, lookup
 from trimode.builder.settings import BuildSettings
 from trimode.errors import InputError, MissingDependencyError
-from trimode.fp8 import E4M3, FP8Linear
 from trimode.kv_cache import KVCache
 from trimode.model import NLDModel
 from trimode.passes import PassKind
 from trimode.plugins.reference import load_cached, store_cached
 
+if TYPE_CHECKING:
+    import onnxruntime
+
 ONNX_DIR = "onnx"
-GRAPH_DTYPE = torch.float32
+NATIVE = "native"  # the manifest's "graph" of this backend's engines (absent: plugin graphs, older builds)
 MODEL_DTYPE = GRAPH_DTYPE  # an engine dir of this backend loads its checkpoint (the oracle) in the graph's dtype
-
-
-class ExportedPass(nn.Module):
-    """NLDModel.forward for one pass kind over the pool, with the graph's inputs and outputs."""
-
-    def __init__(self, model: NLDModel, kind: PassKind):
-        super().__init__()
-        self.model, self.kind = model, kind
-
-    def forward(self, tokens, rows, lengths, logit_index, k: list[torch.Tensor], v: list[torch.Tensor]):
-        # the model gathers each row's length from the pool's lengths: scatter ours there
-        pool_lengths = torch.zeros(k[0].shape[0], dtype=torch.long).index_put((rows,), lengths)
-        logits = self.model(tokens, KVCache(k, v, pool_lengths), self.kind, rows, logit_index)
-        return (logits, *k, *v)  # the caches written in place: returning them makes the update an output
 
 
 def require(settings: BuildSettings) -> None:
     """What build_engine calls before anything is written: onnx and onnxruntime installed."""
     _import_onnx()
-
-
-def graph_names(num_layers: int, has_logit_index: bool) -> tuple[list[str], list[str]]:
-    inputs = ["tokens", "rows", "lengths"] + (["logit_index"] if has_logit_index else [])
-    pool = [f"k_{i}" for i in range(num_layers)] + [f"v_{i}" for i in range(num_layers)]
-    return inputs + pool, ["logits"] + [name.replace("_", "_out_") for name in pool]
-
-
-def export_pass(
-    model: NLDModel, shape: PassShape, settings: BuildSettings, path: Path, pool_dtype: torch.dtype = GRAPH_DTYPE
-) -> None:
-    """Export one program of `model` (see graph_model) to `path`, the pool inputs in pool_dtype."""
-    spec, B = model.spec, settings.max_batch_size
-    # torch.export specialises dims of size 1: trace with 2 and allow the range the engine serves
-    batch = torch.export.Dim("batch", min=1, max=max(2, B))
-    L = shape.length or 2
-    has_logit_index = shape.kind.last_logit_only
-    cache = KVCache.allocate(spec, B, settings.max_seq_len, pool_dtype)
-    b = min(2, B)
-    token = spec.bos_token_id if spec.bos_token_id is not None else spec.mask_token_id  # any id traces
-    args = (
-        torch.full((b, L), token),
-        torch.arange(b),
-        torch.zeros(b, dtype=torch.long),
-        torch.full((b,), L - 1) if has_logit_index else None,
-        list(cache.k),
-        list(cache.v),
-    )
-    length = torch.export.Dim("length", min=1, max=max(2, settings.max_input_len)) if shape.length is None else None
-    dynamic = {
-        "tokens": {0: batch, 1: length} if length else {0: batch},
-        "rows": {0: batch},
-        "lengths": {0: batch},
-        "logit_index": {0: batch} if has_logit_index else None,
-        "k": [None] * len(cache.k),
-        "v": [None] * len(cache.v),
-    }
-    input_names, output_names = graph_names(spec.num_hidden_layers, has_logit_index)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with quiet_export():
-        torch.onnx.export(
-            ExportedPass(model, shape.kind).eval(),
-            args,
-            path,
-            dynamo=True,
-            dynamic_shapes=dynamic,
-            input_names=input_names,
-            output_names=output_names,
-            verbose=False,
-        )
-
-
-class QdqLinear(nn.Module):
-    """An FP8Linear that exports as Q/DQ nodes (its simulate() math: x rounded through E4M3 with
-    input_scale, weights = codes * weight_scale, the GEMM in fp32); eager, it is simulate()."""
-
-    def __init__(self, linear: FP8Linear):
-        super().__init__()
-        self.linear = linear
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.onnx.is_in_onnx_export():
-            return self.linear.simulate(x)
-        fc, dtype = self.linear, x.dtype
-        zero = torch.zeros((), dtype=E4M3)  # the float8 zero point sets the quantized type
-        x = x.float()
-        q = torch.onnx.ops.symbolic("QuantizeLinear", [x, fc.input_scale, zero], {}, dtype=E4M3, shape=x.shape)
-        x = torch.onnx.ops.symbolic("DequantizeLinear", [q, fc.input_scale], {}, dtype=torch.float32, shape=x.shape)
-        w = torch.onnx.ops.symbolic(
-            "DequantizeLinear", [fc.weight, fc.weight_scale], {}, dtype=torch.float32, shape=fc.weight.shape
-        )
-        return F.linear(x, w).to(dtype)
-
-
-def graph_model(model: NLDModel, dtype: torch.dtype = GRAPH_DTYPE) -> NLDModel:
-    """The model to export: its weights in `dtype`, FP8 linears as Q/DQ (a copy, unless nothing
-    changes). Buffers keep their dtype, as the loader leaves them: the fp32 RoPE frequencies and
-    FP8 scales, the float8 weights."""
-    has_fp8 = any(isinstance(m, FP8Linear) for m in model.modules())
-    if model.dtype == dtype and not has_fp8:
-        return model
-    model = copy.deepcopy(model)
-    for param in model.parameters():
-        param.data = param.data.to(dtype)
-    for name, linear in [(name, m) for name, m in model.named_modules() if isinstance(m, FP8Linear)]:
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, QdqLinear(linear))
-    return model
 
 
 def build(
@@ -170,7 +95,7 @@ def build(
         path = Path(out_dir) / ONNX_DIR / f"{shape.name}.onnx"
         start = time.perf_counter()
         with torch.no_grad():
-            export_pass(model, shape, settings, path)
+            export_native_pass(model, shape, settings, path)
         onnx.checker.check_model(str(path))  # by path: also valid past protobuf's 2 GB
         export_s[shape.name] = round(time.perf_counter() - start, 2)
         files.append(path.relative_to(out_dir).as_posix())
@@ -178,7 +103,9 @@ def build(
     return {
         "files": files,
         "programs": {s.name: f for s, f in zip(shapes, files)},
+        "graph": NATIVE,
         "dtype": "float32",
+        "session": session_settings(),
         "max_batch_size": settings.max_batch_size,
         "max_seq_len": settings.max_seq_len,
         "max_input_len": settings.max_input_len,
@@ -200,7 +127,79 @@ def versions() -> dict[str, str]:
 
 
 class OnnxBackend:
-    """The runner's backend (decoding/runner.py) over one onnxruntime session per program."""
+    """The runner's backend (decoding/runner.py) over the native graphs, one session per program."""
+
+    def __init__(self, sessions: dict, model: NLDModel, max_batch_size: int, max_seq_len: int, max_input_len: int):
+        self.sessions, self.max_input_len = sessions, max_input_len
+        self.pool_shape = (max_batch_size, model.spec.num_key_value_heads, max_seq_len, model.spec.head_dim)
+        attns = [layer.self_attn for layer in model.encoder.layers]
+        self.scales = [a.k_scale for a in attns] + [a.v_scale for a in attns]  # per pool tensor: k_0.., v_0..
+        self.key_index = np.arange(max_seq_len, dtype=np.int64)
+        self.mirror: list[torch.Tensor] = []  # fp32 values of a pool the graph cannot read as it is (FP8 codes)
+        self.mirror_of: list[tuple[weakref.ref, int]] = []  # (pool tensor, its _version when mirrored)
+
+    def __call__(
+        self,
+        kind: PassKind,
+        tokens: torch.Tensor,
+        pool: KVCache,
+        slots: list[int],
+        lengths: list[int],
+        logit_index: torch.Tensor | None,
+    ) -> torch.Tensor:
+        b, L = tokens.shape
+        _, session = lookup(self.sessions, kind, L, self.max_input_len)
+        _check_pool(pool, self.pool_shape)
+        feeds = {
+            "tokens": tokens.cpu().long().numpy(),
+            "rows": np.asarray(slots, dtype=np.int64),
+            "lengths": np.asarray(lengths, dtype=np.int64),
+            "key_index": self.key_index[: max(max(lengths), 1)],  # the cached keys to read: the longest row's
+        }
+        if kind.last_logit_only:
+            feeds["logit_index"] = (
+                np.full(b, L - 1, dtype=np.int64) if logit_index is None else logit_index.cpu().long().numpy()
+            )
+        tensors = pool.k + pool.v
+        graph_pool = self.graph_pool(tensors)
+        n = len(pool.k)
+        for i in range(n):  # numpy views of the pool: onnxruntime reads them in place
+            feeds[f"k_{i}"], feeds[f"v_{i}"] = graph_pool[i].numpy(), graph_pool[n + i].numpy()
+        logits, *chunk = session.run(None, feeds)
+        # the KV rule: the chunk's K/V at lengths[i] + 0..L-1 of each row, nothing else
+        index = (torch.tensor(slots)[:, None], slice(None), torch.tensor(lengths)[:, None] + torch.arange(L))
+        for i, (cache, new) in enumerate(zip(tensors, chunk)):
+            stored = store_cached(torch.from_numpy(new), cache.dtype, self.scales[i])  # [b, L, Hkv, D]
+            cache[index] = stored.to(cache.device)
+            if graph_pool[i] is not cache:
+                graph_pool[i][index] = load_cached(stored, GRAPH_DTYPE, self.scales[i]).float()
+        self.mirror_of = [(weakref.ref(t), t._version) for t in tensors] if self.mirror else []
+        return torch.from_numpy(logits).to(tokens.device)
+
+    def graph_pool(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The pool as the graph reads it: its own tensors when they are CPU fp32 (no copy), else the
+        fp32 mirror of their values (the codes times their scale for an FP8 KV pool), which every pass
+        updates with the chunk it writes; the mirror is remade whole when it is of another pool or
+        something else wrote the pool since the last pass (a tensor's _version counts its writes)."""
+        if all(t.device.type == "cpu" and t.dtype == GRAPH_DTYPE and t.is_contiguous() for t in tensors):
+            self.mirror, self.mirror_of = [], []
+            return tensors
+        is_current = len(self.mirror_of) == len(tensors) and all(
+            ref() is t and version == t._version for (ref, version), t in zip(self.mirror_of, tensors)
+        )
+        if not is_current:
+            self.mirror = [
+                load_cached(t.cpu(), GRAPH_DTYPE, scale).to(GRAPH_DTYPE).contiguous()
+                for t, scale in zip(tensors, self.scales)
+            ]
+        return self.mirror
+
+
+class PluginGraphBackend:
+    """A runner backend over the plugin graphs (`export_pass`: the graphs TensorRT consumes), their
+    BlockAttention nodes run by the torch reference through onnxruntime-extensions: the CPU check of
+    those graphs (tests/test_builder_onnx.py), and what loads an onnx engine built before the native
+    graphs. Slow by design: each node's Python call gets and returns the whole pool (module docstring)."""
 
     def __init__(self, sessions: dict, model: NLDModel, max_batch_size: int, max_seq_len: int, max_input_len: int):
         self.sessions, self.max_input_len = sessions, max_input_len
@@ -219,11 +218,7 @@ class OnnxBackend:
     ) -> torch.Tensor:
         b, L = tokens.shape
         _, session = lookup(self.sessions, kind, L, self.max_input_len)
-        if tuple(pool.k[0].shape) != self.pool_shape:
-            raise InputError(
-                f"the KV pool is {tuple(pool.k[0].shape)}; this engine was built for {self.pool_shape} "
-                "(max_batch_size, kv heads, max_seq_len, head_dim)"
-            )
+        _check_pool(pool, self.pool_shape)
         rows, starts = torch.tensor(slots), torch.tensor(lengths)
         feeds = {"tokens": tokens.cpu().long(), "rows": rows, "lengths": starts}
         if kind.last_logit_only:
@@ -243,24 +238,60 @@ class OnnxBackend:
         return torch.from_numpy(logits).to(tokens.device)
 
 
+def _check_pool(pool: KVCache, pool_shape: tuple[int, ...]) -> None:
+    if tuple(pool.k[0].shape) != pool_shape:
+        raise InputError(
+            f"the KV pool is {tuple(pool.k[0].shape)}; this engine was built for {pool_shape} "
+            "(max_batch_size, kv heads, max_seq_len, head_dim)"
+        )
+
+
 def _to_graph(cache: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     """The pool tensor as the graph's fp32 (zero-copy for an fp32 CPU pool)."""
     return load_cached(cache.cpu(), GRAPH_DTYPE, scale).to(GRAPH_DTYPE).contiguous()
 
 
-def load(engine_dir: Path, model: NLDModel, manifest: dict) -> OnnxBackend:
-    """manifest: the dict `build` returned (the engine manifest's backend section)."""
+def session_settings() -> dict:
+    """The onnxruntime settings of a native graph's session (recorded in the manifest): as many
+    intra-op threads as torch uses (`--threads`, OMP_NUM_THREADS), no spinning (an idle worker
+    that spins takes a core from the serving loop: ../shared/notes/stack.md), one graph at a time."""
+    return {
+        "intra_op_num_threads": "torch.get_num_threads() when loaded",
+        "inter_op_num_threads": 1,
+        "allow_spinning": 0,
+        "execution_mode": "sequential",
+        "graph_optimization_level": "all",
+    }
+
+
+def native_session_options() -> "onnxruntime.SessionOptions":
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def load(engine_dir: Path, model: NLDModel, manifest: dict) -> OnnxBackend | PluginGraphBackend:
+    """manifest: the dict `build` returned (the engine manifest's backend section). An engine built
+    before the native graphs (no "graph" entry) holds plugin graphs."""
     import onnxruntime
 
     from trimode.plugins.onnx_ops import session_options
 
     _import_onnx()
-    options = session_options()
+    is_native = manifest.get("graph") == NATIVE
+    options = native_session_options() if is_native else session_options()
     sessions = {
         name: onnxruntime.InferenceSession(str(Path(engine_dir) / file), options, providers=["CPUExecutionProvider"])
         for name, file in manifest["programs"].items()
     }
-    return OnnxBackend(sessions, model, manifest["max_batch_size"], manifest["max_seq_len"], manifest["max_input_len"])
+    backend = OnnxBackend if is_native else PluginGraphBackend
+    return backend(sessions, model, manifest["max_batch_size"], manifest["max_seq_len"], manifest["max_input_len"])
 
 
 def _import_onnx():

@@ -1,4 +1,4 @@
-"""The `tensorrt` backend: the onnx backend's graphs, reconciled with our AOT plugins, built into
+"""The `tensorrt` backend: the plugin graphs (onnx_export.export_pass), reconciled with our AOT plugins, built into
 one serialized engine per pass shape (`tensorrt/<shape.name>.engine`), and a runner over them.
 
 **The BlockAttention node vs the plugin.** ONNX is functional, so the exported node returns
@@ -41,7 +41,7 @@ from typing import Any, Callable
 
 import torch
 
-from trimode.builder import onnx_backend
+from trimode.builder import onnx_backend, onnx_export
 from trimode.builder.program import PassShape, lookup
 from trimode.builder.settings import BuildSettings
 from trimode.errors import InputError, MissingDependencyError, TrimodeError
@@ -138,14 +138,14 @@ def build(
     trt = None if settings.onnx_only else require_tensorrt()  # before anything is written
     onnx = onnx_backend._import_onnx()
     out_dir = Path(out_dir)
-    export_model = onnx_backend.graph_model(model.cpu() if model.device.type != "cpu" else model, TRT_DTYPE)
+    export_model = onnx_export.graph_model(model.cpu() if model.device.type != "cpu" else model, TRT_DTYPE)
     files: list[str] = []
     report: dict[str, Any] = {"programs": {}, "dtype": "bfloat16", "pool_dtype": str(pool_dtype(model))}
     for shape in shapes:
         path = out_dir / onnx_backend.ONNX_DIR / f"{shape.name}.onnx"
         start = time.perf_counter()
         with torch.no_grad():
-            onnx_backend.export_pass(export_model, shape, settings, path, pool_dtype(model))
+            onnx_export.export_pass(export_model, shape, settings, path, pool_dtype(model))
         graph = onnx.load(str(path))
         trt_graph(graph.graph)
         onnx.save(graph, str(path))

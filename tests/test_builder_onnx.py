@@ -18,7 +18,7 @@ import onnx
 import pytest
 import torch
 
-from trimode.builder import onnx_backend, tensorrt_backend
+from trimode.builder import onnx_backend, onnx_export, tensorrt_backend
 from trimode.builder.program import PassShape, pass_shapes
 from trimode.builder.settings import BuildSettings
 from trimode.checkpoint import load_checkpoint
@@ -59,6 +59,29 @@ def engine(fp8_dir, tmp_path_factory):
     return model, onnx_backend.load(out_dir, model, info), info, out_dir
 
 
+@pytest.fixture(scope="module")
+def plugin_engine(engine, tmp_path_factory):
+    """(the same model, a backend over its plugin graphs: the graphs TensorRT consumes, in fp32, their
+    BlockAttention nodes run by the torch reference): their CPU check."""
+    model = engine[0]
+    out_dir = tmp_path_factory.mktemp("plugin")
+    files = {}
+    with torch.no_grad():
+        for shape in pass_shapes((BLOCK,)):
+            files[shape.name] = f"onnx/{shape.name}.onnx"
+            onnx_export.export_pass(onnx_export.graph_model(model), shape, SETTINGS, out_dir / files[shape.name])
+    manifest = {"programs": files, "max_batch_size": 3, "max_seq_len": 48, "max_input_len": 16}  # no "graph"
+    backend = onnx_backend.load(out_dir, model, manifest)
+    assert isinstance(backend, onnx_backend.PluginGraphBackend)
+    return model, backend, manifest, out_dir
+
+
+@pytest.fixture(params=["native", "plugin"])
+def any_engine(request):
+    """The onnx engine's native graphs, and the plugin graphs' CPU check: both keep the contract."""
+    return request.getfixturevalue("engine" if request.param == "native" else "plugin_engine")
+
+
 _generated: dict = {}
 
 
@@ -83,49 +106,65 @@ def _generate(model, backend, mode: Mode, prompts) -> list[list[int]]:
     return [s.tokens for s in seqs]
 
 
-def test_build_writes_one_checked_program_per_shape(engine):
+def test_build_writes_one_checked_native_program_per_shape(engine):
     model, _, info, out_dir = engine
     n = model.spec.num_hidden_layers
     assert info["files"] == [f"onnx/{s.name}.onnx" for s in pass_shapes((BLOCK,))]
+    assert info["graph"] == "native" and info["session"]["allow_spinning"] == 0
     assert set(info["versions"]) == {"onnx", "onnxruntime", "onnxruntime-extensions"}
     for shape in pass_shapes((BLOCK,)):
         graph = onnx.load(str(out_dir / info["programs"][shape.name])).graph
         onnx.checker.check_model(str(out_dir / info["programs"][shape.name]))
-        names = ["tokens", "rows", "lengths"] + (["logit_index"] if shape.kind.last_logit_only else [])
+        names = ["tokens", "rows", "lengths", "key_index"] + (["logit_index"] if shape.kind.last_logit_only else [])
         pool = [f"k_{i}" for i in range(n)] + [f"v_{i}" for i in range(n)]
         assert [i.name for i in graph.input] == names + pool
-        assert [o.name for o in graph.output] == ["logits"] + [p.replace("_", "_out_") for p in pool]
-        attention = [node for node in graph.node if node.domain == DOMAIN]
-        assert [node.op_type for node in attention] == ["BlockAttention"] * n
+        # only the chunk's K/V come back, [b, L, Hkv, D]: the backend writes them into the pool
+        assert [o.name for o in graph.output] == ["logits"] + [p.replace("_", "_new_") for p in pool]
+        assert not [node for node in graph.node if node.domain not in ("", "ai.onnx")]  # onnxruntime runs it all
+        assert {"GatherND", "Softmax"} <= {node.op_type for node in graph.node}
         dims = [d.dim_value or d.dim_param for d in graph.input[0].type.tensor_type.shape.dim]
         assert (
             isinstance(dims[0], str)
             and dims[1] == (shape.length or dims[1])
             and isinstance(dims[1], str) == (shape.length is None)
         )  # batch dynamic; length dynamic for prefill
+        assert isinstance(graph.input[3].type.tensor_type.shape.dim[0].dim_param, str)  # the span: dynamic
+        assert graph.input[-1].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
         assert [d.dim_value for d in graph.input[-1].type.tensor_type.shape.dim] == [
             3,
             model.spec.num_key_value_heads,
             48,
             model.spec.head_dim,
         ]
+        new_k = [d.dim_value or d.dim_param for d in graph.output[1].type.tensor_type.shape.dim]
+        assert new_k[1:] == [shape.length or new_k[1], model.spec.num_key_value_heads, model.spec.head_dim]
         assert any(node.op_type == "QuantizeLinear" for node in graph.node)
         # FP8 weights stay float8 initializers behind DequantizeLinear
         assert any(t.data_type == onnx.TensorProto.FLOAT8E4M3FN and len(t.dims) == 2 for t in graph.initializer)
 
 
+def test_plugin_graphs_keep_one_block_attention_node_per_layer(plugin_engine):
+    model, _, manifest, out_dir = plugin_engine
+    n = model.spec.num_hidden_layers
+    for shape in pass_shapes((BLOCK,)):
+        graph = onnx.load(str(out_dir / manifest["programs"][shape.name])).graph
+        pool = [f"k_{i}" for i in range(n)] + [f"v_{i}" for i in range(n)]
+        assert [o.name for o in graph.output] == ["logits"] + [p.replace("_", "_out_") for p in pool]
+        assert [node.op_type for node in graph.node if node.domain == DOMAIN] == ["BlockAttention"] * n
+
+
 @pytest.mark.parametrize("mode", list(Mode))
 @pytest.mark.parametrize("num_prompts", [1, 3])
-def test_tokens_equal_the_eager_engine(engine, mode, num_prompts):
-    model, backend, _, _ = engine
+def test_tokens_equal_the_eager_engine(any_engine, mode, num_prompts):
+    model, backend, _, _ = any_engine
     prompts = PROMPTS[:num_prompts] if num_prompts > 1 else PROMPTS[1:2]
     expected = generate(model, None, mode, prompts)
     assert all(len(t) == NUM_NEW for t in expected)
     assert generate(model, backend, mode, prompts) == expected
 
 
-def test_self_spec_equals_ar_on_the_onnx_backend(engine):
-    model, backend, _, _ = engine
+def test_self_spec_equals_ar_on_the_onnx_backend(any_engine):
+    model, backend, _, _ = any_engine
     assert generate(model, backend, Mode.SELF_SPEC, PROMPTS) == generate(model, backend, Mode.AR, PROMPTS)
 
 
@@ -137,10 +176,10 @@ def test_self_spec_equals_ar_on_the_onnx_backend(engine):
         (PassKind.REFRESH, 3, [0, 1, 2]),  # the prefill program at another length, last logit only
     ],
 )
-def test_one_pass_writes_the_pool_like_eager(engine, kind, length, slots):
+def test_one_pass_writes_the_pool_like_eager(any_engine, kind, length, slots):
     """The backend contract: the same logits, and the pool written exactly where the eager model
     writes it (the chunk at each row's length) and nowhere else."""
-    model, backend, _, _ = engine
+    model, backend, _, _ = any_engine
     g = torch.Generator().manual_seed(3)
     eager_pool = model.new_cache(3, 48)
     for t in eager_pool.k + eager_pool.v:
@@ -179,8 +218,29 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
 
 
-def test_backend_refuses_what_the_engine_was_not_built_for(engine):
+def test_native_backend_sees_what_else_wrote_the_pool(engine):
+    """An FP8 KV pool is read through the backend's fp32 mirror: a write the backend did not make
+    (here: a row copied in by hand) must reach the next pass, as it reaches the eager model."""
     model, backend, _, _ = engine
+    assert model.kv_dtype == torch.float8_e4m3fn
+    g = torch.Generator().manual_seed(5)
+    eager_pool, onnx_pool = model.new_cache(3, 48), model.new_cache(3, 48)
+    eager_pool.lengths[:] = torch.tensor([6, 6, 6])
+    tokens = torch.randint(5, model.spec.vocab_size, (2, BLOCK), generator=g)
+    with torch.no_grad():  # a first pass on each: the backend's makes its mirror
+        model(tokens, eager_pool, PassKind.DENOISE, torch.tensor([0, 1]))
+    backend(PassKind.DENOISE, tokens, onnx_pool, [0, 1], [6, 6], None)
+    for pool in (onnx_pool, eager_pool):
+        for t in pool.k + pool.v:
+            t[1] = torch.randint(-100, 100, t[1].shape, generator=torch.Generator().manual_seed(6)).float().to(t.dtype)
+    with torch.no_grad():
+        expected = model(tokens, eager_pool, PassKind.VERIFY, torch.tensor([1, 0]))
+    got = backend(PassKind.VERIFY, tokens, onnx_pool, [1, 0], [6, 6], None)
+    torch.testing.assert_close(got, expected, atol=forward_bound(expected, model.spec, span=48), rtol=0)
+
+
+def test_backend_refuses_what_the_engine_was_not_built_for(any_engine):
+    model, backend, _, _ = any_engine
     pool = model.new_cache(3, 48)
     with pytest.raises(EngineError, match="no verify_8 program.*--block-lengths 8"):
         backend(PassKind.VERIFY, torch.ones(1, 8, dtype=torch.long), pool, [0], [0], None)
@@ -427,3 +487,20 @@ def test_aot_kernels_end_with_two_unread_scratch_pointers():
     body = ptx[entry.end() :]
     assert f"{name}_param_27" in body  # the output pointer is read
     assert f"{name}_param_28" not in body and f"{name}_param_29" not in body
+
+
+@pytest.mark.parametrize(
+    "backend, section, onnx_only, expected",
+    [
+        ("onnx", {"graph": "native", "session": {"intra_op_num_threads": 1, "allow_spinning": 0}}, False, "native"),
+        ("onnx", {}, False, "plugin graphs.*CPU check of TensorRT's graph"),  # built before the native graphs
+        ("tensorrt", {}, True, "plugin graphs.*TensorRT's input: exported and checked"),
+        ("tensorrt", {}, False, "plugin graphs.*built with our AOT plugins"),
+        ("torch", {}, False, None),
+    ],
+)
+def test_inspect_says_which_graph_an_engine_holds(backend, section, onnx_only, expected):
+    from trimode.cli.engine import describe_graph
+
+    got = describe_graph({"settings": {"backend": backend, "onnx_only": onnx_only}, "backend": section})
+    assert got is None if expected is None else re.search(expected, got)

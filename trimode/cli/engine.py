@@ -152,6 +152,30 @@ def inspect(engine_dir: Path, as_json: bool) -> None:
     click.echo(format_manifest(manifest))
 
 
+def describe_graph(m: dict) -> str | None:
+    """Which ONNX graph an onnx or tensorrt engine holds and what it is for (None for torch)."""
+    backend, onnx_only = m["settings"]["backend"], m["settings"].get("onnx_only")
+    if backend == "tensorrt":
+        return "plugin graphs (attention as trimode::BlockAttention nodes), TensorRT's input" + (
+            ": exported and checked, no TensorRT engines built" if onnx_only else ", built with our AOT plugins"
+        )
+    if backend != "onnx":
+        return None
+    section = m.get("backend") or {}
+    if section.get("graph") != "native":  # an onnx engine built before the native graphs
+        return (
+            "plugin graphs (trimode::BlockAttention nodes run by the torch references through "
+            "onnxruntime-extensions): the CPU check of TensorRT's graph, slow (the pool in and out per node)"
+        )
+    session = section.get("session") or {}
+    threads = session.get("intra_op_num_threads", "?")
+    return (
+        "native (standard ONNX operators, attention pattern from indices), run by onnxruntime: the CPU "
+        f"engine; the pool read in place, the chunk's K/V written back; threads {threads}, "
+        f"spinning {session.get('allow_spinning', '?')}"
+    )
+
+
 def format_manifest(m: dict) -> str:
     s, d, c = m["settings"], m["device"], m["model"]["config"]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
@@ -175,6 +199,7 @@ def format_manifest(m: dict) -> str:
         f"limits     max_batch_size {s['max_batch_size']}, max_seq_len {s['max_seq_len']}, "
         f"max_input_len {s['max_input_len']}, block lengths {', '.join(map(str, s['block_lengths']))}",
         f"programs   {programs}",
+        *([f"graph      {graph}"] if (graph := describe_graph(m)) else []),
         f"input      {m['input']['path']} (sha256 {m['input']['digest_sha256'][:12]}...)",
         f"versions   {versions}",
         f"self-test  {m['self_test']['max_new_tokens']} tokens x {len(m['self_test']['prompts'])} prompts per mode, "
