@@ -10,9 +10,13 @@ Per batch size (default 1 and 8), all at temperature 0 with ignore_eos:
   * token equality: engine == eager in every mode; self-spec == AR.
 Ratios are what to read (this machine is shared and noisy): engine/eager per mode, engine AR /
 transformers, block pass / decode pass.
+  * --compare OTHER_ENGINE_DIR (repeatable): other engines of the same checkpoint timed in the same
+    round-robin, each under its backend's name (e.g. an onnx engine next to a torch one): tokens/s per
+    mode, their ratio to eager and their token equality with eager.
 
 Run:   .venv/bin/python scripts/bench_engine.py --engine ENGINE_DIR --json out/bench_engine.json
        (no --engine: builds one from --checkpoint, default the embedded one, into a temp dir)
+       --compare ENGINE_DIR2: that engine's generate in the same run (`<mode>/<backend>` rows)
        --threads 1 is the fair setting on a box with other load (a descheduled OpenMP thread stalls
        every GEMM); the JSON goes to stdout and --json, a table to stderr.
 """
@@ -87,6 +91,22 @@ def pass_times(built, b: int, repeats: int) -> dict:
     return out
 
 
+def compared_engines(built, dirs: list[Path]) -> dict:
+    """{label: BuiltEngine} for --compare: each engine's backend name ("engine" and "eager" are
+    taken), with its pool when two share a backend. Each must be of the same checkpoint."""
+    others: dict = {}
+    for path in dirs:
+        other = load_engine(path)
+        if other.manifest["input"]["digest_sha256"] != built.manifest["input"]["digest_sha256"]:
+            raise SystemExit(f"--compare {path}: built from another checkpoint than --engine")
+        s = other.manifest["settings"]
+        label = s["backend"]
+        if label in others or label in ("engine", "eager"):
+            label += f"_{s['max_batch_size']}x{s['max_seq_len']}"
+        others[label] = other
+    return others
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--engine", type=Path, help="a built engine dir (default: build one into a temp dir)")
@@ -97,6 +117,9 @@ def main(argv=None) -> int:
     ap.add_argument("--pass-repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, help="torch.set_num_threads")
     ap.add_argument("--json", type=Path, help="also write the JSON here")
+    ap.add_argument(
+        "--compare", type=Path, action="append", default=[], help="another engine dir to time in the same run"
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -113,9 +136,11 @@ def main(argv=None) -> int:
                 BuildSettings(max_batch_size=max(batch_sizes), max_seq_len=512, max_input_len=128),
             )
         built = load_engine(engine_dir)
+    others = compared_engines(built, args.compare)
     ck, n = built.checkpoint, args.max_new_tokens
-    if max(batch_sizes) > min(len(PROMPTS), built.config.max_slots):
-        ap.error(f"--batch-sizes: at most {min(len(PROMPTS), built.config.max_slots)} for this engine")
+    max_slots = min([built.config.max_slots] + [o.config.max_slots for o in others.values()])
+    if max(batch_sizes) > min(len(PROMPTS), max_slots):
+        ap.error(f"--batch-sizes: at most {min(len(PROMPTS), max_slots)} for these engines")
     prompts = [ck.tokenizer.encode(p) for p in PROMPTS]
     # transformers has no loader for ModelOpt's FP8 checkpoints here: an FP8 engine gets no transformers column
     hf = hf_ministral3(ck) if built.manifest.get("quantization") is None else None
@@ -133,6 +158,10 @@ def main(argv=None) -> int:
             "dir": str(args.engine or "built into a temp dir"),
             "settings": built.manifest["settings"],
             "dtype": built.manifest["model"]["dtype"],
+        },
+        "compared": {
+            label: {"dir": str(o.path), "settings": o.manifest["settings"], "graph": o.manifest["backend"].get("graph")}
+            for label, o in others.items()
         },
         "settings": {
             "max_new_tokens": n,
@@ -159,6 +188,15 @@ def main(argv=None) -> int:
                 tokens[f"{mode.value}/{backend}"] = [s.tokens for s in seqs]
                 row[f"{mode.value}/{backend}"] = {"tokens_generated": sum(s.stats.num_generated for s in seqs)}
                 fns[f"{mode.value}/{backend}"] = run
+            for label, other in others.items():
+
+                def run_other(settings=settings, other=other):
+                    return generate(other.checkpoint.model, batch, settings, other.new_engine())
+
+                seqs = run_other()
+                tokens[f"{mode.value}/{label}"] = [s.tokens for s in seqs]
+                row[f"{mode.value}/{label}"] = {"tokens_generated": sum(s.stats.num_generated for s in seqs)}
+                fns[f"{mode.value}/{label}"] = run_other
         if hf is not None:
             fns["transformers"] = lambda: hf_generate(hf, batch, n, pad_id, ck.spec.mask_token_id)
             row["transformers"] = {"tokens_generated": sum(len(t) for t in fns["transformers"]())}
@@ -170,6 +208,11 @@ def main(argv=None) -> int:
                 row["ar/engine"]["tokens_per_s"] / row["transformers"]["tokens_per_s"], 3
             )
         row["engine_equals_eager"] = {m.value: tokens[f"{m.value}/engine"] == tokens[f"{m.value}/eager"] for m in Mode}
+        for label in others:
+            row[f"{label}_vs_eager"] = mode_ratios(row, label, "eager")
+            row[f"{label}_equals_eager"] = {
+                m.value: tokens[f"{m.value}/{label}"] == tokens[f"{m.value}/eager"] for m in Mode
+            }
         row["self_spec_equals_ar"] = tokens["self-spec/engine"] == tokens["ar/engine"]
         report["results"][f"batch_{b}"] = row
     print_table(report)
@@ -191,6 +234,16 @@ def print_table(report: dict) -> None:
                 f"  {m.value:<10} tokens/s engine {row[f'{m.value}/engine']['tokens_per_s']:>8} "
                 f"eager {row[f'{m.value}/eager']['tokens_per_s']:>8}  x{row['engine_vs_eager'][m.value]}"
                 f"  same tokens {row['engine_equals_eager'][m.value]}",
+                file=err,
+            )
+        for label in (k[: -len("_vs_eager")] for k in row if k.endswith("_vs_eager") and k != "engine_vs_eager"):
+            print(
+                f"  {label}: "
+                + ", ".join(
+                    f"{m.value} {row[f'{m.value}/{label}']['tokens_per_s']} x{row[f'{label}_vs_eager'][m.value]}"
+                    f"{'' if row[f'{label}_equals_eager'][m.value] else ' (TOKENS DIFFER)'}"
+                    for m in Mode
+                ),
                 file=err,
             )
         if "transformers" in row:
