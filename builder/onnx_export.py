@@ -134,19 +134,7 @@ def export_pass(
         "k": [None] * len(cache.k),
         "v": [None] * len(cache.v),
     }
-    input_names, output_names = graph_names(spec.num_hidden_layers, has_logit_index)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with quiet_export():
-        torch.onnx.export(
-            ExportedPass(model, shape.kind).eval(),
-            args,
-            path,
-            dynamo=True,
-            dynamic_shapes=dynamic,
-            input_names=input_names,
-            output_names=output_names,
-            verbose=False,
-        )
+    _export(ExportedPass(model, shape.kind), args, dynamic, graph_names(spec.num_hidden_layers, has_logit_index), path)
 
 
 def native_names(num_layers: int, has_logit_index: bool) -> tuple[list[str], list[str]]:
@@ -183,17 +171,21 @@ def export_native_pass(model: NLDModel, shape: PassShape, settings: BuildSetting
         "k": [None] * len(cache.k),
         "v": [None] * len(cache.v),
     }
-    input_names, output_names = native_names(spec.num_hidden_layers, has_logit_index)
+    _export(NativePass(model, shape.kind), args, dynamic, native_names(spec.num_hidden_layers, has_logit_index), path)
+
+
+def _export(module: nn.Module, args: tuple, dynamic: dict, names: tuple[list[str], list[str]], path: Path) -> None:
+    """torch.onnx.export (dynamo) of module(*args) to path, with these dynamic dims and (input, output) names."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with quiet_export():
         torch.onnx.export(
-            NativePass(model, shape.kind).eval(),
+            module.eval(),
             args,
             path,
             dynamo=True,
             dynamic_shapes=dynamic,
-            input_names=input_names,
-            output_names=output_names,
+            input_names=names[0],
+            output_names=names[1],
             verbose=False,
         )
 
