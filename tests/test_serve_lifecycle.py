@@ -149,7 +149,7 @@ class FakeServer:
     failure = None
     endpoints = {"http": "http://h", "grpc": "h:1", "metrics": "http://h/metrics"}
 
-    def __init__(self, *args, calls: list):
+    def __init__(self, *args, calls: list, threads: int | None = None):
         self.calls = calls
 
     def start(self):
@@ -265,6 +265,10 @@ def start_serve(repo, tmp_path):
 def test_a_dead_engine_stub_stops_the_server(start_serve):
     served = start_serve()
     reference = client.infer(served.grpc_url, "ar", REQUEST)["text"]
+    # the thread layout: the repository's engine threads, and one OpenMP thread in the other stubs
+    assert "trimode engine model: 1 torch threads" in served.log()
+    environ = Path(f"/proc/{served.stub_pid('preprocessing_ar')}/environ").read_bytes().split(b"\0")
+    assert b"OMP_NUM_THREADS=1" in environ or os.environ.get("OMP_NUM_THREADS")
     assert len(served.shm_regions()) >= 5  # one per python model instance, under the server's prefix
     engine = served.stub_pid("engine")
     load = Load(served.grpc_url, 16)  # 4 slots: the last ones wait for a slot
@@ -282,7 +286,8 @@ def test_a_dead_engine_stub_stops_the_server(start_serve):
 
 
 def test_sigterm_drains_the_requests_in_flight(start_serve):
-    served = start_serve("--drain-timeout", "60")
+    served = start_serve("--drain-timeout", "60", "--threads", "2")
+    assert "trimode engine model: 2 torch threads" in served.log()  # serve --threads over the repository's
     reference = client.infer(served.grpc_url, "ar", REQUEST)["text"]
     assert len(reference) > 0
     num_before = served.num_admitted()

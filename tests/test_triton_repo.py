@@ -128,6 +128,7 @@ def test_ensemble_interface(repo_dir, tiny_engine_dir):
     assert engine.model_transaction_policy.decoupled  # the default: streaming, as TensorRT-LLM's decoupled_mode
     assert engine.instance_group[0].count == 1 and engine.max_batch_size == 4
     assert engine.parameters["engine_dir"].string_value == str(tiny_engine_dir.resolve())
+    assert engine.parameters["threads"].string_value == "1"  # settings.DEFAULT_ENGINE_THREADS
     pre = parse(repo_dir / "preprocessing_self_spec" / "config.pbtxt")
     assert pre.parameters["mode"].string_value == "self-spec"
 
@@ -141,6 +142,7 @@ def test_prefix_modes_and_settings(tiny_engine_dir, tmp_path):
         max_queue_delay_us=100,
         max_queued_requests=5,
         decoupled=False,
+        threads=3,
     )
     out = write_model_repo(tiny_engine_dir, tmp_path / "r", settings)
     assert sorted(p.name for p in out.iterdir()) == [
@@ -153,7 +155,7 @@ def test_prefix_modes_and_settings(tiny_engine_dir, tmp_path):
     engine = parse(out / "nld_engine" / "config.pbtxt")
     assert engine.dynamic_batching.max_queue_delay_microseconds == 100
     assert engine.parameters["max_queued_requests"].string_value == "5"
-    assert not engine.model_transaction_policy.decoupled
+    assert not engine.model_transaction_policy.decoupled and engine.parameters["threads"].string_value == "3"
     assert json.loads((out / "manifest.json").read_text())["settings"]["decoupled"] is False
     assert parse(out / "nld_postprocessing" / "config.pbtxt").instance_group[0].count == 3
     assert {parse(p).max_batch_size for p in out.glob("*/config.pbtxt")} == {2}
@@ -210,6 +212,7 @@ def test_ensemble_config_alone_is_incomplete():
         ({"max_batch_size": 0}, "max_batch_size"),
         ({"max_queued_requests": 0}, "max_queued_requests"),
         ({"decoupled": "no"}, "decoupled"),
+        ({"threads": -1}, "threads"),
     ],
 )
 def test_bad_settings(kwargs, message):

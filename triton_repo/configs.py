@@ -19,7 +19,7 @@ from typing import Any
 
 from trimode.passes import Mode
 from trimode.triton_repo import tensors as T
-from trimode.triton_repo.settings import RepoSettings, ensemble_name
+from trimode.triton_repo.settings import DEFAULT_ENGINE_THREADS, RepoSettings, ensemble_name
 
 # tritonclient's model_config_pb2.ModelConfig: a protobuf message, which tritonclient ships no types for
 ModelConfig = Any
@@ -87,7 +87,12 @@ def engine_config(
         T.ENGINE_INPUTS,
         T.ENGINE_OUTPUTS,
         1,
-        {"engine_dir": engine_dir, "engine_digest": engine_digest, "max_queued_requests": str(max_queued_requests)},
+        {
+            "engine_dir": engine_dir,
+            "engine_digest": engine_digest,
+            "max_queued_requests": str(max_queued_requests),
+            "threads": str(settings.threads or DEFAULT_ENGINE_THREADS),
+        },
     )
     # one instance: a second would load a second engine with its own KV pool and split the batch
     config.model_transaction_policy.decoupled = settings.decoupled  # many responses per request

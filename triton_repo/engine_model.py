@@ -110,10 +110,16 @@ class RowSink:
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
+        import torch
+
         from trimode.builder.engine_dir import load_engine
 
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        # the thread layout (settings.py DEFAULT_ENGINE_THREADS): the repository's, or `trimode serve --threads`
+        threads = int(os.environ.get("TRIMODE_ENGINE_THREADS") or params.get("threads") or 1)
+        torch.set_num_threads(threads)
+        pb_utils.Logger.log_info(f"trimode engine model: {threads} torch threads")
         engine_dir = Path(params["engine_dir"])
         self.built = load_engine(engine_dir)  # checks the files and re-runs the self-test
         if self.built.manifest["digest_sha256"] != params.get("engine_digest", self.built.manifest["digest_sha256"]):

@@ -131,9 +131,11 @@ class TritonServer:
         ports: Ports = Ports(),
         log_path: Path | None = None,
         timeout_s: float = 300.0,
+        threads: int | None = None,
     ):
+        """threads: the engine model's torch threads, over the repository's (settings.py)."""
         self.repo_dir, self.host, self.ports = Path(repo_dir), host, ports
-        self.log_path, self.timeout_s = log_path, timeout_s
+        self.log_path, self.timeout_s, self.threads = log_path, timeout_s, threads
         self.process: subprocess.Popen | None = None
         self._scratch: Path | None = None
         self.shm_prefix = f"trimode_{os.getpid()}_{secrets.token_hex(4)}_"  # its /dev/shm regions
@@ -177,6 +179,11 @@ class TritonServer:
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
         ]
         env["TRIMODE_DRAIN_FILE"] = str(self._drain_path)  # the engine model reads it (module doc)
+        # the thread layout (settings.py DEFAULT_ENGINE_THREADS): one OpenMP thread in every stub but the
+        # engine's, which sets its own; a user's OMP_NUM_THREADS stands
+        env.setdefault("OMP_NUM_THREADS", "1")
+        if self.threads:
+            env["TRIMODE_ENGINE_THREADS"] = str(self.threads)
         if wheel_root is not None:
             args.append(f"--backend-directory={_wheel_backends(wheel_root, self._scratch / 'backends')}")
             libdir = sysconfig.get_config_var("LIBDIR")

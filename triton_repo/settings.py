@@ -26,6 +26,8 @@ class RepoSettings:
     decoupled: bool = True
     # also serve this mode as the model `<prefix>ensemble`: TensorRT-LLM's name, hard-coded in their clients
     ensemble_mode: Mode | None = None
+    # the engine model's torch intra-op threads; 0: DEFAULT_ENGINE_THREADS (`trimode serve --threads` overrides)
+    threads: int = 0
 
     def __post_init__(self) -> None:
         _check(
@@ -61,6 +63,7 @@ class RepoSettings:
             ("instances", 1),
             ("max_queue_delay_us", 0),
             ("max_queued_requests", 1),
+            ("threads", 0),
         ):
             value = getattr(self, field)
             _check(
@@ -73,6 +76,14 @@ class RepoSettings:
                 value,
             )
 
+
+# The engine model's torch threads. The server's thread layout: the engine loop runs the passes on this
+# many intra-op threads; every other python backend stub (tokenizing pre- and post-processing) and
+# every other OpenMP pool in the server gets OMP_NUM_THREADS=1 (server.py). With torch's default (all
+# cores) beside the loop thread and the other stubs, served AR ran 2.2x slower than at one thread on a
+# 2-core Intel Xeon (issue 25); on the 2-core AMD EPYC: docs/performance.md. GPU engines spend their
+# host threads on the step, not the passes.
+DEFAULT_ENGINE_THREADS = 1
 
 TRTLLM_ENSEMBLE = "ensemble"  # the model name TensorRT-LLM's ensemble has, and its clients call
 

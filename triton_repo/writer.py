@@ -23,7 +23,7 @@ from trimode import __version__
 from trimode.errors import EngineError, InputError
 from trimode.passes import Mode, PassKind
 from trimode.stage_output import check_output, stage_output, write_manifest
-from trimode.triton_repo.settings import TRTLLM_ENSEMBLE, RepoSettings
+from trimode.triton_repo.settings import DEFAULT_ENGINE_THREADS, TRTLLM_ENSEMBLE, RepoSettings
 
 STAGE = "repo"
 FORMAT = 1
@@ -136,6 +136,7 @@ def write_model_repo(
                     "max_queue_delay_us": settings.max_queue_delay_us,
                     "max_queued_requests": max_queued,
                     "decoupled": settings.decoupled,
+                    "threads": settings.threads or DEFAULT_ENGINE_THREADS,
                 },
                 "ensembles": {m.value: names.ensemble(m) for m in settings.modes},
                 "aliases": aliases,  # model name -> the mode it serves again

@@ -49,6 +49,12 @@ DEFAULT_PROMPT = "def __init__(self, name, value=None):"
     is_flag=True,
     help="Then start tritonserver, send one request per mode, print each answer, and serve until Ctrl-C.",
 )
+@click.option(
+    "--threads",
+    type=click.IntRange(1, 1024),
+    default=None,
+    help="The engine model's torch threads in the repository (`trimode repo --threads`) [default: 1].",
+)
 @click.option("--once", is_flag=True, help="With --serve: stop the server after the requests (CI, make demo).")
 @click.option("--prompt", default=DEFAULT_PROMPT, show_default=True, help="With --serve: the request's text.")
 @click.option(
@@ -78,6 +84,7 @@ def deploy(
     device: str,
     prefix: str,
     modes: tuple[str, ...],
+    threads: int | None,
     serve_after: bool,
     once: bool,
     prompt: str,
@@ -121,7 +128,7 @@ def deploy(
             block_lengths=block_lengths or (),
             device=device.split(":")[0],
         ),
-        repo=RepoSettings(prefix=prefix, modes=tuple(Mode(m) for m in modes)),
+        repo=RepoSettings(prefix=prefix, modes=tuple(Mode(m) for m in modes), threads=threads or 0),
     )
     calibration_bar, program_bar = CalibrationBar(calib_samples, as_json), ProgramBar(backend, as_json)
 

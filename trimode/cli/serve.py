@@ -60,6 +60,12 @@ from trimode.errors import Interrupted
     default=None,
     help="Also serve this mode as the model `ensemble`, the name TensorRT-LLM's client scripts call.",
 )
+@click.option(
+    "--threads",
+    type=click.IntRange(1, 1024),
+    default=None,
+    help="The engine model's torch threads; the other models get one [default: 1, measured: docs/performance.md].",
+)
 @click.option("--force", is_flag=True, help="Replace a previous repo output (never another folder).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def repo(
@@ -73,6 +79,7 @@ def repo(
     max_queued_requests: int | None,
     decoupled: bool,
     ensemble_mode: str | None,
+    threads: int | None,
     force: bool,
     as_json: bool,
 ) -> None:
@@ -94,6 +101,7 @@ def repo(
         max_queued_requests=max_queued_requests,
         decoupled=decoupled,
         ensemble_mode=None if ensemble_mode is None else Mode(ensemble_mode),
+        threads=threads or 0,
     )
     path = write_model_repo(engine_dir, out_dir, settings, force)
     manifest = read_repo_manifest(path)
@@ -150,6 +158,12 @@ def repo(
     show_default=True,
     help="On SIGTERM, seconds the requests in flight may take to finish before they are cut (0: at once).",
 )
+@click.option(
+    "--threads",
+    type=click.IntRange(1, 1024),
+    default=None,
+    help="The engine model's torch threads [default: the repository's, `trimode repo --threads`].",
+)
 def serve(
     repo_dir: Path,
     host: str,
@@ -162,6 +176,7 @@ def serve(
     openai_read_timeout: float | None,
     openai_max_connections: int | None,
     drain_timeout_s: float,
+    threads: int | None,
 ) -> None:
     """Start tritonserver on REPO_DIR (trimode repo) and wait until every model is ready; print the
     endpoints, then serve until SIGTERM or Ctrl-C. Uses the tritonserver on PATH, else the one in the
@@ -195,6 +210,7 @@ def serve(
         chat_template_path=chat_template_path,
         openai_limits=limits,
         drain_timeout_s=drain_timeout_s,
+        threads=threads,
     ) as server:
         wait_until_stopped(server)
 
@@ -209,12 +225,14 @@ def serving(
     chat_template_path: Path | None = None,
     openai_limits: dict | None = None,
     drain_timeout_s: float = 30.0,
+    threads: int | None = None,
 ) -> Iterator:
     """A started tritonserver on repo_dir (its endpoints printed to stderr) and, with openai_port,
     the OpenAI front end in this process (openai_limits: its keyword arguments), both stopped on
     leaving. SIGTERM is raised as Interrupted meanwhile: while loading it stops them as Ctrl-C does
     (exit 143); once serving it drains them (drain_timeout_s at most) and ends the with block without
-    an error. The server's log goes to log_path, else to this terminal."""
+    an error. The server's log goes to log_path, else to this terminal. threads: the engine model's torch
+    threads (None: the repository's)."""
     from trimode.triton_repo.server import TritonServer, check_host
     from trimode.triton_repo.writer import read_repo_manifest
 
@@ -226,7 +244,7 @@ def serving(
         raise Interrupted(signum)
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
-    server = TritonServer(repo_dir, host, ports, log_path)
+    server = TritonServer(repo_dir, host, ports, log_path, threads=threads)
     frontend = None
     is_serving = is_draining = False
     try:
