@@ -15,6 +15,7 @@ from tritonclient.grpc import model_config_pb2
 
 from trimode.cli import main
 from trimode.errors import EngineError, InputError
+from trimode.passes import Mode
 from trimode.triton_repo.configs import Names, ensemble_config
 from trimode.triton_repo.settings import RepoSettings
 from trimode.triton_repo.wiring import WiringError, check_wiring
@@ -213,6 +214,10 @@ def test_ensemble_config_alone_is_incomplete():
         ({"max_queued_requests": 0}, "max_queued_requests"),
         ({"decoupled": "no"}, "decoupled"),
         ({"threads": -1}, "threads"),
+        (
+            {"modes": ("ar",), "ensemble_mode": Mode.SELF_SPEC},
+            "ensemble_mode: expected one of the repository's modes \\(ar\\), got 'self-spec'",
+        ),
     ],
 )
 def test_bad_settings(kwargs, message):

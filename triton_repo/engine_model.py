@@ -32,6 +32,7 @@ from trimode.errors import EngineError, TrimodeError
 from trimode.triton_repo.loop import EngineLoop, Job, Overloaded, Unavailable
 from trimode.triton_repo.metrics import TritonMetrics
 from trimode.triton_repo.request import parse_requests
+from trimode.triton_repo.settings import DEFAULT_ENGINE_THREADS
 from trimode.triton_repo.tensors import ENGINE_INPUTS
 
 _FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -117,7 +118,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         # the thread layout (settings.py DEFAULT_ENGINE_THREADS): the repository's, or `trimode serve --threads`
-        threads = int(os.environ.get("TRIMODE_ENGINE_THREADS") or params.get("threads") or 1)
+        threads = int(os.environ.get("TRIMODE_ENGINE_THREADS") or params.get("threads") or DEFAULT_ENGINE_THREADS)
         torch.set_num_threads(threads)
         pb_utils.Logger.log_info(f"trimode engine model: {threads} torch threads")
         engine_dir = Path(params["engine_dir"])

@@ -55,7 +55,7 @@ class RepoSettings:
                 self.ensemble_mode in [m.value for m in modes],
                 "ensemble_mode",
                 f"one of the repository's modes ({', '.join(m.value for m in modes)})",
-                self.ensemble_mode,
+                getattr(self.ensemble_mode, "value", self.ensemble_mode),  # the mode's name, not its repr
             )
             object.__setattr__(self, "ensemble_mode", Mode(self.ensemble_mode))
         for field, low in (
