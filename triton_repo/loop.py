@@ -138,10 +138,8 @@ class EngineLoop:
         if self.drain_file is None or time.monotonic() - self._last_drain_check < SENDER_POLL_S:
             return
         self._last_drain_check = time.monotonic()
-        if not self.is_draining and self.drain_file.exists():
-            with self._lock:
-                self.is_draining = True
         with self._lock:
+            self.is_draining = self.is_draining or self.drain_file.exists()
             idle = self.is_draining and not self._live and self._inbox.empty() and not self.engine.has_work
         done = self.drain_file.with_name(self.drain_file.name + ".done")
         if idle and not done.exists():
