@@ -30,7 +30,7 @@ class ChunkLayout:
     reference needs them, and they are data-dependent (a host sync, and untraceable by torch.export)."""
 
     lengths: torch.Tensor  # [b] committed prefix per row
-    rows: torch.Tensor | None  # [b] cache rows (None = all B rows, in order)
+    tables: torch.Tensor | None  # [b, T] each row's cache blocks (kv_cache.py); None: row i is block i
     is_causal: bool
     positions: torch.Tensor  # [b, L] absolute positions lengths + 0..L-1
     length_range: tuple[int, int] | None = None  # (min, max) of lengths, when the caller knows them
@@ -40,7 +40,7 @@ class ChunkLayout:
     def build(
         cls,
         lengths: torch.Tensor,
-        rows: torch.Tensor | None,
+        tables: torch.Tensor | None,
         length: int,
         is_causal: bool,
         length_range: tuple[int, int] | None = None,
@@ -48,7 +48,7 @@ class ChunkLayout:
     ) -> "ChunkLayout":
         return cls(
             lengths,
-            rows,
+            tables,
             is_causal,
             lengths[:, None] + torch.arange(length, device=lengths.device),
             length_range,
@@ -62,9 +62,11 @@ class ChunkLayout:
         return int(self.lengths.min()), int(self.lengths.max())  # a host sync
 
     @cached_property
-    def row_index(self) -> torch.Tensor:
-        """[b] cache rows, rows or 0..b-1."""
-        return torch.arange(self.lengths.shape[0], device=self.lengths.device) if self.rows is None else self.rows
+    def block_tables(self) -> torch.Tensor:
+        """[b, T] tables, or [[0], [1], ..] (a dense cache whose rows are the batch)."""
+        if self.tables is not None:
+            return self.tables
+        return torch.arange(self.lengths.shape[0], device=self.lengths.device)[:, None]
 
     @cached_property
     def span(self) -> int:
@@ -95,22 +97,35 @@ def block_attention(
 ) -> torch.Tensor:
     """One layer's attention for a chunk of L tokens per sequence.
 
-    q [b, L, H, D]; k, v [b, L, Hkv, D]; k_cache, v_cache [B, Hkv, S, D] (this layer), in q's dtype
-    or float8_e4m3fn codes with 0-d fp32 k_scale / v_scale (value = code * scale).
+    q [b, L, H, D]; k, v [b, L, Hkv, D]; k_cache, v_cache [N, Hkv, P, D] (this layer's blocks of P
+    positions), in q's dtype or float8_e4m3fn codes with 0-d fp32 k_scale / v_scale (value = code * scale).
+    Row i's position p is block layout.block_tables[i, p // P], offset p % P (kv_cache.py).
     Writes the chunk's K/V at lengths .. lengths+L-1 (a block pass's K/V stays scratch: the
     caller does not advance lengths, and the next causal pass over those positions overwrites it).
     Query i sees the prefix and chunk keys 0..i (causal) or the whole chunk (block). -> [b, L, H, D]
     """
-    rows, span = layout.rows, layout.span
-    k_cache[layout.row_index[:, None], :, layout.positions] = store_cached(k, k_cache.dtype, k_scale)
-    v_cache[layout.row_index[:, None], :, layout.positions] = store_cached(v, v_cache.dtype, v_scale)
-    keys = k_cache[:, :, :span] if rows is None else k_cache[rows, :, :span]
-    values = v_cache[:, :, :span] if rows is None else v_cache[rows, :, :span]
+    span, page = layout.span, k_cache.shape[2]
+    tables = layout.block_tables
+    blocks, offsets = tables.gather(1, layout.positions // page), layout.positions % page  # [b, L] each
+    k_cache[blocks, :, offsets] = store_cached(k, k_cache.dtype, k_scale)
+    v_cache[blocks, :, offsets] = store_cached(v, v_cache.dtype, v_scale)
+    if layout.tables is None:  # a dense cache whose rows are the batch: views, no gather
+        keys, values = k_cache[:, :, :span], v_cache[:, :, :span]
+    else:
+        keys, values = gather_blocks(k_cache, tables, span), gather_blocks(v_cache, tables, span)
     keys, values = load_cached(keys, q.dtype, k_scale), load_cached(values, q.dtype, v_scale)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), keys, values, attn_mask=layout.mask, enable_gqa=q.shape[2] != k.shape[2]
     )
     return out.transpose(1, 2)
+
+
+def gather_blocks(cache: torch.Tensor, tables: torch.Tensor, span: int) -> torch.Tensor:
+    """cache [N, Hkv, P, D] -> [b, Hkv, span, D]: positions 0..span-1 of each row's blocks."""
+    b, page = tables.shape[0], cache.shape[2]
+    num = -(-span // page)
+    rows = cache[tables[:, :num]]  # [b, num, Hkv, P, D]
+    return rows.transpose(1, 2).reshape(b, cache.shape[1], num * page, cache.shape[3])[:, :, :span]
 
 
 def store_cached(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:

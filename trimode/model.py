@@ -199,13 +199,14 @@ class NLDModel(nn.Module):
         length_range: tuple[int, int] | None = None,
         kernels: bool | None = None,
     ) -> torch.Tensor:
-        """tokens [b, L] for cache rows `rows` (None = every row). -> logits [b, L, V] in fp32,
+        """tokens [b, L] for cache slots `rows` (None = every slot). -> logits [b, L, V] in fp32,
         or [b, 1, V] at chunk index logit_index [b] (prefill needs only each row's last logit).
         length_range: (min, max) of the rows' lengths when the caller knows them (no host sync);
         kernels: run the plugins' kernels (None: plugins.ops.use_kernels decides per call)."""
         lengths = cache.lengths if rows is None else cache.lengths[rows]
+        tables = cache.block_tables if rows is None else cache.block_tables[rows]
         layout = ChunkLayout.build(
-            lengths, rows, tokens.shape[1], kind.pattern == Pattern.CAUSAL, length_range, kernels
+            lengths, tables, tokens.shape[1], kind.pattern == Pattern.CAUSAL, length_range, kernels
         )
         use_draft = kind.use_draft
 
@@ -250,5 +251,8 @@ class NLDModel(nn.Module):
         """An FP8 checkpoint with K/V scales gets a float8 cache (codes; value = code * scale)."""
         return E4M3 if self.encoder.layers[0].self_attn.k_scale is not None else self.dtype
 
-    def new_cache(self, num_slots: int, max_len: int) -> KVCache:
-        return KVCache.allocate(self.spec, num_slots, max_len, self.kv_dtype, self.device)
+    def new_cache(
+        self, num_slots: int, max_len: int, block_size: int | None = None, num_blocks: int | None = None
+    ) -> KVCache:
+        """A dense pool (one block of max_len per slot) unless block_size is given (kv_cache.py)."""
+        return KVCache.allocate(self.spec, num_slots, max_len, self.kv_dtype, self.device, block_size, num_blocks)

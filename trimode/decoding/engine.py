@@ -4,11 +4,15 @@
     step() -> {id: new tokens}                  admit + prefill, then one cycle of each mode's policy
     abort(id)                                   the sequence ends and frees its slot at once
 
-One step: waiting sequences take free slots (lowest first) and run one prefill chunk each; those
-whose prompt is then cached emit their first token. Then the sequences that were already running
-run one cycle of their mode's policy, batched by decode config (mode, block length, threshold),
-so one KV pool serves requests of every mode at once. A finished sequence frees its slot at the
-end of the step that finished it; a full pool queues new requests instead of failing.
+One step: the running sequences get the KV blocks their next cycle writes; where the pool has too
+few free, the sequence admitted last is preempted (its blocks freed, back to the front of the
+queue; it resumes later by prefilling its prompt and emitted tokens, so its output is unchanged).
+Then waiting sequences take free slots (lowest first) and blocks for their prompt and first cycle
+(a cached prefix shared, blocks.py) and run one prefill chunk each; those whose prompt is then
+cached emit their first token. Then the sequences that were already running run one cycle of
+their mode's policy, batched by decode config (mode, block length, threshold), so one KV pool
+serves requests of every mode at once. A finished sequence frees its slot and blocks at the end of
+the step that finished it; a full pool queues new requests instead of failing.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 
 from trimode.decoding.ar import ARPolicy
 from trimode.decoding.batch import Batch
+from trimode.decoding.blocks import BlockManager
 from trimode.decoding.diffusion import DiffusionPolicy
 from trimode.decoding.runner import ModelRunner
 from trimode.decoding.self_spec import SelfSpecPolicy
@@ -49,7 +54,9 @@ class Engine:
         """backend: what runs the passes (runner.py); None = the eager reference model.
         block_lengths: the only block lengths the backend runs (a built engine's); None = any."""
         self.model, self.spec, self.config, self.block_lengths = model, model.spec, config, block_lengths
-        self.runner = ModelRunner(model, config.max_slots, config.max_seq_len, backend)
+        self.runner = ModelRunner(model, config, backend)
+        self.blocks = BlockManager(self.runner.cache.num_blocks, self.runner.cache.block_size)
+        self.num_preemptions = 0
         self.policies: dict[Mode, Policy] = {
             Mode.AR: ARPolicy(),
             Mode.DIFFUSION: DiffusionPolicy(),
@@ -98,7 +105,7 @@ class Engine:
 
     def step(self) -> dict[int, list[int]]:
         """One scheduling step -> the tokens each sequence emitted in it (absent: none)."""
-        cycling = [s for s in self.running if s.status is Status.RUNNING]
+        cycling = self._grow([s for s in self.running if s.status is Status.RUNNING])
         self._admit()
         new: dict[int, list[int]] = {}
         prefilling = [s for s in self.running if s.status is Status.PREFILL]
@@ -111,23 +118,74 @@ class Engine:
             policy = self.policies[group[0].decoding.mode]
             for seq, tokens in zip(group, policy.step(Batch(self.runner, group), group[0].decoding)):
                 new[seq.id] = tokens
+        for seq in self.running:
+            self._key_full_blocks(seq)
         for seq in [s for s in self.running if s.finish_reason]:
             self._retire(seq)
         return new
 
+    def _grow(self, cycling: list[Sequence]) -> list[Sequence]:
+        """Blocks for every position each sequence's next cycle writes, preempting the sequence
+        admitted last while too few are free. -> the sequences that still hold their blocks."""
+        for seq in list(cycling):
+            if seq not in self.running:  # preempted for one before it
+                continue
+            need = self.runner.host_lengths[seq.held_slot] + cycle_positions(seq)
+            held = len(seq.kv.blocks)
+            while not self.blocks.grow(seq.kv, need):
+                self._preempt(self.running[-1])  # at worst seq itself: alone, one sequence always fits
+                if seq not in self.running:
+                    break
+            else:
+                self.runner.set_blocks(seq.held_slot, seq.kv.blocks, held)
+        return [s for s in cycling if s in self.running]
+
     def _admit(self) -> None:
+        """Seats and blocks in arrival order (a sequence that does not fit yet waits, and so do those behind it)."""
         while self.waiting and self.runner.num_free:
-            seq = self.waiting.popleft()
-            seq.slot, seq.status = self.runner.allocate(), Status.PREFILL
+            seq = self.waiting[0]
+            tokens = seq.prefill_tokens
+            # a fresh prompt's last token is computed (its logit gives the first token); a resumed one knows it
+            cached = self.blocks.admit(seq.kv, tokens, len(tokens) + cycle_positions(seq), 0 if seq.tokens else 1)
+            if cached is None:
+                break
+            self.waiting.popleft()
+            seq.slot, seq.num_prefilled, seq.status = self.runner.allocate(), cached, Status.PREFILL
+            seq.stats.num_cached_tokens += cached
+            self.runner.set_blocks(seq.slot, seq.kv.blocks)
+            self.runner.advance([seq.slot], [cached])
+            if cached == len(tokens):  # a resumed sequence found whole in the cache
+                seq.status = Status.RUNNING
             self.running.append(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free seq's slot and blocks and queue it first: it resumes by prefilling seq.prefill_tokens."""
+        self._key_full_blocks(seq)  # findable when it resumes
+        self._free_kv(seq)
+        self.running.remove(seq)
+        seq.status, seq.slot, seq.num_prefilled = Status.WAITING, None, 0
+        seq.stats.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _key_full_blocks(self, seq: Sequence) -> None:
+        """Put seq's newly filled blocks in the prefix cache. The cache holds prompt + tokens[:-1]; a
+        last cycle may commit more than was emitted (cut at EOS or max_new_tokens): not keyed."""
+        length = min(self.runner.host_lengths[seq.held_slot], len(seq.prompt) + len(seq.tokens))
+        if length // self.blocks.block_size > len(seq.kv.keys):
+            self.blocks.commit(seq.kv, seq.all_tokens, length)
 
     def _retire(self, seq: Sequence) -> None:
         if seq in self.waiting:
             self.waiting.remove(seq)
         if seq in self.running:
             self.running.remove(seq)
-            self.runner.release(seq.held_slot)
+            self._free_kv(seq)
         seq.status, seq.slot = Status.FINISHED, None
+
+    def _free_kv(self, seq: Sequence) -> None:
+        self.blocks.release(seq.kv)
+        self.runner.release(seq.held_slot)
 
     def _prefill_groups(self, seqs: list[Sequence]) -> list[list[Sequence]]:
         """One batched prefill pass, unless its padding would run past the pool: then one pass each."""
@@ -161,25 +219,34 @@ def check_positions(spec, prompt_len: int, max_new_tokens: int) -> None:
         raise InputError(f"prompt + max_new_tokens exceed max_position_embeddings={spec.max_position_embeddings}")
 
 
+def cycle_positions(seq: Sequence) -> int:
+    """Cache positions past its length that one cycle of seq's mode writes: a token (AR) or a block."""
+    return 1 if seq.decoding.mode is Mode.AR else seq.block_length
+
+
 def _chunk_len(seq: Sequence, prefill_chunk: int | None) -> int:
-    remaining = len(seq.prompt) - seq.num_prefilled
+    remaining = len(seq.prefill_tokens) - seq.num_prefilled
     return remaining if prefill_chunk is None else min(prefill_chunk, remaining)
 
 
 def prefill(batch: Batch, prefill_chunk: int | None) -> list[list[int]]:
     """One causal pass over each sequence's next prompt chunk (ragged chunks padded; the padding's
     K/V stays scratch). A sequence whose prompt is then cached picks its first token from its
-    last prompt logit (which also gives that token's log prob): it is emitted, and becomes its next token."""
+    last prompt logit (which also gives that token's log prob): it is emitted, and becomes its next
+    token. A resumed sequence (preempted) has its next token already: it only runs on."""
     counts = [_chunk_len(s, prefill_chunk) for s in batch.seqs]
     tokens = torch.full((len(batch), max(counts)), batch.spec.pad_token_id or 0, dtype=torch.long)
     for i, (seq, n) in enumerate(zip(batch.seqs, counts)):
-        tokens[i, :n] = torch.tensor(seq.prompt[seq.num_prefilled : seq.num_prefilled + n])
+        tokens[i, :n] = torch.tensor(seq.prefill_tokens[seq.num_prefilled : seq.num_prefilled + n])
     tokens = tokens.to(batch.device)
     out = batch.run(PassKind.PREFILL, tokens, torch.tensor(counts, device=batch.device) - 1)
     batch.advance(counts)
     for seq, n in zip(batch.seqs, counts):
         seq.num_prefilled += n
-    done = [i for i, seq in enumerate(batch.seqs) if seq.num_prefilled == len(seq.prompt)]
+    done = [i for i, seq in enumerate(batch.seqs) if seq.num_prefilled == len(seq.prefill_tokens)]
+    for seq in (batch.seqs[i] for i in done if batch.seqs[i].tokens):
+        seq.status = Status.RUNNING
+    done = [i for i in done if not batch.seqs[i].tokens]
     new: list[list[int]] = [[] for _ in batch.seqs]
     if done:
         sub, last = batch.subset(done), out.rows(done)

@@ -1,15 +1,17 @@
 """ModelRunner: the KV pool for the engine's life and one forward pass at a time (nano-vllm's cut).
 
 `run(kind, tokens [b, L], slots)` runs one pass of a `PassKind` for the sequences in `slots` and
-returns its logits (a PassOutput); `advance(slots, counts)` commits tokens; `allocate` / `release` hand out rows.
+returns its logits (a PassOutput); `advance(slots, counts)` commits tokens; `allocate` / `release`
+hand out slots (a batch seat: a length and a block table), `set_blocks` fills a slot's table with
+the KV blocks the engine's BlockManager gave its sequence.
 The runner keeps each slot's committed length on the host too, so a pass needs no host sync to
 size its attention.
 
 The backend is fixed when the runner is built. A backend is a callable
     backend(kind, tokens [b, L], pool: KVCache, slots: list[int], lengths: list[int], logit_index [b] | None)
     -> logits [b, L, V] fp32 ([b, 1, V] for last-logit kinds), or a PassOutput
-that writes the chunk's K/V into the pool rows `slots` (lengths: their committed lengths, on the
-host). `EagerBackend` (here) is the reference model; the builder's engine dirs supply compiled ones,
+that writes the chunk's K/V into the blocks of `slots` (pool.block_tables[slots]; lengths: their
+committed lengths, on the host). `EagerBackend` (here) is the reference model; the builder's engine dirs supply compiled ones,
 which also return the greedy picks they compute with the logits.
 """
 
@@ -20,6 +22,7 @@ from typing import NamedTuple
 
 import torch
 
+from trimode.decoding.settings import EngineConfig
 from trimode.errors import InputError
 from trimode.kv_cache import KVCache
 from trimode.model import NLDModel
@@ -70,21 +73,18 @@ class EagerBackend:
 
 
 class ModelRunner:
-    def __init__(self, model: NLDModel, max_slots: int, max_seq_len: int, backend=None):
+    def __init__(self, model: NLDModel, config: EngineConfig, backend=None):
         self.model = model
         self.kernels = use_kernels(model.device)  # the plugins' kernels or the torch references, decided once
         self.backend = backend or EagerBackend(model, self.kernels)
-        self.cache = model.new_cache(max_slots, max_seq_len)
-        self.host_lengths = [0] * max_slots
-        self._free = list(range(max_slots))  # a heap: the lowest free slot first keeps batches contiguous
+        self.cache = model.new_cache(config.max_slots, config.max_seq_len, config.block_size, config.num_kv_blocks)
+        self.max_seq_len = config.max_seq_len
+        self.host_lengths = [0] * config.max_slots
+        self._free = list(range(config.max_slots))  # a heap: the lowest free slot first keeps batches contiguous
 
     @property
     def max_slots(self) -> int:
         return self.cache.num_slots
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.cache.max_len
 
     @property
     def num_free(self) -> int:
@@ -97,8 +97,15 @@ class ModelRunner:
 
     def release(self, slot: int) -> None:
         self.cache.lengths[slot] = 0
+        self.cache.block_tables[slot] = self.cache.null_block
         self.host_lengths[slot] = 0
         heapq.heappush(self._free, slot)
+
+    def set_blocks(self, slot: int, blocks: list[int], start: int = 0) -> None:
+        """slot's table from entry `start` on: blocks (the blocks it held before start stay)."""
+        if len(blocks) > start:
+            row = torch.tensor(blocks[start:], dtype=torch.long)
+            self.cache.block_tables[slot, start : len(blocks)] = row.to(self.cache.block_tables.device)
 
     @torch.no_grad()
     def run(

@@ -1,7 +1,7 @@
 """One request's state, from arrival to its last token (nano-vllm's Sequence).
 
-A sequence owns its prompt, its emitted tokens, its KV slot while it runs, its next token (the
-newest token, emitted but not yet in the cache), its statistics, its own sampling parameters and
+A sequence owns its prompt, its emitted tokens, its slot and KV blocks while it runs, its next token
+(the newest token, emitted but not yet in the cache: the cache holds prompt + tokens[:-1]), its statistics, its own sampling parameters and
 its own random stream, so what it generates never depends on which requests share its batch.
 With params.logprobs set it also keeps each emitted token's log prob (and top-k), parallel to tokens.
 """
@@ -12,6 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from enum import Enum
 
+from trimode.decoding.blocks import BlockState
 from trimode.decoding.logprobs import TokenLogProb
 from trimode.decoding.settings import DecodeConfig, SamplingParams
 
@@ -19,7 +20,7 @@ _MASK64 = (1 << 64) - 1
 
 
 class Status(str, Enum):
-    WAITING = "waiting"  # queued: no slot yet
+    WAITING = "waiting"  # queued (or preempted): no slot, no blocks
     PREFILL = "prefill"  # holds a slot; prompt chunks still to run
     RUNNING = "running"  # prompt cached, first token emitted: mode cycles run
     FINISHED = "finished"  # EOS, length or aborted; slot released
@@ -30,6 +31,8 @@ class SequenceStats:
     num_generated: int = 0
     passes: Counter = field(default_factory=Counter)  # by PassKind value
     accepted_lengths: list[int] = field(default_factory=list)  # self-speculation, per cycle
+    num_preemptions: int = 0  # times its blocks were taken back and its prefix recomputed
+    num_cached_tokens: int = 0  # prefill tokens found in the prefix cache instead of computed
 
     @property
     def num_passes(self) -> int:
@@ -66,7 +69,8 @@ class Sequence:
     eos_ids: frozenset[int]  # the checkpoint's EOS ids and params.stop_token_ids
     status: Status = Status.WAITING
     slot: int | None = None
-    num_prefilled: int = 0  # prompt tokens in the cache so far
+    num_prefilled: int = 0  # prefill_tokens in the cache so far
+    kv: BlockState = field(default_factory=BlockState)  # its KV blocks (blocks.py)
     next_token: int | None = None  # emitted, not yet cached: the next pass's first token
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)  # params.logprobs set: one per token
@@ -80,6 +84,16 @@ class Sequence:
         """slot, of a sequence that holds one (prefilling or running: what the engine batches)."""
         assert self.slot is not None, f"sequence {self.id} holds no slot"
         return self.slot
+
+    @property
+    def prefill_tokens(self) -> list[int]:
+        """What a prefill puts in the cache: the prompt, or after a preemption the prompt and every
+        emitted token but the newest (which stays next_token): the cache it had, so it goes on unchanged."""
+        return self.prompt + self.tokens[:-1] if self.tokens else self.prompt
+
+    @property
+    def all_tokens(self) -> list[int]:
+        return self.prompt + self.tokens
 
     @property
     def is_finished(self) -> bool:

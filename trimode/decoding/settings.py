@@ -85,12 +85,26 @@ class DecodeConfig:
 @dataclass(frozen=True)
 class EngineConfig:
     max_slots: int = 8  # sequences in flight at once (Triton's max_batch_size)
-    max_seq_len: int = 4096  # prompt + generated tokens (+ one block) per slot
+    max_seq_len: int = 4096  # the longest sequence: prompt + generated tokens (+ one block)
     prefill_chunk: int | None = None  # None: a prompt is prefilled in one pass
+    kv_block_size: int = 16  # positions per KV block (max_seq_len: a dense slot per sequence)
+    num_kv_blocks: int | None = None  # the pool; None: max_slots sequences of max_seq_len (kv_cache.py)
 
     def __post_init__(self) -> None:
         _check(self.max_slots >= 1, "max_slots", "an integer >= 1", self.max_slots)
         _check(self.max_seq_len >= 2, "max_seq_len", "an integer >= 2", self.max_seq_len)
+        _check(self.kv_block_size >= 1, "kv_block_size", "an integer >= 1", self.kv_block_size)
+        _check(
+            self.num_kv_blocks is None or self.num_kv_blocks >= -(-self.max_seq_len // self.block_size),
+            "num_kv_blocks",
+            f"at least the {-(-self.max_seq_len // self.block_size)} blocks of one max_seq_len sequence",
+            self.num_kv_blocks,
+        )
+
+    @property
+    def block_size(self) -> int:
+        """kv_block_size, at most max_seq_len (a larger block is one dense slot)."""
+        return min(self.kv_block_size, self.max_seq_len)
         _check(
             self.prefill_chunk is None or self.prefill_chunk >= 1,
             "prefill_chunk",
