@@ -1,6 +1,10 @@
 """block_attention as one OpenAI Triton kernel: a chunk of L queries per sequence against its cached
 prefix plus the chunk itself, with the chunk's K/V written into the cache (reference.block_attention).
 
+Paged cache [N, Hkv, PAGE, D]: sequence i's position p is block tables[i, p // PAGE], offset p % PAGE
+(kv_cache.py). Every cache access (chunk writes, key reads) goes through the table per position, so a
+key tile may span blocks. A dense cache is the case PAGE = max_len, tables = [[row], ...].
+
 One program owns (sequence, KV head, tile of BLOCK_M query rows). GQA is packed into the rows:
 row r is chunk token r // GROUP of query head kv_head * GROUP + r % GROUP, so each K/V tile is loaded
 once for every query head that shares it.
@@ -9,12 +13,13 @@ Batch invariance: keys are visited in tiles at fixed absolute positions (0, BLOC
 and read back from the cache, chunk included, with tile sizes that depend only on the head size and
 dtype. A masked key adds exactly zero to the online softmax, so the query at position p gets
 bit-identical output whether it arrives alone (AR decode), inside a 32-token verify chunk, or in a
-larger batch: this is what keeps self-speculation == AR on the GPU (spec §7).
+larger batch: this is what keeps self-speculation == AR on the GPU (spec §7). Where the blocks sit
+changes no tile: a paged pool and a dense cache of the same keys and capacity give the same bits.
 
 Split-KV for long caches: a third grid axis splits the keys into fixed absolute ranges of SPLIT_N
-(chosen from the cache capacity alone), so a batch-1 verify over a 32k prefix runs on many SMs;
-the last split of a tile to finish merges the partial softmaxes in split order. A split a query
-cannot see contributes exact zeros, so the invariance above holds with splits too.
+(chosen from the capacity T * PAGE of a table row alone), so a batch-1 verify over a 32k prefix runs
+on many SMs; the last split of a tile to finish merges the partial softmaxes in split order. A split
+a query cannot see contributes exact zeros, so the invariance above holds with splits too.
 """
 
 from __future__ import annotations
@@ -52,9 +57,9 @@ def _block_attention_kernel(
     k_ptr,
     v_ptr,  # [b, L, Hkv, D] the chunk's keys and values
     kc_ptr,
-    vc_ptr,  # [B, Hkv, S, D] this layer's cache: q's dtype, or float8 codes; written in place
+    vc_ptr,  # [N, Hkv, PAGE, D] this layer's blocks: q's dtype, or float8 codes; written in place
     lengths_ptr,  # [b] int64 committed prefix per sequence
-    rows_ptr,  # [b] int64 cache row per sequence
+    tables_ptr,  # [b, T] int64 each sequence's blocks (row stride s_tb, contiguous along T)
     k_scale_ptr,
     v_scale_ptr,  # [] fp32 (read only when IS_FP8)
     counter_ptr,  # [>= tiles] int32, zero before and after the launch      } split-KV only
@@ -75,6 +80,7 @@ def _block_attention_kernel(
     s_cb,
     s_ch,
     s_cs,
+    s_tb,
     s_ob,
     s_ol,
     s_oh,
@@ -82,6 +88,7 @@ def _block_attention_kernel(
     SM_SCALE: tl.constexpr,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    PAGE: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -94,31 +101,31 @@ def _block_attention_kernel(
     pid_m, pid_bh, pid_split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq, kv_head = pid_bh // num_kv_heads, pid_bh % num_kv_heads
     length = tl.load(lengths_ptr + seq)
-    row = tl.load(rows_ptr + seq)
+    table = tables_ptr + seq * s_tb
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
-    kc_base = kc_ptr + row * s_cb + kv_head * s_ch
-    vc_base = vc_ptr + row * s_cb + kv_head * s_ch
+    kc_head, vc_head = kc_ptr + kv_head * s_ch, vc_ptr + kv_head * s_ch
     if IS_FP8:
         k_scale, v_scale = tl.load(k_scale_ptr), tl.load(v_scale_ptr)
     else:
         k_scale, v_scale = 1.0, 1.0
 
-    # KV rule (spec §4): the chunk's K/V go to positions length .. length+L-1 of the cache. Every
-    # program of this (sequence, KV head) writes the same bytes, then reads them back after a
-    # barrier, so no program depends on another one's stores.
+    # KV rule (spec §4): the chunk's K/V go to positions length .. length+L-1 of the sequence, in
+    # its blocks. Every program of this (sequence, KV head) writes the same bytes, then reads them
+    # back after a barrier, so no program depends on another one's stores.
     t = tl.arange(0, BLOCK_N)
     for start in range(0, chunk_len, BLOCK_N):
         tok = start + t
-        ok = (tok < chunk_len)[:, None] & d_ok[None, :]
+        tok_ok = tok < chunk_len
+        ok = tok_ok[:, None] & d_ok[None, :]
         kt = tl.load(k_ptr + seq * s_kb + tok[:, None] * s_kl + kv_head * s_kh + d[None, :], mask=ok)
         vt = tl.load(v_ptr + seq * s_vb + tok[:, None] * s_vl + kv_head * s_vh + d[None, :], mask=ok)
         if IS_FP8:
             kt = _round_to_e4m3(tl.minimum(tl.maximum(kt.to(tl.float32) / k_scale, -448.0), 448.0))
             vt = _round_to_e4m3(tl.minimum(tl.maximum(vt.to(tl.float32) / v_scale, -448.0), 448.0))
-        pos = length + tok
-        tl.store(kc_base + pos[:, None] * s_cs + d[None, :], kt.to(kc_ptr.dtype.element_ty), mask=ok)
-        tl.store(vc_base + pos[:, None] * s_cs + d[None, :], vt.to(vc_ptr.dtype.element_ty), mask=ok)
+        slot = _slots(table, length + tok, tok_ok, s_cb, s_cs, PAGE)
+        tl.store(kc_head + slot[:, None] + d[None, :], kt.to(kc_ptr.dtype.element_ty), mask=ok)
+        tl.store(vc_head + slot[:, None] + d[None, :], vt.to(vc_ptr.dtype.element_ty), mask=ok)
     tl.debug_barrier()
 
     # Queries: packed rows (chunk token, head in group).
@@ -145,10 +152,12 @@ def _block_attention_kernel(
     if key_start < tile_end:  # splits past this tile's last visible key have nothing to do
         acc, m_i, l_i = _attend(
             q,
-            kc_base,
-            vc_base,
+            kc_head,
+            vc_head,
+            table,
             k_scale,
             v_scale,
+            s_cb,
             s_cs,
             d,
             d_ok,
@@ -156,6 +165,7 @@ def _block_attention_kernel(
             key_start,
             key_end,
             SM_SCALE,
+            PAGE,
             BLOCK_M,
             BLOCK_N,
             BLOCK_D,
@@ -201,12 +211,22 @@ def _block_attention_kernel(
 
 
 @triton.jit
+def _slots(table, pos, ok, s_cb, s_cs, PAGE: tl.constexpr):
+    """Element offsets of absolute positions pos [n] in the blocks of one table row (ok [n]: the
+    positions to touch; the table is read only there, so a masked position reads nothing)."""
+    block = tl.load(table + pos // PAGE, mask=ok, other=0)
+    return block * s_cb + (pos % PAGE) * s_cs
+
+
+@triton.jit
 def _attend(
     q,
-    kc_base,
-    vc_base,
+    kc_head,
+    vc_head,
+    table,
     k_scale,
     v_scale,
+    s_cb,
     s_cs,
     d,
     d_ok,
@@ -214,6 +234,7 @@ def _attend(
     key_start,
     key_end,
     SM_SCALE: tl.constexpr,
+    PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -221,7 +242,8 @@ def _attend(
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Online softmax of the queries over cache keys [key_start, key_end) in absolute BLOCK_N tiles.
+    """Online softmax of the queries over cache keys [key_start, key_end) in absolute BLOCK_N tiles,
+    each key found through the table (a tile may span several blocks).
     -> (unnormalised acc [BLOCK_M, BLOCK_D], running max m [BLOCK_M] (base 2), sum l [BLOCK_M])"""
     qk_scale = SM_SCALE * 1.4426950408889634  # log2(e): exp2 below
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -230,9 +252,11 @@ def _attend(
     n = tl.arange(0, BLOCK_N)
     for start in range(key_start, key_end, BLOCK_N):
         pos = start + n
-        ok = (pos < key_end)[:, None] & d_ok[None, :]
-        kt = tl.load(kc_base + pos[:, None] * s_cs + d[None, :], mask=ok, other=0.0)
-        vt = tl.load(vc_base + pos[:, None] * s_cs + d[None, :], mask=ok, other=0.0)
+        pos_ok = pos < key_end
+        ok = pos_ok[:, None] & d_ok[None, :]
+        slot = _slots(table, pos, pos_ok, s_cb, s_cs, PAGE)
+        kt = tl.load(kc_head + slot[:, None] + d[None, :], mask=ok, other=0.0)
+        vt = tl.load(vc_head + slot[:, None] + d[None, :], mask=ok, other=0.0)
         if IS_FP8:
             kt = kt.to(tl.float32) * k_scale
             vt = vt.to(tl.float32) * v_scale
@@ -260,19 +284,21 @@ def tile_sizes(head_dim: int, device: torch.device) -> tuple[int, int, int]:
 
 
 def split_size(max_len: int, device: torch.device) -> int:
-    """Keys per split-KV program (0 = no split). A function of the cache capacity alone, never of the
-    batch or the chunk, so a sequence's results stay the same from one call to the next. GPU: at
-    most 16 splits, of 512 keys or more; interpreter: 128, so small tests cross split boundaries."""
+    """Keys per split-KV program (0 = no split). A function of the capacity of a table row alone
+    (max_len = T * PAGE positions), never of the batch, the chunk or where the blocks sit, so a
+    sequence's results stay the same from one call to the next. GPU: at most 16 splits, of 512 keys
+    or more; interpreter: 128, so small tests cross split boundaries."""
     if device.type != "cuda":
         return 0 if max_len <= 128 else 128
     return 0 if max_len <= 1024 else max(512, triton.next_power_of_2(triton.cdiv(max_len, 16)))
 
 
 def constants(
-    dtype: torch.dtype, head_dim: int, group: int, is_fp8: bool, device: torch.device, max_len: int = 0
+    dtype: torch.dtype, head_dim: int, group: int, is_fp8: bool, device: torch.device, page: int, max_len: int = 0
 ) -> dict:
     """The kernel's constexpr arguments (shared by the launcher and the TensorRT AOT compile, which
-    passes max_len 0: no split-KV, so the engine needs no scratch)."""
+    passes max_len 0: no split-KV, so the engine needs no scratch). page: positions per cache block
+    (k_cache.shape[2]); max_len: positions a table row addresses (T * page)."""
     block_m, block_n, block_d = tile_sizes(head_dim, device)
     split_n = split_size(max_len, device) if max_len else 0
     return dict(
@@ -281,6 +307,7 @@ def constants(
         SM_SCALE=1.0 / math.sqrt(head_dim),
         GROUP=group,
         HEAD_DIM=head_dim,
+        PAGE=page,
         BLOCK_D=block_d,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
@@ -301,14 +328,16 @@ def launch(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     lengths: torch.Tensor,
-    rows: torch.Tensor | None,
+    tables: torch.Tensor | None,
     is_causal: bool,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """reference.block_attention with the layout given as lengths [b] and cache rows [b] (None = 0..b-1)."""
+    """reference.block_attention with the layout given as lengths [b] and block tables [b, T] int64
+    (ChunkLayout.block_tables; None = [[0], [1], ..], a dense cache whose rows are the batch).
+    The caller keeps lengths + L <= T * P: positions past a table row are not checked (no host sync)."""
     b, L, H, D = q.shape
-    _, Hkv, S, _ = k_cache.shape
+    _, Hkv, page, _ = k_cache.shape
     if k.shape != (b, L, Hkv, D) or v.shape != k.shape or v_cache.shape != k_cache.shape or k_cache.shape[3] != D:
         raise ValueError(
             f"block_attention: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
@@ -323,13 +352,15 @@ def launch(
         raise ValueError(f"block_attention: cache dtype {k_cache.dtype} is neither {q.dtype} nor float8_e4m3fn")
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"block_attention: q/k/v must share one of fp32/fp16/bf16, got {q.dtype}/{k.dtype}/{v.dtype}")
-    if lengths.shape != (b,) or (rows is not None and rows.shape != (b,)):
-        raise ValueError(f"block_attention: lengths and rows must be [{b}]")
-    for name, t in (("q", q), ("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.stride(-1) != 1:
+    if lengths.shape != (b,):
+        raise ValueError(f"block_attention: lengths must be [{b}], got {list(lengths.shape)}")
+    if tables is None:
+        tables = torch.arange(b, device=q.device)[:, None]
+    if tables.dim() != 2 or tables.shape[0] != b or tables.dtype != torch.int64:
+        raise ValueError(f"block_attention: tables must be int64 [{b}, T], got {tables.dtype} {list(tables.shape)}")
+    for name, t in (("q", q), ("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache), ("tables", tables)):
+        if t.stride(-1) != 1 and t.shape[-1] > 1:
             raise ValueError(f"block_attention: {name} must be contiguous in its last dimension")
-    if rows is None:
-        rows = torch.arange(b, device=q.device)
     # without FP8 the scale pointers are never read (IS_FP8 is a constexpr): q stands in for them
     if is_fp8:
         assert k_scale is not None and v_scale is not None  # checked above
@@ -337,7 +368,7 @@ def launch(
     else:
         k_scale, v_scale = q, q
     out = torch.empty_like(q)
-    const = constants(q.dtype, D, H // Hkv, is_fp8, q.device, S)
+    const = constants(q.dtype, D, H // Hkv, is_fp8, q.device, page, tables.shape[1] * page)
     num_tiles = triton.cdiv(L * (H // Hkv), const["BLOCK_M"])
     counters = part_acc = part_ml = None
     if const["SPLIT_N"]:
@@ -352,7 +383,7 @@ def launch(
         k_cache,
         v_cache,
         lengths,
-        rows,
+        tables,
         k_scale,
         v_scale,
         counters,
@@ -365,6 +396,7 @@ def launch(
         *k.stride()[:3],
         *v.stride()[:3],
         *k_cache.stride()[:3],
+        tables.stride(0),
         *out.stride()[:3],
         out,
         **const,

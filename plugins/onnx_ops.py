@@ -3,8 +3,11 @@
 While `torch.onnx.export(..., dynamo=True)` traces the model, ops.py routes each op here and it
 becomes one node in domain "trimode", version 1:
 
-  BlockAttention  (q, k, v, k_cache, v_cache, lengths [b] i64, rows [b] i64, k_scale, v_scale)
+  BlockAttention  (q, k, v, k_cache [N, Hkv, P, D], v_cache, lengths [b] i64, tables [b, T] i64,
+                   k_scale, v_scale)
                   -> (out, k_cache_out, v_cache_out)                   attrs: is_causal
+                  (the caches are blocks of P positions; row i's position p is block
+                   tables[i, p // P], offset p % P: kv_cache.py)
   SpecAccept      (verify_logits [b, L, V], draft [b, L] i64, eos_ids [E] i64, temperature [b] f32,
                    seed [b] i64, counters [b] i32)
                   -> (tokens [b, L] i64, n [b] i64, next_seed [b] i64, is_eos [b] bool)
@@ -65,7 +68,7 @@ def block_attention_node(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One BlockAttention node; reads only layout.lengths, layout.row_index and layout.is_causal.
+    """One BlockAttention node; reads only layout.lengths, layout.block_tables and layout.is_causal.
 
     ONNX is functional: the node returns the caches with the chunk's K/V written as two more
     outputs. Writing them back with copy_ keeps the reference's in-place contract; torch.export
@@ -82,7 +85,7 @@ def block_attention_node(
         k_cache,
         v_cache,
         layout.lengths.long(),
-        layout.row_index.long(),
+        layout.block_tables.long(),
         one if k_scale is None else k_scale.float(),
         one if v_scale is None else v_scale.float(),
     ]
@@ -156,10 +159,12 @@ def _counters(num_sequences: int, device: torch.device) -> torch.Tensor:
 # --- onnxruntime: the references behind the nodes ---------------------------------------------------
 
 
-def _run_block_attention(q, k, v, k_cache, v_cache, lengths, rows, k_scale, v_scale, *, is_causal: int):
-    q, k, v, lengths, rows, k_scale, v_scale = (torch.from_numpy(x) for x in (q, k, v, lengths, rows, k_scale, v_scale))
+def _run_block_attention(q, k, v, k_cache, v_cache, lengths, tables, k_scale, v_scale, *, is_causal: int):
+    q, k, v, lengths, tables, k_scale, v_scale = (
+        torch.from_numpy(x) for x in (q, k, v, lengths, tables, k_scale, v_scale)
+    )
     k_cache, v_cache = torch.from_numpy(k_cache.copy()), torch.from_numpy(v_cache.copy())  # new outputs
-    layout = ChunkLayout.build(lengths, rows, q.shape[1], bool(is_causal))
+    layout = ChunkLayout.build(lengths, tables, q.shape[1], bool(is_causal))
     out = reference.block_attention(q, k, v, k_cache, v_cache, layout, k_scale, v_scale)  # writes the caches
     return out.numpy(), k_cache.numpy(), v_cache.numpy()
 

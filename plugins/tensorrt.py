@@ -14,8 +14,9 @@ What runs without TensorRT (and is tested on CPU): the AOT compile of each kerne
 given GPU, its launch grid and extra args from the input shapes. `register_plugins()` needs TensorRT
 itself, which no machine here can install (notes/stack.md): it is untested until one can.
 
-In-place KV cache: the BlockAttention kernel writes the chunk's K/V into its cache inputs, as the
-torch op does, and the plugin's only output is the attention output. The ONNX node (functional)
+In-place KV cache: the BlockAttention kernel writes the chunk's K/V into its cache inputs (the
+blocks its tables input names), as the torch op does, and the plugin's only output is the attention
+output. The block size is a constexpr: the engine's pool has one, fixed at build. The ONNX node (functional)
 also returns the updated caches: the builder must drop those two outputs, or bind them to the
 input buffers, when it maps the node onto this plugin; that step is open (it needs TensorRT).
 SpecAccept and DiffusionCommit take their per-sequence counters as an input the graph zeroes on
@@ -99,11 +100,13 @@ def block_attention_kernel(
     cache_dtype: torch.dtype,
     head_dim: int,
     group: int,
+    page: int,
     capability: tuple[int, int] = (9, 0),
     max_len: int = 0,
 ) -> AotKernel:
-    """The engine's kernel: max_len 0, no split-KV and no scratch pointers. A max_len compiles the
-    split-KV variant the torch launcher uses on long caches (tests compile it for the GPU that way)."""
+    """The engine's kernel for caches of `page` positions a block: max_len 0, no split-KV and no
+    scratch pointers. A max_len (T * page) compiles the split-KV variant the torch launcher uses on
+    long caches (tests compile it for the GPU that way)."""
     from trimode.plugins import block_attention as ba
 
     pointers = {
@@ -113,7 +116,7 @@ def block_attention_kernel(
         "kc_ptr": cache_dtype,
         "vc_ptr": cache_dtype,
         "lengths_ptr": torch.int64,
-        "rows_ptr": torch.int64,
+        "tables_ptr": torch.int64,
         "k_scale_ptr": torch.float32,
         "v_scale_ptr": torch.float32,
         "out_ptr": dtype,
@@ -121,23 +124,25 @@ def block_attention_kernel(
         "part_acc_ptr": torch.float32,
         "part_ml_ptr": torch.float32,
     }
-    constants = ba.constants(dtype, head_dim, group, cache_dtype == torch.float8_e4m3fn, torch.device("cuda"), max_len)
+    is_fp8 = cache_dtype == torch.float8_e4m3fn
+    constants = ba.constants(dtype, head_dim, group, is_fp8, torch.device("cuda"), page, max_len)
     if not constants["SPLIT_N"]:
         constants.update(counter_ptr=None, part_acc_ptr=None, part_ml_ptr=None)
     return compile_kernel(ba._block_attention_kernel, pointers, constants, capability)
 
 
 def block_attention_launch(
-    q_shape, cache_shape, is_causal: int, block_m: int, cdiv: Callable = lambda a, b: -(-a // b)
+    q_shape, cache_shape, tables_shape, is_causal: int, block_m: int, cdiv: Callable = lambda a, b: -(-a // b)
 ) -> tuple[tuple, list]:
     """Grid and extra args from the input shapes (ints here, TensorRT's symbolic exprs in the plugin):
-    q [b, L, H, D] and the caches [B, Hkv, S, D], all contiguous."""
+    q [b, L, H, D], the caches [N, Hkv, P, D] and the tables [b, T], all contiguous."""
     b, L, H, D = q_shape
-    _, Hkv, S, _ = cache_shape
+    _, Hkv, P, _ = cache_shape
     q_strides = (L * H * D, H * D, D)
     kv_strides = (L * Hkv * D, Hkv * D, D)
-    cache_strides = (Hkv * S * D, S * D, D)
-    extra = [L, is_causal, Hkv, *q_strides, *kv_strides, *kv_strides, *cache_strides, *q_strides]
+    cache_strides = (Hkv * P * D, P * D, D)
+    table_stride = tables_shape[1]
+    extra = [L, is_causal, Hkv, *q_strides, *kv_strides, *kv_strides, *cache_strides, table_stride, *q_strides]
     return (cdiv(L * (H // Hkv), block_m), b * Hkv, 1), extra
 
 
@@ -223,7 +228,7 @@ def register_plugins() -> None:
         k_cache: trtp.TensorDesc,
         v_cache: trtp.TensorDesc,
         lengths: trtp.TensorDesc,
-        rows: trtp.TensorDesc,
+        tables: trtp.TensorDesc,
         k_scale: trtp.TensorDesc,
         v_scale: trtp.TensorDesc,
         is_causal: int,
@@ -231,11 +236,17 @@ def register_plugins() -> None:
         return q.like()
 
     @trtp.aot_impl(f"{NAMESPACE}::BlockAttention")
-    def _aot(q, k, v, k_cache, v_cache, lengths, rows, k_scale, v_scale, is_causal: int, outputs, tactic):
-        head_dim, num_kv_heads = int(q.shape_expr[3]), int(k_cache.shape_expr[1])
+    def _aot(q, k, v, k_cache, v_cache, lengths, tables, k_scale, v_scale, is_causal: int, outputs, tactic):
+        # head_dim, the KV heads and the block size are build-time constants of the engine's pool
+        head_dim, num_kv_heads, page = int(q.shape_expr[3]), int(k_cache.shape_expr[1]), int(k_cache.shape_expr[2])
         group = int(q.shape_expr[2]) // num_kv_heads
         kernel = block_attention_kernel(
-            torch_dtype[q.dtype], torch_dtype[k_cache.dtype], head_dim, group, torch.cuda.get_device_capability()
+            torch_dtype[q.dtype],
+            torch_dtype[k_cache.dtype],
+            head_dim,
+            group,
+            page,
+            torch.cuda.get_device_capability(),
         )
         from trimode.plugins.block_attention import tile_sizes
 
@@ -243,7 +254,12 @@ def register_plugins() -> None:
             trtp,
             kernel,
             block_attention_launch(
-                q.shape_expr, k_cache.shape_expr, is_causal, tile_sizes(head_dim, torch.device("cuda"))[0], trtp.cdiv
+                q.shape_expr,
+                k_cache.shape_expr,
+                tables.shape_expr,
+                is_causal,
+                tile_sizes(head_dim, torch.device("cuda"))[0],
+                trtp.cdiv,
             ),
         )
 

@@ -4,7 +4,9 @@ block_attention  at 8B-like shapes (32 query heads, 8 KV heads, head_dim 128, bf
                  chunk L = 32 (verify / block passes) and L = 1 (AR decode), against
                  - reference: our torch reference (cache write by index + SDPA with the boolean mask),
                  - sdpa: SDPA alone on the already-written cache with the same mask,
-                 - flex: torch.compile'd flex_attention with the same mask as a BlockMask (CUDA only).
+                 - flex: torch.compile'd flex_attention with the same mask as a BlockMask (CUDA only);
+                 with --block-size N also `paged`: the kernel on the same keys in a paged pool of
+                 N-position blocks in shuffled order (kv_cache.py; the engine's default is 16).
 spec_accept      verify logits [B, 32, 131072] fp32: kernel vs torch argmax + compare (the reference).
 diffusion_commit block logits [B, 32, 131072] fp32, threshold 0.9: kernel vs the torch reference.
 Every row also records the kernel's max error against the reference, so a speed-up is never
@@ -41,7 +43,9 @@ def timed_us(fn, device: torch.device, reps: int) -> float:
     return 1e6 * sorted(times)[len(times) // 2]
 
 
-def attention_rows(device, dtype, heads, kv_heads, head_dim, prefixes, chunks, batches, reps, use_flex) -> list[dict]:
+def attention_rows(
+    device, dtype, heads, kv_heads, head_dim, prefixes, chunks, batches, reps, use_flex, block_size=0
+) -> list[dict]:
     from trimode.plugins import block_attention as kernel
     from trimode.plugins.reference import ChunkLayout, block_attention
 
@@ -86,8 +90,29 @@ def attention_rows(device, dtype, heads, kv_heads, head_dim, prefixes, chunks, b
                 )
                 if flex is not None:
                     row["flex_us"] = _time_flex(flex, qt, k_cache, v_cache, prefix, L, is_causal, device, reps)
+                if block_size:
+                    row["paged"] = _paged(
+                        kernel, q, k, v, k_cache, v_cache, lengths, is_causal, expected, gen, reps, block_size
+                    )
                 rows.append(_with_speedup(row))
     return rows
+
+
+def _paged(kernel, q, k, v, k_cache, v_cache, lengths, is_causal, expected, gen, reps, page) -> dict:
+    """The kernel over the same keys in shuffled blocks of `page` positions (plus a null block)."""
+    b, num_kv_heads, S, head_dim = k_cache.shape
+    T = -(-S // page)
+    tables = torch.randperm(b * T, generator=gen, device=q.device).view(b, T)
+    pools = []
+    for cache in (k_cache, v_cache):
+        pool = cache.new_zeros(b * T + 1, num_kv_heads, page, head_dim)
+        padded = torch.nn.functional.pad(cache, (0, 0, 0, T * page - S))
+        pool[tables] = padded.view(b, num_kv_heads, T, page, head_dim).transpose(1, 2)
+        pools.append(pool)
+    got = kernel.launch(q, k, v, *pools, lengths, tables, is_causal)
+    kernel_us = timed_us(lambda: kernel.launch(q, k, v, *pools, lengths, tables, is_causal), q.device, reps)
+    err = float((got.float() - expected.float()).abs().max())
+    return {"block_size": page, "kernel_us": round(kernel_us, 2), "max_abs_err": err}
 
 
 def _flex(device: torch.device):
@@ -166,6 +191,9 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--small", action="store_true", help="CPU dry run: tiny shapes (TRITON_INTERPRET=1)")
     parser.add_argument("--no-flex", action="store_true", help="skip flex_attention (its compiles take time)")
+    parser.add_argument(
+        "--block-size", type=int, default=0, help="also time block_attention on a paged pool of these blocks (0: off)"
+    )
     parser.add_argument("--json", dest="json_path", default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -185,7 +213,7 @@ def main() -> int:
     report["triton"] = triton.__version__
     if args.small:
         report["rows"] = attention_rows(
-            device, torch.float32, 4, 2, 16, (16, 40), ((4, True), (1, True)), (1,), 2, False
+            device, torch.float32, 4, 2, 16, (16, 40), ((4, True), (1, True)), (1,), 2, False, args.block_size
         ) + sampling_rows(device, 300, 4, (1,), 2)
     else:
         report["rows"] = attention_rows(
@@ -199,6 +227,7 @@ def main() -> int:
             (1, 8),
             50,
             not args.no_flex,
+            args.block_size,
         )
         report["rows"] += sampling_rows(device, 131072, 32, (1, 8, 64), 50)
     text = json.dumps(report, indent=2)

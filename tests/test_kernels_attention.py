@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pytest
 import torch
 
@@ -24,32 +26,70 @@ def fp32_atol(expected: torch.Tensor, D: int, S: int) -> float:
     return bound(expected, attention_accumulations(D, S))
 
 
-def make_case(device, b, H, Hkv, D, L, lengths, dtype=torch.float32, fp8=False, num_rows=None, seed=0):
+class Case(NamedTuple):
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    lengths: torch.Tensor
+    tables: torch.Tensor | None  # None: the dense cache whose rows are the batch
+    k_scale: torch.Tensor | None
+    v_scale: torch.Tensor | None
+
+
+def make_case(device, b, H, Hkv, D, L, lengths, dtype=torch.float32, fp8=False, num_rows=None, seed=0) -> Case:
+    """A dense cache [num_rows or b, Hkv, max(lengths) + L + 3, D] of random values."""
     g = torch.Generator().manual_seed(seed)
-    rows = num_rows or b
     S = max(lengths) + L + 3
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=g).to(dtype).to(device)
-
-    q, k, v = rand(b, L, H, D), rand(b, L, Hkv, D), rand(b, L, Hkv, D)
-    k_cache, v_cache = rand(rows, Hkv, S, D), rand(rows, Hkv, S, D)
-    k_scale = v_scale = None
-    if fp8:
-        k_scale, v_scale = torch.tensor(0.011, device=device), torch.tensor(0.017, device=device)
-        k_cache = (k_cache.float() / k_scale).to(E4M3)
-        v_cache = (v_cache.float() / v_scale).to(E4M3)
-    return q, k, v, k_cache, v_cache, torch.tensor(lengths, device=device), k_scale, v_scale
+    q, k, v = (rand(g, device, dtype, *shape) for shape in ((b, L, H, D), (b, L, Hkv, D), (b, L, Hkv, D)))
+    caches = [rand(g, device, dtype, num_rows or b, Hkv, S, D) for _ in range(2)]
+    return with_scales(Case(q, k, v, *caches, torch.tensor(lengths, device=device), None, None, None), fp8)
 
 
-def run_both(case, is_causal, rows=None):
-    q, k, v, k_cache, v_cache, lengths, k_scale, v_scale = case
-    kc, vc = k_cache.clone(), v_cache.clone()
-    out = launch(q, k, v, k_cache, v_cache, lengths, rows, is_causal, k_scale, v_scale)
-    expected = block_attention(
-        q, k, v, kc, vc, ChunkLayout.build(lengths, rows, q.shape[1], is_causal), k_scale, v_scale
-    )
-    return out, expected, (k_cache, v_cache), (kc, vc)
+def make_paged_case(device, b, H, Hkv, D, L, lengths, page, fp8=False, num_spare=3, seed=0) -> Case:
+    """A paged pool of blocks of `page` positions, in random order: each row holds the blocks its
+    prefix and chunk need, its table is padded with the null block (the last one) to the longest
+    row's and one more entry, and num_spare blocks belong to no row."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (rand(g, device, torch.float32, *shape) for shape in ((b, L, H, D), (b, L, Hkv, D), (b, L, Hkv, D)))
+    needed = [-(-(n + L) // page) for n in lengths]
+    num_blocks = sum(needed) + num_spare + 1
+    null = num_blocks - 1
+    order = torch.randperm(null, generator=g).tolist()
+    tables = torch.full((b, max(needed) + 1), null, dtype=torch.int64)
+    for i, n in enumerate(needed):
+        tables[i, :n] = torch.tensor(order[:n])
+        order = order[n:]
+    caches = [rand(g, device, torch.float32, num_blocks, Hkv, page, D) for _ in range(2)]
+    return with_scales(Case(q, k, v, *caches, torch.tensor(lengths, device=device), tables.to(device), None, None), fp8)
+
+
+def rand(g, device, dtype, *shape):
+    return torch.randn(*shape, generator=g).to(dtype).to(device)
+
+
+def with_scales(case: Case, fp8: bool) -> Case:
+    if not fp8:
+        return case
+    k_scale, v_scale = (torch.tensor(s, device=case.q.device) for s in (0.011, 0.017))
+    k_cache, v_cache = (case.k_cache.float() / k_scale).to(E4M3), (case.v_cache.float() / v_scale).to(E4M3)
+    return case._replace(k_cache=k_cache, v_cache=v_cache, k_scale=k_scale, v_scale=v_scale)
+
+
+def run_both(case: Case, is_causal):
+    """The kernel on the case's caches, the reference on copies -> (out, expected, caches, expected caches)."""
+    kc, vc = case.k_cache.clone(), case.v_cache.clone()
+    out = launch(*case[:7], is_causal, case.k_scale, case.v_scale)
+    layout = ChunkLayout.build(case.lengths, case.tables, case.q.shape[1], is_causal)
+    expected = block_attention(case.q, case.k, case.v, kc, vc, layout, case.k_scale, case.v_scale)
+    return out, expected, (case.k_cache, case.v_cache), (kc, vc)
+
+
+def unowned_blocks(case: Case) -> list[int]:
+    """Blocks no table row names (the spare ones and the null block)."""
+    owned = set(case.tables.flatten().tolist())
+    return [i for i in range(case.k_cache.shape[0]) if i not in owned]
 
 
 @pytest.mark.parametrize("is_causal", [True, False], ids=["causal", "block"])
@@ -96,37 +136,124 @@ def test_fp8_cache_codes_and_output(device, dtype, L, lengths):
     torch.testing.assert_close(out.float(), expected.float(), atol=atol, rtol=0 if dtype == torch.float32 else atol)
 
 
-def test_cache_rows_select_sequences(device):
-    """rows map batch entries onto cache rows (the decoders' active subset); other rows stay untouched."""
+def test_dense_tables_select_cache_rows(device):
+    """A dense cache with tables [[3], [1]]: the decoders' active subset of rows; other rows stay untouched."""
     case = make_case(device, 2, 4, 2, 16, 4, [2, 5], num_rows=4)
-    rows = torch.tensor([3, 1], device=device)
-    untouched = [case[3][[0, 2]].clone(), case[4][[0, 2]].clone()]
-    out, expected, caches, expected_caches = run_both(case, True, rows)
+    case = case._replace(tables=torch.tensor([[3], [1]], device=device))
+    untouched = [case.k_cache[[0, 2]].clone(), case.v_cache[[0, 2]].clone()]
+    out, expected, caches, expected_caches = run_both(case, True)
     torch.testing.assert_close(out, expected, atol=fp32_atol(expected, 16, 9), rtol=0)
     assert all(torch.equal(c, e) for c, e in zip(caches, expected_caches))
     assert torch.equal(caches[0][[0, 2]], untouched[0]) and torch.equal(caches[1][[0, 2]], untouched[1])
 
 
+# --- paged caches --------------------------------------------------------------------------------------
+# Blocks of 4 and 16 positions (smaller than the interpreter's 64-key tile, so one tile spans several
+# blocks) and of 96 (larger, and not a multiple of it: a block boundary inside a tile).
+
+
+@pytest.mark.parametrize("is_causal", [True, False], ids=["causal", "block"])
+@pytest.mark.parametrize(
+    "page, b, H, Hkv, D, L, lengths",
+    [
+        (4, 2, 4, 2, 16, 4, [0, 7]),  # ragged, one empty prefix, GQA 2:1
+        (4, 3, 4, 1, 16, 8, [5, 4, 21]),  # GQA 4:1, chunks crossing block boundaries
+        (4, 2, 4, 2, 16, 4, [150, 3]),  # split-KV: capacity 160 > 128 under the interpreter
+        (16, 1, 8, 2, 16, 1, [37]),  # AR decode
+        (16, 2, 6, 3, 24, 32, [3, 17]),  # a full block pass over three blocks; head_dim not a power of two
+        (16, 1, 4, 4, 16, 32, [200]),  # split-KV, the chunk crossing a split boundary
+        (96, 2, 4, 2, 16, 8, [90, 0]),  # a block larger than a key tile
+    ],
+)
+def test_paged_kernel_matches_reference(device, is_causal, page, b, H, Hkv, D, L, lengths):
+    case = make_paged_case(device, b, H, Hkv, D, L, lengths, page)
+    spare = unowned_blocks(case)
+    before = [case.k_cache[spare].clone(), case.v_cache[spare].clone()]
+    out, expected, caches, expected_caches = run_both(case, is_causal)
+    torch.testing.assert_close(out, expected, atol=fp32_atol(expected, D, max(lengths) + L), rtol=0)
+    assert all(torch.equal(c, e) for c, e in zip(caches, expected_caches))  # chunk K/V written in its blocks
+    # blocks in no table row (the spare ones, and the null block: no chunk runs past its blocks here)
+    assert all(torch.equal(c[spare], x) for c, x in zip(caches, before))
+    for i, n in enumerate(lengths):  # the chunk's keys sit at positions n .. n+L-1 of the row's blocks
+        pos = torch.arange(n, n + L, device=device)
+        assert torch.equal(caches[0][case.tables[i, pos // page], :, pos % page], case.k[i])
+
+
+@pytest.mark.parametrize("lengths", [[3, 9], [140, 30]], ids=["short", "split-kv"])
+@pytest.mark.parametrize("page", [4, 16])
+def test_paged_fp8_cache(device, page, lengths):
+    """The float8 path on a paged pool: codes written in the row's blocks exactly as the reference."""
+    case = make_paged_case(device, 2, 4, 2, 16, 4, lengths, page, fp8=True, seed=1)
+    spare = unowned_blocks(case)
+    before = case.k_cache[spare].view(torch.uint8).clone()
+    out, expected, caches, expected_caches = run_both(case, True)
+    for c, e in zip(caches, expected_caches):
+        assert c.dtype == E4M3 and torch.equal(c.view(torch.uint8), e.view(torch.uint8))
+    assert torch.equal(caches[0][spare].view(torch.uint8), before)
+    torch.testing.assert_close(out, expected, atol=fp32_atol(expected, 16, max(lengths) + 4), rtol=0)
+
+
+def test_chunk_past_its_blocks_writes_the_null_block(device):
+    """A row whose table ends before its chunk does (a padded chunk): the excess lands in the null
+    block, as in the reference, and no other row's block is written."""
+    case = make_paged_case(device, 2, 4, 2, 16, 4, [5, 2], 4, num_spare=1)
+    null = case.k_cache.shape[0] - 1
+    tables = case.tables.clone()
+    tables[0, 2] = null  # row 0 writes positions 5..8: position 8 has no block of its own
+    case = case._replace(tables=tables)
+    out, expected, caches, expected_caches = run_both(case, False)
+    torch.testing.assert_close(out, expected, atol=fp32_atol(expected, 16, 9), rtol=0)
+    assert all(torch.equal(c, e) for c, e in zip(caches, expected_caches))
+    assert torch.equal(caches[0][null, :, 0], case.k[0, 3])
+
+
+@pytest.mark.parametrize("is_causal", [True, False], ids=["causal", "block"])
+@pytest.mark.parametrize("page, lengths", [(4, [6, 0, 13]), (16, [150, 40, 3])], ids=["short", "split-kv"])
+def test_paged_layout_equals_dense_layout(device, is_causal, page, lengths):
+    """The layout itself: the same keys in a dense cache and scattered over shuffled blocks give
+    bit-identical kernel outputs (the same tiles, splits and sums; only the addresses differ), the
+    same cache contents after the write, and reference outputs within the reordering bound."""
+    b, H, Hkv, D, L = 3, 4, 2, 16, 4
+    paged = make_paged_case(device, b, H, Hkv, D, L, lengths, page, seed=2)
+    T = paged.tables.shape[1]
+
+    def dense_view(cache):  # [b, Hkv, T * page, D]: each row's blocks in table order (null block included)
+        return cache[paged.tables].transpose(1, 2).reshape(b, Hkv, T * page, D)
+
+    dense = paged._replace(k_cache=dense_view(paged.k_cache), v_cache=dense_view(paged.v_cache), tables=None)
+    out_paged, expected_paged, paged_caches, _ = run_both(paged, is_causal)
+    out_dense, expected_dense, dense_caches, _ = run_both(dense, is_causal)
+    assert torch.equal(out_paged, out_dense)
+    assert all(torch.equal(dense_view(p), d) for p, d in zip(paged_caches, dense_caches))
+    atol = fp32_atol(expected_dense, D, max(lengths) + L)
+    torch.testing.assert_close(expected_paged, expected_dense, atol=atol, rtol=0)
+
+
 @pytest.mark.parametrize("c", [60, 124], ids=["tiles", "splits"])  # the chunk straddles two key tiles / splits
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_chunk_and_batch_invariance(device, dtype, c):
+@pytest.mark.parametrize("dtype, page", [(torch.float32, None), (torch.bfloat16, None), (torch.float32, 16)])
+def test_chunk_and_batch_invariance(device, dtype, page, c):
     """A query's output is bit-identical alone (AR decode, L=1, batch 1) and inside a causal chunk
-    of 8 in a batch of 3: the property self-speculation == AR needs on the GPU."""
+    of 8 in a batch of 3: the property self-speculation == AR needs on the GPU. page 16: a paged
+    pool in shuffled blocks, the chunk crossing a block boundary."""
     b, H, Hkv, D, L = 3, 4, 2, 16, 8
-    q, k, v, k_cache, v_cache, _, _, _ = make_case(device, b, H, Hkv, D, L, [c] * b, dtype=dtype, seed=3)
-    chunk_out = launch(q, k, v, k_cache, v_cache, torch.full((b,), c, device=device), None, True)
+    if page is None:
+        case = make_case(device, b, H, Hkv, D, L, [c] * b, dtype=dtype, seed=3)
+    else:
+        case = make_paged_case(device, b, H, Hkv, D, L, [c] * b, page, seed=3)
+    q, k, v, k_cache, v_cache, lengths, tables = case[:7]
+    chunk_out = launch(q, k, v, k_cache, v_cache, lengths, tables, True)
     # The chunk launch wrote its K/V into k_cache / v_cache: replay sequence 1 token by token over
-    # copies of that cache row, each token seeing exactly the keys it saw inside the chunk.
+    # copies of its cache row (dense) or of the pool with its table row (paged), each token seeing
+    # exactly the keys it saw inside the chunk.
     for i in range(L):
-        lengths = torch.tensor([c + i], device=device)
         single = launch(
             q[1:2, i : i + 1],
             k[1:2, i : i + 1],
             v[1:2, i : i + 1],
-            k_cache[1:2].clone(),
-            v_cache[1:2].clone(),
-            lengths,
-            None,
+            k_cache[1:2].clone() if tables is None else k_cache.clone(),
+            v_cache[1:2].clone() if tables is None else v_cache.clone(),
+            torch.tensor([c + i], device=device),
+            None if tables is None else tables[1:2],
             True,
         )
         assert torch.equal(single[0, 0], chunk_out[1, i]), f"token {i}"
@@ -143,28 +270,32 @@ def test_ops_dispatch_uses_the_kernel(device, kernels, monkeypatch):
             return real(*args)
 
     monkeypatch.setattr(torch.ops.trimode, "block_attention", Spy())
-    q, k, v, k_cache, v_cache, lengths, _, _ = make_case(device, 2, 4, 2, 16, 4, [1, 3])
+    q, k, v, k_cache, v_cache, lengths, tables = make_paged_case(device, 2, 4, 2, 16, 4, [1, 3], 4)[:7]
     kc, vc = k_cache.clone(), v_cache.clone()
-    layout = ChunkLayout.build(lengths, None, 4, False)
+    layout = ChunkLayout.build(lengths, tables, 4, False)
     out = ops.block_attention(q, k, v, k_cache, v_cache, layout)
     expected = block_attention(q, k, v, kc, vc, layout)
-    assert len(calls) == 1
+    assert len(calls) == 1 and calls[0][6] is tables  # the layout's block tables
     torch.testing.assert_close(out, expected, atol=fp32_atol(expected, 16, 7), rtol=0)
 
 
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda c: (c[0][..., :8],) + c[1:], "do not fit"),
-        (lambda c: c[:3] + (c[3].double(), c[4].double()) + c[5:], "cache dtype"),
-        (lambda c: c[:3] + (c[3].to(E4M3), c[4].to(E4M3)) + c[5:], "k_scale"),
-        (lambda c: c[:5] + (c[5][:1],) + c[6:], "lengths"),
+        (lambda c: c._replace(q=c.q[..., :8]), "do not fit"),
+        (lambda c: c._replace(k_cache=c.k_cache.double(), v_cache=c.v_cache.double()), "cache dtype"),
+        (lambda c: c._replace(k_cache=c.k_cache.to(E4M3), v_cache=c.v_cache.to(E4M3)), "k_scale"),
+        (lambda c: c._replace(lengths=c.lengths[:1]), "lengths"),
+        (lambda c: c._replace(tables=c.tables[:1]), r"tables must be int64 \[2, T\]"),
+        (lambda c: c._replace(tables=c.tables[:, 0]), "tables must be int64"),
+        (lambda c: c._replace(tables=c.tables.int()), "tables must be int64"),
+        (lambda c: c._replace(tables=c.tables.t().contiguous().t()), "tables must be contiguous"),
     ],
 )
 def test_launcher_rejects_bad_input(device, change, message):
-    case = change(make_case(device, 2, 4, 2, 16, 4, [1, 3]))
+    case = change(make_paged_case(device, 2, 4, 2, 16, 4, [1, 3], 4))
     with pytest.raises(ValueError, match=message):
-        launch(*case[:6], None, True, *case[6:])
+        launch(*case[:7], True, *case[7:])
 
 
 def test_unknown_kernel_choice_is_a_config_error(monkeypatch):

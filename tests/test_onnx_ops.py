@@ -32,8 +32,8 @@ class BlockAttention(nn.Module):
         super().__init__()
         self.is_causal = is_causal
 
-    def forward(self, q, k, v, k_cache, v_cache, lengths, rows=None, k_scale=None, v_scale=None):
-        layout = ChunkLayout.build(lengths, rows, q.shape[1], self.is_causal)
+    def forward(self, q, k, v, k_cache, v_cache, lengths, tables=None, k_scale=None, v_scale=None):
+        layout = ChunkLayout.build(lengths, tables, q.shape[1], self.is_causal)
         out = ops.block_attention(q, k, v, k_cache, v_cache, layout, k_scale, v_scale)
         return out, k_cache, v_cache
 
@@ -105,55 +105,76 @@ def test_missing_stack_names_the_extra(monkeypatch):
 # --- BlockAttention ----------------------------------------------------------------------------------
 
 
-def attention_inputs(b, L, H, Hkv, num_rows, max_len=16, dtype=torch.float32):
+def attention_inputs(b, L, H, Hkv, num_blocks, page=16, dtype=torch.float32):
+    """q, k, v and caches [num_blocks, Hkv, page, D] (a dense cache: one block of page positions per row)."""
     g = torch.Generator().manual_seed(b * 100 + L * 10 + H + Hkv)
     q = torch.randn(b, L, H, HEAD_DIM, generator=g)
     k, v = (torch.randn(b, L, Hkv, HEAD_DIM, generator=g) for _ in range(2))
-    k_cache, v_cache = (torch.randn(num_rows, Hkv, max_len, HEAD_DIM, generator=g).to(dtype) for _ in range(2))
+    k_cache, v_cache = (torch.randn(num_blocks, Hkv, page, HEAD_DIM, generator=g).to(dtype) for _ in range(2))
     return q, k, v, k_cache, v_cache
 
 
-def attention_model(exported, is_causal: bool, with_rows: bool):
-    q, k, v, k_cache, v_cache = attention_inputs(2, 3, 10, 5, 7 if with_rows else 2)
+def paged_tables(lengths: list[int], L: int, page: int, seed: int = 0) -> tuple[torch.Tensor, int]:
+    """Tables [b, T] over shuffled blocks, each row padded with the null block (the last one) -> (tables, N)."""
+    needed = [-(-(n + L) // page) for n in lengths]
+    null = sum(needed) + 1  # one spare block that no row holds
+    order = torch.randperm(null, generator=torch.Generator().manual_seed(seed)).tolist()
+    tables = torch.full((len(lengths), max(needed) + 1), null)
+    for i, n in enumerate(needed):
+        tables[i, :n], order = torch.tensor(order[:n]), order[n:]
+    return tables, null + 1
+
+
+def attention_model(exported, is_causal: bool, with_tables: bool):
+    """One graph per pattern, for every shape; with_tables: the tables are an input (exported paged:
+    [2, 3] tables over blocks of 4), otherwise the graph makes the dense [[0], [1], ..]."""
+    tables, num_blocks = paged_tables([4, 1], 3, 4) if with_tables else (None, 2)
+    q, k, v, k_cache, v_cache = attention_inputs(2, 3, 10, 5, num_blocks, page=4 if with_tables else 16)
     args = (q, k, v, k_cache, v_cache, torch.tensor([4, 1]))
     shapes = (
         {0: "b", 1: "L", 2: "H"},
         {0: "b", 1: "L", 2: "Hkv"},
         {0: "b", 1: "L", 2: "Hkv"},
-        {0: "B", 1: "Hkv", 2: "S"},
-        {0: "B", 1: "Hkv", 2: "S"},
+        {0: "N", 1: "Hkv", 2: "P"},
+        {0: "N", 1: "Hkv", 2: "P"},
         {0: "b"},
     )
-    if with_rows:
-        args, shapes = args + (torch.tensor([5, 0]),), shapes + ({0: "b"},)
-    return exported(f"attention-{is_causal}-{with_rows}", BlockAttention(is_causal), args, shapes)
+    if with_tables:
+        args, shapes = args + (tables,), shapes + ({0: "b", 1: "T"},)
+    return exported(f"attention-{is_causal}-{with_tables}", BlockAttention(is_causal), args, shapes)
 
 
 @pytest.mark.parametrize(
-    "is_causal, rows, lengths, L, H, Hkv",
+    "is_causal, tables, page, lengths, L, H, Hkv",
     [
-        (True, None, [3, 0], 4, 4, 2),  # ragged with an empty prefix, GQA 2:1
-        (True, None, [5, 2], 1, 4, 1),  # one token, GQA 4:1
-        (True, None, [2, 2], 4, 2, 2),  # equal prefixes, no GQA
-        (False, [2, 0], [0, 3], 4, 4, 1),  # block pattern on cache rows 2 and 0 of 3
-        (False, [1, 2], [6, 6], 1, 4, 2),
+        (True, None, 16, [3, 0], 4, 4, 2),  # ragged with an empty prefix, GQA 2:1
+        (True, None, 16, [5, 2], 1, 4, 1),  # one token, GQA 4:1
+        (True, None, 16, [2, 2], 4, 2, 2),  # equal prefixes, no GQA
+        (False, [[2], [0]], 16, [0, 3], 4, 4, 1),  # block pattern on a dense cache's rows 2 and 0 of 3
+        (False, [[1], [2]], 16, [6, 6], 1, 4, 2),
+        (True, "paged", 4, [5, 0], 4, 4, 2),  # shuffled blocks of 4, tables padded with the null block
+        (False, "paged", 4, [9, 3, 2], 3, 4, 1),
+        (True, "paged", 2, [6, 1], 1, 2, 2),  # AR decode over blocks of 2
     ],
 )
-def test_block_attention(exported, is_causal, rows, lengths, L, H, Hkv):
-    model = attention_model(exported, is_causal, rows is not None)
-    num_rows = 3 if rows is not None else len(lengths)
-    q, k, v, k_cache, v_cache = attention_inputs(len(lengths), L, H, Hkv, num_rows)
+def test_block_attention(exported, is_causal, tables, page, lengths, L, H, Hkv):
+    model = attention_model(exported, is_causal, tables is not None)
+    if tables == "paged":
+        tables, num_blocks = paged_tables(lengths, L, page, seed=len(lengths))
+    else:
+        tables, num_blocks = (None, len(lengths)) if tables is None else (torch.tensor(tables), 3)
+    q, k, v, k_cache, v_cache = attention_inputs(len(lengths), L, H, Hkv, num_blocks, page)
     lengths = torch.tensor(lengths)
-    rows = None if rows is None else torch.tensor(rows)
-    args = (q, k, v, k_cache, v_cache, lengths) + (() if rows is None else (rows,))
+    args = (q, k, v, k_cache, v_cache, lengths) + (() if tables is None else (tables,))
 
     expected_k, expected_v = k_cache.clone(), v_cache.clone()
-    layout = ChunkLayout.build(lengths, rows, L, is_causal)
+    layout = ChunkLayout.build(lengths, tables, L, is_causal)
     expected = reference.block_attention(q, k, v, expected_k, expected_v, layout)
     out, k_out, v_out = run(model, args)
 
     # onnxruntime runs the node's torch reference, our expected value is the reference again: other shapes, other order
-    atol = bound(expected, attention_accumulations(q.shape[-1], k_cache.shape[2] + L))
+    capacity = page * (1 if tables is None else tables.shape[1])
+    atol = bound(expected, attention_accumulations(q.shape[-1], capacity + L))
     torch.testing.assert_close(out, expected, atol=atol, rtol=0)
     assert torch.equal(k_out, expected_k) and torch.equal(v_out, expected_v)
     assert not torch.equal(k_out, k_cache)  # the chunk's K was written
@@ -161,21 +182,25 @@ def test_block_attention(exported, is_causal, rows, lengths, L, H, Hkv):
     node, attrs = only_node(model, "BlockAttention")
     assert attrs == {**TENSORRT, "is_causal": int(is_causal)}
     assert len(node.input) == 9 and len(node.output) == 3
+    if tables is not None:
+        assert node.input[6] == "tables"  # the layout's block tables, straight from the graph input
     # the caches the module returns are the node's updated caches
     assert [o.name for o in model.graph.output] == list(node.output)
 
 
 def test_block_attention_fp8_cache_graph(exported):
     """FP8 codes cannot reach a Python op (no numpy float8): check the graph TensorRT would get."""
-    q, k, v, k_cache, v_cache = attention_inputs(2, 3, 10, 5, 2, dtype=torch.float8_e4m3fn)
-    args = (q, k, v, k_cache, v_cache, torch.tensor([4, 1]), None, torch.tensor(0.5), torch.tensor(0.25))
+    tables, num_blocks = paged_tables([4, 1], 3, 4)
+    q, k, v, k_cache, v_cache = attention_inputs(2, 3, 10, 5, num_blocks, page=4, dtype=torch.float8_e4m3fn)
+    args = (q, k, v, k_cache, v_cache, torch.tensor([4, 1]), tables, torch.tensor(0.5), torch.tensor(0.25))
     model = exported("attention-fp8", BlockAttention(True), args, None)
 
     node, attrs = only_node(model, "BlockAttention")
     assert attrs == {**TENSORRT, "is_causal": 1}
-    assert list(node.input[7:]) == ["k_scale", "v_scale"]
+    assert list(node.input[6:]) == ["tables", "k_scale", "v_scale"]
     types = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.input) + list(model.graph.output)}
     assert types["k_cache"] == types[node.output[1]] == onnx.TensorProto.FLOAT8E4M3FN
+    assert types["tables"] == onnx.TensorProto.INT64
     assert types[node.output[0]] == onnx.TensorProto.FLOAT
 
 
@@ -351,7 +376,9 @@ class CausalForward(nn.Module):
         self.model = model
 
     def forward(self, tokens, k, v, lengths):
-        return self.model(tokens, KVCache(list(k.unbind(0)), list(v.unbind(0)), lengths), PassKind.VERIFY), k, v
+        tables = torch.arange(lengths.shape[0], device=lengths.device)[:, None]  # dense: slot i in block i
+        cache = KVCache(list(k.unbind(0)), list(v.unbind(0)), lengths, tables)
+        return self.model(tokens, cache, PassKind.VERIFY), k, v
 
 
 def test_model_forward(tiny_dir, tmp_path):
@@ -370,7 +397,7 @@ def test_model_forward(tiny_dir, tmp_path):
         path,
         dynamo=True,
         verbose=False,
-        dynamic_shapes=({0: "b", 1: "L"}, {1: "b", 3: "S"}, {1: "b", 3: "S"}, {0: "b"}),
+        dynamic_shapes=({0: "b", 1: "L"}, {1: "N", 3: "S"}, {1: "N", 3: "S"}, {0: "b"}),
     )
 
     onnx_model = onnx.load(path)

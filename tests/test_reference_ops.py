@@ -155,11 +155,14 @@ def test_diffusion_commit_threshold_commits_the_best_and_the_confident():
     assert new.tolist() == [[7, MASK, 4, 5]]
 
 
+@pytest.mark.parametrize("page", [None, 4, 3], ids=["dense", "paged-4", "paged-3"])
 @pytest.mark.parametrize("is_causal", [True, False])
 @pytest.mark.parametrize("L, prefix_lengths", [(3, [0, 5]), (3, [4, 4]), (1, [4, 4]), (1, [2, 0])])
-def test_block_attention_matches_dense_masked_attention(is_causal, L, prefix_lengths):
+def test_block_attention_matches_dense_masked_attention(is_causal, L, prefix_lengths, page):
+    """page: the same cache rows cut into blocks of `page` positions, stored in shuffled order behind
+    tables padded with a null block (kv_cache.py): the same attention, the chunk written in the blocks."""
     g = torch.Generator().manual_seed(0)
-    b, H, Hkv, D, S = 2, 4, 2, 8, 16
+    b, H, Hkv, D, S = 2, 4, 2, 8, 12
     lengths = torch.tensor(prefix_lengths)
     k_cache, v_cache = torch.randn(b, Hkv, S, D, generator=g), torch.randn(b, Hkv, S, D, generator=g)
     q, k, v = (
@@ -168,10 +171,23 @@ def test_block_attention_matches_dense_masked_attention(is_causal, L, prefix_len
         torch.randn(b, L, Hkv, D, generator=g),
     )
     prefix_k, prefix_v = k_cache.clone(), v_cache.clone()
-    out = block_attention(q, k, v, k_cache, v_cache, ChunkLayout.build(lengths, None, L, is_causal))
+    if page is None:
+        out = block_attention(q, k, v, k_cache, v_cache, ChunkLayout.build(lengths, None, L, is_causal))
+    else:
+        T = S // page
+        null = b * T
+        tables = torch.cat([torch.randperm(null, generator=g).view(b, T), torch.full((b, 1), null)], 1)
+        pool_k, pool_v = (torch.randn(null + 1, Hkv, page, D, generator=g) for _ in range(2))
+        for pool, cache in ((pool_k, k_cache), (pool_v, v_cache)):  # row i's positions t*page.. in block tables[i, t]
+            pool[tables[:, :T]] = cache.view(b, Hkv, T, page, D).transpose(1, 2)
+        out = block_attention(q, k, v, pool_k, pool_v, ChunkLayout.build(lengths, tables, L, is_causal))
+        # the pool read back in table order: the rows, with the chunk written (the null block not read)
+        k_cache, v_cache = (pool[tables[:, :T]].transpose(1, 2).reshape(b, Hkv, S, D) for pool in (pool_k, pool_v))
     for row in range(b):
         c = int(lengths[row])
         assert torch.equal(k_cache[row, :, c : c + L], k[row].transpose(0, 1))  # chunk K/V written at c
+        assert torch.equal(v_cache[row, :, c : c + L], v[row].transpose(0, 1))
+        assert torch.equal(k_cache[row, :, :c], prefix_k[row, :, :c])  # the prefix kept
         keys = torch.cat([prefix_k[row, :, :c], k[row].transpose(0, 1)], 1).repeat_interleave(H // Hkv, 0)
         values = torch.cat([prefix_v[row, :, :c], v[row].transpose(0, 1)], 1).repeat_interleave(H // Hkv, 0)
         scores = q[row].transpose(0, 1) @ keys.transpose(1, 2) / D**0.5  # [H, L, c+L]

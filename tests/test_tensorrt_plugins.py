@@ -35,7 +35,7 @@ def capture_launch(monkeypatch, module, kernel_name: str) -> dict:
     class Capture:
         def __getitem__(self, grid):
             def launch(*args, **constexprs):
-                seen["grid"], seen["args"] = grid, args
+                seen["grid"], seen["args"], seen["constexprs"] = grid, args, constexprs
 
             return launch
 
@@ -52,11 +52,11 @@ def ptx_params(ptx: str, name: str) -> list[str]:
 @pytest.mark.parametrize("cache_dtype", ["bfloat16", "float8_e4m3fn"])
 def test_block_attention_compiles_for_hopper(cache_dtype):
     kernel = compile_in_subprocess(
-        f"t.block_attention_kernel(torch.bfloat16, torch.{cache_dtype}, head_dim=128, group=4)"
+        f"t.block_attention_kernel(torch.bfloat16, torch.{cache_dtype}, head_dim=128, group=4, page=16)"
     )
     params = ptx_params(kernel["ptx"], kernel["name"])
-    # 9 input pointers, 18 int32 extra args, the output pointer (then Triton's own scratch pointers)
-    assert params[:9] == ["u64"] * 9 and params[9:27] == ["u32"] * 18 and params[27] == "u64"
+    # 9 input pointers, 19 int32 extra args, the output pointer (then Triton's own scratch pointers)
+    assert params[:9] == ["u64"] * 9 and params[9:28] == ["u32"] * 19 and params[28] == "u64"
     assert ".target sm_90" in kernel["ptx"] and kernel["num_threads"] == 128
     assert ("cvt.rn.satfinite.e4m3x2" in kernel["ptx"]) == (cache_dtype == "float8_e4m3fn")
 
@@ -65,24 +65,30 @@ def test_split_kv_variant_compiles_for_hopper():
     """The long-cache variant the torch launcher runs on CUDA (never compiled by the CPU tests, which
     interpret it): three more pointers (counters, partials) and the atomic of its finishing program."""
     kernel = compile_in_subprocess(
-        "t.block_attention_kernel(torch.bfloat16, torch.bfloat16, head_dim=128, group=4, max_len=32768)"
+        "t.block_attention_kernel(torch.bfloat16, torch.bfloat16, head_dim=128, group=4, page=16, max_len=32768)"
     )
     params = ptx_params(kernel["ptx"], kernel["name"])
-    assert params[:12] == ["u64"] * 12 and params[12:30] == ["u32"] * 18 and params[30] == "u64"
+    assert params[:12] == ["u64"] * 12 and params[12:31] == ["u32"] * 19 and params[31] == "u64"
     assert re.search(r"atom\.[\w.]*acq_rel", kernel["ptx"])
 
 
-def test_block_attention_extra_args_match_the_torch_launcher(monkeypatch):
-    """The plugin computes strides from shapes; the torch launcher reads them off tensors: same list."""
+@pytest.mark.parametrize("page, num_blocks, T", [(8, 7, 3), (20, 2, 1)], ids=["paged", "dense"])
+def test_block_attention_extra_args_match_the_torch_launcher(monkeypatch, page, num_blocks, T):
+    """The plugin computes strides from shapes; the torch launcher reads them off tensors: same list,
+    and the block size the plugin compiles in is the one the launcher passes."""
     from trimode.plugins import block_attention as ba
 
-    b, L, H, Hkv, D, S = 2, 4, 4, 2, 16, 20
+    b, L, H, Hkv, D = 2, 4, 4, 2, 16
     q = torch.randn(b, L, H, D)
     k = v = torch.randn(b, L, Hkv, D)
-    cache = torch.zeros(b, Hkv, S, D)
+    cache = torch.zeros(num_blocks, Hkv, page, D)
+    tables = torch.arange(b * T).view(b, T) % (num_blocks - 1)
     seen = capture_launch(monkeypatch, ba, "_block_attention_kernel")
-    ba.launch(q, k, v, cache, cache.clone(), torch.tensor([3, 0]), None, True)
-    grid, extra = trt_plugins.block_attention_launch(q.shape, cache.shape, 1, ba.tile_sizes(D, q.device)[0])
+    ba.launch(q, k, v, cache, cache.clone(), torch.tensor([3, 0]), tables, True)
+    grid, extra = trt_plugins.block_attention_launch(
+        q.shape, cache.shape, tables.shape, 1, ba.tile_sizes(D, q.device)[0]
+    )
+    assert seen["args"][6] is tables and seen["constexprs"]["PAGE"] == page
     assert seen["args"][9:12] == (None, None, None)  # short cache: no split-KV scratch, as in the engine
     assert list(seen["args"][12:-1]) == extra and grid[:2] == seen["grid"][:2]
 
