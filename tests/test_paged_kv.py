@@ -279,3 +279,24 @@ def test_engine_pool_is_the_configured_blocks(tiny):
     with pytest.raises(InputError, match="num_kv_blocks"):
         EngineConfig(max_slots=3, max_seq_len=64, kv_block_size=8, num_kv_blocks=7)
     assert torch.equal(cache.block_tables, torch.full((3, 8), 20))
+
+
+# --- through the kernels (interpreted on CPU) ------------------------------------------------------------
+
+
+def test_kernels_on_a_paged_pool_give_the_dense_reference_tokens(tiny, monkeypatch):
+    """block_attention's kernel reading and writing 4-position blocks (several per key tile, a shared
+    prefix, a preemption) gives the tokens of the torch reference on a dense pool."""
+    from trimode.plugins import ops
+
+    shared = tiny.tokenizer.encode("def generate(prompt, max_new_tokens=32):")
+    prompts = [shared, shared + [7, 8], tiny.tokenizer.encode("A")]
+    requests = [(Mode.SELF_SPEC, 4, 0.0, 0), (Mode.AR, None, 0.0, 0), (Mode.DIFFUSION, 4, 0.0, 0)]
+    monkeypatch.setenv(ops.KERNELS_ENV, "reference")
+    _, want = run(tiny, dense(3), prompts, requests, max_new_tokens=8)
+    monkeypatch.setenv(ops.KERNELS_ENV, "triton")
+    config = EngineConfig(max_slots=3, max_seq_len=40, kv_block_size=4, num_kv_blocks=10)  # one sequence's worth
+    engine, got = run(tiny, config, prompts, requests, max_new_tokens=8)
+    assert engine.runner.kernels
+    assert [s.tokens for s in got] == [s.tokens for s in want]
+    assert engine.num_preemptions > 0 and engine.blocks.stats.hit_tokens > 0  # resumed from the prefix cache

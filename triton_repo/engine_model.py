@@ -128,11 +128,17 @@ class TritonPythonModel:
         self.vocab_size = self.built.checkpoint.spec.vocab_size
         self.default_block_length = self.built.default_block_length
         self.is_decoupled = bool(config.get("model_transaction_policy", {}).get("decoupled"))
-        self.metrics = TritonMetrics(config["name"], self.built.config.max_slots)
+        engine = self.built.new_engine()
+        pool = engine.runner.cache
+        pb_utils.Logger.log_info(
+            f"trimode engine model: KV pool of {pool.num_blocks} blocks x {pool.block_size} positions "
+            f"({pool.num_bytes / (1 << 20):.1f} MiB), {engine.config.max_slots} slots"
+        )
+        self.metrics = TritonMetrics(config["name"], self.built.config.max_slots, engine.runner.cache)
         # `trimode serve` names a file whose creation starts a drain (server.py; loop.py)
         drain_file = os.environ.get("TRIMODE_DRAIN_FILE")
         self.loop = EngineLoop(
-            self.built.new_engine(),
+            engine,
             int(params["max_queued_requests"]),
             self.metrics,
             Path(drain_file) if drain_file else None,

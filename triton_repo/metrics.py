@@ -10,7 +10,13 @@
     trimode_speculation_cycles_total{mode}       self-spec: draft + verify cycles
     trimode_batch_occupancy{mode}                sequences holding a slot at the last step (mode="all": the pool)
     trimode_batch_occupancy_max{mode}            the most at any step since the server started
-    trimode_kv_slots                             the KV pool's slots (occupancy{mode="all"} / this: pool usage)
+    trimode_kv_slots                             the engine's slots: sequences that can hold KV at once
+    trimode_kv_blocks, trimode_kv_block_size     the KV pool: blocks of block_size positions, and its bytes
+    trimode_kv_cache_bytes
+    trimode_kv_blocks_used                       blocks held by sequences at the last step (/ kv_blocks: usage)
+    trimode_preemptions_total                    sequences whose blocks were taken back (they resume later)
+    trimode_prefix_cache_queried_tokens_total    prefill tokens looked up in the prefix cache
+    trimode_prefix_cache_hit_tokens_total        of those, found: hit rate = hit / queried
     trimode_requests_waiting                     prompts accepted and waiting for a slot, at the last step
     trimode_queue_time_seconds{mode}             histogram: arrival to a KV slot, one observation a request
     trimode_time_to_first_token_seconds{mode}    histogram: arrival to the first token
@@ -44,11 +50,23 @@ _COUNTERS = {
     "trimode_forward_passes_total": "Forward passes, counted per request",
     "trimode_accepted_tokens_total": "Self-speculation: drafted tokens accepted and emitted",
     "trimode_speculation_cycles_total": "Self-speculation: draft + verify cycles",
+    "trimode_preemptions_total": "Sequences preempted when the KV pool ran out of blocks",
+    "trimode_prefix_cache_queried_tokens_total": "Prefill tokens looked up in the prefix cache",
+    "trimode_prefix_cache_hit_tokens_total": "Prefill tokens found in the prefix cache (not computed)",
 }
+_KV_COUNTERS = (  # KVUsage's counter fields (decoding/engine.py), in order after blocks_used
+    "trimode_preemptions_total",
+    "trimode_prefix_cache_queried_tokens_total",
+    "trimode_prefix_cache_hit_tokens_total",
+)
 _GAUGES = {
     "trimode_batch_occupancy": "Sequences holding a KV slot at the last engine step",
     "trimode_batch_occupancy_max": "Most sequences holding a KV slot at any engine step",
-    "trimode_kv_slots": "Slots of the KV pool",
+    "trimode_kv_slots": "Slots of the engine: sequences that can hold KV at once",
+    "trimode_kv_blocks": "Blocks of the KV pool",
+    "trimode_kv_block_size": "Positions per KV block",
+    "trimode_kv_cache_bytes": "Bytes of the KV pool",
+    "trimode_kv_blocks_used": "KV blocks held by sequences at the last engine step",
     "trimode_requests_waiting": "Prompts accepted and waiting for a KV slot at the last engine step",
 }
 _HISTOGRAMS = {
@@ -74,11 +92,12 @@ class NullMetrics:
     def scheduled(self, seq, queue_time_s: float) -> None: ...
     def first_token(self, seq, ttft_s: float) -> None: ...
     def finished(self, seq, inter_token_s: float | None = None) -> None: ...
-    def step(self, running: list, num_waiting: int = 0) -> None: ...
+    def step(self, running: list, num_waiting: int = 0, kv=None) -> None: ...
 
 
 class TritonMetrics(NullMetrics):
-    def __init__(self, model_name: str, num_slots: int = 0):
+    def __init__(self, model_name: str, num_slots: int = 0, pool=None):
+        """pool: the engine's KVCache (its blocks, block size and bytes are reported once)."""
         import triton_python_backend_utils as pb_utils
 
         kinds = pb_utils.MetricFamily
@@ -92,8 +111,13 @@ class TritonMetrics(NullMetrics):
         self._max: Counter = Counter()
         self._occupancy: dict[str, int] = {}  # the value each occupancy gauge was last set to
         self._num_waiting = -1
-        self.step([])  # every occupancy gauge present (0) before the first request
+        self._kv = (-1, 0, 0, 0)  # the KVUsage last reported
+        self.step([], kv=(0, 0, 0, 0))  # every occupancy gauge present (0) before the first request
         self._get("trimode_kv_slots").set(num_slots)
+        if pool is not None:
+            self._get("trimode_kv_blocks").set(pool.num_blocks)
+            self._get("trimode_kv_block_size").set(pool.block_size)
+            self._get("trimode_kv_cache_bytes").set(pool.num_bytes)
 
     def _get(self, family: str, **labels):
         key = (family, *sorted(labels.items()))
@@ -132,7 +156,15 @@ class TritonMetrics(NullMetrics):
             self._get("trimode_accepted_tokens_total", mode=mode).increment(accepted_tokens(stats))
             self._get("trimode_speculation_cycles_total", mode=mode).increment(len(stats.accepted_lengths))
 
-    def step(self, running: list, num_waiting: int = 0) -> None:
+    def step(self, running: list, num_waiting: int = 0, kv=None) -> None:
+        """kv: the engine's KVUsage now (None: unchanged)."""
+        if kv is not None and tuple(kv) != self._kv:
+            if kv[0] != self._kv[0]:
+                self._get("trimode_kv_blocks_used").set(kv[0])
+            for name, now, before in zip(_KV_COUNTERS, kv[1:], self._kv[1:]):
+                if now > before:
+                    self._get(name).increment(now - before)
+            self._kv = tuple(kv)
         if num_waiting != self._num_waiting:
             self._num_waiting = num_waiting
             self._get("trimode_requests_waiting").set(num_waiting)

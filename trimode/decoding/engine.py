@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -34,6 +34,15 @@ from trimode.decoding.settings import DecodeConfig, EngineConfig, SamplingParams
 from trimode.errors import InputError
 from trimode.model import NLDModel
 from trimode.passes import Mode, PassKind
+
+
+class KVUsage(NamedTuple):
+    """The pool at a step boundary (metrics): counters since the engine was built."""
+
+    blocks_used: int  # held by a sequence (cached blocks nobody holds are free)
+    preemptions: int
+    prefix_queried_tokens: int
+    prefix_hit_tokens: int
 
 
 class Policy(Protocol):
@@ -55,7 +64,8 @@ class Engine:
         block_lengths: the only block lengths the backend runs (a built engine's); None = any."""
         self.model, self.spec, self.config, self.block_lengths = model, model.spec, config, block_lengths
         self.runner = ModelRunner(model, config, backend)
-        self.blocks = BlockManager(self.runner.cache.num_blocks, self.runner.cache.block_size)
+        cache = self.runner.cache
+        self.blocks = BlockManager(cache.num_blocks, cache.block_size, config.enable_prefix_caching)
         self.num_preemptions = 0
         self.policies: dict[Mode, Policy] = {
             Mode.AR: ARPolicy(),
@@ -70,6 +80,10 @@ class Engine:
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def kv_usage(self) -> KVUsage:
+        stats = self.blocks.stats
+        return KVUsage(self.blocks.num_used, self.num_preemptions, stats.queried_tokens, stats.hit_tokens)
 
     def add(
         self, prompt: list[int], params: SamplingParams = SamplingParams(), decoding: DecodeConfig = DecodeConfig()

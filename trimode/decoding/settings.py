@@ -89,6 +89,7 @@ class EngineConfig:
     prefill_chunk: int | None = None  # None: a prompt is prefilled in one pass
     kv_block_size: int = 16  # positions per KV block (max_seq_len: a dense slot per sequence)
     num_kv_blocks: int | None = None  # the pool; None: max_slots sequences of max_seq_len (kv_cache.py)
+    enable_prefix_caching: bool = True  # share full blocks of equal prefixes between requests (blocks.py)
 
     def __post_init__(self) -> None:
         _check(self.max_slots >= 1, "max_slots", "an integer >= 1", self.max_slots)
