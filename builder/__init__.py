@@ -53,6 +53,30 @@ def check_finite(checkpoint_dir: Path, model: torch.nn.Module) -> None:
             )
 
 
+def kv_blocks_for(settings: BuildSettings, model) -> int | None:
+    """The blocks --kv-cache-memory holds for this model's K/V dtype on its device (None: no budget
+    given, the default pool). A budget below one max_seq_len sequence: InputError with the numbers."""
+    from trimode.kv_cache import blocks_for_memory
+
+    if settings.kv_cache_memory is None:
+        return None
+    return blocks_for_memory(
+        model.spec, model.kv_dtype, settings.block_size, settings.max_seq_len, settings.kv_cache_memory, model.device
+    )
+
+
+def kv_cache_record(model, settings: BuildSettings) -> dict:
+    """The manifest's "kv_cache": the pool an engine of these settings allocates (the null block counted)."""
+    from trimode.kv_cache import block_bytes
+
+    return {
+        "block_size": settings.block_size,
+        "num_blocks": settings.pool_blocks,
+        "dtype": str(model.kv_dtype).removeprefix("torch."),
+        "bytes": (settings.pool_blocks + 1) * block_bytes(model.spec, settings.block_size, model.kv_dtype),
+    }
+
+
 def build_engine(
     checkpoint_dir: Path,
     out_dir: Path,
@@ -75,18 +99,24 @@ def build_engine(
     # a non-NLD checkpoint fails here, nothing written; MODEL_DTYPE: a backend that computes in one dtype
     # (onnx: fp32) is checked against the eager model in that dtype
     ck = load_checkpoint(checkpoint_dir, device=device, dtype=getattr(backend, "MODEL_DTYPE", None))
-    settings = settings.resolved(ck.spec.block_size)
+    settings = settings.resolved(ck.spec.block_size, kv_blocks_for(settings, ck.model))
     if settings.max_seq_len > ck.spec.max_position_embeddings:
         raise InputError(
             f"--max-seq-len {settings.max_seq_len}: above the model's max_position_embeddings "
             f"({ck.spec.max_position_embeddings})"
         )
     check_finite(checkpoint_dir, ck.model)
-    check_pool(ck.model, settings.max_batch_size, settings.max_seq_len)
+    check_pool(ck.model, settings.pool_blocks, settings.block_size)
     shapes = pass_shapes(settings.block_lengths)
     if on_start:
         on_start(shapes)
-    config = EngineConfig(settings.max_batch_size, settings.max_seq_len, settings.max_input_len)
+    config = EngineConfig(
+        settings.max_batch_size,
+        settings.max_seq_len,
+        settings.max_input_len,
+        kv_block_size=settings.kv_block_size,
+        num_kv_blocks=settings.num_kv_blocks,
+    )
     with stage_output(out_dir, STAGE, [checkpoint_dir], force) as tmp:
         shutil.copytree(checkpoint_dir, tmp / CHECKPOINT_DIR, ignore=shutil.ignore_patterns("manifest.json"))
         began = time.perf_counter()
@@ -105,6 +135,7 @@ def build_engine(
                 "has_draft_adapter": ck.model.has_draft_adapter,
             },
             "quantization": read_quant_config(checkpoint_dir),
+            "kv_cache": kv_cache_record(ck.model, settings),
             "input": {"path": str(checkpoint_dir), "digest_sha256": input_digest(checkpoint_dir)},
             "programs": [{"kind": s.kind.value, "length": s.length, "name": s.name} for s in shapes],
             "build_seconds": round(time.perf_counter() - began, 1),

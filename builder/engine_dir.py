@@ -45,7 +45,13 @@ class BuiltEngine:
     @property
     def config(self) -> EngineConfig:
         s = self.manifest["settings"]
-        return EngineConfig(s["max_batch_size"], s["max_seq_len"], s["max_input_len"])
+        return EngineConfig(
+            s["max_batch_size"],
+            s["max_seq_len"],
+            s["max_input_len"],
+            kv_block_size=s["kv_block_size"],
+            num_kv_blocks=s["num_kv_blocks"],
+        )
 
     @property
     def block_lengths(self) -> tuple[int, ...]:
@@ -62,10 +68,10 @@ class BuiltEngine:
         return Engine(self.checkpoint.model, self.config, backend=self.backend, block_lengths=self.block_lengths)
 
 
-def check_pool(model, max_batch_size: int, max_seq_len: int) -> None:
+def check_pool(model, num_blocks: int, block_size: int) -> None:
     """Refuse, before a program is compiled or loaded, the engine's KV pool where this device cannot
     hold it (allocating it checks again; this is the check before the costly work)."""
-    check_pool_fits(model.spec, max_batch_size, max_seq_len, model.kv_dtype, model.device)
+    check_pool_fits(model.spec, num_blocks, block_size, model.kv_dtype, model.device)
 
 
 def self_test(model, tokenizer, backend, config: EngineConfig, block_length: int) -> dict[str, list[list[int]]]:
@@ -98,7 +104,8 @@ def load_engine(engine_dir: Path, device: str | torch.device | None = None) -> B
     check_manifest(engine_dir, manifest, device)
     module = backend_module(manifest["settings"]["backend"])
     ck = load_checkpoint(engine_dir / CHECKPOINT_DIR, device=device, dtype=getattr(module, "MODEL_DTYPE", None))
-    check_pool(ck.model, manifest["settings"]["max_batch_size"], manifest["settings"]["max_seq_len"])
+    s = manifest["settings"]
+    check_pool(ck.model, s["num_kv_blocks"], min(s["kv_block_size"], s["max_seq_len"]))
     backend = module.load(engine_dir, ck.model, manifest["backend"])
     built = BuiltEngine(engine_dir, manifest, ck, backend)
     got = self_test(ck.model, ck.tokenizer, backend, built.config, built.block_lengths[0])

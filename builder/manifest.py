@@ -19,7 +19,8 @@ from trimode.errors import EngineError, InputError
 from trimode.passes import Mode
 from trimode.stage_output import MANIFEST, file_digest
 
-FORMAT = 2  # 2: one block program per block length, with a causal input (torch backend)
+FORMAT = 3  # 2: one block program per block length, with a causal input (torch backend); 3: a paged KV pool
+FORMAT_CHANGES = {3: "the KV cache became a pool of blocks (--kv-block-size, --kv-cache-memory)"}
 STAGE = "build"
 # The libraries each backend's files depend on: a different version on load means a rebuild.
 LIBRARIES = {
@@ -91,8 +92,11 @@ def read_manifest(engine_dir: Path) -> dict:
         what = f"a {stage} output" if isinstance(stage, str) else f"its {MANIFEST} is not a trimode manifest"
         raise EngineError(f"{engine_dir}: {what}, not an engine dir (build one with `trimode build`)")
     if manifest.get("format") != FORMAT:
+        found = manifest.get("format")
+        since = f" (since format {FORMAT}, {FORMAT_CHANGES[FORMAT]})" if type(found) is int and found < FORMAT else ""
         raise EngineError(
-            f"{engine_dir}: engine format {manifest.get('format')!r}, this trimode reads {FORMAT}; rebuild the engine"
+            f"{engine_dir}: engine format {found!r}, this trimode reads {FORMAT}{since}; "
+            f"rebuild the engine with `trimode build`"
         )
     if manifest.get("digest_sha256") != _json_digest({k: v for k, v in manifest.items() if k != "digest_sha256"}):
         raise EngineError(f"{engine_dir}/{MANIFEST} was edited after the build; rebuild the engine")
@@ -159,8 +163,9 @@ def check_fields(engine_dir: Path, manifest: dict) -> None:
     field("settings", ok=_is_dict, expected="an object")
     backend = field("settings", "backend", ok=lambda v: _is_str(v) and v in LIBRARIES, expected=" | ".join(LIBRARIES))
     field("settings", "device", ok=lambda v: v in DEVICES, expected=" | ".join(DEVICES))
-    for key in ("max_batch_size", "max_seq_len", "max_input_len"):
+    for key in ("max_batch_size", "max_seq_len", "max_input_len", "kv_block_size", "num_kv_blocks"):
         field("settings", key, ok=_is_count, expected="an integer >= 1")
+    field("settings", "kv_cache_memory", ok=lambda v: v is None or _is_str(v), expected="a string or null")
     lengths = field(
         "settings",
         "block_lengths",
@@ -173,7 +178,17 @@ def check_fields(engine_dir: Path, manifest: dict) -> None:
         BuildSettings(
             **{
                 k: settings[k]
-                for k in ("backend", "max_batch_size", "max_seq_len", "max_input_len", "device", "onnx_only")
+                for k in (
+                    "backend",
+                    "max_batch_size",
+                    "max_seq_len",
+                    "max_input_len",
+                    "device",
+                    "onnx_only",
+                    "kv_block_size",
+                    "kv_cache_memory",
+                    "num_kv_blocks",
+                )
             },
             block_lengths=tuple(lengths),
         )
@@ -186,6 +201,16 @@ def check_fields(engine_dir: Path, manifest: dict) -> None:
     field("model", "dtype", ok=_is_str, expected="a string")
     field("model", "has_draft_adapter", ok=lambda v: isinstance(v, bool), expected="true or false")
     field("quantization", ok=lambda v: v is None or _is_dict(v), expected="an object or null")
+    block_size = min(settings["kv_block_size"], settings["max_seq_len"])
+    field("kv_cache", "block_size", ok=lambda v: v == block_size, expected=f"{block_size} (the settings')")
+    field(
+        "kv_cache",
+        "num_blocks",
+        ok=lambda v: v == settings["num_kv_blocks"],
+        expected=f"settings.num_kv_blocks ({settings['num_kv_blocks']})",
+    )
+    field("kv_cache", "dtype", ok=_is_str, expected="a string")
+    field("kv_cache", "bytes", ok=_is_count, expected="an integer >= 1")
     for key in ("path", "digest_sha256"):
         field("input", key, ok=_is_str, expected="a string")
 
@@ -209,7 +234,13 @@ def check_fields(engine_dir: Path, manifest: dict) -> None:
         ok=lambda v: _is_list(v, lambda f: _is_str(f) and f in files),
         expected="a list of files of the build (files)",
     )
-    for key in ("max_seq_len", "max_input_len", *(("max_batch_size",) if backend != "torch" else ())):
+    for key in (
+        "max_seq_len",
+        "max_input_len",
+        "kv_block_size",
+        "num_kv_blocks",
+        *(("max_batch_size",) if backend != "torch" else ()),
+    ):
         field("backend", key, ok=lambda v: v == settings[key], expected=f"settings.{key} ({settings[key]})")
 
     def program_files(key: str, every: bool) -> None:

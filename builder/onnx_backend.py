@@ -4,19 +4,20 @@ One ONNX file per program (`program.pass_shapes`), `onnx/<shape.name>.onnx` in t
 **native graph** (`NativePass`, manifest "graph": "native"), standard ONNX operators only:
 
   inputs   tokens       [b, L] int64       b dynamic 1..max_batch_size; L fixed, or 1..max_input_len (prefill)
-           rows         [b] int64          the pool rows (the runner's slots)
+           tables       [b, T] int64       the rows' block tables (the runner's slots'; kv_cache.py)
            lengths      [b] int64          their committed lengths
            key_index    [S] int64          0..S-1, S = max(lengths) (at least 1): the cached keys to read
            logit_index  [b] int64          prefill program only: the chunk index of each row's last logit
-           k_0..k_(n-1), v_0..v_(n-1)      the pool, [max_batch_size, Hkv, max_seq_len, D] fp32 per layer
+           k_0..k_(n-1), v_0..v_(n-1)      the pool, [num_kv_blocks + 1, Hkv, P, D] fp32 per layer
   outputs  logits       [b, L, V] fp32     ([b, 1, V] for the prefill program)
            k_new_i, v_new_i [b, L, Hkv, D] the chunk's K/V per layer (what the eager model writes)
 
-Attention (`native_attention`) gathers the rows' cached keys 0..S-1 (one GatherND per tensor) and
+Attention (`native_attention`) gathers the rows' cached keys 0..S-1 (position j at block
+tables[:, j // P], offset j % P: one gather per tensor) and
 appends the chunk's own; the pattern is computed from lengths and indices (cached key j visible iff
 j < length; chunk key i visible to query q iff i <= q, or always in a block pass). The graph does not
 write the pool: the backend binds the pool tensors as numpy views (onnxruntime reads them in place,
-no copy), and writes the chunk's K/V it gets back at each row's length (the KV rule, store_cached for
+no copy), and writes the chunk's K/V it gets back at each row's length, through its table (the KV rule, store_cached for
 an FP8 KV pool). A pool the graph cannot read as it is (FP8 codes) is read through an fp32 mirror of
 its values (code * scale, exactly what the eager model reads), updated with each chunk and remade
 whole when something else wrote the pool. Sessions: intra-op threads = torch.get_num_threads() when
@@ -109,6 +110,8 @@ def build(
         "max_batch_size": settings.max_batch_size,
         "max_seq_len": settings.max_seq_len,
         "max_input_len": settings.max_input_len,
+        "kv_block_size": settings.kv_block_size,
+        "num_kv_blocks": settings.pool_blocks,
         "export_s": export_s,
         "versions": versions(),
     }
@@ -129,12 +132,12 @@ def versions() -> dict[str, str]:
 class OnnxBackend:
     """The runner's backend (decoding/runner.py) over the native graphs, one session per program."""
 
-    def __init__(self, sessions: dict, model: NLDModel, max_batch_size: int, max_seq_len: int, max_input_len: int):
-        self.sessions, self.max_input_len = sessions, max_input_len
-        self.pool_shape = (max_batch_size, model.spec.num_key_value_heads, max_seq_len, model.spec.head_dim)
+    def __init__(self, sessions: dict, model: NLDModel, manifest: dict):
+        self.sessions, self.max_input_len = sessions, manifest["max_input_len"]
+        self.pool_shape = pool_shape(model, manifest)
         attns = [layer.self_attn for layer in model.encoder.layers]
         self.scales = [a.k_scale for a in attns] + [a.v_scale for a in attns]  # per pool tensor: k_0.., v_0..
-        self.key_index = np.arange(max_seq_len, dtype=np.int64)
+        self.key_index = np.arange(manifest["max_seq_len"], dtype=np.int64)
         self.mirror: list[torch.Tensor] = []  # fp32 values of a pool the graph cannot read as it is (FP8 codes)
         self.mirror_of: list[tuple[weakref.ref, int]] = []  # (pool tensor, its _version when mirrored)
 
@@ -150,9 +153,10 @@ class OnnxBackend:
         b, L = tokens.shape
         _, session = lookup(self.sessions, kind, L, self.max_input_len)
         _check_pool(pool, self.pool_shape)
+        tables = pool.block_tables[torch.tensor(slots, device=pool.block_tables.device)].cpu()
         feeds = {
             "tokens": tokens.cpu().long().numpy(),
-            "rows": np.asarray(slots, dtype=np.int64),
+            "tables": tables.numpy(),
             "lengths": np.asarray(lengths, dtype=np.int64),
             "key_index": self.key_index[: max(max(lengths), 1)],  # the cached keys to read: the longest row's
         }
@@ -167,7 +171,7 @@ class OnnxBackend:
             feeds[f"k_{i}"], feeds[f"v_{i}"] = graph_pool[i].numpy(), graph_pool[n + i].numpy()
         logits, *chunk = session.run(None, feeds)
         # the KV rule: the chunk's K/V at lengths[i] + 0..L-1 of each row, nothing else
-        index = (torch.tensor(slots)[:, None], slice(None), torch.tensor(lengths)[:, None] + torch.arange(L))
+        index = chunk_index(tables, torch.tensor(lengths), L, self.pool_shape[2])
         for i, (cache, new) in enumerate(zip(tensors, chunk)):
             stored = store_cached(torch.from_numpy(new), cache.dtype, self.scales[i])  # [b, L, Hkv, D]
             cache[index] = stored.to(cache.device)
@@ -201,9 +205,9 @@ class PluginGraphBackend:
     those graphs (tests/test_builder_onnx.py), and what loads an onnx engine built before the native
     graphs. Slow by design: each node's Python call gets and returns the whole pool (module docstring)."""
 
-    def __init__(self, sessions: dict, model: NLDModel, max_batch_size: int, max_seq_len: int, max_input_len: int):
-        self.sessions, self.max_input_len = sessions, max_input_len
-        self.pool_shape = (max_batch_size, model.spec.num_key_value_heads, max_seq_len, model.spec.head_dim)
+    def __init__(self, sessions: dict, model: NLDModel, manifest: dict):
+        self.sessions, self.max_input_len = sessions, manifest["max_input_len"]
+        self.pool_shape = pool_shape(model, manifest)
         attns = [layer.self_attn for layer in model.encoder.layers]
         self.k_scales, self.v_scales = [a.k_scale for a in attns], [a.v_scale for a in attns]
 
@@ -219,8 +223,9 @@ class PluginGraphBackend:
         b, L = tokens.shape
         _, session = lookup(self.sessions, kind, L, self.max_input_len)
         _check_pool(pool, self.pool_shape)
-        rows, starts = torch.tensor(slots), torch.tensor(lengths)
-        feeds = {"tokens": tokens.cpu().long(), "rows": rows, "lengths": starts}
+        tables = pool.block_tables[torch.tensor(slots, device=pool.block_tables.device)].cpu()
+        starts = torch.tensor(lengths)
+        feeds = {"tokens": tokens.cpu().long(), "tables": tables, "lengths": starts}
         if kind.last_logit_only:
             feeds["logit_index"] = torch.full((b,), L - 1) if logit_index is None else logit_index.cpu().long()
         for i, (k, v) in enumerate(zip(pool.k, pool.v)):
@@ -228,7 +233,7 @@ class PluginGraphBackend:
             feeds[f"v_{i}"] = _to_graph(v, self.v_scales[i])
         logits, *caches = session.run(None, {name: x.numpy() for name, x in feeds.items()})
         # the eager effect: the chunk's K/V at lengths[i] + 0..L-1 of each row, nothing else
-        index = (rows[:, None], slice(None), starts[:, None] + torch.arange(L))
+        index = chunk_index(tables, starts, L, self.pool_shape[2])
         n = len(pool.k)
         for i, cache in enumerate(pool.k + pool.v):
             scale = self.k_scales[i] if i < n else self.v_scales[i - n]
@@ -238,11 +243,24 @@ class PluginGraphBackend:
         return torch.from_numpy(logits).to(tokens.device)
 
 
+def pool_shape(model: NLDModel, manifest: dict) -> tuple[int, int, int, int]:
+    """[num_kv_blocks + 1, Hkv, P, D]: the pool of the engine's build (manifest: its backend section)."""
+    block_size = min(manifest["kv_block_size"], manifest["max_seq_len"])
+    return (manifest["num_kv_blocks"] + 1, model.spec.num_key_value_heads, block_size, model.spec.head_dim)
+
+
+def chunk_index(tables: torch.Tensor, lengths: torch.Tensor, length: int, block_size: int) -> tuple:
+    """The pool index of each row's chunk positions lengths .. lengths + length - 1: (blocks [b, L], :,
+    offsets [b, L]), so pool[index] is [b, L, Hkv, D] (kv_cache.py)."""
+    positions = lengths[:, None] + torch.arange(length)
+    return tables.gather(1, positions // block_size), slice(None), positions % block_size
+
+
 def _check_pool(pool: KVCache, pool_shape: tuple[int, ...]) -> None:
     if tuple(pool.k[0].shape) != pool_shape:
         raise InputError(
             f"the KV pool is {tuple(pool.k[0].shape)}; this engine was built for {pool_shape} "
-            "(max_batch_size, kv heads, max_seq_len, head_dim)"
+            "(num_kv_blocks + 1, kv heads, kv_block_size, head_dim)"
         )
 
 
@@ -291,7 +309,7 @@ def load(engine_dir: Path, model: NLDModel, manifest: dict) -> OnnxBackend | Plu
         for name, file in manifest["programs"].items()
     }
     backend = OnnxBackend if is_native else PluginGraphBackend
-    return backend(sessions, model, manifest["max_batch_size"], manifest["max_seq_len"], manifest["max_input_len"])
+    return backend(sessions, model, manifest)
 
 
 def _import_onnx():

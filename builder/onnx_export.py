@@ -35,10 +35,9 @@ class ExportedPass(nn.Module):
         super().__init__()
         self.model, self.kind = model, kind
 
-    def forward(self, tokens, rows, lengths, logit_index, k: list[torch.Tensor], v: list[torch.Tensor]):
-        # the model gathers each row's length from the pool's lengths: scatter ours there
-        pool_lengths = torch.zeros(k[0].shape[0], dtype=torch.long).index_put((rows,), lengths)
-        logits = self.model(tokens, KVCache(k, v, pool_lengths), self.kind, rows, logit_index)
+    def forward(self, tokens, tables, lengths, logit_index, k: list[torch.Tensor], v: list[torch.Tensor]):
+        # the batch's own lengths and tables as a pool whose slots are the batch (rows None: every slot)
+        logits = self.model(tokens, KVCache(k, v, lengths, tables), self.kind, None, logit_index)
         return (logits, *k, *v)  # the caches written in place: returning them makes the update an output
 
 
@@ -51,7 +50,7 @@ class NativePass(nn.Module):
         super().__init__()
         self.model, self.kind = model, kind
 
-    def forward(self, tokens, rows, lengths, key_index, logit_index, k: list[torch.Tensor], v: list[torch.Tensor]):
+    def forward(self, tokens, tables, lengths, key_index, logit_index, k: list[torch.Tensor], v: list[torch.Tensor]):
         model, use_draft = self.model, self.kind.use_draft
         is_causal = self.kind.pattern == Pattern.CAUSAL
         positions = lengths[:, None] + torch.arange(tokens.shape[1])
@@ -61,7 +60,7 @@ class NativePass(nn.Module):
             q, chunk_k, chunk_v = attn.project(x, cos, sin, q_scale, use_draft)
             new_k.append(chunk_k)
             new_v.append(chunk_v)
-            out = native_attention(q, chunk_k, chunk_v, k[i], v[i], rows, lengths, key_index, is_causal)
+            out = native_attention(q, chunk_k, chunk_v, k[i], v[i], tables, lengths, key_index, is_causal)
             return attn.output(out, use_draft)
 
         h = model._layers(tokens, positions, attend, use_draft)
@@ -76,17 +75,22 @@ def native_attention(
     v: torch.Tensor,
     k_pool: torch.Tensor,
     v_pool: torch.Tensor,
-    rows: torch.Tensor,
+    tables: torch.Tensor,
     lengths: torch.Tensor,
     key_index: torch.Tensor,
     is_causal: bool,
 ) -> torch.Tensor:
     """reference.block_attention's math without writing the pool: the rows' cached keys 0..S-1
-    (key_index, one gather) then the chunk's own, the pattern computed from lengths and indices.
-    q [b, L, H, D]; k, v [b, L, Hkv, D]; k_pool, v_pool [B, Hkv, max_seq_len, D] fp32 -> [b, L, H, D]"""
+    (key_index: block tables[:, j // P], offset j % P, one gather) then the chunk's own, the pattern
+    computed from lengths and indices. q [b, L, H, D]; k, v [b, L, Hkv, D]; k_pool, v_pool
+    [N, Hkv, P, D] fp32; tables [b, T] -> [b, L, H, D]"""
     b, L, H, D = q.shape
-    Hkv = k.shape[2]
-    index = (rows[:, None, None], torch.arange(Hkv)[:, None], key_index)
+    Hkv, page = k.shape[2], k_pool.shape[2]
+    index = (
+        tables[:, key_index // page][:, None, :],
+        torch.arange(Hkv)[None, :, None],
+        (key_index % page)[None, None, :],
+    )
     keys = torch.cat([k_pool[index], k.transpose(1, 2)], dim=2)[:, :, None]  # [b, Hkv, 1, S + L, D]
     values = torch.cat([v_pool[index], v.transpose(1, 2)], dim=2)[:, :, None]
     offsets = torch.arange(L)
@@ -100,7 +104,7 @@ def native_attention(
 
 
 def graph_names(num_layers: int, has_logit_index: bool) -> tuple[list[str], list[str]]:
-    inputs = ["tokens", "rows", "lengths"] + (["logit_index"] if has_logit_index else [])
+    inputs = ["tokens", "tables", "lengths"] + (["logit_index"] if has_logit_index else [])
     pool = [f"k_{i}" for i in range(num_layers)] + [f"v_{i}" for i in range(num_layers)]
     return inputs + pool, ["logits"] + [name.replace("_", "_out_") for name in pool]
 
@@ -114,12 +118,12 @@ def export_pass(
     batch = torch.export.Dim("batch", min=1, max=max(2, B))
     L = shape.length or 2
     has_logit_index = shape.kind.last_logit_only
-    cache = KVCache.allocate(spec, B, settings.max_seq_len, pool_dtype)
+    cache = settings.new_pool(spec, pool_dtype)
     b = min(2, B)
     token = spec.bos_token_id if spec.bos_token_id is not None else spec.mask_token_id  # any id traces
     args = (
         torch.full((b, L), token),
-        torch.arange(b),
+        cache.block_tables[:b].clone(),
         torch.zeros(b, dtype=torch.long),
         torch.full((b,), L - 1) if has_logit_index else None,
         list(cache.k),
@@ -128,7 +132,7 @@ def export_pass(
     length = torch.export.Dim("length", min=1, max=max(2, settings.max_input_len)) if shape.length is None else None
     dynamic = {
         "tokens": {0: batch, 1: length} if length else {0: batch},
-        "rows": {0: batch},
+        "tables": {0: batch},
         "lengths": {0: batch},
         "logit_index": {0: batch} if has_logit_index else None,
         "k": [None] * len(cache.k),
@@ -138,7 +142,7 @@ def export_pass(
 
 
 def native_names(num_layers: int, has_logit_index: bool) -> tuple[list[str], list[str]]:
-    inputs = ["tokens", "rows", "lengths", "key_index"] + (["logit_index"] if has_logit_index else [])
+    inputs = ["tokens", "tables", "lengths", "key_index"] + (["logit_index"] if has_logit_index else [])
     pool = [f"k_{i}" for i in range(num_layers)] + [f"v_{i}" for i in range(num_layers)]
     return inputs + pool, ["logits"] + [name.replace("_", "_new_") for name in pool]
 
@@ -150,11 +154,11 @@ def export_native_pass(model: NLDModel, shape: PassShape, settings: BuildSetting
     span = torch.export.Dim("span", min=1, max=max(3, S))
     L = shape.length or 2
     has_logit_index = shape.kind.last_logit_only
-    cache = KVCache.allocate(spec, B, S, GRAPH_DTYPE)
+    cache = settings.new_pool(spec, GRAPH_DTYPE)
     token = spec.bos_token_id if spec.bos_token_id is not None else spec.mask_token_id  # any id traces
     args = (
         torch.full((2, L), token),
-        torch.arange(2) % B,
+        cache.block_tables[torch.arange(2) % B].clone(),
         torch.zeros(2, dtype=torch.long),
         torch.arange(3) % S,
         torch.full((2,), L - 1) if has_logit_index else None,
@@ -164,7 +168,7 @@ def export_native_pass(model: NLDModel, shape: PassShape, settings: BuildSetting
     length = torch.export.Dim("length", min=1, max=max(2, settings.max_input_len)) if shape.length is None else None
     dynamic = {
         "tokens": {0: batch, 1: length} if length else {0: batch},
-        "rows": {0: batch},
+        "tables": {0: batch},
         "lengths": {0: batch},
         "key_index": {0: span},
         "logit_index": {0: batch} if has_logit_index else None,

@@ -6,20 +6,21 @@ the KV pool passed in as one K and one V tensor per layer, written in place.
 
 Inputs of every program, in order (all on the model's device):
   tokens      [b, L] int64     the chunk
-  rows        [b] int64        the pool rows of the batch
+  lengths     [b] int64        the rows' committed lengths (the pool's `lengths` of the batch's slots)
+  tables      [b, T] int64     the rows' block tables (kv_cache.py; T = ceil(max_seq_len / P) static)
   key_index   [S] int64        0..S-1: the keys attention reads, S = max(lengths) + L rounded up
                                (its shape is the program's dynamic span; runner.span_bucket)
   logit_index [b] int64        the chunk index whose logit a last-logit kind returns
   causal      [] bool          a block program's attention pattern: True for a verify pass
                                (prefill and decode programs are causal whatever it says)
-  k_0..k_(n-1), v_0..v_(n-1)   the pool [max_slots, Hkv, max_seq_len, D] per layer
+  k_0..k_(n-1), v_0..v_(n-1)   the pool [num_blocks + 1, Hkv, P, D] per layer (P = the block size)
 -> (logits [b, L, V] fp32, or [b, 1, V] for prefill / refresh; picks [b, L or 1] the greedy tokens;
     is_finite [] bool; and for a block program confidence [b, L]): decoding/runner.PassOutput's
 fields, computed here so a greedy batch needs no tensor work on the logits after the pass.
 One block program per block length serves the three block-sized passes: denoise (causal False),
 verify (causal True) and draft (causal False, loaded over the draft twins' tensors: torch_backend).
-The rows' committed lengths are the pool's `lengths` gathered by rows; they come in as `lengths`
-[b] (first input after tokens), so a program never reads host state.
+Row i's position p is block tables[i, p // P], offset p % P: the chunk is written there and the keys
+are read from there with one gather, so a program never reads host state.
 """
 
 from __future__ import annotations
@@ -48,23 +49,26 @@ def pool_attention(
     v: torch.Tensor,
     k_pool: torch.Tensor,
     v_pool: torch.Tensor,
-    rows: torch.Tensor,
+    tables: torch.Tensor,
     lengths: torch.Tensor,
     key_index: torch.Tensor,
     is_causal: bool | torch.Tensor,
     k_scale: torch.Tensor | None,
     v_scale: torch.Tensor | None,
 ) -> torch.Tensor:
-    """reference.block_attention's math over the first S keys of the pool rows, with a mask built
-    from lengths (every shape static or symbolic). q [b, L, H, D]; k, v [b, L, Hkv, D] -> [b, L, H, D].
+    """reference.block_attention's math over the first S keys of each row's blocks, with a mask built
+    from lengths (every shape static or symbolic). q [b, L, H, D]; k, v [b, L, Hkv, D];
+    k_pool, v_pool [N, Hkv, P, D]; tables [b, T] -> [b, L, H, D].
     is_causal: a bool, or a [] bool tensor (the block program's input)."""
-    L = q.shape[1]
+    L, page = q.shape[1], k_pool.shape[2]
     offsets = torch.arange(L, device=q.device)
     positions = lengths[:, None] + offsets
-    k_pool[rows[:, None], :, positions] = store_cached(k, k_pool.dtype, k_scale)
-    v_pool[rows[:, None], :, positions] = store_cached(v, v_pool.dtype, v_scale)
+    blocks = tables.gather(1, positions // page)  # [b, L]
+    k_pool[blocks, :, positions % page] = store_cached(k, k_pool.dtype, k_scale)
+    v_pool[blocks, :, positions % page] = store_cached(v, v_pool.dtype, v_scale)
     # one gather of [b, Hkv, S, D]: a slice [:S] of the pool would guard on S (contiguity) in export
-    index = (rows[:, None, None], torch.arange(k_pool.shape[1], device=q.device)[:, None], key_index)
+    heads = torch.arange(k_pool.shape[1], device=q.device)[None, :, None]
+    index = (tables[:, key_index // page][:, None, :], heads, (key_index % page)[None, None, :])
     keys, values = load_cached(k_pool[index], q.dtype, k_scale), load_cached(v_pool[index], q.dtype, v_scale)
     if isinstance(is_causal, torch.Tensor):
         visible_end = lengths[:, None] + torch.where(is_causal, offsets + 1, L)  # [b, L]
@@ -91,14 +95,14 @@ class PassProgram(nn.Module):
         self,
         tokens: torch.Tensor,
         lengths: torch.Tensor,
-        rows: torch.Tensor,
+        tables: torch.Tensor,
         key_index: torch.Tensor,
         logit_index: torch.Tensor,
         causal: torch.Tensor,
         *pool: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         is_block = self.kind.pattern == Pattern.BLOCK
-        logits = self.logits(tokens, lengths, rows, key_index, logit_index, causal if is_block else True, pool)
+        logits = self.logits(tokens, lengths, tables, key_index, logit_index, causal if is_block else True, pool)
         picks = greedy_tokens(logits, self.model.spec.mask_token_id)
         out = (logits, picks, torch.isfinite(logits).all())
         return out + (pick_confidence(logits, picks),) if is_block else out
@@ -107,7 +111,7 @@ class PassProgram(nn.Module):
         self,
         tokens: torch.Tensor,
         lengths: torch.Tensor,
-        rows: torch.Tensor,
+        tables: torch.Tensor,
         key_index: torch.Tensor,
         logit_index: torch.Tensor,
         is_causal: bool | torch.Tensor,
@@ -124,7 +128,17 @@ class PassProgram(nn.Module):
             q, k, v = gemms.pick("qkv", use_draft)(layer.input_layernorm(h))
             q, k, v = attn.heads(q, k, v, cos, sin, q_scale)
             out = pool_attention(
-                q, k, v, pool[i], pool[num_layers + i], rows, lengths, key_index, is_causal, attn.k_scale, attn.v_scale
+                q,
+                k,
+                v,
+                pool[i],
+                pool[num_layers + i],
+                tables,
+                lengths,
+                key_index,
+                is_causal,
+                attn.k_scale,
+                attn.v_scale,
             )
             h = h + gemms.pick("o", use_draft)(out.flatten(2))[0]
             gate, up = gemms.pick("gate_up", use_draft)(layer.post_attention_layernorm(h))

@@ -23,8 +23,8 @@ refuses precision flags on strongly typed networks). Open: the FP8 K/V rounding 
 
 **Triton's hidden kernel parameters.** Triton >= 3.3 appends two pointers to every kernel after
 the user's arguments: global_scratch (3.3) and profile_scratch (3.5). Compiled with triton 3.7.1
-for sm_90 (`plugins.tensorrt.compile_kernel`), BlockAttention's PTX entry has 30 parameters: our
-28 (9 input pointers, 18 int32 extra args, the output) then those two, and SpecAccept (18) and
+for sm_90 (`plugins.tensorrt.compile_kernel`), BlockAttention's PTX entry has 31 parameters: our
+29 (9 input pointers, 19 int32 extra args, the output) then those two, and SpecAccept (18) and
 DiffusionCommit (15) end the same way; none of the three reads them (their scratch sizes are 0, no
 ld.param of them: tests/test_builder_onnx.py checks this). TensorRT's AOT launch passes inputs,
 extra args and outputs only, so the kernel params array it builds is two entries short of the
@@ -118,12 +118,14 @@ def trt_graph(graph):
 
 
 def profile_shapes(shape: PassShape, settings: BuildSettings) -> dict[str, tuple[tuple, tuple, tuple]]:
-    """(min, opt, max) per dynamic input: batch 1..max_batch_size, prefill length 1..max_input_len."""
+    """(min, opt, max) per dynamic input: batch 1..max_batch_size, prefill length 1..max_input_len
+    (the tables' width T static)."""
     B, L = settings.max_batch_size, shape.length
     tokens = ((1, L), (B, L), (B, L)) if L else ((1, 1), (B, settings.max_input_len), (B, settings.max_input_len))
-    shapes = {"tokens": tokens, "rows": ((1,), (B,), (B,)), "lengths": ((1,), (B,), (B,))}
+    T = settings.blocks_per_seq
+    shapes = {"tokens": tokens, "tables": ((1, T), (B, T), (B, T)), "lengths": ((1,), (B,), (B,))}
     if shape.kind.last_logit_only:
-        shapes["logit_index"] = shapes["rows"]
+        shapes["logit_index"] = shapes["lengths"]
     return shapes
 
 
@@ -176,6 +178,8 @@ def build(
         "max_batch_size": settings.max_batch_size,
         "max_seq_len": settings.max_seq_len,
         "max_input_len": settings.max_input_len,
+        "kv_block_size": settings.kv_block_size,
+        "num_kv_blocks": settings.pool_blocks,
         "pool_dtype": report["pool_dtype"],
         "versions": versions,
     }
@@ -221,12 +225,12 @@ def _build_engines(
 
 class TensorRTBackend:
     """The runner's backend over one execution context per program; the pool (CUDA, the engine's
-    pool dtype, [max_batch_size, Hkv, max_seq_len, D] per layer) is bound as is and written in place."""
+    pool dtype, [num_kv_blocks + 1, Hkv, P, D] per layer) is bound as is and written in place."""
 
     def __init__(self, contexts: dict, model: NLDModel, manifest: dict):
         self.contexts, self.max_input_len = contexts, manifest["max_input_len"]
         spec = model.spec
-        self.pool_shape = (manifest["max_batch_size"], spec.num_key_value_heads, manifest["max_seq_len"], spec.head_dim)
+        self.pool_shape = onnx_backend.pool_shape(model, manifest)
         self.pool_dtype, self.vocab_size = manifest["pool_dtype"], spec.vocab_size
 
     def __call__(
@@ -249,7 +253,7 @@ class TensorRTBackend:
         device = k0.device
         feeds = {
             "tokens": tokens.to(device, torch.long).contiguous(),
-            "rows": torch.tensor(slots, device=device),
+            "tables": pool.block_tables[torch.tensor(slots, device=pool.block_tables.device)].to(device).contiguous(),
             "lengths": torch.tensor(lengths, device=device),
         }
         if kind.last_logit_only:

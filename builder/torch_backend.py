@@ -1,7 +1,8 @@
 """The `torch` backend: each pass program compiled ahead of time with torch.export + AOTInductor.
 
 One `.pt2` package per PassShape (program.py), batch dynamic up to max_batch_size, the span of
-keys dynamic up to max_seq_len, the prefill chunk dynamic up to max_input_len. The packages hold
+keys dynamic up to max_seq_len, the prefill chunk dynamic up to max_input_len; the KV pool's shape
+(block size, number of blocks: the build settings') is static, the pool the engine's runner allocates. The packages hold
 no weights: the engine dir keeps the checkpoint once, and each loaded package points at tensors made
 on load (`load_constants(..., user_managed=True)`): the eager model's own, and the fused,
 pre-transposed GEMM matrices of gemms.py, made once from them and shared by every program. So N
@@ -67,14 +68,14 @@ def require(settings: BuildSettings) -> None:
 
 
 def example_inputs(model: NLDModel, shape: PassShape, pool: KVCache) -> tuple:
-    """Inputs to trace with: batch 2 (1 for a pool of one row, whose batch is static) and a prefill
+    """Inputs to trace with: batch 2 (1 for a pool of one slot, whose batch is static) and a prefill
     chunk of 2 (a dynamic size of 1 would be specialised)."""
-    b, L = min(2, pool.k[0].shape[0]), shape.length or 2
+    b, L = min(2, pool.num_slots), shape.length or 2
     device = model.device
     return (
         torch.zeros(b, L, dtype=torch.long, device=device),
         torch.tensor([3, 5][:b], device=device),
-        torch.arange(b, device=device),
+        pool.block_tables[:b].clone(),
         torch.arange(16, device=device),
         torch.zeros(b, dtype=torch.long, device=device),
         torch.tensor(False, device=device),
@@ -83,10 +84,11 @@ def example_inputs(model: NLDModel, shape: PassShape, pool: KVCache) -> tuple:
     )
 
 
-NUM_INPUTS = 6  # before the pool: tokens, lengths, rows, key_index, logit_index, causal
+NUM_INPUTS = 6  # before the pool: tokens, lengths, tables, key_index, logit_index, causal
 
 
 def dynamic_shapes(shape: PassShape, settings: BuildSettings, num_pool: int) -> tuple:
+    """Batch, span and the prefill chunk dynamic; the tables' width and the pool static."""
     batch = torch.export.Dim("batch", min=1, max=settings.max_batch_size) if settings.max_batch_size > 1 else None
     span = torch.export.Dim("span", min=1, max=settings.max_seq_len)
     tokens = {0: batch} if shape.length else {0: batch, 1: torch.export.Dim("chunk", min=1, max=settings.max_input_len)}
@@ -200,7 +202,7 @@ def build(
     why ("batch1_skipped"), and the batch-1 packages' blocked constants."""
     import torch._inductor as inductor
 
-    pool = model.new_cache(settings.max_batch_size, settings.max_seq_len)
+    pool = settings.new_pool(model.spec, model.kv_dtype, model.device)  # the engine's: its shape is static
     gemms = ProgramGemms(model)
     reuse_for_draft = draft_reuses_denoise(gemms)
     (out_dir / PROGRAM_DIR).mkdir()
@@ -270,6 +272,8 @@ def build(
         "blocked_constants": blocked_constants,
         "max_seq_len": settings.max_seq_len,
         "max_input_len": settings.max_input_len,
+        "kv_block_size": settings.kv_block_size,
+        "num_kv_blocks": settings.pool_blocks,
         "compile_s": seconds,
     }
 
@@ -311,7 +315,7 @@ class CompiledBackend:
         inputs = [
             tokens,
             torch.tensor(lengths, device=self.device),
-            torch.tensor(slots, device=self.device),
+            slot_tables(pool, slots),
             self.key_index[:span],
             logit_index,
             self.causal[kind.pattern],
@@ -320,6 +324,14 @@ class CompiledBackend:
         ]
         # the loader's flat call: the package's __call__ re-parses its pytree specs on every pass
         return PassOutput(*program.loader.boxed_run(inputs))
+
+
+def slot_tables(pool: KVCache, slots: list[int]) -> torch.Tensor:
+    """[b, T] the slots' block tables: a view for a contiguous run of slots, else a gather."""
+    first = slots[0]
+    if slots == list(range(first, first + len(slots))):
+        return pool.block_tables[first : first + len(slots)]
+    return pool.block_tables[torch.tensor(slots, device=pool.block_tables.device)]
 
 
 def load(engine_dir: Path, model: NLDModel, manifest: dict) -> CompiledBackend:

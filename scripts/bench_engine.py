@@ -64,9 +64,9 @@ def prefill_len(built) -> int:
 
 def pass_times(built, b: int, repeats: int) -> dict:
     model, L = built.checkpoint.model, built.block_lengths[0]
-    runners = {
-        "engine": ModelRunner(model, built.config.max_slots, built.config.max_seq_len, built.backend),
-        "eager": ModelRunner(model, built.config.max_slots, built.config.max_seq_len),
+    runners = {  # the engine's pool for both: its programs take that pool's shape
+        "engine": ModelRunner(model, built.config, built.backend),
+        "eager": ModelRunner(model, built.config),
     }
     shapes = {
         "prefill": (PassKind.PREFILL, prefill_len(built)),
@@ -76,8 +76,11 @@ def pass_times(built, b: int, repeats: int) -> dict:
         "verify": (PassKind.VERIFY, L),
     }
     out = {}
+    longest = min(CACHED + max(n for _, n in shapes.values()), built.config.max_seq_len)
     for name, runner in runners.items():
-        for slot in range(b):
+        num = -(-longest // runner.cache.block_size)  # blocks per row: its cached tokens and the chunk
+        for slot in range(b):  # rows 0..b-1 seated by hand on blocks of their own (no BlockManager here)
+            runner.set_blocks(slot, list(range(slot * num, (slot + 1) * num)))
             runner.host_lengths[slot] = CACHED
             runner.cache.lengths[slot] = CACHED
         out[name] = {

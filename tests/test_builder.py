@@ -21,10 +21,12 @@ from trimode.builder.engine_dir import load_engine
 from trimode.cli import main
 from trimode.decoding import Engine, GenerationSettings, Mode, generate
 from trimode.errors import EngineError, InputError
+from trimode.passes import PassKind
 
+from kv_pools import check_pool_writes, run_pass, twin_pools
 from tolerance import forward_bound
 
-SMALL = BuildSettings(max_batch_size=4, max_seq_len=96, max_input_len=16)
+SMALL = BuildSettings(max_batch_size=4, max_seq_len=96, max_input_len=16, kv_block_size=8)
 MODES = list(Mode)
 
 
@@ -194,7 +196,9 @@ def test_the_fp8_engines_draft_pass_equals_eager(fp8_engine_dir):
     model, s = built.checkpoint.model, built.manifest["settings"]
     tokens = torch.randint(5, model.spec.vocab_size, (2, 4), generator=torch.Generator().manual_seed(0))
     for kind in (PassKind.DRAFT, PassKind.DENOISE):
-        pool, cache = (model.new_cache(s["max_batch_size"], s["max_seq_len"]) for _ in range(2))
+        pool = model.new_cache(s["max_batch_size"], s["max_seq_len"], s["kv_block_size"], s["num_kv_blocks"])
+        pool.block_tables[:2, 0] = torch.tensor([5, 2])  # positions 0..3 (block size 16)
+        cache = model.new_cache(s["max_batch_size"], s["max_seq_len"])
         got = built.backend(kind, tokens, pool, [0, 1], [0, 0], None).logits
         expected = model(tokens, cache, kind, torch.tensor([0, 1]))
         # the compiled program fuses GEMMs and sums in Inductor's order
@@ -220,7 +224,8 @@ def test_an_adapter_on_every_linear_drafts_through_the_engine_as_eager(tiny_wide
     for rows in ([1], [0, 1]):  # one row runs the batch-1 program
         out = {}
         for kind in (PassKind.DRAFT, PassKind.DENOISE):
-            pool, cache = model.new_cache(2, 64), model.new_cache(2, 64)
+            pool, cache = model.new_cache(2, 64, 16), model.new_cache(2, 64)
+            pool.block_tables[:, 0] = torch.tensor([3, 1])  # the chunk's block: positions 0..3
             out[kind] = built.backend(kind, tokens[rows], pool, rows, [0] * len(rows), None).logits
             expected = model(tokens[rows], cache, kind, torch.tensor(rows))
             # the compiled program (a batch-1 one for one row) fuses GEMMs and sums in Inductor's order
@@ -239,7 +244,7 @@ def test_programs_export_for_any_max_batch_size(tiny_dir, max_batch_size):
 
     model = load_checkpoint(tiny_dir, dtype=torch.float32).model
     settings = BuildSettings(max_batch_size=max_batch_size, max_seq_len=32, max_input_len=8)
-    pool = model.new_cache(max_batch_size, settings.max_seq_len)
+    pool = settings.new_pool(model.spec, model.kv_dtype)
     for shape in (PassShape(PassKind.PREFILL, None), PassShape(PassKind.DENOISE, 4)):
         args = example_inputs(model, shape, pool)
         with torch.no_grad():
@@ -276,6 +281,99 @@ def test_requests_joining_a_running_batch_get_their_solo_tokens(built):
         engine.step()
         step += 1
     assert [s.tokens for s in seqs] == solo
+
+
+@pytest.mark.parametrize(
+    "kind, length, slots",
+    [
+        (PassKind.PREFILL, 5, [2, 0]),  # slots out of order, lengths ragged
+        (PassKind.DECODE, 1, [2, 0]),
+        (PassKind.DENOISE, None, [2, 0]),  # a block pass, not causal (None: the block length)
+        (PassKind.VERIFY, None, [0, 1]),  # causal, contiguous slots
+        (PassKind.VERIFY, None, [1]),  # the batch-1 program where there is one
+    ],
+)
+def test_one_pass_on_shuffled_blocks_equals_eager_on_a_dense_pool(built, kind, length, slots):
+    """The torch engine's programs over its paged pool (block size 8 or 16), each slot's blocks
+    shuffled: the eager model's logits on a dense pool with the same K/V, the chunk's K/V written
+    through the tables, and no other position of the pool touched."""
+    model, config = built.checkpoint.model, built.config
+    L = length or built.block_lengths[0]
+    dense, paged = twin_pools(
+        model, config.max_slots, config.max_seq_len, config.kv_block_size, config.num_kv_blocks, {0: 13, 1: 9, 2: 6}, L
+    )
+    assert paged.block_size == config.block_size < config.max_seq_len
+    tokens = torch.randint(5, model.spec.vocab_size, (len(slots), L), generator=torch.Generator().manual_seed(L))
+    r = run_pass(model, built.backend, kind, tokens, slots, dense, paged)
+    span = config.max_seq_len
+    torch.testing.assert_close(r.got, r.expected, atol=forward_bound(r.expected, model.spec, span), rtol=0)
+    if model.kv_dtype == torch.float8_e4m3fn:  # another summation order may round to the next e4m3 code
+        check_pool_writes(r, slots, L, lambda e: e.abs().max().item() / 8)
+    else:
+        check_pool_writes(r, slots, L, lambda e: forward_bound(e, model.spec, span))
+
+
+def test_the_kv_bytes_at_build_are_what_an_engine_allocates(built):
+    """The manifest's pool (paged: block size 8 or 16) is the one an engine of the engine dir allocates."""
+    kv, s = built.manifest["kv_cache"], built.manifest["settings"]
+    cache = built.new_engine().runner.cache
+    assert kv["block_size"] == cache.block_size == s["kv_block_size"] < s["max_seq_len"]
+    assert (
+        kv["num_blocks"]
+        == cache.num_blocks
+        == s["num_kv_blocks"]
+        == s["max_batch_size"] * -(-s["max_seq_len"] // s["kv_block_size"])
+    )
+    assert kv["bytes"] == sum(t.numel() * t.element_size() for t in cache.k + cache.v)
+    assert kv["dtype"] == str(cache.k[0].dtype).removeprefix("torch.")
+
+
+def test_a_dense_engine_within_a_kv_cache_memory_allocates_what_it_records(tiny_dir, tmp_path, runner):
+    """--kv-block-size max_seq_len: one dense block per sequence; --kv-cache-memory 128KiB: the blocks
+    that budget holds (the null block included), recorded and allocated exactly; inspect shows them."""
+    from trimode.kv_cache import block_bytes
+
+    out = tmp_path / "engine"
+    args = ["--max-batch-size", "2", "--max-seq-len", "64", "--max-input-len", "16", "--block-lengths", "4"]
+    result = runner.invoke(
+        main, ["build", str(tiny_dir), "--out", str(out), *args, "--kv-block-size", "64", "--kv-cache-memory", "128KiB"]
+    )
+    assert result.exit_code == 0, result.output
+    built = load_engine(out)
+    model, kv = built.checkpoint.model, built.manifest["kv_cache"]
+    per_block = block_bytes(model.spec, 64, model.kv_dtype)
+    assert kv["num_blocks"] == (128 << 10) // per_block - 1 >= 2 and kv["block_size"] == 64
+    assert built.config.num_kv_blocks == kv["num_blocks"] and built.config.block_size == 64
+    cache = built.new_engine().runner.cache
+    assert cache.num_blocks == kv["num_blocks"] and cache.block_size == 64
+    assert kv["bytes"] == sum(t.numel() * t.element_size() for t in cache.k + cache.v) <= 128 << 10
+    text = runner.invoke(main, ["inspect", str(out)]).stdout
+    assert f"kv cache   {kv['num_blocks']} blocks of 64 positions, float32, {kv['bytes']} bytes" in text
+    assert "from --kv-cache-memory 128KiB" in text
+    prompt = prompts_for(built, 2)
+    settings = GenerationSettings(mode=Mode.SELF_SPEC, max_new_tokens=8, block_length=4, ignore_eos=True)
+    assert [s.tokens for s in generate(model, prompt, settings, built.new_engine())] == [
+        s.tokens for s in generate(model, prompt, settings, eager_engine(built))
+    ]
+
+
+def test_a_too_small_kv_cache_memory_is_refused_with_the_numbers(tiny_dir, tmp_path, refused):
+    """A budget that cannot hold one max_seq_len sequence: one Error line with the blocks it holds and
+    the blocks one sequence needs, before anything is compiled or written."""
+    from trimode.checkpoint import load_checkpoint
+    from trimode.kv_cache import block_bytes
+
+    root = tmp_path / "root"
+    shutil.copytree(tiny_dir, root / "tiny")
+    model = load_checkpoint(tiny_dir).model
+    per_block = block_bytes(model.spec, 16, model.kv_dtype)
+    args = ["--max-batch-size", "2", "--max-seq-len", "64", "--max-input-len", "16", "--block-lengths", "4"]
+    result = refused(
+        ["build", root / "tiny", "--out", root / "out", *args, "--kv-cache-memory", str(3 * per_block)],
+        root,
+        "holds 2 blocks of 16 positions",
+    )
+    assert "one sequence of --max-seq-len 64 needs 4" in result.error
 
 
 def test_a_block_length_the_engine_was_not_built_for_is_refused(built):
@@ -362,9 +460,20 @@ def tamper_self_test(d, monkeypatch):
     (d / "manifest.json").write_text(json.dumps(seal(m)))
 
 
+def tamper_before_paged_pools(d, monkeypatch):
+    """An engine dir of a trimode before the paged KV pool: format 2, no kv settings (resealed)."""
+    from trimode.builder.manifest import seal
+
+    m = json.loads((d / "manifest.json").read_text())
+    m["format"] = 2
+    del m["kv_cache"], m["settings"]["kv_block_size"], m["settings"]["num_kv_blocks"]
+    (d / "manifest.json").write_text(json.dumps(seal(m)))
+
+
 @pytest.mark.parametrize(
     "tamper, message",
     [
+        (tamper_before_paged_pools, "engine format 2, this trimode reads 3"),
         (tamper_edit_manifest, "manifest.json was edited after the build"),
         (tamper_swap_weights, "checkpoint/model.safetensors changed after the build"),
         (tamper_other_torch, "built with torch"),
@@ -419,9 +528,11 @@ def test_inspect_prints_the_manifest(trained_engine_dir, runner):
         if skipped
         else "batch-1 copies of programs/denoise_8_b1.pt2"
     )
+    kv = json.loads((trained_engine_dir / "manifest.json").read_text())["kv_cache"]
     for expected in (
         "backend    torch on cpu",
         "max_batch_size 4, max_seq_len 96",
+        f"kv cache   48 blocks of 8 positions, float32, {kv['bytes']} bytes",
         f"verify_8 (3 compiled); {batch1}",
         "self-test",
     ):
@@ -440,6 +551,9 @@ def test_an_existing_engine_is_replaced_only_with_force(trained_engine_dir, refu
     "args, message, code",
     [
         (["build", "{tiny}", "--out", "{out}", "--max-batch-size", "0"], "--max-batch-size", 2),
+        (["build", "{tiny}", "--out", "{out}", "--kv-block-size", "0"], "--kv-block-size", 2),
+        (["build", "{tiny}", "--out", "{out}", "--kv-cache-memory", "2 parsecs"], "--kv-cache-memory: KV cache", 1),
+        (["build", "{tiny}", "--out", "{out}", "--kv-cache-memory", "1.5"], "--kv-cache-memory: KV cache", 1),
         (["build", "{tiny}", "--out", "{out}", "--backend", "vllm"], "'vllm' is not one of", 2),
         (["build", "{tiny}", "--out", "{out}", "--block-lengths", "4,x"], "expected integers", 2),
         (
@@ -623,7 +737,7 @@ def test_a_kv_pool_the_machine_cannot_hold_is_refused_before_anything(tiny_dir, 
         "KV pool",
     )
     # the tiny model: 2 layers x K,V x 4096 x 4096 x 2 kv heads x 16 x 4 bytes (fp32 on CPU) = 8 GiB
-    assert "--max-batch-size 4096 x --max-seq-len 4096" in result.error
+    assert f"the KV pool of {4096 * 4096 // 16} blocks x 16 positions" in result.error
     assert "needs 8.0 GiB, and cpu has 64.0 MiB (a 64 MiB test limit)" in result.error
 
 

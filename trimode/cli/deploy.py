@@ -81,6 +81,8 @@ def deploy(
     max_seq_len: int,
     max_input_len: int,
     block_lengths: tuple[int, ...] | None,
+    kv_block_size: int,
+    kv_cache_memory: str | None,
     device: str,
     prefix: str,
     modes: tuple[str, ...],
@@ -127,6 +129,8 @@ def deploy(
             max_input_len=max_input_len,
             block_lengths=block_lengths or (),
             device=device.split(":")[0],
+            kv_block_size=kv_block_size,
+            kv_cache_memory=kv_cache_memory,
         ),
         repo=RepoSettings(prefix=prefix, modes=tuple(Mode(m) for m in modes), threads=threads or 0),
     )

@@ -47,6 +47,19 @@ ENGINE_OPTIONS = [  # build's and deploy's: what an engine is built for
         default=None,
         help="Block lengths the engine serves (diffusion, self-spec) [default: the checkpoint's block_size].",
     ),
+    click.option(
+        "--kv-block-size",
+        type=click.IntRange(1, 1 << 20),
+        default=16,
+        show_default=True,
+        help="Positions per KV cache block (--max-seq-len or more: one dense block per sequence).",
+    ),
+    click.option(
+        "--kv-cache-memory",
+        default=None,
+        help="The KV cache's memory: bytes (2GiB, 512MiB) or a fraction of the device's free memory (0.9) "
+        "[default: room for --max-batch-size sequences of --max-seq-len].",
+    ),
     click.option("--device", type=DeviceType(), default="cpu", show_default=True, help="cpu or cuda."),
 ]
 
@@ -99,6 +112,8 @@ def build(
     max_seq_len: int,
     max_input_len: int,
     block_lengths: tuple[int, ...] | None,
+    kv_block_size: int,
+    kv_cache_memory: str | None,
     device: str,
     onnx_only: bool,
     force: bool,
@@ -121,6 +136,8 @@ def build(
         block_lengths=block_lengths or (),
         device=device.split(":")[0],
         onnx_only=onnx_only,
+        kv_block_size=kv_block_size,
+        kv_cache_memory=kv_cache_memory,
     )
     bar = ProgramBar(backend, as_json)
     try:
@@ -177,7 +194,7 @@ def describe_graph(m: dict) -> str | None:
 
 
 def format_manifest(m: dict) -> str:
-    s, d, c = m["settings"], m["device"], m["model"]["config"]
+    s, d, c, kv = m["settings"], m["device"], m["model"]["config"], m["kv_cache"]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
     programs = ", ".join(p["name"] for p in m["programs"])
     backend = m.get("backend") or {}
@@ -198,6 +215,9 @@ def format_manifest(m: dict) -> str:
         f"{', FP8 ' + str(quant) if quant else ''}{', draft adapter' if m['model']['has_draft_adapter'] else ''}",
         f"limits     max_batch_size {s['max_batch_size']}, max_seq_len {s['max_seq_len']}, "
         f"max_input_len {s['max_input_len']}, block lengths {', '.join(map(str, s['block_lengths']))}",
+        f"kv cache   {kv['num_blocks']} blocks of {kv['block_size']} positions, {kv['dtype']}, "
+        f"{kv['bytes']} bytes ({kv['bytes'] / (1 << 20):.1f} MiB)"
+        f"{', from --kv-cache-memory ' + s['kv_cache_memory'] if s.get('kv_cache_memory') else ''}",
         f"programs   {programs}",
         *([f"graph      {graph}"] if (graph := describe_graph(m)) else []),
         f"input      {m['input']['path']} (sha256 {m['input']['digest_sha256'][:12]}...)",
