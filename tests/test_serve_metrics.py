@@ -107,3 +107,26 @@ def test_every_request_is_counted_once_and_the_counts_add_up(server):
     assert 0 < accepted <= generated["self_spec"] - 3  # each request's first token is its prefill's
     assert total(m, "trimode_kv_slots") == 4  # the tiny deploy's --max-batch-size
     assert total(m, "trimode_batch_occupancy", mode="all") == 0 and total(m, "trimode_requests_waiting") == 0
+
+
+def test_the_kv_pool_and_its_prefix_cache_are_reported(server, tiny_engine_dir):
+    """The pool's size as the engine dir records it, blocks in use back to 0 when idle, and a prompt
+    sent twice found in the prefix cache the second time (deltas: the test above may run first)."""
+    settings = json.loads((tiny_engine_dir / "manifest.json").read_text())["settings"]
+    grpc_url = f"127.0.0.1:{server.ports.grpc}"
+    prompt = "import os\nimport sys\nimport json\nimport time\n\n\ndef main(argv):\n    return argv[1:]\n"
+    before = scrape(server)
+    for _ in range(2):
+        client.infer(grpc_url, "ar", {"text_input": prompt, "max_tokens": 3, "end_id": -1})
+    m = scrape(server)
+    assert total(m, "trimode_kv_blocks") == settings["num_kv_blocks"]
+    assert total(m, "trimode_kv_block_size") == settings["kv_block_size"]
+    assert total(m, "trimode_kv_cache_bytes") > 0
+    assert total(m, "trimode_kv_blocks_used") == 0  # idle: nothing held (cached blocks are free)
+    assert total(m, "trimode_preemptions_total") == 0
+    queried = total(m, "trimode_prefix_cache_queried_tokens_total") - total(
+        before, "trimode_prefix_cache_queried_tokens_total"
+    )
+    hits = total(m, "trimode_prefix_cache_hit_tokens_total") - total(before, "trimode_prefix_cache_hit_tokens_total")
+    assert queried >= 2 * settings["kv_block_size"] + 1  # both prompts looked up, each longer than a block
+    assert hits >= settings["kv_block_size"] and hits % settings["kv_block_size"] == 0  # the second found blocks

@@ -119,10 +119,12 @@ def test_past_the_queue_requests_are_overloaded(served):
     url = f"127.0.0.1:{served.ports.grpc}"
     server = TritonServer(served.repo, ports=served.ports)  # for its endpoints only
     results: dict[int, object] = {}
+    together = threading.Barrier(8)  # sent at once: on a loaded box, threads started one by one may not overlap
 
     def send(i: int) -> None:
+        together.wait()
         try:
-            results[i] = client.infer(url, "ar", {"text_input": "def f", "max_tokens": 60, "end_id": -1})
+            results[i] = client.infer(url, "ar", {"text_input": "def f", "max_tokens": 80, "end_id": -1})
         except RemoteError as e:
             results[i] = e
 
@@ -135,7 +137,7 @@ def test_past_the_queue_requests_are_overloaded(served):
     served_ok = [r for r in results.values() if not isinstance(r, RemoteError)]
     assert len(results) == 8 and 1 <= len(refused) <= 3 and len(served_ok) >= 5  # 4 free slots + 1 queued
     assert all("overloaded" in str(e) and "retry later" in str(e) for e in refused)
-    assert all(r["num_output_tokens"] == 60 for r in served_ok)
+    assert all(r["num_output_tokens"] == 80 for r in served_ok)
     scraped = metrics(server)
     assert scraped['trimode_requests_rejected_total{model="engine",reason="overloaded"}'] == len(refused)
     # the server still serves

@@ -149,12 +149,13 @@ def blocks_for_memory(
 ) -> int:
     """The number of blocks (null block excluded) a budget holds. Refused, with the numbers, when it
     cannot hold one sequence of max_seq_len: such a pool could never run its longest request."""
-    num_bytes, fraction = parse_memory(memory)
+    asked, fraction = parse_memory(memory)
     if fraction is not None:
         room, source = available_memory(torch.device(device))
         num_bytes, what = int(room * fraction), f"{fraction:g} of {_size(room)} ({source})"
     else:
-        what = _size(num_bytes)
+        assert asked is not None  # parse_memory gives one of the two
+        num_bytes, what = asked, _size(asked)
     per_block = block_bytes(spec, block_size, dtype)
     num_blocks = num_bytes // per_block - 1  # the null block comes out of the budget too
     need = blocks_per_seq(max_seq_len, block_size)

@@ -91,7 +91,7 @@ class BlockManager:
         for block in shared:
             self._hold(block)
         state.blocks = shared + [self._take() for _ in range(num_new)]
-        state.keys = [self.block_keys[b] for b in shared]  # type: ignore[misc]  (cached blocks have keys)
+        state.keys = [key for b in shared if (key := self.block_keys[b]) is not None]  # every cached block has one
         self.stats.queried_tokens += len(tokens)
         self.stats.hit_tokens += len(shared) * self.block_size
         return len(shared) * self.block_size

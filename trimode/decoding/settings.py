@@ -101,17 +101,17 @@ class EngineConfig:
             f"at least the {-(-self.max_seq_len // self.block_size)} blocks of one max_seq_len sequence",
             self.num_kv_blocks,
         )
-
-    @property
-    def block_size(self) -> int:
-        """kv_block_size, at most max_seq_len (a larger block is one dense slot)."""
-        return min(self.kv_block_size, self.max_seq_len)
         _check(
             self.prefill_chunk is None or self.prefill_chunk >= 1,
             "prefill_chunk",
             "an integer >= 1",
             self.prefill_chunk,
         )
+
+    @property
+    def block_size(self) -> int:
+        """kv_block_size, at most max_seq_len (a larger block is one dense slot)."""
+        return min(self.kv_block_size, self.max_seq_len)
 
 
 @dataclass(frozen=True)
