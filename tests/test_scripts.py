@@ -166,3 +166,19 @@ def test_draft_modules_small_run(tiny_adapter_dir, tmp_path):
         [sys.executable, "scripts/draft_modules.py", "--modules", "lm_head"], cwd=ROOT, capture_output=True, text=True
     )
     assert refused.returncode == 2 and "unknown ['lm_head']" in refused.stderr
+
+
+def test_bench_kv_small_run(tmp_path):
+    """The paged pool admits more requests than dense slots of the same memory, the prefix cache
+    saves prefill tokens, and the tokens are those of the dense, uncached runs."""
+    report = run_script(
+        "scripts/bench_kv.py",
+        *("--max-seq-len", "128", "--max-len", "48", "--requests", "8", "--budget-seqs", "2"),
+        *("--prefix-len", "48", "--prefix-requests", "3", "--threads", "1", "--json", str(tmp_path / "kv.json")),
+    )
+    assert json.loads((tmp_path / "kv.json").read_text()) == report
+    assert report["tokens_equal"] is True
+    assert report["admitted_dense"] == 2 and report["admitted_paged"] > 2
+    assert report["admission"]["dense"]["kv_bytes"] == report["admission"]["paged"]["kv_bytes"]
+    assert report["prefix"]["prefill_computed_cached"] < report["prefix"]["prefill_computed_uncached"]
+    assert 0.5 < report["prefix_prefill_tokens_saved"] < 1
