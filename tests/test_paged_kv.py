@@ -14,23 +14,8 @@ from trimode.decoding.sequence import Status
 from trimode.errors import InputError
 from trimode.kv_cache import blocks_for_memory, parse_memory
 
-TEXTS = [
-    "def generate(prompt, max_new_tokens=32):",
-    "The quick brown fox",
-    "A",
-    "Self-speculation drafts a block by diffusion and verifies it autoregressively",
-    "import os\n",
-    "x = [1, 2",
-]
-# (mode, block length, temperature, seed): every mode, greedy and sampled
-REQUESTS = [
-    (Mode.SELF_SPEC, 4, 0.0, 0),
-    (Mode.AR, None, 0.0, 0),
-    (Mode.DIFFUSION, 4, 0.0, 0),
-    (Mode.SELF_SPEC, 8, 0.9, 11),
-    (Mode.AR, None, 1.0, 12),
-    (Mode.DIFFUSION, 8, 0.8, 13),
-]
+from test_engine import REQUESTS, TEXTS  # every mode, greedy and sampled, two block lengths
+
 MAX_SEQ_LEN = 96
 
 
