@@ -49,27 +49,29 @@ def test_percentile_refuses(values, q):
 
 def test_summarize_one_cell():
     records = [Record(0.0, 0.1, 1.0, 8, 8, None), Record(0.0, 0.3, 2.0, 8, 4, None), Record(1.0, 1.2, 4.0, 8, 6, None)]
-    cell = summarize([(records, 4.0)])
+    cell = summarize([(records, 4.0, None)])
     assert cell["num_output_tokens"] == 24 and cell["tokens_per_s"] == 6.0 and cell["requests_per_s"] == 0.75
     assert cell["tokens_per_pass"] == pytest.approx(24 / 18, abs=1e-4)
     assert cell["ttft_s"]["p50"] == pytest.approx(0.2) and cell["latency_s"]["p50"] == pytest.approx(2.0)
     assert cell["latency_s"]["p95"] == pytest.approx(2.9) and cell["mean_accepted_length"] is None
-    unknown = summarize([([Record(0.0, 0.1, 1.0, 8, None, 2.5)], 1.0)])
+    unknown = summarize([([Record(0.0, 0.1, 1.0, 8, None, 2.5)], 1.0, None)])
     assert unknown["tokens_per_pass"] is None and unknown["mean_accepted_length"] == 2.5
 
 
 def test_mean_accepted_length_counts_cycles_not_requests():
     # 8 tokens after the first in 2 cycles of 4, and in 4 cycles of 2: 16 tokens in 6 cycles (not (4 + 2) / 2)
     records = [Record(0.0, 0.1, 1.0, 9, 5, 4.0), Record(0.0, 0.1, 1.0, 9, 9, 2.0)]
-    assert summarize([(records, 1.0)])["mean_accepted_length"] == pytest.approx(16 / 6, abs=1e-4)
+    assert summarize([(records, 1.0, None)])["mean_accepted_length"] == pytest.approx(16 / 6, abs=1e-4)
 
 
 def test_summarize_rounds():
     """tokens/s: the median round's; the requests pool (4 of them, 8 tokens each)."""
     one = [Record(0.0, 0.1, 1.0, 8, 8, None)]
-    cell = summarize([(one, 1.0), (one, 4.0), (one + one, 2.0)])
+    cell = summarize([(one, 1.0, 0.5), (one, 4.0, 2.0), (one + one, 2.0, 1.0)])
     assert cell["tokens_per_s_rounds"] == [8.0, 2.0, 8.0] and cell["tokens_per_s"] == 8.0
     assert cell["num_requests"] == 4 and cell["num_output_tokens"] == 32 and cell["wall_s"] == 7.0
+    assert cell["pass_efficiency"] == 0.5  # 3.5 s inside passes of 7.0 s
+    assert summarize([(one, 1.0, 0.5), (one, 4.0, None)])["pass_efficiency"] is None  # unknown in one round
 
 
 def _row(variant: str, c: int, tps: float, rounds: tuple[float, ...] = ()) -> dict:
@@ -238,6 +240,7 @@ def check_report(report: dict, levels: list[int], num_requests: int, num_rounds:
 def test_in_process_report(in_process):
     report, _ = in_process
     check_report(report, [1, 2], 2 * 4, num_rounds=2)
+    assert all(0 < r["pass_efficiency"] < 1 for r in report["results"])
     assert report["target"]["kind"] == "engine" and report["target"]["slots"] == 4
     assert report["settings"]["num_prompts"] == len(PROMPTS) and report["settings"]["temperature"] == 0.0
     assert report["machine"]["torch_threads"] == 1 and report["notes"] == []
@@ -326,6 +329,8 @@ def test_against_a_server(server, runner, prompts_file, protocol):
         MAX_TOKENS,
         "--block-length",
         4,
+        "--metrics-url",
+        f"127.0.0.1:{server.ports.metrics}",
     )
     check_report(report, [1, 8], 8)
     assert report["target"] == {
@@ -334,7 +339,9 @@ def test_against_a_server(server, runner, prompts_file, protocol):
         "protocol": protocol,
         "prefix": "",
         "slots": 4,
+        "metrics_url": f"127.0.0.1:{server.ports.metrics}",
     }
+    assert all(0 < r["pass_efficiency"] < 1 for r in report["results"])  # the server's time inside passes
     assert report["settings"]["block_lengths"] == [4]  # named: a server does not say its default
     assert report["notes"] == [
         "concurrency 8 exceeds the engine's 4 slots: the extra requests wait in the server's queue"

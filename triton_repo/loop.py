@@ -128,7 +128,8 @@ class EngineLoop:
             if self.engine.has_work:
                 self._step()
                 if not self.engine.has_work:
-                    self.metrics.step([], kv=self.engine.kv_usage())  # idle: the gauges read 0, not the last batch
+                    # idle: the gauges read 0, not the last batch
+                    self.metrics.step([], kv=self.engine.kv_usage(), clock=self.engine.runner.clock)
             with self._lock:
                 self._num_waiting = len(self.engine.waiting) + self._inbox.qsize()
                 self._num_free = self.engine.runner.num_free
@@ -181,7 +182,7 @@ class EngineLoop:
                 job.sink.close()
                 dropped = True
         if dropped and not self.engine.has_work:
-            self.metrics.step([], kv=self.engine.kv_usage())  # the gauges read the freed slots now
+            self.metrics.step([], kv=self.engine.kv_usage(), clock=self.engine.runner.clock)  # freed slots now
 
     def _abort(self, job: Job) -> None:
         self.engine.abort(job.admitted_seq.id)  # frees the slot now
@@ -219,7 +220,7 @@ class EngineLoop:
         # the step's batch: what still holds a slot, and what finished in it
         seqs = [job.admitted_seq for job in self._live.values()]
         running = [seq for seq in seqs if seq.slot is not None or seq.id in new]
-        self.metrics.step(running, len(self.engine.waiting), self.engine.kv_usage())
+        self.metrics.step(running, len(self.engine.waiting), self.engine.kv_usage(), self.engine.runner.clock)
         now = time.monotonic()
         for job in list(self._live.values()):
             if job.first_token is None:

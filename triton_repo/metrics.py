@@ -17,6 +17,9 @@
     trimode_preemptions_total                    sequences whose blocks were taken back (they resume later)
     trimode_prefix_cache_queried_tokens_total    prefill tokens looked up in the prefix cache
     trimode_prefix_cache_hit_tokens_total        of those, found: hit rate = hit / queried
+    trimode_pass_seconds_total                   time inside forward passes (runner.PassClock), added when
+                                                 the engine goes idle and at most a second apart while busy:
+                                                 its rate is the share of time spent in passes
     trimode_requests_waiting                     prompts accepted and waiting for a slot, at the last step
     trimode_queue_time_seconds{mode}             histogram: arrival to a KV slot, one observation a request
     trimode_time_to_first_token_seconds{mode}    histogram: arrival to the first token
@@ -38,6 +41,7 @@ an AR step at concurrency 1.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 from trimode.passes import Mode
@@ -53,7 +57,9 @@ _COUNTERS = {
     "trimode_preemptions_total": "Sequences preempted when the KV pool ran out of blocks",
     "trimode_prefix_cache_queried_tokens_total": "Prefill tokens looked up in the prefix cache",
     "trimode_prefix_cache_hit_tokens_total": "Prefill tokens found in the prefix cache (not computed)",
+    "trimode_pass_seconds_total": "Seconds the engine spent inside forward passes",
 }
+PASS_SECONDS_EVERY_S = 1.0  # how often a busy engine reports its pass time (on CUDA a read is a sync)
 _KV_COUNTERS = (  # KVUsage's counter fields (decoding/engine.py), in order after blocks_used
     "trimode_preemptions_total",
     "trimode_prefix_cache_queried_tokens_total",
@@ -92,7 +98,7 @@ class NullMetrics:
     def scheduled(self, seq, queue_time_s: float) -> None: ...
     def first_token(self, seq, ttft_s: float) -> None: ...
     def finished(self, seq, inter_token_s: float | None = None) -> None: ...
-    def step(self, running: list, num_waiting: int = 0, kv=None) -> None: ...
+    def step(self, running: list, num_waiting: int = 0, kv=None, clock=None) -> None: ...
 
 
 class TritonMetrics(NullMetrics):
@@ -112,6 +118,7 @@ class TritonMetrics(NullMetrics):
         self._occupancy: dict[str, int] = {}  # the value each occupancy gauge was last set to
         self._num_waiting = -1
         self._kv = (-1, 0, 0, 0)  # the KVUsage last reported
+        self._pass_seconds, self._pass_seconds_at = 0.0, time.monotonic()
         self.step([], kv=(0, 0, 0, 0))  # every occupancy gauge present (0) before the first request
         self._get("trimode_kv_slots").set(num_slots)
         if pool is not None:
@@ -156,8 +163,14 @@ class TritonMetrics(NullMetrics):
             self._get("trimode_accepted_tokens_total", mode=mode).increment(accepted_tokens(stats))
             self._get("trimode_speculation_cycles_total", mode=mode).increment(len(stats.accepted_lengths))
 
-    def step(self, running: list, num_waiting: int = 0, kv=None) -> None:
-        """kv: the engine's KVUsage now (None: unchanged)."""
+    def step(self, running: list, num_waiting: int = 0, kv=None, clock=None) -> None:
+        """kv: the engine's KVUsage now (None: unchanged); clock: its runner's PassClock."""
+        now = time.monotonic()
+        if clock is not None and (not running or now - self._pass_seconds_at >= PASS_SECONDS_EVERY_S):
+            seconds, self._pass_seconds_at = clock.seconds, now
+            if seconds > self._pass_seconds:
+                self._get("trimode_pass_seconds_total").increment(seconds - self._pass_seconds)
+                self._pass_seconds = seconds
         if kv is not None and tuple(kv) != self._kv:
             if kv[0] != self._kv[0]:
                 self._get("trimode_kv_blocks_used").set(kv[0])

@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
-from trimode.bench.targets import Ask, BenchError, Update
+from trimode.bench.targets import Ask, BenchError, Update, served_pass_seconds
 from trimode.passes import Mode
 
 
@@ -24,12 +24,21 @@ class OpenAITarget:
     slots = None
     default_block_length = None
 
-    def __init__(self, base_url: str, prefix: str = "", timeout_s: float = 300.0):
+    def __init__(self, base_url: str, prefix: str = "", timeout_s: float = 300.0, metrics_url: str | None = None):
         self.base = base_url.rstrip("/").removesuffix("/v1")
-        self.prefix, self.timeout_s = prefix, timeout_s
+        self.prefix, self.timeout_s, self.metrics_url = prefix, timeout_s, metrics_url
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "url": self.base, "prefix": self.prefix, "slots": None}
+        return {
+            "kind": self.kind,
+            "url": self.base,
+            "prefix": self.prefix,
+            "slots": None,
+            "metrics_url": self.metrics_url,
+        }
+
+    def pass_seconds(self) -> float | None:
+        return served_pass_seconds(self.metrics_url, self.prefix)
 
     def model(self, mode: Mode) -> str:
         from trimode.triton_repo.client import model_name

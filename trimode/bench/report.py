@@ -28,7 +28,7 @@ def format_table(report: dict) -> str:
         f"{where}: {s['max_tokens']} tokens per request, temperature 0, {m['cpu']} ({m['num_cpus']} CPUs)"
         + (f", tok/s: median of {s['num_rounds']} rounds (min-max)" if spread else ""),
         f"{'variant':<14}{'conc':>5}{'reqs':>6}{'tok/s':>9}{f'{chr(32) * 7}min-max' if spread else ''}{'vs AR':>7}"
-        f"{'tok/pass':>9}{'accept':>7}{'TTFT p50':>10}{'p95':>8}{'lat p50':>9}{'p95':>8}",
+        f"{'tok/pass':>9}{'accept':>7}{'in pass':>8}{'TTFT p50':>10}{'p95':>8}{'lat p50':>9}{'p95':>8}",
     ]
     for r in report["results"]:
 
@@ -40,7 +40,8 @@ def format_table(report: dict) -> str:
         lines.append(
             f"{r['variant']:<14}{r['concurrency']:>5}{r['num_requests']:>6}{r['tokens_per_s']:>9.1f}{span}"
             f"{opt(r['speedup_vs_ar'], '.2f'):>7}{opt(r['tokens_per_pass'], '.2f'):>9}"
-            f"{opt(r['mean_accepted_length'], '.2f'):>7}{r['ttft_s']['p50']:>10.3f}{r['ttft_s']['p95']:>8.3f}"
+            f"{opt(r['mean_accepted_length'], '.2f'):>7}{opt(r['pass_efficiency'], '.0%'):>8}"
+            f"{r['ttft_s']['p50']:>10.3f}{r['ttft_s']['p95']:>8.3f}"
             f"{r['latency_s']['p50']:>9.3f}{r['latency_s']['p95']:>8.3f}"
         )
     lines += [f"note: {n}" for n in report["notes"]]

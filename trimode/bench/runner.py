@@ -157,7 +157,7 @@ def run_bench(
         on_start(len(runs) * len(settings.concurrency) * settings.num_rounds)
     rows = []
     for c in settings.concurrency:
-        rounds: dict[Variant, list] = {v: [] for v in runs}
+        rounds: dict[Variant, list] = {v: [] for v in runs}  # (records, wall s, s inside passes | None) a round
         for _ in range(settings.num_rounds):
             for v in runs:
 
@@ -166,7 +166,11 @@ def run_bench(
                         prompts[i % len(prompts)], v.mode, v.block_length, settings.max_tokens, settings.ignore_eos
                     )
 
-                rounds[v].append(closed_loop(target, ask_for, c, settings.requests_at(c), settings.duration_s))
+                before = target.pass_seconds()
+                records, wall_s = closed_loop(target, ask_for, c, settings.requests_at(c), settings.duration_s)
+                after = target.pass_seconds()
+                in_passes = None if before is None or after is None else after - before
+                rounds[v].append((records, wall_s, in_passes))
                 if on_cell:
                     on_cell(v.name, c)
         rows += [

@@ -36,15 +36,19 @@ class Record:
     mean_accepted_length: float | None  # self-spec: mean accepted tokens per cycle (None elsewhere)
 
 
-def summarize(rounds: list[tuple[list[Record], float]]) -> dict:
+def summarize(rounds: list[tuple[list[Record], float, float | None]]) -> dict:
     """One (variant, concurrency) cell from its rounds (records, wall time from first send to last
-    answer). A round's tokens/s = its output tokens / its wall time; the cell's is the median round's
-    (the rounds ran interleaved with the other variants', so their spread is the machine's noise).
-    Everything else pools the rounds' requests; tokens per pass counts every pass, prefill included."""
-    records = [r for rs, _ in rounds for r in rs]
-    per_round = [sum(r.num_tokens for r in rs) / wall_s for rs, wall_s in rounds]
+    answer, the engine's seconds inside forward passes meanwhile or None). A round's tokens/s = its
+    output tokens / its wall time; the cell's is the median round's (the rounds ran interleaved with
+    the other variants', so their spread is the machine's noise). Everything else pools the rounds'
+    requests; tokens per pass counts every pass, prefill included. pass_efficiency: the share of the
+    wall time the engine spent inside passes (the rest is host work: scheduling, sampling, transfers,
+    serving), None when the target does not say."""
+    records = [r for rs, _, _ in rounds for r in rs]
+    per_round = [sum(r.num_tokens for r in rs) / wall_s for rs, wall_s, _ in rounds]
     tokens = sum(r.num_tokens for r in records)
-    wall_s = sum(w for _, w in rounds)
+    wall_s = sum(w for _, w, _ in rounds)
+    in_passes = [p for _, _, p in rounds if p is not None]
     passes = [r.num_passes for r in records]
     counted = [p for p in passes if p is not None]
     num_passes = sum(counted) if len(counted) == len(passes) else 0  # 0: unknown for some request
@@ -58,6 +62,7 @@ def summarize(rounds: list[tuple[list[Record], float]]) -> dict:
         "tokens_per_s_rounds": [round(t, 2) for t in per_round],
         "requests_per_s": round(len(records) / wall_s, 3),
         "tokens_per_pass": round(tokens / num_passes, 4) if num_passes else None,
+        "pass_efficiency": round(sum(in_passes) / wall_s, 4) if len(in_passes) == len(rounds) else None,
         "mean_accepted_length": mean_accepted_length(records),
         "ttft_s": {"p50": round(percentile(ttft, 50), 5), "p95": round(percentile(ttft, 95), 5)},
         "latency_s": {"p50": round(percentile(latency, 50), 5), "p95": round(percentile(latency, 95), 5)},

@@ -59,6 +59,7 @@ class Target(Protocol):
 
     def describe(self) -> dict: ...
     def check(self, modes: list[Mode]) -> None: ...  # fail before any timing
+    def pass_seconds(self) -> float | None: ...  # the engine's time inside passes so far (None: unknown)
     def stream(self, ask: Ask) -> Iterator[Update]: ...
     def close(self) -> None: ...
 
@@ -126,6 +127,9 @@ class EngineTarget:
     def check(self, modes: list[Mode]) -> None:
         pass  # the warm-up requests meet the engine's own checks (prompt length, block lengths)
 
+    def pass_seconds(self) -> float | None:
+        return self.loop.engine.runner.clock.seconds
+
     def stream(self, ask: Ask) -> Iterator[Update]:
         from trimode.decoding import DecodeConfig, SamplingParams
         from trimode.triton_repo.loop import Job
@@ -159,9 +163,20 @@ class TritonTarget:
     kind = "triton"
     default_block_length = None  # the server's engine model picks it
 
-    def __init__(self, url: str, protocol: str = "grpc", prefix: str = "", timeout_s: float = 10.0):
+    def __init__(
+        self,
+        url: str,
+        protocol: str = "grpc",
+        prefix: str = "",
+        timeout_s: float = 10.0,
+        metrics_url: str | None = None,
+    ):
         self.url, self.protocol, self.prefix, self.timeout_s = url, protocol, prefix, timeout_s
+        self.metrics_url = metrics_url
         self.slots: int | None = None
+
+    def pass_seconds(self) -> float | None:
+        return served_pass_seconds(self.metrics_url, self.prefix)
 
     def describe(self) -> dict:
         return {
@@ -170,6 +185,7 @@ class TritonTarget:
             "protocol": self.protocol,
             "prefix": self.prefix,
             "slots": self.slots,
+            "metrics_url": self.metrics_url,
         }
 
     def check(self, modes: list[Mode]) -> None:
@@ -248,3 +264,30 @@ class TritonTarget:
 
     def close(self) -> None:
         pass
+
+
+def served_pass_seconds(metrics_url: str | None, prefix: str, wait_s: float = 2.0) -> float | None:
+    """A server's trimode_pass_seconds_total (its engine model's time inside passes) from its metrics
+    endpoint (HOST:PORT); None without one. The engine adds to it when it goes idle, then sets its
+    occupancy to 0 (metrics.py): wait for that, so the passes of requests just answered are in."""
+    if metrics_url is None:
+        return None
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://{metrics_url}/metrics", timeout=10) as response:
+                lines = response.read().decode().splitlines()
+        except (urllib.error.URLError, OSError) as e:
+            raise BenchError(f"--metrics-url {metrics_url}: no metrics there ({getattr(e, 'reason', e)})") from None
+        model = f'model="{prefix}engine"'
+        values = {
+            line.split("{", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in lines
+            if model in line and (line.startswith("trimode_pass_seconds_total") or 'mode="all"' in line)
+        }
+        idle = values.get("trimode_batch_occupancy", 0.0) == 0
+        if idle or time.monotonic() > deadline:
+            return values.get("trimode_pass_seconds_total", 0.0)
+        time.sleep(0.02)

@@ -49,6 +49,13 @@ def _host_port(ctx, param, value: str | None) -> str | None:
 )
 @click.option("--prefix", default="", help="With --url or --openai: the model-name prefix the repo was written with.")
 @click.option(
+    "--metrics-url",
+    default=None,
+    callback=_host_port,
+    help="With --url or --openai: HOST:PORT of the server's metrics (`serve --metrics-port`), from which "
+    "each run's pass efficiency (the share of its time inside forward passes) is read.",
+)
+@click.option(
     "--modes",
     type=ModeList(),
     default=",".join(MODES),
@@ -145,6 +152,7 @@ def bench(
     protocol: str,
     openai_url: str | None,
     prefix: str,
+    metrics_url: str | None,
     modes: tuple[str, ...],
     concurrency: tuple[int, ...] | None,
     num_requests: int | None,
@@ -188,6 +196,8 @@ def bench(
         raise click.UsageError("--threads sets this process's torch threads: it needs --engine")
     if prefix and engine_dir is not None:
         raise click.UsageError("--prefix names a server's models: it needs --url or --openai")
+    if metrics_url and engine_dir is not None:
+        raise click.UsageError("--metrics-url names a server's metrics: it needs --url or --openai")
     options: dict[str, Any] = dict(
         modes=modes,
         num_requests=num_requests,
@@ -222,10 +232,10 @@ def bench(
             torch.set_num_threads(threads)
         target: Target = EngineTarget(engine_dir)
     elif url:
-        target = TritonTarget(url, protocol, prefix)
+        target = TritonTarget(url, protocol, prefix, metrics_url=metrics_url)
     else:
         assert openai_url is not None  # one of the three, checked above
-        target = OpenAITarget(openai_url, prefix)
+        target = OpenAITarget(openai_url, prefix, metrics_url=metrics_url)
     bars = []
 
     def on_start(num_cells: int) -> None:

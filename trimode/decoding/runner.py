@@ -18,6 +18,7 @@ which also return the greedy picks they compute with the logits.
 from __future__ import annotations
 
 import heapq
+import time
 from typing import NamedTuple
 
 import torch
@@ -72,9 +73,45 @@ class EagerBackend:
         return self.model(tokens, cache, kind, rows, logit_index, (min(lengths), max(lengths)), self.kernels)
 
 
+class PassClock:
+    """Seconds spent inside forward passes since the runner was built: what `trimode bench` divides by
+    wall time ("pass efficiency": the share of time the host is out of the way). On CPU a pass is
+    synchronous, so its host time is its time; on CUDA each pass is bracketed by events and read
+    when asked (a sync: the bench asks between runs, the metrics when the engine is idle)."""
+
+    def __init__(self, device: torch.device):
+        self.is_cuda = device.type == "cuda"
+        self._seconds = 0.0
+        self._events: list = []
+
+    def start(self):
+        if self.is_cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def stop(self, started) -> None:
+        if self.is_cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self._events.append((started, event))
+        else:
+            self._seconds += time.perf_counter() - started
+
+    @property
+    def seconds(self) -> float:
+        if self._events:
+            self._events[-1][1].synchronize()
+            self._seconds += sum(a.elapsed_time(b) for a, b in self._events) / 1e3
+            self._events.clear()
+        return self._seconds
+
+
 class ModelRunner:
     def __init__(self, model: NLDModel, config: EngineConfig, backend=None):
         self.model = model
+        self.clock = PassClock(model.device)
         self.kernels = use_kernels(model.device)  # the plugins' kernels or the torch references, decided once
         self.backend = backend or EagerBackend(model, self.kernels)
         self.cache = model.new_cache(config.max_slots, config.max_seq_len, config.block_size, config.num_kv_blocks)
@@ -117,7 +154,9 @@ class ModelRunner:
             logit_index = torch.full((len(slots),), tokens.shape[1] - 1, device=tokens.device)
         lengths = [self.host_lengths[s] for s in slots]
         assert max(lengths) + tokens.shape[1] <= self.max_seq_len, "a pass past the pool's max_seq_len"
+        started = self.clock.start()
         out = self.backend(kind, tokens, self.cache, slots, lengths, logit_index)
+        self.clock.stop(started)
         return out if isinstance(out, PassOutput) else PassOutput(out)
 
     def advance(self, slots: list[int], counts: list[int]) -> None:
