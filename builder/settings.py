@@ -8,7 +8,7 @@ import torch
 
 from trimode.config import ModelSpec
 from trimode.errors import InputError
-from trimode.kv_cache import KVCache, parse_memory
+from trimode.kv_cache import KVCache, blocks_per_seq, parse_memory
 
 BACKENDS = ("torch", "onnx", "tensorrt")
 DEVICES = ("cpu", "cuda")
@@ -81,7 +81,7 @@ class BuildSettings:
 
     @property
     def blocks_per_seq(self) -> int:
-        return -(-self.max_seq_len // self.block_size)
+        return blocks_per_seq(self.max_seq_len, self.block_size)
 
     @property
     def pool_blocks(self) -> int:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from trimode.decoding.logprobs import MAX_LOGPROBS
 from trimode.errors import InputError
+from trimode.kv_cache import blocks_per_seq
 from trimode.passes import Mode
 
 DEFAULT_THRESHOLD = {Mode.DIFFUSION: 0.9, Mode.SELF_SPEC: 0.0}  # spec §6 and §7
@@ -95,10 +96,11 @@ class EngineConfig:
         _check(self.max_slots >= 1, "max_slots", "an integer >= 1", self.max_slots)
         _check(self.max_seq_len >= 2, "max_seq_len", "an integer >= 2", self.max_seq_len)
         _check(self.kv_block_size >= 1, "kv_block_size", "an integer >= 1", self.kv_block_size)
+        need = blocks_per_seq(self.max_seq_len, self.block_size)
         _check(
-            self.num_kv_blocks is None or self.num_kv_blocks >= -(-self.max_seq_len // self.block_size),
+            self.num_kv_blocks is None or self.num_kv_blocks >= need,
             "num_kv_blocks",
-            f"at least the {-(-self.max_seq_len // self.block_size)} blocks of one max_seq_len sequence",
+            f"at least the {need} blocks of one max_seq_len sequence",
             self.num_kv_blocks,
         )
         _check(
