@@ -4,8 +4,9 @@
 returns its logits (a PassOutput); `advance(slots, counts)` commits tokens; `allocate` / `release`
 hand out slots (a batch seat: a length and a block table), `set_blocks` fills a slot's table with
 the KV blocks the engine's BlockManager gave its sequence.
-The runner keeps each slot's committed length on the host too, so a pass needs no host sync to
-size its attention.
+The runner keeps each slot's committed length on the host only (the pool's `lengths` tensor is the
+model's interface, unused here): a pass gets them as a list, so it needs no host sync to size its
+attention.
 
 The backend is fixed when the runner is built. A backend is a callable
     backend(kind, tokens [b, L], pool: KVCache, slots: list[int], lengths: list[int], logit_index [b] | None)
@@ -51,8 +52,8 @@ class PassOutput(NamedTuple):
 
 
 class EagerBackend:
-    """The reference model as a backend: a contiguous run of slots is passed as views of the pool
-    (no gather), any other set as the whole pool plus row indices."""
+    """The reference model as a backend, over the pool's blocks with the batch's lengths and tables
+    (a contiguous run of slots: a slice of the tables, no gather)."""
 
     def __init__(self, model: NLDModel, kernels: bool):
         self.model, self.kernels = model, kernels
@@ -67,10 +68,11 @@ class EagerBackend:
         logit_index: torch.Tensor | None,
     ) -> torch.Tensor:
         if slots == list(range(slots[0], slots[0] + len(slots))):
-            cache, rows = pool.rows(slots[0], slots[0] + len(slots)), None
+            tables = pool.block_tables[slots[0] : slots[0] + len(slots)]
         else:
-            cache, rows = pool, torch.tensor(slots, device=tokens.device)
-        return self.model(tokens, cache, kind, rows, logit_index, (min(lengths), max(lengths)), self.kernels)
+            tables = pool.block_tables[torch.tensor(slots, device=tokens.device)]
+        batch = KVCache(pool.k, pool.v, torch.tensor(lengths, device=tokens.device), tables)
+        return self.model(tokens, batch, kind, None, logit_index, (min(lengths), max(lengths)), self.kernels)
 
 
 class PassClock:
@@ -133,7 +135,6 @@ class ModelRunner:
         return heapq.heappop(self._free)
 
     def release(self, slot: int) -> None:
-        self.cache.lengths[slot] = 0
         self.cache.block_tables[slot] = self.cache.null_block
         self.host_lengths[slot] = 0
         heapq.heappush(self._free, slot)
@@ -160,8 +161,7 @@ class ModelRunner:
         return out if isinstance(out, PassOutput) else PassOutput(out)
 
     def advance(self, slots: list[int], counts: list[int]) -> None:
-        """Commit counts[i] more tokens of slots[i] (the K/V the last pass wrote for them)."""
+        """Commit counts[i] more tokens of slots[i] (the K/V the last pass wrote for them): host only,
+        a backend gets the lengths with each pass (a device update here was 15% of an AR step)."""
         for s, n in zip(slots, counts):
             self.host_lengths[s] += n
-        index = torch.tensor(slots, device=self.cache.lengths.device)
-        self.cache.lengths[index] += torch.tensor(counts, device=self.cache.lengths.device)
