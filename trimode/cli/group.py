@@ -23,8 +23,11 @@ class TrimodeGroup(click.Group):
         with click's "Aborted!" and exit 1."""
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
-        previous = _watch_ctrl_c()
-        try:
+        previous = None
+        try:  # a Ctrl-C that lands while the handler is being installed is caught here too
+            if threading.current_thread() is threading.main_thread():
+                previous = signal.getsignal(signal.SIGINT)
+            _watch_ctrl_c()
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except (click.Abort, KeyboardInterrupt) as e:
             signum = getattr(e.__cause__ if isinstance(e, click.Abort) else e, "signum", 2)
@@ -66,17 +69,17 @@ def _interrupted(e: KeyboardInterrupt):
 _CTRL_C: list[int] = []
 
 
-def _watch_ctrl_c():
-    """Install the SIGINT handler that records the signal; -> the previous handler (None off the main thread)."""
+def _watch_ctrl_c() -> None:
+    """Install the SIGINT handler that records the signal (on the main thread only: signals go there)."""
 
     def on_sigint(signum, frame):
         _CTRL_C.append(signum)
         raise Interrupted(signum)
 
     if threading.current_thread() is not threading.main_thread():
-        return None
+        return
     _CTRL_C.clear()
-    return signal.signal(signal.SIGINT, on_sigint)
+    signal.signal(signal.SIGINT, on_sigint)
 
 
 def _as_typed(message: str, command: click.Command) -> str:
