@@ -52,6 +52,20 @@ class Served:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def wait_accepted(self, num_requests: int, timeout_s: float) -> None:
+        """Until the engine has accepted num_requests (trimode_requests_total on the metrics endpoint)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.ports.metrics}/metrics", timeout=10) as response:
+                lines = response.read().decode().splitlines()
+            accepted = sum(
+                float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("trimode_requests_total{")
+            )
+            if accepted >= num_requests:
+                return
+            assert time.monotonic() < deadline, f"{accepted} of {num_requests} requests accepted"
+            time.sleep(0.02)
+
     def wait_for(self, text: str, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while text not in self.log():
@@ -325,6 +339,9 @@ def test_the_drain_timeout_bounds_the_drain(start_serve):
     served = start_serve("--drain-timeout", "0.5")
     load = Load(served.grpc_url, 128)  # ~9600 tokens: seconds of work for 4 slots
     assert load.first.wait(60)
+    # 24 of them in the engine (4 slots, the rest queued): 1800 tokens, far more than 0.5 s of work;
+    # a SIGTERM sent while most threads had not sent yet once left too little to outlast the timeout
+    served.wait_accepted(24, 60)
     served.process.send_signal(signal.SIGTERM)
     signalled = time.monotonic()
     assert served.process.wait(30) == 0  # a bound for a hang; measured ~2 s
