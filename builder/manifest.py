@@ -175,7 +175,7 @@ def check_fields(engine_dir: Path, manifest: dict) -> None:
     onnx_only = field("settings", "onnx_only", ok=lambda v: isinstance(v, bool), expected="true or false")
     settings = manifest["settings"]
     try:  # their relations, as `trimode build` checks them
-        BuildSettings(
+        checked = BuildSettings(
             **{
                 k: settings[k]
                 for k in (
@@ -201,7 +201,7 @@ def check_fields(engine_dir: Path, manifest: dict) -> None:
     field("model", "dtype", ok=_is_str, expected="a string")
     field("model", "has_draft_adapter", ok=lambda v: isinstance(v, bool), expected="true or false")
     field("quantization", ok=lambda v: v is None or _is_dict(v), expected="an object or null")
-    block_size = min(settings["kv_block_size"], settings["max_seq_len"])
+    block_size = checked.block_size
     field("kv_cache", "block_size", ok=lambda v: v == block_size, expected=f"{block_size} (the settings')")
     field(
         "kv_cache",

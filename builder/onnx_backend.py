@@ -63,7 +63,7 @@ from trimode.builder.onnx_export import GRAPH_DTYPE, export_native_pass, graph_m
 from trimode.builder.program import PassShape, lookup
 from trimode.builder.settings import BuildSettings
 from trimode.errors import InputError, MissingDependencyError
-from trimode.kv_cache import KVCache
+from trimode.kv_cache import KVCache, position_index
 from trimode.model import NLDModel
 from trimode.passes import PassKind
 from trimode.plugins.reference import load_cached, store_cached
@@ -153,7 +153,7 @@ class OnnxBackend:
         b, L = tokens.shape
         _, session = lookup(self.sessions, kind, L, self.max_input_len)
         _check_pool(pool, self.pool_shape)
-        tables = pool.block_tables[torch.tensor(slots, device=pool.block_tables.device)].cpu()
+        tables = pool.slot_tables(slots).cpu()
         feeds = {
             "tokens": tokens.cpu().long().numpy(),
             "tables": tables.numpy(),
@@ -223,7 +223,7 @@ class PluginGraphBackend:
         b, L = tokens.shape
         _, session = lookup(self.sessions, kind, L, self.max_input_len)
         _check_pool(pool, self.pool_shape)
-        tables = pool.block_tables[torch.tensor(slots, device=pool.block_tables.device)].cpu()
+        tables = pool.slot_tables(slots).cpu()
         starts = torch.tensor(lengths)
         feeds = {"tokens": tokens.cpu().long(), "tables": tables, "lengths": starts}
         if kind.last_logit_only:
@@ -250,10 +250,8 @@ def pool_shape(model: NLDModel, manifest: dict) -> tuple[int, int, int, int]:
 
 
 def chunk_index(tables: torch.Tensor, lengths: torch.Tensor, length: int, block_size: int) -> tuple:
-    """The pool index of each row's chunk positions lengths .. lengths + length - 1: (blocks [b, L], :,
-    offsets [b, L]), so pool[index] is [b, L, Hkv, D] (kv_cache.py)."""
-    positions = lengths[:, None] + torch.arange(length)
-    return tables.gather(1, positions // block_size), slice(None), positions % block_size
+    """The pool index of each row's chunk positions lengths .. lengths + length - 1 (kv_cache.position_index)."""
+    return position_index(tables, lengths[:, None] + torch.arange(length), block_size)
 
 
 def _check_pool(pool: KVCache, pool_shape: tuple[int, ...]) -> None:

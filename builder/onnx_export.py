@@ -21,7 +21,7 @@ from torch import nn
 from trimode.builder.program import PassShape, quiet_export
 from trimode.builder.settings import BuildSettings
 from trimode.fp8 import E4M3, FP8Linear
-from trimode.kv_cache import KVCache
+from trimode.kv_cache import KVCache, span_index
 from trimode.model import NLDModel
 from trimode.passes import PassKind, Pattern
 
@@ -85,12 +85,8 @@ def native_attention(
     computed from lengths and indices. q [b, L, H, D]; k, v [b, L, Hkv, D]; k_pool, v_pool
     [N, Hkv, P, D] fp32; tables [b, T] -> [b, L, H, D]"""
     b, L, H, D = q.shape
-    Hkv, page = k.shape[2], k_pool.shape[2]
-    index = (
-        tables[:, key_index // page][:, None, :],
-        torch.arange(Hkv)[None, :, None],
-        (key_index % page)[None, None, :],
-    )
+    Hkv = k.shape[2]
+    index = span_index(tables, key_index, Hkv, k_pool.shape[2])
     keys = torch.cat([k_pool[index], k.transpose(1, 2)], dim=2)[:, :, None]  # [b, Hkv, 1, S + L, D]
     values = torch.cat([v_pool[index], v.transpose(1, 2)], dim=2)[:, :, None]
     offsets = torch.arange(L)

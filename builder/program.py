@@ -37,6 +37,7 @@ from torch import nn
 
 from trimode.builder.gemms import ProgramGemms
 from trimode.errors import EngineError
+from trimode.kv_cache import position_index, span_index
 from trimode.model import NLDModel
 from trimode.passes import PassKind, Pattern
 from trimode.plugins.reference import greedy_tokens, load_cached, pick_confidence, store_cached
@@ -62,13 +63,11 @@ def pool_attention(
     is_causal: a bool, or a [] bool tensor (the block program's input)."""
     L, page = q.shape[1], k_pool.shape[2]
     offsets = torch.arange(L, device=q.device)
-    positions = lengths[:, None] + offsets
-    blocks = tables.gather(1, positions // page)  # [b, L]
-    k_pool[blocks, :, positions % page] = store_cached(k, k_pool.dtype, k_scale)
-    v_pool[blocks, :, positions % page] = store_cached(v, v_pool.dtype, v_scale)
+    chunk = position_index(tables, lengths[:, None] + offsets, page)
+    k_pool[chunk] = store_cached(k, k_pool.dtype, k_scale)
+    v_pool[chunk] = store_cached(v, v_pool.dtype, v_scale)
     # one gather of [b, Hkv, S, D]: a slice [:S] of the pool would guard on S (contiguity) in export
-    heads = torch.arange(k_pool.shape[1], device=q.device)[None, :, None]
-    index = (tables[:, key_index // page][:, None, :], heads, (key_index % page)[None, None, :])
+    index = span_index(tables, key_index, k_pool.shape[1], page)
     keys, values = load_cached(k_pool[index], q.dtype, k_scale), load_cached(v_pool[index], q.dtype, v_scale)
     if isinstance(is_causal, torch.Tensor):
         visible_end = lengths[:, None] + torch.where(is_causal, offsets + 1, L)  # [b, L]

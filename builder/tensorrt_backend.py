@@ -253,7 +253,7 @@ class TensorRTBackend:
         device = k0.device
         feeds = {
             "tokens": tokens.to(device, torch.long).contiguous(),
-            "tables": pool.block_tables[torch.tensor(slots, device=pool.block_tables.device)].to(device).contiguous(),
+            "tables": pool.slot_tables(slots).to(device).contiguous(),
             "lengths": torch.tensor(lengths, device=device),
         }
         if kind.last_logit_only:

@@ -315,7 +315,7 @@ class CompiledBackend:
         inputs = [
             tokens,
             torch.tensor(lengths, device=self.device),
-            slot_tables(pool, slots),
+            pool.slot_tables(slots),
             self.key_index[:span],
             logit_index,
             self.causal[kind.pattern],
@@ -324,14 +324,6 @@ class CompiledBackend:
         ]
         # the loader's flat call: the package's __call__ re-parses its pytree specs on every pass
         return PassOutput(*program.loader.boxed_run(inputs))
-
-
-def slot_tables(pool: KVCache, slots: list[int]) -> torch.Tensor:
-    """[b, T] the slots' block tables: a view for a contiguous run of slots, else a gather."""
-    first = slots[0]
-    if slots == list(range(first, first + len(slots))):
-        return pool.block_tables[first : first + len(slots)]
-    return pool.block_tables[torch.tensor(slots, device=pool.block_tables.device)]
 
 
 def load(engine_dir: Path, model: NLDModel, manifest: dict) -> CompiledBackend:

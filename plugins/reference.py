@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from trimode.fp8 import quantize_e4m3
+from trimode.kv_cache import position_index, span_index
 
 
 @dataclass(frozen=True)
@@ -104,11 +105,10 @@ def block_attention(
     caller does not advance lengths, and the next causal pass over those positions overwrites it).
     Query i sees the prefix and chunk keys 0..i (causal) or the whole chunk (block). -> [b, L, H, D]
     """
-    span, page = layout.span, k_cache.shape[2]
-    tables = layout.block_tables
-    blocks, offsets = tables.gather(1, layout.positions // page), layout.positions % page  # [b, L] each
-    k_cache[blocks, :, offsets] = store_cached(k, k_cache.dtype, k_scale)
-    v_cache[blocks, :, offsets] = store_cached(v, v_cache.dtype, v_scale)
+    span, tables = layout.span, layout.block_tables
+    index = position_index(tables, layout.positions, k_cache.shape[2])
+    k_cache[index] = store_cached(k, k_cache.dtype, k_scale)
+    v_cache[index] = store_cached(v, v_cache.dtype, v_scale)
     if layout.tables is None:  # a dense cache whose rows are the batch: views, no gather
         keys, values = k_cache[:, :, :span], v_cache[:, :, :span]
     else:
@@ -122,10 +122,7 @@ def block_attention(
 
 def gather_blocks(cache: torch.Tensor, tables: torch.Tensor, span: int) -> torch.Tensor:
     """cache [N, Hkv, P, D] -> [b, Hkv, span, D]: positions 0..span-1 of each row's blocks."""
-    b, page = tables.shape[0], cache.shape[2]
-    num = -(-span // page)
-    rows = cache[tables[:, :num]]  # [b, num, Hkv, P, D]
-    return rows.transpose(1, 2).reshape(b, cache.shape[1], num * page, cache.shape[3])[:, :, :span]
+    return cache[span_index(tables, torch.arange(span, device=tables.device), cache.shape[1], cache.shape[2])]
 
 
 def store_cached(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:

@@ -83,6 +83,13 @@ class KVCache:
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
+    def slot_tables(self, slots: list[int]) -> torch.Tensor:
+        """[b, T] the block tables of `slots`: a view for a contiguous run of slots, else a gather."""
+        first = slots[0]
+        if slots == list(range(first, first + len(slots))):
+            return self.block_tables[first : first + len(slots)]
+        return self.block_tables[torch.tensor(slots, device=self.block_tables.device)]
+
     def rows(self, start: int, stop: int) -> "KVCache":
         """Slots start..stop-1: the same blocks, those slots' tables and lengths (views)."""
         return KVCache(self.k, self.v, self.lengths[start:stop], self.block_tables[start:stop])
@@ -93,6 +100,19 @@ class KVCache:
 
     def crop(self, rows: torch.Tensor, new_lengths: torch.Tensor) -> None:
         self.lengths[rows] = new_lengths
+
+
+def position_index(tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> tuple:
+    """Where positions [b, L] of the rows with block tables [b, T] live: (blocks [b, L], :, offsets
+    [b, L]), so a layer's pool[index] is their K or V, [b, L, Hkv, D]. Traceable (no host sync)."""
+    return tables.gather(1, positions // block_size), slice(None), positions % block_size
+
+
+def span_index(tables: torch.Tensor, keys: torch.Tensor, num_kv_heads: int, block_size: int) -> tuple:
+    """Where the same positions keys [S] of every row live, as one gather: a layer's pool[index] is
+    [b, Hkv, S, D]. Traceable (no host sync, no slice of data-dependent size)."""
+    heads = torch.arange(num_kv_heads, device=keys.device)[None, :, None]
+    return tables[:, keys // block_size][:, None, :], heads, (keys % block_size)[None, None, :]
 
 
 def blocks_per_seq(max_len: int, block_size: int) -> int:

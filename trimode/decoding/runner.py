@@ -67,11 +67,7 @@ class EagerBackend:
         lengths: list[int],
         logit_index: torch.Tensor | None,
     ) -> torch.Tensor:
-        if slots == list(range(slots[0], slots[0] + len(slots))):
-            tables = pool.block_tables[slots[0] : slots[0] + len(slots)]
-        else:
-            tables = pool.block_tables[torch.tensor(slots, device=tokens.device)]
-        batch = KVCache(pool.k, pool.v, torch.tensor(lengths, device=tokens.device), tables)
+        batch = KVCache(pool.k, pool.v, torch.tensor(lengths, device=tokens.device), pool.slot_tables(slots))
         return self.model(tokens, batch, kind, None, logit_index, (min(lengths), max(lengths)), self.kernels)
 
 
