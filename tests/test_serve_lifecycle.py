@@ -336,16 +336,16 @@ def test_sigterm_drains_the_requests_in_flight(start_serve):
 
 
 def test_the_drain_timeout_bounds_the_drain(start_serve):
-    served = start_serve("--drain-timeout", "0.5")
+    # --drain-timeout 0: cut at once, whatever the machine's speed (a 0.5 s bound once passed on a CI
+    # machine fast enough to finish the whole load inside it)
+    served = start_serve("--drain-timeout", "0")
     load = Load(served.grpc_url, 128)  # ~9600 tokens: seconds of work for 4 slots
     assert load.first.wait(60)
-    # 24 of them in the engine (4 slots, the rest queued): 1800 tokens, far more than 0.5 s of work;
-    # a SIGTERM sent while most threads had not sent yet once left too little to outlast the timeout
-    served.wait_accepted(24, 60)
+    served.wait_accepted(24, 60)  # 24 of them in the engine (4 slots, the rest queued)
     served.process.send_signal(signal.SIGTERM)
     signalled = time.monotonic()
     assert served.process.wait(30) == 0  # a bound for a hang; measured ~2 s
-    assert "--drain-timeout 0.5 s: cutting the requests still in flight" in served.log()
+    assert "--drain-timeout 0 s: cutting the requests still in flight" in served.log(), served.log()[-3000:]
     assert load.join(30 - (time.monotonic() - signalled))  # every request ended: done or cut
     cut = [r for r in load.results if isinstance(r, RemoteError)]
     assert cut and not any("overloaded" in str(e) for e in cut)  # cut by the stop, not refused
