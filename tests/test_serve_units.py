@@ -6,6 +6,7 @@ tritonserver, what `generate --url` says of a port that speaks another protocol 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import http.server
 import socket
 import threading
@@ -19,6 +20,7 @@ from trimode.decoding.settings import EngineConfig
 from trimode.errors import InputError
 from trimode.triton_repo.loop import EngineLoop, Job, Overloaded
 from trimode.triton_repo.request import Request, parse_requests
+from trimode.triton_repo.response import unpack
 from trimode.triton_repo.server import Ports
 from trimode.triton_repo.text import new_text, window
 
@@ -35,7 +37,7 @@ class ListSink:
     def send(self, outputs, final: bool) -> None:
         if self.fail_after is not None and len(self.responses) >= self.fail_after:
             raise ConnectionError("client gone")
-        self.responses.append(outputs)
+        self.responses.append(unpack(outputs.__getitem__))  # as postprocessing reads them
         if final:
             self.done.set()
 
@@ -150,6 +152,38 @@ def test_bad_request_fails_only_itself(engine):
         assert "max_tokens (500)" in bad.error and good.error is None
     finally:
         loop.stop()
+
+
+def test_a_packed_response_unpacks_to_the_ensembles_tensors(engine):
+    """The engine's four tensors (response.py) carry every value and dtype of the ensemble's outputs."""
+    from trimode.triton_repo import tensors
+    from trimode.triton_repo.response import pack
+
+    seq = engine.add([3, 4, 5], SamplingParams(7, ignore_eos=True, logprobs=2), DecodeConfig("self-spec", 4))
+    while engine.has_work:
+        engine.step()
+    assert seq.stats.accepted_lengths and seq.finish_reason == "length"
+    handle, new = (1 << 63) - 1, slice(2, 7)
+    out = unpack(pack(seq, seq.tokens[-4:], 1, True, handle, 3, new).__getitem__)
+    kinds = {"INT32": np.int32, "UINT64": np.uint64, "FP32": np.float32, "BOOL": np.bool_, "STRING": np.object_}
+    for t in tensors.PASSED_ON:
+        assert out[t.name].dtype == kinds[t.dtype] and out[t.name].ndim == 1 + len(t.dims), t.name
+    assert out["output_ids"].tolist() == [seq.tokens[-4:]] and int(out["prefix_length"][0, 0]) == 1
+    assert bool(out["is_final"][0, 0]) and int(out["sequence_id"][0, 0]) == handle
+    assert int(out["batch_index"][0, 0]) == 3 and int(out["sequence_index"][0, 0]) == 0
+    assert int(out["num_input_tokens"][0, 0]) == 3 and int(out["num_output_tokens"][0, 0]) == 7
+    assert int(out["num_forward_passes"][0, 0]) == seq.stats.num_passes
+    assert out["mean_accepted_length"][0, 0] == np.float32(seq.stats.mean_accepted_length)
+    assert out["finish_reason"][0, 0] == b"length"
+    assert out["output_token_ids"].tolist() == [seq.tokens[new]]
+    assert out["output_log_probs"].tolist() == [[np.float32(seq.logprobs[new]).tolist()]]
+    assert out["cum_log_probs"][0, 0] == np.float32(sum(seq.logprobs[:7]))
+    assert out["top_log_prob_ids"].tolist() == [[[t for t, _ in top] for top in seq.top_logprobs[new]]]
+    assert out["top_log_probs"].shape == (1, 5, 2)
+    seq.params = dataclasses.replace(seq.params, logprobs=None)  # none asked: the empty tensors
+    empty = unpack(pack(seq, seq.tokens, 0, False, 1, 0, slice(0, 7)).__getitem__)
+    assert [empty[t.name].shape for t in tensors.LOG_PROBS] == [(1, 0), (1, 1, 0), (1, 0, 0), (1, 0, 0), (1, 0)]
+    assert not empty["is_final"][0, 0]
 
 
 def arrays(**values) -> dict:

@@ -165,7 +165,7 @@ def test_prefix_modes_and_settings(tiny_engine_dir, tmp_path):
 def _break(config, how: str):
     step = config.ensemble_scheduling.step
     if how == "unfed":  # (the engine's inputs are optional there: a cancel control request sends none)
-        del step[2].input_map["prefix_length"]
+        del step[2].input_map["response"]
     elif how == "unknown model":
         step[2].model_name = "nope"
     elif how == "unproduced":
@@ -179,7 +179,7 @@ def _break(config, how: str):
 @pytest.mark.parametrize(
     "how, message",
     [
-        ("unfed", "required input 'prefix_length' is not fed"),
+        ("unfed", "required input 'response' is not fed"),
         ("unknown model", "no such model"),
         ("unproduced", "nothing produced before"),
         ("type", "input 'max_tokens' is 8[1], 'max_tokens' is 11[1]"),

@@ -33,6 +33,7 @@ from trimode.decoding.engine import Engine
 from trimode.decoding.sequence import Sequence
 from trimode.errors import TrimodeError
 from trimode.triton_repo.request import Request
+from trimode.triton_repo.response import pack
 from trimode.triton_repo.text import window
 
 # How often the loop asks the response senders whether their clients cancelled: each ask is a round
@@ -240,7 +241,7 @@ class EngineLoop:
             ids, prefix_length = (seq.prompt + seq.tokens if job.request.prepend_prompt else seq.tokens), 0
             new = slice(0, len(seq.tokens))
         try:
-            job.sink.send(outputs(seq, ids, prefix_length, final, job.handle, job.request.batch_index, new), final)
+            job.sink.send(pack(seq, ids, prefix_length, final, job.handle, job.request.batch_index, new), final)
         except Exception:  # the client is gone: stop generating for it
             if not final:
                 seq.finish_reason = "abort"
@@ -249,48 +250,3 @@ class EngineLoop:
         job.num_sent = len(seq.tokens)
         if final:
             self._forget(job)
-
-
-def outputs(
-    seq: Sequence, ids: list[int], prefix_length: int, final: bool, handle: int, batch_index: int, new: slice
-) -> dict:
-    """The engine model's output tensors for one response (batch dimension first); new: the tokens
-    whose log probs it carries (tensors.py LOG_PROBS)."""
-    stats = seq.stats
-    return {
-        "output_ids": np.array([ids], dtype=np.int32).reshape(1, -1),
-        "prefix_length": np.array([[prefix_length]], dtype=np.int32),
-        "is_final": np.array([[final]], dtype=bool),
-        "sequence_id": np.array([[handle]], dtype=np.uint64),  # what postprocessing names to cancel it
-        **log_probs(seq, new),
-        "batch_index": np.array([[batch_index]], dtype=np.int32),
-        "sequence_index": np.zeros((1, 1), dtype=np.int32),
-        "num_input_tokens": np.array([[len(seq.prompt)]], dtype=np.int32),
-        "num_output_tokens": np.array([[len(seq.tokens)]], dtype=np.int32),
-        "num_forward_passes": np.array([[stats.num_passes]], dtype=np.int32),
-        # 0 where the mode accepts no drafts (ar, diffusion)
-        "mean_accepted_length": np.array([[stats.mean_accepted_length or 0.0]], dtype=np.float32),
-        "finish_reason": np.array([[(seq.finish_reason or "").encode()]], dtype=np.object_),
-    }
-
-
-def log_probs(seq: Sequence, new: slice) -> dict[str, np.ndarray]:
-    """cum_log_probs [1, 1] (over every token so far), output_log_probs [1, 1, n], the top-k [1, n, k]
-    and the ids [1, n] of the tokens `new`; empty when the request asked for none."""
-    k = seq.params.logprobs
-    if k is None:
-        return {
-            "cum_log_probs": np.zeros((1, 0), np.float32),
-            "output_log_probs": np.zeros((1, 1, 0), np.float32),
-            "top_log_probs": np.zeros((1, 0, 0), np.float32),
-            "top_log_prob_ids": np.zeros((1, 0, 0), np.int32),
-            "output_token_ids": np.zeros((1, 0), np.int32),
-        }
-    tops = seq.top_logprobs[new] if k else [[] for _ in seq.logprobs[new]]
-    return {
-        "cum_log_probs": np.array([[sum(seq.logprobs[: new.stop])]], np.float32),
-        "output_log_probs": np.array(seq.logprobs[new], np.float32).reshape(1, 1, -1),
-        "top_log_probs": np.array([[v for _, v in top] for top in tops], np.float32).reshape(1, len(tops), k),
-        "top_log_prob_ids": np.array([[t for t, _ in top] for top in tops], np.int32).reshape(1, len(tops), k),
-        "output_token_ids": np.array(seq.tokens[new], np.int32).reshape(1, -1),
-    }

@@ -1,4 +1,5 @@
-"""postprocessing: the engine's token ids -> text_output (text.py), statistics passed on.
+"""postprocessing: the engine's packed response (response.py) -> text_output (text.py) and the
+ensemble's other tensors.
 
 It is also how a client's cancel reaches the engine through an ensemble (engine_model.py): a step
 request of a cancelled ensemble request reports is_cancelled(), and this model then asks the
@@ -16,6 +17,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from trimode.triton_repo.preprocessing_model import load_tokenizer
+from trimode.triton_repo.response import unpack
 from trimode.triton_repo.tensors import PASSED_ON
 from trimode.triton_repo.text import new_text
 
@@ -35,16 +37,14 @@ class TritonPythonModel:
         return [self._one(request) for request in requests]
 
     def _one(self, request):
-        get = lambda name: pb_utils.get_input_tensor_by_name(request, name).as_numpy()  # noqa: E731
+        out = unpack(lambda name: pb_utils.get_input_tensor_by_name(request, name).as_numpy())
         if request.is_cancelled():
-            self._cancel(int(get("sequence_id").reshape(-1)[0]))  # and answer as usual: Triton drops it
-        ids = [int(t) for t in get("output_ids").reshape(-1)]
-        text = new_text(
-            self.tokenizer.decode, ids, int(get("prefix_length").reshape(-1)[0]), bool(get("is_final").reshape(-1)[0])
-        )
+            self._cancel(int(out["sequence_id"][0, 0]))  # and answer as usual: Triton drops it
+        ids = out["output_ids"].reshape(-1).tolist()
+        text = new_text(self.tokenizer.decode, ids, int(out["prefix_length"][0, 0]), bool(out["is_final"][0, 0]))
         # [1], not [1, 1]: TensorRT-LLM's clients read output[0].decode()
         tensors = [pb_utils.Tensor("out_text_output", np.array([text.encode()], dtype=np.object_))]
-        tensors += [pb_utils.Tensor(f"out_{t.name}", get(t.name)) for t in PASSED_ON]
+        tensors += [pb_utils.Tensor(f"out_{t.name}", out[t.name]) for t in PASSED_ON]
         return pb_utils.InferenceResponse(output_tensors=tensors)
 
     def _cancel(self, seq_id: int) -> None:

@@ -64,7 +64,7 @@ ENSEMBLE_INPUTS = (
     *ENGINE_PASS_THROUGH,
 )
 
-# Per-request statistics, produced by the engine model and passed on by postprocessing.
+# Per-request statistics, from the engine model's response (response.py), passed on by postprocessing.
 STATISTICS = (
     Tensor("num_input_tokens", "INT32"),
     Tensor("num_output_tokens", "INT32"),
@@ -114,23 +114,34 @@ ENGINE_INPUTS = (
     *ENGINE_PASS_THROUGH,
     _opt("cancel_sequence_id", "UINT64"),
 )
-# output_ids: the tokens of this response with up to WINDOW earlier ones in front (prefix_length of
-# them), so postprocessing, which keeps no state, can cut exactly the new text (text.py).
-# (With exclude_input_in_output = false the final output_ids start with the prompt's, as TensorRT-LLM's
-# do: postprocessing may read only the engine's tensors, since Triton refuses a step that mixes
-# tensors of a decoupled model with others.)
+# One response, packed (response.py): output_ids are the tokens of this response with up to WINDOW
+# earlier ones in front (prefix_length of them), so postprocessing, which keeps no state, can cut
+# exactly the new text (text.py). (With exclude_input_in_output = false the final output_ids start
+# with the prompt's, as TensorRT-LLM's do: postprocessing may read only the engine's tensors, since
+# Triton refuses a step that mixes tensors of a decoupled model with others.)
+# the scalars of `response`, in order
+RESPONSE_FIELDS = (
+    "prefix_length",
+    "is_final",
+    "sequence_id",
+    "batch_index",
+    "sequence_index",
+    "num_input_tokens",
+    "num_output_tokens",
+    "num_forward_passes",
+    "num_accepted_tokens",
+    "num_drafting_cycles",
+    "finish_reason",
+    "num_top_log_probs",  # -1: no log probs asked
+)
 ENGINE_OUTPUTS = (
     Tensor("output_ids", "INT32", (-1,)),
-    Tensor("prefix_length", "INT32"),
-    Tensor("is_final", "BOOL"),
-    Tensor("sequence_id", "UINT64"),
-    *LOG_PROBS,
-    *INDICES,
-    *STATISTICS,
+    Tensor("response", "INT64", (len(RESPONSE_FIELDS),)),
+    Tensor("log_probs", "FP32", (-1,)),
+    Tensor("log_prob_ids", "INT32", (-1,)),
 )
-
 POSTPROCESSING_INPUTS = ENGINE_OUTPUTS
 POSTPROCESSING_OUTPUTS = tuple(Tensor(f"out_{t.name}", t.dtype, t.dims) for t in ENSEMBLE_OUTPUTS)
-PASSED_ON = (*LOG_PROBS, *INDICES, *STATISTICS)  # what postprocessing hands on unchanged
+PASSED_ON = (*LOG_PROBS, *INDICES, *STATISTICS)  # what postprocessing unpacks (response.py) and hands on
 # what the engine model reads from an ensemble step (cancel_sequence_id comes only from postprocessing)
 ENGINE_STEP_INPUTS = tuple(t for t in ENGINE_INPUTS if t.name != "cancel_sequence_id")

@@ -87,7 +87,9 @@ class _QueueSink:
         self.queue: queue.Queue = queue.Queue()
 
     def send(self, outputs, final: bool) -> None:
-        self.queue.put((None, _update(outputs, final)))
+        from trimode.triton_repo.response import unpack
+
+        self.queue.put((None, _update(unpack(outputs.__getitem__), final)))
 
     def fail(self, message: str) -> None:
         self.queue.put((message, None))
