@@ -367,9 +367,9 @@ def _load_package(
 ) -> AOTICompiledModel:
     """blocked_of: {constant: [fqn, block width]} of the constants to remake with `blocked`; each made
     matrix is added to `constants` (under "blocked:fqn:width"), shared by the packages and kept alive."""
-    import torch._inductor as inductor
+    from trimode.builder.aoti_loader import load_package
 
-    package = inductor.aoti_load_package(str(engine_dir / file))
+    package = load_package(str(engine_dir / file))
     rename = (lambda n: draft_constant(n, constants)) if is_draft else (lambda n: n)
     source = {}
     for n in package.get_constant_fqns():

@@ -142,6 +142,33 @@ def test_a_one_row_block_pass_runs_the_batch_one_program(built, monkeypatch):
         assert block_calls == {(f"draft_{L}", 1), (f"verify_{L}", 1), (f"draft_{L}", 2), (f"verify_{L}", 2)}
 
 
+def test_the_compiled_passes_run_on_the_binding_that_lets_go_of_the_gil(built):
+    programs = [*built.backend.programs.values(), *built.backend.batch1_programs.values()]
+    assert programs and all(getattr(p, "releases_gil", False) for p in programs)  # builder/aoti_loader.py
+
+
+def test_where_the_binding_cannot_build_the_packages_load_through_torch(trained_engine_dir, monkeypatch):
+    from trimode.builder import aoti_loader
+
+    def no_compiler():
+        raise OSError("no compiler here")
+
+    aoti_loader.is_available.cache_clear()
+    monkeypatch.setattr(aoti_loader, "_extension", no_compiler)
+    try:
+        with pytest.warns(UserWarning, match="GIL-free AOTInductor binding did not build.*no compiler here"):
+            fallback = load_engine(trained_engine_dir)  # re-runs the self-test: the same tokens as eager
+    finally:
+        aoti_loader.is_available.cache_clear()
+    programs = fallback.backend.programs.values()
+    assert programs and not any(getattr(p, "releases_gil", False) for p in programs)
+    prompts = prompts_for(fallback, 3)
+    settings = GenerationSettings(mode=Mode.SELF_SPEC, max_new_tokens=12, block_length=fallback.block_lengths[0])
+    model, ours = fallback.checkpoint.model, load_engine(trained_engine_dir).new_engine()
+    tokens = [[s.tokens for s in generate(model, prompts, settings, e)] for e in (fallback.new_engine(), ours)]
+    assert tokens[0] == tokens[1]
+
+
 def test_blocked_constants_are_traced_back_to_their_fused_matrix(tiny_adapter_dir):
     """The GEMM template's blocked weights are remade on load from the fused matrix the build traced
     each one to (padded when the block width does not divide N); anything else fails the build."""
