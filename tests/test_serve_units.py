@@ -402,10 +402,16 @@ def test_log_probs_ride_with_the_tokens(engine):
 
 
 def test_draining_refuses_new_work_and_finishes_the_old(engine, tmp_path):
+    """... and is done only once every response has left (is_sent: the engine model's Outbox)."""
     from trimode.triton_repo.loop import Unavailable
 
-    drain = tmp_path / "drain"
-    loop = EngineLoop(engine, max_queued=8, drain_file=drain)
+    drain, released, asked = tmp_path / "drain", threading.Event(), []
+
+    def is_sent() -> bool:
+        asked.append(released.is_set())
+        return released.is_set()
+
+    loop = EngineLoop(engine, max_queued=8, drain_file=drain, is_sent=is_sent)
     try:
         sink = ListSink()
         loop.submit(Job(request([3, 4], max_tokens=20, stream=True), sink))
@@ -419,6 +425,12 @@ def test_draining_refuses_new_work_and_finishes_the_old(engine, tmp_path):
         assert sink.done.wait(60) and sink.error is None
         assert int(sink.responses[-1]["num_output_tokens"][0, 0]) == 20  # the accepted request ran to its end
         done = tmp_path / "drain.done"
+        for _ in range(500):  # idle: the loop asks whether its responses have left, and they have not
+            if len(asked) >= 2:
+                break
+            threading.Event().wait(0.01)
+        assert len(asked) >= 2 and not done.exists()
+        released.set()
         for _ in range(500):
             if done.exists():
                 break
@@ -426,3 +438,22 @@ def test_draining_refuses_new_work_and_finishes_the_old(engine, tmp_path):
         assert done.exists()
     finally:
         loop.stop()
+
+
+def test_the_outbox_sends_in_order_and_says_when_it_is_empty():
+    from trimode.triton_repo.loop import Outbox
+
+    sent, gate, outbox = [], threading.Event(), Outbox(threaded=True)
+    outbox.put(lambda: gate.wait(30) and sent.append(0))  # holds the outbox's thread until the gate opens
+    for i in range(1, 50):
+        outbox.put(lambda i=i: sent.append(i))
+    assert not outbox.is_empty() and sent == []
+    gate.set()
+    outbox.stop()  # after everything put is sent
+    assert sent == list(range(50)) and outbox.is_empty()
+    at_once = Outbox(threaded=False)  # no core to spare: on the caller's thread, before put returns
+    at_once.put(lambda: sent.append(threading.current_thread()))
+    assert sent[-1] is threading.current_thread() and at_once.is_empty()
+    at_once.put(lambda: 1 / 0)  # a sender's failure is its own: the outbox goes on
+    at_once.put(lambda: sent.append("after"))
+    assert sent[-1] == "after"

@@ -29,7 +29,7 @@ from pathlib import Path
 import triton_python_backend_utils as pb_utils
 
 from trimode.errors import EngineError, TrimodeError
-from trimode.triton_repo.loop import EngineLoop, Job, Overloaded, Unavailable
+from trimode.triton_repo.loop import EngineLoop, Job, Outbox, Overloaded, Unavailable
 from trimode.triton_repo.metrics import TritonMetrics
 from trimode.triton_repo.request import parse_requests
 from trimode.triton_repo.settings import DEFAULT_ENGINE_THREADS
@@ -41,24 +41,33 @@ _FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 class Responses:
     """One request's response sender, shared by its rows (a request may hold several prompts, each its
     own Job): each row's responses carry its batch_index, and the response that finishes the last
-    open row carries the final flag. Rows send from the loop thread, a refusal from execute(): a
-    lock keeps them in order, and after the final flag a row's send raises (the loop then drops it).
+    open row carries the final flag. Rows send from the loop thread, a refusal from execute(), both
+    through the Outbox: a lock keeps them in order, and after the final flag a row's send raises (the
+    loop then drops it); so does a send once the sender refused one (the client is gone).
     A non-decoupled model sends exactly one response (one row, not streamed), so a cancel answers
     with an error there, where a decoupled model sends the final flag alone."""
 
-    def __init__(self, request, num_rows: int, is_decoupled: bool):
-        self._sender = request.get_response_sender()
+    def __init__(self, request, num_rows: int, is_decoupled: bool, outbox: Outbox):
+        self._sender, self._outbox = request.get_response_sender(), outbox
         self._num_open, self._is_closed, self.is_decoupled = num_rows, False, is_decoupled
+        self._is_gone = False  # the sender refused a response (set on the outbox's thread)
         self._lock = threading.Lock()
 
     def send(self, outputs, is_row_final: bool) -> None:
-        response = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in outputs.items()])
         with self._lock:
-            if self._is_closed:
-                raise ConnectionError("the request was answered already")
+            if self._is_closed or self._is_gone:
+                raise ConnectionError("the request was answered already, or its client is gone")
             self._num_open -= is_row_final
             self._is_closed = self._num_open == 0
-            self._sender.send(response, flags=_FINAL if self._is_closed else 0)
+            flags = _FINAL if self._is_closed else 0
+            self._outbox.put(lambda: self._send(outputs, flags))
+
+    def _send(self, outputs, flags: int) -> None:
+        try:
+            tensors = [pb_utils.Tensor(k, v) for k, v in outputs.items()]
+            self._sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=flags)
+        except Exception:  # noqa: BLE001 (the client is gone: the loop stops generating for it)
+            self._is_gone = True
 
     def fail(self, message: str, code=None) -> None:
         """An error response, which ends the whole request (every row)."""
@@ -66,7 +75,7 @@ class Responses:
         with self._lock:
             if not self._is_closed:
                 self._is_closed = True
-                self._sender.send(pb_utils.InferenceResponse(error=error), flags=_FINAL)
+                self._outbox.put(lambda: self._final(pb_utils.InferenceResponse(error=error)))
 
     def close_row(self) -> None:
         """A row that ends with nothing more to say (cancelled)."""
@@ -77,17 +86,23 @@ class Responses:
             if self._num_open:
                 return
             self._is_closed = True
-            try:
-                if self.is_decoupled:
-                    self._sender.send(flags=_FINAL)
-                else:
-                    cancelled = pb_utils.TritonError("cancelled", pb_utils.TritonError.CANCELLED)
-                    self._sender.send(pb_utils.InferenceResponse(error=cancelled), flags=_FINAL)
-            except Exception:  # noqa: BLE001 (a cancelled request may refuse even the final flag; nothing is owed)
-                pass
+            if self.is_decoupled:
+                self._outbox.put(lambda: self._final(None))
+            else:
+                cancelled = pb_utils.TritonError("cancelled", pb_utils.TritonError.CANCELLED)
+                self._outbox.put(lambda: self._final(pb_utils.InferenceResponse(error=cancelled)))
+
+    def _final(self, response) -> None:
+        try:
+            if response is None:
+                self._sender.send(flags=_FINAL)
+            else:
+                self._sender.send(response, flags=_FINAL)
+        except Exception:  # noqa: BLE001 (a cancelled request may refuse even the final flag; nothing is owed)
+            pass
 
     def is_cancelled(self) -> bool:
-        return self._sender.is_cancelled()
+        return self._is_gone or self._sender.is_cancelled()
 
 
 class RowSink:
@@ -137,11 +152,19 @@ class TritonPythonModel:
         self.metrics = TritonMetrics(config["name"], self.built.config.max_slots, engine.runner.cache)
         # `trimode serve` names a file whose creation starts a drain (server.py; loop.py)
         drain_file = os.environ.get("TRIMODE_DRAIN_FILE")
+        # a thread for the sends where a core is left beside the engine's threads and the ensemble's
+        # other stubs (loop.py Outbox); TRIMODE_SEND_THREAD=1 or 0 decides instead
+        cores = len(os.sched_getaffinity(0))
+        wanted = os.environ.get("TRIMODE_SEND_THREAD", "")
+        self.outbox = Outbox(wanted == "1" if wanted in ("0", "1") else cores > threads + 1)
+        where = "a thread of their own" if self.outbox.is_threaded else "the engine loop's thread"
+        pb_utils.Logger.log_info(f"trimode engine model: responses sent from {where} ({cores} cores)")
         self.loop = EngineLoop(
             engine,
             int(params["max_queued_requests"]),
             self.metrics,
             Path(drain_file) if drain_file else None,
+            is_sent=self.outbox.is_empty,
         )
 
     def execute(self, requests):
@@ -161,9 +184,9 @@ class TritonPythonModel:
                 )
             except TrimodeError as e:
                 self.metrics.rejected("invalid")
-                Responses(request, 1, self.is_decoupled).fail(str(e))
+                Responses(request, 1, self.is_decoupled, self.outbox).fail(str(e))
                 continue
-            responses = Responses(request, len(rows), self.is_decoupled)
+            responses = Responses(request, len(rows), self.is_decoupled, self.outbox)
             try:
                 for row in rows:
                     self.loop.submit(Job(row, RowSink(responses)))
@@ -177,6 +200,7 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self.loop.stop()
+        self.outbox.stop()
         self.metrics.close()
 
 

@@ -23,6 +23,7 @@ import queue
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -58,6 +59,58 @@ class Sink(Protocol):
     def is_cancelled(self) -> bool: ...
 
 
+class Outbox:
+    """Sends the responses in the order given: from a thread of its own (threaded), or at once on the
+    caller's. Each send is a round trip to tritonserver, which the loop thread would otherwise wait
+    out between passes; threaded, the loop runs its next pass meanwhile (a pass lets go of the GIL:
+    builder/aoti_loader.py). That pays only with a core to spare: on a 2-core box, where the engine
+    and the ensemble's other processes fill both, it raised the share of time in passes but not
+    tokens/s, and cost the first token 2-3 ms (docs/performance.md)."""
+
+    def __init__(self, threaded: bool):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._num_pending, self._lock = 0, threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="trimode-outbox", daemon=True) if threaded else None
+        if self._thread is not None:
+            self._thread.start()
+
+    def put(self, send) -> None:
+        """send(): one call of a response sender (it runs on the outbox's thread, if any)."""
+        if self._thread is None:
+            return self._call(send)
+        with self._lock:
+            self._num_pending += 1
+        self._queue.put(send)
+
+    @property
+    def is_threaded(self) -> bool:
+        return self._thread is not None
+
+    def is_empty(self) -> bool:
+        """Whether everything put has been sent (EngineLoop's is_sent: a drain waits for it)."""
+        with self._lock:
+            return self._num_pending == 0
+
+    def stop(self) -> None:
+        """After what was put so far is sent (a send that hangs, to a tritonserver gone, is left)."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while (send := self._queue.get()) is not None:
+            self._call(send)
+            with self._lock:
+                self._num_pending -= 1
+
+    @staticmethod
+    def _call(send) -> None:
+        try:
+            send()  # the senders answer their own failures (engine_model.py Responses)
+        except Exception:  # noqa: BLE001 (one bad send must not stop the others)
+            pass
+
+
 @dataclass(eq=False)
 class Job:
     request: Request
@@ -77,11 +130,20 @@ class Job:
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, max_queued: int, metrics=None, drain_file: Path | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        max_queued: int,
+        metrics=None,
+        drain_file: Path | None = None,
+        is_sent: Callable[[], bool] = lambda: True,
+    ):
+        """is_sent(): whether every response handed to a sink has left (a sink that sends from a thread
+        of its own); a drain is done only then."""
         from trimode.triton_repo.metrics import NullMetrics
 
         self.engine, self.max_queued, self.metrics = engine, max_queued, metrics or NullMetrics()
-        self.drain_file = drain_file
+        self.drain_file, self.is_sent = drain_file, is_sent
         self.is_draining = False  # set once, by the loop thread, when drain_file appears
         self._inbox: queue.Queue[Job | None] = queue.Queue()
         self._live: dict[int, Job] = {}  # seq id -> job, while its Sequence is in the Engine
@@ -143,6 +205,7 @@ class EngineLoop:
         with self._lock:
             self.is_draining = self.is_draining or self.drain_file.exists()
             idle = self.is_draining and not self._live and self._inbox.empty() and not self.engine.has_work
+            idle = idle and self.is_sent()
         done = self.drain_file.with_name(self.drain_file.name + ".done")
         if idle and not done.exists():
             done.write_text("drained\n")
