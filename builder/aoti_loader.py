@@ -6,15 +6,17 @@ engine model neither the thread sending the last step's responses nor the stub's
 (new requests, cancellations). Measured in docs/performance.md ("Pass efficiency"). This binding
 wraps the same C++ loader (`torch::inductor::AOTIModelPackageLoader`) and runs `boxed_run` under
 `py::gil_scoped_release`; torch's binding cannot be reused from an extension (pybind refuses the
-cast). It is compiled once per machine and torch version on first use (torch.utils.cpp_extension,
-about 30 s, cached in torch's extensions folder); where that fails (no compiler or headers), the
-packages load through torch's binding as before, with one warning.
+cast). It is compiled once per machine and torch version on first use (torch.utils.cpp_extension
+and ninja, about 30 s, kept in ~/.cache/trimode); where that fails (no compiler, headers or ninja),
+the packages load through torch's binding as before, with one warning.
 """
 
 from __future__ import annotations
 
 import functools
+import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -63,11 +65,29 @@ class Package:
         self.loader.load_constants(constants, check_full_update)
 
 
+_STALE_LOCK_S = 600  # a build takes ~30 s; a lock this old is a killed build's (SIGKILL skips its cleanup)
+
+
 @functools.cache
 def _extension() -> Any:
+    import os
+    import sys
+
     from torch.utils.cpp_extension import load_inline
 
-    return load_inline("trimode_aoti_loader", cpp_sources=[_SOURCE], verbose=False)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    folder = cache / "trimode" / f"aoti_loader-torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
+    folder.mkdir(parents=True, exist_ok=True)
+    clear_stale_lock(folder)
+    return load_inline("trimode_aoti_loader", cpp_sources=[_SOURCE], build_directory=str(folder), verbose=False)
+
+
+def clear_stale_lock(folder: Path) -> None:
+    """torch's build lock: while it exists a second process waits for ever, so one left by a killed
+    build (SIGKILL skips its cleanup) is removed once older than any build."""
+    lock = folder / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
+        lock.unlink(missing_ok=True)
 
 
 @functools.cache

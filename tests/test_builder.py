@@ -169,6 +169,22 @@ def test_where_the_binding_cannot_build_the_packages_load_through_torch(trained_
     assert tokens[0] == tokens[1]
 
 
+def test_a_killed_builds_lock_on_the_binding_is_cleared_only_when_stale(tmp_path):
+    import os
+    import time
+
+    from trimode.builder.aoti_loader import clear_stale_lock
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    clear_stale_lock(tmp_path)
+    assert lock.exists()  # a build in progress elsewhere: wait for it
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    clear_stale_lock(tmp_path)
+    assert not lock.exists()
+
+
 def test_blocked_constants_are_traced_back_to_their_fused_matrix(tiny_adapter_dir):
     """The GEMM template's blocked weights are remade on load from the fused matrix the build traced
     each one to (padded when the block width does not divide N); anything else fails the build."""
