@@ -14,6 +14,8 @@ the packages load through torch's binding as before, with one warning.
 from __future__ import annotations
 
 import functools
+import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -70,9 +72,6 @@ _STALE_LOCK_S = 600  # a build takes ~30 s; a lock this old is a killed build's 
 
 @functools.cache
 def _extension() -> Any:
-    import os
-    import sys
-
     from torch.utils.cpp_extension import load_inline
 
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")

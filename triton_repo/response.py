@@ -55,12 +55,22 @@ def pack(seq: Sequence, ids: list[int], prefix_length: int, final: bool, handle:
     }
 
 
+def read_fields(get: Callable[[str], np.ndarray]) -> dict[str, int]:
+    """get(name) -> one of pack's arrays; -> the response's scalars by name (RESPONSE_FIELDS)."""
+    return dict(zip(RESPONSE_FIELDS, (int(v) for v in get("response").reshape(-1))))
+
+
+def mean_accepted_length(fields: dict[str, int]) -> float:
+    """Accepted tokens per drafting cycle; 0 where the mode accepts no drafts (ar, diffusion)."""
+    cycles = fields["num_drafting_cycles"]
+    return fields["num_accepted_tokens"] / cycles if cycles else 0.0
+
+
 def unpack(get: Callable[[str], np.ndarray]) -> dict[str, np.ndarray]:
     """get(name) -> one of pack's arrays; -> output_ids, prefix_length, is_final, sequence_id and the
     tensors postprocessing passes on (tensors.py PASSED_ON), in the ensemble's dtypes and shapes."""
-    fields = dict(zip(RESPONSE_FIELDS, (int(v) for v in get("response").reshape(-1))))
+    fields = read_fields(get)
     scalar = lambda name, dtype: np.array([[fields[name]]], dtype=dtype)  # noqa: E731
-    cycles = fields["num_drafting_cycles"]
     return {
         "output_ids": get("output_ids").reshape(1, -1),
         "prefix_length": scalar("prefix_length", np.int32),
@@ -72,8 +82,7 @@ def unpack(get: Callable[[str], np.ndarray]) -> dict[str, np.ndarray]:
         "num_input_tokens": scalar("num_input_tokens", np.int32),
         "num_output_tokens": scalar("num_output_tokens", np.int32),
         "num_forward_passes": scalar("num_forward_passes", np.int32),
-        # 0 where the mode accepts no drafts (ar, diffusion)
-        "mean_accepted_length": np.array([[fields["num_accepted_tokens"] / cycles if cycles else 0.0]], np.float32),
+        "mean_accepted_length": np.array([[mean_accepted_length(fields)]], np.float32),
         "finish_reason": np.array([[FINISH_REASONS[fields["finish_reason"]].encode()]], dtype=np.object_),
     }
 

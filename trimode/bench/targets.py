@@ -87,9 +87,12 @@ class _QueueSink:
         self.queue: queue.Queue = queue.Queue()
 
     def send(self, outputs, final: bool) -> None:
-        from trimode.triton_repo.response import unpack
+        """On the engine loop's thread: reads only the statistics the bench needs (no unpack)."""
+        from trimode.triton_repo.response import mean_accepted_length, read_fields
 
-        self.queue.put((None, _update(unpack(outputs.__getitem__), final)))
+        fields = read_fields(outputs.__getitem__)
+        stats = {name: fields[name] for name in ("num_output_tokens", "num_forward_passes")}
+        self.queue.put((None, _update({**stats, "mean_accepted_length": mean_accepted_length(fields)}, final)))
 
     def fail(self, message: str) -> None:
         self.queue.put((message, None))
