@@ -9,12 +9,18 @@ One program owns (sequence, KV head, tile of BLOCK_M query rows). GQA is packed 
 row r is chunk token r // GROUP of query head kv_head * GROUP + r % GROUP, so each K/V tile is loaded
 once for every query head that shares it.
 
+Visibility, besides the whole prefix: causal (chunk token t sees chunk keys 0..t), block (the whole
+chunk) or quadratic (row_width W > 0, reference.quadratic_visibility): each query row sees the keys
+before its visible_end and, a mask row only, a second interval: its own row's masks. A tile's key
+loop runs up to the furthest key any of its rows sees.
+
 Batch invariance: keys are visited in tiles at fixed absolute positions (0, BLOCK_N, 2 BLOCK_N ...)
 and read back from the cache, chunk included, with tile sizes that depend only on the head size and
 dtype. A masked key adds exactly zero to the online softmax, so the query at position p gets
-bit-identical output whether it arrives alone (AR decode), inside a 32-token verify chunk, or in a
-larger batch: this is what keeps self-speculation == AR on the GPU (spec §7). Where the blocks sit
-changes no tile: a paged pool and a dense cache of the same keys and capacity give the same bits.
+bit-identical output whether it arrives alone (AR decode), inside a 32-token verify chunk, as a
+verify-chain token of a quadratic chunk, or in a larger batch: this is what keeps self-speculation
+== AR on the GPU (spec §7). Where the blocks sit changes no tile: a paged pool and a dense cache of
+the same keys and capacity give the same bits.
 
 Split-KV for long caches: a third grid axis splits the keys into fixed absolute ranges of SPLIT_N
 (chosen from the capacity T * PAGE of a table row alone), so a batch-1 verify over a 32k prefix runs
@@ -67,6 +73,7 @@ def _block_attention_kernel(
     part_ml_ptr,  # [tiles, MAX_SPLITS, 2, BLOCK_M] fp32 scratch: max, sum   }  SPLIT_N == 0)
     chunk_len,
     is_causal,
+    row_width,  # a quadratic chunk's W (chunk_len = W(W+1)); 0: causal or block by is_causal
     num_kv_heads,
     s_qb,
     s_ql,
@@ -141,7 +148,15 @@ def _block_attention_kernel(
     # as its last token (they are never stored), so every row sees key 0 and no softmax is empty.
     last_tok = tl.minimum(tok_q, chunk_len - 1)
     visible_end = length + tl.where(is_causal != 0, last_tok + 1, chunk_len)  # [BLOCK_M]
-    tile_end = tl.max(visible_end, axis=0)
+    # Quadratic (reference.quadratic_visibility): tokens 0..W-1 are the causal verify chain; token
+    # t >= W is a mask of row i = (t - W) // W, which sees the chain up to t_i and, as a second
+    # interval [mask_start, mask_end), the W masks of its own row. Empty for every other row.
+    is_mask = (last_tok >= row_width) & (row_width > 0)
+    mask_row = (last_tok - row_width) // tl.maximum(row_width, 1)
+    visible_end = tl.where(is_mask, length + mask_row + 1, visible_end)
+    mask_start = tl.where(is_mask, length + row_width * (mask_row + 1), 0)
+    mask_end = tl.where(is_mask, mask_start + row_width, 0)
+    tile_end = tl.maximum(tl.max(visible_end, axis=0), tl.max(mask_end, axis=0))
 
     # Split-KV: program pid_split covers the keys at absolute positions [pid_split * SPLIT_N, +SPLIT_N),
     # so long prefixes spread over many programs; the splits are fixed in absolute positions too.
@@ -162,6 +177,8 @@ def _block_attention_kernel(
             d,
             d_ok,
             visible_end,
+            mask_start,
+            mask_end,
             key_start,
             key_end,
             SM_SCALE,
@@ -231,6 +248,8 @@ def _attend(
     d,
     d_ok,
     visible_end,
+    mask_start,
+    mask_end,
     key_start,
     key_end,
     SM_SCALE: tl.constexpr,
@@ -243,7 +262,8 @@ def _attend(
     PRECISION: tl.constexpr,
 ):
     """Online softmax of the queries over cache keys [key_start, key_end) in absolute BLOCK_N tiles,
-    each key found through the table (a tile may span several blocks).
+    each key found through the table (a tile may span several blocks). Row r sees the keys before
+    visible_end[r] and those in [mask_start[r], mask_end[r]).
     -> (unnormalised acc [BLOCK_M, BLOCK_D], running max m [BLOCK_M] (base 2), sum l [BLOCK_M])"""
     qk_scale = SM_SCALE * 1.4426950408889634  # log2(e): exp2 below
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -262,7 +282,10 @@ def _attend(
             vt = vt.to(tl.float32) * v_scale
         kt, vt = kt.to(q.dtype).to(DOT_DTYPE), vt.to(q.dtype).to(DOT_DTYPE)
         s = tl.dot(q.to(DOT_DTYPE), tl.trans(kt), input_precision=PRECISION).to(tl.float32) * qk_scale
-        s = tl.where(pos[None, :] < visible_end[:, None], s, float("-inf"))
+        is_visible = (pos[None, :] < visible_end[:, None]) | (
+            (pos[None, :] >= mask_start[:, None]) & (pos[None, :] < mask_end[:, None])
+        )
+        s = tl.where(is_visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # A row with no visible key yet keeps max -inf: shift by 0 there instead of -inf (no nan).
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -332,9 +355,11 @@ def launch(
     is_causal: bool,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    row_width: int = 0,
 ) -> torch.Tensor:
     """reference.block_attention with the layout given as lengths [b] and block tables [b, T] int64
-    (ChunkLayout.block_tables; None = [[0], [1], ..], a dense cache whose rows are the batch).
+    (ChunkLayout.block_tables; None = [[0], [1], ..], a dense cache whose rows are the batch), and
+    row_width W > 0 for a quadratic chunk of L = W(W+1) tokens (ChunkLayout.row_width).
     The caller keeps lengths + L <= T * P: positions past a table row are not checked (no host sync)."""
     b, L, H, D = q.shape
     _, Hkv, page, _ = k_cache.shape
@@ -343,6 +368,8 @@ def launch(
             f"block_attention: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
             f"caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)} do not fit"
         )
+    if row_width < 0 or (row_width and L != row_width * (row_width + 1)):
+        raise ValueError(f"block_attention: a quadratic chunk of row width {row_width} has W(W+1) tokens, not {L}")
     if H % Hkv:
         raise ValueError(f"block_attention: {H} query heads are not a multiple of {Hkv} KV heads")
     is_fp8 = k_cache.dtype == E4M3
@@ -391,6 +418,7 @@ def launch(
         part_ml,
         L,
         int(is_causal),
+        row_width,
         Hkv,
         *q.stride()[:3],
         *k.stride()[:3],

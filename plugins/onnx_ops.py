@@ -5,7 +5,8 @@ becomes one node in domain "trimode", version 1:
 
   BlockAttention  (q, k, v, k_cache [N, Hkv, P, D], v_cache, lengths [b] i64, tables [b, T] i64,
                    k_scale, v_scale)
-                  -> (out, k_cache_out, v_cache_out)                   attrs: is_causal
+                  -> (out, k_cache_out, v_cache_out)        attrs: is_causal, row_width
+                  (row_width W > 0: a quadratic chunk, reference.quadratic_visibility; 0 otherwise)
                   (the caches are blocks of P positions; row i's position p is block
                    tables[i, p // P], offset p % P: kv_cache.py)
   SpecAccept      (verify_logits [b, L, V], draft [b, L] i64, eos_ids [E] i64, temperature [b] f32,
@@ -68,7 +69,8 @@ def block_attention_node(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One BlockAttention node; reads only layout.lengths, layout.block_tables and layout.is_causal.
+    """One BlockAttention node; reads only layout.lengths, layout.block_tables, layout.is_causal and
+    layout.row_width (an attribute on every node, 0 included: TensorRT's plugin takes it always).
 
     ONNX is functional: the node returns the caches with the chunk's K/V written as two more
     outputs. Writing them back with copy_ keeps the reference's in-place contract; torch.export
@@ -92,7 +94,7 @@ def block_attention_node(
     out, k_cache_out, v_cache_out = _node(
         "BlockAttention",
         inputs,
-        {"is_causal": int(layout.is_causal)},
+        {"is_causal": int(layout.is_causal), "row_width": int(layout.row_width)},
         dtypes=[q.dtype, k_cache.dtype, v_cache.dtype],
         shapes=[q.shape, k_cache.shape, v_cache.shape],
     )
@@ -159,12 +161,14 @@ def _counters(num_sequences: int, device: torch.device) -> torch.Tensor:
 # --- onnxruntime: the references behind the nodes ---------------------------------------------------
 
 
-def _run_block_attention(q, k, v, k_cache, v_cache, lengths, tables, k_scale, v_scale, *, is_causal: int):
+def _run_block_attention(
+    q, k, v, k_cache, v_cache, lengths, tables, k_scale, v_scale, *, is_causal: int, row_width: int
+):
     q, k, v, lengths, tables, k_scale, v_scale = (
         torch.from_numpy(x) for x in (q, k, v, lengths, tables, k_scale, v_scale)
     )
     k_cache, v_cache = torch.from_numpy(k_cache.copy()), torch.from_numpy(v_cache.copy())  # new outputs
-    layout = ChunkLayout.build(lengths, tables, q.shape[1], bool(is_causal))
+    layout = ChunkLayout.build(lengths, tables, q.shape[1], bool(is_causal), row_width=row_width)
     out = reference.block_attention(q, k, v, k_cache, v_cache, layout, k_scale, v_scale)  # writes the caches
     return out.numpy(), k_cache.numpy(), v_cache.numpy()
 
@@ -223,7 +227,7 @@ def register_onnxruntime_ops() -> None:
         op_type=f"{DOMAIN}::BlockAttention",
         inputs=[f32] * 5 + [i64, i64, f32, f32],
         outputs=[f32, f32, f32],
-        attrs={"is_causal": i64},
+        attrs={"is_causal": i64, "row_width": i64},
     )(_run_block_attention)
     i32 = PyCustomOpDef.dt_int32
     onnx_op(

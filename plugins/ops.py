@@ -46,16 +46,17 @@ def _block_attention_op(
     lengths: torch.Tensor,
     tables: torch.Tensor,
     is_causal: bool,
+    row_width: int,
     k_scale: torch.Tensor | None,
     v_scale: torch.Tensor | None,
 ) -> torch.Tensor:
     from trimode.plugins.block_attention import launch
 
-    return launch(q, k, v, k_cache, v_cache, lengths, tables, is_causal, k_scale, v_scale)
+    return launch(q, k, v, k_cache, v_cache, lengths, tables, is_causal, k_scale, v_scale, row_width=row_width)
 
 
 @_block_attention_op.register_fake
-def _(q, k, v, k_cache, v_cache, lengths, tables, is_causal, k_scale, v_scale):
+def _(q, k, v, k_cache, v_cache, lengths, tables, is_causal, row_width, k_scale, v_scale):
     return torch.empty_like(q)
 
 
@@ -125,7 +126,17 @@ def block_attention(
         return block_attention_node(q, k, v, k_cache, v_cache, layout, k_scale, v_scale)
     if _kernels(layout.kernels, q.device):
         return torch.ops.trimode.block_attention(
-            q, k, v, k_cache, v_cache, layout.lengths, layout.block_tables, layout.is_causal, k_scale, v_scale
+            q,
+            k,
+            v,
+            k_cache,
+            v_cache,
+            layout.lengths,
+            layout.block_tables,
+            layout.is_causal,
+            layout.row_width,
+            k_scale,
+            v_scale,
         )
     return reference.block_attention(q, k, v, k_cache, v_cache, layout, k_scale, v_scale)
 

@@ -24,18 +24,41 @@ from trimode.fp8 import quantize_e4m3
 from trimode.kv_cache import position_index, span_index
 
 
+def quadratic_offsets(width: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """[W(W+1)] each token's position past the prefix in a quadratic chunk (spec/quadratic.md):
+    the verify chain t_0 .. t_(W-1) at 0 .. W-1, then row i's masks (columns c = 1 .. W) at i + c."""
+    rows, cols = torch.meshgrid(torch.arange(width), torch.arange(1, width + 1), indexing="ij")
+    return torch.cat([torch.arange(width), (rows + cols).flatten()]).to(device)
+
+
+def quadratic_visibility(width: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """[C, C] bool, C = W(W+1): which chunk tokens a chunk token sees (besides the whole prefix).
+    The verify chain is causal; a mask of row i sees t_0 .. t_i and every mask of row i; nothing
+    sees another row's masks. A function of the two indices only: what a kernel computes."""
+    chunk = torch.arange(width * (width + 1))
+    row = torch.where(chunk < width, -1, (chunk - width) // width)  # -1: the verify chain
+    q, k = chunk[:, None], chunk[None, :]
+    chain = (row[:, None] < 0) & (k <= q)
+    mask_row = (row[:, None] >= 0) & ((k <= row[:, None]) | (row[None, :] == row[:, None]))
+    return (chain | mask_row).to(device)
+
+
 @dataclass(frozen=True)
 class ChunkLayout:
     """Where a chunk of L tokens per row sits, shared by every layer of one forward pass.
     span and mask are computed on first use (then cached for the other layers): only the torch
-    reference needs them, and they are data-dependent (a host sync, and untraceable by torch.export)."""
+    reference needs them, and they are data-dependent (a host sync, and untraceable by torch.export).
+    The chunk's K/V are written at cache positions lengths + 0..L-1 (slots); its tokens' positions
+    (RoPE) are the same, except in a quadratic chunk (row_width W > 0), whose masks repeat
+    positions: there the cache positions past lengths + W are the pass's scratch."""
 
     lengths: torch.Tensor  # [b] committed prefix per row
     tables: torch.Tensor | None  # [b, T] each row's cache blocks (kv_cache.py); None: row i is block i
     is_causal: bool
-    positions: torch.Tensor  # [b, L] absolute positions lengths + 0..L-1
+    positions: torch.Tensor  # [b, L] absolute positions (RoPE): lengths + 0..L-1, or + quadratic_offsets
     length_range: tuple[int, int] | None = None  # (min, max) of lengths, when the caller knows them
     kernels: bool | None = None  # run the Triton kernel (None: ops.use_kernels decides)
+    row_width: int = 0  # a quadratic chunk's W (its visibility: quadratic_visibility); 0: causal or block
 
     @classmethod
     def build(
@@ -46,15 +69,18 @@ class ChunkLayout:
         is_causal: bool,
         length_range: tuple[int, int] | None = None,
         kernels: bool | None = None,
+        row_width: int = 0,
     ) -> "ChunkLayout":
-        return cls(
-            lengths,
-            tables,
-            is_causal,
-            lengths[:, None] + torch.arange(length, device=lengths.device),
-            length_range,
-            kernels,
-        )
+        device = lengths.device
+        offsets = quadratic_offsets(row_width, device) if row_width else torch.arange(length, device=device)
+        return cls(lengths, tables, is_causal, lengths[:, None] + offsets, length_range, kernels, row_width)
+
+    @cached_property
+    def slots(self) -> torch.Tensor:
+        """[b, L] the cache positions the chunk's K/V are written at: lengths + 0..L-1."""
+        if not self.row_width:
+            return self.positions
+        return self.lengths[:, None] + torch.arange(self.positions.shape[1], device=self.lengths.device)
 
     @cached_property
     def _min_max(self) -> tuple[int, int]:
@@ -78,12 +104,18 @@ class ChunkLayout:
     def mask(self) -> torch.Tensor | None:
         """[b, 1, L, span] True = visible; None when every key is visible."""
         length, longest = self.positions.shape[1], self.span - self.positions.shape[1]
+        device = self.lengths.device
+        if self.row_width:
+            chunk = quadratic_visibility(self.row_width, device)  # [L, L]
+            key = torch.arange(self.span, device=device)[None, :] - self.lengths[:, None]  # [b, span] chunk index
+            in_chunk = chunk[:, key.clamp(0, length - 1)].permute(1, 0, 2)  # [b, L, span]
+            return ((key < 0)[:, None, :] | (in_chunk & (key < length)[:, None, :]))[:, None]
         # Equal prefixes and a block pass (or a single causal token) see every key: no mask needed.
         if self._min_max[0] == longest and not (self.is_causal and length > 1):
             return None
-        offsets = torch.arange(length, device=self.lengths.device)
+        offsets = torch.arange(length, device=device)
         visible_end = self.lengths[:, None] + (offsets + 1 if self.is_causal else length)  # [b, L]
-        return (torch.arange(self.span, device=self.lengths.device) < visible_end[:, :, None])[:, None]
+        return (torch.arange(self.span, device=device) < visible_end[:, :, None])[:, None]
 
 
 def block_attention(
@@ -103,10 +135,11 @@ def block_attention(
     Row i's position p is block layout.block_tables[i, p // P], offset p % P (kv_cache.py).
     Writes the chunk's K/V at lengths .. lengths+L-1 (a block pass's K/V stays scratch: the
     caller does not advance lengths, and the next causal pass over those positions overwrites it).
-    Query i sees the prefix and chunk keys 0..i (causal) or the whole chunk (block). -> [b, L, H, D]
+    Query i sees the prefix and chunk keys 0..i (causal), the whole chunk (block), or those of
+    quadratic_visibility (a quadratic chunk: its K/V past the verify chain stay scratch too). -> [b, L, H, D]
     """
     span, tables = layout.span, layout.block_tables
-    index = position_index(tables, layout.positions, k_cache.shape[2])
+    index = position_index(tables, layout.slots, k_cache.shape[2])
     k_cache[index] = store_cached(k, k_cache.dtype, k_scale)
     v_cache[index] = store_cached(v, v_cache.dtype, v_scale)
     if layout.tables is None:  # a dense cache whose rows are the batch: views, no gather

@@ -6,9 +6,10 @@ The exported ONNX graph (onnx_ops.py) names each node after its plugin (`trimode
 with `plugin_namespace="trimode"`, `plugin_version="1"` and `aot=1`; TensorRT's ONNX parser turns the
 node into the plugin registered here. Every kernel takes its arguments in the order TensorRT launches
 AOT plugins with: input pointers (in the node's input order), int scalars (the "extra args",
-symbolic in the input shapes), output pointers. Float attributes (threshold) are compiled in as
-constexprs; per-sequence sampling parameters (temperature [b] fp32, seed [b] int64) are inputs, so
-one engine serves any mix of greedy and sampled sequences with their own seeds.
+symbolic in the input shapes, or the node's int attributes), output pointers. Float attributes
+(threshold) are compiled in as constexprs; per-sequence sampling parameters (temperature [b] fp32,
+seed [b] int64) are inputs, so one engine serves any mix of greedy and sampled sequences with their
+own seeds.
 
 What runs without TensorRT (and is tested on CPU): the AOT compile of each kernel to PTX for a
 given GPU, its launch grid and extra args from the input shapes. `register_plugins()` needs TensorRT
@@ -132,17 +133,25 @@ def block_attention_kernel(
 
 
 def block_attention_launch(
-    q_shape, cache_shape, tables_shape, is_causal: int, block_m: int, cdiv: Callable = lambda a, b: -(-a // b)
+    q_shape,
+    cache_shape,
+    tables_shape,
+    is_causal: int,
+    row_width: int,
+    block_m: int,
+    cdiv: Callable = lambda a, b: -(-a // b),
 ) -> tuple[tuple, list]:
     """Grid and extra args from the input shapes (ints here, TensorRT's symbolic exprs in the plugin):
-    q [b, L, H, D], the caches [N, Hkv, P, D] and the tables [b, T], all contiguous."""
+    q [b, L, H, D], the caches [N, Hkv, P, D] and the tables [b, T], all contiguous; is_causal and
+    row_width are the node's attributes."""
     b, L, H, D = q_shape
     _, Hkv, P, _ = cache_shape
     q_strides = (L * H * D, H * D, D)
     kv_strides = (L * Hkv * D, Hkv * D, D)
     cache_strides = (Hkv * P * D, P * D, D)
     table_stride = tables_shape[1]
-    extra = [L, is_causal, Hkv, *q_strides, *kv_strides, *kv_strides, *cache_strides, table_stride, *q_strides]
+    scalars = [L, is_causal, row_width, Hkv]
+    extra = [*scalars, *q_strides, *kv_strides, *kv_strides, *cache_strides, table_stride, *q_strides]
     return (cdiv(L * (H // Hkv), block_m), b * Hkv, 1), extra
 
 
@@ -232,11 +241,14 @@ def register_plugins() -> None:
         k_scale: trtp.TensorDesc,
         v_scale: trtp.TensorDesc,
         is_causal: int,
+        row_width: int,
     ) -> trtp.TensorDesc:
         return q.like()
 
     @trtp.aot_impl(f"{NAMESPACE}::BlockAttention")
-    def _aot(q, k, v, k_cache, v_cache, lengths, tables, k_scale, v_scale, is_causal: int, outputs, tactic):
+    def _aot(
+        q, k, v, k_cache, v_cache, lengths, tables, k_scale, v_scale, is_causal: int, row_width: int, outputs, tactic
+    ):
         # head_dim, the KV heads and the block size are build-time constants of the engine's pool
         head_dim, num_kv_heads, page = int(q.shape_expr[3]), int(k_cache.shape_expr[1]), int(k_cache.shape_expr[2])
         group = int(q.shape_expr[2]) // num_kv_heads
@@ -258,6 +270,7 @@ def register_plugins() -> None:
                 k_cache.shape_expr,
                 tables.shape_expr,
                 is_causal,
+                row_width,
                 tile_sizes(head_dim, torch.device("cuda"))[0],
                 trtp.cdiv,
             ),

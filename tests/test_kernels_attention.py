@@ -77,11 +77,11 @@ def with_scales(case: Case, fp8: bool) -> Case:
     return case._replace(k_cache=k_cache, v_cache=v_cache, k_scale=k_scale, v_scale=v_scale)
 
 
-def run_both(case: Case, is_causal):
+def run_both(case: Case, is_causal, row_width=0):
     """The kernel on the case's caches, the reference on copies -> (out, expected, caches, expected caches)."""
     kc, vc = case.k_cache.clone(), case.v_cache.clone()
-    out = launch(*case[:7], is_causal, case.k_scale, case.v_scale)
-    layout = ChunkLayout.build(case.lengths, case.tables, case.q.shape[1], is_causal)
+    out = launch(*case[:7], is_causal, case.k_scale, case.v_scale, row_width=row_width)
+    layout = ChunkLayout.build(case.lengths, case.tables, case.q.shape[1], is_causal, None, None, row_width)
     expected = block_attention(case.q, case.k, case.v, kc, vc, layout, case.k_scale, case.v_scale)
     return out, expected, (case.k_cache, case.v_cache), (kc, vc)
 
@@ -259,7 +259,96 @@ def test_chunk_and_batch_invariance(device, dtype, page, c):
         assert torch.equal(single[0, 0], chunk_out[1, i]), f"token {i}"
 
 
-def test_ops_dispatch_uses_the_kernel(device, kernels, monkeypatch):
+# --- quadratic chunks (row_width W: W(W+1) tokens, the verify chain then W rows of W masks) -------------
+
+
+@pytest.mark.parametrize(
+    "page, W, b, H, Hkv, D, lengths",
+    [
+        (None, 2, 2, 4, 2, 16, [0, 7]),  # ragged, one empty prefix, GQA 2:1
+        (None, 3, 3, 4, 1, 16, [5, 0, 20]),  # GQA 4:1
+        (None, 4, 2, 6, 3, 24, [50, 0]),  # the masks straddle a key tile (64); head_dim not a power of two
+        (None, 3, 2, 4, 2, 16, [120, 300]),  # split-KV: the chunk crosses a split (128); 1 and 4 splits
+        (4, 2, 2, 4, 2, 16, [0, 7]),  # paged: rows of masks across blocks of 4
+        (4, 3, 3, 4, 1, 16, [5, 4, 21]),
+        (16, 4, 2, 4, 2, 16, [150, 0]),  # split-KV on a paged pool
+        (96, 4, 2, 4, 2, 16, [90, 0]),  # a block larger than a key tile, the chunk across two blocks
+    ],
+)
+def test_quadratic_matches_reference(device, page, W, b, H, Hkv, D, lengths):
+    L = W * (W + 1)
+    if page is None:
+        case = make_case(device, b, H, Hkv, D, L, lengths)
+    else:
+        case = make_paged_case(device, b, H, Hkv, D, L, lengths, page)
+    out, expected, caches, expected_caches = run_both(case, True, W)
+    torch.testing.assert_close(out, expected, atol=fp32_atol(expected, D, max(lengths) + L), rtol=0)
+    assert all(torch.equal(c, e) for c, e in zip(caches, expected_caches))  # all W(W+1) K/V at lengths + 0..L-1
+    # a mask row sees its own row's masks, not just the causal chain: the causal pattern differs there
+    causal = launch(*case[:7], True, case.k_scale, case.v_scale)
+    assert torch.equal(causal[:, :W], out[:, :W]) and not torch.allclose(causal[:, W:], out[:, W:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_quadratic_half_precision(device, dtype):
+    out, expected, caches, expected_caches = run_both(make_case(device, 2, 4, 2, 16, 6, [6, 0], dtype=dtype), True, 2)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected.float(), atol=HALF_TOLERANCE[dtype], rtol=HALF_TOLERANCE[dtype])
+    assert all(torch.equal(c, e) for c, e in zip(caches, expected_caches))
+
+
+@pytest.mark.parametrize("page", [None, 4], ids=["dense", "paged"])
+def test_quadratic_fp8_cache(device, page):
+    """Float8 codes of all W(W+1) tokens written exactly as the reference; one row over two splits."""
+    W, lengths = 3, [140, 3]
+    if page is None:
+        case = make_case(device, 2, 4, 2, 16, 12, lengths, fp8=True)
+    else:
+        case = make_paged_case(device, 2, 4, 2, 16, 12, lengths, page, fp8=True, seed=1)
+    out, expected, caches, expected_caches = run_both(case, True, W)
+    for c, e in zip(caches, expected_caches):
+        assert c.dtype == E4M3 and torch.equal(c.view(torch.uint8), e.view(torch.uint8))
+    torch.testing.assert_close(out, expected, atol=fp32_atol(expected, 16, max(lengths) + 12), rtol=0)
+
+
+@pytest.mark.parametrize("W", [2, 4])
+@pytest.mark.parametrize("c", [60, 124], ids=["tiles", "splits"])
+@pytest.mark.parametrize("dtype, page", [(torch.float32, None), (torch.bfloat16, None), (torch.float32, 16)])
+def test_quadratic_chain_equals_ar_decode(device, dtype, page, c, W):
+    """The verify chain t_0 .. t_(W-1) of a quadratic chunk gets the bits an AR decode of the same
+    position gets over the same cache: what quadratic self-speculation == AR needs on the GPU. The
+    chain shares its query tile with masks whose keys lie past the chain's, in the next key tile (c
+    60) or the next split (c 124), which the chain's rows must see as exact zeros."""
+    b, H, Hkv, D, L = 3, 4, 2, 16, W * (W + 1)
+    lengths = [c + 3, c, 7]
+    if page is None:
+        case = make_case(device, b, H, Hkv, D, L, lengths, dtype=dtype, seed=4)
+    else:
+        case = make_paged_case(device, b, H, Hkv, D, L, lengths, page, seed=4)
+    q, k, v, k_cache, v_cache, lengths, tables = case[:7]
+    chunk_out = launch(q, k, v, k_cache, v_cache, lengths, tables, True, row_width=W)
+    for i in range(W):  # sequence 1's chain token i, alone at position c + i over the chunk's cache
+        single = launch(
+            q[1:2, i : i + 1],
+            k[1:2, i : i + 1],
+            v[1:2, i : i + 1],
+            k_cache[1:2].clone() if tables is None else k_cache.clone(),
+            v_cache[1:2].clone() if tables is None else v_cache.clone(),
+            torch.tensor([c + i], device=device),
+            None if tables is None else tables[1:2],
+            True,
+        )
+        assert torch.equal(single[0, 0], chunk_out[1, i]), f"chain token {i}"
+
+
+def test_launcher_rejects_a_quadratic_chunk_of_the_wrong_length(device):
+    case = make_case(device, 1, 2, 2, 16, 5, [3])
+    with pytest.raises(ValueError, match=r"W\(W\+1\) tokens, not 5"):
+        launch(*case[:7], True, row_width=2)
+
+
+@pytest.mark.parametrize("row_width", [0, 2], ids=["block", "quadratic"])
+def test_ops_dispatch_uses_the_kernel(device, kernels, monkeypatch, row_width):
     """With TRIMODE_KERNELS=triton the runtime's call site goes through torch.ops.trimode.block_attention."""
     calls = []
     real = torch.ops.trimode.block_attention
@@ -270,13 +359,14 @@ def test_ops_dispatch_uses_the_kernel(device, kernels, monkeypatch):
             return real(*args)
 
     monkeypatch.setattr(torch.ops.trimode, "block_attention", Spy())
-    q, k, v, k_cache, v_cache, lengths, tables = make_paged_case(device, 2, 4, 2, 16, 4, [1, 3], 4)[:7]
+    L = row_width * (row_width + 1) or 4
+    q, k, v, k_cache, v_cache, lengths, tables = make_paged_case(device, 2, 4, 2, 16, L, [1, 3], 4)[:7]
     kc, vc = k_cache.clone(), v_cache.clone()
-    layout = ChunkLayout.build(lengths, tables, 4, False)
+    layout = ChunkLayout.build(lengths, tables, L, bool(row_width), None, None, row_width)
     out = ops.block_attention(q, k, v, k_cache, v_cache, layout)
     expected = block_attention(q, k, v, kc, vc, layout)
-    assert len(calls) == 1 and calls[0][6] is tables  # the layout's block tables
-    torch.testing.assert_close(out, expected, atol=fp32_atol(expected, 16, 7), rtol=0)
+    assert len(calls) == 1 and calls[0][6] is tables and calls[0][8] == row_width  # the layout's tables, W
+    torch.testing.assert_close(out, expected, atol=fp32_atol(expected, 16, 3 + L), rtol=0)
 
 
 @pytest.mark.parametrize(

@@ -28,12 +28,12 @@ TENSORRT = {"plugin_namespace": "trimode", "plugin_version": "1", "aot": 1}
 
 
 class BlockAttention(nn.Module):
-    def __init__(self, is_causal: bool):
+    def __init__(self, is_causal: bool, row_width: int = 0):
         super().__init__()
-        self.is_causal = is_causal
+        self.is_causal, self.row_width = is_causal, row_width
 
     def forward(self, q, k, v, k_cache, v_cache, lengths, tables=None, k_scale=None, v_scale=None):
-        layout = ChunkLayout.build(lengths, tables, q.shape[1], self.is_causal)
+        layout = ChunkLayout.build(lengths, tables, q.shape[1], self.is_causal, None, None, self.row_width)
         out = ops.block_attention(q, k, v, k_cache, v_cache, layout, k_scale, v_scale)
         return out, k_cache, v_cache
 
@@ -125,11 +125,13 @@ def paged_tables(lengths: list[int], L: int, page: int, seed: int = 0) -> tuple[
     return tables, null + 1
 
 
-def attention_model(exported, is_causal: bool, with_tables: bool):
+def attention_model(exported, is_causal: bool, with_tables: bool, row_width: int = 0):
     """One graph per pattern, for every shape; with_tables: the tables are an input (exported paged:
-    [2, 3] tables over blocks of 4), otherwise the graph makes the dense [[0], [1], ..]."""
-    tables, num_blocks = paged_tables([4, 1], 3, 4) if with_tables else (None, 2)
-    q, k, v, k_cache, v_cache = attention_inputs(2, 3, 10, 5, num_blocks, page=4 if with_tables else 16)
+    tables over blocks of 4), otherwise the graph makes the dense [[0], [1], ..]. row_width W: a
+    quadratic chunk (exported with its W(W+1) tokens)."""
+    L = row_width * (row_width + 1) or 3
+    tables, num_blocks = paged_tables([4, 1], L, 4) if with_tables else (None, 2)
+    q, k, v, k_cache, v_cache = attention_inputs(2, L, 10, 5, num_blocks, page=4 if with_tables else 16)
     args = (q, k, v, k_cache, v_cache, torch.tensor([4, 1]))
     shapes = (
         {0: "b", 1: "L", 2: "H"},
@@ -141,24 +143,28 @@ def attention_model(exported, is_causal: bool, with_tables: bool):
     )
     if with_tables:
         args, shapes = args + (tables,), shapes + ({0: "b", 1: "T"},)
-    return exported(f"attention-{is_causal}-{with_tables}", BlockAttention(is_causal), args, shapes)
+    key = f"attention-{is_causal}-{with_tables}-{row_width}"
+    return exported(key, BlockAttention(is_causal, row_width), args, shapes)
 
 
 @pytest.mark.parametrize(
-    "is_causal, tables, page, lengths, L, H, Hkv",
+    "is_causal, tables, page, lengths, L, H, Hkv, W",
     [
-        (True, None, 16, [3, 0], 4, 4, 2),  # ragged with an empty prefix, GQA 2:1
-        (True, None, 16, [5, 2], 1, 4, 1),  # one token, GQA 4:1
-        (True, None, 16, [2, 2], 4, 2, 2),  # equal prefixes, no GQA
-        (False, [[2], [0]], 16, [0, 3], 4, 4, 1),  # block pattern on a dense cache's rows 2 and 0 of 3
-        (False, [[1], [2]], 16, [6, 6], 1, 4, 2),
-        (True, "paged", 4, [5, 0], 4, 4, 2),  # shuffled blocks of 4, tables padded with the null block
-        (False, "paged", 4, [9, 3, 2], 3, 4, 1),
-        (True, "paged", 2, [6, 1], 1, 2, 2),  # AR decode over blocks of 2
+        (True, None, 16, [3, 0], 4, 4, 2, 0),  # ragged with an empty prefix, GQA 2:1
+        (True, None, 16, [5, 2], 1, 4, 1, 0),  # one token, GQA 4:1
+        (True, None, 16, [2, 2], 4, 2, 2, 0),  # equal prefixes, no GQA
+        (False, [[2], [0]], 16, [0, 3], 4, 4, 1, 0),  # block pattern on a dense cache's rows 2 and 0 of 3
+        (False, [[1], [2]], 16, [6, 6], 1, 4, 2, 0),
+        (True, "paged", 4, [5, 0], 4, 4, 2, 0),  # shuffled blocks of 4, tables padded with the null block
+        (False, "paged", 4, [9, 3, 2], 3, 4, 1, 0),
+        (True, "paged", 2, [6, 1], 1, 2, 2, 0),  # AR decode over blocks of 2
+        (True, None, 16, [3, 0], 6, 4, 2, 2),  # quadratic (W 2: 6 tokens), ragged with an empty prefix
+        (True, "paged", 4, [5, 0, 9], 12, 4, 1, 3),  # quadratic on shuffled blocks, GQA 4:1
+        (True, "paged", 2, [6, 1], 20, 2, 2, 4),
     ],
 )
-def test_block_attention(exported, is_causal, tables, page, lengths, L, H, Hkv):
-    model = attention_model(exported, is_causal, tables is not None)
+def test_block_attention(exported, is_causal, tables, page, lengths, L, H, Hkv, W):
+    model = attention_model(exported, is_causal, tables is not None, W)
     if tables == "paged":
         tables, num_blocks = paged_tables(lengths, L, page, seed=len(lengths))
     else:
@@ -168,7 +174,7 @@ def test_block_attention(exported, is_causal, tables, page, lengths, L, H, Hkv):
     args = (q, k, v, k_cache, v_cache, lengths) + (() if tables is None else (tables,))
 
     expected_k, expected_v = k_cache.clone(), v_cache.clone()
-    layout = ChunkLayout.build(lengths, tables, L, is_causal)
+    layout = ChunkLayout.build(lengths, tables, L, is_causal, None, None, W)
     expected = reference.block_attention(q, k, v, expected_k, expected_v, layout)
     out, k_out, v_out = run(model, args)
 
@@ -180,7 +186,7 @@ def test_block_attention(exported, is_causal, tables, page, lengths, L, H, Hkv):
     assert not torch.equal(k_out, k_cache)  # the chunk's K was written
 
     node, attrs = only_node(model, "BlockAttention")
-    assert attrs == {**TENSORRT, "is_causal": int(is_causal)}
+    assert attrs == {**TENSORRT, "is_causal": int(is_causal), "row_width": W}
     assert len(node.input) == 9 and len(node.output) == 3
     if tables is not None:
         assert node.input[6] == "tables"  # the layout's block tables, straight from the graph input
@@ -196,7 +202,7 @@ def test_block_attention_fp8_cache_graph(exported):
     model = exported("attention-fp8", BlockAttention(True), args, None)
 
     node, attrs = only_node(model, "BlockAttention")
-    assert attrs == {**TENSORRT, "is_causal": 1}
+    assert attrs == {**TENSORRT, "is_causal": 1, "row_width": 0}
     assert list(node.input[6:]) == ["tables", "k_scale", "v_scale"]
     types = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.input) + list(model.graph.output)}
     assert types["k_cache"] == types[node.output[1]] == onnx.TensorProto.FLOAT8E4M3FN

@@ -55,8 +55,8 @@ def test_block_attention_compiles_for_hopper(cache_dtype):
         f"t.block_attention_kernel(torch.bfloat16, torch.{cache_dtype}, head_dim=128, group=4, page=16)"
     )
     params = ptx_params(kernel["ptx"], kernel["name"])
-    # 9 input pointers, 19 int32 extra args, the output pointer (then Triton's own scratch pointers)
-    assert params[:9] == ["u64"] * 9 and params[9:28] == ["u32"] * 19 and params[28] == "u64"
+    # 9 input pointers, 20 int32 extra args, the output pointer (then Triton's own scratch pointers)
+    assert params[:9] == ["u64"] * 9 and params[9:29] == ["u32"] * 20 and params[29] == "u64"
     assert ".target sm_90" in kernel["ptx"] and kernel["num_threads"] == 128
     assert ("cvt.rn.satfinite.e4m3x2" in kernel["ptx"]) == (cache_dtype == "float8_e4m3fn")
 
@@ -68,26 +68,28 @@ def test_split_kv_variant_compiles_for_hopper():
         "t.block_attention_kernel(torch.bfloat16, torch.bfloat16, head_dim=128, group=4, page=16, max_len=32768)"
     )
     params = ptx_params(kernel["ptx"], kernel["name"])
-    assert params[:12] == ["u64"] * 12 and params[12:31] == ["u32"] * 19 and params[31] == "u64"
+    assert params[:12] == ["u64"] * 12 and params[12:32] == ["u32"] * 20 and params[32] == "u64"
     assert re.search(r"atom\.[\w.]*acq_rel", kernel["ptx"])
 
 
+@pytest.mark.parametrize("row_width", [0, 2], ids=["causal", "quadratic"])
 @pytest.mark.parametrize("page, num_blocks, T", [(8, 7, 3), (20, 2, 1)], ids=["paged", "dense"])
-def test_block_attention_extra_args_match_the_torch_launcher(monkeypatch, page, num_blocks, T):
+def test_block_attention_extra_args_match_the_torch_launcher(monkeypatch, page, num_blocks, T, row_width):
     """The plugin computes strides from shapes; the torch launcher reads them off tensors: same list,
     and the block size the plugin compiles in is the one the launcher passes."""
     from trimode.plugins import block_attention as ba
 
-    b, L, H, Hkv, D = 2, 4, 4, 2, 16
+    b, L, H, Hkv, D = 2, row_width * (row_width + 1) or 4, 4, 2, 16
     q = torch.randn(b, L, H, D)
     k = v = torch.randn(b, L, Hkv, D)
     cache = torch.zeros(num_blocks, Hkv, page, D)
     tables = torch.arange(b * T).view(b, T) % (num_blocks - 1)
     seen = capture_launch(monkeypatch, ba, "_block_attention_kernel")
-    ba.launch(q, k, v, cache, cache.clone(), torch.tensor([3, 0]), tables, True)
+    ba.launch(q, k, v, cache, cache.clone(), torch.tensor([3, 0]), tables, True, row_width=row_width)
     grid, extra = trt_plugins.block_attention_launch(
-        q.shape, cache.shape, tables.shape, 1, ba.tile_sizes(D, q.device)[0]
+        q.shape, cache.shape, tables.shape, 1, row_width, ba.tile_sizes(D, q.device)[0]
     )
+    assert extra[1:3] == [1, row_width]  # is_causal, row_width: the node's attributes
     assert seen["args"][6] is tables and seen["constexprs"]["PAGE"] == page
     assert seen["args"][9:12] == (None, None, None)  # short cache: no split-KV scratch, as in the engine
     assert list(seen["args"][12:-1]) == extra and grid[:2] == seen["grid"][:2]
