@@ -107,7 +107,7 @@ def build_engine(
         )
     check_finite(checkpoint_dir, ck.model)
     check_pool(ck.model, settings.pool_blocks, settings.block_size)
-    shapes = pass_shapes(settings.block_lengths)
+    shapes = pass_shapes(settings.block_lengths, settings.max_seq_len)
     if on_start:
         on_start(shapes)
     config = EngineConfig(

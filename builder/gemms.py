@@ -88,10 +88,18 @@ class LayerGemms(nn.Module):
             is_adapted = any(getattr(owner, f"{n}_draft") is not None for n in names)
             setattr(self, f"{group}_draft", Gemm(twins, dtype) if is_adapted else None)
 
-    def pick(self, group: str, use_draft: bool) -> Gemm:
-        """The group's GEMM, or in the draft pass its draft GEMM when the adapter adapts the group."""
-        draft = getattr(self, f"{group}_draft") if use_draft else None
-        return getattr(self, group) if draft is None else draft
+    def run(self, group: str, x: torch.Tensor, use_draft: bool | slice) -> tuple[torch.Tensor, ...]:
+        """The group's GEMM on x [b, L, in], or its draft GEMM when the adapter adapts the group and
+        use_draft (a PassKind.draft_rows) says so: on every row (the draft pass), or on the rows of a
+        slice (a quadratic pass's masks; its verify chain before them keeps the base GEMM), as
+        model.linear does: two GEMMs then, neither on every row."""
+        base, draft = getattr(self, group), getattr(self, f"{group}_draft")
+        if draft is None or use_draft is False:
+            return base(x)
+        if use_draft is True:
+            return draft(x)
+        start = use_draft.start
+        return tuple(torch.cat(pair, dim=1) for pair in zip(base(x[:, :start]), draft(x[:, start:])))
 
 
 class ProgramGemms(nn.Module):

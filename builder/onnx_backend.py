@@ -13,15 +13,16 @@ One ONNX file per program (`program.pass_shapes`), `onnx/<shape.name>.onnx` in t
            k_new_i, v_new_i [b, L, Hkv, D] the chunk's K/V per layer (what the eager model writes)
 
 Attention (`native_attention`) gathers the rows' cached keys 0..S-1 (position j at block
-tables[:, j // P], offset j % P: one gather per tensor) and
-appends the chunk's own; the pattern is computed from lengths and indices (cached key j visible iff
-j < length; chunk key i visible to query q iff i <= q, or always in a block pass). The graph does not
-write the pool: the backend binds the pool tensors as numpy views (onnxruntime reads them in place,
-no copy), and writes the chunk's K/V it gets back at each row's length, through its table (the KV rule, store_cached for
-an FP8 KV pool). A pool the graph cannot read as it is (FP8 codes) is read through an fp32 mirror of
-its values (code * scale, exactly what the eager model reads), updated with each chunk and remade
-whole when something else wrote the pool. Sessions: intra-op threads = torch.get_num_threads() when
-loaded, no spinning, sequential (`session_settings`, recorded in the manifest).
+tables[:, j // P], offset j % P: one gather per tensor) and appends the chunk's own; the pattern is
+computed from lengths and indices (cached key j visible iff j < length; chunk key i visible to query
+q iff i <= q, always in a block pass, or as reference.quadratic_visibility says in a quadratic one:
+onnx_export.chunk_visibility). The graph does not write the pool: the backend binds the pool tensors
+as numpy views (onnxruntime reads them in place, no copy), and writes the chunk's K/V it gets back at
+each row's length, through its table (the KV rule, store_cached for an FP8 KV pool; a quadratic
+chunk's whole, as the eager model writes it). A pool the graph cannot read as it is (FP8 codes) is
+read through an fp32 mirror of its values (code * scale, exactly what the eager model reads), updated
+with each chunk and remade whole when something else wrote the pool. Sessions: intra-op threads =
+torch.get_num_threads() when loaded, no spinning, sequential (`session_settings`, recorded in the manifest).
 
 **Why (issue 27).** The first onnx backend exported the eager forward as it is: one
 `trimode::BlockAttention` node per layer that takes and returns the whole layer's pool, run by its

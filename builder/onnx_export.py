@@ -18,12 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trimode.builder.program import PassShape, quiet_export
+from trimode.builder.program import PassShape, quadratic_bounds, quiet_export
 from trimode.builder.settings import BuildSettings
 from trimode.fp8 import E4M3, FP8Linear
 from trimode.kv_cache import KVCache, span_index
 from trimode.model import NLDModel
-from trimode.passes import PassKind, Pattern
+from trimode.passes import PassKind, Pattern, quadratic_width
+from trimode.plugins.reference import quadratic_offsets
 
 GRAPH_DTYPE = torch.float32
 
@@ -51,22 +52,37 @@ class NativePass(nn.Module):
         self.model, self.kind = model, kind
 
     def forward(self, tokens, tables, lengths, key_index, logit_index, k: list[torch.Tensor], v: list[torch.Tensor]):
-        model, use_draft = self.model, self.kind.use_draft
-        is_causal = self.kind.pattern == Pattern.CAUSAL
-        positions = lengths[:, None] + torch.arange(tokens.shape[1])
+        model, L = self.model, tokens.shape[1]
+        use_draft = self.kind.draft_rows(L)  # a quadratic pass: the adapter on its mask rows only
+        own = chunk_visibility(self.kind.pattern, L)
+        # a quadratic chunk's masks repeat positions (reference.quadratic_offsets)
+        is_quadratic = self.kind.pattern == Pattern.QUADRATIC
+        positions = lengths[:, None] + (quadratic_offsets(quadratic_width(L)) if is_quadratic else torch.arange(L))
         new_k, new_v = [], []
 
         def attend(i: int, attn, x, cos, sin, q_scale):
             q, chunk_k, chunk_v = attn.project(x, cos, sin, q_scale, use_draft)
             new_k.append(chunk_k)
             new_v.append(chunk_v)
-            out = native_attention(q, chunk_k, chunk_v, k[i], v[i], tables, lengths, key_index, is_causal)
+            out = native_attention(q, chunk_k, chunk_v, k[i], v[i], tables, lengths, key_index, own)
             return attn.output(out, use_draft)
 
         h = model._layers(tokens, positions, attend, use_draft)
         if logit_index is not None:
             h = h[torch.arange(h.shape[0]), logit_index][:, None]
         return (model.diffusion_head(model.encoder.norm(h)).float(), *new_k, *new_v)
+
+
+def chunk_visibility(pattern: Pattern, length: int) -> torch.Tensor:
+    """[L, L] bool: which chunk keys a chunk query sees (besides the prefix), from indices: causal,
+    block (all), or a quadratic chunk's (program.quadratic_bounds)."""
+    chunk = torch.arange(length)
+    if pattern == Pattern.QUADRATIC:
+        chain_end, row_start, row_end = (bound[:, None] for bound in quadratic_bounds(quadratic_width(length)))
+        return (chunk < chain_end) | ((chunk >= row_start) & (chunk < row_end))
+    if pattern == Pattern.CAUSAL:
+        return chunk[None, :] <= chunk[:, None]
+    return torch.ones(length, length, dtype=torch.bool)
 
 
 def native_attention(
@@ -78,20 +94,18 @@ def native_attention(
     tables: torch.Tensor,
     lengths: torch.Tensor,
     key_index: torch.Tensor,
-    is_causal: bool,
+    own: torch.Tensor,
 ) -> torch.Tensor:
     """reference.block_attention's math without writing the pool: the rows' cached keys 0..S-1
-    (key_index: block tables[:, j // P], offset j % P, one gather) then the chunk's own, the pattern
-    computed from lengths and indices. q [b, L, H, D]; k, v [b, L, Hkv, D]; k_pool, v_pool
-    [N, Hkv, P, D] fp32; tables [b, T] -> [b, L, H, D]"""
+    (key_index: block tables[:, j // P], offset j % P, one gather) then the chunk's own, visible as
+    own [L, L] says (chunk_visibility), the prefix's from lengths. q [b, L, H, D]; k, v [b, L, Hkv, D];
+    k_pool, v_pool [N, Hkv, P, D] fp32; tables [b, T] -> [b, L, H, D]"""
     b, L, H, D = q.shape
     Hkv = k.shape[2]
     index = span_index(tables, key_index, Hkv, k_pool.shape[2])
     keys = torch.cat([k_pool[index], k.transpose(1, 2)], dim=2)[:, :, None]  # [b, Hkv, 1, S + L, D]
     values = torch.cat([v_pool[index], v.transpose(1, 2)], dim=2)[:, :, None]
-    offsets = torch.arange(L)
     cached = (key_index[None, :] < lengths[:, None])[:, None, :].expand(b, L, key_index.shape[0])
-    own = offsets[None, :] <= offsets[:, None] if is_causal else torch.ones(L, L, dtype=torch.bool)
     mask = torch.cat([cached, own[None].expand(b, L, L)], dim=2)[:, None, None]  # [b, 1, 1, L, S + L]
     queries = q.transpose(1, 2).reshape(b, Hkv, H // Hkv, L, D)  # head h reads kv head h // (H / Hkv)
     scores = (queries @ keys.transpose(-1, -2)) * D**-0.5
@@ -112,7 +126,7 @@ def export_pass(
     spec, B = model.spec, settings.max_batch_size
     # torch.export specialises dims of size 1: trace with 2 and allow the range the engine serves
     batch = torch.export.Dim("batch", min=1, max=max(2, B))
-    L = shape.length or 2
+    L = shape.chunk or 2
     has_logit_index = shape.kind.last_logit_only
     cache = settings.new_pool(spec, pool_dtype)
     b = min(2, B)
@@ -148,7 +162,7 @@ def export_native_pass(model: NLDModel, shape: PassShape, settings: BuildSetting
     spec, B, S = model.spec, settings.max_batch_size, settings.max_seq_len
     batch = torch.export.Dim("batch", min=1, max=max(2, B))  # traced with 2: export specialises 1
     span = torch.export.Dim("span", min=1, max=max(3, S))
-    L = shape.length or 2
+    L = shape.chunk or 2
     has_logit_index = shape.kind.last_logit_only
     cache = settings.new_pool(spec, GRAPH_DTYPE)
     token = spec.bos_token_id if spec.bos_token_id is not None else spec.mask_token_id  # any id traces

@@ -23,8 +23,8 @@ refuses precision flags on strongly typed networks). Open: the FP8 K/V rounding 
 
 **Triton's hidden kernel parameters.** Triton >= 3.3 appends two pointers to every kernel after
 the user's arguments: global_scratch (3.3) and profile_scratch (3.5). Compiled with triton 3.7.1
-for sm_90 (`plugins.tensorrt.compile_kernel`), BlockAttention's PTX entry has 31 parameters: our
-29 (9 input pointers, 19 int32 extra args, the output) then those two, and SpecAccept (18) and
+for sm_90 (`plugins.tensorrt.compile_kernel`), BlockAttention's PTX entry has 32 parameters: our
+30 (9 input pointers, 20 int32 extra args, the output) then those two, and SpecAccept (18) and
 DiffusionCommit (15) end the same way; none of the three reads them (their scratch sizes are 0, no
 ld.param of them: tests/test_builder_onnx.py checks this). TensorRT's AOT launch passes inputs,
 extra args and outputs only, so the kernel params array it builds is two entries short of the
@@ -105,8 +105,9 @@ def trt_graph(graph):
             if node.input[slot] != cache or [id(n) for n in consumers.get(cache, [])] != [id(node)]:
                 raise BuildError(f"BlockAttention {i}: input {slot} should be {cache}, read by it alone")
         attrs = {a.name for a in node.attribute}
-        if not set(TENSORRT_ATTRS) <= attrs:
-            raise BuildError(f"BlockAttention {i} lacks {sorted(set(TENSORRT_ATTRS) - attrs)}")
+        needed = {*TENSORRT_ATTRS, "is_causal", "row_width"}  # the plugin's signature takes both always
+        if not needed <= attrs:
+            raise BuildError(f"BlockAttention {i} lacks {sorted(needed - attrs)}")
         dropped.update(node.output[1:])
         del node.output[1:]
     keep = [o for o in graph.output if o.name not in dropped]
@@ -119,8 +120,8 @@ def trt_graph(graph):
 
 def profile_shapes(shape: PassShape, settings: BuildSettings) -> dict[str, tuple[tuple, tuple, tuple]]:
     """(min, opt, max) per dynamic input: batch 1..max_batch_size, prefill length 1..max_input_len
-    (the tables' width T static)."""
-    B, L = settings.max_batch_size, shape.length
+    (the tables' width T static; a quadratic program's chunk W(W+1) static)."""
+    B, L = settings.max_batch_size, shape.chunk
     tokens = ((1, L), (B, L), (B, L)) if L else ((1, 1), (B, settings.max_input_len), (B, settings.max_input_len))
     T = settings.blocks_per_seq
     shapes = {"tokens": tokens, "tables": ((1, T), (B, T), (B, T)), "lengths": ((1,), (B,), (B,))}

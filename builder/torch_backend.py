@@ -10,8 +10,11 @@ programs cost one extra copy of the GEMM weights, and the eager model stays avai
 Per block length one block program serves the three block-sized passes (program.py): denoise and
 verify differ only in the attention pattern, an input; draft only in the weights of the linears the
 draft adapter adapts, so its pass loads the same package a second time with the draft GEMMs'
-tensors in place of theirs (when the two have the same layout; else draft gets a package of its own). A build compiles two
-programs plus one per block length.
+tensors in place of theirs (when the two have the same layout; else draft gets a package of its own).
+The quadratic pass (a chunk of W(W+1) tokens, base and draft GEMMs on its own rows) is a package of
+its own, without a batch-1 copy (not measured whether one pays; it would add an autotuned compile
+per block length to every build). A build compiles two programs plus, per block length, the block
+program and the quadratic one.
 
 What we measured while writing it (../shared/notes/stack.md, "Compiling the forward"): a slice
 `pool[:, :, :S]` with a symbolic S makes export guard on S != max_seq_len (a contiguity check), so
@@ -70,7 +73,7 @@ def require(settings: BuildSettings) -> None:
 def example_inputs(model: NLDModel, shape: PassShape, pool: KVCache) -> tuple:
     """Inputs to trace with: batch 2 (1 for a pool of one slot, whose batch is static) and a prefill
     chunk of 2 (a dynamic size of 1 would be specialised)."""
-    b, L = min(2, pool.num_slots), shape.length or 2
+    b, L = min(2, pool.num_slots), shape.chunk or 2
     device = model.device
     return (
         torch.zeros(b, L, dtype=torch.long, device=device),

@@ -3,7 +3,8 @@ Linear (max calibration), FP8 KV cache; embeddings and diffusion_head stay unqua
 
 Calibration runs the passes every mode produces, because diffusion and draft passes see different
 activation statistics than AR: causal prefill, block passes over masked blocks (first and later
-denoising steps), the draft pass with the adapter on, and the causal verify pass.
+denoising steps), the draft pass with the adapter on, the causal verify pass, and the quadratic pass
+(the verify chain, then rows of masks with the adapter on).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from trimode.errors import MissingDependencyError
 from trimode.model import Attention, NLDModel
-from trimode.passes import MODE_PASSES, PassKind
+from trimode.passes import MODE_PASSES, PassKind, quadratic_chunk
 
 EXCLUDED_MODULES = ("diffusion_head", "encoder.embed_tokens")
 
@@ -71,7 +72,7 @@ def calibration_passes(
 ) -> Counter[str]:
     """Run every kind of pass over the calibration windows; -> passes by kind. Each window is a
     context (the prefill, which the cache keeps) and a block, which every other kind runs over as
-    that kind sees it; their K/V stay scratch past the context."""
+    that kind sees it; their K/V stay scratch past the context (a quadratic chunk's W(W+1) positions)."""
     mask_id, passes = model.spec.mask_token_id, Counter[str]()
     gen = torch.Generator().manual_seed(0)
     for batch in windows.split(batch_size):
@@ -88,8 +89,10 @@ def calibration_passes(
             PassKind.DRAFT: [first] if model.has_draft_adapter else [],
             PassKind.VERIFY: [block],
             PassKind.REFRESH: [block],
+            # the block as the verify chain, then a row of masks per token
+            PassKind.QUADRATIC: [torch.cat([block, torch.full((b, block_length**2), mask_id)], dim=1)],
         }
-        cache = model.new_cache(b, n)
+        cache = model.new_cache(b, n - block_length + quadratic_chunk(block_length))
         for kind in CALIBRATION_PASSES:
             for tokens in inputs[kind]:
                 model(tokens, cache, kind)

@@ -107,6 +107,25 @@ def test_speedups_and_advice():
     assert "run ar (400.0 tok/s)" in advice[1]["text"] and "next self-spec/8" in advice[1]["text"]
 
 
+def test_advice_compares_auto_with_the_best_lossless_fixed_mode():
+    """Diffusion emits other tokens: auto is measured against ar, self-spec and quadratic only."""
+    rows = [
+        _row("ar", 1, 100),
+        _row("self-spec/8", 1, 180),
+        _row("quadratic/8", 1, 200),
+        _row("diffusion/8", 1, 400),
+        _row("auto/8", 1, 190),
+        _row("ar", 8, 400),
+    ]
+    add_speedups(rows)
+    advice = advise(rows)
+    assert (
+        advice[0]["auto_vs_best_fixed"] == 0.95
+        and "auto 0.95x the best of ar, self-spec, quadratic" in advice[0]["text"]
+    )
+    assert advice[1]["auto_vs_best_fixed"] is None and "auto" not in advice[1]["text"]
+
+
 @pytest.mark.parametrize(
     "ar_rounds, spec_rounds, expected",
     [

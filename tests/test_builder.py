@@ -1,9 +1,9 @@
 """builder/: `trimode build` (torch backend), engine dirs, their checks, and engines in every mode.
 
 Two engines are built once per run (each ~1-3 min on a CPU): the embedded trained checkpoint, and
-a tiny FP8 checkpoint with a draft adapter. Token parity with the eager reference is checked in all
-three modes at T = 0, batch 1 and batched (with chunked prefill and ragged prompts), and with
-requests joining a running batch (non-contiguous pool rows).
+a tiny FP8 checkpoint with a draft adapter. Token parity with the eager reference is checked in every
+mode at T = 0, batch 1 and batched (with chunked prefill and ragged prompts), and with requests
+joining a running batch (non-contiguous pool rows).
 """
 
 from __future__ import annotations
@@ -21,12 +21,13 @@ from trimode.builder.engine_dir import load_engine
 from trimode.cli import main
 from trimode.decoding import Engine, GenerationSettings, Mode, generate
 from trimode.errors import EngineError, InputError
-from trimode.passes import PassKind
+from trimode.passes import PassKind, quadratic_chunk
 
 from kv_pools import check_pool_writes, run_pass, twin_pools
 from tolerance import forward_bound
 
-SMALL = BuildSettings(max_batch_size=4, max_seq_len=96, max_input_len=16, kv_block_size=8)
+# max_seq_len: a 23-token prompt, 24 new tokens and one quadratic cycle of block length 8 (72 positions)
+SMALL = BuildSettings(max_batch_size=4, max_seq_len=128, max_input_len=16, kv_block_size=8)
 MODES = list(Mode)
 
 
@@ -70,11 +71,12 @@ def test_engine_tokens_equal_the_eager_reference(built, mode, batch):
     engine_seqs = generate(built.checkpoint.model, prompts, settings, built.new_engine())
     eager_seqs = generate(built.checkpoint.model, prompts, settings, eager_engine(built))
     assert [s.tokens for s in engine_seqs] == [s.tokens for s in eager_seqs]
-    assert [s.stats.to_dict() for s in engine_seqs] == [s.stats.to_dict() for s in eager_seqs]
+    if mode is not Mode.AUTO:  # auto picks its passes by their measured time: only its tokens are AR's
+        assert [s.stats.to_dict() for s in engine_seqs] == [s.stats.to_dict() for s in eager_seqs]
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-def test_self_spec_equals_ar_on_the_engine(built, batch):
+def test_self_spec_and_quadratic_equal_ar_on_the_engine(built, batch):
     prompts = prompts_for(built, batch)
     tokens = {
         mode: [
@@ -86,9 +88,9 @@ def test_self_spec_equals_ar_on_the_engine(built, batch):
                 built.new_engine(),
             )
         ]
-        for mode in (Mode.AR, Mode.SELF_SPEC)
+        for mode in (Mode.AR, Mode.SELF_SPEC, Mode.QUADRATIC)
     }
-    assert tokens[Mode.SELF_SPEC] == tokens[Mode.AR]
+    assert tokens[Mode.SELF_SPEC] == tokens[Mode.AR] == tokens[Mode.QUADRATIC]
 
 
 def batch1_expected(built) -> set[str]:
@@ -250,7 +252,8 @@ def test_the_fp8_engines_draft_pass_equals_eager(fp8_engine_dir):
 
 def test_an_adapter_on_every_linear_drafts_through_the_engine_as_eager(tiny_wide_adapter_dir, tmp_path):
     """Draft twins of every linear reach the compiled draft pass: the block program serves it over
-    the draft GEMMs' tensors (its batch-1 copy too), and its logits equal the eager draft pass's."""
+    the draft GEMMs' tensors (its batch-1 copy too), and its logits equal the eager draft pass's;
+    and the quadratic pass's mask rows (the chain's stay AR's)."""
     from trimode.passes import PassKind
 
     build_engine(
@@ -274,6 +277,51 @@ def test_an_adapter_on_every_linear_drafts_through_the_engine_as_eager(tiny_wide
             # the compiled program (a batch-1 one for one row) fuses GEMMs and sums in Inductor's order
             torch.testing.assert_close(out[kind], expected, atol=forward_bound(expected, model.spec, span=4), rtol=0)
         assert not torch.allclose(out[PassKind.DRAFT], out[PassKind.DENOISE], atol=1e-3)
+    # the quadratic program: base GEMMs on the verify chain, the draft twins on the mask rows
+    C = quadratic_chunk(4)
+    chunk = torch.cat([tokens, torch.full((2, C - 4), model.spec.mask_token_id)], dim=1)
+    pool, cache = model.new_cache(2, 64, 16), model.new_cache(2, 64)
+    pool.block_tables[:, :2] = torch.tensor([[3, 0], [1, 2]])  # positions 0..19 (block size 16)
+    got = built.backend(PassKind.QUADRATIC, chunk, pool, [0, 1], [0, 0], None).logits
+    expected = model(chunk, cache, PassKind.QUADRATIC)
+    torch.testing.assert_close(got, expected, atol=forward_bound(expected, model.spec, span=C), rtol=0)
+    chain = model(tokens, model.new_cache(2, 64), PassKind.VERIFY)  # the chain: AR's logits, adapter off
+    torch.testing.assert_close(got[:, :4], chain, atol=forward_bound(chain, model.spec, span=4), rtol=0)
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 8])
+def test_the_programs_quadratic_pattern_is_the_references(width):
+    """The compiled programs' quadratic mask (bounds per query) and the native ONNX graph's [C, C]
+    table say what reference.quadratic_visibility says."""
+    from trimode.builder.onnx_export import chunk_visibility
+    from trimode.builder.program import quadratic_bounds
+    from trimode.passes import Pattern
+    from trimode.plugins.reference import quadratic_visibility
+
+    expected = quadratic_visibility(width)
+    assert torch.equal(chunk_visibility(Pattern.QUADRATIC, quadratic_chunk(width)), expected)
+    chain_end, row_start, row_end = (b[:, None] for b in quadratic_bounds(width))
+    key = torch.arange(quadratic_chunk(width))
+    assert torch.equal((key < chain_end) | ((key >= row_start) & (key < row_end)), expected)
+
+
+def test_a_quadratic_program_only_where_its_chunk_fits_max_seq_len(tiny):
+    """Block length 8's quadratic chunk (72 positions) does not fit max_seq_len 64: no program (the
+    engine refuses such a request when it is added) and no quadratic self-test; block length 4's does."""
+    from trimode.builder.engine_dir import self_test
+    from trimode.builder.program import PassShape, pass_shapes
+    from trimode.decoding import EngineConfig
+
+    assert [s.name for s in pass_shapes((8, 4), 64) if s.kind == PassKind.QUADRATIC] == ["quadratic_4"]
+    assert PassShape(PassKind.QUADRATIC, 4).chunk == 20
+    config = EngineConfig(2, 64, 16)
+    assert set(self_test(tiny.model, tiny.tokenizer, None, config, 8)) == {"ar", "diffusion", "self-spec"}
+    tokens = self_test(tiny.model, tiny.tokenizer, None, config, 4)
+    assert set(tokens) == {m.value for m in Mode} and tokens["quadratic"] == tokens["ar"]
+    engine = Engine(tiny.model, config, block_lengths=(8,))
+    settings = GenerationSettings(mode=Mode.QUADRATIC, max_new_tokens=1, block_length=8)
+    with pytest.raises(InputError, match="one cycle \\(72 positions\\)"):
+        engine.add([5], settings.sampling, settings.decoding)
 
 
 @pytest.mark.parametrize("max_batch_size", [1, 3])
@@ -288,7 +336,7 @@ def test_programs_export_for_any_max_batch_size(tiny_dir, max_batch_size):
     model = load_checkpoint(tiny_dir, dtype=torch.float32).model
     settings = BuildSettings(max_batch_size=max_batch_size, max_seq_len=32, max_input_len=8)
     pool = settings.new_pool(model.spec, model.kv_dtype)
-    for shape in (PassShape(PassKind.PREFILL, None), PassShape(PassKind.DENOISE, 4)):
+    for shape in (PassShape(PassKind.PREFILL, None), PassShape(PassKind.DENOISE, 4), PassShape(PassKind.QUADRATIC, 2)):
         args = example_inputs(model, shape, pool)
         with torch.no_grad():
             exported = torch.export.export(
@@ -302,10 +350,10 @@ def test_programs_export_for_any_max_batch_size(tiny_dir, max_batch_size):
 
 
 def test_requests_joining_a_running_batch_get_their_solo_tokens(built):
-    """Staggered arrivals of all three modes: rows finish and free slots in the middle of the pool,
+    """Staggered arrivals of every mode: rows finish and free slots in the middle of the pool,
     so later passes run on non-contiguous rows."""
     prompts = prompts_for(built, 4) + prompts_for(built, 2)
-    modes = [Mode.AR, Mode.SELF_SPEC, Mode.DIFFUSION, Mode.AR, Mode.SELF_SPEC, Mode.DIFFUSION]
+    modes = [Mode.AR, Mode.SELF_SPEC, Mode.DIFFUSION, Mode.QUADRATIC, Mode.SELF_SPEC, Mode.QUADRATIC]
     lengths = [6, 20, 9, 14, 11, 7]
 
     def settings(i):
@@ -334,14 +382,19 @@ def test_requests_joining_a_running_batch_get_their_solo_tokens(built):
         (PassKind.DENOISE, None, [2, 0]),  # a block pass, not causal (None: the block length)
         (PassKind.VERIFY, None, [0, 1]),  # causal, contiguous slots
         (PassKind.VERIFY, None, [1]),  # the batch-1 program where there is one
+        (PassKind.QUADRATIC, None, [2, 0]),  # a chunk of W(W+1): the verify chain, then W rows of masks
+        (PassKind.QUADRATIC, None, [1]),
     ],
 )
 def test_one_pass_on_shuffled_blocks_equals_eager_on_a_dense_pool(built, kind, length, slots):
     """The torch engine's programs over its paged pool (block size 8 or 16), each slot's blocks
     shuffled: the eager model's logits on a dense pool with the same K/V, the chunk's K/V written
-    through the tables, and no other position of the pool touched."""
+    through the tables, and no other position of the pool touched. The quadratic program: its
+    pattern, its repeated RoPE positions and its draft twins on the mask rows are the eager forward's."""
     model, config = built.checkpoint.model, built.config
     L = length or built.block_lengths[0]
+    if kind == PassKind.QUADRATIC:  # its chunk is written whole at lengths + 0..C-1 (past the chain: scratch)
+        L = quadratic_chunk(L)
     dense, paged = twin_pools(
         model, config.max_slots, config.max_seq_len, config.kv_block_size, config.num_kv_blocks, {0: 13, 1: 9, 2: 6}, L
     )
@@ -431,18 +484,28 @@ def test_manifest_records_the_build(trained_engine_dir):
     assert m["stage"] == "build" and m["settings"]["backend"] == "torch"
     assert m["versions"]["torch"] == torch.__version__
     assert m["device"]["type"] == "cpu" and m["device"]["isa"]
-    assert [p["name"] for p in m["programs"]] == ["prefill_n", "decode_1", "denoise_8", "draft_8", "verify_8"]
+    assert [p["name"] for p in m["programs"]] == [
+        "prefill_n",
+        "decode_1",
+        "denoise_8",
+        "draft_8",
+        "verify_8",
+        "quadratic_8",
+    ]
     # one block program serves denoise, verify and (over the adapter's o_proj) draft: three packages
     assert (
         m["backend"]["programs"]["draft_8"]
         == m["backend"]["programs"]["verify_8"]
         == m["backend"]["programs"]["denoise_8"]
     )
+    # the quadratic program is a package of its own (its mask rows read the draft GEMMs), not a draft program
     assert m["backend"]["draft"] == ["draft_8"] and list(m["backend"]["compile_s"]) == [
         "prefill_n",
         "decode_1",
         "denoise_8",
+        "quadratic_8",
     ]
+    assert m["backend"]["programs"]["quadratic_8"] == "programs/quadratic_8.pt2"
     # and a batch-1 copy of it, whose blocked GEMM weights are remade on load from the fused matrices, or,
     # where autotuning on this CPU kept MKL for every GEMM, no copy and the reason (which one is the CPU's call)
     if "denoise_8" in m["backend"]["batch1_skipped"]:
@@ -457,8 +520,9 @@ def test_manifest_records_the_build(trained_engine_dir):
             fqn.startswith("gemms.") and fqn.endswith(".weight") and block_n > 0
             for fqn, block_n in m["backend"]["blocked_constants"]["programs/denoise_8_b1.pt2"].values()
         )
-    assert set(m["self_test"]["tokens"]) == {"ar", "diffusion", "self-spec"}
-    assert m["self_test"]["tokens"]["self-spec"] == m["self_test"]["tokens"]["ar"]
+    assert set(m["self_test"]["tokens"]) == {mode.value for mode in Mode}  # quadratic's 72 positions fit
+    tokens = m["self_test"]["tokens"]
+    assert tokens["self-spec"] == tokens["quadratic"] == tokens["ar"]
     assert all((trained_engine_dir / name).is_file() for name in m["files"])
     assert "checkpoint/model.safetensors" in m["files"]
 
@@ -503,6 +567,17 @@ def tamper_self_test(d, monkeypatch):
     (d / "manifest.json").write_text(json.dumps(seal(m)))
 
 
+def tamper_before_quadratic(d, monkeypatch):
+    """An engine dir of a trimode before quadratic self-spec: format 3, no quadratic program (resealed)."""
+    from trimode.builder.manifest import seal
+
+    m = json.loads((d / "manifest.json").read_text())
+    m["format"] = 3
+    m["programs"] = [p for p in m["programs"] if p["kind"] != "quadratic"]
+    del m["backend"]["programs"]["quadratic_8"], m["self_test"]["tokens"]["quadratic"]
+    (d / "manifest.json").write_text(json.dumps(seal(m)))
+
+
 def tamper_before_paged_pools(d, monkeypatch):
     """An engine dir of a trimode before the paged KV pool: format 2, no kv settings (resealed)."""
     from trimode.builder.manifest import seal
@@ -516,7 +591,8 @@ def tamper_before_paged_pools(d, monkeypatch):
 @pytest.mark.parametrize(
     "tamper, message",
     [
-        (tamper_before_paged_pools, "engine format 2, this trimode reads 3"),
+        (tamper_before_quadratic, "since format 4, engines run quadratic self-speculation"),
+        (tamper_before_paged_pools, "engine format 2, this trimode reads 4"),
         (tamper_edit_manifest, "manifest.json was edited after the build"),
         (tamper_swap_weights, "checkpoint/model.safetensors changed after the build"),
         (tamper_other_torch, "built with torch"),
@@ -554,12 +630,15 @@ def test_generate_and_eval_run_through_the_engine(trained_engine_dir, runner):
             "16",
             "--max-ppl-windows",
             "2",
+            "--prompt-len",
+            "32",  # and 16 new tokens and a quadratic cycle's 72 positions fit max_seq_len 128
             "--json",
         ],
     )
     assert report.exit_code == 0, report.output
     modes = json.loads(report.stdout)["modes"]
-    assert set(modes) == {"ar", "diffusion", "self-spec/8"} and modes["self-spec/8"]["token_agreement"] == 1.0
+    assert set(modes) == {"ar", "diffusion", "self-spec/8", "quadratic/8"}
+    assert modes["self-spec/8"]["token_agreement"] == modes["quadratic/8"]["token_agreement"] == 1.0
 
 
 def test_inspect_prints_the_manifest(trained_engine_dir, runner):
@@ -574,9 +653,9 @@ def test_inspect_prints_the_manifest(trained_engine_dir, runner):
     kv = json.loads((trained_engine_dir / "manifest.json").read_text())["kv_cache"]
     for expected in (
         "backend    torch on cpu",
-        "max_batch_size 4, max_seq_len 96",
-        f"kv cache   48 blocks of 8 positions, float32, {kv['bytes']} bytes",
-        f"verify_8 (3 compiled); {batch1}",
+        "max_batch_size 4, max_seq_len 128",
+        f"kv cache   64 blocks of 8 positions, float32, {kv['bytes']} bytes",
+        f"verify_8, quadratic_8 (4 compiled); {batch1}",
         "self-test",
     ):
         assert expected in text.stdout
@@ -663,7 +742,7 @@ def test_onnx_engine_tokens_equal_the_eager_reference(onnx_built, mode):
     engine = [s.tokens for s in generate(onnx_built.checkpoint.model, prompts, settings, onnx_built.new_engine())]
     eager = [s.tokens for s in generate(onnx_built.checkpoint.model, prompts, settings, eager_engine(onnx_built))]
     assert engine == eager
-    if mode is Mode.SELF_SPEC:
+    if mode in (Mode.SELF_SPEC, Mode.QUADRATIC):
         ar = GenerationSettings(mode=Mode.AR, max_new_tokens=16, ignore_eos=True)
         assert engine == [s.tokens for s in generate(onnx_built.checkpoint.model, prompts, ar, onnx_built.new_engine())]
 
@@ -671,7 +750,14 @@ def test_onnx_engine_tokens_equal_the_eager_reference(onnx_built, mode):
 def test_onnx_engine_manifest_and_inspect(onnx_built, runner):
     m = onnx_built.manifest
     assert m["versions"]["onnxruntime"] and m["versions"]["onnx"]
-    assert sorted(m["backend"]["programs"]) == ["decode_1", "denoise_8", "draft_8", "prefill_n", "verify_8"]
+    assert sorted(m["backend"]["programs"]) == [
+        "decode_1",
+        "denoise_8",
+        "draft_8",
+        "prefill_n",
+        "quadratic_8",
+        "verify_8",
+    ]
     assert "backend    onnx on cpu" in runner.invoke(main, ["inspect", str(onnx_built.path)]).stdout
 
 

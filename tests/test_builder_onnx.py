@@ -24,7 +24,7 @@ from trimode.builder.settings import BuildSettings
 from trimode.checkpoint import load_checkpoint
 from trimode.decoding import DecodeConfig, Engine, EngineConfig, Mode, SamplingParams
 from trimode.errors import EngineError, InputError, MissingDependencyError
-from trimode.passes import PassKind
+from trimode.passes import PassKind, quadratic_chunk
 from trimode.plugins.onnx_ops import DOMAIN, TENSORRT_ATTRS
 
 from kv_pools import check_pool_writes, run_pass, twin_pools
@@ -42,6 +42,7 @@ PROMPTS = [
     [1, 99],
 ]  # the second is prefilled in two chunks
 NUM_NEW = 8
+SHAPES = pass_shapes((BLOCK,), SETTINGS.max_seq_len)  # a quadratic program too: 20 positions fit 48
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +58,9 @@ def engine(fp8_dir, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("engine")
     seen = []
     start = time.perf_counter()
-    info = onnx_backend.build(model, pass_shapes((BLOCK,)), out_dir, SETTINGS, seen.append)
+    info = onnx_backend.build(model, SHAPES, out_dir, SETTINGS, seen.append)
     print(f"\n{len(seen)} programs exported in {time.perf_counter() - start:.1f} s {info['export_s']}")
-    assert seen == pass_shapes((BLOCK,))
+    assert seen == SHAPES
     return model, onnx_backend.load(out_dir, model, info), info, out_dir
 
 
@@ -71,7 +72,7 @@ def plugin_engine(engine, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("plugin")
     files = {}
     with torch.no_grad():
-        for shape in pass_shapes((BLOCK,)):
+        for shape in SHAPES:
             files[shape.name] = f"onnx/{shape.name}.onnx"
             onnx_export.export_pass(onnx_export.graph_model(model), shape, SETTINGS, out_dir / files[shape.name])
     manifest = {  # no "graph"
@@ -120,10 +121,10 @@ def _generate(model, backend, mode: Mode, prompts) -> list[list[int]]:
 def test_build_writes_one_checked_native_program_per_shape(engine):
     model, _, info, out_dir = engine
     n = model.spec.num_hidden_layers
-    assert info["files"] == [f"onnx/{s.name}.onnx" for s in pass_shapes((BLOCK,))]
+    assert info["files"] == [f"onnx/{s.name}.onnx" for s in SHAPES]
     assert info["graph"] == "native" and info["session"]["allow_spinning"] == 0
     assert set(info["versions"]) == {"onnx", "onnxruntime", "onnxruntime-extensions"}
-    for shape in pass_shapes((BLOCK,)):
+    for shape in SHAPES:
         graph = onnx.load(str(out_dir / info["programs"][shape.name])).graph
         onnx.checker.check_model(str(out_dir / info["programs"][shape.name]))
         names = ["tokens", "tables", "lengths", "key_index"] + (["logit_index"] if shape.kind.last_logit_only else [])
@@ -136,9 +137,9 @@ def test_build_writes_one_checked_native_program_per_shape(engine):
         dims = [d.dim_value or d.dim_param for d in graph.input[0].type.tensor_type.shape.dim]
         assert (
             isinstance(dims[0], str)
-            and dims[1] == (shape.length or dims[1])
-            and isinstance(dims[1], str) == (shape.length is None)
-        )  # batch dynamic; length dynamic for prefill
+            and dims[1] == (shape.chunk or dims[1])
+            and isinstance(dims[1], str) == (shape.chunk is None)
+        )  # batch dynamic; length dynamic for prefill; a quadratic chunk W(W+1)
         assert isinstance(graph.input[3].type.tensor_type.shape.dim[0].dim_param, str)  # the span: dynamic
         tables = [d.dim_value or d.dim_param for d in graph.input[1].type.tensor_type.shape.dim]
         assert isinstance(tables[0], str) and tables[1] == 48 // KV_BLOCK  # batch dynamic, T static
@@ -150,7 +151,7 @@ def test_build_writes_one_checked_native_program_per_shape(engine):
             model.spec.head_dim,
         ]
         new_k = [d.dim_value or d.dim_param for d in graph.output[1].type.tensor_type.shape.dim]
-        assert new_k[1:] == [shape.length or new_k[1], model.spec.num_key_value_heads, model.spec.head_dim]
+        assert new_k[1:] == [shape.chunk or new_k[1], model.spec.num_key_value_heads, model.spec.head_dim]
         assert any(node.op_type == "QuantizeLinear" for node in graph.node)
         # FP8 weights stay float8 initializers behind DequantizeLinear
         assert any(t.data_type == onnx.TensorProto.FLOAT8E4M3FN and len(t.dims) == 2 for t in graph.initializer)
@@ -159,7 +160,7 @@ def test_build_writes_one_checked_native_program_per_shape(engine):
 def test_plugin_graphs_keep_one_block_attention_node_per_layer(plugin_engine):
     model, _, manifest, out_dir = plugin_engine
     n = model.spec.num_hidden_layers
-    for shape in pass_shapes((BLOCK,)):
+    for shape in SHAPES:
         graph = onnx.load(str(out_dir / manifest["programs"][shape.name])).graph
         pool = [f"k_{i}" for i in range(n)] + [f"v_{i}" for i in range(n)]
         assert [o.name for o in graph.output] == ["logits"] + [p.replace("_", "_out_") for p in pool]
@@ -176,9 +177,10 @@ def test_tokens_equal_the_eager_engine(any_engine, mode, num_prompts):
     assert generate(model, backend, mode, prompts) == expected
 
 
-def test_self_spec_equals_ar_on_the_onnx_backend(any_engine):
+@pytest.mark.parametrize("mode", [Mode.SELF_SPEC, Mode.QUADRATIC])
+def test_self_speculation_equals_ar_on_the_onnx_backend(any_engine, mode):
     model, backend, _, _ = any_engine
-    assert generate(model, backend, Mode.SELF_SPEC, PROMPTS) == generate(model, backend, Mode.AR, PROMPTS)
+    assert generate(model, backend, mode, PROMPTS) == generate(model, backend, Mode.AR, PROMPTS)
 
 
 @pytest.mark.parametrize(
@@ -189,6 +191,7 @@ def test_self_spec_equals_ar_on_the_onnx_backend(any_engine):
         (PassKind.DRAFT, BLOCK, [1]),
         (PassKind.DECODE, 1, [1, 2]),
         (PassKind.REFRESH, 3, [0, 1, 2]),  # the prefill program at another length, last logit only
+        (PassKind.QUADRATIC, quadratic_chunk(BLOCK), [2, 0]),  # written whole at lengths + 0..C-1
     ],
 )
 def test_one_pass_writes_the_pool_like_eager(any_engine, kind, length, slots):
@@ -247,14 +250,14 @@ def test_missing_onnxruntime_names_the_extra(monkeypatch, tiny_dir, tmp_path):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails
     model = load_checkpoint(tiny_dir, dtype=torch.float32).model
     with pytest.raises(MissingDependencyError, match=r"trimode\[onnx\]"):
-        onnx_backend.build(model, pass_shapes((BLOCK,)), tmp_path / "e", SETTINGS, lambda s: None)
+        onnx_backend.build(model, SHAPES, tmp_path / "e", SETTINGS, lambda s: None)
     assert not (tmp_path / "e").exists()
 
 
 # --- tensorrt ----------------------------------------------------------------------------------------
 
 TRT_SETTINGS = BuildSettings(**{**SETTINGS.__dict__, "backend": "tensorrt", "onnx_only": True})
-TRT_SHAPES = [PassShape(PassKind.PREFILL, None), PassShape(PassKind.DRAFT, BLOCK)]
+TRT_SHAPES = [PassShape(PassKind.PREFILL, None), PassShape(PassKind.DRAFT, BLOCK), PassShape(PassKind.QUADRATIC, BLOCK)]
 
 
 @pytest.fixture(scope="module")
@@ -271,11 +274,16 @@ def onnx_only(fp8_dir, tmp_path_factory):
 def test_onnx_only_graph_has_reconciled_block_attention(onnx_only):
     model, info, out_dir = onnx_only
     n = model.spec.num_hidden_layers
-    assert info["files"] == ["onnx/prefill_n.onnx", "onnx/draft_4.onnx", "tensorrt/report.json"]
+    assert info["files"] == [
+        "onnx/prefill_n.onnx",
+        "onnx/draft_4.onnx",
+        "onnx/quadratic_4.onnx",
+        "tensorrt/report.json",
+    ]
     assert info["engines"] == {} and "tensorrt" not in info["versions"]
     assert not list((out_dir / "tensorrt").glob("*.engine"))
     report = json.loads((out_dir / "tensorrt" / "report.json").read_text())
-    for shape, is_causal in zip(TRT_SHAPES, (1, 0)):
+    for shape, is_causal, row_width in zip(TRT_SHAPES, (1, 0, 1), (0, 0, BLOCK)):
         graph = onnx.load(str(out_dir / f"onnx/{shape.name}.onnx")).graph
         types = {i.name: i.type.tensor_type.elem_type for i in graph.input}
         assert [o.name for o in graph.output] == ["logits"]  # the caches are in/out bindings
@@ -289,6 +297,7 @@ def test_onnx_only_graph_has_reconciled_block_attention(onnx_only):
             assert {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()} == {
                 **TENSORRT_ATTRS,
                 "is_causal": is_causal,
+                "row_width": row_width,
             }
             readers = [other for other in graph.node for name in other.input if name in (f"k_{i}", f"v_{i}")]
             assert readers == [node, node]  # the plugin writes them in place: nothing else reads them
@@ -298,6 +307,7 @@ def test_onnx_only_graph_has_reconciled_block_attention(onnx_only):
         assert report["programs"][shape.name]["plugins"] == ["BlockAttention"] * n
     assert report["programs"]["prefill_n"]["profile"]["tokens"] == [[1, 1], [3, 16], [3, 16]]
     assert report["programs"]["draft_4"]["profile"]["tokens"] == [[1, 4], [3, 4], [3, 4]]
+    assert report["programs"]["quadratic_4"]["profile"]["tokens"] == [[1, 20], [3, 20], [3, 20]]
 
 
 def test_tensorrt_without_tensorrt_writes_nothing(monkeypatch, tiny_dir, tmp_path):
@@ -476,10 +486,10 @@ def test_aot_kernels_end_with_two_unread_scratch_pointers():
     name, ptx = kernel["name"], kernel["ptx"]
     entry = re.search(rf"\.entry\s+{name}\s*\(([^)]*)\)", ptx)
     params = re.findall(r"\.param\s+\.(\w+)", entry.group(1))
-    assert len(params) == 29 + 2 and params[-2:] == ["u64", "u64"]
+    assert len(params) == 30 + 2 and params[-2:] == ["u64", "u64"]
     body = ptx[entry.end() :]
-    assert f"{name}_param_28" in body  # the output pointer is read
-    assert f"{name}_param_29" not in body and f"{name}_param_30" not in body
+    assert f"{name}_param_29" in body  # the output pointer is read
+    assert f"{name}_param_30" not in body and f"{name}_param_31" not in body
 
 
 @pytest.mark.parametrize(

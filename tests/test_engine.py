@@ -28,6 +28,8 @@ TEXTS = [
     "Self-speculation drafts a block by diffusion and verifies it autoregressively",
     "import os\n",
     "x = [1, 2",
+    "while True:",
+    "return",
 ]
 # (mode, block length, temperature, seed) of each request, in arrival order: every mode, two block
 # lengths, greedy and sampled requests in one engine.
@@ -38,6 +40,8 @@ REQUESTS = [
     (Mode.SELF_SPEC, 8, 0.9, 11),
     (Mode.AR, None, 1.0, 12),
     (Mode.DIFFUSION, 8, 0.8, 13),
+    (Mode.QUADRATIC, 4, 0.0, 0),
+    (Mode.QUADRATIC, 4, 0.7, 14),
 ]
 
 
@@ -59,7 +63,7 @@ def request(mode, block_length, temperature, seed, max_new_tokens=24):
 
 @pytest.mark.parametrize(
     "arrival_steps",
-    [(0, 0, 0, 0, 0, 0), (0, 1, 2, 3, 5, 8), (0, 7, 7, 2, 15, 3)],
+    [(0, 0, 0, 0, 0, 0, 0, 0), (0, 1, 2, 3, 5, 8, 9, 11), (0, 7, 7, 2, 15, 3, 1, 6)],
     ids=["together", "staggered", "shuffled"],
 )
 @pytest.mark.parametrize("ck_name", ["tiny", "trained"])
@@ -149,9 +153,9 @@ def test_non_finite_logits_stop_with_an_error(tiny_dir):
             generate(ck.model, [ck.tokenizer.encode("A")], GenerationSettings(mode=mode, max_new_tokens=4))
 
 
-@pytest.mark.parametrize("mode, fetches_per_step", [(Mode.AR, 1), (Mode.SELF_SPEC, 1)])
+@pytest.mark.parametrize("mode, fetches_per_step", [(Mode.AR, 1), (Mode.SELF_SPEC, 1), (Mode.QUADRATIC, 1)])
 def test_one_host_sync_per_step(tiny, monkeypatch, mode, fetches_per_step):
-    """AR and self-spec (one-pass draft) bring results to the host once per cycle."""
+    """AR, self-spec (one-pass draft) and quadratic self-spec bring results to the host once per cycle."""
     calls = []
     fetch = Batch.fetch
     monkeypatch.setattr(Batch, "fetch", lambda self, *t: calls.append(1) or fetch(self, *t))
@@ -185,6 +189,7 @@ def test_random_streams_are_per_sequence():
         (PassKind.DRAFT, Pattern.BLOCK, True, False),
         (PassKind.VERIFY, Pattern.CAUSAL, False, False),
         (PassKind.REFRESH, Pattern.CAUSAL, False, True),
+        (PassKind.QUADRATIC, Pattern.QUADRATIC, False, False),  # the adapter on its mask rows only: draft_rows
     ],
 )
 def test_pass_kinds(kind, pattern, use_draft, last_only):

@@ -93,6 +93,7 @@ EDITS = [
     (edit("self_test", delete=True), "self_test"),
     (edit("self_test", "tokens", value={"beam": [[1]]}), "self_test.tokens"),
     (edit("self_test", "tokens", "ar", value=[[1, "x"]]), "self_test.tokens"),
+    (edit("self_test", "tokens", "diffusion", delete=True), "self_test.tokens"),  # only quadratic may be missing
     (edit("self_test", "block_length", value=0), "self_test.block_length"),
     (edit("model", "config", value=None), "model.config"),
     (relative_escape, "outside the engine dir"),
@@ -117,3 +118,24 @@ def test_a_resealed_manifest_is_checked_field_by_field(tiny_engine_dir, tmp_path
     (d / "manifest.json").write_text(json.dumps(seal(m)))
     result = refused(COMMANDS[command](d, root / "repo"), root, message)
     assert "rebuild the engine" in result.error
+
+
+def test_a_manifest_without_the_quadratic_self_test_is_well_formed_but_must_match_the_engine(tiny_engine_dir, tmp_path):
+    """The modes that run the quadratic pass may be missing from the self-test (a build whose cycle of
+    it does not fit max_seq_len leaves them out): the fields check passes; loading this engine, whose
+    quadratic self-test does run, refuses it."""
+    from trimode.builder.engine_dir import load_engine
+    from trimode.builder.manifest import check_fields
+    from trimode.errors import EngineError
+    from trimode.passes import MODE_PASSES, Mode, PassKind
+
+    d = tmp_path / "engine"
+    shutil.copytree(tiny_engine_dir, d)
+    m = json.loads((d / "manifest.json").read_text())
+    for mode in Mode:
+        if PassKind.QUADRATIC in MODE_PASSES[mode]:
+            del m["self_test"]["tokens"][mode.value]
+    check_fields(d, m)
+    (d / "manifest.json").write_text(json.dumps(seal(m)))
+    with pytest.raises(EngineError, match="self-test gives other tokens than at build time"):
+        load_engine(d)

@@ -41,18 +41,22 @@ def test_kernels_give_the_reference_tokens(tiny, mode, kw, monkeypatch):
     assert [r.stats.to_dict() for r in got] == [r.stats.to_dict() for r in expected]
 
 
-@pytest.mark.parametrize("batched", [False, True])
-def test_self_spec_equals_ar_with_kernels(trained, batched, monkeypatch):
-    """The invariant of spec §7 on the trained fixture, every op of self-speculation through its
-    kernel, against AR greedy through the references (AR's kernels equal its references: above)."""
+@pytest.mark.parametrize(
+    "mode, batched, block_length",
+    [(Mode.SELF_SPEC, False, 8), (Mode.SELF_SPEC, True, 8), (Mode.QUADRATIC, False, 4), (Mode.QUADRATIC, True, 4)],
+)
+def test_self_spec_equals_ar_with_kernels(trained, mode, batched, block_length, monkeypatch):
+    """The invariant of spec §7 on the trained fixture, every op of (linear or quadratic)
+    self-speculation through its kernel, against AR greedy through the references (AR's kernels
+    equal its references: above)."""
     prompts = [trained.tokenizer.encode(t) for t in TEXTS]
-    settings = dict(max_new_tokens=12, block_length=8)  # the interpreter is slow: a few cycles
+    settings = dict(max_new_tokens=12, block_length=block_length)  # the interpreter is slow: a few cycles
     monkeypatch.setenv(ops.KERNELS_ENV, "reference")
     ar = generate(trained.model, prompts, GenerationSettings(mode=Mode.AR, **settings))
     monkeypatch.setenv(ops.KERNELS_ENV, "triton")
     if not batched:  # batch 1: the longest prompt alone (the interpreter's time grows with each run)
         prompts, ar = prompts[:1], ar[:1]
-    spec = generate(trained.model, prompts, GenerationSettings(mode=Mode.SELF_SPEC, **settings))
+    spec = generate(trained.model, prompts, GenerationSettings(mode=mode, **settings))
     assert [r.tokens for r in spec] == [r.tokens for r in ar]
     assert any(n > 1 for r in spec for n in r.stats.accepted_lengths)  # drafts were really accepted
 

@@ -113,7 +113,9 @@ def test_a_preempted_sequence_resumes_from_the_prefix_cache(trained):
 # --- prefix caching ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode, block_length", [(Mode.AR, None), (Mode.SELF_SPEC, 4), (Mode.DIFFUSION, 4)])
+@pytest.mark.parametrize(
+    "mode, block_length", [(Mode.AR, None), (Mode.SELF_SPEC, 4), (Mode.DIFFUSION, 4), (Mode.QUADRATIC, 4)]
+)
 def test_requests_sharing_a_prefix_reuse_its_blocks_with_the_same_tokens(trained, mode, block_length):
     shared = trained.tokenizer.encode("import os\nimport sys\nimport json\n\n\ndef main(argv):\n    ")
     prompts = [shared + trained.tokenizer.encode(t) for t in ("a = 1", "return argv", "print(os.getcwd())")]

@@ -87,7 +87,15 @@ def test_manifest_records_calibration_over_every_pass(fp8_dir, tiny_adapter_dir)
     manifest = json.loads((fp8_dir / "manifest.json").read_text())
     assert manifest["input"]["digest_sha256"] == input_digest(tiny_adapter_dir)
     assert set(manifest["calibration"]["passes"]) == {kind.value for kind in CALIBRATION_PASSES}
-    assert set(manifest["calibration"]["passes"]) == {"prefill", "decode", "denoise", "draft", "verify", "refresh"}
+    assert set(manifest["calibration"]["passes"]) == {
+        "prefill",
+        "decode",
+        "denoise",
+        "draft",
+        "verify",
+        "refresh",
+        "quadratic",
+    }
     assert manifest["calibration"]["num_tokens"] == 6 * 48
     assert manifest["versions"]["modelopt"] and manifest["recipe"]["kv_cache"] == "fp8"
     assert "diffusion_head (bf16)" in manifest["recipe"]["not_quantized"]

@@ -23,7 +23,7 @@ from trimode.triton_repo.server import Ports, TritonServer
 from trimode.triton_repo.writer import write_model_repo
 
 PROMPTS = ["def main():\n    ", "import os\n", "class A:", "x = [1, 2", "for i in range(", "print(", "# a", "if x:"]
-MODES = {"ar": "ar", "diffusion": "diffusion", "self_spec": "self-spec"}
+MODES = {"ar": "ar", "diffusion": "diffusion", "self_spec": "self-spec", "quadratic": "quadratic", "auto": "auto"}
 BLOCK = 4  # the engine's block length (the tiny checkpoint's block_size, 8, is not built)
 
 
@@ -75,12 +75,15 @@ def test_every_ensemble_equals_local_generation(server, local, mode, protocol):
     assert got["num_forward_passes"] >= 1
 
 
-def test_self_spec_equals_ar(server):
+@pytest.mark.parametrize("mode", ["self_spec", "quadratic", "auto"])
+def test_the_lossless_modes_equal_ar(server, mode):
     for prompt in PROMPTS[:3]:
         inputs = {"text_input": prompt, "max_tokens": 20, "end_id": -1}
-        ar, spec = (client.infer(url(server, "grpc"), m, inputs) for m in ("ar", "self_spec"))
+        ar, spec = (client.infer(url(server, "grpc"), m, inputs) for m in ("ar", mode))
         assert spec["text"] == ar["text"] and spec["num_output_tokens"] == ar["num_output_tokens"] == 20
-        assert spec["mean_accepted_length"] >= 1.0 and ar["mean_accepted_length"] == 0.0
+        assert ar["mean_accepted_length"] == 0.0
+        if mode != "auto":  # auto may have run AR only
+            assert spec["mean_accepted_length"] >= 1.0
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
@@ -225,6 +228,8 @@ def test_metrics_match_the_responses_statistics(server):
     """Per mode: requests, tokens, forward passes and (self-spec) accepted tokens per cycle, as scraped."""
     key = lambda family, mode: f'{family}{{mode="{mode}",model="engine"}}'  # noqa: E731
     for name, mode in MODES.items():
+        if name == "auto":
+            continue  # its cycles: test_auto_counts_the_cycles_of_each_mode
         before = metrics(server)
         got = [client.infer(url(server, "grpc"), name, {"text_input": p, "max_tokens": 10}) for p in PROMPTS[5:7]]
         after = metrics(server)
@@ -233,7 +238,7 @@ def test_metrics_match_the_responses_statistics(server):
         assert delta("trimode_generated_tokens_total") == sum(g["num_output_tokens"] for g in got)
         assert delta("trimode_forward_passes_total") == sum(g["num_forward_passes"] for g in got)
         cycles = delta("trimode_speculation_cycles_total")
-        if name == "self_spec":  # the responses' mean over both requests' cycles, weighted by cycles
+        if name in ("self_spec", "quadratic"):  # the responses' mean over both requests' cycles, weighted by cycles
             assert cycles >= 2
             assert delta("trimode_accepted_tokens_total") / cycles == pytest.approx(
                 sum(g["mean_accepted_length"] for g in got) / 2, rel=0.5
@@ -250,6 +255,28 @@ def test_metrics_match_the_responses_statistics(server):
             assert accepted / cycles == pytest.approx(one["mean_accepted_length"], rel=1e-5)
         else:
             assert cycles == 0 and delta("trimode_accepted_tokens_total") == 0
+
+
+def test_auto_counts_the_cycles_of_each_mode(server):
+    """auto's requests are counted as auto; trimode_auto_cycles_total says which mode ran its cycles."""
+    ran = lambda m: sum(v for k, v in m.items() if k.startswith("trimode_auto_cycles_total"))  # noqa: E731
+    before = metrics(server)
+    got = [
+        client.infer(url(server, "grpc"), "auto", {"text_input": p, "max_tokens": 12, "end_id": -1})
+        for p in PROMPTS[:2]
+    ]
+    after = metrics(server)
+    requests = 'trimode_requests_total{mode="auto",model="engine"}'
+    assert after[requests] - before.get(requests, 0) == 2
+    cycles = ran(after) - ran(before)
+    assert (
+        2 <= cycles <= sum(g["num_output_tokens"] for g in got)
+    )  # each cycle emits >= 1 token, the first is the prefill's
+    assert all(
+        k.split('ran="')[1].split('"')[0] in ("ar", "self-spec", "quadratic")
+        for k in after
+        if k.startswith("trimode_auto_cycles_total")
+    )
 
 
 def test_client_that_disconnects_mid_stream_frees_its_slot(server):

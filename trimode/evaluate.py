@@ -96,15 +96,17 @@ def agreement(results: list[Sequence], reference: list[Sequence]) -> dict:
 def run_modes(
     ck: Checkpoint, prompts: list[list[int]], settings: EvalSettings, progress=None, new_engine=None
 ) -> tuple[dict, dict[str, list[Sequence]]]:
-    """AR, diffusion and self-spec at each block length: -> (statistics by run, results by run)."""
+    """AR, diffusion, and linear and quadratic self-spec at each block length: -> (statistics by run,
+    results by run)."""
     base: dict[str, Any] = dict(max_new_tokens=settings.max_new_tokens, ignore_eos=True)
     runs = [
         ("ar", GenerationSettings(mode=Mode.AR, **base)),
         ("diffusion", GenerationSettings(mode=Mode.DIFFUSION, **base)),
     ]
     runs += [
-        (f"self-spec/{L}", GenerationSettings(mode=Mode.SELF_SPEC, block_length=L, **base))
+        (f"{mode.value}/{L}", GenerationSettings(mode=mode, block_length=L, **base))
         for L in settings.block_lengths
+        for mode in (Mode.SELF_SPEC, Mode.QUADRATIC)
     ]
     modes, outputs = {}, {}
     for name, gen in runs:
@@ -138,7 +140,11 @@ def evaluate(
         "num_held_out_tokens": len(stream),
         "perplexity": round(ppl, 4),
         "modes": modes,
-        "self_spec_equals_ar": all(modes[f"self-spec/{L}"]["token_agreement"] == 1.0 for L in settings.block_lengths),
+        "self_spec_equals_ar": all(
+            modes[f"{mode}/{L}"]["token_agreement"] == 1.0
+            for L in settings.block_lengths
+            for mode in (Mode.SELF_SPEC.value, Mode.QUADRATIC.value)
+        ),
     }
     if against is not None:
         if against.tokenizer.vocab() != ck.tokenizer.vocab():

@@ -38,10 +38,20 @@ DRAFT_LINEARS = {
 }
 
 
-def linear(owner: nn.Module, name: str, use_draft: bool) -> nn.Module:
-    """owner.<name>, or in the draft pass its draft twin when the adapter adapts it."""
-    twin = getattr(owner, f"{name}_draft") if use_draft else None
-    return getattr(owner, name) if twin is None else twin
+def linear(owner: nn.Module, name: str, use_draft: bool | slice):
+    """owner.<name>, or in the draft pass its draft twin when the adapter adapts it. use_draft: a
+    PassKind.draft_rows (a slice of the chunk: the twin for those rows, owner.<name> for the rest)."""
+    twin = getattr(owner, f"{name}_draft") if use_draft is not False else None
+    base = getattr(owner, name)
+    if twin is None or use_draft is True:
+        return base if twin is None else twin
+    assert isinstance(use_draft, slice)
+    start = use_draft.start  # a quadratic pass: the verify chain, then the masks
+
+    def per_row(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([base(x[:, :start]), twin(x[:, start:])], dim=1)
+
+    return per_row
 
 
 def draft_twins(model: "NLDModel") -> dict[tuple[int, str], nn.Module]:
@@ -85,7 +95,7 @@ class Attention(nn.Module):
         self.v_scale: torch.Tensor | None = None
 
     def project(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_scale: torch.Tensor, use_draft: bool
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_scale: torch.Tensor, use_draft: bool | slice
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [b, L, hidden] -> q [b, L, H, D], k and v [b, L, Hkv, D], rotated and scaled (spec §3)."""
         q, k, v = (linear(self, name, use_draft)(x) for name in ("q_proj", "k_proj", "v_proj"))
@@ -111,7 +121,7 @@ class Attention(nn.Module):
             k, v = fake_quant_e4m3(k, self.k_scale), fake_quant_e4m3(v, self.v_scale)
         return apply_rope(q, cos, sin) * q_scale.to(q.dtype), k, v
 
-    def output(self, attn: torch.Tensor, use_draft: bool) -> torch.Tensor:
+    def output(self, attn: torch.Tensor, use_draft: bool | slice) -> torch.Tensor:
         return linear(self, "o_proj", use_draft)(attn.flatten(2))
 
     def forward(
@@ -123,7 +133,7 @@ class Attention(nn.Module):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         layout: ChunkLayout,
-        use_draft: bool,
+        use_draft: bool | slice,
     ) -> torch.Tensor:
         q, k, v = self.project(x, cos, sin, q_scale, use_draft)
         attn = block_attention(q, k, v, k_cache, v_cache, layout, self.k_scale, self.v_scale)
@@ -138,7 +148,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
         self.gate_proj_draft = self.up_proj_draft = self.down_proj_draft = None  # draft twins (DRAFT_LINEARS)
 
-    def forward(self, x: torch.Tensor, use_draft: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, use_draft: bool | slice = False) -> torch.Tensor:
         gate, up, down = (linear(self, name, use_draft) for name in ("gate_proj", "up_proj", "down_proj"))
         return down(F.silu(gate(x)) * up(x))
 
@@ -205,10 +215,11 @@ class NLDModel(nn.Module):
         kernels: run the plugins' kernels (None: plugins.ops.use_kernels decides per call)."""
         lengths = cache.lengths if rows is None else cache.lengths[rows]
         tables = cache.block_tables if rows is None else cache.block_tables[rows]
+        use_draft = kind.draft_rows(tokens.shape[1])
+        row_width = use_draft.start if isinstance(use_draft, slice) else 0  # a quadratic pass's W
         layout = ChunkLayout.build(
-            lengths, tables, tokens.shape[1], kind.pattern == Pattern.CAUSAL, length_range, kernels
+            lengths, tables, tokens.shape[1], kind.pattern != Pattern.BLOCK, length_range, kernels, row_width
         )
-        use_draft = kind.use_draft
 
         def attend(i: int, attn: Attention, x, cos, sin, q_scale):
             return attn(x, cos, sin, q_scale, cache.k[i], cache.v[i], layout, use_draft)
@@ -237,7 +248,7 @@ class NLDModel(nn.Module):
 
         return self.diffusion_head(self.encoder.norm(self._layers(tokens, positions, attend, use_draft))).float()
 
-    def _layers(self, tokens: torch.Tensor, positions: torch.Tensor, attend, use_draft: bool) -> torch.Tensor:
+    def _layers(self, tokens: torch.Tensor, positions: torch.Tensor, attend, use_draft: bool | slice) -> torch.Tensor:
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_attn_scale, self.dtype)
         q_scale = llama4_query_scale(positions, self.spec.rope)
         h = self.encoder.embed_tokens(tokens)

@@ -21,18 +21,12 @@ from pathlib import Path
 
 from trimode import __version__
 from trimode.errors import EngineError, InputError
-from trimode.passes import Mode, PassKind
+from trimode.passes import MODE_PASSES, PassKind
 from trimode.stage_output import check_output, stage_output, write_manifest
 from trimode.triton_repo.settings import DEFAULT_ENGINE_THREADS, TRTLLM_ENSEMBLE, RepoSettings
 
 STAGE = "repo"
 FORMAT = 1
-# The passes each mode runs on a built engine (the engine must hold their programs).
-_NEEDS = {
-    Mode.AR: {PassKind.PREFILL, PassKind.DECODE},
-    Mode.DIFFUSION: {PassKind.PREFILL, PassKind.DENOISE},
-    Mode.SELF_SPEC: {PassKind.PREFILL, PassKind.DRAFT, PassKind.VERIFY},
-}
 _SHIM = '''"""{what} (written by `trimode repo`): the code is trimode.triton_repo.{module}, in the installed package."""
 from trimode.triton_repo.{module} import TritonPythonModel  # noqa: F401
 '''
@@ -67,7 +61,7 @@ def write_model_repo(
     check_manifest(engine_dir, manifest, torch.device(engine_settings["device"]))
     programs = {PassKind(p["kind"]) for p in manifest["programs"]}
     for mode in settings.modes:
-        missing = _NEEDS[mode] - programs
+        missing = set(MODE_PASSES[mode]) - {PassKind.REFRESH} - programs  # a refresh runs the prefill program
         if missing:
             raise EngineError(
                 f"{engine_dir}: no {', '.join(sorted(k.value for k in missing))} program, so it "

@@ -31,12 +31,12 @@ DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16)
 
 @dataclass(frozen=True)
 class BenchSettings:
-    modes: tuple[str, ...] = ("ar", "diffusion", "self-spec")
+    modes: tuple[str, ...] = tuple(m.value for m in Mode)
     concurrency: tuple[int, ...] = DEFAULT_CONCURRENCY
     num_requests: int | None = None  # per level; None: 2 per client, at least 8 (or duration_s)
     duration_s: float | None = None  # per level, instead of num_requests
     max_tokens: int = 64
-    block_lengths: tuple[int, ...] = ()  # diffusion and self-spec each run at every one; (): the default
+    block_lengths: tuple[int, ...] = ()  # every mode but ar runs at every one; (): the default
     ignore_eos: bool = True
     num_warmup: int = 1
     num_rounds: int = 1  # of every cell, interleaved with the other variants'

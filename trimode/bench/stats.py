@@ -90,9 +90,12 @@ def add_speedups(rows: list[dict]) -> None:
         r["speedup_vs_ar"] = round(r["tokens_per_s"] / base, 3) if base else None
 
 
+LOSSLESS = ("ar", "self-spec", "quadratic")  # the fixed modes auto chooses among (AR's tokens at T = 0)
+
+
 def advise(rows: list[dict]) -> list[dict]:
-    """Per concurrency measured: the fastest variant by output tokens/s, its ratio over AR, and the
-    runner-up (how clear the choice is)."""
+    """Per concurrency measured: the fastest variant by output tokens/s, its ratio over AR, the
+    runner-up (how clear the choice is), and auto's tokens/s over the best lossless fixed mode's."""
     advice = []
     for c in sorted({r["concurrency"] for r in rows}):
         ranked = sorted((r for r in rows if r["concurrency"] == c), key=lambda r: r["tokens_per_s"], reverse=True)
@@ -112,6 +115,9 @@ def advise(rows: list[dict]) -> list[dict]:
                 "speedup_vs_ar": second["speedup_vs_ar"],
             },
         }
+        auto = next((r["tokens_per_s"] for r in ranked if r["mode"] == "auto"), None)
+        fixed = [r["tokens_per_s"] for r in ranked if r["mode"] in LOSSLESS]
+        entry["auto_vs_best_fixed"] = round(auto / max(fixed), 3) if auto and fixed else None
         entry["text"] = advice_text(entry)
         advice.append(entry)
     return advice
@@ -135,4 +141,6 @@ def advice_text(a: dict) -> str:
         text += f"; next {second['variant']} ({second['tokens_per_s']:.1f} tok/s{vs})"
     if a["too_close"]:
         text += ": too close to call, their rounds overlap"
+    if a.get("auto_vs_best_fixed") is not None:
+        text += f"; auto {a['auto_vs_best_fixed']:.2f}x the best of {', '.join(LOSSLESS)}"
     return text

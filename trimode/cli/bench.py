@@ -45,7 +45,7 @@ def _host_port(ctx, param, value: str | None) -> str | None:
     "openai_url",
     default=None,
     help="Base URL of an OpenAI-compatible server (http://HOST:PORT): streamed /v1/completions, one "
-    "model per mode named as the Triton ensembles (ar, diffusion, self_spec; with --prefix).",
+    "model per mode named as the Triton ensembles (ar, diffusion, self_spec, quadratic, auto; with --prefix).",
 )
 @click.option("--prefix", default="", help="With --url or --openai: the model-name prefix the repo was written with.")
 @click.option(
@@ -95,7 +95,7 @@ def _host_port(ctx, param, value: str | None) -> str | None:
     "block_lengths",
     type=IntList(),
     default=None,
-    help="Block lengths for diffusion and self-spec, comma-separated: each is its own line "
+    help="Block lengths for every mode but ar, comma-separated: each is its own line "
     "[default: the engine's default block length].",
 )
 @click.option(

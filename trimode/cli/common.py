@@ -13,11 +13,12 @@ import click
 
 from trimode import EMBEDDED_CHECKPOINT
 from trimode.errors import InputError
+from trimode.passes import Mode
 
 if TYPE_CHECKING:  # the builder imports torch: only where an engine is loaded
     from trimode.builder.engine_dir import BuiltEngine
 
-MODES = ("ar", "diffusion", "self-spec")
+MODES = tuple(m.value for m in Mode)
 MAX_SEED = 2**63 - 1
 SEED = click.IntRange(0, MAX_SEED)
 

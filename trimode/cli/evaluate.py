@@ -67,7 +67,8 @@ def eval_command(
     """Evaluate CHECKPOINT_DIR (default: the embedded one) on held-out standard-library text.
 
     Reports AR perplexity and, per mode at temperature 0: tokens per forward pass (every pass
-    counted), self-spec mean accepted length per block length, tokens/s, agreement with AR.
+    counted), linear and quadratic self-spec mean accepted length per block length, tokens/s,
+    agreement with AR.
     With --against OTHER: the same for OTHER, the perplexity change, and per-mode greedy token
     agreement between the two. --against-no-adapter compares with the checkpoint itself, its
     linear_spec_lora/ draft adapter left out.
@@ -121,7 +122,7 @@ def format_report(report: dict) -> str:
         agree = f"{m['token_agreement']:.3f}" if "token_agreement" in m else "-"
         prefix = f"{m['mean_common_prefix']:.1f}" if "mean_common_prefix" in m else "-"
         lines.append(f"{name:<14}{m['tokens_per_pass']:>9.3f}{acc:>10}{m['tokens_per_s']:>9.1f}{agree:>11}{prefix:>8}")
-    lines.append(f"self-spec equals AR at every block length: {report['self_spec_equals_ar']}")
+    lines.append(f"self-spec (linear and quadratic) equals AR at every block length: {report['self_spec_equals_ar']}")
     other = report.get("against")
     if other:
         adapter = "with" if other.get("draft_adapter") else "without"

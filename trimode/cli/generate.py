@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from trimode.cli.common import (
+    MODES,
     SEED,
     DeviceType,
     FiniteFloat,
@@ -47,10 +48,10 @@ def _check_prompts(ctx, param, prompts: tuple[str, ...]) -> tuple[str, ...]:
 )
 @click.option(
     "--mode",
-    type=click.Choice(["ar", "diffusion", "self-spec"]),
+    type=click.Choice(MODES),
     default="ar",
     show_default=True,
-    help="Generation mode; all three use the same weights.",
+    help="Generation mode; all use the same weights (quadratic: self-spec with one pass per cycle).",
 )
 @click.option(
     "--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="Emit at most this many tokens."

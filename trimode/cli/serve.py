@@ -85,7 +85,7 @@ def repo(
 ) -> None:
     """Write a Triton model repository serving ENGINE_DIR (trimode build): one engine model that
     batches requests of every mode in flight, tokenizer pre- and post-processing, and one ensemble
-    per mode (ar, diffusion, self_spec) with TensorRT-LLM's ensemble tensors. Serve it with
+    per mode (ar, diffusion, self_spec, quadratic, auto) with TensorRT-LLM's ensemble tensors. Serve it with
     `trimode serve REPO`. ENGINE_DIR is checked as loading it does (manifest, file digests, versions,
     device; not the self-test, which the server runs when it loads it) before anything is written."""
     from trimode.passes import Mode

@@ -8,7 +8,7 @@ from trimode.decoding.sequence import Sequence, SequenceStats
 from trimode.decoding.settings import DecodeConfig, EngineConfig, GenerationSettings, SamplingParams
 from trimode.errors import InputError
 from trimode.model import NLDModel
-from trimode.passes import Mode, PassKind
+from trimode.passes import Mode, PassKind, cycle_positions
 
 
 def engine_for(model: NLDModel, prompts: list[list[int]], settings: GenerationSettings) -> Engine:
@@ -17,7 +17,8 @@ def engine_for(model: NLDModel, prompts: list[list[int]], settings: GenerationSe
         raise InputError("no prompts given")
     check_positions(model.spec, max(len(p) for p in prompts), settings.max_new_tokens)  # before allocating
     block_length = resolve_block_length(model.spec, settings.decoding, settings.sampling)
-    max_seq_len = max(len(p) for p in prompts) + settings.max_new_tokens + block_length
+    cycle = cycle_positions(settings.decoding.mode, block_length)
+    max_seq_len = max(len(p) for p in prompts) + settings.max_new_tokens + cycle
     return Engine(model, EngineConfig(len(prompts), max_seq_len, settings.prefill_chunk))
 
 

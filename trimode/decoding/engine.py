@@ -24,16 +24,18 @@ from typing import NamedTuple, Protocol
 import torch
 
 from trimode.decoding.ar import ARPolicy
+from trimode.decoding.auto import AutoPolicy
 from trimode.decoding.batch import Batch
 from trimode.decoding.blocks import BlockManager
 from trimode.decoding.diffusion import DiffusionPolicy
+from trimode.decoding.quadratic import QuadraticPolicy
 from trimode.decoding.runner import ModelRunner
 from trimode.decoding.self_spec import SelfSpecPolicy
 from trimode.decoding.sequence import Sequence, Status
 from trimode.decoding.settings import DecodeConfig, EngineConfig, SamplingParams
 from trimode.errors import InputError
 from trimode.model import NLDModel
-from trimode.passes import Mode, PassKind
+from trimode.passes import Mode, PassKind, cycle_positions
 
 
 class KVUsage(NamedTuple):
@@ -71,8 +73,10 @@ class Engine:
             Mode.AR: ARPolicy(),
             Mode.DIFFUSION: DiffusionPolicy(),
             Mode.SELF_SPEC: SelfSpecPolicy(),
+            Mode.QUADRATIC: QuadraticPolicy(),
         }
         self.policies.update(policies or {})
+        self.policies[Mode.AUTO] = AutoPolicy(self.policies)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # hold a slot: prefilling or running
         self._ids = itertools.count()
@@ -95,11 +99,12 @@ class Engine:
         if min(prompt) < 0 or max(prompt) >= spec.vocab_size:
             raise InputError(f"prompt token ids must lie in [0, {spec.vocab_size})")
         block_length = resolve_block_length(spec, decoding, params, self.block_lengths)
-        needed = len(prompt) + params.max_new_tokens + block_length
+        cycle = cycle_positions(decoding.mode, block_length)
+        needed = len(prompt) + params.max_new_tokens + cycle
         if needed > self.config.max_seq_len:
             raise InputError(
-                f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) + block "
-                f"length ({block_length}) need {needed} positions; this engine holds max_seq_len="
+                f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) + one cycle "
+                f"({cycle} positions) need {needed} positions; this engine holds max_seq_len="
                 f"{self.config.max_seq_len}"
             )
         check_positions(spec, len(prompt), params.max_new_tokens)
@@ -144,7 +149,7 @@ class Engine:
         for seq in list(cycling):
             if seq not in self.running:  # preempted for one before it
                 continue
-            need = self.runner.host_lengths[seq.held_slot] + cycle_positions(seq)
+            need = self.runner.host_lengths[seq.held_slot] + seq.cycle_positions
             held = len(seq.kv.blocks)
             while not self.blocks.grow(seq.kv, need):
                 self._preempt(self.running[-1])  # at worst seq itself: alone, one sequence always fits
@@ -160,7 +165,7 @@ class Engine:
             seq = self.waiting[0]
             tokens = seq.prefill_tokens
             # a fresh prompt's last token is computed (its logit gives the first token); a resumed one knows it
-            cached = self.blocks.admit(seq.kv, tokens, len(tokens) + cycle_positions(seq), 0 if seq.tokens else 1)
+            cached = self.blocks.admit(seq.kv, tokens, len(tokens) + seq.cycle_positions, 0 if seq.tokens else 1)
             if cached is None:
                 break
             self.waiting.popleft()
@@ -231,11 +236,6 @@ def resolve_block_length(
 def check_positions(spec, prompt_len: int, max_new_tokens: int) -> None:
     if prompt_len + max_new_tokens > spec.max_position_embeddings:
         raise InputError(f"prompt + max_new_tokens exceed max_position_embeddings={spec.max_position_embeddings}")
-
-
-def cycle_positions(seq: Sequence) -> int:
-    """Cache positions past its length that one cycle of seq's mode writes: a token (AR) or a block."""
-    return 1 if seq.decoding.mode is Mode.AR else seq.block_length
 
 
 def _chunk_len(seq: Sequence, prefill_chunk: int | None) -> int:

@@ -15,6 +15,7 @@ from enum import Enum
 from trimode.decoding.blocks import BlockState
 from trimode.decoding.logprobs import TokenLogProb
 from trimode.decoding.settings import DecodeConfig, SamplingParams
+from trimode.passes import cycle_positions
 
 _MASK64 = (1 << 64) - 1
 
@@ -33,6 +34,7 @@ class SequenceStats:
     accepted_lengths: list[int] = field(default_factory=list)  # self-speculation, per cycle
     num_preemptions: int = 0  # times its blocks were taken back and its prefix recomputed
     num_cached_tokens: int = 0  # prefill tokens found in the prefix cache instead of computed
+    auto_cycles: Counter = field(default_factory=Counter)  # mode auto: the cycles run in each mode, by value
 
     @property
     def num_passes(self) -> int:
@@ -56,6 +58,7 @@ class SequenceStats:
             "tokens_per_pass": round(self.tokens_per_pass, 4),
             "accepted_lengths": list(self.accepted_lengths),
             "mean_accepted_length": self.mean_accepted_length,
+            **({"auto_cycles": dict(self.auto_cycles)} if self.auto_cycles else {}),
         }
 
 
@@ -72,6 +75,8 @@ class Sequence:
     num_prefilled: int = 0  # prefill_tokens in the cache so far
     kv: BlockState = field(default_factory=BlockState)  # its KV blocks (blocks.py)
     next_token: int | None = None  # emitted, not yet cached: the next pass's first token
+    drafts: list[int] | None = None  # quadratic self-spec: the next cycle's drafts (None: not drafted yet)
+    acceptance: dict = field(default_factory=dict)  # auto: running mean tokens per cycle, by Mode (auto.py)
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)  # params.logprobs set: one per token
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # params.logprobs >= 1: one per token
@@ -84,6 +89,11 @@ class Sequence:
         """slot, of a sequence that holds one (prefilling or running: what the engine batches)."""
         assert self.slot is not None, f"sequence {self.id} holds no slot"
         return self.slot
+
+    @property
+    def cycle_positions(self) -> int:
+        """Cache positions past its length that one cycle of its mode writes."""
+        return cycle_positions(self.decoding.mode, self.block_length)
 
     @property
     def prefill_tokens(self) -> list[int]:

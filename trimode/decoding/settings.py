@@ -17,7 +17,7 @@ from trimode.errors import InputError
 from trimode.kv_cache import blocks_per_seq
 from trimode.passes import Mode
 
-DEFAULT_THRESHOLD = {Mode.DIFFUSION: 0.9, Mode.SELF_SPEC: 0.0}  # spec §6 and §7
+DEFAULT_THRESHOLD = {Mode.DIFFUSION: 0.9, Mode.SELF_SPEC: 0.0, Mode.AUTO: 0.0}  # spec §6 and §7 (auto: its self-spec)
 MAX_SEED = 2**63 - 1
 
 

@@ -1,0 +1,130 @@
+"""The auto mode (decoding/auto.py): whichever lossless mode it runs, AR's tokens at temperature 0,
+and the mode it chooses is the one its measurements say is fastest."""
+
+from __future__ import annotations
+
+import pytest
+from test_decoding import prompts_of, run, tokens_of
+
+from trimode.decoding import Engine, EngineConfig, GenerationSettings, Mode, engine_for, generate
+from trimode.decoding.auto import CHOICES, REFRESH_STEPS, SWITCH_GAIN, WARMUP_RUNS, AutoPolicy
+from trimode.decoding.batch import Batch
+
+
+@pytest.mark.parametrize("ck_name", ["tiny_adapter", "trained"])
+@pytest.mark.parametrize("block_length", [4, 8])
+@pytest.mark.parametrize("batched", [False, True])
+def test_auto_greedy_equals_ar_whatever_it_runs(request, ck_name, block_length, batched):
+    ck = request.getfixturevalue(ck_name)
+    prompts = prompts_of(ck)
+    ar = run(ck, Mode.AR, prompts, ignore_eos=True)
+    settings = GenerationSettings(mode=Mode.AUTO, block_length=block_length, max_new_tokens=40, ignore_eos=True)
+    if batched:
+        engine = engine_for(ck.model, prompts, settings)
+        auto = generate(ck.model, prompts, settings, engine)
+        ran = engine.policies[Mode.AUTO].choices
+        assert set(ran) == {m.value for m in CHOICES}  # each measured at least once: switching mid-request
+    else:
+        auto = [generate(ck.model, [p], settings)[0] for p in prompts]
+    assert tokens_of(auto) == tokens_of(ar)
+
+
+def _policy_with(seconds: dict[Mode, float], acceptance: dict[Mode, float], b=2, width=4) -> AutoPolicy:
+    """A policy whose measurements are given: every mode measured at batch size b, none stale."""
+    policy = AutoPolicy({})
+    policy.num_steps = 10
+    for mode in CHOICES:
+        policy.seconds[mode, b, width] = seconds[mode]
+        policy.last_run[mode, b, width], policy.runs[mode, b, width] = 10, WARMUP_RUNS
+        if mode is not Mode.AR:
+            policy.acceptance[mode, width] = acceptance[mode]
+    return policy
+
+
+@pytest.fixture
+def batch_of_two(tiny):
+    prompts = prompts_of(tiny)[:2]
+    settings = GenerationSettings(mode=Mode.AUTO, block_length=4)
+    engine = engine_for(tiny.model, prompts, settings)
+    seqs = [engine.add(p, settings.sampling, settings.decoding) for p in prompts]
+    engine.step()  # prefill
+    return Batch(engine.runner, seqs)
+
+
+@pytest.mark.parametrize(
+    "seconds, acceptance, expected",
+    [
+        # AR: 2 tokens / 1 ms; self-spec: 2 x 3 / 2 ms; quadratic: 2 x 2.5 / 1.5 ms
+        (
+            {Mode.AR: 1e-3, Mode.SELF_SPEC: 2e-3, Mode.QUADRATIC: 1.5e-3},
+            {Mode.SELF_SPEC: 3, Mode.QUADRATIC: 2.5},
+            Mode.QUADRATIC,
+        ),
+        (
+            {Mode.AR: 1e-3, Mode.SELF_SPEC: 2e-3, Mode.QUADRATIC: 4e-3},
+            {Mode.SELF_SPEC: 3, Mode.QUADRATIC: 2.5},
+            Mode.SELF_SPEC,
+        ),
+        (
+            {Mode.AR: 1e-3, Mode.SELF_SPEC: 5e-3, Mode.QUADRATIC: 4e-3},
+            {Mode.SELF_SPEC: 3, Mode.QUADRATIC: 2.5},
+            Mode.AR,
+        ),
+    ],
+)
+def test_it_chooses_the_highest_rate(batch_of_two, seconds, acceptance, expected):
+    assert _policy_with(seconds, acceptance).choose(batch_of_two) is expected
+
+
+def test_a_sequences_own_acceptance_outweighs_the_mean(batch_of_two):
+    policy = _policy_with(
+        {Mode.AR: 1e-3, Mode.SELF_SPEC: 2e-3, Mode.QUADRATIC: 2e-3}, {Mode.SELF_SPEC: 3, Mode.QUADRATIC: 1}
+    )
+    assert policy.choose(batch_of_two) is Mode.SELF_SPEC
+    for seq in batch_of_two.seqs:  # these two draft badly with linear self-spec, well with quadratic
+        seq.acceptance = {Mode.SELF_SPEC: 1.5, Mode.QUADRATIC: 3.5}
+    assert policy.choose(batch_of_two) is Mode.QUADRATIC
+
+
+def test_it_keeps_its_mode_unless_another_is_clearly_faster(batch_of_two):
+    policy = _policy_with(
+        {Mode.AR: 1e-3, Mode.SELF_SPEC: 2e-3, Mode.QUADRATIC: 1e-3}, {Mode.SELF_SPEC: 2.0, Mode.QUADRATIC: 1.0}
+    )
+    policy.current[2, 4] = Mode.AR
+    policy.acceptance[Mode.QUADRATIC, 4] = 0.99 * SWITCH_GAIN  # AR 2000 tok/s, quadratic 1.98 x 1.04 / 1 ms
+    assert policy.choose(batch_of_two) is Mode.AR
+    policy.acceptance[Mode.QUADRATIC, 4] = 1.01 * SWITCH_GAIN
+    assert policy.choose(batch_of_two) is Mode.QUADRATIC
+
+
+def test_it_measures_every_mode_first_and_refreshes_stale_ones(batch_of_two):
+    policy = AutoPolicy({})
+    for seq in batch_of_two.seqs:  # as if each step had accepted 2
+        seq.stats.accepted_lengths.append(2)
+    ran = []
+    for _ in range(WARMUP_RUNS * len(CHOICES)):
+        mode = policy.choose(batch_of_two)
+        ran.append(mode)
+        policy.record(batch_of_two, mode, 1e-3, [False, False])
+    assert ran == [m for m in CHOICES for _ in range(WARMUP_RUNS)]
+    policy.num_steps += REFRESH_STEPS + 1
+    policy.last_run[Mode.AR, 2, 4] = policy.num_steps  # AR ran lately; the others did not
+    assert policy.choose(batch_of_two) is Mode.SELF_SPEC
+
+
+def test_a_quadratic_cycle_without_drafts_is_not_counted(tiny):
+    """Right after another mode the drafts are gone: that cycle accepts 1 by construction."""
+    prompts = prompts_of(tiny)[:1]
+    engine = Engine(tiny.model, EngineConfig(max_slots=1, max_seq_len=128))
+    settings = GenerationSettings(mode=Mode.AUTO, block_length=4, max_new_tokens=30, ignore_eos=True)
+    seq = engine.add(prompts[0], settings.sampling, settings.decoding)
+    policy = engine.policies[Mode.AUTO]
+    policy.choose = lambda batch: Mode.QUADRATIC  # one quadratic cycle after the prefill: no drafts yet
+    engine.step()
+    engine.step()
+    assert seq.stats.accepted_lengths == [1] and Mode.QUADRATIC not in seq.acceptance
+    engine.step()
+    assert Mode.QUADRATIC in seq.acceptance
+    policy.choose = lambda batch: Mode.AR
+    engine.step()
+    assert seq.drafts is None  # AR moved the cache on: the next quadratic cycle drafts afresh

@@ -1,0 +1,102 @@
+"""`auto`: the lossless mode that gives the most tokens per second now, chosen at every step.
+
+At temperature 0 AR, linear self-spec and quadratic self-spec emit the same tokens (spec §7,
+spec/quadratic.md), so the engine may switch a request between them at any cycle. At every step
+the auto policy estimates, for its group of sequences (one batch, one block length), each mode's
+rate:
+
+    rate(mode) = sum over the batch of E[tokens per cycle] / seconds per step (mode, batch size)
+
+- seconds per step: measured here, on this machine and this backend, as a running mean of the
+  mode's whole step (passes, host work, the host sync) per batch size. A mode is run twice at a
+  batch size before its time is trusted (the first run may pay one-time costs: it is replaced by the
+  second), exploring being free since every mode emits the same tokens; and a mode not run for
+  REFRESH_STEPS steps is run once again, since acceptance and load drift.
+- tokens per cycle: each sequence's running mean for that mode (AR: 1), or, before it has one,
+  the running mean over every sequence so far (none yet: EXPLORE_PRIOR, optimistic, so it is tried).
+A quadratic cycle right after another mode has no drafts (it accepts 1): it is not counted in the
+quadratic mean. The current mode is kept unless another is SWITCH_GAIN better, so a batch does
+not flap between two modes of equal rate. At temperature > 0 every mode samples the same
+distribution, but which mode ran depends on timing: a seed does not reproduce a sampled text.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+from trimode.decoding.batch import Batch
+from trimode.decoding.settings import DecodeConfig
+from trimode.passes import Mode
+
+CHOICES = (Mode.AR, Mode.SELF_SPEC, Mode.QUADRATIC)
+ALPHA = 0.2  # weight of the newest sample in a running mean
+REFRESH_STEPS = 32
+WARMUP_RUNS = 2  # runs of a mode at a batch size before its time is trusted
+SWITCH_GAIN = 1.05
+EXPLORE_PRIOR = 2.0  # tokens per cycle assumed for a speculative mode nobody has run yet
+
+
+class AutoPolicy:
+    def __init__(self, policies: dict):
+        """policies: the engine's policies of the CHOICES modes (their step runs the chosen mode)."""
+        self.policies = policies
+        self.seconds: dict[tuple[Mode, int, int], float] = {}  # (mode, batch size, block length) -> per step
+        self.acceptance: dict[tuple[Mode, int], float] = {}  # (mode, block length) -> over every sequence
+        self.last_run: dict[tuple[Mode, int, int], int] = {}
+        self.runs: Counter = Counter()  # (mode, batch size, block length) -> steps run
+        self.current: dict[tuple[int, int], Mode] = {}  # (batch size, block length) -> the mode chosen last
+        self.choices: Counter = Counter()  # steps run per mode (metrics)
+        self.num_steps = 0
+
+    def step(self, batch: Batch, config: DecodeConfig) -> list[list[int]]:
+        mode = self.choose(batch)
+        had_drafts = [s.drafts is not None for s in batch.seqs]
+        started = time.perf_counter()
+        new = self.policies[mode].step(batch, config)
+        self.record(batch, mode, time.perf_counter() - started, had_drafts)
+        return new
+
+    def choose(self, batch: Batch) -> Mode:
+        b, width = len(batch), batch.seqs[0].block_length
+        self.num_steps += 1
+        for mode in CHOICES:  # measure first, then refresh what was not run for a while
+            key = (mode, b, width)
+            if self.runs[key] < WARMUP_RUNS or self.num_steps - self.last_run[key] > REFRESH_STEPS:
+                return mode
+        rates = {mode: self.rate(batch, mode) for mode in CHOICES}
+        best = max(rates, key=rates.__getitem__)
+        current = self.current.get((b, width), best)
+        return current if rates[best] < SWITCH_GAIN * rates[current] else best
+
+    def rate(self, batch: Batch, mode: Mode) -> float:
+        """Expected tokens per second of one step of mode over this batch."""
+        width = batch.seqs[0].block_length
+        tokens = sum(self.expected_tokens(s, mode) for s in batch.seqs)
+        return tokens / self.seconds[mode, len(batch), width]
+
+    def expected_tokens(self, seq, mode: Mode) -> float:
+        if mode is Mode.AR:
+            return 1.0
+        return seq.acceptance.get(mode, self.acceptance.get((mode, seq.block_length), EXPLORE_PRIOR))
+
+    def record(self, batch: Batch, mode: Mode, seconds: float, had_drafts: list[bool]) -> None:
+        b, width = len(batch), batch.seqs[0].block_length
+        key = (mode, b, width)
+        self.seconds[key] = seconds if self.runs[key] < WARMUP_RUNS else _mean(self.seconds[key], seconds)
+        self.runs[key] += 1
+        self.last_run[key], self.current[b, width] = self.num_steps, mode
+        self.choices[mode.value] += 1
+        for seq, drafted in zip(batch.seqs, had_drafts):
+            seq.stats.auto_cycles[mode.value] += 1
+            if mode is not Mode.QUADRATIC:
+                seq.drafts = None  # the cache moved on: a quadratic cycle after this one drafts afresh
+            if mode is Mode.AR or (mode is Mode.QUADRATIC and not drafted):
+                continue
+            n = seq.stats.accepted_lengths[-1]
+            seq.acceptance[mode] = _mean(seq.acceptance.get(mode), n)
+            self.acceptance[mode, width] = _mean(self.acceptance.get((mode, width)), n)
+
+
+def _mean(old: float | None, new: float) -> float:
+    return new if old is None else (1 - ALPHA) * old + ALPHA * new
