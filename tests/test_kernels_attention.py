@@ -242,17 +242,22 @@ def test_chunk_and_batch_invariance(device, dtype, page, c):
         case = make_paged_case(device, b, H, Hkv, D, L, [c] * b, page, seed=3)
     q, k, v, k_cache, v_cache, lengths, tables = case[:7]
     chunk_out = launch(q, k, v, k_cache, v_cache, lengths, tables, True)
-    # The chunk launch wrote its K/V into k_cache / v_cache: replay sequence 1 token by token over
-    # copies of its cache row (dense) or of the pool with its table row (paged), each token seeing
-    # exactly the keys it saw inside the chunk.
-    for i in range(L):
+    assert_replayed_alone_equal(case, chunk_out, c, L)
+
+
+def assert_replayed_alone_equal(case: Case, chunk_out: torch.Tensor, length: int, count: int) -> None:
+    """The chunk launch wrote its K/V into the case's caches: replay sequence 1's first `count` chunk
+    tokens one by one (an AR decode at position length + i) over copies of its cache row (dense) or
+    of the pool with its table row (paged), each seeing exactly the keys it saw inside the chunk."""
+    q, k, v, k_cache, v_cache, _, tables = case[:7]
+    for i in range(count):
         single = launch(
             q[1:2, i : i + 1],
             k[1:2, i : i + 1],
             v[1:2, i : i + 1],
             k_cache[1:2].clone() if tables is None else k_cache.clone(),
             v_cache[1:2].clone() if tables is None else v_cache.clone(),
-            torch.tensor([c + i], device=device),
+            torch.tensor([length + i], device=q.device),
             None if tables is None else tables[1:2],
             True,
         )
@@ -327,18 +332,7 @@ def test_quadratic_chain_equals_ar_decode(device, dtype, page, c, W):
         case = make_paged_case(device, b, H, Hkv, D, L, lengths, page, seed=4)
     q, k, v, k_cache, v_cache, lengths, tables = case[:7]
     chunk_out = launch(q, k, v, k_cache, v_cache, lengths, tables, True, row_width=W)
-    for i in range(W):  # sequence 1's chain token i, alone at position c + i over the chunk's cache
-        single = launch(
-            q[1:2, i : i + 1],
-            k[1:2, i : i + 1],
-            v[1:2, i : i + 1],
-            k_cache[1:2].clone() if tables is None else k_cache.clone(),
-            v_cache[1:2].clone() if tables is None else v_cache.clone(),
-            torch.tensor([c + i], device=device),
-            None if tables is None else tables[1:2],
-            True,
-        )
-        assert torch.equal(single[0, 0], chunk_out[1, i]), f"chain token {i}"
+    assert_replayed_alone_equal(case, chunk_out, c, W)  # the chain, each token as an AR decode
 
 
 def test_launcher_rejects_a_quadratic_chunk_of_the_wrong_length(device):
