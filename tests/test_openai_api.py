@@ -30,7 +30,7 @@ from trimode.triton_repo.writer import write_model_repo
 from test_serve import metrics
 
 PROMPT = "def main():\n    "
-MODELS = ["ar", "diffusion", "self_spec"]
+MODELS = ["ar", "diffusion", "self_spec", "quadratic", "auto"]
 MAX_SEQ_LEN, BLOCK = 96, 4  # the tiny engine's (conftest.tiny_engine_dir)
 
 
@@ -331,7 +331,7 @@ def test_unreachable_triton_is_a_503(served):
         with pytest.raises(openai.InternalServerError) as e:
             client.completions.create(model="ar", prompt="x", max_tokens=2)
         assert e.value.status_code == 503 and e.value.body["type"] == "server_error"
-        assert len(client.models.list().data) == 3
+        assert len(client.models.list().data) == len(MODELS)
 
 
 def test_trimode_bench_points_at_it(served, runner, tmp_path):

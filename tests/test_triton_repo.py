@@ -26,11 +26,15 @@ GOLDEN = {
     "ar": "ensemble",
     "diffusion": "ensemble",
     "self_spec": "ensemble",
+    "quadratic": "ensemble",
+    "auto": "ensemble",
     "engine": "python",
     "postprocessing": "python",
     "preprocessing_ar": "python",
     "preprocessing_diffusion": "python",
     "preprocessing_self_spec": "python",
+    "preprocessing_quadratic": "python",
+    "preprocessing_auto": "python",
 }
 # TensorRT-LLM's ensemble tensors (tensorrtllm_backend all_models/inflight_batcher_llm/ensemble/config.pbtxt):
 # name -> (type, dims), as their clients send and read them; the ones we refuse a value of are in request.py
@@ -110,11 +114,17 @@ def test_golden_structure(repo_dir, tiny_engine_dir):
     assert manifest["stage"] == "repo"
     assert manifest["engine"]["path"] == str(tiny_engine_dir.resolve())
     assert manifest["engine"]["digest_sha256"] == engine_manifest["digest_sha256"]
-    assert manifest["ensembles"] == {"ar": "ar", "diffusion": "diffusion", "self-spec": "self_spec"}
+    assert manifest["ensembles"] == {
+        "ar": "ar",
+        "diffusion": "diffusion",
+        "self-spec": "self_spec",
+        "quadratic": "quadratic",
+        "auto": "auto",
+    }
 
 
 def test_ensemble_interface(repo_dir, tiny_engine_dir):
-    for name in ("ar", "diffusion", "self_spec"):
+    for name in ("ar", "diffusion", "self_spec", "quadratic", "auto"):
         config = parse(repo_dir / name / "config.pbtxt")
         dtype = model_config_pb2.DataType.Name
         assert {t.name: (dtype(t.data_type), list(t.dims)) for t in config.input} == TRTLLM_INPUTS | OUR_INPUTS
