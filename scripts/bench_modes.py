@@ -336,12 +336,14 @@ def main(argv=None) -> int:
 
 
 def mode_ratios(row: dict, numerator: str, denominator: str) -> dict[str, float]:
-    """Per mode, tokens/s of row["<mode>/<numerator>"] over row["<mode>/<denominator>"] (same run)."""
+    """Per mode the row measured, tokens/s of row["<mode>/<numerator>"] over row["<mode>/<denominator>"]
+    (same run)."""
     return {
         m.value: round(
             row[f"{m.value}/{numerator}"]["tokens_per_s"] / row[f"{m.value}/{denominator}"]["tokens_per_s"], 3
         )
-        for m in MODES
+        for m in Mode
+        if f"{m.value}/{numerator}" in row
     }
 
 
