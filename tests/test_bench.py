@@ -232,7 +232,7 @@ def in_process(tiny_engine_dir, prompts_file, tmp_path_factory):
 
 def check_report(report: dict, levels: list[int], num_requests: int, num_rounds: int = 1) -> None:
     rows = report["results"]
-    variants = ["ar", "diffusion/4", "self-spec/4"]
+    variants = ["ar", "diffusion/4", "self-spec/4", "quadratic/4", "auto/4"]  # every mode, by default
     assert [(r["concurrency"], r["variant"]) for r in rows] == [(c, v) for c in levels for v in variants]
     for r in rows:
         assert r["num_requests"] == num_requests
@@ -248,7 +248,7 @@ def check_report(report: dict, levels: list[int], num_requests: int, num_rounds:
         if r["mode"] == "ar":
             assert r["speedup_vs_ar"] == 1.0 and r["tokens_per_pass"] == 1.0  # one-shot prefill, one token a pass
             assert r["mean_accepted_length"] is None
-        if r["mode"] == "self-spec":
+        if r["mode"] in ("self-spec", "quadratic"):
             assert 1.0 <= r["mean_accepted_length"] <= 5.0  # at most the block of 4 plus the bonus token
     assert [a["concurrency"] for a in report["advice"]] == levels
     for a in report["advice"]:

@@ -195,11 +195,12 @@ def test_serve_answers_once_per_mode_from_the_real_server(copied, runner, tiny_a
     report = json.loads(result.stdout)
     assert reused(report) == {"quantize": True, "build": True, "repo": False}
     answers = {a["mode"]: a for a in report["answers"]}
-    assert list(answers) == ["ar", "diffusion", "self-spec"]
+    assert list(answers) == ["ar", "diffusion", "self-spec", "quadratic", "auto"]
     assert all(
         a["num_output_tokens"] > 0 and a["tokens_per_s"] > 0 and a["tokens_per_pass"] > 0 for a in answers.values()
     )
-    assert answers["self-spec"]["text"] == answers["ar"]["text"]  # temperature 0: the invariant, served
+    for mode in ("self-spec", "quadratic", "auto"):  # temperature 0: the invariant, served
+        assert answers[mode]["text"] == answers["ar"]["text"]
     local = runner.invoke(
         main,
         [

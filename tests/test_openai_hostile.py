@@ -89,7 +89,7 @@ def assert_error(answer: tuple[int, dict, dict], status: int, message: str, code
 def assert_serves(frontend: OpenAIFrontend) -> None:
     """A good request, on a fresh connection, still answers."""
     status, _, body = exchange(frontend, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert status == 200 and [m["id"] for m in body["data"]] == ["ar", "diffusion", "self_spec"]
+    assert status == 200 and [m["id"] for m in body["data"]] == ["ar", "diffusion", "self_spec", "quadratic", "auto"]
 
 
 def is_closed(connection: socket.socket, within_s: float = 10.0) -> bool:

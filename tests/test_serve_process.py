@@ -159,7 +159,7 @@ def test_sigterm_stops_the_server_cleanly(served):
     regions = list(SHM_DIR.glob(f"{shm_prefix(process.pid)}*"))
     assert len(regions) >= 5  # a region per stub, under the server's own prefix
     models = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{openai_port}/v1/models", timeout=10).read())
-    assert [m["id"] for m in models["data"]] == ["ar", "diffusion", "self_spec"]
+    assert [m["id"] for m in models["data"]] == ["ar", "diffusion", "self_spec", "quadratic", "auto"]
     request = urllib.request.Request(
         f"http://127.0.0.1:{openai_port}/v1/completions",
         method="POST",
