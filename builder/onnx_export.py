@@ -24,7 +24,7 @@ from trimode.fp8 import E4M3, FP8Linear
 from trimode.kv_cache import KVCache, span_index
 from trimode.model import NLDModel
 from trimode.passes import PassKind, Pattern, quadratic_width
-from trimode.plugins.reference import quadratic_offsets
+from trimode.plugins.reference import chunk_offsets
 
 GRAPH_DTYPE = torch.float32
 
@@ -55,9 +55,7 @@ class NativePass(nn.Module):
         model, L = self.model, tokens.shape[1]
         use_draft = self.kind.draft_rows(L)  # a quadratic pass: the adapter on its mask rows only
         own = chunk_visibility(self.kind.pattern, L)
-        # a quadratic chunk's masks repeat positions (reference.quadratic_offsets)
-        is_quadratic = self.kind.pattern == Pattern.QUADRATIC
-        positions = lengths[:, None] + (quadratic_offsets(quadratic_width(L)) if is_quadratic else torch.arange(L))
+        positions = lengths[:, None] + chunk_offsets(L, self.kind.row_width(L))  # a quadratic chunk's repeat
         new_k, new_v = [], []
 
         def attend(i: int, attn, x, cos, sin, q_scale):

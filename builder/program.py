@@ -43,7 +43,7 @@ from trimode.errors import EngineError
 from trimode.kv_cache import position_index, span_index
 from trimode.model import NLDModel
 from trimode.passes import PassKind, Pattern, quadratic_chunk, quadratic_width
-from trimode.plugins.reference import greedy_tokens, load_cached, pick_confidence, quadratic_offsets, store_cached
+from trimode.plugins.reference import chunk_offsets, greedy_tokens, load_cached, pick_confidence, store_cached
 from trimode.rope import llama4_query_scale, rope_cos_sin
 
 
@@ -145,9 +145,8 @@ class PassProgram(nn.Module):
         model, num_layers = self.model, len(pool) // 2
         L = tokens.shape[1]
         use_draft = self.kind.draft_rows(L)  # a quadratic program: the draft twins for its mask rows
-        row_width = quadratic_width(L) if self.kind.pattern == Pattern.QUADRATIC else 0
-        offsets = quadratic_offsets(row_width, tokens.device) if row_width else torch.arange(L, device=tokens.device)
-        positions = lengths[:, None] + offsets
+        row_width = self.kind.row_width(L)
+        positions = lengths[:, None] + chunk_offsets(L, row_width, tokens.device)
         cos, sin = rope_cos_sin(positions, model.inv_freq, model.rope_attn_scale, model.dtype)
         q_scale = llama4_query_scale(positions, model.spec.rope)
         h = model.encoder.embed_tokens(tokens)

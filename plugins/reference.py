@@ -31,6 +31,17 @@ def quadratic_offsets(width: int, device: torch.device | str | None = None) -> t
     return torch.cat([torch.arange(width), (rows + cols).flatten()]).to(device)
 
 
+def chunk_offsets(length: int, row_width: int = 0, device: torch.device | str | None = None) -> torch.Tensor:
+    """[L] each chunk token's position past the prefix: 0..L-1, or a quadratic chunk's (row_width W > 0)."""
+    return quadratic_offsets(row_width, device) if row_width else torch.arange(length, device=device)
+
+
+def quadratic_tokens(chain: torch.Tensor, mask_token_id: int) -> torch.Tensor:
+    """chain [b, W] (the verify chain) -> [b, W(W+1)] the quadratic chunk: the chain, then W rows of W masks."""
+    width = chain.shape[1]
+    return torch.cat([chain, torch.full_like(chain, mask_token_id).repeat(1, width)], dim=1)
+
+
 def quadratic_visibility(width: int, device: torch.device | str | None = None) -> torch.Tensor:
     """[C, C] bool, C = W(W+1): which chunk tokens a chunk token sees (besides the whole prefix).
     The verify chain is causal; a mask of row i sees t_0 .. t_i and every mask of row i; nothing
@@ -71,9 +82,8 @@ class ChunkLayout:
         kernels: bool | None = None,
         row_width: int = 0,
     ) -> "ChunkLayout":
-        device = lengths.device
-        offsets = quadratic_offsets(row_width, device) if row_width else torch.arange(length, device=device)
-        return cls(lengths, tables, is_causal, lengths[:, None] + offsets, length_range, kernels, row_width)
+        positions = lengths[:, None] + chunk_offsets(length, row_width, lengths.device)
+        return cls(lengths, tables, is_causal, positions, length_range, kernels, row_width)
 
     @cached_property
     def slots(self) -> torch.Tensor:

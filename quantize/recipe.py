@@ -19,6 +19,7 @@ import torch
 from trimode.errors import MissingDependencyError
 from trimode.model import Attention, NLDModel
 from trimode.passes import MODE_PASSES, PassKind, quadratic_chunk
+from trimode.plugins.reference import quadratic_tokens
 
 EXCLUDED_MODULES = ("diffusion_head", "encoder.embed_tokens")
 
@@ -89,8 +90,7 @@ def calibration_passes(
             PassKind.DRAFT: [first] if model.has_draft_adapter else [],
             PassKind.VERIFY: [block],
             PassKind.REFRESH: [block],
-            # the block as the verify chain, then a row of masks per token
-            PassKind.QUADRATIC: [torch.cat([block, torch.full((b, block_length**2), mask_id)], dim=1)],
+            PassKind.QUADRATIC: [quadratic_tokens(block, mask_id)],  # the block as the verify chain
         }
         cache = model.new_cache(b, n - block_length + quadratic_chunk(block_length))
         for kind in CALIBRATION_PASSES:

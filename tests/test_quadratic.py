@@ -11,7 +11,7 @@ from trimode.decoding import Engine, EngineConfig, GenerationSettings, Mode, Pas
 from trimode.decoding.batch import Batch
 from trimode.errors import InputError
 from trimode.model import DRAFT_LINEARS
-from trimode.plugins.reference import quadratic_offsets, quadratic_visibility
+from trimode.plugins.reference import quadratic_offsets, quadratic_tokens, quadratic_visibility
 
 
 @pytest.fixture(params=["tiny", "tiny_adapter", "tiny_wide_adapter", "trained"])
@@ -69,7 +69,7 @@ def _first_cycle(ck, block_length=4):
     batch = Batch(engine.runner, seqs)
     policy = engine.policies[Mode.QUADRATIC]
     chain = policy.chain(batch, block_length)
-    chunk = torch.cat([chain, torch.full_like(chain, ck.model.spec.mask_token_id).repeat(1, block_length)], 1)
+    chunk = quadratic_tokens(chain, ck.model.spec.mask_token_id)
     return batch, chain, chunk
 
 

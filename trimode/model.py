@@ -216,9 +216,14 @@ class NLDModel(nn.Module):
         lengths = cache.lengths if rows is None else cache.lengths[rows]
         tables = cache.block_tables if rows is None else cache.block_tables[rows]
         use_draft = kind.draft_rows(tokens.shape[1])
-        row_width = use_draft.start if isinstance(use_draft, slice) else 0  # a quadratic pass's W
         layout = ChunkLayout.build(
-            lengths, tables, tokens.shape[1], kind.pattern != Pattern.BLOCK, length_range, kernels, row_width
+            lengths,
+            tables,
+            tokens.shape[1],
+            kind.pattern != Pattern.BLOCK,
+            length_range,
+            kernels,
+            kind.row_width(tokens.shape[1]),
         )
 
         def attend(i: int, attn: Attention, x, cos, sin, q_scale):

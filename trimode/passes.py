@@ -49,11 +49,15 @@ class PassKind(str, Enum):
         mask rows of a quadratic pass: draft_rows)."""
         return self is PassKind.DRAFT
 
+    def row_width(self, chunk_len: int) -> int:
+        """A quadratic pass's block length W (its chunk: W(W+1) tokens); 0 for the other kinds."""
+        return quadratic_width(chunk_len) if self is PassKind.QUADRATIC else 0
+
     def draft_rows(self, chunk_len: int) -> bool | slice:
         """Which rows of a chunk run with the draft adapter: all (True) in a draft pass, the mask rows
         (a slice from W) in a quadratic pass, none (False) otherwise."""
         if self is PassKind.QUADRATIC:
-            return slice(quadratic_width(chunk_len), None)
+            return slice(self.row_width(chunk_len), None)
         return self.use_draft
 
     @property

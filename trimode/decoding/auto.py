@@ -45,8 +45,6 @@ class AutoPolicy:
         self.acceptance: dict[tuple[Mode, int], float] = {}  # (mode, block length) -> over every sequence
         self.last_run: dict[tuple[Mode, int, int], int] = {}
         self.runs: Counter = Counter()  # (mode, batch size, block length) -> steps run
-        self.current: dict[tuple[int, int], Mode] = {}  # (batch size, block length) -> the mode chosen last
-        self.choices: Counter = Counter()  # steps run per mode (metrics)
         self.num_steps = 0
 
     def step(self, batch: Batch, config: DecodeConfig) -> list[list[int]]:
@@ -66,7 +64,7 @@ class AutoPolicy:
                 return mode
         rates = {mode: self.rate(batch, mode) for mode in CHOICES}
         best = max(rates, key=rates.__getitem__)
-        current = self.current.get((b, width), best)
+        current = max(CHOICES, key=lambda mode: self.last_run[mode, b, width])  # the mode run last
         return current if rates[best] < SWITCH_GAIN * rates[current] else best
 
     def rate(self, batch: Batch, mode: Mode) -> float:
@@ -85,8 +83,7 @@ class AutoPolicy:
         key = (mode, b, width)
         self.seconds[key] = seconds if self.runs[key] < WARMUP_RUNS else _mean(self.seconds[key], seconds)
         self.runs[key] += 1
-        self.last_run[key], self.current[b, width] = self.num_steps, mode
-        self.choices[mode.value] += 1
+        self.last_run[key] = self.num_steps
         for seq, drafted in zip(batch.seqs, had_drafts):
             seq.stats.auto_cycles[mode.value] += 1
             if mode is not Mode.QUADRATIC:

@@ -18,16 +18,14 @@ from trimode.decoding.batch import Batch
 from trimode.decoding.runner import PassOutput
 from trimode.decoding.settings import DecodeConfig
 from trimode.passes import PassKind
-from trimode.plugins.reference import greedy_tokens
+from trimode.plugins.reference import greedy_tokens, quadratic_tokens
 
 
 class QuadraticPolicy:
     def step(self, batch: Batch, config: DecodeConfig) -> list[list[int]]:
         width = batch.seqs[0].block_length
         chain = self.chain(batch, width)
-        out = batch.run(
-            PassKind.QUADRATIC, torch.cat([chain, torch.full_like(chain, self.mask_id(batch)).repeat(1, width)], 1)
-        )
+        out = batch.run(PassKind.QUADRATIC, quadratic_tokens(chain, batch.spec.mask_token_id))
         tokens, accepted, logprobs, drafts = self.accept(batch, chain, out, width)
         new = []
         for seq, a, n, lp, d in zip(batch.seqs, tokens, accepted, logprobs, drafts):
@@ -36,12 +34,9 @@ class QuadraticPolicy:
             new.append(seq.emit(a[:n], lp))
         return new
 
-    def mask_id(self, batch: Batch) -> int:
-        return batch.spec.mask_token_id
-
     def chain(self, batch: Batch, width: int) -> torch.Tensor:
         """[b, W] the verify chain [s, d_1 .. d_(W-1)] (no drafts yet: MASK, which never matches)."""
-        mask = self.mask_id(batch)
+        mask = batch.spec.mask_token_id
         rows = [[s.next_token, *(s.drafts or [mask] * (width - 1))] for s in batch.seqs]
         return torch.tensor(rows, dtype=torch.long, device=batch.device)
 
@@ -61,8 +56,7 @@ class QuadraticPolicy:
     def next_drafts(self, batch: Batch, out: PassOutput, n: torch.Tensor, width: int) -> torch.Tensor:
         """[b, W-1] the greedy picks of row n-1's masks at columns 2 .. W (positions p+n+1 ..).
         Greedy at every temperature: a draft only decides what the verifier checks, never what it emits."""
-        picks = (
-            out.picks[:, width:] if out.picks is not None else greedy_tokens(out.logits[:, width:], self.mask_id(batch))
-        )
+        mask = batch.spec.mask_token_id
+        picks = out.picks[:, width:] if out.picks is not None else greedy_tokens(out.logits[:, width:], mask)
         rows = picks.view(len(batch), width, width)
         return rows[torch.arange(len(batch), device=n.device), n - 1, 1:]
