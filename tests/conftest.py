@@ -37,8 +37,12 @@ FIRST_FILES = [
 
 # Cases of costly parametrized tests that `make test` also runs on another CPU kernel path (marker
 # `numerics`; cheap files carry the marker themselves): the self-spec == AR invariant on the trained
-# checkpoint, batched, at its block size.
-NUMERICS_CASES = {"test_decoding.py::test_self_spec_greedy_equals_ar[trained-True-8]"}
+# checkpoint, batched, at its block size, for linear and quadratic self-spec and auto.
+NUMERICS_CASES = {
+    "test_decoding.py::test_self_spec_greedy_equals_ar[trained-True-8]",
+    "test_quadratic.py::test_quadratic_greedy_equals_ar[trained-True-8]",
+    "test_auto.py::test_auto_greedy_equals_ar_whatever_it_runs[True-8-trained]",
+}
 
 
 def pytest_collection_modifyitems(items) -> None:
