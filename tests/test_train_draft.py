@@ -17,6 +17,7 @@ from trimode.errors import NumericalError
 from trimode.make_checkpoint import write_draft_adapter
 from trimode.model import DRAFT_LINEARS
 from trimode.passes import PassKind
+from trimode.plugins.reference import quadratic_tokens
 from trimode.training.corpus import read_texts, split_files
 from trimode.training.draft import DraftSettings, train_draft
 from trimode.training.draft_data import greedy_sequences
@@ -82,6 +83,34 @@ def test_training_forward_equals_the_runtime_draft_pass(tiny_dir, block_length, 
             atol = forward_bound(runtime, model.spec, span=batch.tokens.shape[1])
             torch.testing.assert_close(trained[b, k], runtime, atol=atol, rtol=0)
             assert torch.equal(batch.targets[b, k], seqs[b, q + 1 : q + block_length])
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("names", [("o_proj",), tuple(DRAFT_LINEARS)])
+def test_quadratic_rows_equal_the_runtime_quadratic_pass(tiny_dir, names):
+    """A quadratic training block at q (MASK x W, the seed unseen) == mask row i of the runtime's
+    quadratic pass whose verify chain's token i sits at q-1: every row of one pass, against blocks at
+    p+1 .. p+W. Its targets are the tokens after the bonus position q."""
+    width, p = 4, 13
+    model = load_checkpoint(tiny_dir, draft_adapter=False).model
+    factors, scale = random_factors(model, rank=4, names=names), 2.0
+    seqs = torch.randint(5, model.spec.vocab_size, (1, 30), generator=torch.Generator().manual_seed(3))
+    starts = torch.arange(p + 1, p + 1 + width)[None]
+    batch = draft_layout(seqs, starts, width, model.spec.mask_token_id, quadratic=True)
+    assert (batch.tokens[0, seqs.shape[1] :] == model.spec.mask_token_id).all()
+    with torch.no_grad():
+        trained = draft_logits(model, install_lora(model, factors, scale), batch)
+    merge_draft_adapter(model, factors, scale)
+    cache = model.new_cache(1, 64)
+    model(seqs[:, :p], cache, PassKind.PREFILL)
+    cache.advance(torch.tensor([0]), torch.tensor([p]))
+    with torch.no_grad():
+        runtime = model(quadratic_tokens(seqs[:, p : p + width], model.spec.mask_token_id), cache, PassKind.QUADRATIC)
+    rows = runtime[0, width:].view(width, width, -1)  # after the chain: W rows of W masks
+    atol = forward_bound(rows, model.spec, span=batch.tokens.shape[1])
+    torch.testing.assert_close(trained[0], rows, atol=atol, rtol=0)
+    for i, q in enumerate(starts[0].tolist()):
+        assert torch.equal(batch.targets[0, i], seqs[0, q + 1 : q + width])
 
 
 def test_the_prefix_runs_without_the_adapter(tiny_dir):
@@ -184,10 +213,10 @@ SMALL = dict(
 )
 
 
-def fixed_batch_loss(model, factors, scale, seqs, block_length=4) -> float:
+def fixed_batch_loss(model, factors, scale, seqs, block_length=4, quadratic=False) -> float:
     """The draft loss (plain CE) of one fixed batch of greedy sequences under the given adapter."""
     starts = torch.arange(16, seqs.shape[1] - block_length + 1).expand(len(seqs), -1)
-    batch = draft_layout(seqs, starts, block_length, model.spec.mask_token_id)
+    batch = draft_layout(seqs, starts, block_length, model.spec.mask_token_id, quadratic)
     with torch.no_grad():
         logits = draft_logits(model, install_lora(model, factors, scale), batch)
     return draft_loss(logits, batch.targets, model.spec.mask_token_id, "ce")[0].item()
@@ -199,8 +228,15 @@ def test_training_lowers_the_loss_and_writes_a_loadable_checkpoint(tiny_dir, tmp
     data.write_text(PARAGRAPH)
     out = tmp_path / "out"
     log = train_draft(tiny_dir, out, DraftSettings(block_lengths=(4, 8), data=data, **SMALL), progress=False)
-    assert [h["block_length"] for h in log["history"][:3]] == [4, 8, 4]
-    assert set(log["held_out_acceptance"]["before"]) == {4, 8}
+    # every (mode, block length) in turn; held-out acceptance labelled as `trimode eval` labels runs
+    assert [(h["mode"], h["block_length"]) for h in log["history"][:5]] == [
+        ("self-spec", 4),
+        ("self-spec", 8),
+        ("quadratic", 4),
+        ("quadratic", 8),
+        ("self-spec", 4),
+    ]
+    assert set(log["held_out_acceptance"]["before"]) == {"self-spec/4", "self-spec/8", "quadratic/4", "quadratic/8"}
     # the loss of a fixed batch of the checkpoint's greedy continuations, before and after
     ck = load_checkpoint(tiny_dir, draft_adapter=False)
     text = ck.tokenizer.encode_plain(PARAGRAPH)
@@ -208,8 +244,10 @@ def test_training_lowers_the_loss_and_writes_a_loadable_checkpoint(tiny_dir, tmp
     seqs = greedy_sequences(ck.model, prompts, 24)
     trained, scale = read_draft_adapter(out / ADAPTER_DIR, ck.model)
     zero = {key: (a, torch.zeros_like(b)) for key, (a, b) in trained.items()}
-    before, after = fixed_batch_loss(ck.model, zero, scale, seqs), fixed_batch_loss(ck.model, trained, scale, seqs)
-    assert after < before - 0.25  # measured: 6.19 -> 5.69
+    for quadratic in (False, True):  # both row patterns learn
+        before = fixed_batch_loss(ck.model, zero, scale, seqs, quadratic=quadratic)
+        after = fixed_batch_loss(ck.model, trained, scale, seqs, quadratic=quadratic)
+        assert after < before - 0.25, (quadratic, before, after)
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         assert (out / name).read_bytes() == (tiny_dir / name).read_bytes()
     assert not list(tmp_path.glob(".*tmp"))
@@ -311,6 +349,8 @@ def test_modules_and_rank_grow_a_continued_adapter(tiny_adapter_dir, text_file, 
         (["--data", "/nonexistent/text"], "--data", 1),
         (["--modules", "lm_head"], "--modules", 1),
         (["--modules", ","], "--modules", 1),
+        (["--modes", "ar"], "--modes", 1),  # AR has no drafts
+        (["--modes", ","], "--modes", 1),
         (["--block-length", "4,128"], "--block-length", 1),  # longer than the greedy continuations it trains on
     ],
 )

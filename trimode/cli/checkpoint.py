@@ -168,6 +168,13 @@ def quantize(
     show_default=True,
     help="Draft block length(s) to train on, comma-separated, cycled over steps (e.g. 4,8,16,32).",
 )
+@click.option(
+    "--modes",
+    default="self-spec,quadratic",
+    show_default=True,
+    help="Whose drafts to train, comma-separated, cycled over steps: self-spec (rows [seed, MASK...]) "
+    "and quadratic (rows of MASKs after the verify chain, spec/quadratic.md).",
+)
 @click.option("--steps", type=click.IntRange(1, 10**7), default=200, show_default=True)
 @click.option(
     "--lr",
@@ -209,6 +216,7 @@ def train_draft(
     alpha: float | None,
     modules: str | None,
     block_lengths: str,
+    modes: str,
     steps: int,
     lr: float,
     batch_size: int,
@@ -224,7 +232,7 @@ def train_draft(
 
     Self-distillation: the targets are the checkpoint's own AR greedy continuations of text windows;
     the draft pass is the runtime's (block pass over [seed, MASK...] after the adapter-off cached
-    prefix, adapter on). Base weights stay frozen; only the LoRA A/B train, on every layer's o_proj
+    prefix, adapter on; for quadratic self-spec a row of MASKs after the verify chain). Base weights stay frozen; only the LoRA A/B train, on every layer's o_proj
     unless --modules names more. An input that already has an adapter is continued, with new LoRAs
     on the linears --modules adds (--fresh starts a new one). Writes the base files plus
     linear_spec_lora/ (PEFT format) to --out.
@@ -242,6 +250,7 @@ def train_draft(
         alpha=alpha,
         modules=names,
         block_lengths=lengths,
+        modes=tuple(m.strip() for m in modes.split(",") if m.strip()),
         steps=steps,
         lr=lr,
         batch_size=batch_size,
@@ -265,5 +274,5 @@ def train_draft(
     )
     acc = log.get("held_out_acceptance")
     if acc:
-        for L in acc["before"]:
-            click.echo(f"held-out mean accepted per cycle, block {L}: {acc['before'][L]:.2f} -> {acc['after'][L]:.2f}")
+        for run in acc["before"]:
+            click.echo(f"held-out mean accepted per cycle, {run}: {acc['before'][run]:.2f} -> {acc['after'][run]:.2f}")

@@ -92,6 +92,11 @@ def _adapter_line(draft_log: dict | None) -> str:
     )
 
 
+def _block_8(acceptance: dict) -> float | None:
+    """Linear self-spec's held-out acceptance at block 8 (keyed "8" by logs before quadratic rows trained)."""
+    return acceptance.get("self-spec/8", acceptance.get("8"))
+
+
 def _previous_runs(draft_log: dict) -> str:
     runs = draft_log.get("previous", [])
     if not runs:
@@ -99,7 +104,7 @@ def _previous_runs(draft_log: dict) -> str:
     done = "; ".join(
         f"{r['settings']['steps']} steps at lr {r['settings']['lr']} ({r['wall_time_s'] / 60:.1f} min, "
         f"{r['num_threads']} threads; held-out accepted at block 8 "
-        f"{r['held_out_acceptance']['before'].get('8')} -> {r['held_out_acceptance']['after'].get('8')})"
+        f"{_block_8(r['held_out_acceptance']['before'])} -> {_block_8(r['held_out_acceptance']['after'])})"
         for r in runs
         if r.get("held_out_acceptance")
     )
@@ -118,7 +123,8 @@ def _draft_section(draft_log: dict | None, report: dict) -> str:
 ## Draft adapter (`trimode train-draft`)
 Self-distilled: {len(hist)} steps of {s["batch_size"]} windows ({s["prompt_len"]}-token prompts of the
 {draft_log["source"]}) continued by this checkpoint's own AR greedy decoding for {s["gen_len"]} tokens; every
-offset of a continuation is a draft block [seed, MASK x (L-1)] after the adapter-off prefix, block
+offset of a continuation is a draft block [seed, MASK x (L-1)] after the adapter-off prefix (quadratic
+self-spec's: [MASK x L]), modes {", ".join(s.get("modes", ["self-spec"]))}, block
 length(s) {", ".join(map(str, s["block_lengths"]))}, up to {s["draft_tokens"]} draft tokens per window. Loss: cross-entropy
 of the draft against the greedy tokens, weighted "{s["weighting"]}" (accept: every position up to and
 including the first wrong draft, as the acceptance rule rewards it). Base weights frozen;

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from trimode.checkpoint import ADAPTER_DIR, Checkpoint, Factors, load_checkpoint, read_draft_adapter, read_quant_config
+from trimode.decoding import Mode
 from trimode.errors import InputError, NumericalError
 from trimode.model import DRAFT_LINEARS, NLDModel
 from trimode.training.draft_data import TargetPool, held_out_acceptance, token_stream, validation_prompts
@@ -36,6 +37,7 @@ from trimode.training.draft_objective import (
 )
 
 WEIGHTINGS = ("accept", "ce")
+DRAFT_MODES = ("self-spec", "quadratic")  # the modes whose drafts the adapter makes: their row patterns
 STAGE = "train-draft"
 
 
@@ -47,6 +49,7 @@ class DraftSettings:
     )
     alpha: float | None = None  # None: the existing adapter's, else 2 * rank
     block_lengths: tuple[int, ...] = (8,)  # cycled over steps
+    modes: tuple[str, ...] = DRAFT_MODES  # the draft rows' patterns (draft_layout), cycled over steps
     steps: int = 200
     lr: float = 5e-3
     warmup: int = 20
@@ -75,6 +78,12 @@ class DraftSettings:
             "block-length",
             "integers >= 2 (a block of 1 has nothing to draft)",
             ",".join(map(str, self.block_lengths)),
+        )
+        _check(
+            bool(self.modes) and set(self.modes) <= set(DRAFT_MODES),
+            "modes",
+            f"a comma-separated list of {', '.join(DRAFT_MODES)}",
+            ",".join(self.modes),
         )
         _check(self.steps >= 1, "steps", "an integer >= 1", self.steps)
         _check(self.lr > 0, "lr", "a number > 0", self.lr)
@@ -225,15 +234,16 @@ def train_step(
     seqs: torch.Tensor,
     step: int,
     L: int,
+    quadratic: bool,
     s: DraftSettings,
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One optimizer step on blocks of length L at random offsets of seqs (prompts + greedy
-    continuations). -> (loss, accepted length per block [b, K], the blocks' starts [b, K])."""
+    """One optimizer step on blocks of length L (linear or quadratic rows) at random offsets of seqs
+    (prompts + greedy continuations). -> (loss, accepted length per block [b, K], the blocks' starts [b, K])."""
     for group in optim.param_groups:
         group["lr"] = lr_at(step, s)
     starts = sample_starts(len(seqs), seqs.shape[1], s.prompt_len, L, s.draft_tokens // L, generator)
-    batch = draft_layout(seqs, starts, L, model.spec.mask_token_id)
+    batch = draft_layout(seqs, starts, L, model.spec.mask_token_id, quadratic)
     logits = draft_logits(model, loras, batch)  # fp32: bf16 autocast made the backward 10x slower on CPU
     loss, accepted = draft_loss(logits, batch.targets, model.spec.mask_token_id, s.weighting)
     optim.zero_grad(set_to_none=True)
@@ -279,10 +289,11 @@ def train_draft(
 
     model = ck.model
     before = {}
+    eval_modes = tuple(Mode(m) for m in settings.modes)
     if eval_prompts:
         if start.is_continued:
             merged_for_eval(model, start.factors, scale)
-        before = held_out_acceptance(model, eval_prompts, settings.block_lengths)
+        before = held_out_acceptance(model, eval_prompts, settings.block_lengths, eval_modes)
     loras = install_lora(model, start.factors, scale)
     optim = new_optimizer(loras, settings)
     log: dict = {
@@ -305,11 +316,12 @@ def train_draft(
     bar = _progress(settings.steps, progress)
     began = time.perf_counter()
     recent: list[list[int]] = []  # the last 20 steps' runtime-path accepted lengths
+    rounds = [(mode, L) for mode in settings.modes for L in settings.block_lengths]
     try:
         for step in range(settings.steps):
-            L = settings.block_lengths[step % len(settings.block_lengths)]
+            mode, L = rounds[step % len(rounds)]
             loss, accepted, starts = train_step(
-                model, loras, optim, pool.take(settings.batch_size), step, L, settings, generator
+                model, loras, optim, pool.take(settings.batch_size), step, L, mode == "quadratic", settings, generator
             )
             check_finite(loras, list(start.factors), step, settings)
             mean_acc = accepted.float().mean().item()
@@ -317,6 +329,7 @@ def train_draft(
             log["history"].append(
                 {
                     "step": step,
+                    "mode": mode,
                     "block_length": L,
                     "loss": round(loss.item(), 5),
                     "accepted": round(mean_acc, 4),
@@ -337,7 +350,7 @@ def train_draft(
         merged_for_eval(model, factors, scale)
         log["held_out_acceptance"] = {
             "before": before,
-            "after": held_out_acceptance(model, eval_prompts, settings.block_lengths),
+            "after": held_out_acceptance(model, eval_prompts, settings.block_lengths, eval_modes),
             "num_prompts": len(eval_prompts),
             "max_new_tokens": 64,
         }

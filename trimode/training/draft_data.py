@@ -93,16 +93,18 @@ def validation_prompts(ck: Checkpoint, stream: torch.Tensor, settings) -> tuple[
 
 @torch.no_grad()
 def held_out_acceptance(
-    model: NLDModel, prompts: list[list[int]], block_lengths: tuple[int, ...], max_new_tokens: int = 64
-) -> dict[int, float]:
-    """Mean accepted tokens per draft/verify cycle of the runtime's self-speculation, per block length."""
+    model: NLDModel,
+    prompts: list[list[int]],
+    block_lengths: tuple[int, ...],
+    modes: tuple[Mode, ...] = (Mode.SELF_SPEC,),
+    max_new_tokens: int = 64,
+) -> dict[str, float]:
+    """Mean accepted tokens per cycle of the runtime's linear and/or quadratic self-speculation, per
+    mode and block length, labelled as `trimode eval` labels its runs ("self-spec/8", "quadratic/8")."""
     out = {}
-    for L in block_lengths:
-        results = generate(
-            model,
-            prompts,
-            GenerationSettings(mode=Mode.SELF_SPEC, block_length=L, max_new_tokens=max_new_tokens, ignore_eos=True),
-        )
-        accepted = [n for r in results for n in r.stats.accepted_lengths]
-        out[L] = round(sum(accepted) / len(accepted), 4)
+    for mode in modes:
+        for L in block_lengths:
+            settings = GenerationSettings(mode=mode, block_length=L, max_new_tokens=max_new_tokens, ignore_eos=True)
+            accepted = [n for r in generate(model, prompts, settings) for n in r.stats.accepted_lengths]
+            out[f"{mode.value}/{L}"] = round(sum(accepted) / len(accepted), 4)
     return out

@@ -6,6 +6,10 @@ prefill and verify passes leave in the cache. Block k = [seq[q], MASK x (L-1)] a
 q..q+L-1 sees the clean tokens < q and its own block (bidirectional), adapter ON: the runtime's
 draft pass at cache length q. Block logits at index i predict the token AT position q+i (spec §4),
 so draft index i must equal seq[q+i] for the verifier to accept it.
+
+A quadratic block (`quadratic=True`) is the same with a MASK at index 0: a quadratic pass's mask row
+after the verify chain's token at q-1 (spec/quadratic.md), whose first mask sits on the bonus
+position q the verifier fills; its indices 1..L-1 are the next cycle's drafts.
 """
 
 from __future__ import annotations
@@ -72,16 +76,20 @@ class DraftBatch:
     num_clean: int = 0
 
 
-def draft_layout(seqs: torch.Tensor, starts: torch.Tensor, block_length: int, mask_token_id: int) -> DraftBatch:
+def draft_layout(
+    seqs: torch.Tensor, starts: torch.Tensor, block_length: int, mask_token_id: int, quadratic: bool = False
+) -> DraftBatch:
     """seqs [b, S] (prompt + greedy continuation); starts [b, K]: each block's seed position q.
-    Block k = [seqs[q], MASK x (L-1)] at positions q..q+L-1; it sees clean tokens < q (the cached
-    prefix) and its own block (bidirectional); the clean sequence is causal and sees no block."""
+    Block k = [seqs[q], MASK x (L-1)] at positions q..q+L-1 (quadratic: MASK x L, the seed unseen);
+    it sees clean tokens < q (the cached prefix) and its own block (bidirectional); the clean
+    sequence is causal and sees no block."""
     b, S = seqs.shape
     K, L = starts.shape[1], block_length
     offsets = torch.arange(L)
     block_pos = starts[:, :, None] + offsets  # [b, K, L]
     block_tokens = torch.full((b, K, L), mask_token_id, dtype=seqs.dtype)
-    block_tokens[:, :, 0] = seqs.gather(1, starts)
+    if not quadratic:
+        block_tokens[:, :, 0] = seqs.gather(1, starts)
     targets = seqs.gather(1, (block_pos[:, :, 1:]).flatten(1)).view(b, K, L - 1)
     T = S + K * L
     tokens = torch.cat([seqs, block_tokens.flatten(1)], dim=1)
