@@ -35,7 +35,7 @@ def _policy_with(seconds: dict[Mode, float], acceptance: dict[Mode, float], b=2,
     policy.num_steps = 10
     for mode in CHOICES:
         policy.seconds[mode, b, width] = seconds[mode]
-        policy.last_run[mode, b, width], policy.runs[mode, b, width] = 10, WARMUP_RUNS
+        policy.last_run[mode, width], policy.runs[mode, b, width] = 10, WARMUP_RUNS
         if mode is not Mode.AR:
             policy.acceptance[mode, width] = acceptance[mode]
     return policy
@@ -90,7 +90,7 @@ def test_it_keeps_its_mode_unless_another_is_clearly_faster(batch_of_two):
     policy = _policy_with(
         {Mode.AR: 1e-3, Mode.SELF_SPEC: 2e-3, Mode.QUADRATIC: 1e-3}, {Mode.SELF_SPEC: 2.0, Mode.QUADRATIC: 1.0}
     )
-    policy.last_run[Mode.AR, 2, 4] += 1  # AR ran last
+    policy.last_run[Mode.AR, 4] += 1  # AR ran last
     policy.acceptance[Mode.QUADRATIC, 4] = 0.99 * SWITCH_GAIN  # AR 2000 tok/s, quadratic 1.98 x 1.04 / 1 ms
     assert policy.choose(batch_of_two) is Mode.AR
     policy.acceptance[Mode.QUADRATIC, 4] = 1.01 * SWITCH_GAIN
@@ -108,8 +108,20 @@ def test_it_measures_every_mode_first_and_refreshes_stale_ones(batch_of_two):
         policy.record(batch_of_two, mode, 1e-3, [False, False])
     assert ran == [m for m in CHOICES for _ in range(WARMUP_RUNS)]
     policy.num_steps += REFRESH_STEPS + 1
-    policy.last_run[Mode.AR, 2, 4] = policy.num_steps  # AR ran lately; the others did not
+    policy.last_run[Mode.AR, 4] = policy.num_steps  # AR ran lately; the others did not
     assert policy.choose(batch_of_two) is Mode.SELF_SPEC
+
+
+def test_a_new_batch_size_is_estimated_not_measured_again(batch_of_two):
+    """Measured at batch size 1 only (AR also at 2): at 2 a mode's time is its time at 1 scaled as
+    AR's, and nothing is forced to run again."""
+    policy = _policy_with(
+        {Mode.AR: 1e-3, Mode.SELF_SPEC: 3e-3, Mode.QUADRATIC: 1.6e-3}, {Mode.SELF_SPEC: 3, Mode.QUADRATIC: 2}, b=1
+    )
+    policy.seconds[Mode.AR, 2, 4] = 1.5e-3
+    assert policy.step_seconds(Mode.QUADRATIC, 2, 4) == pytest.approx(2.4e-3)
+    assert policy.step_seconds(Mode.SELF_SPEC, 8, 4) == pytest.approx(3e-3)  # AR not at 8: unscaled
+    assert policy.choose(batch_of_two) is Mode.QUADRATIC  # 4 tokens / 2.4 ms over AR's 2 / 1.5 ms
 
 
 def test_a_quadratic_cycle_without_drafts_is_not_counted(tiny):

@@ -8,10 +8,13 @@ rate:
     rate(mode) = sum over the batch of E[tokens per cycle] / seconds per step (mode, batch size)
 
 - seconds per step: measured here, on this machine and this backend, as a running mean of the
-  mode's whole step (passes, host work, the host sync) per batch size. A mode is run twice at a
-  batch size before its time is trusted (the first run may pay one-time costs: it is replaced by the
-  second), exploring being free since every mode emits the same tokens; and a mode not run for
-  REFRESH_STEPS steps is run once again, since acceptance and load drift.
+  mode's whole step (passes, host work, the host sync) per batch size (a second run replaces the
+  first, which may pay one-time costs). Each mode is run WARMUP_RUNS times at the first batch size
+  it meets; at a batch size where a mode has not run, its time is its time at the nearest batch
+  size it ran at, scaled as AR's time scales between the two (when AR ran at both). Exploring is
+  free, since every mode emits the same tokens: an estimate that flatters a mode gets it run, and so
+  measured; and a mode not run for REFRESH_STEPS steps is run once again, since acceptance, load and
+  batch sizes drift.
 - tokens per cycle: each sequence's running mean for that mode (AR: 1), or, before it has one,
   the running mean over every sequence so far (none yet: EXPLORE_PRIOR, optimistic, so it is tried).
 A quadratic cycle right after another mode has no drafts (it accepts 1): it is not counted in the
@@ -31,8 +34,8 @@ from trimode.passes import Mode
 
 CHOICES = (Mode.AR, Mode.SELF_SPEC, Mode.QUADRATIC)
 ALPHA = 0.2  # weight of the newest sample in a running mean
-REFRESH_STEPS = 32
-WARMUP_RUNS = 2  # runs of a mode at a batch size before its time is trusted
+REFRESH_STEPS = 64
+WARMUP_RUNS = 2  # runs of a mode at its first batch size before its time is trusted
 SWITCH_GAIN = 1.05
 EXPLORE_PRIOR = 2.0  # tokens per cycle assumed for a speculative mode nobody has run yet
 
@@ -43,7 +46,7 @@ class AutoPolicy:
         self.policies = policies
         self.seconds: dict[tuple[Mode, int, int], float] = {}  # (mode, batch size, block length) -> per step
         self.acceptance: dict[tuple[Mode, int], float] = {}  # (mode, block length) -> over every sequence
-        self.last_run: dict[tuple[Mode, int, int], int] = {}
+        self.last_run: dict[tuple[Mode, int], int] = {}  # (mode, block length) -> the step it last ran
         self.runs: Counter = Counter()  # (mode, batch size, block length) -> steps run
         self.num_steps = 0
 
@@ -56,22 +59,32 @@ class AutoPolicy:
         return new
 
     def choose(self, batch: Batch) -> Mode:
-        b, width = len(batch), batch.seqs[0].block_length
+        width = batch.seqs[0].block_length
         self.num_steps += 1
         for mode in CHOICES:  # measure first, then refresh what was not run for a while
-            key = (mode, b, width)
-            if self.runs[key] < WARMUP_RUNS or self.num_steps - self.last_run[key] > REFRESH_STEPS:
+            ran = sum(n for (m, _, w), n in self.runs.items() if m is mode and w == width)
+            if ran < WARMUP_RUNS or self.num_steps - self.last_run[mode, width] > REFRESH_STEPS:
                 return mode
         rates = {mode: self.rate(batch, mode) for mode in CHOICES}
         best = max(rates, key=rates.__getitem__)
-        current = max(CHOICES, key=lambda mode: self.last_run[mode, b, width])  # the mode run last
+        current = max(CHOICES, key=lambda mode: self.last_run[mode, width])  # the mode run last
         return current if rates[best] < SWITCH_GAIN * rates[current] else best
 
     def rate(self, batch: Batch, mode: Mode) -> float:
         """Expected tokens per second of one step of mode over this batch."""
         width = batch.seqs[0].block_length
         tokens = sum(self.expected_tokens(s, mode) for s in batch.seqs)
-        return tokens / self.seconds[mode, len(batch), width]
+        return tokens / self.step_seconds(mode, len(batch), width)
+
+    def step_seconds(self, mode: Mode, b: int, width: int) -> float:
+        """Measured at batch size b, else the nearest batch size's, scaled as AR's (module doc)."""
+        if (mode, b, width) in self.seconds:
+            return self.seconds[mode, b, width]
+        ran = [size for m, size, w in self.seconds if m is mode and w == width]
+        near = min(ran, key=lambda size: (abs(size - b), size))
+        ar_here, ar_there = self.seconds.get((Mode.AR, b, width)), self.seconds.get((Mode.AR, near, width))
+        scale = ar_here / ar_there if ar_here and ar_there else 1.0
+        return self.seconds[mode, near, width] * scale
 
     def expected_tokens(self, seq, mode: Mode) -> float:
         if mode is Mode.AR:
@@ -83,7 +96,7 @@ class AutoPolicy:
         key = (mode, b, width)
         self.seconds[key] = seconds if self.runs[key] < WARMUP_RUNS else _mean(self.seconds[key], seconds)
         self.runs[key] += 1
-        self.last_run[key] = self.num_steps
+        self.last_run[mode, width] = self.num_steps
         for seq, drafted in zip(batch.seqs, had_drafts):
             seq.stats.auto_cycles[mode.value] += 1
             if mode is not Mode.QUADRATIC:
