@@ -6,17 +6,24 @@ engine model neither the thread sending the last step's responses nor the stub's
 (new requests, cancellations). Measured in docs/performance.md ("Pass efficiency"). This binding
 wraps the same C++ loader (`torch::inductor::AOTIModelPackageLoader`) and runs `boxed_run` under
 `py::gil_scoped_release`; torch's binding cannot be reused from an extension (pybind refuses the
-cast). It is compiled once per machine and torch version on first use (torch.utils.cpp_extension
-and ninja, about 30 s, kept in ~/.cache/trimode); where that fails (no compiler, headers or ninja),
-the packages load through torch's binding as before, with one warning.
+cast). It is compiled once per machine, torch version and source on first use (torch.utils.cpp_extension
+and ninja, about 30 s, kept in ~/.cache/trimode); where that fails (no compiler, headers or ninja,
+or a build past BUILD_TIMEOUT_S), the packages load through torch's binding as before, with one warning.
+The build runs in a child process, in a folder of its own, and moves the library into place when
+done: torch's build lock, which a second process waits on for ever (and a killed build leaves
+behind), is never shared.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import importlib.util
 import os
+import signal
+import subprocess
 import sys
-import time
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -67,26 +74,56 @@ class Package:
         self.loader.load_constants(constants, check_full_update)
 
 
-_STALE_LOCK_S = 600  # a build takes ~30 s; a lock this old is a killed build's (SIGKILL skips its cleanup)
+NAME = "trimode_aoti_loader"
+BUILD_TIMEOUT_S = 300.0  # about 30 s on a 2-core box; longer, and the packages load through torch's binding
+_BUILD = (
+    "import sys; from torch.utils.cpp_extension import load_inline; "
+    "load_inline(sys.argv[1], cpp_sources=[sys.stdin.read()], build_directory=sys.argv[2], verbose=False)"
+)
+
+
+def library_path() -> Path:
+    """Where the compiled binding lives: one file per torch version, Python version and source."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "trimode"
+    digest = hashlib.sha256(_SOURCE.encode()).hexdigest()[:12]
+    return cache / f"{NAME}-torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{digest}.so"
 
 
 @functools.cache
 def _extension() -> Any:
-    from torch.utils.cpp_extension import load_inline
+    path = library_path()
+    if not path.is_file():
+        build(path)
+    spec = importlib.util.spec_from_file_location(NAME, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    folder = cache / "trimode" / f"aoti_loader-torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
-    folder.mkdir(parents=True, exist_ok=True)
-    clear_stale_lock(folder)
-    return load_inline("trimode_aoti_loader", cpp_sources=[_SOURCE], build_directory=str(folder), verbose=False)
 
-
-def clear_stale_lock(folder: Path) -> None:
-    """torch's build lock: while it exists a second process waits for ever, so one left by a killed
-    build (SIGKILL skips its cleanup) is removed once older than any build."""
-    lock = folder / "lock"
-    if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
-        lock.unlink(missing_ok=True)
+def build(path: Path) -> None:
+    """Compile the binding to `path`: in a child process (its whole process group killed past
+    BUILD_TIMEOUT_S), in a temporary folder beside `path`, then one atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".build-") as folder:
+        child = subprocess.Popen(
+            [sys.executable, "-c", _BUILD, NAME, folder],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,  # its compiler and linker are killed with it
+        )
+        try:
+            output, _ = child.communicate(_SOURCE, timeout=BUILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            raise RuntimeError(f"the build took over {BUILD_TIMEOUT_S:g} s and was stopped") from None
+        if child.returncode != 0:
+            lines = output.strip().splitlines()
+            raise RuntimeError(lines[-1] if lines else f"the build exited with status {child.returncode}")
+        os.replace(Path(folder) / f"{NAME}.so", path)
 
 
 @functools.cache
