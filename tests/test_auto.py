@@ -7,7 +7,7 @@ import pytest
 from test_decoding import prompts_of, run, tokens_of
 
 from trimode.decoding import Engine, EngineConfig, GenerationSettings, Mode, engine_for, generate
-from trimode.decoding.auto import CHOICES, REFRESH_STEPS, SWITCH_GAIN, WARMUP_RUNS, AutoPolicy
+from trimode.decoding.auto import CHOICES, EXPLORE_SHARE, SWITCH_GAIN, WARMUP_RUNS, AutoPolicy
 from trimode.decoding.batch import Batch
 
 
@@ -29,13 +29,15 @@ def test_auto_greedy_equals_ar_whatever_it_runs(request, ck_name, block_length, 
     assert tokens_of(auto) == tokens_of(ar)
 
 
+NOW = 1000.0  # the clock the tests choose at (choose's `now`)
+
+
 def _policy_with(seconds: dict[Mode, float], acceptance: dict[Mode, float], b=2, width=4) -> AutoPolicy:
-    """A policy whose measurements are given: every mode measured at batch size b, none stale."""
+    """A policy whose measurements are given: every mode measured at batch size b, none stale at NOW."""
     policy = AutoPolicy({})
-    policy.num_steps = 10
     for mode in CHOICES:
         policy.seconds[mode, b, width] = seconds[mode]
-        policy.last_run[mode, width], policy.runs[mode, b, width] = 10, WARMUP_RUNS
+        policy.last_run[mode, width], policy.runs[mode, b, width] = NOW, WARMUP_RUNS
         if mode is not Mode.AR:
             policy.acceptance[mode, width] = acceptance[mode]
     return policy
@@ -73,31 +75,31 @@ def batch_of_two(tiny):
     ],
 )
 def test_it_chooses_the_highest_rate(batch_of_two, seconds, acceptance, expected):
-    assert _policy_with(seconds, acceptance).choose(batch_of_two) is expected
+    assert _policy_with(seconds, acceptance).choose(batch_of_two, NOW) is expected
 
 
 def test_a_sequences_own_acceptance_outweighs_the_mean(batch_of_two):
     policy = _policy_with(
         {Mode.AR: 1e-3, Mode.SELF_SPEC: 2e-3, Mode.QUADRATIC: 2e-3}, {Mode.SELF_SPEC: 3, Mode.QUADRATIC: 1}
     )
-    assert policy.choose(batch_of_two) is Mode.SELF_SPEC
+    assert policy.choose(batch_of_two, NOW) is Mode.SELF_SPEC
     for seq in batch_of_two.seqs:  # these two draft badly with linear self-spec, well with quadratic
         seq.acceptance = {Mode.SELF_SPEC: 1.5, Mode.QUADRATIC: 3.5}
-    assert policy.choose(batch_of_two) is Mode.QUADRATIC
+    assert policy.choose(batch_of_two, NOW) is Mode.QUADRATIC
 
 
 def test_it_keeps_its_mode_unless_another_is_clearly_faster(batch_of_two):
     policy = _policy_with(
         {Mode.AR: 1e-3, Mode.SELF_SPEC: 2e-3, Mode.QUADRATIC: 1e-3}, {Mode.SELF_SPEC: 2.0, Mode.QUADRATIC: 1.0}
     )
-    policy.last_run[Mode.AR, 4] += 1  # AR ran last
+    policy.last_run[Mode.AR, 4] += 1e-6  # AR ran last
     policy.acceptance[Mode.QUADRATIC, 4] = 0.99 * SWITCH_GAIN  # AR 2000 tok/s, quadratic 1.98 x 1.04 / 1 ms
-    assert policy.choose(batch_of_two) is Mode.AR
+    assert policy.choose(batch_of_two, NOW) is Mode.AR
     policy.acceptance[Mode.QUADRATIC, 4] = 1.01 * SWITCH_GAIN
-    assert policy.choose(batch_of_two) is Mode.QUADRATIC
+    assert policy.choose(batch_of_two, NOW) is Mode.QUADRATIC
 
 
-def test_it_measures_every_mode_first_and_refreshes_stale_ones(batch_of_two):
+def test_it_measures_every_mode_first(batch_of_two):
     policy = AutoPolicy({})
     for seq in batch_of_two.seqs:  # as if each step had accepted 2
         seq.stats.accepted_lengths.append(2)
@@ -107,9 +109,27 @@ def test_it_measures_every_mode_first_and_refreshes_stale_ones(batch_of_two):
         ran.append(mode)
         policy.record(batch_of_two, mode, 1e-3, [False, False])
     assert ran == [m for m in CHOICES for _ in range(WARMUP_RUNS)]
-    policy.num_steps += REFRESH_STEPS + 1
-    policy.last_run[Mode.AR, 4] = policy.num_steps  # AR ran lately; the others did not
-    assert policy.choose(batch_of_two) is Mode.SELF_SPEC
+
+
+def test_a_mode_is_measured_again_when_that_costs_at_most_its_share_of_the_time(batch_of_two):
+    """AR is the best and runs; quadratic (20 ms a step) is run again once EXPLORE_SHARE of the time
+    since it last ran pays for that step, self-spec (1 ms) far sooner."""
+    policy = _policy_with(
+        {Mode.AR: 1e-3, Mode.SELF_SPEC: 1e-3, Mode.QUADRATIC: 20e-3}, {Mode.SELF_SPEC: 1.0, Mode.QUADRATIC: 1.0}
+    )
+    now, since = NOW + 10, {}  # seconds since each mode last ran
+
+    def choose() -> Mode:
+        for mode in CHOICES:
+            policy.last_run[mode, 4] = now - since.get(mode, 0.0)  # AR just ran
+        return policy.choose(batch_of_two, now)
+
+    since = {Mode.SELF_SPEC: 0.9e-3 / EXPLORE_SHARE, Mode.QUADRATIC: 19e-3 / EXPLORE_SHARE}
+    assert choose() is Mode.AR
+    since[Mode.SELF_SPEC] = 1.1e-3 / EXPLORE_SHARE
+    assert choose() is Mode.SELF_SPEC
+    since = {Mode.QUADRATIC: 21e-3 / EXPLORE_SHARE}
+    assert choose() is Mode.QUADRATIC
 
 
 def test_a_new_batch_size_is_estimated_not_measured_again(batch_of_two):
@@ -121,7 +141,7 @@ def test_a_new_batch_size_is_estimated_not_measured_again(batch_of_two):
     policy.seconds[Mode.AR, 2, 4] = 1.5e-3
     assert policy.step_seconds(Mode.QUADRATIC, 2, 4) == pytest.approx(2.4e-3)
     assert policy.step_seconds(Mode.SELF_SPEC, 8, 4) == pytest.approx(3e-3)  # AR not at 8: unscaled
-    assert policy.choose(batch_of_two) is Mode.QUADRATIC  # 4 tokens / 2.4 ms over AR's 2 / 1.5 ms
+    assert policy.choose(batch_of_two, NOW) is Mode.QUADRATIC  # 4 tokens / 2.4 ms over AR's 2 / 1.5 ms
 
 
 def test_a_quadratic_cycle_without_drafts_is_not_counted(tiny):

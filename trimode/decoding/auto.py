@@ -12,9 +12,11 @@ rate:
   first, which may pay one-time costs). Each mode is run WARMUP_RUNS times at the first batch size
   it meets; at a batch size where a mode has not run, its time is its time at the nearest batch
   size it ran at, scaled as AR's time scales between the two (when AR ran at both). Exploring is
-  free, since every mode emits the same tokens: an estimate that flatters a mode gets it run, and so
-  measured; and a mode not run for REFRESH_STEPS steps is run once again, since acceptance, load and
-  batch sizes drift.
+  free of loss, since every mode emits the same tokens, but not of time: an estimate that flatters a
+  mode gets it run, and so measured; and a mode not run lately is run once again (acceptance, load
+  and batch sizes drift) when that one step costs at most EXPLORE_SHARE of the time since it last
+  ran. (Measured on CPU: a quadratic step at batch 8 took 17x an AR step; re-measuring it every 64
+  steps cost auto a quarter of its speed.)
 - tokens per cycle: each sequence's running mean for that mode (AR: 1), or, before it has one,
   the running mean over every sequence so far (none yet: EXPLORE_PRIOR, optimistic, so it is tried).
 A quadratic cycle right after another mode has no drafts (it accepts 1): it is not counted in the
@@ -34,7 +36,7 @@ from trimode.passes import Mode
 
 CHOICES = (Mode.AR, Mode.SELF_SPEC, Mode.QUADRATIC)
 ALPHA = 0.2  # weight of the newest sample in a running mean
-REFRESH_STEPS = 64
+EXPLORE_SHARE = 0.01  # of the time, at most, spent re-measuring each mode that is not the best
 WARMUP_RUNS = 2  # runs of a mode at its first batch size before its time is trusted
 SWITCH_GAIN = 1.05
 EXPLORE_PRIOR = 2.0  # tokens per cycle assumed for a speculative mode nobody has run yet
@@ -46,9 +48,8 @@ class AutoPolicy:
         self.policies = policies
         self.seconds: dict[tuple[Mode, int, int], float] = {}  # (mode, batch size, block length) -> per step
         self.acceptance: dict[tuple[Mode, int], float] = {}  # (mode, block length) -> over every sequence
-        self.last_run: dict[tuple[Mode, int], int] = {}  # (mode, block length) -> the step it last ran
+        self.last_run: dict[tuple[Mode, int], float] = {}  # (mode, block length) -> when it last ran (perf_counter)
         self.runs: Counter = Counter()  # (mode, batch size, block length) -> steps run
-        self.num_steps = 0
 
     def step(self, batch: Batch, config: DecodeConfig) -> list[list[int]]:
         mode = self.choose(batch)
@@ -58,12 +59,14 @@ class AutoPolicy:
         self.record(batch, mode, time.perf_counter() - started, had_drafts)
         return new
 
-    def choose(self, batch: Batch) -> Mode:
-        width = batch.seqs[0].block_length
-        self.num_steps += 1
+    def choose(self, batch: Batch, now: float | None = None) -> Mode:
+        b, width = len(batch), batch.seqs[0].block_length
+        now = time.perf_counter() if now is None else now
         for mode in CHOICES:  # measure first, then refresh what was not run for a while
             ran = sum(n for (m, _, w), n in self.runs.items() if m is mode and w == width)
-            if ran < WARMUP_RUNS or self.num_steps - self.last_run[mode, width] > REFRESH_STEPS:
+            if ran < WARMUP_RUNS:
+                return mode
+            if now - self.last_run[mode, width] > self.step_seconds(mode, b, width) / EXPLORE_SHARE:
                 return mode
         rates = {mode: self.rate(batch, mode) for mode in CHOICES}
         best = max(rates, key=rates.__getitem__)
@@ -96,7 +99,7 @@ class AutoPolicy:
         key = (mode, b, width)
         self.seconds[key] = seconds if self.runs[key] < WARMUP_RUNS else _mean(self.seconds[key], seconds)
         self.runs[key] += 1
-        self.last_run[mode, width] = self.num_steps
+        self.last_run[mode, width] = time.perf_counter()
         for seq, drafted in zip(batch.seqs, had_drafts):
             seq.stats.auto_cycles[mode.value] += 1
             if mode is not Mode.QUADRATIC:
