@@ -7,7 +7,7 @@ import pytest
 from test_decoding import prompts_of, run, tokens_of
 
 from trimode.decoding import Engine, EngineConfig, GenerationSettings, Mode, engine_for, generate
-from trimode.decoding.auto import CHOICES, EXPLORE_SHARE, SWITCH_GAIN, WARMUP_RUNS, AutoPolicy
+from trimode.decoding.auto import CHOICES, EXPLORE_RATIO, EXPLORE_SHARE, SWITCH_GAIN, WARMUP_RUNS, AutoPolicy
 from trimode.decoding.batch import Batch
 
 
@@ -112,10 +112,11 @@ def test_it_measures_every_mode_first(batch_of_two):
 
 
 def test_a_mode_is_measured_again_when_that_costs_at_most_its_share_of_the_time(batch_of_two):
-    """AR is the best and runs; quadratic (20 ms a step) is run again once EXPLORE_SHARE of the time
-    since it last ran pays for that step, self-spec (1 ms) far sooner."""
+    """AR is the best (2 tokens / 1 ms) and runs; self-spec (1.5 / 1 ms) is run again once
+    EXPLORE_SHARE of the time since it last ran pays for that one step, quadratic (30 / 20 ms) 20x later;
+    a mode estimated below EXPLORE_RATIO of the best's rate never is."""
     policy = _policy_with(
-        {Mode.AR: 1e-3, Mode.SELF_SPEC: 1e-3, Mode.QUADRATIC: 20e-3}, {Mode.SELF_SPEC: 1.0, Mode.QUADRATIC: 1.0}
+        {Mode.AR: 1e-3, Mode.SELF_SPEC: 1e-3, Mode.QUADRATIC: 20e-3}, {Mode.SELF_SPEC: 0.75, Mode.QUADRATIC: 15}
     )
     now, since = NOW + 10, {}  # seconds since each mode last ran
 
@@ -130,6 +131,9 @@ def test_a_mode_is_measured_again_when_that_costs_at_most_its_share_of_the_time(
     assert choose() is Mode.SELF_SPEC
     since = {Mode.QUADRATIC: 21e-3 / EXPLORE_SHARE}
     assert choose() is Mode.QUADRATIC
+    policy.acceptance[Mode.QUADRATIC, 4] = 0.99 * EXPLORE_RATIO * 20  # now below EXPLORE_RATIO x AR's rate
+    since = {Mode.QUADRATIC: 1e6}
+    assert choose() is Mode.AR
 
 
 def test_a_new_batch_size_is_estimated_not_measured_again(batch_of_two):

@@ -15,8 +15,10 @@ rate:
   free of loss, since every mode emits the same tokens, but not of time: an estimate that flatters a
   mode gets it run, and so measured; and a mode not run lately is run once again (acceptance, load
   and batch sizes drift) when that one step costs at most EXPLORE_SHARE of the time since it last
-  ran. (Measured on CPU: a quadratic step at batch 8 took 17x an AR step; re-measuring it every 64
-  steps cost auto a quarter of its speed.)
+  ran, and only while its estimated rate is within EXPLORE_RATIO of the best's: drift seldom closes a
+  wider gap, and where it does the estimate at another batch size will flatter it. (Measured on
+  CPU: a quadratic step at batch 8 took 17x an AR step; re-measuring it every 64 steps cost auto a
+  quarter of its speed.)
 - tokens per cycle: each sequence's running mean for that mode (AR: 1), or, before it has one,
   the running mean over every sequence so far (none yet: EXPLORE_PRIOR, optimistic, so it is tried).
 A quadratic cycle right after another mode has no drafts (it accepts 1): it is not counted in the
@@ -37,6 +39,7 @@ from trimode.passes import Mode
 CHOICES = (Mode.AR, Mode.SELF_SPEC, Mode.QUADRATIC)
 ALPHA = 0.2  # weight of the newest sample in a running mean
 EXPLORE_SHARE = 0.01  # of the time, at most, spent re-measuring each mode that is not the best
+EXPLORE_RATIO = 0.7  # a mode estimated slower than this share of the best's rate is not re-measured
 WARMUP_RUNS = 2  # runs of a mode at its first batch size before its time is trusted
 SWITCH_GAIN = 1.05
 EXPLORE_PRIOR = 2.0  # tokens per cycle assumed for a speculative mode nobody has run yet
@@ -62,14 +65,15 @@ class AutoPolicy:
     def choose(self, batch: Batch, now: float | None = None) -> Mode:
         b, width = len(batch), batch.seqs[0].block_length
         now = time.perf_counter() if now is None else now
-        for mode in CHOICES:  # measure first, then refresh what was not run for a while
-            ran = sum(n for (m, _, w), n in self.runs.items() if m is mode and w == width)
-            if ran < WARMUP_RUNS:
-                return mode
-            if now - self.last_run[mode, width] > self.step_seconds(mode, b, width) / EXPLORE_SHARE:
+        for mode in CHOICES:  # measure first
+            if sum(n for (m, _, w), n in self.runs.items() if m is mode and w == width) < WARMUP_RUNS:
                 return mode
         rates = {mode: self.rate(batch, mode) for mode in CHOICES}
         best = max(rates, key=rates.__getitem__)
+        for mode in CHOICES:  # then refresh what was not run for a while, if it might be the best
+            stale = now - self.last_run[mode, width] > self.step_seconds(mode, b, width) / EXPLORE_SHARE
+            if stale and rates[mode] >= EXPLORE_RATIO * rates[best]:
+                return mode
         current = max(CHOICES, key=lambda mode: self.last_run[mode, width])  # the mode run last
         return current if rates[best] < SWITCH_GAIN * rates[current] else best
 
