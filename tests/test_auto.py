@@ -164,3 +164,15 @@ def test_a_quadratic_cycle_without_drafts_is_not_counted(tiny):
     policy.choose = lambda batch: Mode.AR
     engine.step()
     assert seq.drafts is None  # AR moved the cache on: the next quadratic cycle drafts afresh
+
+
+def test_one_lucky_cycle_moves_a_sequences_acceptance_from_the_mean_not_to_itself(batch_of_two):
+    policy = _policy_with(
+        {Mode.AR: 1e-3, Mode.SELF_SPEC: 2e-3, Mode.QUADRATIC: 2e-3}, {Mode.SELF_SPEC: 3.0, Mode.QUADRATIC: 2.0}
+    )
+    for seq in batch_of_two.seqs:
+        seq.stats.accepted_lengths.append(8)
+    policy.record(batch_of_two, Mode.SELF_SPEC, 2e-3, [True, True])
+    assert [seq.acceptance[Mode.SELF_SPEC] for seq in batch_of_two.seqs] == [
+        pytest.approx(4.0)
+    ] * 2  # 0.8 x 3 + 0.2 x 8

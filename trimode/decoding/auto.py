@@ -19,8 +19,9 @@ rate:
   wider gap, and where it does the estimate at another batch size will flatter it. (Measured on
   CPU: a quadratic step at batch 8 took 17x an AR step; re-measuring it every 64 steps cost auto a
   quarter of its speed.)
-- tokens per cycle: each sequence's running mean for that mode (AR: 1), or, before it has one,
-  the running mean over every sequence so far (none yet: EXPLORE_PRIOR, optimistic, so it is tried).
+- tokens per cycle: each sequence's running mean for that mode (AR: 1), which starts from the
+  running mean over every sequence so far (none yet: EXPLORE_PRIOR, optimistic, so it is tried), so
+  that one lucky cycle does not send a batch to a slower mode.
 A quadratic cycle right after another mode has no drafts (it accepts 1): it is not counted in the
 quadratic mean. The current mode is kept unless another is SWITCH_GAIN better, so a batch does
 not flap between two modes of equal rate. At temperature > 0 every mode samples the same
@@ -104,6 +105,7 @@ class AutoPolicy:
         self.seconds[key] = seconds if self.runs[key] < WARMUP_RUNS else _mean(self.seconds[key], seconds)
         self.runs[key] += 1
         self.last_run[mode, width] = time.perf_counter()
+        prior = self.acceptance.get((mode, width))  # the mean before this step: every sequence starts from it
         for seq, drafted in zip(batch.seqs, had_drafts):
             seq.stats.auto_cycles[mode.value] += 1
             if mode is not Mode.QUADRATIC:
@@ -111,7 +113,7 @@ class AutoPolicy:
             if mode is Mode.AR or (mode is Mode.QUADRATIC and not drafted):
                 continue
             n = seq.stats.accepted_lengths[-1]
-            seq.acceptance[mode] = _mean(seq.acceptance.get(mode), n)
+            seq.acceptance[mode] = _mean(seq.acceptance.get(mode, prior), n)  # one lucky cycle moves it 20%
             self.acceptance[mode, width] = _mean(self.acceptance.get((mode, width)), n)
 
 
