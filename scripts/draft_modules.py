@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     }
     began = time.perf_counter()
     for step in range(s.steps):
-        train_step(model, loras, optim, pool.take(s.batch_size), step, L, s, generator)
+        train_step(model, loras, optim, pool.take(s.batch_size), step, L, False, s, generator)  # linear rows
     report["seconds"] = round(time.perf_counter() - began, 1)
     report["after"] = path_estimate(model, loras, held, s.prompt_len, L, mask_id)
     report["eval_after"] = path_estimate(model, loras, eval_held, s.prompt_len, L, mask_id)

@@ -192,7 +192,12 @@ def test_a_ctrl_c_that_a_child_process_dies_of_first_exits_130(runner, tiny_dir,
         raise subprocess.CalledProcessError(-signal.SIGINT, ["g++"])  # the compiler, killed by the same Ctrl-C
 
     monkeypatch.setattr(trimode.builder, "build_engine", build_engine)
-    result = runner.invoke(main, ["build", str(tiny_dir), "--out", str(tmp_path / "engine")])
+    # a fresh interpreter's handler (a test run before this one in the same worker may have left another)
+    found = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        result = runner.invoke(main, ["build", str(tiny_dir), "--out", str(tmp_path / "engine")])
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back after the command
+    finally:
+        signal.signal(signal.SIGINT, found)
     assert result.exit_code == 130, result.output
     assert result.stderr.strip() == "Error: interrupted" and "Traceback" not in result.output
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back after the command
