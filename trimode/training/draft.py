@@ -37,7 +37,7 @@ from trimode.training.draft_objective import (
 )
 
 WEIGHTINGS = ("accept", "ce")
-DRAFT_MODES = ("self-spec", "quadratic")  # the modes whose drafts the adapter makes: their row patterns
+DRAFT_MODES = (Mode.SELF_SPEC.value, Mode.QUADRATIC.value)  # the modes whose drafts the adapter makes: their rows
 STAGE = "train-draft"
 
 
