@@ -298,6 +298,8 @@ class CompiledBackend:
         self.constants = constants  # the programs read these tensors in place (user-managed): keep them alive
         self.key_index = torch.arange(max_seq_len, device=device)
         self.causal = {pattern: torch.tensor(pattern == Pattern.CAUSAL, device=device) for pattern in Pattern}
+        self.zeros: dict[int, torch.Tensor] = {}  # by batch size: the logit index of the kinds that ignore it
+        self.chosen: dict[tuple, AOTICompiledModel] = {}  # (kind, chunk length, one row) -> its program, once looked up
 
     def __call__(
         self,
@@ -309,12 +311,16 @@ class CompiledBackend:
         logit_index: torch.Tensor | None,
     ) -> PassOutput:
         L = tokens.shape[1]
-        shape, program = lookup(self.programs, kind, L, self.max_input_len)
-        if len(slots) == 1:
-            program = self.batch1_programs.get(shape.name, program)
+        key = (kind, L, len(slots) == 1)
+        if key not in self.chosen:
+            shape, program = lookup(self.programs, kind, L, self.max_input_len)
+            self.chosen[key] = self.batch1_programs.get(shape.name, program) if len(slots) == 1 else program
+        program = self.chosen[key]
         span = min(-(-(max(lengths) + L) // SPAN_ALIGN) * SPAN_ALIGN, self.max_seq_len)
-        if logit_index is None:
-            logit_index = torch.zeros(len(slots), dtype=torch.long, device=self.device)
+        if logit_index is None:  # read only by the programs: one tensor per batch size, made once
+            if len(slots) not in self.zeros:
+                self.zeros[len(slots)] = torch.zeros(len(slots), dtype=torch.long, device=self.device)
+            logit_index = self.zeros[len(slots)]
         inputs = [
             tokens,
             torch.tensor(lengths, device=self.device),

@@ -170,6 +170,33 @@ def test_one_host_sync_per_step(tiny, monkeypatch, mode, fetches_per_step):
         assert len(calls) == fetches_per_step
 
 
+def test_fetch_gives_what_tolist_gives(tiny):
+    """fetch sends everything over as one flat tensor and cuts it on the host: every shape a policy
+    fetches (rows, blocks, log probs with and without top ids, token ids beside floats) comes back
+    as Tensor.tolist would give it, and a non-finite pass seen since the last fetch raises."""
+    from trimode.decoding.logprobs import LogProbs
+
+    engine = Engine(tiny.model, EngineConfig(max_slots=3, max_seq_len=64))
+    seqs = [engine.add([1, 2, 3], SamplingParams(max_new_tokens=4)) for _ in range(3)]
+    engine.step()  # prefill: each holds a slot
+    batch = Batch(engine.runner, seqs)
+    gen = torch.Generator().manual_seed(0)
+    ids, block = torch.randint(0, 99, (3,), generator=gen), torch.randint(0, 99, (3, 5), generator=gen)
+    for num_top in (0, 2):
+        lp = LogProbs(
+            torch.randn(3, 5, generator=gen), torch.randint(0, 99, (3, 5, num_top)), torch.randn(3, 5, num_top)
+        )
+        got_ids, got_block, got_lp, nothing = batch.fetch(ids, block, lp, None)
+        assert got_ids == ids.tolist() and got_block == block.tolist() and nothing == [None] * 3
+        assert all(isinstance(t, int) for t in got_ids)  # ids, not the floats they travelled as
+        want = [[(v, list(zip(i, w))) for v, i, w in zip(*rows)] for rows in zip(*(t.tolist() for t in lp))]
+        assert got_lp == [[(pytest.approx(v), top) for v, top in row] for row in want]
+    assert batch.fetch(ids) == [ids.tolist()]
+    batch._is_finite.append(torch.tensor(False))
+    with pytest.raises(NumericalError, match="non-finite"):
+        batch.fetch(ids)
+
+
 def test_random_streams_are_per_sequence():
     params = SamplingParams(seed=5)
     a, b = (Sequence(i, [1], params, DecodeConfig(), 8, frozenset()) for i in range(2))

@@ -131,8 +131,10 @@ class Engine:
         for group in self._prefill_groups(prefilling):
             for seq, tokens in zip(group, prefill(Batch(self.runner, group), self.config.prefill_chunk)):
                 new[seq.id] = tokens
-        key = lambda s: (s.decoding.mode.value, s.block_length, str(s.decoding.commit_threshold))  # noqa: E731
-        for _, same in itertools.groupby(sorted(cycling, key=key), key=key):
+        groups: dict[tuple, list[Sequence]] = {}
+        for seq in cycling:
+            groups.setdefault((seq.decoding.mode, seq.block_length, seq.decoding.commit_threshold), []).append(seq)
+        for same in groups.values():
             group = sorted(same, key=lambda s: s.held_slot)  # ascending slots: contiguous rows need no gather
             policy = self.policies[group[0].decoding.mode]
             for seq, tokens in zip(group, policy.step(Batch(self.runner, group), group[0].decoding)):

@@ -68,7 +68,8 @@ class EagerBackend:
         logit_index: torch.Tensor | None,
     ) -> torch.Tensor:
         batch = KVCache(pool.k, pool.v, torch.tensor(lengths, device=tokens.device), pool.slot_tables(slots))
-        return self.model(tokens, batch, kind, None, logit_index, (min(lengths), max(lengths)), self.kernels)
+        with torch.no_grad():
+            return self.model(tokens, batch, kind, None, logit_index, (min(lengths), max(lengths)), self.kernels)
 
 
 class PassClock:
@@ -108,7 +109,7 @@ class PassClock:
 
 class ModelRunner:
     def __init__(self, model: NLDModel, config: EngineConfig, backend=None):
-        self.model = model
+        self.model, self.device = model, model.device
         self.clock = PassClock(model.device)
         self.kernels = use_kernels(model.device)  # the plugins' kernels or the torch references, decided once
         self.backend = backend or EagerBackend(model, self.kernels)
@@ -141,7 +142,6 @@ class ModelRunner:
             row = torch.tensor(blocks[start:], dtype=torch.long)
             self.cache.block_tables[slot, start : len(blocks)] = row.to(self.cache.block_tables.device)
 
-    @torch.no_grad()
     def run(
         self, kind: PassKind, tokens: torch.Tensor, slots: list[int], logit_index: torch.Tensor | None = None
     ) -> PassOutput:
