@@ -52,6 +52,9 @@ class ListSink:
     def is_cancelled(self) -> bool:
         return self.cancelled
 
+    def is_busy(self) -> bool:
+        return False
+
 
 def request(prompt, max_tokens=6, stream=False, mode="ar") -> Request:
     return Request(prompt, SamplingParams(max_tokens, ignore_eos=True), DecodeConfig(mode, 4), stream, False)
@@ -95,6 +98,44 @@ def test_loop_batches_streams_and_matches_solo(tiny, engine):
     assert [bool(r["is_final"][0, 0]) for r in streamed] == [False] * 5 + [True]
     handles = {int(r["sequence_id"][0, 0]) for r in streamed}  # one, random (not the engine's sequence id 0)
     assert len(handles) == 1 and handles != {0} and handles != {int(sinks[1].responses[-1]["sequence_id"][0, 0])}
+
+
+class BusySink(ListSink):
+    """A sink whose responses leave slowly (a send thread behind a busy pipeline): each one stays
+    in flight for the next `hold` times the loop asks."""
+
+    def __init__(self, hold: int):
+        super().__init__()
+        self.hold, self.asked = hold, 0
+
+    def send(self, outputs, final: bool) -> None:
+        super().send(outputs, final)
+        self.asked = 0
+
+    def is_busy(self) -> bool:
+        self.asked += 1
+        return self.asked <= self.hold
+
+
+@pytest.mark.parametrize("mode", ["ar", "self-spec"])
+def test_a_busy_stream_gets_fewer_larger_responses(tiny, engine, mode):
+    """While a row's response is in flight its new tokens wait and go out together in the next one:
+    the streamed tokens are the same, in order, and the last response (final) is never held back."""
+    loop = EngineLoop(engine, max_queued=8)
+    sink = BusySink(hold=2)
+    try:
+        loop.submit(Job(request([3, 4, 5], max_tokens=12, stream=True, mode=mode), sink))
+        assert sink.done.wait(60)
+    finally:
+        loop.stop()
+    make = lambda: Engine(tiny.model, EngineConfig(max_slots=2, max_seq_len=64))  # noqa: E731
+    streamed = sink.responses
+    new = [int(t) for r in streamed for t in r["output_ids"].reshape(-1)[int(r["prefix_length"][0, 0]) :]]
+    assert new == solo(make, [3, 4, 5], 12, mode)
+    counts = [int(r["num_output_tokens"][0, 0]) for r in streamed]
+    assert all(a < b for a, b in zip(counts, counts[1:])) and counts[-1] == 12
+    assert len(streamed) <= 12 // 3 + 2  # a response at most every third step, and the final one
+    assert [bool(r["is_final"][0, 0]) for r in streamed] == [False] * (len(streamed) - 1) + [True]
 
 
 @pytest.mark.parametrize("how", ["sink", "cancel_id", "send_fails"])

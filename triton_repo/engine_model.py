@@ -53,21 +53,24 @@ class Responses:
         self._is_gone = False  # the sender refused a response (set on the outbox's thread)
         self._lock = threading.Lock()
 
-    def send(self, outputs, is_row_final: bool) -> None:
+    def send(self, outputs, is_row_final: bool, on_sent=lambda: None) -> None:
+        """on_sent(): called once the response has left (or failed to), on the outbox's thread."""
         with self._lock:
             if self._is_closed or self._is_gone:
                 raise ConnectionError("the request was answered already, or its client is gone")
             self._num_open -= is_row_final
             self._is_closed = self._num_open == 0
             flags = _FINAL if self._is_closed else 0
-            self._outbox.put(lambda: self._send(outputs, flags))
+            self._outbox.put(lambda: self._send(outputs, flags, on_sent))
 
-    def _send(self, outputs, flags: int) -> None:
+    def _send(self, outputs, flags: int, on_sent) -> None:
         try:
             tensors = [pb_utils.Tensor(k, v) for k, v in outputs.items()]
             self._sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=flags)
         except Exception:  # noqa: BLE001 (the client is gone: the loop stops generating for it)
             self._is_gone = True
+        finally:
+            on_sent()
 
     def fail(self, message: str, code=None) -> None:
         """An error response, which ends the whole request (every row)."""
@@ -106,13 +109,22 @@ class Responses:
 
 
 class RowSink:
-    """The loop's Sink for one row of a request (loop.py)."""
+    """The loop's Sink for one row of a request (loop.py). It is busy while a response it was given
+    has not left: the two counts are each written by one thread (the loop's, the outbox's)."""
 
     def __init__(self, responses: Responses):
         self.responses = responses
+        self._num_given = self._num_left = 0
 
     def send(self, outputs, final: bool) -> None:
-        self.responses.send(outputs, final)
+        self.responses.send(outputs, final, self._left)
+        self._num_given += 1
+
+    def _left(self) -> None:
+        self._num_left += 1
+
+    def is_busy(self) -> bool:
+        return self._num_left != self._num_given
 
     def fail(self, message: str) -> None:
         self.responses.fail(message)

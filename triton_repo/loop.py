@@ -57,6 +57,7 @@ class Sink(Protocol):
     def fail(self, message: str) -> None: ...
     def close(self) -> None: ...  # the final flag alone (after a cancel)
     def is_cancelled(self) -> bool: ...
+    def is_busy(self) -> bool: ...  # a response sent earlier has not left yet (a sink that sends from a thread)
 
 
 class Outbox:
@@ -232,12 +233,14 @@ class EngineLoop:
             self.metrics.admitted(job.seq)
 
     def _drop_cancelled(self) -> None:
+        poll = time.monotonic() - self._last_poll >= SENDER_POLL_S
+        if not poll and not self._cancel_handles:  # most steps: read without the lock, as cancel() only adds
+            return
+        if poll:
+            self._last_poll = time.monotonic()
         with self._lock:
             handles, self._cancel_handles = self._cancel_handles, set()
         named = {self._by_handle[h] for h in handles if h in self._by_handle}
-        poll = time.monotonic() - self._last_poll >= SENDER_POLL_S
-        if poll:
-            self._last_poll = time.monotonic()
         dropped = False
         for seq_id, job in list(self._live.items()):
             if seq_id in named or poll and job.sink.is_cancelled():
@@ -296,6 +299,8 @@ class EngineLoop:
         seq = job.admitted_seq
         final = seq.finish_reason is not None
         if not final and not (job.request.is_stream and len(seq.tokens) > job.num_sent):
+            return
+        if not final and job.sink.is_busy():  # one response in flight a row: the next one takes these tokens too
             return
         if job.request.is_stream:
             ids, prefix_length = window(seq.tokens, job.num_sent, len(seq.tokens))

@@ -119,6 +119,7 @@ class TritonMetrics(NullMetrics):
         self._max: Counter = Counter()
         self._occupancy: dict[str, int] = {}  # the value each occupancy gauge was last set to
         self._num_waiting = -1
+        self._batch: list[int] | None = None  # the sequence ids of the last step's batch
         self._kv = (-1, 0, 0, 0)  # the KVUsage last reported
         self._pass_seconds, self._pass_seconds_at = 0.0, time.monotonic()
         self.step([], kv=(0, 0, 0, 0))  # every occupancy gauge present (0) before the first request
@@ -185,6 +186,10 @@ class TritonMetrics(NullMetrics):
         if num_waiting != self._num_waiting:
             self._num_waiting = num_waiting
             self._get("trimode_requests_waiting").set(num_waiting)
+        batch = [seq.id for seq in running]
+        if batch == self._batch:  # the same sequences as last step: the same occupancy (most steps)
+            return
+        self._batch = batch
         counts = Counter(seq.decoding.mode.value for seq in running)
         counts["all"] = len(running)
         for key in ("all", *(m.value for m in Mode)):

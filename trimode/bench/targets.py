@@ -103,6 +103,9 @@ class _QueueSink:
     def is_cancelled(self) -> bool:
         return False
 
+    def is_busy(self) -> bool:
+        return False  # send is done when it returns
+
 
 class EngineTarget:
     kind = "engine"
