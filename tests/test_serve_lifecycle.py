@@ -39,9 +39,9 @@ class Served:
         self.log_path = log_path
         ports = ["--http-port", self.ports.http, "--grpc-port", self.ports.grpc, "--metrics-port", self.ports.metrics]
         command = [sys.executable, "-m", "trimode.cli", "serve", repo, *ports, "--openai-port", self.openai_port]
-        # the engine model's sends from a thread of their own (loop.py Outbox), which a 2-core machine
-        # does not choose: the drains here must wait for the responses still queued there
-        env = {**os.environ, "TRIMODE_SEND_THREAD": "1"}
+        # the default layout: the engine model sends from a thread of its own (loop.py Outbox), and the
+        # drains here must wait for the responses still queued there
+        env = {k: v for k, v in os.environ.items() if k != "TRIMODE_SEND_THREAD"}
         with open(log_path, "wb") as log:  # a file: tritonserver logs a lot, and a full pipe would block it
             self.process = subprocess.Popen(
                 [str(a) for a in [*command, *options]], stdout=log, stderr=subprocess.STDOUT, env=env
@@ -307,7 +307,7 @@ def test_a_dead_engine_stub_stops_the_server(start_serve):
 def test_sigterm_drains_the_requests_in_flight(start_serve):
     served = start_serve("--drain-timeout", "60", "--threads", "2")
     assert "trimode engine model: 2 torch threads" in served.log()  # serve --threads over the repository's
-    assert "trimode engine model: responses sent from a thread of their own" in served.log()
+    assert "trimode engine model: responses sent from a thread of their own" in served.log()  # the default
     reference = client.infer(served.grpc_url, "ar", REQUEST)["text"]
     assert len(reference) > 0
     num_before = served.num_admitted()

@@ -164,13 +164,10 @@ class TritonPythonModel:
         self.metrics = TritonMetrics(config["name"], self.built.config.max_slots, engine.runner.cache)
         # `trimode serve` names a file whose creation starts a drain (server.py; loop.py)
         drain_file = os.environ.get("TRIMODE_DRAIN_FILE")
-        # a thread for the sends where a core is left beside the engine's threads and the ensemble's
-        # other stubs (loop.py Outbox); TRIMODE_SEND_THREAD=1 or 0 decides instead
-        cores = len(os.sched_getaffinity(0))
-        wanted = os.environ.get("TRIMODE_SEND_THREAD", "")
-        self.outbox = Outbox(wanted == "1" if wanted in ("0", "1") else cores > threads + 1)
+        # the sends from a thread of their own (loop.py Outbox); TRIMODE_SEND_THREAD=0: from the loop's
+        self.outbox = Outbox(os.environ.get("TRIMODE_SEND_THREAD", "1") != "0")
         where = "a thread of their own" if self.outbox.is_threaded else "the engine loop's thread"
-        pb_utils.Logger.log_info(f"trimode engine model: responses sent from {where} ({cores} cores)")
+        pb_utils.Logger.log_info(f"trimode engine model: responses sent from {where}")
         self.loop = EngineLoop(
             engine,
             int(params["max_queued_requests"]),
