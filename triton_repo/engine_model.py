@@ -53,15 +53,15 @@ class Responses:
         self._is_gone = False  # the sender refused a response (set on the outbox's thread)
         self._lock = threading.Lock()
 
-    def send(self, outputs, is_row_final: bool, on_sent=lambda: None) -> None:
-        """on_sent(): called once the response has left (or failed to), on the outbox's thread."""
+    def send(self, outputs, is_row_final: bool, on_sent=lambda: None, at_once: bool = False) -> None:
+        """on_sent(): called once the response has left (or failed to); at_once: Outbox.put's."""
         with self._lock:
             if self._is_closed or self._is_gone:
                 raise ConnectionError("the request was answered already, or its client is gone")
             self._num_open -= is_row_final
             self._is_closed = self._num_open == 0
             flags = _FINAL if self._is_closed else 0
-            self._outbox.put(lambda: self._send(outputs, flags, on_sent))
+            self._outbox.put(lambda: self._send(outputs, flags, on_sent), at_once)
 
     def _send(self, outputs, flags: int, on_sent) -> None:
         try:
@@ -109,15 +109,16 @@ class Responses:
 
 
 class RowSink:
-    """The loop's Sink for one row of a request (loop.py). It is busy while a response it was given
-    has not left: the two counts are each written by one thread (the loop's, the outbox's)."""
+    """The loop's Sink for one row of a request (loop.py). Its first response leaves at once (the time
+    to first token); it is busy while a response it was given has not left: the two counts are each
+    written by one thread (the loop's, the outbox's)."""
 
     def __init__(self, responses: Responses):
         self.responses = responses
         self._num_given = self._num_left = 0
 
     def send(self, outputs, final: bool) -> None:
-        self.responses.send(outputs, final, self._left)
+        self.responses.send(outputs, final, self._left, at_once=self._num_given == 0)
         self._num_given += 1
 
     def _left(self) -> None:

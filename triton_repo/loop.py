@@ -78,13 +78,18 @@ class Outbox:
         if self._thread is not None:
             self._thread.start()
 
-    def put(self, send) -> None:
-        """send(): one call of a response sender (it runs on the outbox's thread, if any)."""
-        if self._thread is None:
-            return self._call(send)
+    def put(self, send, at_once: bool = False) -> None:
+        """send(): one call of a response sender (it runs on the outbox's thread, if any). at_once: on
+        the caller's thread when nothing is pending (so nothing is overtaken): a request's first
+        token does not wait for this thread to get the GIL (~1.5 ms later to the client, measured)."""
         with self._lock:
             self._num_pending += 1
-        self._queue.put(send)
+            now = self._thread is None or at_once and self._num_pending == 1
+        if not now:
+            return self._queue.put(send)
+        self._call(send)
+        with self._lock:
+            self._num_pending -= 1
 
     @property
     def is_threaded(self) -> bool:
