@@ -106,6 +106,8 @@ class Batch:
     ) -> torch.Tensor:
         """diffusion_commit of a block pass over block [b, L] -> the new block."""
         mask_id = self.spec.mask_token_id
+        if threshold == 0 and out.picks is not None and self.is_greedy:  # every mask commits: no ranking needed
+            return torch.where(block == mask_id, out.picks, block)
         if out.confidence is not None and out.picks is not None and self.is_greedy:  # both or neither
             return commit_picks(out.picks, out.confidence, block, mask_id, threshold, num_commit)
         return diffusion_commit(

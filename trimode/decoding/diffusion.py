@@ -75,16 +75,19 @@ def denoise(
             index = pending.nonzero()[:, 0].tolist()  # the host sync each further pass needs
             if not index:
                 break
-        sub = batch.subset(index)
-        out = sub.run(kind, block[index])
+        every = len(index) == len(batch)  # every row (always the first pass): no gather, no scatter
+        sub, before = (batch, block) if every else (batch.subset(index), block[index])
+        out = sub.run(kind, before)
         k = (
             None
             if threshold is not None
             else torch.full((len(index),), num_masks // length + int(step < num_masks % length), device=block.device)
         )
-        before = block[index]
         after = sub.commit(out, before, threshold, k)
-        block[index] = after
+        if every:
+            block = after
+        else:
+            block[index] = after
         if logprobs is not None:  # committed here: a mask before, a token after (the mask is never picked)
             this_pass = token_logprobs(out.logits, after, logprobs.num_top, mask_id)
             logprobs.set_rows(index, logprobs.rows(index).where(after != before, this_pass))
