@@ -170,6 +170,29 @@ def test_draft_modules_small_run(tiny_adapter_dir, tmp_path):
     assert refused.returncode == 2 and "unknown ['lm_head']" in refused.stderr
 
 
+def test_bench_host_on_an_fp8_engine(tiny_engine_dir, tmp_path):
+    """The host-work benchmark: a row per (mode, batch size), each step split into pass and host time."""
+    report = run_script(
+        "scripts/bench_host.py",
+        *("--engine", str(tiny_engine_dir), "--batch-sizes", "1,2", "--requests", "1", "--max-tokens", "5"),
+        *("--repeats", "1", "--json", str(tmp_path / "host.json")),
+    )
+    assert json.loads((tmp_path / "host.json").read_text()) == report
+    assert [(r["mode"], r["batch"]) for r in report["results"]] == [
+        (m, b) for m in ("ar", "self-spec", "diffusion") for b in (1, 2)
+    ]
+    for r in report["results"]:
+        assert r["steps"] >= 2 and 0 < r["in_pass"] < 1 and r["host_us"] > 0  # a prefill step and a cycle at least
+        assert abs(r["us_per_step"] * (1 - r["in_pass"]) - r["host_us"]) <= 0.01 * r["us_per_step"] + 0.2
+    refused = subprocess.run(
+        [sys.executable, "scripts/bench_host.py", "--engine", str(tiny_engine_dir), "--batch-sizes", "1,999"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode == 2 and "--batch-sizes: this engine has" in refused.stderr
+
+
 def test_bench_kv_small_run(tmp_path):
     """The paged pool admits more requests than dense slots of the same memory, the prefix cache
     saves prefill tokens, and the tokens are those of the dense, uncached runs."""
