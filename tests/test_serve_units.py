@@ -492,16 +492,15 @@ def test_the_outbox_sends_in_order_and_says_when_it_is_empty():
     gate.set()
     outbox.stop()  # after everything put is sent
     assert sent == list(range(50)) and outbox.is_empty()
-    first = Outbox(threaded=True)  # a first token: on the caller's thread when nothing is pending ...
-    first.put(lambda: sent.append(threading.current_thread()), at_once=True)
-    assert sent[-1] is threading.current_thread() and first.is_empty()
+    first = Outbox(threaded=True)  # a first token: on the caller's thread, now, ahead of what is queued
     gate.clear()
     first.put(lambda: gate.wait(30) and sent.append("held"))
-    first.put(lambda: sent.append("after held"), at_once=True)  # ... else behind what is pending, in order
+    first.put(lambda: sent.append("queued"))
+    first.put(lambda: sent.append(threading.current_thread()), at_once=True)
     assert sent[-1] is threading.current_thread() and not first.is_empty()
     gate.set()
     first.stop()
-    assert sent[-2:] == ["held", "after held"] and first.is_empty()
+    assert sent[-2:] == ["held", "queued"] and first.is_empty()
     at_once = Outbox(threaded=False)  # no core to spare: on the caller's thread, before put returns
     at_once.put(lambda: sent.append(threading.current_thread()))
     assert sent[-1] is threading.current_thread() and at_once.is_empty()

@@ -51,16 +51,20 @@ class Responses:
         self._sender, self._outbox = request.get_response_sender(), outbox
         self._num_open, self._is_closed, self.is_decoupled = num_rows, False, is_decoupled
         self._is_gone = False  # the sender refused a response (set on the outbox's thread)
-        self._lock = threading.Lock()
+        self._num_queued = 0  # responses given to the outbox that have not left yet
+        self._lock = threading.RLock()  # a send at once runs inside send()'s hold of it
 
     def send(self, outputs, is_row_final: bool, on_sent=lambda: None, at_once: bool = False) -> None:
-        """on_sent(): called once the response has left (or failed to); at_once: Outbox.put's."""
+        """on_sent(): called once the response has left (or failed to). at_once: send it now, from this
+        thread, if none of this request's responses is still queued (Outbox.put)."""
         with self._lock:
             if self._is_closed or self._is_gone:
                 raise ConnectionError("the request was answered already, or its client is gone")
             self._num_open -= is_row_final
             self._is_closed = self._num_open == 0
             flags = _FINAL if self._is_closed else 0
+            at_once = at_once and self._num_queued == 0
+            self._num_queued += 1
             self._outbox.put(lambda: self._send(outputs, flags, on_sent), at_once)
 
     def _send(self, outputs, flags: int, on_sent) -> None:
@@ -70,6 +74,8 @@ class Responses:
         except Exception:  # noqa: BLE001 (the client is gone: the loop stops generating for it)
             self._is_gone = True
         finally:
+            with self._lock:
+                self._num_queued -= 1
             on_sent()
 
     def fail(self, message: str, code=None) -> None:
