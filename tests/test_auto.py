@@ -176,3 +176,24 @@ def test_one_lucky_cycle_moves_a_sequences_acceptance_from_the_mean_not_to_itsel
     assert [seq.acceptance[Mode.SELF_SPEC] for seq in batch_of_two.seqs] == [
         pytest.approx(4.0)
     ] * 2  # 0.8 x 3 + 0.2 x 8
+
+
+@pytest.mark.parametrize("runs", [Mode.AR, Mode.QUADRATIC])
+def test_auto_grows_a_sequence_for_the_mode_it_runs(tiny, monkeypatch, runs):
+    """The engine asks auto for its mode before growing blocks: a sequence that runs AR holds the
+    blocks of its length + 1, not those of a quadratic cycle (W(W+1) positions); and its tokens
+    are still AR's."""
+    monkeypatch.setattr(AutoPolicy, "choose", lambda self, batch, now=None: runs)
+    prompts = prompts_of(tiny)[:2]
+    engine = Engine(tiny.model, EngineConfig(max_slots=2, max_seq_len=96, kv_block_size=4))
+    settings = GenerationSettings(mode=Mode.AUTO, block_length=4, max_new_tokens=12, ignore_eos=True)
+    generate(tiny.model, prompts[:1], settings, engine)  # auto has run `runs`: admission reserves for it
+    seqs = [engine.add(p, settings.sampling, settings.decoding) for p in prompts]
+    cycle = 1 if runs is Mode.AR else 20  # a quadratic chunk: 4 x 5
+    engine.step()  # prefill
+    while engine.has_work:
+        lengths = {seq.id: engine.runner.host_lengths[seq.held_slot] for seq in seqs if not seq.is_finished}
+        engine.step()
+        for seq in (s for s in seqs if not s.is_finished):
+            assert len(seq.kv.blocks) == -(-(lengths[seq.id] + cycle) // 4)
+    assert tokens_of(seqs) == tokens_of(run(tiny, Mode.AR, prompts, ignore_eos=True, max_new_tokens=12))

@@ -56,7 +56,11 @@ class AutoPolicy:
         self.runs: Counter = Counter()  # (mode, batch size, block length) -> steps run
 
     def step(self, batch: Batch, config: DecodeConfig) -> list[list[int]]:
-        mode = self.choose(batch)
+        """The mode the engine chose for these sequences before growing their blocks (Engine.step:
+        every one of them grew for it), else one chosen now."""
+        mode = batch.seqs[0].auto_mode or self.choose(batch)
+        for seq in batch.seqs:
+            seq.auto_mode = None
         had_drafts = [s.drafts is not None for s in batch.seqs]
         started = time.perf_counter()
         new = self.policies[mode].step(batch, config)
@@ -77,6 +81,11 @@ class AutoPolicy:
                 return mode
         current = max(CHOICES, key=lambda mode: self.last_run[mode, width])  # the mode run last
         return current if rates[best] < SWITCH_GAIN * rates[current] else best
+
+    def last_mode(self, width: int) -> Mode:
+        """The mode run last at this block length (before any: quadratic, which writes the most)."""
+        ran = [mode for mode in CHOICES if (mode, width) in self.last_run]
+        return max(ran, key=lambda mode: self.last_run[mode, width]) if ran else Mode.QUADRATIC
 
     def rate(self, batch: Batch, mode: Mode) -> float:
         """Expected tokens per second of one step of mode over this batch."""

@@ -76,7 +76,8 @@ class Engine:
             Mode.QUADRATIC: QuadraticPolicy(),
         }
         self.policies.update(policies or {})
-        self.policies[Mode.AUTO] = AutoPolicy(self.policies)
+        self.auto = AutoPolicy(self.policies)
+        self.policies[Mode.AUTO] = self.auto
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # hold a slot: prefilling or running
         self._ids = itertools.count()
@@ -124,18 +125,19 @@ class Engine:
 
     def step(self) -> dict[int, list[int]]:
         """One scheduling step -> the tokens each sequence emitted in it (absent: none)."""
-        cycling = self._grow([s for s in self.running if s.status is Status.RUNNING])
+        cycling = [s for s in self.running if s.status is Status.RUNNING]
+        for group in _groups([s for s in cycling if s.decoding.mode is Mode.AUTO]):
+            mode = self.auto.choose(Batch(self.runner, group))  # first: its cycle sets the blocks to grow
+            for seq in group:
+                seq.auto_mode = mode
+        cycling = self._grow(cycling)
         self._admit()
         new: dict[int, list[int]] = {}
         prefilling = [s for s in self.running if s.status is Status.PREFILL]
         for group in self._prefill_groups(prefilling):
             for seq, tokens in zip(group, prefill(Batch(self.runner, group), self.config.prefill_chunk)):
                 new[seq.id] = tokens
-        groups: dict[tuple, list[Sequence]] = {}
-        for seq in cycling:
-            groups.setdefault((seq.decoding.mode, seq.block_length, seq.decoding.commit_threshold), []).append(seq)
-        for same in groups.values():
-            group = sorted(same, key=lambda s: s.held_slot)  # ascending slots: contiguous rows need no gather
+        for group in _groups(cycling):
             policy = self.policies[group[0].decoding.mode]
             for seq, tokens in zip(group, policy.step(Batch(self.runner, group), group[0].decoding)):
                 new[seq.id] = tokens
@@ -151,7 +153,7 @@ class Engine:
         for seq in list(cycling):
             if seq not in self.running:  # preempted for one before it
                 continue
-            need = self.runner.host_lengths[seq.held_slot] + seq.cycle_positions
+            need = self.runner.host_lengths[seq.held_slot] + self._cycle_positions(seq)
             held = len(seq.kv.blocks)
             while not self.blocks.grow(seq.kv, need):
                 self._preempt(self.running[-1])  # at worst seq itself: alone, one sequence always fits
@@ -161,13 +163,21 @@ class Engine:
                 self.runner.set_blocks(seq.held_slot, seq.kv.blocks, held)
         return [s for s in cycling if s in self.running]
 
+    def _cycle_positions(self, seq: Sequence) -> int:
+        """Positions past its length its next cycle writes; auto's: of the mode chosen for it this step,
+        or at admission of the mode auto ran last (a cycle that needs more grows then)."""
+        mode = seq.decoding.mode
+        if mode is Mode.AUTO:
+            mode = seq.auto_mode or self.auto.last_mode(seq.block_length)
+        return cycle_positions(mode, seq.block_length)
+
     def _admit(self) -> None:
         """Seats and blocks in arrival order (a sequence that does not fit yet waits, and so do those behind it)."""
         while self.waiting and self.runner.num_free:
             seq = self.waiting[0]
             tokens = seq.prefill_tokens
             # a fresh prompt's last token is computed (its logit gives the first token); a resumed one knows it
-            cached = self.blocks.admit(seq.kv, tokens, len(tokens) + seq.cycle_positions, 0 if seq.tokens else 1)
+            cached = self.blocks.admit(seq.kv, tokens, len(tokens) + self._cycle_positions(seq), 0 if seq.tokens else 1)
             if cached is None:
                 break
             self.waiting.popleft()
@@ -184,7 +194,7 @@ class Engine:
         self._key_full_blocks(seq)  # findable when it resumes
         self._free_kv(seq)
         self.running.remove(seq)
-        seq.status, seq.slot, seq.num_prefilled = Status.WAITING, None, 0
+        seq.status, seq.slot, seq.num_prefilled, seq.auto_mode = Status.WAITING, None, 0, None
         seq.stats.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
@@ -217,6 +227,15 @@ class Engine:
         if max(s.num_prefilled for s in seqs) + chunk <= self.runner.max_seq_len:
             return [seqs]
         return [[s] for s in seqs]
+
+
+def _groups(seqs: list[Sequence]) -> list[list[Sequence]]:
+    """Sequences one policy step runs together: same mode, block length and threshold; in ascending
+    slots (contiguous rows need no gather)."""
+    groups: dict[tuple, list[Sequence]] = {}
+    for seq in seqs:
+        groups.setdefault((seq.decoding.mode, seq.block_length, seq.decoding.commit_threshold), []).append(seq)
+    return [sorted(group, key=lambda s: s.held_slot) for group in groups.values()]
 
 
 def resolve_block_length(

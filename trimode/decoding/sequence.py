@@ -15,7 +15,7 @@ from enum import Enum
 from trimode.decoding.blocks import BlockState
 from trimode.decoding.logprobs import TokenLogProb
 from trimode.decoding.settings import DecodeConfig, SamplingParams
-from trimode.passes import cycle_positions
+from trimode.passes import Mode, cycle_positions
 
 _MASK64 = (1 << 64) - 1
 
@@ -77,6 +77,7 @@ class Sequence:
     next_token: int | None = None  # emitted, not yet cached: the next pass's first token
     drafts: list[int] | None = None  # quadratic self-spec: the next cycle's drafts (None: not drafted yet)
     acceptance: dict = field(default_factory=dict)  # auto: running mean tokens per cycle, by Mode (auto.py)
+    auto_mode: Mode | None = None  # auto: the mode its next cycle runs, chosen before the engine grows its blocks
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)  # params.logprobs set: one per token
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # params.logprobs >= 1: one per token
@@ -92,7 +93,7 @@ class Sequence:
 
     @property
     def cycle_positions(self) -> int:
-        """Cache positions past its length that one cycle of its mode writes."""
+        """Cache positions past its length that one cycle of its mode writes (auto: the most of its modes)."""
         return cycle_positions(self.decoding.mode, self.block_length)
 
     @property
