@@ -133,7 +133,7 @@ def test_streamed_completion_arrives_in_pieces(plain):
     chunks = list(plain.completions.create(**request, stream=True, stream_options={"include_usage": True}))
     whole = plain.completions.create(**request)
     pieces = [c.choices[0] for c in chunks if c.choices]
-    assert len(pieces) >= 10  # one event per committed token (a few may hold back a split character)
+    assert len(pieces) >= 2  # an event per step, or several steps' tokens in one when the client lags (loop.py)
     assert "".join(p.text for p in pieces) == whole.choices[0].text
     assert [p.finish_reason for p in pieces] == [None] * (len(pieces) - 1) + ["length"]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 24

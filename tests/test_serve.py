@@ -92,10 +92,10 @@ def test_stream_arrives_in_pieces(server, protocol):
     stream = client.stream_grpc if protocol == "grpc" else client.stream_http
     pieces = list(stream(url(server, protocol), "ar", inputs))
     whole = client.infer(url(server, protocol), "ar", inputs, protocol)
-    assert len(pieces) >= 10  # one response per committed token (a few may hold back a split character)
-    assert [p["num_output_tokens"] for p in pieces] == list(range(1, 25))
+    counts = [p["num_output_tokens"] for p in pieces]  # a response per step, or several steps' tokens in
+    assert len(pieces) >= 2 and counts == sorted(set(counts)) and counts[-1] == 24  # one when the client lags
     assert "".join(p["text"] for p in pieces) == whole["text"]
-    assert [p["finish_reason"] for p in pieces] == [""] * 23 + ["length"]
+    assert [p["finish_reason"] for p in pieces] == [""] * (len(pieces) - 1) + ["length"]
 
 
 def test_staggered_requests_batch_in_flight(server, local):
