@@ -124,6 +124,7 @@ def test_a_one_row_block_pass_runs_the_batch_one_program(built, monkeypatch):
             calls.append((self.name, inputs[0].shape[0]))
             return self.program.loader.boxed_run(inputs)
 
+    monkeypatch.setattr(backend, "chosen", {})  # the programs each pass looked up so far: the real ones
     monkeypatch.setattr(backend, "programs", {n: Counted(p, n) for n, p in backend.programs.items()})
     monkeypatch.setattr(
         backend, "batch1_programs", {n: Counted(p, n + "_b1") for n, p in backend.batch1_programs.items()}
