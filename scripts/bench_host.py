@@ -32,13 +32,14 @@ PROMPT = [1, 2, 3, 4, 5, 6, 7, 8] * 4  # 32 tokens; the same for every request (
 
 
 def rounds(engine, mode: Mode, batch: int, requests: int, max_tokens: int) -> dict:
-    """`requests` rounds of `batch` requests added together and stepped to their end."""
-    params = SamplingParams(max_tokens, ignore_eos=True)
+    """`requests` rounds of `batch` requests added together and stepped to their end (the engine's
+    first block length)."""
+    params, decoding = SamplingParams(max_tokens, ignore_eos=True), DecodeConfig(mode, engine.block_lengths[0])
     steps, clock = 0, engine.runner.clock
     in_pass, began = clock.seconds, time.perf_counter()
     for _ in range(requests):
         for _ in range(batch):
-            engine.add(PROMPT, params, DecodeConfig(mode))
+            engine.add(PROMPT, params, decoding)
         while engine.has_work:
             engine.step()
             steps += 1
