@@ -5,8 +5,9 @@ the loop thread, the only one that touches the Engine, adds the new requests at 
 boundary, runs one step, and sends each request the tokens that step committed (streaming) or its
 whole text when it finishes. A streamed request whose last response has not left yet (its sink
 sends from a thread) gets the step's tokens in its next response instead: at most one response
-in flight per request, so a client pipeline slower than the engine gets fewer, larger responses. A finished, cancelled or disconnected request leaves the Engine at
-once, which frees its KV slot, and the loop drops its reference to the finished Sequence.
+in flight per request, so a client pipeline slower than the engine gets fewer, larger responses.
+A finished, cancelled or disconnected request leaves the Engine at once, which frees its KV slot,
+and the loop drops its reference to the finished Sequence.
 A request is cancelled when its sink says so (a client calling the engine model directly) or when
 `cancel(handle)` names it (the ensemble's postprocessing step, which is how a cancel reaches the
 engine through an ensemble in Triton 2.51: engine_model.py). A job's handle, which its responses

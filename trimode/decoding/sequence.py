@@ -15,7 +15,7 @@ from enum import Enum
 from trimode.decoding.blocks import BlockState
 from trimode.decoding.logprobs import TokenLogProb
 from trimode.decoding.settings import DecodeConfig, SamplingParams
-from trimode.passes import Mode, cycle_positions
+from trimode.passes import Mode
 
 _MASK64 = (1 << 64) - 1
 
@@ -90,11 +90,6 @@ class Sequence:
         """slot, of a sequence that holds one (prefilling or running: what the engine batches)."""
         assert self.slot is not None, f"sequence {self.id} holds no slot"
         return self.slot
-
-    @property
-    def cycle_positions(self) -> int:
-        """Cache positions past its length that one cycle of its mode writes (auto: the most of its modes)."""
-        return cycle_positions(self.decoding.mode, self.block_length)
 
     @property
     def prefill_tokens(self) -> list[int]:
