@@ -27,6 +27,7 @@ from bench_modes import write_report  # noqa: E402
 
 from trimode.builder.engine_dir import load_engine  # noqa: E402
 from trimode.decoding import DecodeConfig, Mode, SamplingParams  # noqa: E402
+from trimode.errors import TrimodeError  # noqa: E402
 
 PROMPT = [1, 2, 3, 4, 5, 6, 7, 8] * 4  # 32 tokens; the same for every request (no sampling involved)
 
@@ -64,9 +65,12 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    modes = [Mode(m) for m in args.modes.split(",")]
-    sizes = [int(b) for b in args.batch_sizes.split(",")]
-    built = load_engine(args.engine)
+    try:
+        modes = [Mode(m) for m in args.modes.split(",")]
+        sizes = [int(b) for b in args.batch_sizes.split(",")]
+        built = load_engine(args.engine)
+    except (ValueError, TrimodeError) as e:
+        ap.error(str(e))
     if max(sizes) > built.config.max_slots:
         ap.error(f"--batch-sizes: this engine has {built.config.max_slots} slots")
     engine = built.new_engine()
