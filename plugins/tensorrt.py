@@ -108,6 +108,7 @@ def block_attention_kernel(
     """The engine's kernel for caches of `page` positions a block: max_len 0, no split-KV and no
     scratch pointers. A max_len (T * page) compiles the split-KV variant the torch launcher uses on
     long caches (tests compile it for the GPU that way)."""
+    from trimode.plugins import attention_tiles
     from trimode.plugins import block_attention as ba
 
     pointers = {
@@ -126,7 +127,7 @@ def block_attention_kernel(
         "part_ml_ptr": torch.float32,
     }
     is_fp8 = cache_dtype == torch.float8_e4m3fn
-    constants = ba.constants(dtype, head_dim, group, is_fp8, torch.device("cuda"), page, max_len)
+    constants = attention_tiles.constants(dtype, head_dim, group, is_fp8, torch.device("cuda"), page, max_len)
     if not constants["SPLIT_N"]:
         constants.update(counter_ptr=None, part_acc_ptr=None, part_ml_ptr=None)
     return compile_kernel(ba._block_attention_kernel, pointers, constants, capability)
@@ -260,7 +261,7 @@ def register_plugins() -> None:
             page,
             torch.cuda.get_device_capability(),
         )
-        from trimode.plugins.block_attention import tile_sizes
+        from trimode.plugins.attention_tiles import tile_sizes
 
         return _launch_params(
             trtp,

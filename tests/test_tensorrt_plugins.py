@@ -78,6 +78,7 @@ def test_block_attention_extra_args_match_the_torch_launcher(monkeypatch, page, 
     """The plugin computes strides from shapes; the torch launcher reads them off tensors: same list,
     and the block size the plugin compiles in is the one the launcher passes."""
     from trimode.plugins import block_attention as ba
+    from trimode.plugins.attention_tiles import tile_sizes
 
     b, L, H, Hkv, D = 2, row_width * (row_width + 1) or 4, 4, 2, 16
     q = torch.randn(b, L, H, D)
@@ -87,7 +88,7 @@ def test_block_attention_extra_args_match_the_torch_launcher(monkeypatch, page, 
     seen = capture_launch(monkeypatch, ba, "_block_attention_kernel")
     ba.launch(q, k, v, cache, cache.clone(), torch.tensor([3, 0]), tables, True, row_width=row_width)
     grid, extra = trt_plugins.block_attention_launch(
-        q.shape, cache.shape, tables.shape, 1, row_width, ba.tile_sizes(D, q.device)[0]
+        q.shape, cache.shape, tables.shape, 1, row_width, tile_sizes(D, q.device)[0]
     )
     assert extra[1:3] == [1, row_width]  # is_causal, row_width: the node's attributes
     assert seen["args"][6] is tables and seen["constexprs"]["PAGE"] == page
