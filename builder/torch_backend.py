@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from trimode.builder.gemms import GROUPS, ProgramGemms
+from trimode.builder.pass_graphs import PassGraphs, use_graphs
 from trimode.builder.program import PassProgram, PassShape, lookup, quiet_export
 from trimode.builder.settings import BuildSettings
 from trimode.decoding.runner import PassOutput
@@ -300,6 +301,7 @@ class CompiledBackend:
         self.causal = {pattern: torch.tensor(pattern == Pattern.CAUSAL, device=device) for pattern in Pattern}
         self.zeros: dict[int, torch.Tensor] = {}  # by batch size: the logit index of the kinds that ignore it
         self.chosen: dict[tuple, AOTICompiledModel] = {}  # (kind, chunk length, one row) -> its program, once looked up
+        self.graphs = PassGraphs(device, max_seq_len) if use_graphs(device) else None  # every pass but prefill
 
     def __call__(
         self,
@@ -315,24 +317,27 @@ class CompiledBackend:
         if key not in self.chosen:
             shape, program = lookup(self.programs, kind, L, self.max_input_len)
             self.chosen[key] = self.batch1_programs.get(shape.name, program) if len(slots) == 1 else program
-        program = self.chosen[key]
-        span = min(-(-(max(lengths) + L) // SPAN_ALIGN) * SPAN_ALIGN, self.max_seq_len)
+        # the loader's flat call: the package's __call__ re-parses its pytree specs on every pass
+        run = self.chosen[key].loader.boxed_run
         if logit_index is None:  # read only by the programs: one tensor per batch size, made once
             if len(slots) not in self.zeros:
                 self.zeros[len(slots)] = torch.zeros(len(slots), dtype=torch.long, device=self.device)
             logit_index = self.zeros[len(slots)]
+        needed = max(lengths) + L
+        constants = [self.causal[kind.pattern], *pool.k, *pool.v]
+        if self.graphs is not None and kind is not PassKind.PREFILL:
+            span = self.graphs.span(needed)
+            return PassOutput(*self.graphs.run(kind, run, tokens, pool, slots, lengths, logit_index, constants, span))
+        span = min(-(-needed // SPAN_ALIGN) * SPAN_ALIGN, self.max_seq_len)
         inputs = [
             tokens,
             torch.tensor(lengths, device=self.device),
             pool.slot_tables(slots),
             self.key_index[:span],
             logit_index,
-            self.causal[kind.pattern],
-            *pool.k,
-            *pool.v,
+            *constants,
         ]
-        # the loader's flat call: the package's __call__ re-parses its pytree specs on every pass
-        return PassOutput(*program.loader.boxed_run(inputs))
+        return PassOutput(*run(inputs))
 
 
 def load(engine_dir: Path, model: NLDModel, manifest: dict) -> CompiledBackend:

@@ -4,7 +4,9 @@
 #   2. scripts/bench_kernels.py: the kernels against SDPA / flex_attention / torch at 8B-like shapes,
 #   3. scripts/gpu_check.py: the FP8 GEMM against its simulation, self-spec == AR on CUDA,
 #   4. the CUDA torch engine: `trimode build --device cuda` (its self-test is the parity check against
-#      the eager model in every mode), then scripts/bench_engine.py (engine vs eager vs transformers).
+#      the eager model in every mode, through its CUDA graphs), then scripts/bench_engine.py (engine vs
+#      eager vs transformers),
+#   5. scripts/bench_host.py on that engine with its CUDA graphs on and off (TRIMODE_PASS_GRAPHS).
 # Results land in $OUT (the device tool's folder) or out/gpu: *.json and the logs.
 # Usage, from the repository root on the GPU machine:  bash scripts/gpu_check.sh
 set -uo pipefail
@@ -28,6 +30,13 @@ timeout 150 $py -m trimode.cli build --device cuda --out "$engine" --max-seq-len
   >"$out/engine_build.json" 2>"$out/engine_build.log" || { status=1; tail -3 "$out/engine_build.log"; }
 [ -d "$engine" ] && { timeout 90 $py scripts/bench_engine.py --engine "$engine" --repeats 2 --pass-repeats 10 \
   --json "$out/bench_engine.json" >/dev/null 2>"$out/bench_engine.log" || status=1; tail -12 "$out/bench_engine.log"; }
+# 5. CUDA graphs (builder/pass_graphs.py): the build's self-test above ran them against the eager model;
+#    here the engine's us per step with and without them (bench_host's load re-checks the tokens).
+for graphs in 1 0; do
+  [ -d "$engine" ] && { TRIMODE_PASS_GRAPHS=$graphs timeout 60 $py scripts/bench_host.py --engine "$engine" \
+    --modes ar,self-spec --batch-sizes 1,4 --requests 2 --max-tokens 32 --json "$out/bench_host_graphs$graphs.json" \
+    >/dev/null 2>"$out/bench_host_graphs$graphs.log" || status=1; tail -5 "$out/bench_host_graphs$graphs.log"; }
+done
 $py - "$out" <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])

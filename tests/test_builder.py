@@ -408,6 +408,78 @@ def test_one_pass_on_shuffled_blocks_equals_eager_on_a_dense_pool(built, kind, l
         check_pool_writes(r, slots, L, lambda e: forward_bound(e, model.spec, span))
 
 
+@pytest.fixture
+def graphed(built, monkeypatch):
+    """built's backend running its passes through PassGraphs (CPU: the same buffers, padding and buckets,
+    no capture), fresh for the test."""
+    from trimode.builder.pass_graphs import PassGraphs
+
+    graphs = PassGraphs(built.checkpoint.model.device, built.config.max_seq_len)
+    monkeypatch.setattr(built.backend, "graphs", graphs)
+    return graphs
+
+
+@pytest.mark.parametrize("kind", [PassKind.DECODE, PassKind.VERIFY, PassKind.DENOISE, PassKind.QUADRATIC])
+def test_a_pass_graph_pads_its_batch_into_the_null_block(built, graphed, kind):
+    """Three rows run in the graph of four: the eager model's logits for the three, their K/V written
+    through their tables, and the padding row's K/V in the null block, nowhere else."""
+    model, config = built.checkpoint.model, built.config
+    L = 1 if kind is PassKind.DECODE else built.block_lengths[0]
+    if kind == PassKind.QUADRATIC:
+        L = quadratic_chunk(L)
+    dense, paged = twin_pools(
+        model, config.max_slots, config.max_seq_len, config.kv_block_size, config.num_kv_blocks, {0: 13, 1: 9, 2: 6}, L
+    )
+    slots = [2, 0, 1]
+    tokens = torch.randint(5, model.spec.vocab_size, (len(slots), L), generator=torch.Generator().manual_seed(L))
+    r = run_pass(model, built.backend, kind, tokens, slots, dense, paged)
+    assert config.max_slots == 4 and set(graphed.graphs) == {(kind, L, 4, graphed.span(13 + L))}
+    span = config.max_seq_len
+    torch.testing.assert_close(r.got, r.expected, atol=forward_bound(r.expected, model.spec, span), rtol=0)
+    r.written[paged.null_block, torch.arange(L) % paged.block_size] = True  # the padding row's scratch
+    if model.kv_dtype == torch.float8_e4m3fn:
+        check_pool_writes(r, slots, L, lambda e: e.abs().max().item() / 8)
+    else:
+        check_pool_writes(r, slots, L, lambda e: forward_bound(e, model.spec, span))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_pass_graphs_give_the_engine_s_tokens_in_every_mode(built, mode, monkeypatch):
+    """Three ragged requests (a padded bucket of four), then one alone: the same tokens and passes
+    through the graphs as without them; prefill never runs in one."""
+    from trimode.builder.pass_graphs import PassGraphs
+
+    prompts = prompts_for(built, 3)
+    settings = GenerationSettings(mode=mode, max_new_tokens=20, block_length=built.block_lengths[0], ignore_eos=True)
+    model = built.checkpoint.model
+    plain = [generate(model, p, settings, built.new_engine()) for p in (prompts, prompts[1:2])]
+    graphs = PassGraphs(model.device, built.config.max_seq_len)
+    monkeypatch.setattr(built.backend, "graphs", graphs)
+    graphed = [generate(model, p, settings, built.new_engine()) for p in (prompts, prompts[1:2])]
+    for a, b in zip(plain, graphed):
+        assert [s.tokens for s in a] == [s.tokens for s in b]
+        if mode is not Mode.AUTO:
+            assert [s.stats.to_dict() for s in a] == [s.stats.to_dict() for s in b]
+    keys = set(graphs.graphs)  # the last engine's: one row
+    assert keys and {rows for _, _, rows, _ in keys} == {1}
+    assert not any(kind is PassKind.PREFILL for kind, *_ in keys)
+
+
+def test_graph_buckets_and_the_switch(monkeypatch):
+    from trimode.builder.pass_graphs import PassGraphs, bucket, buckets, use_graphs
+
+    assert buckets(8) == [1, 2, 4, 8] and buckets(6) == [1, 2, 4, 6] and buckets(1) == [1]
+    assert [bucket(n, buckets(6)) for n in range(1, 7)] == [1, 2, 4, 4, 6, 6]
+    assert PassGraphs(torch.device("cpu"), 96).spans == [64, 96]
+    assert PassGraphs(torch.device("cpu"), 512).span(65) == 128
+    monkeypatch.delenv("TRIMODE_PASS_GRAPHS", raising=False)
+    assert not use_graphs(torch.device("cpu")) and use_graphs(torch.device("cuda"))
+    monkeypatch.setenv("TRIMODE_PASS_GRAPHS", "1")
+    assert use_graphs(torch.device("cpu"))
+    monkeypatch.setenv("TRIMODE_PASS_GRAPHS", "0")
+    assert not use_graphs(torch.device("cuda"))
+
+
 def test_the_kv_bytes_at_build_are_what_an_engine_allocates(built):
     """The manifest's pool (paged: block size 8 or 16) is the one an engine of the engine dir allocates."""
     kv, s = built.manifest["kv_cache"], built.manifest["settings"]
