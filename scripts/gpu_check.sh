@@ -6,7 +6,7 @@
 #   4. the CUDA torch engine: `trimode build --device cuda` (its self-test is the parity check against
 #      the eager model in every mode, through its CUDA graphs), then scripts/bench_engine.py (engine vs
 #      eager vs transformers),
-#   5. scripts/bench_host.py on that engine with its CUDA graphs on and off (TRIMODE_PASS_GRAPHS).
+#   5. scripts/bench_host.py on that engine: CUDA graphs and async AR steps on, then each off.
 # Results land in $OUT (the device tool's folder) or out/gpu: *.json and the logs.
 # Usage, from the repository root on the GPU machine:  bash scripts/gpu_check.sh
 set -uo pipefail
@@ -30,12 +30,13 @@ timeout 150 $py -m trimode.cli build --device cuda --out "$engine" --max-seq-len
   >"$out/engine_build.json" 2>"$out/engine_build.log" || { status=1; tail -3 "$out/engine_build.log"; }
 [ -d "$engine" ] && { timeout 90 $py scripts/bench_engine.py --engine "$engine" --repeats 2 --pass-repeats 10 \
   --json "$out/bench_engine.json" >/dev/null 2>"$out/bench_engine.log" || status=1; tail -12 "$out/bench_engine.log"; }
-# 5. CUDA graphs (builder/pass_graphs.py): the build's self-test above ran them against the eager model;
-#    here the engine's us per step with and without them (bench_host's load re-checks the tokens).
-for graphs in 1 0; do
-  [ -d "$engine" ] && { TRIMODE_PASS_GRAPHS=$graphs timeout 60 $py scripts/bench_host.py --engine "$engine" \
-    --modes ar,self-spec --batch-sizes 1,4 --requests 2 --max-tokens 32 --json "$out/bench_host_graphs$graphs.json" \
-    >/dev/null 2>"$out/bench_host_graphs$graphs.log" || status=1; tail -5 "$out/bench_host_graphs$graphs.log"; }
+# 5. CUDA graphs (builder/pass_graphs.py) and async AR steps (decoding/ar.py): the build's self-test above
+#    ran both against the eager model; here the engine's us per step with both (the default), without
+#    graphs and without async steps (bench_host's load re-checks the self-test tokens each time).
+for run in "default" "TRIMODE_PASS_GRAPHS=0" "TRIMODE_ASYNC_STEPS=0"; do
+  [ -d "$engine" ] && { env ${run/default/} timeout 60 $py scripts/bench_host.py --engine "$engine" \
+    --modes ar,self-spec --batch-sizes 1,4 --requests 2 --max-tokens 32 --json "$out/bench_host_${run%%=*}.json" \
+    >/dev/null 2>"$out/bench_host_${run%%=*}.log" || status=1; echo "$run:"; tail -5 "$out/bench_host_${run%%=*}.log"; }
 done
 $py - "$out" <<'PY'
 import json, sys, pathlib

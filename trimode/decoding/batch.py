@@ -122,7 +122,12 @@ class Batch:
 
     def fetch(self, *values: torch.Tensor | LogProbs | None) -> list[list]:
         """The values as host lists, in one device-to-host transfer (the step's host sync): a tensor
-        [b, ...] as b nested lists; a LogProbs (or None: none asked) as b lists of TokenLogProb (None).
+        [b, ...] as b nested lists; a LogProbs (or None: none asked) as b lists of TokenLogProb (None)."""
+        return self.fetch_later(*values).result()
+
+    def fetch_later(self, *values: torch.Tensor | LogProbs | None) -> "Fetch":
+        """fetch, with the transfer started now and waited for at `Fetch.result()` (on CUDA an
+        asynchronous copy into pinned memory: the host may launch more passes meanwhile).
         Everything goes over flat, as one 1-D tensor, and is cut into rows on the host: a handful of
         tensor ops whatever is fetched (each costs ~10 us of dispatch, the most of a small step's host)."""
         tensors = [t for v in values if v is not None for t in ((v,) if isinstance(v, torch.Tensor) else v)]
@@ -130,22 +135,50 @@ class Batch:
         parts = [t.reshape(-1).double() if is_float else t.reshape(-1) for t in tensors]
         num_checks = len(self._is_finite)
         parts += [f.reshape(1) for f in self._is_finite]  # cat promotes them to the values' dtype
-        flat = (torch.cat(parts) if len(parts) > 1 else parts[0]).tolist() if parts else []
         self._is_finite.clear()
-        if num_checks and not all(flat[len(flat) - num_checks :]):
+        flat = (torch.cat(parts) if len(parts) > 1 else parts[0]) if parts else None
+        done = None
+        if flat is not None and flat.is_cuda:
+            flat = flat.to("cpu", non_blocking=True)  # pinned: the copy runs after the passes, the host goes on
+            done = torch.cuda.Event()
+            done.record()
+        return Fetch(values, tensors, is_float, num_checks, flat, done, len(self.seqs))
+
+
+class Fetch:
+    """A started fetch (Batch.fetch_later): `result()` waits for its transfer once and cuts the rows."""
+
+    def __init__(self, values: tuple, tensors: list, is_float: bool, num_checks: int, flat, done, num_rows: int):
+        self.values, self.tensors, self.is_float, self.num_checks = values, tensors, is_float, num_checks
+        self.flat, self.done, self.num_rows = flat, done, num_rows
+        self._result: list[list] | None = None
+
+    def result(self) -> list[list]:
+        """The fetched values as Batch.fetch gives them; raises NumericalError if a pass it checks
+        produced a non-finite logit."""
+        if self._result is None:
+            self._result = self._cut()
+        return self._result
+
+    def _cut(self) -> list[list]:
+        if self.done is not None:
+            self.done.synchronize()
+        flat = self.flat.tolist() if self.flat is not None else []
+        if self.num_checks and not all(flat[len(flat) - self.num_checks :]):
             raise NumericalError(
                 "the model produced non-finite logits (NaN or Inf): check the checkpoint's "
                 "weights and config.json values"
             )
         lists, at = [], 0
-        for t in tensors:
+        for t in self.tensors:
             piece, at = flat[at : at + t.numel()], at + t.numel()
-            lists.append(_nest(piece if t.is_floating_point() or not is_float else list(map(int, piece)), t.shape))
+            is_ids = not t.is_floating_point() and self.is_float
+            lists.append(_nest(list(map(int, piece)) if is_ids else piece, t.shape))
         rows = iter(lists)
         out: list[list] = []
-        for v in values:
+        for v in self.values:
             if v is None:
-                out.append([None] * len(self.seqs))
+                out.append([None] * self.num_rows)
             elif isinstance(v, torch.Tensor):
                 out.append(next(rows))
             else:

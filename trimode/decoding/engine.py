@@ -12,18 +12,21 @@ Then waiting sequences take free slots (lowest first) and blocks for their promp
 cached emit their first token. Then the sequences that were already running run one cycle of
 their mode's policy, batched by decode config (mode, block length, threshold), so one KV pool
 serves requests of every mode at once. A finished sequence frees its slot and blocks at the end of
-the step that finished it; a full pool queues new requests instead of failing.
+the step that finished it; a full pool queues new requests instead of failing. With async_steps (on
+CUDA) AR runs a step ahead of the host (ar.AsyncARPolicy): a preempted sequence first emits the
+token it has in flight.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 from collections import deque
 from typing import NamedTuple, Protocol
 
 import torch
 
-from trimode.decoding.ar import ARPolicy
+from trimode.decoding.ar import ARPolicy, AsyncARPolicy, emit_pending
 from trimode.decoding.auto import AutoPolicy
 from trimode.decoding.batch import Batch
 from trimode.decoding.blocks import BlockManager
@@ -76,11 +79,15 @@ class Engine:
             Mode.QUADRATIC: QuadraticPolicy(),
         }
         self.policies.update(policies or {})
-        self.auto = AutoPolicy(self.policies)
+        self.auto = AutoPolicy(dict(self.policies))  # its AR cycles fetch at once: it may switch mode next step
         self.policies[Mode.AUTO] = self.auto
+        self.async_steps = use_async_steps(config, model.device)
+        if self.async_steps:
+            self.policies[Mode.AR] = AsyncARPolicy()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # hold a slot: prefilling or running
         self._ids = itertools.count()
+        self._settled: dict[int, list[int]] = {}
 
     @property
     def has_work(self) -> bool:
@@ -130,6 +137,7 @@ class Engine:
             mode = self.auto.choose(Batch(self.runner, group))  # first: its cycle sets the blocks to grow
             for seq in group:
                 seq.auto_mode = mode
+        self._settled = {}  # the pending tokens of sequences preempted now (async AR)
         cycling = self._grow(cycling)
         self._admit()
         new: dict[int, list[int]] = {}
@@ -145,6 +153,8 @@ class Engine:
             self._key_full_blocks(seq)
         for seq in [s for s in self.running if s.finish_reason]:
             self._retire(seq)
+        for seq_id, tokens in self._settled.items():  # emitted before this step's tokens
+            new[seq_id] = tokens + new.get(seq_id, [])
         return new
 
     def _grow(self, cycling: list[Sequence]) -> list[Sequence]:
@@ -190,7 +200,13 @@ class Engine:
             self.running.append(seq)
 
     def _preempt(self, seq: Sequence) -> None:
-        """Free seq's slot and blocks and queue it first: it resumes by prefilling seq.prefill_tokens."""
+        """Free seq's slot and blocks and queue it first: it resumes by prefilling seq.prefill_tokens
+        (its pending token emitted first: async AR; the token that ends it retires it instead)."""
+        if seq.pending is not None:
+            self._settled[seq.id] = emit_pending(seq, seq.pending)
+            if seq.finish_reason:
+                self._retire(seq)
+                return
         self._key_full_blocks(seq)  # findable when it resumes
         self._free_kv(seq)
         self.running.remove(seq)
@@ -212,7 +228,7 @@ class Engine:
         if seq in self.running:
             self.running.remove(seq)
             self._free_kv(seq)
-        seq.status, seq.slot = Status.FINISHED, None
+        seq.status, seq.slot, seq.pending = Status.FINISHED, None, None
 
     def _free_kv(self, seq: Sequence) -> None:
         self.blocks.release(seq.kv)
@@ -227,6 +243,15 @@ class Engine:
         if max(s.num_prefilled for s in seqs) + chunk <= self.runner.max_seq_len:
             return [seqs]
         return [[s] for s in seqs]
+
+
+def use_async_steps(config: EngineConfig, device: torch.device) -> bool:
+    """config.async_steps, else TRIMODE_ASYNC_STEPS=1 / 0, else on CUDA (on CPU a pass is synchronous:
+    nothing to overlap, and each token would leave a step later)."""
+    if config.async_steps is not None:
+        return config.async_steps
+    setting = os.environ.get("TRIMODE_ASYNC_STEPS", "")
+    return setting == "1" if setting in ("0", "1") else device.type == "cuda"
 
 
 def _groups(seqs: list[Sequence]) -> list[list[Sequence]]:

@@ -78,6 +78,7 @@ class Sequence:
     drafts: list[int] | None = None  # quadratic self-spec: the next cycle's drafts (None: not drafted yet)
     acceptance: dict = field(default_factory=dict)  # auto: running mean tokens per cycle, by Mode (auto.py)
     auto_mode: Mode | None = None  # auto: the mode its next cycle runs, chosen before the engine grows its blocks
+    pending: tuple | None = None  # async AR (ar.py): (InFlight, row), its next token, picked, not on the host yet
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)  # params.logprobs set: one per token
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # params.logprobs >= 1: one per token
