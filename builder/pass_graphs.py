@@ -12,7 +12,7 @@ graph launches them all at once. A graph replays fixed shapes at fixed addresses
   are masked, so a longer span gives the same results (as torch_backend.SPAN_ALIGN's rounding).
 Prefill chunks (any length) run their program directly. A graph is captured the first time its key
 runs; all share one memory pool, and a replay's outputs are copied out at once, as the next replay
-may reuse that memory. A new pool (a new Engine on the same backend) drops the graphs.
+may reuse that memory. A pool at other addresses (a new Engine's) drops the graphs.
 
 On CPU there is nothing to capture: `TRIMODE_PASS_GRAPHS=1` runs the same buffers, padding and
 buckets synchronously, so the tests cover every line but the capture. `TRIMODE_PASS_GRAPHS=0` turns
@@ -63,7 +63,7 @@ class PassGraphs:
         self.spans = buckets(max_seq_len, min(MIN_SPAN, max_seq_len))
         self.graphs: dict[tuple, tuple] = {}  # key -> (replay, outputs)
         self.buffers: dict[int, dict[str, torch.Tensor]] = {}  # chunk length -> static inputs
-        self.pool_id: int | None = None
+        self.pool_addresses: tuple[int, ...] = ()
         self.memory = torch.cuda.graph_pool_handle() if self.capture else None  # the graphs' shared memory pool
 
     def span(self, needed: int) -> int:
@@ -113,11 +113,12 @@ class PassGraphs:
         return [out[:b].clone() if out.dim() else out.clone() for out in outputs]
 
     def _check_pool(self, pool: KVCache) -> None:
-        """A graph holds the pool's addresses: another pool (another Engine) starts afresh."""
-        if self.pool_id != id(pool.k[0]):
+        """A graph holds the addresses of the pool's tensors: a pool elsewhere (another Engine's) starts afresh."""
+        addresses = tuple(t.data_ptr() for t in (*pool.k, *pool.v))
+        if self.pool_addresses != addresses:
             self.graphs.clear()
             self.buffers.clear()
-            self.pool_id = id(pool.k[0])
+            self.pool_addresses = addresses
 
     def _buffers(self, L: int, pool: KVCache) -> dict[str, torch.Tensor]:
         """The static inputs of the graphs of chunk length L, max_slots rows (a bucket's: the first rows)."""
