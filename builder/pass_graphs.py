@@ -28,6 +28,7 @@ import torch
 
 from trimode.kv_cache import KVCache
 from trimode.passes import PassKind
+from trimode.transfer import to_device
 
 WARMUP_RUNS = 2  # runs on a side stream before a capture (lazy initialisation must not be captured)
 MIN_SPAN = 64
@@ -90,7 +91,7 @@ class PassGraphs:
         key = (kind, L, rows, span)
         buffers = self._buffers(L, pool)
         buffers["tokens"][:b].copy_(tokens)
-        buffers["lengths"][:b].copy_(torch.tensor(lengths))
+        buffers["lengths"][:b].copy_(to_device(lengths, self.device))
         buffers["tables"][:b].copy_(pool.slot_tables(slots))
         buffers["logit_index"][:b].copy_(logit_index)
         if rows > b:  # padding rows: length 0 in the null block

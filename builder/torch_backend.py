@@ -53,6 +53,7 @@ from trimode.errors import EngineError
 from trimode.kv_cache import KVCache
 from trimode.model import NLDModel
 from trimode.passes import PassKind, Pattern
+from trimode.transfer import to_device
 
 if TYPE_CHECKING:  # what aoti_load_package returns
     from torch.export.pt2_archive._package import AOTICompiledModel
@@ -331,7 +332,7 @@ class CompiledBackend:
         span = min(-(-needed // SPAN_ALIGN) * SPAN_ALIGN, self.max_seq_len)
         inputs = [
             tokens,
-            torch.tensor(lengths, device=self.device),
+            to_device(lengths, self.device),
             pool.slot_tables(slots),
             self.key_index[:span],
             logit_index,

@@ -5,6 +5,9 @@
 2. The invariant on CUDA: self-speculation (block 8) emits the AR greedy tokens on the embedded
    checkpoint in bf16, at batch 1 and 8 (held-out prompts). Reported, not asserted: bf16 kernels are
    not batch-invariant, so a mismatch here is a finding for the plugins issue, not a crash.
+3. Async AR steps (decoding/ar.py) on CUDA: the host syncs a running batch's step makes, counted by
+   torch.cuda.set_sync_debug_mode (the design: none but the wait for the last step's tokens), and
+   their tokens against the synchronous engine's.
 
 Run on the device machine from the repository root (it has torch + CUDA; carry wheels for
 safetensors, tokenizers, click, tqdm if missing):  PYTHONPATH=. python scripts/gpu_check.py --json $OUT/gpu.json
@@ -94,6 +97,39 @@ def invariant(device: torch.device, max_new_tokens: int) -> dict:
     return out
 
 
+def async_steps(device: torch.device, steps: int) -> dict:
+    """Four AR requests on the eager engine with async_steps: after 4 warm-up steps, the syncs torch
+    reports over `steps` steps (CUDA only) and the first distinct messages; tokens vs the sync engine."""
+    import warnings
+
+    from trimode.checkpoint import load_checkpoint
+    from trimode.cli import EMBEDDED_CHECKPOINT
+    from trimode.decoding import Engine, EngineConfig, SamplingParams
+
+    ck = load_checkpoint(EMBEDDED_CHECKPOINT, device=device)
+    prompts = [ck.tokenizer.encode(t) for t in ("def main():", "import os", "class A:", "x = [1, 2")]
+    tokens, syncs, messages = {}, None, []
+    for is_async in (False, True):
+        engine = Engine(ck.model, EngineConfig(max_slots=4, max_seq_len=256, async_steps=is_async))
+        seqs = [engine.add(p, SamplingParams(steps + 16, ignore_eos=True)) for p in prompts]
+        for _ in range(4):
+            engine.step()
+        if is_async and device.type == "cuda":
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                for _ in range(steps):
+                    engine.step()
+                torch.cuda.set_sync_debug_mode("default")
+            syncs = len(caught)
+            messages = sorted({str(w.message).splitlines()[0][:160] for w in caught})[:5]
+        while engine.has_work:
+            engine.step()
+        tokens[is_async] = [s.tokens for s in seqs]
+    per_step = None if syncs is None else round(syncs / steps, 2)
+    return {"syncs_per_step": per_step, "sync_messages": messages, "tokens_equal_sync": tokens[True] == tokens[False]}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -114,6 +150,7 @@ def main() -> int:
     tokens = (1, 16) if args.small else (1, 32, 256, 4096)
     report["fp8_gemm"] = fp8_gemm(device, shapes, tokens, reps=3 if args.small else 20)
     report["invariant"] = invariant(device, 16 if args.small else 64)
+    report["async_steps"] = async_steps(device, 4 if args.small else 16)
     text = json.dumps(report, indent=2)
     print(text)
     if args.json_path:

@@ -2,7 +2,8 @@
 # Every GPU-only check, for a session that draws an H100/H200 (under 5 minutes; see README "GPU checks").
 #   1. the kernel tests on CUDA (the same files CPU CI runs under TRITON_INTERPRET=1),
 #   2. scripts/bench_kernels.py: the kernels against SDPA / flex_attention / torch at 8B-like shapes,
-#   3. scripts/gpu_check.py: the FP8 GEMM against its simulation, self-spec == AR on CUDA,
+#   3. scripts/gpu_check.py: the FP8 GEMM against its simulation, self-spec == AR on CUDA, the host
+#      syncs of an async AR step,
 #   4. the CUDA torch engine: `trimode build --device cuda` (its self-test is the parity check against
 #      the eager model in every mode, through its CUDA graphs), then scripts/bench_engine.py (engine vs
 #      eager vs transformers),
@@ -50,7 +51,8 @@ for name in ("bench_kernels.json", "gpu_check.json"):
     for row in report.get("rows", []):
         keys = ("op", "batch", "prefix", "L", "pattern", "kernel_us", "reference_us", "sdpa_us", "flex_us", "speedup")
         print(" ".join(f"{k}={row[k]}" for k in keys if k in row))
-    if "invariant" in report:
-        print("invariant", report["invariant"])
+    for key in ("invariant", "async_steps"):
+        if key in report:
+            print(key, report[key])
 PY
 exit $status

@@ -20,6 +20,7 @@ import torch
 
 from trimode.config import ModelSpec
 from trimode.errors import InputError
+from trimode.transfer import to_device
 
 
 @dataclass
@@ -88,7 +89,7 @@ class KVCache:
         first = slots[0]
         if slots == list(range(first, first + len(slots))):
             return self.block_tables[first : first + len(slots)]
-        return self.block_tables[torch.tensor(slots, device=self.block_tables.device)]
+        return self.block_tables[to_device(slots, self.block_tables.device)]
 
     def rows(self, start: int, stop: int) -> "KVCache":
         """Slots start..stop-1: the same blocks, those slots' tables and lengths (views)."""

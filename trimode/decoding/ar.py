@@ -19,6 +19,7 @@ from trimode.decoding.batch import Batch, Fetch
 from trimode.decoding.sequence import Sequence
 from trimode.decoding.settings import DecodeConfig
 from trimode.passes import PassKind
+from trimode.transfer import to_device
 
 
 class ARPolicy:
@@ -82,7 +83,7 @@ def inputs(batch: Batch) -> torch.Tensor:
     if first is not None and all(h is not None and h[0] is first and h[1] == i for i, h in enumerate(held)):
         if len(first.picks) == len(held):
             return first.picks  # the last step's batch, as it was: its picks as they are
-    tokens = torch.tensor([s.next_token if h is None else 0 for s, h in zip(batch.seqs, held)], device=batch.device)
+    tokens = to_device([s.next_token if h is None else 0 for s, h in zip(batch.seqs, held)], batch.device)
     flights: dict[int, tuple[InFlight, list[int], list[int]]] = {}
     for i, h in enumerate(held):
         if h is not None:
@@ -90,5 +91,5 @@ def inputs(batch: Batch) -> torch.Tensor:
             rows.append(i)
             sources.append(h[1])
     for flight, rows, sources in flights.values():
-        tokens[torch.tensor(rows, device=batch.device)] = flight.picks[torch.tensor(sources, device=batch.device)]
+        tokens[to_device(rows, batch.device)] = flight.picks[to_device(sources, batch.device)]
     return tokens

@@ -23,6 +23,7 @@ from trimode.errors import NumericalError
 from trimode.passes import PassKind
 from trimode.plugins.ops import diffusion_commit, spec_accept
 from trimode.plugins.reference import Accepted, accept_picks, commit_picks, pick_tokens
+from trimode.transfer import to_device
 
 
 class Batch:
@@ -58,13 +59,13 @@ class Batch:
 
     def next_tokens(self) -> torch.Tensor:
         """[b] each sequence's next token (emitted, not yet cached)."""
-        return torch.tensor([s.next_token for s in self.seqs], dtype=torch.long, device=self.device)
+        return to_device([s.next_token for s in self.seqs], self.device)
 
     def sampling(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row (temperature [b] fp32, Philox key [b] int64) for one sampling op: each sequence
         draws from its own stream, whatever else shares the batch."""
-        temperature = torch.tensor([s.params.temperature for s in self.seqs], dtype=torch.float32, device=self.device)
-        keys = torch.tensor([s.next_rng_key() for s in self.seqs], dtype=torch.long, device=self.device)
+        temperature = to_device([s.params.temperature for s in self.seqs], self.device, torch.float32)
+        keys = to_device([s.next_rng_key() for s in self.seqs], self.device)
         return temperature, keys
 
     @property
@@ -118,7 +119,7 @@ class Batch:
         """[b, E] each sequence's end tokens, padded with -1 (no token id)."""
         width = max(len(s.eos_ids) for s in self.seqs)
         table = [sorted(s.eos_ids) + [-1] * (width - len(s.eos_ids)) for s in self.seqs]
-        return torch.tensor(table, dtype=torch.long, device=self.device).view(len(self.seqs), width)
+        return to_device(table, self.device).view(len(self.seqs), width)
 
     def fetch(self, *values: torch.Tensor | LogProbs | None) -> list[list]:
         """The values as host lists, in one device-to-host transfer (the step's host sync): a tensor

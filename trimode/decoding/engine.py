@@ -39,6 +39,7 @@ from trimode.decoding.settings import DecodeConfig, EngineConfig, SamplingParams
 from trimode.errors import InputError
 from trimode.model import NLDModel
 from trimode.passes import Mode, PassKind, cycle_positions
+from trimode.transfer import to_device
 
 
 class KVUsage(NamedTuple):
@@ -295,11 +296,13 @@ def prefill(batch: Batch, prefill_chunk: int | None) -> list[list[int]]:
     last prompt logit (which also gives that token's log prob): it is emitted, and becomes its next
     token. A resumed sequence (preempted) has its next token already: it only runs on."""
     counts = [_chunk_len(s, prefill_chunk) for s in batch.seqs]
-    tokens = torch.full((len(batch), max(counts)), batch.spec.pad_token_id or 0, dtype=torch.long)
-    for i, (seq, n) in enumerate(zip(batch.seqs, counts)):
-        tokens[i, :n] = torch.tensor(seq.prefill_tokens[seq.num_prefilled : seq.num_prefilled + n])
-    tokens = tokens.to(batch.device)
-    out = batch.run(PassKind.PREFILL, tokens, torch.tensor(counts, device=batch.device) - 1)
+    pad, width = batch.spec.pad_token_id or 0, max(counts)
+    rows = [
+        s.prefill_tokens[s.num_prefilled : s.num_prefilled + n] + [pad] * (width - n)
+        for s, n in zip(batch.seqs, counts)
+    ]
+    tokens = to_device(rows, batch.device)
+    out = batch.run(PassKind.PREFILL, tokens, to_device([n - 1 for n in counts], batch.device))
     batch.advance(counts)
     for seq, n in zip(batch.seqs, counts):
         seq.num_prefilled += n

@@ -19,6 +19,7 @@ from trimode.decoding.runner import PassOutput
 from trimode.decoding.settings import DecodeConfig
 from trimode.passes import PassKind
 from trimode.plugins.reference import greedy_tokens, quadratic_tokens
+from trimode.transfer import to_device
 
 
 class QuadraticPolicy:
@@ -38,7 +39,7 @@ class QuadraticPolicy:
         """[b, W] the verify chain [s, d_1 .. d_(W-1)] (no drafts yet: MASK, which never matches)."""
         mask = batch.spec.mask_token_id
         rows = [[s.next_token, *(s.drafts or [mask] * (width - 1))] for s in batch.seqs]
-        return torch.tensor(rows, dtype=torch.long, device=batch.device)
+        return to_device(rows, batch.device)
 
     def accept(
         self, batch: Batch, chain: torch.Tensor, out: PassOutput, width: int

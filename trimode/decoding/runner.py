@@ -30,6 +30,7 @@ from trimode.kv_cache import KVCache
 from trimode.model import NLDModel
 from trimode.passes import PassKind
 from trimode.plugins.ops import use_kernels
+from trimode.transfer import to_device
 
 
 class PassOutput(NamedTuple):
@@ -67,7 +68,7 @@ class EagerBackend:
         lengths: list[int],
         logit_index: torch.Tensor | None,
     ) -> torch.Tensor:
-        batch = KVCache(pool.k, pool.v, torch.tensor(lengths, device=tokens.device), pool.slot_tables(slots))
+        batch = KVCache(pool.k, pool.v, to_device(lengths, tokens.device), pool.slot_tables(slots))
         with torch.no_grad():
             return self.model(tokens, batch, kind, None, logit_index, (min(lengths), max(lengths)), self.kernels)
 
@@ -139,8 +140,9 @@ class ModelRunner:
     def set_blocks(self, slot: int, blocks: list[int], start: int = 0) -> None:
         """slot's table from entry `start` on: blocks (the blocks it held before start stay)."""
         if len(blocks) > start:
-            row = torch.tensor(blocks[start:], dtype=torch.long)
-            self.cache.block_tables[slot, start : len(blocks)] = row.to(self.cache.block_tables.device)
+            self.cache.block_tables[slot, start : len(blocks)] = to_device(
+                blocks[start:], self.cache.block_tables.device
+            )
 
     def run(
         self, kind: PassKind, tokens: torch.Tensor, slots: list[int], logit_index: torch.Tensor | None = None
