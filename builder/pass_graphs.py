@@ -22,6 +22,7 @@ graphs off on CUDA (the default there is on).
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -135,15 +136,22 @@ class PassGraphs:
         return self.buffers[L]
 
     def _capture(self, program: Program, inputs: list[torch.Tensor]) -> tuple:
-        """-> (replay, outputs): a captured graph and the tensors it writes (CUDA), or on CPU a call of
-        the program on the same buffers whose outputs are the latest call's."""
-        if not self.capture:
-            outputs: list[torch.Tensor] = []
+        """-> (replay, outputs): a captured graph and the tensors it writes (CUDA), or a call of the
+        program on the same buffers whose outputs are the latest call's (CPU, or after a capture failed)."""
+        if self.capture:
+            try:
+                return self._record(program, inputs)
+            except RuntimeError as e:  # a program that cannot be captured still runs, without graphs
+                self.capture = False
+                warnings.warn(f"CUDA graph capture failed, passes run without graphs: {str(e).splitlines()[0]}")
+        outputs: list[torch.Tensor] = []
 
-            def run_now() -> None:
-                outputs[:] = program(list(inputs))
+        def run_now() -> None:
+            outputs[:] = program(list(inputs))
 
-            return run_now, outputs
+        return run_now, outputs
+
+    def _record(self, program: Program, inputs: list[torch.Tensor]) -> tuple:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):

@@ -465,6 +465,21 @@ def test_pass_graphs_give_the_engine_s_tokens_in_every_mode(built, mode, monkeyp
     assert not any(kind is PassKind.PREFILL for kind, *_ in keys)
 
 
+def test_a_pass_that_cannot_be_captured_runs_without_graphs(built, graphed, monkeypatch):
+    def fails(program, inputs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphed, "capture", True)  # as on CUDA, with a capture that fails
+    monkeypatch.setattr(graphed, "_record", fails)
+    settings = GenerationSettings(mode=Mode.SELF_SPEC, max_new_tokens=8, block_length=built.block_lengths[0])
+    prompts, model = prompts_for(built, 3), built.checkpoint.model
+    with pytest.warns(UserWarning, match="capture failed, passes run without graphs: operation not permitted"):
+        got = generate(model, prompts, settings, built.new_engine())
+    assert not graphed.capture and graphed.graphs  # the same buffers and buckets, run directly
+    monkeypatch.setattr(built.backend, "graphs", None)
+    assert [s.tokens for s in got] == [s.tokens for s in generate(model, prompts, settings, built.new_engine())]
+
+
 def test_graph_buckets_and_the_switch(monkeypatch):
     from trimode.builder.pass_graphs import PassGraphs, bucket, buckets, use_graphs
 
