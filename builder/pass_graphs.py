@@ -21,12 +21,12 @@ graphs off on CUDA (the default there is on).
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable
 
 import torch
 
+from trimode.decoding.settings import env_switch
 from trimode.kv_cache import KVCache
 from trimode.passes import PassKind
 from trimode.transfer import to_device
@@ -37,8 +37,7 @@ MIN_SPAN = 64
 
 def use_graphs(device: torch.device) -> bool:
     """Whether the torch backend runs its passes through PassGraphs: TRIMODE_PASS_GRAPHS=1 / 0, else on CUDA."""
-    setting = os.environ.get("TRIMODE_PASS_GRAPHS", "")
-    return setting == "1" if setting in ("0", "1") else device.type == "cuda"
+    return env_switch("TRIMODE_PASS_GRAPHS", device.type == "cuda")
 
 
 def buckets(largest: int, smallest: int = 1) -> list[int]:

@@ -17,6 +17,7 @@ from trimode.decoding.ar import AsyncARPolicy, inputs
 from trimode.decoding.batch import Batch, Fetch
 from trimode.decoding.engine import use_async_steps
 from trimode.decoding.runner import ModelRunner
+from trimode.errors import ConfigError
 
 from test_engine import REQUESTS, TEXTS
 
@@ -136,3 +137,6 @@ def test_auto_and_the_other_modes_keep_their_synchronous_policies(trained, monke
     monkeypatch.setenv("TRIMODE_ASYNC_STEPS", "1")
     assert use_async_steps(EngineConfig(), trained.model.device)
     assert not use_async_steps(EngineConfig(async_steps=False), trained.model.device)
+    monkeypatch.setenv("TRIMODE_ASYNC_STEPS", "yes")
+    with pytest.raises(ConfigError, match="TRIMODE_ASYNC_STEPS='yes': expected 1 \\(on\\) or 0 \\(off\\)"):
+        Engine(trained.model, EngineConfig())

@@ -20,7 +20,7 @@ from trimode.builder import BuildSettings, build_engine
 from trimode.builder.engine_dir import load_engine
 from trimode.cli import main
 from trimode.decoding import Engine, GenerationSettings, Mode, generate
-from trimode.errors import EngineError, InputError
+from trimode.errors import ConfigError, EngineError, InputError
 from trimode.passes import PassKind, quadratic_chunk
 
 from kv_pools import check_pool_writes, run_pass, twin_pools
@@ -493,6 +493,9 @@ def test_graph_buckets_and_the_switch(monkeypatch):
     assert use_graphs(torch.device("cpu"))
     monkeypatch.setenv("TRIMODE_PASS_GRAPHS", "0")
     assert not use_graphs(torch.device("cuda"))
+    monkeypatch.setenv("TRIMODE_PASS_GRAPHS", "on")
+    with pytest.raises(ConfigError, match="TRIMODE_PASS_GRAPHS='on': expected 1"):
+        use_graphs(torch.device("cuda"))
 
 
 def test_the_kv_bytes_at_build_are_what_an_engine_allocates(built):

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
+from trimode.decoding.settings import env_switch
 from trimode.errors import EngineError, TrimodeError
 from trimode.triton_repo.loop import EngineLoop, Job, Outbox, Overloaded, Unavailable
 from trimode.triton_repo.metrics import TritonMetrics
@@ -172,7 +173,7 @@ class TritonPythonModel:
         # `trimode serve` names a file whose creation starts a drain (server.py; loop.py)
         drain_file = os.environ.get("TRIMODE_DRAIN_FILE")
         # the sends from a thread of their own (loop.py Outbox); TRIMODE_SEND_THREAD=0: from the loop's
-        self.outbox = Outbox(os.environ.get("TRIMODE_SEND_THREAD", "1") != "0")
+        self.outbox = Outbox(env_switch("TRIMODE_SEND_THREAD", True))
         where = "a thread of their own" if self.outbox.is_threaded else "the engine loop's thread"
         pb_utils.Logger.log_info(f"trimode engine model: responses sent from {where}")
         self.loop = EngineLoop(

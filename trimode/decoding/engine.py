@@ -20,7 +20,6 @@ token it has in flight.
 from __future__ import annotations
 
 import itertools
-import os
 from collections import deque
 from typing import NamedTuple, Protocol
 
@@ -35,7 +34,7 @@ from trimode.decoding.quadratic import QuadraticPolicy
 from trimode.decoding.runner import ModelRunner
 from trimode.decoding.self_spec import SelfSpecPolicy
 from trimode.decoding.sequence import Sequence, Status
-from trimode.decoding.settings import DecodeConfig, EngineConfig, SamplingParams
+from trimode.decoding.settings import DecodeConfig, EngineConfig, SamplingParams, env_switch
 from trimode.errors import InputError
 from trimode.model import NLDModel
 from trimode.passes import Mode, PassKind, cycle_positions
@@ -251,8 +250,7 @@ def use_async_steps(config: EngineConfig, device: torch.device) -> bool:
     nothing to overlap, and each token would leave a step later)."""
     if config.async_steps is not None:
         return config.async_steps
-    setting = os.environ.get("TRIMODE_ASYNC_STEPS", "")
-    return setting == "1" if setting in ("0", "1") else device.type == "cuda"
+    return env_switch("TRIMODE_ASYNC_STEPS", device.type == "cuda")
 
 
 def _groups(seqs: list[Sequence]) -> list[list[Sequence]]:

@@ -10,10 +10,11 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from trimode.decoding.logprobs import MAX_LOGPROBS
-from trimode.errors import InputError
+from trimode.errors import ConfigError, InputError
 from trimode.kv_cache import blocks_per_seq
 from trimode.passes import Mode
 
@@ -163,3 +164,11 @@ class GenerationSettings:
 def _check(ok: bool, field: str, expected: str, value: object) -> None:
     if not ok:
         raise InputError(f"{field}: expected {expected}, got {value!r}")
+
+
+def env_switch(name: str, default: bool) -> bool:
+    """An on/off setting from the environment: 1 or 0, unset = default; anything else is refused."""
+    value = os.environ.get(name, "")
+    if value not in ("", "0", "1"):
+        raise ConfigError(f"{name}={value!r}: expected 1 (on) or 0 (off)")
+    return default if value == "" else value == "1"
