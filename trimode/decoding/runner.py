@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import heapq
 import time
+from collections import deque
 from typing import NamedTuple
 
 import torch
@@ -76,13 +77,15 @@ class EagerBackend:
 class PassClock:
     """Seconds spent inside forward passes since the runner was built: what `trimode bench` divides by
     wall time ("pass efficiency": the share of time the host is out of the way). On CPU a pass is
-    synchronous, so its host time is its time; on CUDA each pass is bracketed by events and read
-    when asked (a sync: the bench asks between runs, the metrics when the engine is idle)."""
+    synchronous, so its host time is its time; on CUDA each pass is bracketed by events, the passes
+    already done are added up as new ones start (no wait), and the rest when asked (a sync: the bench
+    asks between runs, the metrics when the engine is idle), so a server that is never idle keeps
+    only the events of the passes in flight."""
 
     def __init__(self, device: torch.device):
         self.is_cuda = device.type == "cuda"
         self._seconds = 0.0
-        self._events: list = []
+        self._events: deque = deque()
 
     def start(self):
         if self.is_cuda:
@@ -96,6 +99,9 @@ class PassClock:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
             self._events.append((started, event))
+            while self._events and self._events[0][1].query():  # done: its time is known without waiting
+                begin, end = self._events.popleft()
+                self._seconds += begin.elapsed_time(end) / 1e3
         else:
             self._seconds += time.perf_counter() - started
 
