@@ -86,7 +86,14 @@ def build_engine(
     on_program: Callable | None = None,
 ) -> dict:
     """-> the manifest. on_start(shapes) once the shapes are known, on_program(shape) after each."""
-    from trimode.builder.engine_dir import CHECKPOINT_DIR, SELF_TEST_PROMPTS, SELF_TEST_TOKENS, check_pool, self_test
+    from trimode.builder.engine_dir import (
+        CHECKPOINT_DIR,
+        SELF_TEST_PROMPTS,
+        SELF_TEST_TOKENS,
+        auto_prior,
+        check_pool,
+        self_test,
+    )
     from trimode.builder.manifest import FORMAT, STAGE, device_info, file_digests, library_versions, seal
     from trimode.builder.program import pass_shapes
     from trimode.checkpoint import load_checkpoint, read_quant_config
@@ -144,13 +151,15 @@ def build_engine(
         block_length = settings.block_lengths[0]
         tokens = self_test(ck.model, ck.tokenizer, None, config, block_length)  # the eager reference
         if not settings.onnx_only:
-            engine_tokens = self_test(ck.model, ck.tokenizer, backend.load(tmp, ck.model, built), config, block_length)
+            engine_backend = backend.load(tmp, ck.model, built)
+            engine_tokens = self_test(ck.model, ck.tokenizer, engine_backend, config, block_length)
             for mode, expected in tokens.items():
                 if engine_tokens[mode] != expected:
                     raise EngineError(
                         f"the built {settings.backend} engine's {mode} tokens differ from the eager "
                         f"reference's on the self-test prompts; nothing was written"
                     )
+            manifest["auto"] = auto_prior(ck.model, ck.tokenizer, engine_backend, config, block_length)
         manifest["self_test"] = {
             "prompts": list(SELF_TEST_PROMPTS),
             "max_new_tokens": SELF_TEST_TOKENS,

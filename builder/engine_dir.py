@@ -13,15 +13,20 @@ passes run on the compiled backend.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from trimode.builder.manifest import check_manifest, read_manifest
+from trimode.builder.pass_graphs import buckets
 from trimode.checkpoint import Checkpoint, load_checkpoint
-from trimode.decoding import Engine, EngineConfig, GenerationSettings, Mode
+from trimode.decoding import DecodeConfig, Engine, EngineConfig, GenerationSettings, Mode, SamplingParams
+from trimode.decoding.auto import CHOICES as AUTO_CHOICES
 from trimode.errors import EngineError
 from trimode.kv_cache import check_pool_fits
 from trimode.passes import MODE_PASSES, PassKind, cycle_positions
@@ -30,6 +35,7 @@ CHECKPOINT_DIR = "checkpoint"
 SELF_TEST_PROMPTS = ("def main():\n    ", "import os\nimport sys\n")
 SELF_TEST_SOLO_STEPS = 3  # engine steps each prompt runs before the next one joins
 SELF_TEST_TOKENS = 12
+AUTO_PRIOR_TOKENS = 16  # tokens per request of each timed run of auto_prior
 
 
 def backend_module(name: str):
@@ -66,7 +72,10 @@ class BuiltEngine:
         return size if size in self.block_lengths else self.block_lengths[0]
 
     def new_engine(self) -> Engine:
-        return Engine(self.checkpoint.model, self.config, backend=self.backend, block_lengths=self.block_lengths)
+        engine = Engine(self.checkpoint.model, self.config, backend=self.backend, block_lengths=self.block_lengths)
+        if "auto" in self.manifest:  # the step times measured at the build
+            engine.auto.seed(self.manifest["auto"])
+        return engine
 
 
 def check_pool(model, num_blocks: int, block_size: int) -> None:
@@ -103,6 +112,34 @@ def self_test(model, tokenizer, backend, config: EngineConfig, block_length: int
             engine.step()
         result[mode.value] = [seq.tokens for seq in seqs]
     return result
+
+
+def auto_prior(model, tokenizer, backend, config: EngineConfig, block_length: int) -> dict:
+    """What `auto` starts from on this engine (AutoPolicy.seed, the manifest's `auto`): the median
+    seconds of an engine step of each mode it chooses among, at each batch bucket (1, 2, 4, ..
+    max_batch_size copies of the first self-test prompt). The steps are synchronous, as auto's own
+    are. Not acceptance: that is the requests' (a short fixed prompt gave 1.4 where held-out code
+    gives 3), and a low prior would keep auto from ever trying a speculative mode."""
+    prompt = tokenizer.encode(SELF_TEST_PROMPTS[0])
+    config = dataclasses.replace(config, async_steps=False)
+    seconds: dict[str, dict[str, float]] = {}
+    for mode in AUTO_CHOICES:
+        if len(prompt) + AUTO_PRIOR_TOKENS + cycle_positions(mode, block_length) > config.max_seq_len:
+            continue
+        seconds[mode.value] = {}
+        for size in buckets(config.max_slots):
+            engine = Engine(model, config, backend=backend, block_lengths=(block_length,))
+            params = SamplingParams(AUTO_PRIOR_TOKENS, ignore_eos=True)
+            for _ in range(size):
+                engine.add(prompt, params, DecodeConfig(mode, block_length))
+            engine.step()  # the prefill
+            steps = []
+            while engine.has_work:
+                began = time.perf_counter()
+                engine.step()
+                steps.append(time.perf_counter() - began)
+            seconds[mode.value][str(size)] = statistics.median(steps)
+    return {"block_length": block_length, "seconds": seconds}
 
 
 def load_engine(engine_dir: Path, device: str | torch.device | None = None) -> BuiltEngine:

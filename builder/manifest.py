@@ -15,6 +15,7 @@ from typing import Any, TypeGuard
 import torch
 
 from trimode.builder.settings import DEVICES, BuildSettings
+from trimode.decoding.auto import CHOICES as AUTO_CHOICES
 from trimode.errors import EngineError, InputError
 from trimode.passes import MODE_PASSES, Mode, PassKind
 from trimode.stage_output import MANIFEST, file_digest
@@ -308,6 +309,15 @@ def check_fields(engine_dir: Path, manifest: dict) -> None:
             ok=lambda v: _is_list(v, lambda row: _is_list(row, _is_token)) and len(v) == len(prompts),
             expected=f"one list of token ids per prompt ({len(prompts)})",
         )
+    if "auto" in manifest:  # engines built before auto's prior was recorded have none
+        choices = {m.value for m in AUTO_CHOICES}
+        field("auto", "block_length", ok=lambda v: v in lengths, expected=f"one of settings.block_lengths {lengths}")
+        field(
+            "auto",
+            "seconds",
+            ok=lambda v: _is_dict(v, _is_seconds_by_size) and set(v) <= choices,
+            expected="{mode: {batch size: seconds > 0}} for ar, self-spec, quadratic",
+        )
 
 
 _MISSING = object()
@@ -315,6 +325,14 @@ _MISSING = object()
 
 def _is_str(v) -> bool:
     return isinstance(v, str)
+
+
+def _is_positive(v) -> bool:
+    return type(v) in (int, float) and v > 0
+
+
+def _is_seconds_by_size(v) -> bool:
+    return _is_dict(v, _is_positive) and all(k.isdigit() and int(k) >= 1 for k in v)
 
 
 def _is_count(v) -> bool:

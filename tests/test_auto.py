@@ -111,6 +111,22 @@ def test_it_measures_every_mode_first(batch_of_two):
     assert ran == [m for m in CHOICES for _ in range(WARMUP_RUNS)]
 
 
+def test_an_engine_s_build_times_stand_for_the_warm_up(batch_of_two):
+    """Seeded with the step times its engine dir recorded at build (the manifest's `auto`), auto runs
+    the mode of the best estimated rate at once: quadratic (2 x 2.0 prior tokens / 1.5 ms) over AR
+    (2 / 1 ms), with no step spent measuring AR and self-spec first."""
+    policy = AutoPolicy({})
+    policy.seed(
+        {
+            "block_length": 4,
+            "seconds": {"ar": {"1": 1e-3, "2": 1e-3}, "self-spec": {"2": 3e-3}, "quadratic": {"2": 1.5e-3}},
+        }
+    )
+    assert policy.seconds[Mode.QUADRATIC, 2, 4] == 1.5e-3 and policy.runs[Mode.AR, 1, 4] == WARMUP_RUNS
+    assert policy.choose(batch_of_two) is Mode.QUADRATIC
+    assert AutoPolicy({}).choose(batch_of_two) is Mode.AR  # unseeded: measures AR first
+
+
 def test_a_mode_is_measured_again_when_that_costs_at_most_its_share_of_the_time(batch_of_two):
     """AR is the best (2 tokens / 1 ms) and runs; self-spec (1.5 / 1 ms) is run again once
     EXPLORE_SHARE of the time since it last ran pays for that one step, quadratic (30 / 20 ms) 20x later;

@@ -96,6 +96,10 @@ EDITS = [
     (edit("self_test", "tokens", "diffusion", delete=True), "self_test.tokens"),  # only quadratic may be missing
     (edit("self_test", "block_length", value=0), "self_test.block_length"),
     (edit("model", "config", value=None), "model.config"),
+    (edit("auto", "block_length", value=3), "auto.block_length"),
+    (edit("auto", "seconds", value={"beam": {"1": 0.1}}), "auto.seconds"),
+    (edit("auto", "seconds", "ar", value={"one": 0.1}), "auto.seconds"),
+    (edit("auto", "seconds", "ar", "1", value=-1), "auto.seconds"),
     (relative_escape, "outside the engine dir"),
     (absolute_path, "outside the engine dir"),
     (symlink_out, "outside the engine dir"),
@@ -139,3 +143,16 @@ def test_a_manifest_without_the_quadratic_self_test_is_well_formed_but_must_matc
     (d / "manifest.json").write_text(json.dumps(seal(m)))
     with pytest.raises(EngineError, match="self-test gives other tokens than at build time"):
         load_engine(d)
+
+
+def test_an_engine_built_before_auto_s_step_times_were_recorded_still_loads(tiny_engine_dir, tmp_path):
+    """Without the manifest's `auto` (an older build), auto measures every mode first, as it did."""
+    from trimode.builder.engine_dir import load_engine
+
+    d = tmp_path / "engine"
+    shutil.copytree(tiny_engine_dir, d)
+    m = json.loads((d / "manifest.json").read_text())
+    assert m["auto"]["seconds"]  # what a build writes now
+    del m["auto"]
+    (d / "manifest.json").write_text(json.dumps(seal(m)))
+    assert load_engine(d).new_engine().auto.seconds == {}

@@ -10,7 +10,8 @@ rate:
 - seconds per step: measured here, on this machine and this backend, as a running mean of the
   mode's whole step (passes, host work, the host sync) per batch size (a second run replaces the
   first, which may pay one-time costs). Each mode is run WARMUP_RUNS times at the first batch size
-  it meets; at a batch size where a mode has not run, its time is its time at the nearest batch
+  it meets, unless the engine dir brought times measured at its build (`seed`: every mode and batch
+  bucket, a few seconds of the build), which count as those runs; at a batch size where a mode has not run, its time is its time at the nearest batch
   size it ran at, scaled as AR's time scales between the two (when AR ran at both). Exploring is
   free of loss, since every mode emits the same tokens, but not of time: an estimate that flatters a
   mode gets it run, and so measured; and a mode not run lately is run once again (acceptance, load
@@ -54,6 +55,19 @@ class AutoPolicy:
         self.acceptance: dict[tuple[Mode, int], float] = {}  # (mode, block length) -> over every sequence
         self.last_run: dict[tuple[Mode, int], float] = {}  # (mode, block length) -> when it last ran (perf_counter)
         self.runs: Counter = Counter()  # (mode, batch size, block length) -> steps run
+
+    def seed(self, prior: dict) -> None:
+        """Start from step times measured where the engine was built (its manifest's
+        `auto`: builder/engine_dir.auto_prior): each mode it has counts as warmed up at those batch
+        sizes, so the first steps already run the mode with the best estimated rate instead of
+        measuring every mode first. Run here, a mode's time then moves to what it measures here."""
+        width, now = prior["block_length"], time.perf_counter()
+        for name, by_size in prior["seconds"].items():
+            mode = Mode(name)
+            for size, seconds in by_size.items():
+                self.seconds[mode, int(size), width] = seconds
+                self.runs[mode, int(size), width] = WARMUP_RUNS
+            self.last_run[mode, width] = now
 
     def step(self, batch: Batch, config: DecodeConfig) -> list[list[int]]:
         """The mode the engine chose for these sequences before growing their blocks (Engine.step:
