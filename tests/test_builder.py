@@ -763,6 +763,7 @@ def test_inspect_prints_the_manifest(trained_engine_dir, runner):
         f"kv cache   64 blocks of 8 positions, float32, {kv['bytes']} bytes",
         f"verify_8, quadratic_8 (4 compiled); {batch1}",
         "self-test",
+        "auto       ms per step at build, block 8: ar b1 ",
     ):
         assert expected in text.stdout
     as_json = runner.invoke(main, ["inspect", str(trained_engine_dir), "--json"])

@@ -193,6 +193,17 @@ def describe_graph(m: dict) -> str | None:
     )
 
 
+def describe_auto(m: dict) -> str:
+    """The step times auto starts from (ms per step by batch size), or "" for an engine without them."""
+    if "auto" not in m:
+        return ""
+    times = "; ".join(
+        f"{mode} " + ", ".join(f"b{size} {seconds * 1e3:.2f}" for size, seconds in by_size.items())
+        for mode, by_size in m["auto"]["seconds"].items()
+    )
+    return f"ms per step at build, block {m['auto']['block_length']}: {times}"
+
+
 def format_manifest(m: dict) -> str:
     s, d, c, kv = m["settings"], m["device"], m["model"]["config"], m["kv_cache"]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
@@ -225,6 +236,7 @@ def format_manifest(m: dict) -> str:
         f"self-test  {m['self_test']['max_new_tokens']} tokens x {len(m['self_test']['prompts'])} prompts per mode, "
         f"block {m['self_test']['block_length']}: "
         + json.dumps({k: v[0][:6] for k, v in m["self_test"]["tokens"].items()}),
+        *([f"auto       {auto}"] if (auto := describe_auto(m)) else []),
         f"files      {len(m['files'])}, digest {m['digest_sha256'][:12]}...",
     ]
     return "\n".join(lines)
