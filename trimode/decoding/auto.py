@@ -55,6 +55,7 @@ class AutoPolicy:
         self.acceptance: dict[tuple[Mode, int], float] = {}  # (mode, block length) -> over every sequence
         self.last_run: dict[tuple[Mode, int], float] = {}  # (mode, block length) -> when it last ran (perf_counter)
         self.runs: Counter = Counter()  # (mode, batch size, block length) -> steps run
+        self.warm: set[int] = set()  # block lengths at which every mode has had its warm-up runs
 
     def seed(self, prior: dict) -> None:
         """Start from step times measured where the engine was built (its manifest's
@@ -84,13 +85,16 @@ class AutoPolicy:
     def choose(self, batch: Batch, now: float | None = None) -> Mode:
         b, width = len(batch), batch.seqs[0].block_length
         now = time.perf_counter() if now is None else now
-        for mode in CHOICES:  # measure first
-            if sum(n for (m, _, w), n in self.runs.items() if m is mode and w == width) < WARMUP_RUNS:
-                return mode
-        rates = {mode: self.rate(batch, mode) for mode in CHOICES}
+        if width not in self.warm:  # measure first
+            for mode in CHOICES:
+                if sum(n for (m, _, w), n in self.runs.items() if m is mode and w == width) < WARMUP_RUNS:
+                    return mode
+            self.warm.add(width)
+        seconds = {mode: self.step_seconds(mode, b, width) for mode in CHOICES}
+        rates = {mode: self.expected_batch_tokens(batch, mode) / seconds[mode] for mode in CHOICES}
         best = max(rates, key=rates.__getitem__)
         for mode in CHOICES:  # then refresh what was not run for a while, if it might be the best
-            stale = now - self.last_run[mode, width] > self.step_seconds(mode, b, width) / EXPLORE_SHARE
+            stale = now - self.last_run[mode, width] > seconds[mode] / EXPLORE_SHARE
             if stale and rates[mode] >= EXPLORE_RATIO * rates[best]:
                 return mode
         current = max(CHOICES, key=lambda mode: self.last_run[mode, width])  # the mode run last
@@ -101,11 +105,11 @@ class AutoPolicy:
         ran = [mode for mode in CHOICES if (mode, width) in self.last_run]
         return max(ran, key=lambda mode: self.last_run[mode, width]) if ran else Mode.QUADRATIC
 
-    def rate(self, batch: Batch, mode: Mode) -> float:
-        """Expected tokens per second of one step of mode over this batch."""
-        width = batch.seqs[0].block_length
-        tokens = sum(self.expected_tokens(s, mode) for s in batch.seqs)
-        return tokens / self.step_seconds(mode, len(batch), width)
+    def expected_batch_tokens(self, batch: Batch, mode: Mode) -> float:
+        """Expected tokens of one step of mode over this batch (its rate: this / step_seconds)."""
+        if mode is Mode.AR:
+            return float(len(batch))
+        return sum(self.expected_tokens(s, mode) for s in batch.seqs)
 
     def step_seconds(self, mode: Mode, b: int, width: int) -> float:
         """Measured at batch size b, else the nearest batch size's, scaled as AR's (module doc)."""
@@ -129,8 +133,9 @@ class AutoPolicy:
         self.runs[key] += 1
         self.last_run[mode, width] = time.perf_counter()
         prior = self.acceptance.get((mode, width))  # the mean before this step: every sequence starts from it
+        name = mode.value
         for seq, drafted in zip(batch.seqs, had_drafts):
-            seq.stats.auto_cycles[mode.value] += 1
+            seq.stats.auto_cycles[name] += 1
             if mode is not Mode.QUADRATIC:
                 seq.drafts = None  # the cache moved on: a quadratic cycle after this one drafts afresh
             if mode is Mode.AR or (mode is Mode.QUADRATIC and not drafted):
