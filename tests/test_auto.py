@@ -117,14 +117,26 @@ def test_an_engine_s_build_times_stand_for_the_warm_up(batch_of_two):
     (2 / 1 ms), with no step spent measuring AR and self-spec first."""
     policy = AutoPolicy({})
     policy.seed(
-        {
-            "block_length": 4,
-            "seconds": {"ar": {"1": 1e-3, "2": 1e-3}, "self-spec": {"2": 3e-3}, "quadratic": {"2": 1.5e-3}},
-        }
+        {"block_length": 4, "seconds": {"ar": {"2": 1e-3}, "self-spec": {"2": 3e-3}, "quadratic": {"2": 1.5e-3}}}
     )
-    assert policy.seconds[Mode.QUADRATIC, 2, 4] == 1.5e-3 and policy.runs[Mode.AR, 1, 4] == WARMUP_RUNS
     assert policy.choose(batch_of_two) is Mode.QUADRATIC
     assert AutoPolicy({}).choose(batch_of_two) is Mode.AR  # unseeded: measures AR first
+
+
+def test_build_times_scale_as_ar_s_time_here_and_give_way_to_what_is_measured(batch_of_two):
+    """AR measured here at twice its build time (fewer threads, say): the other modes' build times
+    count double too, so quadratic keeps the rate it had against AR at the build (2 x 2.0 / 5 ms
+    against 2 / 2 ms: AR), where unscaled (2 x 2.0 / 2.5 ms) it would look faster; a mode measured
+    here has its own time."""
+    policy = AutoPolicy({})
+    build = {"ar": {"2": 1e-3}, "self-spec": {"2": 3e-3}, "quadratic": {"2": 2.5e-3}}
+    policy.seed({"block_length": 4, "seconds": build})
+    policy.record(batch_of_two, Mode.AR, 2e-3, [False, False])
+    assert policy.step_seconds(Mode.QUADRATIC, 2, 4) == pytest.approx(5e-3)
+    assert policy.step_seconds(Mode.QUADRATIC, 1, 4) == pytest.approx(5e-3)  # no time at 1: the nearest size's
+    assert policy.choose(batch_of_two) is Mode.AR
+    policy.record(batch_of_two, Mode.QUADRATIC, 3e-3, [False, False])  # a cycle without drafts: no acceptance
+    assert policy.step_seconds(Mode.QUADRATIC, 2, 4) == 3e-3
 
 
 def test_a_mode_is_measured_again_when_that_costs_at_most_its_share_of_the_time(batch_of_two):

@@ -500,19 +500,19 @@ def test_graph_buckets_and_the_switch(monkeypatch):
 
 def test_the_build_records_auto_s_step_times_and_an_engine_starts_from_them(built):
     """Every mode auto chooses among, at every batch bucket up to max_batch_size, measured at the
-    build (engine_dir.auto_prior); each new engine's auto counts them as its warm-up runs."""
+    build (engine_dir.auto_prior); each new engine's auto starts from them."""
     from trimode.builder.pass_graphs import buckets
-    from trimode.decoding.auto import CHOICES, WARMUP_RUNS
+    from trimode.decoding.auto import CHOICES
 
     prior, width = built.manifest["auto"], built.block_lengths[0]
     sizes = [str(b) for b in buckets(built.config.max_slots)]
     assert prior["block_length"] == width and set(prior["seconds"]) == {m.value for m in CHOICES}
     assert all(list(by_size) == sizes and min(by_size.values()) > 0 for by_size in prior["seconds"].values())
     auto = built.new_engine().auto
+    assert auto.seconds == {}  # nothing measured here yet
     for mode in CHOICES:
         for size in sizes:
-            assert auto.seconds[mode, int(size), width] == prior["seconds"][mode.value][size]
-            assert auto.runs[mode, int(size), width] == WARMUP_RUNS
+            assert auto.step_seconds(mode, int(size), width) == prior["seconds"][mode.value][size]
 
 
 def test_the_kv_bytes_at_build_are_what_an_engine_allocates(built):

@@ -11,7 +11,8 @@ rate:
   mode's whole step (passes, host work, the host sync) per batch size (a second run replaces the
   first, which may pay one-time costs). Each mode is run WARMUP_RUNS times at the first batch size
   it meets, unless the engine dir brought times measured at its build (`seed`: every mode and batch
-  bucket, a few seconds of the build), which count as those runs; at a batch size where a mode has not run, its time is its time at the nearest batch
+  bucket, under a second of the build), which stand in for it, scaled by how AR's time here compares
+  with AR's there; at a batch size where a mode has not run, its time is its time at the nearest batch
   size it ran at, scaled as AR's time scales between the two (when AR ran at both). Exploring is
   free of loss, since every mode emits the same tokens, but not of time: an estimate that flatters a
   mode gets it run, and so measured; and a mode not run lately is run once again (acceptance, load
@@ -56,18 +57,20 @@ class AutoPolicy:
         self.last_run: dict[tuple[Mode, int], float] = {}  # (mode, block length) -> when it last ran (perf_counter)
         self.runs: Counter = Counter()  # (mode, batch size, block length) -> steps run
         self.warm: set[int] = set()  # block lengths at which every mode has had its warm-up runs
+        self.prior: dict[tuple[Mode, int, int], float] = {}  # as seconds, measured at the engine's build (seed)
 
     def seed(self, prior: dict) -> None:
-        """Start from step times measured where the engine was built (its manifest's
-        `auto`: builder/engine_dir.auto_prior): each mode it has counts as warmed up at those batch
-        sizes, so the first steps already run the mode with the best estimated rate instead of
-        measuring every mode first. Run here, a mode's time then moves to what it measures here."""
+        """Start from step times measured where the engine was built (its manifest's `auto`:
+        builder/engine_dir.auto_prior). A mode with build times needs no warm-up runs, so the first
+        steps already run the mode of the best estimated rate. Times measured here always win; a
+        build time stands where none is, scaled as AR's time here is to AR's at the build (another
+        thread count or load changes every mode alike: unscaled, a mode measured at the build with
+        more threads looked faster than it runs here, and auto kept trying it)."""
         width, now = prior["block_length"], time.perf_counter()
         for name, by_size in prior["seconds"].items():
             mode = Mode(name)
             for size, seconds in by_size.items():
-                self.seconds[mode, int(size), width] = seconds
-                self.runs[mode, int(size), width] = WARMUP_RUNS
+                self.prior[mode, int(size), width] = seconds
             self.last_run[mode, width] = now
 
     def step(self, batch: Batch, config: DecodeConfig) -> list[list[int]]:
@@ -87,7 +90,11 @@ class AutoPolicy:
         now = time.perf_counter() if now is None else now
         if width not in self.warm:  # measure first
             for mode in CHOICES:
-                if sum(n for (m, _, w), n in self.runs.items() if m is mode and w == width) < WARMUP_RUNS:
+                primed = any(m is mode and w == width for m, _, w in self.prior)
+                if (
+                    not primed
+                    and sum(n for (m, _, w), n in self.runs.items() if m is mode and w == width) < WARMUP_RUNS
+                ):
                     return mode
             self.warm.add(width)
         seconds = {mode: self.step_seconds(mode, b, width) for mode in CHOICES}
@@ -112,14 +119,18 @@ class AutoPolicy:
         return sum(self.expected_tokens(s, mode) for s in batch.seqs)
 
     def step_seconds(self, mode: Mode, b: int, width: int) -> float:
-        """Measured at batch size b, else the nearest batch size's, scaled as AR's (module doc)."""
+        """Measured at batch size b; else the build's time there, scaled as AR's measured time is to its
+        build time (seed); else the nearest batch size's, scaled as AR's time scales (module doc)."""
         if (mode, b, width) in self.seconds:
             return self.seconds[mode, b, width]
-        ran = [size for m, size, w in self.seconds if m is mode and w == width]
+        if (mode, b, width) in self.prior:
+            ar_here, ar_then = self.seconds.get((Mode.AR, b, width)), self.prior.get((Mode.AR, b, width))
+            return self.prior[mode, b, width] * (ar_here / ar_then if ar_here and ar_then else 1.0)
+        ran = {size for m, size, w in (*self.seconds, *self.prior) if m is mode and w == width}
         near = min(ran, key=lambda size: (abs(size - b), size))
         ar_here, ar_there = self.seconds.get((Mode.AR, b, width)), self.seconds.get((Mode.AR, near, width))
         scale = ar_here / ar_there if ar_here and ar_there else 1.0
-        return self.seconds[mode, near, width] * scale
+        return self.step_seconds(mode, near, width) * scale
 
     def expected_tokens(self, seq, mode: Mode) -> float:
         if mode is Mode.AR:
