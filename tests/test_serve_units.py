@@ -408,6 +408,12 @@ def test_serve_refuses_a_bad_host(refused, tmp_path, host, message):
     refused(["serve", tmp_path / "repo", "--host", host], tmp_path, message)
 
 
+@pytest.mark.parametrize("name", ["TRIMODE_SEND_THREAD", "TRIMODE_ASYNC_STEPS", "TRIMODE_PASS_GRAPHS"])
+def test_serve_refuses_a_bad_switch_before_the_server_starts(refused, tmp_path, monkeypatch, name):
+    monkeypatch.setenv(name, "true")
+    refused(["serve", tmp_path / "repo"], tmp_path, f"{name}='true': expected 1 (on) or 0 (off)")
+
+
 def test_a_foreign_cancel_touches_nothing(engine):
     """Handles are random: counting (the engine's ids are 0, 1, 2, ...) names no running request."""
     loop = EngineLoop(engine, max_queued=8)

@@ -233,10 +233,12 @@ def serving(
     (exit 143); once serving it drains them (drain_timeout_s at most) and ends the with block without
     an error. The server's log goes to log_path, else to this terminal. threads: the engine model's torch
     threads (None: the repository's)."""
+    from trimode.decoding.settings import check_switches
     from trimode.triton_repo.server import TritonServer, check_host
     from trimode.triton_repo.writer import read_repo_manifest
 
     check_host(host)  # before anything binds it: the first to fail would blame its port
+    check_switches()
     manifest = read_repo_manifest(repo_dir)
     check_ports(ports, openai_port)
 

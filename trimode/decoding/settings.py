@@ -166,6 +166,16 @@ def _check(ok: bool, field: str, expected: str, value: object) -> None:
         raise InputError(f"{field}: expected {expected}, got {value!r}")
 
 
+SWITCHES = ("TRIMODE_ASYNC_STEPS", "TRIMODE_PASS_GRAPHS", "TRIMODE_SEND_THREAD")  # the on/off ones trimode reads
+
+
+def check_switches() -> None:
+    """Refuse a bad value of any switch now (`trimode serve`, before the server starts: in the
+    engine model it would stop the model's load deep in the server's log)."""
+    for name in SWITCHES:
+        env_switch(name, False)
+
+
 def env_switch(name: str, default: bool) -> bool:
     """An on/off setting from the environment: 1 or 0, unset = default; anything else is refused."""
     value = os.environ.get(name, "")
