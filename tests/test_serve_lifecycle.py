@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -297,7 +298,11 @@ def test_a_dead_engine_stub_stops_the_server(start_serve):
     assert served.process.wait(15) == 1  # a bound for a hang; measured ~1.7 s
     errors = [line for line in served.log().splitlines() if line.startswith("Error:")]
     assert len(errors) == 1, served.log()[-3000:]
-    assert f"stub of model 'engine' (pid {engine}) was killed by signal 9 (SIGKILL)" in errors[0]
+    # the stub is named as the cause; its signal where its zombie was still there to read (tritonserver
+    # may abort within the same watch interval and take it along: then it "is gone")
+    assert re.search(
+        rf"stub of model 'engine' \(pid {engine}\) (was killed by signal 9 \(SIGKILL\)|is gone)", errors[0]
+    )
     assert load.join(15 - (time.monotonic() - killed))  # no request hangs
     cut = [r for r in load.results if isinstance(r, RemoteError)]
     assert cut and all(r == reference for r in load.results if not isinstance(r, RemoteError))

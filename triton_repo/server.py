@@ -235,22 +235,19 @@ class TritonServer:
     def _watch(self, stubs: dict[int, tuple[str, str]]) -> None:
         assert self.process is not None
         while not self._unwatch.wait(WATCH_INTERVAL_S):
+            # the stubs first: a dead stub can make tritonserver abort within the same interval, and
+            # the stub is the cause to name
+            dead = next((d for d in (_dead_stub(pid, *seen) for pid, seen in stubs.items()) if d), None)
             code = self.process.poll()
+            if dead is not None:
+                also = "" if code is None else f" (tritonserver then exited with status {code})"
+                self._fail(
+                    f"the python backend stub of {dead}{also}; Triton cannot serve that model again, so "
+                    f"tritonserver was stopped: restart the server"
+                )
+                return
             if code is not None:
                 self._fail(f"tritonserver (pid {self.process.pid}) exited with status {code}")
-                return
-            for pid, (model, started) in stubs.items():
-                fields = _proc_stat(str(pid))
-                if fields is None or fields[19] != started:  # reaped (its pid may be another's now)
-                    how = "is gone"
-                elif fields[0] in "ZX":  # a zombie: dead, its exit status still readable
-                    how = _wait_status(int(fields[49])) if len(fields) > 49 else "exited"
-                else:
-                    continue
-                self._fail(
-                    f"the python backend stub of model '{model}' (pid {pid}) {how}; Triton cannot serve that model "
-                    f"again, so tritonserver was stopped: restart the server"
-                )
                 return
 
     def _fail(self, message: str) -> None:
@@ -378,6 +375,18 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _dead_stub(pid: int, model: str, started: str) -> str | None:
+    """ "model 'M' (pid P) <how it died>" for a stub that is no longer running, else None."""
+    fields = _proc_stat(str(pid))
+    if fields is None or fields[19] != started:  # reaped (its pid may be another's now)
+        how = "is gone"
+    elif fields[0] in "ZX":  # a zombie: dead, its exit status still readable
+        how = _wait_status(int(fields[49])) if len(fields) > 49 else "exited"
+    else:
+        return None
+    return f"model '{model}' (pid {pid}) {how}"
 
 
 def _proc_stat(pid: str) -> list[str] | None:
