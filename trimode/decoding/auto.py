@@ -116,7 +116,8 @@ class AutoPolicy:
         """Expected tokens of one step of mode over this batch (its rate: this / step_seconds)."""
         if mode is Mode.AR:
             return float(len(batch))
-        return sum(self.expected_tokens(s, mode) for s in batch.seqs)
+        mean = self.acceptance.get((mode, batch.seqs[0].block_length), EXPLORE_PRIOR)  # a sequence's own comes first
+        return sum(s.acceptance.get(mode, mean) for s in batch.seqs)
 
     def step_seconds(self, mode: Mode, b: int, width: int) -> float:
         """Measured at batch size b; else the build's time there, scaled as AR's measured time is to its
@@ -131,11 +132,6 @@ class AutoPolicy:
         ar_here, ar_there = self.seconds.get((Mode.AR, b, width)), self.seconds.get((Mode.AR, near, width))
         scale = ar_here / ar_there if ar_here and ar_there else 1.0
         return self.step_seconds(mode, near, width) * scale
-
-    def expected_tokens(self, seq, mode: Mode) -> float:
-        if mode is Mode.AR:
-            return 1.0
-        return seq.acceptance.get(mode, self.acceptance.get((mode, seq.block_length), EXPLORE_PRIOR))
 
     def record(self, batch: Batch, mode: Mode, seconds: float, had_drafts: list[bool]) -> None:
         b, width = len(batch), batch.seqs[0].block_length
