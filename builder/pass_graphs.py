@@ -12,7 +12,7 @@ graph launches them all at once. A graph replays fixed shapes at fixed addresses
   are masked, so a longer span gives the same results (as torch_backend.SPAN_ALIGN's rounding).
 Prefill chunks (any length) run their program directly. A graph is captured the first time its key
 runs; all share one memory pool, and a replay's outputs are copied out at once, as the next replay
-may reuse that memory. A pool at other addresses (a new Engine's) drops the graphs.
+may reuse that memory. Another pool (a new Engine's) drops the graphs.
 
 On CPU there is nothing to capture: `TRIMODE_PASS_GRAPHS=1` runs the same buffers, padding and
 buckets synchronously, so the tests cover every line but the capture. `TRIMODE_PASS_GRAPHS=0` turns
@@ -22,6 +22,7 @@ graphs off on CUDA (the default there is on).
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -64,7 +65,7 @@ class PassGraphs:
         self.spans = buckets(max_seq_len, min(MIN_SPAN, max_seq_len))
         self.graphs: dict[tuple, tuple] = {}  # key -> (replay, outputs)
         self.buffers: dict[int, dict[str, torch.Tensor]] = {}  # chunk length -> static inputs
-        self.pool_addresses: tuple[int, ...] = ()
+        self._pool: weakref.ref | None = None  # the pool the graphs and buffers are of
         self.memory = torch.cuda.graph_pool_handle() if self.capture else None  # the graphs' shared memory pool
 
     def span(self, needed: int) -> int:
@@ -114,12 +115,13 @@ class PassGraphs:
         return [out[:b].clone() if out.dim() else out.clone() for out in outputs]
 
     def _check_pool(self, pool: KVCache) -> None:
-        """A graph holds the addresses of the pool's tensors: a pool elsewhere (another Engine's) starts afresh."""
-        addresses = tuple(t.data_ptr() for t in (*pool.k, *pool.v))
-        if self.pool_addresses != addresses:
+        """A graph holds the addresses of the pool's tensors, which stay put for the pool's life: another
+        pool (another Engine's) starts afresh. Known by a weak reference, not an id(), which a new pool
+        may reuse, and not the tensors' addresses, a call per layer on every pass."""
+        if self._pool is None or self._pool() is not pool:
             self.graphs.clear()
             self.buffers.clear()
-            self.pool_addresses = addresses
+            self._pool = weakref.ref(pool)
 
     def _buffers(self, L: int, pool: KVCache) -> dict[str, torch.Tensor]:
         """The static inputs of the graphs of chunk length L, max_slots rows (a bucket's: the first rows)."""
