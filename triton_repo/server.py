@@ -378,7 +378,7 @@ class TritonServer:
 
 
 def _dead_stub(pid: int, model: str, started: str) -> str | None:
-    """ "model 'M' (pid P) <how it died>" for a stub that is no longer running, else None."""
+    """How a stub that is no longer running died, as "model 'M' (pid P) <how>"; None while it runs."""
     fields = _proc_stat(str(pid))
     if fields is None or fields[19] != started:  # reaped (its pid may be another's now)
         how = "is gone"

@@ -193,10 +193,10 @@ def describe_graph(m: dict) -> str | None:
     )
 
 
-def describe_auto(m: dict) -> str:
-    """The step times auto starts from (ms per step by batch size), or "" for an engine without them."""
+def describe_auto(m: dict) -> str | None:
+    """The step times auto starts from (ms per step by batch size); None for an engine without them."""
     if "auto" not in m:
-        return ""
+        return None
     times = "; ".join(
         f"{mode} " + ", ".join(f"b{size} {seconds * 1e3:.2f}" for size, seconds in by_size.items())
         for mode, by_size in m["auto"]["seconds"].items()

@@ -92,9 +92,7 @@ class EngineConfig:
     kv_block_size: int = 16  # positions per KV block (max_seq_len: a dense slot per sequence)
     num_kv_blocks: int | None = None  # the pool; None: max_slots sequences of max_seq_len (kv_cache.py)
     enable_prefix_caching: bool = True  # share full blocks of equal prefixes between requests (blocks.py)
-    async_steps: bool | None = (
-        None  # AR a step ahead of the host (ar.AsyncARPolicy); None: TRIMODE_ASYNC_STEPS, else on CUDA
-    )
+    async_steps: bool | None = None  # AR ahead of the host (ar.py); None: TRIMODE_ASYNC_STEPS, else CUDA
 
     def __post_init__(self) -> None:
         _check(self.max_slots >= 1, "max_slots", "an integer >= 1", self.max_slots)
