@@ -111,29 +111,37 @@ def test_it_measures_every_mode_first(batch_of_two):
     assert ran == [m for m in CHOICES for _ in range(WARMUP_RUNS)]
 
 
-def test_an_engine_s_build_times_stand_for_the_warm_up(batch_of_two):
+@pytest.mark.parametrize("accepted, then", [(3, Mode.QUADRATIC), (1, Mode.AR)])
+def test_an_engine_s_build_times_stand_for_the_warm_up(batch_of_two, accepted, then):
     """Seeded with the step times its engine dir recorded at build (the manifest's `auto`), auto runs
-    the mode of the best estimated rate at once: quadratic (2 x 2.0 prior tokens / 1.5 ms) over AR
-    (2 / 1 ms), with no step spent measuring AR and self-spec first."""
+    no step to time AR; self-spec (5 ms a step: even 4 of 4 drafts accepted, 2 x 4 tokens / 5 ms,
+    lose to AR's 2 / 1 ms) never runs; quadratic (1.5 ms) could win, so it runs its warm-up, which
+    measures its acceptance, and then the rate decides: 2 x 3 / 1.5 ms beats AR, 2 x 1 / 1.5 ms does not."""
     policy = AutoPolicy({})
     policy.seed(
-        {"block_length": 4, "seconds": {"ar": {"2": 1e-3}, "self-spec": {"2": 3e-3}, "quadratic": {"2": 1.5e-3}}}
+        {"block_length": 4, "seconds": {"ar": {"2": 1e-3}, "self-spec": {"2": 5e-3}, "quadratic": {"2": 1.5e-3}}}
     )
-    assert policy.choose(batch_of_two) is Mode.QUADRATIC
+    for seq in batch_of_two.seqs:
+        seq.stats.accepted_lengths.append(accepted)
+    ran = []
+    for _ in range(WARMUP_RUNS + 1):
+        ran.append(policy.choose(batch_of_two))
+        policy.record(batch_of_two, ran[-1], 1.5e-3, [True, True])
+    assert ran == [Mode.QUADRATIC] * WARMUP_RUNS + [then]
     assert AutoPolicy({}).choose(batch_of_two) is Mode.AR  # unseeded: measures AR first
 
 
 def test_build_times_scale_as_ar_s_time_here_and_give_way_to_what_is_measured(batch_of_two):
     """AR measured here at twice its build time (fewer threads, say): the other modes' build times
-    count double too, so quadratic keeps the rate it had against AR at the build (2 x 2.0 / 5 ms
-    against 2 / 2 ms: AR), where unscaled (2 x 2.0 / 2.5 ms) it would look faster; a mode measured
-    here has its own time."""
+    count double too, so quadratic (5 ms at the build, 10 ms here) could not beat AR's 2 ms even with
+    all 4 tokens of every cycle accepted, and is not run, where unscaled (5 ms) it would look worth
+    a try; a mode measured here has its own time."""
     policy = AutoPolicy({})
-    build = {"ar": {"2": 1e-3}, "self-spec": {"2": 3e-3}, "quadratic": {"2": 2.5e-3}}
+    build = {"ar": {"2": 1e-3}, "self-spec": {"2": 9e-3}, "quadratic": {"2": 5e-3}}
     policy.seed({"block_length": 4, "seconds": build})
     policy.record(batch_of_two, Mode.AR, 2e-3, [False, False])
-    assert policy.step_seconds(Mode.QUADRATIC, 2, 4) == pytest.approx(5e-3)
-    assert policy.step_seconds(Mode.QUADRATIC, 1, 4) == pytest.approx(5e-3)  # no time at 1: the nearest size's
+    assert policy.step_seconds(Mode.QUADRATIC, 2, 4) == pytest.approx(10e-3)
+    assert policy.step_seconds(Mode.QUADRATIC, 1, 4) == pytest.approx(10e-3)  # no time at 1: the nearest size's
     assert policy.choose(batch_of_two) is Mode.AR
     policy.record(batch_of_two, Mode.QUADRATIC, 3e-3, [False, False])  # a cycle without drafts: no acceptance
     assert policy.step_seconds(Mode.QUADRATIC, 2, 4) == 3e-3

@@ -12,7 +12,8 @@ rate:
   first, which may pay one-time costs). Each mode is run WARMUP_RUNS times at the first batch size
   it meets, unless the engine dir brought times measured at its build (`seed`: every mode and batch
   bucket, under a second of the build), which stand in for it, scaled by how AR's time here compares
-  with AR's there; at a batch size where a mode has not run, its time is its time at the nearest batch
+  with AR's there (a speculative mode that could beat AR still runs its warm-up: its acceptance is
+  the requests', unknown at the build); at a batch size where a mode has not run, its time is its time at the nearest batch
   size it ran at, scaled as AR's time scales between the two (when AR ran at both). Exploring is
   free of loss, since every mode emits the same tokens, but not of time: an estimate that flatters a
   mode gets it run, and so measured; and a mode not run lately is run once again (acceptance, load
@@ -54,6 +55,7 @@ class AutoPolicy:
         self.policies = policies
         self.seconds: dict[tuple[Mode, int, int], float] = {}  # (mode, batch size, block length) -> per step
         self.acceptance: dict[tuple[Mode, int], float] = {}  # (mode, block length) -> over every sequence
+        self.samples: Counter = Counter()  # (mode, block length) -> cycles in that mean
         self.last_run: dict[tuple[Mode, int], float] = {}  # (mode, block length) -> when it last ran (perf_counter)
         self.runs: Counter = Counter()  # (mode, batch size, block length) -> steps run
         self.warm: set[int] = set()  # block lengths at which every mode has had its warm-up runs
@@ -89,13 +91,9 @@ class AutoPolicy:
         b, width = len(batch), batch.seqs[0].block_length
         now = time.perf_counter() if now is None else now
         if width not in self.warm:  # measure first
-            for mode in CHOICES:
-                primed = any(m is mode and w == width for m, _, w in self.prior)
-                if (
-                    not primed
-                    and sum(n for (m, _, w), n in self.runs.items() if m is mode and w == width) < WARMUP_RUNS
-                ):
-                    return mode
+            unmeasured = self.unmeasured(b, width)
+            if unmeasured is not None:
+                return unmeasured
             self.warm.add(width)
         seconds = {mode: self.step_seconds(mode, b, width) for mode in CHOICES}
         rates = {mode: self.expected_batch_tokens(batch, mode) / seconds[mode] for mode in CHOICES}
@@ -106,6 +104,21 @@ class AutoPolicy:
                 return mode
         current = max(CHOICES, key=lambda mode: self.last_run[mode, width])  # the mode run last
         return current if rates[best] < SWITCH_GAIN * rates[current] else best
+
+    def unmeasured(self, b: int, width: int) -> Mode | None:
+        """A mode still owed its WARMUP_RUNS at this block length: one without a build time, or a
+        speculative one that would beat AR if it accepted every draft (width tokens a cycle): a build
+        time says how long its step takes, not how many tokens it gives, which only running it on
+        these requests tells (a prior of EXPLORE_PRIOR would keep it from ever running where it wins)."""
+        for mode in CHOICES:
+            runs = sum(n for (m, _, w), n in self.runs.items() if m is mode and w == width)
+            if runs >= WARMUP_RUNS:
+                continue
+            if runs or not any(m is mode and w == width for m, _, w in self.prior):  # a warm-up begun ends
+                return mode  # (its first step, which may pay one-time costs, does not cut it short)
+            if mode is not Mode.AR and self.step_seconds(mode, b, width) < width * self.step_seconds(Mode.AR, b, width):
+                return mode
+        return None
 
     def last_mode(self, width: int) -> Mode:
         """The mode run last at this block length (before any: quadratic, which writes the most)."""
@@ -149,8 +162,12 @@ class AutoPolicy:
                 continue
             n = seq.stats.accepted_lengths[-1]
             seq.acceptance[mode] = _mean(seq.acceptance.get(mode, prior), n)  # one lucky cycle moves it 20%
-            self.acceptance[mode, width] = _mean(self.acceptance.get((mode, width)), n)
+            self.samples[mode, width] += 1
+            self.acceptance[mode, width] = _mean(self.acceptance.get((mode, width)), n, self.samples[mode, width])
 
 
-def _mean(old: float | None, new: float) -> float:
-    return new if old is None else (1 - ALPHA) * old + ALPHA * new
+def _mean(old: float | None, new: float, count: int = 0) -> float:
+    """A running mean: the newest sample weighs ALPHA, or 1/count while that is more (the plain mean of
+    the first 1/ALPHA samples: the first of them alone would otherwise weigh 80% of the mean for a while)."""
+    weight = max(ALPHA, 1 / count) if count else ALPHA
+    return new if old is None else (1 - weight) * old + weight * new
