@@ -9,11 +9,13 @@ last step's tokens, and preemption, aborts and EOS with a token in flight.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 
 from trimode.decoding import DecodeConfig, Engine, EngineConfig, Mode, SamplingParams
 from trimode.decoding.ar import AsyncARPolicy, inputs
+from trimode.decoding.auto import AutoPolicy
 from trimode.decoding.batch import Batch, Fetch
 from trimode.decoding.engine import use_async_steps
 from trimode.decoding.runner import ModelRunner
@@ -101,6 +103,38 @@ def test_a_stop_token_ends_async_ar_with_one_pass_past_it(trained):
     assert streamed(got, steps) == [got[0].tokens]
 
 
+@pytest.mark.parametrize("stop_at", [None, 2, 5, 9], ids=["no-stop", "stop-2", "stop-5", "stop-9"])
+def test_auto_switching_out_of_async_ar_emits_ar_s_tokens(trained, monkeypatch, stop_at):
+    """Auto on async AR steps, made to run AR, AR, self-spec, AR, quadratic, quadratic, AR, ...: a
+    switch out of AR first emits the token in flight (one that is a stop token ends the sequence
+    there). The tokens, finish reasons and stream are the synchronous AR engine's at T = 0."""
+    schedule = itertools.cycle([Mode.AR, Mode.AR, Mode.SELF_SPEC, Mode.AR, Mode.QUADRATIC, Mode.QUADRATIC, Mode.AR])
+    monkeypatch.setattr(AutoPolicy, "choose", lambda self, batch, now=None: next(schedule))
+    config = EngineConfig(max_slots=4, max_seq_len=128)
+    auto = [(Mode.AUTO, 4, 0.0, 0)] * 3
+    free, _ = run(trained, config, AR_REQUESTS[:1])
+    stop = () if stop_at is None else (free[0].tokens[stop_at],)
+    want, _ = run(trained, config, [AR_REQUESTS[0]] * 3, [0, 1, 3], stop=stop)
+    got, steps = run(trained, dataclasses.replace(config, async_steps=True), auto, [0, 1, 3], stop=stop)
+    assert [s.tokens for s in got] == [s.tokens for s in want]
+    assert [s.finish_reason for s in got] == [s.finish_reason for s in want]
+    assert {m for s in got for m in s.stats.auto_cycles} == {"ar", "self-spec", "quadratic"}
+    assert streamed(got, steps) == [s.tokens for s in got]
+
+
+def test_auto_times_an_async_ar_step_only_when_it_waits_for_a_token_in_flight(trained, monkeypatch):
+    """The first AR step after the prefill (or after another mode) only launches its pass: its time
+    would flatter AR, so auto does not count it."""
+    monkeypatch.setattr(AutoPolicy, "choose", lambda self, batch, now=None: Mode.AR)
+    engine = Engine(trained.model, EngineConfig(max_slots=2, max_seq_len=128, async_steps=True))
+    engine.add(trained.tokenizer.encode(TEXTS[0]), SamplingParams(8, ignore_eos=True), DecodeConfig(Mode.AUTO, 4))
+    runs = []
+    while engine.has_work:
+        engine.step()
+        runs.append(engine.auto.runs[Mode.AR, 1, 4])
+    assert runs == [0, 0, 1, 2, 3, 4, 5, 6, 7]  # prefill (token 1), a launch, then one wait a step
+
+
 def test_preempted_async_sequences_resume_with_their_tokens(trained):
     """A pool of one max_seq_len sequence and a bit: sequences with a token in flight are preempted
     (it is emitted first), resume, and finish with the dense pool's tokens; nothing is lost."""
@@ -128,10 +162,10 @@ def test_an_aborted_request_with_a_token_in_flight_leaves_the_others_unchanged(t
     assert [seqs[0].tokens, seqs[2].tokens] == [want[0].tokens, want[2].tokens]
 
 
-def test_auto_and_the_other_modes_keep_their_synchronous_policies(trained, monkeypatch):
+def test_ar_and_auto_s_ar_run_ahead_only_when_asked(trained, monkeypatch):
     engine = Engine(trained.model, EngineConfig(async_steps=True))
     assert isinstance(engine.policies[Mode.AR], AsyncARPolicy)
-    assert not isinstance(engine.auto.policies[Mode.AR], AsyncARPolicy)  # auto may switch mode at any step
+    assert engine.auto.policies[Mode.AR] is engine.policies[Mode.AR]
     monkeypatch.delenv("TRIMODE_ASYNC_STEPS", raising=False)
     assert not Engine(trained.model, EngineConfig()).async_steps  # CPU
     monkeypatch.setenv("TRIMODE_ASYNC_STEPS", "1")

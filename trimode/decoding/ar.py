@@ -6,7 +6,8 @@ device: a step launches the next pass on the tokens the last one picked, still o
 waits for the last step's tokens and emits them while that pass runs, so the host's work (the
 engine's bookkeeping, the responses, the next step's inputs) overlaps the passes instead of
 following them. The tokens are AR's; each is emitted one step later, and a sequence that ends on
-EOS has run one pass past it (counted in its stats) whose token is dropped.
+EOS has run one pass past it (counted in its stats) whose token is dropped. Auto runs its AR
+cycles through the same policy and emits a token in flight before it switches mode (auto.py).
 """
 
 from __future__ import annotations

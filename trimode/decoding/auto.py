@@ -36,6 +36,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 
+from trimode.decoding.ar import AsyncARPolicy, emit_pending
 from trimode.decoding.batch import Batch
 from trimode.decoding.settings import DecodeConfig
 from trimode.passes import Mode
@@ -57,7 +58,7 @@ class AutoPolicy:
         self.acceptance: dict[tuple[Mode, int], float] = {}  # (mode, block length) -> over every sequence
         self.samples: Counter = Counter()  # (mode, block length) -> cycles in that mean
         self.last_run: dict[tuple[Mode, int], float] = {}  # (mode, block length) -> when it last ran (perf_counter)
-        self.runs: Counter = Counter()  # (mode, batch size, block length) -> steps run
+        self.runs: Counter = Counter()  # (mode, batch size, block length) -> steps run and timed
         self.warm: set[int] = set()  # block lengths at which every mode has had its warm-up runs
         self.prior: dict[tuple[Mode, int, int], float] = {}  # as seconds, measured at the engine's build (seed)
 
@@ -77,15 +78,27 @@ class AutoPolicy:
 
     def step(self, batch: Batch, config: DecodeConfig) -> list[list[int]]:
         """The mode the engine chose for these sequences before growing their blocks (Engine.step:
-        every one of them grew for it), else one chosen now."""
+        every one of them grew for it), else one chosen now. With async AR steps (ar.py) a sequence
+        that ran AR last has its next token still in flight: another mode first emits it (a token
+        that ends the sequence leaves it out of the cycle)."""
         mode = batch.seqs[0].auto_mode or self.choose(batch)
         for seq in batch.seqs:
             seq.auto_mode = None
-        had_drafts = [s.drafts is not None for s in batch.seqs]
+        settled = [[] if mode is Mode.AR or s.pending is None else emit_pending(s, s.pending) for s in batch.seqs]
+        live = [i for i, s in enumerate(batch.seqs) if not s.finish_reason]
+        if not live:
+            return settled
+        sub = batch if len(live) == len(batch) else batch.subset(live)
+        had_drafts = [s.drafts is not None for s in sub.seqs]
+        # an async AR step with no token in flight to wait for only launches its pass: not a step's time
+        policy = self.policies[mode]
+        timed = not isinstance(policy, AsyncARPolicy) or any(s.pending is not None for s in sub.seqs)
         started = time.perf_counter()
-        new = self.policies[mode].step(batch, config)
-        self.record(batch, mode, time.perf_counter() - started, had_drafts)
-        return new
+        new = policy.step(sub, config)
+        self.record(sub, mode, time.perf_counter() - started if timed else None, had_drafts)
+        for i, tokens in zip(live, new):
+            settled[i] += tokens
+        return settled
 
     def choose(self, batch: Batch, now: float | None = None) -> Mode:
         b, width = len(batch), batch.seqs[0].block_length
@@ -146,11 +159,13 @@ class AutoPolicy:
         scale = ar_here / ar_there if ar_here and ar_there else 1.0
         return self.step_seconds(mode, near, width) * scale
 
-    def record(self, batch: Batch, mode: Mode, seconds: float, had_drafts: list[bool]) -> None:
+    def record(self, batch: Batch, mode: Mode, seconds: float | None, had_drafts: list[bool]) -> None:
+        """seconds: the step's time (None: not a whole step's; `runs` counts the timed ones)."""
         b, width = len(batch), batch.seqs[0].block_length
         key = (mode, b, width)
-        self.seconds[key] = seconds if self.runs[key] < WARMUP_RUNS else _mean(self.seconds[key], seconds)
-        self.runs[key] += 1
+        if seconds is not None:
+            self.seconds[key] = seconds if self.runs[key] < WARMUP_RUNS else _mean(self.seconds[key], seconds)
+            self.runs[key] += 1
         self.last_run[mode, width] = time.perf_counter()
         prior = self.acceptance.get((mode, width))  # the mean before this step: every sequence starts from it
         name = mode.value

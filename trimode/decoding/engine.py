@@ -79,11 +79,11 @@ class Engine:
             Mode.QUADRATIC: QuadraticPolicy(),
         }
         self.policies.update(policies or {})
-        self.auto = AutoPolicy(dict(self.policies))  # its AR cycles fetch at once: it may switch mode next step
-        self.policies[Mode.AUTO] = self.auto
         self.async_steps = use_async_steps(config, model.device)
         if self.async_steps:
             self.policies[Mode.AR] = AsyncARPolicy()
+        self.auto = AutoPolicy(dict(self.policies))  # AR ahead of the host too (auto.py settles it to switch)
+        self.policies[Mode.AUTO] = self.auto
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # hold a slot: prefilling or running
         self._ids = itertools.count()
