@@ -7,7 +7,7 @@
    not batch-invariant, so a mismatch here is a finding for the plugins issue, not a crash.
 3. Async AR steps (decoding/ar.py) on CUDA: the host syncs a running batch's step makes, counted by
    torch.cuda.set_sync_debug_mode (the design: none but the wait for the last step's tokens), and
-   their tokens against the synchronous engine's.
+   their tokens against the synchronous engine's; and auto's tokens on async AR steps against AR's.
 
 Run on the device machine from the repository root (it has torch + CUDA; carry wheels for
 safetensors, tokenizers, click, tqdm if missing):  PYTHONPATH=. python scripts/gpu_check.py --json $OUT/gpu.json
@@ -99,12 +99,13 @@ def invariant(device: torch.device, max_new_tokens: int) -> dict:
 
 def async_steps(device: torch.device, steps: int) -> dict:
     """Four AR requests on the eager engine with async_steps: after 4 warm-up steps, the syncs torch
-    reports over `steps` steps (CUDA only) and the first distinct messages; tokens vs the sync engine."""
+    reports over `steps` steps (CUDA only) and the first distinct messages; tokens vs the sync engine,
+    and auto's (on async AR steps, switching modes) vs the sync engine's AR."""
     import warnings
 
     from trimode.checkpoint import load_checkpoint
     from trimode.cli import EMBEDDED_CHECKPOINT
-    from trimode.decoding import Engine, EngineConfig, SamplingParams
+    from trimode.decoding import DecodeConfig, Engine, EngineConfig, Mode, SamplingParams
 
     ck = load_checkpoint(EMBEDDED_CHECKPOINT, device=device)
     prompts = [ck.tokenizer.encode(t) for t in ("def main():", "import os", "class A:", "x = [1, 2")]
@@ -126,8 +127,17 @@ def async_steps(device: torch.device, steps: int) -> dict:
         while engine.has_work:
             engine.step()
         tokens[is_async] = [s.tokens for s in seqs]
+    engine = Engine(ck.model, EngineConfig(max_slots=4, max_seq_len=256, async_steps=True))
+    auto = [engine.add(p, SamplingParams(steps + 16, ignore_eos=True), DecodeConfig(Mode.AUTO)) for p in prompts]
+    while engine.has_work:
+        engine.step()
     per_step = None if syncs is None else round(syncs / steps, 2)
-    return {"syncs_per_step": per_step, "sync_messages": messages, "tokens_equal_sync": tokens[True] == tokens[False]}
+    return {
+        "syncs_per_step": per_step,
+        "sync_messages": messages,
+        "tokens_equal_sync": tokens[True] == tokens[False],
+        "auto_tokens_equal_ar": [s.tokens for s in auto] == tokens[False],
+    }
 
 
 def main() -> int:

@@ -32,7 +32,12 @@ def test_gpu_check_dry_run_on_cpu():
     assert report["fp8_tensor_cores"] is False
     assert all(row["max_rel_err_vs_simulation"] < 1e-5 for row in report["fp8_gemm"])
     assert report["invariant"]["self_spec_equals_ar_batch_8"] == "8/8"
-    assert report["async_steps"] == {"syncs_per_step": None, "sync_messages": [], "tokens_equal_sync": True}
+    assert report["async_steps"] == {
+        "syncs_per_step": None,
+        "sync_messages": [],
+        "tokens_equal_sync": True,
+        "auto_tokens_equal_ar": True,
+    }
 
 
 def test_bench_modes_small_run(tmp_path):
