@@ -7,7 +7,15 @@ import pytest
 from test_decoding import prompts_of, run, tokens_of
 
 from trimode.decoding import Engine, EngineConfig, GenerationSettings, Mode, engine_for, generate
-from trimode.decoding.auto import CHOICES, EXPLORE_RATIO, EXPLORE_SHARE, SWITCH_GAIN, WARMUP_RUNS, AutoPolicy
+from trimode.decoding.auto import (
+    CHOICES,
+    EXPLORE_RATIO,
+    EXPLORE_SHARE,
+    SWITCH_GAIN,
+    TRUSTED_SAMPLES,
+    WARMUP_RUNS,
+    AutoPolicy,
+)
 from trimode.decoding.batch import Batch
 
 
@@ -104,47 +112,69 @@ def test_it_measures_every_mode_first(batch_of_two):
     for seq in batch_of_two.seqs:  # as if each step had accepted 2
         seq.stats.accepted_lengths.append(2)
     ran = []
-    for _ in range(WARMUP_RUNS * len(CHOICES)):
+    for _ in range((WARMUP_RUNS + 1) * len(CHOICES)):
         mode = policy.choose(batch_of_two)
         ran.append(mode)
         policy.record(batch_of_two, mode, 1e-3, [False, False])
-    assert ran == [m for m in CHOICES for _ in range(WARMUP_RUNS)]
+    assert ran == [m for m in CHOICES for _ in range(WARMUP_RUNS + 1)]  # the first of each: not timed
 
 
-@pytest.mark.parametrize("accepted, then", [(3, Mode.QUADRATIC), (1, Mode.AR)])
-def test_an_engine_s_build_times_stand_for_the_warm_up(batch_of_two, accepted, then):
+def test_an_engine_s_build_times_stand_for_the_warm_up(batch_of_two):
     """Seeded with the step times its engine dir recorded at build (the manifest's `auto`), auto runs
-    no step to time AR; self-spec (5 ms a step: even 4 of 4 drafts accepted, 2 x 4 tokens / 5 ms,
-    lose to AR's 2 / 1 ms) never runs; quadratic (1.5 ms) could win, so it runs its warm-up, which
-    measures its acceptance, and then the rate decides: 2 x 3 / 1.5 ms beats AR, 2 x 1 / 1.5 ms does not."""
+    the mode of the best estimated rate at once: quadratic (2 x 2.0 prior tokens / 1.5 ms) over AR
+    (2 / 1 ms), with no step spent measuring AR and self-spec first."""
     policy = AutoPolicy({})
     policy.seed(
-        {"block_length": 4, "seconds": {"ar": {"2": 1e-3}, "self-spec": {"2": 5e-3}, "quadratic": {"2": 1.5e-3}}}
+        {"block_length": 4, "seconds": {"ar": {"2": 1e-3}, "self-spec": {"2": 3e-3}, "quadratic": {"2": 1.5e-3}}}
     )
-    for seq in batch_of_two.seqs:
-        seq.stats.accepted_lengths.append(accepted)
-    ran = []
-    for _ in range(WARMUP_RUNS + 1):
-        ran.append(policy.choose(batch_of_two))
-        policy.record(batch_of_two, ran[-1], 1.5e-3, [True, True])
-    assert ran == [Mode.QUADRATIC] * WARMUP_RUNS + [then]
+    assert policy.choose(batch_of_two) is Mode.QUADRATIC
     assert AutoPolicy({}).choose(batch_of_two) is Mode.AR  # unseeded: measures AR first
 
 
 def test_build_times_scale_as_ar_s_time_here_and_give_way_to_what_is_measured(batch_of_two):
     """AR measured here at twice its build time (fewer threads, say): the other modes' build times
-    count double too, so quadratic (5 ms at the build, 10 ms here) could not beat AR's 2 ms even with
-    all 4 tokens of every cycle accepted, and is not run, where unscaled (5 ms) it would look worth
-    a try; a mode measured here has its own time."""
+    count double too, so quadratic keeps the rate it had against AR at the build (2 x 2.0 / 5 ms
+    against 2 / 2 ms: AR), where unscaled (2 x 2.0 / 2.5 ms) it would look faster; a mode measured
+    here has its own time."""
     policy = AutoPolicy({})
-    build = {"ar": {"2": 1e-3}, "self-spec": {"2": 9e-3}, "quadratic": {"2": 5e-3}}
+    build = {"ar": {"2": 1e-3}, "self-spec": {"2": 3e-3}, "quadratic": {"2": 2.5e-3}}
     policy.seed({"block_length": 4, "seconds": build})
-    policy.record(batch_of_two, Mode.AR, 2e-3, [False, False])
-    assert policy.step_seconds(Mode.QUADRATIC, 2, 4) == pytest.approx(10e-3)
-    assert policy.step_seconds(Mode.QUADRATIC, 1, 4) == pytest.approx(10e-3)  # no time at 1: the nearest size's
+    for _ in range(2):  # the first AR cycle is not timed
+        policy.record(batch_of_two, Mode.AR, 2e-3, [False, False])
+    assert policy.step_seconds(Mode.QUADRATIC, 2, 4) == pytest.approx(5e-3)
+    assert policy.step_seconds(Mode.QUADRATIC, 1, 4) == pytest.approx(5e-3)  # no time at 1: the nearest size's
     assert policy.choose(batch_of_two) is Mode.AR
-    policy.record(batch_of_two, Mode.QUADRATIC, 3e-3, [False, False])  # a cycle without drafts: no acceptance
+    for _ in range(2):  # the first quadratic cycle after AR is not timed either
+        policy.record(batch_of_two, Mode.QUADRATIC, 3e-3, [False, False])
     assert policy.step_seconds(Mode.QUADRATIC, 2, 4) == 3e-3
+
+
+def test_a_mode_with_a_build_time_but_no_acceptance_is_measured_once_if_it_could_win(batch_of_two):
+    """Seeded: AR 2 tokens / 1 ms; quadratic 1.5 ms a step, whose rate at these sequences' 0.5 tokens
+    a cycle is below EXPLORE_RATIO of AR's, but which would beat AR with every draft accepted (2 x 4 /
+    1.5 ms): once a step of it costs EXPLORE_SHARE of the time since the seed, it runs two cycles
+    (the first has no drafts to accept), which measure its acceptance; with fewer than
+    TRUSTED_SAMPLES of them it would be re-measured that way, so here it has them all; then the ratio
+    rule alone decides, and 1 token a cycle never runs again. Self-spec (2 x 4 / 9 ms) never runs."""
+    policy = AutoPolicy({})
+    policy.seed(
+        {"block_length": 4, "seconds": {"ar": {"2": 1e-3}, "self-spec": {"2": 9e-3}, "quadratic": {"2": 1.5e-3}}}
+    )
+    for seq in batch_of_two.seqs:
+        seq.acceptance = {Mode.QUADRATIC: 0.5}
+    seeded = policy.last_run[Mode.QUADRATIC, 4]
+    policy.last_run[Mode.AR, 4] = now = seeded + 0.9 * 1.5e-3 / EXPLORE_SHARE  # AR ran since
+    assert policy.choose(batch_of_two, now) is Mode.AR
+    policy.last_run[Mode.AR, 4] = now = seeded + 1.1 * 1.5e-3 / EXPLORE_SHARE
+    assert policy.choose(batch_of_two, now) is Mode.QUADRATIC
+    policy.record(batch_of_two, Mode.QUADRATIC, 1.5e-3, [False, False])  # no drafts: no acceptance
+    for seq in batch_of_two.seqs:
+        seq.stats.accepted_lengths.append(1)
+    assert policy.choose(batch_of_two, now) is Mode.QUADRATIC  # a switch runs two cycles
+    policy.record(batch_of_two, Mode.QUADRATIC, 1.5e-3, [True, True])
+    assert policy.acceptance[Mode.QUADRATIC, 4] == 1
+    policy.samples[Mode.QUADRATIC, 4] = TRUSTED_SAMPLES
+    assert policy.choose(batch_of_two, now + 1e6) is Mode.AR
 
 
 def test_a_mode_is_measured_again_when_that_costs_at_most_its_share_of_the_time(batch_of_two):

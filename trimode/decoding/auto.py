@@ -12,8 +12,7 @@ rate:
   first, which may pay one-time costs). Each mode is run WARMUP_RUNS times at the first batch size
   it meets, unless the engine dir brought times measured at its build (`seed`: every mode and batch
   bucket, under a second of the build), which stand in for it, scaled by how AR's time here compares
-  with AR's there (a speculative mode that could beat AR still runs its warm-up: its acceptance is
-  the requests', unknown at the build); at a batch size where a mode has not run, its time is its time at the nearest batch
+  with AR's there; at a batch size where a mode has not run, its time is its time at the nearest batch
   size it ran at, scaled as AR's time scales between the two (when AR ran at both). Exploring is
   free of loss, since every mode emits the same tokens, but not of time: an estimate that flatters a
   mode gets it run, and so measured; and a mode not run lately is run once again (acceptance, load
@@ -21,12 +20,16 @@ rate:
   ran, and only while its estimated rate is within EXPLORE_RATIO of the best's: drift seldom closes a
   wider gap, and where it does the estimate at another batch size will flatter it. (Measured on
   CPU: a quadratic step at batch 8 took 17x an AR step; re-measuring it every 64 steps cost auto a
-  quarter of its speed.)
+  quarter of its speed.) A mode with fewer than TRUSTED_SAMPLES acceptance samples is re-measured
+  that way too if it would beat the best with every draft accepted: its acceptance belongs to the requests
+  (EXPLORE_PRIOR would keep a mode that runs 1.2x AR on them from ever running), and a short run
+  is not charged a warm-up for it.
 - tokens per cycle: each sequence's running mean for that mode (AR: 1), which starts from the
   running mean over every sequence so far (none yet: EXPLORE_PRIOR, optimistic, so it is tried), so
   that one lucky cycle does not send a batch to a slower mode.
-A quadratic cycle right after another mode has no drafts (it accepts 1): it is not counted in the
-quadratic mean. The current mode is kept unless another is SWITCH_GAIN better, so a batch does
+A cycle right after another mode is not timed, and a switch runs two cycles (measured on CPU, a
+self-spec cycle among AR steps took 6-7 ms where one in a run of them took 3.4: cold caches); a
+quadratic one has no drafts either (it accepts 1), and is not counted in the quadratic mean. The current mode is kept unless another is SWITCH_GAIN better, so a batch does
 not flap between two modes of equal rate. At temperature > 0 every mode samples the same
 distribution, but which mode ran depends on timing: a seed does not reproduce a sampled text.
 """
@@ -48,6 +51,7 @@ EXPLORE_RATIO = 0.7  # a mode estimated slower than this share of the best's rat
 WARMUP_RUNS = 2  # runs of a mode at its first batch size before its time is trusted
 SWITCH_GAIN = 1.05
 EXPLORE_PRIOR = 2.0  # tokens per cycle assumed for a speculative mode nobody has run yet
+TRUSTED_SAMPLES = 8  # cycles before a mode's acceptance may keep it from being re-measured
 
 
 class AutoPolicy:
@@ -57,6 +61,7 @@ class AutoPolicy:
         self.seconds: dict[tuple[Mode, int, int], float] = {}  # (mode, batch size, block length) -> per step
         self.acceptance: dict[tuple[Mode, int], float] = {}  # (mode, block length) -> over every sequence
         self.samples: Counter = Counter()  # (mode, block length) -> cycles in that mean
+        self.streak: dict[int, tuple[Mode, int]] = {}  # block length -> the mode run last, cycles in a row
         self.last_run: dict[tuple[Mode, int], float] = {}  # (mode, block length) -> when it last ran (perf_counter)
         self.runs: Counter = Counter()  # (mode, batch size, block length) -> steps run and timed
         self.warm: set[int] = set()  # block lengths at which every mode has had its warm-up runs
@@ -108,30 +113,35 @@ class AutoPolicy:
             if unmeasured is not None:
                 return unmeasured
             self.warm.add(width)
+        current, streak = self.streak.get(width, (Mode.AR, 0))
+        if streak == 1 and current is not Mode.AR:
+            return current  # a switch runs two cycles: the first is not timed (module doc)
         seconds = {mode: self.step_seconds(mode, b, width) for mode in CHOICES}
         rates = {mode: self.expected_batch_tokens(batch, mode) / seconds[mode] for mode in CHOICES}
         best = max(rates, key=rates.__getitem__)
         for mode in CHOICES:  # then refresh what was not run for a while, if it might be the best
             stale = now - self.last_run[mode, width] > seconds[mode] / EXPLORE_SHARE
-            if stale and rates[mode] >= EXPLORE_RATIO * rates[best]:
+            if stale and self.may_win(mode, b, width, rates, best, seconds):
                 return mode
-        current = max(CHOICES, key=lambda mode: self.last_run[mode, width])  # the mode run last
         return current if rates[best] < SWITCH_GAIN * rates[current] else best
 
     def unmeasured(self, b: int, width: int) -> Mode | None:
-        """A mode still owed its WARMUP_RUNS at this block length: one without a build time, or a
-        speculative one that would beat AR if it accepted every draft (width tokens a cycle): a build
-        time says how long its step takes, not how many tokens it gives, which only running it on
-        these requests tells (a prior of EXPLORE_PRIOR would keep it from ever running where it wins)."""
+        """A mode without a build time (seed) still owed its WARMUP_RUNS at this block length."""
         for mode in CHOICES:
-            runs = sum(n for (m, _, w), n in self.runs.items() if m is mode and w == width)
-            if runs >= WARMUP_RUNS:
+            if any(m is mode and w == width for m, _, w in self.prior):
                 continue
-            if runs or not any(m is mode and w == width for m, _, w in self.prior):  # a warm-up begun ends
-                return mode  # (its first step, which may pay one-time costs, does not cut it short)
-            if mode is not Mode.AR and self.step_seconds(mode, b, width) < width * self.step_seconds(Mode.AR, b, width):
+            if sum(n for (m, _, w), n in self.runs.items() if m is mode and w == width) < WARMUP_RUNS:
                 return mode
         return None
+
+    def may_win(self, mode: Mode, b: int, width: int, rates: dict, best: Mode, seconds: dict) -> bool:
+        """Worth re-measuring: estimated within EXPLORE_RATIO of the best's rate, or, while fewer than
+        TRUSTED_SAMPLES cycles of it have given an acceptance here (a build time says how long a step
+        takes, not how many tokens it gives; a request's first cycles may accept little), faster than
+        the best even with every draft accepted (width tokens a cycle)."""
+        if rates[mode] >= EXPLORE_RATIO * rates[best]:
+            return True
+        return self.samples[mode, width] < TRUSTED_SAMPLES and b * width / seconds[mode] > rates[best]
 
     def last_mode(self, width: int) -> Mode:
         """The mode run last at this block length (before any: quadratic, which writes the most)."""
@@ -160,10 +170,13 @@ class AutoPolicy:
         return self.step_seconds(mode, near, width) * scale
 
     def record(self, batch: Batch, mode: Mode, seconds: float | None, had_drafts: list[bool]) -> None:
-        """seconds: the step's time (None: not a whole step's; `runs` counts the timed ones)."""
+        """seconds: the step's time (None: not a whole step's). Counted (`runs`) only after a cycle of
+        the same mode."""
         b, width = len(batch), batch.seqs[0].block_length
         key = (mode, b, width)
-        if seconds is not None:
+        last, streak = self.streak.get(width, (None, 0))
+        self.streak[width] = (mode, streak + 1 if last is mode else 1)
+        if seconds is not None and last is mode:
             self.seconds[key] = seconds if self.runs[key] < WARMUP_RUNS else _mean(self.seconds[key], seconds)
             self.runs[key] += 1
         self.last_run[mode, width] = time.perf_counter()
