@@ -149,6 +149,18 @@ def test_build_times_scale_as_ar_s_time_here_and_give_way_to_what_is_measured(ba
     assert policy.step_seconds(Mode.QUADRATIC, 2, 4) == 3e-3
 
 
+def test_build_times_where_ar_has_not_run_scale_by_ar_s_time_at_the_nearest_batch_size():
+    """AR measured at batch 8 only, at twice its build time: every build time counts double, at 4
+    and (from 4) at 6 too. Unscaled, self-spec at 6 once looked 3x faster than it ran."""
+    policy = AutoPolicy({})
+    build = {"ar": {"4": 1e-3, "8": 1e-3}, "self-spec": {"4": 3e-3, "8": 4e-3}, "quadratic": {"4": 5e-3, "8": 6e-3}}
+    policy.seed({"block_length": 4, "seconds": build})
+    policy.seconds[Mode.AR, 8, 4] = 2e-3
+    assert policy.step_seconds(Mode.SELF_SPEC, 4, 4) == pytest.approx(6e-3)
+    assert policy.step_seconds(Mode.SELF_SPEC, 6, 4) == pytest.approx(6e-3)
+    assert policy.step_seconds(Mode.AR, 6, 4) == pytest.approx(2e-3)
+
+
 def test_a_mode_with_a_build_time_but_no_acceptance_is_measured_once_if_it_could_win(batch_of_two):
     """Seeded: AR 2 tokens / 1 ms; quadratic 1.5 ms a step, whose rate at these sequences' 0.5 tokens
     a cycle is below EXPLORE_RATIO of AR's, but which would beat AR with every draft accepted (2 x 4 /
@@ -210,7 +222,7 @@ def test_a_new_batch_size_is_estimated_not_measured_again(batch_of_two):
     )
     policy.seconds[Mode.AR, 2, 4] = 1.5e-3
     assert policy.step_seconds(Mode.QUADRATIC, 2, 4) == pytest.approx(2.4e-3)
-    assert policy.step_seconds(Mode.SELF_SPEC, 8, 4) == pytest.approx(3e-3)  # AR not at 8: unscaled
+    assert policy.step_seconds(Mode.SELF_SPEC, 8, 4) == pytest.approx(4.5e-3)  # AR not at 8: its time at 2
     assert policy.choose(batch_of_two, NOW) is Mode.QUADRATIC  # 4 tokens / 2.4 ms over AR's 2 / 1.5 ms
 
 

@@ -156,18 +156,29 @@ class AutoPolicy:
         return sum(s.acceptance.get(mode, mean) for s in batch.seqs)
 
     def step_seconds(self, mode: Mode, b: int, width: int) -> float:
-        """Measured at batch size b; else the build's time there, scaled as AR's measured time is to its
-        build time (seed); else the nearest batch size's, scaled as AR's time scales (module doc)."""
+        """Measured at batch size b; else the build's time there, scaled as AR's time here is to AR's at
+        the build (build_scale); else the estimate at the nearest batch size with a time (measured
+        before built, at equal distance), scaled as AR's (estimated) time scales between the two."""
         if (mode, b, width) in self.seconds:
             return self.seconds[mode, b, width]
         if (mode, b, width) in self.prior:
-            ar_here, ar_then = self.seconds.get((Mode.AR, b, width)), self.prior.get((Mode.AR, b, width))
-            return self.prior[mode, b, width] * (ar_here / ar_then if ar_here and ar_then else 1.0)
-        ran = {size for m, size, w in (*self.seconds, *self.prior) if m is mode and w == width}
-        near = min(ran, key=lambda size: (abs(size - b), size))
-        ar_here, ar_there = self.seconds.get((Mode.AR, b, width)), self.seconds.get((Mode.AR, near, width))
-        scale = ar_here / ar_there if ar_here and ar_there else 1.0
-        return self.step_seconds(mode, near, width) * scale
+            return self.prior[mode, b, width] * self.build_scale(b, width)
+        sizes = {size for m, size, w in (*self.seconds, *self.prior) if m is mode and w == width}
+        near = min(sizes, key=lambda size: (abs(size - b), (mode, size, width) not in self.seconds, size))
+        estimate = self.step_seconds(mode, near, width)
+        if mode is Mode.AR:
+            return estimate
+        return estimate * self.step_seconds(Mode.AR, b, width) / self.step_seconds(Mode.AR, near, width)
+
+    def build_scale(self, b: int, width: int) -> float:
+        """AR's measured time over its build time, at the batch size nearest b that has both (1: none).
+        Another thread count or load changes every mode alike: unscaled, a build time at a batch size
+        where AR had not run yet here made self-spec look 3x faster than it ran, and auto ran it."""
+        both = [size for m, size, w in self.seconds if m is Mode.AR and w == width and (m, size, w) in self.prior]
+        if not both:
+            return 1.0
+        near = min(both, key=lambda size: (abs(size - b), size))
+        return self.seconds[Mode.AR, near, width] / self.prior[Mode.AR, near, width]
 
     def record(self, batch: Batch, mode: Mode, seconds: float | None, had_drafts: list[bool]) -> None:
         """seconds: the step's time (None: not a whole step's). Counted (`runs`) only after a cycle of
