@@ -175,13 +175,15 @@ def test_a_mode_with_a_build_time_but_no_acceptance_is_measured_once_if_it_could
     for seq in batch_of_two.seqs:
         seq.acceptance = {Mode.QUADRATIC: 0.5}
     seeded = policy.last_run[Mode.QUADRATIC, 4]
-    policy.last_run[Mode.AR, 4] = now = seeded + 0.9 * 1.5e-3 / EXPLORE_SHARE  # AR ran since
+    policy.last_run[Mode.AR, 4] = now = seeded + 0.9 * 2 * 1.5e-3 / EXPLORE_SHARE  # AR ran since
     assert policy.choose(batch_of_two, now) is Mode.AR
-    policy.last_run[Mode.AR, 4] = now = seeded + 1.1 * 1.5e-3 / EXPLORE_SHARE
+    policy.last_run[Mode.AR, 4] = now = seeded + 1.1 * 2 * 1.5e-3 / EXPLORE_SHARE  # a visit: two cycles
     assert policy.choose(batch_of_two, now) is Mode.QUADRATIC
     policy.record(batch_of_two, Mode.QUADRATIC, 1.5e-3, [False, False])  # no drafts: no acceptance
+    policy.last_run[Mode.QUADRATIC, 4] = now  # on the test's clock
     for seq in batch_of_two.seqs:
         seq.stats.accepted_lengths.append(1)
+    assert policy.choose(batch_of_two.subset([0]), now) is Mode.AR  # another batch size: no second cycle
     assert policy.choose(batch_of_two, now) is Mode.QUADRATIC  # a switch runs two cycles
     policy.record(batch_of_two, Mode.QUADRATIC, 1.5e-3, [True, True])
     assert policy.acceptance[Mode.QUADRATIC, 4] == 1
@@ -191,8 +193,8 @@ def test_a_mode_with_a_build_time_but_no_acceptance_is_measured_once_if_it_could
 
 def test_a_mode_is_measured_again_when_that_costs_at_most_its_share_of_the_time(batch_of_two):
     """AR is the best (2 tokens / 1 ms) and runs; self-spec (1.5 / 1 ms) is run again once
-    EXPLORE_SHARE of the time since it last ran pays for that one step, quadratic (30 / 20 ms) 20x later;
-    a mode estimated below EXPLORE_RATIO of the best's rate never is."""
+    EXPLORE_SHARE of the time since it last ran pays for that visit (two cycles), quadratic (30 / 20 ms)
+    20x later; a mode estimated below EXPLORE_RATIO of the best's rate never is."""
     policy = _policy_with(
         {Mode.AR: 1e-3, Mode.SELF_SPEC: 1e-3, Mode.QUADRATIC: 20e-3}, {Mode.SELF_SPEC: 0.75, Mode.QUADRATIC: 15}
     )
@@ -203,11 +205,11 @@ def test_a_mode_is_measured_again_when_that_costs_at_most_its_share_of_the_time(
             policy.last_run[mode, 4] = now - since.get(mode, 0.0)  # AR just ran
         return policy.choose(batch_of_two, now)
 
-    since = {Mode.SELF_SPEC: 0.9e-3 / EXPLORE_SHARE, Mode.QUADRATIC: 19e-3 / EXPLORE_SHARE}
+    since = {Mode.SELF_SPEC: 2 * 0.9e-3 / EXPLORE_SHARE, Mode.QUADRATIC: 2 * 19e-3 / EXPLORE_SHARE}
     assert choose() is Mode.AR
-    since[Mode.SELF_SPEC] = 1.1e-3 / EXPLORE_SHARE
+    since[Mode.SELF_SPEC] = 2 * 1.1e-3 / EXPLORE_SHARE
     assert choose() is Mode.SELF_SPEC
-    since = {Mode.QUADRATIC: 21e-3 / EXPLORE_SHARE}
+    since = {Mode.QUADRATIC: 2 * 21e-3 / EXPLORE_SHARE}
     assert choose() is Mode.QUADRATIC
     policy.acceptance[Mode.QUADRATIC, 4] = 0.99 * EXPLORE_RATIO * 20  # now below EXPLORE_RATIO x AR's rate
     since = {Mode.QUADRATIC: 1e6}

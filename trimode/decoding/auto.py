@@ -27,9 +27,10 @@ rate:
 - tokens per cycle: each sequence's running mean for that mode (AR: 1), which starts from the
   running mean over every sequence so far (none yet: EXPLORE_PRIOR, optimistic, so it is tried), so
   that one lucky cycle does not send a batch to a slower mode.
-A cycle right after another mode is not timed, and a switch runs two cycles (measured on CPU, a
-self-spec cycle among AR steps took 6-7 ms where one in a run of them took 3.4: cold caches); a
-quadratic one has no drafts either (it accepts 1), and is not counted in the quadratic mean. The current mode is kept unless another is SWITCH_GAIN better, so a batch does
+A cycle right after another mode is not timed, and a switch runs two cycles at the same batch size
+(measured on CPU, a self-spec cycle among AR steps took 6-7 ms where one in a run of them took 3.4:
+cold caches), which a re-measuring visit pays for; a quadratic one has no drafts either (it accepts
+1), and is not counted in the quadratic mean. The current mode is kept unless another is SWITCH_GAIN better, so a batch does
 not flap between two modes of equal rate. At temperature > 0 every mode samples the same
 distribution, but which mode ran depends on timing: a seed does not reproduce a sampled text.
 """
@@ -61,7 +62,8 @@ class AutoPolicy:
         self.seconds: dict[tuple[Mode, int, int], float] = {}  # (mode, batch size, block length) -> per step
         self.acceptance: dict[tuple[Mode, int], float] = {}  # (mode, block length) -> over every sequence
         self.samples: Counter = Counter()  # (mode, block length) -> cycles in that mean
-        self.streak: dict[int, tuple[Mode, int]] = {}  # block length -> the mode run last, cycles in a row
+        # block length -> the mode run last, cycles of it in a row, and the batch size of the last one
+        self.streak: dict[int, tuple[Mode, int, int]] = {}
         self.last_run: dict[tuple[Mode, int], float] = {}  # (mode, block length) -> when it last ran (perf_counter)
         self.runs: Counter = Counter()  # (mode, batch size, block length) -> steps run and timed
         self.warm: set[int] = set()  # block lengths at which every mode has had its warm-up runs
@@ -113,14 +115,15 @@ class AutoPolicy:
             if unmeasured is not None:
                 return unmeasured
             self.warm.add(width)
-        current, streak = self.streak.get(width, (Mode.AR, 0))
-        if streak == 1 and current is not Mode.AR:
+        current, streak, size = self.streak.get(width, (Mode.AR, 0, b))
+        if streak == 1 and current is not Mode.AR and size == b:
             return current  # a switch runs two cycles: the first is not timed (module doc)
         seconds = {mode: self.step_seconds(mode, b, width) for mode in CHOICES}
         rates = {mode: self.expected_batch_tokens(batch, mode) / seconds[mode] for mode in CHOICES}
         best = max(rates, key=rates.__getitem__)
         for mode in CHOICES:  # then refresh what was not run for a while, if it might be the best
-            stale = now - self.last_run[mode, width] > seconds[mode] / EXPLORE_SHARE
+            visit = seconds[mode] * (1 if mode is Mode.AR else 2)  # a switch runs two cycles
+            stale = now - self.last_run[mode, width] > visit / EXPLORE_SHARE
             if stale and self.may_win(mode, b, width, rates, best, seconds):
                 return mode
         return current if rates[best] < SWITCH_GAIN * rates[current] else best
@@ -185,8 +188,8 @@ class AutoPolicy:
         the same mode."""
         b, width = len(batch), batch.seqs[0].block_length
         key = (mode, b, width)
-        last, streak = self.streak.get(width, (None, 0))
-        self.streak[width] = (mode, streak + 1 if last is mode else 1)
+        last, streak, _ = self.streak.get(width, (None, 0, b))
+        self.streak[width] = (mode, streak + 1 if last is mode else 1, b)
         if seconds is not None and last is mode:
             self.seconds[key] = seconds if self.runs[key] < WARMUP_RUNS else _mean(self.seconds[key], seconds)
             self.runs[key] += 1
