@@ -163,11 +163,11 @@ def test_build_times_where_ar_has_not_run_scale_by_ar_s_time_at_the_nearest_batc
 
 def test_a_mode_with_a_build_time_but_no_acceptance_is_measured_once_if_it_could_win(batch_of_two):
     """Seeded: AR 2 tokens / 1 ms; quadratic 1.5 ms a step, whose rate at these sequences' 0.5 tokens
-    a cycle is below EXPLORE_RATIO of AR's, but which would beat AR with every draft accepted (2 x 4 /
-    1.5 ms): once a step of it costs EXPLORE_SHARE of the time since the seed, it runs two cycles
-    (the first has no drafts to accept), which measure its acceptance; with fewer than
+    a cycle is below EXPLORE_RATIO of AR's, but which would beat AR accepting HOPED_SHARE of each
+    block (2 x 2 / 1.5 ms): once a visit costs EXPLORE_SHARE of the time since the seed, it runs two
+    cycles (the first has no drafts to accept), which measure its acceptance; with fewer than
     TRUSTED_SAMPLES of them it would be re-measured that way, so here it has them all; then the ratio
-    rule alone decides, and 1 token a cycle never runs again. Self-spec (2 x 4 / 9 ms) never runs."""
+    rule alone decides, and 1 token a cycle never runs again. Self-spec (2 x 2 / 9 ms) never runs."""
     policy = AutoPolicy({})
     policy.seed(
         {"block_length": 4, "seconds": {"ar": {"2": 1e-3}, "self-spec": {"2": 9e-3}, "quadratic": {"2": 1.5e-3}}}
