@@ -3,37 +3,33 @@
 At temperature 0 AR, linear self-spec and quadratic self-spec emit the same tokens (spec §7,
 spec/quadratic.md), so the engine may switch a request between them at any cycle. At every step
 the auto policy estimates, for its group of sequences (one batch, one block length), each mode's
-rate:
+rate and runs the best:
 
     rate(mode) = sum over the batch of E[tokens per cycle] / seconds per step (mode, batch size)
 
-- seconds per step: measured here, on this machine and this backend, as a running mean of the
-  mode's whole step (passes, host work, the host sync) per batch size (a second run replaces the
-  first, which may pay one-time costs). Each mode is run WARMUP_RUNS times at the first batch size
-  it meets, unless the engine dir brought times measured at its build (`seed`: every mode and batch
-  bucket, under a second of the build), which stand in for it, scaled by how AR's time here compares
-  with AR's there; at a batch size where a mode has not run, its time is its time at the nearest batch
-  size it ran at, scaled as AR's time scales between the two (when AR ran at both). Exploring is
-  free of loss, since every mode emits the same tokens, but not of time: an estimate that flatters a
-  mode gets it run, and so measured; and a mode not run lately is run once again (acceptance, load
-  and batch sizes drift) when that one step costs at most EXPLORE_SHARE of the time since it last
-  ran, and only while its estimated rate is within EXPLORE_RATIO of the best's: drift seldom closes a
-  wider gap, and where it does the estimate at another batch size will flatter it. (Measured on
-  CPU: a quadratic step at batch 8 took 17x an AR step; re-measuring it every 64 steps cost auto a
-  quarter of its speed.) A mode with fewer than TRUSTED_SAMPLES acceptance samples is re-measured
-  that way too if it would beat the best accepting HOPED_SHARE of each block: its acceptance belongs to
-  the requests
-  (EXPLORE_PRIOR would keep a mode that runs 1.2x AR on them from ever running), and a short run
-  is not charged a warm-up for it.
-- tokens per cycle: each sequence's running mean for that mode (AR: 1), which starts from the
-  running mean over every sequence so far (none yet: EXPLORE_PRIOR, optimistic, so it is tried), so
-  that one lucky cycle does not send a batch to a slower mode.
-A cycle right after another mode is not timed, and a switch runs two cycles at the same batch size
-(measured on CPU, a self-spec cycle among AR steps took 6-7 ms where one in a run of them took 3.4:
-cold caches), which a re-measuring visit pays for; a quadratic one has no drafts either (it accepts
-1), and is not counted in the quadratic mean. The current mode is kept unless another is SWITCH_GAIN better, so a batch does
-not flap between two modes of equal rate. At temperature > 0 every mode samples the same
-distribution, but which mode ran depends on timing: a seed does not reproduce a sampled text.
+- Seconds per step: a running mean of the mode's whole step (passes, host work, the host sync),
+  measured here per batch size. Where the engine dir brought step times measured at its build
+  (`seed`), those stand in until a mode has run, scaled by AR's time here over AR's at the build.
+  Without them each mode first runs WARMUP_RUNS times. At a batch size where a mode has no time,
+  the nearest size's time stands in, scaled as AR's time scales between the two.
+- Tokens per cycle: each sequence's running mean for that mode (AR: 1). It starts from the mean
+  over every sequence so far (none yet: EXPLORE_PRIOR), so one lucky cycle does not send a batch
+  to a slower mode.
+- Re-measuring. Every mode emits the same tokens, so exploring loses no text, only time. A mode
+  not run lately runs again (acceptance, load and batch sizes drift) once one visit to it costs at
+  most EXPLORE_SHARE of the time since it last ran, and only while its rate is within EXPLORE_RATIO
+  of the best's. (On CPU a quadratic step at batch 8 took 17x an AR step: re-measuring it every 64
+  steps cost auto a quarter of its speed.) A mode with fewer than TRUSTED_SAMPLES acceptance
+  samples is also visited if it would beat the best accepting HOPED_SHARE of each block: a build
+  time says how long a step takes, not how many tokens it gives, and EXPLORE_PRIOR alone would
+  keep a mode that runs 1.2x AR on these requests from ever running.
+- Switching. A switch runs two cycles at the same batch size and times only the second (on CPU a
+  self-spec cycle among AR steps took 6-7 ms, one in a run of them 3.4: cold caches). A quadratic
+  cycle after another mode has no drafts (it accepts 1) and is not counted in the quadratic mean.
+  The current mode is kept unless another is SWITCH_GAIN better, so a batch does not flap between
+  two modes of equal rate.
+At temperature > 0 every mode samples the same distribution, but which mode ran depends on
+timing: a seed does not reproduce a sampled text.
 """
 
 from __future__ import annotations
