@@ -10,8 +10,9 @@ rate and runs the best:
 - Seconds per step: a running mean of the mode's whole step (passes, host work, the host sync),
   measured here per batch size. Where the engine dir brought step times measured at its build
   (`seed`), those stand in until a mode has run, scaled by AR's time here over AR's at the build.
-  Without them each mode first runs WARMUP_RUNS times. At a batch size where a mode has no time,
-  the nearest size's time stands in, scaled as AR's time scales between the two.
+  Without them each mode first runs until WARMUP_RUNS of its steps are timed. At a batch size
+  where a mode has no time, the nearest size's time stands in, scaled as AR's time scales between
+  the two.
 - Tokens per cycle: each sequence's running mean for that mode (AR: 1). It starts from the mean
   over every sequence so far (none yet: EXPLORE_PRIOR), so one lucky cycle does not send a batch
   to a slower mode.
@@ -46,7 +47,7 @@ CHOICES = (Mode.AR, Mode.SELF_SPEC, Mode.QUADRATIC)
 ALPHA = 0.2  # weight of the newest sample in a running mean
 EXPLORE_SHARE = 0.01  # of the time, at most, spent re-measuring each mode that is not the best
 EXPLORE_RATIO = 0.7  # a mode estimated slower than this share of the best's rate is not re-measured
-WARMUP_RUNS = 2  # runs of a mode at its first batch size before its time is trusted
+WARMUP_RUNS = 1  # timed runs of a mode before its time is trusted (after its untimed first: module doc)
 SWITCH_GAIN = 1.05
 EXPLORE_PRIOR = 2.0  # tokens per cycle assumed for a speculative mode nobody has run yet
 TRUSTED_SAMPLES = 8  # cycles before a mode's acceptance may keep it from being re-measured
