@@ -192,7 +192,7 @@ class AutoPolicy:
         last, streak, _ = self.streak.get(width, (None, 0, b))
         self.streak[width] = (mode, streak + 1 if last is mode else 1, b)
         if seconds is not None and last is mode:
-            self.seconds[key] = seconds if self.runs[key] < WARMUP_RUNS else _mean(self.seconds[key], seconds)
+            self.seconds[key] = _mean(self.seconds.get(key), seconds)
             self.runs[key] += 1
         self.last_run[mode, width] = time.perf_counter()
         prior = self.acceptance.get((mode, width))  # the mean before this step: every sequence starts from it
