@@ -8,27 +8,36 @@ rate and runs the best:
     rate(mode) = sum over the batch of E[tokens per cycle] / seconds per step (mode, batch size)
 
 - Seconds per step: a running mean of the mode's whole step (passes, host work, the host sync),
-  measured here per batch size. Where the engine dir brought step times measured at its build
-  (`seed`), those stand in until a mode has run, scaled by AR's time here over AR's at the build.
-  Without them each mode first runs until WARMUP_RUNS of its steps are timed. At a batch size
-  where a mode has no time, the nearest size's time stands in, scaled as AR's time scales between
-  the two.
+  measured here per batch size in runs of the mode, from a run's RUN_CYCLES-th cycle: on the CPU
+  sandboxes a self-spec cycle after AR took 8 ms after 0.05 s of AR, 30 after 2 s, 50 after 5 s
+  (its passes, with no page fault: memory left idle came back slowly), and a dozen cycles to fall
+  to its 4 ms. Where the engine dir brought step times measured at its build (`seed`), those stand
+  in until a run is timed, scaled by AR's time here over AR's at the build, and a run's times move
+  them rather than replace them. Without them each mode first runs until WARMUP_RUNS of its steps
+  are timed (from a switch's second cycle: nothing better is known). At a batch size where a mode
+  has no time, the nearest size's time stands in, scaled as AR's time scales between the two.
 - Tokens per cycle: each sequence's running mean for that mode (AR: 1). It starts from the mean
   over every sequence so far (none yet: EXPLORE_PRIOR), so one lucky cycle does not send a batch
-  to a slower mode.
+  to a slower mode. That pooled mean is harmonic, tokens over cycles (visits between AR steps meet
+  a request that accepts 8 a cycle as often as one that accepts 2, which takes 4x the cycles), and
+  slow (POOLED_ALPHA): requests differ 4x in acceptance.
+- Switching costs what the first RUN_CYCLES - 1 cycles after it take beyond the mode's time,
+  measured at each switch (the CPU figures above; about nothing on a GPU). A switch to a faster
+  mode is made only if it is SWITCH_GAIN faster (so a batch does not flap between two modes of
+  equal rate) and while the time it saves on the tokens the batch may still emit exceeds the round
+  trip. A switch runs two cycles at the same batch size: a quadratic cycle after another mode has
+  no drafts (it accepts 1 and is not counted in the quadratic mean), and an engine without build
+  times times the second. While AR runs the same sequences only times change, so the choice stands
+  for RECHOOSE_CYCLES (choosing at every step cost 1.5% of an AR step on CPU).
 - Re-measuring. Every mode emits the same tokens, so exploring loses no text, only time. A mode
-  not run lately runs again (acceptance, load and batch sizes drift) once one visit to it costs at
-  most EXPLORE_SHARE of the time since it last ran, and only while its rate is within EXPLORE_RATIO
-  of the best's. (On CPU a quadratic step at batch 8 took 17x an AR step: re-measuring it every 64
-  steps cost auto a quarter of its speed.) A mode with fewer than TRUSTED_SAMPLES acceptance
-  samples is also visited if it would beat the best accepting HOPED_SHARE of each block: a build
-  time says how long a step takes, not how many tokens it gives, and EXPLORE_PRIOR alone would
-  keep a mode that runs 1.2x AR on these requests from ever running.
-- Switching. A switch runs two cycles at the same batch size and times only the second (on CPU a
-  self-spec cycle among AR steps took 6-7 ms, one in a run of them 3.4: cold caches). A quadratic
-  cycle after another mode has no drafts (it accepts 1) and is not counted in the quadratic mean.
-  The current mode is kept unless another is SWITCH_GAIN better, so a batch does not flap between
-  two modes of equal rate.
+  not run lately runs again (acceptance, load and batch sizes drift) once one visit to it, round
+  trip included, costs at most EXPLORE_SHARE of the time spent in steps since it last ran (`busy`:
+  time idle is none spent on the best mode), and only while its rate is within EXPLORE_RATIO of the
+  best's. (On CPU a quadratic step at batch 8 took 17x an AR step: re-measuring it every 64 steps
+  cost auto a quarter of its speed.) A mode with fewer than TRUSTED_SAMPLES acceptance samples is
+  also visited if it would beat the best accepting HOPED_SHARE of each block: a build time says how
+  long a step takes, not how many tokens it gives, and EXPLORE_PRIOR alone would keep a mode that
+  runs 1.2x AR on these requests from ever running.
 At temperature > 0 every mode samples the same distribution, but which mode ran depends on
 timing: a seed does not reproduce a sampled text.
 """
@@ -37,6 +46,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 from trimode.decoding.ar import AsyncARPolicy, emit_pending
 from trimode.decoding.batch import Batch
@@ -45,13 +55,29 @@ from trimode.passes import Mode
 
 CHOICES = (Mode.AR, Mode.SELF_SPEC, Mode.QUADRATIC)
 ALPHA = 0.2  # weight of the newest sample in a running mean
+POOLED_ALPHA = 0.01  # the same in the acceptance mean over every sequence (module doc)
 EXPLORE_SHARE = 0.01  # of the time, at most, spent re-measuring each mode that is not the best
 EXPLORE_RATIO = 0.7  # a mode estimated slower than this share of the best's rate is not re-measured
 WARMUP_RUNS = 1  # timed runs of a mode before its time is trusted (after its untimed first: module doc)
+RUN_CYCLES = 8  # cycles of a mode in a row before its step is timed, where it has build times (module doc)
 SWITCH_GAIN = 1.05
+RECHOOSE_CYCLES = 16  # AR cycles of the same sequences before the choice is made again
 EXPLORE_PRIOR = 2.0  # tokens per cycle assumed for a speculative mode nobody has run yet
 TRUSTED_SAMPLES = 8  # cycles before a mode's acceptance may keep it from being re-measured
 HOPED_SHARE = 0.5  # of a block, what a mode short of TRUSTED_SAMPLES may accept, if worth measuring
+
+
+@dataclass
+class Stint:
+    """The cycles a block length has run of one mode in a row, the last one's batch size, and how much
+    longer its first cycles took than the mode's time (what switching to it cost: module doc)."""
+
+    mode: Mode
+    cycles: int = 0
+    batch_size: int = 0
+    excess: float | None = None  # None: not a switch (the first stint), or nothing to compare with
+    kept: tuple = ()  # while AR: the sequences it was last chosen for, and at which cycle
+    kept_at: int = 0
 
 
 class AutoPolicy:
@@ -61,12 +87,17 @@ class AutoPolicy:
         self.seconds: dict[tuple[Mode, int, int], float] = {}  # (mode, batch size, block length) -> per step
         self.acceptance: dict[tuple[Mode, int], float] = {}  # (mode, block length) -> over every sequence
         self.samples: Counter = Counter()  # (mode, block length) -> cycles in that mean
-        # block length -> the mode run last, cycles of it in a row, and the batch size of the last one
-        self.streak: dict[int, tuple[Mode, int, int]] = {}
-        self.last_run: dict[tuple[Mode, int], float] = {}  # (mode, block length) -> when it last ran (perf_counter)
+        self.stints: dict[int, Stint] = {}  # block length -> its current stint
+        self.switch_seconds: dict[tuple[Mode, int], float] = {}  # (mode, block length) -> a switch to it costs
+        self.switches: Counter = Counter()  # (mode, block length) -> switches in that mean
+        # seconds spent in steps: the clock of re-measuring (time idle, or a bench's other variants'
+        # turns, is none spent on the best mode: on the wall clock each bench round visited each mode)
+        self.busy = 0.0
+        self.last_run: dict[tuple[Mode, int], float] = {}  # (mode, block length) -> when it last ran (busy)
         self.runs: Counter = Counter()  # (mode, batch size, block length) -> steps run and timed
         self.warm: set[int] = set()  # block lengths at which every mode has had its warm-up runs
         self.prior: dict[tuple[Mode, int, int], float] = {}  # as seconds, measured at the engine's build (seed)
+        self.seeded: set[tuple[Mode, int]] = set()  # (mode, block length) with build times
 
     def seed(self, prior: dict) -> None:
         """Start from step times measured where the engine was built (its manifest's `auto`:
@@ -75,12 +106,13 @@ class AutoPolicy:
         build time stands where none is, scaled as AR's time here is to AR's at the build (another
         thread count or load changes every mode alike: unscaled, a mode measured at the build with
         more threads looked faster than it runs here, and auto kept trying it)."""
-        width, now = prior["block_length"], time.perf_counter()
+        width, now = prior["block_length"], self.busy
         for name, by_size in prior["seconds"].items():
             mode = Mode(name)
             for size, seconds in by_size.items():
                 self.prior[mode, int(size), width] = seconds
             self.last_run[mode, width] = now
+            self.seeded.add((mode, width))
 
     def step(self, batch: Batch, config: DecodeConfig) -> list[list[int]]:
         """The mode the engine chose for these sequences before growing their blocks (Engine.step:
@@ -101,40 +133,64 @@ class AutoPolicy:
         timed = not isinstance(policy, AsyncARPolicy) or any(s.pending is not None for s in sub.seqs)
         started = time.perf_counter()
         new = policy.step(sub, config)
-        self.record(sub, mode, time.perf_counter() - started if timed else None, had_drafts)
+        seconds = time.perf_counter() - started
+        self.busy += seconds
+        self.record(sub, mode, seconds if timed else None, had_drafts)
         for i, tokens in zip(live, new):
             settled[i] += tokens
         return settled
 
     def choose(self, batch: Batch, now: float | None = None) -> Mode:
         b, width = len(batch), batch.seqs[0].block_length
-        now = time.perf_counter() if now is None else now
+        now = self.busy if now is None else now
         if width not in self.warm:  # measure first
             unmeasured = self.unmeasured(b, width)
             if unmeasured is not None:
                 return unmeasured
             self.warm.add(width)
-        current, streak, size = self.streak.get(width, (Mode.AR, 0, b))
-        if streak == 1 and current is not Mode.AR and size == b:
-            return current  # a switch runs two cycles: the first is not timed (module doc)
+        stint = self.stints.get(width, Stint(Mode.AR))
+        current = stint.mode
+        if stint.cycles == 1 and current is not Mode.AR and stint.batch_size == b:
+            return current  # a switch runs two cycles (module doc)
+        ids = tuple(s.id for s in batch.seqs)
+        if current is Mode.AR and stint.kept == ids and stint.cycles < stint.kept_at + RECHOOSE_CYCLES:
+            return current  # nothing but times changed since (choosing each step cost 3% of a CPU AR step)
+        stint.kept, stint.kept_at = ids, stint.cycles
         seconds = {mode: self.step_seconds(mode, b, width) for mode in CHOICES}
         rates = {mode: self.expected_batch_tokens(batch, mode) / seconds[mode] for mode in CHOICES}
         best = max(rates, key=rates.__getitem__)
         for mode in CHOICES:  # then refresh what was not run for a while, if it might be the best
-            visit = seconds[mode] * (1 if mode is Mode.AR else 2)  # a switch runs two cycles
-            stale = now - self.last_run[mode, width] > visit / EXPLORE_SHARE
+            visit = seconds[mode] * (1 if mode is Mode.AR else 2) + self.round_trip(current, mode, width)
+            stale = mode is not current and now - self.last_run[mode, width] > visit / EXPLORE_SHARE
             if stale and self.may_win(mode, b, width, rates, best, seconds):
                 return mode
-        return current if rates[best] < SWITCH_GAIN * rates[current] else best
+        if rates[best] < SWITCH_GAIN * rates[current]:
+            return current
+        owed = sum(s.params.max_new_tokens - len(s.tokens) for s in batch.seqs)  # tokens, at most
+        saved = owed / rates[current] - owed / rates[best]
+        return best if saved > self.round_trip(current, best, width) else current
+
+    def round_trip(self, current: Mode, other: Mode, width: int) -> float:
+        """Seconds a switch from current to other and back costs beyond their cycles' times."""
+        switch = self.switch_seconds
+        return switch.get((other, width), 0.0) + switch.get((current, width), 0.0) if other is not current else 0.0
 
     def unmeasured(self, b: int, width: int) -> Mode | None:
         """A mode without a build time (seed) still owed its WARMUP_RUNS at this block length."""
         for mode in CHOICES:
-            if any(m is mode and w == width for m, _, w in self.prior):
+            if self.built(mode, width):
                 continue
             if sum(n for (m, _, w), n in self.runs.items() if m is mode and w == width) < WARMUP_RUNS:
                 return mode
         return None
+
+    def known(self, mode: Mode, width: int) -> bool:
+        """Whether step_seconds has a time of this mode at this block length to estimate from."""
+        return any(m is mode and w == width for m, _, w in (*self.seconds, *self.prior))
+
+    def built(self, mode: Mode, width: int) -> bool:
+        """Whether the engine dir brought build times of this mode at this block length (seed)."""
+        return (mode, width) in self.seeded
 
     def may_win(self, mode: Mode, b: int, width: int, rates: dict, best: Mode, seconds: dict) -> bool:
         """Worth re-measuring: estimated within EXPLORE_RATIO of the best's rate, or, while fewer than
@@ -184,17 +240,38 @@ class AutoPolicy:
         near = min(both, key=lambda size: (abs(size - b), size))
         return self.seconds[Mode.AR, near, width] / self.prior[Mode.AR, near, width]
 
+    def switched(self, stint: Stint, width: int) -> None:
+        """A switch's cost, once its first cycles are over: their time beyond the mode's (at least 0)."""
+        key = (stint.mode, width)
+        if stint.excess is not None:
+            self.switches[key] += 1
+            self.switch_seconds[key] = _mean(self.switch_seconds.get(key), max(stint.excess, 0.0), self.switches[key])
+
     def record(self, batch: Batch, mode: Mode, seconds: float | None, had_drafts: list[bool]) -> None:
-        """seconds: the step's time (None: not a whole step's). Counted (`runs`) only after a cycle of
-        the same mode."""
+        """seconds: the step's time (None: not a whole step's). Counted (`runs`) from the second cycle
+        of a mode in a row; for a mode with build times, from the RUN_CYCLES-th, and it moves the
+        estimate auto used (the build time, scaled) rather than replacing it (module doc)."""
         b, width = len(batch), batch.seqs[0].block_length
         key = (mode, b, width)
-        last, streak, _ = self.streak.get(width, (None, 0, b))
-        self.streak[width] = (mode, streak + 1 if last is mode else 1, b)
-        if seconds is not None and last is mode:
-            self.seconds[key] = _mean(self.seconds.get(key), seconds)
+        stint = self.stints.get(width)
+        if stint is None or stint.mode is not mode:
+            if stint is not None and stint.cycles < RUN_CYCLES - 1:
+                self.switched(stint, width)  # ended before its first cycles were over
+            stint = self.stints[width] = Stint(mode, excess=0.0 if stint is not None else None)
+        stint.cycles, stint.batch_size = stint.cycles + 1, b
+        built = self.built(mode, width)
+        if stint.excess is not None and stint.cycles < RUN_CYCLES and seconds is not None:
+            if self.known(mode, width):
+                stint.excess += seconds - self.step_seconds(mode, b, width)
+            else:
+                stint.excess = None
+        if stint.cycles == RUN_CYCLES - 1:
+            self.switched(stint, width)
+        if seconds is not None and stint.cycles >= (RUN_CYCLES if built else 2):
+            start = self.seconds.get(key) or (self.step_seconds(mode, b, width) if built else None)
+            self.seconds[key] = _mean(start, seconds)
             self.runs[key] += 1
-        self.last_run[mode, width] = time.perf_counter()
+        self.last_run[mode, width] = self.busy
         prior = self.acceptance.get((mode, width))  # the mean before this step: every sequence starts from it
         name = mode.value
         for seq, drafted in zip(batch.seqs, had_drafts):
@@ -206,11 +283,12 @@ class AutoPolicy:
             n = seq.stats.accepted_lengths[-1]
             seq.acceptance[mode] = _mean(seq.acceptance.get(mode, prior), n)  # one lucky cycle moves it 20%
             self.samples[mode, width] += 1
-            self.acceptance[mode, width] = _mean(self.acceptance.get((mode, width)), n, self.samples[mode, width])
+            inverse = 1 / self.acceptance[mode, width] if (mode, width) in self.acceptance else None
+            self.acceptance[mode, width] = 1 / _mean(inverse, 1 / n, self.samples[mode, width], POOLED_ALPHA)
 
 
-def _mean(old: float | None, new: float, count: int = 0) -> float:
-    """A running mean: the newest sample weighs ALPHA, or 1/count while that is more (the plain mean of
-    the first 1/ALPHA samples: the first of them alone would otherwise weigh 80% of the mean for a while)."""
-    weight = max(ALPHA, 1 / count) if count else ALPHA
+def _mean(old: float | None, new: float, count: int = 0, alpha: float = ALPHA) -> float:
+    """A running mean: the newest sample weighs alpha, or 1/count while that is more (the plain mean of
+    the first 1/alpha samples: the first of them alone would otherwise weigh 80% of the mean for a while)."""
+    weight = max(alpha, 1 / count) if count else alpha
     return new if old is None else (1 - weight) * old + weight * new
