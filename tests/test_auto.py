@@ -303,6 +303,14 @@ def test_a_quadratic_cycle_without_drafts_is_not_counted(tiny):
     assert seq.drafts is None  # AR moved the cache on: the next quadratic cycle drafts afresh
 
 
+def test_admission_reserves_for_the_mode_run_last_and_before_any_for_quadratic(batch_of_two):
+    policy = AutoPolicy({})
+    policy.seed({"block_length": 4, "seconds": {"ar": {"2": 1e-3}, "quadratic": {"2": 2e-3}}})
+    assert policy.last_mode(4) is Mode.QUADRATIC  # build times ran nothing here
+    policy.record(batch_of_two, Mode.AR, 1e-3, [False, False])
+    assert policy.last_mode(4) is Mode.AR and policy.last_mode(8) is Mode.QUADRATIC
+
+
 def test_one_lucky_cycle_moves_a_sequences_acceptance_from_the_mean_not_to_itself(batch_of_two):
     policy = _policy_with(
         {Mode.AR: 1e-3, Mode.SELF_SPEC: 2e-3, Mode.QUADRATIC: 2e-3}, {Mode.SELF_SPEC: 3.0, Mode.QUADRATIC: 2.0}

@@ -205,8 +205,7 @@ class AutoPolicy:
 
     def last_mode(self, width: int) -> Mode:
         """The mode run last at this block length (before any: quadratic, which writes the most)."""
-        ran = [mode for mode in CHOICES if (mode, width) in self.last_run]
-        return max(ran, key=lambda mode: self.last_run[mode, width]) if ran else Mode.QUADRATIC
+        return self.stints[width].mode if width in self.stints else Mode.QUADRATIC
 
     def expected_batch_tokens(self, batch: Batch, mode: Mode) -> float:
         """Expected tokens of one step of mode over this batch (its rate: this / step_seconds)."""
