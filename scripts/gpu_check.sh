@@ -7,7 +7,8 @@
 #   4. the CUDA torch engine: `trimode build --device cuda` (its self-test is the parity check against
 #      the eager model in every mode, through its CUDA graphs), then scripts/bench_engine.py (engine vs
 #      eager vs transformers),
-#   5. scripts/bench_host.py on that engine: CUDA graphs and async AR steps on, then each off.
+#   5. scripts/bench_host.py on that engine: CUDA graphs and async AR steps on, then each off,
+#   6. `trimode bench` of that engine: auto against ar, self-spec and quadratic at concurrency 1 and 8.
 # Results land in $OUT (the device tool's folder) or out/gpu: *.json and the logs.
 # Usage, from the repository root on the GPU machine:  bash scripts/gpu_check.sh
 set -uo pipefail
@@ -39,6 +40,10 @@ for run in "default" "TRIMODE_PASS_GRAPHS=0" "TRIMODE_ASYNC_STEPS=0"; do
     --modes ar,self-spec --batch-sizes 1,4 --requests 2 --max-tokens 32 --json "$out/bench_host_${run%%=*}.json" \
     >/dev/null 2>"$out/bench_host_${run%%=*}.log" || status=1; echo "$run:"; tail -5 "$out/bench_host_${run%%=*}.log"; }
 done
+# 6. auto >= the best fixed mode and >= AR (issue spec-v2), where switching costs about nothing
+[ -d "$engine" ] && { timeout 90 $py -m trimode.cli bench --engine "$engine" --modes ar,self-spec,quadratic,auto \
+  --concurrency 1,8 --requests 16 --repeats 2 --max-tokens 64 --json >"$out/bench_auto.json" \
+  2>"$out/bench_auto.log" || status=1; }
 $py - "$out" <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
@@ -54,5 +59,9 @@ for name in ("bench_kernels.json", "gpu_check.json"):
     for key in ("invariant", "async_steps"):
         if key in report:
             print(key, report[key])
+bench = out / "bench_auto.json"
+if bench.exists():
+    for row in json.loads(bench.read_text())["results"]:
+        print(row["variant"], "c=%d" % row["concurrency"], row["tokens_per_s"], "tok/s", row["speedup_vs_ar"], "x AR")
 PY
 exit $status

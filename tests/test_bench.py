@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from trimode.bench.prompts import held_out_prompts, read_prompts
 from trimode.bench.runner import BenchSettings
@@ -273,21 +274,29 @@ def test_in_process_out_dir(in_process):
 
 
 def test_default_levels_stop_at_the_slots(runner, tiny_engine_dir, prompts_file):
-    report = _bench(
-        runner,
-        "--engine",
-        tiny_engine_dir,
-        "--prompts",
-        prompts_file,
-        "--modes",
-        "ar",
-        "--max-tokens",
-        2,
-        "--warmup",
-        0,
-        "--requests",
-        4,
-    )
+    """Also: without --threads the engine runs on one torch thread, as `trimode serve` runs it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        report = _bench(
+            runner,
+            "--engine",
+            tiny_engine_dir,
+            "--prompts",
+            prompts_file,
+            "--modes",
+            "ar",
+            "--max-tokens",
+            2,
+            "--warmup",
+            0,
+            "--requests",
+            4,
+        )
+    finally:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(before)
+    assert threads == 1 and report["machine"]["torch_threads"] == 1
     assert [r["concurrency"] for r in report["results"]] == [1, 2, 4]
     assert report["notes"] == ["concurrency 8, 16 not measured: above the engine's 4 slots"]
 
