@@ -189,6 +189,26 @@ def test_a_switch_costs_what_its_first_cycles_take_beyond_the_mode_s_time(batch_
     assert policy.choose(batch_of_two, now) is Mode.SELF_SPEC
 
 
+def test_a_switch_runs_long_enough_to_pay_for_its_round_trip(batch_of_two):
+    """Self-spec 2 ms a step, worse than AR here; a switch to it and back costs 7 ms: it runs 4 cycles
+    before auto chooses again (2 where switching costs nothing, RUN_CYCLES at most; AR 1)."""
+    policy = _policy_with(
+        {Mode.AR: 1e-3, Mode.SELF_SPEC: 2e-3, Mode.QUADRATIC: 9e-3}, {Mode.SELF_SPEC: 1.0, Mode.QUADRATIC: 1.0}
+    )
+    assert policy.visit_cycles(Mode.SELF_SPEC, 2, 4) == 2
+    policy.switch_seconds[Mode.AR, 4] = 1e-3
+    policy.switch_seconds[Mode.SELF_SPEC, 4] = 1.0
+    assert policy.visit_cycles(Mode.SELF_SPEC, 2, 4) == RUN_CYCLES and policy.visit_cycles(Mode.AR, 2, 4) == 1
+    policy.switch_seconds[Mode.SELF_SPEC, 4] = 6e-3
+    assert policy.visit_cycles(Mode.SELF_SPEC, 2, 4) == 4
+    for seq in batch_of_two.seqs:
+        seq.stats.accepted_lengths.append(1)
+    policy.record(batch_of_two, Mode.AR, 1e-3, [False, False])
+    for cycle in range(4):
+        policy.record(batch_of_two, Mode.SELF_SPEC, 8e-3 if cycle == 0 else 2e-3, [True, True])
+        assert policy.choose(batch_of_two, NOW) is (Mode.SELF_SPEC if cycle < 3 else Mode.AR)
+
+
 def test_while_ar_runs_the_same_sequences_the_choice_stands_for_rechoose_cycles(batch_of_two):
     """Acceptance does not change while AR runs: the choice is made again after RECHOOSE_CYCLES of
     them, or at once for another batch."""

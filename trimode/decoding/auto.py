@@ -25,9 +25,11 @@ rate and runs the best:
   measured at each switch (the CPU figures above; about nothing on a GPU). A switch to a faster
   mode is made only if it is SWITCH_GAIN faster (so a batch does not flap between two modes of
   equal rate) and while the time it saves on the tokens the batch may still emit exceeds the round
-  trip. A switch runs two cycles at the same batch size: a quadratic cycle after another mode has
-  no drafts (it accepts 1 and is not counted in the quadratic mean), and an engine without build
-  times times the second. While AR runs the same sequences only times change, so the choice stands
+  trip. A switch away from AR runs at least two cycles at the same batch size (a quadratic cycle
+  after another mode has no drafts: it accepts 1 and is not counted in the quadratic mean; an
+  engine without build times times the second), and as many as make the round trip cost no more
+  than their time, up to RUN_CYCLES (`visit_cycles`: a visit that paid 50 ms to switch learns from 8
+  cycles, not 2). While AR runs the same sequences only times change, so the choice stands
   for RECHOOSE_CYCLES (choosing at every step cost 1.5% of an AR step on CPU).
 - Re-measuring. Every mode emits the same tokens, so exploring loses no text, only time. A mode
   not run lately runs again (acceptance, load and batch sizes drift) once one visit to it, round
@@ -44,6 +46,7 @@ timing: a seed does not reproduce a sampled text.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -150,8 +153,8 @@ class AutoPolicy:
             self.warm.add(width)
         stint = self.stints.get(width, Stint(Mode.AR))
         current = stint.mode
-        if stint.cycles == 1 and current is not Mode.AR and stint.batch_size == b:
-            return current  # a switch runs two cycles (module doc)
+        if stint.batch_size == b and stint.cycles < self.visit_cycles(current, b, width):
+            return current  # a switch runs its cycles (module doc)
         ids = tuple(s.id for s in batch.seqs)
         if current is Mode.AR and stint.kept == ids and stint.cycles < stint.kept_at + RECHOOSE_CYCLES:
             return current  # only times changed since (choosing at every step cost 1.5% of a CPU AR step)
@@ -160,7 +163,7 @@ class AutoPolicy:
         rates = {mode: self.expected_batch_tokens(batch, mode) / seconds[mode] for mode in CHOICES}
         best = max(rates, key=rates.__getitem__)
         for mode in CHOICES:  # then refresh what was not run for a while, if it might be the best
-            visit = seconds[mode] * (1 if mode is Mode.AR else 2) + self.round_trip(current, mode, width)
+            visit = seconds[mode] * self.visit_cycles(mode, b, width) + self.round_trip(current, mode, width)
             stale = mode is not current and now - self.last_run[mode, width] > visit / EXPLORE_SHARE
             if stale and self.may_win(mode, b, width, rates, best, seconds):
                 return mode
@@ -169,6 +172,15 @@ class AutoPolicy:
         owed = sum(s.params.max_new_tokens - len(s.tokens) for s in batch.seqs)  # tokens, at most
         saved = owed / rates[current] - owed / rates[best]
         return best if saved > self.round_trip(current, best, width) else current
+
+    def visit_cycles(self, mode: Mode, b: int, width: int) -> int:
+        """Cycles a switch to mode runs before auto chooses again: AR 1; another mode 2, or as many as
+        make the round trip from AR cost no more than their time, up to RUN_CYCLES (on CPU a switch
+        cost 10x a self-spec cycle: two-cycle visits paid it for two acceptance samples a time)."""
+        if mode is Mode.AR:
+            return 1
+        trip = self.round_trip(Mode.AR, mode, width)
+        return max(2, min(RUN_CYCLES, math.ceil(trip / self.step_seconds(mode, b, width))))
 
     def round_trip(self, current: Mode, other: Mode, width: int) -> float:
         """Seconds a switch from current to other and back costs beyond their cycles' times."""
