@@ -209,6 +209,46 @@ def test_a_switch_runs_long_enough_to_pay_for_its_round_trip(batch_of_two):
         assert policy.choose(batch_of_two, NOW) is (Mode.SELF_SPEC if cycle < 3 else Mode.AR)
 
 
+def test_a_visit_goes_back_unless_clearly_faster_than_the_mode_it_left(batch_of_two):
+    """Running self-spec (2 x 3 tokens / 2 ms: 3000 tokens/s; AR 2000) with AR stale and within
+    EXPLORE_RATIO: a one-cycle AR visit, then back to self-spec, though a switch to self-spec costs
+    far more than these sequences could save (it ran a moment ago: going back costs about nothing).
+    AR is re-measured by its rate alone: below EXPLORE_RATIO of the best it is never visited."""
+    policy = _policy_with(
+        {Mode.AR: 1e-3, Mode.SELF_SPEC: 2e-3, Mode.QUADRATIC: 9e-3}, {Mode.SELF_SPEC: 3.0, Mode.QUADRATIC: 1.0}
+    )
+    policy.switch_seconds[Mode.SELF_SPEC, 4] = 1.0
+    for seq in batch_of_two.seqs:
+        seq.stats.accepted_lengths.append(3)
+    for _ in range(RUN_CYCLES):  # a run of self-spec
+        policy.record(batch_of_two, Mode.SELF_SPEC, 2e-3, [True, True])
+    later = NOW + 1e6  # everything stale
+    policy.acceptance[Mode.SELF_SPEC, 4] = 3.0 * EXPLORE_RATIO * 1.1  # AR within EXPLORE_RATIO: worth a visit
+    for seq in batch_of_two.seqs:
+        seq.acceptance = {}
+    assert policy.choose(batch_of_two, later) is Mode.AR
+    policy.record(batch_of_two, Mode.AR, 1e-3, [False, False])
+    policy.last_run[Mode.QUADRATIC, 4] = later
+    assert policy.choose(batch_of_two, later) is Mode.SELF_SPEC  # 2310 tokens/s against AR's 2000
+    policy.record(batch_of_two, Mode.SELF_SPEC, 2e-3, [True, True])
+    policy.acceptance[Mode.SELF_SPEC, 4] = 3.0 * EXPLORE_RATIO * 0.9
+    for seq in batch_of_two.seqs:
+        seq.acceptance = {}
+    assert policy.choose(batch_of_two, later) is Mode.SELF_SPEC  # AR below EXPLORE_RATIO: never visited
+
+
+def test_time_outside_the_steps_counts_against_the_mode_of_short_steps(batch_of_two):
+    """AR 2 tokens / 1 ms against self-spec 2 x 4.9 / 5 ms: AR; with 0.5 ms between steps (the median
+    gap: one long one is an idle server), 2 / 1.5 ms against 9.8 / 5.5 ms: self-spec."""
+    policy = _policy_with(
+        {Mode.AR: 1e-3, Mode.SELF_SPEC: 5e-3, Mode.QUADRATIC: 50e-3}, {Mode.SELF_SPEC: 4.9, Mode.QUADRATIC: 1.0}
+    )
+    assert policy.choose(batch_of_two, NOW) is Mode.AR
+    policy.gaps.extend([0.5e-3, 0.4e-3, 9.0, 0.6e-3, 0.5e-3])
+    policy.stints.clear()
+    assert policy.choose(batch_of_two, NOW) is Mode.SELF_SPEC
+
+
 def test_while_ar_runs_the_same_sequences_the_choice_stands_for_rechoose_cycles(batch_of_two):
     """Acceptance does not change while AR runs: the choice is made again after RECHOOSE_CYCLES of
     them, or at once for another batch."""

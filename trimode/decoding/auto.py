@@ -5,7 +5,8 @@ spec/quadratic.md), so the engine may switch a request between them at any cycle
 the auto policy estimates, for its group of sequences (one batch, one block length), each mode's
 rate and runs the best:
 
-    rate(mode) = sum over the batch of E[tokens per cycle] / seconds per step (mode, batch size)
+    rate(mode) = sum over the batch of E[tokens per cycle] / (seconds per step (mode, batch size)
+                                                              + time outside the step)
 
 - Seconds per step: a running mean of the mode's whole step (passes, host work, the host sync),
   measured here per batch size in runs of the mode, from a run's RUN_CYCLES-th cycle: on the CPU
@@ -16,21 +17,29 @@ rate and runs the best:
   them rather than replace them. Without them each mode first runs until WARMUP_RUNS of its steps
   are timed (from a switch's second cycle: nothing better is known). At a batch size where a mode
   has no time, the nearest size's time stands in, scaled as AR's time scales between the two.
+- Time outside auto's steps: what the engine and the server around it spend between two steps
+  (scheduling, streaming the tokens out, other sequences' steps), about the same per step in every
+  mode, so it counts against the mode of short steps: the median of the last GAPS gaps (a median:
+  an idle server or a prefill now and then makes a gap of any length). In `trimode bench` at c=1 it
+  was 0.16 ms a step, 12% of an AR step and 2% of a self-spec one.
 - Tokens per cycle: each sequence's running mean for that mode (AR: 1). It starts from the mean
   over every sequence so far (none yet: EXPLORE_PRIOR), so one lucky cycle does not send a batch
   to a slower mode. That pooled mean is harmonic, tokens over cycles (visits between AR steps meet
   a request that accepts 8 a cycle as often as one that accepts 2, which takes 4x the cycles), and
   slow (POOLED_ALPHA): requests differ 4x in acceptance.
 - Switching costs what the first RUN_CYCLES - 1 cycles after it take beyond the mode's time,
-  measured at each switch (the CPU figures above; about nothing on a GPU). A switch to a faster
-  mode is made only if it is SWITCH_GAIN faster (so a batch does not flap between two modes of
-  equal rate) and while the time it saves on the tokens the batch may still emit exceeds the round
-  trip. A switch away from AR runs at least two cycles at the same batch size (a quadratic cycle
-  after another mode has no drafts: it accepts 1 and is not counted in the quadratic mean; an
-  engine without build times times the second), and as many as make the round trip cost no more
-  than their time, up to RUN_CYCLES (`visit_cycles`: a visit that paid 50 ms to switch learns from 8
-  cycles, not 2). While AR runs the same sequences only times change, so the choice stands
-  for RECHOOSE_CYCLES (choosing at every step cost 1.5% of an AR step on CPU).
+  measured at each switch (the CPU figures above; about nothing on a GPU). A switch to a faster mode
+  is made only if it is SWITCH_GAIN faster (so a batch does not flap between two modes of equal
+  rate) and while the time it saves on the tokens the batch may still emit exceeds the round trip. A
+  switch away from AR runs at least two cycles at the same batch size (a quadratic cycle after
+  another mode has no drafts: it accepts 1 and is not counted in the quadratic mean; an engine
+  without build times times the second), and as many as make the round trip cost no more than their
+  time, up to RUN_CYCLES (`visit_cycles`: a visit that paid 50 ms to switch learns from 8 cycles,
+  not 2). A visit that is over stays only if SWITCH_GAIN faster than the mode it left, which ran a
+  moment ago, so going back costs about nothing (with the cost of a switch after seconds idle, a
+  visit to AR from self-spec kept the batch in AR: going back would not pay). While AR runs the same
+  sequences only times change, so the choice stands for RECHOOSE_CYCLES (choosing at every step cost
+  1.5% of an AR step on CPU).
 - Re-measuring. Every mode emits the same tokens, so exploring loses no text, only time. A mode
   not run lately runs again (acceptance, load and batch sizes drift) once one visit to it, round
   trip included, costs at most EXPLORE_SHARE of the time spent in steps since it last ran (`busy`:
@@ -47,8 +56,9 @@ timing: a seed does not reproduce a sampled text.
 from __future__ import annotations
 
 import math
+import statistics
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from trimode.decoding.ar import AsyncARPolicy, emit_pending
@@ -64,6 +74,7 @@ EXPLORE_RATIO = 0.7  # a mode estimated slower than this share of the best's rat
 WARMUP_RUNS = 1  # timed runs of a mode before its time is trusted (after its untimed first: module doc)
 RUN_CYCLES = 8  # cycles of a mode in a row before its step is timed, where it has build times (module doc)
 SWITCH_GAIN = 1.05
+GAPS = 32  # the gaps between steps whose median is each step's time outside auto (module doc)
 RECHOOSE_CYCLES = 16  # AR cycles of the same sequences before the choice is made again
 EXPLORE_PRIOR = 2.0  # tokens per cycle assumed for a speculative mode nobody has run yet
 TRUSTED_SAMPLES = 8  # cycles before a mode's acceptance may keep it from being re-measured
@@ -81,6 +92,7 @@ class Stint:
     excess: float | None = None  # None: not a switch (the first stint), or nothing to compare with
     kept: tuple = ()  # while AR: the sequences it was last chosen for, and at which cycle
     kept_at: int = 0
+    left: Mode | None = None  # a visit: the mode it left
 
 
 class AutoPolicy:
@@ -91,11 +103,14 @@ class AutoPolicy:
         self.acceptance: dict[tuple[Mode, int], float] = {}  # (mode, block length) -> over every sequence
         self.samples: Counter = Counter()  # (mode, block length) -> cycles in that mean
         self.stints: dict[int, Stint] = {}  # block length -> its current stint
+        self.visiting: dict[int, tuple[Mode, Mode]] = {}  # block length -> a visit chosen: (from, to)
         self.switch_seconds: dict[tuple[Mode, int], float] = {}  # (mode, block length) -> a switch to it costs
         self.switches: Counter = Counter()  # (mode, block length) -> switches in that mean
         # seconds spent in steps: the clock of re-measuring (time idle, or a bench's other variants'
         # turns, is none spent on the best mode: on the wall clock each bench round visited each mode)
         self.busy = 0.0
+        self.gaps: deque[float] = deque(maxlen=GAPS)  # seconds from the end of one step to the start of the next
+        self.last_end: float | None = None
         self.last_run: dict[tuple[Mode, int], float] = {}  # (mode, block length) -> when it last ran (busy)
         self.runs: Counter = Counter()  # (mode, batch size, block length) -> steps run and timed
         self.warm: set[int] = set()  # block lengths at which every mode has had its warm-up runs
@@ -135,8 +150,11 @@ class AutoPolicy:
         policy = self.policies[mode]
         timed = not isinstance(policy, AsyncARPolicy) or any(s.pending is not None for s in sub.seqs)
         started = time.perf_counter()
+        if self.last_end is not None:
+            self.gaps.append(started - self.last_end)
         new = policy.step(sub, config)
-        seconds = time.perf_counter() - started
+        self.last_end = time.perf_counter()
+        seconds = self.last_end - started
         self.busy += seconds
         self.record(sub, mode, seconds if timed else None, had_drafts)
         for i, tokens in zip(live, new):
@@ -159,13 +177,18 @@ class AutoPolicy:
         if current is Mode.AR and stint.kept == ids and stint.cycles < stint.kept_at + RECHOOSE_CYCLES:
             return current  # only times changed since (choosing at every step cost 1.5% of a CPU AR step)
         stint.kept, stint.kept_at = ids, stint.cycles
-        seconds = {mode: self.step_seconds(mode, b, width) for mode in CHOICES}
+        outside = statistics.median(self.gaps) if self.gaps else 0.0
+        seconds = {mode: self.step_seconds(mode, b, width) + outside for mode in CHOICES}
         rates = {mode: self.expected_batch_tokens(batch, mode) / seconds[mode] for mode in CHOICES}
         best = max(rates, key=rates.__getitem__)
+        if stint.left is not None:  # a visit is over (module doc)
+            left, stint.left = stint.left, None
+            return current if rates[current] >= SWITCH_GAIN * rates[left] else left
         for mode in CHOICES:  # then refresh what was not run for a while, if it might be the best
             visit = seconds[mode] * self.visit_cycles(mode, b, width) + self.round_trip(current, mode, width)
             stale = mode is not current and now - self.last_run[mode, width] > visit / EXPLORE_SHARE
             if stale and self.may_win(mode, b, width, rates, best, seconds):
+                self.visiting[width] = (current, mode)
                 return mode
         if rates[best] < SWITCH_GAIN * rates[current]:
             return current
@@ -212,6 +235,8 @@ class AutoPolicy:
         step of 8 ms worth measuring against a 1 ms AR one: 3-6% of a short bench)."""
         if rates[mode] >= EXPLORE_RATIO * rates[best]:
             return True
+        if mode is Mode.AR:  # it gives one token a sequence: its rate is known
+            return False
         hoped = b * width * HOPED_SHARE / seconds[mode]
         return self.samples[mode, width] < TRUSTED_SAMPLES and hoped > rates[best]
 
@@ -268,7 +293,9 @@ class AutoPolicy:
         if stint is None or stint.mode is not mode:
             if stint is not None and stint.cycles < RUN_CYCLES - 1:
                 self.switched(stint, width)  # ended before its first cycles were over
+            left, visited = self.visiting.pop(width, (None, None))
             stint = self.stints[width] = Stint(mode, excess=0.0 if stint is not None else None)
+            stint.left = left if visited is mode else None
         stint.cycles, stint.batch_size = stint.cycles + 1, b
         built = self.built(mode, width)
         if stint.excess is not None and stint.cycles < RUN_CYCLES and seconds is not None:
