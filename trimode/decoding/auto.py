@@ -192,7 +192,7 @@ class AutoPolicy:
                 return mode
         if rates[best] < SWITCH_GAIN * rates[current]:
             return current
-        owed = sum(s.params.max_new_tokens - len(s.tokens) for s in batch.seqs)  # tokens, at most
+        owed = sum(s.room for s in batch.seqs)  # tokens, at most
         saved = owed / rates[current] - owed / rates[best]
         return best if saved > self.round_trip(current, best, width) else current
 

@@ -103,6 +103,11 @@ class Sequence:
         return self.prompt + self.tokens
 
     @property
+    def room(self) -> int:
+        """Tokens it may still emit: max_new_tokens less those it has."""
+        return self.params.max_new_tokens - len(self.tokens)
+
+    @property
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED
 
@@ -111,7 +116,7 @@ class Sequence:
         logprobs: one per token (Batch.fetch of a LogProbs); None only when nothing was asked."""
         if self.finish_reason:
             return []
-        room = self.params.max_new_tokens - len(self.tokens)
+        room = self.room
         out = tokens[:room]
         eos = next((i for i, t in enumerate(out) if t in self.eos_ids), None)
         if eos is not None:
