@@ -159,7 +159,7 @@ def build_engine(
                         f"the built {settings.backend} engine's {mode} tokens differ from the eager "
                         f"reference's on the self-test prompts; nothing was written"
                     )
-            manifest["auto"] = auto_prior(ck.model, ck.tokenizer, engine_backend, config, block_length)
+            manifest["auto"] = auto_prior(ck.model, ck.tokenizer, engine_backend, config, settings.block_lengths)
         manifest["self_test"] = {
             "prompts": list(SELF_TEST_PROMPTS),
             "max_new_tokens": SELF_TEST_TOKENS,

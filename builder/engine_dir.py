@@ -26,7 +26,8 @@ from trimode.builder.manifest import check_manifest, read_manifest
 from trimode.builder.pass_graphs import buckets
 from trimode.checkpoint import Checkpoint, load_checkpoint
 from trimode.decoding import DecodeConfig, Engine, EngineConfig, GenerationSettings, Mode, SamplingParams
-from trimode.decoding.auto import CHOICES as AUTO_CHOICES
+from trimode.decoding.auto import choice_name, choices
+from trimode.decoding.engine import default_block_length
 from trimode.errors import EngineError
 from trimode.kv_cache import check_pool_fits
 from trimode.passes import MODE_PASSES, PassKind, cycle_positions
@@ -66,10 +67,8 @@ class BuiltEngine:
 
     @property
     def default_block_length(self) -> int:
-        """What a request that names no block length runs: the checkpoint's block_size when the
-        engine was built for it, else the first length it was built for."""
-        size = self.checkpoint.spec.block_size
-        return size if size in self.block_lengths else self.block_lengths[0]
+        """What a request that names no block length runs (decoding/engine.py default_block_length)."""
+        return default_block_length(self.checkpoint.spec, self.block_lengths)
 
     def new_engine(self) -> Engine:
         engine = Engine(self.checkpoint.model, self.config, backend=self.backend, block_lengths=self.block_lengths)
@@ -114,32 +113,33 @@ def self_test(model, tokenizer, backend, config: EngineConfig, block_length: int
     return result
 
 
-def auto_prior(model, tokenizer, backend, config: EngineConfig, block_length: int) -> dict:
+def auto_prior(model, tokenizer, backend, config: EngineConfig, block_lengths: tuple[int, ...]) -> dict:
     """What `auto` starts from on this engine (AutoPolicy.seed, the manifest's `auto`): the median
-    seconds of an engine step of each mode it chooses among, at each batch bucket (1, 2, 4, ..
-    max_batch_size copies of the first self-test prompt). The steps are synchronous, as auto's own
-    are. Not acceptance: that is the requests' (a short fixed prompt gave 1.4 where held-out code
-    gives 3), and a low prior would keep auto from ever trying a speculative mode."""
+    seconds of an engine step of each choice it makes (AR, and each speculative mode at each block
+    length), at each batch bucket (1, 2, 4, .. max_batch_size copies of the first self-test prompt).
+    The steps are synchronous, as auto's own are. Not acceptance: that is the requests' (a short fixed
+    prompt gave 1.4 where held-out code gives 3), and a low prior would keep auto from ever trying a
+    speculative mode."""
     prompt = tokenizer.encode(SELF_TEST_PROMPTS[0])
     config = dataclasses.replace(config, async_steps=False)
     seconds: dict[str, dict[str, float]] = {}
-    for mode in AUTO_CHOICES:
-        if len(prompt) + AUTO_PRIOR_TOKENS + cycle_positions(mode, block_length) > config.max_seq_len:
+    for mode, width in choices(block_lengths):
+        if len(prompt) + AUTO_PRIOR_TOKENS + cycle_positions(mode, width) > config.max_seq_len:
             continue
-        seconds[mode.value] = {}
+        by_size = seconds[choice_name((mode, width))] = {}
         for size in buckets(config.max_slots):
-            engine = Engine(model, config, backend=backend, block_lengths=(block_length,))
+            engine = Engine(model, config, backend=backend, block_lengths=block_lengths)
             params = SamplingParams(AUTO_PRIOR_TOKENS, ignore_eos=True)
             for _ in range(size):
-                engine.add(prompt, params, DecodeConfig(mode, block_length))
+                engine.add(prompt, params, DecodeConfig(mode, width or None))
             engine.step()  # the prefill
             steps = []
             while engine.has_work:
                 began = time.perf_counter()
                 engine.step()
                 steps.append(time.perf_counter() - began)
-            seconds[mode.value][str(size)] = statistics.median(steps)
-    return {"block_length": block_length, "seconds": seconds}
+            by_size[str(size)] = statistics.median(steps)
+    return {"seconds": seconds}
 
 
 def load_engine(engine_dir: Path, device: str | torch.device | None = None) -> BuiltEngine:

@@ -15,17 +15,18 @@ from typing import Any, TypeGuard
 import torch
 
 from trimode.builder.settings import DEVICES, BuildSettings
-from trimode.decoding.auto import CHOICES as AUTO_CHOICES
+from trimode.decoding.auto import choice_name, choices
 from trimode.errors import EngineError, InputError
 from trimode.passes import MODE_PASSES, Mode, PassKind
 from trimode.stage_output import MANIFEST, file_digest
 
 # 2: one block program per block length, with a causal input (torch backend); 3: a paged KV pool;
-# 4: a quadratic program per block length, and its mode in the self-test
-FORMAT = 4
+# 4: a quadratic program per block length, and its mode in the self-test; 5: auto's step times at every block length
+FORMAT = 5
 FORMAT_CHANGES = {
     3: "the KV cache became a pool of blocks (--kv-block-size, --kv-cache-memory)",
     4: "engines run quadratic self-speculation: a program per block length and its self-test",
+    5: "auto chooses the block length too: the build times its steps at every one",
 }
 STAGE = "build"
 # The libraries each backend's files depend on: a different version on load means a rebuild.
@@ -99,7 +100,8 @@ def read_manifest(engine_dir: Path) -> dict:
         raise EngineError(f"{engine_dir}: {what}, not an engine dir (build one with `trimode build`)")
     if manifest.get("format") != FORMAT:
         found = manifest.get("format")
-        since = f" (since format {FORMAT}, {FORMAT_CHANGES[FORMAT]})" if type(found) is int and found < FORMAT else ""
+        changes = [f"format {v}, {FORMAT_CHANGES[v]}" for v in FORMAT_CHANGES if type(found) is int and found < v]
+        since = f" (since then: {'; '.join(changes)})" if changes else ""
         raise EngineError(
             f"{engine_dir}: engine format {found!r}, this trimode reads {FORMAT}{since}; "
             f"rebuild the engine with `trimode build`"
@@ -309,14 +311,13 @@ def check_fields(engine_dir: Path, manifest: dict) -> None:
             ok=lambda v: _is_list(v, lambda row: _is_list(row, _is_token)) and len(v) == len(prompts),
             expected=f"one list of token ids per prompt ({len(prompts)})",
         )
-    if "auto" in manifest:  # engines built before auto's prior was recorded have none
-        choices = {m.value for m in AUTO_CHOICES}
-        field("auto", "block_length", ok=lambda v: v in lengths, expected=f"one of settings.block_lengths {lengths}")
+    if "auto" in manifest:  # engines built with --onnx-only have none
+        timed = {choice_name(c) for c in choices(tuple(lengths))}
         field(
             "auto",
             "seconds",
-            ok=lambda v: _is_dict(v, _is_seconds_by_size) and set(v) <= choices,
-            expected="{mode: {batch size: seconds > 0}} for ar, self-spec, quadratic",
+            ok=lambda v: _is_dict(v, _is_seconds_by_size) and set(v) <= timed,
+            expected=f"{{choice: {{batch size: seconds > 0}}}} for {', '.join(sorted(timed))}",
         )
 
 

@@ -108,7 +108,8 @@ def test_auto_switching_out_of_async_ar_emits_ar_s_tokens(trained, monkeypatch, 
     """Auto on async AR steps, made to run AR, AR, self-spec, AR, quadratic, quadratic, AR, ...: a
     switch out of AR first emits the token in flight (one that is a stop token ends the sequence
     there). The tokens, finish reasons and stream are the synchronous AR engine's at T = 0."""
-    schedule = itertools.cycle([Mode.AR, Mode.AR, Mode.SELF_SPEC, Mode.AR, Mode.QUADRATIC, Mode.QUADRATIC, Mode.AR])
+    ar, spec, quad = (Mode.AR, 0), (Mode.SELF_SPEC, 4), (Mode.QUADRATIC, 4)
+    schedule = itertools.cycle([ar, ar, spec, ar, quad, quad, ar])
     monkeypatch.setattr(AutoPolicy, "choose", lambda self, batch, now=None: next(schedule))
     config = EngineConfig(max_slots=4, max_seq_len=128)
     auto = [(Mode.AUTO, 4, 0.0, 0)] * 3
@@ -118,20 +119,20 @@ def test_auto_switching_out_of_async_ar_emits_ar_s_tokens(trained, monkeypatch, 
     got, steps = run(trained, dataclasses.replace(config, async_steps=True), auto, [0, 1, 3], stop=stop)
     assert [s.tokens for s in got] == [s.tokens for s in want]
     assert [s.finish_reason for s in got] == [s.finish_reason for s in want]
-    assert {m for s in got for m in s.stats.auto_cycles} == {"ar", "self-spec", "quadratic"}
+    assert {m for s in got for m in s.stats.auto_cycles} == {"ar", "self-spec/4", "quadratic/4"}
     assert streamed(got, steps) == [s.tokens for s in got]
 
 
 def test_auto_times_an_async_ar_step_only_when_it_waits_for_a_token_in_flight(trained, monkeypatch):
     """The first AR step after the prefill (or after another mode) only launches its pass: its time
     would flatter AR, so auto does not count it."""
-    monkeypatch.setattr(AutoPolicy, "choose", lambda self, batch, now=None: Mode.AR)
+    monkeypatch.setattr(AutoPolicy, "choose", lambda self, batch, now=None: (Mode.AR, 0))
     engine = Engine(trained.model, EngineConfig(max_slots=2, max_seq_len=128, async_steps=True))
     engine.add(trained.tokenizer.encode(TEXTS[0]), SamplingParams(8, ignore_eos=True), DecodeConfig(Mode.AUTO, 4))
     runs = []
     while engine.has_work:
         engine.step()
-        runs.append(engine.auto.runs[Mode.AR, 1, 4])
+        runs.append(engine.auto.runs[Mode.AR, 1, 0])
     assert runs == [0, 0, 1, 2, 3, 4, 5, 6, 7]  # prefill (token 1), a launch, then one wait a step
 
 

@@ -19,7 +19,7 @@ import torch
 from trimode.builder import BuildSettings, build_engine
 from trimode.builder.engine_dir import load_engine
 from trimode.cli import main
-from trimode.decoding import Engine, GenerationSettings, Mode, generate
+from trimode.decoding import Engine, EngineConfig, GenerationSettings, Mode, generate
 from trimode.errors import ConfigError, EngineError, InputError
 from trimode.passes import PassKind, quadratic_chunk
 
@@ -309,7 +309,6 @@ def test_a_quadratic_program_only_where_its_chunk_fits_max_seq_len(tiny):
     engine refuses such a request when it is added) and no quadratic self-test; block length 4's does."""
     from trimode.builder.engine_dir import self_test
     from trimode.builder.program import PassShape, pass_shapes
-    from trimode.decoding import EngineConfig
 
     assert [s.name for s in pass_shapes((8, 4), 64) if s.kind == PassKind.QUADRATIC] == ["quadratic_4"]
     assert PassShape(PassKind.QUADRATIC, 4).chunk == 20
@@ -499,20 +498,35 @@ def test_graph_buckets_and_the_switch(monkeypatch):
 
 
 def test_the_build_records_auto_s_step_times_and_an_engine_starts_from_them(built):
-    """Every mode auto chooses among, at every batch bucket up to max_batch_size, measured at the
-    build (engine_dir.auto_prior); each new engine's auto starts from them."""
+    """Every choice auto makes (AR, and self-spec and quadratic at each block length the engine runs),
+    at every batch bucket up to max_batch_size, measured at the build (engine_dir.auto_prior); each
+    new engine's auto starts from them."""
     from trimode.builder.pass_graphs import buckets
-    from trimode.decoding.auto import CHOICES
+    from trimode.decoding.auto import choice_name, choices, parse_choice
 
-    prior, width = built.manifest["auto"], built.block_lengths[0]
+    prior = built.manifest["auto"]["seconds"]
     sizes = [str(b) for b in buckets(built.config.max_slots)]
-    assert prior["block_length"] == width and set(prior["seconds"]) == {m.value for m in CHOICES}
-    assert all(list(by_size) == sizes and min(by_size.values()) > 0 for by_size in prior["seconds"].values())
+    assert set(prior) == {choice_name(c) for c in choices(built.block_lengths)}
+    assert all(list(by_size) == sizes and min(by_size.values()) > 0 for by_size in prior.values())
     auto = built.new_engine().auto
     assert auto.seconds == {}  # nothing measured here yet
-    for mode in CHOICES:
+    for name, by_size in prior.items():
         for size in sizes:
-            assert auto.step_seconds(mode, int(size), width) == prior["seconds"][mode.value][size]
+            assert auto.step_seconds(parse_choice(name), int(size)) == by_size[size]
+
+
+def test_auto_s_build_times_cover_every_block_length(tiny):
+    """An engine of block lengths 4 and 8: AR once, self-spec and quadratic at each, every bucket."""
+    from trimode.builder.engine_dir import auto_prior
+    from trimode.decoding.auto import AutoPolicy, choice_name, choices
+
+    config = EngineConfig(max_slots=2, max_seq_len=192)
+    prior = auto_prior(tiny.model, tiny.tokenizer, None, config, (4, 8))
+    assert set(prior["seconds"]) == {choice_name(c) for c in choices((4, 8))}
+    assert all(list(by_size) == ["1", "2"] for by_size in prior["seconds"].values())
+    policy = AutoPolicy({})
+    policy.seed(prior)
+    assert policy.seeded == set(choices((4, 8)))
 
 
 def test_the_kv_bytes_at_build_are_what_an_engine_allocates(built):
@@ -697,8 +711,8 @@ def tamper_before_paged_pools(d, monkeypatch):
 @pytest.mark.parametrize(
     "tamper, message",
     [
-        (tamper_before_quadratic, "since format 4, engines run quadratic self-speculation"),
-        (tamper_before_paged_pools, "engine format 2, this trimode reads 4"),
+        (tamper_before_quadratic, "quadratic self-speculation: a program per block length and its self-test; format 5"),
+        (tamper_before_paged_pools, "since then: format 3, the KV cache became a pool of blocks"),
         (tamper_edit_manifest, "manifest.json was edited after the build"),
         (tamper_swap_weights, "checkpoint/model.safetensors changed after the build"),
         (tamper_other_torch, "built with torch"),
@@ -763,7 +777,7 @@ def test_inspect_prints_the_manifest(trained_engine_dir, runner):
         f"kv cache   64 blocks of 8 positions, float32, {kv['bytes']} bytes",
         f"verify_8, quadratic_8 (4 compiled); {batch1}",
         "self-test",
-        "auto       ms per step at build, block 8: ar b1 ",
+        "auto       ms per step at build: ar b1 ",
     ):
         assert expected in text.stdout
     as_json = runner.invoke(main, ["inspect", str(trained_engine_dir), "--json"])

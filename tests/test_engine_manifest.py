@@ -96,7 +96,7 @@ EDITS = [
     (edit("self_test", "tokens", "diffusion", delete=True), "self_test.tokens"),  # only quadratic may be missing
     (edit("self_test", "block_length", value=0), "self_test.block_length"),
     (edit("model", "config", value=None), "model.config"),
-    (edit("auto", "block_length", value=3), "auto.block_length"),
+    (edit("auto", "seconds", value={"self-spec/3": {"1": 0.1}}), "auto.seconds"),  # not a built block length
     (edit("auto", "seconds", value={"beam": {"1": 0.1}}), "auto.seconds"),
     (edit("auto", "seconds", "ar", value={"one": 0.1}), "auto.seconds"),
     (edit("auto", "seconds", "ar", "1", value=-1), "auto.seconds"),
@@ -145,8 +145,8 @@ def test_a_manifest_without_the_quadratic_self_test_is_well_formed_but_must_matc
         load_engine(d)
 
 
-def test_an_engine_built_before_auto_s_step_times_were_recorded_still_loads(tiny_engine_dir, tmp_path):
-    """Without the manifest's `auto` (an older build), auto measures every mode first, as it did."""
+def test_an_engine_without_auto_s_step_times_still_loads(tiny_engine_dir, tmp_path):
+    """Without the manifest's `auto` (an --onnx-only build has none), auto measures every choice first."""
     from trimode.builder.engine_dir import load_engine
 
     d = tmp_path / "engine"

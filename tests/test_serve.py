@@ -273,7 +273,7 @@ def test_auto_counts_the_cycles_of_each_mode(server):
         2 <= cycles <= sum(g["num_output_tokens"] for g in got)
     )  # each cycle emits >= 1 token, the first is the prefill's
     assert all(
-        k.split('ran="')[1].split('"')[0] in ("ar", "self-spec", "quadratic")
+        k.split('ran="')[1].split('"')[0] in ("ar", f"self-spec/{BLOCK}", f"quadratic/{BLOCK}")
         for k in after
         if k.startswith("trimode_auto_cycles_total")
     )

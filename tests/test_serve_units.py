@@ -275,7 +275,7 @@ def arrays(**values) -> dict:
 def test_parse_request_refuses(values, message):
     a = arrays(**values)
     with pytest.raises(InputError, match=message.replace("(", r"\(")):
-        parse_requests(a.get, vocab_size=100, default_block_length=4, is_decoupled="stream" not in values)
+        parse_requests(a.get, vocab_size=100, is_decoupled="stream" not in values)
 
 
 def test_parse_request_honours():
@@ -290,18 +290,18 @@ def test_parse_request_honours():
         block_length=8,
         threshold=0.5,
     )
-    (r,) = parse_requests(a.get, vocab_size=100, default_block_length=4)
+    (r,) = parse_requests(a.get, vocab_size=100)
     assert r.prompt == [1, 2, 3] and r.is_stream and not r.prepend_prompt
     assert r.sampling.temperature == 0.0 and r.sampling.seed == 9 and r.sampling.ignore_eos  # top_k 1: greedy
     assert r.decoding.block_length == 8 and r.decoding.threshold == 0.5
-    assert parse_requests(arrays(seed=9).get, 100, 4)[0].sampling.seed == 9  # the current name
-    assert parse_requests(arrays(return_log_probs=True).get, 100, 4)[0].sampling.logprobs == 0
-    assert parse_requests(arrays(num_top_log_probs=3).get, 100, 4)[0].sampling.logprobs == 3
-    assert parse_requests(arrays().get, 100, 4)[0].sampling.logprobs is None
+    assert parse_requests(arrays(seed=9).get, 100)[0].sampling.seed == 9  # the current name
+    assert parse_requests(arrays(return_log_probs=True).get, 100)[0].sampling.logprobs == 0
+    assert parse_requests(arrays(num_top_log_probs=3).get, 100)[0].sampling.logprobs == 3
+    assert parse_requests(arrays().get, 100)[0].sampling.logprobs is None
     a = arrays(exclude_input_in_output=False)
-    assert parse_requests(a.get, 100, 4)[0].prepend_prompt
+    assert parse_requests(a.get, 100)[0].prepend_prompt
     with pytest.raises(InputError, match="required"):
-        parse_requests({k: v for k, v in arrays().items() if k != "max_tokens"}.get, 100, 4)
+        parse_requests({k: v for k, v in arrays().items() if k != "max_tokens"}.get, 100)
 
 
 def test_parse_request_rows():
@@ -313,16 +313,16 @@ def test_parse_request_rows():
     a["mode"] = np.array([[b"ar"], [b"ar"]], np.object_)
     a["temperature"] = np.array([[0.5], [0.0]], np.float32)
     a["stop_ids"] = np.array([[7, -1], [8, 9]], np.int32)
-    rows = parse_requests(a.get, 100, 4)
+    rows = parse_requests(a.get, 100)
     assert [r.prompt for r in rows] == [[1, 2, 3], [4, 5]] and [r.batch_index for r in rows] == [0, 1]
     assert [r.sampling.temperature for r in rows] == [0.5, 0.0]
     assert [r.sampling.max_new_tokens for r in rows] == [4, 4]
     assert [r.sampling.stop_token_ids for r in rows] == [(7,), (8, 9)]
     with pytest.raises(InputError, match="needs a streaming repository"):
-        parse_requests(a.get, 100, 4, is_decoupled=False)
+        parse_requests(a.get, 100, is_decoupled=False)
     a["max_tokens"] = np.array([[1], [2], [3]], np.int32)
     with pytest.raises(InputError, match="3 rows for a request of 2 prompts"):
-        parse_requests(a.get, 100, 4)
+        parse_requests(a.get, 100)
 
 
 def test_streamed_text_concatenates_to_the_whole(tiny):

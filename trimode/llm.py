@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -239,8 +239,6 @@ class LLM:
                     "prefill_chunk: an engine dir fixes its prefill chunk at build time "
                     f"({self.built.config.prefill_chunk}); leave it None"
                 )
-            if params.block_length is None:
-                params = replace(params, block_length=self.built.default_block_length)
         settings = params.to_settings()
         encoded = [self.tokenizer.encode(p) for p in prompts]
         engine = self.built.new_engine() if self.built else engine_for(self.checkpoint.model, encoded, settings)

@@ -161,7 +161,6 @@ class TritonPythonModel:
         if self.built.manifest["digest_sha256"] != params.get("engine_digest", self.built.manifest["digest_sha256"]):
             raise EngineError(f"{engine_dir} was rebuilt after this repository was written; rerun `trimode repo`")
         self.vocab_size = self.built.checkpoint.spec.vocab_size
-        self.default_block_length = self.built.default_block_length
         self.is_decoupled = bool(config.get("model_transaction_policy", {}).get("decoupled"))
         engine = self.built.new_engine()
         pool = engine.runner.cache
@@ -196,7 +195,6 @@ class TritonPythonModel:
                 rows = parse_requests(
                     lambda name: None if arrays[name] is None else arrays[name].as_numpy(),
                     self.vocab_size,
-                    self.default_block_length,
                     self.is_decoupled,
                 )
             except TrimodeError as e:

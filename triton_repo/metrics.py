@@ -8,7 +8,7 @@
     trimode_forward_passes_total{mode}           per request: a batched pass counts once per request in it
     trimode_accepted_tokens_total{mode}          self-spec: drafted tokens accepted and emitted
     trimode_speculation_cycles_total{mode}       self-spec: draft + verify cycles
-    trimode_auto_cycles_total{ran}               auto: the cycles it ran in each mode (ar, self-spec, quadratic)
+    trimode_auto_cycles_total{ran}               auto: the cycles it ran of each choice (ar, self-spec/8, quadratic/4, ..)
     trimode_batch_occupancy{mode}                sequences holding a slot at the last step (mode="all": the pool)
     trimode_batch_occupancy_max{mode}            the most at any step since the server started
     trimode_kv_slots                             the engine's slots: sequences that can hold KV at once
@@ -55,7 +55,7 @@ _COUNTERS = {
     "trimode_forward_passes_total": "Forward passes, counted per request",
     "trimode_accepted_tokens_total": "Self-speculation: drafted tokens accepted and emitted",
     "trimode_speculation_cycles_total": "Self-speculation: draft + verify cycles",
-    "trimode_auto_cycles_total": "auto: cycles run in each mode",
+    "trimode_auto_cycles_total": "auto: cycles run of each choice (mode/block length)",
     "trimode_preemptions_total": "Sequences preempted when the KV pool ran out of blocks",
     "trimode_prefix_cache_queried_tokens_total": "Prefill tokens looked up in the prefix cache",
     "trimode_prefix_cache_hit_tokens_total": "Prefill tokens found in the prefix cache (not computed)",

@@ -53,12 +53,11 @@ _ALIASES = {"seed": "random_seed", "min_tokens": "min_length"}
 def parse_requests(
     get: Callable[[str], np.ndarray | None],
     vocab_size: int,
-    default_block_length: int | None = None,
     is_decoupled: bool = True,
 ) -> list[Request]:
     """get(name) -> the input's array (batch first) or None when the client left it out; -> one Request
     per prompt (row) of the request, each input's row b (an input with one row applies to every prompt).
-    default_block_length: when block_length is left out (None: the checkpoint's block_size)."""
+    A block_length left out stays None: the engine runs its default (auto: any it runs)."""
     prompt = get("input_ids")
     if prompt is None or get("mode") is None:
         raise InputError("input_ids and mode: required (the preprocessing step writes them)")
@@ -72,7 +71,7 @@ def parse_requests(
     for name, alias in _ALIASES.items():
         if get(name) is not None and get(alias) is not None:
             raise InputError(f"{name} and {alias}: the same input under its current and its older name; send one")
-    return [_parse_row(get, b, num_rows, vocab_size, default_block_length, is_decoupled) for b in range(num_rows)]
+    return [_parse_row(get, b, num_rows, vocab_size, is_decoupled) for b in range(num_rows)]
 
 
 def _parse_row(
@@ -80,7 +79,6 @@ def _parse_row(
     row: int,
     num_rows: int,
     vocab_size: int,
-    default_block_length: int | None,
     is_decoupled: bool,
 ) -> Request:
     def array(name: str) -> np.ndarray | None:
@@ -177,7 +175,7 @@ def _parse_row(
         raise InputError("mode: expected ar, diffusion or self-spec") from None
     decoding = DecodeConfig(
         mode=mode_name,
-        block_length=value("block_length", int, default_block_length),
+        block_length=value("block_length", int),
         threshold=threshold,
     )
     return Request(

@@ -82,10 +82,12 @@ class Variant:
 
 
 def variants(settings: BenchSettings, default_block_length: int | None) -> list[Variant]:
+    """Each mode at each block length asked for (none asked: the target's default); AR has none, and
+    auto is called as a client calls it, naming none: it chooses among the engine's."""
     out = []
     for mode in (Mode(m) for m in settings.modes):
         lengths = settings.block_lengths or (default_block_length,)
-        out += [Variant(mode, None)] if mode is Mode.AR else [Variant(mode, L) for L in lengths]
+        out += [Variant(mode, None)] if mode in (Mode.AR, Mode.AUTO) else [Variant(mode, L) for L in lengths]
     return out
 
 

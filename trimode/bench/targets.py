@@ -147,7 +147,7 @@ class EngineTarget:
         request = Request(
             prompt,
             SamplingParams(ask.max_tokens, ignore_eos=ask.ignore_eos),
-            DecodeConfig(ask.mode, ask.block_length or self.default_block_length),
+            DecodeConfig(ask.mode, ask.block_length),
             is_stream=True,
             prepend_prompt=False,
         )

@@ -95,8 +95,9 @@ def _host_port(ctx, param, value: str | None) -> str | None:
     "block_lengths",
     type=IntList(),
     default=None,
-    help="Block lengths for every mode but ar, comma-separated: each is its own line "
-    "[default: the engine's default block length].",
+    help="Block lengths for every mode but ar and auto, comma-separated: each is its own line "
+    "[default: the engine's default block length]. auto is called naming none, as a client calls it: "
+    "it chooses among the engine's.",
 )
 @click.option(
     "--prompts",

@@ -201,7 +201,7 @@ def describe_auto(m: dict) -> str | None:
         f"{mode} " + ", ".join(f"b{size} {seconds * 1e3:.2f}" for size, seconds in by_size.items())
         for mode, by_size in m["auto"]["seconds"].items()
     )
-    return f"ms per step at build, block {m['auto']['block_length']}: {times}"
+    return f"ms per step at build: {times}"
 
 
 def format_manifest(m: dict) -> str:

@@ -107,7 +107,10 @@ class Engine:
         if min(prompt) < 0 or max(prompt) >= spec.vocab_size:
             raise InputError(f"prompt token ids must lie in [0, {spec.vocab_size})")
         block_length = resolve_block_length(spec, decoding, params, self.block_lengths)
-        cycle = cycle_positions(decoding.mode, block_length)
+        widths = self._auto_widths(decoding, block_length, len(prompt) + params.max_new_tokens, params.max_new_tokens)
+        if widths and block_length not in widths:
+            block_length = max(widths)
+        cycle = max(cycle_positions(decoding.mode, w) for w in widths or (block_length,))
         needed = len(prompt) + params.max_new_tokens + cycle
         if needed > self.config.max_seq_len:
             raise InputError(
@@ -117,9 +120,24 @@ class Engine:
             )
         check_positions(spec, len(prompt), params.max_new_tokens)
         eos_ids = frozenset(() if params.ignore_eos else (*spec.eos_token_ids, *params.stop_token_ids))
-        seq = Sequence(next(self._ids), list(prompt), params, decoding, block_length, eos_ids)
+        seq = Sequence(next(self._ids), list(prompt), params, decoding, block_length, eos_ids, widths=widths)
         self.waiting.append(seq)
         return seq
+
+    def _auto_widths(self, decoding: DecodeConfig, block_length: int, length: int, room: int) -> tuple[int, ...]:
+        """The block lengths auto may run a sequence at (none: not auto): the one its request named;
+        else every one this engine runs that is no longer than what it may emit (room) and whose
+        quadratic cycle fits max_seq_len after its length, or else its default (add refuses what never fits)."""
+        if decoding.mode is not Mode.AUTO:
+            return ()
+        if decoding.block_length is not None or self.block_lengths is None:
+            return (block_length,)
+        fits = [
+            w
+            for w in sorted(self.block_lengths)
+            if w <= room and length + cycle_positions(Mode.AUTO, w) <= self.config.max_seq_len
+        ]
+        return tuple(fits) or (block_length,)
 
     def abort(self, seq_id: int) -> bool:
         """End a waiting or running sequence now (finish_reason "abort"); False if it is not live."""
@@ -134,9 +152,9 @@ class Engine:
         """One scheduling step -> the tokens each sequence emitted in it (absent: none)."""
         cycling = [s for s in self.running if s.status is Status.RUNNING]
         for group in _groups([s for s in cycling if s.decoding.mode is Mode.AUTO]):
-            mode = self.auto.choose(Batch(self.runner, group))  # first: its cycle sets the blocks to grow
+            choice = self.auto.choose(Batch(self.runner, group))  # first: its cycle sets the blocks to grow
             for seq in group:
-                seq.auto_mode = mode
+                seq.auto_choice = choice
         self._settled = {}  # the pending tokens of sequences preempted now (async AR)
         cycling = self._grow(cycling)
         self._admit()
@@ -174,12 +192,11 @@ class Engine:
         return [s for s in cycling if s in self.running]
 
     def _cycle_positions(self, seq: Sequence) -> int:
-        """Positions past its length its next cycle writes; auto's: of the mode chosen for it this step,
-        or at admission of the mode auto ran last (a cycle that needs more grows then)."""
-        mode = seq.decoding.mode
-        if mode is Mode.AUTO:
-            mode = seq.auto_mode or self.auto.last_mode(seq.block_length)
-        return cycle_positions(mode, seq.block_length)
+        """Positions past its length its next cycle writes; auto's: of the choice made for it this step,
+        or at admission of the choice auto ran last (a cycle that needs more grows then)."""
+        if seq.decoding.mode is Mode.AUTO:
+            return cycle_positions(*(seq.auto_choice or self.auto.last_choice(seq.widths)))
+        return cycle_positions(seq.decoding.mode, seq.block_length)
 
     def _admit(self) -> None:
         """Seats and blocks in arrival order (a sequence that does not fit yet waits, and so do those behind it)."""
@@ -210,7 +227,7 @@ class Engine:
         self._key_full_blocks(seq)  # findable when it resumes
         self._free_kv(seq)
         self.running.remove(seq)
-        seq.status, seq.slot, seq.num_prefilled, seq.auto_mode = Status.WAITING, None, 0, None
+        seq.status, seq.slot, seq.num_prefilled, seq.auto_choice = Status.WAITING, None, 0, None
         seq.stats.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
@@ -254,21 +271,22 @@ def use_async_steps(config: EngineConfig, device: torch.device) -> bool:
 
 
 def _groups(seqs: list[Sequence]) -> list[list[Sequence]]:
-    """Sequences one policy step runs together: same mode, block length and threshold; in ascending
-    slots (contiguous rows need no gather)."""
+    """Sequences one policy step runs together: same mode, block length (auto: the same widths, of which
+    it chooses one for them all) and threshold; in ascending slots (contiguous rows need no gather)."""
     groups: dict[tuple, list[Sequence]] = {}
     for seq in seqs:
-        groups.setdefault((seq.decoding.mode, seq.block_length, seq.decoding.commit_threshold), []).append(seq)
+        width = seq.widths if seq.decoding.mode is Mode.AUTO else seq.block_length
+        groups.setdefault((seq.decoding.mode, width, seq.decoding.commit_threshold), []).append(seq)
     return [sorted(group, key=lambda s: s.held_slot) for group in groups.values()]
 
 
 def resolve_block_length(
     spec, decoding: DecodeConfig, params: SamplingParams, allowed: tuple[int, ...] | None = None
 ) -> int:
-    """The checkpoint's block_size unless asked otherwise, and never longer than what the sequence
-    may emit (a longer block would run passes for tokens nobody may emit), unless that shorter
-    block is not among the `allowed` lengths a built engine runs."""
-    block_length = decoding.block_length or spec.block_size
+    """The engine's default (default_block_length) unless asked otherwise, and never longer than what
+    the sequence may emit (a longer block would run passes for tokens nobody may emit), unless that
+    shorter block is not among the `allowed` lengths a built engine runs."""
+    block_length = decoding.block_length or default_block_length(spec, allowed)
     if allowed is not None and decoding.mode is not Mode.AR and block_length not in allowed:
         raise InputError(
             f"block length {block_length}: this engine was built for block lengths "
@@ -276,6 +294,12 @@ def resolve_block_length(
         )
     capped = min(block_length, params.max_new_tokens)
     return capped if allowed is None or capped in allowed or decoding.mode is Mode.AR else block_length
+
+
+def default_block_length(spec, allowed: tuple[int, ...] | None) -> int:
+    """What a request that names no block length runs: the checkpoint's block_size where the engine
+    runs it (an eager one runs any), else the first length it was built for."""
+    return spec.block_size if allowed is None or spec.block_size in allowed else allowed[0]
 
 
 def check_positions(spec, prompt_len: int, max_new_tokens: int) -> None:

@@ -34,7 +34,7 @@ class SequenceStats:
     accepted_lengths: list[int] = field(default_factory=list)  # self-speculation, per cycle
     num_preemptions: int = 0  # times its blocks were taken back and its prefix recomputed
     num_cached_tokens: int = 0  # prefill tokens found in the prefix cache instead of computed
-    auto_cycles: Counter = field(default_factory=Counter)  # mode auto: the cycles run in each mode, by value
+    auto_cycles: Counter = field(default_factory=Counter)  # mode auto: the cycles run of each choice, by name
 
     @property
     def num_passes(self) -> int:
@@ -68,7 +68,7 @@ class Sequence:
     prompt: list[int]
     params: SamplingParams
     decoding: DecodeConfig
-    block_length: int  # resolved: decoding.block_length or the checkpoint's
+    block_length: int  # resolved: decoding.block_length or the engine's default; auto: the width it ran last
     eos_ids: frozenset[int]  # the checkpoint's EOS ids and params.stop_token_ids
     status: Status = Status.WAITING
     slot: int | None = None
@@ -76,8 +76,9 @@ class Sequence:
     kv: BlockState = field(default_factory=BlockState)  # its KV blocks (blocks.py)
     next_token: int | None = None  # emitted, not yet cached: the next pass's first token
     drafts: list[int] | None = None  # quadratic self-spec: the next cycle's drafts (None: not drafted yet)
-    acceptance: dict = field(default_factory=dict)  # auto: running mean tokens per cycle, by Mode (auto.py)
-    auto_mode: Mode | None = None  # auto: the mode its next cycle runs, chosen before the engine grows its blocks
+    widths: tuple[int, ...] = ()  # auto: the block lengths it may run (one where the request named it)
+    acceptance: dict = field(default_factory=dict)  # auto: running mean tokens per cycle, by choice (auto.py)
+    auto_choice: tuple[Mode, int] | None = None  # auto: what its next cycle runs, chosen before its blocks grow
     pending: tuple | None = None  # async AR (ar.py): (InFlight, row), its next token, picked, not on the host yet
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)  # params.logprobs set: one per token
