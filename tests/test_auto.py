@@ -19,6 +19,7 @@ from trimode.decoding import (
 from trimode.decoding.auto import (
     ALPHA,
     AR,
+    EXPLORE_AGREEMENT,
     EXPLORE_RATIO,
     EXPLORE_SHARE,
     POOLED_ALPHA,
@@ -28,6 +29,8 @@ from trimode.decoding.auto import (
     TRUSTED_SAMPLES,
     WARMUP_RUNS,
     AutoPolicy,
+    agreement,
+    block_acceptance,
     choice_name,
     choices,
     parse_choice,
@@ -119,6 +122,45 @@ def test_it_chooses_the_block_length_of_the_highest_rate(tiny):
         seq.acceptance = {(Mode.SELF_SPEC, 8): 6.0}
     policy.stints.clear()
     assert policy.choose(batch, NOW) == (Mode.SELF_SPEC, 8)
+
+
+def test_of_the_choices_due_a_visit_the_most_promising_goes_first(tiny):
+    """AR 2 / 1 ms; nothing else run for ages, nothing known of its acceptance (a block of 2 gives
+    1.5 a cycle, of 8 about 2: EXPLORE_AGREEMENT a draft token). Self-spec/2 (2 x 1.5 / 2 ms) is within
+    EXPLORE_RATIO of AR; self-spec/8 would beat AR accepting HOPED_SHARE of its block (2 x 4 / 3 ms):
+    it goes first, though `choices` lists /2 first. Once /8 has its samples and they say 1.2 (a draft
+    token taken 17% of the time), /2 is estimated at 1.17 a cycle, below EXPLORE_RATIO: AR stays."""
+    engine = Engine(tiny.model, EngineConfig(max_slots=2, max_seq_len=192), block_lengths=(2, 8))
+    settings = GenerationSettings(mode=Mode.AUTO)
+    seqs = [engine.add(p, settings.sampling, settings.decoding) for p in prompts_of(tiny)[:2]]
+    engine.step()  # prefill
+    batch = Batch(engine.runner, seqs)
+    policy = AutoPolicy({})
+    measured = {AR: 1e-3, (Mode.SELF_SPEC, 2): 2e-3, (Mode.QUADRATIC, 2): 2.5e-3}
+    measured |= {(Mode.SELF_SPEC, 8): 3e-3, (Mode.QUADRATIC, 8): 6e-3}
+    for (mode, width), seconds in measured.items():
+        policy.seconds[mode, 2, width], policy.runs[mode, 2, width] = seconds, WARMUP_RUNS
+        policy.last_run[mode, width] = NOW if mode is Mode.AR else NOW - 1e6
+    assert policy.pooled_acceptance((Mode.SELF_SPEC, 2)) == 1.5
+    assert policy.pooled_acceptance((Mode.QUADRATIC, 8)) == pytest.approx(2, abs=0.01)
+    assert policy.choose(batch, NOW) == (Mode.SELF_SPEC, 8)
+    policy.stints.clear()
+    policy.acceptance[Mode.SELF_SPEC, 8], policy.samples[Mode.SELF_SPEC, 8] = 1.2, TRUSTED_SAMPLES
+    assert policy.choose(batch, NOW) == AR
+    assert policy.pooled_acceptance((Mode.SELF_SPEC, 2)) == pytest.approx(1.17, abs=0.01)
+
+
+def test_a_block_length_not_run_yet_is_estimated_from_its_mode_s_at_another():
+    """Self-spec/4 accepting 3.6 a cycle is a draft token taken 93% of the time: 6.3 at 8, 1.93 at 2.
+    Quadratic, not run at any length, is assumed EXPLORE_AGREEMENT a token."""
+    policy = AutoPolicy({})
+    policy.acceptance[Mode.SELF_SPEC, 4] = 3.6
+    p = agreement(3.6, 4)
+    assert block_acceptance(p, 4) == pytest.approx(3.6, abs=1e-4) and p == pytest.approx(0.93, abs=0.005)
+    assert policy.pooled_acceptance((Mode.SELF_SPEC, 8)) == pytest.approx(block_acceptance(p, 8))
+    assert 6.2 < block_acceptance(p, 8) < 6.4 and policy.pooled_acceptance((Mode.SELF_SPEC, 4)) == 3.6
+    assert policy.pooled_acceptance((Mode.QUADRATIC, 8)) == block_acceptance(EXPLORE_AGREEMENT, 8)
+    assert block_acceptance(agreement(8.0, 8), 16) > 15  # a whole block accepted: about the whole of one twice as long
 
 
 def test_choice_names_are_the_bench_s_variant_names():

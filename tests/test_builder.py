@@ -515,13 +515,23 @@ def test_the_build_records_auto_s_step_times_and_an_engine_starts_from_them(buil
             assert auto.step_seconds(parse_choice(name), int(size)) == by_size[size]
 
 
-def test_auto_s_build_times_cover_every_block_length(tiny):
-    """An engine of block lengths 4 and 8: AR once, self-spec and quadratic at each, every bucket."""
-    from trimode.builder.engine_dir import auto_prior
+def test_auto_s_build_times_cover_every_block_length(tiny, monkeypatch):
+    """An engine of block lengths 4 and 8: AR once, self-spec and quadratic at each, every bucket;
+    timed on the threads an engine serves with, whatever the build's."""
+    from trimode.builder import engine_dir
     from trimode.decoding.auto import AutoPolicy, choice_name, choices
+    from trimode.triton_repo.settings import DEFAULT_ENGINE_THREADS
 
     config = EngineConfig(max_slots=2, max_seq_len=192)
-    prior = auto_prior(tiny.model, tiny.tokenizer, None, config, (4, 8))
+    timed, threads = engine_dir._step_seconds, torch.get_num_threads()
+    seen = []
+    monkeypatch.setattr(engine_dir, "_step_seconds", lambda *a: seen.append(torch.get_num_threads()) or timed(*a))
+    torch.set_num_threads(DEFAULT_ENGINE_THREADS + 1)
+    try:
+        prior = engine_dir.auto_prior(tiny.model, tiny.tokenizer, None, config, (4, 8))
+        assert seen == [DEFAULT_ENGINE_THREADS] and torch.get_num_threads() == DEFAULT_ENGINE_THREADS + 1
+    finally:
+        torch.set_num_threads(threads)
     assert set(prior["seconds"]) == {choice_name(c) for c in choices((4, 8))}
     assert all(list(by_size) == ["1", "2"] for by_size in prior["seconds"].values())
     policy = AutoPolicy({})

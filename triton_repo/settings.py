@@ -82,7 +82,8 @@ class RepoSettings:
 # every other OpenMP pool in the server gets OMP_NUM_THREADS=1 (server.py). With torch's default (all
 # cores) beside the loop thread and the other stubs, served AR ran 2.2x slower than at one thread on a
 # 2-core Intel Xeon (issue 25); on the 2-core AMD EPYC: docs/performance.md. GPU engines spend their
-# host threads on the step, not the passes.
+# host threads on the step, not the passes. `trimode bench --engine` runs its engine so, and the build
+# times auto's steps so (builder/engine_dir.auto_prior).
 DEFAULT_ENGINE_THREADS = 1
 
 TRTLLM_ENSEMBLE = "ensemble"  # the model name TensorRT-LLM's ensemble has, and its clients call

@@ -230,7 +230,9 @@ def bench(
         concurrency = concurrency or tuple(c for c in DEFAULT_CONCURRENCY if c <= slots)
         import torch
 
-        torch.set_num_threads(threads or 1)
+        from trimode.triton_repo.settings import DEFAULT_ENGINE_THREADS
+
+        torch.set_num_threads(threads or DEFAULT_ENGINE_THREADS)
         target: Target = EngineTarget(engine_dir)
     elif url:
         target = TritonTarget(url, protocol, prefix, metrics_url=metrics_url)

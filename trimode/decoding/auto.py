@@ -26,11 +26,14 @@ best:
   an idle server or a prefill now and then makes a gap of any length). In `trimode bench` at c=1 it
   was 0.16 ms a step, 12% of an AR step and 2% of a self-spec one.
 - Tokens per cycle: each sequence's running mean for that choice (AR: 1). It starts from the mean
-  over every sequence so far (none yet: EXPLORE_PRIOR), so one lucky cycle does not send a batch
+  over every sequence so far, so one lucky cycle does not send a batch
   to a slower choice. That pooled mean is harmonic, tokens over cycles (visits between AR steps meet
   a request that accepts 8 a cycle as often as one that accepts 2, which takes 4x the cycles), and
   slow (POOLED_ALPHA): requests differ 4x in acceptance. Each block length has its own: a block
-  of 4 accepts at most 4, and a request that accepts 7 of 8 runs 8 best.
+  of 4 accepts at most 4, and a request that accepts 7 of 8 runs 8 best. A choice nobody has run yet
+  takes its mode's at the nearest block length that ran, as the same chance per draft token
+  (`agreement`: 3.6 of 4 says 6.3 of 8; on CPU, self-spec/4 at 3.6 ran 1.2x AR and kept self-spec/8,
+  which ran 1.6x, from a visit); none ran: EXPLORE_AGREEMENT a token (1.5 at block 2, 2 at 8).
 - Switching costs what the first RUN_CYCLES - 1 cycles after it take beyond the choice's time,
   measured at each switch (the CPU figures above; about nothing on a GPU). A switch to a faster choice
   is made only if it is SWITCH_GAIN faster (so a batch does not flap between two of equal
@@ -51,8 +54,10 @@ best:
   best's. (On CPU a quadratic step at batch 8 took 17x an AR step: re-measuring it every 64 steps
   cost auto a quarter of its speed.) A choice with fewer than TRUSTED_SAMPLES acceptance samples is
   also visited if it would beat the best accepting HOPED_SHARE of each block: a build time says how
-  long a step takes, not how many tokens it gives, and EXPLORE_PRIOR alone would keep a choice that
-  runs 1.2x AR on these requests from ever running.
+  long a step takes, not how many tokens it gives, and the prior alone would keep a choice that
+  runs 1.2x AR on these requests from ever running. Of the choices due a visit, the one of the highest
+  rate, hoped or estimated, goes first (in the order of `choices`, a self-spec/2 and a quadratic/2
+  that could not win went before a self-spec/8 that ran 1.6x AR, and cost auto a third at c=1).
 At temperature > 0 every mode samples the same distribution, but which mode ran depends on
 timing: a seed does not reproduce a sampled text.
 """
@@ -82,7 +87,7 @@ RUN_CYCLES = 8  # cycles of a choice in a row before its step is timed, where it
 SWITCH_GAIN = 1.05
 GAPS = 32  # the gaps between steps whose median is each step's time outside auto (module doc)
 RECHOOSE_CYCLES = 16  # AR cycles of the same sequences before the choice is made again
-EXPLORE_PRIOR = 2.0  # tokens per cycle assumed for a speculative choice nobody has run yet (at most its block)
+EXPLORE_AGREEMENT = 0.5  # a choice nobody has run yet: each draft token assumed accepted this often (module doc)
 TRUSTED_SAMPLES = 8  # cycles before a choice's acceptance may keep it from being re-measured
 HOPED_SHARE = 0.5  # of a block, what a choice short of TRUSTED_SAMPLES may accept, if worth measuring
 
@@ -217,12 +222,13 @@ class AutoPolicy:
         if stint.left is not None:  # a visit is over (module doc)
             left, stint.left = stint.left, None
             return current if rates[current] >= SWITCH_GAIN * rates[left] else left
-        for c in options:  # then refresh what was not run for a while, if it might be the best
-            visit = seconds[c] * self.visit_cycles(c, b) + self.round_trip(current, c)
-            stale = c != current and now - self.last_run[c] > visit / EXPLORE_SHARE
-            if stale and self.may_win(c, b, rates, best, seconds):
-                self.visiting[widths] = (current, c)
-                return c
+        hoped = {c: self.hoped_rate(c, b, seconds) for c in options}
+        due = [c for c in options if c != current and self.is_stale(c, current, b, now, seconds)]
+        due = [c for c in due if rates[c] >= EXPLORE_RATIO * rates[best] or hoped[c] > rates[best]]
+        if due:  # refresh what was not run for a while, if it might be the best: the most promising first
+            visit = max(due, key=lambda c: max(rates[c], hoped[c]))
+            self.visiting[widths] = (current, visit)
+            return visit
         if rates[best] < SWITCH_GAIN * rates[current]:
             return current
         owed = sum(s.room for s in batch.seqs)  # tokens, at most
@@ -256,18 +262,20 @@ class AutoPolicy:
         """Whether step_seconds has a time of this choice to estimate from."""
         return any((m, w) == choice for m, _, w in (*self.seconds, *self.prior))
 
-    def may_win(self, choice: Choice, b: int, rates: dict, best: Choice, seconds: dict) -> bool:
-        """Worth re-measuring: estimated within EXPLORE_RATIO of the best's rate, or, while fewer than
-        TRUSTED_SAMPLES cycles of it have given an acceptance here (a build time says how long a step
-        takes, not how many tokens it gives; a request's first cycles may accept little), faster than
-        the best accepting HOPED_SHARE of each block (on CPU, every draft accepted kept a quadratic
-        step of 8 ms worth measuring against a 1 ms AR one: 3-6% of a short bench)."""
-        if rates[choice] >= EXPLORE_RATIO * rates[best]:
-            return True
-        if choice == AR:  # it gives one token a sequence: its rate is known
-            return False
-        hoped = b * choice[1] * HOPED_SHARE / seconds[choice]
-        return self.samples[choice] < TRUSTED_SAMPLES and hoped > rates[best]
+    def is_stale(self, choice: Choice, current: Choice, b: int, now: float, seconds: dict) -> bool:
+        """Not run for so long that one visit, round trip included, costs EXPLORE_SHARE of the time since."""
+        visit = seconds[choice] * self.visit_cycles(choice, b) + self.round_trip(current, choice)
+        return now - self.last_run[choice] > visit / EXPLORE_SHARE
+
+    def hoped_rate(self, choice: Choice, b: int, seconds: dict) -> float:
+        """The rate of a choice with fewer than TRUSTED_SAMPLES cycles of acceptance here (0 for others),
+        accepting HOPED_SHARE of each block: a build time says how long a step takes, not how many
+        tokens it gives, and a request's first cycles may accept little (on CPU, every draft accepted
+        kept a quadratic step of 8 ms worth measuring against a 1 ms AR one: 3-6% of a short bench).
+        AR gives one token a sequence: its rate is known."""
+        if choice == AR or self.samples[choice] >= TRUSTED_SAMPLES:
+            return 0.0
+        return b * choice[1] * HOPED_SHARE / seconds[choice]
 
     def last_choice(self, widths: tuple[int, ...]) -> Choice:
         """The choice run last at these widths (before any: quadratic at the longest, which writes the most)."""
@@ -277,8 +285,20 @@ class AutoPolicy:
         """Expected tokens of one step of choice over this batch (its rate: this / step_seconds)."""
         if choice == AR:
             return float(len(batch))
-        mean = self.acceptance.get(choice, min(EXPLORE_PRIOR, choice[1]))  # a sequence's own comes first
+        mean = self.pooled_acceptance(choice)  # a sequence's own comes first
         return sum(s.acceptance.get(choice, mean) for s in batch.seqs)
+
+    def pooled_acceptance(self, choice: Choice) -> float:
+        """Tokens per cycle over every sequence; of a choice not run yet, from its mode's at the nearest
+        block length that ran, as the same agreement per draft token (module doc)."""
+        if choice in self.acceptance:
+            return self.acceptance[choice]
+        mode, width = choice
+        ran = [w for m, w in self.acceptance if m is mode]
+        if not ran:
+            return block_acceptance(EXPLORE_AGREEMENT, width)
+        near = min(ran, key=lambda w: (abs(w - width), w))
+        return block_acceptance(agreement(self.acceptance[mode, near], near), width)
 
     def step_seconds(self, choice: Choice, b: int) -> float:
         """Measured at batch size b; else the build's time there, scaled as AR's time here is to AR's at
@@ -355,6 +375,21 @@ class AutoPolicy:
             self.samples[choice] += 1
             inverse = 1 / self.acceptance[choice] if choice in self.acceptance else None
             self.acceptance[choice] = 1 / _mean(inverse, 1 / n, self.samples[choice], POOLED_ALPHA)
+
+
+def block_acceptance(p: float, width: int) -> float:
+    """Tokens per cycle of a block of width whose draft tokens are each taken with probability p until
+    the first that is not (the verifier's token there, or after the last, counted): 1 + p + .. + p^(W-1)."""
+    return (1 - p**width) / (1 - p)
+
+
+def agreement(accepted: float, width: int) -> float:
+    """The p for which block_acceptance(p, width) is accepted (bisection; a whole block: 0.999)."""
+    low, high = 0.0, 0.999
+    for _ in range(20):
+        mid = (low + high) / 2
+        low, high = (mid, high) if block_acceptance(mid, width) < accepted else (low, mid)
+    return low
 
 
 def _mean(old: float | None, new: float, count: int = 0, alpha: float = ALPHA) -> float:
