@@ -103,14 +103,20 @@ def test_a_width_switch_drops_the_drafts_of_the_other_width(trained, monkeypatch
     assert tokens_of([seq]) == tokens_of(run(trained, Mode.AR, prompt, ignore_eos=True, max_new_tokens=30))
 
 
+def _batch_free_to_choose(ck, block_lengths: tuple[int, ...]) -> Batch:
+    """Two prefilled auto sequences that name no block length, on an engine of these block lengths."""
+    engine = Engine(ck.model, EngineConfig(max_slots=2, max_seq_len=192), block_lengths=block_lengths)
+    settings = GenerationSettings(mode=Mode.AUTO)
+    seqs = [engine.add(p, settings.sampling, settings.decoding) for p in prompts_of(ck)[:2]]
+    engine.step()  # prefill
+    assert {s.widths for s in seqs} == {block_lengths}
+    return Batch(engine.runner, seqs)
+
+
 def test_it_chooses_the_block_length_of_the_highest_rate(tiny):
     """Self-spec at 4 (2 x 2.5 tokens / 2 ms) beats AR (2 / 1 ms), self-spec at 8 (2 x 3 / 3 ms) and
     quadratic at either; these sequences' own acceptance at 8 (6 a cycle) makes 8 the best for them."""
-    engine = Engine(tiny.model, EngineConfig(max_slots=2, max_seq_len=192), block_lengths=(4, 8))
-    settings = GenerationSettings(mode=Mode.AUTO)
-    seqs = [engine.add(p, settings.sampling, settings.decoding) for p in prompts_of(tiny)[:2]]
-    engine.step()  # prefill
-    batch = Batch(engine.runner, seqs)
+    batch = _batch_free_to_choose(tiny, (4, 8))
     policy = AutoPolicy({})
     measured = {AR: (1e-3, 1.0), (Mode.SELF_SPEC, 4): (2e-3, 2.5), (Mode.SELF_SPEC, 8): (3e-3, 3.0)}
     measured |= {(Mode.QUADRATIC, 4): (2e-3, 1.5), (Mode.QUADRATIC, 8): (6e-3, 2.0)}
@@ -130,11 +136,7 @@ def test_of_the_choices_due_a_visit_the_most_promising_goes_first(tiny):
     EXPLORE_RATIO of AR; self-spec/8 would beat AR accepting HOPED_SHARE of its block (2 x 4 / 3 ms):
     it goes first, though `choices` lists /2 first. Once /8 has its samples and they say 1.2 (a draft
     token taken 17% of the time), /2 is estimated at 1.17 a cycle, below EXPLORE_RATIO: AR stays."""
-    engine = Engine(tiny.model, EngineConfig(max_slots=2, max_seq_len=192), block_lengths=(2, 8))
-    settings = GenerationSettings(mode=Mode.AUTO)
-    seqs = [engine.add(p, settings.sampling, settings.decoding) for p in prompts_of(tiny)[:2]]
-    engine.step()  # prefill
-    batch = Batch(engine.runner, seqs)
+    batch = _batch_free_to_choose(tiny, (2, 8))
     policy = AutoPolicy({})
     measured = {AR: 1e-3, (Mode.SELF_SPEC, 2): 2e-3, (Mode.QUADRATIC, 2): 2.5e-3}
     measured |= {(Mode.SELF_SPEC, 8): 3e-3, (Mode.QUADRATIC, 8): 6e-3}

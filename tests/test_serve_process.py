@@ -119,7 +119,10 @@ def test_past_the_queue_requests_are_overloaded(served):
     url = f"127.0.0.1:{served.ports.grpc}"
     server = TritonServer(served.repo, ports=served.ports)  # for its endpoints only
     results: dict[int, object] = {}
-    together = threading.Barrier(8)  # sent at once: on a loaded box, threads started one by one may not overlap
+    # 4 slots + 1 queued, and 24 sent at once (threads started one by one may not overlap on a loaded box;
+    # 8 at once were all served in turn in one CI run, where the 2 cores also ran other tests)
+    sends = 24
+    together = threading.Barrier(sends)
 
     def send(i: int) -> None:
         together.wait()
@@ -128,14 +131,14 @@ def test_past_the_queue_requests_are_overloaded(served):
         except RemoteError as e:
             results[i] = e
 
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(8)]  # 4 slots + 1 queued
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(sends)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
     refused = [r for r in results.values() if isinstance(r, RemoteError)]
     served_ok = [r for r in results.values() if not isinstance(r, RemoteError)]
-    assert len(results) == 8 and 1 <= len(refused) <= 3 and len(served_ok) >= 5  # 4 free slots + 1 queued
+    assert len(results) == sends and len(refused) >= 1 and len(served_ok) >= 5  # 4 free slots + 1 queued
     assert all("overloaded" in str(e) and "retry later" in str(e) for e in refused)
     assert all(r["num_output_tokens"] == 80 for r in served_ok)
     scraped = metrics(server)
