@@ -174,7 +174,7 @@ def test_choice_names_are_the_bench_s_variant_names():
         "quadratic/8",
     ]
     assert all(parse_choice(choice_name(c)) == c for c in choices((2, 16)))
-    for bad in ("ar/4", "diffusion/4", "self-spec", "self-spec/04", "auto/8"):
+    for bad in ("ar/4", "diffusion/4", "self-spec", "self-spec/04", "self-spec/0", "quadratic/-2", "auto/8"):
         with pytest.raises(ValueError):
             parse_choice(bad)
 

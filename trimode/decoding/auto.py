@@ -78,7 +78,7 @@ from trimode.decoding.batch import Batch
 from trimode.decoding.settings import DecodeConfig
 from trimode.passes import Mode
 
-MODES = (Mode.AR, Mode.SELF_SPEC, Mode.QUADRATIC)  # the modes auto chooses among
+SPECULATIVE = (Mode.SELF_SPEC, Mode.QUADRATIC)  # the modes auto runs at a block length, besides AR
 Choice = tuple[Mode, int]  # a mode and its block length (module doc)
 AR: Choice = (Mode.AR, 0)  # AR has no block: one choice, one time, whatever the widths
 ALPHA = 0.2  # weight of the newest sample in a running mean
@@ -97,7 +97,7 @@ HOPED_SHARE = 0.75  # of a block, what a choice short of TRUSTED_SAMPLES may acc
 
 def choices(widths: tuple[int, ...]) -> list[Choice]:
     """What auto may run a group of these widths at: AR, then each speculative mode at each width."""
-    return [AR, *((mode, width) for width in widths for mode in MODES if mode is not Mode.AR)]
+    return [AR, *((mode, width) for width in widths for mode in SPECULATIVE)]
 
 
 def choice_name(choice: Choice) -> str:
@@ -110,7 +110,8 @@ def parse_choice(name: str) -> Choice:
     """choice_name's inverse (ValueError for anything else)."""
     mode, _, width = name.partition("/")
     choice = (Mode(mode), int(width) if width else 0)
-    if choice not in choices((choice[1],)) or choice_name(choice) != name:
+    valid = choice == AR or (choice[0] in SPECULATIVE and choice[1] >= 1)
+    if not valid or choice_name(choice) != name:
         raise ValueError(f"not a choice of auto: {name!r}")
     return choice
 
@@ -134,7 +135,7 @@ class AutoPolicy:
     it runs, a visit under way): `Sequence.widths`, the engine's grouping of auto's sequences."""
 
     def __init__(self, policies: dict):
-        """policies: the engine's policies of the MODES (their step runs the chosen mode)."""
+        """policies: the engine's policies of AR and the SPECULATIVE modes (their step runs the chosen mode)."""
         self.policies = policies
         self.seconds: dict[tuple[Mode, int, int], float] = {}  # (mode, batch size, width) -> per step
         self.acceptance: dict[Choice, float] = {}  # over every sequence
