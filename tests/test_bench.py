@@ -460,6 +460,18 @@ def test_bad_target_refused(refused, tmp_path, args, message):
     refused(["bench", *args], tmp_path, message, exit_code=2)
 
 
+def test_an_output_inside_the_engine_or_being_the_prompts_is_refused(refused, tiny_engine_dir, prompts_file, tmp_path):
+    """Written into the engine dir, bench.json made the engine fail its own file check on the next load."""
+    engine = tiny_engine_dir
+    refused(["bench", "--engine", engine, "--out", engine / "bench"], engine, "lies inside the input", exit_code=1)
+    refused(
+        ["bench", "--engine", engine, "--prompts", prompts_file, "--out", prompts_file],
+        prompts_file.parent,
+        "the output is the input",
+        exit_code=1,
+    )
+
+
 def test_concurrency_above_the_engines_slots_refused(refused, tiny_engine_dir, prompts_file, tmp_path):
     refused(
         ["bench", "--engine", tiny_engine_dir, "--prompts", prompts_file, "--concurrency", "2,8"],

@@ -212,7 +212,7 @@ def bench(
     )
     BenchSettings(concurrency=concurrency or (1,), **options)  # bad settings fail before any loading
     if out_dir is not None:
-        check_output(out_dir, STAGE, force=force)
+        check_output(out_dir, STAGE, [p for p in (engine_dir, prompts_path) if p is not None], force=force)
     prompts = read_prompts(prompts_path) if prompts_path else held_out_prompts(resolve_checkpoint_dir(None))
 
     if engine_dir is not None:
