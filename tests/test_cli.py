@@ -201,3 +201,32 @@ def test_a_ctrl_c_that_a_child_process_dies_of_first_exits_130(runner, tiny_dir,
         signal.signal(signal.SIGINT, found)
     assert result.exit_code == 130, result.output
     assert result.stderr.strip() == "Error: interrupted" and "Traceback" not in result.output
+
+
+def test_a_second_ctrl_c_lets_the_first_ones_cleanup_finish(runner, tiny_dir, tmp_path, monkeypatch):
+    """A double press (or `timeout -s INT`, which signals the process and then its group) must not cut
+    the first Ctrl-C's cleanup short: raised inside a `finally`, the second left `trimode bench`'s
+    engine thread in a C++ pass at exit ("terminate called", exit 134)."""
+    import os
+    import signal
+
+    import trimode.builder
+
+    cleaned = []
+
+    def build_engine(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+        finally:
+            os.kill(os.getpid(), signal.SIGINT)  # the second press, while the cleanup runs
+            cleaned.append(True)
+
+    monkeypatch.setattr(trimode.builder, "build_engine", build_engine)
+    found = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        result = runner.invoke(main, ["build", str(tiny_dir), "--out", str(tmp_path / "engine")])
+    finally:
+        signal.signal(signal.SIGINT, found)
+    assert cleaned == [True]
+    assert result.exit_code == 130, result.output
+    assert result.stderr.strip() == "Error: interrupted" and "Traceback" not in result.output
