@@ -67,6 +67,7 @@ timing: a seed does not reproduce a sampled text.
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import time
@@ -100,6 +101,7 @@ def choices(widths: tuple[int, ...]) -> list[Choice]:
     return [AR, *((mode, width) for width in widths for mode in SPECULATIVE)]
 
 
+@functools.cache  # every auto step counts its cycle under this name (a Mode's .value is slow)
 def choice_name(choice: Choice) -> str:
     """As `trimode bench` names its variants: ar, self-spec/8, quadratic/4."""
     mode, width = choice
@@ -181,44 +183,50 @@ class AutoPolicy:
             seq.auto_choice = None
             if mode is not Mode.AR and seq.block_length != width:
                 seq.block_length, seq.drafts = width, None
-        settled = [[] if mode is Mode.AR or s.pending is None else emit_pending(s, s.pending) for s in batch.seqs]
+        if mode is Mode.AR:  # nothing to settle: a token in flight is AR's own
+            return self.run(batch, choice, config)
+        settled = [[] if s.pending is None else emit_pending(s, s.pending) for s in batch.seqs]
         live = [i for i, s in enumerate(batch.seqs) if not s.finish_reason]
         if not live:
             return settled
         sub = batch if len(live) == len(batch) else batch.subset(live)
-        had_drafts = [s.drafts is not None for s in sub.seqs]
+        for i, tokens in zip(live, self.run(sub, choice, config)):
+            settled[i] += tokens
+        return settled
+
+    def run(self, batch: Batch, choice: Choice, config: DecodeConfig) -> list[list[int]]:
+        """One step of choice's policy, timed and recorded."""
+        had_drafts = [] if choice == AR else [s.drafts is not None for s in batch.seqs]
         # an async AR step with no token in flight to wait for only launches its pass: not a step's time
-        policy = self.policies[mode]
-        timed = not isinstance(policy, AsyncARPolicy) or any(s.pending is not None for s in sub.seqs)
+        policy = self.policies[choice[0]]
+        timed = not isinstance(policy, AsyncARPolicy) or any(s.pending is not None for s in batch.seqs)
         started = time.perf_counter()
         if self.last_end is not None:
             self.gaps.append(started - self.last_end)
-        new = policy.step(sub, config)
+        new = policy.step(batch, config)
         self.last_end = time.perf_counter()
         seconds = self.last_end - started
         self.busy += seconds
-        self.record(sub, choice, seconds if timed else None, had_drafts)
-        for i, tokens in zip(live, new):
-            settled[i] += tokens
-        return settled
+        self.record(batch, choice, seconds if timed else None, had_drafts)
+        return new
 
     def choose(self, batch: Batch, now: float | None = None) -> Choice:
         b, widths = len(batch), batch.seqs[0].widths
         now = self.busy if now is None else now
-        options = choices(widths)
         if widths not in self.warm:  # measure first
-            unmeasured = self.unmeasured(options)
+            unmeasured = self.unmeasured(choices(widths))
             if unmeasured is not None:
                 return unmeasured
             self.warm.add(widths)
-        stint = self.stints.get(widths, Stint(AR))
+        stint = self.stints.get(widths) or Stint(AR)
         current = stint.choice
         if stint.batch_size == b and stint.cycles < self.visit_cycles(current, b):
             return current  # a switch runs its cycles (module doc)
-        ids = tuple(s.id for s in batch.seqs)
+        ids = tuple([s.id for s in batch.seqs])
         if current == AR and stint.kept == ids and stint.cycles < stint.kept_at + RECHOOSE_CYCLES:
             return current  # only times changed since (choosing at every step cost 1.5% of a CPU AR step)
         stint.kept, stint.kept_at = ids, stint.cycles
+        options = choices(widths)
         outside = statistics.median(self.gaps) if self.gaps else 0.0
         seconds = {c: self.step_seconds(c, b) + outside for c in options}
         rates = {c: self.expected_batch_tokens(batch, c) / seconds[c] for c in options}
@@ -339,7 +347,8 @@ class AutoPolicy:
             self.switch_seconds[stint.choice] = _mean(old, max(stint.excess, 0.0), count)
 
     def record(self, batch: Batch, choice: Choice, seconds: float | None, had_drafts: list[bool]) -> None:
-        """seconds: the step's time (None: not a whole step's). Counted (`runs`) from the second cycle
+        """seconds: the step's time (None: not a whole step's); had_drafts: which sequences had drafts
+        (a quadratic cycle without counts no acceptance). Counted (`runs`) from the second cycle
         of a choice in a row; for one with build times, from the RUN_CYCLES-th, and it moves the
         estimate auto used (the build time, scaled) rather than replacing it (module doc)."""
         b, widths = len(batch), batch.seqs[0].widths
@@ -366,13 +375,16 @@ class AutoPolicy:
             self.seconds[key] = _mean(start, seconds)
             self.runs[key] += 1
         self.last_run[choice] = self.busy
-        prior = self.acceptance.get(choice)  # the mean before this step: every sequence starts from it
-        name = choice_name(choice)
-        for seq, drafted in zip(batch.seqs, had_drafts):
+        name, drop_drafts = choice_name(choice), mode is not Mode.QUADRATIC
+        for seq in batch.seqs:
             seq.stats.auto_cycles[name] += 1
-            if mode is not Mode.QUADRATIC:
+            if drop_drafts:
                 seq.drafts = None  # the cache moved on: a quadratic cycle after this one drafts afresh
-            if mode is Mode.AR or (mode is Mode.QUADRATIC and not drafted):
+        if mode is Mode.AR:
+            return
+        prior = self.acceptance.get(choice)  # the mean before this step: every sequence starts from it
+        for seq, drafted in zip(batch.seqs, had_drafts):
+            if mode is Mode.QUADRATIC and not drafted:
                 continue
             n = seq.stats.accepted_lengths[-1]
             seq.acceptance[choice] = _mean(seq.acceptance.get(choice, prior), n)  # one lucky cycle moves it 20%
