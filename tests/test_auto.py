@@ -123,6 +123,7 @@ def test_it_chooses_the_block_length_of_the_highest_rate(tiny):
     for (mode, width), (seconds, accepted) in measured.items():
         policy.seconds[mode, 2, width], policy.runs[mode, 2, width] = seconds, WARMUP_RUNS
         policy.last_run[mode, width], policy.acceptance[mode, width] = NOW, accepted
+        policy.samples[mode, width] = TRUSTED_SAMPLES
     assert policy.choose(batch, NOW) == (Mode.SELF_SPEC, 4)
     for seq in batch.seqs:
         seq.acceptance = {(Mode.SELF_SPEC, 8): 6.0}
@@ -186,14 +187,15 @@ SS, Q = (Mode.SELF_SPEC, 4), (Mode.QUADRATIC, 4)  # the speculative choices at t
 
 
 def _policy_with(seconds: dict[Mode, float], acceptance: dict[Mode, float], b=2, width=4) -> AutoPolicy:
-    """A policy whose measurements are given: every choice measured at batch size b, none stale at NOW."""
+    """A policy whose measurements are given: every choice measured at batch size b (its acceptance
+    from TRUSTED_SAMPLES cycles), none stale at NOW."""
     policy = AutoPolicy({})
     for mode, value in seconds.items():
         choice = AR if mode is Mode.AR else (mode, width)
         policy.seconds[mode, b, choice[1]] = value
         policy.last_run[choice], policy.runs[mode, b, choice[1]] = NOW, WARMUP_RUNS
         if mode is not Mode.AR:
-            policy.acceptance[choice] = acceptance[mode]
+            policy.acceptance[choice], policy.samples[choice] = acceptance[mode], TRUSTED_SAMPLES
     return policy
 
 
@@ -277,13 +279,15 @@ def test_an_engine_s_build_times_stand_for_the_warm_up(batch_of_two):
 
 def test_build_times_scale_as_ar_s_time_here_and_runs_of_a_mode_move_them(batch_of_two):
     """AR measured here at twice its build time (fewer threads, say): the other modes' build times
-    count double too, so quadratic keeps the rate it had against AR at the build (2 x 2.0 / 5 ms
-    against 2 / 2 ms: AR), where unscaled (2 x 2.0 / 2.5 ms) it would look faster. The first
+    count double too, so quadratic (its acceptance known: 2 a cycle) keeps the rate it had against
+    AR at the build (2 x 2.0 / 5 ms against 2 / 2 ms: AR), where unscaled (2 x 2.0 / 2.5 ms) it
+    would look faster. The first
     RUN_CYCLES - 1 cycles of a run are not its time (on CPU they ran up to 1.5x slower); the next
     move the estimate from the build time by ALPHA."""
     policy = AutoPolicy({})
     build = {"ar": {"2": 1e-3}, "self-spec/4": {"2": 3e-3}, "quadratic/4": {"2": 2.5e-3}}
     policy.seed({"seconds": build})
+    policy.acceptance[Q], policy.samples[Q] = 2.0, TRUSTED_SAMPLES
     policy.seconds[Mode.AR, 2, 0] = 2e-3
     assert policy.step_seconds(Q, 2) == pytest.approx(5e-3)
     assert policy.step_seconds(Q, 1) == pytest.approx(5e-3)  # no time at 1: the nearest size's
@@ -418,21 +422,19 @@ def test_build_times_where_ar_has_not_run_scale_by_ar_s_time_at_the_nearest_batc
     assert policy.step_seconds(AR, 6) == pytest.approx(2e-3)
 
 
-def test_a_mode_with_a_build_time_but_no_acceptance_is_measured_once_if_it_could_win(batch_of_two):
+def test_a_mode_with_a_build_time_but_no_acceptance_is_measured_at_once_if_it_could_win(batch_of_two):
     """Seeded: AR 2 tokens / 1 ms; quadratic 1.5 ms a step, whose rate at these sequences' 0.5 tokens
     a cycle is below EXPLORE_RATIO of AR's, but which would beat AR accepting HOPED_SHARE of each
-    block (2 x 2 / 1.5 ms): once a visit costs EXPLORE_SHARE of the time since the seed, it runs two
-    cycles (the first has no drafts to accept), which measure its acceptance; with fewer than
-    TRUSTED_SAMPLES of them it would be re-measured that way, so here it has them all; then the ratio
-    rule alone decides, and 1 token a cycle never runs again. Self-spec (2 x 2 / 9 ms) never runs."""
+    block (2 x 2 / 1.5 ms): it runs at once, not once it is stale (a fresh engine ran AR for 1.4 s
+    on requests where self-spec/8 ran 1.18x AR), two cycles (the first has no drafts to accept),
+    which measure its acceptance; with fewer than TRUSTED_SAMPLES of them it would be measured again
+    at once, so here it has them all; then the ratio rule alone decides, and 1 token a cycle never
+    runs again. Self-spec (2 x 2 / 9 ms) never runs."""
     policy = AutoPolicy({})
     policy.seed({"seconds": {"ar": {"2": 1e-3}, "self-spec/4": {"2": 9e-3}, "quadratic/4": {"2": 1.5e-3}}})
     for seq in batch_of_two.seqs:
         seq.acceptance = {Q: 0.5}
-    seeded = policy.last_run[Q]
-    policy.last_run[AR] = now = seeded + 0.9 * 2 * 1.5e-3 / EXPLORE_SHARE  # AR ran since
-    assert policy.choose(batch_of_two, now) == AR
-    policy.last_run[AR] = now = seeded + 1.1 * 2 * 1.5e-3 / EXPLORE_SHARE  # a visit: two cycles
+    now = policy.last_run[Q]  # nothing is stale
     assert policy.choose(batch_of_two, now) == Q
     policy.record(batch_of_two, Q, 1.5e-3, [False, False])  # no drafts: no acceptance
     policy.last_run[Q] = now  # on the test's clock

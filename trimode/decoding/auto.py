@@ -53,7 +53,10 @@ best:
   time idle is none spent on the best choice), and only while its rate is within EXPLORE_RATIO of the
   best's. (On CPU a quadratic step at batch 8 took 17x an AR step: re-measuring it every 64 steps
   cost auto a quarter of its speed.) A choice with fewer than TRUSTED_SAMPLES acceptance samples is
-  also visited if it would beat the best accepting HOPED_SHARE of each block: a build time says how
+  visited at once if it would beat the best accepting HOPED_SHARE of each block (it waited to be
+  stale like the others: a fresh engine at c=4 ran AR for its first 1.4 s of steps, a bench's whole
+  level, on requests where self-spec/8 ran 1.18x AR; it costs one visit a choice, once, since the
+  samples pool over every sequence): a build time says how
   long a step takes, not how many tokens it gives, and the prior alone would keep a choice that
   runs 1.2x AR on these requests from ever running (the adapter's best requests take 92% of a
   block, the held-out ones 37%: at half a block, self-spec/8 timed at the serving threads, 4.4 ms a
@@ -235,9 +238,16 @@ class AutoPolicy:
             left, stint.left = stint.left, None
             return current if rates[current] >= SWITCH_GAIN * rates[left] else left
         hoped = {c: self.hoped_rate(c, b, seconds) for c in options}
-        due = [c for c in options if c != current and self.is_stale(c, current, b, now, seconds)]
-        due = [c for c in due if rates[c] >= EXPLORE_RATIO * rates[best] or hoped[c] > rates[best]]
-        if due:  # refresh what was not run for a while, if it might be the best: the most promising first
+        due = [
+            c
+            for c in options
+            if c != current
+            and (
+                hoped[c] > rates[best]
+                or (rates[c] >= EXPLORE_RATIO * rates[best] and self.is_stale(c, current, b, now, seconds))
+            )
+        ]
+        if due:  # what might be the best and is untried, or was not run for a while: the most promising first
             visit = max(due, key=lambda c: max(rates[c], hoped[c]))
             self.visiting[widths] = (current, visit)
             return visit
