@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from trimode.bench.prompts import held_out_prompts, read_prompts
-from trimode.bench.runner import BenchSettings
+from trimode.bench.runner import BenchSettings, run_bench
 from trimode.bench.stats import Record, add_speedups, advise, percentile, summarize
-from trimode.bench.targets import BenchError
+from trimode.bench.targets import BenchError, Update
 from trimode.cli import EMBEDDED_CHECKPOINT, main
 from trimode.errors import InputError
 from trimode.triton_repo.server import Ports, TritonServer
@@ -166,6 +166,49 @@ def test_no_ar_no_speedups():
 def test_settings_refused(kwargs, field):
     with pytest.raises(InputError, match=field):
         BenchSettings(**kwargs)
+
+
+class _LoggingTarget:
+    """A target that answers every request with max_tokens tokens at once and logs each request's
+    mode and whether it was a warm-up (the longest prompt)."""
+
+    kind, slots, default_block_length = "log", None, 8
+
+    def __init__(self, longest: str):
+        self.longest, self.log = longest, []
+
+    def describe(self) -> dict:
+        return {"kind": self.kind}
+
+    def check(self, modes) -> None:
+        pass
+
+    def pass_seconds(self) -> None:
+        return None
+
+    def stream(self, ask):
+        self.log.append((ask.mode.value, "warm-up" if ask.prompt == self.longest else "timed"))
+        yield Update(ask.max_tokens, is_final=True)
+
+    def close(self) -> None:
+        pass
+
+
+def test_each_timed_run_after_another_variant_s_starts_with_its_warm_up():
+    """On CPU a mode's first passes after another's ran slower: each variant paid for the one before it."""
+    prompts = ["a", "bb", "the longest"]
+    target = _LoggingTarget(prompts[2])
+    run_bench(
+        target, prompts, BenchSettings(modes=("ar", "self-spec"), concurrency=(1, 2), num_requests=2, num_rounds=2)
+    )
+    ar, spec = (
+        [("ar", "warm-up"), ("ar", "timed"), ("ar", "timed")],
+        [("self-spec", "warm-up")] + [("self-spec", "timed")] * 2,
+    )
+    assert target.log == [("ar", "warm-up"), ("self-spec", "warm-up")] + (ar + spec) * 2 * 2  # levels x rounds
+    alone = _LoggingTarget(prompts[2])
+    run_bench(alone, prompts, BenchSettings(modes=("ar",), concurrency=(1,), num_requests=2, num_rounds=2))
+    assert alone.log == [("ar", "warm-up")] + [("ar", "timed")] * 4  # nothing ran in between
 
 
 def test_settings_requests_per_level():

@@ -7,7 +7,10 @@ sent finish and count; every client sends at least one). Request i of a level ge
 i mod len(prompts), the same for every variant. Levels run in order, every variant within a level
 back to back (with several rounds, round-robin), so AR and the mode it is compared with share the
 machine's load of that moment. Each variant gets its warm-up requests first (with the longest
-prompt, so a prompt that cannot fit fails there, before any timing).
+prompt, so a prompt that cannot fit fails there, before any timing), and again before each of its
+timed runs where other variants ran since: on CPU a mode's first passes after another mode's ran
+up to 1.6x slower for a dozen cycles, so each variant paid for the one before it (in the order ar,
+self-spec, quadratic, auto, auto ran 2% slower after quadratic than after AR, where AR followed auto).
 """
 
 from __future__ import annotations
@@ -152,9 +155,13 @@ def run_bench(
     target.check([Mode(m) for m in settings.modes])
     runs = variants(settings, target.default_block_length)
     longest = max(prompts, key=len)
-    for v in runs:
+
+    def warm_up(v: Variant) -> None:
         for _ in range(settings.num_warmup):
             timed(target, Ask(longest, v.mode, v.block_length, settings.max_tokens, settings.ignore_eos), 0.0)
+
+    for v in runs:
+        warm_up(v)
     if on_start:
         on_start(len(runs) * len(settings.concurrency) * settings.num_rounds)
     rows = []
@@ -168,6 +175,8 @@ def run_bench(
                         prompts[i % len(prompts)], v.mode, v.block_length, settings.max_tokens, settings.ignore_eos
                     )
 
+                if len(runs) > 1:
+                    warm_up(v)  # the other variants ran since (module doc)
                 before = target.pass_seconds()
                 records, wall_s = closed_loop(target, ask_for, c, settings.requests_at(c), settings.duration_s)
                 after = target.pass_seconds()

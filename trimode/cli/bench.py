@@ -114,7 +114,9 @@ def _host_port(ctx, param, value: str | None) -> str | None:
     type=click.IntRange(min=0),
     default=1,
     show_default=True,
-    help="Untimed requests per mode and block length before timing (with the longest prompt).",
+    help="Untimed requests per mode and block length (with the longest prompt) before timing, and "
+    "again before each timed run that follows another mode's (on CPU a mode's first passes after "
+    "another's run slower).",
 )
 @click.option(
     "--repeats",
