@@ -24,6 +24,7 @@ from trimode.decoding.auto import (
     EXPLORE_SHARE,
     POOLED_ALPHA,
     RECHOOSE_CYCLES,
+    RECHOOSE_SPECULATIVE,
     RUN_CYCLES,
     SWITCH_GAIN,
     TRUSTED_SAMPLES,
@@ -194,7 +195,7 @@ def _policy_with(seconds: dict[Mode, float], acceptance: dict[Mode, float], b=2,
         choice = AR if mode is Mode.AR else (mode, width)
         policy.seconds[mode, b, choice[1]] = value
         policy.last_run[choice], policy.runs[mode, b, choice[1]] = NOW, WARMUP_RUNS
-        if mode is not Mode.AR:
+        if mode in acceptance:
             policy.acceptance[choice], policy.samples[choice] = acceptance[mode], TRUSTED_SAMPLES
     return policy
 
@@ -353,6 +354,23 @@ def test_a_switch_runs_long_enough_to_pay_for_its_round_trip(batch_of_two):
         assert policy.choose(batch_of_two, NOW) == (SS if cycle < 3 else AR)
 
 
+def test_a_visit_to_a_choice_short_of_trusted_samples_runs_until_it_has_them(batch_of_two):
+    """Two-cycle visits to an untried quadratic/8 gave one sample each (its first cycle after a
+    switch has no drafts): it took 7 round trips to learn. Now a visit runs until TRUSTED_SAMPLES.
+    Quadratic, never run, would beat AR (2 / 1 ms) taking HOPED_SHARE of its blocks (2 x 3 / 2 ms)."""
+    policy = _policy_with({Mode.AR: 1e-3, Mode.SELF_SPEC: 2e-3, Mode.QUADRATIC: 2e-3}, {Mode.SELF_SPEC: 0.5})
+    for seq in batch_of_two.seqs:
+        seq.stats.accepted_lengths.append(2)
+    policy.record(batch_of_two, AR, 1e-3, [])
+    policy.stints[batch_of_two.seqs[0].widths].cycles = 16  # AR ran a while: chosen again now
+    choice, ran = policy.choose(batch_of_two, NOW), 0
+    assert choice == Q  # never run: it might win
+    while choice == Q:
+        policy.record(batch_of_two, Q, 2e-3, [ran > 0, ran > 0])  # no drafts in its first cycle
+        choice, ran = policy.choose(batch_of_two, NOW), ran + 1
+    assert ran == 1 + TRUSTED_SAMPLES // 2 and policy.samples[Q] == TRUSTED_SAMPLES
+
+
 def test_a_visit_goes_back_unless_clearly_faster_than_the_mode_it_left(batch_of_two):
     """Running self-spec (2 x 3 tokens / 2 ms: 3000 tokens/s; AR 2000) with AR stale and within
     EXPLORE_RATIO: a one-cycle AR visit, then back to self-spec, though a switch to self-spec costs
@@ -410,6 +428,27 @@ def test_while_ar_runs_the_same_sequences_the_choice_stands_for_rechoose_cycles(
     assert policy.choose(batch_of_two, NOW) == SS
 
 
+def test_a_speculative_choice_stands_for_rechoose_speculative_cycles(batch_of_two):
+    """Choosing among seven choices at every self-spec cycle cost 2.5% of it on CPU: once chosen for
+    the same sequences, a speculative choice is made again after RECHOOSE_SPECULATIVE cycles."""
+    policy = _policy_with(
+        {Mode.AR: 1e-3, Mode.SELF_SPEC: 2e-3, Mode.QUADRATIC: 9e-3}, {Mode.SELF_SPEC: 4.0, Mode.QUADRATIC: 1}
+    )
+    for seq in batch_of_two.seqs:
+        seq.stats.accepted_lengths.append(4)
+    for _ in range(RUN_CYCLES):
+        policy.record(batch_of_two, SS, 2e-3, [True, True])
+    assert policy.choose(batch_of_two, NOW) == SS  # 4000 tokens/s against AR's 2000
+    for seq in batch_of_two.seqs:
+        seq.acceptance = {SS: 0.5}  # now 500
+        seq.stats.accepted_lengths.append(0.5)
+    for _ in range(RECHOOSE_SPECULATIVE - 1):
+        policy.record(batch_of_two, SS, 2e-3, [True, True])
+        assert policy.choose(batch_of_two, NOW) == SS
+    policy.record(batch_of_two, SS, 2e-3, [True, True])
+    assert policy.choose(batch_of_two, NOW) == AR
+
+
 def test_build_times_where_ar_has_not_run_scale_by_ar_s_time_at_the_nearest_batch_size():
     """AR measured at batch 8 only, at twice its build time: every build time counts double, at 4
     and (from 4) at 6 too. Unscaled, self-spec at 6 once looked 3x faster than it ran."""
@@ -449,9 +488,10 @@ def test_a_mode_with_a_build_time_but_no_acceptance_is_measured_at_once_if_it_co
 
 
 def test_a_mode_is_measured_again_when_that_costs_at_most_its_share_of_the_time(batch_of_two):
-    """AR is the best (2 tokens / 1 ms) and runs; self-spec (1.5 / 1 ms) is run again once
-    EXPLORE_SHARE of the time since it last ran pays for that visit (two cycles), quadratic (30 / 20 ms)
-    20x later; a mode estimated below EXPLORE_RATIO of the best's rate never is."""
+    """AR is the best (2 tokens / 1 ms) and runs; self-spec (1.5 / 1 ms) is run again once its part
+    of EXPLORE_SHARE (half: quadratic's rate is within EXPLORE_RATIO too) of the time since it last
+    ran pays for that visit (two cycles), quadratic (30 / 20 ms) 20x later; a mode estimated below
+    EXPLORE_RATIO of the best's rate never is, and leaves the whole share to the other."""
     policy = _policy_with(
         {Mode.AR: 1e-3, Mode.SELF_SPEC: 1e-3, Mode.QUADRATIC: 20e-3}, {Mode.SELF_SPEC: 0.75, Mode.QUADRATIC: 15}
     )
@@ -462,15 +502,18 @@ def test_a_mode_is_measured_again_when_that_costs_at_most_its_share_of_the_time(
             policy.last_run[c] = now - since.get(c, 0.0)  # AR just ran
         return policy.choose(batch_of_two, now)
 
-    since = {SS: 2 * 0.9e-3 / EXPLORE_SHARE, Q: 2 * 19e-3 / EXPLORE_SHARE}
+    share = EXPLORE_SHARE / 2
+    since = {SS: 2 * 0.9e-3 / share, Q: 2 * 19e-3 / share}
     assert choose() == AR
-    since[SS] = 2 * 1.1e-3 / EXPLORE_SHARE
+    since[SS] = 2 * 1.1e-3 / share
     assert choose() == SS
-    since = {Q: 2 * 21e-3 / EXPLORE_SHARE}
+    since = {Q: 2 * 21e-3 / share}
     assert choose() == Q
     policy.acceptance[Q] = 0.99 * EXPLORE_RATIO * 20  # now below EXPLORE_RATIO x AR's rate
-    since = {Q: 1e6}
+    since = {Q: 1e6, SS: 2 * 0.9e-3 / EXPLORE_SHARE}
     assert choose() == AR
+    since[SS] = 2 * 1.1e-3 / EXPLORE_SHARE
+    assert choose() == SS  # alone within EXPLORE_RATIO: the whole share
 
 
 def test_a_new_batch_size_is_estimated_not_measured_again(batch_of_two):

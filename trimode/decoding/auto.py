@@ -46,12 +46,15 @@ best:
   moment ago, so going back costs about nothing (with the cost of a switch after seconds idle, a
   visit to AR from self-spec kept the batch in AR: going back would not pay). While AR runs the same
   sequences only times change, so the choice stands for RECHOOSE_CYCLES (choosing at every step cost
-  1.5% of an AR step on CPU).
+  1.5% of an AR step on CPU); a speculative choice, whose acceptance moves every cycle, stands for
+  RECHOOSE_SPECULATIVE (choosing among seven at every cycle cost 2.5% of a self-spec/8 cycle).
 - Re-measuring. Every choice emits the same tokens, so exploring loses no text, only time. A choice
   not run lately runs again (acceptance, load and batch sizes drift) once one visit to it, round
-  trip included, costs at most EXPLORE_SHARE of the time spent in steps since it last ran (`busy`:
-  time idle is none spent on the best choice), and only while its rate is within EXPLORE_RATIO of the
-  best's. (On CPU a quadratic step at batch 8 took 17x an AR step: re-measuring it every 64 steps
+  trip included, costs at most its part of EXPLORE_SHARE of the time spent in steps since it last
+  ran (`busy`: time idle is none spent on the best choice), and only while its rate is within
+  EXPLORE_RATIO of the best's; the choices within it split EXPLORE_SHARE (with a share each, an
+  engine of block lengths 2, 4 and 8 re-measured three self-specs on requests where AR won, and ran
+  0.94x AR where one of block length 8 ran 0.99x). (On CPU a quadratic step at batch 8 took 17x an AR step: re-measuring it every 64 steps
   cost auto a quarter of its speed.) A choice with fewer than TRUSTED_SAMPLES acceptance samples is
   visited at once if it would beat the best accepting HOPED_SHARE of each block (it waited to be
   stale like the others: a fresh engine at c=4 ran AR for its first 1.4 s of steps, a bench's whole
@@ -87,13 +90,14 @@ Choice = tuple[Mode, int]  # a mode and its block length (module doc)
 AR: Choice = (Mode.AR, 0)  # AR has no block: one choice, one time, whatever the widths
 ALPHA = 0.2  # weight of the newest sample in a running mean
 POOLED_ALPHA = 0.01  # the same in the acceptance mean over every sequence (module doc)
-EXPLORE_SHARE = 0.01  # of the time, at most, spent re-measuring each choice that is not the best
+EXPLORE_SHARE = 0.01  # of the time, at most, spent re-measuring the choices that are not the best
 EXPLORE_RATIO = 0.7  # a choice estimated slower than this share of the best's rate is not re-measured
 WARMUP_RUNS = 1  # timed runs of a choice before its time is trusted (after its untimed first: module doc)
 RUN_CYCLES = 8  # cycles of a choice in a row before its step is timed, where it has build times (module doc)
 SWITCH_GAIN = 1.05
 GAPS = 32  # the gaps between steps whose median is each step's time outside auto (module doc)
 RECHOOSE_CYCLES = 16  # AR cycles of the same sequences before the choice is made again
+RECHOOSE_SPECULATIVE = 4  # the same for the other choices
 EXPLORE_AGREEMENT = 0.5  # a choice nobody has run yet: each draft token assumed accepted this often (module doc)
 TRUSTED_SAMPLES = 8  # cycles before a choice's acceptance may keep it from being re-measured
 HOPED_SHARE = 0.75  # of a block, what a choice short of TRUSTED_SAMPLES may accept, if worth measuring
@@ -223,11 +227,14 @@ class AutoPolicy:
             self.warm.add(widths)
         stint = self.stints.get(widths) or Stint(AR)
         current = stint.choice
-        if stint.batch_size == b and stint.cycles < self.visit_cycles(current, b):
+        running = stint.cycles < RUN_CYCLES and stint.cycles < self.visit_cycles(current, b)  # at most RUN_CYCLES
+        if stint.batch_size == b and (running or self.is_learning(stint)):
             return current  # a switch runs its cycles (module doc)
         ids = tuple([s.id for s in batch.seqs])
-        if current == AR and stint.kept == ids and stint.cycles < stint.kept_at + RECHOOSE_CYCLES:
-            return current  # only times changed since (choosing at every step cost 1.5% of a CPU AR step)
+        if stint.kept == ids and stint.cycles < stint.kept_at + (
+            RECHOOSE_CYCLES if current == AR else RECHOOSE_SPECULATIVE
+        ):
+            return current  # little changed since (module doc)
         stint.kept, stint.kept_at = ids, stint.cycles
         options = choices(widths)
         outside = statistics.median(self.gaps) if self.gaps else 0.0
@@ -238,15 +245,9 @@ class AutoPolicy:
             left, stint.left = stint.left, None
             return current if rates[current] >= SWITCH_GAIN * rates[left] else left
         hoped = {c: self.hoped_rate(c, b, seconds) for c in options}
-        due = [
-            c
-            for c in options
-            if c != current
-            and (
-                hoped[c] > rates[best]
-                or (rates[c] >= EXPLORE_RATIO * rates[best] and self.is_stale(c, current, b, now, seconds))
-            )
-        ]
+        near = [c for c in options if c != current and rates[c] >= EXPLORE_RATIO * rates[best]]
+        due = [c for c in options if c != current and hoped[c] > rates[best]]
+        due += [c for c in near if self.is_stale(c, current, b, now, seconds, EXPLORE_SHARE / len(near))]
         if due:  # what might be the best and is untried, or was not run for a while: the most promising first
             visit = max(due, key=lambda c: max(rates[c], hoped[c]))
             self.visiting[widths] = (current, visit)
@@ -266,6 +267,12 @@ class AutoPolicy:
         trip = self.round_trip(AR, choice)
         return max(2, min(RUN_CYCLES, math.ceil(trip / self.step_seconds(choice, b))))
 
+    def is_learning(self, stint: Stint) -> bool:
+        """Whether a stint runs on to give its choice TRUSTED_SAMPLES of acceptance (two-cycle visits to
+        an untried quadratic/8 gave one each, its first cycle after a switch none: 7 round trips to
+        learn it); every cycle after the first gives one at least, so this ends."""
+        return stint.choice != AR and self.samples[stint.choice] < TRUSTED_SAMPLES and stint.cycles <= TRUSTED_SAMPLES
+
     def round_trip(self, current: Choice, other: Choice) -> float:
         """Seconds a switch from current to other and back costs beyond their cycles' times."""
         switch = self.switch_seconds
@@ -284,10 +291,10 @@ class AutoPolicy:
         """Whether step_seconds has a time of this choice to estimate from."""
         return any((m, w) == choice for m, _, w in (*self.seconds, *self.prior))
 
-    def is_stale(self, choice: Choice, current: Choice, b: int, now: float, seconds: dict) -> bool:
-        """Not run for so long that one visit, round trip included, costs EXPLORE_SHARE of the time since."""
+    def is_stale(self, choice: Choice, current: Choice, b: int, now: float, seconds: dict, share: float) -> bool:
+        """Not run for so long that one visit, round trip included, costs this share of the time since."""
         visit = seconds[choice] * self.visit_cycles(choice, b) + self.round_trip(current, choice)
-        return now - self.last_run[choice] > visit / EXPLORE_SHARE
+        return now - self.last_run[choice] > visit / share
 
     def hoped_rate(self, choice: Choice, b: int, seconds: dict) -> float:
         """The rate of a choice with fewer than TRUSTED_SAMPLES cycles of acceptance here (0 for others),
