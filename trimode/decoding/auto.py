@@ -53,9 +53,9 @@ best:
   trip included, costs at most its part of EXPLORE_SHARE of the time spent in steps since it last
   ran (`busy`: time idle is none spent on the best choice), and only while its rate is within
   EXPLORE_RATIO of the best's; the choices within it split EXPLORE_SHARE (with a share each, an
-  engine of block lengths 2, 4 and 8 re-measured three self-specs on requests where AR won, and ran
-  0.94x AR where one of block length 8 ran 0.99x). (On CPU a quadratic step at batch 8 took 17x an AR step: re-measuring it every 64 steps
-  cost auto a quarter of its speed.) A choice with fewer than TRUSTED_SAMPLES acceptance samples is
+  engine of block lengths 2, 4 and 8 spent 3% of its time re-measuring three self-specs on
+  requests where AR won). (On CPU a quadratic step at batch 8 took 17x an AR step: re-measuring it
+  every 64 steps cost auto a quarter of its speed.) A choice with fewer than TRUSTED_SAMPLES acceptance samples is
   visited at once if it would beat the best accepting HOPED_SHARE of each block (it waited to be
   stale like the others: a fresh engine at c=4 ran AR for its first 1.4 s of steps, a bench's whole
   level, on requests where self-spec/8 ran 1.18x AR; it costs one visit a choice, once, since the
@@ -228,7 +228,7 @@ class AutoPolicy:
         stint = self.stints.get(widths) or Stint(AR)
         current = stint.choice
         running = stint.cycles < RUN_CYCLES and stint.cycles < self.visit_cycles(current, b)  # at most RUN_CYCLES
-        if stint.batch_size == b and (running or self.is_learning(stint)):
+        if (stint.batch_size == b and running) or self.is_learning(stint):
             return current  # a switch runs its cycles (module doc)
         ids = tuple([s.id for s in batch.seqs])
         if stint.kept == ids and stint.cycles < stint.kept_at + (
@@ -268,9 +268,10 @@ class AutoPolicy:
         return max(2, min(RUN_CYCLES, math.ceil(trip / self.step_seconds(choice, b))))
 
     def is_learning(self, stint: Stint) -> bool:
-        """Whether a stint runs on to give its choice TRUSTED_SAMPLES of acceptance (two-cycle visits to
-        an untried quadratic/8 gave one each, its first cycle after a switch none: 7 round trips to
-        learn it); every cycle after the first gives one at least, so this ends."""
+        """Whether a stint runs on to give its choice TRUSTED_SAMPLES of acceptance, whatever the batch
+        size does meanwhile (two-cycle visits to an untried quadratic/8 gave one each, its first cycle
+        after a switch none: 7 round trips to learn it); every cycle after the first gives one at
+        least, so this ends."""
         return stint.choice != AR and self.samples[stint.choice] < TRUSTED_SAMPLES and stint.cycles <= TRUSTED_SAMPLES
 
     def round_trip(self, current: Choice, other: Choice) -> float:
