@@ -3,6 +3,7 @@ commands are registered on it in trimode/cli/__init__.py."""
 
 from __future__ import annotations
 
+import math
 import re
 import signal
 import sys
@@ -68,8 +69,7 @@ def _interrupted(e: KeyboardInterrupt):
 # compile worker) can die of it and its caller raise that failure before Python's KeyboardInterrupt
 # lands. So a Ctrl-C is recorded here, and any error after one is reported as the interrupt it is.
 _CTRL_C: list[int] = []
-_FIRST_CTRL_C_AT: list[float] = []
-# A Ctrl-C within this long of the first is only recorded: the first one's cleanup runs on (a
+# A Ctrl-C within this long of the one raised last is only recorded: the first one's cleanup runs on (a
 # double press, or `timeout -s INT`, which signals the process and then its group). Raised inside a
 # `finally`, the second cut `trimode bench` short before it stopped its engine thread, which was
 # still in a C++ pass when the interpreter exited: "terminate called", exit 134. A later Ctrl-C
@@ -80,18 +80,19 @@ CLEANUP_GRACE_S = 5.0
 def _watch_ctrl_c() -> None:
     """Install the SIGINT handler that records the signal (on the main thread only: signals go there)."""
 
+    raised_at = -math.inf
+
     def on_sigint(signum, frame):
-        in_cleanup = _FIRST_CTRL_C_AT and time.monotonic() - _FIRST_CTRL_C_AT[0] < CLEANUP_GRACE_S
+        nonlocal raised_at
         _CTRL_C.append(signum)
-        if in_cleanup:
-            return
-        _FIRST_CTRL_C_AT[:] = [time.monotonic()]
+        if time.monotonic() - raised_at < CLEANUP_GRACE_S:
+            return  # the cleanup of the one raised runs on
+        raised_at = time.monotonic()
         raise Interrupted(signum)
 
     if threading.current_thread() is not threading.main_thread():
         return
     _CTRL_C.clear()
-    _FIRST_CTRL_C_AT.clear()
     signal.signal(signal.SIGINT, on_sigint)
 
 
