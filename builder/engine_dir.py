@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -22,12 +24,20 @@ from pathlib import Path
 
 import torch
 
-from trimode.builder.manifest import check_manifest, read_manifest
+from trimode.builder.manifest import (
+    STEP_TIMES,
+    STEP_TIMES_PART,
+    check_manifest,
+    is_step_table,
+    read_manifest,
+    step_table_expected,
+)
 from trimode.builder.pass_graphs import buckets
 from trimode.checkpoint import Checkpoint, load_checkpoint
 from trimode.decoding import DecodeConfig, Engine, EngineConfig, GenerationSettings, Mode, SamplingParams
 from trimode.decoding.auto import choice_name, choices
 from trimode.decoding.engine import default_block_length
+from trimode.decoding.step_times import MIN_STEPS, merge
 from trimode.errors import EngineError
 from trimode.kv_cache import check_pool_fits
 from trimode.passes import MODE_PASSES, PassKind, cycle_positions
@@ -50,6 +60,7 @@ class BuiltEngine:
     manifest: dict
     checkpoint: Checkpoint
     backend: object  # the runner backend (decoding/runner.py)
+    saved_step_times: dict | None = None  # STEP_TIMES' (read_step_times)
 
     @property
     def config(self) -> EngineConfig:
@@ -71,10 +82,16 @@ class BuiltEngine:
         """What a request that names no block length runs (decoding/engine.py default_block_length)."""
         return default_block_length(self.checkpoint.spec, self.block_lengths)
 
+    @property
+    def step_times(self) -> dict | None:
+        """Auto's step times, {choice name: {batch size: seconds}}: measured by `trimode bench
+        --save-step-times` where it was, else at the build (None: neither, an --onnx-only build)."""
+        return self.saved_step_times or self.manifest.get("auto", {}).get("seconds")
+
     def new_engine(self) -> Engine:
         engine = Engine(self.checkpoint.model, self.config, backend=self.backend, block_lengths=self.block_lengths)
-        if "auto" in self.manifest:  # the step times measured at the build
-            engine.auto.seed(self.manifest["auto"])
+        if self.step_times:
+            engine.auto.seed({"seconds": self.step_times})
         return engine
 
 
@@ -159,12 +176,13 @@ def load_engine(engine_dir: Path, device: str | torch.device | None = None) -> B
     manifest = read_manifest(engine_dir)
     device = torch.device(device or manifest["settings"]["device"])
     check_manifest(engine_dir, manifest, device)
+    step_times = read_step_times(engine_dir, manifest)
     module = backend_module(manifest["settings"]["backend"])
     ck = load_checkpoint(engine_dir / CHECKPOINT_DIR, device=device, dtype=getattr(module, "MODEL_DTYPE", None))
     s = manifest["settings"]
     check_pool(ck.model, s["num_kv_blocks"], min(s["kv_block_size"], s["max_seq_len"]))
     backend = module.load(engine_dir, ck.model, manifest["backend"])
-    built = BuiltEngine(engine_dir, manifest, ck, backend)
+    built = BuiltEngine(engine_dir, manifest, ck, backend, step_times)
     got = self_test(ck.model, ck.tokenizer, backend, built.config, built.block_lengths[0])
     recorded = manifest["self_test"]["tokens"]
     for mode in sorted(set(recorded) | set(got)):
@@ -174,3 +192,49 @@ def load_engine(engine_dir: Path, device: str | torch.device | None = None) -> B
                 f"rebuild the engine on this machine"
             )
     return built
+
+
+def read_step_times(engine_dir: Path, manifest: dict) -> dict | None:
+    """The step times `trimode bench --save-step-times` stored with this engine (None: none). Refused,
+    in one line, where unreadable or measured on another build of it."""
+    path = engine_dir / STEP_TIMES
+    if not path.is_file():
+        return None
+    again = f"measure them again with `trimode bench --engine {engine_dir} --save-step-times`, or delete the file"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise EngineError(f"{path}: unreadable ({type(e).__name__}); {again}") from None
+    if not isinstance(saved, dict) or saved.get("engine_digest") != manifest["digest_sha256"]:
+        raise EngineError(f"{path}: not measured on this build of the engine; {again}")
+    lengths, slots = manifest["settings"]["block_lengths"], manifest["settings"]["max_batch_size"]
+    seconds = saved.get("seconds")
+    if not is_step_table(seconds, lengths) or "ar" not in seconds:
+        raise EngineError(f"{path}: seconds: expected {step_table_expected(lengths)}, AR's among them; {again}")
+    if any(int(size) > slots for by_size in seconds.values() for size in by_size):
+        raise EngineError(f"{path}: a batch size above the engine's {slots} slots; {again}")
+    return seconds
+
+
+def save_step_times(built: BuiltEngine, measured: dict, about: dict) -> Path:
+    """Store measured ({choice name: {batch size: seconds}}, AR's among them: step_times.StepTimes)
+    with the engine, for every engine loaded from it to start auto from; the choices and batch
+    sizes it lacks keep their earlier times (saved before, else the build's), scaled as AR's
+    (step_times.merge). about: what measured them (machine, threads, date). Written whole, then
+    renamed over the last: a server loading the engine meanwhile reads the one or the other."""
+    if "ar" not in measured:
+        raise EngineError(
+            f"too few AR steps to time (fewer than {MIN_STEPS} at every batch size): nothing saved in "
+            f"{built.path / STEP_TIMES}; bench AR with more requests or tokens"
+        )
+    earlier = built.step_times
+    seconds = merge(measured, earlier) if earlier else measured
+    saved = {"engine_digest": built.manifest["digest_sha256"], "measured": {**about, "choices": sorted(measured)}}
+    path, part = built.path / STEP_TIMES, built.path / STEP_TIMES_PART
+    try:
+        part.write_text(json.dumps({**saved, "seconds": seconds}, indent=1) + "\n", encoding="utf-8")
+        os.replace(part, path)
+    except OSError as e:
+        raise EngineError(f"{path}: cannot write it ({e.strerror or e}): step times not saved") from None
+    built.saved_step_times = seconds
+    return path

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 from collections.abc import Callable
 from importlib import metadata
@@ -29,6 +30,8 @@ FORMAT_CHANGES = {
     5: "auto chooses the block length too: the build times its steps at every one",
 }
 STAGE = "build"
+STEP_TIMES = "step_times.json"  # auto's step times measured by `trimode bench` (engine_dir.save_step_times)
+STEP_TIMES_PART = f".{STEP_TIMES}.part"  # the same, being written
 # The libraries each backend's files depend on: a different version on load means a rebuild.
 LIBRARIES = {
     "torch": ("torch",),
@@ -76,11 +79,12 @@ def _json_digest(body: dict) -> str:
 
 
 def file_digests(engine_dir: Path) -> dict[str, str]:
-    """sha256 of every file of the engine dir but the manifest, by relative path."""
+    """sha256 of every file of the engine dir but the manifest and the step times (measured after
+    the build, and no part of what it runs: engine_dir.save_step_times), by relative path."""
     return {
         str(p.relative_to(engine_dir)): file_digest(p)
         for p in sorted(engine_dir.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
+        if p.is_file() and p.name != MANIFEST and p not in (engine_dir / STEP_TIMES, engine_dir / STEP_TIMES_PART)
     }
 
 
@@ -312,13 +316,19 @@ def check_fields(engine_dir: Path, manifest: dict) -> None:
             expected=f"one list of token ids per prompt ({len(prompts)})",
         )
     if "auto" in manifest:  # engines built with --onnx-only have none
-        timed = {choice_name(c) for c in choices(tuple(lengths))}
-        field(
-            "auto",
-            "seconds",
-            ok=lambda v: _is_dict(v, _is_seconds_by_size) and set(v) <= timed,
-            expected=f"{{choice: {{batch size: seconds > 0}}}} for {', '.join(sorted(timed))}",
-        )
+        field("auto", "seconds", ok=lambda v: is_step_table(v, lengths), expected=step_table_expected(lengths))
+
+
+def is_step_table(v, block_lengths) -> TypeGuard[dict]:
+    """Whether v is a table of auto's step times on an engine of these block lengths:
+    {choice name: {batch size: seconds}} (decoding/step_times.py)."""
+    timed = {choice_name(c) for c in choices(tuple(block_lengths))}
+    return _is_dict(v, _is_seconds_by_size) and set(v) <= timed
+
+
+def step_table_expected(block_lengths) -> str:
+    timed = {choice_name(c) for c in choices(tuple(block_lengths))}
+    return f"{{choice: {{batch size: seconds > 0}}}} for {', '.join(sorted(timed))}"
 
 
 _MISSING = object()
@@ -329,7 +339,7 @@ def _is_str(v) -> bool:
 
 
 def _is_positive(v) -> bool:
-    return type(v) in (int, float) and v > 0
+    return type(v) in (int, float) and 0 < v < math.inf
 
 
 def _is_seconds_by_size(v) -> bool:

@@ -4,6 +4,7 @@ tritonserver over the same engine (one server for the module), and bad input ref
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -481,6 +482,7 @@ def test_refuses_the_other_protocols_port(server, refused, prompts_file, tmp_pat
         (["--url", "127.0.0.1:1"], "pass one of --engine, --url and --openai (got --engine and --url)", 2),
         (["--threads", "0"], "--threads", 2),
         (["--prefix", "nld_"], "--prefix names a server's models: it needs --url or --openai", 2),
+        (["--modes", "self-spec", "--save-step-times"], "--save-step-times needs ar among --modes", 2),
     ],
 )
 def test_bad_input_refused(refused, tiny_engine_dir, tmp_path, monkeypatch, args, message, code):
@@ -491,12 +493,31 @@ def test_bad_input_refused(refused, tiny_engine_dir, tmp_path, monkeypatch, args
     refused(["bench", "--engine", tiny_engine_dir, *args], tmp_path, message, exit_code=code)
 
 
+def test_save_step_times(runner, tiny_engine_dir, prompts_file, tmp_path):
+    """The fixed modes' steps timed in the bench are stored with the engine; auto runs from them next."""
+    from trimode.builder.engine_dir import load_engine
+
+    d = tmp_path / "engine"
+    shutil.copytree(tiny_engine_dir, d)
+    args = ["--engine", d, "--prompts", prompts_file, "--concurrency", 1, "--requests", 4, "--max-tokens", 32]
+    report = _bench(runner, *args, "--modes", "ar,self-spec,auto", "--save-step-times")
+    assert f"step times of ar, self-spec/4 at batch sizes 1 saved to {d / 'step_times.json'}" in report["notes"][-1]
+    saved = json.loads((d / "step_times.json").read_text())
+    assert saved["measured"]["choices"] == ["ar", "self-spec/4"]
+    assert saved["measured"]["date"] == report["date"] and saved["measured"]["machine"] == report["machine"]
+    built = load_engine(d)
+    assert built.step_times == saved["seconds"]
+    assert set(saved["seconds"]) == set(built.manifest["auto"]["seconds"])  # the rest: the build's, scaled
+    assert _bench(runner, *args, "--modes", "auto")["results"][0]["num_output_tokens"] == 4 * 32
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         ([], "pass one of --engine, --url and --openai"),
         (["--url", "http://127.0.0.1:8001"], "expected HOST:PORT (no scheme)"),
         (["--url", "127.0.0.1:1", "--threads", "1"], "--threads sets this process's torch threads: it needs --engine"),
+        (["--url", "127.0.0.1:1", "--save-step-times"], "--save-step-times stores the times with an engine dir"),
     ],
 )
 def test_bad_target_refused(refused, tmp_path, args, message):

@@ -100,6 +100,7 @@ EDITS = [
     (edit("auto", "seconds", value={"beam": {"1": 0.1}}), "auto.seconds"),
     (edit("auto", "seconds", "ar", value={"one": 0.1}), "auto.seconds"),
     (edit("auto", "seconds", "ar", "1", value=-1), "auto.seconds"),
+    (edit("auto", "seconds", "ar", "1", value=float("inf")), "auto.seconds"),
     (relative_escape, "outside the engine dir"),
     (absolute_path, "outside the engine dir"),
     (symlink_out, "outside the engine dir"),

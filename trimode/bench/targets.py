@@ -110,15 +110,28 @@ class _QueueSink:
 class EngineTarget:
     kind = "engine"
 
-    def __init__(self, engine_dir: Path):
+    def __init__(self, engine_dir: Path, time_steps: bool = False):
+        """time_steps: time the steps of the modes auto chooses among, for save_step_times."""
         from trimode.builder.engine_dir import load_engine
+        from trimode.decoding.step_times import StepTimes
         from trimode.triton_repo.loop import EngineLoop
 
         self.engine_dir = Path(engine_dir)
         self.built = load_engine(self.engine_dir)  # checks the files, re-runs the self-test
         self.slots = self.built.config.max_slots
         self.default_block_length = self.built.default_block_length
-        self.loop = EngineLoop(self.built.new_engine(), max_queued=1 << 20)  # the bench bounds its own load
+        engine = self.built.new_engine()
+        engine.step_times = StepTimes() if time_steps else None  # before the loop runs a step
+        self.loop = EngineLoop(engine, max_queued=1 << 20)  # the bench bounds its own load
+
+    def save_step_times(self, about: dict) -> tuple[Path, dict]:
+        """Store the steps timed so far with the engine (engine_dir.save_step_times), once the loop
+        has stopped (close) -> the file and what it measured."""
+        from trimode.builder.engine_dir import save_step_times
+
+        assert self.loop.engine.step_times is not None, "built without time_steps"
+        measured = self.loop.engine.step_times.table()
+        return save_step_times(self.built, measured, about), measured
 
     def describe(self) -> dict:
         s = self.built.manifest["settings"]

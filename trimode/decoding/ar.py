@@ -63,6 +63,12 @@ class AsyncARPolicy:
         return [[] if held is None else emit_pending(seq, held) for seq, held in zip(batch.seqs, earlier)]
 
 
+def is_whole_step(policy, batch: Batch) -> bool:
+    """Whether policy.step(batch) is a whole step, to time: an async AR step with no token in flight
+    to wait for only launches its pass."""
+    return not isinstance(policy, AsyncARPolicy) or any(s.pending is not None for s in batch.seqs)
+
+
 def emit_pending(seq: Sequence, held: tuple) -> list[int]:
     """Emit the token `held` (InFlight, row) brings (waiting for its transfer): the sequence's next
     token. A sequence that ended drops the pass launched after it."""

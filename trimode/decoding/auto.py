@@ -80,7 +80,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass
 
-from trimode.decoding.ar import AsyncARPolicy, emit_pending
+from trimode.decoding.ar import emit_pending, is_whole_step
 from trimode.decoding.batch import Batch
 from trimode.decoding.settings import DecodeConfig
 from trimode.passes import Mode
@@ -204,9 +204,8 @@ class AutoPolicy:
     def run(self, batch: Batch, choice: Choice, config: DecodeConfig) -> list[list[int]]:
         """One step of choice's policy, timed and recorded."""
         had_drafts = [] if choice == AR else [s.drafts is not None for s in batch.seqs]
-        # an async AR step with no token in flight to wait for only launches its pass: not a step's time
         policy = self.policies[choice[0]]
-        timed = not isinstance(policy, AsyncARPolicy) or any(s.pending is not None for s in batch.seqs)
+        timed = is_whole_step(policy, batch)
         started = time.perf_counter()
         if self.last_end is not None:
             self.gaps.append(started - self.last_end)

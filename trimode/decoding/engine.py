@@ -35,6 +35,7 @@ from trimode.decoding.runner import ModelRunner
 from trimode.decoding.self_spec import SelfSpecPolicy
 from trimode.decoding.sequence import Sequence, Status
 from trimode.decoding.settings import DecodeConfig, EngineConfig, SamplingParams, env_switch
+from trimode.decoding.step_times import StepTimes
 from trimode.errors import InputError
 from trimode.model import NLDModel
 from trimode.passes import Mode, PassKind, cycle_positions
@@ -84,6 +85,9 @@ class Engine:
             self.policies[Mode.AR] = AsyncARPolicy()
         self.auto = AutoPolicy(dict(self.policies))  # AR ahead of the host too (auto.py settles it to switch)
         self.policies[Mode.AUTO] = self.auto
+        self.step_times: StepTimes | None = (
+            None  # set: times the fixed modes' steps (`trimode bench --save-step-times`)
+        )
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # hold a slot: prefilling or running
         self._ids = itertools.count()
@@ -163,9 +167,11 @@ class Engine:
         for group in self._prefill_groups(prefilling):
             for seq, tokens in zip(group, prefill(Batch(self.runner, group), self.config.prefill_chunk)):
                 new[seq.id] = tokens
+        timer = self.step_times
         for group in _groups(cycling):
-            policy = self.policies[group[0].decoding.mode]
-            for seq, tokens in zip(group, policy.step(Batch(self.runner, group), group[0].decoding)):
+            policy, batch, config = self.policies[group[0].decoding.mode], Batch(self.runner, group), group[0].decoding
+            emitted = timer.run(policy, batch, config) if timer else policy.step(batch, config)
+            for seq, tokens in zip(group, emitted):
                 new[seq.id] = tokens
         for seq in self.running:
             self._key_full_blocks(seq)
