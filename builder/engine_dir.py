@@ -176,13 +176,13 @@ def load_engine(engine_dir: Path, device: str | torch.device | None = None) -> B
     manifest = read_manifest(engine_dir)
     device = torch.device(device or manifest["settings"]["device"])
     check_manifest(engine_dir, manifest, device)
-    step_times = read_step_times(engine_dir, manifest)
+    saved = read_step_times(engine_dir, manifest)
     module = backend_module(manifest["settings"]["backend"])
     ck = load_checkpoint(engine_dir / CHECKPOINT_DIR, device=device, dtype=getattr(module, "MODEL_DTYPE", None))
     s = manifest["settings"]
     check_pool(ck.model, s["num_kv_blocks"], min(s["kv_block_size"], s["max_seq_len"]))
     backend = module.load(engine_dir, ck.model, manifest["backend"])
-    built = BuiltEngine(engine_dir, manifest, ck, backend, step_times)
+    built = BuiltEngine(engine_dir, manifest, ck, backend, saved and saved["seconds"])
     got = self_test(ck.model, ck.tokenizer, backend, built.config, built.block_lengths[0])
     recorded = manifest["self_test"]["tokens"]
     for mode in sorted(set(recorded) | set(got)):
@@ -195,7 +195,8 @@ def load_engine(engine_dir: Path, device: str | torch.device | None = None) -> B
 
 
 def read_step_times(engine_dir: Path, manifest: dict) -> dict | None:
-    """The step times `trimode bench --save-step-times` stored with this engine (None: none). Refused,
+    """What `trimode bench --save-step-times` stored with this engine (None: nothing): {"seconds":
+    {choice name: {batch size: seconds}}, "measured": {date, machine, ..}, "engine_digest"}. Refused,
     in one line, where unreadable or measured on another build of it."""
     path = engine_dir / STEP_TIMES
     if not path.is_file():
@@ -213,7 +214,7 @@ def read_step_times(engine_dir: Path, manifest: dict) -> dict | None:
         raise EngineError(f"{path}: seconds: expected {step_table_expected(lengths)}, AR's among them; {again}")
     if any(int(size) > slots for by_size in seconds.values() for size in by_size):
         raise EngineError(f"{path}: a batch size above the engine's {slots} slots; {again}")
-    return seconds
+    return saved
 
 
 def save_step_times(built: BuiltEngine, measured: dict, about: dict) -> Path:

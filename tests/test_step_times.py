@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from trimode.cli import main
 from trimode.decoding import step_times
 from trimode.decoding.auto import RUN_CYCLES
 from trimode.decoding.settings import DecodeConfig
@@ -124,7 +125,7 @@ def engine_copy(tiny_engine_dir, tmp_path):
     return d
 
 
-def test_saved_times_are_what_auto_starts_from_where_the_engine_loads_next(engine_copy):
+def test_saved_times_are_what_auto_starts_from_where_the_engine_loads_next(engine_copy, runner):
     from trimode.builder.engine_dir import load_engine, save_step_times
 
     built = load_engine(engine_copy)
@@ -141,6 +142,11 @@ def test_saved_times_are_what_auto_starts_from_where_the_engine_loads_next(engin
     assert again.step_times == saved["seconds"]
     auto = again.new_engine().auto
     assert auto.prior[Mode.SELF_SPEC, 1, 4] == 1.0 and auto.prior[Mode.AR, 1, 0] == 0.5
+    shown = runner.invoke(main, ["inspect", str(engine_copy)]).stdout
+    assert "auto       ms per step measured by trimode bench (today, ?, threads ?;" in shown
+    assert "self-spec/4 b1 1000.00" in shown and "ar b1 500.00" in shown  # ms
+    as_json = json.loads(runner.invoke(main, ["inspect", str(engine_copy), "--json"]).stdout)
+    assert as_json["step_times"] == saved and as_json["auto"] == built.manifest["auto"]
     # a second save keeps what the first measured and this one did not, scaled by the new AR's
     save_step_times(again, {"ar": {"1": 0.25}, "quadratic/4": {"1": 0.75}}, {})
     seconds = load_engine(engine_copy).step_times
@@ -176,10 +182,13 @@ def _saved(d, **fields) -> None:
         (lambda d: _saved(d, seconds={"ar": {"1": 0.1, "99": 0.1}}), "a batch size above the engine's"),
     ],
 )
-def test_a_bad_step_times_file_is_refused_in_one_line(engine_copy, refused, write, message):
-    """Before the self-test, by every command that loads the engine, saying what to do."""
+@pytest.mark.parametrize(
+    "command", [["generate", "--engine", "{d}", "hi", "--max-new-tokens", "2"], ["inspect", "{d}"]]
+)
+def test_a_bad_step_times_file_is_refused_in_one_line(engine_copy, refused, write, message, command):
+    """Before the self-test, by every command that loads the engine, and by inspect, saying what to do."""
     write(engine_copy)
-    result = refused(["generate", "--engine", engine_copy, "hello", "--max-new-tokens", "2"], engine_copy, message)
+    result = refused([a.format(d=engine_copy) for a in command], engine_copy, message)
     assert f"trimode bench --engine {engine_copy} --save-step-times" in result.error
     assert "or delete the file" in result.error
 

@@ -155,18 +155,27 @@ def build(
 
 @click.command()
 @click.argument("engine_dir", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the manifest as JSON (with what `trimode bench --save-step-times` stored, under step_times).",
+)
 def inspect(engine_dir: Path, as_json: bool) -> None:
-    """Print ENGINE_DIR's manifest: backend, settings, programs, device, versions, self-test.
+    """Print ENGINE_DIR's manifest: backend, settings, programs, device, versions, self-test, and the
+    step times auto starts from.
 
-    Reads only the manifest (no check of the files: loading the engine does that)."""
+    Reads only the manifest and the saved step times (no check of the other files: loading the
+    engine does that)."""
+    from trimode.builder.engine_dir import read_step_times
     from trimode.builder.manifest import read_manifest
 
     manifest = read_manifest(engine_dir)
+    saved = read_step_times(engine_dir, manifest)
     if as_json:
-        echo_json(manifest)
+        echo_json({**manifest, **({"step_times": saved} if saved else {})})
         return
-    click.echo(format_manifest(manifest))
+    click.echo(format_manifest(manifest, saved))
 
 
 def describe_graph(m: dict) -> str | None:
@@ -193,18 +202,25 @@ def describe_graph(m: dict) -> str | None:
     )
 
 
-def describe_auto(m: dict) -> str | None:
-    """The step times auto starts from (ms per step by batch size); None for an engine without them."""
-    if "auto" not in m:
+def describe_auto(m: dict, saved: dict | None) -> str | None:
+    """The step times auto starts from (ms per step by batch size): saved by `trimode bench`, else the
+    build's; None for an engine without them."""
+    if saved is None and "auto" not in m:
         return None
+    seconds = saved["seconds"] if saved else m["auto"]["seconds"]
     times = "; ".join(
-        f"{mode} " + ", ".join(f"b{size} {seconds * 1e3:.2f}" for size, seconds in by_size.items())
-        for mode, by_size in m["auto"]["seconds"].items()
+        f"{mode} " + ", ".join(f"b{size} {t * 1e3:.2f}" for size, t in sorted(by_size.items(), key=lambda i: int(i[0])))
+        for mode, by_size in seconds.items()
     )
-    return f"ms per step at build: {times}"
+    if saved is None:
+        return f"ms per step at build: {times}"
+    about = saved.get("measured", {})
+    machine = about.get("machine", {})
+    when = f"{about.get('date', '?')}, {machine.get('cpu', '?')}, threads {machine.get('torch_threads', '?')}"
+    return f"ms per step measured by trimode bench ({when}; what it did not run: the build's, scaled): {times}"
 
 
-def format_manifest(m: dict) -> str:
+def format_manifest(m: dict, saved: dict | None = None) -> str:
     s, d, c, kv = m["settings"], m["device"], m["model"]["config"], m["kv_cache"]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
     programs = ", ".join(p["name"] for p in m["programs"])
@@ -236,7 +252,7 @@ def format_manifest(m: dict) -> str:
         f"self-test  {m['self_test']['max_new_tokens']} tokens x {len(m['self_test']['prompts'])} prompts per mode, "
         f"block {m['self_test']['block_length']}: "
         + json.dumps({k: v[0][:6] for k, v in m["self_test"]["tokens"].items()}),
-        *([f"auto       {auto}"] if (auto := describe_auto(m)) else []),
+        *([f"auto       {auto}"] if (auto := describe_auto(m, saved)) else []),
         f"files      {len(m['files'])}, digest {m['digest_sha256'][:12]}...",
     ]
     return "\n".join(lines)
