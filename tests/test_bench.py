@@ -512,6 +512,30 @@ def test_save_step_times(runner, tiny_engine_dir, prompts_file, tmp_path):
 
 
 @pytest.mark.parametrize(
+    "tokens, block, message",
+    [
+        (4, False, "too few AR steps to time (fewer than 16 at every batch size): nothing saved in"),
+        (32, True, "step_times.json: cannot write it (Is a directory): step times not saved"),
+    ],
+)
+def test_step_times_not_saved_after_the_bench_lose_no_report(
+    runner, tiny_engine_dir, prompts_file, tmp_path, tokens, block, message
+):
+    """A save that fails after the bench says why after the report, which is printed, and exits 1."""
+    d = tmp_path / "engine"
+    shutil.copytree(tiny_engine_dir, d)
+    if block:
+        (d / "step_times.json").mkdir()  # in the way of the rename (an empty folder: no file of the build)
+    args = ["--engine", d, "--prompts", prompts_file, "--concurrency", 1, "--requests", 1, "--max-tokens", tokens]
+    result = runner.invoke(main, ["bench", *map(str, args), "--modes", "ar", "--save-step-times", "--json"])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: ") and message in result.stderr and len(result.stderr.splitlines()) == 1
+    report = json.loads(result.stdout)
+    assert report["results"][0]["num_output_tokens"] == tokens and message in report["notes"][-1]
+    assert not (d / "step_times.json").is_file()
+
+
+@pytest.mark.parametrize(
     "args, message",
     [
         ([], "pass one of --engine, --url and --openai"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -248,6 +249,10 @@ def bench(
 
         from trimode.triton_repo.settings import DEFAULT_ENGINE_THREADS
 
+        if save_step_times and not os.access(engine_dir, os.W_OK):
+            raise click.BadParameter(
+                f"{engine_dir}: not writable here, so the step times could not be saved", param_hint="'--engine'"
+            )
         torch.set_num_threads(threads or DEFAULT_ENGINE_THREADS)
         target: Target = EngineTarget(engine_dir, time_steps=save_step_times)
     elif url:
@@ -271,15 +276,23 @@ def bench(
         for bar in bars:
             bar.close()
         target.close()
+    unsaved = None  # why the step times were not saved: said after the report, which is not lost
     if save_step_times:
+        from trimode.errors import EngineError
+
         assert isinstance(target, EngineTarget)
         about = {"date": report["date"], "tool": report["tool"], "machine": report["machine"]}
-        path, measured = target.save_step_times(about)
-        sizes = sorted({int(size) for by_size in measured.values() for size in by_size})
-        report["notes"].append(
-            f"step times of {', '.join(measured)} at batch sizes {', '.join(map(str, sizes))} saved to {path}: "
-            f"auto starts from them wherever this engine is loaded next"
-        )
+        try:
+            path, measured = target.save_step_times(about)
+        except EngineError as e:
+            unsaved = e
+            report["notes"].append(f"step times not saved: {e}")
+        else:
+            sizes = sorted({int(size) for by_size in measured.values() for size in by_size})
+            report["notes"].append(
+                f"step times of {', '.join(measured)} at batch sizes {', '.join(map(str, sizes))} saved to "
+                f"{path}: auto starts from them wherever this engine is loaded next"
+            )
     if engine_dir is not None and dropped:
         report["notes"].append(
             f"concurrency {', '.join(map(str, dropped))} not measured: above the engine's {target.slots} slots"
@@ -288,7 +301,9 @@ def bench(
         write_bench_dir(report, out_dir, force)
     if as_json:
         echo_json(report)
-        return
-    click.echo(format_table(report))
-    if out_dir is not None:
+    else:
+        click.echo(format_table(report))
+    if out_dir is not None and not as_json:
         click.echo(f"wrote {out_dir}/bench.json and bench.png", err=True)
+    if unsaved is not None:
+        raise unsaved
