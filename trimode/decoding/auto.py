@@ -15,8 +15,8 @@ best:
   measured here per batch size in runs of it, from a run's RUN_CYCLES-th cycle: on the CPU
   sandboxes a self-spec cycle after AR took 8 ms after 0.05 s of AR, 30 after 2 s, 50 after 5 s
   (its passes, with no page fault: memory left idle came back slowly), and a dozen cycles to fall
-  to its 4 ms. Where the engine dir brought step times measured at its build (`seed`), those stand
-  in until a run is timed, scaled by AR's time here over AR's at the build, and a run's times move
+  to its 4 ms. Where the engine dir brought step times (`seed`: measured as it serves by `trimode
+  bench --save-step-times`, else at its build), those stand in until a run is timed, scaled by AR's time here over AR's at the build, and a run's times move
   them rather than replace them. Without them each choice first runs until WARMUP_RUNS of its steps
   are timed (from a switch's second cycle: nothing better is known). At a batch size where a choice
   has no time, the nearest size's time stands in, scaled as AR's time scales between the two.
@@ -165,8 +165,9 @@ class AutoPolicy:
         self.seeded: set[Choice] = set()  # with build times
 
     def seed(self, prior: dict) -> None:
-        """Start from step times measured where the engine was built (its manifest's `auto`:
-        builder/engine_dir.auto_prior, {choice name: {batch size: seconds}}). A choice with build times
+        """Start from the step times the engine dir brought ({"seconds": {choice name: {batch size:
+        seconds}}}, BuiltEngine.step_times: measured as it serves by `trimode bench`, step_times.py,
+        else at its build, engine_dir.auto_prior; "build times" below). A choice with build times
         needs no warm-up runs, so the first steps already run the choice of the best estimated rate.
         Times measured here always win; a build time stands where none is, scaled as AR's time here is
         to AR's at the build (another thread count or load changes every mode alike: unscaled, a mode
