@@ -26,7 +26,6 @@ import torch
 
 from trimode.builder.manifest import (
     STEP_TIMES,
-    STEP_TIMES_PART,
     check_manifest,
     is_step_table,
     read_manifest,
@@ -231,11 +230,12 @@ def save_step_times(built: BuiltEngine, measured: dict, about: dict) -> Path:
     earlier = built.step_times
     seconds = merge(measured, earlier) if earlier else measured
     saved = {"engine_digest": built.manifest["digest_sha256"], "measured": {**about, "choices": sorted(measured)}}
-    path, part = built.path / STEP_TIMES, built.path / STEP_TIMES_PART
+    path, part = built.path / STEP_TIMES, built.path / f".{STEP_TIMES}.{os.getpid()}.part"  # two saves at once
     try:
         part.write_text(json.dumps({**saved, "seconds": seconds}, indent=1) + "\n", encoding="utf-8")
         os.replace(part, path)
     except OSError as e:
+        part.unlink(missing_ok=True)
         raise EngineError(f"{path}: cannot write it ({e.strerror or e}): step times not saved") from None
     built.saved_step_times = seconds
     return path

@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import platform
+import re
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -31,7 +32,7 @@ FORMAT_CHANGES = {
 }
 STAGE = "build"
 STEP_TIMES = "step_times.json"  # auto's step times measured by `trimode bench` (engine_dir.save_step_times)
-STEP_TIMES_PART = f".{STEP_TIMES}.part"  # the same, being written
+STEP_TIMES_PART = re.compile(rf"\.{re.escape(STEP_TIMES)}\.\d+\.part")  # the same being written, by a process id
 # The libraries each backend's files depend on: a different version on load means a rebuild.
 LIBRARIES = {
     "torch": ("torch",),
@@ -84,8 +85,13 @@ def file_digests(engine_dir: Path) -> dict[str, str]:
     return {
         str(p.relative_to(engine_dir)): file_digest(p)
         for p in sorted(engine_dir.rglob("*"))
-        if p.is_file() and p.name != MANIFEST and p not in (engine_dir / STEP_TIMES, engine_dir / STEP_TIMES_PART)
+        if p.is_file() and p.name != MANIFEST and not is_step_times(engine_dir, p)
     }
+
+
+def is_step_times(engine_dir: Path, path: Path) -> bool:
+    """Whether path is the engine dir's step times, or a copy of them being written."""
+    return path.parent == engine_dir and (path.name == STEP_TIMES or bool(STEP_TIMES_PART.fullmatch(path.name)))
 
 
 def read_manifest(engine_dir: Path) -> dict:

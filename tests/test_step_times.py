@@ -196,5 +196,5 @@ def test_a_bad_step_times_file_is_refused_in_one_line(engine_copy, refused, writ
 def test_a_save_cut_short_leaves_an_engine_that_loads(engine_copy):
     from trimode.builder.engine_dir import load_engine
 
-    (engine_copy / ".step_times.json.part").write_text('{"engine_dig')  # killed while writing
+    (engine_copy / ".step_times.json.4242.part").write_text('{"engine_dig')  # killed while writing
     assert load_engine(engine_copy).step_times == load_engine(engine_copy).manifest["auto"]["seconds"]
