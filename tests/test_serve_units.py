@@ -526,3 +526,25 @@ def test_the_outbox_sends_in_order_and_says_when_it_is_empty():
     at_once.put(lambda: 1 / 0)  # a sender's failure is its own: the outbox goes on
     at_once.put(lambda: sent.append("after"))
     assert sent[-1] == "after"
+
+
+def test_the_log_line_that_says_why_tritonserver_stopped():
+    """A model that failed to load is the cause, named without the Python frames Triton appends;
+    the generic last error line only where none did."""
+    from trimode.triton_repo.server import log_cause
+
+    failed = (
+        'I1207 23:37:29.3 1 pb_stub.cc:366] "Failed to initialize Python stub: EngineError: bad"\n'
+        "E1207 23:37:30.05 1 model_lifecycle.cc:642] \"failed to load 'engine' version 1: Internal: "
+        "EngineError: /e/step_times.json: unreadable (JSONDecodeError); or delete the file\\n\\nAt:\\n  "
+        '/w/engine_dir.py(207): read_step_times\\n"\n'
+        "E1207 23:37:30.06 1 model_repository_manager.cc:703] \"Invalid argument: ensemble 'ar' depends on 'engine'\"\n"
+        'I1207 23:37:32.06 1 server.cc:345] "Timeout 28: Found 0 live models"\n'
+        "error: creating server: Internal - failed to load all models\n"
+    )
+    assert log_cause(failed) == (
+        "failed to load 'engine' version 1: Internal: EngineError: /e/step_times.json: unreadable "
+        "(JSONDecodeError); or delete the file"
+    )
+    assert log_cause("I0 started\nE1 port in use\nI2 bye\n") == "E1 port in use"
+    assert log_cause("I0 started\n") == "I0 started" and log_cause("") == ""

@@ -183,10 +183,16 @@ def _saved(d, **fields) -> None:
     ],
 )
 @pytest.mark.parametrize(
-    "command", [["generate", "--engine", "{d}", "hi", "--max-new-tokens", "2"], ["inspect", "{d}"]]
+    "command",
+    [
+        ["generate", "--engine", "{d}", "hi", "--max-new-tokens", "2"],
+        ["inspect", "{d}"],
+        ["repo", "{d}", "--out", "{d}.repo"],
+    ],
 )
 def test_a_bad_step_times_file_is_refused_in_one_line(engine_copy, refused, write, message, command):
-    """Before the self-test, by every command that loads the engine, and by inspect, saying what to do."""
+    """Before the self-test, by every command that loads the engine, by inspect, and by repo (so a
+    server does not fail to load it), saying what to do."""
     write(engine_copy)
     result = refused([a.format(d=engine_copy) for a in command], engine_copy, message)
     assert f"trimode bench --engine {engine_copy} --save-step-times" in result.error

@@ -310,9 +310,7 @@ class TritonServer:
     def _log_tail(self) -> str:
         if not self.log_path or not Path(self.log_path).is_file():
             return ""
-        lines = [ln for ln in Path(self.log_path).read_text(errors="replace").splitlines() if ln.strip()]
-        errors = [ln for ln in lines if ln.startswith("E") or "error" in ln.lower()]
-        return f" (log {self.log_path}: {(errors or lines or [''])[-1].strip()[:400]})"
+        return f" (log {self.log_path}: {log_cause(Path(self.log_path).read_text(errors='replace'))})"
 
     def stop(self, timeout_s: float = 15.0) -> int | None:
         """Stop now. An idle server (a drained one) gets SIGTERM, then SIGKILL after timeout_s; a busy one
@@ -396,6 +394,18 @@ def _proc_stat(pid: str) -> list[str] | None:
     except OSError:
         return None
     return text[text.rindex(")") + 2 :].split()
+
+
+def log_cause(log: str) -> str:
+    """The line of a tritonserver log that says why it stopped: the first model that failed to load
+    (its error, without the Python frames Triton appends), else the last error line, else the last."""
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
+    failed = [ln for ln in lines if "failed to load '" in ln]
+    if failed:
+        cause = failed[0][failed[0].index("failed to load '") :]
+        return cause.split("\\n\\nAt:")[0].split("\\n")[0][:400]
+    errors = [ln for ln in lines if ln.startswith("E") or "error" in ln.lower()]
+    return (errors or lines or [""])[-1][:400]
 
 
 def _wait_status(status: int) -> str:
