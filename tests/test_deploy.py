@@ -52,6 +52,7 @@ def test_each_stage_writes_its_own_output_and_manifest(tiny_deploy_dir):
     assert stage_of["repo"]["engine"]["path"] == str((tiny_deploy_dir / "engine").resolve())
     # each stage's record chains to the previous stage's output
     assert manifest["stages"]["build"]["input_digest"] == manifest["stages"]["quantize"]["output_digest"]
+    assert manifest["stages"]["repo"]["input_digest"] == manifest["stages"]["build"]["output_digest"]
 
 
 def test_a_rerun_reuses_every_unchanged_stage_and_touches_nothing(copied, runner, tiny_adapter_dir, tree):
@@ -64,6 +65,11 @@ def test_a_rerun_reuses_every_unchanged_stage_and_touches_nothing(copied, runner
     assert {k: v for k, v in tree(copied).items() if k != "manifest.json"} == {
         k: v for k, v in before.items() if k != "manifest.json"
     }
+    # step times saved with the engine (`trimode bench --save-step-times`) are no new input of the repository
+    engine_digest = json.loads((copied / "engine" / "manifest.json").read_text())["digest_sha256"]
+    saved = {"engine_digest": engine_digest, "seconds": {"ar": {"1": 0.001}}}
+    (copied / "engine" / "step_times.json").write_text(json.dumps(saved))
+    assert reused(run_deploy(runner, tiny_adapter_dir, copied)) == dict.fromkeys(STAGES, True)
 
 
 def test_a_changed_setting_or_an_edited_output_redoes_that_stage_only(copied, runner, tiny_adapter_dir):
