@@ -8,7 +8,8 @@
 #      the eager model in every mode, through its CUDA graphs), then scripts/bench_engine.py (engine vs
 #      eager vs transformers),
 #   5. scripts/bench_host.py on that engine: CUDA graphs and async AR steps on, then each off,
-#   6. `trimode bench` of that engine: auto against ar, self-spec and quadratic at concurrency 1 and 8.
+#   6. `trimode bench` of that engine: auto against ar, self-spec and quadratic at concurrency 1 and 8,
+#      saving the fixed modes' step times with the engine (step_times.json, copied to the results).
 # Results land in $OUT (the device tool's folder) or out/gpu: *.json and the logs.
 # Usage, from the repository root on the GPU machine:  bash scripts/gpu_check.sh
 set -uo pipefail
@@ -42,8 +43,8 @@ for run in "default" "TRIMODE_PASS_GRAPHS=0" "TRIMODE_ASYNC_STEPS=0"; do
 done
 # 6. auto >= the best fixed mode and >= AR (issue spec-v2), where switching costs about nothing
 [ -d "$engine" ] && { timeout 90 $py -m trimode.cli bench --engine "$engine" --modes ar,self-spec,quadratic,auto \
-  --concurrency 1,8 --requests 16 --repeats 2 --max-tokens 64 --json >"$out/bench_auto.json" \
-  2>"$out/bench_auto.log" || status=1; }
+  --concurrency 1,8 --requests 16 --repeats 2 --max-tokens 64 --save-step-times --json >"$out/bench_auto.json" \
+  2>"$out/bench_auto.log" || status=1; cp "$engine/step_times.json" "$out/" 2>/dev/null; }
 $py - "$out" <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
@@ -63,5 +64,6 @@ bench = out / "bench_auto.json"
 if bench.exists():
     for row in json.loads(bench.read_text())["results"]:
         print(row["variant"], "c=%d" % row["concurrency"], row["tokens_per_s"], "tok/s", row["speedup_vs_ar"], "x AR")
+    print(*json.loads(bench.read_text())["notes"], sep="\n")
 PY
 exit $status
