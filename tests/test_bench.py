@@ -501,6 +501,7 @@ def test_save_step_times(runner, tiny_engine_dir, prompts_file, tmp_path):
     shutil.copytree(tiny_engine_dir, d)
     args = ["--engine", d, "--prompts", prompts_file, "--concurrency", 1, "--requests", 4, "--max-tokens", 32]
     report = _bench(runner, *args, "--modes", "ar,self-spec,auto", "--save-step-times")
+    assert report["target"]["auto_step_times"] == "build"  # what this run's auto started from
     assert f"step times of ar, self-spec/4 at batch sizes 1 saved to {d / 'step_times.json'}" in report["notes"][-1]
     saved = json.loads((d / "step_times.json").read_text())
     assert saved["measured"]["choices"] == ["ar", "self-spec/4"]
@@ -508,7 +509,8 @@ def test_save_step_times(runner, tiny_engine_dir, prompts_file, tmp_path):
     built = load_engine(d)
     assert built.step_times == saved["seconds"]
     assert set(saved["seconds"]) == set(built.manifest["auto"]["seconds"])  # the rest: the build's, scaled
-    assert _bench(runner, *args, "--modes", "auto")["results"][0]["num_output_tokens"] == 4 * 32
+    again = _bench(runner, *args, "--modes", "auto")
+    assert again["target"]["auto_step_times"] == "saved" and again["results"][0]["num_output_tokens"] == 4 * 32
 
 
 @pytest.mark.parametrize(

@@ -143,6 +143,8 @@ class EngineTarget:
             "slots": self.slots,
             "max_seq_len": s["max_seq_len"],
             "block_lengths": list(self.built.block_lengths),
+            # the step times auto started from: saved by an earlier `bench --save-step-times`, or the build's
+            "auto_step_times": "saved" if self.built.saved_step_times else "build",
         }
 
     def check(self, modes: list[Mode]) -> None:

@@ -148,7 +148,7 @@ def _host_port(ctx, param, value: str | None) -> str | None:
     help="With --engine: store the step time of each mode auto chooses among (AR, self-spec and "
     "quadratic at each block length run), at each batch size run, in the engine dir's step_times.json, "
     "where auto starts from them wherever the engine is loaded next (a server too) instead of the "
-    "times of its build, which on CPU rated self-spec/8's step at 4.6x AR's where served it took 3.5x. "
+    "times of its build (on CPU self-spec/8's step took 4.0x AR's served, 4.6x at the build). "
     "Measure at the threads the engine serves with (--threads' default).",
 )
 @click.option(

@@ -2,11 +2,12 @@
 stores with an engine (engine_dir.save_step_times) for auto to start from instead of the build's.
 
 A build times each choice on a short fixed prompt, 16 tokens a request (engine_dir.auto_prior).
-Served on the held-out prompts, 64 tokens a request, the speculative steps took less next to AR's
-than the build said: self-spec/8 3.5x AR's step where the build said 4.6x, self-spec/4 2.5x where
-it said 3.0x (2-core Intel Xeon, 2026-12-07, engine of block lengths 2, 4 and 8). Auto times a
-choice only in runs of RUN_CYCLES cycles, which its short visits rarely reach, so it kept the
-build's ratios and underrated every speculative choice.
+Served on the held-out prompts, 64 tokens a request, the ratios to AR's step came out otherwise:
+self-spec/8 4.0x AR's at batch 1 where the build said 4.6x, 6.8x at batch 8 where it said 6.0x
+(2-core Intel Xeon, 2026-12-07, engine of block lengths 2, 4 and 8). Auto times a choice only in
+runs of RUN_CYCLES cycles, which its short visits rarely reach, so it kept the build's ratios.
+Started from the served times it ran at 0.99x the best fixed mode on average, from the build's
+at 0.97x (docs/performance.md).
 
 A table is {choice name: {batch size: seconds}} (choice_name: ar, self-spec/8, quadratic/4), the
 median of a group's policy step at that batch size, as auto times its own steps (AutoPolicy.run),
