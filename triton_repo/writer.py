@@ -56,9 +56,9 @@ def write_model_repo(
     engine_settings = manifest["settings"]
     if engine_settings["onnx_only"]:
         raise EngineError(f"{engine_dir}: built with --onnx-only, it runs nothing; build a runnable engine")
-    # the checks every load runs (seal, fields, each file's digest, versions, device, saved step times): a broken engine dir
-    # fails here, not when the server loads it. Not its self-test, which loads the model and runs every
-    # mode: the engine model runs it on every server start anyway (load_engine).
+    # the checks every load runs (seal, fields, each file's digest, versions, device, saved step times):
+    # a broken engine dir fails here, not when the server loads it. Not its self-test, which loads the
+    # model and runs every mode: the engine model runs it on every server start anyway (load_engine).
     check_manifest(engine_dir, manifest, torch.device(engine_settings["device"]))
     read_step_times(engine_dir, manifest)
     programs = {PassKind(p["kind"]) for p in manifest["programs"]}
