@@ -90,7 +90,7 @@ class BuiltEngine:
     def new_engine(self) -> Engine:
         engine = Engine(self.checkpoint.model, self.config, backend=self.backend, block_lengths=self.block_lengths)
         if self.step_times:
-            engine.auto.seed({"seconds": self.step_times})
+            engine.auto.seed(self.step_times)
         return engine
 
 
@@ -229,10 +229,14 @@ def save_step_times(built: BuiltEngine, measured: dict, about: dict) -> Path:
         )
     earlier = built.step_times
     seconds = merge(measured, earlier) if earlier else measured
-    saved = {"engine_digest": built.manifest["digest_sha256"], "measured": {**about, "choices": sorted(measured)}}
+    saved = {
+        "engine_digest": built.manifest["digest_sha256"],
+        "measured": {**about, "choices": sorted(measured)},
+        "seconds": seconds,
+    }
     path, part = built.path / STEP_TIMES, built.path / f".{STEP_TIMES}.{os.getpid()}.part"  # two saves at once
     try:
-        part.write_text(json.dumps({**saved, "seconds": seconds}, indent=1) + "\n", encoding="utf-8")
+        part.write_text(json.dumps(saved, indent=1) + "\n", encoding="utf-8")
         os.replace(part, path)
     except OSError as e:
         part.unlink(missing_ok=True)

@@ -273,7 +273,7 @@ def test_an_engine_s_build_times_stand_for_the_warm_up(batch_of_two):
     the mode of the best estimated rate at once: quadratic (2 x 2.0 prior tokens / 1.5 ms) over AR
     (2 / 1 ms), with no step spent measuring AR and self-spec first."""
     policy = AutoPolicy({})
-    policy.seed({"seconds": {"ar": {"2": 1e-3}, "self-spec/4": {"2": 3e-3}, "quadratic/4": {"2": 1.5e-3}}})
+    policy.seed({"ar": {"2": 1e-3}, "self-spec/4": {"2": 3e-3}, "quadratic/4": {"2": 1.5e-3}})
     assert policy.choose(batch_of_two) == Q
     assert AutoPolicy({}).choose(batch_of_two) == AR  # unseeded: measures AR first
 
@@ -287,7 +287,7 @@ def test_build_times_scale_as_ar_s_time_here_and_runs_of_a_mode_move_them(batch_
     move the estimate from the build time by ALPHA."""
     policy = AutoPolicy({})
     build = {"ar": {"2": 1e-3}, "self-spec/4": {"2": 3e-3}, "quadratic/4": {"2": 2.5e-3}}
-    policy.seed({"seconds": build})
+    policy.seed(build)
     policy.acceptance[Q], policy.samples[Q] = 2.0, TRUSTED_SAMPLES
     policy.seconds[Mode.AR, 2, 0] = 2e-3
     assert policy.step_seconds(Q, 2) == pytest.approx(5e-3)
@@ -307,7 +307,7 @@ def test_a_switch_costs_what_its_first_cycles_take_beyond_the_mode_s_time(batch_
     trip: at 3000 tokens/s against AR's 2000 it saves 21 ms."""
     policy = AutoPolicy({})
     build = {"ar": {"2": 1e-3}, "self-spec/4": {"2": 2e-3}, "quadratic/4": {"2": 9e-3}}
-    policy.seed({"seconds": build})
+    policy.seed(build)
     policy.seconds.update({(Mode.AR, 2, 0): 1e-3, (Mode.SELF_SPEC, 2, 4): 2e-3})
     for seq in batch_of_two.seqs:
         seq.stats.accepted_lengths.append(3)
@@ -454,7 +454,7 @@ def test_build_times_where_ar_has_not_run_scale_by_ar_s_time_at_the_nearest_batc
     and (from 4) at 6 too. Unscaled, self-spec at 6 once looked 3x faster than it ran."""
     policy = AutoPolicy({})
     build = {"ar": {"4": 1e-3, "8": 1e-3}, "self-spec/4": {"4": 3e-3, "8": 4e-3}, "quadratic/4": {"4": 5e-3, "8": 6e-3}}
-    policy.seed({"seconds": build})
+    policy.seed(build)
     policy.seconds[Mode.AR, 8, 0] = 2e-3
     assert policy.step_seconds(SS, 4) == pytest.approx(6e-3)
     assert policy.step_seconds(SS, 6) == pytest.approx(6e-3)
@@ -469,7 +469,7 @@ def test_a_mode_with_a_build_time_but_no_acceptance_is_measured_at_once_if_it_co
     cycle has no drafts to accept), whatever the batch size; with them all the ratio rule alone
     decides, and 1 token a cycle never runs again. Self-spec (2 x 2 / 9 ms) never runs."""
     policy = AutoPolicy({})
-    policy.seed({"seconds": {"ar": {"2": 1e-3}, "self-spec/4": {"2": 9e-3}, "quadratic/4": {"2": 1.5e-3}}})
+    policy.seed({"ar": {"2": 1e-3}, "self-spec/4": {"2": 9e-3}, "quadratic/4": {"2": 1.5e-3}})
     for seq in batch_of_two.seqs:
         seq.acceptance = {Q: 0.5}
     now = policy.last_run[Q]  # nothing is stale
@@ -547,7 +547,7 @@ def test_a_quadratic_cycle_without_drafts_is_not_counted(tiny):
 
 def test_admission_reserves_for_the_mode_run_last_and_before_any_for_quadratic(batch_of_two):
     policy = AutoPolicy({})
-    policy.seed({"seconds": {"ar": {"2": 1e-3}, "quadratic/4": {"2": 2e-3}}})
+    policy.seed({"ar": {"2": 1e-3}, "quadratic/4": {"2": 2e-3}})
     assert policy.last_choice((4,)) == Q  # build times ran nothing here
     policy.record(batch_of_two, AR, 1e-3, [False, False])
     assert policy.last_choice((4,)) == AR and policy.last_choice((4, 8)) == (Mode.QUADRATIC, 8)

@@ -535,7 +535,7 @@ def test_auto_s_build_times_cover_every_block_length(tiny, monkeypatch):
     assert set(prior["seconds"]) == {choice_name(c) for c in choices((4, 8))}
     assert all(list(by_size) == ["1", "2"] for by_size in prior["seconds"].values())
     policy = AutoPolicy({})
-    policy.seed(prior)
+    policy.seed(prior["seconds"])
     assert policy.seeded == set(choices((4, 8)))
 
 

@@ -16,8 +16,8 @@ best:
   sandboxes a self-spec cycle after AR took 8 ms after 0.05 s of AR, 30 after 2 s, 50 after 5 s
   (its passes, with no page fault: memory left idle came back slowly), and a dozen cycles to fall
   to its 4 ms. Where the engine dir brought step times (`seed`: measured as it serves by `trimode
-  bench --save-step-times`, else at its build), those stand in until a run is timed, scaled by AR's time here over AR's at the build, and a run's times move
-  them rather than replace them. Without them each choice first runs until WARMUP_RUNS of its steps
+  bench --save-step-times`, else at its build), those stand in until a run is timed, scaled by
+  AR's time here over AR's there, and a run's times move them rather than replace them. Without them each choice first runs until WARMUP_RUNS of its steps
   are timed (from a switch's second cycle: nothing better is known). At a batch size where a choice
   has no time, the nearest size's time stands in, scaled as AR's time scales between the two.
 - Time outside auto's steps: what the engine and the server around it spend between two steps
@@ -55,12 +55,11 @@ best:
   EXPLORE_RATIO of the best's; the choices within it split EXPLORE_SHARE (with a share each, an
   engine of block lengths 2, 4 and 8 spent 3% of its time re-measuring three self-specs on
   requests where AR won). (On CPU a quadratic step at batch 8 took 17x an AR step: re-measuring it
-  every 64 steps cost auto a quarter of its speed.) A choice with fewer than TRUSTED_SAMPLES acceptance samples is
-  visited at once if it would beat the best accepting HOPED_SHARE of each block (it waited to be
-  stale like the others: a fresh engine at c=4 ran AR for its first 1.4 s of steps, a bench's whole
-  level, on requests where self-spec/8 ran 1.18x AR; it costs one visit a choice, once, since the
-  samples pool over every sequence): a build time says how
-  long a step takes, not how many tokens it gives, and the prior alone would keep a choice that
+  every 64 steps cost auto a quarter of its speed.) A choice with fewer than TRUSTED_SAMPLES
+  acceptance samples is visited at once if it would beat the best accepting HOPED_SHARE of each
+  block (it waited to be stale like the others: a fresh engine at c=4 ran AR for its first 1.4 s of
+  steps, a bench's whole level, on requests where self-spec/8 ran 1.18x AR; it costs one visit a
+  choice, once, since the samples pool over every sequence): a build time says how long a step takes, not how many tokens it gives, and the prior alone would keep a choice that
   runs 1.2x AR on these requests from ever running (the adapter's best requests take 92% of a
   block, the held-out ones 37%: at half a block, self-spec/8 timed at the serving threads, 4.4 ms a
   step at batch 1 against AR's 0.95, was never tried on requests where it ran 1.9x AR; quadratic/8
@@ -165,14 +164,14 @@ class AutoPolicy:
         self.seeded: set[Choice] = set()  # with build times
 
     def seed(self, prior: dict) -> None:
-        """Start from the step times the engine dir brought ({"seconds": {choice name: {batch size:
-        seconds}}}, BuiltEngine.step_times: measured as it serves by `trimode bench`, step_times.py,
-        else at its build, engine_dir.auto_prior; "build times" below). A choice with build times
+        """Start from the step times the engine dir brought ({choice name: {batch size: seconds}},
+        BuiltEngine.step_times: measured as it serves by `trimode bench`, step_times.py, else at its
+        build, engine_dir.auto_prior; "build times" below). A choice with build times
         needs no warm-up runs, so the first steps already run the choice of the best estimated rate.
         Times measured here always win; a build time stands where none is, scaled as AR's time here is
         to AR's at the build (another thread count or load changes every mode alike: unscaled, a mode
         measured at the build with more threads looked faster than it runs here, and auto kept trying it)."""
-        for name, by_size in prior["seconds"].items():
+        for name, by_size in prior.items():
             mode, width = choice = parse_choice(name)
             for size, seconds in by_size.items():
                 self.prior[mode, int(size), width] = seconds
