@@ -200,7 +200,10 @@ def read_step_times(engine_dir: Path, manifest: dict) -> dict | None:
     path = engine_dir / STEP_TIMES
     if not path.is_file():
         return None
-    again = f"measure them again with `trimode bench --engine {engine_dir} --save-step-times`, or delete the file"
+    again = (
+        f"delete the file (auto then starts from the build's times), then measure them again if wanted with "
+        f"`trimode bench --engine {engine_dir} --save-step-times`"
+    )
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as e:

@@ -192,11 +192,12 @@ def _saved(d, **fields) -> None:
 )
 def test_a_bad_step_times_file_is_refused_in_one_line(engine_copy, refused, write, message, command):
     """Before the self-test, by every command that loads the engine, by inspect, and by repo (so a
-    server does not fail to load it), saying what to do."""
+    server does not fail to load it), saying what to do: delete it first, as the bench that would
+    measure again loads the engine too."""
     write(engine_copy)
     result = refused([a.format(d=engine_copy) for a in command], engine_copy, message)
     assert f"trimode bench --engine {engine_copy} --save-step-times" in result.error
-    assert "or delete the file" in result.error
+    assert "delete the file (auto then starts from the build's times), then measure them again" in result.error
 
 
 def test_a_save_cut_short_leaves_an_engine_that_loads(engine_copy):
