@@ -8,6 +8,7 @@ requests get clear errors and the server keeps serving.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 import urllib.request
@@ -324,3 +325,33 @@ def test_client_that_disconnects_mid_stream_frees_its_slot(server):
         ]
         == 3
     )
+
+
+def test_a_client_of_the_engine_model_itself_that_disconnects_frees_its_slot(server):
+    """Without an ensemble the cancel reaches the engine through the request's response sender, which
+    the loop asks every 50 ms (loop.py SENDER_POLL_S)."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    def tensor(name, array):
+        t = grpcclient.InferInput(name, list(array.shape), "BYTES" if array.dtype == object else name_type[name])
+        t.set_data_from_numpy(array)
+        return t
+
+    name_type = {"input_ids": "INT32", "input_lengths": "INT32", "max_tokens": "INT32", "end_id": "INT32"}
+    name_type["stream"] = "BOOL"
+    values = {"input_ids": [3, 4, 5, 6], "input_lengths": [4], "max_tokens": [70], "end_id": [-1], "stream": [True]}
+
+    def cancel_one():
+        first: queue.Queue = queue.Queue()
+        stream = grpcclient.InferenceServerClient(url(server, "grpc"))
+        stream.start_stream(callback=lambda result, error: first.put(error or result))
+        inputs = [tensor(k, np.array([v], dtype=bool if k == "stream" else np.int32)) for k, v in values.items()]
+        stream.async_stream_infer("engine", [*inputs, tensor("mode", np.array([[b"ar"]], dtype=object))])
+        got = first.get(timeout=60)
+        assert not isinstance(got, Exception), got.message()
+        stream.stop_stream(cancel_requests=True)
+        stream.close()
+
+    before, after = abort_mid_stream(server, cancel_one)
+    assert after['trimode_batch_occupancy{mode="all",model="engine"}'] == 0
