@@ -328,13 +328,16 @@ def check_fields(engine_dir: Path, manifest: dict) -> None:
 def is_step_table(v, block_lengths) -> TypeGuard[dict]:
     """Whether v is a table of auto's step times on an engine of these block lengths:
     {choice name: {batch size: seconds}} (decoding/step_times.py)."""
-    timed = {choice_name(c) for c in choices(tuple(block_lengths))}
-    return _is_dict(v, _is_seconds_by_size) and set(v) <= timed
+    return _is_dict(v, _is_seconds_by_size) and set(v) <= _timed_choices(block_lengths)
 
 
 def step_table_expected(block_lengths) -> str:
-    timed = {choice_name(c) for c in choices(tuple(block_lengths))}
-    return f"{{choice: {{batch size: seconds > 0}}}} for {', '.join(sorted(timed))}"
+    return f"{{choice: {{batch size: seconds > 0}}}} for {', '.join(sorted(_timed_choices(block_lengths)))}"
+
+
+def _timed_choices(block_lengths) -> set[str]:
+    """The names of auto's choices on an engine of these block lengths: what a step table may time."""
+    return {choice_name(c) for c in choices(tuple(block_lengths))}
 
 
 _MISSING = object()
