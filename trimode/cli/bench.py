@@ -303,7 +303,7 @@ def bench(
         echo_json(report)
     else:
         click.echo(format_table(report))
-    if out_dir is not None and not as_json:
-        click.echo(f"wrote {out_dir}/bench.json and bench.png", err=True)
+        if out_dir is not None:
+            click.echo(f"wrote {out_dir}/bench.json and bench.png", err=True)
     if unsaved is not None:
         raise unsaved

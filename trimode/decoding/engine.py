@@ -85,9 +85,8 @@ class Engine:
             self.policies[Mode.AR] = AsyncARPolicy()
         self.auto = AutoPolicy(dict(self.policies))  # AR ahead of the host too (auto.py settles it to switch)
         self.policies[Mode.AUTO] = self.auto
-        self.step_times: StepTimes | None = (
-            None  # set: times the fixed modes' steps (`trimode bench --save-step-times`)
-        )
+        # set: times the fixed modes' steps (`trimode bench --save-step-times`)
+        self.step_times: StepTimes | None = None
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # hold a slot: prefilling or running
         self._ids = itertools.count()
